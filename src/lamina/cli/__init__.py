@@ -1,0 +1,64 @@
+"""The ``lamina`` command line, in the style of ``ctr``.
+
+Each command group lives in its own module with a ``register(subparsers)``
+function; handlers take the parsed arguments and an :class:`App` and return
+an exit code. Errors are printed as one line and exit with their class's code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from lamina.cli.app import App
+from lamina.errors import LaminaError
+from lamina.root import default_root
+
+__all__ = ["main"]
+
+# command group modules, in the order `lamina --help` lists them
+GROUPS = ("snapshot", "content", "diff", "image", "container", "task", "run",
+          "checkpoint", "serve", "config", "gc", "lease", "check")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lamina", description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default=None, help="lamina root directory "
+                        f"(default: $LAMINA_ROOT or {default_root()})")
+    parser.add_argument("--snapshotter", default="overlay",
+                        help="snapshotter: overlay or native (default overlay)")
+    parser.add_argument("--address", default=None,
+                        help="talk to a running `lamina serve` on this socket")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in GROUPS:
+        try:
+            module = importlib.import_module(f"lamina.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"lamina.cli.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    app = App(root=args.root or default_root(), snapshotter=args.snapshotter,
+              address=args.address)
+    try:
+        code: int = args.handler(args, app)
+        return code
+    except LaminaError as exc:
+        print(f"lamina: {type(exc).__name__}: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        app.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""What command handlers share: the root, the chosen snapshotter, output helpers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lamina.root import Root
+
+if TYPE_CHECKING:
+    from lamina.snapshots import Snapshotter
+
+__all__ = ["App"]
+
+
+@dataclass
+class App:
+    """Opened lazily: a command that needs no store opens none."""
+
+    root: str
+    snapshotter: str = "overlay"
+    address: str | None = None
+    _root: Root | None = field(default=None, repr=False)
+    _remote: Any = field(default=None, repr=False)
+
+    @property
+    def store_root(self) -> Root:
+        if self._root is None:
+            self._root = Root(self.root)
+        return self._root
+
+    def snapshots(self) -> Snapshotter:
+        """The snapshotter this invocation works on, local or (with --address) remote."""
+        if self.address:
+            if self._remote is None:
+                from lamina.api.client import RemoteSnapshotter
+
+                self._remote = RemoteSnapshotter(self.address, self.snapshotter)
+            sn: Snapshotter = self._remote
+            return sn
+        return self.store_root.snapshotter(self.snapshotter)
+
+    @staticmethod
+    def print_json(obj: Any) -> None:
+        json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=str)
+        sys.stdout.write("\n")
+
+    def close(self) -> None:
+        if self._remote is not None:
+            self._remote.close()
+        if self._root is not None:
+            self._root.close()

@@ -1,0 +1,80 @@
+"""SQLite access shared by every lamina store.
+
+Each store keeps its metadata in one SQLite file in WAL mode with a busy
+timeout, so several processes can share a root. Write transactions start with
+``BEGIN IMMEDIATE``: the write lock is taken up front, and a transaction that
+reads and then writes cannot deadlock against another writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+
+from lamina.errors import Unavailable
+
+__all__ = ["Database"]
+
+BUSY_TIMEOUT_MS = 60_000
+
+
+class Database:
+    """One SQLite file; thread-safe; transactions are serialised per process."""
+
+    def __init__(self, path: str | os.PathLike[str], schema: str) -> None:
+        self.path = os.fspath(path)
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+            check_same_thread=False,
+        )
+        self._conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        with self.write() as c:
+            for stmt in schema.split(";"):
+                if stmt.strip():
+                    c.execute(stmt)
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise Unavailable(f"database {self.path} is closed")
+        return self._conn
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: committed on success, rolled back on error."""
+        with self._lock:
+            conn = self.conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise Unavailable(f"database {self.path} is busy: {exc}") from exc
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A consistent read snapshot of the database."""
+        with self._lock:
+            conn = self.conn
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None

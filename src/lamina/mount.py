@@ -1,0 +1,281 @@
+"""Mount values and the real mount(2) calls behind them.
+
+A :class:`Mount` is what a snapshotter hands out: the same four fields as
+containerd's ``Mount`` message. :func:`mount_all` performs them on a target
+directory and :func:`unmount_all` takes every mount off it again.
+
+Overlay option strings longer than a page do not fit the classic mount(2)
+data argument. Those are mounted through the new mount API (fsopen, fsconfig
+with one ``lowerdir+`` per layer, fsmount, move_mount), so a stack of
+overlayfs's maximum of 500 layers mounts with absolute paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import shlex
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from lamina.errors import Internal, InvalidArgument
+
+__all__ = ["Mount", "is_mountpoint", "mount_all", "temp_mount", "unmount_all"]
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One mount: ``mount -t TYPE SOURCE TARGET -o OPTIONS``."""
+
+    type: str
+    source: str
+    target: str = ""
+    options: tuple[str, ...] = field(default_factory=tuple)
+
+    def command_line(self, target: str) -> str:
+        """The ``mount`` command that performs this mount on ``target``."""
+        words = ["mount", "-t", self.type, self.source, target]
+        if self.options:
+            words += ["-o", ",".join(self.options)]
+        return " ".join(shlex.quote(w) for w in words)
+
+    @property
+    def readonly(self) -> bool:
+        return "ro" in self.options
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.syscall.restype = ctypes.c_long
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+# mount(2) flags
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_SYNCHRONOUS = 0x10
+MS_REMOUNT = 0x20
+MS_DIRSYNC = 0x80
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_SHARED = 1 << 20
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+
+_FLAGS: dict[str, tuple[bool, int]] = {
+    # option: (clear?, flag)
+    "ro": (False, MS_RDONLY),
+    "rw": (True, MS_RDONLY),
+    "nosuid": (False, MS_NOSUID),
+    "suid": (True, MS_NOSUID),
+    "nodev": (False, MS_NODEV),
+    "dev": (True, MS_NODEV),
+    "noexec": (False, MS_NOEXEC),
+    "exec": (True, MS_NOEXEC),
+    "sync": (False, MS_SYNCHRONOUS),
+    "async": (True, MS_SYNCHRONOUS),
+    "dirsync": (False, MS_DIRSYNC),
+    "noatime": (False, MS_NOATIME),
+    "nodiratime": (False, MS_NODIRATIME),
+    "relatime": (False, MS_RELATIME),
+    "strictatime": (False, MS_STRICTATIME),
+    "bind": (False, MS_BIND),
+    "rbind": (False, MS_BIND | MS_REC),
+    "remount": (False, MS_REMOUNT),
+    "defaults": (False, 0),
+}
+_PROPAGATION = {
+    "private": MS_PRIVATE,
+    "rprivate": MS_PRIVATE | MS_REC,
+    "slave": MS_SLAVE,
+    "rslave": MS_SLAVE | MS_REC,
+    "shared": MS_SHARED,
+    "rshared": MS_SHARED | MS_REC,
+}
+
+# new mount API (x86_64 / generic syscall numbers are the same for these)
+_SYS_MOVE_MOUNT = 429
+_SYS_FSOPEN = 430
+_SYS_FSCONFIG = 431
+_SYS_FSMOUNT = 432
+_FSOPEN_CLOEXEC = 0x1
+_FSCONFIG_SET_FLAG = 0
+_FSCONFIG_SET_STRING = 1
+_FSCONFIG_CMD_CREATE = 6
+_FSMOUNT_CLOEXEC = 0x1
+_MOUNT_ATTR = {MS_RDONLY: 0x1, MS_NOSUID: 0x2, MS_NODEV: 0x4, MS_NOEXEC: 0x8}
+_MOVE_MOUNT_F_EMPTY_PATH = 0x4
+_AT_FDCWD = -100
+
+
+def _os_error(what: str) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _parse(options: Sequence[str]) -> tuple[int, int, list[str]]:
+    flags = 0
+    propagation = 0
+    data: list[str] = []
+    for opt in options:
+        if opt in _FLAGS:
+            clear, flag = _FLAGS[opt]
+            flags = flags & ~flag if clear else flags | flag
+        elif opt in _PROPAGATION:
+            propagation |= _PROPAGATION[opt]
+        else:
+            data.append(opt)
+    return flags, propagation, data
+
+
+def _sys_mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    buf = data.encode() if data else None
+    rc = _libc.mount(source.encode(), target.encode(), fstype.encode(), flags, buf)
+    if rc != 0:
+        raise _os_error(f"mount {fstype} {source} on {target}")
+
+
+def _mount_new_api(m: Mount, target: str, flags: int, data: list[str]) -> None:
+    """Mount through fsopen/fsconfig: every option is passed on its own."""
+    fd = _libc.syscall(_SYS_FSOPEN, m.type.encode(), _FSOPEN_CLOEXEC)
+    if fd < 0:
+        raise _os_error(f"fsopen {m.type}")
+    try:
+
+        def conf(cmd: int, key: str | None, value: str | None) -> None:
+            rc = _libc.syscall(
+                _SYS_FSCONFIG,
+                fd,
+                cmd,
+                key.encode() if key else None,
+                value.encode() if value is not None else None,
+                0,
+            )
+            if rc < 0:
+                raise _os_error(f"fsconfig {key}={value}")
+
+        conf(_FSCONFIG_SET_STRING, "source", m.source)
+        for opt in data:
+            k, eq, v = opt.partition("=")
+            if k == "lowerdir" and eq:
+                for layer in v.split(":"):
+                    conf(_FSCONFIG_SET_STRING, "lowerdir+", layer)
+            elif eq:
+                conf(_FSCONFIG_SET_STRING, k, v)
+            else:
+                conf(_FSCONFIG_SET_FLAG, k, None)
+        conf(_FSCONFIG_CMD_CREATE, None, None)
+        attrs = 0
+        for ms, attr in _MOUNT_ATTR.items():
+            if flags & ms:
+                attrs |= attr
+        mfd = _libc.syscall(_SYS_FSMOUNT, fd, _FSMOUNT_CLOEXEC, attrs)
+        if mfd < 0:
+            raise _os_error("fsmount")
+        try:
+            rc = _libc.syscall(
+                _SYS_MOVE_MOUNT, mfd, b"", _AT_FDCWD, target.encode(), _MOVE_MOUNT_F_EMPTY_PATH
+            )
+            if rc < 0:
+                raise _os_error(f"move_mount onto {target}")
+        finally:
+            os.close(mfd)
+    finally:
+        os.close(fd)
+
+
+def _mount_one(m: Mount, target: str) -> None:
+    flags, propagation, data = _parse(m.options)
+    joined = ",".join(data)
+    if flags & MS_BIND:
+        # A bind mount ignores MS_RDONLY on creation; remount to apply it.
+        _sys_mount(m.source, target, "", flags & (MS_BIND | MS_REC), "")
+        extra = flags & ~(MS_BIND | MS_REC | MS_REMOUNT)
+        if extra:
+            _sys_mount("", target, "", MS_REMOUNT | MS_BIND | extra, "")
+    elif len(joined) >= _PAGE - 1:
+        _mount_new_api(m, target, flags, data)
+    else:
+        _sys_mount(m.source, target, m.type, flags, joined)
+    if propagation:
+        _sys_mount("", target, "", propagation, "")
+
+
+def mount_all(mounts: Sequence[Mount], target: str | os.PathLike[str]) -> None:
+    """Perform ``mounts`` on ``target``, in order; undo them all on failure."""
+    target = os.fspath(target)
+    done = 0
+    try:
+        for m in mounts:
+            dest = os.path.join(target, m.target.lstrip("/")) if m.target else target
+            _mount_one(m, dest)
+            done += 1
+    except OSError as exc:
+        for _ in range(done):
+            with contextlib.suppress(OSError):
+                _unmount_once(target)
+        if exc.errno in (errno.EINVAL, errno.ENOENT, errno.ENOTDIR):
+            raise InvalidArgument(str(exc)) from exc
+        raise Internal(str(exc)) from exc
+
+
+def _unmount_once(target: str) -> None:
+    for attempt in range(50):
+        if _libc.umount2(target.encode(), 0) == 0:
+            return
+        err = ctypes.get_errno()
+        if err != errno.EBUSY or attempt == 49:
+            raise OSError(err, f"umount {target}: {os.strerror(err)}")
+        time.sleep(0.05)
+
+
+def is_mountpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is the target of a mount (per /proc/self/mountinfo)."""
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point == real:
+                return True
+    return False
+
+
+def unmount_all(target: str | os.PathLike[str]) -> None:
+    """Unmount everything stacked on ``target`` (nothing mounted is fine)."""
+    target = os.fspath(target)
+    while True:
+        try:
+            _unmount_once(target)
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOENT):
+                return
+            raise Internal(str(exc)) from exc
+
+
+@contextlib.contextmanager
+def temp_mount(
+    mounts: Sequence[Mount], *, base: str | os.PathLike[str] | None = None
+) -> Iterator[str]:
+    """Mount ``mounts`` on a fresh temporary directory; unmount and remove it after."""
+    if base is not None:
+        os.makedirs(base, exist_ok=True)
+    target = tempfile.mkdtemp(prefix="lamina-mount-", dir=base)
+    try:
+        mount_all(mounts, target)
+        try:
+            yield target
+        finally:
+            unmount_all(target)
+    finally:
+        os.rmdir(target)

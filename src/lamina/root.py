@@ -1,0 +1,93 @@
+"""A lamina root: where every store of one installation lives on disk.
+
+Layout under the root directory::
+
+    snapshots/<snapshotter>/   one directory per snapshotter (metadata.db, snapshots/<id>/)
+    content/                   the content store (blobs/sha256/<hex>, ingest/, metadata.db)
+    metadata.db                images, containers, leases
+    tmpmounts/                 temporary mount points
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lamina.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from lamina.snapshots import Snapshotter
+
+__all__ = ["DEFAULT_ROOT", "SNAPSHOTTERS", "Root", "default_root"]
+
+DEFAULT_ROOT = "/var/lib/lamina"
+
+
+def default_root() -> str:
+    """``$LAMINA_ROOT``, else /var/lib/lamina for root, else a per-user directory."""
+    env = os.environ.get("LAMINA_ROOT")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return DEFAULT_ROOT
+    return os.path.join(os.path.expanduser("~"), ".local", "share", "lamina")
+
+
+def _overlay(path: Path) -> Snapshotter:
+    from lamina.snapshots.overlay import OverlaySnapshotter
+
+    return OverlaySnapshotter(path)
+
+
+def _native(path: Path) -> Snapshotter:
+    from lamina.snapshots.native import NativeSnapshotter
+
+    return NativeSnapshotter(path)
+
+
+SNAPSHOTTERS: dict[str, Callable[[Path], Snapshotter]] = {
+    "overlay": _overlay,
+    "native": _native,
+}
+
+
+class Root:
+    """Paths of one lamina root, and the stores opened on it (lazily, once)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o711)
+        self._snapshotters: dict[str, Snapshotter] = {}
+
+    def snapshots_dir(self, snapshotter: str) -> Path:
+        return self.path / "snapshots" / snapshotter
+
+    @property
+    def content_dir(self) -> Path:
+        return self.path / "content"
+
+    @property
+    def metadata_path(self) -> Path:
+        return self.path / "metadata.db"
+
+    @property
+    def tmpmounts(self) -> Path:
+        return self.path / "tmpmounts"
+
+    def snapshotter(self, name: str) -> Snapshotter:
+        """The snapshotter ``name`` on this root."""
+        if name not in self._snapshotters:
+            try:
+                factory = SNAPSHOTTERS[name]
+            except KeyError:
+                known = ", ".join(sorted(SNAPSHOTTERS))
+                raise InvalidArgument(f"unknown snapshotter {name!r} (known: {known})") from None
+            self._snapshotters[name] = factory(self.snapshots_dir(name))
+        return self._snapshotters[name]
+
+    def close(self) -> None:
+        for sn in self._snapshotters.values():
+            sn.close()
+        self._snapshotters.clear()

@@ -1,0 +1,267 @@
+"""What directory-backed snapshotters share: the crash-safe lifecycle.
+
+Each snapshot owns ``<root>/snapshots/<id>/`` (``fs/`` holds its tree, and
+overlay adds ``work/``). The filesystem follows the database:
+
+* **create** (prepare/view): build the directory as ``new-<random>`` (held
+  with an exclusive flock so a concurrent ``cleanup`` leaves it alone),
+  insert the row inside a write transaction, rename the directory to its id
+  in that same transaction, commit.
+* **commit** only changes metadata: the committed snapshot keeps the id.
+* **remove**: delete the row, commit, and only then rename the directory to
+  ``rm-<id>`` and delete it (now, or at the next cleanup with async remove).
+* **cleanup**: inside a write transaction, every directory whose name is not
+  a known id (and is not a ``new-`` directory still being built) is renamed
+  to ``rm-…``; after the commit, they are deleted.
+
+A crash at any point leaves at most a directory the metadata does not know,
+which the next ``cleanup`` removes; the metadata never names a missing
+directory.
+
+Subclasses say how a new snapshot's directory is filled and how it mounts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from lamina import crash
+from lamina.errors import FailedPrecondition
+from lamina.fsutil import fsync_dir, remove_tree
+from lamina.mount import Mount
+from lamina.snapshots import Capability, Info, Kind, Usage
+from lamina.snapshots.storage import MetaStore, Snapshot
+from lamina.snapshots.usage import disk_usage
+
+__all__ = ["DirectorySnapshotter"]
+
+_NEW = "new-"
+_RM = "rm-"
+
+
+class DirectorySnapshotter:
+    """Common lifecycle; subclasses implement ``_fill``, ``_mounts`` and ``capabilities``."""
+
+    def __init__(self, root: str | os.PathLike[str], *, async_remove: bool = False) -> None:
+        self.root = Path(root)
+        self._dirs = self.root / "snapshots"
+        self._dirs.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._meta: MetaStore | None = MetaStore(self.root / "metadata.db")
+        self._async_remove = async_remove
+
+    # -- hooks -------------------------------------------------------------
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        raise NotImplementedError
+
+    def _fill(self, new_dir: Path, kind: Kind, parent_ids: Sequence[str]) -> None:
+        """Populate a new snapshot's directory (``fs/`` and whatever else it needs)."""
+        raise NotImplementedError
+
+    def _mounts(self, snap: Snapshot) -> list[Mount]:
+        raise NotImplementedError
+
+    # -- helpers -----------------------------------------------------------
+    @property
+    def meta(self) -> MetaStore:
+        if self._meta is None:
+            raise FailedPrecondition(f"snapshotter at {self.root} is closed")
+        return self._meta
+
+    def fs_dir(self, sid: str) -> Path:
+        """The tree of snapshot ``sid`` (its upper layer, for overlay)."""
+        return self._dirs / sid / "fs"
+
+    def snapshot(self, key: str) -> Snapshot:
+        """Internal view of ``key``: id, kind and parent ids (used by fast paths)."""
+        with self.meta.read() as tx:
+            return tx.snapshot(key)
+
+    # -- Snapshotter -------------------------------------------------------
+    def stat(self, key: str) -> Info:
+        with self.meta.read() as tx:
+            return tx.info(key)
+
+    def update(self, info: Info, *fieldpaths: str) -> Info:
+        with self.meta.write() as tx:
+            return tx.update(info, fieldpaths)
+
+    def usage(self, key: str) -> Usage:
+        with self.meta.read() as tx:
+            stored = tx.stored_usage(key)
+            snap = tx.snapshot(key)
+        if stored is not None:
+            return stored
+        return disk_usage(self.fs_dir(snap.id))
+
+    def mounts(self, key: str) -> list[Mount]:
+        with self.meta.read() as tx:
+            snap = tx.snapshot(key)
+        if snap.kind is Kind.COMMITTED:
+            raise FailedPrecondition(f"snapshot {key!r} is committed and has no mounts")
+        return self._mounts(snap)
+
+    def prepare(
+        self, key: str, parent: str = "", *, labels: Mapping[str, str] | None = None
+    ) -> list[Mount]:
+        return self._create(Kind.ACTIVE, key, parent, labels)
+
+    def view(
+        self, key: str, parent: str = "", *, labels: Mapping[str, str] | None = None
+    ) -> list[Mount]:
+        return self._create(Kind.VIEW, key, parent, labels)
+
+    def _create(
+        self, kind: Kind, key: str, parent: str, labels: Mapping[str, str] | None
+    ) -> list[Mount]:
+        with self.meta.read() as tx:  # fail fast, before any disk work
+            tx.check_new_key(key)
+            _, chain = tx.resolve_parent(parent)
+        with self._new_dir() as new:
+            self._fill(new, kind, chain)
+            crash.point("create.filled")
+            target: Path | None = None
+            try:
+                with self.meta.write() as tx:
+                    snap = tx.create(kind, key, parent, labels)
+                    if snap.parent_ids != chain:  # parent replaced meanwhile: refill
+                        remove_tree(new)
+                        new.mkdir(mode=0o700)
+                        self._fill(new, kind, snap.parent_ids)
+                    dest = self._dirs / snap.id
+                    if os.path.lexists(dest):  # left by a crash before its row committed
+                        remove_tree(dest)
+                    crash.point("create.before-rename")
+                    os.rename(new, dest)
+                    target = dest
+                    crash.point("create.after-rename")
+            except BaseException:
+                if target is not None:  # the row did not commit: take the directory back
+                    os.rename(target, new)
+                raise
+        crash.point("create.committed")
+        return self._mounts(snap)
+
+    @contextlib.contextmanager
+    def _new_dir(self) -> Iterator[Path]:
+        new = Path(tempfile.mkdtemp(prefix=_NEW, dir=self._dirs))
+        fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield new
+        except BaseException:
+            remove_tree(new)
+            raise
+        finally:
+            os.close(fd)
+        fsync_dir(self._dirs)
+
+    def commit(
+        self, name: str, key: str, *, labels: Mapping[str, str] | None = None
+    ) -> None:
+        with self.meta.read() as tx:
+            snap = tx.snapshot(key)
+            if snap.kind is not Kind.ACTIVE:
+                raise FailedPrecondition(
+                    f"snapshot {key!r} is a {snap.kind.value}, only active ones commit"
+                )
+            tx.check_new_key(name)
+        usage = disk_usage(self.fs_dir(snap.id))
+        crash.point("commit.measured")
+        with self.meta.write() as tx:
+            tx.commit(name, key, usage, labels)
+        crash.point("commit.committed")
+
+    def remove(self, key: str) -> None:
+        with self.meta.write() as tx:
+            snap = tx.remove(key)
+            crash.point("remove.deleted-row")
+        crash.point("remove.committed")
+        self._discard([snap.id])
+
+    def _discard(self, names: Sequence[str]) -> None:
+        """Rename directories out of the id space, then delete them (unless async)."""
+        doomed = []
+        for name in names:
+            src = self._dirs / name
+            dst = self._dirs / (name if name.startswith(_RM) else _RM + name)
+            with contextlib.suppress(FileNotFoundError):
+                if src != dst:
+                    os.rename(src, dst)
+                doomed.append(dst)
+        crash.point("discard.renamed")
+        if not self._async_remove:
+            for d in doomed:
+                remove_tree(d)
+
+    def walk(self, *filters: str) -> Iterator[Info]:
+        from lamina.filters import parse
+
+        matcher = parse(filters)
+        with self.meta.read() as tx:
+            infos = tx.all_infos()
+        for info in infos:
+            if matcher(_lookup(info)):
+                yield info
+
+    def cleanup(self) -> None:
+        with self.meta.write() as tx:
+            known = tx.ids()
+            orphans = []
+            for entry in os.listdir(self._dirs):
+                if entry in known:
+                    continue
+                if entry.startswith(_NEW) and _locked(self._dirs / entry):
+                    continue  # being built by a live prepare
+                orphans.append(entry)
+        for name in orphans:
+            if name.startswith(_RM):
+                remove_tree(self._dirs / name)
+        self._async_remove, was = False, self._async_remove
+        try:
+            self._discard([n for n in orphans if not n.startswith(_RM)])
+        finally:
+            self._async_remove = was
+
+    def close(self) -> None:
+        if self._meta is not None:
+            self._meta.close()
+            self._meta = None
+
+
+def _locked(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return True  # gone already: whoever had it renamed it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _lookup(info: Info) -> object:
+    def field(path: Sequence[str]) -> str | None:
+        if not path:
+            return None
+        head = path[0]
+        if head == "name" and len(path) == 1:
+            return info.name
+        if head == "parent" and len(path) == 1:
+            return info.parent
+        if head == "kind" and len(path) == 1:
+            return info.kind.value
+        if head == "labels" and len(path) == 2:
+            return info.labels.get(path[1])
+        return None
+
+    return field
+

@@ -1,0 +1,144 @@
+"""The overlay snapshotter: each snapshot is one overlayfs layer.
+
+``snapshots/<id>/fs`` is the layer (the upperdir while active, a lowerdir
+once committed) and ``snapshots/<id>/work`` overlayfs's workdir. Mounts:
+
+* active, no parent: a read-write bind mount of ``fs``;
+* active with parents: overlay with ``upperdir``/``workdir`` and
+  ``lowerdir`` listing the parents nearest first;
+* view of one parent: a read-only bind mount of the parent's ``fs``;
+* view of several: an overlay of lowerdirs only (read-only by nature);
+* view of nothing: a read-only bind mount of its own empty ``fs``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from lamina.errors import Unavailable
+from lamina.fsutil import remove_tree
+from lamina.mount import Mount, mount_all, unmount_all
+from lamina.snapshots import Capability, Kind
+from lamina.snapshots.base import DirectorySnapshotter
+from lamina.snapshots.storage import Snapshot
+
+__all__ = ["OverlaySnapshotter", "check_overlay_support"]
+
+_CHECKED = ".overlay-supported"
+
+
+class OverlaySnapshotter(DirectorySnapshotter):
+    """Snapshots as overlayfs layers (see module docs)."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        async_remove: bool = False,
+        mount_options: Sequence[str] = (),
+    ) -> None:
+        super().__init__(root, async_remove=async_remove)
+        self._extra = tuple(mount_options)
+        if not (self.root / _CHECKED).exists():
+            check_overlay_support(self.root)
+            (self.root / _CHECKED).touch()
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        caps = {Capability.OVERLAY, Capability.HARDLINKS, Capability.DEEP_CHAINS}
+        if os.geteuid() == 0:
+            caps.add(Capability.CHOWN)
+        return frozenset(caps)
+
+    def upper_dir(self, key: str) -> Path:
+        """The upperdir of active snapshot ``key``: where a layer may be written directly."""
+        return self.fs_dir(self.snapshot(key).id)
+
+    def _fill(self, new_dir: Path, kind: Kind, parent_ids: Sequence[str]) -> None:
+        fs = new_dir / "fs"
+        fs.mkdir(mode=0o755)
+        if kind is Kind.ACTIVE:
+            (new_dir / "work").mkdir(mode=0o700)
+        if parent_ids:
+            st = os.stat(self.fs_dir(parent_ids[0]))
+            os.chown(fs, st.st_uid, st.st_gid)
+
+    def _mounts(self, snap: Snapshot) -> list[Mount]:
+        own = self._dirs / snap.id
+        parents = snap.parent_ids
+        if snap.kind is Kind.ACTIVE and not parents:
+            return [Mount("bind", str(own / "fs"), options=("rw", "rbind"))]
+        if snap.kind is Kind.VIEW and len(parents) <= 1:
+            src = self.fs_dir(parents[0]) if parents else own / "fs"
+            return [Mount("bind", str(src), options=("ro", "rbind"))]
+        lower = "lowerdir=" + ":".join(str(self.fs_dir(p)) for p in parents)
+        if snap.kind is Kind.VIEW:
+            return [Mount("overlay", "overlay", options=(*self._extra, lower))]
+        return [
+            Mount(
+                "overlay",
+                "overlay",
+                options=(
+                    *self._extra,
+                    f"workdir={own / 'work'}",
+                    f"upperdir={own / 'fs'}",
+                    lower,
+                ),
+            )
+        ]
+
+
+def _supports_d_type(directory: Path) -> bool:
+    """Whether the filesystem reports entry types in getdents (overlay needs it)."""
+    probe = directory / "d_type-probe"
+    probe.touch()
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        buf = ctypes.create_string_buffer(65536)
+        n = libc.syscall(217, fd, buf, len(buf))  # getdents64
+        if n < 0:
+            return False
+        data, off = buf.raw[:n], 0
+        while off < n:
+            _ino, _off, reclen, dtype = struct.unpack_from("<QqHB", data, off)
+            name = data[off + 19 : off + reclen].split(b"\0", 1)[0]
+            if name == b"d_type-probe":
+                return bool(dtype != 0)  # DT_UNKNOWN
+            off += reclen
+        return False
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+def check_overlay_support(root: Path) -> None:
+    """Mount a tiny overlay under ``root``; Unavailable with the reason if it fails."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="overlay-check-", dir=root))
+    try:
+        if not _supports_d_type(tmp):
+            raise Unavailable(
+                f"the filesystem under {root} does not support d_type; "
+                "overlayfs needs it (xfs must be formatted with ftype=1)"
+            )
+        for d in ("lower", "upper", "work", "merged"):
+            (tmp / d).mkdir()
+        m = Mount(
+            "overlay",
+            "overlay",
+            options=(f"lowerdir={tmp / 'lower'}", f"upperdir={tmp / 'upper'}",
+                     f"workdir={tmp / 'work'}"),
+        )
+        try:
+            mount_all([m], tmp / "merged")
+        except Exception as exc:
+            raise Unavailable(f"overlayfs cannot be mounted under {root}: {exc}") from exc
+        unmount_all(tmp / "merged")
+    finally:
+        remove_tree(tmp)

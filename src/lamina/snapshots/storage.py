@@ -1,0 +1,282 @@
+"""Snapshot metadata shared by every snapshotter: one SQLite file per snapshotter.
+
+Rows carry an internal integer id, which names the snapshot's directory on
+disk; the user's key is only ever a column, so any string is a valid key.
+A committed snapshot keeps the id (and so the directory) of the active
+snapshot it was committed from.
+
+All checks that make an operation valid (does the key exist, is the parent
+committed, has the snapshot children) happen inside the write transaction
+that performs it, so two processes cannot both pass them.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from lamina.db import Database
+from lamina.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from lamina.snapshots import MAX_LABEL_SIZE, Info, Kind, Usage
+
+__all__ = ["MetaStore", "Snapshot", "Transaction", "validate_labels"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS snapshots (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL,
+    parent_id INTEGER REFERENCES snapshots(id),
+    created_ns INTEGER NOT NULL,
+    updated_ns INTEGER NOT NULL,
+    size INTEGER,
+    inodes INTEGER
+);
+CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_id);
+CREATE TABLE IF NOT EXISTS labels (
+    snapshot_id INTEGER NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (snapshot_id, key)
+)
+"""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a snapshotter needs to build mounts: its id, kind, and parent ids."""
+
+    id: str
+    kind: Kind
+    parent_ids: tuple[str, ...]  # nearest parent first
+
+
+def validate_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
+    """A copy of ``labels``; InvalidArgument when one is over containerd's size limit."""
+    out: dict[str, str] = {}
+    for k, v in (labels or {}).items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise InvalidArgument(f"label {k!r}: keys and values must be strings")
+        if len(k.encode()) + len(v.encode()) > MAX_LABEL_SIZE:
+            raise InvalidArgument(
+                f"label {k[:64]!r}: key and value exceed {MAX_LABEL_SIZE} bytes"
+            )
+        out[k] = v
+    return out
+
+
+def _dt(ns: int) -> datetime:
+    return datetime.fromtimestamp(ns / 1e9, tz=UTC)
+
+
+class Transaction:
+    """Operations on the metadata inside one open transaction."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._c = conn
+
+    # -- lookups -----------------------------------------------------------
+    def _row(self, key: str) -> tuple[int, str, str, int | None, int, int]:
+        row = self._c.execute(
+            "SELECT id, key, kind, parent_id, created_ns, updated_ns FROM snapshots WHERE key=?",
+            (key,),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"snapshot {key!r} does not exist")
+        return (row[0], row[1], row[2], row[3], row[4], row[5])
+
+    def _labels(self, sid: int) -> dict[str, str]:
+        return dict(
+            self._c.execute("SELECT key, value FROM labels WHERE snapshot_id=?", (sid,))
+        )
+
+    def _chain(self, parent_id: int | None) -> tuple[str, ...]:
+        ids: list[str] = []
+        while parent_id is not None:
+            ids.append(str(parent_id))
+            (parent_id,) = self._c.execute(
+                "SELECT parent_id FROM snapshots WHERE id=?", (parent_id,)
+            ).fetchone()
+        return tuple(ids)
+
+    def _key_of(self, sid: int | None) -> str:
+        if sid is None:
+            return ""
+        (key,) = self._c.execute("SELECT key FROM snapshots WHERE id=?", (sid,)).fetchone()
+        return str(key)
+
+    def info(self, key: str) -> Info:
+        sid, k, kind, parent_id, created, updated = self._row(key)
+        return Info(
+            kind=Kind(kind),
+            name=k,
+            parent=self._key_of(parent_id),
+            labels=self._labels(sid),
+            created=_dt(created),
+            updated=_dt(updated),
+        )
+
+    def snapshot(self, key: str) -> Snapshot:
+        sid, _, kind, parent_id, _, _ = self._row(key)
+        return Snapshot(id=str(sid), kind=Kind(kind), parent_ids=self._chain(parent_id))
+
+    def resolve_parent(self, parent: str) -> tuple[int | None, tuple[str, ...]]:
+        """The parent's row id and its chain (itself first); checks it is committed."""
+        if not parent:
+            return None, ()
+        try:
+            sid, _, kind, parent_id, _, _ = self._row(parent)
+        except NotFound:
+            raise NotFound(f"parent snapshot {parent!r} does not exist") from None
+        if kind != Kind.COMMITTED.value:
+            raise InvalidArgument(f"parent {parent!r} is not a committed snapshot (it is {kind})")
+        return sid, (str(sid), *self._chain(parent_id))
+
+    def check_new_key(self, key: str) -> None:
+        if not key:
+            raise InvalidArgument("snapshot key must not be empty")
+        if self._c.execute("SELECT 1 FROM snapshots WHERE key=?", (key,)).fetchone():
+            raise AlreadyExists(f"snapshot {key!r} already exists")
+
+    def ids(self) -> set[str]:
+        return {str(r[0]) for r in self._c.execute("SELECT id FROM snapshots")}
+
+    # -- changes -----------------------------------------------------------
+    def create(
+        self, kind: Kind, key: str, parent: str, labels: Mapping[str, str] | None
+    ) -> Snapshot:
+        """Insert an active snapshot or view; validates key, parent and labels."""
+        if kind is Kind.COMMITTED:
+            raise InvalidArgument("committed snapshots are made by commit")
+        clean = validate_labels(labels)
+        self.check_new_key(key)
+        parent_id, chain = self.resolve_parent(parent)
+        now = time.time_ns()
+        cur = self._c.execute(
+            "INSERT INTO snapshots (key, kind, parent_id, created_ns, updated_ns)"
+            " VALUES (?,?,?,?,?)",
+            (key, kind.value, parent_id, now, now),
+        )
+        sid = cur.lastrowid
+        assert sid is not None
+        self._set_labels(sid, clean)
+        return Snapshot(id=str(sid), kind=kind, parent_ids=chain)
+
+    def _set_labels(self, sid: int, labels: Mapping[str, str]) -> None:
+        self._c.execute("DELETE FROM labels WHERE snapshot_id=?", (sid,))
+        self._c.executemany(
+            "INSERT INTO labels (snapshot_id, key, value) VALUES (?,?,?)",
+            [(sid, k, v) for k, v in labels.items()],
+        )
+
+    def commit(
+        self, name: str, key: str, usage: Usage, labels: Mapping[str, str] | None
+    ) -> Snapshot:
+        """Turn active ``key`` into committed ``name`` (same id, same directory)."""
+        clean = validate_labels(labels)
+        sid, _, kind, parent_id, _, _ = self._row(key)
+        if kind != Kind.ACTIVE.value:
+            raise FailedPrecondition(f"snapshot {key!r} is a {kind}, only active ones commit")
+        self.check_new_key(name)
+        now = time.time_ns()
+        self._c.execute(
+            "UPDATE snapshots SET key=?, kind=?, created_ns=?, updated_ns=?, size=?, inodes=?"
+            " WHERE id=?",
+            (name, Kind.COMMITTED.value, now, now, usage.size, usage.inodes, sid),
+        )
+        self._set_labels(sid, clean)
+        return Snapshot(id=str(sid), kind=Kind.COMMITTED, parent_ids=self._chain(parent_id))
+
+    def remove(self, key: str) -> Snapshot:
+        """Delete ``key``'s row; FailedPrecondition while it has children."""
+        sid, _, kind, parent_id, _, _ = self._row(key)
+        child = self._c.execute(
+            "SELECT key FROM snapshots WHERE parent_id=? LIMIT 1", (sid,)
+        ).fetchone()
+        if child is not None:
+            raise FailedPrecondition(
+                f"cannot remove snapshot {key!r}: it has children (e.g. {child[0]!r})"
+            )
+        chain = self._chain(parent_id)
+        self._c.execute("DELETE FROM snapshots WHERE id=?", (sid,))
+        return Snapshot(id=str(sid), kind=Kind(kind), parent_ids=chain)
+
+    def update(self, info: Info, fieldpaths: Sequence[str]) -> Info:
+        sid, *_ = self._row(info.name)
+        new_labels = validate_labels(info.labels)
+        if not fieldpaths:
+            labels = new_labels
+        else:
+            labels = self._labels(sid)
+            for path in fieldpaths:
+                if path == "labels":
+                    labels = dict(new_labels)
+                elif path.startswith("labels."):
+                    k = path[len("labels.") :]
+                    v = new_labels.get(k, "")
+                    if v:
+                        labels[k] = v
+                    else:
+                        labels.pop(k, None)
+                else:
+                    raise InvalidArgument(f"cannot update field {path!r} of snapshot")
+        validate_labels(labels)
+        self._set_labels(sid, labels)
+        self._c.execute("UPDATE snapshots SET updated_ns=? WHERE id=?", (time.time_ns(), sid))
+        return self.info(info.name)
+
+    def stored_usage(self, key: str) -> Usage | None:
+        row = self._c.execute(
+            "SELECT size, inodes FROM snapshots WHERE key=?", (key,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"snapshot {key!r} does not exist")
+        if row[0] is None:
+            return None
+        return Usage(size=int(row[0]), inodes=int(row[1]))
+
+    def all_infos(self) -> list[Info]:
+        """Every snapshot, in two queries (walk over many snapshots stays cheap)."""
+        rows = self._c.execute(
+            "SELECT id, key, kind, parent_id, created_ns, updated_ns FROM snapshots ORDER BY id"
+        ).fetchall()
+        keys = {r[0]: r[1] for r in rows}
+        labels: dict[int, dict[str, str]] = {}
+        for sid, k, v in self._c.execute("SELECT snapshot_id, key, value FROM labels"):
+            labels.setdefault(sid, {})[k] = v
+        return [
+            Info(
+                kind=Kind(kind),
+                name=key,
+                parent=keys.get(parent_id, "") if parent_id is not None else "",
+                labels=labels.get(sid, {}),
+                created=_dt(created),
+                updated=_dt(updated),
+            )
+            for sid, key, kind, parent_id, created, updated in rows
+        ]
+
+
+class MetaStore:
+    """The metadata database of one snapshotter."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._db = Database(path, _SCHEMA)
+
+    @contextmanager
+    def write(self) -> Iterator[Transaction]:
+        with self._db.write() as conn:
+            yield Transaction(conn)
+
+    @contextmanager
+    def read(self) -> Iterator[Transaction]:
+        with self._db.read() as conn:
+            yield Transaction(conn)
+
+    def close(self) -> None:
+        self._db.close()
