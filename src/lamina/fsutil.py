@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 
-__all__ = ["atomic_write", "fsync_dir", "remove_tree"]
+__all__ = ["atomic_write", "fsync_dir", "locked", "remove_tree"]
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -62,3 +64,19 @@ def remove_tree(path: str | os.PathLike[str]) -> None:
 
     if os.path.lexists(path):
         shutil.rmtree(path, onerror=lambda f, p, ei: _onexc(f, p, ei[1]))
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` (created if missing) for the block.
+
+    flock locks belong to the open file, so two threads of one process exclude
+    each other just like two processes do.
+    """
+    os.makedirs(os.path.dirname(os.fspath(path)), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -117,12 +117,19 @@ class DirectorySnapshotter:
         return self._create(Kind.VIEW, key, parent, labels)
 
     def _create(
-        self, kind: Kind, key: str, parent: str, labels: Mapping[str, str] | None
+        self,
+        kind: Kind,
+        key: str,
+        parent: str,
+        labels: Mapping[str, str] | None,
+        *,
+        staged: Path | None = None,
     ) -> list[Mount]:
         with self.meta.read() as tx:  # fail fast, before any disk work
             tx.check_new_key(key)
             _, chain = tx.resolve_parent(parent)
-        with self._new_dir() as new:
+        held = self._new_dir() if staged is None else contextlib.nullcontext(staged)
+        with held as new:
             self._fill(new, kind, chain)
             crash.point("create.filled")
             target: Path | None = None
@@ -149,17 +156,38 @@ class DirectorySnapshotter:
 
     @contextlib.contextmanager
     def _new_dir(self) -> Iterator[Path]:
+        """A fresh ``new-…`` directory, flocked while in use; removed unless renamed."""
         new = Path(tempfile.mkdtemp(prefix=_NEW, dir=self._dirs))
         fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield new
-        except BaseException:
-            remove_tree(new)
-            raise
         finally:
+            if os.path.lexists(new):  # not adopted by a snapshot
+                remove_tree(new)
             os.close(fd)
         fsync_dir(self._dirs)
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """An empty layer directory to fill before its snapshot exists.
+
+        Pass it to :meth:`prepare_staged` to make it the new snapshot's layer;
+        if it is not adopted it is removed when the context ends. ``cleanup``
+        leaves it alone while it is in use.
+        """
+        with self._new_dir() as new:
+            fs = new / "fs"
+            fs.mkdir(mode=0o755)
+            yield fs
+
+    def prepare_staged(
+        self, key: str, parent: str, staged: Path, *, labels: Mapping[str, str] | None = None
+    ) -> list[Mount]:
+        """Prepare active ``key`` whose own layer is the filled ``staged`` directory."""
+        if staged.parent.parent != self._dirs or not staged.parent.name.startswith(_NEW):
+            raise FailedPrecondition(f"{staged} is not a staging directory of this snapshotter")
+        return self._create(Kind.ACTIVE, key, parent, labels, staged=staged.parent)
 
     def commit(
         self, name: str, key: str, *, labels: Mapping[str, str] | None = None
@@ -227,6 +255,23 @@ class DirectorySnapshotter:
             self._discard([n for n in orphans if not n.startswith(_RM)])
         finally:
             self._async_remove = was
+
+    def check(self) -> list[str]:
+        """Where metadata and disk disagree: rows without a directory, directories
+        without a row (``cleanup`` removes those). Empty when consistent."""
+        with self.meta.read() as tx:
+            known = tx.ids()
+        problems = [
+            f"snapshot id {sid}: metadata names it but {self.fs_dir(sid)} is missing"
+            for sid in sorted(known, key=int)
+            if not self.fs_dir(sid).is_dir()
+        ]
+        problems += [
+            f"{self._dirs / entry}: directory unknown to the metadata"
+            for entry in sorted(os.listdir(self._dirs))
+            if entry not in known and not (entry.startswith(_NEW) and _locked(self._dirs / entry))
+        ]
+        return problems
 
     def close(self) -> None:
         if self._meta is not None:

@@ -13,7 +13,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from lamina.errors import Internal
+from lamina.errors import FailedPrecondition, Internal
 from lamina.mount import Mount
 from lamina.snapshots import Capability, Kind
 from lamina.snapshots.base import DirectorySnapshotter
@@ -50,6 +50,9 @@ class NativeSnapshotter(DirectorySnapshotter):
 
     def _fill(self, new_dir: Path, kind: Kind, parent_ids: Sequence[str]) -> None:
         fs = new_dir / "fs"
+        if fs.exists():
+            # A staged layer holds only changes; a native snapshot must be whole.
+            raise FailedPrecondition("the native snapshotter cannot adopt a staged layer")
         fs.mkdir(mode=0o755)
         if parent_ids:
             copy_tree(self.fs_dir(parent_ids[0]), fs)

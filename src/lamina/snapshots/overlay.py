@@ -61,9 +61,11 @@ class OverlaySnapshotter(DirectorySnapshotter):
 
     def _fill(self, new_dir: Path, kind: Kind, parent_ids: Sequence[str]) -> None:
         fs = new_dir / "fs"
-        fs.mkdir(mode=0o755)
         if kind is Kind.ACTIVE:
-            (new_dir / "work").mkdir(mode=0o700)
+            (new_dir / "work").mkdir(mode=0o700, exist_ok=True)
+        if fs.exists():  # a staged layer: its root is what the layer made it
+            return
+        fs.mkdir(mode=0o755)
         if parent_ids:
             st = os.stat(self.fs_dir(parent_ids[0]))
             os.chown(fs, st.st_uid, st.st_gid)

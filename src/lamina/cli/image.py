@@ -1,0 +1,128 @@
+"""``lamina image``: import, list, unpack, mount, export and remove images."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+
+from lamina.cli.app import App
+from lamina.images.service import ImageService
+from lamina.progress import for_cli
+
+__all__ = ["register"]
+
+
+@contextlib.contextmanager
+def _service(args: argparse.Namespace, app: App) -> Iterator[ImageService]:
+    progress = for_cli(json_lines=getattr(args, "json_progress", False))
+    svc = ImageService(app.store_root, snapshotter=app.snapshotter,
+                       snapshots=app.snapshots(), progress=progress)
+    try:
+        yield svc
+    finally:
+        progress.close()
+        svc.close()
+
+
+def _import(args: argparse.Namespace, app: App) -> int:
+    with _service(args, app) as svc:
+        images = svc.import_(args.file, unpack=not args.no_unpack, index_name=args.index_name)
+    for image in images:
+        print(f"{image.name}\t{image.target.digest}")
+    return 0
+
+
+def _ls(args: argparse.Namespace, app: App) -> int:
+    with _service(args, app) as svc:
+        images = svc.list()
+    if args.json:
+        app.print_json([{"name": i.name, "target": i.target.to_json(), "labels": i.labels,
+                         "created": i.created, "updated": i.updated} for i in images])
+        return 0
+    print(f"{'REF':<50} {'TYPE':<56} {'DIGEST':<71} SIZE")
+    for i in images:
+        print(f"{i.name:<50} {i.target.media_type:<56} {i.target.digest:<71} {i.target.size}")
+    return 0
+
+
+def _rm(args: argparse.Namespace, app: App) -> int:
+    with _service(args, app) as svc:
+        for name in args.names:
+            svc.remove(name)
+            print(name)
+    if args.sync:
+        from lamina.gc import collect
+
+        collect(app.store_root)
+    return 0
+
+
+def _unpack(args: argparse.Namespace, app: App) -> int:
+    with _service(args, app) as svc:
+        result = svc.unpack(args.ref)
+    print(f"{args.ref}: {result.chain_id} ({result.extracted} layers extracted, "
+          f"{result.reused} reused)")
+    return 0
+
+
+def _mount(args: argparse.Namespace, app: App) -> int:
+    with _service(args, app) as svc:
+        svc.mount(args.ref, args.target, rw=args.rw)
+    print(args.target)
+    return 0
+
+
+def _unmount(args: argparse.Namespace, app: App) -> int:
+    with _service(args, app) as svc:
+        svc.unmount(args.target, keep_snapshot=args.keep)
+    return 0
+
+
+def _export(args: argparse.Namespace, app: App) -> int:
+    with _service(args, app) as svc:
+        svc.export(args.refs, args.file)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("image", aliases=["images", "i"], help="manage images")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    v = verbs.add_parser("import", help="import an OCI layout (dir or tar) or docker save tar")
+    v.add_argument("file")
+    v.add_argument("--no-unpack", action="store_true", help="do not unpack into snapshots")
+    v.add_argument("--index-name", help="also name the whole index as this image")
+    v.add_argument("--json", dest="json_progress", action="store_true",
+                   help="progress as JSON lines")
+    v.set_defaults(handler=_import)
+
+    v = verbs.add_parser("ls", aliases=["list"], help="list images")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(handler=_ls)
+
+    v = verbs.add_parser("rm", aliases=["remove"], help="remove images")
+    v.add_argument("names", nargs="+", metavar="REF")
+    v.add_argument("--sync", action="store_true", help="garbage-collect before returning")
+    v.set_defaults(handler=_rm)
+
+    v = verbs.add_parser("unpack", help="unpack an image into snapshots")
+    v.add_argument("ref")
+    v.add_argument("--json", dest="json_progress", action="store_true")
+    v.set_defaults(handler=_unpack)
+
+    v = verbs.add_parser("mount", help="mount an image's filesystem on a directory")
+    v.add_argument("ref")
+    v.add_argument("target")
+    v.add_argument("--rw", action="store_true", help="writable (changes are dropped on unmount)")
+    v.set_defaults(handler=_mount)
+
+    v = verbs.add_parser("unmount", help="unmount what `image mount` mounted")
+    v.add_argument("target")
+    v.add_argument("--keep", action="store_true", help="keep the snapshot")
+    v.set_defaults(handler=_unmount)
+
+    v = verbs.add_parser("export", help="export images as an OCI layout tar")
+    v.add_argument("file")
+    v.add_argument("refs", nargs="+", metavar="REF")
+    v.set_defaults(handler=_export)

@@ -1,0 +1,123 @@
+"""Image operations on one lamina root: import, unpack, mount, export, remove.
+
+This is the library face the CLI (and containers) use; each operation is a
+few calls into the content store, the image store and a snapshotter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Sequence
+from typing import IO
+
+from lamina.errors import NotFound
+from lamina.images.exporter import export_images
+from lamina.images.importer import import_images
+from lamina.images.oci import ImageConfig, Manifest
+from lamina.images.resolve import manifest_for
+from lamina.images.store import Image, ImageStore
+from lamina.images.unpack import Unpacker, UnpackResult
+from lamina.mount import mount_all, unmount_all
+from lamina.progress import Progress
+from lamina.root import Root
+from lamina.snapshots import Snapshotter
+
+__all__ = ["ImageService"]
+
+
+class ImageService:
+    """Images of ``root``, unpacked into the snapshotter named ``snapshotter``."""
+
+    def __init__(
+        self,
+        root: Root,
+        *,
+        snapshotter: str = "overlay",
+        snapshots: Snapshotter | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.root = root
+        self.snapshotter_name = snapshotter
+        self._snapshots = snapshots
+        self.progress = progress or Progress()
+        self.images = ImageStore(root.metadata_path)
+        self.content = root.content()
+
+    @property
+    def snapshots(self) -> Snapshotter:
+        if self._snapshots is None:
+            self._snapshots = self.root.snapshotter(self.snapshotter_name)
+        return self._snapshots
+
+    def close(self) -> None:
+        self.images.close()
+
+    def get(self, name: str) -> Image:
+        return self.images.get(name)
+
+    def list(self) -> list[Image]:
+        return self.images.list()
+
+    def resolve(self, name: str) -> tuple[Manifest, ImageConfig]:
+        """The host platform's manifest and config of image ``name``."""
+        _, manifest, config = manifest_for(self.content, self.images.get(name).target)
+        return manifest, config
+
+    def import_(
+        self,
+        source: str | os.PathLike[str] | IO[bytes],
+        *,
+        unpack: bool = True,
+        index_name: str | None = None,
+    ) -> list[Image]:
+        imported = import_images(source, content=self.content, images=self.images,
+                                 index_name=index_name, progress=self.progress)
+        if unpack:
+            for image in imported:
+                with contextlib.suppress(NotFound):  # e.g. an index with no host manifest
+                    self.unpack(image.name)
+        return imported
+
+    def unpack(self, name: str) -> UnpackResult:
+        manifest, config = self.resolve(name)
+        unpacker = Unpacker(
+            self.content, self.snapshots, snapshotter_name=self.snapshotter_name,
+            locks_dir=self.root.path / "locks", tmpmounts=self.root.tmpmounts,
+            progress=self.progress,
+        )
+        return unpacker.unpack(manifest, config)
+
+    def chain_id(self, name: str) -> str:
+        """The ChainID of image ``name``'s top layer (unpacking it if needed)."""
+        return self.unpack(name).chain_id
+
+    @staticmethod
+    def _mount_key(target: str | os.PathLike[str]) -> str:
+        real = os.path.realpath(target)
+        return f"mount-{hashlib.sha256(real.encode()).hexdigest()[:16]} {real}"
+
+    def mount(self, name: str, target: str | os.PathLike[str], *, rw: bool = False) -> None:
+        """Mount image ``name`` on ``target`` (read-only unless ``rw``)."""
+        top = self.chain_id(name)
+        key = self._mount_key(target)
+        mounts = (self.snapshots.prepare if rw else self.snapshots.view)(key, top)
+        try:
+            mount_all(mounts, target)
+        except BaseException:
+            self.snapshots.remove(key)
+            raise
+
+    def unmount(self, target: str | os.PathLike[str], *, keep_snapshot: bool = False) -> None:
+        unmount_all(target)
+        if not keep_snapshot:
+            with contextlib.suppress(NotFound):
+                self.snapshots.remove(self._mount_key(target))
+
+    def export(self, names: Sequence[str], out: str | os.PathLike[str] | IO[bytes]) -> None:
+        export_images([self.images.get(n) for n in names], out, content=self.content,
+                      progress=self.progress)
+
+    def remove(self, name: str) -> None:
+        self.images.delete(name)

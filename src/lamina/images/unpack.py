@@ -1,0 +1,253 @@
+"""Unpack an image's layers into committed snapshots named by their ChainIDs.
+
+For each layer, bottom up: if a snapshot named by the layer's ChainID exists
+it is reused; otherwise the layer is applied into a new active snapshot on
+the previous ChainID, its DiffID verified, and the snapshot committed under
+the ChainID. A per-ChainID lock (a flock under the root) makes concurrent
+unpacks — threads or processes — extract each layer once; the others wait
+and reuse it. A layer that fails (bad DiffID, hostile tar) leaves no
+snapshot: its active snapshot or staging directory is removed.
+
+On overlay, layers are extracted in parallel straight into staging upper
+directories (a layer's upperdir does not need its parents to be filled) and
+committed in order as soon as their parent is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+from lamina.archive.apply import apply_layer
+
+from lamina.errors import AlreadyExists, InvalidArgument, NotFound
+from lamina.fsutil import locked
+from lamina.images.identity import chain_ids
+from lamina.images.oci import ImageConfig, Manifest
+from lamina.mount import temp_mount
+from lamina.progress import Progress
+from lamina.snapshots import Capability, Snapshotter
+from lamina.snapshots.base import DirectorySnapshotter
+
+if TYPE_CHECKING:
+    from lamina.content import ContentStore
+
+__all__ = ["LABEL_SNAPSHOT_REF", "LABEL_UNCOMPRESSED", "UnpackResult", "Unpacker"]
+
+LABEL_SNAPSHOT_REF = "containerd.io/snapshot.ref"
+LABEL_UNCOMPRESSED = "containerd.io/uncompressed"
+LABEL_GC_SNAPSHOT = "containerd.io/gc.ref.snapshot."
+
+
+@dataclass(frozen=True)
+class UnpackResult:
+    chain_id: str
+    extracted: int
+    reused: int
+
+
+class _Counting:
+    """A reader that reports how far a layer has been read."""
+
+    def __init__(self, raw: IO[bytes], progress: Progress, item: str, total: int) -> None:
+        self._raw, self._progress, self._item, self._total = raw, progress, item, total
+        self._done = 0
+        self._next = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._raw.read(n)
+        self._done += len(data)
+        if self._done >= self._next or not data:
+            self._progress.event("unpack", self._item, done=self._done, total=self._total)
+            self._next = self._done + (4 << 20)
+        return data
+
+    def readinto(self, b: bytearray | memoryview) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._raw.close()
+
+
+class Unpacker:
+    """Unpacks manifests from a content store into one snapshotter."""
+
+    def __init__(
+        self,
+        content: ContentStore,
+        snapshotter: Snapshotter,
+        *,
+        snapshotter_name: str,
+        locks_dir: str | os.PathLike[str],
+        tmpmounts: str | os.PathLike[str] | None = None,
+        progress: Progress | None = None,
+        parallel: int = 0,
+    ) -> None:
+        self.content = content
+        self.sn = snapshotter
+        self.name = snapshotter_name
+        self.locks = Path(locks_dir)
+        self.tmpmounts = tmpmounts
+        self.progress = progress or Progress()
+        self.parallel = parallel or min(4, os.cpu_count() or 1)
+
+    # -- helpers -----------------------------------------------------------
+    def _exists(self, name: str) -> bool:
+        try:
+            self.sn.stat(name)
+        except NotFound:
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def _lock(self, chain: str) -> Iterator[None]:
+        with locked(self.locks / f"unpack-{chain.replace(':', '-')}"):
+            yield
+
+    def _reader(self, manifest: Manifest, i: int) -> IO[bytes]:
+        desc = manifest.layers[i]
+        raw = self.content.reader(desc.digest)
+        return _Counting(raw, self.progress, desc.digest, desc.size)  # type: ignore[return-value]
+
+    @staticmethod
+    def _key(chain: str) -> str:
+        return f"extract-{time.time_ns()}-{secrets.token_hex(4)} {chain}"
+
+    def _commit(self, key: str, chain: str) -> None:
+        # AlreadyExists: committed by someone else meanwhile; theirs is the same stack.
+        with contextlib.suppress(AlreadyExists):
+            self.sn.commit(chain, key, labels={LABEL_SNAPSHOT_REF: chain})
+
+    # -- the work ----------------------------------------------------------
+    def unpack(self, manifest: Manifest, config: ImageConfig) -> UnpackResult:
+        """Make the snapshot chain of ``manifest``; returns the top ChainID."""
+        if len(config.diff_ids) != len(manifest.layers):
+            raise InvalidArgument(
+                f"image has {len(manifest.layers)} layers but {len(config.diff_ids)} diff ids"
+            )
+        chains = chain_ids(config.diff_ids)
+        if not chains:
+            raise InvalidArgument("image has no layers")
+        start = len(chains)
+        while start > 0 and not self._exists(chains[start - 1]):
+            start -= 1
+        todo = list(range(start, len(chains)))
+        fast = isinstance(self.sn, DirectorySnapshotter) and (
+            Capability.OVERLAY in self.sn.capabilities
+        )
+        if todo:
+            extracted = (self._staged if fast else self._mounted)(manifest, config, chains, todo)
+        else:
+            extracted = 0
+        for i in todo:
+            self._label_layer(manifest, config, i)
+        self._label_config(manifest, chains[-1])
+        return UnpackResult(chain_id=chains[-1], extracted=extracted,
+                            reused=len(chains) - extracted)
+
+    def _label_layer(self, manifest: Manifest, config: ImageConfig, i: int) -> None:
+        info = self.content.info(manifest.layers[i].digest)
+        if info.labels.get(LABEL_UNCOMPRESSED) != config.diff_ids[i]:
+            labels = {**info.labels, LABEL_UNCOMPRESSED: config.diff_ids[i]}
+            self.content.update(
+                type(info)(**{**info.__dict__, "labels": labels}),
+                f"labels.{LABEL_UNCOMPRESSED}",
+            )
+
+    def _label_config(self, manifest: Manifest, top: str) -> None:
+        info = self.content.info(manifest.config.digest)
+        key = LABEL_GC_SNAPSHOT + self.name
+        if info.labels.get(key) != top:
+            labels = {**info.labels, key: top}
+            self.content.update(type(info)(**{**info.__dict__, "labels": labels}),
+                                f"labels.{key}")
+
+    def _mounted(
+        self, manifest: Manifest, config: ImageConfig, chains: list[str], todo: list[int]
+    ) -> int:
+        """Any snapshotter: prepare, mount, apply, commit — one layer after another."""
+        extracted = 0
+        for i in todo:
+            chain, parent = chains[i], chains[i - 1] if i else ""
+            with self._lock(chain):
+                if self._exists(chain):
+                    continue
+                key = self._key(chain)
+                mounts = self.sn.prepare(key, parent, labels={LABEL_SNAPSHOT_REF: chain})
+                try:
+                    with temp_mount(mounts, base=self.tmpmounts) as target:
+                        reader = self._reader(manifest, i)
+                        try:
+                            apply_layer(reader, target, expected_diff_id=config.diff_ids[i])
+                        finally:
+                            reader.close()
+                    self._commit(key, chain)
+                    extracted += 1
+                finally:
+                    with contextlib.suppress(NotFound):
+                        self.sn.remove(key)
+            self.progress.event("unpack", manifest.layers[i].digest, status="done")
+        return extracted
+
+    def _staged(
+        self, manifest: Manifest, config: ImageConfig, chains: list[str], todo: list[int]
+    ) -> int:
+        """Overlay: fill upperdirs in parallel, commit in order."""
+        assert isinstance(self.sn, DirectorySnapshotter)
+        sn = self.sn
+        stacks: dict[int, contextlib.ExitStack] = {}
+
+        def extract(i: int) -> Path | None:
+            stack = contextlib.ExitStack()
+            stacks[i] = stack
+            stack.enter_context(self._lock(chains[i]))
+            if self._exists(chains[i]):
+                return None
+            staged = stack.enter_context(sn.staging())
+            reader = self._reader(manifest, i)
+            try:
+                apply_layer(reader, staged, overlay=True, expected_diff_id=config.diff_ids[i])
+            finally:
+                reader.close()
+            return staged
+
+        extracted = 0
+        pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="unpack")
+        futures: dict[int, Future[Path | None]] = {i: pool.submit(extract, i) for i in todo}
+        try:
+            for i in todo:
+                staged = futures[i].result()
+                try:
+                    if staged is not None:
+                        key = self._key(chains[i])
+                        parent = chains[i - 1] if i else ""
+                        sn.prepare_staged(key, parent, staged,
+                                          labels={LABEL_SNAPSHOT_REF: chains[i]})
+                        try:
+                            self._commit(key, chains[i])
+                        finally:
+                            with contextlib.suppress(NotFound):
+                                sn.remove(key)
+                        extracted += 1
+                    self.progress.event("unpack", manifest.layers[i].digest, status="done")
+                finally:
+                    stacks.pop(i).close()
+        finally:
+            for fut in futures.values():
+                fut.cancel()
+            pool.shutdown(wait=True)
+            for stack in stacks.values():
+                stack.close()
+        return extracted
