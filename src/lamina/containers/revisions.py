@@ -1,0 +1,206 @@
+"""Containers and their revisions: create, upgrade keeping the rw layer, roll back.
+
+A container's filesystem is an active snapshot (a *revision*) on its image's
+top ChainID. Each revision snapshot carries labels:
+
+* ``containerd.io/gc.root`` — a timestamp; revisions are kept until pruned;
+* ``lamina.io/revision.image`` — the image it was made from;
+* ``lamina.io/revision.container`` — the container it belongs to;
+* ``lamina.io/revision.previous`` — the key of the revision before it.
+
+**Upgrade** prepares a new revision on the new image's ChainID, applies the
+diff of the current revision's rw layer onto it (so what the container wrote
+survives), and points the container at it. **Rollback** points the container
+at the previous revision again — with that revision's own writes.
+Revision keys carry nanoseconds and a random suffix, so they are unique even
+within one second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from lamina.containers.store import Container, ContainerStore
+from lamina.diff import apply_diff, create_diff
+from lamina.errors import FailedPrecondition, NotFound
+from lamina.images.service import ImageService
+from lamina.root import Root
+
+__all__ = [
+    "LABEL_CONTAINER",
+    "LABEL_IMAGE",
+    "LABEL_PREVIOUS",
+    "ContainerService",
+    "Revision",
+]
+
+GC_ROOT = "containerd.io/gc.root"
+LABEL_IMAGE = "lamina.io/revision.image"
+LABEL_PREVIOUS = "lamina.io/revision.previous"
+LABEL_CONTAINER = "lamina.io/revision.container"
+OPTIONS = "lamina.io/options"
+
+
+@dataclass(frozen=True)
+class Revision:
+    key: str
+    image: str
+    previous: str
+    created: datetime | None
+    current: bool
+
+
+def _new_key(cid: str) -> str:
+    now = datetime.now(UTC)
+    return f"lamina.revision.{cid}.{now.strftime('%Y%m%dT%H%M%S.%f')}.{secrets.token_hex(3)}"
+
+
+class ContainerService:
+    """Container operations on one root and snapshotter."""
+
+    def __init__(self, root: Root, *, snapshotter: str = "overlay",
+                 images: ImageService | None = None) -> None:
+        self.root = root
+        self.snapshotter_name = snapshotter
+        self.images = images or ImageService(root, snapshotter=snapshotter)
+        self.store = ContainerStore(root.metadata_path)
+
+    @property
+    def sn(self) -> Any:
+        return self.images.snapshots
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- records -------------------------------------------------------------
+    def get(self, cid: str) -> Container:
+        return self.store.get(cid)
+
+    def list(self) -> list[Container]:
+        return self.store.list()
+
+    def _prepare_revision(self, cid: str, image: str, previous: str = "") -> str:
+        top = self.images.chain_id(image)
+        key = _new_key(cid)
+        labels = {GC_ROOT: datetime.now(UTC).isoformat(), LABEL_IMAGE: image,
+                  LABEL_CONTAINER: cid}
+        if previous:
+            labels[LABEL_PREVIOUS] = previous
+        self.sn.prepare(key, top, labels=labels)
+        return key
+
+    def create(
+        self,
+        image: str,
+        cid: str,
+        *,
+        labels: Mapping[str, str] | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> Container:
+        """A new container on ``image``: a fresh revision snapshot and a record.
+
+        ``options`` (args, env, mounts...) are kept with the record and used
+        every time the container's runtime spec is generated.
+        """
+        with contextlib.suppress(NotFound):
+            self.store.get(cid)
+            raise FailedPrecondition(f"container {cid!r} already exists")
+        self.images.get(image)
+        key = self._prepare_revision(cid, image)
+        try:
+            return self.store.create(Container(
+                id=cid, image=image, snapshotter=self.snapshotter_name, snapshot_key=key,
+                spec={"annotations": {OPTIONS: dict(options or {})}},
+                labels=dict(labels or {})))
+        except BaseException:
+            self.sn.remove(key)
+            raise
+
+    def options(self, container: Container) -> dict[str, Any]:
+        annotations = container.spec.get("annotations") or {}
+        return dict(annotations.get(OPTIONS) or {})
+
+    def set_spec(self, container: Container, spec: Mapping[str, Any]) -> Container:
+        """Record the runtime spec generated for ``container`` (options are kept)."""
+        full = dict(spec)
+        full["annotations"] = {**(spec.get("annotations") or {}),
+                               OPTIONS: self.options(container)}
+        return self.store.update(replace(container, spec=full))
+
+    # -- revisions -----------------------------------------------------------
+    def revisions(self, cid: str) -> list[Revision]:
+        """Every revision of ``cid``, oldest first."""
+        current = self.store.get(cid).snapshot_key
+        infos = self.sn.walk(f'labels."{LABEL_CONTAINER}"=={cid}')
+        revs = [Revision(key=i.name, image=i.labels.get(LABEL_IMAGE, ""),
+                         previous=i.labels.get(LABEL_PREVIOUS, ""), created=i.created,
+                         current=i.name == current) for i in infos]
+        return sorted(revs, key=lambda r: (r.created or datetime.min.replace(tzinfo=UTC), r.key))
+
+    def upgrade(self, cid: str, image: str) -> Container:
+        """Move ``cid`` to ``image``, carrying its rw-layer changes over."""
+        container = self.store.get(cid)
+        new_key = self._prepare_revision(cid, image, previous=container.snapshot_key)
+        try:
+            outcome = create_diff(self.sn, self.images.content, container.snapshot_key,
+                                  tmpmounts=str(self.root.tmpmounts))
+            apply_diff(self.images.content, outcome.descriptor, self.sn.mounts(new_key),
+                       diff_id=outcome.diff_id, tmpmounts=self.root.tmpmounts)
+            with contextlib.suppress(NotFound):  # the diff blob served its purpose
+                self.images.content.delete(outcome.descriptor.digest)
+            return self.store.update(replace(container, image=image, snapshot_key=new_key))
+        except BaseException:
+            self.sn.remove(new_key)
+            raise
+
+    def rollback(self, cid: str) -> Container:
+        """Point ``cid`` back at its previous revision."""
+        container = self.store.get(cid)
+        previous = self.sn.stat(container.snapshot_key).labels.get(LABEL_PREVIOUS, "")
+        if not previous:
+            raise FailedPrecondition(f"container {cid!r}: no previous revision")
+        try:
+            info = self.sn.stat(previous)
+        except NotFound:
+            raise FailedPrecondition(
+                f"container {cid!r}: previous revision {previous!r} was pruned") from None
+        image = info.labels.get(LABEL_IMAGE, "")
+        if not image:
+            raise FailedPrecondition(f"revision {previous!r} has no image label")
+        return self.store.update(replace(container, image=image, snapshot_key=previous))
+
+    def prune_revisions(self, cid: str, *, keep: int) -> list[str]:
+        """Remove all but the ``keep`` newest revisions (never the current one)."""
+        revs = self.revisions(cid)
+        keep_keys = {r.key for r in revs[-keep:]} if keep > 0 else set()
+        keep_keys |= {r.key for r in revs if r.current}
+        removed = []
+        for rev in revs:
+            if rev.key in keep_keys:
+                continue
+            self.sn.remove(rev.key)
+            removed.append(rev.key)
+        gone = set(removed)
+        for rev in revs:  # a revision whose predecessor is gone has no previous any more
+            if rev.key in keep_keys and rev.previous in gone:
+                info = self.sn.stat(rev.key)
+                self.sn.update(replace(info, labels={LABEL_PREVIOUS: ""}),
+                               f"labels.{LABEL_PREVIOUS}")
+        return removed
+
+    def remove(self, cid: str) -> list[str]:
+        """Remove the record and every revision snapshot; returns the removed keys."""
+        revs = self.revisions(cid)
+        self.store.delete(cid)
+        removed = []
+        for rev in reversed(revs):
+            with contextlib.suppress(NotFound):
+                self.sn.remove(rev.key)
+                removed.append(rev.key)
+        return removed
+

@@ -1,0 +1,112 @@
+"""Container records: id, image, snapshotter, snapshot key, runtime spec, labels."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from lamina.db import Database
+from lamina.errors import AlreadyExists, InvalidArgument, NotFound
+from lamina.snapshots.storage import validate_labels
+
+__all__ = ["Container", "ContainerStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS containers (
+    id TEXT PRIMARY KEY,
+    image TEXT NOT NULL,
+    snapshotter TEXT NOT NULL,
+    snapshot_key TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    created_ns INTEGER NOT NULL,
+    updated_ns INTEGER NOT NULL
+)
+"""
+
+
+@dataclass(frozen=True)
+class Container:
+    id: str
+    image: str
+    snapshotter: str
+    snapshot_key: str
+    spec: Mapping[str, Any] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    created: datetime | None = None
+    updated: datetime | None = None
+
+    def snapshot_keys(self) -> list[str]:
+        """Snapshots this container holds on to (for garbage collection)."""
+        return [self.snapshot_key]
+
+
+def _dt(ns: int) -> datetime:
+    return datetime.fromtimestamp(ns / 1e9, tz=UTC)
+
+
+def _from_row(row: tuple[Any, ...]) -> Container:
+    cid, image, sn, key, spec, labels, created, updated = row
+    return Container(cid, image, sn, key, json.loads(spec), json.loads(labels),
+                     _dt(created), _dt(updated))
+
+
+class ContainerStore:
+    """Container records of one root (in its metadata database)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._db = Database(path, _SCHEMA)
+
+    def get(self, cid: str) -> Container:
+        with self._db.read() as c:
+            row = c.execute("SELECT * FROM containers WHERE id=?", (cid,)).fetchone()
+        if row is None:
+            raise NotFound(f"container {cid!r} does not exist")
+        return _from_row(row)
+
+    def list(self) -> list[Container]:
+        with self._db.read() as c:
+            return [_from_row(r) for r in c.execute("SELECT * FROM containers ORDER BY id")]
+
+    def create(self, container: Container) -> Container:
+        if not container.id or "/" in container.id or container.id in (".", ".."):
+            raise InvalidArgument(f"invalid container id {container.id!r}")
+        labels = validate_labels(container.labels)
+        now = time.time_ns()
+        with self._db.write() as c:
+            if c.execute("SELECT 1 FROM containers WHERE id=?", (container.id,)).fetchone():
+                raise AlreadyExists(f"container {container.id!r} already exists")
+            c.execute("INSERT INTO containers VALUES (?,?,?,?,?,?,?,?)", (
+                container.id, container.image, container.snapshotter, container.snapshot_key,
+                json.dumps(container.spec), json.dumps(labels), now, now))
+        return self.get(container.id)
+
+    def update(self, container: Container) -> Container:
+        labels = validate_labels(container.labels)
+        with self._db.write() as c:
+            cur = c.execute(
+                "UPDATE containers SET image=?, snapshot_key=?, spec=?, labels=?, updated_ns=?"
+                " WHERE id=?",
+                (container.image, container.snapshot_key, json.dumps(container.spec),
+                 json.dumps(labels), time.time_ns(), container.id))
+            if cur.rowcount == 0:
+                raise NotFound(f"container {container.id!r} does not exist")
+        return self.get(container.id)
+
+    def set_labels(self, cid: str, labels: Mapping[str, str]) -> Container:
+        current = self.get(cid)
+        merged = {**current.labels, **labels}
+        return self.update(replace(current, labels={k: v for k, v in merged.items() if v}))
+
+    def delete(self, cid: str) -> None:
+        with self._db.write() as c:
+            if c.execute("DELETE FROM containers WHERE id=?", (cid,)).rowcount == 0:
+                raise NotFound(f"container {cid!r} does not exist")
+
+    def close(self) -> None:
+        self._db.close()
