@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
 import shlex
 import tempfile
 import time
@@ -245,7 +246,7 @@ def is_mountpoint(path: str | os.PathLike[str]) -> bool:
     real = os.path.realpath(path)
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
         for line in f:
-            point = line.split()[4].encode().decode("unicode_escape")
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
             if point == real:
                 return True
     return False

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import stat
 import struct
 import tempfile
 from collections.abc import Sequence
@@ -50,7 +51,9 @@ class OverlaySnapshotter(DirectorySnapshotter):
 
     @property
     def capabilities(self) -> frozenset[Capability]:
-        caps = {Capability.OVERLAY, Capability.HARDLINKS, Capability.DEEP_CHAINS}
+        # Not HARDLINKS: changing one name of a hard-link group that lives in a
+        # lower layer copies only that name up, so the group splits (overlayfs).
+        caps = {Capability.OVERLAY, Capability.DEEP_CHAINS}
         if os.geteuid() == 0:
             caps.add(Capability.CHOWN)
         return frozenset(caps)
@@ -66,9 +69,10 @@ class OverlaySnapshotter(DirectorySnapshotter):
         if fs.exists():  # a staged layer: its root is what the layer made it
             return
         fs.mkdir(mode=0o755)
-        if parent_ids:
+        if parent_ids:  # the merged root takes its attributes from the top layer
             st = os.stat(self.fs_dir(parent_ids[0]))
             os.chown(fs, st.st_uid, st.st_gid)
+            os.chmod(fs, stat.S_IMODE(st.st_mode))
 
     def _mounts(self, snap: Snapshot) -> list[Mount]:
         own = self._dirs / snap.id

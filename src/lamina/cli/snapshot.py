@@ -1,0 +1,279 @@
+"""``lamina snapshot``: manage snapshots, like ``ctr snapshots``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from lamina.cli.app import App
+from lamina.errors import InvalidArgument
+from lamina.mount import Mount, mount_all, unmount_all
+from lamina.snapshots import Info, Kind, Usage
+
+__all__ = ["info_json", "register"]
+
+
+# -- formatting ---------------------------------------------------------------
+
+
+def info_json(info: Info) -> dict[str, Any]:
+    """An :class:`Info` as a JSON-able dict (times in ISO 8601)."""
+    return {
+        "name": info.name,
+        "parent": info.parent,
+        "kind": info.kind.value,
+        "labels": dict(sorted(info.labels.items())),
+        "created": info.created.isoformat() if info.created else None,
+        "updated": info.updated.isoformat() if info.updated else None,
+    }
+
+
+def _mount_json(m: Mount) -> dict[str, Any]:
+    return {"type": m.type, "source": m.source, "target": m.target, "options": list(m.options)}
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    rows = [list(header), *(list(r) for r in rows)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        cells = [c.ljust(w) for c, w in zip(r[:-1], widths[:-1], strict=True)] + [r[-1]]
+        print("  ".join(cells).rstrip())
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def parse_labels(pairs: Iterable[str], *, allow_bare: bool = False) -> dict[str, str]:
+    """``k=v`` strings as a dict; ``k`` alone means ``k=`` when ``allow_bare``."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        k, eq, v = pair.partition("=")
+        if not k or (not eq and not allow_bare):
+            raise InvalidArgument(f"label {pair!r}: expected KEY=VALUE")
+        out[k] = v
+    return out
+
+
+def _print_mounts(mounts: Sequence[Mount], target: str) -> None:
+    for m in mounts:
+        dest = os.path.join(target, m.target.lstrip("/")) if m.target else target
+        print(m.command_line(dest))
+
+
+# -- handlers -----------------------------------------------------------------
+
+
+def _create(args: argparse.Namespace, app: App, kind: Kind) -> int:
+    sn = app.snapshots()
+    labels = parse_labels(args.label)
+    make = sn.prepare if kind is Kind.ACTIVE else sn.view
+    mounts = make(args.key, args.parent, labels=labels or None)
+    if args.mounts:
+        app.print_json([_mount_json(m) for m in mounts])
+    elif args.target:
+        _print_mounts(mounts, args.target)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace, app: App) -> int:
+    return _create(args, app, Kind.ACTIVE)
+
+
+def cmd_view(args: argparse.Namespace, app: App) -> int:
+    return _create(args, app, Kind.VIEW)
+
+
+def cmd_mounts(args: argparse.Namespace, app: App) -> int:
+    mounts = app.snapshots().mounts(args.key)
+    if args.json:
+        app.print_json([_mount_json(m) for m in mounts])
+    else:
+        _print_mounts(mounts, args.target)
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace, app: App) -> int:
+    mounts = app.snapshots().mounts(args.key)
+    mount_all(mounts, args.target)
+    return 0
+
+
+def cmd_unmount(args: argparse.Namespace, app: App) -> int:
+    unmount_all(args.target)
+    return 0
+
+
+def cmd_commit(args: argparse.Namespace, app: App) -> int:
+    labels = parse_labels(args.label)
+    app.snapshots().commit(args.name, args.key, labels=labels or None)
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace, app: App) -> int:
+    sn = app.snapshots()
+    for key in args.keys:
+        sn.remove(key)
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace, app: App) -> int:
+    infos = sorted(app.snapshots().walk(*args.filters), key=lambda i: i.name)
+    if args.json:
+        app.print_json([info_json(i) for i in infos])
+    elif args.quiet:
+        for i in infos:
+            print(i.name)
+    else:
+        _table(["KEY", "PARENT", "KIND"], ([i.name, i.parent, i.kind.value] for i in infos))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace, app: App) -> int:
+    app.print_json(info_json(app.snapshots().stat(args.key)))
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace, app: App) -> int:
+    sn = app.snapshots()
+    keys = args.keys or sorted(i.name for i in sn.walk())
+    usages: list[tuple[str, Usage]] = [(k, sn.usage(k)) for k in keys]
+    if args.json:
+        app.print_json([{"key": k, "size": u.size, "inodes": u.inodes} for k, u in usages])
+        return 0
+    size = str if args.bytes else _human
+    _table(["KEY", "SIZE", "INODES"], ([k, size(u.size), str(u.inodes)] for k, u in usages))
+    return 0
+
+
+def cmd_label(args: argparse.Namespace, app: App) -> int:
+    sn = app.snapshots()
+    changes = parse_labels(args.labels, allow_bare=True)
+    info = sn.stat(args.key)
+    if changes:
+        info = sn.update(
+            Info(kind=info.kind, name=info.name, parent=info.parent, labels=changes),
+            *(f"labels.{k}" for k in changes),
+        )
+    if args.json:
+        app.print_json(dict(sorted(info.labels.items())))
+    else:
+        for k, v in sorted(info.labels.items()):
+            print(f"{k}={v}")
+    return 0
+
+
+def tree_lines(infos: Iterable[Info]) -> list[str]:
+    """Parent chains drawn as a tree: roots first, each child indented under its parent."""
+    by_name = {i.name: i for i in infos}
+    children: dict[str, list[str]] = {}
+    roots: list[str] = []
+    for info in by_name.values():
+        if info.parent and info.parent in by_name:
+            children.setdefault(info.parent, []).append(info.name)
+        else:
+            roots.append(info.name)
+    lines: list[str] = []
+
+    def draw(name: str, depth: int) -> None:
+        kind = by_name[name].kind.value
+        suffix = "" if kind == Kind.COMMITTED.value else f" ({kind})"
+        prefix = "" if depth == 0 else "  " * (depth - 1) + " \\_ "
+        lines.append(f"{prefix}{name}{suffix}")
+        for child in sorted(children.get(name, [])):
+            draw(child, depth + 1)
+
+    for root in sorted(roots):
+        draw(root, 0)
+    return lines
+
+
+def cmd_tree(args: argparse.Namespace, app: App) -> int:
+    for line in tree_lines(app.snapshots().walk()):
+        print(line)
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace, app: App) -> int:
+    app.snapshots().cleanup()
+    return 0
+
+
+# -- parser -------------------------------------------------------------------
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    group = subparsers.add_parser(
+        "snapshot", aliases=["snapshots"], help="manage snapshots",
+        description="Manage snapshots of the chosen snapshotter (--snapshotter).",
+    )
+    sub = group.add_subparsers(dest="snapshot_command", metavar="VERB", required=True)
+
+    def verb(name: str, handler: Any, help: str, aliases: Sequence[str] = ()) -> Any:
+        p = sub.add_parser(name, help=help, description=help, aliases=list(aliases))
+        p.set_defaults(handler=handler)
+        return p
+
+    for name, handler, what in (
+        ("prepare", cmd_prepare, "create an active (writable) snapshot KEY on PARENT"),
+        ("view", cmd_view, "create a read-only view KEY of PARENT"),
+    ):
+        p = verb(name, handler, what)
+        p.add_argument("--label", action="append", default=[], metavar="K=V",
+                       help="label to set (repeatable)")
+        p.add_argument("--target", default="",
+                       help="print the mount command lines for this target")
+        p.add_argument("--mounts", action="store_true", help="print the mounts as JSON")
+        p.add_argument("key")
+        p.add_argument("parent", nargs="?", default="")
+
+    p = verb("mounts", cmd_mounts, "print the mount commands of KEY for TARGET",
+             aliases=["m", "mount-command"])
+    p.add_argument("--json", action="store_true", help="print the mounts as JSON")
+    p.add_argument("target")
+    p.add_argument("key")
+
+    p = verb("mount", cmd_mount, "mount snapshot KEY on TARGET")
+    p.add_argument("target")
+    p.add_argument("key")
+
+    p = verb("unmount", cmd_unmount, "unmount everything on TARGET", aliases=["umount"])
+    p.add_argument("target")
+
+    p = verb("commit", cmd_commit, "commit active snapshot KEY as NAME")
+    p.add_argument("--label", action="append", default=[], metavar="K=V",
+                   help="label to set on the committed snapshot (repeatable)")
+    p.add_argument("name")
+    p.add_argument("key")
+
+    p = verb("rm", cmd_rm, "remove snapshots", aliases=["remove", "delete", "del"])
+    p.add_argument("keys", nargs="+", metavar="KEY")
+
+    p = verb("ls", cmd_ls, "list snapshots (filters: containerd syntax, any matches)",
+             aliases=["list"])
+    p.add_argument("--json", action="store_true", help="print infos as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="print keys only")
+    p.add_argument("filters", nargs="*", metavar="FILTER")
+
+    p = verb("info", cmd_info, "print the info of KEY as JSON")
+    p.add_argument("key")
+
+    p = verb("usage", cmd_usage, "disk use of snapshots (all when no KEY)", aliases=["du"])
+    p.add_argument("-b", "--bytes", action="store_true", help="sizes in bytes")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.add_argument("keys", nargs="*", metavar="KEY")
+
+    p = verb("label", cmd_label, "set labels of KEY (k= deletes k); prints its labels")
+    p.add_argument("--json", action="store_true", help="print the labels as JSON")
+    p.add_argument("key")
+    p.add_argument("labels", nargs="*", metavar="K=V")
+
+    verb("tree", cmd_tree, "draw parent chains as a tree")
+    verb("cleanup", cmd_cleanup, "remove on-disk state the metadata does not know")

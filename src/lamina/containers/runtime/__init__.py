@@ -1,0 +1,28 @@
+"""The layer below container records: run processes of a rootfs with runc.
+
+* :mod:`.spec` — OCI runtime specs from an image config (:func:`generate_spec`).
+* :mod:`.tasks` — :class:`TaskManager`: bundles, start/exec/kill/pause/delete.
+* :mod:`.criu` — checkpoint/restore through ``runc checkpoint``/``restore``.
+* :mod:`.runc` — the typed wrapper around the ``runc`` command line.
+"""
+
+from __future__ import annotations
+
+from .criu import CheckpointInfo, criu_available
+from .runc import find_runc
+from .spec import BindMount, generate_spec, parse_mount_flag, resolve_user
+from .tasks import Task, TaskInfo, TaskManager, TaskStatus
+
+__all__ = [
+    "BindMount",
+    "CheckpointInfo",
+    "Task",
+    "TaskInfo",
+    "TaskManager",
+    "TaskStatus",
+    "criu_available",
+    "find_runc",
+    "generate_spec",
+    "parse_mount_flag",
+    "resolve_user",
+]

@@ -1,0 +1,164 @@
+"""Checkpoint/restore of tasks with the real runc and CRIU.
+
+A shell loop counts into a bind-mounted file; after a checkpoint and a
+restore it must go on counting from (at least) where it was dumped, in the
+same process (same in-container pid, same shell variable).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import test_runtime_tasks as shared
+from conftest import require_root_user, require_tools
+
+from lamina.containers.runtime import BindMount, TaskManager, TaskStatus, criu_available
+from lamina.containers.runtime.criu import find_criu
+from lamina.errors import AlreadyExists, FailedPrecondition, LaminaError, NotFound
+
+# the tiny rootfs and the overlay-per-task fixtures are shared with test_runtime_tasks
+rootfs_src = shared.rootfs_src
+rootfs = shared.rootfs
+spec_for = shared.spec_for
+Rootfs = shared.Rootfs
+
+LOOP = (
+    'i=0; echo "pid=$$"; while true; do i=$((i+1)); echo $i > /data/count; '
+    "echo $i > /tmp/count; sleep 0.1; done"
+)
+
+
+@pytest.fixture
+def tm(tmp_root: Path) -> Iterator[TaskManager]:
+    require_root_user()
+    require_tools("runc")
+    if find_criu() is None:
+        pytest.skip("criu is not installed")
+    manager = TaskManager(tmp_root / "tasks")
+    try:
+        yield manager
+    finally:
+        problems = []
+        for info in manager.list():
+            try:
+                manager.delete(info.id, force=True)
+            except LaminaError as exc:
+                problems.append(f"{info.id}: {exc}")
+        assert not problems, problems
+
+
+def read_count(path: Path) -> int:
+    for _ in range(50):
+        text = path.read_text().strip()
+        if text:
+            return int(text)
+        time.sleep(0.01)  # caught between truncate and write
+    raise AssertionError(f"{path} stays empty")
+
+
+def wait_count(path: Path, above: int, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        if path.exists():
+            value = read_count(path)
+            if value > above:
+                return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not go above {above}")
+        time.sleep(0.05)
+
+
+def test_criu_available_says_why() -> None:
+    ok, reason = criu_available()
+    assert isinstance(ok, bool) and reason
+    if find_criu() is not None and os.geteuid() == 0:
+        assert ok, reason  # CI installs a CRIU that works on its kernel
+
+
+def test_checkpoint_and_restore_in_place(
+    tm: TaskManager, rootfs: Rootfs, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    count = data / "count"
+    spec = spec_for(["sh", "-c", LOOP], mounts=[BindMount(str(data), "/data")])
+    tm.start("counter", rootfs("counter"), spec, detach=True)
+    wait_count(count, 5)
+
+    image = tmp_path / "image"
+    ckpt = tm.checkpoint("counter", image)
+    print(f"\ncheckpoint took {ckpt.seconds:.3f}s")
+    assert (image / "inventory.img").exists()
+    dumped = read_count(count)
+    assert tm.state("counter").status == TaskStatus.STOPPED
+    time.sleep(0.5)
+    assert read_count(count) == dumped  # nothing runs any more
+
+    started = time.monotonic()
+    task = tm.restore("counter", image)
+    print(f"restore took {time.monotonic() - started:.3f}s")
+    assert task.status == TaskStatus.RUNNING and task.pid
+    resumed = wait_count(count, dumped)
+    assert resumed > dumped
+    # it is the same shell: its counter in the container's /tmp (the rootfs upper) agrees
+    upper = Path(tm.rootfs("counter"), "tmp", "count")
+    assert abs(read_count(upper) - read_count(count)) <= 1
+    log = tm.output_path("counter").read_text().split()
+    assert log.count(log[0]) == 1 and log[0].startswith("pid=")  # no second start
+
+    with pytest.raises(AlreadyExists):  # it runs again
+        tm.restore("counter", image)
+    tm.kill("counter", "KILL")
+    assert tm.wait("counter", timeout=10) == 137
+
+
+def test_leave_running_then_restore_elsewhere(
+    tm: TaskManager, rootfs: Rootfs, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    count = data / "count"
+    spec = spec_for(["sh", "-c", LOOP], mounts=[BindMount(str(data), "/data")])
+    tm.start("orig", rootfs("orig"), spec, detach=True)
+    wait_count(count, 3)
+    image = tmp_path / "image"
+    work = tmp_path / "work"
+    ckpt = tm.checkpoint("orig", image, leave_running=True, work_dir=work)
+    assert (work / "dump.log").exists()
+    upper_orig = Path(tm.rootfs("orig"), "tmp", "count")
+    at_dump = read_count(upper_orig)
+    assert tm.state("orig").status == TaskStatus.RUNNING
+    assert ckpt.leave_running
+    with pytest.raises(AlreadyExists):
+        tm.checkpoint("orig", image)
+    tm.delete("orig", force=True)
+
+    # A new manager (another process, say) restores under a new id from what
+    # the checkpoint recorded: spec, mounts (the same overlay) and options.
+    other = TaskManager(tm.state_dir)
+    task = other.restore("copy", image)
+    assert task.status == TaskStatus.RUNNING
+    resumed = wait_count(Path(other.rootfs("copy"), "tmp", "count"), at_dump)
+    assert resumed >= at_dump
+    assert other.state("copy").status == TaskStatus.RUNNING
+    other.delete("copy", force=True)
+
+
+def test_checkpoint_preconditions(
+    tm: TaskManager, rootfs: Rootfs, tmp_path: Path
+) -> None:
+    with pytest.raises(NotFound):
+        tm.checkpoint("ghost", tmp_path / "img")
+    tm.start("done", rootfs("done"), spec_for(["true"]), detach=True)
+    tm.wait("done", timeout=10)
+    with pytest.raises(FailedPrecondition):
+        tm.checkpoint("done", tmp_path / "img")
+    with pytest.raises(NotFound):
+        tm.restore("done", tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NotFound):
+        tm.restore("done", tmp_path / "empty")
