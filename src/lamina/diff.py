@@ -95,7 +95,7 @@ def create_diff(
         own_parent = base == info.parent
         if (own_parent and isinstance(sn, DirectorySnapshotter)
                 and Capability.OVERLAY in sn.capabilities):
-            result = write_overlay_diff(str(sn.fs_dir(sn.snapshot(key).id)), out,  # type: ignore[arg-type]
+            result = write_overlay_diff(str(sn.fs_dir(sn.snapshot(key).id)), out,
                                         compression=comp)
         else:
             view_key = f"diff-upper-{time.time_ns()}-{secrets.token_hex(4)}"
@@ -106,15 +106,13 @@ def create_diff(
             try:
                 with (_readonly(sn, base, tmpmounts) as lower,
                       temp_mount(_ro(upper_mounts), base=tmpmounts) as upper):
-                    result = write_diff(lower, upper, out, compression=comp)  # type: ignore[arg-type]
+                    result = write_diff(lower, upper, out, compression=comp)
             finally:
                 if view_key:
                     sn.remove(view_key)
         all_labels = {**(labels or {}), LABEL_UNCOMPRESSED: result.diff_id}
-        try:
+        with contextlib.suppress(AlreadyExists):
             writer.commit(result.size, result.digest, labels=all_labels)
-        except AlreadyExists:
-            pass
     except BaseException:
         writer.close()
         with contextlib.suppress(NotFound):

@@ -136,9 +136,9 @@ def collect(root: Root, *, dry_run: bool = False) -> Report:
                     if info.parent:
                         stack.append((kind, info.parent))
 
-        for digest, info in sorted(blobs.items()):
+        for digest, blob in sorted(blobs.items()):
             if ("content", digest) not in marked:
-                report.content.append((digest, info.size))
+                report.content.append((digest, blob.size))
                 if not dry_run:
                     with contextlib.suppress(NotFound):
                         content.delete(digest)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from lamina.errors import InvalidArgument
 
 if TYPE_CHECKING:
+    from lamina.content import ContentStore
     from lamina.snapshots import Snapshotter
 
 __all__ = ["DEFAULT_ROOT", "SNAPSHOTTERS", "Root", "default_root"]
@@ -60,6 +61,7 @@ class Root:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True, mode=0o711)
         self._snapshotters: dict[str, Snapshotter] = {}
+        self._content: ContentStore | None = None
 
     def snapshots_dir(self, snapshotter: str) -> Path:
         return self.path / "snapshots" / snapshotter
@@ -87,7 +89,18 @@ class Root:
             self._snapshotters[name] = factory(self.snapshots_dir(name))
         return self._snapshotters[name]
 
+    def content(self) -> ContentStore:
+        """The local content store on this root (opened once)."""
+        if self._content is None:
+            from lamina.content.local import LocalContentStore
+
+            self._content = LocalContentStore(self.content_dir)
+        return self._content
+
     def close(self) -> None:
+        if self._content is not None:
+            self._content.close()
+            self._content = None
         for sn in self._snapshotters.values():
             sn.close()
         self._snapshotters.clear()

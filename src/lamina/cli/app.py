@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from lamina.root import Root
 
 if TYPE_CHECKING:
+    from lamina.content import ContentStore
     from lamina.snapshots import Snapshotter
 
 __all__ = ["App"]
@@ -24,6 +25,7 @@ class App:
     address: str | None = None
     _root: Root | None = field(default=None, repr=False)
     _remote: Any = field(default=None, repr=False)
+    _remote_content: Any = field(default=None, repr=False)
 
     @property
     def store_root(self) -> Root:
@@ -42,13 +44,25 @@ class App:
             return sn
         return self.store_root.snapshotter(self.snapshotter)
 
+    def content(self) -> ContentStore:
+        """The content store: the local root's, or (with --address) a server's."""
+        if self.address:
+            if self._remote_content is None:
+                from lamina.api.client import RemoteContentStore
+
+                self._remote_content = RemoteContentStore(self.address)
+            store: ContentStore = self._remote_content
+            return store
+        return self.store_root.content()
+
     @staticmethod
     def print_json(obj: Any) -> None:
         json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=str)
         sys.stdout.write("\n")
 
     def close(self) -> None:
-        if self._remote is not None:
-            self._remote.close()
+        for remote in (self._remote, self._remote_content):
+            if remote is not None:
+                remote.close()
         if self._root is not None:
             self._root.close()

@@ -35,7 +35,7 @@ def _import(args: argparse.Namespace, app: App) -> int:
 
 def _ls(args: argparse.Namespace, app: App) -> int:
     with _service(args, app) as svc:
-        images = svc.list()
+        images = svc.images_list()
     if args.json:
         app.print_json([{"name": i.name, "target": i.target.to_json(), "labels": i.labels,
                          "created": i.created, "updated": i.updated} for i in images])

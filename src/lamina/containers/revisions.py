@@ -18,6 +18,7 @@ within one second.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import secrets
 from collections.abc import Mapping
@@ -133,7 +134,7 @@ class ContainerService:
         return self.store.update(replace(container, spec=full))
 
     # -- revisions -----------------------------------------------------------
-    def revisions(self, cid: str) -> list[Revision]:
+    def revisions(self, cid: str) -> builtins.list[Revision]:
         """Every revision of ``cid``, oldest first."""
         current = self.store.get(cid).snapshot_key
         infos = self.sn.walk(f'labels."{LABEL_CONTAINER}"=={cid}')
@@ -174,7 +175,7 @@ class ContainerService:
             raise FailedPrecondition(f"revision {previous!r} has no image label")
         return self.store.update(replace(container, image=image, snapshot_key=previous))
 
-    def prune_revisions(self, cid: str, *, keep: int) -> list[str]:
+    def prune_revisions(self, cid: str, *, keep: int) -> builtins.list[str]:
         """Remove all but the ``keep`` newest revisions (never the current one)."""
         revs = self.revisions(cid)
         keep_keys = {r.key for r in revs[-keep:]} if keep > 0 else set()
@@ -193,7 +194,7 @@ class ContainerService:
                                f"labels.{LABEL_PREVIOUS}")
         return removed
 
-    def remove(self, cid: str) -> list[str]:
+    def remove(self, cid: str) -> builtins.list[str]:
         """Remove the record and every revision snapshot; returns the removed keys."""
         revs = self.revisions(cid)
         self.store.delete(cid)

@@ -50,7 +50,9 @@ def export_images(
             blobs.setdefault(desc.digest, desc)
     index = {"schemaVersion": 2, "mediaType": MediaType.OCI_INDEX, "manifests": manifests}
     owned = isinstance(out, (str, os.PathLike))
-    fileobj: IO[bytes] = open(out, "wb") if owned else out  # type: ignore[arg-type]  # noqa: SIM115
+    fileobj: IO[bytes] = (
+        open(out, "wb") if isinstance(out, (str, os.PathLike)) else out  # noqa: SIM115
+    )
     try:
         with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             _add_bytes(tar, "oci-layout",

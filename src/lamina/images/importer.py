@@ -12,6 +12,7 @@ everything an image needs is reachable from it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import posixpath
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from lamina.content import write_blob
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
 from lamina.images.oci import (
     INDEX_TYPES,
@@ -38,7 +40,9 @@ from lamina.progress import Progress
 if TYPE_CHECKING:
     from lamina.content import ContentStore
 
-__all__ = ["GC_CONTENT", "import_images", "label_references", "normalize_name"]
+__all__ = [
+    "GC_CONTENT", "import_images", "label_references", "normalize_name", "put_document",
+]
 
 GC_CONTENT = "containerd.io/gc.ref.content."
 _CHUNK = 1 << 20
@@ -95,6 +99,15 @@ def _ingest(content: ContentStore, stream: IO[bytes], *, size: int, expected: st
         raise
     finally:
         writer.close()
+
+
+def put_document(content: ContentStore, data: bytes,
+                 labels: dict[str, str] | None = None) -> str:
+    """Store a small document (manifest, index, config); returns its digest."""
+    digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+    with contextlib.suppress(AlreadyExists):
+        write_blob(content, f"document-{digest}", data, expected=digest, labels=labels)
+    return digest
 
 
 def _blob_path_digest(path: str) -> str | None:
@@ -201,7 +214,7 @@ def _oci_images(found: _Found, content: ContentStore, index_name: str | None) ->
         if name:
             images.append(Image(name=name, target=desc))
     if index_name:
-        digest = content.add(index_bytes, exist_ok=True).digest
+        digest = put_document(content, index_bytes)
         target = Descriptor(MediaType.OCI_INDEX, digest, len(index_bytes))
         images.append(Image(name=index_name, target=target))
     return images
@@ -244,7 +257,7 @@ def _docker_images(found: _Found, content: ContentStore) -> list[Image]:
             "layers": layers,
         }
         data = json.dumps(manifest, indent=3).encode()
-        digest = content.add(data, exist_ok=True).digest
+        digest = put_document(content, data)
         target = Descriptor(MediaType.DOCKER_MANIFEST, digest, len(data))
         tags = entry.get("RepoTags") or [f"import-{cfg_digest.split(':')[1][:12]}:latest"]
         images.extend(Image(name=normalize_name(str(t)), target=target) for t in tags)

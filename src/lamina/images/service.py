@@ -57,7 +57,7 @@ class ImageService:
     def get(self, name: str) -> Image:
         return self.images.get(name)
 
-    def list(self) -> list[Image]:
+    def images_list(self) -> list[Image]:
         return self.images.list()
 
     def resolve(self, name: str) -> tuple[Manifest, ImageConfig]:
@@ -101,6 +101,7 @@ class ImageService:
     def mount(self, name: str, target: str | os.PathLike[str], *, rw: bool = False) -> None:
         """Mount image ``name`` on ``target`` (read-only unless ``rw``)."""
         top = self.chain_id(name)
+        os.makedirs(target, exist_ok=True)
         key = self._mount_key(target)
         mounts = (self.snapshots.prepare if rw else self.snapshots.view)(key, top)
         try:

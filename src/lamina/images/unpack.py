@@ -20,13 +20,12 @@ import os
 import secrets
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from lamina.archive.apply import apply_layer
-
+from lamina.archive.apply import NeedsLowerLayers, apply_layer
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
 from lamina.fsutil import locked
 from lamina.images.identity import chain_ids
@@ -174,63 +173,87 @@ class Unpacker:
             self.content.update(type(info)(**{**info.__dict__, "labels": labels}),
                                 f"labels.{key}")
 
+    def _extract_mounted(self, manifest: Manifest, config: ImageConfig, chains: list[str],
+                         i: int) -> None:
+        """Prepare on the parent, mount, apply, commit (caller holds the layer's lock)."""
+        chain, parent = chains[i], chains[i - 1] if i else ""
+        key = self._key(chain)
+        mounts = self.sn.prepare(key, parent, labels={LABEL_SNAPSHOT_REF: chain})
+        try:
+            with temp_mount(mounts, base=self.tmpmounts) as target:
+                reader = self._reader(manifest, i)
+                try:
+                    apply_layer(reader, target, expected_diff_id=config.diff_ids[i])
+                finally:
+                    reader.close()
+            self._commit(key, chain)
+        finally:
+            with contextlib.suppress(NotFound):
+                self.sn.remove(key)
+
     def _mounted(
         self, manifest: Manifest, config: ImageConfig, chains: list[str], todo: list[int]
     ) -> int:
-        """Any snapshotter: prepare, mount, apply, commit — one layer after another."""
+        """Any snapshotter: one layer after another, each on a mounted snapshot."""
         extracted = 0
         for i in todo:
-            chain, parent = chains[i], chains[i - 1] if i else ""
-            with self._lock(chain):
-                if self._exists(chain):
+            with self._lock(chains[i]):
+                if self._exists(chains[i]):
                     continue
-                key = self._key(chain)
-                mounts = self.sn.prepare(key, parent, labels={LABEL_SNAPSHOT_REF: chain})
-                try:
-                    with temp_mount(mounts, base=self.tmpmounts) as target:
-                        reader = self._reader(manifest, i)
-                        try:
-                            apply_layer(reader, target, expected_diff_id=config.diff_ids[i])
-                        finally:
-                            reader.close()
-                    self._commit(key, chain)
-                    extracted += 1
-                finally:
-                    with contextlib.suppress(NotFound):
-                        self.sn.remove(key)
+                self._extract_mounted(manifest, config, chains, i)
+                extracted += 1
             self.progress.event("unpack", manifest.layers[i].digest, status="done")
         return extracted
 
     def _staged(
         self, manifest: Manifest, config: ImageConfig, chains: list[str], todo: list[int]
     ) -> int:
-        """Overlay: fill upperdirs in parallel, commit in order."""
+        """Overlay: fill upperdirs in parallel, commit in order.
+
+        The staged apply sees only the layer itself, not its parents. When the
+        layer depends on them (a hard link to a lower file, a parent directory
+        it does not list), it raises NeedsLowerLayers and that layer is redone
+        on a real overlay mount once its parent is committed. Any other error
+        (hostile tar, DiffID mismatch) fails the unpack at once.
+        """
         assert isinstance(self.sn, DirectorySnapshotter)
         sn = self.sn
         stacks: dict[int, contextlib.ExitStack] = {}
+        retry = object()
 
-        def extract(i: int) -> Path | None:
+        def extract(i: int) -> Path | object | None:
             stack = contextlib.ExitStack()
             stacks[i] = stack
             stack.enter_context(self._lock(chains[i]))
             if self._exists(chains[i]):
                 return None
-            staged = stack.enter_context(sn.staging())
+            staging = sn.staging()
+            staged = staging.__enter__()
             reader = self._reader(manifest, i)
             try:
                 apply_layer(reader, staged, overlay=True, expected_diff_id=config.diff_ids[i])
+            except NeedsLowerLayers:
+                staging.__exit__(None, None, None)
+                return retry
+            except BaseException:
+                staging.__exit__(None, None, None)
+                raise
             finally:
                 reader.close()
+            stack.push(staging)
             return staged
 
         extracted = 0
         pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="unpack")
-        futures: dict[int, Future[Path | None]] = {i: pool.submit(extract, i) for i in todo}
+        futures = {i: pool.submit(extract, i) for i in todo}
         try:
             for i in todo:
                 staged = futures[i].result()
                 try:
-                    if staged is not None:
+                    if staged is retry:
+                        self._extract_mounted(manifest, config, chains, i)
+                        extracted += 1
+                    elif isinstance(staged, Path):
                         key = self._key(chains[i])
                         parent = chains[i - 1] if i else ""
                         sn.prepare_staged(key, parent, staged,

@@ -27,7 +27,7 @@ import contextlib
 import fcntl
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from lamina import crash
@@ -293,8 +293,8 @@ def _locked(path: Path) -> bool:
     return False
 
 
-def _lookup(info: Info) -> object:
-    def field(path: Sequence[str]) -> str | None:
+def _lookup(info: Info) -> Callable[[tuple[str, ...]], str | None]:
+    def field(path: tuple[str, ...]) -> str | None:
         if not path:
             return None
         head = path[0]

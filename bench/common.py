@@ -1,0 +1,246 @@
+"""What every benchmark module shares: results, paired timing, temp roots, tools.
+
+A benchmark module exposes ``NAME`` and ``run(ctx) -> list[Row]``; it raises
+:class:`Skip` when a piece it needs is missing. Measurements against a peer
+are *paired*: lamina and the peer run alternately on the same filesystem and
+the ratio quoted is the median of the per-pair ratios.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH_BASE = Path(os.environ.get("LAMINA_BENCH_DIR", "/var/tmp"))
+CACHE = Path(os.environ.get("LAMINA_BENCH_CACHE", "/var/tmp/lamina-bench-cache"))
+
+
+class Skip(Exception):
+    """The benchmark cannot run here; the message says why."""
+
+
+@dataclass
+class Row:
+    """One line of the results table.
+
+    ``ratio`` is lamina/peer (the median of per-pair ratios when paired);
+    ``target`` is a human-readable goal and ``ok`` whether it was met.
+    """
+
+    metric: str
+    unit: str
+    lamina: float | None
+    peer: float | None = None
+    peer_name: str = ""
+    ratio: float | None = None
+    target: str = ""
+    ok: bool | None = None
+    note: str = ""
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "unit": self.unit,
+            "lamina": self.lamina,
+            "peer": self.peer,
+            "peer_name": self.peer_name,
+            "ratio": self.ratio,
+            "target": self.target,
+            "ok": self.ok,
+            "note": self.note,
+            "samples": self.samples,
+        }
+
+
+@dataclass
+class Ctx:
+    """Run-wide settings handed to every benchmark."""
+
+    quick: bool
+    work: Path  # this run's scratch directory (ext4, under /var/tmp)
+    cache: Path = CACHE
+    log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr))
+
+    def pick(self, default: int, quick: int) -> int:
+        return quick if self.quick else default
+
+    @contextlib.contextmanager
+    def tempdir(self, prefix: str) -> Iterator[Path]:
+        """A fresh directory under this run's scratch dir; unmounted and removed after."""
+        d = Path(tempfile.mkdtemp(prefix=prefix, dir=self.work))
+        try:
+            yield d
+        finally:
+            cleanup_tree(d)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Paired:
+    """Samples of lamina and its peer taken alternately."""
+
+    lamina: list[float]
+    peer: list[float]
+
+    @property
+    def ratios(self) -> list[float]:
+        return [a / b for a, b in zip(self.lamina, self.peer, strict=True) if b > 0]
+
+    @property
+    def median_ratio(self) -> float | None:
+        r = self.ratios
+        return statistics.median(r) if r else None
+
+    def row(self, metric: str, unit: str, peer_name: str, *, target: str = "",
+            limit: float | None = None, higher_is_better: bool = False,
+            note: str = "") -> Row:
+        ratio = self.median_ratio
+        ok: bool | None = None
+        if limit is not None and ratio is not None:
+            ok = ratio >= limit if higher_is_better else ratio <= limit
+        return Row(metric=metric, unit=unit, lamina=statistics.median(self.lamina),
+                   peer=statistics.median(self.peer), peer_name=peer_name, ratio=ratio,
+                   target=target, ok=ok, note=note,
+                   samples={"lamina": self.lamina, "peer": self.peer})
+
+
+def paired(lamina: Callable[[int], float], peer: Callable[[int], float], n: int) -> Paired:
+    """Call ``lamina(i)`` and ``peer(i)`` ``n`` times each, alternating who goes first.
+
+    Each callable returns its own measurement (seconds, or a rate).
+    """
+    out = Paired([], [])
+    for i in range(n):
+        if i % 2 == 0:
+            a = lamina(i)
+            b = peer(i)
+        else:
+            b = peer(i)
+            a = lamina(i)
+        out.lamina.append(a)
+        out.peer.append(b)
+    return out
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run_cmd(cmd: Sequence[str], *, cwd: str | Path | None = None, stdout: Any = None,
+            env: dict[str, str] | None = None, check: bool = True,
+            timeout: float = 600) -> subprocess.CompletedProcess[bytes]:
+    """Run ``cmd``; on failure raise RuntimeError with its output's tail."""
+    proc = subprocess.run(
+        list(cmd), cwd=cwd, stdin=subprocess.DEVNULL,
+        stdout=stdout if stdout is not None else subprocess.PIPE,
+        stderr=subprocess.PIPE, env=env, timeout=timeout, check=False,
+    )
+    if check and proc.returncode != 0:
+        out = proc.stdout.decode(errors="replace")[-1500:] if proc.stdout else ""
+        err = proc.stderr.decode(errors="replace")[-1500:]
+        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{out}\n{err}")
+    return proc
+
+
+def time_cmd(cmd: Sequence[str], **kw: Any) -> float:
+    t0 = time.perf_counter()
+    run_cmd(cmd, **kw)
+    return time.perf_counter() - t0
+
+
+def lamina_cli() -> list[str]:
+    """How to invoke the lamina CLI (the console script, else ``python -m lamina.cli``)."""
+    exe = shutil.which("lamina")
+    return [exe] if exe else [sys.executable, "-m", "lamina.cli"]
+
+
+def lamina_has_command(*words: str) -> bool:
+    """Whether ``lamina WORDS... --help`` works (the command is implemented)."""
+    proc = subprocess.run([*lamina_cli(), *words, "--help"], stdin=subprocess.DEVNULL,
+                          capture_output=True, check=False, timeout=60)
+    return proc.returncode == 0
+
+
+def drop_caches() -> None:
+    """Write back dirty pages so one run's writeback does not bill the next."""
+    os.sync()
+
+
+# --------------------------------------------------------------------------- cleanup
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_MNT_DETACH = 2
+
+
+def mounts_under(root: Path) -> list[str]:
+    prefix = os.path.realpath(root)
+    found: list[str] = []
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            mp = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+            if mp == prefix or mp.startswith(prefix + "/"):
+                found.append(mp)
+    return found
+
+
+def unmount_under(root: Path) -> None:
+    """Detach every mount at or below ``root``, deepest first."""
+    for mp in sorted(mounts_under(root), key=lambda p: p.count("/"), reverse=True):
+        _libc.umount2(mp.encode(), _MNT_DETACH)
+
+
+def unmount_quietly(target: Path) -> None:
+    """Unmount everything stacked on ``target`` (nothing mounted is fine)."""
+    for _ in range(1000):
+        if _libc.umount2(os.fspath(target).encode(), 0) != 0:
+            return
+
+
+def cleanup_tree(root: Path) -> None:
+    if not os.path.lexists(root):
+        return
+    unmount_under(root)
+    shutil.rmtree(root, ignore_errors=True)
+    if os.path.lexists(root):  # e.g. immutable files: try once more, loudly
+        subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=False)
+
+
+def fs_type(path: Path) -> str:
+    proc = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", str(path)],
+                          capture_output=True, text=True, check=False)
+    return proc.stdout.strip()
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    a = abs(v)
+    if a == 0:
+        return "0"
+    if a >= 1000:
+        return f"{v:,.0f}"
+    if a >= 100:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    if a >= 0.01:
+        return f"{v:.3f}"
+    return f"{v:.2e}"

@@ -1,0 +1,483 @@
+"""Clients for a ``lamina serve`` (or any containerd-compatible) socket.
+
+:class:`RemoteSnapshotter` implements :class:`lamina.snapshots.Snapshotter`
+and :class:`RemoteContentStore` implements :class:`lamina.content.ContentStore`
+over gRPC: the same calls, the same return values, the same error classes as
+the local stores (statuses are mapped back by :mod:`lamina.api.errors`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import queue
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any, BinaryIO, cast
+
+import grpc
+from google.protobuf import field_mask_pb2
+
+from lamina.api import CHANNEL_OPTIONS, grpc_target
+from lamina.api.content import READ_CHUNK, status_from_pb
+from lamina.api.content import info_from_pb as content_info_from_pb
+from lamina.api.convert import info_from_pb, info_to_pb, mounts_from_pb
+from lamina.api.errors import rpc_errors
+from lamina.api.gen.containerd.services.content.v1 import content_pb2 as cpb
+from lamina.api.gen.containerd.services.content.v1 import content_pb2_grpc as cpb_grpc
+from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as spb
+from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as spb_grpc
+from lamina.api.gen.lamina.services.introspection.v1 import introspection_pb2 as ipb
+from lamina.api.gen.lamina.services.introspection.v1 import introspection_pb2_grpc as ipb_grpc
+from lamina.content import Info as ContentInfo
+from lamina.content import Status as ContentStatus
+from lamina.errors import FailedPrecondition, Internal, NotImplementedErr
+from lamina.mount import Mount
+from lamina.snapshots import Capability, Info, Usage
+
+__all__ = ["RemoteContentStore", "RemoteSnapshotter", "RemoteWriter", "connect"]
+
+
+def connect(address: str) -> grpc.Channel:
+    """A channel to the unix socket ``address`` (connects lazily)."""
+    return grpc.insecure_channel(grpc_target(address), options=CHANNEL_OPTIONS)
+
+
+class RemoteSnapshotter:
+    """The snapshotter ``snapshotter`` of the server on ``address``.
+
+    ``timeout`` (seconds) bounds each call; None waits as long as the call takes.
+    The channel connects on first use; a server that is not there raises
+    Unavailable.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        snapshotter: str,
+        *,
+        timeout: float | None = None,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self.address = address
+        self.snapshotter = snapshotter
+        self._timeout = timeout
+        self._owns_channel = channel is None
+        self._channel: grpc.Channel | None = channel if channel is not None else connect(address)
+        self._stub = spb_grpc.SnapshotsStub(self._channel)  # type: ignore[no-untyped-call]
+        self._introspection = ipb_grpc.IntrospectionStub(  # type: ignore[no-untyped-call]
+            self._channel
+        )
+        self._caps: frozenset[Capability] | None = None
+        self._lock = threading.Lock()
+
+    def _what(self, op: str, key: str = "") -> str:
+        target = f" {key!r}" if key else ""
+        return f"{op}{target} on {self.snapshotter}@{self.address}"
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        """Asked of the server once; empty for a server without lamina's introspection."""
+        with self._lock:
+            if self._caps is None:
+                try:
+                    with rpc_errors(self._what("capabilities")):
+                        resp = self._introspection.Capabilities(
+                            ipb.CapabilitiesRequest(snapshotter=self.snapshotter),
+                            timeout=self._timeout,
+                        )
+                except NotImplementedErr:
+                    self._caps = frozenset()
+                else:
+                    known = {c.value for c in Capability}
+                    self._caps = frozenset(Capability(c) for c in resp.capabilities if c in known)
+            return self._caps
+
+    def stat(self, key: str) -> Info:
+        with rpc_errors(self._what("stat", key)):
+            resp = self._stub.Stat(
+                spb.StatSnapshotRequest(snapshotter=self.snapshotter, key=key),
+                timeout=self._timeout,
+            )
+        return info_from_pb(resp.info)
+
+    def update(self, info: Info, *fieldpaths: str) -> Info:
+        req = spb.UpdateSnapshotRequest(snapshotter=self.snapshotter, info=info_to_pb(info))
+        if fieldpaths:
+            req.update_mask.CopyFrom(field_mask_pb2.FieldMask(paths=list(fieldpaths)))
+        with rpc_errors(self._what("update", info.name)):
+            resp = self._stub.Update(req, timeout=self._timeout)
+        return info_from_pb(resp.info)
+
+    def usage(self, key: str) -> Usage:
+        with rpc_errors(self._what("usage", key)):
+            resp = self._stub.Usage(
+                spb.UsageRequest(snapshotter=self.snapshotter, key=key), timeout=self._timeout
+            )
+        return Usage(size=resp.size, inodes=resp.inodes)
+
+    def mounts(self, key: str) -> list[Mount]:
+        with rpc_errors(self._what("mounts", key)):
+            resp = self._stub.Mounts(
+                spb.MountsRequest(snapshotter=self.snapshotter, key=key), timeout=self._timeout
+            )
+        return mounts_from_pb(resp.mounts)
+
+    def prepare(
+        self, key: str, parent: str = "", *, labels: Mapping[str, str] | None = None
+    ) -> list[Mount]:
+        req = spb.PrepareSnapshotRequest(
+            snapshotter=self.snapshotter, key=key, parent=parent, labels=dict(labels or {})
+        )
+        with rpc_errors(self._what("prepare", key)):
+            resp = self._stub.Prepare(req, timeout=self._timeout)
+        return mounts_from_pb(resp.mounts)
+
+    def view(
+        self, key: str, parent: str = "", *, labels: Mapping[str, str] | None = None
+    ) -> list[Mount]:
+        req = spb.ViewSnapshotRequest(
+            snapshotter=self.snapshotter, key=key, parent=parent, labels=dict(labels or {})
+        )
+        with rpc_errors(self._what("view", key)):
+            resp = self._stub.View(req, timeout=self._timeout)
+        return mounts_from_pb(resp.mounts)
+
+    def commit(self, name: str, key: str, *, labels: Mapping[str, str] | None = None) -> None:
+        req = spb.CommitSnapshotRequest(
+            snapshotter=self.snapshotter, name=name, key=key, labels=dict(labels or {})
+        )
+        with rpc_errors(self._what("commit", key)):
+            self._stub.Commit(req, timeout=self._timeout)
+
+    def remove(self, key: str) -> None:
+        with rpc_errors(self._what("remove", key)):
+            self._stub.Remove(
+                spb.RemoveSnapshotRequest(snapshotter=self.snapshotter, key=key),
+                timeout=self._timeout,
+            )
+
+    def walk(self, *filters: str) -> Iterator[Info]:
+        req = spb.ListSnapshotsRequest(snapshotter=self.snapshotter, filters=list(filters))
+        with rpc_errors(self._what("walk")):
+            stream = self._stub.List(req, timeout=self._timeout)
+            try:
+                for resp in stream:
+                    for info in resp.info:
+                        yield info_from_pb(info)
+            finally:
+                stream.cancel()  # the caller stopped early: end the call
+
+    def cleanup(self) -> None:
+        with rpc_errors(self._what("cleanup")):
+            self._stub.Cleanup(
+                spb.CleanupRequest(snapshotter=self.snapshotter), timeout=self._timeout
+            )
+
+    def close(self) -> None:
+        """Close the channel (if this snapshotter opened it); calling it twice is fine."""
+        if self._channel is not None and self._owns_channel:
+            self._channel.close()
+        self._channel = None
+
+    def __enter__(self) -> RemoteSnapshotter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RemoteSnapshotter({self.address!r}, {self.snapshotter!r})"
+
+
+# -- content ----------------------------------------------------------------------
+
+
+class RemoteContentStore:
+    """The content store of the server on ``address`` (see :mod:`lamina.content`).
+
+    A :class:`RemoteWriter` holds one Write stream, and with it the ingest's
+    lock on the server, from :meth:`writer` until it is closed or committed.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float | None = None,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self.address = address
+        self._timeout = timeout
+        self._owns_channel = channel is None
+        self._channel: grpc.Channel | None = channel if channel is not None else connect(address)
+        self._stub = cpb_grpc.ContentStub(self._channel)  # type: ignore[no-untyped-call]
+        self._writers: set[RemoteWriter] = set()
+        self._lock = threading.Lock()
+
+    def _what(self, op: str, name: str = "") -> str:
+        target = f" {name!r}" if name else ""
+        return f"content {op}{target} on {self.address}"
+
+    def info(self, digest: str) -> ContentInfo:
+        with rpc_errors(self._what("info", digest)):
+            resp = self._stub.Info(cpb.InfoRequest(digest=digest), timeout=self._timeout)
+        return content_info_from_pb(resp.info)
+
+    def update(self, info: ContentInfo, *fieldpaths: str) -> ContentInfo:
+        req = cpb.UpdateRequest(info=cpb.Info(digest=info.digest, labels=dict(info.labels)))
+        if fieldpaths:
+            req.update_mask.CopyFrom(field_mask_pb2.FieldMask(paths=list(fieldpaths)))
+        with rpc_errors(self._what("update", info.digest)):
+            resp = self._stub.Update(req, timeout=self._timeout)
+        return content_info_from_pb(resp.info)
+
+    def walk(self, *filters: str) -> Iterator[ContentInfo]:
+        req = cpb.ListContentRequest(filters=list(filters))
+        with rpc_errors(self._what("walk")):
+            stream = self._stub.List(req, timeout=self._timeout)
+            try:
+                for resp in stream:
+                    for info in resp.info:
+                        yield content_info_from_pb(info)
+            finally:
+                stream.cancel()
+
+    def delete(self, digest: str) -> None:
+        with rpc_errors(self._what("delete", digest)):
+            self._stub.Delete(cpb.DeleteContentRequest(digest=digest), timeout=self._timeout)
+
+    def reader(self, digest: str) -> BinaryIO:
+        size = self.info(digest).size
+        raw = _RemoteBlob(self, digest, size)
+        return cast(BinaryIO, io.BufferedReader(raw, buffer_size=READ_CHUNK))
+
+    def read_at(self, digest: str, offset: int, size: int) -> bytes:
+        if size <= 0:  # 0 means "to the end" on the wire
+            self.info(digest)  # still NotFound / InvalidArgument for a bad digest
+            return b""
+        req = cpb.ReadContentRequest(digest=digest, offset=max(offset, 0), size=size)
+        parts: list[bytes] = []
+        with rpc_errors(self._what("read", digest)):
+            for resp in self._stub.Read(req, timeout=self._timeout):
+                parts.append(resp.data)
+        return b"".join(parts)
+
+    def writer(self, ref: str, *, total: int = 0, expected: str = "") -> RemoteWriter:
+        w = RemoteWriter(self, ref, total, expected)
+        with self._lock:
+            self._writers.add(w)
+        return w
+
+    def _forget(self, w: RemoteWriter) -> None:
+        with self._lock:
+            self._writers.discard(w)
+
+    def status(self, ref: str) -> ContentStatus:
+        with rpc_errors(self._what("status", ref)):
+            resp = self._stub.Status(cpb.StatusRequest(ref=ref), timeout=self._timeout)
+        return status_from_pb(resp.status)
+
+    def list_statuses(self, *filters: str) -> list[ContentStatus]:
+        with rpc_errors(self._what("list statuses")):
+            resp = self._stub.ListStatuses(
+                cpb.ListStatusesRequest(filters=list(filters)), timeout=self._timeout
+            )
+        return sorted((status_from_pb(s) for s in resp.statuses), key=lambda s: s.ref)
+
+    def abort(self, ref: str) -> None:
+        with rpc_errors(self._what("abort", ref)):
+            self._stub.Abort(cpb.AbortRequest(ref=ref), timeout=self._timeout)
+
+    def close(self) -> None:
+        """Close open writers (keeping their ingests) and the channel; idempotent."""
+        with self._lock:
+            writers = list(self._writers)
+        for w in writers:
+            w.close()
+        if self._channel is not None and self._owns_channel:
+            self._channel.close()
+        self._channel = None
+
+    def __enter__(self) -> RemoteContentStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RemoteContentStore({self.address!r})"
+
+
+_END = object()
+
+
+class RemoteWriter:
+    """An ingest over one Write stream (see :class:`lamina.content.Writer`).
+
+    Opening sends a STAT for the ref, so a locked ref (Unavailable) or a blob
+    the server has (AlreadyExists) fails here, and a resumed ingest reports
+    its offset. When a call fails the stream ends, as the server's does; the
+    next call opens a new one, resuming the ingest.
+    """
+
+    def __init__(self, store: RemoteContentStore, ref: str, total: int, expected: str) -> None:
+        self._store = store
+        self.ref = ref
+        self._total = total
+        self._expected = expected
+        self._offset = 0
+        self._digest = ""
+        self._queue: queue.SimpleQueue[object] | None = None
+        self._responses: Iterator[cpb.WriteContentResponse] | None = None
+        self._state = "open"  # open, committed, closed
+        self._open()
+
+    # -- the stream ----------------------------------------------------------
+    def _open(self) -> None:
+        q: queue.SimpleQueue[object] = queue.SimpleQueue()
+
+        def requests() -> Iterator[cpb.WriteContentRequest]:
+            while True:
+                item = q.get()
+                if item is _END:
+                    return
+                yield cast(cpb.WriteContentRequest, item)
+
+        stub = self._store._stub
+        self._queue = q
+        self._responses = stub.Write(requests())
+        try:
+            self._send(
+                cpb.WriteContentRequest(
+                    action=cpb.STAT, ref=self.ref, total=self._total, expected=self._expected
+                )
+            )
+        except BaseException:
+            self._queue = self._responses = None
+            raise
+
+    def _ensure_open(self) -> None:
+        if self._queue is None or self._responses is None:
+            self._open()  # resume after a failed call
+
+    def _send(self, req: cpb.WriteContentRequest) -> cpb.WriteContentResponse:
+        self._ensure_open()
+        assert self._queue is not None and self._responses is not None
+        self._queue.put(req)
+        try:
+            with rpc_errors(self._store._what("write", self.ref)):
+                try:
+                    resp = next(self._responses)
+                except StopIteration:
+                    raise Internal(f"write stream for {self.ref!r} ended early") from None
+        except BaseException:
+            self._end_stream()
+            raise
+        self._offset = resp.offset
+        if resp.total:
+            self._total = resp.total
+        self._digest = resp.digest
+        return resp
+
+    def _end_stream(self) -> None:
+        """Half-close and wait for the server to finish (it then releases the ref)."""
+        q, responses = self._queue, self._responses
+        self._queue = self._responses = None
+        if q is None or responses is None:
+            return
+        q.put(_END)
+        with contextlib.suppress(grpc.RpcError):
+            for _ in responses:
+                pass
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise FailedPrecondition(f"writer for {self.ref!r} is {self._state}")
+
+    # -- Writer ----------------------------------------------------------------
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    def write(self, data: bytes) -> int:
+        self._check_open()
+        self._ensure_open()
+        self._send(
+            cpb.WriteContentRequest(
+                action=cpb.WRITE, ref=self.ref, offset=self._offset, data=bytes(data)
+            )
+        )
+        return len(data)
+
+    def digest(self) -> str:
+        if self._queue is None and self._state == "open":
+            self._send(cpb.WriteContentRequest(action=cpb.STAT, ref=self.ref))
+        return self._digest
+
+    def status(self) -> ContentStatus:
+        return self._store.status(self.ref)
+
+    def commit(self, size: int, expected: str, *, labels: Mapping[str, str] | None = None) -> None:
+        self._check_open()
+        self._send(
+            cpb.WriteContentRequest(
+                action=cpb.COMMIT,
+                ref=self.ref,
+                offset=self._offset,
+                total=size,
+                expected=expected,
+                labels=dict(labels or {}),
+            )
+        )
+        self._state = "committed"
+        self._end_stream()
+        self._store._forget(self)
+
+    def truncate(self, size: int) -> None:
+        self._check_open()
+        self._send(cpb.WriteContentRequest(action=cpb.WRITE, ref=self.ref, offset=size))
+
+    def close(self) -> None:
+        if self._state == "open":
+            self._state = "closed"
+        self._end_stream()
+        self._store._forget(self)
+
+    def __repr__(self) -> str:
+        return f"RemoteWriter({self.ref!r}, offset={self._offset})"
+
+
+class _RemoteBlob(io.RawIOBase):
+    """A seekable read-only raw file over Read calls."""
+
+    def __init__(self, store: RemoteContentStore, digest: str, size: int) -> None:
+        self._store, self._digest, self._size = store, digest, size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise OSError(errno.EINVAL, "negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        want = min(len(view), self._size - self._pos, READ_CHUNK)
+        if want <= 0:
+            return 0
+        data = self._store.read_at(self._digest, self._pos, want)
+        view[: len(data)] = data
+        self._pos += len(data)
+        return len(data)

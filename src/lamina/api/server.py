@@ -1,0 +1,412 @@
+"""The gRPC server: containerd's Snapshots (and Content) services over a lamina Root.
+
+:class:`Server` binds a unix socket and serves on a thread pool;
+:func:`serve` runs one until SIGTERM/SIGINT (or a stop event) and stops it
+gracefully: new calls are refused, calls in flight get ``grace`` seconds to
+finish, then the stores are closed and the socket removed.
+
+Snapshotter names: a request's ``snapshotter`` field picks a lamina
+snapshotter by name (``overlay``, ``native``). Any other name, including the
+empty one and the proxy plugin name containerd sends (``lamina`` in the
+snippet ``lamina config containerd`` prints), means the server's default
+snapshotter. Keys are opaque: containerd sends ``<namespace>/<id>/<key>``.
+
+The socket: a live server on the path (one that accepts a connection) makes
+:meth:`Server.start` fail with AlreadyExists; a stale socket file is
+replaced; any other file there is FailedPrecondition. The socket is bound in
+a private directory, given mode 0660 and then renamed onto the path, so it is
+never reachable with looser permissions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf import empty_pb2
+
+from lamina.api import CHANNEL_OPTIONS
+from lamina.api.convert import info_to_pb, mounts_to_pb
+from lamina.api.errors import servicer_method
+from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as spb
+from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as spb_grpc
+from lamina.api.gen.lamina.services.introspection.v1 import introspection_pb2 as ipb
+from lamina.api.gen.lamina.services.introspection.v1 import introspection_pb2_grpc as ipb_grpc
+from lamina.errors import AlreadyExists, FailedPrecondition, NotImplementedErr, Unavailable
+from lamina.root import SNAPSHOTTERS, Root
+from lamina.snapshots import Info
+
+if TYPE_CHECKING:
+    from lamina.snapshots import Snapshotter
+
+__all__ = [
+    "SOCKET_MODE",
+    "IntrospectionService",
+    "Resolver",
+    "Server",
+    "SnapshotsService",
+    "check_address",
+    "root_resolver",
+    "serve",
+]
+
+log = logging.getLogger("lamina.api")
+
+SOCKET_MODE = 0o660
+LIST_BATCH = 100
+"""Infos per ListSnapshotsResponse message."""
+
+Resolver = Callable[[str], "Snapshotter"]
+"""Maps a request's ``snapshotter`` field to the snapshotter that serves it."""
+
+
+def root_resolver(root: Root, default: str = "overlay") -> Resolver:
+    """Names in SNAPSHOTTERS map to themselves, any other name to ``default``."""
+    lock = threading.Lock()
+
+    def resolve(name: str) -> Snapshotter:
+        if name not in SNAPSHOTTERS:
+            name = default
+        with lock:  # Root opens each snapshotter once; do not race the first open
+            return root.snapshotter(name)
+
+    return resolve
+
+
+class SnapshotsService(spb_grpc.SnapshotsServicer):
+    """``containerd.services.snapshots.v1.Snapshots`` over lamina snapshotters."""
+
+    def __init__(self, resolve: Resolver) -> None:
+        self._resolve = resolve
+
+    @servicer_method
+    def Prepare(
+        self, request: spb.PrepareSnapshotRequest, context: grpc.ServicerContext
+    ) -> spb.PrepareSnapshotResponse:
+        sn = self._resolve(request.snapshotter)
+        mounts = sn.prepare(request.key, request.parent, labels=dict(request.labels))
+        return spb.PrepareSnapshotResponse(mounts=mounts_to_pb(mounts))
+
+    @servicer_method
+    def View(
+        self, request: spb.ViewSnapshotRequest, context: grpc.ServicerContext
+    ) -> spb.ViewSnapshotResponse:
+        sn = self._resolve(request.snapshotter)
+        mounts = sn.view(request.key, request.parent, labels=dict(request.labels))
+        return spb.ViewSnapshotResponse(mounts=mounts_to_pb(mounts))
+
+    @servicer_method
+    def Mounts(
+        self, request: spb.MountsRequest, context: grpc.ServicerContext
+    ) -> spb.MountsResponse:
+        mounts = self._resolve(request.snapshotter).mounts(request.key)
+        return spb.MountsResponse(mounts=mounts_to_pb(mounts))
+
+    @servicer_method
+    def Commit(
+        self, request: spb.CommitSnapshotRequest, context: grpc.ServicerContext
+    ) -> empty_pb2.Empty:
+        sn = self._resolve(request.snapshotter)
+        if request.parent:
+            # containerd 2.x may ask to commit onto a given parent (rebase). lamina
+            # cannot rebase; the parent is accepted when it is the snapshot's own.
+            current = sn.stat(request.key).parent
+            if request.parent != current:
+                raise NotImplementedErr(
+                    f"commit {request.key!r} onto parent {request.parent!r}: rebasing is "
+                    f"not supported (its parent is {current!r})"
+                )
+        sn.commit(request.name, request.key, labels=dict(request.labels))
+        return empty_pb2.Empty()
+
+    @servicer_method
+    def Remove(
+        self, request: spb.RemoveSnapshotRequest, context: grpc.ServicerContext
+    ) -> empty_pb2.Empty:
+        self._resolve(request.snapshotter).remove(request.key)
+        return empty_pb2.Empty()
+
+    @servicer_method
+    def Stat(
+        self, request: spb.StatSnapshotRequest, context: grpc.ServicerContext
+    ) -> spb.StatSnapshotResponse:
+        info = self._resolve(request.snapshotter).stat(request.key)
+        return spb.StatSnapshotResponse(info=info_to_pb(info))
+
+    @servicer_method
+    def Update(
+        self, request: spb.UpdateSnapshotRequest, context: grpc.ServicerContext
+    ) -> spb.UpdateSnapshotResponse:
+        sn = self._resolve(request.snapshotter)
+        current = sn.stat(request.info.name)
+        wanted = Info(
+            kind=current.kind,
+            name=request.info.name,
+            parent=current.parent,
+            labels=dict(request.info.labels),
+        )
+        paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
+        info = sn.update(wanted, *paths)
+        return spb.UpdateSnapshotResponse(info=info_to_pb(info))
+
+    @servicer_method
+    def List(
+        self, request: spb.ListSnapshotsRequest, context: grpc.ServicerContext
+    ) -> Iterator[spb.ListSnapshotsResponse]:
+        sn = self._resolve(request.snapshotter)
+        batch: list[spb.Info] = []
+        for info in sn.walk(*request.filters):
+            batch.append(info_to_pb(info))
+            if len(batch) >= LIST_BATCH:
+                yield spb.ListSnapshotsResponse(info=batch)
+                batch = []
+        if batch:
+            yield spb.ListSnapshotsResponse(info=batch)
+
+    @servicer_method
+    def Usage(self, request: spb.UsageRequest, context: grpc.ServicerContext) -> spb.UsageResponse:
+        usage = self._resolve(request.snapshotter).usage(request.key)
+        return spb.UsageResponse(size=usage.size, inodes=usage.inodes)
+
+    @servicer_method
+    def Cleanup(
+        self, request: spb.CleanupRequest, context: grpc.ServicerContext
+    ) -> empty_pb2.Empty:
+        self._resolve(request.snapshotter).cleanup()
+        return empty_pb2.Empty()
+
+
+class IntrospectionService(ipb_grpc.IntrospectionServicer):
+    """lamina's own service: capabilities of a served snapshotter."""
+
+    def __init__(self, resolve: Resolver) -> None:
+        self._resolve = resolve
+
+    @servicer_method
+    def Capabilities(
+        self, request: ipb.CapabilitiesRequest, context: grpc.ServicerContext
+    ) -> ipb.CapabilitiesResponse:
+        caps = self._resolve(request.snapshotter).capabilities
+        return ipb.CapabilitiesResponse(capabilities=sorted(c.value for c in caps))
+
+
+# -- the socket ---------------------------------------------------------------
+
+
+def check_address(path: str) -> bool:
+    """Whether ``path`` is free to serve on: True if a stale socket must be replaced.
+
+    AlreadyExists when a live server accepts connections there;
+    FailedPrecondition when something other than a socket is in the way.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FailedPrecondition(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return True  # nobody listens: stale
+    except (BlockingIOError, TimeoutError):
+        pass  # backlog full or slow: somebody is there
+    except OSError as exc:
+        raise Unavailable(f"cannot probe socket {path}: {exc}") from exc
+    finally:
+        probe.close()
+    raise AlreadyExists(f"a server is already listening on {path}")
+
+
+class Server:
+    """A gRPC server for lamina's services on one unix socket."""
+
+    def __init__(
+        self,
+        address: str,
+        resolve: Resolver,
+        *,
+        max_workers: int = 16,
+        on_close: Callable[[], None] | None = None,
+        extra_services: Callable[[grpc.Server], None] | None = None,
+    ) -> None:
+        self.address = os.path.abspath(address)
+        self._resolve = resolve
+        self._max_workers = max_workers
+        self._on_close = on_close
+        self._extra = extra_services
+        self._server: grpc.Server | None = None
+        self._executor: futures.ThreadPoolExecutor | None = None
+        self._ino: tuple[int, int, int] | None = None
+        self._lock = threading.Lock()
+        self._stopped: threading.Event | None = None
+        self._closed = False
+
+    @classmethod
+    def for_root(
+        cls, root: Root, address: str, *, snapshotter: str = "overlay", max_workers: int = 16
+    ) -> Server:
+        """A server for ``root``'s stores, closing the root when it stops."""
+        from lamina.api.content import add_content_service
+
+        return cls(
+            address,
+            root_resolver(root, snapshotter),
+            max_workers=max_workers,
+            on_close=root.close,
+            extra_services=lambda server: add_content_service(server, root),
+        )
+
+    def start(self) -> None:
+        """Bind the socket (see module docs) and start serving; returns at once."""
+        parent = os.path.dirname(self.address)
+        os.makedirs(parent, mode=0o711, exist_ok=True)
+        check_address(self.address)
+        self._executor = futures.ThreadPoolExecutor(
+            max_workers=self._max_workers, thread_name_prefix="lamina-rpc"
+        )
+        server = grpc.server(self._executor, options=CHANNEL_OPTIONS)
+        spb_grpc.add_SnapshotsServicer_to_server(  # type: ignore[no-untyped-call]
+            SnapshotsService(self._resolve), server
+        )
+        ipb_grpc.add_IntrospectionServicer_to_server(  # type: ignore[no-untyped-call]
+            IntrospectionService(self._resolve), server
+        )
+        if self._extra is not None:
+            self._extra(server)
+        tmpdir = tempfile.mkdtemp(prefix=".lamina-sock-", dir=parent)
+        tmp = os.path.join(tmpdir, "s")
+        try:
+            try:
+                server.add_insecure_port("unix:" + tmp)
+            except RuntimeError as exc:
+                raise Unavailable(f"cannot bind {self.address}: {exc}") from exc
+            server.start()
+            os.chmod(tmp, SOCKET_MODE)
+            check_address(self.address)  # nobody took the path meanwhile
+            os.rename(tmp, self.address)
+        except BaseException:
+            server.stop(None)
+            self._executor.shutdown(wait=False)
+            raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            os.rmdir(tmpdir)
+        st = os.lstat(self.address)
+        self._ino = (st.st_dev, st.st_ino, st.st_ctime_ns)  # inode numbers get reused
+        self._server = server
+        log.info("serving on %s", self.address)
+
+    def begin_stop(self, grace: float | None = 10.0) -> threading.Event:
+        """Refuse new calls, give calls in flight ``grace`` seconds; set when all are done.
+
+        Calling it again with a smaller grace (0) cuts the wait short.
+        """
+        with self._lock:
+            if self._server is None:
+                ev = threading.Event()
+                ev.set()
+                return ev
+            stopped = self._server.stop(grace)
+            if self._stopped is None:
+                self._stopped = stopped
+            return stopped
+
+    def stop(self, grace: float | None = 10.0) -> None:
+        """Stop gracefully (see :meth:`begin_stop`), then remove the socket and close stores."""
+        self.begin_stop(grace).wait()
+        self.close()
+
+    def close(self) -> None:
+        """After the gRPC server stopped: remove our socket, close the stores (once)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._remove_socket()
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+            if self._on_close is not None:
+                self._on_close()
+
+    def _remove_socket(self) -> None:
+        try:
+            st = os.lstat(self.address)
+        except FileNotFoundError:
+            return
+        if (st.st_dev, st.st_ino, st.st_ctime_ns) == self._ino:  # ours, not a successor's
+            os.unlink(self.address)
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(grace=1.0)
+
+
+def serve(
+    root: Root,
+    address: str,
+    *,
+    snapshotter: str = "overlay",
+    max_workers: int = 16,
+    grace: float = 10.0,
+    stop: threading.Event | None = None,
+    ready: Callable[[Server], None] | None = None,
+) -> None:
+    """Serve ``root`` on ``address`` until SIGTERM/SIGINT (main thread) or ``stop`` is set.
+
+    The first signal stops gracefully (``grace`` seconds for calls in flight);
+    a second one cuts the grace short. The root is closed on return.
+    """
+    server = Server.for_root(root, address, snapshotter=snapshotter, max_workers=max_workers)
+    stop = stop or threading.Event()
+    force = threading.Event()
+    previous: dict[signal.Signals, Any] = {}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            force.set()
+        stop.set()
+
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, on_signal)
+    try:
+        try:
+            server.start()
+        except BaseException:
+            root.close()
+            raise
+        try:
+            if ready is not None:
+                ready(server)
+            while not stop.wait(0.5):
+                pass
+            log.info("stopping (grace %.1fs)", grace)
+            stopped = server.begin_stop(grace)
+            while not stopped.wait(0.2):
+                if force.is_set():
+                    server.begin_stop(0)
+        finally:
+            server.begin_stop(0).wait()
+            server.close()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,486 @@
+"""A streaming tar reader built for OCI layers.
+
+:class:`TarReader` pulls 512-byte headers from an uncompressed tar stream and
+yields one :class:`TarEntry` per real member, with the metadata members folded
+in: GNU long names and link names (``L``/``K``), PAX extended headers (``x``)
+and PAX global headers (``g``). Entry data is then read in chunks with
+:meth:`TarReader.read_data`; whatever the caller leaves unread is skipped.
+
+Every byte taken from the source goes through one place, so the reader can
+hash the whole uncompressed stream (the layer's DiffID) including whatever
+follows the end-of-archive marker (:meth:`TarReader.drain`).
+
+What is rejected with :class:`~lamina.errors.InvalidArgument`: a header whose
+checksum does not match, numeric fields that are not numbers, sizes above
+:data:`MAX_MEMBER_SIZE`, metadata members (PAX, long names) above
+:data:`MAX_META_SIZE`, malformed PAX records, NUL bytes in names, GNU sparse
+files and unknown member types, and a stream that ends inside a header or
+inside a member's data. A stream that simply ends after a complete member,
+without the two zero end-of-archive blocks, is accepted.
+
+PAX global headers apply to all following members; their ``path``,
+``linkpath`` and ``size`` records are ignored (they cannot sensibly apply to
+every member), the other records (owners, times, xattrs) are honoured.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from lamina.errors import InvalidArgument
+
+__all__ = [
+    "BLOCK",
+    "MAX_MEMBER_SIZE",
+    "MAX_META_SIZE",
+    "TYPE_BLOCK",
+    "TYPE_CHAR",
+    "TYPE_DIR",
+    "TYPE_FIFO",
+    "TYPE_HARDLINK",
+    "TYPE_REGULAR",
+    "TYPE_SYMLINK",
+    "Readable",
+    "TarEntry",
+    "TarReader",
+    "parse_pax",
+]
+
+BLOCK = 512
+#: Largest member data accepted (1 TiB); a header claiming more is treated as hostile.
+MAX_MEMBER_SIZE = 1 << 40
+#: Largest metadata member (PAX header, GNU long name) accepted.
+MAX_META_SIZE = 1 << 20
+#: Most metadata members allowed in front of one real member, and in total for globals.
+_MAX_META_CHAIN = 64
+_MAX_GLOBAL_BYTES = 4 << 20
+_READ_CHUNK = 1 << 20
+
+TYPE_REGULAR = "0"
+TYPE_HARDLINK = "1"
+TYPE_SYMLINK = "2"
+TYPE_CHAR = "3"
+TYPE_BLOCK = "4"
+TYPE_DIR = "5"
+TYPE_FIFO = "6"
+
+_ZERO_BLOCK = bytes(BLOCK)
+_DIGITS = b"0123456789"
+# member types whose size field never announces data
+_HEADER_ONLY = frozenset("123456")
+_S_IFMT = 0o170000
+_S_IFSOCK = 0o140000
+
+
+@dataclass(slots=True)
+class TarEntry:
+    """One tar member, with PAX/GNU metadata already applied.
+
+    ``type`` is one of the ``TYPE_*`` constants (contiguous files and v7
+    regular files are reported as :data:`TYPE_REGULAR`, GNU dumpdirs as
+    :data:`TYPE_DIR`). ``mode`` holds only permission and setuid/setgid/sticky
+    bits; ``is_socket`` is set when the mode's file-type bits say socket.
+    ``atime_ns`` is None unless a PAX ``atime`` record was present.
+    """
+
+    name: str
+    type: str
+    size: int
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    linkname: str = ""
+    devmajor: int = 0
+    devminor: int = 0
+    atime_ns: int | None = None
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    is_socket: bool = False
+
+
+def _bad(msg: str) -> InvalidArgument:
+    return InvalidArgument(f"invalid tar layer: {msg}")
+
+
+def _octal(fieldb: bytes, what: str) -> int:
+    """A numeric header field: NUL/space-terminated octal, or GNU base-256."""
+    if fieldb and fieldb[0] & 0x80:
+        if fieldb[0] == 0xFF:
+            value = int.from_bytes(fieldb, "big", signed=True)
+        else:
+            value = int.from_bytes(bytes([fieldb[0] & 0x7F]) + fieldb[1:], "big")
+        return value
+    s = fieldb.split(b"\0", 1)[0].strip(b" ")
+    if not s:
+        return 0
+    if not s.isdigit() or b"8" in s or b"9" in s:
+        raise _bad(f"{what} field {fieldb!r} is not an octal number")
+    return int(s, 8)
+
+
+def _decimal(value: bytes, what: str) -> int:
+    if not value or value.strip(_DIGITS) or len(value) > 20:
+        raise _bad(f"PAX {what} record {value[:40]!r} is not a decimal number")
+    return int(value)
+
+
+def _pax_time_ns(value: bytes, what: str) -> int:
+    """A PAX time ("-12.345") as integer nanoseconds, exactly."""
+    neg = value.startswith(b"-")
+    body = value[1:] if neg else value
+    whole, dot, frac = body.partition(b".")
+    if not whole or whole.strip(_DIGITS) or len(whole) > 19 or (dot and frac.strip(_DIGITS)):
+        raise _bad(f"PAX {what} record {value[:40]!r} is not a time")
+    ns = int(whole) * 1_000_000_000 + int((frac[:9] or b"0").ljust(9, b"0"))
+    return -ns if neg else ns
+
+
+def _cstr(fieldb: bytes) -> bytes:
+    return fieldb.split(b"\0", 1)[0]
+
+
+def _name(raw: bytes, what: str) -> str:
+    if b"\0" in raw:
+        raise _bad(f"{what} contains a NUL byte")
+    return os.fsdecode(raw)
+
+
+def parse_pax(data: bytes) -> dict[str, bytes]:
+    """Parse PAX extended-header records (``"%d %s=%s\\n"``) into a dict.
+
+    Keys are decoded as UTF-8; values stay bytes. Malformed records raise
+    InvalidArgument.
+    """
+    records: dict[str, bytes] = {}
+    pos = 0
+    end = len(data)
+    while pos < end:
+        if data[pos] == 0:
+            # some writers pad the extended header with NULs
+            if data[pos:].strip(b"\0"):
+                raise _bad("PAX header has data after NUL padding")
+            break
+        sp = data.find(b" ", pos, min(end, pos + 21))
+        if sp <= pos:
+            raise _bad("PAX record without a length")
+        length_s = data[pos:sp]
+        if length_s.strip(_DIGITS):
+            raise _bad(f"PAX record length {length_s[:20]!r} is not a number")
+        length = int(length_s)
+        rec_end = pos + length
+        if length <= sp - pos + 1 or rec_end > end or data[rec_end - 1] != 0x0A:
+            raise _bad("PAX record length does not match the record")
+        key, eq, value = data[sp + 1 : rec_end - 1].partition(b"=")
+        if not eq or not key:
+            raise _bad("PAX record without key=value")
+        records[key.decode("utf-8", "surrogateescape")] = value
+        pos = rec_end
+    return records
+
+
+class Readable(Protocol):
+    """Anything with ``read(n) -> bytes``."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+class TarReader:
+    """Iterate over an uncompressed tar stream, one member at a time.
+
+    ``on_bytes`` is called with every chunk taken from ``source`` (for hashing
+    and progress). Use :meth:`next` to get the next member (None at the end),
+    :meth:`read_data` to stream its data, and :meth:`drain` after the last
+    member to consume (and so hash) the rest of the stream.
+    """
+
+    def __init__(self, source: Readable, on_bytes: Callable[[bytes], None] | None = None):
+        self._src = source
+        self._on_bytes = on_bytes
+        self._buf = b""
+        self._pos = 0
+        self._eof = False
+        self._remaining = 0  # unread data bytes of the current member
+        self._padding = 0  # padding after the current member's data
+        self._ended = False
+        self._global: dict[str, bytes] = {}
+        self._global_bytes = 0
+        self.offset = 0  # stream offset of the next unread byte
+        self.total = 0  # bytes taken from the source so far
+
+    # -- raw input -------------------------------------------------------
+    def _read_src(self, n: int) -> bytes:
+        if self._eof:
+            return b""
+        data = self._src.read(n)
+        if not data:
+            self._eof = True
+            return b""
+        self.total += len(data)
+        if self._on_bytes is not None:
+            self._on_bytes(data)
+        return data
+
+    def _fill(self, n: int) -> bool:
+        """Make at least ``n`` unread bytes available; False if the stream ends first."""
+        avail = len(self._buf) - self._pos
+        if avail >= n:
+            return True
+        parts = [self._buf[self._pos :]]
+        while avail < n:
+            chunk = self._read_src(max(_READ_CHUNK, n - avail))
+            if not chunk:
+                self._buf = b"".join(parts)
+                self._pos = 0
+                return False
+            parts.append(chunk)
+            avail += len(chunk)
+        self._buf = b"".join(parts)
+        self._pos = 0
+        return True
+
+    def _take(self, n: int) -> bytes:
+        start = self._pos
+        self._pos = start + n
+        self.offset += n
+        return self._buf[start : start + n]
+
+    def _skip(self, n: int, what: str) -> None:
+        while n > 0:
+            avail = len(self._buf) - self._pos
+            if avail == 0:
+                if not self._fill(1):
+                    raise _bad(f"stream ends inside {what}")
+                avail = len(self._buf) - self._pos
+            step = min(avail, n)
+            self._pos += step
+            self.offset += step
+            n -= step
+
+    def _read_exact(self, n: int, what: str) -> bytes:
+        if not self._fill(n):
+            raise _bad(f"stream ends inside {what}")
+        return self._take(n)
+
+    # -- member data -----------------------------------------------------
+    @property
+    def remaining(self) -> int:
+        """Unread data bytes of the current member."""
+        return self._remaining
+
+    def read_data(self, limit: int = _READ_CHUNK) -> memoryview:
+        """Up to ``limit`` bytes of the current member's data; empty at its end.
+
+        Raises InvalidArgument if the stream ends before the member's data does.
+        """
+        n = min(limit, self._remaining)
+        if n <= 0:
+            return memoryview(b"")
+        avail = len(self._buf) - self._pos
+        if avail == 0:
+            chunk = self._read_src(max(n, _READ_CHUNK) if n < _READ_CHUNK else n)
+            if not chunk:
+                raise _bad(f"stream ends inside member data ({self._remaining} bytes missing)")
+            self._buf = chunk
+            self._pos = 0
+            avail = len(chunk)
+        n = min(n, avail)
+        start = self._pos
+        self._pos = start + n
+        self.offset += n
+        self._remaining -= n
+        return memoryview(self._buf)[start : start + n]
+
+    def _finish_member(self) -> None:
+        if self._remaining:
+            self._skip(self._remaining, "member data")
+            self._remaining = 0
+        if self._padding:
+            self._skip(self._padding, "member padding")
+            self._padding = 0
+
+    def _read_meta(self, size: int, what: str) -> bytes:
+        if size > MAX_META_SIZE:
+            raise _bad(f"{what} of {size} bytes exceeds the {MAX_META_SIZE} byte limit")
+        data = self._read_exact(size, what)
+        self._skip(-size % BLOCK, f"{what} padding")
+        return data
+
+    # -- headers ---------------------------------------------------------
+    def next(self) -> TarEntry | None:
+        """The next real member, or None at the end of the archive."""
+        if self._ended:
+            return None
+        self._finish_member()
+        pax: dict[str, bytes] = {}
+        long_name: bytes | None = None
+        long_link: bytes | None = None
+        chain = 0
+        while True:
+            if not self._fill(BLOCK):
+                if len(self._buf) - self._pos == 0:
+                    if chain:
+                        raise _bad("stream ends after a metadata member")
+                    self._ended = True  # no end-of-archive blocks: accepted
+                    return None
+                raise _bad("stream ends inside a header block")
+            block = self._take(BLOCK)
+            if block == _ZERO_BLOCK:
+                if chain:
+                    raise _bad("end of archive right after a metadata member")
+                self._ended = True
+                return None
+            stored = _octal(block[148:156], "checksum")
+            unsigned = sum(block) - sum(block[148:156]) + 8 * 32
+            if stored != unsigned:
+                signed = unsigned - sum(256 for b in block if b > 127)
+                signed += sum(256 for b in block[148:156] if b > 127)
+                if stored != signed:
+                    raise _bad(f"header checksum mismatch at offset {self.offset - BLOCK}")
+            tflag = block[156:157].decode("latin-1") or "\0"
+            size = _octal(block[124:136], "size")
+            if size < 0 or size > MAX_MEMBER_SIZE:
+                raise _bad(f"member size {size} out of range (limit {MAX_MEMBER_SIZE})")
+            if tflag in ("x", "g", "L", "K"):
+                chain += 1
+                if chain > _MAX_META_CHAIN:
+                    raise _bad("too many metadata members in a row")
+                data = self._read_meta(size, f"'{tflag}' metadata member")
+                if tflag == "x":
+                    pax.update(parse_pax(data))
+                elif tflag == "g":
+                    self._global_bytes += len(data)
+                    if self._global_bytes > _MAX_GLOBAL_BYTES:
+                        raise _bad("PAX global headers exceed the size limit")
+                    recs = parse_pax(data)
+                    for k in ("path", "linkpath", "size"):
+                        recs.pop(k, None)
+                    self._global.update(recs)
+                elif tflag == "L":
+                    long_name = data.rstrip(b"\0")
+                else:
+                    long_link = data.rstrip(b"\0")
+                continue
+            entry = self._entry(block, tflag, size, pax, long_name, long_link)
+            if entry is None:
+                # a member lamina ignores (volume label): skip it and go on
+                self._remaining = size
+                self._padding = -size % BLOCK
+                self._finish_member()
+                pax, long_name, long_link, chain = {}, None, None, 0
+                continue
+            return entry
+
+    def _entry(
+        self,
+        block: bytes,
+        tflag: str,
+        size: int,
+        pax: dict[str, bytes],
+        long_name: bytes | None,
+        long_link: bytes | None,
+    ) -> TarEntry | None:
+        magic = block[257:263]
+        name_b = _cstr(block[0:100])
+        if magic == b"ustar\0":
+            prefix = _cstr(block[345:500])
+            if prefix:
+                name_b = prefix + b"/" + name_b
+        if long_name is not None:
+            name_b = long_name
+        link_b = long_link if long_link is not None else _cstr(block[157:257])
+        raw_mode = _octal(block[100:108], "mode")
+        entry = TarEntry(
+            name="",
+            type=tflag,
+            size=size,
+            mode=raw_mode & 0o7777,
+            uid=_octal(block[108:116], "uid"),
+            gid=_octal(block[116:124], "gid"),
+            mtime_ns=_octal(block[136:148], "mtime") * 1_000_000_000,
+            is_socket=(raw_mode & _S_IFMT) == _S_IFSOCK,
+        )
+        if tflag in "34":
+            entry.devmajor = _octal(block[329:337], "devmajor")
+            entry.devminor = _octal(block[337:345], "devminor")
+        if self._global:
+            self._apply_pax(entry, self._global)
+        if pax:
+            if "path" in pax:
+                name_b = pax["path"]
+            if "linkpath" in pax:
+                link_b = pax["linkpath"]
+            if "size" in pax:
+                entry.size = _decimal(pax["size"], "size")
+                if entry.size > MAX_MEMBER_SIZE:
+                    raise _bad(f"member size {entry.size} out of range (limit {MAX_MEMBER_SIZE})")
+            self._apply_pax(entry, pax)
+        entry.name = _name(name_b, "member name")
+        entry.linkname = _name(link_b, "link name")
+        if not entry.name:
+            raise _bad("member with an empty name")
+        if not (0 <= entry.uid < 1 << 32 and 0 <= entry.gid < 1 << 32):
+            raise _bad(f"{entry.name}: owner {entry.uid}:{entry.gid} out of range")
+        if tflag in ("0", "7"):
+            entry.type = TYPE_REGULAR
+        elif tflag == "\0":
+            entry.type = TYPE_DIR if entry.name.endswith("/") else TYPE_REGULAR
+        elif tflag == "D":
+            entry.type = TYPE_DIR
+        elif tflag in _HEADER_ONLY:
+            entry.size = 0
+        elif tflag == "V":
+            return None
+        elif tflag == "S":
+            raise _bad(f"{entry.name}: sparse members are not supported")
+        else:
+            raise _bad(f"{entry.name}: unsupported member type {tflag!r}")
+        self._remaining = entry.size
+        self._padding = -entry.size % BLOCK
+        return entry
+
+    @staticmethod
+    def _apply_pax(entry: TarEntry, recs: dict[str, bytes]) -> None:
+        for key, value in recs.items():
+            if key == "uid":
+                entry.uid = _decimal(value, "uid")
+            elif key == "gid":
+                entry.gid = _decimal(value, "gid")
+            elif key == "mtime":
+                entry.mtime_ns = _pax_time_ns(value, "mtime")
+            elif key == "atime":
+                entry.atime_ns = _pax_time_ns(value, "atime")
+            elif key.startswith("SCHILY.xattr."):
+                name = key[len("SCHILY.xattr.") :]
+                if not name or "\0" in name:
+                    raise _bad(f"bad xattr name {name!r}")
+                entry.xattrs[name] = value
+            elif key.startswith("GNU.sparse."):
+                raise _bad("sparse members are not supported")
+            elif key.startswith("LIBARCHIVE.xattr."):
+                name = urllib.parse.unquote(key[len("LIBARCHIVE.xattr.") :])
+                if not name or "\0" in name:
+                    raise _bad(f"bad xattr name {name!r}")
+                try:
+                    entry.xattrs[name] = base64.b64decode(value + b"=" * (-len(value) % 4))
+                except (binascii.Error, ValueError) as exc:
+                    raise _bad(f"xattr {name!r}: bad base64 value") from exc
+
+    def drain(self) -> int:
+        """Consume the rest of the stream (for the digest); returns the bytes skipped."""
+        self._ended = True
+        skipped = len(self._buf) - self._pos
+        self._buf = b""
+        self._pos = 0
+        while True:
+            chunk = self._read_src(_READ_CHUNK)
+            if not chunk:
+                break
+            skipped += len(chunk)
+        self.offset += skipped
+        return skipped

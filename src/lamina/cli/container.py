@@ -1,0 +1,263 @@
+"""``lamina container``: create, list, inspect, remove, upgrade, roll back, checkpoint, restore."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from lamina.cli.app import App
+from lamina.containers.revisions import ContainerService
+from lamina.containers.runtime import BindMount, parse_mount_flag
+from lamina.containers.tasks_service import ContainerTasks, make_options
+from lamina.errors import InvalidArgument
+from lamina.images.service import ImageService
+from lamina.progress import Progress
+
+__all__ = ["add_create_flags", "options_from_args", "register", "services"]
+
+
+@contextlib.contextmanager
+def services(app: App) -> Iterator[ContainerTasks]:
+    """Containers and their tasks on the app's root and snapshotter."""
+    if app.address:
+        from lamina.errors import NotImplementedErr
+
+        raise NotImplementedErr("container commands do not support --address")
+    images = ImageService(app.store_root, snapshotter=app.snapshotter, progress=Progress())
+    containers = ContainerService(app.store_root, snapshotter=app.snapshotter, images=images)
+    tasks = ContainerTasks(containers)
+    try:
+        yield tasks
+    finally:
+        tasks.close()
+        containers.close()
+        images.close()
+
+
+def _labels(items: Sequence[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not key or not eq:
+            raise InvalidArgument(f"--label {item!r}: want KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    mounts: list[BindMount] = [parse_mount_flag(m) for m in args.mount or []]
+    cmd = list(args.cmd or [])
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    return make_options(args=cmd or None, env=list(args.env or []), mounts=mounts)
+
+
+def add_create_flags(v: argparse.ArgumentParser) -> None:
+    v.add_argument("--label", action="append", metavar="K=V", help="container label")
+    v.add_argument("--mount", action="append", metavar="SPEC",
+                   help="bind mount: type=bind,src=/host,dst=/ctr[,ro]")
+    v.add_argument("--env", action="append", metavar="K=V", help="environment variable")
+    v.add_argument("image", metavar="IMAGE")
+    v.add_argument("id", metavar="ID")
+    v.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD",
+                   help="command (replaces the image's Cmd)")
+
+
+def _create(args: argparse.Namespace, app: App) -> int:
+    with services(app) as ct:
+        c = ct.containers.create(args.image, args.id, labels=_labels(args.label),
+                                 options=options_from_args(args))
+    print(c.id)
+    return 0
+
+
+def _record(ct: ContainerTasks, cid: str) -> dict[str, Any]:
+    c = ct.containers.get(cid)
+    task = ct.task(cid)
+    return {
+        "id": c.id,
+        "image": c.image,
+        "snapshotter": c.snapshotter,
+        "snapshot_key": c.snapshot_key,
+        "labels": dict(c.labels),
+        "options": ct.containers.options(c),
+        "spec": c.spec,
+        "created": c.created,
+        "updated": c.updated,
+        "task": None if task is None else {
+            "status": str(task.status), "pid": task.pid, "exit_code": task.exit_code,
+            "detached": task.detached, "bundle": str(task.bundle),
+        },
+    }
+
+
+def _ls(args: argparse.Namespace, app: App) -> int:
+    with services(app) as ct:
+        records = [_record(ct, c.id) for c in ct.containers.list()]
+    if args.json:
+        app.print_json(records)
+        return 0
+    if args.quiet:
+        for r in records:
+            print(r["id"])
+        return 0
+    print(f"{'CONTAINER':<24} {'IMAGE':<48} {'TASK':<8} REVISION")
+    for r in records:
+        task = r["task"]["status"] if r["task"] else "-"
+        print(f"{r['id']:<24} {r['image']:<48} {task:<8} {r['snapshot_key']}")
+    return 0
+
+
+def _info(args: argparse.Namespace, app: App) -> int:
+    with services(app) as ct:
+        app.print_json(_record(ct, args.id))
+    return 0
+
+
+def _rm(args: argparse.Namespace, app: App) -> int:
+    with services(app) as ct:
+        for cid in args.ids:
+            ct.containers.get(cid)
+        for cid in args.ids:
+            ct.remove(cid, force=args.force)
+            print(cid)
+    from lamina.gc import collect
+
+    collect(app.store_root)
+    return 0
+
+
+def _upgrade(args: argparse.Namespace, app: App) -> int:
+    with services(app) as ct:
+        ct.containers.get(args.id)
+        ct.containers.images.get(args.image)
+        with ct.stopped(args.id, timeout=args.timeout):
+            c = ct.containers.upgrade(args.id, args.image)
+    print(f"{c.id}\t{c.image}\t{c.snapshot_key}")
+    return 0
+
+
+def _rollback(args: argparse.Namespace, app: App) -> int:
+    with services(app) as ct:
+        ct.containers.get(args.id)
+        with ct.stopped(args.id, timeout=args.timeout):
+            c = ct.containers.rollback(args.id)
+    print(f"{c.id}\t{c.image}\t{c.snapshot_key}")
+    return 0
+
+
+def _revisions(args: argparse.Namespace, app: App) -> int:
+    with services(app) as ct:
+        revs = ct.containers.revisions(args.id)
+    if args.json:
+        app.print_json([{"key": r.key, "image": r.image, "previous": r.previous,
+                         "created": r.created, "current": r.current} for r in revs])
+        return 0
+    print(f"{'':<2}{'REVISION':<72} {'IMAGE':<40} CREATED")
+    for r in revs:
+        created = r.created.isoformat() if r.created else "-"
+        print(f"{'*' if r.current else ' ':<2}{r.key:<72} {r.image:<40} {created}")
+    return 0
+
+
+def _prune(args: argparse.Namespace, app: App) -> int:
+    if args.keep < 0:
+        raise InvalidArgument("--keep must be >= 0")
+    with services(app) as ct:
+        removed = ct.containers.prune_revisions(args.id, keep=args.keep)
+    for key in removed:
+        print(key)
+    return 0
+
+
+def _checkpoint(args: argparse.Namespace, app: App) -> int:
+    from lamina.containers.checkpoint import CheckpointService
+
+    with services(app) as ct:
+        result = CheckpointService(ct).checkpoint(args.id, args.ref, exit=args.exit,
+                                                  binds=args.binds)
+    print(result.index.digest)
+    print(f"checkpoint image: {result.ref}", file=sys.stderr)
+    if args.verbose:
+        print(json.dumps(dict(result.timings), sort_keys=True), file=sys.stderr)
+    return 0
+
+
+def _restore(args: argparse.Namespace, app: App) -> int:
+    from lamina.containers.checkpoint import CheckpointService
+
+    with services(app) as ct:
+        result = CheckpointService(ct).restore(args.ref, args.id, bind_root=args.bind_root)
+    print(f"{result.container.id}\t{result.task.pid}")
+    if args.verbose:
+        print(json.dumps(dict(result.timings), sort_keys=True), file=sys.stderr)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("container", aliases=["containers", "c"], help="manage containers")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    v = verbs.add_parser("create", help="create a container on an image")
+    add_create_flags(v)
+    v.set_defaults(handler=_create)
+
+    v = verbs.add_parser("ls", aliases=["list"], help="list containers")
+    v.add_argument("--json", action="store_true")
+    v.add_argument("-q", "--quiet", action="store_true", help="ids only")
+    v.set_defaults(handler=_ls)
+
+    v = verbs.add_parser("info", help="a container's record as JSON")
+    v.add_argument("id", metavar="ID")
+    v.set_defaults(handler=_info)
+
+    v = verbs.add_parser("rm", aliases=["remove", "delete"],
+                         help="remove containers (their revisions too), then collect garbage")
+    v.add_argument("ids", nargs="+", metavar="ID")
+    v.add_argument("-f", "--force", action="store_true", help="kill a running task first")
+    v.set_defaults(handler=_rm)
+
+    v = verbs.add_parser("upgrade", help="move a container to another image, keeping its writes")
+    v.add_argument("id", metavar="ID")
+    v.add_argument("image", metavar="NEW_IMAGE")
+    v.add_argument("-t", "--timeout", type=float, default=10.0,
+                   help="seconds between SIGTERM and SIGKILL when stopping a running task")
+    v.set_defaults(handler=_upgrade)
+
+    v = verbs.add_parser("rollback", help="go back to the previous revision")
+    v.add_argument("id", metavar="ID")
+    v.add_argument("-t", "--timeout", type=float, default=10.0,
+                   help="seconds between SIGTERM and SIGKILL when stopping a running task")
+    v.set_defaults(handler=_rollback)
+
+    v = verbs.add_parser("revisions", help="list a container's revisions (oldest first)")
+    v.add_argument("id", metavar="ID")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(handler=_revisions)
+
+    v = verbs.add_parser("prune-revisions", help="remove all but the newest revisions")
+    v.add_argument("id", metavar="ID")
+    v.add_argument("--keep", type=int, required=True, metavar="N")
+    v.set_defaults(handler=_prune)
+
+    v = verbs.add_parser("checkpoint", help="checkpoint a running container into an image")
+    v.add_argument("--exit", action="store_true", help="stop the task after the checkpoint")
+    v.add_argument("--binds", action="store_true", help="archive bind mount contents too")
+    v.add_argument("-v", "--verbose", action="store_true", help="print timings")
+    v.add_argument("id", metavar="ID")
+    v.add_argument("ref", nargs="?", metavar="REF",
+                   help="image name (default checkpoint/<id>:<timestamp>)")
+    v.set_defaults(handler=_checkpoint)
+
+    v = verbs.add_parser("restore", help="restore a checkpoint as a new running container")
+    v.add_argument("--bind-root", metavar="DIR",
+                   help="put bind mount contents under DIR/<destination> instead of their "
+                        "original sources")
+    v.add_argument("-v", "--verbose", action="store_true", help="print timings")
+    v.add_argument("ref", metavar="REF")
+    v.add_argument("id", metavar="ID")
+    v.set_defaults(handler=_restore)

@@ -1,0 +1,223 @@
+"""``lamina content``: manage blobs and ingests, like ``ctr content``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import sys
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from lamina.cli.app import App
+from lamina.content import Info, Status
+from lamina.errors import AlreadyExists, InvalidArgument, NotFound
+
+__all__ = ["info_json", "register", "status_json"]
+
+COPY_CHUNK = 1 << 20
+
+
+def info_json(info: Info) -> dict[str, Any]:
+    """A blob's :class:`Info` as a JSON-able dict (times in ISO 8601)."""
+    return {
+        "digest": info.digest,
+        "size": info.size,
+        "created": info.created.isoformat(),
+        "updated": info.updated.isoformat(),
+        "labels": dict(sorted(info.labels.items())),
+    }
+
+
+def status_json(st: Status) -> dict[str, Any]:
+    """An ingest's :class:`Status` as a JSON-able dict."""
+    return {
+        "ref": st.ref,
+        "offset": st.offset,
+        "total": st.total,
+        "expected": st.expected,
+        "started_at": st.started_at.isoformat(),
+        "updated_at": st.updated_at.isoformat(),
+    }
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    lines = [list(header), *(list(r) for r in rows)]
+    widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
+    for r in lines:
+        cells = [c.ljust(w) for c, w in zip(r[:-1], widths[:-1], strict=True)] + [r[-1]]
+        print("  ".join(cells).rstrip())
+
+
+def _human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _age(t: datetime) -> str:
+    seconds = max(0, int((datetime.now(UTC) - t).total_seconds()))
+    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= span:
+            return f"{seconds // span}{unit}"
+    return f"{seconds}s"
+
+
+def _labels(pairs: Iterable[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not key or not eq:
+            raise InvalidArgument(f"label {pair!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _ls(args: argparse.Namespace, app: App) -> int:
+    infos = list(app.content().walk(*args.filters))
+    if args.json:
+        app.print_json([info_json(i) for i in infos])
+        return 0
+    if args.quiet:
+        for i in infos:
+            print(i.digest)
+        return 0
+    _table(
+        ("DIGEST", "SIZE", "AGE", "LABELS"),
+        ((i.digest, _human_size(i.size), _age(i.created),
+          ",".join(f"{k}={v}" for k, v in sorted(i.labels.items())) or "-")
+         for i in infos),
+    )
+    return 0
+
+
+def _get(args: argparse.Namespace, app: App) -> int:
+    out = sys.stdout.buffer
+    with app.content().reader(args.digest) as r:
+        shutil.copyfileobj(r, out, COPY_CHUNK)
+    out.flush()
+    return 0
+
+
+def _ingest(args: argparse.Namespace, app: App) -> int:
+    store = app.content()
+    labels = _labels(args.label)
+    size, expected = args.expected_size, args.expected_digest
+    if size < 0:
+        raise InvalidArgument(f"invalid --expected-size {size}")
+    source = sys.stdin.buffer
+    try:
+        w = store.writer(args.ref, total=size, expected=expected)
+    except AlreadyExists:
+        print(expected)  # already there: nothing to ingest
+        return 0
+    try:
+        if w.offset:
+            try:
+                source.seek(w.offset)
+            except OSError:  # a pipe: start the ingest over
+                w.truncate(0)
+        while chunk := source.read(COPY_CHUNK):
+            w.write(chunk)
+        digest = w.digest()
+        with contextlib.suppress(AlreadyExists):  # there already; the ingest is dropped
+            w.commit(size, expected, labels=labels or None)
+    finally:
+        w.close()
+    print(digest)
+    return 0
+
+
+def _rm(args: argparse.Namespace, app: App) -> int:
+    store = app.content()
+    code = 0
+    for digest in args.digests:
+        try:
+            store.delete(digest)
+        except NotFound as exc:
+            print(f"lamina: NotFound: {exc.message}", file=sys.stderr)
+            code = NotFound.exit_code
+            continue
+        print(digest)
+    return code
+
+
+def _label(args: argparse.Namespace, app: App) -> int:
+    store = app.content()
+    labels = _labels(args.labels)
+    info = store.info(args.digest)
+    if not labels:  # nothing to change: show the labels
+        print(",".join(f"{k}={v}" for k, v in sorted(info.labels.items())))
+        return 0
+    new = Info(info.digest, info.size, info.created, info.updated, labels)
+    updated = store.update(new, *(f"labels.{k}" for k in labels))
+    print(",".join(f"{k}={v}" for k, v in sorted(updated.labels.items())))
+    return 0
+
+
+def _active(args: argparse.Namespace, app: App) -> int:
+    statuses = app.content().list_statuses(*args.filters)
+    if args.json:
+        app.print_json([status_json(s) for s in statuses])
+        return 0
+    _table(
+        ("REF", "SIZE", "TOTAL", "AGE"),
+        ((s.ref, _human_size(s.offset), _human_size(s.total) if s.total else "-",
+          _age(s.started_at)) for s in statuses),
+    )
+    return 0
+
+
+def _abort(args: argparse.Namespace, app: App) -> int:
+    for ref in args.refs:
+        app.content().abort(ref)
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("content", help="manage content (blobs and ingests)")
+    sub = parser.add_subparsers(dest="content_command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("ls", aliases=["list"], help="list blobs matching filters")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="print digests only")
+    p.add_argument("filters", nargs="*", metavar="FILTER",
+                   help='containerd filters, e.g. size==42 or labels."k"==v (any matches)')
+    p.set_defaults(handler=_ls)
+
+    p = sub.add_parser("get", help="write a blob's raw bytes to stdout")
+    p.add_argument("digest", metavar="DIGEST")
+    p.set_defaults(handler=_get)
+
+    p = sub.add_parser("ingest", help="ingest stdin under REF; prints the digest")
+    p.add_argument("--expected-size", type=int, default=0, metavar="N",
+                   help="the exact size the content must have")
+    p.add_argument("--expected-digest", default="", metavar="DIGEST",
+                   help="the digest the content must have")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                   help="label for the committed blob (repeatable)")
+    p.add_argument("ref", metavar="REF")
+    p.set_defaults(handler=_ingest)
+
+    p = sub.add_parser("rm", aliases=["delete"], help="remove blobs")
+    p.add_argument("digests", nargs="+", metavar="DIGEST")
+    p.set_defaults(handler=_rm)
+
+    p = sub.add_parser("label", help="set labels on a blob (an empty value deletes)")
+    p.add_argument("digest", metavar="DIGEST")
+    p.add_argument("labels", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(handler=_label)
+
+    p = sub.add_parser("active", help="list ingests in progress")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("filters", nargs="*", metavar="FILTER",
+                   help="filters on ref, expected, offset, total")
+    p.set_defaults(handler=_active)
+
+    p = sub.add_parser("abort", help="abort ingests in progress")
+    p.add_argument("refs", nargs="+", metavar="REF")
+    p.set_defaults(handler=_abort)

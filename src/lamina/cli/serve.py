@@ -1,0 +1,75 @@
+"""``lamina serve``: serve the root's stores over gRPC (containerd's API) on a unix socket."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from lamina.cli.app import App
+
+__all__ = ["register"]
+
+
+def cmd_serve(args: argparse.Namespace, app: App) -> int:
+    from lamina.api import default_address
+    from lamina.api.server import Server, serve
+
+    address = args.serve_address or app.address or default_address()
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.WARNING if args.quiet else logging.INFO,
+            format="lamina serve: %(message)s",
+            stream=sys.stderr,
+        )
+
+    def ready(server: Server) -> None:
+        if not args.quiet:
+            print(
+                f"lamina: serving {app.store_root.path} on {server.address} "
+                f"(default snapshotter {app.snapshotter})",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    serve(
+        app.store_root,
+        address,
+        snapshotter=app.snapshotter,
+        max_workers=args.workers,
+        grace=args.grace,
+        ready=ready,
+    )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve snapshots (and content) over gRPC for containerd and remote lamina",
+        description=(
+            "Serve containerd's Snapshots API for the lamina root on a unix socket (mode "
+            "0660), until SIGTERM or SIGINT. Requests naming a lamina snapshotter "
+            "(overlay, native) use it; any other name (such as containerd's proxy plugin "
+            "name) uses --snapshotter. Refuses to start while another server listens on "
+            "the socket; a stale socket file is replaced."
+        ),
+    )
+    p.add_argument(
+        "--address",
+        dest="serve_address",
+        metavar="PATH",
+        default=None,
+        help="socket path (default: the global --address, $LAMINA_ADDRESS or "
+        "/run/lamina/lamina.sock)",
+    )
+    p.add_argument("--workers", type=int, default=16, help="RPC worker threads (default 16)")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long calls in flight may take to finish (default 10)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    p.set_defaults(handler=cmd_serve)

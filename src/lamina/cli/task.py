@@ -1,0 +1,161 @@
+"""``lamina task``: start, list, signal, pause, resume, exec and delete container tasks."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+
+from lamina.cli.app import App
+from lamina.cli.container import services
+from lamina.errors import InvalidArgument, NotFound
+
+__all__ = ["register"]
+
+
+def _start(args: argparse.Namespace, app: App) -> int:
+    with services(app) as ct:
+        info = ct.start(args.id, detach=args.detach)
+        if args.detach:
+            print(info.pid)
+            return 0
+        code = info.exit_code if info.exit_code is not None else 255
+        ct.tasks.delete(args.id, force=True)
+    return code
+
+
+def _ls(args: argparse.Namespace, app: App) -> int:
+    with services(app) as ct:
+        infos = ct.tasks.list()
+    if args.json:
+        app.print_json([{"id": i.id, "status": str(i.status), "pid": i.pid,
+                         "exit_code": i.exit_code, "detached": i.detached,
+                         "created": i.created} for i in infos])
+        return 0
+    print(f"{'TASK':<24} {'PID':<8} {'STATUS':<8} EXIT")
+    for i in infos:
+        exit_code = "-" if i.exit_code is None else str(i.exit_code)
+        print(f"{i.id:<24} {i.pid or '-'!s:<8} {i.status!s:<8} {exit_code}")
+    return 0
+
+
+def _kill(args: argparse.Namespace, app: App) -> int:
+    with services(app) as ct:
+        ct.tasks.kill(args.id, args.signal, all=args.all)
+    return 0
+
+
+def _pause(args: argparse.Namespace, app: App) -> int:
+    with services(app) as ct:
+        ct.tasks.pause(args.id)
+    return 0
+
+
+def _resume(args: argparse.Namespace, app: App) -> int:
+    with services(app) as ct:
+        ct.tasks.resume(args.id)
+    return 0
+
+
+def _ps(args: argparse.Namespace, app: App) -> int:
+    with services(app) as ct:
+        pids = ct.tasks.ps(args.id)
+    for pid in pids:
+        print(pid)
+    return 0
+
+
+def _exec(args: argparse.Namespace, app: App) -> int:
+    cmd = list(args.cmd or [])
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise InvalidArgument("exec needs a command")
+    with services(app) as ct:
+        return ct.tasks.exec(args.id, cmd, env=list(args.env or []), cwd=args.cwd,
+                             user=args.user)
+
+
+def _delete(args: argparse.Namespace, app: App) -> int:
+    with services(app) as ct:
+        for tid in args.ids:
+            info = ct.tasks.delete(tid, force=args.force)
+            code = "-" if info.exit_code is None else str(info.exit_code)
+            print(f"{tid}\t{code}")
+    return 0
+
+
+def _wait(args: argparse.Namespace, app: App) -> int:
+    with services(app) as ct:
+        code = ct.tasks.wait(args.id, timeout=args.timeout)
+    print("-" if code is None else code)
+    return 0 if code is None else code
+
+
+def _logs(args: argparse.Namespace, app: App) -> int:
+    with services(app) as ct:
+        ct.tasks.state(args.id)
+        path = ct.tasks.output_path(args.id)
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            raise NotFound(f"task {args.id} has no output log (not detached?)") from None
+        with f:
+            sys.stdout.flush()
+            shutil.copyfileobj(f, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("task", aliases=["tasks", "t"], help="manage container tasks")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    v = verbs.add_parser("start", help="start a container's task")
+    v.add_argument("-d", "--detach", action="store_true")
+    v.add_argument("id", metavar="ID")
+    v.set_defaults(handler=_start)
+
+    v = verbs.add_parser("ls", aliases=["list"], help="list tasks")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(handler=_ls)
+
+    v = verbs.add_parser("kill", help="signal a task")
+    v.add_argument("-s", "--signal", default="SIGTERM")
+    v.add_argument("-a", "--all", action="store_true", help="every process of the task")
+    v.add_argument("id", metavar="ID")
+    v.set_defaults(handler=_kill)
+
+    v = verbs.add_parser("pause", help="freeze a task")
+    v.add_argument("id", metavar="ID")
+    v.set_defaults(handler=_pause)
+
+    v = verbs.add_parser("resume", help="thaw a paused task")
+    v.add_argument("id", metavar="ID")
+    v.set_defaults(handler=_resume)
+
+    v = verbs.add_parser("ps", help="host pids of a task's processes")
+    v.add_argument("id", metavar="ID")
+    v.set_defaults(handler=_ps)
+
+    v = verbs.add_parser("exec", help="run a command in a running task")
+    v.add_argument("--env", action="append", metavar="K=V")
+    v.add_argument("--cwd")
+    v.add_argument("--user")
+    v.add_argument("id", metavar="ID")
+    v.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
+    v.set_defaults(handler=_exec)
+
+    v = verbs.add_parser("delete", aliases=["rm"], help="delete stopped tasks")
+    v.add_argument("-f", "--force", action="store_true", help="kill a live task first")
+    v.add_argument("ids", nargs="+", metavar="ID")
+    v.set_defaults(handler=_delete)
+
+    v = verbs.add_parser("wait", help="wait for a task to stop; exit with its code")
+    v.add_argument("--timeout", type=float, default=None)
+    v.add_argument("id", metavar="ID")
+    v.set_defaults(handler=_wait)
+
+    v = verbs.add_parser("logs", help="print a detached task's output")
+    v.add_argument("id", metavar="ID")
+    v.set_defaults(handler=_logs)

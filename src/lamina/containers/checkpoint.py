@@ -1,0 +1,524 @@
+"""Checkpoints of containers as OCI image indexes, and restore from them.
+
+A checkpoint is an image whose target is an OCI image index; its
+``manifests`` are, each with the host platform:
+
+* the CRIU image directory as a tar (``MediaType.CHECKPOINT_CRIU``);
+* with ``binds``, one tar per bind mount source (``CHECKPOINT_BINDS``),
+  annotated with the mount's destination and source;
+* the container's rw layer — the diff of its revision snapshot against the
+  image — as a gzip layer (``CHECKPOINT_RW``, annotated with its DiffID);
+* a JSON config (``CHECKPOINT_CONFIG``): container id, image name and target,
+  options, runtime spec, snapshotter, runtime;
+* the container image's own target descriptor (first), so that the index
+  reaches the image's manifest, config and layers: exporting the checkpoint
+  image exports the image with it, and garbage collection keeps it.
+
+The index is annotated with the runtime (``io.containerd.runtime.v2.runc``,
+runc's version) and the snapshotter, and carries containerd's GC reference
+labels (``containerd.io/gc.ref.content.m.<i>``). Everything is written while a
+lease is held, so a concurrent ``gc`` cannot take blobs before they are
+referenced.
+
+Restore makes a new container on the checkpoint's image (registering the
+image from the index if this root does not know it, e.g. after ``image
+import`` of an exported checkpoint), applies the rw layer onto its revision,
+puts bind mount contents back (at their original sources or under a
+``bind_root``), unpacks the CRIU images into a temporary directory and has
+runc/CRIU restore the process tree there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, BinaryIO, cast
+
+from lamina.archive.apply import apply_layer
+from lamina.archive.diff import write_diff
+from lamina.containers.revisions import ContainerService
+from lamina.containers.runtime import TaskInfo, TaskStatus
+from lamina.containers.store import Container
+from lamina.containers.tasks_service import ContainerTasks, bind_mounts
+from lamina.content import ContentStore
+from lamina.diff import apply_diff, create_diff
+from lamina.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from lamina.images.importer import label_references, put_document
+from lamina.images.oci import Descriptor, Index, MediaType, host_platform
+from lamina.images.resolve import read_blob
+from lamina.images.store import Image
+from lamina.leases import LeaseManager
+
+__all__ = [
+    "ANNOTATION_BIND_DESTINATION",
+    "ANNOTATION_BIND_SOURCE",
+    "ANNOTATION_RUNTIME",
+    "ANNOTATION_SNAPSHOTTER",
+    "RUNTIME",
+    "Checkpoint",
+    "CheckpointResult",
+    "CheckpointService",
+    "RestoreResult",
+    "default_ref",
+]
+
+RUNTIME = "io.containerd.runtime.v2.runc"
+ANNOTATION_RUNTIME = "io.containerd.checkpoint.runtime"
+ANNOTATION_RUNC_VERSION = "io.containerd.checkpoint.runtime.version"
+ANNOTATION_SNAPSHOTTER = "io.containerd.checkpoint.snapshotter"
+ANNOTATION_IMAGE = "io.containerd.checkpoint.image.name"
+ANNOTATION_CONTAINER = "io.containerd.checkpoint.container"
+ANNOTATION_CREATED = "org.opencontainers.image.created"
+ANNOTATION_BIND_DESTINATION = "lamina.io/checkpoint.bind.destination"
+ANNOTATION_BIND_SOURCE = "lamina.io/checkpoint.bind.source"
+ANNOTATION_BIND_KIND = "lamina.io/checkpoint.bind.kind"
+ANNOTATION_DIFF_ID = "lamina.io/checkpoint.rw.diff-id"
+LABEL_CHECKPOINT = "lamina.io/checkpoint"
+
+_CONFIG_VERSION = 1
+_CHUNK = 1 << 20
+
+
+def default_ref(cid: str) -> str:
+    """``checkpoint/<id>:<UTC timestamp with microseconds>``."""
+    return f"checkpoint/{cid}:{datetime.now(UTC).strftime('%Y%m%dT%H%M%S.%fZ')}"
+
+
+def _runc_version(binary: str) -> str:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                             timeout=30, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    first = out.splitlines()[0] if out else ""
+    return first.removeprefix("runc version").strip() or "unknown"
+
+
+class _BlobWriter:
+    """A content-store ingest as a write-only binary file."""
+
+    def __init__(self, content: ContentStore, ref: str) -> None:
+        self._content = content
+        self._ref = ref
+        self._w = content.writer(ref)
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self._w.write(bytes(data))
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def commit(self, media_type: str, annotations: Mapping[str, str] | None = None
+               ) -> Descriptor:
+        digest = self._w.digest()
+        with contextlib.suppress(AlreadyExists):
+            self._w.commit(self.size, digest)
+        self._w.close()
+        return Descriptor(media_type, digest, self.size, dict(annotations or {}),
+                          host_platform())
+
+    def abort(self) -> None:
+        self._w.close()
+        with contextlib.suppress(NotFound):
+            self._content.abort(self._ref)
+
+
+@contextlib.contextmanager
+def _ingest(content: ContentStore, what: str) -> Iterator[_BlobWriter]:
+    w = _BlobWriter(content, f"checkpoint-{what}-{time.time_ns()}-{secrets.token_hex(4)}")
+    try:
+        yield w
+    except BaseException:
+        w.abort()
+        raise
+
+
+def _tar_tree(content: ContentStore, src: Path, media_type: str, what: str,
+              annotations: Mapping[str, str] | None = None) -> Descriptor:
+    """Tar a directory (its contents, not itself) into a blob."""
+    with _ingest(content, what) as w:
+        write_diff(None, src, cast(BinaryIO, w), compression="none")
+        return w.commit(media_type, annotations)
+
+
+def _tar_file(content: ContentStore, src: Path, media_type: str, what: str,
+              annotations: Mapping[str, str] | None = None) -> Descriptor:
+    """Tar one regular file (as the member ``file``) into a blob."""
+    with _ingest(content, what) as w:
+        with tarfile.open(fileobj=cast(IO[bytes], w), mode="w|",
+                          format=tarfile.PAX_FORMAT) as tar:
+            info = tar.gettarinfo(str(src), arcname="file")
+            with open(src, "rb") as f:
+                tar.addfile(info, f)
+        return w.commit(media_type, annotations)
+
+
+def _put_json(content: ContentStore, obj: Any, media_type: str,
+              *, platform: bool = True) -> Descriptor:
+    data = json.dumps(obj, indent=2, sort_keys=True).encode()
+    digest = put_document(content, data)
+    return Descriptor(media_type, digest, len(data), {}, host_platform() if platform else None)
+
+
+@dataclass(frozen=True)
+class CheckpointResult:
+    """A finished checkpoint: its image, its index descriptor and what it took."""
+
+    ref: str
+    index: Descriptor
+    container: str
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return self.timings.get("total", 0.0)
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    container: Container
+    task: TaskInfo
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return self.timings.get("total", 0.0)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint index, read back: its parts by role."""
+
+    ref: str
+    index: Descriptor
+    annotations: Mapping[str, str]
+    config: Mapping[str, Any]
+    criu: Descriptor
+    rw: Descriptor | None
+    binds: tuple[Descriptor, ...]
+    image_target: Descriptor | None
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.monotonic() - t
+
+    def done(self) -> dict[str, float]:
+        self.timings["total"] = time.monotonic() - self.started
+        return {k: round(v, 4) for k, v in self.timings.items()}
+
+
+class CheckpointService:
+    """Checkpoint and restore containers of one root."""
+
+    def __init__(self, tasks: ContainerTasks) -> None:
+        self.ctasks = tasks
+        self.containers: ContainerService = tasks.containers
+        self.root = self.containers.root
+        self.content: ContentStore = self.containers.images.content
+
+    @property
+    def _work(self) -> Path:
+        path = self.root.path / "checkpoints"
+        path.mkdir(mode=0o700, exist_ok=True)
+        return path
+
+    def _leases(self) -> LeaseManager:
+        return LeaseManager(self.root.metadata_path)
+
+    # -- checkpoint --------------------------------------------------------------
+
+    def checkpoint(self, cid: str, ref: str | None = None, *, exit: bool = False,
+                   binds: bool = False) -> CheckpointResult:
+        """Checkpoint the running task of ``cid`` into image ``ref``.
+
+        The task is paused while its memory, rw layer and (with ``binds``)
+        bind mounts are saved, and resumed afterwards — also on failure.
+        With ``exit`` it is not paused; the dump stops it.
+        """
+        timer = _Timer()
+        container = self.containers.get(cid)
+        ref = ref or default_ref(cid)
+        with contextlib.suppress(NotFound):
+            self.containers.images.get(ref)
+            raise AlreadyExists(f"image {ref!r} already exists")
+        info = self.ctasks.task(cid)
+        if info is None or info.status not in (TaskStatus.RUNNING, TaskStatus.PAUSED):
+            state = "no task" if info is None else f"a {info.status} task"
+            raise FailedPrecondition(f"container {cid!r} has {state}; nothing to checkpoint")
+        tm = self.ctasks.tasks
+        spec = json.loads((info.bundle / "config.json").read_text())
+        linux = spec.get("linux") or {}
+        if linux.get("cgroupsPath") == tm.cgroups_path(cid):
+            del linux["cgroupsPath"]  # lamina's default for this id: a restore gets its own
+        spec.get("root", {}).pop("path", None)  # the bundle's business
+        options = self.containers.options(container)
+        image = self.containers.images.get(container.image)
+        workdir = Path(os.fspath(self._work)) / f"{cid}-{time.time_ns()}-{secrets.token_hex(3)}"
+        leases = self._leases()
+        try:
+            with leases.held(purpose="checkpoint"):
+                workdir.mkdir(mode=0o700)
+                images_dir = workdir / "criu"
+                pause = not exit and info.status == TaskStatus.RUNNING
+                bind_descs: list[Descriptor] = []
+                if pause:
+                    with timer.phase("pause"):
+                        tm.pause(cid)
+                try:
+                    with timer.phase("criu_dump"):
+                        tm.checkpoint(cid, images_dir, leave_running=not exit,
+                                      work_dir=workdir / "work")
+                    if binds:
+                        with timer.phase("binds"):
+                            bind_descs = self._checkpoint_binds(options)
+                    with timer.phase("rw_diff"):
+                        rw = create_diff(self.containers.sn, self.content,
+                                         container.snapshot_key,
+                                         tmpmounts=str(self.root.tmpmounts))
+                finally:
+                    if pause:
+                        with timer.phase("resume"):
+                            tm.resume(cid)
+                with timer.phase("criu_tar"):
+                    criu_desc = _tar_tree(self.content, images_dir, MediaType.CHECKPOINT_CRIU,
+                                          "criu")
+                rw_desc = Descriptor(MediaType.CHECKPOINT_RW, rw.descriptor.digest,
+                                     rw.descriptor.size, {ANNOTATION_DIFF_ID: rw.diff_id},
+                                     host_platform())
+                runc_version = _runc_version(tm.runc.binary)
+                config = {
+                    "version": _CONFIG_VERSION,
+                    "id": cid,
+                    "image": container.image,
+                    "image_target": image.target.to_json(),
+                    "snapshotter": container.snapshotter,
+                    "runtime": {"name": RUNTIME, "runc_version": runc_version},
+                    "options": options,
+                    "labels": dict(container.labels),
+                    "spec": spec,
+                    "exited": exit,
+                    "created": datetime.now(UTC).isoformat(),
+                }
+                with timer.phase("index"):
+                    config_desc = _put_json(self.content, config, MediaType.CHECKPOINT_CONFIG)
+                    # the image first: tools that pick "the" manifest of an index by
+                    # platform alone (skopeo) find the image's, not a checkpoint blob
+                    target = image.target
+                    annotations = {k: v for k, v in target.annotations.items()
+                                   if k != "org.opencontainers.image.ref.name"}
+                    annotations["io.containerd.image.name"] = container.image
+                    image_desc = Descriptor(target.media_type, target.digest, target.size,
+                                            annotations, target.platform or host_platform())
+                    manifests = [image_desc, criu_desc, *bind_descs, rw_desc, config_desc]
+                    index = {
+                        "schemaVersion": 2,
+                        "mediaType": MediaType.OCI_INDEX,
+                        "manifests": [d.to_json() for d in manifests],
+                        "annotations": {
+                            ANNOTATION_RUNTIME: RUNTIME,
+                            ANNOTATION_RUNC_VERSION: runc_version,
+                            ANNOTATION_SNAPSHOTTER: container.snapshotter,
+                            ANNOTATION_IMAGE: container.image,
+                            ANNOTATION_CONTAINER: cid,
+                            ANNOTATION_CREATED: config["created"],
+                        },
+                    }
+                    index_desc = _put_json(self.content, index, MediaType.OCI_INDEX,
+                                           platform=False)
+                    label_references(self.content, index_desc)
+                    self.containers.images.images.put(Image(
+                        name=ref, target=index_desc,
+                        labels={LABEL_CHECKPOINT: cid}))
+        finally:
+            leases.close()
+            shutil.rmtree(workdir, ignore_errors=True)
+        return CheckpointResult(ref=ref, index=index_desc, container=cid, timings=timer.done())
+
+    def _checkpoint_binds(self, options: Mapping[str, Any]) -> list[Descriptor]:
+        out = []
+        for i, bm in enumerate(bind_mounts(options)):
+            src = Path(bm.source)
+            ann = {ANNOTATION_BIND_DESTINATION: bm.destination, ANNOTATION_BIND_SOURCE: bm.source}
+            if src.is_dir():
+                ann[ANNOTATION_BIND_KIND] = "dir"
+                out.append(_tar_tree(self.content, src, MediaType.CHECKPOINT_BINDS,
+                                     f"bind{i}", ann))
+            elif src.is_file():
+                ann[ANNOTATION_BIND_KIND] = "file"
+                out.append(_tar_file(self.content, src, MediaType.CHECKPOINT_BINDS,
+                                     f"bind{i}", ann))
+            else:
+                raise FailedPrecondition(f"bind mount source {bm.source} is neither a "
+                                         "directory nor a regular file; cannot archive it")
+        return out
+
+    # -- reading -----------------------------------------------------------------
+
+    def read(self, ref: str) -> Checkpoint:
+        """The checkpoint registered as image ``ref``."""
+        image = self.containers.images.get(ref)
+        if image.target.media_type != MediaType.OCI_INDEX:
+            raise InvalidArgument(f"image {ref!r} is not a checkpoint (target is "
+                                  f"{image.target.media_type})")
+        raw = json.loads(read_blob(self.content, image.target))
+        index = Index.parse(read_blob(self.content, image.target))
+        by_type: dict[str, list[Descriptor]] = {}
+        for d in index.manifests:
+            by_type.setdefault(d.media_type, []).append(d)
+        criu = by_type.get(MediaType.CHECKPOINT_CRIU, [])
+        cfg = by_type.get(MediaType.CHECKPOINT_CONFIG, [])
+        if len(criu) != 1 or len(cfg) != 1:
+            raise InvalidArgument(f"image {ref!r} is not a checkpoint: it needs one CRIU "
+                                  "blob and one checkpoint config")
+        config = json.loads(read_blob(self.content, cfg[0]))
+        if not isinstance(config, dict):
+            raise InvalidArgument(f"{ref}: checkpoint config is not an object")
+        rw = by_type.get(MediaType.CHECKPOINT_RW, [])
+        image_target: Descriptor | None = None
+        if isinstance(config.get("image_target"), dict):
+            image_target = Descriptor.from_json(config["image_target"], "checkpoint image")
+        return Checkpoint(
+            ref=ref, index=image.target, annotations=dict(raw.get("annotations") or {}),
+            config=config, criu=criu[0], rw=rw[0] if rw else None,
+            binds=tuple(by_type.get(MediaType.CHECKPOINT_BINDS, [])),
+            image_target=image_target)
+
+    # -- restore -----------------------------------------------------------------
+
+    def _ensure_image(self, ckpt: Checkpoint) -> str:
+        """The checkpoint's image name; registered from the index when missing here."""
+        name = str(ckpt.config.get("image") or "")
+        if not name:
+            raise InvalidArgument(f"{ckpt.ref}: checkpoint names no image")
+        try:
+            self.containers.images.get(name)
+        except NotFound:
+            if ckpt.image_target is None:
+                raise
+            try:
+                self.content.info(ckpt.image_target.digest)
+            except NotFound:
+                raise NotFound(f"image {name!r} of checkpoint {ckpt.ref} is not here, and "
+                               "neither is its manifest") from None
+            self.containers.images.images.put(Image(name=name, target=ckpt.image_target))
+        return name
+
+    def restore(self, ref: str, cid: str, *, bind_root: str | os.PathLike[str] | None = None,
+                detach: bool = True) -> RestoreResult:
+        """Restore checkpoint ``ref`` as a new container ``cid`` with a running task.
+
+        Bind mount contents archived with the checkpoint go back to their
+        original sources, or with ``bind_root`` to ``<bind_root>/<destination>``
+        (and the new container mounts them from there).
+        """
+        timer = _Timer()
+        ckpt = self.read(ref)
+        if ckpt.annotations.get(ANNOTATION_RUNTIME, RUNTIME) != RUNTIME:
+            raise FailedPrecondition(f"{ref}: checkpoint of runtime "
+                                     f"{ckpt.annotations[ANNOTATION_RUNTIME]}, not {RUNTIME}")
+        options: dict[str, Any] = dict(ckpt.config.get("options") or {})
+        spec: dict[str, Any] = json.loads(json.dumps(ckpt.config.get("spec") or {}))
+        if not spec:
+            raise InvalidArgument(f"{ref}: checkpoint has no runtime spec")
+        moved: dict[str, str] = {}  # destination -> new source
+        if bind_root is not None:
+            base = Path(bind_root).absolute()
+            for m in options.get("mounts") or []:
+                new = str(base / str(m["destination"]).lstrip("/"))
+                moved[str(m["destination"])] = new
+                m["source"] = new
+            for m in spec.get("mounts") or []:
+                if m.get("type") == "bind" and m.get("destination") in moved:
+                    m["source"] = moved[m["destination"]]
+        leases = self._leases()
+        workdir = self._work / f"restore-{cid}-{time.time_ns()}-{secrets.token_hex(3)}"
+        container: Container | None = None
+        try:
+            with leases.held(purpose="restore"):
+                image = self._ensure_image(ckpt)
+                with timer.phase("create"):
+                    container = self.containers.create(
+                        image, cid, labels={**ckpt.config.get("labels", {}),
+                                            LABEL_CHECKPOINT: ref},
+                        options=options)
+                if ckpt.rw is not None:
+                    with timer.phase("rw_apply"):
+                        apply_diff(self.content, ckpt.rw,
+                                   self.containers.sn.mounts(container.snapshot_key),
+                                   diff_id=ckpt.rw.annotations.get(ANNOTATION_DIFF_ID),
+                                   tmpmounts=self.root.tmpmounts)
+                with timer.phase("binds"):
+                    for desc in ckpt.binds:
+                        self._restore_bind(desc, moved)
+                workdir.mkdir(mode=0o700)
+                images_dir = workdir / "criu"
+                images_dir.mkdir()
+                with timer.phase("criu_untar"), self.content.reader(ckpt.criu.digest) as r:
+                    apply_layer(r, images_dir)
+                spec_annotations = spec.setdefault("annotations", {})
+                spec_annotations["lamina.io/restored-from"] = ref
+                container = self.containers.set_spec(container, spec)
+                with timer.phase("criu_restore"):
+                    task = self.ctasks.tasks.restore(
+                        cid, images_dir, mounts=self.ctasks.mounts(container), spec=spec,
+                        detach=detach, work_dir=workdir / "work")
+        except BaseException:
+            if container is not None:
+                with contextlib.suppress(Exception):
+                    self.ctasks.remove(cid, force=True)
+            raise
+        finally:
+            leases.close()
+            shutil.rmtree(workdir, ignore_errors=True)
+        return RestoreResult(container=container, task=task, timings=timer.done())
+
+    def _restore_bind(self, desc: Descriptor, moved: Mapping[str, str]) -> None:
+        dest = desc.annotations.get(ANNOTATION_BIND_DESTINATION, "")
+        source = moved.get(dest) or desc.annotations.get(ANNOTATION_BIND_SOURCE, "")
+        if not source or not os.path.isabs(source):
+            raise InvalidArgument(f"bind archive {desc.digest} names no usable source path")
+        target = Path(source)
+        if desc.annotations.get(ANNOTATION_BIND_KIND, "dir") == "file":
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with self.content.reader(desc.digest) as r, \
+                    tarfile.open(fileobj=r, mode="r|") as tar:
+                for member in tar:
+                    if member.name == "file" and member.isfile():
+                        f = tar.extractfile(member)
+                        assert f is not None
+                        _copy_to(f, target, member.mode)
+            return
+        target.mkdir(parents=True, exist_ok=True)
+        with self.content.reader(desc.digest) as r:
+            apply_layer(r, target)
+
+
+def _copy_to(src: IO[bytes], dest: Path, mode: int) -> None:
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}")
+    with open(tmp, "wb") as out:
+        shutil.copyfileobj(src, out, _CHUNK)
+    os.chmod(tmp, mode & 0o7777)
+    os.replace(tmp, dest)

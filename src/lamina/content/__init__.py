@@ -1,0 +1,253 @@
+"""The content store: immutable blobs addressed by digest (containerd's content service).
+
+A blob enters the store through an *ingest*, named by a client-chosen
+``ref`` (any non-empty string, e.g. ``"layer-sha256:abcd..."``), and becomes
+visible only when it is committed under its digest.
+
+The ingest lifecycle
+--------------------
+1. **Open** a writer: ``w = store.writer(ref, total=size, expected=digest)``.
+   ``total`` (0 = unknown) caps how much may be written; ``expected`` lets the
+   store say AlreadyExists right away when it has the blob. A ref is held by
+   one live writer at a time: opening a ref that another writer holds (in this
+   process or any other) is Unavailable.
+2. **Write** bytes: ``w.write(chunk)`` appends at ``w.offset``. ``w.digest()``
+   is the digest of everything written so far, ``w.status()`` the progress.
+3. **Commit**: ``w.commit(size, expected, labels=...)``. The data is made
+   durable and checked: a ``size`` other than 0 must equal the bytes written,
+   an ``expected`` other than ``""`` must equal their digest. On a mismatch
+   the commit is FailedPrecondition and *nothing* is committed; the ingest is
+   kept, so the client can ``truncate`` and rewrite, or ``abort``. When the
+   store already has the digest the commit is AlreadyExists (and the ingest is
+   dropped: the content is there). Otherwise the blob appears atomically, with
+   ``labels``, and the writer is finished.
+4. **Or stop early**: ``w.close()`` releases the ref but keeps the ingest.
+   Opening a writer with the same ref later *resumes* it at its offset (check
+   ``w.offset``, skip that much of the source). ``store.abort(ref)`` throws an
+   ingest away; ``store.status(ref)`` and ``store.list_statuses()`` show the
+   ingests in progress.
+
+:func:`write_blob` does all of that for a stream, including resuming.
+
+Blobs are read with :meth:`ContentStore.reader` (a seekable binary file) or
+:meth:`ContentStore.read_at`; their metadata is :class:`Info`, whose labels
+change through :meth:`ContentStore.update` with the same field-path rules as
+snapshots. :meth:`ContentStore.walk` and :meth:`ContentStore.list_statuses`
+take containerd filters (see :mod:`lamina.filters`): blobs have the fields
+``digest``, ``size`` and ``labels.<key>``; ingests ``ref``, ``expected``,
+``offset`` and ``total``.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import IO, BinaryIO, Protocol, runtime_checkable
+
+from lamina.content.digest import (
+    Digest,
+    HashingReader,
+    HashingWriter,
+    parse_digest,
+    sha256_digest,
+    validate_digest,
+)
+from lamina.errors import InvalidArgument
+
+__all__ = [
+    "MAX_LABEL_SIZE",
+    "ContentStore",
+    "Digest",
+    "HashingReader",
+    "HashingWriter",
+    "Info",
+    "Status",
+    "Writer",
+    "parse_digest",
+    "sha256_digest",
+    "validate_digest",
+    "validate_labels",
+    "write_blob",
+]
+
+MAX_LABEL_SIZE = 4096
+"""A label's key plus value may not exceed this many bytes (containerd's limit)."""
+
+COPY_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Info:
+    """What the store records about a committed blob."""
+
+    digest: str
+    size: int
+    created: datetime
+    updated: datetime
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Status:
+    """Progress of one ingest."""
+
+    ref: str
+    offset: int
+    total: int
+    expected: str
+    started_at: datetime
+    updated_at: datetime
+
+
+@runtime_checkable
+class Writer(Protocol):
+    """An open ingest (see the module docs). Not safe to share between threads."""
+
+    @property
+    def offset(self) -> int:
+        """Bytes written so far (including those of a resumed ingest)."""
+        ...
+
+    def write(self, data: bytes) -> int:
+        """Append ``data``; returns ``len(data)``. Past ``total`` is FailedPrecondition."""
+        ...
+
+    def digest(self) -> str:
+        """Digest of the bytes written so far."""
+        ...
+
+    def status(self) -> Status:
+        """Progress of this ingest."""
+        ...
+
+    def commit(
+        self, size: int, expected: str, *, labels: Mapping[str, str] | None = None
+    ) -> None:
+        """Verify (``size`` 0 and ``expected`` "" skip a check) and commit the blob."""
+        ...
+
+    def truncate(self, size: int) -> None:
+        """Cut the ingest back to ``size`` bytes (at most :attr:`offset`)."""
+        ...
+
+    def close(self) -> None:
+        """Release the ref, keeping the ingest for a later resume. Idempotent."""
+        ...
+
+
+@runtime_checkable
+class ContentStore(Protocol):
+    """Blobs addressed by digest, and the ingests that create them."""
+
+    def info(self, digest: str) -> Info:
+        """Info of a committed blob; NotFound when missing."""
+        ...
+
+    def update(self, info: Info, *fieldpaths: str) -> Info:
+        """Change labels of blob ``info.digest``; returns the new Info.
+
+        No fieldpaths, or ``labels``, replaces all labels with ``info.labels``;
+        ``labels.<k>`` sets label ``k`` to ``info.labels[k]``, or deletes it
+        when that is empty or missing. Other paths are InvalidArgument.
+        """
+        ...
+
+    def walk(self, *filters: str) -> Iterator[Info]:
+        """Every blob matching any of ``filters`` (all blobs when none)."""
+        ...
+
+    def delete(self, digest: str) -> None:
+        """Remove a committed blob; NotFound when missing."""
+        ...
+
+    def reader(self, digest: str) -> BinaryIO:
+        """A seekable binary file on the blob; the caller closes it."""
+        ...
+
+    def read_at(self, digest: str, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``offset`` (fewer at the end of the blob)."""
+        ...
+
+    def writer(self, ref: str, *, total: int = 0, expected: str = "") -> Writer:
+        """Open (or resume) the ingest ``ref``; see the module docs."""
+        ...
+
+    def status(self, ref: str) -> Status:
+        """Progress of ingest ``ref``; NotFound when there is none."""
+        ...
+
+    def list_statuses(self, *filters: str) -> list[Status]:
+        """Every ingest matching any of ``filters``, sorted by ref."""
+        ...
+
+    def abort(self, ref: str) -> None:
+        """Throw ingest ``ref`` away; NotFound when there is none."""
+        ...
+
+    def close(self) -> None:
+        """Release resources (and the refs of open writers); idempotent."""
+        ...
+
+
+def validate_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """Check labels (non-empty string keys, key+value <= 4096 bytes); return a copy."""
+    out: dict[str, str] = {}
+    for key, value in labels.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidArgument(f"label {key!r}: keys and values must be strings")
+        if not key:
+            raise InvalidArgument("label key must not be empty")
+        size = len(key.encode()) + len(value.encode())
+        if size > MAX_LABEL_SIZE:
+            raise InvalidArgument(
+                f"label {key[:64]!r}: key and value are {size} bytes, "
+                f"more than the limit of {MAX_LABEL_SIZE}"
+            )
+        out[key] = value
+    return out
+
+
+def write_blob(
+    store: ContentStore,
+    ref: str,
+    data: bytes | IO[bytes],
+    *,
+    total: int = 0,
+    expected: str = "",
+    labels: Mapping[str, str] | None = None,
+) -> str:
+    """Ingest ``data`` under ``ref`` and commit it; returns the digest.
+
+    Resumes an earlier ingest of ``ref``: a seekable source (whose position 0
+    is the blob's first byte) is sought to the ingest's offset; a non-seekable
+    one makes the ingest start over. Raises AlreadyExists when the store has
+    the blob (the caller may treat that as success); on any other failure the
+    ingest is left for a retry.
+    """
+    stream: IO[bytes] = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
+    if isinstance(data, bytes | bytearray) and not total:
+        total = len(data)
+    w = store.writer(ref, total=total, expected=expected)
+    try:
+        if w.offset:
+            seekable = False
+            try:
+                seekable = stream.seekable()
+            except (AttributeError, OSError):
+                seekable = False
+            if seekable:
+                stream.seek(w.offset)
+            else:
+                w.truncate(0)
+        while True:
+            chunk = stream.read(COPY_CHUNK)
+            if not chunk:
+                break
+            w.write(chunk)
+        digest = w.digest()
+        w.commit(total, expected, labels=labels)
+        return digest
+    finally:
+        w.close()

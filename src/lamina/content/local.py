@@ -1,0 +1,784 @@
+"""The content store on the local filesystem.
+
+Layout under the store's directory::
+
+    blobs/sha256/<hex>     committed blobs, read-only (0444)
+    ingest/<sha256(ref)>/  one directory per ingest in progress:
+        ref                the ref, written last when the ingest is created
+        data               the bytes written so far
+        total, expected    what the writer declared (empty when unknown)
+        startedat          when the ingest was created (ISO 8601)
+        updatedat          when a writer last let go of it (the data file's
+                           mtime is the live "updated" time)
+        lock               flock(2)ed by the one live writer; holds its pid and
+                           since when, for the Unavailable message
+    metadata.db            one row per committed blob: size, created, updated, labels
+
+Concurrency: one writer per ref across processes (the ``lock`` file, taken
+non-blocking). Committing, deleting and cleaning up run inside one SQLite
+write transaction each, so they are serialised across processes and the
+"blob file exists" / "row exists" pair is changed together: a commit renames
+the data into ``blobs/`` and inserts the row in the same transaction, the
+metadata row being the truth about what is committed.
+
+Crash leftovers and :meth:`LocalContentStore.cleanup`: a crash can leave a
+blob file without its row (between the rename and the transaction's commit).
+Such a blob is re-hashed: when its content matches its name the row is
+re-created (no labels; created = the file's mtime), since the data is good
+and a client may already have been told about it; otherwise the file is
+deleted. A row whose blob file is gone is deleted: the content is lost and
+must be fetched again. Temporary files, half-created ingests and ingests
+whose data was already moved into ``blobs/`` are removed; resumable ingests
+are kept unless older than ``ingest_max_age``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+from lamina import filters
+from lamina.content import COPY_CHUNK, Info, Status, validate_labels
+from lamina.content.digest import SHA256, digest_file, parse_digest, validate_digest
+from lamina.db import Database
+from lamina.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from lamina.fsutil import atomic_write, fsync_dir, remove_tree
+
+__all__ = ["BlobCorrupt", "CleanupReport", "LocalContentStore", "LocalWriter"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS blobs (
+    digest  TEXT PRIMARY KEY,
+    size    INTEGER NOT NULL,
+    created TEXT NOT NULL,
+    updated TEXT NOT NULL,
+    labels  TEXT NOT NULL DEFAULT '{}'
+);
+"""
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_TMP_PREFIXES = (".tmp-", ".del-")
+MAX_REF_BYTES = 4096
+
+
+class BlobCorrupt(FailedPrecondition):
+    """A committed blob's bytes no longer hash to its digest (or size)."""
+
+
+@dataclass
+class CleanupReport:
+    """What :meth:`LocalContentStore.cleanup` did."""
+
+    removed_temp: list[str] = field(default_factory=list)
+    removed_ingests: list[str] = field(default_factory=list)
+    restored_rows: list[str] = field(default_factory=list)
+    removed_rows: list[str] = field(default_factory=list)
+    removed_blobs: list[str] = field(default_factory=list)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _fmt(t: datetime) -> str:
+    return t.isoformat()
+
+
+def _parse_time(s: str) -> datetime:
+    t = datetime.fromisoformat(s.strip())
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def _validate_ref(ref: str) -> str:
+    if not isinstance(ref, str) or not ref:
+        raise InvalidArgument("ingest ref must be a non-empty string")
+    if len(ref.encode()) > MAX_REF_BYTES or "\x00" in ref:
+        raise InvalidArgument(f"invalid ingest ref {ref[:64]!r}: too long or contains NUL")
+    return ref
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _rehash(fd: int, size: int) -> Any:
+    """A sha256 object fed with the first ``size`` bytes of ``fd``."""
+    h = hashlib.sha256()
+    pos = 0
+    while pos < size:
+        chunk = os.pread(fd, min(COPY_CHUNK, size - pos), pos)
+        if not chunk:
+            raise Internal(f"ingest data shrank while re-hashing (at {pos} of {size})")
+        h.update(chunk)
+        pos += len(chunk)
+    return h
+
+
+class _Lock:
+    """The flock on an ingest's ``lock`` file, taken without blocking."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+
+    @classmethod
+    def try_acquire(cls, ingest: Path) -> _Lock | None:
+        """The lock, or None when a live writer holds it. Creates ``ingest``."""
+        path = ingest / "lock"
+        while True:
+            ingest.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except FileNotFoundError:
+                continue  # the directory was removed under us: try again
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    return None
+                raise
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # we locked a file that was removed meanwhile
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {time.time():.6f}\n".encode(), 0)
+            return cls(fd)
+
+    @staticmethod
+    def describe_holder(ingest: Path, ref: str) -> str:
+        text = _read_text(ingest / "lock") or ""
+        try:
+            pid_s, since_s = text.split()
+            since = float(since_s)
+            when = datetime.fromtimestamp(since, UTC).isoformat(timespec="seconds")
+            held = max(0.0, time.time() - since)
+            return (f"ingest ref {ref!r} is locked by another writer (pid {pid_s}) "
+                    f"since {when}, for {held:.1f}s")
+        except ValueError:
+            return f"ingest ref {ref!r} is locked by another writer"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+
+class LocalWriter:
+    """An open ingest of a :class:`LocalContentStore` (see :class:`lamina.content.Writer`)."""
+
+    def __init__(
+        self,
+        store: LocalContentStore,
+        ref: str,
+        ingest: Path,
+        lock: _Lock,
+        data_fd: int,
+        *,
+        offset: int,
+        hasher: Any,
+        total: int,
+        expected: str,
+        started_at: datetime,
+    ) -> None:
+        self._store = store
+        self.ref = ref
+        self._ingest = ingest
+        self._lock: _Lock | None = lock
+        self._fd: int | None = data_fd
+        self._offset = offset
+        self._hash = hasher
+        self.total = total
+        self.expected = expected
+        self.started_at = started_at
+        self._state = "open"
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    def _check_open(self) -> int:
+        if self._fd is None:
+            raise FailedPrecondition(f"writer for ref {self.ref!r} is {self._state}")
+        return self._fd
+
+    def write(self, data: bytes) -> int:
+        fd = self._check_open()
+        view = memoryview(data).cast("B")
+        n = len(view)
+        if self.total and self._offset + n > self.total:
+            raise FailedPrecondition(
+                f"ref {self.ref!r}: writing {n} bytes at offset {self._offset} "
+                f"goes beyond the declared total of {self.total} bytes"
+            )
+        done = 0
+        while done < n:
+            done += os.pwrite(fd, view[done:], self._offset + done)
+        self._hash.update(view)
+        self._offset += n
+        return n
+
+    def digest(self) -> str:
+        return f"{SHA256}:{self._hash.hexdigest()}"
+
+    def status(self) -> Status:
+        fd = self._check_open()
+        updated = datetime.fromtimestamp(os.fstat(fd).st_mtime, UTC)
+        return Status(self.ref, self._offset, self.total, self.expected,
+                      self.started_at, max(updated, self.started_at))
+
+    def truncate(self, size: int) -> None:
+        fd = self._check_open()
+        if size < 0 or size > self._offset:
+            raise InvalidArgument(
+                f"ref {self.ref!r}: cannot truncate to {size} (offset is {self._offset})"
+            )
+        os.ftruncate(fd, size)
+        self._hash = _rehash(fd, size)
+        self._offset = size
+
+    def commit(
+        self, size: int, expected: str, *, labels: Mapping[str, str] | None = None
+    ) -> None:
+        fd = self._check_open()
+        if expected:
+            validate_digest(expected)
+        checked = validate_labels(labels or {})
+        if size < 0:
+            raise InvalidArgument(f"invalid commit size {size}")
+        os.fsync(fd)
+        if size and size != self._offset:
+            raise FailedPrecondition(
+                f"ref {self.ref!r}: commit size {size} does not match the "
+                f"{self._offset} bytes written"
+            )
+        actual = self.digest()
+        if expected and expected != actual:
+            raise FailedPrecondition(
+                f"ref {self.ref!r}: unexpected commit digest {actual}, expected {expected}"
+            )
+        try:
+            self._store._commit_ingest(self._ingest, actual, self._offset, checked)
+        except AlreadyExists:
+            self._finish("committed (the blob existed already)")
+            raise
+        self._finish("committed")
+
+    def _finish(self, state: str) -> None:
+        """The ingest is done with: remove its directory, release the ref."""
+        self._close_fds(state)
+        self._store._remove_ingest_dir(self._ingest)
+        self._release(state)
+
+    def _close_fds(self, state: str) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            self._state = state
+
+    def _release(self, state: str) -> None:
+        self._state = state
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        self._store._forget_writer(self)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                _write_text(self._ingest / "updatedat", _fmt(_now()))
+            self._close_fds("closed")
+        if self._lock is not None:
+            self._release("closed")
+
+    def __enter__(self) -> LocalWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+class LocalContentStore:
+    """The content store in directory ``path`` (see the module docs)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.blobs_dir = self.path / "blobs" / SHA256
+        self.ingest_dir = self.path / "ingest"
+        self.blobs_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        self.ingest_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._db = Database(self.path / "metadata.db", _SCHEMA)
+        self._lock = threading.Lock()
+        self._writers: weakref.WeakValueDictionary[str, LocalWriter] = (
+            weakref.WeakValueDictionary()
+        )
+
+    # ------------------------------------------------------------------ blobs
+
+    def blob_path(self, digest: str) -> Path:
+        """Where the blob ``digest`` lives (whether or not it exists)."""
+        return self.blobs_dir / parse_digest(digest).hex
+
+    @staticmethod
+    def _row_info(row: tuple[str, int, str, str, str]) -> Info:
+        digest, size, created, updated, labels = row
+        return Info(digest, size, _parse_time(created), _parse_time(updated),
+                    json.loads(labels))
+
+    def _get_row(self, conn: sqlite3.Connection, digest: str) -> Info:
+        row = conn.execute(
+            "SELECT digest, size, created, updated, labels FROM blobs WHERE digest = ?",
+            (digest,),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"content {digest} not found")
+        return self._row_info(row)
+
+    def info(self, digest: str) -> Info:
+        validate_digest(digest)
+        with self._db.read() as conn:
+            return self._get_row(conn, digest)
+
+    def update(self, info: Info, *fieldpaths: str) -> Info:
+        validate_digest(info.digest)
+        new_labels = validate_labels(info.labels)
+        with self._db.write() as conn:
+            current = self._get_row(conn, info.digest)
+            labels = dict(current.labels)
+            if not fieldpaths or any(p == "labels" for p in fieldpaths):
+                labels = {k: v for k, v in new_labels.items() if v}
+            for path in fieldpaths:
+                if path == "labels":
+                    continue
+                if not path.startswith("labels.") or path == "labels.":
+                    raise InvalidArgument(
+                        f"cannot update field {path!r} of content {info.digest}: "
+                        "only labels and labels.<key> can change"
+                    )
+                key = path[len("labels."):]
+                value = new_labels.get(key, "")
+                if value:
+                    labels[key] = value
+                else:
+                    labels.pop(key, None)
+            updated = _now()
+            conn.execute(
+                "UPDATE blobs SET labels = ?, updated = ? WHERE digest = ?",
+                (json.dumps(labels, sort_keys=True), _fmt(updated), info.digest),
+            )
+        return replace(current, labels=labels, updated=updated)
+
+    def walk(self, *filters_: str) -> Iterator[Info]:
+        matcher = filters.parse(filters_)
+        with self._db.read() as conn:
+            rows = conn.execute(
+                "SELECT digest, size, created, updated, labels FROM blobs ORDER BY digest"
+            ).fetchall()
+        for row in rows:
+            info = self._row_info(row)
+            lookup = filters.make_lookup(
+                {"digest": info.digest, "size": str(info.size)}, info.labels
+            )
+            if matcher(lookup):
+                yield info
+
+    def delete(self, digest: str) -> None:
+        path = self.blob_path(digest)
+        with self._db.write() as conn:
+            cur = conn.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
+            if cur.rowcount == 0:
+                raise NotFound(f"content {digest} not found")
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            fsync_dir(self.blobs_dir)
+
+    def reader(self, digest: str) -> BinaryIO:
+        path = self.blob_path(digest)
+        self.info(digest)
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            raise NotFound(
+                f"content {digest} is recorded but its blob is missing (run cleanup)"
+            ) from None
+
+    def read_at(self, digest: str, offset: int, size: int) -> bytes:
+        if offset < 0 or size < 0:
+            raise InvalidArgument(f"invalid read at offset {offset} of size {size}")
+        with self.reader(digest) as f:
+            fd = f.fileno()
+            size = min(size, max(0, os.fstat(fd).st_size - offset))
+            parts: list[bytes] = []
+            got = 0
+            while got < size:
+                chunk = os.pread(fd, min(size - got, 16 * COPY_CHUNK), offset + got)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                got += len(chunk)
+            return b"".join(parts)
+
+    def verify(self, digest: str) -> Info:
+        """Re-hash blob ``digest``; BlobCorrupt when it does not match, else its Info."""
+        info = self.info(digest)
+        try:
+            actual, size = digest_file(self.blob_path(digest))
+        except FileNotFoundError:
+            raise NotFound(f"content {digest} is recorded but its blob is missing") from None
+        if actual != digest or size != info.size:
+            raise BlobCorrupt(
+                f"content {digest} is corrupt: its {size} bytes hash to {actual} "
+                f"(recorded size {info.size})"
+            )
+        return info
+
+    def add(
+        self,
+        data: bytes | IO[bytes],
+        *,
+        expected: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        exist_ok: bool = False,
+    ) -> Info:
+        """Ingest and commit ``data`` (bytes or a readable stream) in one go.
+
+        AlreadyExists when the blob is there, unless ``exist_ok`` (then the
+        existing Info is returned and ``labels`` are not applied).
+        """
+        ref = f"add-{uuid.uuid4().hex}"
+        total = len(data) if isinstance(data, bytes | bytearray) else 0
+        try:
+            w = self.writer(ref, total=total, expected=expected or "")
+        except AlreadyExists:
+            if exist_ok and expected:
+                return self.info(expected)
+            raise
+        digest = ""
+        try:
+            if isinstance(data, bytes | bytearray):
+                w.write(data)
+            else:
+                while chunk := data.read(COPY_CHUNK):
+                    w.write(chunk)
+            digest = w.digest()
+            w.commit(total, expected or "", labels=labels)
+        except AlreadyExists:
+            if exist_ok:
+                return self.info(digest)
+            raise
+        except BaseException:
+            w.close()
+            with contextlib.suppress(NotFound, Unavailable):
+                self.abort(ref)
+            raise
+        return self.info(digest)
+
+    # ---------------------------------------------------------------- ingests
+
+    def _ingest_path(self, ref: str) -> Path:
+        return self.ingest_dir / hashlib.sha256(ref.encode()).hexdigest()
+
+    def writer(self, ref: str, *, total: int = 0, expected: str = "") -> LocalWriter:
+        _validate_ref(ref)
+        if total < 0:
+            raise InvalidArgument(f"invalid total size {total}")
+        if expected:
+            validate_digest(expected)
+            with self._db.read() as conn:
+                exists = conn.execute(
+                    "SELECT 1 FROM blobs WHERE digest = ?", (expected,)
+                ).fetchone()
+            if exists:
+                raise AlreadyExists(f"content {expected} already exists")
+        ingest = self._ingest_path(ref)
+        lock = _Lock.try_acquire(ingest)
+        if lock is None:
+            raise Unavailable(_Lock.describe_holder(ingest, ref))
+        try:
+            w = self._open_ingest(ref, ingest, lock, total, expected)
+        except BaseException:
+            lock.release()
+            raise
+        with self._lock:
+            self._writers[ref] = w
+        return w
+
+    def _open_ingest(
+        self, ref: str, ingest: Path, lock: _Lock, total: int, expected: str
+    ) -> LocalWriter:
+        stored_ref = _read_text(ingest / "ref")
+        data = ingest / "data"
+        if stored_ref is not None and data.exists():
+            if stored_ref != ref:
+                raise Internal(f"ingest {ingest.name} holds ref {stored_ref!r}, not {ref!r}")
+            fd = os.open(data, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                offset = os.fstat(fd).st_size
+                stored_total = int(_read_text(ingest / "total") or 0)
+                if total and total != stored_total:
+                    if offset > total:
+                        raise FailedPrecondition(
+                            f"ref {ref!r}: {offset} bytes already written, more than "
+                            f"the new total of {total}"
+                        )
+                    _write_text(ingest / "total", str(total))
+                    stored_total = total
+                stored_expected = (_read_text(ingest / "expected") or "").strip()
+                if expected and expected != stored_expected:
+                    _write_text(ingest / "expected", expected)
+                    stored_expected = expected
+                started = _parse_time(_read_text(ingest / "startedat") or _fmt(_now()))
+                hasher = _rehash(fd, offset)
+            except BaseException:
+                os.close(fd)
+                raise
+            return LocalWriter(self, ref, ingest, lock, fd, offset=offset, hasher=hasher,
+                               total=stored_total, expected=stored_expected,
+                               started_at=started)
+        # a new ingest (or one whose creation a crash interrupted)
+        with contextlib.suppress(FileNotFoundError):
+            (ingest / "ref").unlink()
+        started = _now()
+        _write_text(ingest / "startedat", _fmt(started))
+        _write_text(ingest / "updatedat", _fmt(started))
+        _write_text(ingest / "total", str(total))
+        _write_text(ingest / "expected", expected)
+        fd = os.open(data, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            atomic_write(ingest / "ref", ref.encode(), mode=0o600)
+        except BaseException:
+            os.close(fd)
+            raise
+        return LocalWriter(self, ref, ingest, lock, fd, offset=0, hasher=hashlib.sha256(),
+                           total=total, expected=expected, started_at=started)
+
+    def _commit_ingest(
+        self, ingest: Path, digest: str, size: int, labels: dict[str, str]
+    ) -> None:
+        """Move a verified ingest's data into blobs/ and record it, atomically."""
+        target = self.blob_path(digest)
+        data = ingest / "data"
+        now = _fmt(_now())
+        with self._db.write() as conn:
+            if conn.execute("SELECT 1 FROM blobs WHERE digest = ?", (digest,)).fetchone():
+                raise AlreadyExists(f"content {digest} already exists")
+            os.chmod(data, 0o444)
+            os.replace(data, target)  # replaces a crash-orphaned copy, if any
+            try:
+                fsync_dir(self.blobs_dir)
+                conn.execute(
+                    "INSERT INTO blobs (digest, size, created, updated, labels) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (digest, size, now, now, json.dumps(labels, sort_keys=True)),
+                )
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    target.unlink()
+                raise
+
+    def _remove_ingest_dir(self, ingest: Path) -> None:
+        """Remove an ingest directory whose lock the caller holds."""
+        doomed = self.ingest_dir / f".del-{ingest.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(ingest, doomed)
+        except FileNotFoundError:
+            return
+        remove_tree(doomed)
+
+    def _forget_writer(self, w: LocalWriter) -> None:
+        with self._lock:
+            if self._writers.get(w.ref) is w:
+                del self._writers[w.ref]
+
+    def _read_status(self, ingest: Path) -> Status | None:
+        ref = _read_text(ingest / "ref")
+        if ref is None:
+            return None
+        try:
+            started = _parse_time(_read_text(ingest / "startedat") or "")
+        except ValueError:
+            started = datetime.fromtimestamp(0, UTC)
+        try:
+            st = os.stat(ingest / "data")
+            offset = st.st_size
+            updated = max(started, datetime.fromtimestamp(st.st_mtime, UTC))
+        except FileNotFoundError:
+            offset, updated = 0, started
+        try:
+            total = int(_read_text(ingest / "total") or 0)
+        except ValueError:
+            total = 0
+        expected = (_read_text(ingest / "expected") or "").strip()
+        return Status(ref, offset, total, expected, started, updated)
+
+    def status(self, ref: str) -> Status:
+        _validate_ref(ref)
+        st = self._read_status(self._ingest_path(ref))
+        if st is None or st.ref != ref:
+            raise NotFound(f"no ingest for ref {ref!r}")
+        return st
+
+    def list_statuses(self, *filters_: str) -> list[Status]:
+        matcher = filters.parse(filters_)
+        out: list[Status] = []
+        for entry in sorted(os.listdir(self.ingest_dir)):
+            if entry.startswith("."):
+                continue
+            st = self._read_status(self.ingest_dir / entry)
+            if st is None:
+                continue
+            lookup = filters.make_lookup({
+                "ref": st.ref, "expected": st.expected,
+                "offset": str(st.offset), "total": str(st.total),
+            })
+            if matcher(lookup):
+                out.append(st)
+        out.sort(key=lambda s: s.ref)
+        return out
+
+    def abort(self, ref: str) -> None:
+        _validate_ref(ref)
+        ingest = self._ingest_path(ref)
+        if not (ingest / "ref").exists():
+            raise NotFound(f"no ingest for ref {ref!r}")
+        with self._lock:
+            own = self._writers.get(ref)
+        if own is not None:
+            own._close_fds("aborted")
+            own._release("aborted")
+        lock = _Lock.try_acquire(ingest)
+        if lock is None:
+            raise Unavailable(_Lock.describe_holder(ingest, ref))
+        try:
+            if not (ingest / "ref").exists():
+                raise NotFound(f"no ingest for ref {ref!r}")
+            self._remove_ingest_dir(ingest)
+        finally:
+            lock.release()
+
+    # ---------------------------------------------------------------- upkeep
+
+    def cleanup(self, *, ingest_max_age: timedelta | None = None) -> CleanupReport:
+        """Repair what crashes leave behind (see the module docs for the rules).
+
+        Ingests held by a live writer are never touched. Re-hashing orphaned
+        blobs happens inside the write transaction, so commits wait for it.
+        """
+        report = CleanupReport()
+        for directory in (self.path, self.blobs_dir, self.ingest_dir):
+            for entry in os.listdir(directory):
+                path = directory / entry
+                if entry.startswith(_TMP_PREFIXES):
+                    if path.is_dir() and not path.is_symlink():
+                        remove_tree(path)
+                    else:
+                        path.unlink(missing_ok=True)
+                    report.removed_temp.append(str(path))
+        now = time.time()
+        for entry in sorted(os.listdir(self.ingest_dir)):
+            ingest = self.ingest_dir / entry
+            if entry.startswith(".") or not ingest.is_dir():
+                continue
+            lock = _Lock.try_acquire(ingest)
+            if lock is None:
+                continue
+            try:
+                for tmp in os.listdir(ingest):
+                    if tmp.startswith(_TMP_PREFIXES):
+                        (ingest / tmp).unlink(missing_ok=True)
+                        report.removed_temp.append(str(ingest / tmp))
+                ref = _read_text(ingest / "ref")
+                data = ingest / "data"
+                stale = False
+                if ref is None or not data.exists():
+                    stale = True
+                elif ingest_max_age is not None:
+                    stale = now - data.stat().st_mtime > ingest_max_age.total_seconds()
+                if stale:
+                    self._remove_ingest_dir(ingest)
+                    report.removed_ingests.append(ref if ref is not None else entry)
+            finally:
+                lock.release()
+        with self._db.write() as conn:
+            rows = {d for (d,) in conn.execute("SELECT digest FROM blobs")}
+            files = set(os.listdir(self.blobs_dir))
+            for name in sorted(files):
+                digest = f"{SHA256}:{name}"
+                if digest in rows:
+                    continue
+                path = self.blobs_dir / name
+                actual, size = ("", 0)
+                if _HEX64.fullmatch(name) and path.is_file():
+                    actual, size = digest_file(path)
+                if actual == digest:
+                    created = _fmt(datetime.fromtimestamp(path.stat().st_mtime, UTC))
+                    conn.execute(
+                        "INSERT INTO blobs (digest, size, created, updated, labels) "
+                        "VALUES (?, ?, ?, ?, '{}')",
+                        (digest, size, created, created),
+                    )
+                    with contextlib.suppress(OSError):
+                        os.chmod(path, 0o444)
+                    report.restored_rows.append(digest)
+                else:
+                    if path.is_dir():
+                        remove_tree(path)
+                    else:
+                        path.unlink(missing_ok=True)
+                    report.removed_blobs.append(str(path))
+            for digest in sorted(rows):
+                if digest.split(":", 1)[-1] not in files:
+                    conn.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
+                    report.removed_rows.append(digest)
+            fsync_dir(self.blobs_dir)
+        return report
+
+    def close(self) -> None:
+        with self._lock:
+            writers = list(self._writers.values())
+        for w in writers:
+            w.close()
+        self._db.close()
+
+    def __enter__(self) -> LocalContentStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

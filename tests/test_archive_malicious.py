@@ -1,0 +1,267 @@
+"""Hostile and broken layers: each raises InvalidArgument and writes nothing outside root."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import zstandard
+from test_archive_support import (
+    apply_bytes,
+    dir_,
+    file_,
+    find_header,
+    hardlink,
+    make_tar,
+    set_field,
+    symlink,
+    tree_state,
+)
+
+from lamina.archive.tarwriter import TarWriter
+from lamina.errors import InvalidArgument
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+def raw_tar(build: Callable[[TarWriter], None]) -> bytes:
+    """A tar written by lamina's own writer, which writes names exactly as given."""
+    chunks: list[bytes] = []
+    w = TarWriter(chunks.append)
+    build(w)
+    w.close()
+    return b"".join(chunks)
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> tuple[Path, Path]:
+    """``root`` to apply into and ``outside`` next to it, holding a sentinel file."""
+    root = tmp_path / "root"
+    outside = tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "file").write_bytes(b"precious")
+    (outside / "sub").mkdir()
+    return root, outside
+
+
+def _reject(sandbox: tuple[Path, Path], layer: bytes, match: str) -> None:
+    root, outside = sandbox
+    before = tree_state(outside.parent / "outside")
+    parent_before = sorted(os.listdir(outside.parent))
+    with pytest.raises(InvalidArgument, match=match):
+        apply_bytes(layer, root)
+    assert tree_state(outside) == before
+    assert (outside / "file").read_bytes() == b"precious"
+    assert sorted(os.listdir(outside.parent)) == parent_before
+
+
+def test_dotdot_escape(sandbox: tuple[Path, Path]) -> None:
+    _reject(sandbox, make_tar([file_("../outside/evil", b"x")]), "escapes the root")
+    _reject(sandbox, make_tar([file_("a/../../outside/evil", b"x")]), "escapes the root")
+    _reject(sandbox, make_tar([dir_("../outside/newdir")]), "escapes the root")
+    _reject(sandbox, make_tar([symlink("../outside/l", "/")]), "escapes the root")
+
+
+def test_absolute_path_is_inside_root(sandbox: tuple[Path, Path]) -> None:
+    root, outside = sandbox
+    apply_bytes(make_tar([file_("/etc/x", b"in"), file_(str(outside / "abs"), b"in")]), root)
+    assert (root / "etc/x").read_bytes() == b"in"
+    assert (root / str(outside).lstrip("/") / "abs").read_bytes() == b"in"
+    assert not (outside / "abs").exists()
+
+
+def test_symlink_parent_absolute(sandbox: tuple[Path, Path]) -> None:
+    _, outside = sandbox
+    layer = make_tar([symlink("link", str(outside)), file_("link/evil", b"x")])
+    _reject(sandbox, layer, "is a symlink")
+    layer = make_tar([symlink("link", str(outside)), dir_("link/sub/deeper")])
+    _reject(sandbox, layer, "is a symlink")
+
+
+def test_symlink_parent_relative(sandbox: tuple[Path, Path]) -> None:
+    layer = make_tar([symlink("link", "../../.."), file_("link/evil", b"x")])
+    _reject(sandbox, layer, "is a symlink")
+    layer = make_tar([dir_("d"), symlink("d/up", "../../outside"), file_("d/up/file", b"pwn")])
+    _reject(sandbox, layer, "is a symlink")
+
+
+def test_symlink_parent_from_lower_layer(sandbox: tuple[Path, Path]) -> None:
+    root, outside = sandbox
+    os.symlink(str(outside), root / "lowerlink")
+    _reject(sandbox, make_tar([file_("lowerlink/file", b"pwn")]), "is a symlink")
+
+
+def test_hardlink_outside(sandbox: tuple[Path, Path]) -> None:
+    _, outside = sandbox
+    _reject(sandbox, make_tar([hardlink("h", "../outside/file")]), "outside the root")
+    # an absolute target is inside the root, where it does not exist
+    _reject(sandbox, make_tar([hardlink("h", str(outside / "file"))]), "does not exist")
+    _reject(sandbox, make_tar([hardlink("h", "missing")]), "does not exist")
+    layer = make_tar([symlink("l", str(outside)), hardlink("h", "l/file")])
+    _reject(sandbox, layer, "is a symlink")
+    _reject(sandbox, make_tar([dir_("d"), hardlink("h", "d")]), "is a directory")
+
+
+def test_hardlink_to_symlink_links_the_symlink(sandbox: tuple[Path, Path]) -> None:
+    root, outside = sandbox
+    apply_bytes(make_tar([symlink("l", str(outside / "file")), hardlink("h", "l")]), root)
+    assert os.readlink(root / "h") == str(outside / "file")
+    assert os.lstat(root / "h").st_ino == os.lstat(root / "l").st_ino
+
+
+def test_bad_whiteouts(sandbox: tuple[Path, Path]) -> None:
+    root, outside = sandbox
+    _reject(sandbox, make_tar([file_(".wh..", b"")]), "does not name")
+    _reject(sandbox, make_tar([file_(".wh...", b"")]), "does not name")
+    _reject(sandbox, make_tar([file_(".wh.", b"")]), "does not name")
+    _reject(sandbox, make_tar([file_("../.wh.outside", b"")]), "escapes the root")
+    _reject(sandbox, make_tar([file_("../outside/.wh.file", b"")]), "escapes the root")
+    _reject(sandbox, make_tar([dir_(".wh.dir")]), "cannot be a directory")
+    _reject(sandbox, make_tar([file_(".wh.x/child", b"")]), "through whiteout")
+    layer = make_tar([symlink("l", str(outside)), file_("l/.wh.file", b"")])
+    _reject(sandbox, layer, "is a symlink")
+    layer = make_tar([symlink("l", str(outside)), file_("l/.wh..wh..opq", b"")])
+    _reject(sandbox, layer, "is a symlink")
+    # a whiteout naming a symlink removes the link, never its target
+    os.symlink(str(outside), root / "tolink")
+    apply_bytes(make_tar([file_(".wh.tolink", b"")]), root)
+    assert not os.path.lexists(root / "tolink")
+    assert (outside / "file").read_bytes() == b"precious"
+
+
+def test_overlay_mode_is_as_strict(sandbox: tuple[Path, Path]) -> None:
+    root, outside = sandbox
+    layer = make_tar([symlink("l", str(outside)), file_("l/.wh.file", b"")])
+    with pytest.raises(InvalidArgument):
+        apply_bytes(layer, root, overlay=True)
+    assert (outside / "file").read_bytes() == b"precious"
+    assert sorted(os.listdir(outside)) == ["file", "sub"]
+
+
+def test_truncated_gzip(sandbox: tuple[Path, Path]) -> None:
+    raw = make_tar([file_("f", os.urandom(200_000))])
+    gz = gzip.compress(raw)
+    _reject(sandbox, gz[: len(gz) // 2], "corrupt or truncated gzip")
+    # only the trailer (CRC + length) missing: the tar itself is complete
+    _reject(sandbox, gz[:-8], "corrupt or truncated gzip")
+    bad = bytearray(gz)
+    bad[-6] ^= 0xFF  # CRC mismatch
+    _reject(sandbox, bytes(bad), "corrupt or truncated gzip")
+
+
+def test_truncated_zstd(sandbox: tuple[Path, Path]) -> None:
+    raw = make_tar([file_("f", os.urandom(200_000))])
+    z = zstandard.ZstdCompressor(write_checksum=True).compress(raw)
+    _reject(sandbox, z[: len(z) // 2], "zstd")
+    _reject(sandbox, z[:-2], "zstd")  # only the checksum cut
+    _reject(sandbox, z + b"garbage!", "zstd")
+
+
+def test_truncated_member_data(sandbox: tuple[Path, Path]) -> None:
+    raw = make_tar([file_("f", b"A" * 10_000)], eoa=False)
+    _reject(sandbox, raw[:5000], "ends inside member data")
+    _reject(sandbox, raw[: len(raw) - 100], "ends inside member")  # inside the padding
+    _reject(sandbox, raw[:300], "ends inside a header")
+
+
+def test_bad_header_checksum(sandbox: tuple[Path, Path]) -> None:
+    raw = bytearray(make_tar([file_("f", b"x")]))
+    at = find_header(bytes(raw), b"f")
+    raw[at + 10] ^= 0x01
+    _reject(sandbox, bytes(raw), "checksum mismatch")
+
+
+def test_garbage_numbers(sandbox: tuple[Path, Path]) -> None:
+    raw = make_tar([file_("f", b"x")])
+    at = find_header(raw, b"f")
+    _reject(sandbox, set_field(raw, at, 124, 136, b"12x4"), "not an octal number")
+
+
+def test_absurd_size(sandbox: tuple[Path, Path]) -> None:
+    raw = make_tar([file_("f", b"x")])
+    at = find_header(raw, b"f")
+    huge = b"\x80" + (10**15).to_bytes(11, "big")  # GNU base-256 size field
+    _reject(sandbox, set_field(raw, at, 124, 136, huge), "out of range")
+    neg = b"\xff" * 12
+    _reject(sandbox, set_field(raw, at, 124, 136, neg), "out of range")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        ti = tarfile.TarInfo("f")
+        ti.size = 1
+        ti.pax_headers = {"size": str(10**15)}
+        tf.addfile(ti, io.BytesIO(b"x"))
+    _reject(sandbox, buf.getvalue(), "out of range")
+
+
+def test_pax_bombs(sandbox: tuple[Path, Path]) -> None:
+    big = make_tar([file_("f", b"x", xattrs={"user.big": b"A" * (3 << 20)})])
+    _reject(sandbox, big, "exceeds")
+
+    def bad_length(w: TarWriter) -> None:
+        rec = b"99999999 path=x\n"
+        w._emit(w._header(b"PaxHeader/f", "x", 0o644, 0, 0, 0, len(rec)))
+        w._emit(rec + bytes(-len(rec) % 512))
+        w.add("f", "0", mode=0o644, uid=0, gid=0, mtime_ns=0)
+
+    _reject(sandbox, raw_tar(bad_length), "PAX record length")
+
+    def chain(w: TarWriter) -> None:
+        rec = b"16 comment=abcd\n"
+        for _ in range(1000):
+            w._emit(w._header(b"PaxHeader/f", "x", 0o644, 0, 0, 0, len(rec)))
+            w._emit(rec + bytes(-len(rec) % 512))
+        w.add("f", "0", mode=0o644, uid=0, gid=0, mtime_ns=0)
+
+    _reject(sandbox, raw_tar(chain), "too many metadata")
+
+    def no_equals(w: TarWriter) -> None:
+        rec = b"11 pathxyz\n"
+        w._emit(w._header(b"PaxHeader/f", "x", 0o644, 0, 0, 0, len(rec)))
+        w._emit(rec + bytes(-len(rec) % 512))
+        w.add("f", "0", mode=0o644, uid=0, gid=0, mtime_ns=0)
+
+    _reject(sandbox, raw_tar(no_equals), "key=value")
+
+    # a NUL in a PAX path (the ustar field stops at the NUL, the PAX record does not)
+    def nul_pax(w: TarWriter) -> None:
+        rec = b"12 path=a\0b\n"
+        w._emit(w._header(b"PaxHeader/f", "x", 0o644, 0, 0, 0, len(rec)))
+        w._emit(rec + bytes(-len(rec) % 512))
+        w.add("f", "0", mode=0o644, uid=0, gid=0, mtime_ns=0)
+
+    _reject(sandbox, raw_tar(nul_pax), "NUL")
+
+
+def test_gnu_longname_bomb(sandbox: tuple[Path, Path]) -> None:
+    def longname(w: TarWriter) -> None:
+        size = 5 << 20
+        w._emit(w._header(b"././@LongLink", "L", 0o644, 0, 0, 0, size))
+        w._emit(b"a" * size)
+
+    _reject(sandbox, raw_tar(longname), "exceeds")
+
+
+def test_wrong_diff_id(sandbox: tuple[Path, Path]) -> None:
+    raw = make_tar([file_("f", b"x")])
+    wrong = "sha256:" + hashlib.sha256(b"other").hexdigest()
+    root, _ = sandbox
+    with pytest.raises(InvalidArgument, match="diff id mismatch"):
+        apply_bytes(gzip.compress(raw), root, expected_diff_id=wrong)
+
+
+def test_unsupported_types(sandbox: tuple[Path, Path]) -> None:
+    raw = make_tar([file_("f", b"x")])
+    at = find_header(raw, b"f")
+    _reject(sandbox, set_field(raw, at, 156, 157, b"S"), "sparse")
+    _reject(sandbox, set_field(raw, at, 156, 157, b"Z"), "unsupported member type")
+
+
+def test_parent_is_a_file(sandbox: tuple[Path, Path]) -> None:
+    _reject(sandbox, make_tar([file_("f", b"x"), file_("f/g", b"y")]), "not a directory")

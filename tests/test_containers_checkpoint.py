@@ -1,0 +1,431 @@
+"""Checkpoint containers into OCI image indexes and restore them, with runc and CRIU.
+
+A shell loop counts in the container (``/tmp/count``, in its rw layer). After
+a checkpoint and a restore into a new container the count must go on from
+where it was dumped — the same shell, not a fresh start — also on a second
+root that only got the checkpoint through ``image export``/``image import``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import test_containers_cli as shared
+from conftest import require_root_user, require_tools
+
+from lamina.containers.checkpoint import (
+    ANNOTATION_BIND_DESTINATION,
+    ANNOTATION_RUNTIME,
+    ANNOTATION_SNAPSHOTTER,
+    RUNTIME,
+    CheckpointService,
+)
+from lamina.containers.revisions import ContainerService
+from lamina.containers.runtime import TaskStatus
+from lamina.containers.runtime.criu import find_criu
+from lamina.containers.tasks_service import ContainerTasks, make_options
+from lamina.errors import AlreadyExists, FailedPrecondition, Internal, NotFound
+from lamina.gc import collect
+from lamina.images.oci import MediaType, host_platform
+from lamina.images.service import ImageService
+from lamina.root import Root
+
+layout = shared.layout
+Cli = shared.Cli
+V1, V2 = shared.V1, shared.V2
+wait_for = shared.wait_for
+
+COUNTER = ("echo started; trap 'exit 0' TERM; i=0; "
+           "while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done")
+BIND_COUNTER = ("echo started; i=0; "
+                "while true; do i=$((i+1)); echo $i > /tmp/count; echo $i > /data/count; "
+                "sleep 0.05; done")
+
+TIMINGS: list[str] = []
+
+
+@pytest.fixture
+def cli(tmp_root: Path, layout: Path) -> Iterator[Cli]:
+    require_root_user()
+    require_tools("runc")
+    if find_criu() is None:
+        pytest.skip("criu is not installed (or not in $PATH)")
+    c = Cli(tmp_root / "root")
+    try:
+        c("image", "import", str(layout))
+        yield c
+    finally:
+        problems = [p for r in c.roots for p in shared.cleanup_tasks(r)]
+        assert not problems, problems
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_timings() -> Iterator[None]:
+    yield
+    if TIMINGS:
+        print("\n" + "\n".join(TIMINGS))
+
+
+def count_in(cli: Cli, cid: str, root: Path | None = None) -> int:
+    for _ in range(20):
+        text = cli("task", "exec", cid, "cat", "/tmp/count", root=root).stdout.strip()
+        if text:
+            return int(text)
+        time.sleep(0.02)  # caught between truncate and write
+    raise AssertionError(f"/tmp/count of {cid} stays empty")
+
+
+def read_int(path: Path) -> int:
+    for _ in range(50):
+        text = path.read_text().strip()
+        if text:
+            return int(text)
+        time.sleep(0.01)
+    raise AssertionError(f"{path} stays empty")
+
+
+def checkpoint(cli: Cli, *args: str, root: Path | None = None) -> tuple[str, dict[str, float]]:
+    """``container checkpoint -v ARGS``: the index digest and the timings."""
+    t0 = time.monotonic()
+    proc = cli("container", "checkpoint", "-v", *args, root=root)
+    wall = time.monotonic() - t0
+    timings = json.loads(proc.stderr.strip().splitlines()[-1])
+    TIMINGS.append(f"checkpoint {' '.join(args)}: wall {wall:.3f}s (cli), {timings}")
+    digest = proc.stdout.strip()
+    assert digest.startswith("sha256:") and len(digest) == 71
+    return digest, timings
+
+
+def restore(cli: Cli, *args: str, root: Path | None = None) -> tuple[int, dict[str, float]]:
+    t0 = time.monotonic()
+    proc = cli("container", "restore", "-v", *args, root=root)
+    wall = time.monotonic() - t0
+    timings = json.loads(proc.stderr.strip().splitlines()[-1])
+    TIMINGS.append(f"restore {' '.join(args)}: wall {wall:.3f}s (cli), {timings}")
+    _cid, pid = proc.stdout.split()
+    return int(pid), timings
+
+
+def start_counter(cli: Cli, cid: str, *, above: int = 15, script: str = COUNTER,
+                  extra: tuple[str, ...] = ()) -> int:
+    cli("run", "-d", *extra, V1, cid, "sh", "-c", script)
+    return int(wait_for(lambda: (n := count_in(cli, cid)) > above and n, what="counting"))
+
+
+def dumped_count(cli: Cli, cid: str) -> int:
+    """The count a task stopped by ``--exit`` left in its (still mounted) rootfs."""
+    return read_int(cli.root / "tasks" / cid / "rootfs" / "tmp" / "count")
+
+
+def assert_resumed(cli: Cli, cid: str, dumped: int, root: Path | None = None) -> int:
+    """The restored loop counts on from ``dumped`` (a fresh start would begin at 1)."""
+    t0 = time.monotonic()
+    now = wait_for(lambda: (n := count_in(cli, cid, root)) > dumped and n, timeout=5,
+                   what="the count to go past the checkpoint")
+    elapsed = time.monotonic() - t0
+    # from 1 it would take dumped * 50ms to get here; resumed it is at most a few ticks on
+    assert now <= dumped + 10 + int(elapsed / 0.05) * 2, (dumped, now, elapsed)
+    logs = cli("task", "logs", cid, root=root).stdout
+    assert "started" not in logs  # the script did not run from its start
+    return now
+
+
+# --------------------------------------------------------------------------- index
+
+
+def validate_index(root: Path, digest: str) -> dict[str, Any]:
+    """Check the checkpoint index as an OCI image index; returns it parsed."""
+    r = Root(root)
+    try:
+        content = r.content()
+        with content.reader(digest) as f:
+            data = f.read()
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == digest
+        index = json.loads(data)
+        assert index["schemaVersion"] == 2
+        assert index["mediaType"] == MediaType.OCI_INDEX
+        assert isinstance(index["manifests"], list) and index["manifests"]
+        for d in index["manifests"]:
+            assert set(d) >= {"mediaType", "digest", "size", "platform"}, d
+            assert d["platform"] == host_platform()
+            assert isinstance(d["size"], int) and d["digest"].startswith("sha256:")
+            with content.reader(d["digest"]) as f:
+                blob = f.read()
+            assert len(blob) == d["size"], d
+            assert "sha256:" + hashlib.sha256(blob).hexdigest() == d["digest"], d
+        ann = index["annotations"]
+        assert ann[ANNOTATION_RUNTIME] == RUNTIME
+        assert ann[ANNOTATION_SNAPSHOTTER] == "overlay"
+        assert ann["io.containerd.checkpoint.runtime.version"].startswith("1.")
+        types = [d["mediaType"] for d in index["manifests"]]
+        for needed in (MediaType.CHECKPOINT_CRIU, MediaType.CHECKPOINT_RW,
+                       MediaType.CHECKPOINT_CONFIG, MediaType.OCI_MANIFEST):
+            assert types.count(needed) == 1, types
+        # GC references from the index to each child
+        labels = content.info(digest).labels
+        for i, d in enumerate(index["manifests"]):
+            assert labels[f"containerd.io/gc.ref.content.m.{i}"] == d["digest"]
+        return index  # type: ignore[no-any-return]
+    finally:
+        r.close()
+
+
+def blob_of(root: Path, index: dict[str, Any], media_type: str) -> bytes:
+    d = next(d for d in index["manifests"] if d["mediaType"] == media_type)
+    r = Root(root)
+    try:
+        with r.content().reader(d["digest"]) as f:
+            return f.read()
+    finally:
+        r.close()
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_checkpoint_exit_and_restore_resumes_count(cli: Cli) -> None:
+    start_counter(cli, "ctr", above=20)
+    digest, timings = checkpoint(cli, "--exit", "ctr", "ckpt/ctr:one")
+    assert "pause" not in timings  # --exit: no pause, the dump stops the task
+    assert cli.task("ctr")["status"] == "stopped"  # type: ignore[index]
+    dumped = dumped_count(cli, "ctr")
+    assert dumped > 20
+    time.sleep(0.3)
+    assert dumped_count(cli, "ctr") == dumped  # nothing runs any more
+
+    images = {i["name"]: i for i in cli.json("image", "ls", "--json")}
+    assert images["ckpt/ctr:one"]["target"]["digest"] == digest
+    assert images["ckpt/ctr:one"]["target"]["mediaType"] == MediaType.OCI_INDEX
+
+    pid, _ = restore(cli, "ckpt/ctr:one", "ctr2")
+    task = cli.task("ctr2")
+    assert task is not None and task["status"] == "running" and task["pid"] == pid
+    assert_resumed(cli, "ctr2", dumped)
+    info = cli.json("container", "info", "ctr2")
+    assert info["image"] == V1
+    assert info["options"]["args"] == ["sh", "-c", COUNTER]
+    assert info["labels"]["lamina.io/checkpoint"] == "ckpt/ctr:one"
+
+    # the restored container is an ordinary one: it stops, starts afresh, goes away
+    cli("task", "kill", "ctr2")
+    assert cli("task", "wait", "--timeout", "10", "ctr2", check=False).returncode == 0
+    cli("container", "rm", "ctr", "ctr2")
+    # the checkpoint keeps its blobs (and the image) through garbage collection
+    validate_index(cli.root, digest)
+
+
+def test_checkpoint_leave_running_index_valid_and_gc_safe(cli: Cli, tmp_path: Path) -> None:
+    before = start_counter(cli, "live")
+    cli("task", "exec", "live", "sh", "-c", "echo written > /root/note")
+    digest, timings = checkpoint(cli, "live")
+    assert {"pause", "criu_dump", "rw_diff", "resume"} <= set(timings)
+    # resumed, still counting
+    task = cli.task("live")
+    assert task is not None and task["status"] == "running"
+    wait_for(lambda: count_in(cli, "live") > before + 5, what="counting after checkpoint")
+
+    names = [i["name"] for i in cli.json("image", "ls", "--json")
+             if i["target"]["digest"] == digest]
+    assert len(names) == 1 and names[0].startswith("checkpoint/live:")
+    ref = names[0]
+
+    index = validate_index(cli.root, digest)
+    image_entry = next(d for d in index["manifests"]
+                       if d["mediaType"] == MediaType.OCI_MANIFEST)
+    assert image_entry["annotations"]["io.containerd.image.name"] == V1
+    config = json.loads(blob_of(cli.root, index, MediaType.CHECKPOINT_CONFIG))
+    assert config["id"] == "live" and config["image"] == V1
+    assert config["options"]["args"] == ["sh", "-c", COUNTER]
+    assert config["spec"]["process"]["args"] == ["sh", "-c", COUNTER]
+    assert config["image_target"]["digest"] == image_entry["digest"]
+    criu_tar = blob_of(cli.root, index, MediaType.CHECKPOINT_CRIU)
+    with tarfile.open(fileobj=io.BytesIO(criu_tar)) as tar:
+        assert "inventory.img" in tar.getnames()
+    rw = blob_of(cli.root, index, MediaType.CHECKPOINT_RW)
+    with tarfile.open(fileobj=io.BytesIO(rw), mode="r:gz") as tar:
+        names_in_rw = tar.getnames()
+    assert "root/note" in names_in_rw and "tmp/count" in names_in_rw
+
+    # garbage collection keeps every blob: the image reaches them all
+    r = Root(cli.root)
+    try:
+        report = collect(r)
+        removed = {d for d, _ in report.content}
+    finally:
+        r.close()
+    assert not removed & {d["digest"] for d in index["manifests"]}
+    validate_index(cli.root, digest)
+
+    # an exported checkpoint is an OCI layout other tools read
+    tar_path = tmp_path / "ckpt.tar"
+    cli("image", "export", str(tar_path), ref)
+    lay = tmp_path / "layout"
+    lay.mkdir()
+    with tarfile.open(tar_path) as tar:
+        tar.extractall(lay, filter="tar")
+    top = json.loads((lay / "index.json").read_text())
+    assert top["manifests"][0]["digest"] == digest
+    for d in index["manifests"]:
+        blob = lay / "blobs" / "sha256" / d["digest"].split(":")[1]
+        assert blob.stat().st_size == d["size"]
+    if shutil.which("skopeo"):
+        raw = subprocess.run(["skopeo", "inspect", "--raw", f"oci:{lay}:{ref}"],
+                             capture_output=True, check=True).stdout
+        assert hashlib.sha256(raw).hexdigest() == digest.split(":")[1]
+        # skopeo picks the host platform's entry: the container's image
+        meta = json.loads(subprocess.run(["skopeo", "inspect", f"oci:{lay}:{ref}"],
+                                         capture_output=True, check=True, text=True).stdout)
+        assert meta["Digest"] == digest and meta["Os"] == "linux"
+    cli("container", "rm", "--force", "live")
+
+
+def test_restore_on_second_root_from_export(cli: Cli, tmp_root: Path) -> None:
+    start_counter(cli, "mover", above=20)
+    checkpoint(cli, "--exit", "mover", "moving/mover:1")
+    dumped = dumped_count(cli, "mover")
+    tar_path = tmp_root / "mover.tar"
+    cli("image", "export", str(tar_path), "moving/mover:1")
+
+    other = tmp_root / "other"
+    cli("image", "import", str(tar_path), root=other)
+    names = [i["name"] for i in cli.json("image", "ls", "--json", root=other)]
+    assert names == ["moving/mover:1"]  # the image itself travelled inside, unnamed
+
+    pid, _ = restore(cli, "moving/mover:1", "moved", root=other)
+    assert pid > 0
+    assert_resumed(cli, "moved", dumped, root=other)
+    names = [i["name"] for i in cli.json("image", "ls", "--json", root=other)]
+    assert sorted(names) == sorted(["moving/mover:1", V1])  # registered from the index
+    assert cli.json("container", "info", "moved", root=other)["image"] == V1
+    cli("container", "rm", "--force", "moved", root=other)
+    cli("container", "rm", "--force", "mover")
+
+
+def test_checkpoint_binds_restore_to_sources_and_bind_root(cli: Cli, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "marker").write_text("bind contents\n")
+    (data / "sub").mkdir()
+    (data / "sub" / "deep.txt").write_text("deep\n")
+    note = tmp_path / "note.txt"
+    note.write_text("a single file\n")
+    start_counter(cli, "binder", above=10, script=BIND_COUNTER, extra=(
+        "--mount", f"type=bind,src={data},dst=/data",
+        "--mount", f"type=bind,src={note},dst=/note.txt"))
+    digest, timings = checkpoint(cli, "--exit", "--binds", "binder", "binds/binder:1")
+    assert "binds" in timings
+    dumped = read_int(data / "count")
+
+    index = validate_index(cli.root, digest)
+    binds = [d for d in index["manifests"] if d["mediaType"] == MediaType.CHECKPOINT_BINDS]
+    assert sorted(d["annotations"][ANNOTATION_BIND_DESTINATION] for d in binds) == [
+        "/data", "/note.txt"]
+
+    # back into the original sources (which lost their contents meanwhile)
+    shutil.rmtree(data)
+    note.unlink()
+    restore(cli, "binds/binder:1", "binder2")
+    assert (data / "marker").read_text() == "bind contents\n"
+    assert (data / "sub" / "deep.txt").read_text() == "deep\n"
+    assert note.read_text() == "a single file\n"
+    assert_resumed(cli, "binder2", dumped)
+    wait_for(lambda: read_int(data / "count") > dumped, what="counting into the bind mount")
+    assert cli("task", "exec", "binder2", "cat", "/note.txt").stdout == "a single file\n"
+    cli("task", "kill", "--signal", "KILL", "binder2")
+
+    # or under another directory, which the new container then mounts
+    elsewhere = tmp_path / "elsewhere"
+    restore(cli, "--bind-root", str(elsewhere), "binds/binder:1", "binder3")
+    assert (elsewhere / "data" / "marker").read_text() == "bind contents\n"
+    assert (elsewhere / "note.txt").read_text() == "a single file\n"
+    wait_for(lambda: (elsewhere / "data" / "count").exists()
+             and read_int(elsewhere / "data" / "count") > dumped, what="counting elsewhere")
+    opts = cli.json("container", "info", "binder3")["options"]
+    assert {m["destination"]: m["source"] for m in opts["mounts"]} == {
+        "/data": str(elsewhere / "data"), "/note.txt": str(elsewhere / "note.txt")}
+    cli("container", "rm", "--force", "binder", "binder2", "binder3")
+
+
+# --------------------------------------------------------------------------- library
+
+
+@pytest.fixture
+def services(tmp_root: Path, layout: Path) -> Iterator[tuple[ContainerTasks, CheckpointService]]:
+    require_root_user()
+    require_tools("runc")
+    if find_criu() is None:
+        pytest.skip("criu is not installed (or not in $PATH)")
+    root = Root(tmp_root / "lib")
+    images = ImageService(root)
+    containers = ContainerService(root, images=images)
+    ct = ContainerTasks(containers)
+    try:
+        images.import_(layout)
+        yield ct, CheckpointService(ct)
+    finally:
+        problems = shared.cleanup_tasks(root.path)
+        ct.close()
+        containers.close()
+        images.close()
+        root.close()
+        assert not problems, problems
+
+
+def test_failed_checkpoint_resumes_the_task(
+    services: tuple[ContainerTasks, CheckpointService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ct, cps = services
+    ct.containers.create(V1, "frail", options=make_options(args=["sh", "-c", COUNTER]))
+    with pytest.raises(FailedPrecondition):  # no task yet
+        cps.checkpoint("frail")
+    ct.start("frail", detach=True)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        assert ct.tasks.state("frail").status == TaskStatus.PAUSED
+        raise Internal("criu exploded")
+
+    monkeypatch.setattr(ct.tasks, "checkpoint", broken)
+    with pytest.raises(Internal, match="criu exploded"):
+        cps.checkpoint("frail", "broken:1")
+    assert ct.tasks.state("frail").status == TaskStatus.RUNNING
+    with pytest.raises(NotFound):
+        ct.containers.images.get("broken:1")
+    assert list((ct.containers.root.path / "checkpoints").iterdir()) == []
+    monkeypatch.undo()
+
+    result = cps.checkpoint("frail", "works:1")
+    assert ct.tasks.state("frail").status == TaskStatus.RUNNING
+    TIMINGS.append(f"library checkpoint (leave running): {dict(result.timings)}")
+    with pytest.raises(AlreadyExists):
+        cps.checkpoint("frail", "works:1")
+    # restoring onto an existing container id fails and leaves that container alone
+    with pytest.raises(FailedPrecondition):
+        cps.restore("works:1", "frail")
+    assert ct.tasks.state("frail").status == TaskStatus.RUNNING
+    # an ordinary image is not a checkpoint
+    with pytest.raises(Exception, match="not a checkpoint"):
+        cps.restore(V2, "x")
+    with pytest.raises(NotFound):
+        ct.containers.get("x")
+
+    restored = cps.restore("works:1", "frail2")
+    TIMINGS.append(f"library restore: {dict(restored.timings)}")
+    assert restored.task.status == TaskStatus.RUNNING
+    # both run, each in its own cgroup
+    assert restored.task.pid is not None
+    original = ct.tasks.state("frail").pid
+    assert Path(f"/proc/{original}/cgroup").read_text() != \
+        Path(f"/proc/{restored.task.pid}/cgroup").read_text()
+    assert "frail2" in Path(f"/proc/{restored.task.pid}/cgroup").read_text()
+    ct.remove("frail", force=True)
+    ct.remove("frail2", force=True)
