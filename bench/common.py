@@ -179,6 +179,35 @@ def lamina_has_command(*words: str) -> bool:
     return proc.returncode == 0
 
 
+def ensure_tools(tools: dict[str, str]) -> None:
+    """Make sure each command in ``tools`` (command -> Debian package) exists.
+
+    Missing ones are installed with apt-get when running as root (waiting for
+    the dpkg lock of a concurrent install); :class:`Skip` when that fails.
+    """
+    missing = sorted({pkg for tool, pkg in tools.items() if not _have(tool)})
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise Skip(f"missing packages {missing} (not root, cannot apt-get install)")
+    log = CACHE / "apt-install.log"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as f:
+        proc = subprocess.run(
+            ["apt-get", "install", "-y", "--no-install-recommends",
+             "-o", "DPkg::Lock::Timeout=600", *missing],
+            stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, check=False,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=900)
+    still = sorted(tool for tool in tools if not _have(tool))
+    if proc.returncode != 0 or still:
+        raise Skip(f"apt-get install {' '.join(missing)} failed (exit {proc.returncode}, "
+                   f"see {log}); missing {still}")
+
+
+def _have(tool: str) -> bool:
+    return shutil.which(tool) is not None or os.access(tool, os.X_OK)
+
+
 def drop_caches() -> None:
     """Write back dirty pages so one run's writeback does not bill the next."""
     os.sync()

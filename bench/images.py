@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import REPO, Skip, run_cmd
+from bench.common import REPO, Skip, ensure_tools, run_cmd
 
 IMAGE_NAME = "docker.io/lamina/bench-debian:bookworm"
 _VERSION = "v1"
@@ -57,6 +57,7 @@ def debian_image(cache: Path) -> BenchImage:
                           unpacked_bytes=m["unpacked_bytes"], files=m["files"])
     if os.geteuid() != 0:
         raise Skip("building the debootstrap image needs root")
+    ensure_tools({"debootstrap": "debootstrap"})
     try:
         rootfs: Path = f.debootstrap_rootfs(cache)  # type: ignore[attr-defined]
     except RuntimeError as exc:

@@ -69,7 +69,7 @@ def run(ctx: Ctx) -> list[Row]:
                     err = absolute.stderr.decode(errors="replace").strip().splitlines()
                     why = err[0].split(": ")[-1].strip() if err else absolute.returncode
                     abs_note = (f"mount(8) with absolute paths FAILS ({len(opts):,} B options "
-                                f"> page, the kernel sees them truncated: {why}); peer "
+                                f"> one page: {why}); peer "
                                 f"timed with relative lowerdirs ({len(rel):,} B, "
                                 "cwd=snapshots dir)")
                     use_rel = True

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import Skip, cleanup_tree, lamina_cli, lamina_has_command, run_cmd
+from bench.common import (
+    Skip,
+    cleanup_tree,
+    ensure_tools,
+    lamina_cli,
+    lamina_has_command,
+    run_cmd,
+)
 
 NAMESPACE = "bench"
 
@@ -49,9 +55,8 @@ class Containerd:
 
 
 def require_containerd() -> None:
-    for tool in ("containerd", "ctr"):
-        if shutil.which(tool) is None:
-            raise Skip(f"{tool} is not installed (apt-get install -y containerd runc)")
+    """containerd and ctr, installed from Debian (with runc) if missing."""
+    ensure_tools({"containerd": "containerd", "ctr": "containerd", "runc": "runc"})
 
 
 def _stop(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:

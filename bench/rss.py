@@ -19,7 +19,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from bench.common import Ctx, Row, Skip, cleanup_tree, paired
+from bench.common import Ctx, Row, Skip, cleanup_tree, ensure_tools, paired
 
 NAME = "rss"
 BIG_FILES = 3
@@ -120,8 +120,7 @@ def run(ctx: Ctx) -> list[Row]:
         import lamina.archive.apply  # noqa: F401
     except ImportError as exc:
         raise Skip(f"lamina.archive.apply is missing ({exc})") from exc
-    if not os.access(GNU_TIME, os.X_OK):
-        raise Skip(f"{GNU_TIME} (GNU time) is missing: apt-get install -y time")
+    ensure_tools({GNU_TIME: "time"})
     ctx.log("  generating / reusing the 1 GiB layer ...")
     blob = layer(ctx.cache)
     reps = ctx.pick(2, 1)

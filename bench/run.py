@@ -25,6 +25,7 @@ import importlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -77,6 +78,26 @@ def _table(results: list[dict[str, Any]]) -> str:
 
     sep = "  ".join("-" * w for w in widths) + "  " + "-" * 15
     return "\n".join([render(head), sep, *(render(x) for x in lines)])
+
+
+def _versions() -> dict[str, str]:
+    """Versions of lamina and of the peers, for the record."""
+    out: dict[str, str] = {}
+    for name, cmd in {"containerd": ["containerd", "--version"],
+                      "ctr": ["ctr", "--version"], "mount": ["mount", "--version"],
+                      "tar": ["tar", "--version"]}.items():
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=30)
+            out[name] = (proc.stdout.strip().splitlines() or [""])[0]
+        except OSError:
+            out[name] = "missing"
+    try:
+        from importlib.metadata import version
+
+        out["lamina"] = version("lamina")
+    except Exception:
+        out["lamina"] = "unknown"
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,8 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
         "seconds": round(total, 1),
+        "command": " ".join(["python3", "bench/run.py", *(argv if argv is not None
+                                                           else sys.argv[1:])]),
         "host": {"kernel": platform.release(), "python": platform.python_version(),
                  "cpus": os.cpu_count(), "filesystem": fstype, "dir": str(BENCH_BASE)},
+        "versions": _versions(),
         "benchmarks": results,
     }
     out.write_text(json.dumps(doc, indent=2) + "\n")

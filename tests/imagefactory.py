@@ -37,7 +37,7 @@ import struct
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -197,9 +197,15 @@ def Symlink(
     return Entry(path, "symlink", b"", 0o777, uid, gid, mtime, {}, target)
 
 
-def Hardlink(path: str, target: str) -> Entry:
-    """A hard link to ``target`` (a path in this or a lower layer)."""
-    return Entry(path, "hardlink", target=target)
+def Hardlink(path: str, target: str, mode: int = 0o644, *, uid: int = 0, gid: int = 0,
+             mtime: int = DEFAULT_MTIME) -> Entry:
+    """A hard link to ``target`` (a path in this or a lower layer).
+
+    Give it the target inode's metadata, as real tar writers do: appliers
+    (containerd's among them) apply a link header's owner, mode and times
+    to the shared inode.
+    """
+    return Entry(path, "hardlink", mode=mode, uid=uid, gid=gid, mtime=mtime, target=target)
 
 
 def CharDev(
@@ -326,7 +332,6 @@ def _tarinfo_for(e: Entry) -> _TarInfo:
     elif e.kind == "hardlink":
         ti.type = tarfile.LNKTYPE
         ti.linkname = e.target
-        ti.mode = 0o644
     elif e.kind in ("char", "block"):
         ti.type = tarfile.CHRTYPE if e.kind == "char" else tarfile.BLKTYPE
         ti.devmajor, ti.devminor = e.devmajor, e.devminor
@@ -589,6 +594,15 @@ def layer_from_entries(
     return _make_layer(
         workdir, lambda out: write_entries_tar(out, ents), compression, ents, comment
     )
+
+
+def layer_from_raw(
+    write_tar: Callable[[IO[bytes]], None], workdir: Path, *,
+    compression: Compression = "gzip",
+) -> Layer:
+    """A layer from a function that writes raw tar bytes: for hostile layers that
+    the Entry model refuses to describe (``..`` paths and the like)."""
+    return _make_layer(workdir, write_tar, compression, None, "raw")
 
 
 def layer_from_dir(
@@ -1226,8 +1240,8 @@ def rich_entries() -> list[list[Entry]]:
         Symlink("lamina/link-dir", "sticky", uid=1000, gid=1000),
         Dir("lamina/hl"),
         File("lamina/hl/a", "hardlinked\n", 0o644, uid=7, gid=7),
-        Hardlink("lamina/hl/b", "lamina/hl/a"),
-        Hardlink("lamina/hl/c", "lamina/hl/a"),
+        Hardlink("lamina/hl/b", "lamina/hl/a", uid=7, gid=7),
+        Hardlink("lamina/hl/c", "lamina/hl/a", uid=7, gid=7),
         File("lamina/hl/g2", "group two\n"),
         Dir("lamina/other"),
         Hardlink("lamina/other/g2-link", "lamina/hl/g2"),
@@ -1269,7 +1283,7 @@ def rich_entries() -> list[list[Entry]]:
         File("lamina/d2f", "now a file\n", 0o600),
         File("lamina/replace-me", "version 2, longer than before\n", 0o600, uid=1, gid=2),
         File("lamina/link-replaced", "symlink became a file\n"),
-        Hardlink("lamina/hl-lower", "lamina/file.txt"),
+        Hardlink("lamina/hl-lower", "lamina/file.txt", uid=1000, gid=1000),
     ]
     l3 = [
         Dir("lamina", 0o755),

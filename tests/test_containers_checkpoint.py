@@ -265,6 +265,11 @@ def test_checkpoint_leave_running_index_valid_and_gc_safe(cli: Cli, tmp_path: Pa
         r.close()
     assert not removed & {d["digest"] for d in index["manifests"]}
     validate_index(cli.root, digest)
+    listed = cli.json("checkpoint", "ls", "--json")
+    assert [(c["ref"], c["container"], c["image"]) for c in listed] == [(ref, "live", V1)]
+    inspected = cli.json("checkpoint", "inspect", ref)
+    assert inspected["index"]["digest"] == digest
+    assert inspected["annotations"][ANNOTATION_RUNTIME] == RUNTIME
 
     # an exported checkpoint is an OCI layout other tools read
     tar_path = tmp_path / "ckpt.tar"

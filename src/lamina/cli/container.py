@@ -17,7 +17,10 @@ from lamina.errors import InvalidArgument
 from lamina.images.service import ImageService
 from lamina.progress import Progress
 
-__all__ = ["add_create_flags", "options_from_args", "register", "services"]
+__all__ = [
+    "add_checkpoint_flags", "add_create_flags", "add_restore_flags", "options_from_args",
+    "register", "services",
+]
 
 
 @contextlib.contextmanager
@@ -245,19 +248,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v.set_defaults(handler=_prune)
 
     v = verbs.add_parser("checkpoint", help="checkpoint a running container into an image")
+    add_checkpoint_flags(v)
+
+    v = verbs.add_parser("restore", help="restore a checkpoint as a new running container")
+    add_restore_flags(v)
+
+
+def add_checkpoint_flags(v: argparse.ArgumentParser) -> None:
     v.add_argument("--exit", action="store_true", help="stop the task after the checkpoint")
     v.add_argument("--binds", action="store_true", help="archive bind mount contents too")
-    v.add_argument("-v", "--verbose", action="store_true", help="print timings")
+    v.add_argument("-v", "--verbose", action="store_true", help="print timings (stderr)")
     v.add_argument("id", metavar="ID")
     v.add_argument("ref", nargs="?", metavar="REF",
                    help="image name (default checkpoint/<id>:<timestamp>)")
     v.set_defaults(handler=_checkpoint)
 
-    v = verbs.add_parser("restore", help="restore a checkpoint as a new running container")
+
+def add_restore_flags(v: argparse.ArgumentParser) -> None:
     v.add_argument("--bind-root", metavar="DIR",
                    help="put bind mount contents under DIR/<destination> instead of their "
                         "original sources")
-    v.add_argument("-v", "--verbose", action="store_true", help="print timings")
+    v.add_argument("-v", "--verbose", action="store_true", help="print timings (stderr)")
     v.add_argument("ref", metavar="REF")
     v.add_argument("id", metavar="ID")
     v.set_defaults(handler=_restore)

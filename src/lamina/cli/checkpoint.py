@@ -1,0 +1,75 @@
+"""``lamina checkpoint``: list and inspect checkpoint images; create/restore (as ``container``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from lamina.cli import container as container_cli
+from lamina.cli.app import App
+from lamina.errors import LaminaError
+
+__all__ = ["register"]
+
+
+def _ls(args: argparse.Namespace, app: App) -> int:
+    from lamina.containers.checkpoint import LABEL_CHECKPOINT, CheckpointService
+
+    rows = []
+    with container_cli.services(app) as ct:
+        cps = CheckpointService(ct)
+        for image in ct.containers.images.images.list():
+            if LABEL_CHECKPOINT not in image.labels:
+                continue
+            try:
+                ckpt = cps.read(image.name)
+            except LaminaError:
+                continue
+            rows.append({"ref": image.name, "digest": image.target.digest,
+                         "container": ckpt.config.get("id"), "image": ckpt.config.get("image"),
+                         "created": ckpt.config.get("created"),
+                         "binds": len(ckpt.binds), "exited": ckpt.config.get("exited")})
+    if args.json:
+        app.print_json(rows)
+        return 0
+    print(f"{'REF':<48} {'CONTAINER':<20} {'IMAGE':<32} CREATED")
+    for r in rows:
+        print(f"{r['ref']:<48} {r['container']!s:<20} {r['image']!s:<32} {r['created']}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace, app: App) -> int:
+    from lamina.containers.checkpoint import CheckpointService
+
+    with container_cli.services(app) as ct:
+        ckpt = CheckpointService(ct).read(args.ref)
+    app.print_json({
+        "ref": ckpt.ref,
+        "index": ckpt.index.to_json(),
+        "annotations": dict(ckpt.annotations),
+        "criu": ckpt.criu.to_json(),
+        "rw": ckpt.rw.to_json() if ckpt.rw else None,
+        "binds": [b.to_json() for b in ckpt.binds],
+        "image_target": ckpt.image_target.to_json() if ckpt.image_target else None,
+        "config": dict(ckpt.config),
+    })
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("checkpoint", aliases=["checkpoints"],
+                       help="list, inspect, create and restore checkpoints")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    v = verbs.add_parser("ls", aliases=["list"], help="list checkpoint images")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(handler=_ls)
+
+    v = verbs.add_parser("inspect", help="a checkpoint's parts and config as JSON")
+    v.add_argument("ref", metavar="REF")
+    v.set_defaults(handler=_inspect)
+
+    v = verbs.add_parser("create", help="same as `container checkpoint`")
+    container_cli.add_checkpoint_flags(v)
+
+    v = verbs.add_parser("restore", help="same as `container restore`")
+    container_cli.add_restore_flags(v)

@@ -1,0 +1,216 @@
+"""Image import, unpack, export — checked against containerd 1.6 and skopeo.
+
+The rich image is a debootstrap minbase rootfs plus layers exercising every
+file kind, whiteouts, opaque directories and type changes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import imagefactory as f
+import pytest
+import treesum
+from conftest import require_root_user, require_tools
+from containerd_peer import private_containerd
+
+from lamina.errors import InvalidArgument
+from lamina.images.identity import chain_id, chain_ids
+from lamina.images.service import ImageService
+from lamina.root import Root
+
+SNAPSHOTTERS = ["overlay", "native"]
+
+
+@pytest.fixture(scope="module")
+def rich(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[Path, list[str]]:
+    """(OCI layout tar of the rich image, its DiffIDs)."""
+    require_root_user()
+    w = tmp_path_factory.mktemp("rich")
+    layers = [f.debootstrap_layer(cache_dir), *f.rich_layers(w)]
+    f.build_oci_layout(w / "layout", layers, ref_name="test:latest")
+    return f.as_tar(w / "layout", w / "image.tar"), [lyr.diff_id for lyr in layers]
+
+
+@pytest.fixture(scope="module")
+def containerd_tree(rich: tuple[Path, list[str]], tmp_path_factory: pytest.TempPathFactory
+                    ) -> dict[str, object]:
+    """The rich image as containerd 1.6 unpacks it with its native snapshotter."""
+    tar, diff_ids = rich
+    with private_containerd(tmp_path_factory.mktemp("ctrd")) as ctrd:
+        ctrd.ctr("images", "import", "--snapshotter", "native", str(tar))
+        ctrd.ctr("snapshots", "--snapshotter", "native", "view", "parity", chain_id(diff_ids))
+        words = ctrd.ctr("snapshots", "--snapshotter", "native", "mounts", "/x",
+                         "parity").stdout.split()
+        # "mount -t bind SOURCE /x -o rbind,ro": a native snapshot is a plain directory
+        return treesum.summarize(words[3], dir_mtimes=False)
+
+
+@pytest.mark.parametrize("snapshotter", SNAPSHOTTERS)
+def test_unpack_matches_containerd(snapshotter: str, rich: tuple[Path, list[str]],
+                                   containerd_tree: dict[str, object], tmp_root: Path) -> None:
+    tar, diff_ids = rich
+    root = Root(tmp_root / "root")
+    svc = ImageService(root, snapshotter=snapshotter)
+    try:
+        (image,) = svc.import_(tar)
+        assert image.name == "test:latest"
+        # containerd's native snapshotter does not keep directory mtimes across its
+        # per-layer copies, so those are compared in the RICH_EXPECTED check below.
+        svc.mount("test:latest", tmp_root / "mnt")
+        mine = treesum.summarize(tmp_root / "mnt", dir_mtimes=False)
+        f.RICH_EXPECTED.verify(tmp_root / "mnt")
+        svc.unmount(tmp_root / "mnt")
+        assert treesum.diff(containerd_tree, mine) == []
+        # every layer is a committed snapshot named by its ChainID, labelled
+        names = {i.name: i for i in root.snapshotter(snapshotter).walk()}
+        for cid in chain_ids(diff_ids):
+            assert names[cid].labels["containerd.io/snapshot.ref"] == cid
+        # blobs carry containerd's GC references and uncompressed labels
+        manifest, config = svc.resolve("test:latest")
+        content = root.content()
+        for layer, diff_id in zip(manifest.layers, config.diff_ids, strict=True):
+            assert content.info(layer.digest).labels["containerd.io/uncompressed"] == diff_id
+        cfg_labels = content.info(manifest.config.digest).labels
+        assert cfg_labels[f"containerd.io/gc.ref.snapshot.{snapshotter}"] == chain_id(diff_ids)
+        assert root.snapshotter(snapshotter).check() == []  # type: ignore[attr-defined]
+    finally:
+        svc.close()
+        root.close()
+
+
+def test_docker_save_and_export_roundtrip(tmp_root: Path) -> None:
+    require_tools("skopeo")
+    w = tmp_root / "w"
+    w.mkdir()
+    layers = [f.minimal_layer(w), *f.rich_layers(w, compression="none")]
+    f.build_docker_save(w / "docker.tar", layers, "example/app:v1")
+    root = Root(tmp_root / "a")
+    svc = ImageService(root)
+    (image,) = svc.import_(w / "docker.tar")
+    assert image.name == "docker.io/example/app:v1"
+    top = svc.unpack(image.name).chain_id
+    assert top == chain_id([lyr.diff_id for lyr in layers])
+    svc.export([image.name], w / "export.tar")
+    # skopeo reads what lamina exports
+    out = subprocess.run(["skopeo", "inspect", f"oci-archive:{w / 'export.tar'}"],
+                         capture_output=True, text=True, check=True).stdout
+    assert len(json.loads(out)["Layers"]) == len(layers)
+    # and a second root imports it to the same snapshot chain
+    other = ImageService(Root(tmp_root / "b"), snapshotter="native")
+    (again,) = other.import_(w / "export.tar")
+    assert again.name == image.name and other.unpack(again.name).chain_id == top
+    svc.close()
+    other.close()
+
+
+def test_concurrent_unpacks_extract_each_layer_once(rich: tuple[Path, list[str]],
+                                                    tmp_root: Path) -> None:
+    tar, diff_ids = rich
+    root_dir = tmp_root / "root"
+    svc = ImageService(Root(root_dir))
+    svc.import_(tar, unpack=False)
+    svc.close()
+    # threads: two services on one root, started together
+    results: list[int] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def unpack() -> None:
+        s = ImageService(Root(root_dir))
+        try:
+            barrier.wait()
+            results.append(s.unpack("test:latest").extracted)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            s.close()
+
+    threads = [threading.Thread(target=unpack) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(results) == [0, len(diff_ids)] or sum(results) == len(diff_ids)
+    # processes: a fresh snapshotter on the same root, two CLIs at once
+    cmd = [sys.executable, "-m", "lamina", "--root", str(root_dir),
+           "--snapshotter", "native", "image", "unpack", "test:latest"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    extracted = [int(o.split("(")[1].split()[0]) for o, _ in outs]
+    assert sum(extracted) == len(diff_ids)
+
+
+def _put(layout: Path, data: bytes) -> dict[str, object]:
+    import hashlib
+
+    hexd = hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256" / hexd).write_bytes(data)
+    return {"digest": f"sha256:{hexd}", "size": len(data)}
+
+
+def _rewrite_config(layout: Path, change: Callable[[dict[str, Any]], object]) -> None:
+    """Edit the config of the layout's only image, re-linking manifest and index."""
+    index = json.loads((layout / "index.json").read_text())
+    mdesc = index["manifests"][0]
+    manifest = json.loads((layout / "blobs" / "sha256" / mdesc["digest"][7:]).read_bytes())
+    cfg = json.loads((layout / "blobs" / "sha256" / manifest["config"]["digest"][7:]).read_bytes())
+    change(cfg)
+    manifest["config"].update(_put(layout, json.dumps(cfg).encode()))
+    mdesc.update(_put(layout, json.dumps(manifest).encode()))
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("snapshotter", SNAPSHOTTERS)
+def test_bad_layer_leaves_no_snapshot(snapshotter: str, tmp_root: Path) -> None:
+    require_root_user()
+    w = tmp_root / "w"
+    w.mkdir()
+    good = f.minimal_layer(w)
+    def hostile(out: IO[bytes]) -> None:
+        with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for name in ("ok", "../../escape"):
+                info = tarfile.TarInfo(name)
+                info.size = 4
+                tar.addfile(info, io.BytesIO(b"boom"))
+
+    evil = f.layer_from_raw(hostile, w)
+    f.build_oci_layout(w / "layout", [good, evil], ref_name="evil:1")
+    root = Root(tmp_root / "root")
+    svc = ImageService(root, snapshotter=snapshotter)
+    with pytest.raises(InvalidArgument):
+        svc.import_(w / "layout")
+    sn = root.snapshotter(snapshotter)
+    names = [i.name for i in sn.walk()]
+    assert names == [good.diff_id]  # the good base layer only; no active leftovers
+    assert sn.check() == []  # type: ignore[attr-defined]
+    assert not (tmp_root / "escape").exists() and not Path("/escape").exists()
+    svc.close()
+
+
+def test_wrong_diff_id_is_refused(tmp_root: Path) -> None:
+    require_root_user()
+    w = tmp_root / "w"
+    w.mkdir()
+    good = f.minimal_layer(w)
+    f.build_oci_layout(w / "layout", [good], ref_name="lie:1")
+    _rewrite_config(w / "layout", lambda cfg: cfg["rootfs"].update(diff_ids=["sha256:" + "0" * 64]))
+    root = Root(tmp_root / "root")
+    svc = ImageService(root)
+    with pytest.raises(InvalidArgument, match="diff id mismatch"):
+        svc.import_(w / "layout")
+    assert list(root.snapshotter("overlay").walk()) == []
+    assert os.listdir(tmp_root / "root" / "snapshots" / "overlay" / "snapshots") == []
+    svc.close()
