@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -209,6 +211,26 @@ def cmd_cleanup(args: argparse.Namespace, app: App) -> int:
 # -- parser -------------------------------------------------------------------
 
 
+def cmd_diff(args: argparse.Namespace, app: App) -> int:
+    from lamina.archive.compression import compression_from_media_type
+    from lamina.diff import create_diff
+
+    comp = compression_from_media_type(args.media_type).value
+    content = app.content()
+    outcome = create_diff(app.snapshots(), content, args.key, args.parent,
+                          compression=comp, tmpmounts=str(app.store_root.tmpmounts))
+    desc = outcome.descriptor
+    if sys.stdout.isatty() or args.print_descriptor:
+        app.print_json({**desc.to_json(), "diffID": outcome.diff_id})
+    else:  # like ctr: the layer itself on stdout
+        with content.reader(desc.digest) as r:
+            shutil.copyfileobj(r, sys.stdout.buffer, 1 << 20)
+        sys.stdout.buffer.flush()
+    if not args.keep:
+        content.delete(desc.digest)
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     group = subparsers.add_parser(
         "snapshot", aliases=["snapshots"], help="manage snapshots",
@@ -233,6 +255,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         p.add_argument("--mounts", action="store_true", help="print the mounts as JSON")
         p.add_argument("key")
         p.add_argument("parent", nargs="?", default="")
+
+    p = verb("diff", cmd_diff, "write the layer from PARENT (default: KEY's parent) to KEY")
+    p.add_argument("--media-type", default="application/vnd.oci.image.layer.v1.tar+gzip",
+                   help="layer media type: ...tar, ...tar+gzip (default) or ...tar+zstd")
+    p.add_argument("--keep", action="store_true", help="keep the layer in the content store")
+    p.add_argument("--print-descriptor", action="store_true",
+                   help="print the layer's descriptor instead of its bytes")
+    p.add_argument("key")
+    p.add_argument("parent", nargs="?", default=None)
 
     p = verb("mounts", cmd_mounts, "print the mount commands of KEY for TARGET",
              aliases=["m", "mount-command"])

@@ -1,0 +1,36 @@
+"""``lamina diff apply``: apply a layer onto an active snapshot."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from lamina.archive.apply import apply_layer
+from lamina.cli.app import App
+from lamina.mount import temp_mount
+
+__all__ = ["register"]
+
+
+def cmd_apply(args: argparse.Namespace, app: App) -> int:
+    mounts = app.snapshots().mounts(args.key)
+    with temp_mount(mounts, base=app.store_root.tmpmounts) as target:
+        if os.path.exists(args.layer):
+            with open(args.layer, "rb") as f:
+                applied = apply_layer(f, target, expected_diff_id=args.diff_id)
+        else:
+            with app.content().reader(args.layer) as r:
+                applied = apply_layer(r, target, expected_diff_id=args.diff_id)
+    print(applied.diff_id)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    group = sub.add_parser("diff", help="apply layers onto snapshots")
+    verbs = group.add_subparsers(dest="diff_command", metavar="VERB", required=True)
+    p = verbs.add_parser("apply", help="apply LAYER (a file or a content digest) onto active "
+                         "snapshot KEY; prints its DiffID")
+    p.add_argument("--diff-id", default=None, help="fail unless the layer has this DiffID")
+    p.add_argument("layer")
+    p.add_argument("key")
+    p.set_defaults(handler=cmd_apply)
