@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from lamina import crash
 from lamina.errors import FailedPrecondition, NotFound
 from lamina.fsutil import locked
 from lamina.leases import LeaseManager
@@ -136,6 +137,7 @@ def collect(root: Root, *, dry_run: bool = False) -> Report:
                     if info.parent:
                         stack.append((kind, info.parent))
 
+        crash.point("gc.marked")
         for digest, blob in sorted(blobs.items()):
             if ("content", digest) not in marked:
                 report.content.append((digest, blob.size))
@@ -143,6 +145,7 @@ def collect(root: Root, *, dry_run: bool = False) -> Report:
                     with contextlib.suppress(NotFound):
                         content.delete(digest)
         for name, infos in snaps.items():
+            crash.point("gc.swept-before-snapshots")
             _sweep_snapshots(root, name, infos, marked, report, dry_run=dry_run)
     return report
 

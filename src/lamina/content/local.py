@@ -52,7 +52,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
-from lamina import filters
+from lamina import crash, filters
 from lamina.content import COPY_CHUNK, Info, Status, validate_labels
 from lamina.content.digest import SHA256, digest_file, parse_digest, validate_digest
 from lamina.db import Database
@@ -249,6 +249,7 @@ class LocalWriter:
             done += os.pwrite(fd, view[done:], self._offset + done)
         self._hash.update(view)
         self._offset += n
+        crash.point("content.write")
         return n
 
     def digest(self) -> str:
@@ -279,7 +280,9 @@ class LocalWriter:
         checked = validate_labels(labels or {})
         if size < 0:
             raise InvalidArgument(f"invalid commit size {size}")
+        crash.point("content.commit.before-fsync")
         os.fsync(fd)
+        crash.point("content.commit.fsynced")
         if size and size != self._offset:
             raise FailedPrecondition(
                 f"ref {self.ref!r}: commit size {size} does not match the "
@@ -425,9 +428,12 @@ class LocalContentStore:
             cur = conn.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
             if cur.rowcount == 0:
                 raise NotFound(f"content {digest} not found")
+            crash.point("content.delete.row-deleted")
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+            crash.point("content.delete.unlinked")
             fsync_dir(self.blobs_dir)
+        crash.point("content.delete.committed")
 
     def reader(self, digest: str) -> BinaryIO:
         path = self.blob_path(digest)
@@ -581,11 +587,13 @@ class LocalContentStore:
         _write_text(ingest / "total", str(total))
         _write_text(ingest / "expected", expected)
         fd = os.open(data, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        crash.point("content.ingest.before-ref")
         try:
             atomic_write(ingest / "ref", ref.encode(), mode=0o600)
         except BaseException:
             os.close(fd)
             raise
+        crash.point("content.ingest.created")
         return LocalWriter(self, ref, ingest, lock, fd, offset=0, hasher=hashlib.sha256(),
                            total=total, expected=expected, started_at=started)
 
@@ -600,7 +608,9 @@ class LocalContentStore:
             if conn.execute("SELECT 1 FROM blobs WHERE digest = ?", (digest,)).fetchone():
                 raise AlreadyExists(f"content {digest} already exists")
             os.chmod(data, 0o444)
+            crash.point("content.commit.before-rename")
             os.replace(data, target)  # replaces a crash-orphaned copy, if any
+            crash.point("content.commit.renamed")
             try:
                 fsync_dir(self.blobs_dir)
                 conn.execute(
@@ -608,10 +618,12 @@ class LocalContentStore:
                     "VALUES (?, ?, ?, ?, ?)",
                     (digest, size, now, now, json.dumps(labels, sort_keys=True)),
                 )
+                crash.point("content.commit.inserted")
             except BaseException:
                 with contextlib.suppress(OSError):
                     target.unlink()
                 raise
+        crash.point("content.commit.committed")
 
     def _remove_ingest_dir(self, ingest: Path) -> None:
         """Remove an ingest directory whose lock the caller holds."""
@@ -620,6 +632,7 @@ class LocalContentStore:
             os.rename(ingest, doomed)
         except FileNotFoundError:
             return
+        crash.point("content.ingest.renamed-for-removal")
         remove_tree(doomed)
 
     def _forget_writer(self, w: LocalWriter) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from lamina import crash
 from lamina.content import write_blob
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
 from lamina.images.oci import (
@@ -141,6 +142,7 @@ def _scan_tar(source: IO[bytes], content: ContentStore, progress: Progress) -> _
             digest = _ingest(content, f, size=member.size, expected=expected,
                              progress=progress, item=path)
             found.blobs[path] = (digest, member.size)
+            crash.point("import.blob-stored")
     return found
 
 
@@ -165,6 +167,7 @@ def _scan_dir(root: Path, content: ContentStore, progress: Progress) -> _Found:
                 digest = _ingest(content, f, size=p.stat().st_size, expected=expected,
                                  progress=progress, item=rel)
             found.blobs[rel] = (digest, p.stat().st_size)
+            crash.point("import.blob-stored")
     return found
 
 
@@ -285,6 +288,7 @@ def import_images(
             found = _scan_tar(f, content, progress)
     else:
         found = _scan_tar(source, content, progress)
+    crash.point("import.scanned")
     if "index.json" in found.documents:
         if "oci-layout" in found.documents:
             layout = parse_json(found.documents["oci-layout"], "oci-layout")
@@ -302,6 +306,8 @@ def import_images(
     out = []
     for image in made:
         label_references(content, image.target)
+        crash.point("import.labelled")
         out.append(images.put(image))
+        crash.point("import.image-put")
     return out
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from lamina import crash
 from lamina.archive.apply import NeedsLowerLayers, apply_layer
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
 from lamina.fsutil import locked
@@ -126,8 +127,10 @@ class Unpacker:
 
     def _commit(self, key: str, chain: str) -> None:
         # AlreadyExists: committed by someone else meanwhile; theirs is the same stack.
+        crash.point("unpack.before-commit")
         with contextlib.suppress(AlreadyExists):
             self.sn.commit(chain, key, labels={LABEL_SNAPSHOT_REF: chain})
+        crash.point("unpack.committed")
 
     # -- the work ----------------------------------------------------------
     def unpack(self, manifest: Manifest, config: ImageConfig) -> UnpackResult:
@@ -152,6 +155,7 @@ class Unpacker:
             extracted = 0
         for i in todo:
             self._label_layer(manifest, config, i)
+        crash.point("unpack.layers-labelled")
         self._label_config(manifest, chains[-1])
         return UnpackResult(chain_id=chains[-1], extracted=extracted,
                             reused=len(chains) - extracted)
@@ -186,10 +190,12 @@ class Unpacker:
                     apply_layer(reader, target, expected_diff_id=config.diff_ids[i])
                 finally:
                     reader.close()
+                crash.point("unpack.applied")
             self._commit(key, chain)
         finally:
             with contextlib.suppress(NotFound):
                 self.sn.remove(key)
+            crash.point("unpack.removed")
 
     def _mounted(
         self, manifest: Manifest, config: ImageConfig, chains: list[str], todo: list[int]
@@ -232,6 +238,7 @@ class Unpacker:
             reader = self._reader(manifest, i)
             try:
                 apply_layer(reader, staged, overlay=True, expected_diff_id=config.diff_ids[i])
+                crash.point("unpack.applied")
             except NeedsLowerLayers:
                 staging.__exit__(None, None, None)
                 return retry
@@ -256,13 +263,16 @@ class Unpacker:
                     elif isinstance(staged, Path):
                         key = self._key(chains[i])
                         parent = chains[i - 1] if i else ""
+                        crash.point("unpack.before-prepare")
                         sn.prepare_staged(key, parent, staged,
                                           labels={LABEL_SNAPSHOT_REF: chains[i]})
+                        crash.point("unpack.prepared")
                         try:
                             self._commit(key, chains[i])
                         finally:
                             with contextlib.suppress(NotFound):
                                 sn.remove(key)
+                            crash.point("unpack.removed")
                         extracted += 1
                     self.progress.event("unpack", manifest.layers[i].digest, status="done")
                 finally:
