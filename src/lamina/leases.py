@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 
 from lamina.db import Database
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
-from lamina.snapshots.storage import validate_labels
+from lamina.labels import validate_labels
 
 __all__ = ["DEFAULT_EXPIRY", "Lease", "LeaseManager", "parse_duration"]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from lamina.db import Database
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
-from lamina.snapshots.storage import validate_labels
+from lamina.labels import validate_labels
 
 __all__ = ["Container", "ContainerStore"]
 

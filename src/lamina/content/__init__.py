@@ -54,7 +54,7 @@ from lamina.content.digest import (
     sha256_digest,
     validate_digest,
 )
-from lamina.errors import InvalidArgument
+from lamina.labels import MAX_LABEL_SIZE, validate_labels
 
 __all__ = [
     "MAX_LABEL_SIZE",
@@ -72,8 +72,6 @@ __all__ = [
     "write_blob",
 ]
 
-MAX_LABEL_SIZE = 4096
-"""A label's key plus value may not exceed this many bytes (containerd's limit)."""
 
 COPY_CHUNK = 1 << 20
 
@@ -189,24 +187,6 @@ class ContentStore(Protocol):
     def close(self) -> None:
         """Release resources (and the refs of open writers); idempotent."""
         ...
-
-
-def validate_labels(labels: Mapping[str, str]) -> dict[str, str]:
-    """Check labels (non-empty string keys, key+value <= 4096 bytes); return a copy."""
-    out: dict[str, str] = {}
-    for key, value in labels.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise InvalidArgument(f"label {key!r}: keys and values must be strings")
-        if not key:
-            raise InvalidArgument("label key must not be empty")
-        size = len(key.encode()) + len(value.encode())
-        if size > MAX_LABEL_SIZE:
-            raise InvalidArgument(
-                f"label {key[:64]!r}: key and value are {size} bytes, "
-                f"more than the limit of {MAX_LABEL_SIZE}"
-            )
-        out[key] = value
-    return out
 
 
 def write_blob(

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from lamina.db import Database
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
 from lamina.images.oci import Descriptor
-from lamina.snapshots.storage import validate_labels
+from lamina.labels import validate_labels
 
 __all__ = ["Image", "ImageStore"]
 

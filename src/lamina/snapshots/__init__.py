@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
+from lamina.labels import MAX_LABEL_SIZE
 from lamina.mount import Mount
 
 __all__ = [
@@ -72,8 +73,6 @@ __all__ = [
     "Usage",
 ]
 
-MAX_LABEL_SIZE = 4096
-"""A label's key plus value may not exceed this many bytes (containerd's limit)."""
 
 
 class Kind(enum.Enum):

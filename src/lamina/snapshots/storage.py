@@ -22,7 +22,8 @@ from datetime import UTC, datetime
 
 from lamina.db import Database
 from lamina.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from lamina.snapshots import MAX_LABEL_SIZE, Info, Kind, Usage
+from lamina.labels import validate_labels
+from lamina.snapshots import Info, Kind, Usage
 
 __all__ = ["MetaStore", "Snapshot", "Transaction", "validate_labels"]
 
@@ -54,20 +55,6 @@ class Snapshot:
     id: str
     kind: Kind
     parent_ids: tuple[str, ...]  # nearest parent first
-
-
-def validate_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
-    """A copy of ``labels``; InvalidArgument when one is over containerd's size limit."""
-    out: dict[str, str] = {}
-    for k, v in (labels or {}).items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise InvalidArgument(f"label {k!r}: keys and values must be strings")
-        if len(k.encode()) + len(v.encode()) > MAX_LABEL_SIZE:
-            raise InvalidArgument(
-                f"label {k[:64]!r}: key and value exceed {MAX_LABEL_SIZE} bytes"
-            )
-        out[k] = v
-    return out
 
 
 def _dt(ns: int) -> datetime:
