@@ -167,9 +167,13 @@ def time_cmd(cmd: Sequence[str], **kw: Any) -> float:
 
 
 def lamina_cli() -> list[str]:
-    """How to invoke the lamina CLI (the console script, else ``python -m lamina.cli``)."""
-    exe = shutil.which("lamina")
-    return [exe] if exe else [sys.executable, "-m", "lamina.cli"]
+    """How to invoke the lamina CLI: the console script installed beside this
+    interpreter (not a version-manager shim on PATH, such as pyenv's, which
+    adds a shell and a second exec to every call), else ``python -m lamina.cli``."""
+    beside = Path(sys.executable).parent / "lamina"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
+    return [sys.executable, "-m", "lamina.cli"]
 
 
 def lamina_has_command(*words: str) -> bool:

@@ -8,10 +8,14 @@ PID when the context ends.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +23,13 @@ from pathlib import Path
 
 import pytest
 
+from lamina.api.client import RemoteContentStore, RemoteSnapshotter
+from lamina.api.server import check_address
+from lamina.errors import AlreadyExists
+
 NAMESPACE = "lamina-test"
+BUILTIN_CONTENT = "io.containerd.content.v1.content"
+SOCKET_MAX = 104  # containerd refuses longer unix socket paths (sun_path is 108 bytes)
 
 
 @dataclass
@@ -34,6 +44,7 @@ class Containerd:
         proc = subprocess.run(
             ["ctr", "--address", self.address, "--namespace", NAMESPACE, *args],
             capture_output=True, text=True, timeout=timeout, check=False,
+            input=input.decode() if input is not None else None,
         )
         if check and proc.returncode != 0:
             log = (self.base / "containerd.log").read_text(errors="replace")[-3000:]
@@ -59,7 +70,9 @@ def _config(base: Path, proxy_snapshotter: str | None, proxy_content: str | None
         "version = 2",
         f'root = "{base / "root"}"',
         f'state = "{base / "state"}"',
-        'disabled_plugins = ["io.containerd.grpc.v1.cri"]',
+        # containerd 1.6 keeps using its built-in content store when both are loaded
+        "disabled_plugins = "
+        + json.dumps(["io.containerd.grpc.v1.cri", *([BUILTIN_CONTENT] if proxy_content else [])]),
         "[grpc]",
         f'  address = "{base / "containerd.sock"}"',
         '  tcp_address = ""',
@@ -122,3 +135,136 @@ def private_containerd(base: Path, *, proxy_snapshotter: str | None = None,
         # containerd leaves its snapshot mounts behind if a test failed midway
         subprocess.run(["sh", "-c", f"grep -o ' {base}[^ ]*' /proc/self/mountinfo | "
                         "sort -r | xargs -r -n1 umount -l"], check=False)
+
+
+# --------------------------------------------------------------------------- lamina serve
+
+
+@dataclass
+class Lamina:
+    """A ``lamina serve`` subprocess on its own root."""
+
+    root: Path
+    sock: Path
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``lamina --root ROOT ARGS`` (talks to the root directly, not the server)."""
+        out = subprocess.run(
+            [*_LAMINA, "--root", str(self.root), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if check and out.returncode != 0:
+            raise AssertionError(f"lamina {' '.join(args)}: rc {out.returncode}: {out.stderr}")
+        return out
+
+    def snapshotter(self) -> RemoteSnapshotter:
+        return RemoteSnapshotter(str(self.sock), "lamina")
+
+    def content(self) -> RemoteContentStore:
+        return RemoteContentStore(str(self.sock))
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+_LAMINA = [sys.executable, "-c", "import sys; from lamina.cli import main; sys.exit(main())"]
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # our own child, by pid
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait(timeout=timeout)
+
+
+@contextlib.contextmanager
+def lamina_serve(root: Path, sock: Path) -> Iterator[Lamina]:
+    """Run ``lamina --root ROOT serve --address SOCK`` until the block ends.
+
+    On a clean exit of the block it must stop on SIGTERM with status 0 and
+    remove its socket; in any case it is stopped (by PID).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    log = root.parent / f"{root.name}.serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*_LAMINA, "--root", str(root), "serve", "--address", str(sock)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    lamina = Lamina(root=root, sock=sock, proc=proc, log=log)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(
+                    f"lamina serve exited ({proc.returncode}):\n{lamina.log_tail()}"
+                )
+            if sock.exists() and stat.S_ISSOCK(sock.lstat().st_mode):
+                try:
+                    check_address(str(sock))
+                except AlreadyExists:
+                    break  # somebody listens
+            if time.monotonic() > deadline:
+                raise AssertionError(f"lamina serve did not come up:\n{lamina.log_tail()}")
+            time.sleep(0.1)
+        yield lamina
+        assert _stop(proc) == 0, lamina.log_tail()
+        assert not sock.exists()
+    finally:
+        _stop(proc)
+
+
+# --------------------------------------------------------------------------- + containerd
+
+
+def short_dir(preferred: Path) -> tuple[Path, bool]:
+    """``preferred`` if the sockets below it (``ctrd/containerd.sock.ttrpc`` is the
+    longest) fit containerd's limit, else a new directory in /tmp.
+
+    Returns (dir, created_in_tmp)."""
+    if len(str(preferred / "ctrd" / "containerd.sock.ttrpc")) <= SOCKET_MAX:
+        preferred.mkdir(parents=True, exist_ok=True)
+        return preferred, False
+    return Path(tempfile.mkdtemp(prefix="lct-", dir="/tmp")), True
+
+
+@contextlib.contextmanager
+def lamina_and_containerd(
+    workdir: Path, *, content: bool = False
+) -> Iterator[tuple[Lamina, Containerd]]:
+    """``lamina serve`` (root ``workdir/lamina-root``) plus a private containerd using
+    it as proxy snapshotter ``lamina`` and, with ``content``, as its content store.
+
+    Teardown: containerd first (it holds connections to lamina), then lamina;
+    both must exit with status 0 after a clean block.
+    """
+    require_containerd()
+    base, in_tmp = short_dir(workdir / "c")
+    try:
+        sock = base / "lamina.sock"
+        with lamina_serve(workdir / "lamina-root", sock) as lamina, contextlib.ExitStack() as stack:
+            ctrd = stack.enter_context(
+                private_containerd(
+                    base / "ctrd",
+                    proxy_snapshotter=str(sock),
+                    proxy_content=str(sock) if content else None,
+                )
+            )
+            yield lamina, ctrd
+            stack.close()  # containerd stops before lamina
+            log = (ctrd.base / "containerd.log").read_text(errors="replace")
+            assert ctrd.proc.returncode == 0, log[-3000:]
+    finally:
+        if in_tmp:
+            shutil.rmtree(base, ignore_errors=True)
+
+

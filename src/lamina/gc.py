@@ -2,10 +2,15 @@
 
 Roots of the graph:
 
-* every image (→ its target blob), every container (→ its snapshot);
+* every image (→ its target blob), every container (→ its snapshots);
 * every blob or snapshot labelled ``containerd.io/gc.root``;
 * every blob or snapshot created while an unexpired lease exists (see
-  :mod:`lamina.leases`).
+  :mod:`lamina.leases`), whatever an unexpired lease's own
+  ``containerd.io/gc.ref.*`` labels name (as ``ctr image mount`` does), and
+  the resources recorded in unexpired leases;
+* every snapshot whose directory is in use by a mount (an overlay upper,
+  work or lower directory, or the source of a bind mount): removing it would
+  pull files out from under a live mount.
 
 Edges:
 
@@ -18,14 +23,27 @@ Edges:
 Everything not reached is removed: blobs, and snapshots leaf first so a
 parent always goes after its children. Mark and sweep run under an exclusive
 lock on the root, so two collections never interleave.
+
+Ordering against concurrent writers: the objects (blobs, snapshots) are
+listed *before* the roots (leases, images, containers) are read, and the
+roots are read again after marking, under the metadata database's write lock
+which is then held while blobs are deleted; if the roots changed meanwhile
+the mark is redone. So an object created under a lease is always seen
+together with that lease, an image or container registered while the mark
+ran is not missed, and a blob recorded as a lease resource is either kept or
+already gone when the lease holder checks for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 from lamina import crash
 from lamina.errors import FailedPrecondition, NotFound
@@ -34,11 +52,16 @@ from lamina.leases import LeaseManager
 from lamina.root import SNAPSHOTTERS, Root
 from lamina.snapshots import Info
 
-__all__ = ["GC_ROOT", "Report", "collect"]
+__all__ = ["GC_ROOT", "REF_CONTENT", "REF_SNAPSHOT", "Report", "collect", "label_edges"]
 
 GC_ROOT = "containerd.io/gc.root"
 REF_CONTENT = "containerd.io/gc.ref.content"
 REF_SNAPSHOT = "containerd.io/gc.ref.snapshot."
+
+#: Leeway when comparing creation times with a lease's: clocks are read by
+#: different code paths (and rounded differently), so err on keeping.
+LEASE_SLACK = timedelta(milliseconds=5)
+_MARK_ATTEMPTS = 5
 
 Node = tuple[str, str]  # ("content", digest) or ("snapshot:<name>", key)
 
@@ -55,15 +78,30 @@ class Report:
     def bytes_freed(self) -> int:
         return sum(s for _, s in self.content) + sum(s for _, _, s in self.snapshots)
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "content": [{"digest": d, "size": s} for d, s in self.content],
+            "snapshots": [{"snapshotter": n, "key": k, "size": s}
+                          for n, k, s in self.snapshots],
+            "bytes_freed": self.bytes_freed,
+        }
 
-def _label_edges(labels: Mapping[str, str]) -> Iterable[Node]:
+
+def label_edges(labels: Mapping[str, str]) -> Iterable[Node]:
+    """The nodes a set of ``containerd.io/gc.ref.*`` labels points at."""
     for k, v in labels.items():
+        if not v:
+            continue
         if k == REF_CONTENT or k.startswith(REF_CONTENT + "."):
             yield ("content", v)
         elif k.startswith(REF_SNAPSHOT):
             name = k[len(REF_SNAPSHOT):].split("/", 1)[0]
             if name:
                 yield (f"snapshot:{name}", v)
+
+
+_label_edges = label_edges  # the name earlier callers used
 
 
 def _snapshotters(root: Root) -> list[str]:
@@ -73,81 +111,203 @@ def _snapshotters(root: Root) -> list[str]:
     return sorted(p.name for p in base.iterdir() if p.is_dir() and p.name in SNAPSHOTTERS)
 
 
-def _container_roots(root: Root) -> list[Node]:
-    try:
+@dataclass(frozen=True)
+class _Roots:
+    """What the mark starts from, besides labels on the objects themselves."""
+
+    since: datetime | None
+    nodes: tuple[Node, ...]
+
+
+class _RootReader:
+    """Reads the roots; its stores are opened up front, because opening one
+    writes (its schema) and the sweep holds the metadata write lock."""
+
+    def __init__(self, root: Root) -> None:
         from lamina.containers.store import ContainerStore
-    except ModuleNotFoundError:
+        from lamina.images.store import ImageStore
+
+        self.leases = LeaseManager(root.metadata_path)
+        self.images = ImageStore(root.metadata_path)
+        self.containers = ContainerStore(root.metadata_path)
+
+    def read(self) -> _Roots:
+        active = self.leases.active()
+        nodes: list[Node] = [("content", i.target.digest) for i in self.images.list()]
+        nodes += [(f"snapshot:{c.snapshotter}", key)
+                  for c in self.containers.list() for key in c.snapshot_keys()]
+        for lease in active:
+            nodes.extend(label_edges(lease.labels))
+        nodes += self.leases.active_resources()
+        since = min((lease.created for lease in active), default=None)
+        return _Roots(since - LEASE_SLACK if since is not None else None,
+                      tuple(sorted(set(nodes))))
+
+    def close(self) -> None:
+        self.leases.close()
+        self.images.close()
+        self.containers.close()
+
+
+# -- snapshots in use by mounts ------------------------------------------------------
+
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape(text: str) -> str:
+    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), text)
+
+
+@dataclass(frozen=True)
+class _MountTable:
+    entries: tuple[tuple[str, str, str], ...]  # (device, root in its fs, mount point)
+    overlay_dirs: frozenset[str]
+
+    @classmethod
+    def read(cls) -> _MountTable:
+        entries: list[tuple[str, str, str]] = []
+        dirs: set[str] = set()
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return cls((), frozenset())
+        for line in lines:
+            parts = line.split()
+            if len(parts) < 7 or "-" not in parts[6:]:
+                continue
+            entries.append((parts[2], _unescape(parts[3]), _unescape(parts[4])))
+            sep = parts.index("-", 6)
+            if sep + 3 < len(parts) and parts[sep + 1] == "overlay":
+                for opt in parts[sep + 3].split(","):
+                    key, _, value = opt.partition("=")
+                    if key in ("lowerdir", "upperdir", "workdir", "lowerdir+", "datadir+"):
+                        dirs.update(os.path.normpath(_unescape(p))
+                                    for p in value.split(":") if p)
+        return cls(tuple(entries), frozenset(dirs))
+
+    def in_use(self, path: Path) -> bool:
+        """Whether ``path`` (a snapshot's directory or its ``fs``) backs a mount."""
+        real = os.path.realpath(path)
+        if any(d == real or d.startswith(real + "/") for d in self.overlay_dirs):
+            return True
+        # the filesystem holding ``real``: the deepest mount point above it
+        best: tuple[str, str, str] | None = None
+        for dev, fsroot, point in self.entries:
+            if (real == point or real.startswith(point.rstrip("/") + "/")) and (
+                    best is None or len(point) >= len(best[2])):
+                best = (dev, fsroot, point)
+        if best is None:
+            return False
+        dev, fsroot, point = best
+        rel = os.path.normpath(fsroot.rstrip("/") + "/" + real[len(point):].lstrip("/"))
+        for e_dev, e_root, e_point in self.entries:
+            if e_dev != dev or e_point == point:
+                continue
+            if e_root == rel or e_root.startswith(rel.rstrip("/") + "/"):
+                return True  # a bind mount of (part of) this directory
+        return False
+
+
+def _mounted_snapshots(root: Root, name: str, infos: Mapping[str, Info]) -> list[Node]:
+    from lamina.snapshots.base import DirectorySnapshotter
+
+    sn = root.snapshotter(name)
+    if not isinstance(sn, DirectorySnapshotter) or not infos:
         return []
-    store = ContainerStore(root.metadata_path)
-    try:
-        return [(f"snapshot:{c.snapshotter}", key)
-                for c in store.list() for key in c.snapshot_keys()]
-    finally:
-        store.close()
+    table = _MountTable.read()
+    if not table.entries:
+        return []
+    out: list[Node] = []
+    for key in infos:
+        try:
+            sid = sn.snapshot(key).id
+        except NotFound:
+            continue
+        if table.in_use(sn.fs_dir(sid).parent):
+            out.append((f"snapshot:{name}", key))
+    return out
+
+
+# -- collection ----------------------------------------------------------------------
 
 
 def collect(root: Root, *, dry_run: bool = False) -> Report:
     """Mark from the roots, sweep the rest; returns what was (or would be) removed."""
-    from lamina.images.store import ImageStore
-
     report = Report(dry_run=dry_run)
     with locked(root.path / "locks" / "gc"):
-        leases = LeaseManager(root.metadata_path)
-        images = ImageStore(root.metadata_path)
-        try:
-            leases.expire_old()
-            since = leases.protected_since()
-            image_targets = [i.target.digest for i in images.list()]
-        finally:
-            leases.close()
-            images.close()
         content = root.content()
-        blobs = {info.digest: info for info in content.walk()}
-        snaps: dict[str, dict[str, Info]] = {
-            name: {i.name: i for i in root.snapshotter(name).walk()}
-            for name in _snapshotters(root)
-        }
-
-        def fresh(created: datetime | None) -> bool:
-            return since is not None and created is not None and created >= since
-
-        roots: list[Node] = [("content", d) for d in image_targets]
-        roots += _container_roots(root)
-        roots += [("content", d) for d, i in blobs.items()
-                  if GC_ROOT in i.labels or fresh(i.created)]
-        for name, infos in snaps.items():
-            roots += [(f"snapshot:{name}", k) for k, i in infos.items()
-                      if GC_ROOT in i.labels or fresh(i.created)]
-
-        marked: set[Node] = set()
-        stack = list(roots)
-        while stack:
-            node = stack.pop()
-            if node in marked:
-                continue
-            marked.add(node)
-            kind, ident = node
-            if kind == "content":
-                if ident in blobs:
-                    stack.extend(_label_edges(blobs[ident].labels))
-            else:
-                info = snaps.get(kind.split(":", 1)[1], {}).get(ident)
-                if info is not None:
-                    stack.extend(_label_edges(info.labels))
-                    if info.parent:
-                        stack.append((kind, info.parent))
-
-        crash.point("gc.marked")
-        for digest, blob in sorted(blobs.items()):
-            if ("content", digest) not in marked:
-                report.content.append((digest, blob.size))
-                if not dry_run:
-                    with contextlib.suppress(NotFound):
-                        content.delete(digest)
+        reader = _RootReader(root)
+        guard = LeaseManager(root.metadata_path)
+        try:
+            guard.expire_old()
+            for attempt in range(_MARK_ATTEMPTS):
+                # objects first, then the roots (see the module docs)
+                blobs = {info.digest: info for info in content.walk()}
+                snaps: dict[str, dict[str, Info]] = {
+                    name: {i.name: i for i in root.snapshotter(name).walk()}
+                    for name in _snapshotters(root)
+                }
+                roots = reader.read()
+                marked = _mark(root, blobs, snaps, roots)
+                # Blobs go while leases, images and containers cannot change, and
+                # only if they did not change since the mark.
+                with guard.locked():
+                    now = reader.read()
+                    if now != roots:
+                        if attempt + 1 < _MARK_ATTEMPTS:
+                            continue  # walk again: labels may have changed too
+                        marked = _mark(root, blobs, snaps, now)
+                    crash.point("gc.marked")
+                    for digest, blob in sorted(blobs.items()):
+                        if ("content", digest) not in marked:
+                            report.content.append((digest, blob.size))
+                            if not dry_run:
+                                with contextlib.suppress(NotFound):
+                                    content.delete(digest)
+                break
+        finally:
+            guard.close()
+            reader.close()
         for name, infos in snaps.items():
             crash.point("gc.swept-before-snapshots")
             _sweep_snapshots(root, name, infos, marked, report, dry_run=dry_run)
     return report
+
+
+def _mark(root: Root, blobs: Mapping[str, Any], snaps: Mapping[str, Mapping[str, Info]],
+          roots: _Roots) -> set[Node]:
+    since = roots.since
+
+    def fresh(created: datetime | None) -> bool:
+        return since is not None and created is not None and created >= since
+
+    start: list[Node] = list(roots.nodes)
+    start += [("content", d) for d, i in blobs.items()
+              if GC_ROOT in i.labels or fresh(i.created)]
+    for name, infos in snaps.items():
+        start += [(f"snapshot:{name}", k) for k, i in infos.items()
+                  if GC_ROOT in i.labels or fresh(i.created)]
+        start += _mounted_snapshots(root, name, infos)
+
+    marked: set[Node] = set()
+    stack = start
+    while stack:
+        node = stack.pop()
+        if node in marked:
+            continue
+        marked.add(node)
+        kind, ident = node
+        if kind == "content":
+            if ident in blobs:
+                stack.extend(label_edges(blobs[ident].labels))
+        else:
+            info = snaps.get(kind.split(":", 1)[1], {}).get(ident)
+            if info is not None:
+                stack.extend(label_edges(info.labels))
+                if info.parent:
+                    stack.append((kind, info.parent))
+    return marked
 
 
 def _sweep_snapshots(root: Root, name: str, infos: Mapping[str, Info], marked: set[Node],
@@ -158,13 +318,12 @@ def _sweep_snapshots(root: Root, name: str, infos: Mapping[str, Info], marked: s
     for info in infos.values():
         if info.parent in children:
             children[info.parent] += 1
-    ready = sorted(k for k in doomed if children[k] == 0)
+    ready = sorted((k for k in doomed if children[k] == 0), reverse=True)
     while ready:
         key = ready.pop()
         size = 0
         with contextlib.suppress(NotFound):
             size = sn.usage(key).size
-        report.snapshots.append((name, key, size))
         if not dry_run:
             try:
                 sn.remove(key)
@@ -172,6 +331,7 @@ def _sweep_snapshots(root: Root, name: str, infos: Mapping[str, Info], marked: s
                 pass
             except FailedPrecondition:
                 continue  # a child appeared meanwhile: it keeps this one
+        report.snapshots.append((name, key, size))
         parent = infos[key].parent
         if parent in doomed:
             children[parent] -= 1

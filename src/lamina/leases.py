@@ -11,26 +11,44 @@ deliberately conservative: it may keep a little more than needed while a
 lease lives, never less, and it needs no bookkeeping in the hot paths. A
 command that dies leaves its lease behind; the lease expires (one hour by
 default) and stops protecting anything.
+
+A lease may also name what it holds on to, the way ``ctr`` does: its
+``containerd.io/gc.ref.content.*`` and ``containerd.io/gc.ref.snapshot.<sn>``
+labels are references from the lease, followed by garbage collection while
+the lease is unexpired (whenever those objects were created).
+
+Work that *reuses* an existing object (an import finding a blob it needs
+already stored) records it as a lease resource (:meth:`LeaseManager.add_resource`,
+done for a content store by :class:`LeasedContent`) *before* relying on it.
+Garbage collection re-reads the resources and deletes blobs while holding the
+metadata database's write lock, so either it sees the resource and keeps the
+blob, or the blob is gone by the time the work checks for it (and is written
+again, under the lease).
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import os
+import re
 import secrets
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import BinaryIO
 
+from lamina.content import ContentStore, Info, Status, Writer
 from lamina.db import Database
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
 from lamina.labels import validate_labels
 
-__all__ = ["DEFAULT_EXPIRY", "Lease", "LeaseManager", "parse_duration"]
+__all__ = ["DEFAULT_EXPIRY", "Lease", "LeaseManager", "LeasedContent", "parse_duration"]
 
 DEFAULT_EXPIRY = timedelta(hours=1)
+_IDENTIFIER = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")  # containerd's identifiers
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (
@@ -38,6 +56,12 @@ CREATE TABLE IF NOT EXISTS leases (
     created_ns INTEGER NOT NULL,
     expires_ns INTEGER,
     labels TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS lease_resources (
+    lease_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    ident TEXT NOT NULL,
+    PRIMARY KEY (lease_id, kind, ident)
 )
 """
 
@@ -82,6 +106,12 @@ class LeaseManager:
         labels: Mapping[str, str] | None = None,
     ) -> Lease:
         lease_id = lease_id or f"lease-{time.time_ns()}-{secrets.token_hex(4)}"
+        if len(lease_id) > 76 or not _IDENTIFIER.fullmatch(lease_id):
+            raise InvalidArgument(
+                f"invalid lease id {lease_id!r}: letters and digits, separated by single "
+                "'.', '_' or '-', at most 76 characters")
+        if expire is not None and expire.total_seconds() < 0:
+            raise InvalidArgument(f"invalid lease expiry {expire} (negative)")
         now = time.time_ns()
         expires = now + int(expire.total_seconds() * 1e9) if expire is not None else None
         clean = validate_labels(labels)
@@ -98,23 +128,71 @@ class LeaseManager:
         return [Lease(i, _dt(cr), _dt(ex) if ex is not None else None, json.loads(lb))
                 for i, cr, ex, lb in rows]
 
+    def get(self, lease_id: str) -> Lease:
+        with self._db.read() as c:
+            row = c.execute("SELECT * FROM leases WHERE id=?", (lease_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"lease {lease_id!r} does not exist")
+        i, cr, ex, lb = row
+        return Lease(i, _dt(cr), _dt(ex) if ex is not None else None, json.loads(lb))
+
+    def active(self) -> builtins.list[Lease]:
+        """The unexpired leases, oldest first."""
+        now = datetime.now(UTC)
+        return [lease for lease in self.list() if lease.active(now)]
+
     def delete(self, lease_id: str) -> None:
         with self._db.write() as c:
             if c.execute("DELETE FROM leases WHERE id=?", (lease_id,)).rowcount == 0:
                 raise NotFound(f"lease {lease_id!r} does not exist")
+            c.execute("DELETE FROM lease_resources WHERE lease_id=?", (lease_id,))
+
+    def add_resource(self, lease_id: str, kind: str, ident: str) -> None:
+        """Record that lease ``lease_id`` uses ``ident`` (kind ``content`` or
+        ``snapshot:<snapshotter>``): garbage collection keeps it while the lease lives."""
+        if kind != "content" and not kind.startswith("snapshot:"):
+            raise InvalidArgument(f"invalid lease resource kind {kind!r}")
+        with self._db.write() as c:
+            if not c.execute("SELECT 1 FROM leases WHERE id=?", (lease_id,)).fetchone():
+                raise NotFound(f"lease {lease_id!r} does not exist")
+            c.execute("INSERT OR IGNORE INTO lease_resources VALUES (?,?,?)",
+                      (lease_id, kind, ident))
+
+    def resources(self, lease_id: str) -> builtins.list[tuple[str, str]]:
+        with self._db.read() as c:
+            return [(k, i) for k, i in c.execute(
+                "SELECT kind, ident FROM lease_resources WHERE lease_id=? ORDER BY kind, ident",
+                (lease_id,))]
+
+    def active_resources(self) -> builtins.list[tuple[str, str]]:
+        """Resources of every unexpired lease."""
+        now = time.time_ns()
+        with self._db.read() as c:
+            return sorted({(k, i) for k, i in c.execute(
+                "SELECT r.kind, r.ident FROM lease_resources r JOIN leases l ON l.id = r.lease_id"
+                " WHERE l.expires_ns IS NULL OR l.expires_ns > ?", (now,))})
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the metadata database's write lock (leases, images and containers
+        cannot change meanwhile; reads still work). Used by garbage collection."""
+        with self._db.write():
+            yield
 
     def protected_since(self) -> datetime | None:
         """Creation time of the oldest unexpired lease: objects newer than it are kept."""
-        now = datetime.now(UTC)
-        active = [lease.created for lease in self.list() if lease.active(now)]
+        active = [lease.created for lease in self.active()]
         return min(active) if active else None
 
     def expire_old(self) -> int:
         """Delete expired leases; returns how many."""
         now = time.time_ns()
         with self._db.write() as c:
-            return c.execute("DELETE FROM leases WHERE expires_ns IS NOT NULL AND expires_ns <= ?",
-                             (now,)).rowcount
+            n: int = c.execute(
+                "DELETE FROM leases WHERE expires_ns IS NOT NULL AND expires_ns <= ?",
+                (now,)).rowcount
+            c.execute("DELETE FROM lease_resources WHERE lease_id NOT IN (SELECT id FROM leases)")
+            return n
 
     @contextlib.contextmanager
     def held(self, *, expire: timedelta = DEFAULT_EXPIRY, purpose: str = "") -> Iterator[Lease]:
@@ -129,3 +207,86 @@ class LeaseManager:
 
     def close(self) -> None:
         self._db.close()
+
+
+class LeasedContent:
+    """A content store that records every blob it is asked about as a resource
+    of a lease, before answering: hand it to work that may reuse stored blobs."""
+
+    def __init__(self, store: ContentStore, leases: LeaseManager, lease_id: str) -> None:
+        self._store = store
+        self._leases = leases
+        self._lease_id = lease_id
+
+    def _use(self, digest: str) -> None:
+        if digest:
+            self._leases.add_resource(self._lease_id, "content", digest)
+
+    def info(self, digest: str) -> Info:
+        self._use(digest)
+        return self._store.info(digest)
+
+    def update(self, info: Info, *fieldpaths: str) -> Info:
+        self._use(info.digest)
+        return self._store.update(info, *fieldpaths)
+
+    def walk(self, *filters: str) -> Iterator[Info]:
+        return self._store.walk(*filters)
+
+    def delete(self, digest: str) -> None:
+        self._store.delete(digest)
+
+    def reader(self, digest: str) -> BinaryIO:
+        self._use(digest)
+        return self._store.reader(digest)
+
+    def read_at(self, digest: str, offset: int, size: int) -> bytes:
+        self._use(digest)
+        return self._store.read_at(digest, offset, size)
+
+    def writer(self, ref: str, *, total: int = 0, expected: str = "") -> Writer:
+        self._use(expected)
+        return _LeasedWriter(self._store.writer(ref, total=total, expected=expected), self)
+
+    def status(self, ref: str) -> Status:
+        return self._store.status(ref)
+
+    def list_statuses(self, *filters: str) -> builtins.list[Status]:
+        return self._store.list_statuses(*filters)
+
+    def abort(self, ref: str) -> None:
+        self._store.abort(ref)
+
+    def close(self) -> None:
+        """The wrapped store belongs to the caller: left open."""
+
+
+class _LeasedWriter:
+    def __init__(self, writer: Writer, owner: LeasedContent) -> None:
+        self._w = writer
+        self._owner = owner
+
+    @property
+    def offset(self) -> int:
+        return self._w.offset
+
+    def write(self, data: bytes) -> int:
+        return self._w.write(data)
+
+    def digest(self) -> str:
+        return self._w.digest()
+
+    def status(self) -> Status:
+        return self._w.status()
+
+    def commit(self, size: int, expected: str, *,
+               labels: Mapping[str, str] | None = None) -> None:
+        # AlreadyExists means the caller relies on the stored copy: lease it first
+        self._owner._use(expected or self._w.digest())
+        self._w.commit(size, expected, labels=labels)
+
+    def truncate(self, size: int) -> None:
+        self._w.truncate(size)
+
+    def close(self) -> None:
+        self._w.close()

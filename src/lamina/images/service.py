@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import IO
 
 from lamina.errors import NotFound
@@ -19,6 +19,7 @@ from lamina.images.oci import ImageConfig, Manifest
 from lamina.images.resolve import manifest_for
 from lamina.images.store import Image, ImageStore
 from lamina.images.unpack import Unpacker, UnpackResult
+from lamina.leases import LeasedContent, LeaseManager
 from lamina.mount import mount_all, unmount_all
 from lamina.progress import Progress
 from lamina.root import Root
@@ -60,6 +61,17 @@ class ImageService:
     def images_list(self) -> list[Image]:
         return self.images.list()
 
+    @contextlib.contextmanager
+    def _leased(self, purpose: str) -> Iterator[LeasedContent]:
+        """Hold a lease for the block, so a concurrent ``gc`` keeps what it writes
+        (and, through the yielded store, the stored blobs it reuses)."""
+        leases = LeaseManager(self.root.metadata_path)
+        try:
+            with leases.held(purpose=purpose) as lease:
+                yield LeasedContent(self.content, leases, lease.id)
+        finally:
+            leases.close()
+
     def resolve(self, name: str) -> tuple[Manifest, ImageConfig]:
         """The host platform's manifest and config of image ``name``."""
         _, manifest, config = manifest_for(self.content, self.images.get(name).target)
@@ -72,12 +84,13 @@ class ImageService:
         unpack: bool = True,
         index_name: str | None = None,
     ) -> list[Image]:
-        imported = import_images(source, content=self.content, images=self.images,
-                                 index_name=index_name, progress=self.progress)
-        if unpack:
-            for image in imported:
-                with contextlib.suppress(NotFound):  # e.g. an index with no host manifest
-                    self.unpack(image.name)
+        with self._leased("import") as content:
+            imported = import_images(source, content=content, images=self.images,
+                                     index_name=index_name, progress=self.progress)
+            if unpack:
+                for image in imported:
+                    with contextlib.suppress(NotFound):  # e.g. an index with no host manifest
+                        self.unpack(image.name)
         return imported
 
     def unpack(self, name: str) -> UnpackResult:
@@ -87,7 +100,8 @@ class ImageService:
             locks_dir=self.root.path / "locks", tmpmounts=self.root.tmpmounts,
             progress=self.progress,
         )
-        return unpacker.unpack(manifest, config)
+        with self._leased("unpack"):
+            return unpacker.unpack(manifest, config)
 
     def chain_id(self, name: str) -> str:
         """The ChainID of image ``name``'s top layer (unpacking it if needed)."""

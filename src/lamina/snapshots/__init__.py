@@ -92,6 +92,9 @@ class Capability(enum.StrEnum):
     CHOWN = "chown"
     #: Hard links survive a commit across snapshot boundaries.
     HARDLINKS = "hardlinks"
+    #: Changing one name of a hard-link group that lives in a lower layer changes
+    #: every name (overlayfs lacks this: copy-up takes only the changed name).
+    LINKED_COPY_UP = "linked-copy-up"
     #: Mounts of deep chains (128 layers and more) are supported.
     DEEP_CHAINS = "deep-chains"
 

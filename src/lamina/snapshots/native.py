@@ -43,7 +43,7 @@ class NativeSnapshotter(DirectorySnapshotter):
 
     @property
     def capabilities(self) -> frozenset[Capability]:
-        caps = {Capability.HARDLINKS, Capability.DEEP_CHAINS}
+        caps = {Capability.HARDLINKS, Capability.LINKED_COPY_UP, Capability.DEEP_CHAINS}
         if os.geteuid() == 0:
             caps.add(Capability.CHOWN)
         return frozenset(caps)

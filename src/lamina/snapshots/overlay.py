@@ -51,9 +51,9 @@ class OverlaySnapshotter(DirectorySnapshotter):
 
     @property
     def capabilities(self) -> frozenset[Capability]:
-        # Not HARDLINKS: changing one name of a hard-link group that lives in a
-        # lower layer copies only that name up, so the group splits (overlayfs).
-        caps = {Capability.OVERLAY, Capability.DEEP_CHAINS}
+        # Not LINKED_COPY_UP: changing one name of a hard-link group that lives in
+        # a lower layer copies only that name up, so the group splits (overlayfs).
+        caps = {Capability.OVERLAY, Capability.HARDLINKS, Capability.DEEP_CHAINS}
         if os.geteuid() == 0:
             caps.add(Capability.CHOWN)
         return frozenset(caps)

@@ -1,0 +1,44 @@
+"""``lamina check``: verify the root's content, snapshots, images and containers."""
+
+from __future__ import annotations
+
+import argparse
+
+from lamina.check import check
+from lamina.cli.app import App
+from lamina.errors import FailedPrecondition
+
+__all__ = ["register"]
+
+
+def _check(args: argparse.Namespace, app: App) -> int:
+    report = check(app.store_root, repair=args.repair)
+    code = 0 if report.ok else FailedPrecondition.exit_code
+    if args.json:
+        app.print_json(report.to_json())
+        return code
+    for p in report.problems:
+        print(f"problem: [{p.kind}] {p.message}")
+    for line in report.repaired:
+        print(f"repaired: {line}")
+    if report.repair:
+        for p in report.remaining:
+            print(f"remaining: [{p.kind}] {p.message}")
+        for name in report.broken_images:
+            print(f"broken image: {name} (import it again)")
+    if report.ok:
+        print("consistent" + (" after repair" if report.repair and report.problems else ""))
+    else:
+        left = len(report.remaining) if report.repair else len(report.problems)
+        hint = "" if report.repair else " (run with --repair)"
+        print(f"{left} problem(s){hint}")
+    return code
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("check", aliases=["fsck"],
+                       help="verify content, snapshots, images and containers")
+    p.add_argument("--repair", action="store_true",
+                   help="delete corrupt blobs, clean up content and snapshots")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(handler=_check)

@@ -1,0 +1,114 @@
+"""``lamina lease``: create, list and remove leases (protection from ``gc``)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+from lamina.cli.app import App
+from lamina.errors import InvalidArgument, LaminaError
+from lamina.leases import DEFAULT_EXPIRY, Lease, LeaseManager, parse_duration
+
+__all__ = ["register"]
+
+
+@contextlib.contextmanager
+def _manager(app: App) -> Iterator[LeaseManager]:
+    leases = LeaseManager(app.store_root.metadata_path)
+    try:
+        yield leases
+    finally:
+        leases.close()
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"invalid label {pair!r} (use key=value)")
+        out[key] = value
+    return out
+
+
+def _record(lease: Lease, now: datetime) -> dict[str, object]:
+    return {"id": lease.id, "created": lease.created.isoformat(),
+            "expires": lease.expires.isoformat() if lease.expires else None,
+            "active": lease.active(now), "labels": dict(lease.labels)}
+
+
+def _create(args: argparse.Namespace, app: App) -> int:
+    if args.expire in ("never", "none"):
+        expire = None
+    else:
+        expire = parse_duration(args.expire) if args.expire else DEFAULT_EXPIRY
+    with _manager(app) as leases:
+        lease = leases.create(args.id, expire=expire, labels=_labels(args.label))
+    print(lease.id)
+    return 0
+
+
+def _ls(args: argparse.Namespace, app: App) -> int:
+    with _manager(app) as leases:
+        found = leases.list()
+    now = datetime.now(UTC)
+    if args.json:
+        app.print_json([_record(lease, now) for lease in found])
+        return 0
+    if args.quiet:
+        for lease in found:
+            print(lease.id)
+        return 0
+    print(f"{'ID':<40} {'CREATED':<26} {'EXPIRES':<26} LABELS")
+    for lease in found:
+        expires = lease.expires.isoformat(timespec="seconds") if lease.expires else "never"
+        if not lease.active(now):
+            expires += " (expired)"
+        labels = ",".join(f"{k}={v}" for k, v in sorted(lease.labels.items()))
+        print(f"{lease.id:<40} {lease.created.isoformat(timespec='seconds'):<26} "
+              f"{expires:<26} {labels}")
+    return 0
+
+
+def _rm(args: argparse.Namespace, app: App) -> int:
+    code = 0
+    with _manager(app) as leases:
+        for lease_id in args.ids:
+            try:
+                leases.delete(lease_id)
+            except LaminaError as exc:
+                print(f"lamina: {type(exc).__name__}: {exc.message}", file=sys.stderr)
+                code = code or exc.exit_code
+            else:
+                print(lease_id)
+    if code == 0 and args.sync:
+        from lamina.gc import collect
+
+        collect(app.store_root)
+    return code
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("lease", aliases=["leases"], help="manage leases")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    v = verbs.add_parser("create", help="create a lease; prints its id")
+    v.add_argument("--id", default=None, help="the lease id (default: generated)")
+    v.add_argument("--expire", default=None, metavar="DURATION",
+                   help="expire after DURATION (90s, 10m, 2h, 1d; 'never'); default 1h")
+    v.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                   help="a label (containerd.io/gc.ref.* labels protect what they name)")
+    v.set_defaults(handler=_create)
+
+    v = verbs.add_parser("ls", aliases=["list"], help="list leases")
+    v.add_argument("--json", action="store_true")
+    v.add_argument("-q", "--quiet", action="store_true", help="ids only")
+    v.set_defaults(handler=_ls)
+
+    v = verbs.add_parser("rm", aliases=["remove", "delete"], help="remove leases")
+    v.add_argument("ids", nargs="+", metavar="ID")
+    v.add_argument("--sync", action="store_true", help="garbage-collect afterwards")
+    v.set_defaults(handler=_rm)

@@ -1,0 +1,191 @@
+"""``lamina check``: finds corruption and leftovers; ``--repair`` fixes what it can."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import imagefactory as f
+import pytest
+from conftest import require_root_user
+
+from lamina.check import check
+from lamina.cli import main
+from lamina.containers.store import Container, ContainerStore
+from lamina.errors import FailedPrecondition
+from lamina.images.identity import chain_ids
+from lamina.images.service import ImageService
+from lamina.root import Root
+
+FAILED = FailedPrecondition.exit_code
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> f.ImageRef:
+    require_root_user()
+    w = tmp_path_factory.mktemp("check-image")
+    base = f.minimal_layer(w)
+    top = f.layer_from_entries([f.File("hello.txt", "hello")], w)
+    return f.build_oci_layout(w / "layout", [base, top], ref_name="c:1")
+
+
+@pytest.fixture
+def root_dir(image: f.ImageRef, tmp_root: Path) -> Path:
+    root = Root(tmp_root / "root")
+    svc = ImageService(root, snapshotter="overlay")
+    svc.import_(image.layout)
+    svc.close()
+    root.close()
+    return tmp_root / "root"
+
+
+def _cli(capsys: pytest.CaptureFixture[str], root: Path, *args: str) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(["--root", str(root), *args])
+    return code, capsys.readouterr().out
+
+
+def _flip_byte(path: Path) -> None:
+    os.chmod(path, stat.S_IMODE(path.stat().st_mode) | stat.S_IWUSR)
+    with open(path, "r+b") as fh:
+        first = fh.read(1)
+        fh.seek(0)
+        fh.write(bytes([first[0] ^ 0xFF]))
+
+
+def test_clean_root_is_consistent(root_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = _cli(capsys, root_dir, "check")
+    assert code == 0 and "consistent" in out
+    code, out = _cli(capsys, root_dir, "check", "--json")
+    assert code == 0 and json.loads(out)["problems"] == []
+    assert _cli(capsys, root_dir, "check", "--repair")[0] == 0
+
+
+def test_corrupt_image_blob(root_dir: Path, image: f.ImageRef,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    layer = image.layers[1].digest
+    root = Root(root_dir)
+    _flip_byte(root.content().blob_path(layer))
+    root.close()
+    code, out = _cli(capsys, root_dir, "check", "--json")
+    report = json.loads(out)
+    assert code == FAILED and not report["ok"]
+    assert [(p["kind"], p["subject"]) for p in report["problems"]] == [
+        ("content.corrupt", layer)]
+    # repair deletes the corrupt blob; the image is then broken, which repair cannot fix
+    code, out = _cli(capsys, root_dir, "check", "--repair")
+    assert code == FAILED
+    assert f"deleted corrupt blob {layer}" in out
+    assert "broken image: c:1" in out
+    code, out = _cli(capsys, root_dir, "check", "--json")
+    report = json.loads(out)
+    assert code == FAILED
+    assert [(p["kind"], p["subject"]) for p in report["problems"]] == [("image", "c:1")]
+    assert layer in report["problems"][0]["message"]
+    # importing the image again makes the root whole
+    assert _cli(capsys, root_dir, "image", "import", str(image.layout))[0] == 0
+    assert _cli(capsys, root_dir, "check")[0] == 0
+
+
+def test_corrupt_unreferenced_blob_is_repaired(root_dir: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    root = Root(root_dir)
+    digest = root.content().add(b"some unreferenced bytes").digest
+    _flip_byte(root.content().blob_path(digest))
+    report = check(root)
+    assert [(p.kind, p.subject) for p in report.problems] == [("content.corrupt", digest)]
+    repaired = check(root, repair=True)
+    assert repaired.ok and repaired.remaining == [] and repaired.broken_images == []
+    assert not root.content().blob_path(digest).exists()
+    assert digest not in {i.digest for i in root.content().walk()}
+    root.close()
+
+
+def test_missing_blob_and_orphan_blob_files(root_dir: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    root = Root(root_dir)
+    content = root.content()
+    gone = content.add(b"file will vanish").digest
+    path = content.blob_path(gone)
+    path.unlink()
+    good = b"a good blob without its row"
+    import hashlib
+
+    good_hex = hashlib.sha256(good).hexdigest()
+    (content.blobs_dir / good_hex).write_bytes(good)  # type: ignore[attr-defined]
+    (content.blobs_dir / ("0" * 64)).write_bytes(b"garbage")  # type: ignore[attr-defined]
+    root.close()
+    code, out = _cli(capsys, root_dir, "check", "--json")
+    kinds = sorted(p["kind"] for p in json.loads(out)["problems"])
+    assert code == FAILED
+    assert kinds == ["content.missing", "content.orphan", "content.orphan"]
+    code, out = _cli(capsys, root_dir, "check", "--repair")
+    assert code == 0, out
+    assert f"dropped metadata of missing blob {gone}" in out
+    assert f"restored metadata of blob sha256:{good_hex}" in out
+    root = Root(root_dir)
+    assert root.content().info(f"sha256:{good_hex}").size == len(good)
+    assert not (root.content_dir / "blobs" / "sha256" / ("0" * 64)).exists()
+    root.close()
+
+
+def test_snapshot_problems(root_dir: Path, image: f.ImageRef,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    root = Root(root_dir)
+    sn = root.snapshotter("overlay")
+    top = chain_ids(image.diff_ids)[-1]
+    sn.prepare("leaf", top)
+    sid = sn.snapshot("leaf").id  # type: ignore[attr-defined]
+    snapdirs = root.snapshots_dir("overlay") / "snapshots"
+    import shutil
+
+    shutil.rmtree(snapdirs / sid)
+    (snapdirs / "999").mkdir()
+    (snapdirs / "999" / "fs").mkdir()
+    root.close()
+    code, out = _cli(capsys, root_dir, "check")
+    assert code == FAILED
+    assert f"snapshot id {sid}: metadata names it" in out
+    assert "999: directory unknown to the metadata" in out
+    code, out = _cli(capsys, root_dir, "check", "--repair")
+    assert code == 0, out
+    assert "removed snapshot overlay/leaf: its directory was missing" in out
+    assert not (snapdirs / "999").exists()
+    root = Root(root_dir)
+    assert "leaf" not in {i.name for i in root.snapshotter("overlay").walk()}
+    root.close()
+
+
+def test_missing_layer_directory_with_children_remains(
+        root_dir: Path, image: f.ImageRef, capsys: pytest.CaptureFixture[str]) -> None:
+    root = Root(root_dir)
+    sn = root.snapshotter("overlay")
+    base = chain_ids(image.diff_ids)[0]
+    sid = sn.snapshot(base).id  # type: ignore[attr-defined]
+    import shutil
+
+    shutil.rmtree(root.snapshots_dir("overlay") / "snapshots" / sid)
+    root.close()
+    code, out = _cli(capsys, root_dir, "check", "--repair")
+    assert code == FAILED
+    assert f"remaining: [snapshot] snapshot id {sid}" in out
+    root = Root(root_dir)
+    assert base in {i.name for i in root.snapshotter("overlay").walk()}  # kept: it has a child
+    root.close()
+
+
+def test_container_without_its_snapshot(root_dir: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    root = Root(root_dir)
+    store = ContainerStore(root.metadata_path)
+    store.create(Container(id="ghost", image="c:1", snapshotter="overlay",
+                           snapshot_key="no-such-snapshot"))
+    store.close()
+    report = check(root, repair=True)
+    assert not report.ok
+    assert [(p.kind, p.subject) for p in report.remaining] == [("container", "ghost")]
+    root.close()
+    code, out = _cli(capsys, root_dir, "check")
+    assert code == FAILED and "container ghost: snapshot overlay/no-such-snapshot" in out
