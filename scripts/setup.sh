@@ -113,6 +113,9 @@ else
         || die "lamina imports from $installed_from, expected $REPO/src/lamina"
     touch "$stamp"
 fi
+# An editable install ships no bytecode; compile it once so every `lamina` start
+# does not recompile the package (matters where PYTHONDONTWRITEBYTECODE is set).
+"$PY" -m compileall -q "$REPO/src/lamina" >/dev/null
 
 # --- 3. CRIU -----------------------------------------------------------------
 hash -r

@@ -58,6 +58,14 @@ class Repairs:
     def count(self) -> int:
         return len(self.mounts) + len(self.snapshots) + len(self.content) + len(self.collected)
 
+    def kinds(self) -> dict[str, int]:
+        """How many of each kind of leftover (the first word of each description)."""
+        out: dict[str, int] = {}
+        for item in self.mounts + self.snapshots + self.content + self.collected:
+            kind = item.split(" ", 1)[0]
+            out[kind] = out.get(kind, 0) + 1
+        return out
+
     def merge(self, other: Repairs) -> None:
         self.mounts += other.mounts
         self.snapshots += other.snapshots
@@ -93,11 +101,14 @@ def _opened(root: Path) -> Iterator[Root]:
         r.close()
 
 
-def recover(root: Path, *, drop_ingests: bool = True, gc: bool = False) -> Repairs:
+def recover(root: Path, *, drop_ingests: bool = True, gc: bool = False,
+            expire_leases: bool = False) -> Repairs:
     """Repair what a crash left, as a restart would; returns what was found.
 
     ``drop_ingests`` also removes resumable ingests (no one will resume them);
-    ``gc`` runs a collection after the cleanups.
+    ``gc`` runs a collection after the cleanups, after deleting every lease
+    first if ``expire_leases`` (as if the leases a killed process held had
+    expired: what they protected becomes collectable).
     """
     rep = Repairs()
     for _ in range(10):  # stacked mounts take several rounds
@@ -105,34 +116,44 @@ def recover(root: Path, *, drop_ingests: bool = True, gc: bool = False) -> Repai
         if not mps:
             break
         for mp in mps:
-            rep.mounts.append(mp)
+            rep.mounts.append(f"mount {mp}")
             _libc.umount2(os.fsencode(mp), _MNT_DETACH)
     tmpmounts = root / "tmpmounts"
     if tmpmounts.is_dir():
         for entry in os.listdir(tmpmounts):
             os.rmdir(tmpmounts / entry)
-            rep.mounts.append(f"dir {tmpmounts / entry}")
+            rep.mounts.append(f"mount-dir {tmpmounts / entry}")
     with _opened(root) as r:
         if (root / "content").is_dir():
             store = r.content()
             assert isinstance(store, LocalContentStore)
             report = store.cleanup(ingest_max_age=timedelta(0) if drop_ingests else None)
-            rep.content += [f"temp {p}" for p in report.removed_temp]
+            rep.content += [f"temp-file {p}" for p in report.removed_temp]
             rep.content += [f"ingest {p}" for p in report.removed_ingests]
-            rep.content += [f"restored row {d}" for d in report.restored_rows]
-            rep.content += [f"removed row {d}" for d in report.removed_rows]
-            rep.content += [f"removed blob {p}" for p in report.removed_blobs]
+            rep.content += [f"blob-without-row(restored) {d}" for d in report.restored_rows]
+            rep.content += [f"row-without-blob(removed) {d}" for d in report.removed_rows]
+            rep.content += [f"bad-blob-file(removed) {p}" for p in report.removed_blobs]
         for name in snapshotters_of(root):
             sn = r.snapshotter(name)
             assert isinstance(sn, DirectorySnapshotter)
-            rep.snapshots += [f"{name}: {p}" for p in sn.check()]
+            rep.snapshots += [f"snapshot-dir {name}: {p}" for p in sn.check()]
             sn.cleanup()
+        if expire_leases and r.metadata_path.exists():
+            from lamina.leases import LeaseManager
+
+            leases = LeaseManager(r.metadata_path)
+            try:
+                for lease in leases.list():
+                    leases.delete(lease.id)
+                    rep.collected.append(f"lease {lease.id}")
+            finally:
+                leases.close()
         if gc:
             from lamina.gc import collect
 
             report_gc = collect(r)
-            rep.collected += [f"blob {d}" for d, _ in report_gc.content]
-            rep.collected += [f"snapshot {n}/{k}" for n, k, _ in report_gc.snapshots]
+            rep.collected += [f"gc-blob {d}" for d, _ in report_gc.content]
+            rep.collected += [f"gc-snapshot {n}/{k}" for n, k, _ in report_gc.snapshots]
     return rep
 
 

@@ -36,19 +36,19 @@ def default_root() -> str:
     return os.path.join(os.path.expanduser("~"), ".local", "share", "lamina")
 
 
-def _overlay(path: Path) -> Snapshotter:
+def _overlay(path: Path, *, async_remove: bool = False) -> Snapshotter:
     from lamina.snapshots.overlay import OverlaySnapshotter
 
-    return OverlaySnapshotter(path)
+    return OverlaySnapshotter(path, async_remove=async_remove)
 
 
-def _native(path: Path) -> Snapshotter:
+def _native(path: Path, *, async_remove: bool = False) -> Snapshotter:
     from lamina.snapshots.native import NativeSnapshotter
 
-    return NativeSnapshotter(path)
+    return NativeSnapshotter(path, async_remove=async_remove)
 
 
-SNAPSHOTTERS: dict[str, Callable[[Path], Snapshotter]] = {
+SNAPSHOTTERS: dict[str, Callable[..., Snapshotter]] = {
     "overlay": _overlay,
     "native": _native,
 }
@@ -57,8 +57,11 @@ SNAPSHOTTERS: dict[str, Callable[[Path], Snapshotter]] = {
 class Root:
     """Paths of one lamina root, and the stores opened on it (lazily, once)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, async_remove: bool = False) -> None:
+        """``async_remove``: snapshotters delete removed snapshots' directories in a
+        background thread (what a long-running server wants) instead of inline."""
         self.path = Path(path)
+        self.async_remove = async_remove
         self.path.mkdir(parents=True, exist_ok=True, mode=0o711)
         self._snapshotters: dict[str, Snapshotter] = {}
         self._content: ContentStore | None = None
@@ -86,7 +89,8 @@ class Root:
             except KeyError:
                 known = ", ".join(sorted(SNAPSHOTTERS))
                 raise InvalidArgument(f"unknown snapshotter {name!r} (known: {known})") from None
-            self._snapshotters[name] = factory(self.snapshots_dir(name))
+            self._snapshotters[name] = factory(self.snapshots_dir(name),
+                                              async_remove=self.async_remove)
         return self._snapshotters[name]
 
     def content(self) -> ContentStore:

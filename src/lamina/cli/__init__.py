@@ -23,7 +23,36 @@ GROUPS = ("snapshot", "content", "diff", "image", "container", "task", "run",
           "checkpoint", "serve", "config", "gc", "lease", "check")
 
 
-def build_parser() -> argparse.ArgumentParser:
+# aliases a group module registers, so one command imports only its own module
+ALIASES = {
+    "snapshots": "snapshot", "images": "image", "i": "image", "containers": "container",
+    "c": "container", "tasks": "task", "t": "task", "checkpoints": "checkpoint",
+    "leases": "lease", "fsck": "check",
+}
+_GLOBAL_WITH_VALUE = ("--root", "--snapshotter", "--address")
+
+
+def _requested_group(argv: Sequence[str]) -> str | None:
+    """The command group named on the command line, when it can be told without parsing."""
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+            continue
+        if word in _GLOBAL_WITH_VALUE:
+            skip = True
+            continue
+        if word.startswith("-"):
+            if word in ("-h", "--help"):
+                return None
+            continue
+        name = ALIASES.get(word, word)
+        return name if name in GROUPS else None
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``argv``, only the group it names is imported (fast start-up)."""
     parser = argparse.ArgumentParser(prog="lamina", description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=None, help="lamina root directory "
                         f"(default: $LAMINA_ROOT or {default_root()})")
@@ -32,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--address", default=None,
                         help="talk to a running `lamina serve` on this socket")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in GROUPS:
+    wanted = _requested_group(argv) if argv is not None else None
+    for name in (wanted,) if wanted else GROUPS:
         try:
             module = importlib.import_module(f"lamina.cli.{name}")
         except ModuleNotFoundError as exc:
@@ -44,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(words)
+    args = parser.parse_args(words)
     app = App(root=args.root or default_root(), snapshotter=args.snapshotter,
               address=args.address)
     try:

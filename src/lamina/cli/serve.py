@@ -14,6 +14,10 @@ __all__ = ["register"]
 def cmd_serve(args: argparse.Namespace, app: App) -> int:
     from lamina.api import default_address
     from lamina.api.server import Server, serve
+    from lamina.root import Root
+
+    # A long-running server deletes removed snapshots' directories in the background.
+    root = Root(app.root, async_remove=not args.sync_remove)
 
     address = args.serve_address or app.address or default_address()
     if not logging.getLogger().handlers:
@@ -26,14 +30,14 @@ def cmd_serve(args: argparse.Namespace, app: App) -> int:
     def ready(server: Server) -> None:
         if not args.quiet:
             print(
-                f"lamina: serving {app.store_root.path} on {server.address} "
+                f"lamina: serving {root.path} on {server.address} "
                 f"(default snapshotter {app.snapshotter})",
                 file=sys.stderr,
                 flush=True,
             )
 
     serve(
-        app.store_root,
+        root,
         address,
         snapshotter=app.snapshotter,
         max_workers=args.workers,
@@ -71,5 +75,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="SECONDS",
         help="on SIGTERM, how long calls in flight may take to finish (default 10)",
     )
+    p.add_argument("--sync-remove", action="store_true",
+                   help="delete a removed snapshot's directory before Remove returns "
+                   "(default: in a background thread)")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     p.set_defaults(handler=cmd_serve)

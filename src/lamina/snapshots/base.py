@@ -27,6 +27,8 @@ import contextlib
 import fcntl
 import os
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -53,6 +55,13 @@ class DirectorySnapshotter:
         self._dirs.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._meta: MetaStore | None = MetaStore(self.root / "metadata.db")
         self._async_remove = async_remove
+        self._reaper: threading.Thread | None = None
+        self._reap_now = threading.Event()
+        self._stopping = threading.Event()
+        if async_remove:
+            self._reaper = threading.Thread(target=self._reap_loop, daemon=True,
+                                            name=f"reaper {self.root}")
+            self._reaper.start()
 
     # -- hooks -------------------------------------------------------------
     @property
@@ -146,6 +155,7 @@ class DirectorySnapshotter:
                     crash.point("create.before-rename")
                     os.rename(new, dest)
                     target = dest
+                    fsync_dir(self._dirs)  # the rename is durable before the row commits
                     crash.point("create.after-rename")
             except BaseException:
                 if target is not None:  # the row did not commit: take the directory back
@@ -166,7 +176,6 @@ class DirectorySnapshotter:
             if os.path.lexists(new):  # not adopted by a snapshot
                 remove_tree(new)
             os.close(fd)
-        fsync_dir(self._dirs)
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
@@ -223,9 +232,33 @@ class DirectorySnapshotter:
                     os.rename(src, dst)
                 doomed.append(dst)
         crash.point("discard.renamed")
-        if not self._async_remove:
+        if self._async_remove:
+            self._reap_now.set()
+        else:
             for d in doomed:
                 remove_tree(d)
+
+    def reap(self) -> int:
+        """Delete directories already taken out of the id space (``rm-…``); returns how many.
+
+        Safe at any time and from several processes: those directories belong to
+        no snapshot any more."""
+        count = 0
+        for entry in os.listdir(self._dirs):
+            if entry.startswith(_RM):
+                remove_tree(self._dirs / entry)
+                count += 1
+        return count
+
+    def _reap_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._reap_now.wait(timeout=5.0)
+            self._reap_now.clear()
+            if self._stopping.is_set():
+                break
+            time.sleep(0.2)  # gather a few removals into one pass
+            with contextlib.suppress(OSError):
+                self.reap()
 
     def walk(self, *filters: str) -> Iterator[Info]:
         from lamina.filters import parse
@@ -274,6 +307,13 @@ class DirectorySnapshotter:
         return problems
 
     def close(self) -> None:
+        if self._reaper is not None:
+            self._stopping.set()
+            self._reap_now.set()
+            self._reaper.join()
+            self._reaper = None
+            with contextlib.suppress(OSError):
+                self.reap()
         if self._meta is not None:
             self._meta.close()
             self._meta = None
