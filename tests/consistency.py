@@ -36,7 +36,8 @@ from lamina.errors import LaminaError, NotFound
 from lamina.root import SNAPSHOTTERS, Root
 from lamina.snapshots.base import DirectorySnapshotter
 
-__all__ = ["Repairs", "mounts_under", "problems", "recover", "snapshotters_of"]
+__all__ = ["Repairs", "mounts_under", "problems", "recover", "snapshotters_of",
+           "unmount_under"]
 
 _MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -85,6 +86,19 @@ def mounts_under(path: Path | str) -> list[str]:
     return sorted(found, key=lambda p: p.count("/"), reverse=True)
 
 
+def unmount_under(path: Path | str) -> list[str]:
+    """Lazily unmount everything at or below ``path``; returns what was mounted."""
+    seen: list[str] = []
+    for _ in range(10):  # stacked mounts take several rounds
+        mps = mounts_under(path)
+        if not mps:
+            break
+        for mp in mps:
+            seen.append(mp)
+            _libc.umount2(os.fsencode(mp), _MNT_DETACH)
+    return seen
+
+
 def snapshotters_of(root: Path) -> list[str]:
     base = root / "snapshots"
     if not base.is_dir():
@@ -111,13 +125,7 @@ def recover(root: Path, *, drop_ingests: bool = True, gc: bool = False,
     expired: what they protected becomes collectable).
     """
     rep = Repairs()
-    for _ in range(10):  # stacked mounts take several rounds
-        mps = mounts_under(root)
-        if not mps:
-            break
-        for mp in mps:
-            rep.mounts.append(f"mount {mp}")
-            _libc.umount2(os.fsencode(mp), _MNT_DETACH)
+    rep.mounts += [f"mount {mp}" for mp in unmount_under(root)]
     tmpmounts = root / "tmpmounts"
     if tmpmounts.is_dir():
         for entry in os.listdir(tmpmounts):

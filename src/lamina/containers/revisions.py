@@ -30,6 +30,7 @@ from lamina.containers.store import Container, ContainerStore
 from lamina.diff import apply_diff, create_diff
 from lamina.errors import FailedPrecondition, NotFound
 from lamina.images.service import ImageService
+from lamina.leases import LeaseManager
 from lamina.root import Root
 
 __all__ = [
@@ -146,7 +147,15 @@ class ContainerService:
     def upgrade(self, cid: str, image: str) -> Container:
         """Move ``cid`` to ``image``, carrying its rw-layer changes over."""
         container = self.store.get(cid)
-        new_key = self._prepare_revision(cid, image, previous=container.snapshot_key)
+        leases = LeaseManager(self.root.metadata_path)
+        try:
+            with leases.held(purpose=f"upgrade {cid}"):  # GC keeps the diff blob meanwhile
+                return self._upgrade(container, image)
+        finally:
+            leases.close()
+
+    def _upgrade(self, container: Container, image: str) -> Container:
+        new_key = self._prepare_revision(container.id, image, previous=container.snapshot_key)
         try:
             outcome = create_diff(self.sn, self.images.content, container.snapshot_key,
                                   tmpmounts=str(self.root.tmpmounts))

@@ -119,6 +119,13 @@ def _blob_path_digest(path: str) -> str | None:
 
 
 def _scan_tar(source: IO[bytes], content: ContentStore, progress: Progress) -> _Found:
+    try:
+        return _scan_tar_members(source, content, progress)
+    except (tarfile.TarError, EOFError) as exc:  # a damaged archive is the caller's error
+        raise InvalidArgument(f"not a readable image archive: {exc}") from exc
+
+
+def _scan_tar_members(source: IO[bytes], content: ContentStore, progress: Progress) -> _Found:
     found = _Found()
     with tarfile.open(fileobj=source, mode="r|*") as tar:
         for member in tar:

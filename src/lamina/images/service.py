@@ -117,18 +117,36 @@ class ImageService:
         top = self.chain_id(name)
         os.makedirs(target, exist_ok=True)
         key = self._mount_key(target)
-        mounts = (self.snapshots.prepare if rw else self.snapshots.view)(key, top)
+        # Like ctr: a lease referencing the snapshot keeps GC off it until unmount.
+        leases = LeaseManager(self.root.metadata_path)
         try:
-            mount_all(mounts, target)
-        except BaseException:
-            self.snapshots.remove(key)
-            raise
+            leases.create(key.split()[0], expire=None, labels={
+                f"containerd.io/gc.ref.snapshot.{self.snapshotter_name}": key})
+            try:
+                mounts = (self.snapshots.prepare if rw else self.snapshots.view)(key, top)
+                try:
+                    mount_all(mounts, target)
+                except BaseException:
+                    self.snapshots.remove(key)
+                    raise
+            except BaseException:
+                leases.delete(key.split()[0])
+                raise
+        finally:
+            leases.close()
 
     def unmount(self, target: str | os.PathLike[str], *, keep_snapshot: bool = False) -> None:
         unmount_all(target)
+        key = self._mount_key(target)
         if not keep_snapshot:
             with contextlib.suppress(NotFound):
-                self.snapshots.remove(self._mount_key(target))
+                self.snapshots.remove(key)
+            leases = LeaseManager(self.root.metadata_path)
+            try:
+                with contextlib.suppress(NotFound):
+                    leases.delete(key.split()[0])
+            finally:
+                leases.close()
 
     def export(self, names: Sequence[str], out: str | os.PathLike[str] | IO[bytes]) -> None:
         export_images([self.images.get(n) for n in names], out, content=self.content,
