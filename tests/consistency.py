@@ -33,6 +33,7 @@ from pathlib import Path
 
 from lamina.content.local import BlobCorrupt, LocalContentStore
 from lamina.errors import LaminaError, NotFound
+from lamina.mount import cleanup_temp_mounts
 from lamina.root import SNAPSHOTTERS, Root
 from lamina.snapshots.base import DirectorySnapshotter
 
@@ -125,12 +126,10 @@ def recover(root: Path, *, drop_ingests: bool = True, gc: bool = False,
     expired: what they protected becomes collectable).
     """
     rep = Repairs()
+    # lamina's own recovery of a killed process's temporary mounts (what gc and
+    # check --repair run); then anything else still mounted is a finding too
+    rep.mounts += [f"temp mount {t}" for t in cleanup_temp_mounts(root / "tmpmounts")]
     rep.mounts += [f"mount {mp}" for mp in unmount_under(root)]
-    tmpmounts = root / "tmpmounts"
-    if tmpmounts.is_dir():
-        for entry in os.listdir(tmpmounts):
-            os.rmdir(tmpmounts / entry)
-            rep.mounts.append(f"mount-dir {tmpmounts / entry}")
     with _opened(root) as r:
         if (root / "content").is_dir():
             store = r.content()
@@ -165,8 +164,14 @@ def recover(root: Path, *, drop_ingests: bool = True, gc: bool = False,
     return rep
 
 
-def problems(root: Path, *, allow_ingests: bool = False) -> list[str]:
-    """Every inconsistency of the root at ``root`` (empty when consistent)."""
+def problems(root: Path, *, allow_ingests: bool = False, resolve_images: bool = True
+             ) -> list[str]:
+    """Every inconsistency of the root at ``root`` (empty when consistent).
+
+    ``resolve_images=False`` accepts images whose documents are malformed (as an
+    import of a hostile archive may register them) as long as nothing they
+    reference is missing.
+    """
     out: list[str] = [f"still mounted: {mp}" for mp in mounts_under(root)]
     tmpmounts = root / "tmpmounts"
     if tmpmounts.is_dir():
@@ -179,7 +184,7 @@ def problems(root: Path, *, allow_ingests: bool = False) -> list[str]:
             assert isinstance(store, LocalContentStore)
             out += _content_problems(store, allow_ingests=allow_ingests)
             if r.metadata_path.exists():
-                out += _image_problems(r, store)
+                out += _image_problems(r, store, resolve=resolve_images)
     return out
 
 
@@ -246,7 +251,7 @@ def _content_problems(store: LocalContentStore, *, allow_ingests: bool) -> list[
     return out
 
 
-def _image_problems(r: Root, store: LocalContentStore) -> list[str]:
+def _image_problems(r: Root, store: LocalContentStore, *, resolve: bool) -> list[str]:
     from lamina.images.resolve import manifest_for
     from lamina.images.store import ImageStore
 
@@ -260,12 +265,16 @@ def _image_problems(r: Root, store: LocalContentStore) -> list[str]:
     for image in listed:
         try:
             _, manifest, _ = manifest_for(store, image.target)
-        except LaminaError as exc:
+        except NotFound as exc:
             out.append(f"image {image.name}: does not resolve: {exc}")
-            continue
-        for desc in [manifest.config, *manifest.layers]:
-            if desc.digest not in blobs:
-                out.append(f"image {image.name}: blob {desc.digest} is missing")
+        except Exception as exc:  # malformed documents (any error, if lamina has a bug)
+            if resolve:
+                out.append(f"image {image.name}: does not resolve: "
+                           f"{type(exc).__name__}: {exc}")
+        else:
+            for desc in [manifest.config, *manifest.layers]:
+                if desc.digest not in blobs:
+                    out.append(f"image {image.name}: blob {desc.digest} is missing")
         # everything reachable by GC labels from the target must exist
         stack, seen = [image.target.digest], set()
         while stack:

@@ -14,7 +14,9 @@ in the parent directory or in the working directory. A failed import leaves a
 consistent root (:func:`consistency.problems`).
 
 Bounded for CI: ``LAMINA_FUZZ_EXAMPLES`` examples per test (default 200); set
-it high (and ``LAMINA_FUZZ_SEED`` to replay) for a long run.
+it high (and ``LAMINA_FUZZ_SEED`` to replay) for a long run. With
+``LAMINA_FUZZ_COLLECT=<file>`` a failure is logged there (kind, innermost lamina
+frame) instead of stopping the run: a survey of every distinct bug.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ FUZZ = settings(
     print_blob=True,
 )
 _SEED = os.environ.get("LAMINA_FUZZ_SEED")
+_COLLECT = os.environ.get("LAMINA_FUZZ_COLLECT")  # explore: log failures here, do not stop
 
 
 def _seeded(fn: Any) -> Any:
@@ -128,6 +131,30 @@ def _sandbox() -> Iterator[Path]:
             shutil.rmtree(case, ignore_errors=True)
 
 
+# Bugs this fuzzing found in files its author does not own, reported, not yet fixed:
+# (exception type, innermost lamina file) -> what is wrong. A hit is counted and the
+# test ends as xfail naming it; anything else fails the test. Delete an entry once
+# its fix lands (the test then passes, and would fail again on a regression).
+KNOWN_BUGS: dict[tuple[str, str], str] = {}
+KNOWN_HITS: Counter[tuple[str, str, str]] = Counter()  # (test, type, file)
+
+
+def _signature(exc: BaseException) -> tuple[str, str]:
+    """The exception's type and the innermost lamina source file it passed through."""
+    frames = [fr for fr in traceback.extract_tb(exc.__traceback__)
+              if "/src/lamina/" in fr.filename]
+    where = frames[-1].filename.split("/src/lamina/")[-1] if frames else "?"
+    return type(exc).__name__, where
+
+
+def _known_bugs(name: str) -> None:
+    """End the test as xfail if it only hit known bugs (see KNOWN_BUGS)."""
+    hits = {(t, w): n for (test, t, w), n in KNOWN_HITS.items() if test == name}
+    if hits:
+        pytest.xfail("known bugs hit: " + "; ".join(
+            f"{n}x {t} in {w}: {KNOWN_BUGS[(t, w)]}" for (t, w), n in sorted(hits.items())))
+
+
 def _expect_lamina_errors(name: str, fn: Any) -> None:
     CASES[name] += 1
     try:
@@ -135,6 +162,16 @@ def _expect_lamina_errors(name: str, fn: Any) -> None:
     except LaminaError as exc:
         OUTCOMES[f"{name}: {type(exc).__name__}"] += 1
     except Exception as exc:  # the property: nothing but LaminaError
+        kind, where = _signature(exc)
+        if (kind, where) in KNOWN_BUGS:
+            KNOWN_HITS[(name, kind, where)] += 1
+            OUTCOMES[f"{name}: known bug {kind} in {where}"] += 1
+            return
+        if _COLLECT:  # exploring: note the failure's signature and go on
+            with open(_COLLECT, "a") as log:
+                log.write(f"{name}\t{kind}\t{where}\t{str(exc)[:120]!r}\n")
+            OUTCOMES[f"{name}: BUG {kind} in {where}"] += 1
+            return
         raise AssertionError(
             f"{name}: non-lamina exception {type(exc).__name__}: {exc}\n"
             + "".join(traceback.format_exception(exc))
@@ -258,13 +295,17 @@ def layers(draw: st.DrawFn) -> bytes:
     return draw(mutations(_compress(raw, how)))  # ...or damage the compressed stream
 
 
-@FUZZ
-@_seeded
-@given(layer=layers(), overlay=st.booleans())
-def test_fuzz_apply_layer(layer: bytes, overlay: bool) -> None:
-    with _sandbox() as target:
-        _expect_lamina_errors(
-            "apply_layer", lambda: apply_layer(io.BytesIO(layer), target, overlay=overlay))
+def test_fuzz_apply_layer() -> None:
+    @FUZZ
+    @_seeded
+    @given(layer=layers(), overlay=st.booleans())
+    def run(layer: bytes, overlay: bool) -> None:
+        with _sandbox() as target:
+            _expect_lamina_errors(
+                "apply_layer", lambda: apply_layer(io.BytesIO(layer), target, overlay=overlay))
+
+    run()
+    _known_bugs("apply_layer")
 
 
 # --------------------------------------------------------------------------- images
@@ -318,7 +359,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> _Image:
     return _Image(tmp_path_factory.mktemp("fuzz-image"))
 
 
-def _import(archive: bytes) -> None:
+def _import(name: str, archive: bytes) -> None:
     """Import (and unpack, overlay) ``archive`` into a fresh root in a sandbox."""
     from lamina.images.service import ImageService
     from lamina.root import Root
@@ -334,16 +375,24 @@ def _import(archive: bytes) -> None:
                 svc.close()
                 r.close()
 
-        _expect_lamina_errors("import", run)
-        bad = consistency.problems(root)
+        _expect_lamina_errors(name, run)
+        bad = consistency.problems(root, resolve_images=False)
+        if bad and _COLLECT:
+            with open(_COLLECT, "a") as log:
+                log.write(f"{name}\tinconsistent\t-\t{bad!r:.300}\n")
+            return
         assert not bad, f"root inconsistent after the import: {bad}"
 
 
-@FUZZ
-@_seeded
-@given(data=st.data())
-def test_fuzz_import_bytes(image: _Image, data: st.DataObject) -> None:
-    _import(data.draw(mutations(image.tar)))
+def test_fuzz_import_bytes(image: _Image) -> None:
+    @FUZZ
+    @_seeded
+    @given(data=st.data())
+    def run(data: st.DataObject) -> None:
+        _import("import-bytes", data.draw(mutations(image.tar)))
+
+    run()
+    _known_bugs("import-bytes")
 
 
 JSON = st.recursive(
@@ -362,21 +411,26 @@ def documents(draw: st.DrawFn, image: _Image) -> bytes:
     extra: dict[str, bytes] = {}
     digests = [f"sha256:{d}" for d in image.blobs] + ["sha256:" + "0" * 64, "sha256:xyz",
                                                       "md5:abc", "", "sha256:" + "A" * 64]
+    def layer_list() -> list[Any]:
+        layers_ = manifest.get("layers")
+        return [x for x in layers_ if isinstance(x, dict)] if isinstance(layers_, list) else []
+
     for _ in range(draw(st.integers(1, 3))):
         where = draw(st.sampled_from(["index", "manifest", "config", "layer", "layer-bytes"]))
-        doc = {"index": index["manifests"][0], "manifest": manifest, "config": config,
-               "layer": manifest["layers"][draw(st.integers(0, 1))]}.get(where)
+        if where.startswith("layer") and not layer_list():
+            where = "manifest"
         if where == "layer-bytes":  # a layer blob replaced by another tar, under its name
-            name = manifest["layers"][draw(st.integers(0, 1))]["digest"].split(":")[1]
-            extra[name] = draw(layers())
+            digest = str(draw(st.sampled_from(layer_list())).get("digest", ""))
+            extra[digest.split(":")[-1]] = draw(layers())
             continue
-        assert isinstance(doc, dict)
-        key = draw(st.sampled_from(sorted(doc) + ["annotations", "platform", "rootfs",
-                                                  "urls", "size"]))
+        doc = {"index": index["manifests"][0], "manifest": manifest, "config": config,
+               "layer": draw(st.sampled_from(layer_list())) if layer_list() else {}}[where]
+        key = draw(st.sampled_from([*sorted(doc), "annotations", "platform", "rootfs",
+                                    "urls", "size"]))
         choice = draw(st.integers(0, 4))
         if choice == 0:
             doc.pop(key, None)
-        elif choice == 1 and key in ("digest",):
+        elif choice == 1 and key == "digest":
             doc[key] = draw(st.sampled_from(digests))
         elif choice == 2 and key == "rootfs":
             doc[key] = {"type": "layers", "diff_ids": draw(st.lists(
@@ -385,21 +439,27 @@ def documents(draw: st.DrawFn, image: _Image) -> bytes:
             doc[key] = draw(st.sampled_from([-1, 0, 1, 2**64, "x", None, [], {}]))
         else:
             doc[key] = draw(JSON)
+    # usually keep the documents linked: the config and manifest under their new digests
     fresh_config = json.dumps(config).encode()
-    manifest["config"]["digest"] = manifest["config"].get("digest") \
-        if draw(st.booleans()) else f"sha256:{_hexd(fresh_config)}"
+    if isinstance(manifest.get("config"), dict) and draw(st.booleans()):
+        manifest["config"]["digest"] = f"sha256:{_hexd(fresh_config)}"
+        manifest["config"]["size"] = len(fresh_config)
     mdata = json.dumps(manifest).encode()
     entry = index["manifests"][0]
-    if isinstance(entry, dict) and draw(st.booleans()):
+    if draw(st.booleans()):
         entry["digest"], entry["size"] = f"sha256:{_hexd(mdata)}", len(mdata)
     return image.archive(index, manifest, config, extra)
 
 
-@FUZZ
-@_seeded
-@given(data=st.data())
-def test_fuzz_import_documents(image: _Image, data: st.DataObject) -> None:
-    _import(data.draw(documents(image)))
+def test_fuzz_import_documents(image: _Image) -> None:
+    @FUZZ
+    @_seeded
+    @given(data=st.data())
+    def run(data: st.DataObject) -> None:
+        _import("import-documents", data.draw(documents(image)))
+
+    run()
+    _known_bugs("import-documents")
 
 
 def test_fuzz_valid_image_imports(image: _Image) -> None:

@@ -513,3 +513,36 @@ def test_kill_point_summary(capsys: pytest.CaptureFixture[str]) -> None:
         Path(summary).write_text(text + "\n")
     assert total >= MIN_KILL_POINTS
     assert named >= MIN_KILL_POINTS
+
+
+def test_consistency_checker_sees_damage(images: Images, tmp_root: Path) -> None:
+    """The checker the kill tests rely on does flag each kind of damage."""
+    root = tmp_root / "root"
+    r = Root(root)
+    svc = ImageService(r, snapshotter="overlay")
+    svc.import_(images.tar)
+    svc.close()
+    store = r.content()
+    assert isinstance(store, LocalContentStore)
+    sn = r.snapshotter("overlay")
+    assert isinstance(sn, DirectorySnapshotter)
+    assert consistency.problems(root) == []
+    layer = next(i.digest for i in store.walk() if i.size > 100_000)
+    path = store.blob_path(layer)
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as fh:  # one flipped byte
+        fh.seek(10)
+        byte = fh.read(1)
+        fh.seek(10)
+        fh.write(bytes([byte[0] ^ 1]))
+    (store.blobs_dir / ("ab" * 32)).write_bytes(b"stray")
+    (store.ingest_dir / "half").mkdir()
+    (sn.root / "snapshots" / "999").mkdir()
+    top = chain_ids(images.diff_ids)[-1]
+    fs = sn.fs_dir(sn.snapshot(top).id)
+    os.rename(fs, fs.with_name("gone"))
+    r.close()
+    found = "\n".join(consistency.problems(root))
+    for expected in ("is corrupt", "is writable", "has no row", "orphan ingest",
+                     "unknown to the metadata", "has no directory"):
+        assert expected in found, f"{expected!r} not reported in:\n{found}"

@@ -34,6 +34,7 @@ from lamina.content.local import BlobCorrupt, LocalContentStore
 from lamina.errors import FailedPrecondition, LaminaError, NotFound
 from lamina.fsutil import locked
 from lamina.gc import label_edges
+from lamina.mount import cleanup_temp_mounts
 from lamina.root import SNAPSHOTTERS, Root
 from lamina.snapshots.base import DirectorySnapshotter
 
@@ -238,6 +239,8 @@ def check(root: Root, *, repair: bool = False) -> CheckReport:
                 with contextlib.suppress(NotFound):
                     store.delete(p.subject)
                     report.repaired.append(f"deleted corrupt blob {p.subject}")
+        report.repaired += [f"unmounted stale temporary mount {t}"
+                            for t in cleanup_temp_mounts(root.tmpmounts)]
         cleaned = store.cleanup()
         report.repaired += [f"restored metadata of blob {d}" for d in cleaned.restored_rows]
         report.repaired += [f"dropped metadata of missing blob {d}"

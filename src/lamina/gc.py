@@ -49,6 +49,7 @@ from lamina import crash
 from lamina.errors import FailedPrecondition, NotFound
 from lamina.fsutil import locked
 from lamina.leases import LeaseManager
+from lamina.mount import cleanup_temp_mounts
 from lamina.root import SNAPSHOTTERS, Root
 from lamina.snapshots import Info
 
@@ -236,6 +237,8 @@ def collect(root: Root, *, dry_run: bool = False) -> Report:
     """Mark from the roots, sweep the rest; returns what was (or would be) removed."""
     report = Report(dry_run=dry_run)
     with locked(root.path / "locks" / "gc"):
+        if not dry_run:  # a killed process's temporary mount would pin its snapshot
+            cleanup_temp_mounts(root.tmpmounts)
         content = root.content()
         reader = _RootReader(root)
         guard = LeaseManager(root.metadata_path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import re
 import shlex
@@ -25,7 +26,11 @@ from dataclasses import dataclass, field
 
 from lamina.errors import Internal, InvalidArgument
 
-__all__ = ["Mount", "is_mountpoint", "mount_all", "temp_mount", "unmount_all"]
+__all__ = [
+    "Mount", "cleanup_temp_mounts", "is_mountpoint", "mount_all", "temp_mount", "unmount_all",
+]
+
+_TEMP_PREFIX = "lamina-mount-"
 
 
 @dataclass(frozen=True)
@@ -268,11 +273,17 @@ def unmount_all(target: str | os.PathLike[str]) -> None:
 def temp_mount(
     mounts: Sequence[Mount], *, base: str | os.PathLike[str] | None = None
 ) -> Iterator[str]:
-    """Mount ``mounts`` on a fresh temporary directory; unmount and remove it after."""
+    """Mount ``mounts`` on a fresh temporary directory; unmount and remove it after.
+
+    While mounted, ``<dir>.lock`` is flocked, so :func:`cleanup_temp_mounts`
+    can tell a live temporary mount from one a killed process left behind.
+    """
     if base is not None:
         os.makedirs(base, exist_ok=True)
-    target = tempfile.mkdtemp(prefix="lamina-mount-", dir=base)
+    target = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=base)
+    lock = os.open(target + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         mount_all(mounts, target)
         try:
             yield target
@@ -280,3 +291,34 @@ def temp_mount(
             unmount_all(target)
     finally:
         os.rmdir(target)
+        os.unlink(target + ".lock")
+        os.close(lock)
+
+
+def cleanup_temp_mounts(base: str | os.PathLike[str]) -> list[str]:
+    """Unmount and remove temporary mounts under ``base`` that no live process holds
+    (a process killed inside :func:`temp_mount` leaves its mount behind); returns them."""
+    base = os.fspath(base)
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        return []
+    cleaned = []
+    for name in sorted(names):
+        if not name.startswith(_TEMP_PREFIX) or name.endswith(".lock"):
+            continue
+        target = os.path.join(base, name)
+        lock = os.open(target + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # in use
+            unmount_all(target)
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(target)
+            os.unlink(target + ".lock")
+            cleaned.append(target)
+        finally:
+            os.close(lock)
+    return cleaned

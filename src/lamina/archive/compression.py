@@ -24,8 +24,12 @@ from typing import IO, Any, Protocol, cast
 import zstandard
 from isal import igzip as _igzip
 from isal import igzip_threaded as _igzip_threaded
+from isal.isal_zlib import IsalError as _IsalError
 
 from lamina.errors import InvalidArgument
+
+# isal types IsalError as an instance; it is the exception class
+_ISAL_ERROR = cast("type[BaseException]", _IsalError)
 
 __all__ = [
     "MEDIA_TYPE_DOCKER_LAYER_GZIP",
@@ -274,7 +278,7 @@ class Decompressed(io.RawIOBase):
             data = self._reader.read(size if size >= 0 else _CHUNK)
         except InvalidArgument:
             raise
-        except (EOFError, OSError, zlib.error, zstandard.ZstdError) as exc:
+        except (EOFError, OSError, zlib.error, zstandard.ZstdError, _ISAL_ERROR) as exc:
             raise InvalidArgument(
                 f"corrupt or truncated {self.compression.value} layer stream: {exc}"
             ) from exc

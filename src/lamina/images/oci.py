@@ -68,6 +68,22 @@ def _digest(value: object, what: str) -> str:
     return value
 
 
+def _object(value: Any, what: str) -> dict[str, Any]:
+    """``value`` as a JSON object (absent = empty); InvalidArgument for anything else."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{what}: expected a JSON object")
+    return value
+
+
+def _strings(value: Any, what: str) -> dict[str, str]:
+    obj = _object(value, what)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in obj.items()):
+        raise InvalidArgument(f"{what}: keys and values must be strings")
+    return obj
+
+
 def parse_json(data: bytes, what: str) -> dict[str, Any]:
     try:
         obj = json.loads(data)
@@ -97,8 +113,8 @@ class Descriptor:
             media_type=str(obj.get("mediaType", "")),
             digest=_digest(obj.get("digest"), what),
             size=size,
-            annotations=dict(obj.get("annotations") or {}),
-            platform=obj.get("platform"),
+            annotations=_strings(obj.get("annotations"), f"{what} annotations"),
+            platform=_object(obj.get("platform"), f"{what} platform") or None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -148,7 +164,7 @@ class Index:
             manifests=tuple(Descriptor.from_json(d, f"index entry {i}")
                             for i, d in enumerate(manifests)),
             media_type=str(obj.get("mediaType") or MediaType.OCI_INDEX),
-            annotations=dict(obj.get("annotations") or {}),
+            annotations=_strings(obj.get("annotations"), "index annotations"),
         )
 
 
@@ -163,13 +179,13 @@ class ImageConfig:
     @classmethod
     def parse(cls, data: bytes) -> ImageConfig:
         obj = parse_json(data, "image config")
-        rootfs = obj.get("rootfs") or {}
-        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+        rootfs = _object(obj.get("rootfs"), "image config: rootfs")
+        diff_ids = rootfs.get("diff_ids")
         if not isinstance(diff_ids, list):
             raise InvalidArgument("image config: rootfs.diff_ids must be a list")
         return cls(
             diff_ids=tuple(_digest(d, f"diff_id {i}") for i, d in enumerate(diff_ids)),
-            config=dict(obj.get("config") or {}),
+            config=_object(obj.get("config"), "image config: config"),
             raw=obj,
         )
 

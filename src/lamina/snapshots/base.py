@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from lamina import crash
-from lamina.errors import FailedPrecondition
+from lamina.errors import FailedPrecondition, NotFound
 from lamina.fsutil import fsync_dir, remove_tree
 from lamina.mount import Mount
 from lamina.snapshots import Capability, Info, Kind, Usage
@@ -139,7 +139,11 @@ class DirectorySnapshotter:
             _, chain = tx.resolve_parent(parent)
         held = self._new_dir() if staged is None else contextlib.nullcontext(staged)
         with held as new:
-            self._fill(new, kind, chain)
+            try:
+                self._fill(new, kind, chain)
+            except FileNotFoundError:  # the parent went away after the lookup
+                raise NotFound(f"parent snapshot {parent!r} was removed while "
+                               f"creating {key!r}") from None
             crash.point("create.filled")
             target: Path | None = None
             try:
