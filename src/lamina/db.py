@@ -12,6 +12,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 
 from lamina.errors import Unavailable
@@ -32,13 +33,26 @@ class Database:
             check_same_thread=False,
         )
         self._conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._enable_wal()
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         with self.write() as c:
             for stmt in schema.split(";"):
                 if stmt.strip():
                     c.execute(stmt)
+
+    def _enable_wal(self) -> None:
+        """Switch to WAL. Two processes creating the same new file race on this, and
+        SQLite does not apply the busy timeout to it: retry until the timeout."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise Unavailable(f"database {self.path}: {exc}") from exc
+                time.sleep(0.01)
 
     @property
     def conn(self) -> sqlite3.Connection:
