@@ -6,10 +6,11 @@ import argparse
 import contextlib
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 from lamina.cli.app import App
+from lamina.cli.common import parse_labels
 from lamina.containers.revisions import ContainerService
 from lamina.containers.runtime import BindMount, parse_mount_flag
 from lamina.containers.tasks_service import ContainerTasks, make_options
@@ -41,16 +42,6 @@ def services(app: App) -> Iterator[ContainerTasks]:
         images.close()
 
 
-def _labels(items: Sequence[str] | None) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items or []:
-        key, eq, value = item.partition("=")
-        if not key or not eq:
-            raise InvalidArgument(f"--label {item!r}: want KEY=VALUE")
-        out[key] = value
-    return out
-
-
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     mounts: list[BindMount] = [parse_mount_flag(m) for m in args.mount or []]
     cmd = list(args.cmd or [])
@@ -72,7 +63,7 @@ def add_create_flags(v: argparse.ArgumentParser) -> None:
 
 def _create(args: argparse.Namespace, app: App) -> int:
     with services(app) as ct:
-        c = ct.containers.create(args.image, args.id, labels=_labels(args.label),
+        c = ct.containers.create(args.image, args.id, labels=parse_labels(args.label),
                                  options=options_from_args(args))
     print(c.id)
     return 0

@@ -6,11 +6,11 @@ import argparse
 import contextlib
 import shutil
 import sys
-from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from lamina.cli.app import App
+from lamina.cli.common import human_size, parse_labels, print_table
 from lamina.content import Info, Status
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
 
@@ -42,39 +42,12 @@ def status_json(st: Status) -> dict[str, Any]:
     }
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
-    lines = [list(header), *(list(r) for r in rows)]
-    widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
-    for r in lines:
-        cells = [c.ljust(w) for c, w in zip(r[:-1], widths[:-1], strict=True)] + [r[-1]]
-        print("  ".join(cells).rstrip())
-
-
-def _human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
-
-
 def _age(t: datetime) -> str:
     seconds = max(0, int((datetime.now(UTC) - t).total_seconds()))
     for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= span:
             return f"{seconds // span}{unit}"
     return f"{seconds}s"
-
-
-def _labels(pairs: Iterable[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not key or not eq:
-            raise InvalidArgument(f"label {pair!r}: expected KEY=VALUE")
-        out[key] = value
-    return out
 
 
 def _ls(args: argparse.Namespace, app: App) -> int:
@@ -86,9 +59,9 @@ def _ls(args: argparse.Namespace, app: App) -> int:
         for i in infos:
             print(i.digest)
         return 0
-    _table(
+    print_table(
         ("DIGEST", "SIZE", "AGE", "LABELS"),
-        ((i.digest, _human_size(i.size), _age(i.created),
+        ((i.digest, human_size(i.size), _age(i.created),
           ",".join(f"{k}={v}" for k, v in sorted(i.labels.items())) or "-")
          for i in infos),
     )
@@ -105,7 +78,7 @@ def _get(args: argparse.Namespace, app: App) -> int:
 
 def _ingest(args: argparse.Namespace, app: App) -> int:
     store = app.content()
-    labels = _labels(args.label)
+    labels = parse_labels(args.label)
     size, expected = args.expected_size, args.expected_digest
     if size < 0:
         raise InvalidArgument(f"invalid --expected-size {size}")
@@ -148,7 +121,7 @@ def _rm(args: argparse.Namespace, app: App) -> int:
 
 def _label(args: argparse.Namespace, app: App) -> int:
     store = app.content()
-    labels = _labels(args.labels)
+    labels = parse_labels(args.labels)
     info = store.info(args.digest)
     if not labels:  # nothing to change: show the labels
         print(",".join(f"{k}={v}" for k, v in sorted(info.labels.items())))
@@ -164,9 +137,9 @@ def _active(args: argparse.Namespace, app: App) -> int:
     if args.json:
         app.print_json([status_json(s) for s in statuses])
         return 0
-    _table(
+    print_table(
         ("REF", "SIZE", "TOTAL", "AGE"),
-        ((s.ref, _human_size(s.offset), _human_size(s.total) if s.total else "-",
+        ((s.ref, human_size(s.offset), human_size(s.total) if s.total else "-",
           _age(s.started_at)) for s in statuses),
     )
     return 0

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from lamina.cli.app import App
-from lamina.errors import InvalidArgument, LaminaError
+from lamina.cli.common import parse_labels
+from lamina.errors import LaminaError
 from lamina.leases import DEFAULT_EXPIRY, Lease, LeaseManager, parse_duration
 
 __all__ = ["register"]
@@ -24,16 +25,6 @@ def _manager(app: App) -> Iterator[LeaseManager]:
         leases.close()
 
 
-def _labels(pairs: list[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InvalidArgument(f"invalid label {pair!r} (use key=value)")
-        out[key] = value
-    return out
-
-
 def _record(lease: Lease, now: datetime) -> dict[str, object]:
     return {"id": lease.id, "created": lease.created.isoformat(),
             "expires": lease.expires.isoformat() if lease.expires else None,
@@ -46,7 +37,7 @@ def _create(args: argparse.Namespace, app: App) -> int:
     else:
         expire = parse_duration(args.expire) if args.expire else DEFAULT_EXPIRY
     with _manager(app) as leases:
-        lease = leases.create(args.id, expire=expire, labels=_labels(args.label))
+        lease = leases.create(args.id, expire=expire, labels=parse_labels(args.label))
     print(lease.id)
     return 0
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from lamina.cli.app import App
-from lamina.errors import InvalidArgument
+from lamina.cli.common import human_size, parse_labels, print_table
 from lamina.mount import Mount, mount_all, unmount_all
 from lamina.snapshots import Info, Kind, Usage
 
@@ -34,34 +34,6 @@ def info_json(info: Info) -> dict[str, Any]:
 
 def _mount_json(m: Mount) -> dict[str, Any]:
     return {"type": m.type, "source": m.source, "target": m.target, "options": list(m.options)}
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
-    rows = [list(header), *(list(r) for r in rows)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for r in rows:
-        cells = [c.ljust(w) for c, w in zip(r[:-1], widths[:-1], strict=True)] + [r[-1]]
-        print("  ".join(cells).rstrip())
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
-def parse_labels(pairs: Iterable[str], *, allow_bare: bool = False) -> dict[str, str]:
-    """``k=v`` strings as a dict; ``k`` alone means ``k=`` when ``allow_bare``."""
-    out: dict[str, str] = {}
-    for pair in pairs:
-        k, eq, v = pair.partition("=")
-        if not k or (not eq and not allow_bare):
-            raise InvalidArgument(f"label {pair!r}: expected KEY=VALUE")
-        out[k] = v
-    return out
 
 
 def _print_mounts(mounts: Sequence[Mount], target: str) -> None:
@@ -134,7 +106,7 @@ def cmd_ls(args: argparse.Namespace, app: App) -> int:
         for i in infos:
             print(i.name)
     else:
-        _table(["KEY", "PARENT", "KIND"], ([i.name, i.parent, i.kind.value] for i in infos))
+        print_table(["KEY", "PARENT", "KIND"], ([i.name, i.parent, i.kind.value] for i in infos))
     return 0
 
 
@@ -150,8 +122,8 @@ def cmd_usage(args: argparse.Namespace, app: App) -> int:
     if args.json:
         app.print_json([{"key": k, "size": u.size, "inodes": u.inodes} for k, u in usages])
         return 0
-    size = str if args.bytes else _human
-    _table(["KEY", "SIZE", "INODES"], ([k, size(u.size), str(u.inodes)] for k, u in usages))
+    size = str if args.bytes else human_size
+    print_table(["KEY", "SIZE", "INODES"], ([k, size(u.size), str(u.inodes)] for k, u in usages))
     return 0
 
 

@@ -1,0 +1,39 @@
+"""What several command groups print or parse the same way."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from lamina.errors import InvalidArgument
+
+__all__ = ["human_size", "parse_labels", "print_table"]
+
+
+def parse_labels(pairs: Iterable[str] | None, *, allow_bare: bool = False) -> dict[str, str]:
+    """``k=v`` strings as a dict; ``k`` alone means ``k=`` (delete) when ``allow_bare``."""
+    out: dict[str, str] = {}
+    for pair in pairs or ():
+        k, eq, v = pair.partition("=")
+        if not k or (not eq and not allow_bare):
+            raise InvalidArgument(f"label {pair!r}: expected KEY=VALUE")
+        out[k] = v
+    return out
+
+
+def print_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    """Left-aligned columns, two spaces apart, like ctr's listings."""
+    lines = [list(header), *(list(r) for r in rows)]
+    widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
+    for r in lines:
+        cells = [c.ljust(w) for c, w in zip(r[:-1], widths[:-1], strict=True)] + [r[-1]]
+        print("  ".join(cells).rstrip())
+
+
+def human_size(n: int) -> str:
+    """``1.5 MiB`` style sizes."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
