@@ -280,18 +280,27 @@ def temp_mount(
     """
     if base is not None:
         os.makedirs(base, exist_ok=True)
-    target = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=base)
-    lock = os.open(target + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
+    # The lock exists, and is held, before the directory does: a concurrent
+    # cleanup_temp_mounts never sees an unlocked live temporary mount.
+    while True:
+        lock, lock_path = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=".lock", dir=base)
         fcntl.flock(lock, fcntl.LOCK_EX)
-        mount_all(mounts, target)
+        if os.fstat(lock).st_nlink:
+            break
+        os.close(lock)  # a cleanup took it for a leftover before we held it: again
+    target = lock_path[: -len(".lock")]
+    try:
+        os.mkdir(target, 0o700)
         try:
-            yield target
+            mount_all(mounts, target)
+            try:
+                yield target
+            finally:
+                unmount_all(target)
         finally:
-            unmount_all(target)
+            os.rmdir(target)
     finally:
-        os.rmdir(target)
-        os.unlink(target + ".lock")
+        os.unlink(lock_path)
         os.close(lock)
 
 
@@ -305,20 +314,47 @@ def cleanup_temp_mounts(base: str | os.PathLike[str]) -> list[str]:
         return []
     cleaned = []
     for name in sorted(names):
-        if not name.startswith(_TEMP_PREFIX) or name.endswith(".lock"):
+        if not name.startswith(_TEMP_PREFIX):
+            continue
+        if name.endswith(".lock"):  # a lock whose directory never came or is gone
+            if not os.path.lexists(os.path.join(base, name[: -len(".lock")])):
+                _remove_unheld_lock(os.path.join(base, name))
             continue
         target = os.path.join(base, name)
-        lock = os.open(target + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # in use
+            lock = os.open(target + ".lock", os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            lock = -1  # its owner is gone (the lock goes last): stale
+        try:
+            if lock >= 0:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # in use
+                if not os.path.lexists(target):
+                    continue  # its owner finished meanwhile
             unmount_all(target)
             with contextlib.suppress(FileNotFoundError):
                 os.rmdir(target)
-            os.unlink(target + ".lock")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target + ".lock")
             cleaned.append(target)
         finally:
-            os.close(lock)
+            if lock >= 0:
+                os.close(lock)
     return cleaned
+
+
+def _remove_unheld_lock(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    except BlockingIOError:
+        pass  # being set up by a live temp_mount
+    finally:
+        os.close(fd)
