@@ -141,7 +141,7 @@ def test_concurrent_unpacks_extract_each_layer_once(rich: tuple[Path, list[str]]
     for t in threads:
         t.join()
     assert not errors
-    assert sorted(results) == [0, len(diff_ids)] or sum(results) == len(diff_ids)
+    assert sum(results) == len(diff_ids)  # each layer extracted exactly once between them
     # processes: a fresh snapshotter on the same root, two CLIs at once
     cmd = [sys.executable, "-m", "lamina", "--root", str(root_dir),
            "--snapshotter", "native", "image", "unpack", "test:latest"]
