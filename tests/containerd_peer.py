@@ -52,6 +52,11 @@ class Containerd:
                                  f"{proc.stderr}\n--- containerd log tail:\n{log}")
         return proc
 
+    def collect_garbage(self) -> None:
+        """Run one garbage collection now and wait for it (a lease deleted with --sync)."""
+        lease = self.ctr("leases", "create").stdout.split()[0]
+        self.ctr("leases", "rm", "--sync", lease)
+
     @property
     def root(self) -> Path:
         return self.base / "root"
@@ -65,7 +70,30 @@ def require_containerd() -> None:
         pytest.skip("containerd needs root")
 
 
-def _config(base: Path, proxy_snapshotter: str | None, proxy_content: str | None) -> str:
+# containerd's garbage collection, scheduled as it ships: a collection follows
+# deletions, and anything not held by a lease, an image or a gc.root label goes.
+GC_SCHEDULED = [
+    "  pause_threshold = 0.02",
+    "  deletion_threshold = 0",
+    "  mutation_threshold = 100",
+    '  schedule_delay = "0s"',
+    '  startup_delay = "100ms"',
+]
+# Collection only when a client asks for a synchronous one (``--sync``): no startup
+# collection, deletions and mutations never schedule one. For tests that create
+# objects with ``ctr snapshots``/``ctr content``, which cannot hold a lease, so a
+# scheduled collection could take them between two commands.
+GC_ON_REQUEST = [
+    "  pause_threshold = 0.02",
+    "  deletion_threshold = 1000000000",
+    "  mutation_threshold = 0",
+    '  schedule_delay = "0s"',
+    '  startup_delay = "87600h"',
+]
+
+
+def _config(base: Path, proxy_snapshotter: str | None, proxy_content: str | None,
+            *, gc_on_request: bool = False) -> str:
     lines = [
         "version = 2",
         f'root = "{base / "root"}"',
@@ -83,11 +111,7 @@ def _config(base: Path, proxy_snapshotter: str | None, proxy_content: str | None
         '[plugins."io.containerd.internal.v1.opt"]',
         f'  path = "{base / "opt"}"',
         '[plugins."io.containerd.gc.v1.scheduler"]',
-        "  pause_threshold = 0.02",
-        "  deletion_threshold = 0",
-        "  mutation_threshold = 100",
-        '  schedule_delay = "0s"',
-        '  startup_delay = "100ms"',
+        *(GC_ON_REQUEST if gc_on_request else GC_SCHEDULED),
     ]
     if proxy_snapshotter:
         lines += ["[proxy_plugins.lamina]", '  type = "snapshot"',
@@ -100,11 +124,13 @@ def _config(base: Path, proxy_snapshotter: str | None, proxy_content: str | None
 
 @contextlib.contextmanager
 def private_containerd(base: Path, *, proxy_snapshotter: str | None = None,
-                       proxy_content: str | None = None) -> Iterator[Containerd]:
+                       proxy_content: str | None = None,
+                       gc_on_request: bool = False) -> Iterator[Containerd]:
     require_containerd()
     base.mkdir(parents=True, exist_ok=True)
     config = base / "config.toml"
-    config.write_text(_config(base, proxy_snapshotter, proxy_content))
+    config.write_text(_config(base, proxy_snapshotter, proxy_content,
+                              gc_on_request=gc_on_request))
     log = open(base / "containerd.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(["containerd", "--config", str(config)], stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -239,7 +265,7 @@ def short_dir(preferred: Path) -> tuple[Path, bool]:
 
 @contextlib.contextmanager
 def lamina_and_containerd(
-    workdir: Path, *, content: bool = False
+    workdir: Path, *, content: bool = False, gc_on_request: bool = False
 ) -> Iterator[tuple[Lamina, Containerd]]:
     """``lamina serve`` (root ``workdir/lamina-root``) plus a private containerd using
     it as proxy snapshotter ``lamina`` and, with ``content``, as its content store.
@@ -257,6 +283,7 @@ def lamina_and_containerd(
                     base / "ctrd",
                     proxy_snapshotter=str(sock),
                     proxy_content=str(sock) if content else None,
+                    gc_on_request=gc_on_request,
                 )
             )
             yield lamina, ctrd

@@ -46,7 +46,8 @@ def containerd_tree(rich: tuple[Path, list[str]], tmp_path_factory: pytest.TempP
                     ) -> dict[str, object]:
     """The rich image as containerd 1.6 unpacks it with its native snapshotter."""
     tar, diff_ids = rich
-    with private_containerd(tmp_path_factory.mktemp("ctrd")) as ctrd:
+    # the view below holds no lease: containerd collects only when asked
+    with private_containerd(tmp_path_factory.mktemp("ctrd"), gc_on_request=True) as ctrd:
         ctrd.ctr("images", "import", "--snapshotter", "native", str(tar))
         ctrd.ctr("snapshots", "--snapshotter", "native", "view", "parity", chain_id(diff_ids))
         words = ctrd.ctr("snapshots", "--snapshotter", "native", "mounts", "/x",
