@@ -18,7 +18,7 @@ from conftest import require_root_user, require_tools
 
 from lamina.containers.runtime import BindMount, TaskManager, TaskStatus, criu_available
 from lamina.containers.runtime.criu import find_criu
-from lamina.errors import AlreadyExists, FailedPrecondition, LaminaError, NotFound
+from lamina.errors import AlreadyExists, FailedPrecondition, Internal, LaminaError, NotFound
 
 # the tiny rootfs and the overlay-per-task fixtures are shared with test_runtime_tasks
 rootfs_src = shared.rootfs_src
@@ -162,3 +162,68 @@ def test_checkpoint_preconditions(
     (tmp_path / "empty").mkdir()
     with pytest.raises(NotFound):
         tm.restore("done", tmp_path / "empty")
+
+
+# what CRIU 4.1.1 wrote in CI when a loaded machine left a task in the freezer
+SEIZE_LOG = (
+    "(10.038495) Error (compel/src/lib/infect.c:263): Unseizable non-zombie 23713 found, "
+    "state D, err -1/4\n"
+    "(10.038947) Error (compel/src/lib/infect.c:418): Unable to detach from 23713: "
+    "No such process\n"
+    "(10.038963) Error (criu/cr-dump.c:2111): Dumping FAILED.\n"
+)
+
+
+def test_a_failed_seize_is_retried(
+    tm: TaskManager, rootfs: Rootfs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dump that failed while stopping the tasks (task still live, nothing dumped)
+    is tried again; the failed attempt's log is kept, its partial images are not."""
+    data = tmp_path / "data"
+    data.mkdir()
+    count = data / "count"
+    spec = spec_for(["sh", "-c", LOOP], mounts=[BindMount(str(data), "/data")])
+    tm.start("flaky", rootfs("flaky"), spec, detach=True)
+    wait_count(count, 3)
+
+    real = tm.runc.checkpoint
+    calls: list[Path] = []
+
+    def seize_fails_once(task_id: str, image_path: Path, **kw: object) -> None:
+        calls.append(Path(image_path))
+        if len(calls) == 1:
+            (Path(image_path) / "dump.log").write_text(SEIZE_LOG)
+            (Path(image_path) / "pstree.img").write_bytes(b"partial")
+            raise Internal("runc checkpoint flaky: criu failed: type NOTIFY errno 0")
+        real(task_id, image_path, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tm.runc, "checkpoint", seize_fails_once)
+    image = tmp_path / "image"
+    tm.checkpoint("flaky", image)
+    assert len(calls) == 2
+    assert "Unseizable" in (image / "dump.1.log").read_text()
+    assert (image / "pstree.img").read_bytes() != b"partial"  # the second dump's own
+    dumped = read_count(count)
+    assert tm.state("flaky").status == TaskStatus.STOPPED
+    tm.restore("flaky", image)
+    assert wait_count(count, dumped) > dumped
+
+
+def test_other_dump_failures_are_not_retried(
+    tm: TaskManager, rootfs: Rootfs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = spec_for(["sh", "-c", LOOP], mounts=[])
+    tm.start("hard", rootfs("hard"), spec, detach=True)
+    calls = []
+
+    def fails(task_id: str, image_path: Path, **kw: object) -> None:
+        calls.append(task_id)
+        (Path(image_path) / "dump.log").write_text(
+            "(00.101) Error (criu/files-reg.c:1710): Can't lookup mount=1 for fd=3 path=/x\n")
+        raise Internal("runc checkpoint hard: criu failed: type NOTIFY errno 0")
+
+    monkeypatch.setattr(tm.runc, "checkpoint", fails)
+    with pytest.raises(Internal, match="Can't lookup mount"):
+        tm.checkpoint("hard", tmp_path / "image")
+    assert calls == ["hard"]
+    assert tm.state("hard").status == TaskStatus.RUNNING

@@ -139,6 +139,23 @@ def _criu_log_tail(*logs: Path) -> str:
     return ""
 
 
+# CRIU lines that mark a failure to stop the tasks, not to dump them: under load a
+# task can still sit in the freezer (state D) when CRIU, having thawed the cgroup,
+# waits for it to trap; nothing was dumped and the task runs on, so it is retried.
+SEIZE_FAILURES = ("Unseizable non-zombie", "zombie found while seizing",
+                  "Unable to freeze", "Unable to seize")
+DUMP_ATTEMPTS = 3
+
+
+def seize_failed(log: Path) -> bool:
+    """Whether CRIU's ``log`` shows a dump that failed while stopping the tasks."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return False
+    return any(marker in text for marker in SEIZE_FAILURES)
+
+
 def _options(*, tcp_established: bool, ext_unix_sk: bool, file_locks: bool) -> tuple[str, ...]:
     opts: list[str] = []
     if tcp_established:
@@ -184,14 +201,25 @@ def checkpoint(
         work_dir = work_dir.absolute()
         work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     opts = _options(tcp_established=tcp_established, ext_unix_sk=ext_unix_sk, file_locks=file_locks)
+    log = (work_dir or image_dir) / "dump.log"
     started = time.monotonic()
-    try:
-        manager.runc.checkpoint(
-            task_id, image_dir, work_path=work_dir, leave_running=leave_running, options=opts
-        )
-    except LaminaError as exc:
-        tail = _criu_log_tail((work_dir or image_dir) / "dump.log")
-        raise type(exc)(f"{exc.message}{tail}") from exc
+    for attempt in range(1, DUMP_ATTEMPTS + 1):
+        try:
+            manager.runc.checkpoint(
+                task_id, image_dir, work_path=work_dir, leave_running=leave_running, options=opts
+            )
+            break
+        except LaminaError as exc:
+            tail = _criu_log_tail(log)
+            live = manager.state(task_id).status in (TaskStatus.RUNNING, TaskStatus.PAUSED)
+            if attempt == DUMP_ATTEMPTS or not live or not seize_failed(log):
+                raise type(exc)(f"{exc.message}{tail}") from exc
+            # keep the failed attempt's log beside the next one; drop its partial images
+            log.rename(log.with_name(f"dump.{attempt}.log"))
+            for leftover in image_dir.iterdir():
+                if leftover.is_file() and not leftover.name.startswith("dump."):
+                    leftover.unlink()
+            time.sleep(0.1 * attempt)
     seconds = time.monotonic() - started
 
     config = json.loads((bundle / "config.json").read_text())
