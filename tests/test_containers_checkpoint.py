@@ -130,7 +130,7 @@ def dumped_count(cli: Cli, cid: str) -> int:
 def assert_resumed(cli: Cli, cid: str, dumped: int, root: Path | None = None) -> int:
     """The restored loop counts on from ``dumped`` (a fresh start would begin at 1)."""
     t0 = time.monotonic()
-    now = wait_for(lambda: (n := count_in(cli, cid, root)) > dumped and n, timeout=5,
+    now = wait_for(lambda: (n := count_in(cli, cid, root)) > dumped and n, timeout=20,
                    what="the count to go past the checkpoint")
     elapsed = time.monotonic() - t0
     # from 1 it would take dumped * 50ms to get here; resumed it is at most a few ticks on
