@@ -102,6 +102,31 @@ def _fs_type(path: Path) -> str:
 # --------------------------------------------------------------------------- dirs
 
 
+_GUARD_ROOT: Path | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests never touch the machine's own root (/var/lib/lamina): a ``lamina``
+    run that forgot ``--root`` lands in a throw-away directory, and the session
+    fails if anything did."""
+    global _GUARD_ROOT
+    del config
+    _GUARD_ROOT = Path(tempfile.mkdtemp(prefix="lamina-default-root-", dir="/var/tmp"))
+    os.environ["LAMINA_ROOT"] = str(_GUARD_ROOT)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    del exitstatus
+    if _GUARD_ROOT is None or not _GUARD_ROOT.exists():
+        return
+    used = sorted(p.name for p in _GUARD_ROOT.iterdir())
+    unmount_all_under(_GUARD_ROOT)
+    shutil.rmtree(_GUARD_ROOT, ignore_errors=True)
+    if used:
+        print(f"\na test used the default root ($LAMINA_ROOT) without --root: {used}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def _tmp_base() -> Path:
     base = Path(os.environ.get("LAMINA_TEST_TMP", "/var/tmp/lamina-test"))
     base.mkdir(parents=True, exist_ok=True)
