@@ -70,26 +70,26 @@ def require_containerd() -> None:
         pytest.skip("containerd needs root")
 
 
-# containerd's garbage collection, scheduled as it ships: a collection follows
-# deletions, and anything not held by a lease, an image or a gc.root label goes.
-GC_SCHEDULED = [
-    "  pause_threshold = 0.02",
-    "  deletion_threshold = 0",
-    "  mutation_threshold = 100",
-    '  schedule_delay = "0s"',
-    '  startup_delay = "100ms"',
-]
-# Collection only when a client asks for a synchronous one (``--sync``): no startup
-# collection, deletions and mutations never schedule one. For tests that create
-# objects with ``ctr snapshots``/``ctr content``, which cannot hold a lease, so a
-# scheduled collection could take them between two commands.
-GC_ON_REQUEST = [
-    "  pause_threshold = 0.02",
-    "  deletion_threshold = 1000000000",
-    "  mutation_threshold = 0",
-    '  schedule_delay = "0s"',
-    '  startup_delay = "87600h"',
-]
+def _gc_scheduler(*, on_request: bool) -> list[str]:
+    """containerd's GC scheduler settings.
+
+    As it ships, a collection follows deletions, and anything not held by a
+    lease, an image or a gc.root label goes. ``on_request``: a collection only
+    when a client asks for a synchronous one (``--sync``) — no startup
+    collection, deletions and mutations never schedule one. For tests that
+    create objects with ``ctr snapshots``/``ctr content``, which cannot hold a
+    lease, so a scheduled collection could take them between two commands.
+    """
+    if on_request:
+        deletions, mutations, startup = 1_000_000_000, 0, "87600h"
+    else:
+        deletions, mutations, startup = 0, 100, "100ms"
+    return ['[plugins."io.containerd.gc.v1.scheduler"]',
+            "  pause_threshold = 0.02",
+            f"  deletion_threshold = {deletions}",
+            f"  mutation_threshold = {mutations}",
+            '  schedule_delay = "0s"',
+            f'  startup_delay = "{startup}"']
 
 
 def _config(base: Path, proxy_snapshotter: str | None, proxy_content: str | None,
@@ -110,8 +110,7 @@ def _config(base: Path, proxy_snapshotter: str | None, proxy_content: str | None
         '  level = "info"',
         '[plugins."io.containerd.internal.v1.opt"]',
         f'  path = "{base / "opt"}"',
-        '[plugins."io.containerd.gc.v1.scheduler"]',
-        *(GC_ON_REQUEST if gc_on_request else GC_SCHEDULED),
+        *_gc_scheduler(on_request=gc_on_request),
     ]
     if proxy_snapshotter:
         lines += ["[proxy_plugins.lamina]", '  type = "snapshot"',

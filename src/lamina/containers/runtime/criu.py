@@ -188,9 +188,10 @@ def checkpoint(
     """
     from .tasks import TaskStatus
 
+    live = (TaskStatus.RUNNING, TaskStatus.PAUSED)
     bundle = manager.bundle(task_id)
     info = manager.state(task_id)
-    if info.status not in (TaskStatus.RUNNING, TaskStatus.PAUSED):
+    if info.status not in live:
         raise FailedPrecondition(f"task {task_id} is {info.status}; only a live task can be dumped")
     _require_criu()
     image_dir = image_dir.absolute()
@@ -210,16 +211,15 @@ def checkpoint(
             )
             break
         except LaminaError as exc:
-            tail = _criu_log_tail(log)
-            live = manager.state(task_id).status in (TaskStatus.RUNNING, TaskStatus.PAUSED)
-            if attempt == DUMP_ATTEMPTS or not live or not seize_failed(log):
-                raise type(exc)(f"{exc.message}{tail}") from exc
-            # keep the failed attempt's log beside the next one; drop its partial images
-            log.rename(log.with_name(f"dump.{attempt}.log"))
-            for leftover in image_dir.iterdir():
-                if leftover.is_file() and not leftover.name.startswith("dump."):
-                    leftover.unlink()
-            time.sleep(0.1 * attempt)
+            if (attempt == DUMP_ATTEMPTS or not seize_failed(log)
+                    or manager.state(task_id).status not in live):
+                raise type(exc)(f"{exc.message}{_criu_log_tail(log)}") from exc
+        # keep the failed attempt's log beside the next one; drop its partial images
+        log.rename(log.with_name(f"dump.{attempt}.log"))
+        for leftover in image_dir.iterdir():
+            if leftover.is_file() and not leftover.name.startswith("dump."):
+                leftover.unlink()
+        time.sleep(0.1 * attempt)
     seconds = time.monotonic() - started
 
     config = json.loads((bundle / "config.json").read_text())
