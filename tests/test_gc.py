@@ -281,6 +281,81 @@ def test_lease_labels_reference_objects(tmp_root: Path) -> None:
     root.close()
 
 
+def test_a_reference_added_before_its_lease_ended_is_followed(
+        tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race CI found: an unpack labels an image's config with its top
+    snapshot and drops its lease while a collection is between listing the
+    objects (config not yet labelled) and reading the roots (lease gone)."""
+    import dataclasses
+
+    import lamina.gc
+    from lamina.images.oci import Descriptor
+    from lamina.images.store import Image, ImageStore
+
+    root = Root(tmp_root / "root")
+    content, sn = root.content(), root.snapshotter("native")
+    leases = LeaseManager(root.metadata_path)
+    images = ImageStore(root.metadata_path)
+    lease = leases.create("unpacking")
+    config = content.add(b'{"config": "of the image"}')
+    sn.prepare("top-active", "")
+    sn.commit("top", "top-active")
+    images.create(Image("img:1", Descriptor("application/octet-stream", config.digest,
+                                            config.size)))
+    real_read = lamina.gc._RootReader.read
+    finished: list[bool] = []
+
+    def unpack_finishes_first(self: lamina.gc._RootReader) -> lamina.gc._Roots:
+        if not finished:  # once, after the objects were listed
+            finished.append(True)
+            label = {"containerd.io/gc.ref.snapshot.native": "top"}
+            content.update(dataclasses.replace(config, labels=label),
+                           "labels.containerd.io/gc.ref.snapshot.native")
+            leases.delete(lease.id)
+        return real_read(self)
+
+    monkeypatch.setattr(lamina.gc._RootReader, "read", unpack_finishes_first)
+    report = collect(root)
+    assert finished
+    assert report.snapshots == [] and report.content == []
+    assert _keys(root, "native") == {"top"}
+    images.delete("img:1")
+    assert [k for _, k, _ in collect(root).snapshots] == ["top"]
+    images.close()
+    leases.close()
+    root.close()
+
+
+def test_unpack_holds_a_snapshot_it_reuses(images: Images, tmp_root: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A collection right after an unpack found a garbage layer to reuse keeps it."""
+    root = Root(tmp_root / "root")
+    svc = ImageService(root, snapshotter="overlay")
+    svc.import_(images.tar)
+    svc.remove("a:1")
+    svc.remove("b:1")  # every snapshot is garbage now, the shared base layer too
+    time.sleep(0.05)  # more than gc's slack on lease times: the next lease is newer
+    base = chain_ids(images.a.diff_ids)[0]
+    real_add = LeaseManager.add_resource
+    collected: list[set[str]] = []
+
+    def add_then_collect(self: LeaseManager, lease_id: str, kind: str, ident: str) -> None:
+        real_add(self, lease_id, kind, ident)
+        if ident == base and not collected:
+            collected.append({k for _, k, _ in collect(root).snapshots})
+
+    monkeypatch.setattr(LeaseManager, "add_resource", add_then_collect)
+    svc.import_(images.solo)
+    assert collected and base not in collected[0]
+    assert chain_ids(images.a.diff_ids)[-1] in collected[0]  # the rest did go
+    assert svc.unpack("s:1").extracted == 0
+    monkeypatch.undo()
+    collect(root)
+    assert check(root).ok
+    svc.close()
+    root.close()
+
+
 def test_import_under_concurrent_gc_loses_nothing(images: Images, tmp_root: Path) -> None:
     root_dir = tmp_root / "root"
     stop = threading.Event()

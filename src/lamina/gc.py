@@ -24,14 +24,19 @@ Everything not reached is removed: blobs, and snapshots leaf first so a
 parent always goes after its children. Mark and sweep run under an exclusive
 lock on the root, so two collections never interleave.
 
-Ordering against concurrent writers: the objects (blobs, snapshots) are
-listed *before* the roots (leases, images, containers) are read, and the
-roots are read again after marking, under the metadata database's write lock
-which is then held while blobs are deleted; if the roots changed meanwhile
-the mark is redone. So an object created under a lease is always seen
-together with that lease, an image or container registered while the mark
-ran is not missed, and a blob recorded as a lease resource is either kept or
-already gone when the lease holder checks for it.
+Ordering against concurrent writers: the objects (blobs, snapshots) that
+may be removed are listed *before* the roots (leases, images, containers) are
+read, and the references between objects (labels, parents) are read again
+*after* the roots. So an object created under a lease is always seen together
+with that lease, and a reference its creator added before ending the lease is
+always followed (an unpack labels an image's config with its top snapshot,
+then drops its lease: a collection that listed the config before the label
+and the leases after the drop must still keep the snapshot). The roots are
+read once more after marking, under the metadata database's write lock, which
+is then held while blobs and snapshots are removed; if the roots changed
+meanwhile the mark is redone. Work that reuses an existing object records it
+as a lease resource before relying on it, so it sees the object either kept
+or already gone.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -233,6 +238,20 @@ def _mounted_snapshots(root: Root, name: str, infos: Mapping[str, Info]) -> list
 # -- collection ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Objects:
+    """Blobs and snapshots as listed at one moment."""
+
+    blobs: dict[str, Any]
+    snaps: dict[str, dict[str, Info]]
+
+    @classmethod
+    def read(cls, root: Root) -> _Objects:
+        return cls({info.digest: info for info in root.content().walk()},
+                   {name: {i.name: i for i in root.snapshotter(name).walk()}
+                    for name in _snapshotters(root)})
+
+
 def collect(root: Root, *, dry_run: bool = False) -> Report:
     """Mark from the roots, sweep the rest; returns what was (or would be) removed."""
     report = Report(dry_run=dry_run)
@@ -245,46 +264,52 @@ def collect(root: Root, *, dry_run: bool = False) -> Report:
         try:
             guard.expire_old()
             for attempt in range(_MARK_ATTEMPTS):
-                # objects first, then the roots (see the module docs)
-                blobs = {info.digest: info for info in content.walk()}
-                snaps: dict[str, dict[str, Info]] = {
-                    name: {i.name: i for i in root.snapshotter(name).walk()}
-                    for name in _snapshotters(root)
-                }
-                roots = reader.read()
-                marked = _mark(root, blobs, snaps, roots)
-                # Blobs go while leases, images and containers cannot change, and
-                # only if they did not change since the mark.
-                with guard.locked():
-                    now = reader.read()
-                    if now != roots:
-                        if attempt + 1 < _MARK_ATTEMPTS:
-                            continue  # walk again: labels may have changed too
-                        marked = _mark(root, blobs, snaps, now)
+                last = attempt + 1 == _MARK_ATTEMPTS
+                # ``held`` closes first: the lock goes before deferred deletions run
+                with contextlib.ExitStack() as deferred, contextlib.ExitStack() as held:
+                    if last:  # no more retries: mark with writers held off
+                        held.enter_context(guard.locked())
+                    # candidates, then the roots, then the references (see the module docs)
+                    candidates = _Objects.read(root)
+                    roots = reader.read()
+                    marked = _mark(root, candidates, _Objects.read(root), roots)
+                    sizes = _doomed_sizes(root, candidates, marked)
+                    # Removal happens while leases, images and containers cannot
+                    # change, and only if they did not change since the mark.
+                    if not last:
+                        held.enter_context(guard.locked())
+                        if reader.read() != roots:
+                            continue  # mark again: labels may have changed too
                     crash.point("gc.marked")
-                    for digest, blob in sorted(blobs.items()):
+                    for digest, blob in sorted(candidates.blobs.items()):
                         if ("content", digest) not in marked:
                             report.content.append((digest, blob.size))
                             if not dry_run:
                                 with contextlib.suppress(NotFound):
                                     content.delete(digest)
+                    for name, infos in candidates.snaps.items():
+                        crash.point("gc.swept-before-snapshots")
+                        deferred.enter_context(_deferred_removal(root, name))
+                        _sweep_snapshots(root, name, infos, marked, sizes, report,
+                                         dry_run=dry_run)
                 break
         finally:
             guard.close()
             reader.close()
-        for name, infos in snaps.items():
-            crash.point("gc.swept-before-snapshots")
-            _sweep_snapshots(root, name, infos, marked, report, dry_run=dry_run)
     return report
 
 
-def _mark(root: Root, blobs: Mapping[str, Any], snaps: Mapping[str, Mapping[str, Info]],
-          roots: _Roots) -> set[Node]:
+def _mark(root: Root, candidates: _Objects, current: _Objects, roots: _Roots) -> set[Node]:
+    """What the roots reach. Edges are taken from ``current`` (read after the
+    roots) where it has the object, else from ``candidates``."""
     since = roots.since
 
     def fresh(created: datetime | None) -> bool:
         return since is not None and created is not None and created >= since
 
+    blobs = {**candidates.blobs, **current.blobs}
+    snaps = {name: {**candidates.snaps.get(name, {}), **current.snaps.get(name, {})}
+             for name in {*candidates.snaps, *current.snaps}}
     start: list[Node] = list(roots.nodes)
     start += [("content", d) for d, i in blobs.items()
               if GC_ROOT in i.labels or fresh(i.created)]
@@ -313,8 +338,35 @@ def _mark(root: Root, blobs: Mapping[str, Any], snaps: Mapping[str, Mapping[str,
     return marked
 
 
+def _doomed_sizes(root: Root, candidates: _Objects, marked: set[Node]) -> dict[Node, int]:
+    """Sizes of the snapshots about to go, measured before the lock is taken."""
+    sizes: dict[Node, int] = {}
+    for name, infos in candidates.snaps.items():
+        sn = root.snapshotter(name)
+        for key in infos:
+            node = (f"snapshot:{name}", key)
+            if node not in marked:
+                with contextlib.suppress(NotFound):
+                    sizes[node] = sn.usage(key).size
+    return sizes
+
+
+@contextlib.contextmanager
+def _deferred_removal(root: Root, name: str) -> Iterator[None]:
+    """Snapshots removed in the block lose their directories after it (the
+    metadata lock is released first: deleting trees can take long)."""
+    from lamina.snapshots.base import DirectorySnapshotter
+
+    sn = root.snapshotter(name)
+    if not isinstance(sn, DirectorySnapshotter):
+        yield
+        return
+    with sn.deferred_removal():
+        yield
+
+
 def _sweep_snapshots(root: Root, name: str, infos: Mapping[str, Info], marked: set[Node],
-                     report: Report, *, dry_run: bool) -> None:
+                     sizes: Mapping[Node, int], report: Report, *, dry_run: bool) -> None:
     sn = root.snapshotter(name)
     doomed = {k for k in infos if (f"snapshot:{name}", k) not in marked}
     children: dict[str, int] = {k: 0 for k in infos}
@@ -324,9 +376,7 @@ def _sweep_snapshots(root: Root, name: str, infos: Mapping[str, Info], marked: s
     ready = sorted((k for k in doomed if children[k] == 0), reverse=True)
     while ready:
         key = ready.pop()
-        size = 0
-        with contextlib.suppress(NotFound):
-            size = sn.usage(key).size
+        size = sizes.get((f"snapshot:{name}", key), 0)
         if not dry_run:
             try:
                 sn.remove(key)

@@ -18,12 +18,13 @@ labels are references from the lease, followed by garbage collection while
 the lease is unexpired (whenever those objects were created).
 
 Work that *reuses* an existing object (an import finding a blob it needs
-already stored) records it as a lease resource (:meth:`LeaseManager.add_resource`,
-done for a content store by :class:`LeasedContent`) *before* relying on it.
-Garbage collection re-reads the resources and deletes blobs while holding the
-metadata database's write lock, so either it sees the resource and keeps the
-blob, or the blob is gone by the time the work checks for it (and is written
-again, under the lease).
+already stored, an unpack finding a layer's snapshot) records it as a lease
+resource (:meth:`LeaseManager.add_resource`, done for a content store by
+:class:`LeasedContent`) *before* relying on it. Garbage collection re-reads
+the resources and removes blobs and snapshots while holding the metadata
+database's write lock, so either it sees the resource and keeps the object,
+or the object is gone by the time the work checks for it (and is made again,
+under the lease).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ few calls into the content store, the image store and a snapshotter.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
@@ -95,13 +96,19 @@ class ImageService:
 
     def unpack(self, name: str) -> UnpackResult:
         manifest, config = self.resolve(name)
-        unpacker = Unpacker(
-            self.content, self.snapshots, snapshotter_name=self.snapshotter_name,
-            locks_dir=self.root.path / "locks", tmpmounts=self.root.tmpmounts,
-            progress=self.progress,
-        )
-        with self._leased("unpack"):
-            return unpacker.unpack(manifest, config)
+        leases = LeaseManager(self.root.metadata_path)
+        try:
+            with leases.held(purpose="unpack") as lease:
+                unpacker = Unpacker(
+                    self.content, self.snapshots, snapshotter_name=self.snapshotter_name,
+                    locks_dir=self.root.path / "locks", tmpmounts=self.root.tmpmounts,
+                    progress=self.progress,
+                    hold=functools.partial(leases.add_resource, lease.id,
+                                           f"snapshot:{self.snapshotter_name}"),
+                )
+                return unpacker.unpack(manifest, config)
+        finally:
+            leases.close()
 
     def chain_id(self, name: str) -> str:
         """The ChainID of image ``name``'s top layer (unpacking it if needed)."""

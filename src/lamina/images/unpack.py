@@ -11,6 +11,12 @@ snapshot: its active snapshot or staging directory is removed.
 On overlay, layers are extracted in parallel straight into staging upper
 directories (a layer's upperdir does not need its parents to be filled) and
 committed in order as soon as their parent is.
+
+A snapshot the unpack finds already there is relied on from then on (as the
+parent of the next layer, or as the image's top). With a ``hold`` callback
+(recording it as a resource of the caller's lease) it is held *before* it is
+looked up, so a concurrent garbage collection either keeps it or has removed
+it already, and then the layer is extracted again.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import contextlib
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +100,7 @@ class Unpacker:
         tmpmounts: str | os.PathLike[str] | None = None,
         progress: Progress | None = None,
         parallel: int = 0,
+        hold: Callable[[str], None] | None = None,
     ) -> None:
         self.content = content
         self.sn = snapshotter
@@ -102,9 +109,13 @@ class Unpacker:
         self.tmpmounts = tmpmounts
         self.progress = progress or Progress()
         self.parallel = parallel or min(4, os.cpu_count() or 1)
+        self.hold = hold
 
     # -- helpers -----------------------------------------------------------
     def _exists(self, name: str) -> bool:
+        """Whether snapshot ``name`` exists, holding it first (see the module docs)."""
+        if self.hold is not None:
+            self.hold(name)
         try:
             self.sn.stat(name)
         except NotFound:

@@ -55,6 +55,7 @@ class DirectorySnapshotter:
         self._dirs.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._meta: MetaStore | None = MetaStore(self.root / "metadata.db")
         self._async_remove = async_remove
+        self._deferring = 0
         self._reaper: threading.Thread | None = None
         self._reap_now = threading.Event()
         self._stopping = threading.Event()
@@ -236,11 +237,29 @@ class DirectorySnapshotter:
                     os.rename(src, dst)
                 doomed.append(dst)
         crash.point("discard.renamed")
+        if self._deferring:
+            return  # deleted when the deferral ends
         if self._async_remove:
             self._reap_now.set()
         else:
             for d in doomed:
                 remove_tree(d)
+
+    @contextlib.contextmanager
+    def deferred_removal(self) -> Iterator[None]:
+        """Snapshots removed in the block lose their directories only when it
+        ends (their metadata is gone at once): for callers holding a lock."""
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+            if not self._deferring:
+                if self._async_remove:
+                    self._reap_now.set()
+                else:
+                    with contextlib.suppress(OSError):
+                        self.reap()
 
     def reap(self) -> int:
         """Delete directories already taken out of the id space (``rm-…``); returns how many.
