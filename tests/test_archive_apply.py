@@ -296,6 +296,37 @@ def test_whiteout_of_entry_from_same_layer(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "d") == []
 
 
+def test_symlinked_parents_are_followed_inside_the_root(tmp_path: Path) -> None:
+    """As a container sees its rootfs (and containerd applies layers): a member
+    under a symlinked directory lands where the symlink leads; absolute targets
+    start at the root; what the layer made is tracked by the resolved path."""
+    apply_bytes(make_tar([
+        dir_("usr"), dir_("usr/lib"), file_("usr/lib/old", b"old"), file_("usr/lib/keep", b"k"),
+        symlink("lib", "usr/lib"), dir_("run"), dir_("var"), symlink("var/run", "/run"),
+        dir_("opt"), dir_("opt/real"), file_("opt/real/stale", b"s"),
+        symlink("opt/link", "real"), symlink("chain", "opt/link"),
+    ]), tmp_path)
+    apply_bytes(make_tar([
+        file_("lib/through-rel", b"r"),
+        file_("var/run/through-abs.pid", b"1"),
+        file_("lib/.wh.old", b""),
+        dir_("lib/newdir", mode=0o710, mtime=1_500_000_000),
+        file_("lib/newdir/f", b"f"),
+        hardlink("hl", "lib/keep"),
+        file_("chain/via-chain", b"c"),
+        file_("opt/link/.wh..wh..opq", b""),  # keeps only what this layer put in opt/real
+    ]), tmp_path)
+    assert os.readlink(tmp_path / "lib") == "usr/lib"
+    assert os.readlink(tmp_path / "var/run") == "/run"
+    assert sorted(os.listdir(tmp_path / "usr/lib")) == ["keep", "newdir", "through-rel"]
+    assert (tmp_path / "run/through-abs.pid").read_bytes() == b"1"
+    st = os.lstat(tmp_path / "usr/lib/newdir")
+    assert stat.S_IMODE(st.st_mode) == 0o710 and st.st_mtime == 1_500_000_000
+    assert os.lstat(tmp_path / "hl").st_ino == os.lstat(tmp_path / "usr/lib/keep").st_ino
+    assert os.listdir(tmp_path / "opt/real") == ["via-chain"]
+    assert os.readlink(tmp_path / "chain") == "opt/link"
+
+
 def test_root_entry_and_sockets(tmp_path: Path) -> None:
     root = tmp_path / "r"
     root.mkdir()

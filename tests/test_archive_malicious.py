@@ -77,25 +77,50 @@ def test_absolute_path_is_inside_root(sandbox: tuple[Path, Path]) -> None:
     assert not (outside / "abs").exists()
 
 
-def test_symlink_parent_absolute(sandbox: tuple[Path, Path]) -> None:
-    _, outside = sandbox
-    layer = make_tar([symlink("link", str(outside)), file_("link/evil", b"x")])
-    _reject(sandbox, layer, "is a symlink")
-    layer = make_tar([symlink("link", str(outside)), dir_("link/sub/deeper")])
-    _reject(sandbox, layer, "is a symlink")
+def _contained(sandbox: tuple[Path, Path], layer: bytes) -> Path:
+    """Apply ``layer``; nothing outside changes. Returns where the root keeps
+    the outside directory's absolute path (a symlink to it is read inside the root)."""
+    root, outside = sandbox
+    before = tree_state(outside)
+    parent_before = sorted(os.listdir(outside.parent))
+    apply_bytes(layer, root)
+    assert tree_state(outside) == before
+    assert (outside / "file").read_bytes() == b"precious"
+    assert sorted(os.listdir(outside.parent)) == parent_before
+    return root / str(outside).lstrip("/")
 
 
-def test_symlink_parent_relative(sandbox: tuple[Path, Path]) -> None:
+def test_absolute_symlink_parent_stays_in_the_root(sandbox: tuple[Path, Path]) -> None:
+    root, outside = sandbox
+    inside = _contained(sandbox, make_tar([symlink("link", str(outside)),
+                                           file_("link/evil", b"x"),
+                                           dir_("link/sub/deeper")]))
+    assert (inside / "evil").read_bytes() == b"x"
+    assert (inside / "sub/deeper").is_dir()
+    assert os.readlink(root / "link") == str(outside)
+
+
+def test_symlink_parent_leading_out_is_rejected(sandbox: tuple[Path, Path]) -> None:
     layer = make_tar([symlink("link", "../../.."), file_("link/evil", b"x")])
-    _reject(sandbox, layer, "is a symlink")
+    _reject(sandbox, layer, "leads out of the root")
     layer = make_tar([dir_("d"), symlink("d/up", "../../outside"), file_("d/up/file", b"pwn")])
-    _reject(sandbox, layer, "is a symlink")
+    _reject(sandbox, layer, "leads out of the root")
+    # a chain whose second hop leaves
+    layer = make_tar([symlink("a", "b/c"), symlink("b", "../outside"), file_("a/f", b"pwn")])
+    _reject(sandbox, layer, "leads out of the root")
+    _reject(sandbox, make_tar([symlink("x", "y"), symlink("y", "x"), file_("x/f", b"")]),
+            "too many levels of symbolic links")
+    _reject(sandbox, make_tar([symlink("loop", "loop/a"), file_("loop/f", b"")]),
+            "too many levels of symbolic links")
 
 
 def test_symlink_parent_from_lower_layer(sandbox: tuple[Path, Path]) -> None:
     root, outside = sandbox
     os.symlink(str(outside), root / "lowerlink")
-    _reject(sandbox, make_tar([file_("lowerlink/file", b"pwn")]), "is a symlink")
+    inside = _contained(sandbox, make_tar([file_("lowerlink/file", b"pwn")]))
+    assert (inside / "file").read_bytes() == b"pwn"
+    os.symlink("../outside", root / "lowerrel")
+    _reject(sandbox, make_tar([file_("lowerrel/file", b"pwn")]), "leads out of the root")
 
 
 def test_hardlink_outside(sandbox: tuple[Path, Path]) -> None:
@@ -104,8 +129,11 @@ def test_hardlink_outside(sandbox: tuple[Path, Path]) -> None:
     # an absolute target is inside the root, where it does not exist
     _reject(sandbox, make_tar([hardlink("h", str(outside / "file"))]), "does not exist")
     _reject(sandbox, make_tar([hardlink("h", "missing")]), "does not exist")
+    # through a symlink to the outside's path: read inside the root, where it does not exist
     layer = make_tar([symlink("l", str(outside)), hardlink("h", "l/file")])
-    _reject(sandbox, layer, "is a symlink")
+    _reject(sandbox, layer, "does not exist")
+    layer = make_tar([symlink("l", "../outside"), hardlink("h", "l/file")])
+    _reject(sandbox, layer, "leads out of the root")
     _reject(sandbox, make_tar([dir_("d"), hardlink("h", "d")]), "is a directory")
 
 
@@ -125,10 +153,13 @@ def test_bad_whiteouts(sandbox: tuple[Path, Path]) -> None:
     _reject(sandbox, make_tar([file_("../outside/.wh.file", b"")]), "escapes the root")
     _reject(sandbox, make_tar([dir_(".wh.dir")]), "cannot be a directory")
     _reject(sandbox, make_tar([file_(".wh.x/child", b"")]), "through whiteout")
-    layer = make_tar([symlink("l", str(outside)), file_("l/.wh.file", b"")])
-    _reject(sandbox, layer, "is a symlink")
-    layer = make_tar([symlink("l", str(outside)), file_("l/.wh..wh..opq", b"")])
-    _reject(sandbox, layer, "is a symlink")
+    layer = make_tar([symlink("l", "../outside"), file_("l/.wh.file", b"")])
+    _reject(sandbox, layer, "leads out of the root")
+    layer = make_tar([symlink("l", "../outside"), file_("l/.wh..wh..opq", b"")])
+    _reject(sandbox, layer, "leads out of the root")
+    # through a symlink to the outside's absolute path: whites out inside the root only
+    _contained(sandbox, make_tar([symlink("l", str(outside)), file_("l/.wh.file", b""),
+                                  file_("l/.wh..wh..opq", b"")]))
     # a whiteout naming a symlink removes the link, never its target
     os.symlink(str(outside), root / "tolink")
     apply_bytes(make_tar([file_(".wh.tolink", b"")]), root)
@@ -138,11 +169,12 @@ def test_bad_whiteouts(sandbox: tuple[Path, Path]) -> None:
 
 def test_overlay_mode_is_as_strict(sandbox: tuple[Path, Path]) -> None:
     root, outside = sandbox
-    layer = make_tar([symlink("l", str(outside)), file_("l/.wh.file", b"")])
-    with pytest.raises(InvalidArgument):
-        apply_bytes(layer, root, overlay=True)
-    assert (outside / "file").read_bytes() == b"precious"
-    assert sorted(os.listdir(outside)) == ["file", "sub"]
+    for target in (str(outside), "../outside"):
+        layer = make_tar([symlink("l", target), file_("l/.wh.file", b"")])
+        with pytest.raises(InvalidArgument):
+            apply_bytes(layer, root, overlay=True)
+        assert (outside / "file").read_bytes() == b"precious"
+        assert sorted(os.listdir(outside)) == ["file", "sub"]
 
 
 def test_truncated_gzip(sandbox: tuple[Path, Path]) -> None:

@@ -41,19 +41,24 @@ def rich(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[Pat
     return f.as_tar(w / "layout", w / "image.tar"), [lyr.diff_id for lyr in layers]
 
 
-@pytest.fixture(scope="module")
-def containerd_tree(rich: tuple[Path, list[str]], tmp_path_factory: pytest.TempPathFactory
-                    ) -> dict[str, object]:
-    """The rich image as containerd 1.6 unpacks it with its native snapshotter."""
-    tar, diff_ids = rich
+def _containerd_unpack(tar: Path, diff_ids: list[str], state: Path) -> dict[str, object]:
+    """The image in ``tar`` as containerd 1.6 unpacks it with its native snapshotter."""
     # the view below holds no lease: containerd collects only when asked
-    with private_containerd(tmp_path_factory.mktemp("ctrd"), gc_on_request=True) as ctrd:
+    with private_containerd(state, gc_on_request=True) as ctrd:
         ctrd.ctr("images", "import", "--snapshotter", "native", str(tar))
         ctrd.ctr("snapshots", "--snapshotter", "native", "view", "parity", chain_id(diff_ids))
         words = ctrd.ctr("snapshots", "--snapshotter", "native", "mounts", "/x",
                          "parity").stdout.split()
         # "mount -t bind SOURCE /x -o rbind,ro": a native snapshot is a plain directory
         return treesum.summarize(words[3], dir_mtimes=False)
+
+
+@pytest.fixture(scope="module")
+def containerd_tree(rich: tuple[Path, list[str]], tmp_path_factory: pytest.TempPathFactory
+                    ) -> dict[str, object]:
+    """The rich image as containerd 1.6 unpacks it."""
+    tar, diff_ids = rich
+    return _containerd_unpack(tar, diff_ids, tmp_path_factory.mktemp("ctrd"))
 
 
 @pytest.mark.parametrize("snapshotter", SNAPSHOTTERS)
@@ -87,6 +92,52 @@ def test_unpack_matches_containerd(snapshotter: str, rich: tuple[Path, list[str]
     finally:
         svc.close()
         root.close()
+
+
+def _symlinked_parents_image(w: Path) -> tuple[Path, list[str]]:
+    """Layers writing through symlinked directories of lower layers (merged-/usr
+    style ``lib -> usr/lib``, absolute ``var/run -> /run``, a chain of links)."""
+    lower = [
+        f.Dir("usr"), f.Dir("usr/lib"), f.File("usr/lib/old", "old\n"),
+        f.File("usr/lib/keep", "keep\n"), f.Symlink("lib", "usr/lib"), f.Dir("run"),
+        f.Dir("var"), f.Symlink("var/run", "/run"), f.Dir("opt"), f.Dir("opt/real"),
+        f.File("opt/real/stale", "stale\n"), f.Symlink("opt/link", "real"),
+        f.Symlink("chain", "opt/link"),
+    ]
+    upper = [  # no entries for the symlinked directories themselves
+        f.File("lib/through-rel", "rel\n"), f.File("var/run/through-abs.pid", "1\n"),
+        f.Whiteout("lib/old"), f.Dir("lib/newdir", 0o710), f.File("lib/newdir/f", "f\n"),
+        f.Hardlink("hl", "lib/keep"), f.File("chain/via-chain", "c\n"), f.Opaque("opt/link"),
+    ]
+    layers = [f.minimal_layer(w), f.layer_from_entries(lower, w),
+              f.layer_from_entries(upper, w)]
+    f.build_oci_layout(w / "layout", layers, ref_name="links:1")
+    return f.as_tar(w / "layout", w / "links.tar"), [lyr.diff_id for lyr in layers]
+
+
+@pytest.mark.usefixtures("require_root")
+def test_symlinked_parents_unpack_as_containerd_does(
+        tmp_root: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    tar, diff_ids = _symlinked_parents_image(tmp_root / "image")
+    theirs = _containerd_unpack(tar, diff_ids, tmp_path_factory.mktemp("ctrd"))
+    for snapshotter in SNAPSHOTTERS:  # overlay: the staged apply falls back to a mount
+        root = Root(tmp_root / f"root-{snapshotter}")
+        svc = ImageService(root, snapshotter=snapshotter)
+        mnt = tmp_root / f"mnt-{snapshotter}"
+        try:
+            svc.import_(tar)
+            svc.mount("links:1", mnt)
+            try:
+                mine = treesum.summarize(mnt, dir_mtimes=False)
+                assert sorted(os.listdir(mnt / "usr/lib")) == ["keep", "newdir", "through-rel"]
+                assert (mnt / "run/through-abs.pid").read_text() == "1\n"
+                assert os.listdir(mnt / "opt/real") == ["via-chain"]
+            finally:
+                svc.unmount(mnt)
+            assert treesum.diff(theirs, mine) == [], snapshotter
+        finally:
+            svc.close()
+            root.close()
 
 
 def test_docker_save_and_export_roundtrip(tmp_root: Path) -> None:

@@ -31,8 +31,11 @@ nothing below is deleted.
 
 Safety: every path is resolved below ``root`` one component at a time with
 ``O_NOFOLLOW`` (see :mod:`lamina.archive.safepath`): nothing outside the root is
-ever written. Names escaping with ``..``, symlinked parent directories, hard
-links out of the root or to missing targets are InvalidArgument.
+ever written. A symlinked parent directory is followed inside the root, as a
+container would see it (absolute targets start at the root); names escaping
+with ``..``, symlinked parents leading out of the root, hard links out of the
+root or to missing targets are InvalidArgument. Bookkeeping (what this layer
+made, directory times) uses resolved paths.
 """
 
 from __future__ import annotations
@@ -191,6 +194,7 @@ class _Applier:
             return
         pfd = self.dirs.get(parts[:-1], create=True)
         assert pfd is not None
+        parts = [*self.dirs.path, base]  # symlinked parents resolved
         rel = "/".join(parts)
         t = e.type
         if t == TYPE_REGULAR:
@@ -298,6 +302,8 @@ class _Applier:
             raise missing(f"invalid tar layer: {e.name!r}: hard link target "
                           f"{e.linkname!r} does not exist")
         tname = target[-1]
+        if [*self.link_dirs.path, tname] == parts:
+            return  # a link to itself through a symlinked parent
         try:
             tst = os.lstat(tname, dir_fd=tfd)
         except FileNotFoundError:
@@ -335,7 +341,7 @@ class _Applier:
         pfd = self.dirs.get(parts[:-1], create=self.overlay)
         if pfd is None:
             return
-        rel = "/".join([*parts[:-1], target])
+        rel = "/".join([*self.dirs.path, target])
         if self.overlay:
             self._clear_existing(pfd, target)
             os.mknod(target, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=pfd)
@@ -351,7 +357,7 @@ class _Applier:
         if self.overlay:
             os.setxattr(pfd, OVERLAY_OPAQUE_XATTR, b"y")
             return
-        prefix = "/".join(dparts)
+        prefix = "/".join(self.dirs.path)
         self._prune(pfd, prefix)
 
     def _prune(self, dfd: int, prefix: str) -> None:
