@@ -107,9 +107,6 @@ def label_edges(labels: Mapping[str, str]) -> Iterable[Node]:
                 yield (f"snapshot:{name}", v)
 
 
-_label_edges = label_edges  # the name earlier callers used
-
-
 def _snapshotters(root: Root) -> list[str]:
     base = root.path / "snapshots"
     if not base.is_dir():

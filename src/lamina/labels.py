@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from lamina.errors import InvalidArgument
 
-__all__ = ["MAX_LABEL_SIZE", "validate_labels"]
+__all__ = ["MAX_LABEL_SIZE", "update_labels", "validate_labels"]
 
 MAX_LABEL_SIZE = 4096
 """A label's key plus value may not exceed this many bytes (UTF-8)."""
@@ -29,3 +29,24 @@ def validate_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
             )
         out[key] = value
     return out
+
+
+def update_labels(current: Mapping[str, str], new: Mapping[str, str],
+                  fieldpaths: Sequence[str], *, what: str) -> dict[str, str]:
+    """The labels an update leaves on ``what`` (containerd's rule, for every store).
+
+    No fieldpaths or ``labels``: ``new`` replaces them all. ``labels.<key>``:
+    that key takes its value in ``new``, or goes when it is empty or absent
+    there. Any other path is InvalidArgument. Empty values are never kept.
+    """
+    labels = dict(new) if not fieldpaths else dict(current)
+    for path in fieldpaths:
+        if path == "labels":
+            labels = dict(new)
+        elif path.startswith("labels.") and path != "labels.":
+            key = path[len("labels."):]
+            labels[key] = new.get(key, "")
+        else:
+            raise InvalidArgument(f"cannot update field {path!r} of {what}: "
+                                  "only labels and labels.<key> can change")
+    return validate_labels({k: v for k, v in labels.items() if v})

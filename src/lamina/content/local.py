@@ -65,6 +65,7 @@ from lamina.errors import (
     Unavailable,
 )
 from lamina.fsutil import atomic_write, fsync_dir, remove_tree
+from lamina.labels import update_labels
 
 __all__ = ["BlobCorrupt", "CleanupReport", "LocalContentStore", "LocalWriter"]
 
@@ -384,23 +385,8 @@ class LocalContentStore:
         new_labels = validate_labels(info.labels)
         with self._db.write() as conn:
             current = self._get_row(conn, info.digest)
-            labels = dict(current.labels)
-            if not fieldpaths or any(p == "labels" for p in fieldpaths):
-                labels = {k: v for k, v in new_labels.items() if v}
-            for path in fieldpaths:
-                if path == "labels":
-                    continue
-                if not path.startswith("labels.") or path == "labels.":
-                    raise InvalidArgument(
-                        f"cannot update field {path!r} of content {info.digest}: "
-                        "only labels and labels.<key> can change"
-                    )
-                key = path[len("labels."):]
-                value = new_labels.get(key, "")
-                if value:
-                    labels[key] = value
-                else:
-                    labels.pop(key, None)
+            labels = update_labels(current.labels, new_labels, fieldpaths,
+                                   what=f"content {info.digest}")
             updated = _now()
             conn.execute(
                 "UPDATE blobs SET labels = ?, updated = ? WHERE digest = ?",

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from lamina.db import Database
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
 from lamina.images.oci import Descriptor
-from lamina.labels import validate_labels
+from lamina.labels import update_labels, validate_labels
 
 __all__ = ["Image", "ImageStore"]
 
@@ -99,12 +99,8 @@ class ImageStore:
 
     def update_labels(self, name: str, labels: Mapping[str, str]) -> Image:
         image = self.get(name)
-        merged = dict(image.labels)
-        for k, v in labels.items():
-            if v:
-                merged[k] = v
-            else:
-                merged.pop(k, None)
+        merged = update_labels(image.labels, labels, [f"labels.{k}" for k in labels],
+                               what=f"image {name!r}")
         return self.put(replace(image, labels=merged))
 
     def delete(self, name: str) -> None:

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 
 from lamina.db import Database
 from lamina.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from lamina.labels import validate_labels
+from lamina.labels import update_labels, validate_labels
 from lamina.snapshots import Info, Kind, Usage
 
 __all__ = ["MetaStore", "Snapshot", "Transaction", "validate_labels"]
@@ -195,24 +195,8 @@ class Transaction:
 
     def update(self, info: Info, fieldpaths: Sequence[str]) -> Info:
         sid, *_ = self._row(info.name)
-        new_labels = validate_labels(info.labels)
-        if not fieldpaths:
-            labels = new_labels
-        else:
-            labels = self._labels(sid)
-            for path in fieldpaths:
-                if path == "labels":
-                    labels = dict(new_labels)
-                elif path.startswith("labels."):
-                    k = path[len("labels.") :]
-                    v = new_labels.get(k, "")
-                    if v:
-                        labels[k] = v
-                    else:
-                        labels.pop(k, None)
-                else:
-                    raise InvalidArgument(f"cannot update field {path!r} of snapshot")
-        validate_labels(labels)
+        labels = update_labels(self._labels(sid), validate_labels(info.labels), fieldpaths,
+                               what=f"snapshot {info.name!r}")
         self._set_labels(sid, labels)
         self._c.execute("UPDATE snapshots SET updated_ns=? WHERE id=?", (time.time_ns(), sid))
         return self.info(info.name)
