@@ -20,14 +20,14 @@ __all__ = ["main"]
 
 # command group modules, in the order `lamina --help` lists them
 GROUPS = ("snapshot", "content", "diff", "image", "container", "task", "run",
-          "checkpoint", "serve", "config", "gc", "lease", "check")
+          "checkpoint", "serve", "config", "gc", "lease", "check", "login")
 
 
 # aliases a group module registers, so one command imports only its own module
 ALIASES = {
     "snapshots": "snapshot", "images": "image", "i": "image", "containers": "container",
     "c": "container", "tasks": "task", "t": "task", "checkpoints": "checkpoint",
-    "leases": "lease", "fsck": "check",
+    "leases": "lease", "fsck": "check", "logout": "login",
 }
 _GLOBAL_WITH_VALUE = ("--root", "--snapshotter", "--address")
 

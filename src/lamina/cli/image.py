@@ -126,3 +126,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v.add_argument("file")
     v.add_argument("refs", nargs="+", metavar="REF")
     v.set_defaults(handler=_export)
+
+    from lamina.cli import image_remote
+
+    image_remote.register(verbs)

@@ -36,7 +36,7 @@ from lamina.archive.apply import NeedsLowerLayers, apply_layer
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
 from lamina.fsutil import locked
 from lamina.images.identity import chain_ids
-from lamina.images.oci import ImageConfig, Manifest
+from lamina.images.oci import Descriptor, ImageConfig, Manifest
 from lamina.mount import temp_mount
 from lamina.progress import Progress
 from lamina.snapshots import Capability, Snapshotter
@@ -101,7 +101,10 @@ class Unpacker:
         progress: Progress | None = None,
         parallel: int = 0,
         hold: Callable[[str], None] | None = None,
+        open_layer: Callable[[Descriptor], IO[bytes]] | None = None,
     ) -> None:
+        """``open_layer(desc)`` opens a layer's compressed bytes (default: read the
+        committed blob); a pull passes one that reads a layer while it downloads."""
         self.content = content
         self.sn = snapshotter
         self.name = snapshotter_name
@@ -110,6 +113,7 @@ class Unpacker:
         self.progress = progress or Progress()
         self.parallel = parallel or min(4, os.cpu_count() or 1)
         self.hold = hold
+        self.open_layer = open_layer
 
     # -- helpers -----------------------------------------------------------
     def _exists(self, name: str) -> bool:
@@ -129,7 +133,7 @@ class Unpacker:
 
     def _reader(self, manifest: Manifest, i: int) -> IO[bytes]:
         desc = manifest.layers[i]
-        raw = self.content.reader(desc.digest)
+        raw = self.open_layer(desc) if self.open_layer else self.content.reader(desc.digest)
         return _Counting(raw, self.progress, desc.digest, desc.size)  # type: ignore[return-value]
 
     @staticmethod

@@ -1,0 +1,127 @@
+"""``lamina image pull|push|tag``: images to and from registries."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from typing import TYPE_CHECKING
+
+from lamina.cli.app import App
+from lamina.progress import Progress, for_cli
+from lamina.remotes.hosts import CONTAINERD_HOSTS_DIR, LAMINA_HOSTS_DIR
+
+if TYPE_CHECKING:
+    from lamina.remotes.registry import Registry
+
+__all__ = ["add_registry_flags", "open_registry", "register"]
+
+
+def add_registry_flags(v: argparse.ArgumentParser) -> None:
+    v.add_argument("--plain-http", action="store_true",
+                   help="talk HTTP, not HTTPS, to the registry (loopback ones are by default)")
+    v.add_argument("--user", "-u", metavar="USER[:PASSWORD]",
+                   help="registry credentials (asked for the password when omitted)")
+    v.add_argument("--hosts-dir", action="append", metavar="DIR",
+                   help=f"hosts.toml directory (default {LAMINA_HOSTS_DIR}; repeatable)")
+    v.add_argument("--containerd-hosts", action="store_true",
+                   help=f"also read containerd's {CONTAINERD_HOSTS_DIR}")
+
+
+def open_registry(args: argparse.Namespace, domain: str = "") -> Registry:
+    """The registry client the flags of :func:`add_registry_flags` describe."""
+    from lamina.remotes.auth import parse_user
+    from lamina.remotes.registry import Registry
+
+    dirs = list(args.hosts_dir or [LAMINA_HOSTS_DIR])
+    if args.containerd_hosts:
+        dirs.append(CONTAINERD_HOSTS_DIR)
+    user = None
+    if args.user:
+        ask = getpass.getpass if sys.stdin.isatty() else None
+        user = parse_user(args.user, ask=ask)
+    return Registry(plain_http=args.plain_http, hosts_dirs=dirs, user=user, user_host=domain)
+
+
+def _progress(args: argparse.Namespace) -> Progress:
+    return for_cli(json_lines=args.json_progress)
+
+
+def _pull(args: argparse.Namespace, app: App) -> int:
+    from lamina.remotes.pull import pull
+    from lamina.remotes.reference import parse_reference
+
+    domain = parse_reference(args.ref).domain
+    progress = _progress(args)
+    try:
+        with open_registry(args, domain) as registry:
+            result = pull(registry, args.ref, root=app.store_root, snapshotter=app.snapshotter,
+                          platforms=args.platform or (), all_platforms=args.all_platforms,
+                          unpack=not args.no_unpack, concurrency=args.concurrency,
+                          progress=progress)
+    finally:
+        progress.close()
+    if not args.json_progress:
+        unpacked = f", unpacked {result.unpacked.chain_id}" if result.unpacked else ""
+        print(f"{result.image.name}\t{result.image.target.digest}\t"
+              f"({result.fetched} blobs fetched, {result.present} present{unpacked})")
+    return 0
+
+
+def _push(args: argparse.Namespace, app: App) -> int:
+    from lamina.remotes.push import push
+    from lamina.remotes.reference import parse_reference
+
+    remote = args.remote or args.ref
+    domain = parse_reference(remote).domain
+    progress = _progress(args)
+    try:
+        with open_registry(args, domain) as registry:
+            result = push(registry, args.ref, remote, root=app.store_root, progress=progress,
+                          concurrency=args.concurrency)
+    finally:
+        progress.close()
+    if not args.json_progress:
+        print(f"{result.remote}\t{result.digest}\t({result.uploaded} blobs uploaded, "
+              f"{result.mounted} mounted, {result.existing} already there)")
+    return 0
+
+
+def _tag(args: argparse.Namespace, app: App) -> int:
+    from lamina.remotes.push import tag
+
+    image = tag(app.store_root, args.source, args.target)
+    print(f"{image.name}\t{image.target.digest}")
+    return 0
+
+
+def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    v = verbs.add_parser("pull", help="pull an image from a registry and unpack it")
+    v.add_argument("ref", metavar="REF")
+    v.add_argument("--platform", action="append", metavar="OS/ARCH[/VARIANT]",
+                   help="the platform to pull (default: this host's; repeatable)")
+    v.add_argument("--all-platforms", action="store_true",
+                   help="fetch the content of every platform of an index")
+    v.add_argument("--no-unpack", action="store_true", help="only fetch the content")
+    v.add_argument("--concurrency", type=int, default=3, metavar="N",
+                   help="blobs downloaded at once (default 3)")
+    v.add_argument("--json", dest="json_progress", action="store_true",
+                   help="progress as JSON lines")
+    add_registry_flags(v)
+    v.set_defaults(handler=_pull)
+
+    v = verbs.add_parser("push", help="push an image (and everything it references)")
+    v.add_argument("ref", metavar="REF", help="the local image")
+    v.add_argument("remote", nargs="?", metavar="REMOTE",
+                   help="where to push it (default: REF itself)")
+    v.add_argument("--concurrency", type=int, default=3, metavar="N",
+                   help="blobs uploaded at once (default 3)")
+    v.add_argument("--json", dest="json_progress", action="store_true",
+                   help="progress as JSON lines")
+    add_registry_flags(v)
+    v.set_defaults(handler=_push)
+
+    v = verbs.add_parser("tag", help="name a local image anew (SRC stays)")
+    v.add_argument("source", metavar="SRC")
+    v.add_argument("target", metavar="DST")
+    v.set_defaults(handler=_tag)

@@ -1,0 +1,343 @@
+"""Pull an image: resolve, fetch documents, stream blobs, unpack while they arrive.
+
+1. The reference is resolved to a descriptor (:mod:`.resolver`).
+2. Manifests and indexes are fetched and stored, walking indexes down to the
+   manifests of the wanted platforms (``platforms``; the host's by default;
+   every one with ``all_platforms``). Children of an index that are not
+   manifests (a checkpoint's blobs) are always fetched. Nesting is bounded
+   and an index that contains itself is an error.
+3. Every config and layer is downloaded, ``concurrency`` at a time, through
+   the content store's resumable ingests (:mod:`.fetcher`).
+4. Meanwhile the manifest to unpack (the first of the wanted platforms) is
+   unpacked by :class:`~lamina.images.unpack.Unpacker`, each layer read from
+   its ingest as it grows: decompression and extraction follow the download
+   instead of waiting for it, and a layer's snapshot is committed only once
+   its blob is verified and its DiffID checked.
+5. The blobs get containerd's labels (``containerd.io/gc.ref.content.*`` and
+   ``containerd.io/distribution.source.<registry>=<repository>``) and the
+   image is registered under the normalised reference.
+
+Everything happens under one lease, so a concurrent garbage collection keeps
+what the pull wrote; a pull that fails leaves only resumable ingests (and
+the lease's expiry then lets GC take any committed blob no image claims).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import IO, Any
+
+from lamina.content import ContentStore
+from lamina.errors import InvalidArgument, NotFound
+from lamina.images.importer import GC_CONTENT, put_document
+from lamina.images.oci import (
+    CONFIG_TYPES,
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    Descriptor,
+    ImageConfig,
+    Index,
+    Manifest,
+    host_platform,
+)
+from lamina.images.store import Image, ImageStore
+from lamina.images.unpack import Unpacker, UnpackResult
+from lamina.leases import LeasedContent, LeaseManager
+from lamina.progress import Progress
+from lamina.remotes.fetcher import TailReader, Transfer, fetch_blob
+from lamina.remotes.reference import Reference, parse_reference
+from lamina.remotes.registry import Registry
+from lamina.remotes.resolver import fetch_document, resolve
+from lamina.remotes.session import Session
+from lamina.root import Root
+
+__all__ = ["MAX_DEPTH", "PullResult", "parse_platform", "pull"]
+
+MAX_DEPTH = 8
+SOURCE_LABEL = "containerd.io/distribution.source."
+
+
+def parse_platform(text: str) -> dict[str, str]:
+    """``os/arch[/variant]`` (``linux/arm64/v8``) as an OCI platform object."""
+    parts = text.split("/")
+    if not 2 <= len(parts) <= 3 or not all(parts):
+        raise InvalidArgument(f"invalid platform {text!r}: want os/arch[/variant]")
+    out = {"os": parts[0], "architecture": parts[1]}
+    if len(parts) == 3:
+        out["variant"] = parts[2]
+    return out
+
+
+def _matches(p: Mapping[str, Any] | None, want: Mapping[str, str]) -> bool:
+    if not p:
+        return False
+    if p.get("os") != want["os"] or p.get("architecture") != want["architecture"]:
+        return False
+    return "variant" not in want or p.get("variant") == want["variant"]
+
+
+@dataclass
+class PullResult:
+    image: Image
+    unpacked: UnpackResult | None = None
+    fetched: int = 0
+    present: int = 0
+    manifests: list[Descriptor] = field(default_factory=list)
+
+
+@dataclass
+class _Plan:
+    """What the walk over the documents found."""
+
+    documents: dict[str, Descriptor] = field(default_factory=dict)
+    children: dict[str, list[Descriptor]] = field(default_factory=dict)  # gc refs
+    manifests: list[tuple[Descriptor, Manifest]] = field(default_factory=list)
+    blobs: dict[str, Descriptor] = field(default_factory=dict)
+
+
+class _Puller:
+    def __init__(self, session: Session, ref: Reference, content: ContentStore,
+                 store: ContentStore, progress: Progress, *, platforms: list[dict[str, str]],
+                 all_platforms: bool, concurrency: int) -> None:
+        self.session = session
+        self.ref = ref
+        self.content = content
+        self.store = store
+        self.progress = progress
+        self.platforms = platforms
+        self.all_platforms = all_platforms
+        self.concurrency = max(1, concurrency)
+        self.plan = _Plan()
+        self.cancel = threading.Event()
+        self.transfers: dict[str, Transfer] = {}
+        self.fetched = 0
+
+    # -- documents -------------------------------------------------------
+    def _document(self, desc: Descriptor, prefetched: bytes | None) -> bytes:
+        try:
+            with self.content.reader(desc.digest) as r:
+                data = r.read(desc.size + 1)
+            if len(data) == desc.size and \
+                    f"sha256:{hashlib.sha256(data).hexdigest()}" == desc.digest:
+                return data
+        except NotFound:
+            pass
+        data = prefetched if prefetched is not None else fetch_document(self.session, desc)
+        put_document(self.content, data)
+        return data
+
+    def _wanted(self, children: Sequence[Descriptor]) -> list[Descriptor]:
+        out = []
+        for c in children:
+            if c.media_type not in MANIFEST_TYPES | INDEX_TYPES:
+                out.append(c)  # not an image of some platform: a blob the index carries
+            elif self.all_platforms or not c.platform or any(
+                    _matches(c.platform, p) for p in self.platforms):
+                out.append(c)
+        if not any(c.media_type in MANIFEST_TYPES | INDEX_TYPES for c in out) and any(
+                c.media_type in MANIFEST_TYPES | INDEX_TYPES for c in children):
+            plats = ", ".join(f"{p['os']}/{p['architecture']}" for p in self.platforms)
+            raise NotFound(f"{self.ref}: no manifest for {plats}")
+        return out
+
+    def walk(self, desc: Descriptor, prefetched: bytes | None,
+             path: tuple[str, ...] = ()) -> None:
+        if desc.digest in path:
+            raise InvalidArgument(f"{self.ref}: index {desc.digest} contains itself")
+        if len(path) >= MAX_DEPTH:
+            raise InvalidArgument(f"{self.ref}: indexes nest more than {MAX_DEPTH} deep")
+        if desc.media_type in INDEX_TYPES:
+            data = self._document(desc, prefetched)
+            self.plan.documents[desc.digest] = desc
+            index = Index.parse(data)
+            wanted = self._wanted(index.manifests)
+            self.plan.children[desc.digest] = wanted
+            for child in wanted:
+                if child.media_type in MANIFEST_TYPES | INDEX_TYPES:
+                    self.walk(child, None, (*path, desc.digest))
+                else:
+                    self.plan.blobs.setdefault(child.digest, child)
+        elif desc.media_type in MANIFEST_TYPES:
+            data = self._document(desc, prefetched)
+            self.plan.documents[desc.digest] = desc
+            manifest = Manifest.parse(data, desc.media_type)
+            self.plan.manifests.append((desc, manifest))
+            self.plan.children[desc.digest] = [manifest.config, *manifest.layers]
+        else:
+            raise InvalidArgument(f"{self.ref}: cannot pull a {desc.media_type!r} "
+                                  "(not a manifest or an index)")
+
+    # -- blobs -----------------------------------------------------------
+    def _data_path(self) -> Callable[[str], Path] | None:
+        """Where an ingest's bytes are, when the store is the local one (documented layout)."""
+        from lamina.content.local import LocalContentStore
+
+        store = self.store
+        if not isinstance(store, LocalContentStore):
+            return None
+        return lambda ref: store.ingest_dir / hashlib.sha256(ref.encode()).hexdigest() / "data"
+
+    def start_downloads(self, pool: ThreadPoolExecutor,
+                        order: Sequence[Descriptor]) -> list[Future[bool]]:
+        data_path = self._data_path()
+        futures = []
+        for desc in order:
+            if desc.digest in self.transfers:
+                continue
+            t = self.transfers[desc.digest] = Transfer(desc)
+            futures.append(pool.submit(fetch_blob, self.session, desc, self.content,
+                                       progress=self.progress, transfer=t,
+                                       cancel=self.cancel, data_path=data_path))
+        return futures
+
+    def open_layer(self, desc: Descriptor) -> IO[bytes]:
+        t = self.transfers.get(desc.digest)
+        if t is None:
+            return self.content.reader(desc.digest)
+        while t.data_path is None and not t.done:
+            t.wait(0)
+        if t.error is not None:
+            raise t.error
+        if t.data_path is None or t.done:
+            return self.content.reader(desc.digest)
+        try:
+            return TailReader(t, self.cancel)  # type: ignore[return-value]
+        except FileNotFoundError:  # committed (and renamed away) just now
+            return self.content.reader(desc.digest)
+
+    # -- labels ----------------------------------------------------------
+    def label(self) -> None:
+        source_key = SOURCE_LABEL + self.ref.domain
+        everything = {**self.plan.documents, **self.plan.blobs}
+        for _, manifest in self.plan.manifests:
+            everything[manifest.config.digest] = manifest.config
+            everything.update((layer.digest, layer) for layer in manifest.layers)
+        for digest in everything:
+            info = self.content.info(digest)
+            labels: dict[str, str] = {}
+            repos = [r for r in info.labels.get(source_key, "").split(",") if r]
+            if self.ref.path not in repos:
+                labels[source_key] = ",".join([*repos, self.ref.path])
+            children = self.plan.children.get(digest, [])
+            if digest in self.plan.documents and self.plan.documents[digest].media_type \
+                    in MANIFEST_TYPES and children:
+                labels[f"{GC_CONTENT}config"] = children[0].digest
+                labels.update({f"{GC_CONTENT}l.{i}": c.digest
+                               for i, c in enumerate(children[1:])})
+            elif children:
+                labels.update({f"{GC_CONTENT}m.{i}": c.digest for i, c in enumerate(children)})
+            labels = {k: v for k, v in labels.items() if info.labels.get(k) != v}
+            if labels:
+                self.content.update(replace(info, labels={**info.labels, **labels}),
+                                    *(f"labels.{k}" for k in labels))
+
+
+def _to_unpack(puller: _Puller) -> tuple[Descriptor, Manifest] | None:
+    images = [(d, m) for d, m in puller.plan.manifests if m.config.media_type in CONFIG_TYPES]
+    for want in puller.platforms:
+        for d, m in images:
+            if _matches(d.platform, want):
+                return d, m
+    return images[0] if len(images) == 1 else None
+
+
+def pull(registry: Registry, reference: str, *, root: Root, snapshotter: str = "overlay",
+         platforms: Sequence[str] = (), all_platforms: bool = False, unpack: bool = True,
+         concurrency: int = 3, progress: Progress | None = None) -> PullResult:
+    """Pull ``reference`` into ``root`` (see the module docs)."""
+    progress = progress or Progress()
+    ref = parse_reference(reference)
+    wanted = [parse_platform(p) for p in platforms] or [host_platform()]
+    session = registry.session(ref)
+    progress.event("resolve", str(ref), status="resolving")
+    resolved = resolve(session, ref)
+    progress.event("resolve", str(ref), status=resolved.desc.digest)
+    leases = LeaseManager(root.metadata_path)
+    images = ImageStore(root.metadata_path)
+    try:
+        with leases.held(purpose=f"pull {ref}") as lease:
+            store = root.content()
+            content = LeasedContent(store, leases, lease.id)
+            puller = _Puller(session, ref, content, store, progress, platforms=wanted,
+                             all_platforms=all_platforms, concurrency=concurrency)
+            puller.walk(resolved.desc, resolved.data)
+            for _, manifest in puller.plan.manifests:
+                if manifest.config.media_type in CONFIG_TYPES:
+                    puller._document(manifest.config, None)
+            target = _to_unpack(puller) if unpack else None
+            unpacked, fetched, present = _transfer(puller, root, snapshotter, target, leases,
+                                                   lease.id, progress)
+            puller.label()
+            image = images.put(Image(name=str(ref), target=resolved.desc))
+            return PullResult(image=image, unpacked=unpacked, fetched=fetched,
+                              present=present,
+                              manifests=[d for d, _ in puller.plan.manifests])
+    finally:
+        images.close()
+        leases.close()
+
+
+def _transfer(puller: _Puller, root: Root, snapshotter: str,
+              target: tuple[Descriptor, Manifest] | None, leases: LeaseManager,
+              lease_id: str, progress: Progress) -> tuple[UnpackResult | None, int, int]:
+    """Download every blob; unpack ``target`` meanwhile: the unpack, blobs fetched, present."""
+    order: list[Descriptor] = []
+    if target is not None:
+        order += target[1].layers
+    for _, manifest in puller.plan.manifests:
+        order += [manifest.config, *manifest.layers]
+    order += puller.plan.blobs.values()
+    pool = ThreadPoolExecutor(max_workers=puller.concurrency, thread_name_prefix="fetch")
+    futures = puller.start_downloads(pool, order)
+    unpacked: UnpackResult | None = None
+    try:
+        if target is not None:
+            try:
+                unpacked = _unpack(puller, root, snapshotter, target, leases, lease_id,
+                                   progress)
+            except BaseException:
+                puller.cancel.set()
+                _raise_download_error(futures)
+                raise
+        _raise_download_error(futures, wait=True)
+    except BaseException:
+        puller.cancel.set()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+    fetched = sum(1 for f in futures if f.result())
+    return unpacked, fetched, len(futures) - fetched
+
+
+def _raise_download_error(futures: Sequence[Future[bool]], *, wait: bool = False) -> None:
+    """The first download's error (the root cause of an unpack failing, say)."""
+    for f in futures:
+        if not wait and not f.done():
+            continue
+        exc = f.exception()
+        if exc is not None:
+            for g in futures:
+                g.cancel()
+            raise exc
+
+
+def _unpack(puller: _Puller, root: Root, snapshotter: str,
+            target: tuple[Descriptor, Manifest], leases: LeaseManager, lease_id: str,
+            progress: Progress) -> UnpackResult:
+    _, manifest = target
+    with puller.content.reader(manifest.config.digest) as r:
+        config = ImageConfig.parse(r.read())
+    unpacker = Unpacker(
+        puller.content, root.snapshotter(snapshotter), snapshotter_name=snapshotter,
+        locks_dir=root.path / "locks", tmpmounts=root.tmpmounts, progress=progress,
+        parallel=max(puller.concurrency, 2),
+        hold=functools.partial(leases.add_resource, lease_id, f"snapshot:{snapshotter}"),
+        open_layer=puller.open_layer,
+    )
+    return unpacker.unpack(manifest, config)

@@ -1,0 +1,126 @@
+"""From a reference to a descriptor, and the small documents behind descriptors.
+
+Resolving asks the endpoints that may ``resolve`` for
+``/v2/<name>/manifests/<tag or digest>``, with ``HEAD`` first (the digest,
+type and size come from ``Docker-Content-Digest``, ``Content-Type`` and
+``Content-Length``) and ``GET`` when ``HEAD`` is not enough. The ``Accept``
+header names OCI and Docker schema 2 manifests and indexes. Documents
+(manifests, indexes, configs) are read whole, but never more than
+:data:`MAX_MANIFEST` bytes (containerd's limit), and are checked against
+their digest before anyone parses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from lamina.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from lamina.images.oci import INDEX_TYPES, MANIFEST_TYPES, Descriptor, MediaType, parse_json
+from lamina.remotes.reference import Reference
+from lamina.remotes.session import Session
+from lamina.remotes.transport import Response
+
+__all__ = ["ACCEPT_MANIFESTS", "MAX_MANIFEST", "Resolved", "fetch_document", "resolve"]
+
+MAX_MANIFEST = 4 << 20
+ACCEPT_MANIFESTS = ", ".join([
+    MediaType.OCI_MANIFEST, MediaType.DOCKER_MANIFEST,
+    MediaType.OCI_INDEX, MediaType.DOCKER_MANIFEST_LIST, "*/*",
+])
+
+
+@dataclass(frozen=True)
+class Resolved:
+    desc: Descriptor
+    data: bytes | None = None  # the document, when resolving had to GET it
+
+
+def _media_type(resp: Response) -> str:
+    return resp.header("Content-Type").split(";", 1)[0].strip()
+
+
+def _sha256(data: bytes) -> str:
+    return f"sha256:{hashlib.sha256(data).hexdigest()}"
+
+
+def _check(data: bytes, desc: Descriptor, host: str) -> None:
+    if len(data) != desc.size or _sha256(data) != desc.digest:
+        raise FailedPrecondition(
+            f"{host}: {desc.digest}: the registry sent {len(data)} bytes hashing to "
+            f"{_sha256(data)}, not the {desc.size} bytes the descriptor names")
+
+
+def _document_type(data: bytes, header_type: str) -> str:
+    declared = str(parse_json(data, "manifest").get("mediaType") or "")
+    if declared in MANIFEST_TYPES | INDEX_TYPES:
+        return declared
+    if header_type in MANIFEST_TYPES | INDEX_TYPES:
+        return header_type
+    doc = parse_json(data, "manifest")
+    if "manifests" in doc:
+        return MediaType.OCI_INDEX
+    if "config" in doc:
+        return MediaType.OCI_MANIFEST
+    raise InvalidArgument(f"not a manifest or index (media type {header_type!r})")
+
+
+def resolve(session: Session, ref: Reference) -> Resolved:
+    """The descriptor ``ref`` names on the registry (NotFound when none has it)."""
+    suffix = f"/{session.path}/manifests/{ref.object}"
+    scope = session.scope("pull")
+    headers = {"Accept": ACCEPT_MANIFESTS}
+    ep, resp = session.request("resolve", "HEAD", suffix, scope=scope, headers=headers)
+    if resp.status == 404:
+        resp.close()
+        raise NotFound(f"{ref}: not found on {resp.host}")
+    if resp.status == 200:
+        digest = ref.digest or resp.header("Docker-Content-Digest")
+        size = resp.header("Content-Length")
+        media_type = _media_type(resp)
+        resp.close()
+        if digest.startswith("sha256:") and size.isdigit() and \
+                media_type in MANIFEST_TYPES | INDEX_TYPES:
+            if int(size) > MAX_MANIFEST:
+                raise InvalidArgument(f"{ref}: manifest of {size} bytes is larger than the "
+                                      f"{MAX_MANIFEST} allowed")
+            return Resolved(Descriptor(media_type, digest, int(size)))
+    else:
+        resp.close()
+        if resp.status not in (405, 400):
+            raise Unavailable(f"{resp.host}: HEAD {suffix}: {resp.status} {resp.reason}")
+    resp = session.send(ep, "GET", ep.url(suffix), scope=scope, headers=headers)
+    if resp.status == 404:
+        resp.close()
+        raise NotFound(f"{ref}: not found on {resp.host}")
+    if resp.status != 200:
+        resp.close()
+        raise Unavailable(f"{resp.host}: GET {suffix}: {resp.status} {resp.reason}")
+    header_type = _media_type(resp)
+    data = resp.read_all(MAX_MANIFEST)
+    digest = _sha256(data)
+    if ref.digest and digest != ref.digest:
+        raise FailedPrecondition(f"{resp.host}: {ref}: the registry sent a manifest hashing "
+                                 f"to {digest}")
+    return Resolved(Descriptor(_document_type(data, header_type), digest, len(data)), data)
+
+
+def fetch_document(session: Session, desc: Descriptor) -> bytes:
+    """The bytes of a manifest, index or config, verified against ``desc``."""
+    if desc.size > MAX_MANIFEST:
+        raise InvalidArgument(f"{desc.digest}: a document of {desc.size} bytes is larger "
+                              f"than the {MAX_MANIFEST} allowed")
+    is_manifest = desc.media_type in MANIFEST_TYPES | INDEX_TYPES
+    kind = "manifests" if is_manifest else "blobs"
+    headers = {"Accept": ACCEPT_MANIFESTS} if is_manifest else {}
+    _, resp = session.request("pull", "GET", f"/{session.path}/{kind}/{desc.digest}",
+                              scope=session.scope("pull"), headers=headers)
+    if resp.status == 404:
+        resp.close()
+        raise NotFound(f"{resp.host}: {session.path}: {desc.digest} not found")
+    if resp.status != 200:
+        resp.close()
+        raise Unavailable(f"{resp.host}: {desc.digest}: {resp.status} {resp.reason}")
+    data = resp.read_all(desc.size)
+    _check(data, desc, resp.host)
+    return data

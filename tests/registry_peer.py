@@ -1,0 +1,139 @@
+"""A private Debian ``docker-registry`` (distribution 2.8) on 127.0.0.1 for tests.
+
+Each registry gets its own config and storage directory and a free port; it
+is stopped by PID when the context ends. :func:`skopeo_push` copies an OCI
+layout (built by ``imagefactory``) into it, as the interoperability peer.
+Optional htpasswd basic auth (``htpasswd=(user, password)``) and TLS
+(``tls=(cert, key)``) for the auth and transport tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from conftest import require_tools
+
+__all__ = ["Registry", "free_port", "running_registry", "skopeo_push"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Registry:
+    base: Path
+    port: int
+    proc: subprocess.Popen[bytes]
+    tls: bool = False
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def storage(self) -> Path:
+        return self.base / "storage"
+
+    def log(self) -> str:
+        return (self.base / "registry.log").read_text(errors="replace")[-4000:]
+
+
+def _htpasswd(path: Path, user: str, password: str) -> None:
+    """An htpasswd file with a bcrypt hash (libxcrypt's, through the crypt module)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt
+
+    hashed = crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))
+    path.write_text(f"{user}:{hashed}\n")
+
+
+@contextlib.contextmanager
+def running_registry(base: Path, *, htpasswd: tuple[str, str] | None = None,
+                     tls: tuple[Path, Path] | None = None,
+                     extra: str = "") -> Iterator[Registry]:
+    """Start ``docker-registry serve`` on a free loopback port; stop it by PID after."""
+    require_tools("docker-registry")
+    base.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    auth = ""
+    if htpasswd is not None:
+        _htpasswd(base / "htpasswd", *htpasswd)
+        auth = (f"auth:\n  htpasswd:\n    realm: lamina-test\n"
+                f"    path: {base / 'htpasswd'}\n")
+    tls_conf = ""
+    if tls is not None:
+        tls_conf = f"  tls:\n    certificate: {tls[0]}\n    key: {tls[1]}\n"
+    (base / "config.yml").write_text(
+        "version: 0.1\n"
+        "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {base / 'storage'}\n"
+        "  delete:\n    enabled: true\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n  secret: lamina-test-secret\n{tls_conf}"
+        f"{auth}{extra}")
+    log = open(base / "registry.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(["docker-registry", "serve", str(base / "config.yml")],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    reg = Registry(base, port, proc, tls=tls is not None)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"docker-registry exited: {reg.log()}")
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"docker-registry did not listen: {reg.log()}")
+            time.sleep(0.05)
+        yield reg
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def skopeo_push(layout_ref: str, dest: str, *, fmt: str = "",
+                creds: str = "") -> None:
+    """``skopeo copy`` an image (``oci:<dir>:<ref>``) to ``docker://<dest>`` over plain HTTP."""
+    require_tools("skopeo")
+    cmd = ["skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false", "--quiet"]
+    if fmt:
+        cmd += ["--format", fmt]
+    if creds:
+        cmd += ["--dest-creds", creds]
+    proc = subprocess.run([*cmd, layout_ref, f"docker://{dest}"], capture_output=True,
+                          text=True, timeout=300, check=False)
+    if proc.returncode != 0:
+        raise AssertionError(f"skopeo copy failed: {proc.stderr}")
+
+
+def http_get(host: str, path: str, accept: str = "application/vnd.oci.image.manifest.v1+json"
+             ) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(host, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Accept": accept})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
