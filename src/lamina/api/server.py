@@ -43,6 +43,7 @@ from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as spb
 from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as spb_grpc
 from lamina.api.gen.lamina.services.introspection.v1 import introspection_pb2 as ipb
 from lamina.api.gen.lamina.services.introspection.v1 import introspection_pb2_grpc as ipb_grpc
+from lamina.api.version import add_version_service
 from lamina.errors import AlreadyExists, FailedPrecondition, NotImplementedErr, Unavailable
 from lamina.root import SNAPSHOTTERS, Root
 from lamina.snapshots import Info
@@ -285,6 +286,7 @@ class Server:
         ipb_grpc.add_IntrospectionServicer_to_server(  # type: ignore[no-untyped-call]
             IntrospectionService(self._resolve), server
         )
+        add_version_service(server)
         if self._extra is not None:
             self._extra(server)
         tmpdir = tempfile.mkdtemp(prefix=".lamina-sock-", dir=parent)

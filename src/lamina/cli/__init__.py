@@ -2,25 +2,48 @@
 
 Each command group lives in its own module with a ``register(subparsers)``
 function; handlers take the parsed arguments and an :class:`App` and return
-an exit code. Errors are printed as one line and exit with their class's code.
+an exit code. Every error ends the command with one line on stderr and an exit
+code (``--debug`` or ``LAMINA_DEBUG=1`` adds the traceback):
+
+====  ==========================================================================
+code  meaning
+====  ==========================================================================
+0     success
+1     internal error: a bug, or an OS error without a closer code below
+2     usage: unknown command or flag, bad or missing argument
+3     NotFound (also ENOENT)
+4     AlreadyExists (also EEXIST)
+5     FailedPrecondition (also EACCES, EPERM, EROFS, EBUSY)
+6     InvalidArgument (also ENOTDIR, EISDIR, EINVAL, ENAMETOOLONG, ELOOP)
+7     Unavailable (no server on --address)
+8     NotImplemented
+130   interrupted (SIGINT)
+141   standard output closed (``lamina ... | head``); nothing is printed
+====  ==========================================================================
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
+import select
 import sys
+import traceback
 from collections.abc import Sequence
+from typing import NoReturn
 
+from lamina import __version__
 from lamina.cli.app import App
 from lamina.errors import LaminaError
 from lamina.root import default_root
 
-__all__ = ["main"]
+__all__ = ["EXIT_USAGE", "main"]
 
 # command group modules, in the order `lamina --help` lists them
 GROUPS = ("snapshot", "content", "diff", "image", "container", "task", "run",
-          "checkpoint", "serve", "config", "gc", "lease", "check", "login")
+          "checkpoint", "serve", "config", "gc", "lease", "check", "version", "login")
 
 
 # aliases a group module registers, so one command imports only its own module
@@ -30,6 +53,27 @@ ALIASES = {
     "leases": "lease", "fsck": "check", "logout": "login",
 }
 _GLOBAL_WITH_VALUE = ("--root", "--snapshotter", "--address")
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EXIT_STDOUT_CLOSED = 141
+
+# OS errors whose meaning matches one of lamina's error classes exit with its code
+_ERRNO_EXIT = {
+    errno.ENOENT: 3,
+    errno.EEXIST: 4,
+    **dict.fromkeys((errno.EACCES, errno.EPERM, errno.EROFS, errno.EBUSY), 5),
+    **dict.fromkeys(
+        (errno.ENOTDIR, errno.EISDIR, errno.EINVAL, errno.ENAMETOOLONG, errno.ELOOP), 6
+    ),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (sub-command parsers inherit this class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {_one_line(message)} (see --help)\n")
 
 
 def _requested_group(argv: Sequence[str]) -> str | None:
@@ -53,15 +97,23 @@ def _requested_group(argv: Sequence[str]) -> str | None:
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser; with ``argv``, only the group it names is imported (fast start-up)."""
-    parser = argparse.ArgumentParser(prog="lamina", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="lamina", description=__doc__.splitlines()[0],
+                     epilog="Exit codes: 0 ok, 1 internal, 2 usage, 3 NotFound, "
+                     "4 AlreadyExists, 5 FailedPrecondition, 6 InvalidArgument, "
+                     "7 Unavailable, 8 NotImplemented, 130 interrupted.")
+    parser.add_argument("--version", action="version", version=f"lamina {__version__}")
     parser.add_argument("--root", default=None, help="lamina root directory "
                         f"(default: $LAMINA_ROOT or {default_root()})")
     parser.add_argument("--snapshotter", default="overlay",
                         help="snapshotter: overlay or native (default overlay)")
     parser.add_argument("--address", default=None,
                         help="talk to a running `lamina serve` on this socket")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the traceback too (also: LAMINA_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = _requested_group(argv) if argv is not None else None
+    if wanted is None and argv is not None and "--version" in argv:
+        return parser  # `lamina --version` needs no command module
     for name in (wanted,) if wanted else GROUPS:
         try:
             module = importlib.import_module(f"lamina.cli.{name}")
@@ -73,22 +125,80 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    words = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(words)
-    args = parser.parse_args(words)
-    app = App(root=args.root or default_root(), snapshotter=args.snapshotter,
-              address=args.address)
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def _describe_os_error(exc: OSError) -> str:
+    """``FileExistsError: /etc/passwd: File exists``: the class, the path(s), the reason."""
+    reason = exc.strerror or str(exc)
+    paths = [os.fsdecode(p) for p in (exc.filename, exc.filename2) if p is not None]
+    where = " -> ".join(paths)
+    return f"{type(exc).__name__}: {where + ': ' if where else ''}{reason}"
+
+
+def _stdout_closed() -> bool:
+    """Whether nobody reads our standard output any more (a pipe's reader exited)."""
     try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _debug_wanted(words: Sequence[str]) -> bool:
+    return "--debug" in words or os.environ.get("LAMINA_DEBUG", "") not in ("", "0")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``lamina`` command; returns its exit code (see the module docs)."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_wanted(words)
+    app: App | None = None
+
+    def fail(line: str, code: int) -> int:
+        if debug:
+            traceback.print_exc()
+        print(f"lamina: {_one_line(line)}", file=sys.stderr, flush=True)
+        return code
+
+    try:
+        try:
+            parser = build_parser(words)
+            args = parser.parse_args(words)
+        except SystemExit as exc:  # --help, --version, usage errors
+            return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        app = App(root=args.root or default_root(), snapshotter=args.snapshotter,
+                  address=args.address)
         code: int = args.handler(args, app)
+        sys.stdout.flush()
         return code
     except LaminaError as exc:
-        print(f"lamina: {type(exc).__name__}: {exc.message}", file=sys.stderr)
-        return exc.exit_code
+        return fail(f"{type(exc).__name__}: {exc.message}", exc.exit_code)
     except KeyboardInterrupt:
-        return 130
+        return fail("interrupted", EXIT_INTERRUPTED)
+    except BrokenPipeError as exc:
+        if _stdout_closed():
+            # Let the interpreter's final flush go nowhere instead of failing again.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            return EXIT_STDOUT_CLOSED
+        return fail(_describe_os_error(exc), _ERRNO_EXIT.get(exc.errno or 0, 1))
+    except OSError as exc:
+        return fail(_describe_os_error(exc), _ERRNO_EXIT.get(exc.errno or 0, 1))
+    except Exception as exc:
+        hint = "" if debug else " (--debug shows the traceback)"
+        return fail(f"internal error: {type(exc).__name__}: {exc}{hint}", 1)
     finally:
-        app.close()
+        if app is not None:
+            try:
+                app.close()
+            except Exception as exc:  # the command's outcome stands; say what failed
+                print(f"lamina: closing the root: {type(exc).__name__}: {_one_line(str(exc))}",
+                      file=sys.stderr)
 
 
 if __name__ == "__main__":

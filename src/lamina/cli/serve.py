@@ -15,6 +15,7 @@ def cmd_serve(args: argparse.Namespace, app: App) -> int:
     from lamina.api import default_address
     from lamina.api.server import Server, serve
     from lamina.root import Root
+    from lamina.sdnotify import notify
 
     # A long-running server deletes removed snapshots' directories in the background.
     root = Root(app.root, async_remove=not args.sync_remove)
@@ -28,6 +29,7 @@ def cmd_serve(args: argparse.Namespace, app: App) -> int:
         )
 
     def ready(server: Server) -> None:
+        notify("READY=1", f"STATUS=serving {root.path} on {server.address}")  # systemd
         if not args.quiet:
             print(
                 f"lamina: serving {root.path} on {server.address} "
