@@ -255,6 +255,7 @@ class Authorizer:
         self._hosts: dict[str, _HostAuth] = {}
         self._creds: dict[str, Credentials | None] = {}
         self._lock = threading.Lock()
+        self._fetching: dict[tuple[str, str], threading.Lock] = {}
 
     def credentials(self, host: str, namespace: str = "") -> Credentials | None:
         if self.user is not None and (not self.user_host or
@@ -284,11 +285,24 @@ class Authorizer:
         return ""
 
     def challenged(self, host: str, www_authenticate: Sequence[str], scope: str,
-                   namespace: str = "", *, tls: TLSConfig | None = None) -> None:
+                   namespace: str = "", *, tls: TLSConfig | None = None,
+                   sent: str = "") -> None:
         """Learn from a 401: remember the challenge, fetch a token for ``scope``.
 
+        ``sent`` is the Authorization the refused request carried: when another
+        thread has renewed the token since, that one is used, not a third.
         Unauthorized when the challenge cannot be answered (no credentials for
         Basic, a realm that refuses, a scheme lamina does not speak)."""
+        with self._lock:
+            fetching = self._fetching.setdefault((host, scope), threading.Lock())
+        with fetching:  # one token fetch per host and scope at a time
+            current = self.header(host, scope, namespace)
+            if sent and current and current != sent:
+                return
+            self._answer(host, www_authenticate, scope, namespace, tls)
+
+    def _answer(self, host: str, www_authenticate: Sequence[str], scope: str,
+                namespace: str, tls: TLSConfig | None) -> None:
         challenges = parse_challenges(www_authenticate)
         chosen = next((c for c in challenges if c.scheme == "bearer"), None) or next(
             (c for c in challenges if c.scheme == "basic"), None)

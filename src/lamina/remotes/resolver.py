@@ -121,6 +121,11 @@ def fetch_document(session: Session, desc: Descriptor) -> bytes:
     if resp.status != 200:
         resp.close()
         raise Unavailable(f"{resp.host}: {desc.digest}: {resp.status} {resp.reason}")
+    length = resp.header("Content-Length")
+    if length.isdigit() and int(length) != desc.size:
+        resp.close()
+        raise FailedPrecondition(f"{resp.host}: {desc.digest}: the registry sends {length} "
+                                 f"bytes for a document of {desc.size}")
     data = resp.read_all(desc.size)
     _check(data, desc, resp.host)
     return data

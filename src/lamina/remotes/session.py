@@ -115,7 +115,7 @@ class Session:
                     raise Unauthorized(f"{ep.host}: {method} {self._short(url)}: unauthorized "
                                        "with the credentials and token it asked for")
                 self.authorizer.challenged(ep.host, [str(c) for c in challenges], scope,
-                                           self.namespace, tls=tls)
+                                           self.namespace, tls=tls, sent=auth)
                 fresh_token = True
                 continue
             if resp.status == 403:

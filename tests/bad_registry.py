@@ -1,0 +1,151 @@
+"""A registry that misbehaves on purpose (http.server in a thread), for what a real one won't do.
+
+It serves one image honestly (``/v2/<repo>/manifests/<tag>``, blobs with
+``Range``), and every request can be intercepted by a *hook* keyed by path:
+``hooks[path](handler) -> bool`` answers the request itself (True) or lets
+the honest answer go (False). Every request is logged with its headers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MT_INDEX = "application/vnd.oci.image.index.v1+json"
+MT_CONFIG = "application/vnd.oci.image.config.v1+json"
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+Hook = Callable[["Handler"], bool]
+
+
+@dataclass
+class Logged:
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+@dataclass
+class State:
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    manifests: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # "repo/ref"
+    hooks: dict[str, Hook] = field(default_factory=dict)
+    log: list[Logged] = field(default_factory=list)
+    tokens: set[str] | None = None  # when set: Bearer tokens required (issued at /token)
+    issued: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add_blob(self, data: bytes) -> str:
+        d = sha(data)
+        self.blobs[d] = data
+        return d
+
+    def add_manifest(self, repo: str, tags: list[str], media_type: str, doc: Any) -> str:
+        data = json.dumps(doc).encode() if not isinstance(doc, bytes) else doc
+        d = sha(data)
+        for t in [*tags, d]:
+            self.manifests[f"{repo}/{t}"] = (media_type, data)
+        return d
+
+    def requests(self, method: str = "", prefix: str = "") -> list[Logged]:
+        with self.lock:
+            return [r for r in self.log if (not method or r.method == method)
+                    and r.path.startswith(prefix)]
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    state: State
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
+             *, length: int | None = None) -> None:
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _route(self) -> None:
+        path = self.path.split("?", 1)[0]
+        with self.state.lock:
+            self.state.log.append(Logged(self.command, self.path, dict(self.headers.items())))
+        length = int(self.headers.get("Content-Length") or 0)
+        self.body = self.rfile.read(length) if length else b""
+        if self.state.tokens is not None and path != "/token":
+            auth = self.headers.get("Authorization", "")
+            if auth.removeprefix("Bearer ") not in self.state.tokens:
+                host = self.headers.get("Host")
+                self.send(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', {
+                    "WWW-Authenticate": f'Bearer realm="http://{host}/token",'
+                                        'service="bad-registry"'})
+                return
+        if path == "/token" and self.state.tokens is not None:
+            with self.state.lock:
+                self.state.issued += 1
+                token = f"tok-{self.state.issued}"
+                self.state.tokens.add(token)
+            self.send(200, json.dumps({"token": token, "expires_in": 300}).encode())
+            return
+        hook = self.state.hooks.get(path)
+        if hook is not None and hook(self):
+            return
+        if path == "/v2/":
+            self.send(200, b"{}")
+            return
+        if "/manifests/" in path:
+            repo, _, ref = path[len("/v2/"):].partition("/manifests/")
+            found = self.state.manifests.get(f"{repo}/{ref}")
+            if found is None:
+                self.send(404, b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}')
+                return
+            mt, data = found
+            self.send(200, data, {"Content-Type": mt, "Docker-Content-Digest": sha(data)})
+            return
+        if "/blobs/" in path:
+            digest = path.rsplit("/", 1)[1]
+            data = self.state.blobs.get(digest)
+            if data is None:
+                self.send(404, b'{"errors":[{"code":"BLOB_UNKNOWN"}]}')
+                return
+            rng = self.headers.get("Range", "")
+            if rng.startswith("bytes=") and rng.endswith("-"):
+                start = int(rng[len("bytes="):-1])
+                self.send(206, data[start:], {
+                    "Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"})
+                return
+            self.send(200, data, {"Docker-Content-Digest": digest})
+            return
+        self.send(404)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = _route
+
+
+@contextmanager
+def serving(state: State) -> Iterator[str]:
+    """Serve ``state`` on a free loopback port; yields ``127.0.0.1:<port>``."""
+    handler = type("BoundHandler", (Handler,), {"state": state})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
