@@ -12,6 +12,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*"; "$@"; }
 ID=demo-$(date +%s)
+PY=${LAMINA_PYTHON:-/opt/lamina/bin/python}  # the interpreter lamina is installed in
 WORK=$(mktemp -d /var/tmp/lamina-demo.XXXXXX)
 MNT=$WORK/mnt
 mkdir -p "$MNT"
@@ -54,8 +55,8 @@ run lamina snapshot usage "$ID-1" "$ID-2" "$ID-3"
 run lamina snapshot diff --print-descriptor "$ID-3" "$ID-1"
 
 say "2. images"
-run python3 scripts/demo_image.py "$WORK/v1.tar" demo:v1 --file /etc/motd="image v1"
-run python3 scripts/demo_image.py "$WORK/v2.tar" demo:v2 --file /etc/motd="image v2" \
+run "$PY" scripts/demo_image.py "$WORK/v1.tar" demo:v1 --file /etc/motd="image v1"
+run "$PY" scripts/demo_image.py "$WORK/v2.tar" demo:v2 --file /etc/motd="image v2" \
     --file /usr/share/new-in-v2="only in v2"
 run lamina image import "$WORK/v1.tar"
 run lamina image import "$WORK/v2.tar"

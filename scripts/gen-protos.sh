@@ -1,6 +1,12 @@
 #!/bin/sh
 # Regenerate src/lamina/api/gen/ from src/lamina/api/protos/ with grpcio-tools.
 #
+#   sh scripts/gen-protos.sh [OUTDIR]     # OUTDIR: elsewhere (CI compares it)
+#
+# Use the pinned grpcio-tools (PYTHON defaults to /opt/lamina/bin/python, the
+# venv scripts/setup.sh makes); the "Protobuf Python Version" in the headers is
+# the protoc bundled with that grpcio-tools.
+#
 # The generated modules are committed. protoc writes imports relative to the
 # proto root ("from containerd.types import mount_pb2"); they are rewritten so
 # the modules import as lamina.api.gen.<...>.
@@ -8,8 +14,8 @@ set -eu
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 protos="$here/src/lamina/api/protos"
-gen="$here/src/lamina/api/gen"
-python=${PYTHON:-python3}
+gen=${1:-"$here/src/lamina/api/gen"}
+python=${PYTHON:-/opt/lamina/bin/python}
 
 rm -rf "$gen"
 mkdir -p "$gen"

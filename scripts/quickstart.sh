@@ -4,4 +4,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
+# The demo runs the lamina (and CRIU) setup just installed, even where PATH has
+# another one first (a pyenv shim left by an older install, say).
+export PATH="/usr/local/sbin:/usr/local/bin:$PATH"
+hash -r
 bash scripts/demo.sh
