@@ -216,3 +216,11 @@ def test_closed_stdout_is_quiet(scratch: Path) -> None:
         os.close(w)
     assert proc.returncode == 141, proc.stderr
     assert proc.stderr == ""
+
+
+def test_serve_on_an_unbindable_path_is_one_line(scratch: Path) -> None:
+    deep = scratch / ("d" * 60) / ("e" * 60)  # longer than a unix socket path may be
+    deep.mkdir(parents=True)
+    line = one_error_line(run("--root", str(scratch / "root"), "serve", "--address",
+                              str(deep / "lamina.sock")), 7)
+    assert line.startswith(f"lamina: Unavailable: cannot bind {deep / 'lamina.sock'}")

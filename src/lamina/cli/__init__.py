@@ -156,6 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``lamina`` command; returns its exit code (see the module docs)."""
     words = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_wanted(words)
+    if not debug:
+        # gRPC's C core logs its own lines to stderr (a failed bind, say); lamina
+        # reports every failure itself, in one line. `--debug` keeps them.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     app: App | None = None
 
     def fail(line: str, code: int) -> int:
