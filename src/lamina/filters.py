@@ -19,8 +19,14 @@ Semantics follow containerd's selectors:
 * bare ``fieldpath`` matches when the field is present (even when empty);
 * ``==`` matches when the field is present and equal to the value;
 * ``!=`` matches when the field's value (``""`` when absent) differs;
-* ``~=`` matches when the regular expression (Python :mod:`re`, unanchored
-  search) finds a match in the field's value (``""`` when absent).
+* ``~=`` matches when the regular expression finds a match anywhere in the
+  field's value (``""`` when absent; unanchored, as Go's ``MatchString``).
+
+Regular expressions use RE2 syntax (what containerd's Go ``regexp`` accepts)
+and run on RE2 (``google-re2``), whose matching time is linear in the input:
+no pattern, such as ``^(a+)+$``, can make a filter take exponential time.
+Constructs RE2 does not have (backreferences, lookaround) are invalid, as in
+containerd.
 
 Spaces are allowed around tokens. An empty filter string matches everything.
 Anything else that does not follow the grammar, or a bad regular expression,
@@ -37,7 +43,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import re2
 
 from lamina.errors import InvalidArgument
 
@@ -62,7 +70,7 @@ class Selector:
     fieldpath: tuple[str, ...]
     operator: str | None = None  # None: presence
     value: str = ""
-    pattern: re.Pattern[str] | None = None
+    pattern: Callable[[str], bool] | None = field(default=None, compare=False)  # for ~=
 
     def __call__(self, lookup: Lookup) -> bool:
         found = lookup(self.fieldpath)
@@ -74,7 +82,7 @@ class Selector:
         if self.operator == "!=":
             return actual != self.value
         assert self.pattern is not None
-        return self.pattern.search(actual) is not None
+        return self.pattern(actual)
 
     def __str__(self) -> str:
         path = ".".join(_quote_field(p) for p in self.fieldpath)
@@ -198,15 +206,7 @@ class _Parser:
             self.pos += 2
             self.skip_space()
             value = self.value()
-            pattern = None
-            if op == "~=":
-                try:
-                    pattern = re.compile(value)
-                except re.error as exc:
-                    raise InvalidArgument(
-                        f"invalid filter {self.text!r}: bad regular expression "
-                        f"{value!r}: {exc}"
-                    ) from None
+            pattern = _regexp(self.text, value) if op == "~=" else None
             return Selector(tuple(path), op, value, pattern)
         if self.at_end() or self.peek() == ",":
             return Selector(tuple(path))
@@ -265,6 +265,28 @@ class _Parser:
                 except ValueError:
                     pass
         raise self.error(f"invalid escape sequence \\{ch}")
+
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a bad pattern is the caller's InvalidArgument, not a log line
+
+
+def _regexp(text: str, pattern: str) -> Callable[[str], bool]:
+    """A linear-time search for ``pattern``; InvalidArgument when RE2 rejects it."""
+    try:
+        compiled = re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else exc
+        if isinstance(reason, bytes):
+            reason = reason.decode(errors="replace")
+        raise InvalidArgument(
+            f"invalid filter {text!r}: bad regular expression {pattern!r}: {reason}"
+        ) from None
+
+    def search(value: str) -> bool:
+        return compiled.search(value) is not None
+
+    return search
 
 
 def _quote_field(part: str) -> str:

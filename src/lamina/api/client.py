@@ -23,13 +23,14 @@ from lamina.api import CHANNEL_OPTIONS, grpc_target
 from lamina.api.content import READ_CHUNK, status_from_pb
 from lamina.api.content import info_from_pb as content_info_from_pb
 from lamina.api.convert import info_from_pb, info_to_pb, mounts_from_pb
-from lamina.api.errors import rpc_errors
+from lamina.api.errors import from_rpc_error, rpc_errors
 from lamina.api.gen.containerd.services.content.v1 import content_pb2 as cpb
 from lamina.api.gen.containerd.services.content.v1 import content_pb2_grpc as cpb_grpc
 from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as spb
 from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as spb_grpc
 from lamina.api.gen.lamina.services.introspection.v1 import introspection_pb2 as ipb
 from lamina.api.gen.lamina.services.introspection.v1 import introspection_pb2_grpc as ipb_grpc
+from lamina.api.streams import IDLE_CLOSED
 from lamina.content import Info as ContentInfo
 from lamina.content import Status as ContentStatus
 from lamina.errors import FailedPrecondition, Internal, NotImplementedErr
@@ -319,7 +320,8 @@ class RemoteWriter:
     Opening sends a STAT for the ref, so a locked ref (Unavailable) or a blob
     the server has (AlreadyExists) fails here, and a resumed ingest reports
     its offset. When a call fails the stream ends, as the server's does; the
-    next call opens a new one, resuming the ingest.
+    next call opens a new one, resuming the ingest. A stream the server closed
+    because the writer was idle longer than its timeout is resumed at once.
     """
 
     def __init__(self, store: RemoteContentStore, ref: str, total: int, expected: str) -> None:
@@ -363,18 +365,24 @@ class RemoteWriter:
             self._open()  # resume after a failed call
 
     def _send(self, req: cpb.WriteContentRequest) -> cpb.WriteContentResponse:
-        self._ensure_open()
-        assert self._queue is not None and self._responses is not None
-        self._queue.put(req)
-        try:
-            with rpc_errors(self._store._what("write", self.ref)):
-                try:
-                    resp = next(self._responses)
-                except StopIteration:
-                    raise Internal(f"write stream for {self.ref!r} ended early") from None
-        except BaseException:
-            self._end_stream()
-            raise
+        for resume in (True, False):
+            self._ensure_open()
+            assert self._queue is not None and self._responses is not None
+            self._queue.put(req)
+            try:
+                resp = next(self._responses)
+                break
+            except StopIteration:
+                self._end_stream()
+                raise Internal(f"write stream for {self.ref!r} ended early") from None
+            except grpc.RpcError as err:
+                self._end_stream()
+                if resume and _closed_idle(err):
+                    continue  # it never saw ``req``: send it again on a new stream
+                raise from_rpc_error(err, self._store._what("write", self.ref)) from None
+            except BaseException:
+                self._end_stream()
+                raise
         self._offset = resp.offset
         if resp.total:
             self._total = resp.total
@@ -447,6 +455,15 @@ class RemoteWriter:
 
     def __repr__(self) -> str:
         return f"RemoteWriter({self.ref!r}, offset={self._offset})"
+
+
+def _closed_idle(err: grpc.RpcError) -> bool:
+    """Whether the server closed a stream for the client's idleness (lamina.api.streams)."""
+    return (
+        isinstance(err, grpc.Call)
+        and err.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        and IDLE_CLOSED in (err.details() or "")
+    )
 
 
 class _RemoteBlob(io.RawIOBase):

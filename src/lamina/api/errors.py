@@ -51,7 +51,9 @@ def servicer_method(fn: F) -> F:
 
     Works for unary methods and for generator (server-streaming) methods alike.
     Bodies must raise rather than call ``context.abort`` themselves (abort raises
-    a bare ``Exception``, which this wrapper would report a second time).
+    a bare ``Exception``, which this wrapper would report a second time). A call
+    cancelled under the body (a request stream's client went away) ends quietly:
+    no status to send, nothing logged; the body's ``finally`` blocks clean up.
     """
     if inspect.isgeneratorfunction(fn):
 
@@ -60,6 +62,8 @@ def servicer_method(fn: F) -> F:
             try:
                 yield from fn(self, request, context)
             except Exception as exc:
+                if _cancelled(context, exc):
+                    raise  # grpcio raised it for the cancellation and ends the call quietly
                 abort(context, exc)
 
         return cast(F, gen_wrapper)
@@ -69,9 +73,20 @@ def servicer_method(fn: F) -> F:
         try:
             return fn(self, request, context)
         except Exception as exc:
+            if _cancelled(context, exc):
+                raise
             abort(context, exc)
 
     return cast(F, wrapper)
+
+
+def _cancelled(context: grpc.ServicerContext, exc: Exception) -> bool:
+    """Whether ``exc`` is grpcio telling a servicer its call was cancelled (by the
+    client, or by the server's idle timeout): nothing failed, nothing to report."""
+    if not isinstance(exc, grpc.RpcError) or context.is_active():
+        return False
+    log.debug("call cancelled")
+    return True
 
 
 def from_rpc_error(err: grpc.RpcError, what: str = "") -> LaminaError:

@@ -1,6 +1,8 @@
 """The gRPC server: containerd's Snapshots (and Content) services over a lamina Root.
 
-:class:`Server` binds a unix socket and serves on a thread pool;
+:class:`Server` binds a unix socket and serves unary calls on a thread pool
+and streaming calls (Write, Read, List) on a separate, bounded one with idle
+timeouts (:mod:`lamina.api.streams`), so no client can hold every worker;
 :func:`serve` runs one until SIGTERM/SIGINT (or a stop event) and stops it
 gracefully: new calls are refused, calls in flight get ``grace`` seconds to
 finish, then the stores are closed and the socket removed.
@@ -43,6 +45,12 @@ from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as spb
 from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as spb_grpc
 from lamina.api.gen.lamina.services.introspection.v1 import introspection_pb2 as ipb
 from lamina.api.gen.lamina.services.introspection.v1 import introspection_pb2_grpc as ipb_grpc
+from lamina.api.streams import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CLIENT_STREAMS,
+    DEFAULT_MAX_STREAMS,
+    StreamGovernor,
+)
 from lamina.api.version import add_version_service
 from lamina.errors import AlreadyExists, FailedPrecondition, NotImplementedErr, Unavailable
 from lamina.root import SNAPSHOTTERS, Root
@@ -241,12 +249,21 @@ class Server:
         resolve: Resolver,
         *,
         max_workers: int = 16,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        max_client_streams: int = DEFAULT_MAX_CLIENT_STREAMS,
+        stream_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         on_close: Callable[[], None] | None = None,
         extra_services: Callable[[grpc.Server], None] | None = None,
     ) -> None:
+        """``max_workers`` threads serve unary calls; streams are limited to
+        ``max_streams`` at once (``max_client_streams`` per client) on threads of
+        their own and closed after ``stream_idle_timeout`` seconds without progress
+        from the client (see :mod:`lamina.api.streams`)."""
         self.address = os.path.abspath(address)
         self._resolve = resolve
         self._max_workers = max_workers
+        self._stream_limits = (max_streams, max_client_streams, stream_idle_timeout)
+        self._governor: StreamGovernor | None = None
         self._on_close = on_close
         self._extra = extra_services
         self._server: grpc.Server | None = None
@@ -258,15 +275,25 @@ class Server:
 
     @classmethod
     def for_root(
-        cls, root: Root, address: str, *, snapshotter: str = "overlay", max_workers: int = 16
+        cls,
+        root: Root,
+        address: str,
+        *,
+        snapshotter: str = "overlay",
+        max_workers: int = 16,
+        **stream_limits: Any,
     ) -> Server:
-        """A server for ``root``'s stores, closing the root when it stops."""
+        """A server for ``root``'s stores, closing the root when it stops.
+
+        ``stream_limits``: ``max_streams``, ``max_client_streams``,
+        ``stream_idle_timeout`` (see :class:`Server`)."""
         from lamina.api.content import add_content_service
 
         return cls(
             address,
             root_resolver(root, snapshotter),
             max_workers=max_workers,
+            **stream_limits,
             on_close=root.close,
             extra_services=lambda server: add_content_service(server, root),
         )
@@ -276,10 +303,16 @@ class Server:
         parent = os.path.dirname(self.address)
         os.makedirs(parent, mode=0o711, exist_ok=True)
         check_address(self.address)
+        streams, per_client, idle = self._stream_limits
+        governor = StreamGovernor(
+            max_streams=streams, max_client_streams=per_client, idle_timeout=idle
+        )
         self._executor = futures.ThreadPoolExecutor(
             max_workers=self._max_workers, thread_name_prefix="lamina-rpc"
         )
-        server = grpc.server(self._executor, options=CHANNEL_OPTIONS)
+        # no maximum_concurrent_rpcs: it would count silent streams and refuse unary calls
+        server = grpc.server(self._executor, interceptors=[governor], options=CHANNEL_OPTIONS)
+        self._governor = governor
         spb_grpc.add_SnapshotsServicer_to_server(  # type: ignore[no-untyped-call]
             SnapshotsService(self._resolve), server
         )
@@ -303,6 +336,7 @@ class Server:
         except BaseException:
             server.stop(None)
             self._executor.shutdown(wait=False)
+            governor.close()
             raise
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -342,6 +376,8 @@ class Server:
             self._remove_socket()
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
+            if self._governor is not None:
+                self._governor.close()
             if self._on_close is not None:
                 self._on_close()
 
@@ -370,13 +406,17 @@ def serve(
     grace: float = 10.0,
     stop: threading.Event | None = None,
     ready: Callable[[Server], None] | None = None,
+    **stream_limits: Any,
 ) -> None:
     """Serve ``root`` on ``address`` until SIGTERM/SIGINT (main thread) or ``stop`` is set.
 
     The first signal stops gracefully (``grace`` seconds for calls in flight);
     a second one cuts the grace short. The root is closed on return.
+    ``stream_limits`` go to :class:`Server`.
     """
-    server = Server.for_root(root, address, snapshotter=snapshotter, max_workers=max_workers)
+    server = Server.for_root(
+        root, address, snapshotter=snapshotter, max_workers=max_workers, **stream_limits
+    )
     stop = stop or threading.Event()
     force = threading.Event()
     previous: dict[signal.Signals, Any] = {}

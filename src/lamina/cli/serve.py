@@ -45,6 +45,9 @@ def cmd_serve(args: argparse.Namespace, app: App) -> int:
         max_workers=args.workers,
         grace=args.grace,
         ready=ready,
+        max_streams=args.max_streams,
+        max_client_streams=args.max_client_streams,
+        stream_idle_timeout=args.stream_idle_timeout,
     )
     return 0
 
@@ -69,7 +72,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="socket path (default: the global --address, $LAMINA_ADDRESS or "
         "/run/lamina/lamina.sock)",
     )
-    p.add_argument("--workers", type=int, default=16, help="RPC worker threads (default 16)")
+    p.add_argument("--workers", type=int, default=16,
+                   help="worker threads for unary calls (default 16); streams have their own")
+    p.add_argument("--max-streams", type=int, default=64, metavar="N",
+                   help="streaming calls (Write, Read, List) open at once; more are refused "
+                   "with RESOURCE_EXHAUSTED (default 64)")
+    p.add_argument("--max-client-streams", type=int, default=32, metavar="N",
+                   help="streaming calls open at once per client (default 32; on a unix "
+                   "socket all local clients count as one)")
+    p.add_argument("--stream-idle-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="close a stream whose client sent or took nothing for this long "
+                   "(default 60); an interrupted write can resume")
     p.add_argument(
         "--grace",
         type=float,

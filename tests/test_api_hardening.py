@@ -1,0 +1,405 @@
+"""What a hostile or careless client can do to ``lamina serve``, and what it cannot.
+
+- silent Write streams do not starve unary calls (Stat, Info answer at once);
+- streams beyond the caps (per client, in total) end with RESOURCE_EXHAUSTED;
+- a stream idle past its timeout is closed, its ingest kept for a resume;
+- a client cancelling a Write is not an error: no traceback in the log;
+- ``~=`` filters run in linear time (RE2), over gRPC and locally;
+- Cleanup returns only once removed snapshots' directories are gone.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from lamina.api.client import RemoteContentStore, RemoteSnapshotter, connect
+from lamina.api.gen.containerd.services.content.v1 import content_pb2 as cpb
+from lamina.api.gen.containerd.services.content.v1 import content_pb2_grpc as cpb_grpc
+from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as spb
+from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as spb_grpc
+from lamina.api.server import Server, check_address
+from lamina.content import sha256_digest
+from lamina.errors import AlreadyExists, InvalidArgument, NotFound
+from lamina.filters import make_lookup, parse
+from lamina.root import Root
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="snapshotters need root")
+
+EVIL = '^(a+)+$'
+"""Backtracks exponentially on 'aaa…ab' in a backtracking engine (Python's re)."""
+VICTIM = "a" * 26 + "b"
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="lamina-hard-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _serve(root: Root, sock: Path, **limits: float) -> Server:
+    server = Server.for_root(root, str(sock), **limits)  # type: ignore[arg-type]
+    server.start()
+    return server
+
+
+class _Silent:
+    """Write streams that send ``first`` and then nothing until released."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.stub = cpb_grpc.ContentStub(channel)  # type: ignore[no-untyped-call]
+        self.release = threading.Event()
+        self.calls: list[grpc.Future] = []
+
+    def open(self, first: Iterable[cpb.WriteContentRequest] = ()) -> Iterator[
+        cpb.WriteContentResponse
+    ]:
+        first = list(first)
+        release = self.release
+
+        def requests() -> Iterator[cpb.WriteContentRequest]:
+            yield from first
+            release.wait(120)
+
+        call = self.stub.Write(requests())
+        self.calls.append(call)
+        return call  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.release.set()
+        for call in self.calls:
+            call.cancel()
+
+
+def _fails_with(call: Iterator[cpb.WriteContentResponse], timeout: float = 10) -> grpc.RpcError:
+    """The error that ends a response stream (which must end within ``timeout``)."""
+    result: list[BaseException] = []
+
+    def drain() -> None:
+        try:
+            for _ in call:
+                pass
+        except grpc.RpcError as err:
+            result.append(err)
+
+    t = threading.Thread(target=drain, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert result, f"the stream did not fail within {timeout}s"
+    err = result[0]
+    assert isinstance(err, grpc.RpcError) and isinstance(err, grpc.Call)
+    return err
+
+
+# -- silent streams do not stall unary calls ---------------------------------------
+
+
+def test_silent_write_streams_do_not_stall_unary_calls(tmp_path: Path, sockdir: Path) -> None:
+    """20 Write streams that never send (more than the 16 unary workers): Stat and
+    Info still answer at once."""
+    server = _serve(Root(tmp_path / "root", async_remove=True), sockdir / "s.sock")
+    channel = connect(server.address)
+    silent = _Silent(channel)
+    try:
+        for _ in range(20):
+            silent.open()
+        time.sleep(1.0)  # every stream reached the server and holds its thread
+        snaps = spb_grpc.SnapshotsStub(channel)  # type: ignore[no-untyped-call]
+        content = cpb_grpc.ContentStub(channel)  # type: ignore[no-untyped-call]
+        for _ in range(3):
+            t = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                snaps.Stat(spb.StatSnapshotRequest(snapshotter="overlay", key="nope"), timeout=2)
+            assert err.value.code() is grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.RpcError) as err:
+                content.Info(cpb.InfoRequest(digest="sha256:" + "0" * 64), timeout=2)
+            assert err.value.code() is grpc.StatusCode.NOT_FOUND
+            assert time.monotonic() - t < 2
+    finally:
+        silent.close()
+        channel.close()
+        server.stop(grace=1)
+
+
+# -- caps ---------------------------------------------------------------------------
+
+
+def test_streams_beyond_the_per_client_cap_are_refused(tmp_path: Path, sockdir: Path) -> None:
+    server = _serve(Root(tmp_path / "root"), sockdir / "s.sock",
+                    max_streams=10, max_client_streams=3)
+    channel = connect(server.address)
+    silent = _Silent(channel)
+    try:
+        held = [silent.open() for _ in range(3)]
+        time.sleep(0.5)
+        err = _fails_with(silent.open())
+        assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limit per client" in (err.details() or "")
+        # a server-streaming call counts too; through lamina's client it is ResourceExhausted
+        with RemoteContentStore(server.address) as cs, pytest.raises(Exception) as exc:
+            list(cs.walk())
+        assert type(exc.value).__name__ == "ResourceExhausted", exc.value
+        # unary calls are not streams: never refused
+        with RemoteContentStore(server.address) as cs, pytest.raises(NotFound):
+            cs.info("sha256:" + "1" * 64)
+        # a slot frees when its stream ends
+        held[0].cancel()  # type: ignore[attr-defined]
+        time.sleep(0.5)
+        with RemoteContentStore(server.address) as cs:
+            assert list(cs.walk()) == []
+    finally:
+        silent.close()
+        channel.close()
+        server.stop(grace=1)
+
+
+def test_streams_beyond_the_total_cap_are_refused(tmp_path: Path, sockdir: Path) -> None:
+    server = _serve(Root(tmp_path / "root"), sockdir / "s.sock",
+                    max_streams=2, max_client_streams=100)
+    channel = connect(server.address)
+    silent = _Silent(channel)
+    try:
+        silent.open()
+        silent.open()
+        time.sleep(0.5)
+        err = _fails_with(silent.open())
+        assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "the server's limit" in (err.details() or "")
+    finally:
+        silent.close()
+        channel.close()
+        server.stop(grace=1)
+
+
+# -- idle timeout ---------------------------------------------------------------------
+
+
+def test_idle_write_stream_is_closed_and_its_ingest_resumes(
+    tmp_path: Path, sockdir: Path
+) -> None:
+    data = bytes(range(256)) * 40
+    digest = sha256_digest(data)
+    server = _serve(Root(tmp_path / "root"), sockdir / "s.sock", stream_idle_timeout=1.0)
+    channel = connect(server.address)
+    silent = _Silent(channel)
+    try:
+        call = silent.open([
+            cpb.WriteContentRequest(action=cpb.STAT, ref="idle", total=len(data), expected=digest),
+            cpb.WriteContentRequest(action=cpb.WRITE, ref="idle", offset=0, data=data[:1000]),
+        ])
+        assert next(call).action == cpb.STAT
+        assert next(call).offset == 1000
+        t = time.monotonic()
+        err = _fails_with(call)
+        assert 0.8 <= time.monotonic() - t < 5
+        assert err.code() is grpc.StatusCode.DEADLINE_EXCEEDED, err
+        assert "no progress from the client in 1s" in (err.details() or ""), err
+        with RemoteContentStore(server.address) as cs:
+            assert cs.status("idle").offset == 1000  # kept, not committed
+            with pytest.raises(NotFound):
+                cs.info(digest)
+            w = cs.writer("idle", total=len(data), expected=digest)  # not locked any more
+            assert w.offset == 1000
+            w.write(data[1000:])
+            w.commit(len(data), digest)
+            assert cs.info(digest).size == len(data)
+    finally:
+        silent.close()
+        channel.close()
+        server.stop(grace=1)
+
+
+def test_busy_stream_is_not_idle(tmp_path: Path, sockdir: Path) -> None:
+    """A client that keeps sending, more slowly than the timeout in total, keeps its stream."""
+    data = b"x" * 8000
+    server = _serve(Root(tmp_path / "root"), sockdir / "s.sock", stream_idle_timeout=1.0)
+    try:
+        with RemoteContentStore(server.address) as cs:
+            w = cs.writer("slow", total=len(data))
+            for i in range(8):
+                w.write(data[i * 1000:(i + 1) * 1000])
+                time.sleep(0.4)
+            w.commit(len(data), sha256_digest(data))
+            assert cs.info(sha256_digest(data)).size == len(data)
+            # lamina's own writer, idle past the timeout, resumes on a new stream
+            other = b"y" * 8000
+            w = cs.writer("pause", total=len(other))
+            w.write(other[:4000])
+            time.sleep(2.5)
+            w.write(other[4000:])
+            w.commit(len(other), sha256_digest(other))
+            assert cs.info(sha256_digest(other)).size == len(other)
+    finally:
+        server.stop(grace=1)
+
+
+# -- cancellation is quiet ------------------------------------------------------------------
+
+
+def _lamina(*args: str) -> list[str]:
+    return [sys.executable, "-c", "import sys; from lamina.cli import main; sys.exit(main())",
+            *args]
+
+
+def test_cancelled_write_logs_no_traceback(tmp_path: Path, sockdir: Path) -> None:
+    sock = sockdir / "s.sock"
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            _lamina("--root", str(tmp_path / "root"), "serve", "--address", str(sock)),
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                check_address(str(sock))
+            except AlreadyExists:
+                break
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        channel = connect(str(sock))
+        silent = _Silent(channel)
+        for i in range(3):
+            call = silent.open([
+                cpb.WriteContentRequest(action=cpb.STAT, ref=f"c{i}", total=10_000),
+                cpb.WriteContentRequest(action=cpb.WRITE, ref=f"c{i}", offset=0, data=b"z" * 500),
+            ])
+            assert next(call).action == cpb.STAT
+            assert next(call).offset == 500
+            call.cancel()  # type: ignore[attr-defined]
+        time.sleep(0.5)
+        with RemoteContentStore(str(sock)) as cs:
+            for i in range(3):  # the ingests stay, unlocked: a writer resumes them
+                w = cs.writer(f"c{i}", total=10_000)
+                assert w.offset == 500
+                w.close()
+        silent.close()
+        channel.close()
+        proc.send_signal(signal.SIGTERM)  # our own child, by pid
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "Traceback" not in text, text
+    assert "internal error" not in text.lower(), text
+    assert "Exception" not in text, text
+
+
+# -- linear-time regular expressions ---------------------------------------------------------
+
+
+def test_regex_filter_is_linear_time_locally() -> None:
+    matcher = parse([f'labels.r~="{EVIL}"'])
+    t = time.monotonic()
+    assert not matcher(make_lookup({}, {"r": VICTIM}))
+    assert matcher(make_lookup({}, {"r": "a" * 26}))
+    assert time.monotonic() - t < 0.1
+    # Go's RE2 syntax: no backreferences or lookaround (Python's re has them)
+    for bad in ("name~=`(a)\\1`", "name~=`(?=a)`", 'name~="(a"'):
+        with pytest.raises(InvalidArgument, match="bad regular expression"):
+            parse([bad])
+
+
+def test_regex_filters_over_grpc_are_linear_time(tmp_path: Path, sockdir: Path) -> None:
+    root = Root(tmp_path / "root")
+    server = _serve(root, sockdir / "s.sock")
+    try:
+        with RemoteSnapshotter(server.address, "overlay") as sn, \
+                RemoteContentStore(server.address) as cs:
+            for i in range(3):
+                sn.prepare(f"victim-{i}", labels={"r": VICTIM})
+            sn.prepare("match", labels={"r": "aaaa"})
+            for i in range(3):
+                blob = f"blob {i}".encode()
+                w = cs.writer(f"b{i}", total=len(blob))
+                w.write(blob)
+                w.commit(len(blob), sha256_digest(blob), labels={"r": VICTIM})
+            t = time.monotonic()
+            assert [i.name for i in sn.walk(f'labels.r~="{EVIL}"')] == ["match"]
+            assert list(cs.walk(f'labels.r~="{EVIL}"')) == []
+            assert time.monotonic() - t < 1.0
+            with pytest.raises(InvalidArgument):
+                list(sn.walk("name~=`(a)\\1`"))
+            with pytest.raises(InvalidArgument):
+                list(cs.walk("labels.r~=`(?<=a)b`"))
+        # the local stores too
+        t = time.monotonic()
+        assert [i.name for i in root.snapshotter("overlay").walk(f'labels.r~="{EVIL}"')] == [
+            "match"
+        ]
+        assert list(root.content().walk(f'labels.r~="{EVIL}"')) == []
+        assert time.monotonic() - t < 1.0
+    finally:
+        server.stop(grace=1)
+
+
+# -- Cleanup waits for deferred deletions --------------------------------------------------
+
+
+def test_cleanup_returns_with_removed_directories_gone(tmp_path: Path, sockdir: Path) -> None:
+    """As ``lamina serve`` runs it (removal deferred to a reaper thread): removing
+    snapshots over gRPC, then Cleanup — on return no snapshot directory is left."""
+    root = Root(tmp_path / "root", async_remove=True)
+    server = _serve(root, sockdir / "s.sock")
+    snaps_dir = root.snapshots_dir("overlay") / "snapshots"
+    try:
+        with RemoteSnapshotter(server.address, "overlay") as sn:
+            for round_ in range(2):
+                keys = [f"r{round_}-{i}" for i in range(4)]
+                for key in keys:
+                    sn.prepare(key)
+                for d in snaps_dir.iterdir():  # deletion takes a while: the reaper
+                    for j in range(3):        # is still at it when Cleanup arrives
+                        sub = d / "fs" / f"d{j}"
+                        sub.mkdir()
+                        for k in range(100):
+                            (sub / f"f{k}").write_bytes(b"x")
+                for key in keys:
+                    sn.remove(key)
+                sn.cleanup()
+                left = sorted(p.name for p in snaps_dir.iterdir())
+                assert left == [], left
+    finally:
+        server.stop(grace=1)
+
+
+@pytest.mark.slow
+def test_ctr_image_rm_sync_frees_lamina_directories(tmp_root: Path) -> None:
+    """containerd (proxy snapshotter ``lamina``): when ``ctr image rm --sync``
+    returns, lamina's snapshot directories are already gone — no waiting."""
+    import imagefactory as f
+    from containerd_peer import lamina_and_containerd
+
+    work = tmp_root / "img"
+    layers = [
+        f.layer_from_entries(
+            [f.Dir(f"d{n}"), *(f.File(f"d{n}/f{i}", b"x" * 100) for i in range(2000))], work
+        )
+        for n in range(4)
+    ]
+    ref = "docker.io/lamina/rm-sync:test"
+    f.build_oci_layout(work / "layout", layers, ref_name=ref)
+    tar = f.as_tar(work / "layout", work / "image.tar")
+    with lamina_and_containerd(tmp_root) as (lamina, ctrd):
+        ctrd.ctr("images", "import", "--snapshotter", "lamina", str(tar))
+        snaps = lamina.root / "snapshots" / "overlay" / "snapshots"
+        assert len(list(snaps.iterdir())) == 4
+        ctrd.ctr("images", "rm", "--sync", ref)
+        left = sorted(p.name for p in snaps.iterdir())
+        assert left == [], left
