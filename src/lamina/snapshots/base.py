@@ -11,8 +11,12 @@ overlay adds ``work/``). The filesystem follows the database:
 * **remove**: delete the row, commit, and only then rename the directory to
   ``rm-<id>`` and delete it (now, or at the next cleanup with async remove).
 * **cleanup**: inside a write transaction, every directory whose name is not
-  a known id (and is not a ``new-`` directory still being built) is renamed
-  to ``rm-…``; after the commit, they are deleted.
+  a known id (and is not a ``new-`` directory still being built) is found;
+  after the commit they are renamed to ``rm-…`` and deleted, together with
+  every removal still waiting for the background reaper (async remove): when
+  cleanup returns, the space of everything removed before it is free.
+  containerd calls it at the end of a garbage collection, so ``ctr image rm
+  --sync`` returns with the directories gone.
 
 A crash at any point leaves at most a directory the metadata does not know,
 which the next ``cleanup`` removes; the metadata never names a missing
@@ -58,6 +62,7 @@ class DirectorySnapshotter:
         self._deferring = 0
         self._reaper: threading.Thread | None = None
         self._reap_now = threading.Event()
+        self._reap_lock = threading.Lock()  # one deleting pass at a time in this process
         self._stopping = threading.Event()
         if async_remove:
             self._reaper = threading.Thread(target=self._reap_loop, daemon=True,
@@ -265,12 +270,14 @@ class DirectorySnapshotter:
         """Delete directories already taken out of the id space (``rm-…``); returns how many.
 
         Safe at any time and from several processes: those directories belong to
-        no snapshot any more."""
+        no snapshot any more. A pass running in another thread (the reaper) is
+        waited for, so on return nothing taken out before the call is left."""
         count = 0
-        for entry in os.listdir(self._dirs):
-            if entry.startswith(_RM):
-                remove_tree(self._dirs / entry)
-                count += 1
+        with self._reap_lock:
+            for entry in os.listdir(self._dirs):
+                if entry.startswith(_RM):
+                    remove_tree(self._dirs / entry)
+                    count += 1
         return count
 
     def _reap_loop(self) -> None:
@@ -304,13 +311,10 @@ class DirectorySnapshotter:
                     continue  # being built by a live prepare
                 orphans.append(entry)
         for name in orphans:
-            if name.startswith(_RM):
-                remove_tree(self._dirs / name)
-        self._async_remove, was = False, self._async_remove
-        try:
-            self._discard([n for n in orphans if not n.startswith(_RM)])
-        finally:
-            self._async_remove = was
+            if not name.startswith(_RM):
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(self._dirs / name, self._dirs / (_RM + name))
+        self.reap()  # the orphans, and removals the reaper has not finished
 
     def check(self) -> list[str]:
         """Where metadata and disk disagree: rows without a directory, directories
