@@ -93,7 +93,7 @@ fi
 # lamina lives in its own virtual environment, made with Debian's interpreter
 # (/usr/bin/python3, explicitly: not whichever python3 comes first on PATH, such
 # as a pyenv shim), so neither PEP 668 nor a missing pip matters; the console
-# script is linked into /usr/local/bin, which every root PATH contains.
+# script is linked into /usr/local/bin, which Debian's PATH for root contains.
 #
 # The install is editable: the venv imports lamina from this checkout's src/.
 # The tests run in-process from src/ (pytest's pythonpath) *and* start

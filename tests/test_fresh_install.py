@@ -1,7 +1,7 @@
 """The README's first command, verbatim, on a fresh Debian bookworm machine.
 
 A fresh machine is a copy of the suite's cached debootstrap root (minbase: no
-pip, no venv, no lamina, bookworm's CRIU 3.17 in no way installed) with this
+python3, no pip, no lamina, no CRIU) with this
 checkout copied to /root/lamina and the host's CA certificates and Debian
 apt sources copied in. It is entered as the root of private mount and PID
 namespaces (``unshare``, then ``pivot_root``) with its own /proc, the host's /sys (with
