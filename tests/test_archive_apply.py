@@ -292,8 +292,12 @@ def test_later_entry_replaces_earlier(tmp_path: Path) -> None:
 
 
 def test_whiteout_of_entry_from_same_layer(tmp_path: Path) -> None:
-    apply_bytes(make_tar([dir_("d"), file_("d/f", b"1"), file_("d/.wh.f", b"")]), tmp_path)
-    assert os.listdir(tmp_path / "d") == []
+    """Whiteouts apply to lower layers only (OCI layer.md): the same layer's entry stays."""
+    apply_bytes(make_tar([dir_("d"), file_("d/f", b"lower"), file_("d/g", b"g")]), tmp_path)
+    apply_bytes(make_tar([dir_("d"), file_("d/f", b"1"), file_("d/.wh.f", b""),
+                          file_("d/.wh.g", b"")]), tmp_path)
+    assert os.listdir(tmp_path / "d") == ["f"]
+    assert (tmp_path / "d/f").read_bytes() == b"1"
 
 
 def test_symlinked_parents_are_followed_inside_the_root(tmp_path: Path) -> None:

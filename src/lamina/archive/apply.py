@@ -6,28 +6,50 @@ produce the layer's DiffID.
 
 Semantics, per member:
 
-* ``.wh.<name>`` deletes ``<name>`` (recursively) from the directory;
-  ``.wh..wh..opq`` removes everything in the directory (recursively) that this
-  same layer did not put there. Other ``.wh..wh.*`` names (AUFS metadata) are
-  ignored. A whiteout that is a directory, or a path *through* a ``.wh.``
-  component, is rejected.
+* ``.wh.<name>`` hides ``<name>`` as the lower layers have it, and
+  ``.wh..wh..opq`` hides everything the lower layers have in its directory.
+  Whiteouts apply to lower layers only (OCI image spec, layer.md: "files that
+  are present in the same layer as a whiteout file can only be hidden by
+  whiteout files in subsequent layers"): what this same layer puts at or
+  below the path stays, whether it comes before or after the whiteout. So
+  ``f`` with ``.wh.f`` keeps this layer's ``f``, and ``d/x`` with ``.wh.d``
+  (either order) leaves ``d`` holding this layer's entries only; a lower
+  directory kept only as the parent of such entries looks as if the layer
+  had created it implicitly (0755, the applier's owner, no xattrs). Other
+  ``.wh..wh.*`` names (AUFS metadata) are ignored. A whiteout that is a
+  directory, or a path *through* a ``.wh.`` component, is rejected.
+* A character device 0/0 is rejected (InvalidArgument): it is overlayfs's
+  whiteout, which no upper directory can hold as a device (and overlayfs
+  refuses to create through a mount), so the tree would depend on the
+  snapshotter. Deletions are ``.wh.`` names.
 * A new entry replaces whatever non-directory is at its path; a non-directory
   replaces an existing directory by removing it recursively; a directory over
   an existing directory keeps its contents and takes the new metadata.
-* Ownership is numeric; mode bits include setuid/setgid/sticky (chmod comes
-  after chown, which clears them); PAX xattrs (``security.capability``
-  included) are set after both; times have nanosecond precision, the access
-  time being the later of the PAX atime and the mtime, as containerd does.
-  Directory times are set last, after every member.
+* Ownership always comes from the header (numeric): every entry is chowned,
+  so a setgid directory (the root included) never lends its group. Mode bits
+  include setuid/setgid/sticky (chmod comes after chown, which clears them);
+  PAX xattrs (``security.capability`` included) are set after both; times
+  have nanosecond precision, the access time being the later of the PAX atime
+  and the mtime, as containerd does. Directory times are set last, after
+  every member.
 * Hard links must name an existing entry inside the root; symlink targets are
   stored verbatim (they are never followed). Sockets are skipped. xattrs
   named ``trusted.overlay.*`` are never applied from a layer, and xattrs the
   filesystem refuses (EOPNOTSUPP/EPERM) are skipped, as containerd does.
 
 With ``overlay=True`` the root is an overlayfs upper directory being filled
-while its lowers are not visible: a whiteout becomes a 0/0 character device,
-an opaque marker becomes ``trusted.overlay.opaque=y`` on the directory, and
-nothing below is deleted.
+while its lowers are not visible (staged extraction), and the same meaning is
+written the way overlayfs reads it: a whiteout becomes a 0/0 character device
+(or, over a directory this layer made, ``trusted.overlay.opaque=y``; over
+another entry of this layer, nothing); an opaque marker becomes
+``trusted.overlay.opaque=y``; a directory replacing a whiteout or another
+non-directory of this layer is made opaque, so the lower directory's entries
+stay hidden. Nothing below is deleted. What an upper directory cannot express
+raises :class:`NeedsLowerLayers`, and the caller applies the layer on a
+mounted snapshot instead: an opaque marker at the root (overlayfs ignores an
+opaque upper root), a parent directory the layer does not list, a hard link
+to a lower file. Whether the layer set the root's metadata is reported
+(:attr:`AppliedLayer.root_listed`): otherwise the root keeps the parent's.
 
 Safety: every path is resolved below ``root`` one component at a time with
 ``O_NOFOLLOW`` (see :mod:`lamina.archive.safepath`): nothing outside the root is
@@ -40,6 +62,7 @@ made, directory times) uses resolved paths.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -68,6 +91,7 @@ from lamina.archive.whiteout import (
     OVERLAY_XATTR_PREFIX,
     WHITEOUT_META_PREFIX,
     WHITEOUT_PREFIX,
+    is_overlay_whiteout,
     whiteout_target,
 )
 from lamina.errors import Internal, InvalidArgument, LaminaError, NotFound
@@ -86,19 +110,25 @@ class AppliedLayer:
     """What applying a layer produced.
 
     ``diff_id`` is ``sha256:<hex>`` of the whole uncompressed stream, ``size``
-    its length in bytes.
+    its length in bytes; ``root_listed`` tells whether the layer has an entry
+    for the root directory (its metadata then replaces the parent's).
+    ``whiteouts`` (overlay mode) are the paths where a whiteout device was
+    made: see :func:`lamina.archive.whiteout.drop_needless_whiteouts`.
     """
 
     diff_id: str
     size: int
+    root_listed: bool = False
+    whiteouts: tuple[str, ...] = ()
 
 
 class NeedsLowerLayers(InvalidArgument):
     """In overlay (upperdir-only) mode: the layer depends on lower layers' content.
 
-    A parent directory the layer does not list (its metadata lives below) or
-    a hard link to a file of a lower layer cannot be reproduced from the
-    upperdir alone. Callers apply such a layer on a mounted snapshot instead.
+    A parent directory the layer does not list (its metadata lives below), a
+    hard link to a file of a lower layer or an opaque root cannot be
+    reproduced from the upperdir alone. Callers apply such a layer on a
+    mounted snapshot instead.
     """
 
 
@@ -124,6 +154,11 @@ class _Applier:
         self.root_fd = root_fd
         self.overlay = overlay
         self.touched: set[str] = set()
+        # lower directories holding entries of this layer (ancestors of ``touched``)
+        self.holding: set[str] = set()
+        self.root_listed = False
+        self.whiteouts: set[str] = set()  # overlay mode: whiteout devices made
+        self.linked_up: set[str] = set()  # lower names this layer hard-linked to
         self.dirs = DirCache(root_fd, self._implicit_dir)
         self.link_dirs = DirCache(root_fd)
         self.dir_times: dict[str, tuple[int, int]] = {}
@@ -134,7 +169,15 @@ class _Applier:
         if self.overlay:
             raise NeedsLowerLayers(
                 f"directory {rel!r} is not in the layer; its metadata is in lower layers")
+        self._made(rel)
+
+    def _made(self, rel: str) -> None:
+        """Record that this layer put an entry at ``rel`` (a resolved path)."""
         self.touched.add(rel)
+        head = rel.rpartition("/")[0]
+        while head and head not in self.holding:
+            self.holding.add(head)
+            head = head.rpartition("/")[0]
 
     def close(self) -> None:
         self.dirs.close()
@@ -144,9 +187,6 @@ class _Applier:
     def _clear_existing(self, pfd: int, name: str) -> None:
         if _remove(pfd, name):
             self.link_dirs.clear()
-
-    def _chown_needed(self, e: TarEntry) -> bool:
-        return e.uid != self.euid or e.gid != self.egid or self.dirs.parent_setgid()
 
     def _set_xattrs_fd(self, fd: int, e: TarEntry) -> None:
         for key, value in e.xattrs.items():
@@ -180,8 +220,9 @@ class _Applier:
         if not parts:
             if e.type != TYPE_DIR:
                 raise _bad(f"{e.name!r}: only a directory can name the root")
-            self._dir_meta(self.root_fd, e)
+            self._dir_meta(self.root_fd, e, existed=True)
             self.dir_times[""] = self._times(e)
+            self.root_listed = True
             return
         for comp in parts[:-1]:
             if comp.startswith(WHITEOUT_PREFIX):
@@ -192,8 +233,10 @@ class _Applier:
             return
         if e.is_socket:
             return
-        pfd = self.dirs.get(parts[:-1], create=True)
-        assert pfd is not None
+        if e.type == TYPE_CHAR and e.devmajor == 0 and e.devminor == 0:
+            raise _bad(f"{e.name!r}: character device 0/0 is overlayfs's whiteout, "
+                       "not storable in a layer")
+        pfd = self._dir(parts[:-1])
         parts = [*self.dirs.path, base]  # symlinked parents resolved
         rel = "/".join(parts)
         t = e.type
@@ -210,7 +253,43 @@ class _Applier:
             self._node(pfd, base, e)
         else:  # pragma: no cover - the reader only yields the types above
             raise _bad(f"{e.name!r}: unsupported member type {t!r}")
-        self.touched.add(rel)
+        self._made(rel)
+
+    def _dir(self, dparts: list[str]) -> int:
+        """The directory ``dparts``, created if missing (see :class:`DirCache`)."""
+        try:
+            pfd = self.dirs.get(dparts, create=True)
+        except InvalidArgument:
+            if self.overlay and self._through_whiteout(dparts):
+                # this layer whited the directory out: native makes a fresh
+                # implicit one (lower entries gone), which needs the lowers' view
+                raise NeedsLowerLayers(
+                    f"directory {'/'.join(dparts)!r} was whited out by this layer "
+                    "and is not in it") from None
+            raise
+        assert pfd is not None
+        return pfd
+
+    def _through_whiteout(self, parts: list[str]) -> bool:
+        """Overlay mode: whether a component of ``parts`` is a whiteout device
+        (symlinks are not followed: only a plain path can meet one)."""
+        fd = os.dup(self.root_fd)
+        try:
+            for comp in parts:
+                try:
+                    st = os.lstat(comp, dir_fd=fd)
+                except OSError:
+                    return False
+                if is_overlay_whiteout(st):
+                    return True
+                if not stat.S_ISDIR(st.st_mode):
+                    return False
+                nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+            return False
+        finally:
+            os.close(fd)
 
     def _regular(self, pfd: int, name: str, e: TarEntry, reader: TarReader) -> None:
         try:
@@ -225,8 +304,7 @@ class _Applier:
                 while chunk:
                     n = write(fd, chunk)
                     chunk = chunk[n:]
-            if self._chown_needed(e):
-                os.fchown(fd, e.uid, e.gid)
+            os.fchown(fd, e.uid, e.gid)
             os.fchmod(fd, e.mode)
             if e.xattrs:
                 self._set_xattrs_fd(fd, e)
@@ -234,23 +312,45 @@ class _Applier:
         finally:
             os.close(fd)
 
-    def _dir_meta(self, fd: int, e: TarEntry) -> None:
+    def _dir_meta(self, fd: int, e: TarEntry, *, existed: bool) -> None:
         os.fchown(fd, e.uid, e.gid)
         os.fchmod(fd, e.mode)
+        if existed:
+            # The entry is the directory's whole metadata (an upperdir holds
+            # just that): xattrs it does not list go.
+            self._drop_xattrs(fd, keep=e.xattrs)
         if e.xattrs:
             self._set_xattrs_fd(fd, e)
 
+    @staticmethod
+    def _drop_xattrs(fd: int, *, keep: dict[str, bytes]) -> None:
+        for key in os.listxattr(fd):
+            if key in keep or key.startswith((OVERLAY_XATTR_PREFIX, "security.selinux")):
+                continue
+            try:
+                os.removexattr(fd, key)
+            except OSError as exc:
+                if exc.errno not in (*_IGNORED_XATTR_ERRNOS, errno.ENODATA):
+                    raise
+
     def _directory(self, pfd: int, name: str, e: TarEntry) -> None:
+        replaced = existed = False
         try:
             os.mkdir(name, 0o700, dir_fd=pfd)
         except FileExistsError:
             st = os.lstat(name, dir_fd=pfd)
-            if not stat.S_ISDIR(st.st_mode):
+            existed = stat.S_ISDIR(st.st_mode)
+            if not existed:
                 os.unlink(name, dir_fd=pfd)
                 os.mkdir(name, 0o700, dir_fd=pfd)
+                replaced = True
         fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
         try:
-            self._dir_meta(fd, e)
+            if replaced and self.overlay:
+                # In an upperdir, what was here (a whiteout, or a non-directory
+                # of this layer) hid the lower directory: keep it hidden.
+                os.setxattr(fd, OVERLAY_OPAQUE_XATTR, b"y")
+            self._dir_meta(fd, e, existed=existed)
         finally:
             os.close(fd)
 
@@ -260,8 +360,7 @@ class _Applier:
         except FileExistsError:
             self._clear_existing(pfd, name)
             os.symlink(e.linkname, name, dir_fd=pfd)
-        if self._chown_needed(e):
-            os.chown(name, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
+        os.chown(name, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
         if e.xattrs:
             self._set_xattrs_at(pfd, name, e)
         os.utime(name, ns=self._times(e), dir_fd=pfd, follow_symlinks=False)
@@ -277,8 +376,7 @@ class _Applier:
         except FileExistsError:
             self._clear_existing(pfd, name)
             os.mknod(name, kind | 0o600, dev, dir_fd=pfd)
-        if self._chown_needed(e):
-            os.chown(name, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
+        os.chown(name, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
         # a device node or fifo we just made: chmod cannot be redirected by it
         os.chmod(name, e.mode, dir_fd=pfd)
         if e.xattrs:
@@ -297,7 +395,12 @@ class _Applier:
         if target == parts:
             return
         missing = NeedsLowerLayers if self.overlay else InvalidArgument
-        tfd = self.link_dirs.get(target[:-1], create=False)
+        try:
+            tfd = self.link_dirs.get(target[:-1], create=False)
+        except InvalidArgument:
+            if self.overlay and self._through_whiteout(target[:-1]):
+                raise NeedsLowerLayers(f"hard link target {e.linkname!r} was whited out") from None
+            raise
         if tfd is None:
             raise missing(f"invalid tar layer: {e.name!r}: hard link target "
                           f"{e.linkname!r} does not exist")
@@ -309,8 +412,18 @@ class _Applier:
         except FileNotFoundError:
             raise missing(f"invalid tar layer: {e.name!r}: hard link target "
                           f"{e.linkname!r} does not exist") from None
+        if self.overlay and is_overlay_whiteout(tst):
+            # whited out by this layer: what that leaves is the mounted view's business
+            raise NeedsLowerLayers(f"hard link target {e.linkname!r} was whited out")
         if stat.S_ISDIR(tst.st_mode):
             raise _bad(f"{e.name!r}: hard link target {e.linkname!r} is a directory")
+        trel = "/".join([*self.link_dirs.path, tname])
+        if trel not in self.touched and trel not in self.linked_up:
+            # A lower name: overlayfs copies that one name up before linking,
+            # splitting it from the rest of its lower hard-link group; do the same.
+            if tst.st_nlink > 1 and not self.overlay:
+                self._copy_up(tfd, tname, tst)
+            self.linked_up.add(trel)
         try:
             os.link(tname, name, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
         except FileExistsError:
@@ -328,6 +441,45 @@ class _Applier:
             self._set_xattrs_at(pfd, name, e)
         os.utime(name, ns=self._times(e), dir_fd=pfd, follow_symlinks=False)
 
+    def _copy_up(self, dfd: int, name: str, st: os.stat_result) -> None:
+        """Replace the lower entry ``name`` by a copy of its own (data, owner,
+        mode, xattrs, times), out of its hard-link group."""
+        tmp = WHITEOUT_META_PREFIX + "lamina-copy-up"  # no layer member can have this name
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dfd)
+        if stat.S_ISREG(st.st_mode):
+            src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                dst = os.open(tmp, _CREATE_FLAGS, 0o600, dir_fd=dfd)
+                try:
+                    while os.sendfile(dst, src, None, _CHUNK):
+                        pass
+                    os.fchown(dst, st.st_uid, st.st_gid)
+                    os.fchmod(dst, stat.S_IMODE(st.st_mode))
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(src)
+        elif stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(name, dir_fd=dfd), tmp, dir_fd=dfd)
+            os.chown(tmp, st.st_uid, st.st_gid, dir_fd=dfd, follow_symlinks=False)
+        else:  # a device node or fifo
+            os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=dfd)
+            os.chown(tmp, st.st_uid, st.st_gid, dir_fd=dfd, follow_symlinks=False)
+            os.chmod(tmp, stat.S_IMODE(st.st_mode), dir_fd=dfd)
+        src_path, dst_path = f"/proc/self/fd/{dfd}/{name}", f"/proc/self/fd/{dfd}/{tmp}"
+        for key in os.listxattr(src_path, follow_symlinks=False):
+            if key.startswith(OVERLAY_XATTR_PREFIX):
+                continue
+            try:
+                os.setxattr(dst_path, key, os.getxattr(src_path, key, follow_symlinks=False),
+                            follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in _IGNORED_XATTR_ERRNOS:
+                    raise
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dfd, follow_symlinks=False)
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+
     def _whiteout(self, e: TarEntry, parts: list[str]) -> None:
         base = parts[-1]
         if e.type == TYPE_DIR:
@@ -338,43 +490,109 @@ class _Applier:
         if base.startswith(WHITEOUT_META_PREFIX):
             return  # AUFS metadata
         target = whiteout_target(base)
-        pfd = self.dirs.get(parts[:-1], create=self.overlay)
-        if pfd is None:
+        if self.overlay:
+            # The upperdir holds only this layer: whatever is at ``target`` is ours.
+            pfd = self._dir(parts[:-1])
+            try:
+                st = os.lstat(target, dir_fd=pfd)
+            except FileNotFoundError:
+                os.mknod(target, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=pfd)
+                self.whiteouts.add("/".join([*self.dirs.path, target]))
+                return
+            if stat.S_ISDIR(st.st_mode):
+                fd = os.open(target, _DIR_FLAGS, dir_fd=pfd)
+                try:
+                    os.setxattr(fd, OVERLAY_OPAQUE_XATTR, b"y")
+                finally:
+                    os.close(fd)
+            return
+        found = self.dirs.get(parts[:-1], create=False)
+        if found is None:
             return
         rel = "/".join([*self.dirs.path, target])
-        if self.overlay:
-            self._clear_existing(pfd, target)
-            os.mknod(target, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=pfd)
+        if rel in self.touched or rel in self.holding:
+            self._hide_lower(found, target, rel)
         else:
-            self._clear_existing(pfd, target)
-        self.touched.discard(rel)
-        self.dir_times.pop(rel, None)
+            self._clear_existing(found, target)
 
     def _opaque(self, dparts: list[str]) -> None:
-        pfd = self.dirs.get(dparts, create=self.overlay)
-        if pfd is None:
-            return
         if self.overlay:
-            os.setxattr(pfd, OVERLAY_OPAQUE_XATTR, b"y")
+            fd = self._dir(dparts)
+            if not self.dirs.path:
+                raise NeedsLowerLayers(
+                    "opaque root directory: overlayfs ignores an opaque upper root")
+            os.setxattr(fd, OVERLAY_OPAQUE_XATTR, b"y")
             return
-        prefix = "/".join(self.dirs.path)
-        self._prune(pfd, prefix)
+        found = self.dirs.get(dparts, create=False)
+        if found is not None:
+            self._prune("/".join(self.dirs.path))
 
-    def _prune(self, dfd: int, prefix: str) -> None:
-        """Remove what this layer did not create below the directory ``dfd``."""
-        for name in os.listdir(dfd):
-            rel = f"{prefix}/{name}" if prefix else name
-            if rel not in self.touched:
-                self._clear_existing(dfd, name)
+    def _hide_lower(self, pfd: int, name: str, rel: str) -> None:
+        """``.wh.<name>`` where this layer has put entries at or below ``rel``:
+        keep those, remove what the lower layers have there."""
+        try:
+            st = os.lstat(name, dir_fd=pfd)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            return  # this layer's own non-directory
+        if rel not in self.touched:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+            try:
+                self._as_implicit(pfd, fd, rel)
+            finally:
+                os.close(fd)
+        self._prune(rel)
+
+    def _as_implicit(self, pfd: int, fd: int, rel: str) -> None:
+        """Give the lower directory ``fd`` (kept as a parent of this layer's
+        entries) the metadata of a directory this layer created implicitly."""
+        pst = os.fstat(pfd)
+        os.fchown(fd, self.euid, pst.st_gid if pst.st_mode & stat.S_ISGID else self.egid)
+        os.fchmod(fd, 0o755)
+        self._drop_xattrs(fd, keep={})
+        self._made(rel)
+
+    def _open_dir(self, rel: str) -> int | None:
+        """An fd for the resolved directory ``rel``; None if it is not one."""
+        fd = os.dup(self.root_fd)
+        for comp in rel.split("/") if rel else ():
+            try:
+                nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    return None
+                raise
+            finally:
+                os.close(fd)
+            fd = nfd
+        return fd
+
+    def _prune(self, top: str) -> None:
+        """Remove what the lower layers have below the resolved directory
+        ``top``: keep this layer's entries and the directories holding them."""
+        todo = [top]
+        while todo:
+            prefix = todo.pop()
+            dfd = self._open_dir(prefix)
+            if dfd is None:
                 continue
             try:
-                sub = os.open(name, _DIR_FLAGS, dir_fd=dfd)
-            except OSError:
-                continue  # not a directory
-            try:
-                self._prune(sub, rel)
+                for name in os.listdir(dfd):
+                    rel = f"{prefix}/{name}" if prefix else name
+                    if rel in self.touched:
+                        todo.append(rel)  # ours; if a directory, lower entries may be in it
+                    elif rel in self.holding:
+                        fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+                        try:
+                            self._as_implicit(dfd, fd, rel)
+                        finally:
+                            os.close(fd)
+                        todo.append(rel)
+                    else:
+                        self._clear_existing(dfd, name)
             finally:
-                os.close(sub)
+                os.close(dfd)
 
     def finish_dirs(self) -> None:
         """Set the deferred directory times."""
@@ -462,4 +680,5 @@ def apply_layer(
     diff_id = "sha256:" + digest.hexdigest()
     if expected_diff_id is not None and expected_diff_id != diff_id:
         raise InvalidArgument(f"diff id mismatch: layer has {diff_id}, expected {expected_diff_id}")
-    return AppliedLayer(diff_id=diff_id, size=reader.total)
+    return AppliedLayer(diff_id=diff_id, size=reader.total, root_listed=applier.root_listed,
+                        whiteouts=tuple(sorted(applier.whiteouts)))

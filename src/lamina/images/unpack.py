@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from lamina import crash
-from lamina.archive.apply import NeedsLowerLayers, apply_layer
+from lamina.archive.apply import AppliedLayer, NeedsLowerLayers, apply_layer
+from lamina.archive.whiteout import drop_needless_whiteouts
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
 from lamina.fsutil import locked
 from lamina.images.identity import chain_ids
@@ -226,6 +228,29 @@ class Unpacker:
             self.progress.event("unpack", manifest.layers[i].digest, status="done")
         return extracted
 
+    def _settle(self, staged: Path, applied: AppliedLayer, parent: str) -> None:
+        """Finish a staged upperdir against its now committed parent: the root
+        keeps the parent's owner and mode unless the layer set them, and
+        whiteouts hiding nothing go (see :mod:`lamina.archive.whiteout`)."""
+        assert isinstance(self.sn, DirectorySnapshotter)
+        if parent and not applied.root_listed:
+            st = os.stat(self.sn.fs_dir(self.sn.snapshot(parent).id))
+            os.chown(staged, st.st_uid, st.st_gid)
+            os.chmod(staged, stat.S_IMODE(st.st_mode))
+        if not applied.whiteouts:
+            return
+        if not parent:
+            drop_needless_whiteouts(staged, None, list(applied.whiteouts))
+            return
+        key = f"settle-{time.time_ns()}-{secrets.token_hex(4)} {parent}"
+        mounts = self.sn.view(key, parent)
+        try:
+            with temp_mount(mounts, base=self.tmpmounts) as lower:
+                drop_needless_whiteouts(staged, lower, list(applied.whiteouts))
+        finally:
+            with contextlib.suppress(NotFound):
+                self.sn.remove(key)
+
     def _staged(
         self, manifest: Manifest, config: ImageConfig, chains: list[str], todo: list[int]
     ) -> int:
@@ -233,13 +258,16 @@ class Unpacker:
 
         The staged apply sees only the layer itself, not its parents. When the
         layer depends on them (a hard link to a lower file, a parent directory
-        it does not list), it raises NeedsLowerLayers and that layer is redone
-        on a real overlay mount once its parent is committed. Any other error
-        (hostile tar, DiffID mismatch) fails the unpack at once.
+        it does not list, an opaque root), it raises NeedsLowerLayers and that
+        layer is redone on a real overlay mount once its parent is committed.
+        Any other error (hostile tar, DiffID mismatch) fails the unpack at
+        once. Once the parent is committed, the upperdir is settled against it
+        (root metadata, whiteouts hiding nothing: :meth:`_settle`).
         """
         assert isinstance(self.sn, DirectorySnapshotter)
         sn = self.sn
         stacks: dict[int, contextlib.ExitStack] = {}
+        applied: dict[int, AppliedLayer] = {}
         retry = object()
 
         def extract(i: int) -> Path | object | None:
@@ -252,7 +280,8 @@ class Unpacker:
             staged = staging.__enter__()
             reader = self._reader(manifest, i)
             try:
-                apply_layer(reader, staged, overlay=True, expected_diff_id=config.diff_ids[i])
+                applied[i] = apply_layer(reader, staged, overlay=True,
+                                         expected_diff_id=config.diff_ids[i])
                 crash.point("unpack.applied")
             except NeedsLowerLayers:
                 staging.__exit__(None, None, None)
@@ -278,6 +307,7 @@ class Unpacker:
                     elif isinstance(staged, Path):
                         key = self._key(chains[i])
                         parent = chains[i - 1] if i else ""
+                        self._settle(staged, applied.pop(i), parent)
                         crash.point("unpack.before-prepare")
                         sn.prepare_staged(key, parent, staged,
                                           labels={LABEL_SNAPSHOT_REF: chains[i]})
