@@ -297,7 +297,7 @@ class Authorizer:
             fetching = self._fetching.setdefault((host, scope), threading.Lock())
         with fetching:  # one token fetch per host and scope at a time
             current = self.header(host, scope, namespace)
-            if sent and current and current != sent:
+            if current and current != sent:
                 return
             self._answer(host, www_authenticate, scope, namespace, tls)
 
@@ -312,7 +312,6 @@ class Authorizer:
         with self._lock:
             state = self._hosts.setdefault(host, _HostAuth())
             state.challenge = chosen
-            state.tokens.pop(scope, None)
         if chosen.scheme == "basic":
             if self.credentials(host, namespace) is None:
                 raise Unauthorized(f"{host}: the registry wants a user name and password "

@@ -257,8 +257,8 @@ def _download(session: Session, desc: Descriptor, content: ContentStore, writer:
                         raise Cancelled("the pull was cancelled")
                     chunk = resp.read(min(CHUNK, size - writer.offset))
                     if not chunk:
-                        raise TransportError(f"{host}: blob {desc.digest}: body ended at "
-                                             f"{writer.offset} of {size} bytes")
+                        raise TransportError(f"{host}: body ended at {writer.offset} of "
+                                             f"{size} bytes")
                     writer.write(chunk)
                     transfer.advance(writer.offset)
                     progress.event("fetch", desc.digest, done=writer.offset, total=size)
@@ -268,9 +268,10 @@ def _download(session: Session, desc: Descriptor, content: ContentStore, writer:
             except TransportError as exc:
                 failures += 1
                 if failures >= session.retry.attempts:
-                    raise TransportError(f"{host}: blob {desc.digest}: {exc.message}; gave "
-                                         f"up after {failures} attempts at "
-                                         f"{writer.offset} of {size} bytes") from exc
+                    detail = exc.message.removeprefix(f"{host}: ")
+                    raise TransportError(f"{host}: blob {desc.digest}: {detail}; gave up "
+                                         f"after {failures} attempts at {writer.offset} of "
+                                         f"{size} bytes") from exc
                 time.sleep(session.retry.delay(failures - 1))
     actual = writer.digest()
     if actual != desc.digest:
