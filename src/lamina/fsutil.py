@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
+
+from lamina.fstree import remove_tree_at
 
 __all__ = ["atomic_write", "fsync_dir", "locked", "remove_tree"]
 
@@ -45,25 +46,21 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644
 
 
 def remove_tree(path: str | os.PathLike[str]) -> None:
-    """Remove a directory tree, including read-only and immutable-looking parts."""
+    """Remove ``path`` and everything below it, at any depth; a missing path is fine.
 
-    def _onexc(func: object, p: str, exc: BaseException) -> None:
-        if isinstance(exc, FileNotFoundError):
-            return
-        if isinstance(exc, PermissionError):
-            with contextlib.suppress(OSError):
-                os.chmod(os.path.dirname(p), 0o700)
-                os.chmod(p, 0o700)
-            if os.path.isdir(p) and not os.path.islink(p):
-                shutil.rmtree(p, onerror=lambda *a: None)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(p)
-            return
-        raise exc
-
-    if os.path.lexists(path):
-        shutil.rmtree(path, onerror=lambda f, p, ei: _onexc(f, p, ei[1]))
+    Read-only directories are made writable on the way; a symlink is removed,
+    never followed (see :func:`lamina.fstree.remove_tree_at`).
+    """
+    path = os.fspath(path).rstrip("/") or "/"
+    parent, name = os.path.split(path)
+    try:
+        parent_fd = os.open(parent or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        remove_tree_at(parent_fd, name)
+    finally:
+        os.close(parent_fd)
 
 
 @contextlib.contextmanager

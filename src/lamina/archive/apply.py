@@ -66,7 +66,6 @@ import contextlib
 import errno
 import hashlib
 import os
-import shutil
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,6 +94,7 @@ from lamina.archive.whiteout import (
     whiteout_target,
 )
 from lamina.errors import Internal, InvalidArgument, LaminaError, NotFound
+from lamina.fstree import remove_tree_at
 
 __all__ = ["AppliedLayer", "NeedsLowerLayers", "apply_layer"]
 
@@ -143,7 +143,7 @@ def _remove(parent_fd: int, name: str) -> bool:
     except FileNotFoundError:
         return False
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(name, dir_fd=parent_fd)
+        remove_tree_at(parent_fd, name)
         return True
     os.unlink(name, dir_fd=parent_fd)
     return False

@@ -28,7 +28,7 @@ import contextlib
 import hashlib
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from lamina.archive.compression import Compression, Sink, compressor
@@ -41,11 +41,14 @@ from lamina.archive.whiteout import (
     whiteout_name,
 )
 from lamina.errors import Internal, InvalidArgument, LaminaError, NotFound
+from lamina.fstree import DIR_FLAGS, DirStack, proc_path
 
 __all__ = ["DiffResult", "write_diff", "write_overlay_diff"]
 
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
 _CMP_CHUNK = 1 << 20
+
+_At = tuple[int, str]  # an entry: its directory's fd and its name
 
 
 @dataclass(frozen=True)
@@ -110,13 +113,17 @@ class _Layer:
     def entry(
         self,
         rel: str,
-        path: str,
+        at: _At | None,
         st: os.stat_result,
         xattrs: dict[str, bytes],
         *,
         link_to: str | None = None,
     ) -> None:
-        """Write ``path`` (lstat ``st``) as member ``rel``; as a hard link if ``link_to``."""
+        """Write the entry ``at`` (lstat ``st``) as member ``rel``; as a hard link if ``link_to``.
+
+        ``at`` (directory fd, name) is needed for file data and link targets;
+        None will do for a directory.
+        """
         mode = st.st_mode
         size = 0
         linkname = ""
@@ -129,7 +136,8 @@ class _Layer:
         elif stat.S_ISDIR(mode):
             typeflag = "5"
         elif stat.S_ISLNK(mode):
-            typeflag, linkname = "2", os.readlink(path)
+            assert at is not None
+            typeflag, linkname = "2", os.readlink(at[1], dir_fd=at[0])
         elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
             typeflag = "3" if stat.S_ISCHR(mode) else "4"
             devmajor, devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
@@ -138,7 +146,8 @@ class _Layer:
         else:  # sockets and anything else cannot go into a layer
             return
         if size:
-            fd = os.open(path, _READ_FLAGS)
+            assert at is not None
+            fd = os.open(at[1], _READ_FLAGS, dir_fd=at[0])
         try:
             self.tar.add(
                 rel,
@@ -178,24 +187,39 @@ class _Layer:
         return first is not None and first[1]
 
 
-def _xattrs(path: str) -> dict[str, bytes]:
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return {}
+def _keep_xattrs(names: list[str], get: Callable[[str], bytes]) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     for name in names:
         if name.startswith(OVERLAY_XATTR_PREFIX):
             continue
         with contextlib.suppress(OSError):
-            out[name] = os.getxattr(path, name, follow_symlinks=False)
+            out[name] = get(name)
     return out
 
 
-def _same_content(a: str, b: str) -> bool:
-    fa = os.open(a, _READ_FLAGS)
+def _xattrs(at: _At) -> dict[str, bytes]:
+    """The xattrs of entry ``at`` (not followed), ``trusted.overlay.*`` left out."""
+    path = proc_path(*at)
     try:
-        fb = os.open(b, _READ_FLAGS)
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}
+    return _keep_xattrs(names, lambda n: os.getxattr(path, n, follow_symlinks=False))
+
+
+def _dir_xattrs(fd: int) -> dict[str, bytes]:
+    """The xattrs of the open directory ``fd``, ``trusted.overlay.*`` left out."""
+    try:
+        names = os.listxattr(fd)
+    except OSError:
+        return {}
+    return _keep_xattrs(names, lambda n: os.getxattr(fd, n))
+
+
+def _same_content(a: _At, b: _At) -> bool:
+    fa = os.open(a[1], _READ_FLAGS, dir_fd=a[0])
+    try:
+        fb = os.open(b[1], _READ_FLAGS, dir_fd=b[0])
         try:
             while True:
                 ca = os.read(fa, _CMP_CHUNK)
@@ -210,7 +234,7 @@ def _same_content(a: str, b: str) -> bool:
         os.close(fa)
 
 
-def _changed(lpath: str, lst: os.stat_result, upath: str, ust: os.stat_result) -> bool:
+def _changed(lat: _At, lst: os.stat_result, uat: _At, ust: os.stat_result) -> bool:
     if stat.S_IFMT(lst.st_mode) != stat.S_IFMT(ust.st_mode):
         return True
     if (
@@ -225,19 +249,20 @@ def _changed(lpath: str, lst: os.stat_result, upath: str, ust: os.stat_result) -
         return True
     if (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) and lst.st_rdev != ust.st_rdev:
         return True
-    if stat.S_ISLNK(mode) and os.readlink(lpath) != os.readlink(upath):
+    if stat.S_ISLNK(mode) and (os.readlink(lat[1], dir_fd=lat[0])
+                               != os.readlink(uat[1], dir_fd=uat[0])):
         return True
-    if _xattrs(lpath) != _xattrs(upath):
+    if _xattrs(lat) != _xattrs(uat):
         return True
     return (
         stat.S_ISREG(mode)
         and ust.st_mtime_ns % 1_000_000_000 == 0
-        and not _same_content(lpath, upath)
+        and not _same_content(lat, uat)
     )
 
 
-def _sorted_names(path: str) -> list[str]:
-    return sorted(os.listdir(path))
+def _lstat(at: _At) -> os.stat_result:
+    return os.stat(at[1], dir_fd=at[0], follow_symlinks=False)
 
 
 def _join(rel: str, name: str) -> str:
@@ -245,89 +270,156 @@ def _join(rel: str, name: str) -> str:
 
 
 class _Ancestor:
-    __slots__ = ("emitted", "path", "rel", "st")
+    """A directory on the way down, written only once something below it is."""
 
-    def __init__(self, rel: str, path: str, st: os.stat_result, emitted: bool) -> None:
+    __slots__ = ("emitted", "rel", "st", "xattrs")
+
+    def __init__(self, rel: str, st: os.stat_result, xattrs: dict[str, bytes],
+                 emitted: bool) -> None:
         self.rel = rel
-        self.path = path
         self.st = st
+        self.xattrs = xattrs
         self.emitted = emitted
 
 
 def _flush_parents(layer: _Layer, ancestors: list[_Ancestor]) -> None:
     for a in ancestors:
         if not a.emitted:
-            layer.entry(a.rel, a.path, a.st, _xattrs(a.path))
+            layer.entry(a.rel, None, a.st, a.xattrs)
             a.emitted = True
 
 
-def _double_walk(
-    layer: _Layer,
-    lower: str | None,
-    upper: str,
-    rel: str,
-    upper_st: os.stat_result,
-    ancestors: list[_Ancestor],
-) -> None:
-    unames = _sorted_names(upper)
-    lnames = set(os.listdir(lower)) if lower is not None else set()
-    uset = set(unames)
-    for name in sorted(uset | lnames):
-        crel = _join(rel, name)
-        upath = os.path.join(upper, name)
-        if name not in uset:
-            _flush_parents(layer, ancestors)
-            layer.whiteout(_join(rel, whiteout_name(name)), upper_st.st_mtime_ns)
-            continue
-        ust = os.lstat(upath)
-        if stat.S_ISSOCK(ust.st_mode):
-            continue
-        lst: os.stat_result | None = None
-        lpath = ""
-        if name in lnames:
-            assert lower is not None
-            lpath = os.path.join(lower, name)
-            with contextlib.suppress(FileNotFoundError):
-                lst = os.lstat(lpath)
-        changed = lst is None or _changed(lpath, lst, upath, ust)
-        target = layer.link_target(ust, crel, changed)
-        if target is not None and (changed or layer.first_emitted(ust)):
-            _flush_parents(layer, ancestors)
-            layer.entry(crel, upath, ust, {}, link_to=target)
-        elif changed:
-            _flush_parents(layer, ancestors)
-            layer.entry(crel, upath, ust, _xattrs(upath))
-        if stat.S_ISDIR(ust.st_mode):
-            sub_lower = lpath if lst is not None and stat.S_ISDIR(lst.st_mode) else None
-            ancestors.append(_Ancestor(crel, upath, ust, changed))
-            _double_walk(layer, sub_lower, upath, crel, ust, ancestors)
-            ancestors.pop()
+class _Frame:
+    """One directory of a walk: its member name, stat, and the names still to visit
+    (sorted, last to visit first); for the double walk, the lower's names."""
+
+    __slots__ = ("lnames", "lower", "rel", "st", "todo", "unames")
+
+    def __init__(self, rel: str, st: os.stat_result, unames: list[str],
+                 lnames: set[str] | None = None) -> None:
+        self.rel = rel
+        self.st = st
+        self.unames = set(unames)
+        self.lnames = lnames if lnames is not None else set()
+        self.lower = lnames is not None
+        self.todo = sorted(self.unames | self.lnames, reverse=True)
 
 
-def _overlay_walk(layer: _Layer, upper: str, rel: str, upper_st: os.stat_result) -> None:
-    for name in _sorted_names(upper):
-        crel = _join(rel, name)
-        upath = os.path.join(upper, name)
-        st = os.lstat(upath)
-        if stat.S_ISSOCK(st.st_mode):
-            continue
-        if is_overlay_whiteout(st):
-            layer.whiteout(_join(rel, whiteout_name(name)), upper_st.st_mtime_ns)
-            continue
-        target = layer.link_target(st, crel, True)
-        if target is not None:
-            layer.entry(crel, upath, st, {}, link_to=target)
-            continue
-        layer.entry(crel, upath, st, _xattrs(upath))
-        if stat.S_ISDIR(st.st_mode):
-            if _is_opaque(upath):
-                layer.whiteout(_join(crel, OPAQUE_MARKER), st.st_mtime_ns)
-            _overlay_walk(layer, upath, crel, st)
-
-
-def _is_opaque(path: str) -> bool:
+def _double_walk(layer: _Layer, lower_fd: int | None, upper_fd: int,
+                 upper_st: os.stat_result) -> None:
+    """Compare the trees below ``lower_fd`` (None: empty) and ``upper_fd``, depth first."""
+    ups = DirStack(upper_fd)
+    lows = DirStack(lower_fd) if lower_fd is not None else None
+    ancestors: list[_Ancestor] = []
+    frames = [_Frame("", upper_st, os.listdir(upper_fd),
+                     set(os.listdir(lower_fd)) if lower_fd is not None else None)]
     try:
-        return os.getxattr(path, OVERLAY_OPAQUE_XATTR, follow_symlinks=False) == b"y"
+        while frames:
+            f = frames[-1]
+            if not f.todo:
+                frames.pop()
+                if frames:
+                    ups.pop()
+                    if f.lower:
+                        assert lows is not None
+                        lows.pop()
+                    ancestors.pop()
+                continue
+            name = f.todo.pop()
+            crel = _join(f.rel, name)
+            if name not in f.unames:
+                _flush_parents(layer, ancestors)
+                layer.whiteout(_join(f.rel, whiteout_name(name)), f.st.st_mtime_ns)
+                continue
+            uat = (ups.fd, name)
+            try:
+                ust = _lstat(uat)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISSOCK(ust.st_mode):
+                continue
+            lst: os.stat_result | None = None
+            lat: _At | None = None
+            if name in f.lnames:
+                assert lows is not None
+                lat = (lows.fd, name)
+                with contextlib.suppress(FileNotFoundError):
+                    lst = _lstat(lat)
+            changed = lst is None or lat is None or _changed(lat, lst, uat, ust)
+            target = layer.link_target(ust, crel, changed)
+            if target is not None and (changed or layer.first_emitted(ust)):
+                _flush_parents(layer, ancestors)
+                layer.entry(crel, uat, ust, {}, link_to=target)
+            elif changed:
+                _flush_parents(layer, ancestors)
+                layer.entry(crel, uat, ust, _xattrs(uat))
+            if not stat.S_ISDIR(ust.st_mode):
+                continue
+            try:
+                ups.push(name)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            lnames: set[str] | None = None
+            if lst is not None and stat.S_ISDIR(lst.st_mode):
+                assert lows is not None
+                try:
+                    lows.push(name)
+                    lnames = set(os.listdir(lows.fd))
+                except (FileNotFoundError, NotADirectoryError):
+                    lnames = None
+            ancestors.append(_Ancestor(crel, ust, _dir_xattrs(ups.fd), changed))
+            frames.append(_Frame(crel, ust, os.listdir(ups.fd), lnames))
+    finally:
+        ups.close()
+        if lows is not None:
+            lows.close()
+
+
+def _overlay_walk(layer: _Layer, upper_fd: int, upper_st: os.stat_result) -> None:
+    """Write the entries below the overlayfs upper directory ``upper_fd``, depth first."""
+    ups = DirStack(upper_fd)
+    frames = [_Frame("", upper_st, os.listdir(upper_fd))]
+    try:
+        while frames:
+            f = frames[-1]
+            if not f.todo:
+                frames.pop()
+                if frames:
+                    ups.pop()
+                continue
+            name = f.todo.pop()
+            crel = _join(f.rel, name)
+            at = (ups.fd, name)
+            try:
+                st = _lstat(at)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISSOCK(st.st_mode):
+                continue
+            if is_overlay_whiteout(st):
+                layer.whiteout(_join(f.rel, whiteout_name(name)), f.st.st_mtime_ns)
+                continue
+            target = layer.link_target(st, crel, True)
+            if target is not None:
+                layer.entry(crel, at, st, {}, link_to=target)
+                continue
+            layer.entry(crel, at, st, _xattrs(at))
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            try:
+                ups.push(name)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if _is_opaque(ups.fd):
+                layer.whiteout(_join(crel, OPAQUE_MARKER), st.st_mtime_ns)
+            frames.append(_Frame(crel, st, os.listdir(ups.fd)))
+    finally:
+        ups.close()
+
+
+def _is_opaque(fd: int) -> bool:
+    try:
+        return os.getxattr(fd, OVERLAY_OPAQUE_XATTR) == b"y"
     except OSError:
         return False
 
@@ -340,6 +432,19 @@ def _check_dir(path: str, what: str) -> os.stat_result:
     if not stat.S_ISDIR(st.st_mode):
         raise InvalidArgument(f"diff: {what} {path} is not a directory")
     return st
+
+
+@contextlib.contextmanager
+def _opened(path: str | None) -> Iterator[int | None]:
+    """The directory ``path`` opened (not following a symlink); None for None."""
+    if path is None:
+        yield None
+        return
+    fd = os.open(path, DIR_FLAGS)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -367,11 +472,13 @@ def write_diff(
     upper_s = os.fspath(upper)
     lower_s = os.fspath(lower) if lower is not None else None
     with _errors("diff"):
-        ust = _check_dir(upper_s, "upper")
+        _check_dir(upper_s, "upper")
         if lower_s is not None:
             _check_dir(lower_s, "lower")
         layer = _Layer(out, compression)
-        _double_walk(layer, lower_s, upper_s, "", ust, [])
+        with _opened(upper_s) as ufd, _opened(lower_s) as lfd:
+            assert ufd is not None
+            _double_walk(layer, lfd, ufd, os.fstat(ufd))
         return layer.finish()
 
 
@@ -384,9 +491,12 @@ def write_overlay_diff(
     """Write the layer an overlayfs upper directory stands for to ``out``."""
     upper_s = os.fspath(upperdir)
     with _errors("overlay diff"):
-        ust = _check_dir(upper_s, "upperdir")
+        _check_dir(upper_s, "upperdir")
         layer = _Layer(out, compression)
-        if _is_opaque(upper_s):
-            layer.whiteout(OPAQUE_MARKER, ust.st_mtime_ns)
-        _overlay_walk(layer, upper_s, "", ust)
+        with _opened(upper_s) as ufd:
+            assert ufd is not None
+            ust = os.fstat(ufd)
+            if _is_opaque(ufd):
+                layer.whiteout(OPAQUE_MARKER, ust.st_mtime_ns)
+            _overlay_walk(layer, ufd, ust)
         return layer.finish()

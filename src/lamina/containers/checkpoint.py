@@ -53,6 +53,7 @@ from lamina.containers.tasks_service import ContainerTasks, bind_mounts
 from lamina.content import ContentStore
 from lamina.diff import apply_diff, create_diff
 from lamina.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from lamina.fsutil import remove_tree
 from lamina.images.importer import label_references, put_document
 from lamina.images.oci import Descriptor, Index, MediaType, host_platform
 from lamina.images.resolve import read_blob
@@ -354,7 +355,8 @@ class CheckpointService:
                         labels={LABEL_CHECKPOINT: cid}))
         finally:
             leases.close()
-            shutil.rmtree(workdir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                remove_tree(workdir)
         return CheckpointResult(ref=ref, index=index_desc, container=cid, timings=timer.done())
 
     def _checkpoint_binds(self, options: Mapping[str, Any]) -> list[Descriptor]:
@@ -492,7 +494,8 @@ class CheckpointService:
             raise
         finally:
             leases.close()
-            shutil.rmtree(workdir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                remove_tree(workdir)
         return RestoreResult(container=container, task=task, timings=timer.done())
 
     def _restore_bind(self, desc: Descriptor, moved: Mapping[str, str]) -> None:

@@ -26,6 +26,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
+from lamina.fsutil import remove_tree
+
 __all__ = [
     "Applier",
     "Chmod",
@@ -103,7 +105,7 @@ class Remove:
     def __call__(self, root: Path) -> None:
         p = _at(root, self.path)
         if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
+            remove_tree(p)
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
