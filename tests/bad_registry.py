@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ class State:
     log: list[Logged] = field(default_factory=list)
     tokens: set[str] | None = None  # when set: Bearer tokens required (issued at /token)
     issued: int = 0
+    throttle: tuple[int, float] | None = None  # (chunk, seconds): blobs sent slowly
+    served: int = 0  # blob bytes written
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add_blob(self, data: bytes) -> str:
@@ -78,8 +81,17 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(body) if length is None else length))
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        if self.command == "HEAD":
+            return
+        step, pause = self.state.throttle or (len(body) or 1, 0.0)
+        for i in range(0, len(body), step):
+            self.wfile.write(body[i:i + step])
+            if "/blobs/" in self.path:
+                with self.state.lock:
+                    self.state.served += len(body[i:i + step])
+            if pause:
+                self.wfile.flush()
+                time.sleep(pause)
 
     def _route(self) -> None:
         path = self.path.split("?", 1)[0]
