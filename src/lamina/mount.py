@@ -8,6 +8,16 @@ Overlay option strings longer than a page do not fit the classic mount(2)
 data argument. Those are mounted through the new mount API (fsopen, fsconfig
 with one ``lowerdir+`` per layer, fsmount, move_mount), so a stack of
 overlayfs's maximum of 500 layers mounts with absolute paths.
+
+Every mount is also ``nosuid,nodev`` unless the caller says otherwise: a
+setuid binary or a device node an image carries must not act on the host
+through a mount lamina makes to read or write that image (``image mount``,
+``snapshot mount``, the temporary mounts of unpack, diff and the container
+commands). These are mount flags (MS_NOSUID/MS_NODEV; MOUNT_ATTR_* through
+fsmount), not filesystem options, so they are applied on both mount paths and
+on bind mounts by a remount. Only the runtime mounting a container's root
+filesystem opts out (``allow_suid``/``allow_dev``), as containerd's shim
+mounts the snapshotter's mounts exactly as given.
 """
 
 from __future__ import annotations
@@ -201,15 +211,25 @@ def _mount_new_api(m: Mount, target: str, flags: int, data: list[str]) -> None:
         os.close(fd)
 
 
-def _mount_one(m: Mount, target: str) -> None:
+def _restrictions(allow_suid: bool, allow_dev: bool) -> int:
+    return (0 if allow_suid else MS_NOSUID) | (0 if allow_dev else MS_NODEV)
+
+
+def _mount_one(m: Mount, target: str, restrict: int) -> None:
     flags, propagation, data = _parse(m.options)
+    flags |= restrict
     joined = ",".join(data)
     if flags & MS_BIND:
-        # A bind mount ignores MS_RDONLY on creation; remount to apply it.
+        # A new bind mount takes none of the per-mount flags: remount to apply them.
         _sys_mount(m.source, target, "", flags & (MS_BIND | MS_REC), "")
         extra = flags & ~(MS_BIND | MS_REC | MS_REMOUNT)
         if extra:
-            _sys_mount("", target, "", MS_REMOUNT | MS_BIND | extra, "")
+            try:
+                _sys_mount("", target, "", MS_REMOUNT | MS_BIND | extra, "")
+            except OSError:
+                with contextlib.suppress(OSError):
+                    _unmount_once(target)
+                raise
     elif len(joined) >= _PAGE - 1:
         _mount_new_api(m, target, flags, data)
     else:
@@ -218,14 +238,23 @@ def _mount_one(m: Mount, target: str) -> None:
         _sys_mount("", target, "", propagation, "")
 
 
-def mount_all(mounts: Sequence[Mount], target: str | os.PathLike[str]) -> None:
-    """Perform ``mounts`` on ``target``, in order; undo them all on failure."""
+def mount_all(
+    mounts: Sequence[Mount], target: str | os.PathLike[str], *,
+    allow_suid: bool = False, allow_dev: bool = False,
+) -> None:
+    """Perform ``mounts`` on ``target``, in order; undo them all on failure.
+
+    Each mount is ``nosuid`` unless ``allow_suid`` and ``nodev`` unless
+    ``allow_dev`` (whatever its options say); with both allowed, the mounts
+    are performed exactly as their options say.
+    """
     target = os.fspath(target)
+    restrict = _restrictions(allow_suid, allow_dev)
     done = 0
     try:
         for m in mounts:
             dest = os.path.join(target, m.target.lstrip("/")) if m.target else target
-            _mount_one(m, dest)
+            _mount_one(m, dest, restrict)
             done += 1
     except OSError as exc:
         for _ in range(done):
@@ -271,15 +300,18 @@ def unmount_all(target: str | os.PathLike[str]) -> None:
 
 @contextlib.contextmanager
 def temp_mount(
-    mounts: Sequence[Mount], *, base: str | os.PathLike[str] | None = None
+    mounts: Sequence[Mount], *, base: str | os.PathLike[str] | None = None,
+    allow_suid: bool = False, allow_dev: bool = False,
 ) -> Iterator[str]:
     """Mount ``mounts`` on a fresh temporary directory; unmount and remove it after.
+
+    ``nosuid,nodev`` unless allowed, as with :func:`mount_all`.
 
     While mounted, ``<dir>.lock`` is flocked, so :func:`cleanup_temp_mounts`
     can tell a live temporary mount from one a killed process left behind.
     """
     if base is not None:
-        os.makedirs(base, exist_ok=True)
+        os.makedirs(base, mode=0o700, exist_ok=True)
     # The lock exists, and is held, before the directory does: a concurrent
     # cleanup_temp_mounts never sees an unlocked live temporary mount.
     while True:
@@ -292,7 +324,7 @@ def temp_mount(
     try:
         os.mkdir(target, 0o700)
         try:
-            mount_all(mounts, target)
+            mount_all(mounts, target, allow_suid=allow_suid, allow_dev=allow_dev)
             try:
                 yield target
             finally:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterable, Sequence
 
 from lamina.errors import InvalidArgument
 
-__all__ = ["human_size", "parse_labels", "print_table"]
+__all__ = ["add_mount_flags", "human_size", "parse_labels", "print_table"]
 
 
 def parse_labels(pairs: Iterable[str] | None, *, allow_bare: bool = False) -> dict[str, str]:
@@ -37,3 +38,12 @@ def human_size(n: int) -> str:
             return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
+
+
+def add_mount_flags(p: argparse.ArgumentParser) -> None:
+    """``--allow-suid`` / ``--allow-dev``: drop the ``nosuid`` / ``nodev`` that every
+    mount of image content gets by default."""
+    p.add_argument("--allow-suid", action="store_true",
+                   help="honour setuid/setgid bits and file capabilities (no nosuid)")
+    p.add_argument("--allow-dev", action="store_true",
+                   help="let device nodes of the image be opened (no nodev)")

@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import Iterator
 
 from lamina.cli.app import App
+from lamina.cli.common import add_mount_flags
 from lamina.images.service import ImageService
 from lamina.progress import for_cli
 
@@ -68,7 +69,8 @@ def _unpack(args: argparse.Namespace, app: App) -> int:
 
 def _mount(args: argparse.Namespace, app: App) -> int:
     with _service(args, app) as svc:
-        svc.mount(args.ref, args.target, rw=args.rw)
+        svc.mount(args.ref, args.target, rw=args.rw, allow_suid=args.allow_suid,
+                  allow_dev=args.allow_dev)
     print(args.target)
     return 0
 
@@ -115,6 +117,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v.add_argument("ref")
     v.add_argument("target")
     v.add_argument("--rw", action="store_true", help="writable (changes are dropped on unmount)")
+    add_mount_flags(v)
     v.set_defaults(handler=_mount)
 
     v = verbs.add_parser("unmount", help="unmount what `image mount` mounted")

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from lamina.cli.app import App
-from lamina.cli.common import human_size, parse_labels, print_table
+from lamina.cli.common import add_mount_flags, human_size, parse_labels, print_table
 from lamina.mount import Mount, mount_all, unmount_all
 from lamina.snapshots import Info, Kind, Usage
 
@@ -76,7 +76,7 @@ def cmd_mounts(args: argparse.Namespace, app: App) -> int:
 
 def cmd_mount(args: argparse.Namespace, app: App) -> int:
     mounts = app.snapshots().mounts(args.key)
-    mount_all(mounts, args.target)
+    mount_all(mounts, args.target, allow_suid=args.allow_suid, allow_dev=args.allow_dev)
     return 0
 
 
@@ -243,7 +243,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("target")
     p.add_argument("key")
 
-    p = verb("mount", cmd_mount, "mount snapshot KEY on TARGET")
+    p = verb("mount", cmd_mount, "mount snapshot KEY on TARGET (nosuid,nodev unless allowed)")
+    add_mount_flags(p)
     p.add_argument("target")
     p.add_argument("key")
 

@@ -119,8 +119,10 @@ class ImageService:
         real = os.path.realpath(target)
         return f"mount-{hashlib.sha256(real.encode()).hexdigest()[:16]} {real}"
 
-    def mount(self, name: str, target: str | os.PathLike[str], *, rw: bool = False) -> None:
-        """Mount image ``name`` on ``target`` (read-only unless ``rw``)."""
+    def mount(self, name: str, target: str | os.PathLike[str], *, rw: bool = False,
+              allow_suid: bool = False, allow_dev: bool = False) -> None:
+        """Mount image ``name`` on ``target``: read-only unless ``rw``, ``nosuid``
+        unless ``allow_suid``, ``nodev`` unless ``allow_dev``."""
         top = self.chain_id(name)
         os.makedirs(target, exist_ok=True)
         key = self._mount_key(target)
@@ -132,7 +134,7 @@ class ImageService:
             try:
                 mounts = (self.snapshots.prepare if rw else self.snapshots.view)(key, top)
                 try:
-                    mount_all(mounts, target)
+                    mount_all(mounts, target, allow_suid=allow_suid, allow_dev=allow_dev)
                 except BaseException:
                     self.snapshots.remove(key)
                     raise

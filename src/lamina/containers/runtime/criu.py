@@ -315,7 +315,7 @@ def restore(
                 )
                 if not use:
                     raise InvalidArgument(f"task {task_id}: no rootfs mounts to restore into")
-                mount_all(use, rootfs)
+                mount_all(use, rootfs, allow_suid=True, allow_dev=True)  # as at start
                 meta["mounts"] = [
                     {
                         "type": m.type,
