@@ -58,7 +58,7 @@ def test_layout_and_permissions(store: LocalContentStore) -> None:
     assert not d.exists()
     blob = store.path / "blobs" / "sha256" / hashlib.sha256(b"hello").hexdigest()
     assert blob.read_bytes() == b"hello"
-    assert stat.S_IMODE(blob.stat().st_mode) == 0o444
+    assert stat.S_IMODE(blob.stat().st_mode) == 0o400
     assert (store.path / "metadata.db").exists()
     assert os.listdir(store.ingest_dir) == []
 

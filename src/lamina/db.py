@@ -4,6 +4,10 @@ Each store keeps its metadata in one SQLite file in WAL mode with a busy
 timeout, so several processes can share a root. Write transactions start with
 ``BEGIN IMMEDIATE``: the write lock is taken up front, and a transaction that
 reads and then writes cannot deadlock against another writer.
+
+The file is created 0600 before SQLite opens it; SQLite gives its ``-wal`` and
+``-shm`` files the database's mode. Files an earlier lamina left 0644 are
+tightened on open.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import time
 from collections.abc import Iterator
 
 from lamina.errors import Unavailable
+from lamina.perms import FILE_MODE, tighten
 
 __all__ = ["Database"]
 
@@ -28,6 +33,9 @@ class Database:
     def __init__(self, path: str | os.PathLike[str], schema: str) -> None:
         self.path = os.fspath(path)
         self._lock = threading.RLock()
+        os.close(os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE))
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            tighten(self.path + suffix, FILE_MODE)
         self._conn: sqlite3.Connection | None = sqlite3.connect(
             self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
             check_same_thread=False,

@@ -22,11 +22,12 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> None:
+def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new, never half.
 
     A temporary file in the same directory is written and fsynced, renamed over
-    ``path``, and the directory is fsynced.
+    ``path``, and the directory is fsynced. The file is owner-only unless ``mode``
+    says otherwise (the temporary file is 0600 from the start).
     """
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."

@@ -6,6 +6,12 @@ Layout under the root directory::
     content/                   the content store (blobs/sha256/<hex>, ingest/, metadata.db)
     metadata.db                images, containers, leases
     tmpmounts/                 temporary mount points
+    locks/                     lock files (unpack, gc)
+    tasks/                     running tasks' bundles (see lamina.containers.runtime.tasks)
+
+Everything in it is owner-only (see :mod:`lamina.perms`): the root is 0700, as
+containerd keeps its own, and a root an earlier lamina left 0711 is tightened
+when it is opened.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lamina.errors import InvalidArgument
+from lamina.perms import DIR_MODE, FILE_MODE, tighten, tighten_tree
 
 if TYPE_CHECKING:
     from lamina.content import ContentStore
@@ -62,9 +69,28 @@ class Root:
         background thread (what a long-running server wants) instead of inline."""
         self.path = Path(path)
         self.async_remove = async_remove
-        self.path.mkdir(parents=True, exist_ok=True, mode=0o711)
+        self.path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        self._tighten()
+        (self.path / "locks").mkdir(mode=DIR_MODE, exist_ok=True)
         self._snapshotters: dict[str, Snapshotter] = {}
         self._content: ContentStore | None = None
+
+    def _tighten(self) -> None:
+        """Make a root an earlier lamina made owner-only (the stores tighten their
+        own files when they open): the root first, which alone closes it."""
+        tighten(self.path)
+        names = ("snapshots", "content", "tmpmounts", "tasks", "checkpoints")
+        dirs = [self.path / n for n in names]
+        dirs += [self.snapshots_dir(n) for n in SNAPSHOTTERS]
+        for d in dirs:
+            tighten(d)
+        dbs = [self.metadata_path, self.content_dir / "metadata.db"]
+        dbs += [self.snapshots_dir(n) / "metadata.db" for n in SNAPSHOTTERS]
+        for db in dbs:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                tighten(f"{db}{suffix}", FILE_MODE)
+        if tighten(self.path / "locks"):
+            tighten_tree(self.path / "locks")
 
     def snapshots_dir(self, snapshotter: str) -> Path:
         return self.path / "snapshots" / snapshotter

@@ -2,7 +2,7 @@
 
 Layout under the store's directory::
 
-    blobs/sha256/<hex>     committed blobs, read-only (0444)
+    blobs/sha256/<hex>     committed blobs, read-only to their owner (0400)
     ingest/<sha256(ref)>/  one directory per ingest in progress:
         ref                the ref, written last when the ingest is created
         data               the bytes written so far
@@ -13,6 +13,8 @@ Layout under the store's directory::
         lock               flock(2)ed by the one live writer; holds its pid and
                            since when, for the Unavailable message
     metadata.db            one row per committed blob: size, created, updated, labels
+
+Every directory is 0700 and every file 0600 (blobs 0400): see :mod:`lamina.perms`.
 
 Concurrency: one writer per ref across processes (the ``lock`` file, taken
 non-blocking). Committing, deleting and cleaning up run inside one SQLite
@@ -66,6 +68,7 @@ from lamina.errors import (
 )
 from lamina.fsutil import atomic_write, fsync_dir, remove_tree
 from lamina.labels import update_labels
+from lamina.perms import BLOB_MODE, FILE_MODE, private_dirs, tighten, tighten_tree
 
 __all__ = ["BlobCorrupt", "CleanupReport", "LocalContentStore", "LocalWriter"]
 
@@ -128,7 +131,8 @@ def _read_text(path: Path) -> str | None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    with open(path, "w") as f:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+    with open(fd, "w") as f:
         f.write(text)
 
 
@@ -156,7 +160,7 @@ class _Lock:
         """The lock, or None when a live writer holds it. Creates ``ingest``."""
         path = ingest / "lock"
         while True:
-            ingest.mkdir(parents=True, exist_ok=True)
+            ingest.mkdir(mode=0o700, parents=True, exist_ok=True)
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             except FileNotFoundError:
@@ -346,13 +350,25 @@ class LocalContentStore:
         self.path = Path(path)
         self.blobs_dir = self.path / "blobs" / SHA256
         self.ingest_dir = self.path / "ingest"
-        self.blobs_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
-        self.ingest_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dirs(self.blobs_dir)
+        private_dirs(self.ingest_dir)
+        self._tighten()
         self._db = Database(self.path / "metadata.db", _SCHEMA)
         self._lock = threading.Lock()
         self._writers: weakref.WeakValueDictionary[str, LocalWriter] = (
             weakref.WeakValueDictionary()
         )
+
+    def _tighten(self) -> None:
+        """Make a store an earlier lamina left readable (0755 directories, 0444
+        blobs, 0644 ingest files) owner-only; a tight store costs four stats."""
+        dirs = (self.path, self.blobs_dir.parent, self.blobs_dir, self.ingest_dir)
+        if not any([tighten(d) for d in dirs]):
+            return
+        with os.scandir(self.blobs_dir) as entries:
+            for e in entries:
+                tighten(e.path, BLOB_MODE if e.is_file(follow_symlinks=False) else 0o700)
+        tighten_tree(self.ingest_dir)
 
     # ------------------------------------------------------------------ blobs
 
@@ -572,7 +588,7 @@ class LocalContentStore:
         _write_text(ingest / "updatedat", _fmt(started))
         _write_text(ingest / "total", str(total))
         _write_text(ingest / "expected", expected)
-        fd = os.open(data, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = os.open(data, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
         crash.point("content.ingest.before-ref")
         try:
             atomic_write(ingest / "ref", ref.encode(), mode=0o600)
@@ -593,7 +609,7 @@ class LocalContentStore:
         with self._db.write() as conn:
             if conn.execute("SELECT 1 FROM blobs WHERE digest = ?", (digest,)).fetchone():
                 raise AlreadyExists(f"content {digest} already exists")
-            os.chmod(data, 0o444)
+            os.chmod(data, BLOB_MODE)
             crash.point("content.commit.before-rename")
             os.replace(data, target)  # replaces a crash-orphaned copy, if any
             crash.point("content.commit.renamed")
@@ -754,7 +770,7 @@ class LocalContentStore:
                         (digest, size, created, created),
                     )
                     with contextlib.suppress(OSError):
-                        os.chmod(path, 0o444)
+                        os.chmod(path, BLOB_MODE)
                     report.restored_rows.append(digest)
                 else:
                     if path.is_dir():

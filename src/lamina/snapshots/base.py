@@ -40,6 +40,7 @@ from lamina import crash
 from lamina.errors import FailedPrecondition, NotFound
 from lamina.fsutil import fsync_dir, remove_tree
 from lamina.mount import Mount
+from lamina.perms import private_dirs, tighten
 from lamina.snapshots import Capability, Info, Kind, Usage
 from lamina.snapshots.storage import MetaStore, Snapshot
 from lamina.snapshots.usage import disk_usage
@@ -56,7 +57,9 @@ class DirectorySnapshotter:
     def __init__(self, root: str | os.PathLike[str], *, async_remove: bool = False) -> None:
         self.root = Path(root)
         self._dirs = self.root / "snapshots"
-        self._dirs.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dirs(self._dirs)  # owner-only; an earlier lamina made the root 0755
+        tighten(self.root)
+        tighten(self._dirs)
         self._meta: MetaStore | None = MetaStore(self.root / "metadata.db")
         self._async_remove = async_remove
         self._deferring = 0

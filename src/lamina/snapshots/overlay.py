@@ -24,6 +24,7 @@ from pathlib import Path
 from lamina.errors import Unavailable
 from lamina.fsutil import remove_tree
 from lamina.mount import Mount, mount_all, unmount_all
+from lamina.perms import FILE_MODE, tighten
 from lamina.snapshots import Capability, Kind
 from lamina.snapshots.base import DirectorySnapshotter
 from lamina.snapshots.storage import Snapshot
@@ -47,7 +48,8 @@ class OverlaySnapshotter(DirectorySnapshotter):
         self._extra = tuple(mount_options)
         if not (self.root / _CHECKED).exists():
             check_overlay_support(self.root)
-            (self.root / _CHECKED).touch()
+            (self.root / _CHECKED).touch(mode=FILE_MODE)
+        tighten(self.root / _CHECKED, FILE_MODE)
 
     @property
     def capabilities(self) -> frozenset[Capability]:

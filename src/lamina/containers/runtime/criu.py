@@ -37,6 +37,7 @@ from lamina.errors import (
     NotFound,
     Unavailable,
 )
+from lamina.fsutil import atomic_write
 from lamina.mount import Mount, is_mountpoint, mount_all
 
 if TYPE_CHECKING:
@@ -235,7 +236,8 @@ def checkpoint(
         "spec": config,
         "mounts": meta.get("mounts", []),
     }
-    (image_dir / METADATA).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    atomic_write(image_dir / METADATA,  # 0600: the spec may hold secrets in its env
+                 (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     if not leave_running:
         # the dump killed the container; let the shim record that
         manager._wait_shim(bundle, 10.0)

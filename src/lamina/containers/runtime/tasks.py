@@ -163,7 +163,10 @@ class TaskManager:
         self, state_dir: str | os.PathLike[str], *, runc_binary: str | None = None
     ) -> None:
         self.state_dir = Path(state_dir).absolute()
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+        # owner-only like the rest of a root: runc runs as root, and a container's
+        # processes see only its rootfs mount, never these directories
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (self.state_dir / ".locks").mkdir(mode=0o700, exist_ok=True)
         self.runc = Runc(self.state_dir / "runc", binary=runc_binary)
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         tag = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:8]
@@ -223,10 +226,10 @@ class TaskManager:
         linux = config.setdefault("linux", {})
         if not linux.get("cgroupsPath"):
             linux["cgroupsPath"] = self.cgroups_path(task_id)
-        bundle.mkdir(mode=0o711)
+        bundle.mkdir(mode=0o700)
         try:
             rootfs = bundle / "rootfs"
-            rootfs.mkdir(mode=0o755)
+            rootfs.mkdir(mode=0o700)  # covered by the container's root filesystem
             _write_json(bundle / "config.json", config)
             # as containerd's shim: the snapshotter's mounts exactly as given (setuid
             # binaries and devices of the image work inside the container)
@@ -318,7 +321,8 @@ class TaskManager:
                 "exit_file": str(bundle / "exit.json"),
             },
         )
-        with open(bundle / "shim.log", "ab") as log:
+        with open(os.open(bundle / "shim.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                          | os.O_CLOEXEC, 0o600), "ab") as log:
             shim = subprocess.Popen(
                 [sys.executable, "-I", str(_SHIM), str(bundle / "shim.json")],
                 stdin=subprocess.DEVNULL,
