@@ -143,7 +143,8 @@ def test_quickstart_on_fresh_bookworm(cache_dir: Path) -> None:
         start = time.monotonic()
         with open(log, "w") as out:
             proc = subprocess.run(
-                ["unshare", "--mount", "--pid", "--fork", "--propagation", "private",
+                # --kill-child: a timeout that kills unshare ends the namespace's processes too
+                ["unshare", "--mount", "--pid", "--kill-child", "--propagation", "private",
                  "/bin/sh", "-c", ENTER, "enter", str(root), str(caches), CLEAN_PATH, INSIDE],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 env={"PATH": CLEAN_PATH}, timeout=TIMEOUT,
