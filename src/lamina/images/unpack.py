@@ -230,13 +230,17 @@ class Unpacker:
 
     def _settle(self, staged: Path, applied: AppliedLayer, parent: str) -> None:
         """Finish a staged upperdir against its now committed parent: the root
-        keeps the parent's owner and mode unless the layer set them, and
+        keeps the parent's owner, mode and xattrs unless the layer set them, and
         whiteouts hiding nothing go (see :mod:`lamina.archive.whiteout`)."""
         assert isinstance(self.sn, DirectorySnapshotter)
         if parent and not applied.root_listed:
-            st = os.stat(self.sn.fs_dir(self.sn.snapshot(parent).id))
+            top = self.sn.fs_dir(self.sn.snapshot(parent).id)
+            st = os.stat(top)
             os.chown(staged, st.st_uid, st.st_gid)
             os.chmod(staged, stat.S_IMODE(st.st_mode))
+            for key in os.listxattr(top):
+                if not key.startswith("trusted.overlay."):
+                    os.setxattr(staged, key, os.getxattr(top, key))
         if not applied.whiteouts:
             return
         if not parent:

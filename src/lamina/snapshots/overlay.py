@@ -72,9 +72,13 @@ class OverlaySnapshotter(DirectorySnapshotter):
             return
         fs.mkdir(mode=0o755)
         if parent_ids:  # the merged root takes its attributes from the top layer
-            st = os.stat(self.fs_dir(parent_ids[0]))
+            top = self.fs_dir(parent_ids[0])
+            st = os.stat(top)
             os.chown(fs, st.st_uid, st.st_gid)
             os.chmod(fs, stat.S_IMODE(st.st_mode))
+            for key in os.listxattr(top):  # as a native copy keeps them
+                if not key.startswith("trusted.overlay."):
+                    os.setxattr(fs, key, os.getxattr(top, key))
 
     def _mounts(self, snap: Snapshot) -> list[Mount]:
         own = self._dirs / snap.id
