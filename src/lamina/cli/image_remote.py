@@ -1,4 +1,4 @@
-"""``lamina image pull|push|tag``: images to and from registries."""
+"""``lamina image pull|push|referrers|tag``: images to and from registries."""
 
 from __future__ import annotations
 
@@ -87,6 +87,27 @@ def _push(args: argparse.Namespace, app: App) -> int:
     return 0
 
 
+def _referrers(args: argparse.Namespace, app: App) -> int:
+    del app
+    from lamina.cli.common import print_table
+    from lamina.remotes.reference import parse_reference
+    from lamina.remotes.referrers import list_referrers
+    from lamina.remotes.resolver import resolve
+
+    ref = parse_reference(args.ref)
+    with open_registry(args, ref.domain) as registry:
+        session = registry.session(ref)
+        digest = ref.digest or resolve(session, ref).desc.digest
+        found, source = list_referrers(session, digest, artifact_type=args.artifact_type)
+    if args.json:
+        App.print_json({"subject": digest, "source": source, "referrers": found})
+        return 0
+    print_table(["DIGEST", "ARTIFACT TYPE", "MEDIA TYPE", "SIZE"],
+                [[str(m.get("digest")), str(m.get("artifactType", "")),
+                  str(m.get("mediaType", "")), str(m.get("size", ""))] for m in found])
+    return 0
+
+
 def _tag(args: argparse.Namespace, app: App) -> int:
     from lamina.remotes.push import tag
 
@@ -120,6 +141,13 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="progress as JSON lines")
     add_registry_flags(v)
     v.set_defaults(handler=_push)
+
+    v = verbs.add_parser("referrers", help="list the OCI referrers of an image on a registry")
+    v.add_argument("ref", metavar="REF")
+    v.add_argument("--artifact-type", default="", metavar="TYPE", help="only this artifactType")
+    v.add_argument("--json", action="store_true")
+    add_registry_flags(v)
+    v.set_defaults(handler=_referrers)
 
     v = verbs.add_parser("tag", help="name a local image anew (SRC stays)")
     v.add_argument("source", metavar="SRC")

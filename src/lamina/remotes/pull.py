@@ -24,9 +24,11 @@ the lease's expiry then lets GC take any committed blob no image claims).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from lamina.content import ContentStore
-from lamina.errors import InvalidArgument, NotFound
+from lamina.errors import InvalidArgument, NotFound, Unavailable
 from lamina.images.importer import GC_CONTENT, put_document
 from lamina.images.oci import (
     CONFIG_TYPES,
@@ -50,7 +52,7 @@ from lamina.images.store import Image, ImageStore
 from lamina.images.unpack import Unpacker, UnpackResult
 from lamina.leases import LeasedContent, LeaseManager
 from lamina.progress import Progress
-from lamina.remotes.fetcher import TailReader, Transfer, fetch_blob
+from lamina.remotes.fetcher import LOCK_WAIT, TailReader, Transfer, fetch_blob
 from lamina.remotes.reference import Reference, parse_reference
 from lamina.remotes.registry import Registry
 from lamina.remotes.resolver import fetch_document, resolve
@@ -129,8 +131,18 @@ class _Puller:
         except NotFound:
             pass
         data = prefetched if prefetched is not None else fetch_document(self.session, desc)
-        put_document(self.content, data)
-        return data
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                put_document(self.content, data)
+                return data
+            except Unavailable:  # another pull is storing it: wait for that one
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+                with contextlib.suppress(NotFound):
+                    self.content.info(desc.digest)
+                    return data
 
     def _wanted(self, children: Sequence[Descriptor]) -> list[Descriptor]:
         out = []

@@ -20,7 +20,9 @@ For each blob:
    by a closing ``PUT``.
 
 Manifests go with ``PUT /v2/<name>/manifests/<reference>`` and their own
-media type as ``Content-Type``.
+media type as ``Content-Type``; one with a ``subject`` is also listed in the
+referrers tag index when the registry has no referrers API (see
+:mod:`.referrers`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from lamina.progress import Progress
 from lamina.remotes.hosts import Endpoint
 from lamina.remotes.pull import SOURCE_LABEL
 from lamina.remotes.reference import Reference, parse_reference
+from lamina.remotes.referrers import descriptor_for, subject_of, update_referrers_tag
 from lamina.remotes.registry import Registry
 from lamina.remotes.session import Session
 from lamina.remotes.transport import Response
@@ -232,7 +235,12 @@ class _Pusher:
                                        "Content-Length": str(len(data))}, body=data)
         if resp.status not in (200, 201, 202):
             raise self._fail(f"putting manifest {desc.digest}", resp)
+        acknowledged = resp.header("OCI-Subject")
         resp.close()
+        subject = subject_of(data)
+        if subject and not acknowledged:  # no referrers API: keep the tag schema's index
+            update_referrers_tag(self.session, self.ep, subject,
+                                 descriptor_for(data, desc.media_type, desc.digest))
         self.progress.event("push", desc.digest, done=desc.size, total=desc.size,
                             status="done")
 
