@@ -64,3 +64,58 @@ def test_pull_matches_ctr_and_ctr_reads_push(require_root: None, peer: Peer,
             assert treesum.diff(theirs, mine) == [], ref
         listed = ctrd.ctr("images", "ls").stdout
         assert image.manifest_digest in listed
+
+
+@pytest.mark.parametrize("content", [False, True], ids=["snapshotter", "snapshotter+content"])
+def test_containerd_on_lamina_pulls(require_root: None, peer: Peer, tmp_root: Path,
+                                    content: bool) -> None:
+    """``ctr image pull --plain-http --snapshotter lamina`` with lamina as containerd's
+    proxy snapshotter (and content store): the tree is lamina's own pull's."""
+    from containerd_peer import lamina_and_containerd
+
+    work = tmp_root / "image"
+    # (not the rich layers: containerd 1.6 applies into a lone overlay upperdir, where a
+    # hard link to a file of a lower layer cannot be made, whatever the snapshotter)
+    f = imagefactory
+    layers = [f.minimal_layer(work / "blobs"),
+              f.layer_from_entries([f.Dir("etc/app"), f.File("etc/app/conf", b"a=1\n"),
+                                    f.Symlink("etc/app/link", "conf")], work / "blobs"),
+              f.layer_from_entries([f.Whiteout("etc/app/link"),
+                                    f.File("etc/app/conf", b"a=2\n", mode=0o600)],
+                                   work / "blobs", compression="zstd")]
+    image = f.build_oci_layout(work / "oci", layers, ref_name="proxy")
+    name = f"{peer.host}/proxy/app:1"
+    skopeo_push(image.oci_ref, name)
+    top = chain_id(image.diff_ids)
+
+    root = Root(tmp_root / "own")
+    with Registry() as reg:
+        pull(reg, name, root=root)
+    svc = ImageService(root)
+    try:
+        svc.mount(name, tmp_root / "mnt")
+        try:
+            mine = treesum.summarize(tmp_root / "mnt", dir_mtimes=False)
+        finally:
+            svc.unmount(tmp_root / "mnt")
+    finally:
+        svc.close()
+        root.close()
+
+    with lamina_and_containerd(tmp_root / "proxy", content=content,
+                               gc_on_request=True) as (_lamina, ctrd):
+        ctrd.ctr("images", "pull", "--plain-http", "--snapshotter", "lamina", name)
+        ctrd.ctr("snapshots", "--snapshotter", "lamina", "view", "look", top)
+        out = ctrd.ctr("snapshots", "--snapshotter", "lamina", "mounts", "/x", "look").stdout
+        target = tmp_root / "ctr-mnt"
+        target.mkdir()
+        import subprocess
+
+        cmd = out.strip().replace("/x", str(target))
+        subprocess.run(cmd, shell=True, check=True, timeout=60)
+        try:
+            theirs = treesum.summarize(target, dir_mtimes=False)
+        finally:
+            subprocess.run(["umount", str(target)], check=True, timeout=60)
+        ctrd.ctr("snapshots", "--snapshotter", "lamina", "rm", "look")
+    assert treesum.diff(theirs, mine) == []
