@@ -62,10 +62,18 @@ def test_push_import_pull_back(require_root: None, peer: Peer, image: imagefacto
         assert first.uploaded == len(image.layers) + 1 and first.existing == 0
         again = push(reg, name, root=root)
         assert again.uploaded == 0 and again.existing == len(image.layers) + 1
-        # chunked uploads to a new repository
-        chunked = push(reg, name, f"{peer.host}/chunked/app:v1", root=root,
+        # the pushed blobs now name their repository: another one of the registry mounts
+        mounted = push(reg, name, f"{peer.host}/second/app:v1", root=root)
+        assert mounted.mounted == len(image.layers) + 1 and mounted.uploaded == 0
+        # chunked uploads, from a root that knows no source
+        fresh = Root(tmp_root / "c")
+        svc = ImageService(fresh)
+        svc.import_(image.layout, unpack=False)
+        svc.close()
+        chunked = push(reg, "push", f"{peer.host}/chunked/app:v1", root=fresh,
                        chunk_size=1 << 20)
         assert chunked.uploaded == len(image.layers) + 1
+        fresh.close()
     manifest = _skopeo_inspect(name)
     assert [lyr["digest"] for lyr in manifest["layers"]] == [  # type: ignore[index, union-attr]
         lyr.digest for lyr in image.layers]

@@ -31,7 +31,7 @@ import io
 import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO
 
 from lamina.content import ContentStore
@@ -148,7 +148,20 @@ class _Pusher:
         return FailedPrecondition(f"{resp.host}: {what}: {resp.status} {resp.reason} {detail}")
 
     def blob(self, desc: Descriptor) -> str:
-        """Push one blob; returns "existing", "mounted" or "uploaded"."""
+        """Push one blob; returns "existing", "mounted" or "uploaded".
+
+        Afterwards the blob's source label names this repository too, so a push
+        to another repository of the registry mounts it instead of uploading."""
+        outcome = self._blob(desc)
+        key = SOURCE_LABEL + self.ref.domain
+        info = self.content.info(desc.digest)
+        repos = [r for r in info.labels.get(key, "").split(",") if r]
+        if self.session.path not in repos:
+            labels = {**info.labels, key: ",".join([*repos, self.session.path])}
+            self.content.update(replace(info, labels=labels), f"labels.{key}")
+        return outcome
+
+    def _blob(self, desc: Descriptor) -> str:
         prefix = f"/{self.session.path}/blobs/"
         resp = self.session.send(self.ep, "HEAD", self.ep.url(prefix + desc.digest),
                                  scope=self.scope)
