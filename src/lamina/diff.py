@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from lamina.archive.apply import AppliedLayer, apply_layer
 from lamina.archive.compression import media_type as layer_media_type
 from lamina.archive.diff import write_diff, write_overlay_diff
+from lamina.archive.limits import DEFAULT_MAX_LAYER_SIZE
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
 from lamina.images.oci import Descriptor
 from lamina.mount import Mount, temp_mount
@@ -145,7 +146,11 @@ def apply_diff(
     *,
     diff_id: str | None = None,
     tmpmounts: str | os.PathLike[str] | None = None,
+    max_layer_size: int = DEFAULT_MAX_LAYER_SIZE,
 ) -> AppliedLayer:
-    """Apply layer ``desc`` from the content store onto ``mounts``; verifies ``diff_id``."""
+    """Apply layer ``desc`` from the content store onto ``mounts``; verifies ``diff_id``.
+
+    ResourceExhausted if it expands beyond ``max_layer_size`` bytes or the
+    filesystem runs short (see :func:`lamina.archive.apply.apply_layer`)."""
     with temp_mount(mounts, base=tmpmounts) as target, content.reader(desc.digest) as r:
-        return apply_layer(r, target, expected_diff_id=diff_id)
+        return apply_layer(r, target, expected_diff_id=diff_id, max_size=max_layer_size)

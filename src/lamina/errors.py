@@ -19,6 +19,7 @@ __all__ = [
     "LaminaError",
     "NotFound",
     "NotImplementedErr",
+    "ResourceExhausted",
     "Unavailable",
     "from_grpc_code",
 ]
@@ -84,6 +85,13 @@ class NotImplementedErr(LaminaError):
     exit_code = 8
 
 
+class ResourceExhausted(LaminaError):
+    """A limit was reached: a layer grew past its size cap, the disk is (nearly) full."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+    exit_code = 9
+
+
 _BY_CODE: dict[str, type[LaminaError]] = {
     cls.grpc_code: cls
     for cls in (
@@ -94,6 +102,7 @@ _BY_CODE: dict[str, type[LaminaError]] = {
         InvalidArgument,
         Unavailable,
         NotImplementedErr,
+        ResourceExhausted,
     )
 }
 

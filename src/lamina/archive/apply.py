@@ -71,6 +71,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
+from lamina.archive import limits
 from lamina.archive.compression import open_decompressed
 from lamina.archive.safepath import DirCache, clean_path
 from lamina.archive.tarstream import (
@@ -83,6 +84,7 @@ from lamina.archive.tarstream import (
     TYPE_SYMLINK,
     TarEntry,
     TarReader,
+    show_name,
 )
 from lamina.archive.whiteout import (
     OPAQUE_MARKER,
@@ -102,7 +104,8 @@ _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOE
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CHUNK = 1 << 20
 _IGNORED_XATTR_ERRNOS = (errno.EOPNOTSUPP, errno.EPERM)
-_LAYER_ERRNOS = (errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP, errno.EISDIR)
+_LAYER_ERRNOS = (errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP, errno.EISDIR, errno.E2BIG,
+                 errno.ERANGE)
 
 
 @dataclass(frozen=True)
@@ -238,6 +241,9 @@ class _Applier:
                        "not storable in a layer")
         pfd = self._dir(parts[:-1])
         parts = [*self.dirs.path, base]  # symlinked parents resolved
+        if len(parts) > limits.MAX_DEPTH:
+            raise _bad(f"{show_name(e.name)} is {len(parts)} directories deep "
+                       f"(limit {limits.MAX_DEPTH})")
         rel = "/".join(parts)
         t = e.type
         if t == TYPE_REGULAR:
@@ -623,6 +629,7 @@ def apply_layer(
     overlay: bool = False,
     expected_diff_id: str | None = None,
     progress: Callable[[int], None] | None = None,
+    max_size: int | None = limits.DEFAULT_MAX_LAYER_SIZE,
 ) -> AppliedLayer:
     """Unpack the layer read from ``stream`` onto the directory ``root``.
 
@@ -634,7 +641,11 @@ def apply_layer(
     ``progress`` is called with the count of uncompressed bytes read so far.
 
     Malformed or hostile layers raise InvalidArgument; nothing is ever
-    written outside ``root``. Filesystem failures raise Internal.
+    written outside ``root``. A layer expanding beyond ``max_size``
+    uncompressed bytes (None: no cap), or a filesystem whose free space drops
+    below its reserve (see :mod:`lamina.archive.limits`), raises
+    ResourceExhausted as soon as it happens. Other filesystem failures raise
+    Internal.
     """
     root = os.fspath(root)
     try:
@@ -644,33 +655,42 @@ def apply_layer(
     except OSError as exc:
         raise InvalidArgument(f"apply layer: cannot open target {root}: {exc}") from exc
     digest = hashlib.sha256()
-    if progress is None:
-        on_bytes: Callable[[bytes], None] = digest.update
-    else:
-        counter = [0]
-        cb = progress
+    counter = [0]
+    cb = progress
+    try:
+        space = limits.SpaceGuard(root_fd, root)
+        space.check()
+    except BaseException:
+        os.close(root_fd)
+        raise
 
-        def on_bytes(data: bytes) -> None:
-            digest.update(data)
-            counter[0] += len(data)
+    def on_bytes(data: bytes) -> None:
+        digest.update(data)
+        counter[0] += len(data)
+        space.seen(counter[0])
+        if cb is not None:
             cb(counter[0])
 
     applier = _Applier(root_fd, overlay)
-    current = ""
+    current: TarEntry | None = None
     try:
-        with open_decompressed(stream) as plain:
+        with open_decompressed(stream, max_size=max_size) as plain:
             reader = TarReader(plain, on_bytes)
             try:
                 while (e := reader.next()) is not None:
-                    current = e.name
+                    current = e
                     applier.entry(e, reader)
-                current = ""
+                current = None
                 reader.drain()
                 applier.finish_dirs()
             except LaminaError:
                 raise
             except OSError as exc:
-                where = f" at {current!r}" if current else ""
+                name = show_name(current.name) if current else ""
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise space.explain(exc, name or root,
+                                        bool(current and current.xattrs)) from exc
+                where = f" at {name}" if name else ""
                 if exc.errno in _LAYER_ERRNOS:
                     raise _bad(f"cannot apply member{where}: {exc}") from exc
                 raise Internal(f"apply layer{where}: {exc}") from exc

@@ -6,7 +6,10 @@ Every compressed stream is validated to its very end: a gzip member's CRC and
 length trailer are checked, a zstd stream must end on a frame boundary (and its
 content checksum, when present, is verified by libzstd). A stream that is cut
 short raises :class:`~lamina.errors.InvalidArgument`; it is never accepted as a
-shorter layer.
+shorter layer. With ``max_size``, the stream stops with
+:class:`~lamina.errors.ResourceExhausted` (:func:`too_large`) as soon as it has produced more
+uncompressed bytes than that: a decompression bomb costs at most one chunk
+beyond the cap.
 
 :func:`compressor` wraps an output stream in a writer for ``'gzip'``,
 ``'zstd'`` or ``'none'``; closing the writer finishes the compressed stream but
@@ -26,7 +29,7 @@ from isal import igzip as _igzip
 from isal import igzip_threaded as _igzip_threaded
 from isal.isal_zlib import IsalError as _IsalError
 
-from lamina.errors import InvalidArgument
+from lamina.errors import InvalidArgument, ResourceExhausted
 
 # isal types IsalError as an instance; it is the exception class
 _ISAL_ERROR = cast("type[BaseException]", _IsalError)
@@ -47,6 +50,8 @@ __all__ = [
     "detect",
     "media_type",
     "open_decompressed",
+    "size_hint",
+    "too_large",
 ]
 
 MEDIA_TYPE_OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
@@ -62,6 +67,11 @@ _CHUNK = 1 << 20
 # isal ships partial annotations; use it untyped
 igzip: Any = _igzip
 igzip_threaded: Any = _igzip_threaded
+
+
+def too_large(limit: int, what: str = "layer") -> ResourceExhausted:
+    """The error for a layer that expands beyond ``limit`` uncompressed bytes."""
+    return ResourceExhausted(f"{what} expands beyond {limit} bytes (--max-layer-size)")
 
 
 class Compression(enum.Enum):
@@ -129,6 +139,28 @@ def detect(prefix: bytes) -> Compression:
     if prefix.startswith(_ZSTD_MAGIC):
         return Compression.ZSTD
     return Compression.NONE
+
+
+def size_hint(head: bytes, tail: bytes, size: int) -> int:
+    """How many uncompressed bytes a layer of ``size`` bytes announces.
+
+    ``head`` is its first 18 bytes, ``tail`` its last 4. A plain tar is its
+    size; gzip announces its length modulo 2**32 in its trailer, zstd in its
+    first frame's header (when the writer recorded it); an honest stream
+    expands to at least that, and to about its compressed size at the least.
+    Only for an early "this cannot fit" check: a stream may lie, and is
+    bounded while it is read.
+    """
+    kind = detect(head)
+    if kind is Compression.GZIP and len(tail) >= 4:
+        return max(size, int.from_bytes(tail[-4:], "little"))
+    if kind is Compression.ZSTD:
+        try:
+            announced = zstandard.frame_content_size(head)
+        except zstandard.ZstdError:
+            announced = -1
+        return max(size, announced)
+    return size
 
 
 class _Prefixed(io.RawIOBase):
@@ -258,17 +290,22 @@ class _ZstdFrameChecker:
 class Decompressed(io.RawIOBase):
     """The uncompressed view of a layer stream (see :func:`open_decompressed`).
 
-    ``compression`` tells what was detected. Reading past the end raises
-    InvalidArgument if the compressed stream was truncated or corrupt.
-    Closing releases decompressor resources but never closes the source.
+    ``compression`` tells what was detected; ``total`` counts the bytes
+    produced so far. Reading past the end raises InvalidArgument if the
+    compressed stream was truncated or corrupt, reading past ``max_size``
+    bytes raises ResourceExhausted (:func:`too_large`). Closing releases decompressor resources but
+    never closes the source.
     """
 
-    def __init__(self, reader: IO[bytes], compression: Compression, finish: Callable[[], None]):
+    def __init__(self, reader: IO[bytes], compression: Compression, finish: Callable[[], None],
+                 max_size: int | None = None):
         super().__init__()
         self._reader = reader
         self.compression = compression
         self._finish = finish
         self._done = False
+        self.total = 0
+        self._max = max_size
 
     def readable(self) -> bool:
         return True
@@ -282,10 +319,15 @@ class Decompressed(io.RawIOBase):
             raise InvalidArgument(
                 f"corrupt or truncated {self.compression.value} layer stream: {exc}"
             ) from exc
-        if not data and size != 0 and not self._done:
-            self._done = True
-            self._finish()
-        return data or b""
+        if not data:
+            if size != 0 and not self._done:
+                self._done = True
+                self._finish()
+            return b""
+        self.total += len(data)
+        if self._max is not None and self.total > self._max:
+            raise too_large(self._max)
+        return data
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
@@ -301,8 +343,9 @@ class Decompressed(io.RawIOBase):
                 super().close()
 
 
-def open_decompressed(stream: IO[bytes], *, threads: int = 1) -> Decompressed:
-    """Return a readable stream of ``stream``'s uncompressed bytes.
+def open_decompressed(stream: IO[bytes], *, threads: int = 1,
+                      max_size: int | None = None) -> Decompressed:
+    """Return a readable stream of ``stream``'s uncompressed bytes (at most ``max_size``).
 
     The compression is detected from the magic bytes. gzip is decompressed by
     ISA-L (in a helper thread when ``threads`` > 0, so decompression overlaps
@@ -318,7 +361,7 @@ def open_decompressed(stream: IO[bytes], *, threads: int = 1) -> Decompressed:
     kind = detect(head)
     if kind is Compression.NONE:
         raw = _Prefixed(head, stream, None)
-        return Decompressed(cast(IO[bytes], raw), kind, lambda: None)
+        return Decompressed(cast(IO[bytes], raw), kind, lambda: None, max_size)
     if kind is Compression.GZIP:
         raw = _Prefixed(head, stream, None)
         reader: IO[bytes]
@@ -326,7 +369,7 @@ def open_decompressed(stream: IO[bytes], *, threads: int = 1) -> Decompressed:
             reader = cast(IO[bytes], igzip_threaded.open(raw, "rb", threads=threads))
         else:
             reader = cast(IO[bytes], igzip.GzipFile(fileobj=raw, mode="rb"))
-        return Decompressed(reader, kind, lambda: None)
+        return Decompressed(reader, kind, lambda: None, max_size)
     checker = _ZstdFrameChecker()
 
     def check_eof(data: bytes) -> None:
@@ -345,7 +388,7 @@ def open_decompressed(stream: IO[bytes], *, threads: int = 1) -> Decompressed:
         while raw.read(_CHUNK):
             pass
 
-    return Decompressed(cast(IO[bytes], zreader), kind, finish)
+    return Decompressed(cast(IO[bytes], zreader), kind, finish, max_size)
 
 
 class Sink(Protocol):

@@ -13,10 +13,19 @@ follows the end-of-archive marker (:meth:`TarReader.drain`).
 What is rejected with :class:`~lamina.errors.InvalidArgument`: a header whose
 checksum does not match, numeric fields that are not numbers, sizes above
 :data:`MAX_MEMBER_SIZE`, metadata members (PAX, long names) above
-:data:`MAX_META_SIZE`, malformed PAX records, NUL bytes in names, GNU sparse
-files and unknown member types, and a stream that ends inside a header or
-inside a member's data. A stream that simply ends after a complete member,
-without the two zero end-of-archive blocks, is accepted.
+:data:`MAX_META_SIZE` (each, and together in front of one member), malformed
+PAX records, NUL bytes in names, GNU sparse files and unknown member types,
+and a stream that ends inside a header or inside a member's data. A stream
+that simply ends after a complete member, without the two zero
+end-of-archive blocks, is accepted.
+
+Values no Linux filesystem could hold are rejected too, in every encoding
+(octal, GNU base-256, PAX records), before the member is handed out: names
+and link targets of PATH_MAX or more, name components above NAME_MAX, device
+numbers beyond dev_t, owners of 2**32-1 or more, modes beyond 0o177777, times
+whose seconds do not fit 64 bits, xattrs beyond the caps. The caps and their
+reasons are listed in :mod:`lamina.archive.limits`. Error messages name the
+member (shortened when it is long).
 
 PAX global headers apply to all following members; their ``path``,
 ``linkpath`` and ``size`` records are ignored (they cannot sensibly apply to
@@ -33,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from lamina.archive import limits
 from lamina.errors import InvalidArgument
 
 __all__ = [
@@ -108,6 +118,26 @@ def _bad(msg: str) -> InvalidArgument:
     return InvalidArgument(f"invalid tar layer: {msg}")
 
 
+def show_name(name: str | bytes, keep: int = 80, *, size: bool = True) -> str:
+    """A member name for an error message: quoted, and shortened when long."""
+    text = os.fsdecode(name) if isinstance(name, bytes) else name
+    if len(text) <= keep:
+        return repr(text)
+    more = f" ({len(os.fsencode(text))} bytes)" if size else ""
+    return f"{text[:keep]!r}...{more}"
+
+
+def _check_path(raw: bytes, what: str, components: bool) -> None:
+    if len(raw) >= limits.MAX_PATH:
+        raise _bad(f"{what} {show_name(raw, size=False)} is {len(raw)} bytes long "
+                   f"(limit {limits.MAX_PATH - 1}, PATH_MAX)")
+    if components and len(raw) > limits.MAX_NAME_COMPONENT:
+        longest = max(raw.split(b"/"), key=len)
+        if len(longest) > limits.MAX_NAME_COMPONENT:
+            raise _bad(f"{what} {show_name(raw)} has a component of {len(longest)} bytes "
+                       f"(limit {limits.MAX_NAME_COMPONENT}, NAME_MAX)")
+
+
 def _octal(fieldb: bytes, what: str) -> int:
     """A numeric header field: NUL/space-terminated octal, or GNU base-256."""
     if fieldb and fieldb[0] & 0x80:
@@ -137,7 +167,10 @@ def _pax_time_ns(value: bytes, what: str) -> int:
     whole, dot, frac = body.partition(b".")
     if not whole or whole.strip(_DIGITS) or len(whole) > 19 or (dot and frac.strip(_DIGITS)):
         raise _bad(f"PAX {what} record {value[:40]!r} is not a time")
-    ns = int(whole) * 1_000_000_000 + int((frac[:9] or b"0").ljust(9, b"0"))
+    seconds = int(whole)
+    if seconds > limits.MAX_TIME_S:
+        raise _bad(f"PAX {what} record {value[:40]!r} is out of range (64-bit seconds)")
+    ns = seconds * 1_000_000_000 + int((frac[:9] or b"0").ljust(9, b"0"))
     return -ns if neg else ns
 
 
@@ -321,6 +354,7 @@ class TarReader:
         long_name: bytes | None = None
         long_link: bytes | None = None
         chain = 0
+        meta_bytes = 0  # x/L/K bytes in front of this member
         while True:
             if not self._fill(BLOCK):
                 if len(self._buf) - self._pos == 0:
@@ -350,6 +384,11 @@ class TarReader:
                 chain += 1
                 if chain > _MAX_META_CHAIN:
                     raise _bad("too many metadata members in a row")
+                if tflag != "g":
+                    meta_bytes += size
+                    if meta_bytes > MAX_META_SIZE:
+                        raise _bad(f"metadata of one member exceeds the {MAX_META_SIZE} "
+                                   "byte limit")
                 data = self._read_meta(size, f"'{tflag}' metadata member")
                 if tflag == "x":
                     pax.update(parse_pax(data))
@@ -372,7 +411,7 @@ class TarReader:
                 self._remaining = size
                 self._padding = -size % BLOCK
                 self._finish_member()
-                pax, long_name, long_link, chain = {}, None, None, 0
+                pax, long_name, long_link, chain, meta_bytes = {}, None, None, 0, 0
                 continue
             return entry
 
@@ -395,6 +434,7 @@ class TarReader:
             name_b = long_name
         link_b = long_link if long_link is not None else _cstr(block[157:257])
         raw_mode = _octal(block[100:108], "mode")
+        mtime_s = _octal(block[136:148], "mtime")
         entry = TarEntry(
             name="",
             type=tflag,
@@ -402,7 +442,7 @@ class TarReader:
             mode=raw_mode & 0o7777,
             uid=_octal(block[108:116], "uid"),
             gid=_octal(block[116:124], "gid"),
-            mtime_ns=_octal(block[136:148], "mtime") * 1_000_000_000,
+            mtime_ns=mtime_s * 1_000_000_000,
             is_socket=(raw_mode & _S_IFMT) == _S_IFSOCK,
         )
         if tflag in "34":
@@ -420,12 +460,14 @@ class TarReader:
                 if entry.size > MAX_MEMBER_SIZE:
                     raise _bad(f"member size {entry.size} out of range (limit {MAX_MEMBER_SIZE})")
             self._apply_pax(entry, pax)
+        _check_path(name_b, "member name", True)
         entry.name = _name(name_b, "member name")
-        entry.linkname = _name(link_b, "link name")
         if not entry.name:
             raise _bad("member with an empty name")
-        if not (0 <= entry.uid < 1 << 32 and 0 <= entry.gid < 1 << 32):
-            raise _bad(f"{entry.name}: owner {entry.uid}:{entry.gid} out of range")
+        if link_b:
+            _check_path(link_b, f"{show_name(entry.name)}: link target", tflag == "1")
+        entry.linkname = _name(link_b, "link name")
+        self._check_values(entry, raw_mode, mtime_s)
         if tflag in ("0", "7"):
             entry.type = TYPE_REGULAR
         elif tflag == "\0":
@@ -445,6 +487,36 @@ class TarReader:
         return entry
 
     @staticmethod
+    def _check_values(e: TarEntry, raw_mode: int, mtime_s: int) -> None:
+        """Numbers and xattrs no Linux filesystem could store (see the module docs)."""
+        who = show_name(e.name)
+        if not (0 <= e.uid <= limits.MAX_ID and 0 <= e.gid <= limits.MAX_ID):
+            raise _bad(f"{who}: owner {e.uid}:{e.gid} out of range (0..{limits.MAX_ID})")
+        if not 0 <= raw_mode <= limits.MAX_MODE:
+            raise _bad(f"{who}: mode {raw_mode:#o} out of range (0..{limits.MAX_MODE:#o})")
+        if abs(mtime_s) > limits.MAX_TIME_S:
+            raise _bad(f"{who}: mtime {mtime_s} out of range (64-bit seconds)")
+        if not (0 <= e.devmajor <= limits.MAX_DEVMAJOR
+                and 0 <= e.devminor <= limits.MAX_DEVMINOR):
+            raise _bad(f"{who}: device number {e.devmajor}:{e.devminor} out of range "
+                       f"(major 0..{limits.MAX_DEVMAJOR}, minor 0..{limits.MAX_DEVMINOR})")
+        if e.xattrs:
+            if len(e.xattrs) > limits.MAX_XATTRS:
+                raise _bad(f"{who}: {len(e.xattrs)} xattrs (limit {limits.MAX_XATTRS})")
+            total = 0
+            for key, value in e.xattrs.items():
+                klen = len(key.encode("utf-8", "surrogateescape"))
+                if klen > limits.MAX_XATTR_NAME:
+                    raise _bad(f"{who}: xattr name {show_name(key, 40)} is {klen} bytes "
+                               f"(limit {limits.MAX_XATTR_NAME})")
+                if len(value) > limits.MAX_XATTR_VALUE:
+                    raise _bad(f"{who}: xattr {show_name(key, 40)} value is {len(value)} "
+                               f"bytes (limit {limits.MAX_XATTR_VALUE})")
+                total += klen + len(value)
+            if total > limits.MAX_XATTR_TOTAL:
+                raise _bad(f"{who}: xattrs take {total} bytes (limit {limits.MAX_XATTR_TOTAL})")
+
+    @staticmethod
     def _apply_pax(entry: TarEntry, recs: dict[str, bytes]) -> None:
         for key, value in recs.items():
             if key == "uid":
@@ -455,6 +527,12 @@ class TarReader:
                 entry.mtime_ns = _pax_time_ns(value, "mtime")
             elif key == "atime":
                 entry.atime_ns = _pax_time_ns(value, "atime")
+            elif key == "SCHILY.devmajor":
+                if entry.type in "34":
+                    entry.devmajor = _decimal(value, "devmajor")
+            elif key == "SCHILY.devminor":
+                if entry.type in "34":
+                    entry.devminor = _decimal(value, "devminor")
             elif key.startswith("SCHILY.xattr."):
                 name = key[len("SCHILY.xattr.") :]
                 if not name or "\0" in name:

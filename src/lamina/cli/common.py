@@ -7,7 +7,10 @@ from collections.abc import Iterable, Sequence
 
 from lamina.errors import InvalidArgument
 
-__all__ = ["add_mount_flags", "human_size", "parse_labels", "print_table"]
+__all__ = [
+    "add_max_layer_size", "add_mount_flags", "human_size", "max_layer_size", "parse_labels",
+    "print_table",
+]
 
 
 def parse_labels(pairs: Iterable[str] | None, *, allow_bare: bool = False) -> dict[str, str]:
@@ -47,3 +50,28 @@ def add_mount_flags(p: argparse.ArgumentParser) -> None:
                    help="honour setuid/setgid bits and file capabilities (no nosuid)")
     p.add_argument("--allow-dev", action="store_true",
                    help="let device nodes of the image be opened (no nodev)")
+
+
+def _size_arg(text: str) -> int:
+    from lamina.archive.limits import parse_size
+
+    try:
+        return parse_size(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def add_max_layer_size(p: argparse.ArgumentParser) -> None:
+    """``--max-layer-size``: how far one layer may expand (default 64G or
+    ``$LAMINA_MAX_LAYER_SIZE``)."""
+    p.add_argument("--max-layer-size", type=_size_arg, default=None, metavar="SIZE",
+                   help="stop a layer that expands beyond SIZE uncompressed bytes "
+                   "(e.g. 4G; default $LAMINA_MAX_LAYER_SIZE or 64G)")
+
+
+def max_layer_size(args: argparse.Namespace) -> int:
+    """The ``--max-layer-size`` given, else ``$LAMINA_MAX_LAYER_SIZE``, else the default."""
+    from lamina.archive.limits import env_max_layer_size
+
+    given: int | None = getattr(args, "max_layer_size", None)
+    return given if given is not None else env_max_layer_size()

@@ -7,20 +7,22 @@ import os
 
 from lamina.archive.apply import apply_layer
 from lamina.cli.app import App
+from lamina.cli.common import add_max_layer_size, max_layer_size
 from lamina.mount import temp_mount
 
 __all__ = ["register"]
 
 
 def cmd_apply(args: argparse.Namespace, app: App) -> int:
+    limit = max_layer_size(args)
     mounts = app.snapshots().mounts(args.key)
     with temp_mount(mounts, base=app.store_root.tmpmounts) as target:
         if os.path.exists(args.layer):
             with open(args.layer, "rb") as f:
-                applied = apply_layer(f, target, expected_diff_id=args.diff_id)
+                applied = apply_layer(f, target, expected_diff_id=args.diff_id, max_size=limit)
         else:
             with app.content().reader(args.layer) as r:
-                applied = apply_layer(r, target, expected_diff_id=args.diff_id)
+                applied = apply_layer(r, target, expected_diff_id=args.diff_id, max_size=limit)
     print(applied.diff_id)
     return 0
 
@@ -31,6 +33,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = verbs.add_parser("apply", help="apply LAYER (a file or a content digest) onto active "
                          "snapshot KEY; prints its DiffID")
     p.add_argument("--diff-id", default=None, help="fail unless the layer has this DiffID")
+    add_max_layer_size(p)
     p.add_argument("layer")
     p.add_argument("key")
     p.set_defaults(handler=cmd_apply)

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import IO
 
+from lamina.archive.limits import DEFAULT_MAX_LAYER_SIZE
 from lamina.errors import NotFound
 from lamina.images.exporter import export_images
 from lamina.images.importer import import_images
@@ -39,8 +40,12 @@ class ImageService:
         snapshotter: str = "overlay",
         snapshots: Snapshotter | None = None,
         progress: Progress | None = None,
+        max_layer_size: int = DEFAULT_MAX_LAYER_SIZE,
     ) -> None:
+        """``max_layer_size``: the uncompressed bytes one layer may expand to
+        when it is unpacked (ResourceExhausted beyond)."""
         self.root = root
+        self.max_layer_size = max_layer_size
         self.snapshotter_name = snapshotter
         self._snapshots = snapshots
         self.progress = progress or Progress()
@@ -105,6 +110,7 @@ class ImageService:
                     progress=self.progress,
                     hold=functools.partial(leases.add_resource, lease.id,
                                            f"snapshot:{self.snapshotter_name}"),
+                    max_layer_size=self.max_layer_size,
                 )
                 return unpacker.unpack(manifest, config)
         finally:

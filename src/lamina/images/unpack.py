@@ -8,6 +8,14 @@ unpacks — threads or processes — extract each layer once; the others wait
 and reuse it. A layer that fails (bad DiffID, hostile tar) leaves no
 snapshot: its active snapshot or staging directory is removed.
 
+Limits: each layer may expand to ``max_layer_size`` uncompressed bytes
+(ResourceExhausted beyond, naming the layer). Before extracting,
+the sizes the layers announce (see
+:func:`lamina.archive.compression.size_hint`) are compared with the free
+space of the snapshotter's filesystem, so an unpack that cannot fit fails
+with ResourceExhausted before writing anything; while extracting, every
+apply stops at the filesystem's reserve (:mod:`lamina.archive.limits`).
+
 On overlay, layers are extracted in parallel straight into staging upper
 directories (a layer's upperdir does not need its parents to be filled) and
 committed in order as soon as their parent is.
@@ -33,9 +41,11 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from lamina import crash
+from lamina.archive import limits
 from lamina.archive.apply import AppliedLayer, NeedsLowerLayers, apply_layer
+from lamina.archive.compression import size_hint, too_large
 from lamina.archive.whiteout import drop_needless_whiteouts
-from lamina.errors import AlreadyExists, InvalidArgument, NotFound
+from lamina.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from lamina.fsutil import locked
 from lamina.images.identity import chain_ids
 from lamina.images.oci import Descriptor, ImageConfig, Manifest
@@ -103,11 +113,13 @@ class Unpacker:
         progress: Progress | None = None,
         parallel: int = 0,
         hold: Callable[[str], None] | None = None,
+        max_layer_size: int = limits.DEFAULT_MAX_LAYER_SIZE,
         open_layer: Callable[[Descriptor], IO[bytes]] | None = None,
     ) -> None:
         """``open_layer(desc)`` opens a layer's compressed bytes (default: read the
         committed blob); a pull passes one that reads a layer while it downloads."""
         self.content = content
+        self.max_layer_size = max_layer_size
         self.sn = snapshotter
         self.name = snapshotter_name
         self.locks = Path(locks_dir)
@@ -138,6 +150,40 @@ class Unpacker:
         raw = self.open_layer(desc) if self.open_layer else self.content.reader(desc.digest)
         return _Counting(raw, self.progress, desc.digest, desc.size)  # type: ignore[return-value]
 
+    def _apply(self, manifest: Manifest, config: ImageConfig, i: int, target: str | Path,
+               *, overlay: bool = False) -> AppliedLayer:
+        """Apply layer ``i`` onto ``target``, bounded by ``max_layer_size``."""
+        reader = self._reader(manifest, i)
+        try:
+            return apply_layer(reader, target, overlay=overlay, expected_diff_id=config.diff_ids[i],
+                        max_size=self.max_layer_size)
+        except ResourceExhausted as exc:
+            if exc.message != too_large(self.max_layer_size).message:
+                raise
+            raise too_large(self.max_layer_size, f"layer {manifest.layers[i].digest}") from None
+        finally:
+            reader.close()
+
+    def _check_space(self, manifest: Manifest, todo: list[int]) -> None:
+        """ResourceExhausted now if the layers to extract cannot fit (see the module docs)."""
+        if not isinstance(self.sn, DirectorySnapshotter):
+            return  # a remote snapshotter: its own applies are bounded
+        if self.open_layer is not None:
+            return  # layers still downloading: only the applies' own bounds hold
+        need = 0
+        for i in todo:
+            desc = manifest.layers[i]
+            head = self.content.read_at(desc.digest, 0, 18)
+            tail = self.content.read_at(desc.digest, max(0, desc.size - 4), 4)
+            need += min(size_hint(head, tail, desc.size), self.max_layer_size)
+        st = os.statvfs(self.sn.root)
+        free = st.f_bavail * st.f_frsize
+        reserve = limits.space_reserve(st.f_blocks * st.f_frsize)
+        if need > free - reserve:
+            raise ResourceExhausted(
+                f"unpack: {len(todo)} layer(s) announce {need} bytes, {free} bytes are free "
+                f"on the filesystem of {self.sn.root} (lamina keeps {reserve} free)")
+
     @staticmethod
     def _key(chain: str) -> str:
         return f"extract-{time.time_ns()}-{secrets.token_hex(4)} {chain}"
@@ -167,6 +213,7 @@ class Unpacker:
             Capability.OVERLAY in self.sn.capabilities
         )
         if todo:
+            self._check_space(manifest, todo)
             extracted = (self._staged if fast else self._mounted)(manifest, config, chains, todo)
         else:
             extracted = 0
@@ -202,11 +249,7 @@ class Unpacker:
         mounts = self.sn.prepare(key, parent, labels={LABEL_SNAPSHOT_REF: chain})
         try:
             with temp_mount(mounts, base=self.tmpmounts) as target:
-                reader = self._reader(manifest, i)
-                try:
-                    apply_layer(reader, target, expected_diff_id=config.diff_ids[i])
-                finally:
-                    reader.close()
+                self._apply(manifest, config, i, target)
                 crash.point("unpack.applied")
             self._commit(key, chain)
         finally:
@@ -282,10 +325,8 @@ class Unpacker:
                 return None
             staging = sn.staging()
             staged = staging.__enter__()
-            reader = self._reader(manifest, i)
             try:
-                applied[i] = apply_layer(reader, staged, overlay=True,
-                                         expected_diff_id=config.diff_ids[i])
+                applied[i] = self._apply(manifest, config, i, staged, overlay=True)
                 crash.point("unpack.applied")
             except NeedsLowerLayers:
                 staging.__exit__(None, None, None)
@@ -293,8 +334,6 @@ class Unpacker:
             except BaseException:
                 staging.__exit__(None, None, None)
                 raise
-            finally:
-                reader.close()
             stack.push(staging)
             return staged
 
