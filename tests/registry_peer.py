@@ -25,9 +25,9 @@ from conftest import require_tools
 __all__ = ["Registry", "free_port", "running_registry", "skopeo_push"]
 
 
-def free_port() -> int:
+def free_port(addr: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((addr, 0))
         port: int = s.getsockname()[1]
         return port
 
@@ -38,10 +38,11 @@ class Registry:
     port: int
     proc: subprocess.Popen[bytes]
     tls: bool = False
+    addr: str = "127.0.0.1"
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.addr}:{self.port}"
 
     @property
     def storage(self) -> Path:
@@ -66,11 +67,12 @@ def _htpasswd(path: Path, user: str, password: str) -> None:
 @contextlib.contextmanager
 def running_registry(base: Path, *, htpasswd: tuple[str, str] | None = None,
                      tls: tuple[Path, Path] | None = None,
-                     extra: str = "") -> Iterator[Registry]:
-    """Start ``docker-registry serve`` on a free loopback port; stop it by PID after."""
+                     extra: str = "", addr: str = "127.0.0.1") -> Iterator[Registry]:
+    """Start ``docker-registry serve`` on a free port of ``addr`` (loopback by default);
+    stop it by PID after."""
     require_tools("docker-registry")
     base.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = free_port(addr)
     auth = ""
     if htpasswd is not None:
         _htpasswd(base / "htpasswd", *htpasswd)
@@ -84,19 +86,19 @@ def running_registry(base: Path, *, htpasswd: tuple[str, str] | None = None,
         "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
         f"storage:\n  filesystem:\n    rootdirectory: {base / 'storage'}\n"
         "  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n  secret: lamina-test-secret\n{tls_conf}"
+        f"http:\n  addr: {addr}:{port}\n  secret: lamina-test-secret\n{tls_conf}"
         f"{auth}{extra}")
     log = open(base / "registry.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(["docker-registry", "serve", str(base / "config.yml")],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    reg = Registry(base, port, proc, tls=tls is not None)
+    reg = Registry(base, port, proc, tls=tls is not None, addr=addr)
     try:
         deadline = time.monotonic() + 20
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"docker-registry exited: {reg.log()}")
             with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                socket.create_connection((addr, port), timeout=0.5).close()
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"docker-registry did not listen: {reg.log()}")
@@ -137,3 +139,34 @@ def http_get(host: str, path: str, accept: str = "application/vnd.oci.image.mani
         return resp.status, resp.read()
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def second_host() -> Iterator[tuple[str, str, str]]:
+    """A network namespace joined to this one by a veth pair: a second "host".
+
+    Yields (namespace, this side's address, the namespace's address); run a
+    command there with ``ip netns exec <namespace> ...``. Removed afterwards.
+    """
+    require_tools("ip")
+    tag = f"{os.getpid() % 10000}{int(time.monotonic() * 1000) % 1000}"
+    ns, here, there = f"lamina-test-{tag}", f"lt{tag}a", f"lt{tag}b"
+    subnet = 10 + os.getpid() % 200
+    host_ip, ns_ip = f"10.{subnet}.77.1", f"10.{subnet}.77.2"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+    ip("netns", "add", ns)
+    try:
+        ip("link", "add", here, "type", "veth", "peer", "name", there)
+        ip("link", "set", there, "netns", ns)
+        ip("addr", "add", f"{host_ip}/30", "dev", here)
+        ip("link", "set", here, "up")
+        ip("netns", "exec", ns, "ip", "addr", "add", f"{ns_ip}/30", "dev", there)
+        ip("netns", "exec", ns, "ip", "link", "set", there, "up")
+        ip("netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        yield ns, host_ip, ns_ip
+    finally:
+        subprocess.run(["ip", "link", "del", here], capture_output=True, timeout=30)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
