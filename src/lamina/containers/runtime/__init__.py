@@ -1,9 +1,14 @@
 """The layer below container records: run processes of a rootfs with runc.
 
 * :mod:`.spec` — OCI runtime specs from an image config (:func:`generate_spec`).
-* :mod:`.tasks` — :class:`TaskManager`: bundles, start/exec/kill/pause/delete.
+* :mod:`.tasks` — :class:`TaskManager`: start/exec/kill/pause/delete/checkpoint.
 * :mod:`.criu` — checkpoint/restore through ``runc checkpoint``/``restore``.
+* :mod:`.launch` — runc in a bundle, in the foreground or under the shim
+  (:mod:`.shim`), and a task's state read back.
+* :mod:`.bundle` — the state directory: bundle layout, locks, create/remove.
 * :mod:`.runc` — the typed wrapper around the ``runc`` command line.
+
+From :mod:`.tasks` down, each module uses only public names of those below it.
 """
 
 from __future__ import annotations

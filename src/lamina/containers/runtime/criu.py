@@ -25,9 +25,10 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lamina.errors import (
     AlreadyExists,
@@ -37,13 +38,18 @@ from lamina.errors import (
     NotFound,
     Unavailable,
 )
-from lamina.fsutil import atomic_write
-from lamina.mount import Mount, is_mountpoint, mount_all
+from lamina.mount import Mount, is_mountpoint
 
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-    from .tasks import TaskInfo, TaskManager
+from .bundle import (
+    TaskInfo,
+    TaskStatus,
+    mount_from_json,
+    mount_rootfs,
+    mount_to_json,
+    validate_id,
+    write_json,
+)
+from .launch import Launcher
 
 __all__ = ["CheckpointInfo", "checkpoint", "criu_available", "find_criu", "restore"]
 
@@ -169,7 +175,7 @@ def _options(*, tcp_established: bool, ext_unix_sk: bool, file_locks: bool) -> t
 
 
 def checkpoint(
-    manager: TaskManager,
+    launcher: Launcher,
     task_id: str,
     image_dir: Path,
     *,
@@ -187,11 +193,9 @@ def checkpoint(
     connections, external unix sockets and file locks are dumped when the
     matching flags are on; restore uses the same options.
     """
-    from .tasks import TaskStatus
-
     live = (TaskStatus.RUNNING, TaskStatus.PAUSED)
-    bundle = manager.bundle(task_id)
-    info = manager.state(task_id)
+    bundle = launcher.bundles.path(task_id)
+    info = launcher.info(task_id)
     if info.status not in live:
         raise FailedPrecondition(f"task {task_id} is {info.status}; only a live task can be dumped")
     _require_criu()
@@ -207,13 +211,13 @@ def checkpoint(
     started = time.monotonic()
     for attempt in range(1, DUMP_ATTEMPTS + 1):
         try:
-            manager.runc.checkpoint(
+            launcher.runc.checkpoint(
                 task_id, image_dir, work_path=work_dir, leave_running=leave_running, options=opts
             )
             break
         except LaminaError as exc:
             if (attempt == DUMP_ATTEMPTS or not seize_failed(log)
-                    or manager.state(task_id).status not in live):
+                    or launcher.info(task_id).status not in live):
                 raise type(exc)(f"{exc.message}{_criu_log_tail(log)}") from exc
         # keep the failed attempt's log beside the next one; drop its partial images
         log.rename(log.with_name(f"dump.{attempt}.log"))
@@ -225,7 +229,7 @@ def checkpoint(
 
     config = json.loads((bundle / "config.json").read_text())
     linux = config.get("linux") or {}
-    if linux.get("cgroupsPath") == manager.cgroups_path(task_id):
+    if linux.get("cgroupsPath") == launcher.bundles.cgroups_path(task_id):
         del linux["cgroupsPath"]  # a restore under another id gets its own
     meta = json.loads((bundle / "meta.json").read_text())
     record = {
@@ -236,11 +240,10 @@ def checkpoint(
         "spec": config,
         "mounts": meta.get("mounts", []),
     }
-    atomic_write(image_dir / METADATA,  # 0600: the spec may hold secrets in its env
-                 (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    write_json(image_dir / METADATA, record)  # 0600: the spec may hold secrets in its env
     if not leave_running:
         # the dump killed the container; let the shim record that
-        manager._wait_shim(bundle, 10.0)
+        launcher.wait_shim(bundle, 10.0)
     return CheckpointInfo(
         task_id=task_id,
         image_dir=image_dir,
@@ -251,7 +254,7 @@ def checkpoint(
 
 
 def restore(
-    manager: TaskManager,
+    launcher: Launcher,
     task_id: str,
     image_dir: Path,
     *,
@@ -273,8 +276,6 @@ def restore(
     when it ends. CRIU's restore log goes to ``work_dir`` (default: the
     bundle's ``criu-restore/``).
     """
-    from .tasks import TaskStatus, _mount_from_json, _write_json, validate_id
-
     validate_id(task_id)
     image_dir = image_dir.absolute()
     if not (image_dir / "inventory.img").exists():
@@ -290,57 +291,50 @@ def restore(
     ]
     _require_criu()
 
-    with manager._lock(task_id):
-        bundle = manager.bundle(task_id)
+    bundles = launcher.bundles
+    with bundles.lock(task_id):
+        bundle = bundles.path(task_id)
         created_here = False
-        if (bundle / "meta.json").exists():
-            info = manager.state(task_id)
+        if bundles.exists(task_id):
+            info = launcher.info(task_id)
             if info.status != TaskStatus.STOPPED:
                 raise AlreadyExists(f"task {task_id} exists and is {info.status}")
-            manager._wait_shim(bundle, 10.0)
+            launcher.wait_shim(bundle, 10.0)
             with contextlib.suppress(NotFound):
-                manager.runc.delete(task_id, force=True)
+                launcher.runc.delete(task_id, force=True)
             meta = json.loads((bundle / "meta.json").read_text())
             if spec is not None:
                 config = dict(spec)
                 config.setdefault("root", {})["path"] = "rootfs"
                 config.setdefault("linux", {}).setdefault(
-                    "cgroupsPath", manager.cgroups_path(task_id)
+                    "cgroupsPath", bundles.cgroups_path(task_id)
                 )
-                _write_json(bundle / "config.json", config)
+                write_json(bundle / "config.json", config)
             rootfs = bundle / "rootfs"
             if not is_mountpoint(rootfs):
                 use = (
                     list(mounts)
                     if mounts
-                    else [_mount_from_json(m) for m in meta.get("mounts", [])]
+                    else [mount_from_json(m) for m in meta.get("mounts", [])]
                 )
                 if not use:
                     raise InvalidArgument(f"task {task_id}: no rootfs mounts to restore into")
-                mount_all(use, rootfs, allow_suid=True, allow_dev=True)  # as at start
-                meta["mounts"] = [
-                    {
-                        "type": m.type,
-                        "source": m.source,
-                        "target": m.target,
-                        "options": list(m.options),
-                    }
-                    for m in use
-                ]
+                mount_rootfs(bundle, use)  # as at start
+                meta["mounts"] = [mount_to_json(m) for m in use]
             meta["detached"] = detach
             meta["restored_from"] = str(image_dir)
-            _write_json(bundle / "meta.json", meta)
+            write_json(bundle / "meta.json", meta)
         else:
             use_spec = spec if spec is not None else saved.get("spec")
             use_mounts = (
-                list(mounts) if mounts else [_mount_from_json(m) for m in saved.get("mounts", [])]
+                list(mounts) if mounts else [mount_from_json(m) for m in saved.get("mounts", [])]
             )
             if not isinstance(use_spec, dict) or not use_mounts:
                 raise InvalidArgument(
                     f"restore {task_id}: need a spec and rootfs mounts "
                     "(none given and none recorded with the checkpoint)"
                 )
-            bundle = manager._create_bundle(
+            bundle = bundles.create(
                 task_id,
                 use_mounts,
                 use_spec,
@@ -369,8 +363,8 @@ def restore(
         ]
         try:
             if detach:
-                return manager._launch_detached(task_id, bundle, args, what=f"restore {task_id}")
-            return manager._launch_foreground(
+                return launcher.detached(task_id, bundle, args, what=f"restore {task_id}")
+            return launcher.foreground(
                 task_id,
                 bundle,
                 args,
@@ -383,5 +377,5 @@ def restore(
             tail = _criu_log_tail(wd / "restore.log")
             if created_here:
                 with contextlib.suppress(LaminaError):
-                    manager._cleanup_failed(task_id, bundle)
+                    launcher.cleanup_failed(task_id, bundle)
             raise type(exc)(f"{exc.message}{tail}") from exc

@@ -1,6 +1,6 @@
 """The per-container monitor of a detached task (lamina's "shim").
 
-Started by :class:`~lamina.containers.runtime.tasks.TaskManager` as
+Started by :meth:`~lamina.containers.runtime.launch.Launcher.detached` as
 ``python3 -I shim.py <bundle>/shim.json`` in a session of its own, it outlives
 the lamina process that started it. It:
 
