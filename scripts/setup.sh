@@ -29,7 +29,7 @@ PACKAGES=(
     containerd runc criu umoci skopeo docker-registry debootstrap
     zstd pigz xz-utils tar iproute2 git python3-venv ca-certificates
     util-linux mount e2fsprogs attr libcap2-bin procps kmod
-    debian-archive-keyring systemd
+    debian-archive-keyring systemd uidmap
     # CRIU build dependencies (scripts/build-criu.sh)
     build-essential pkg-config dpkg-dev
     libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler

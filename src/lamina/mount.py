@@ -33,11 +33,13 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from lamina.errors import Internal, InvalidArgument
 
 __all__ = [
-    "Mount", "cleanup_temp_mounts", "is_mountpoint", "mount_all", "temp_mount", "unmount_all",
+    "Mount", "cleanup_temp_mounts", "is_mountpoint", "mount_all", "move_mount", "syscall",
+    "temp_mount", "unmount_all",
 ]
 
 _TEMP_PREFIX = "lamina-mount-"
@@ -138,6 +140,20 @@ _AT_FDCWD = -100
 def _os_error(what: str) -> OSError:
     err = ctypes.get_errno()
     return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def syscall(nr: int, *args: Any, what: str) -> int:
+    """The raw ``syscall(nr, *args)``: its result, or an OSError saying ``what`` failed."""
+    rc = int(_libc.syscall(nr, *args))
+    if rc < 0:
+        raise _os_error(what)
+    return rc
+
+
+def move_mount(mfd: int, target: str) -> None:
+    """Attach the detached mount ``mfd`` (from fsmount or open_tree) on ``target``."""
+    syscall(_SYS_MOVE_MOUNT, mfd, b"", _AT_FDCWD, target.encode(), _MOVE_MOUNT_F_EMPTY_PATH,
+            what=f"move_mount onto {target}")
 
 
 def _parse(options: Sequence[str]) -> tuple[int, int, list[str]]:
@@ -254,7 +270,12 @@ def mount_all(
     try:
         for m in mounts:
             dest = os.path.join(target, m.target.lstrip("/")) if m.target else target
-            _mount_one(m, dest, restrict)
+            if any(o.startswith(("uidmap=", "gidmap=")) for o in m.options):
+                from lamina.idmap import mount_idmapped  # containerd's ID-mapped mounts
+
+                mount_idmapped(m, dest, allow_suid=allow_suid, allow_dev=allow_dev)
+            else:
+                _mount_one(m, dest, restrict)
             done += 1
     except OSError as exc:
         for _ in range(done):

@@ -15,6 +15,7 @@ from lamina.containers.revisions import ContainerService
 from lamina.containers.runtime import BindMount, parse_mount_flag
 from lamina.containers.tasks_service import ContainerTasks, make_options
 from lamina.errors import InvalidArgument
+from lamina.idmap import parse_userns
 from lamina.images.service import ImageService
 from lamina.progress import Progress
 
@@ -47,7 +48,9 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     cmd = list(args.cmd or [])
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
-    return make_options(args=cmd or None, env=list(args.env or []), mounts=mounts)
+    userns = parse_userns(args.userns) if getattr(args, "userns", None) else None
+    return make_options(args=cmd or None, env=list(args.env or []), mounts=mounts,
+                        userns=userns)
 
 
 def add_create_flags(v: argparse.ArgumentParser) -> None:
@@ -55,6 +58,10 @@ def add_create_flags(v: argparse.ArgumentParser) -> None:
     v.add_argument("--mount", action="append", metavar="SPEC",
                    help="bind mount: type=bind,src=/host,dst=/ctr[,ro]")
     v.add_argument("--env", action="append", metavar="K=V", help="environment variable")
+    v.add_argument("--userns", metavar="HOSTID:SIZE",
+                   help="own user namespace: container IDs 0..SIZE-1 are host HOSTID.. "
+                   "(HOSTUID:HOSTGID:SIZE for different uid and gid bases); the image "
+                   "is mounted ID-mapped, never chowned")
     v.add_argument("image", metavar="IMAGE")
     v.add_argument("id", metavar="ID")
     v.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD",

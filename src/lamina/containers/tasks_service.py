@@ -13,7 +13,12 @@ Options, as kept in ``spec.annotations["lamina.io/options"]``::
 
     {"args": ["sh", "-c", "..."] | null,   # replaces the image's Cmd
      "env": ["K=V", ...],
-     "mounts": [{"source": "/abs", "destination": "/abs", "readonly": false}, ...]}
+     "mounts": [{"source": "/abs", "destination": "/abs", "readonly": false}, ...],
+     "userns": {"uids": ["0:HOST:SIZE"], "gids": ["0:HOST:SIZE"]}}   # optional
+
+A container with ``userns`` runs in a user namespace of its own with those
+mappings, and its root filesystem is mounted ID-mapped (:mod:`lamina.idmap`):
+the image's layers show their own owners inside and are never chowned.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from lamina.containers.revisions import ContainerService
 from lamina.containers.runtime import BindMount, TaskInfo, TaskManager, TaskStatus, generate_spec
 from lamina.containers.store import Container
 from lamina.errors import FailedPrecondition, InvalidArgument, LaminaError, NotFound
+from lamina.idmap import UserNamespace, with_idmap
 from lamina.mount import Mount, temp_mount
 
 __all__ = [
@@ -37,6 +43,7 @@ __all__ = [
     "make_options",
     "readonly_mounts",
     "tasks_dir",
+    "userns_of",
 ]
 
 
@@ -50,12 +57,15 @@ def make_options(
     args: Sequence[str] | None = None,
     env: Sequence[str] = (),
     mounts: Sequence[BindMount] = (),
+    userns: UserNamespace | None = None,
 ) -> dict[str, Any]:
     """The options record a container keeps (see the module docs)."""
     for item in env:
         if not item.partition("=")[0]:
             raise InvalidArgument(f"invalid environment entry {item!r} (want KEY=VALUE)")
+    extra: dict[str, Any] = {} if userns is None else {"userns": userns.to_json()}
     return {
+        **extra,
         "args": list(args) if args else None,
         "env": list(env),
         "mounts": [
@@ -63,6 +73,17 @@ def make_options(
             for m in mounts
         ],
     }
+
+
+def userns_of(options: Mapping[str, Any]) -> UserNamespace | None:
+    """The user namespace an options record asks for (None: the host's)."""
+    obj = options.get("userns")
+    if not obj:
+        return None
+    try:
+        return UserNamespace.from_json(obj)
+    except (KeyError, TypeError) as exc:
+        raise InvalidArgument(f"bad userns option {obj!r}") from exc
 
 
 def bind_mounts(options: Mapping[str, Any]) -> list[BindMount]:
@@ -136,6 +157,11 @@ class ContainerTasks:
                 hostname=container.id[:63],
                 rootfs=rootfs,
             )
+        userns = userns_of(options)
+        if userns is not None:
+            linux = spec.setdefault("linux", {})
+            linux.setdefault("namespaces", []).append({"type": "user"})
+            linux.update(userns.spec())
         spec.setdefault("annotations", {})["lamina.io/image"] = container.image
         return spec
 
@@ -163,7 +189,11 @@ class ContainerTasks:
             self.tasks.delete(cid)
         spec = self.generate(container)
         container = self.containers.set_spec(container, spec)
-        return self.tasks.start(cid, self.mounts(container), spec, detach=detach,
+        mounts = self.mounts(container)
+        userns = userns_of(self.containers.options(container))
+        if userns is not None:
+            mounts = with_idmap(mounts, userns)
+        return self.tasks.start(cid, mounts, spec, detach=detach,
                                 stdin=stdin, stdout=stdout, stderr=stderr)
 
     def stop(self, cid: str, *, timeout: float = 10.0) -> TaskInfo | None:

@@ -46,6 +46,7 @@ from typing import Any
 
 from lamina.errors import AlreadyExists, Internal, InvalidArgument, NotFound
 from lamina.fsutil import atomic_write, locked, remove_tree
+from lamina.idmap import reachable_from_userns
 from lamina.mount import Mount, is_mountpoint, mount_all, unmount_all
 
 __all__ = [
@@ -245,6 +246,8 @@ class Bundles:
             linux["cgroupsPath"] = self.cgroups_path(task_id)
         bundle.mkdir(mode=0o700)
         try:
+            if any(ns.get("type") == "user" for ns in linux.get("namespaces") or []):
+                reachable_from_userns(bundle)  # runc mounts rootfs from inside the userns
             rootfs = bundle / "rootfs"
             rootfs.mkdir(mode=0o700)  # covered by the container's root filesystem
             write_json(bundle / "config.json", config)
