@@ -51,6 +51,7 @@ BENCHMARKS: dict[str, str] = {
     "diff": "bench.diff",
     "rss": "bench.rss",
     "grpc": "bench.grpc",
+    "userns": "bench.userns",
 }
 
 RESULTS = _HERE / "results" / "latest.json"
