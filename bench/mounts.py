@@ -48,7 +48,7 @@ def run(ctx: Ctx) -> list[Row]:
             parent = ""
             for i in range(max(DEPTHS)):
                 sn.prepare(f"build-{i}", parent)
-                (sn.upper_dir(f"build-{i}") / f"f{i}").write_text(str(i))
+                (sn.layer_dir(f"build-{i}") / f"f{i}").write_text(str(i))
                 sn.commit(f"layer-{i}", f"build-{i}")
                 parent = f"layer-{i}"
             snap_dirs = d / "lamina" / "snapshots"

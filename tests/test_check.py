@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -14,10 +15,11 @@ from conftest import require_root_user
 from lamina.check import check
 from lamina.cli import main
 from lamina.containers.store import Container, ContainerStore
-from lamina.errors import FailedPrecondition
+from lamina.errors import FailedPrecondition, InvalidArgument
 from lamina.images.identity import chain_ids
 from lamina.images.service import ImageService
 from lamina.root import Root
+from lamina.snapshots import LocalDirectories
 
 FAILED = FailedPrecondition.exit_code
 
@@ -170,7 +172,7 @@ def test_missing_layer_directory_with_children_remains(
     root.close()
     code, out = _cli(capsys, root_dir, "check", "--repair")
     assert code == FAILED
-    assert f"remaining: [snapshot] snapshot id {sid}" in out
+    assert f"remaining: [snapshot.missing-directory] snapshot id {sid}" in out
     root = Root(root_dir)
     assert base in {i.name for i in root.snapshotter("overlay").walk()}  # kept: it has a child
     root.close()
@@ -189,3 +191,82 @@ def test_container_without_its_snapshot(root_dir: Path,
     root.close()
     code, out = _cli(capsys, root_dir, "check")
     assert code == FAILED and "container ghost: snapshot overlay/no-such-snapshot" in out
+
+
+@pytest.mark.parametrize("snapshotter", ["overlay", "native"])
+def test_deep_check_finds_a_changed_lower_layer(
+        image: f.ImageRef, tmp_root: Path, snapshotter: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    root_dir = tmp_root / "deep"
+    root = Root(root_dir)
+    ImageService(root, snapshotter=snapshotter).import_(image.layout)
+    sn = root.snapshotter(snapshotter)
+    base = chain_ids(image.diff_ids)[0]
+    assert isinstance(sn, LocalDirectories)
+    layer = sn.layer_dir(base)
+    victim = next(p for p in sorted(layer.rglob("*")) if p.is_file() and not p.is_symlink()
+                  and p.stat().st_size > 0)
+    rel = victim.relative_to(layer).as_posix()
+    root.close()
+    assert _cli(capsys, root_dir, "check", "--deep") == (0, "consistent\n")
+
+    _flip_byte(victim)
+    # the cheap check does not read layers; the deep one does
+    assert _cli(capsys, root_dir, "check")[0] == 0
+    code, out = _cli(capsys, root_dir, "check", "--deep")
+    assert code == FAILED
+    assert f"[snapshot.layer-changed] layer {snapshotter}/{base}: changed since it was " \
+           f"unpacked: {rel}: sha256, mtime_ns changed" in out
+    # a removed file, a new one and a mode change are all named; repair leaves it reported
+    victim.unlink()
+    (layer / "planted").write_text("x")
+    os.chmod(layer, 0o777)
+    code, out = _cli(capsys, root_dir, "check", "--deep", "--json")
+    [problem] = json.loads(out)["problems"]
+    assert code == FAILED and problem["subject"] == f"{snapshotter}/{base}"
+    assert f"{rel}: missing" in problem["message"] and "planted: extra" in problem["message"]
+    code, out = _cli(capsys, root_dir, "check", "--deep", "--repair")
+    assert code == FAILED and "remaining: [snapshot.layer-changed]" in out
+
+
+def test_mtree_records_and_compares_any_tree(tmp_path: Path) -> None:
+    from lamina.archive import mtree
+    from lamina.fsutil import remove_tree
+
+    top = tmp_path / "t"
+    top.mkdir()
+    (top / "a").write_bytes(b"abc")
+    os.symlink("a", top / "l")
+    os.mkfifo(top / "p")
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:  # deeper than PATH_MAX, built relative to directory fds
+        for _ in range(3000):
+            os.mkdir("dd", dir_fd=fd)
+            nxt = os.open("dd", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        os.close(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd))
+    finally:
+        os.close(fd)
+    try:
+        recorded = list(mtree.record(top))
+        assert len(recorded) == 3 + 3000 + 1
+        assert recorded[0].path == "a" and recorded[0].sha256 == hashlib.sha256(b"abc").hexdigest()
+        [leaf] = [e for e in recorded if e.path.endswith("/leaf")]
+        assert leaf.path.count("/") == 3000 and [e.path for e in recorded[-2:]] == ["l", "p"]
+        import io
+
+        buf = io.BytesIO()
+        mtree.encode(recorded, buf)
+        buf.seek(0)
+        assert list(mtree.decode(buf)) == recorded
+        assert list(mtree.compare(recorded, mtree.record(top))) == []
+        os.chmod(top / "a", 0o600)
+        os.unlink(top / "l")
+        os.symlink("elsewhere", top / "l")
+        diffs = {str(d) for d in mtree.compare(recorded, mtree.record(top))}
+        assert diffs == {"a: mode changed", "l: target, mtime_ns changed"}
+        with pytest.raises(InvalidArgument):
+            list(mtree.decode(io.BytesIO(b"not a manifest")))
+    finally:  # pytest cannot remove a tree this deep
+        remove_tree(top)

@@ -17,9 +17,10 @@ from conftest import require_root_user
 from lamina.check import check
 from lamina.cli import main
 from lamina.containers.store import Container, ContainerStore
-from lamina.gc import GC_ROOT, collect
+from lamina.gc import collect
 from lamina.images.identity import chain_ids
 from lamina.images.service import ImageService
+from lamina.labels import GC_ROOT, LAYER_MTREE
 from lamina.leases import LeaseManager
 from lamina.mount import temp_mount
 from lamina.root import Root
@@ -60,6 +61,11 @@ def _blob_files(root: Root) -> set[str]:
     return {f"sha256:{n}" for n in os.listdir(root.content_dir / "blobs" / "sha256")}
 
 
+def _mtrees(root: Root, sn: str) -> set[str]:
+    """Tree manifests the snapshots of ``sn`` keep (one per unpacked layer)."""
+    return {i.labels[LAYER_MTREE] for i in root.snapshotter(sn).walk() if LAYER_MTREE in i.labels}
+
+
 def _keys(root: Root, sn: str) -> set[str]:
     return {i.name for i in root.snapshotter(sn).walk()}
 
@@ -85,9 +91,12 @@ def test_removes_only_the_removed_images_unique_blobs_and_snapshots(
     before_keys = _keys(root, sn)
     assert collect(root).content == [] and _blob_digests(root) == before_blobs  # all in use
 
+    # each unpacked layer's tree manifest lives as long as its snapshot
+    mtrees = {k: i.labels[LAYER_MTREE] for k in (a_chains[1], a_chains[2])
+              for i in [root.snapshotter(sn).stat(k)]}
     svc.remove("a:1")
     a_only = {images.a.manifest_digest, images.a.config_digest,
-              images.a.layers[1].digest, images.a.layers[2].digest}
+              images.a.layers[1].digest, images.a.layers[2].digest, *mtrees.values()}
     dry = collect(root, dry_run=True)
     assert dry.dry_run
     assert {d for d, _ in dry.content} == a_only
@@ -152,7 +161,9 @@ def test_gc_root_and_user_references_keep_their_targets(
     removed_keys = {k for _, k, _ in report.snapshots}
     assert "loose-snap" in removed_keys
     assert loose in {d for d, _ in report.content}
-    keep = {pinned, via_label, via_dotted, holder, labelled_parent}
+    # b's layer snapshots stay (held through a blob's label), and so do their tree manifests
+    mtrees = {snaps.stat(k).labels[LAYER_MTREE] for k in chain_ids(images.b.diff_ids)}
+    keep = {pinned, via_label, via_dotted, holder, labelled_parent, *mtrees}
     assert keep <= _blob_digests(root)
     assert _blob_digests(root) == keep  # every image blob went
     # the snapshot a blob label holds keeps its whole parent chain
@@ -191,7 +202,7 @@ def test_containers_keep_their_snapshots_and_revisions(
     # the old revision (a's chain) and the new one (b's chain) survive, images' blobs go
     assert _keys(root, sn) == {"bare-rw", first, c.snapshot_key, *a_chains, *b_chains}
     assert {k for _, k, _ in report.snapshots} == set()
-    assert _blob_digests(root) == set()
+    assert _blob_digests(root) == _mtrees(root, sn)  # the layers' own manifests stay
     with temp_mount(snaps.mounts(c.snapshot_key)) as mnt:
         assert Path(mnt, "written.txt").read_text() == "by the container"
     # rollback still finds the previous revision
@@ -439,7 +450,7 @@ def test_image_rm_sync_of_a_sole_image(images: Images, tmp_root: Path,
     assert _cli(capsys, root_dir, "--snapshotter", "native", "image", "import",
                 str(images.solo))[0] == 0
     root = Root(root_dir)
-    assert len(_keys(root, "native")) == 2 and len(_blob_digests(root)) == 4
+    assert len(_keys(root, "native")) == 2 and len(_blob_digests(root)) == 4 + 2  # +mtrees
     assert _cli(capsys, root_dir, "image", "rm", "--sync", "s:1")[0] == 0
     assert _blob_digests(root) == set() and _blob_files(root) == set()
     assert _keys(root, "native") == set()

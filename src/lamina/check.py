@@ -7,7 +7,12 @@ What :func:`check` looks at:
   digest is *corrupt*, a row whose file is gone is *missing*; files in the
   blob directory that no row names are *orphans*;
 * **snapshots** — every snapshotter's metadata against its directories
-  (:meth:`DirectorySnapshotter.check`);
+  (snapshotters that implement :class:`~lamina.snapshots.Checker`);
+* **layers** (``deep``) — every committed layer snapshot that recorded a tree
+  manifest when it was unpacked (:mod:`lamina.archive.mtree`) is walked and
+  compared with it: a file of a lower layer that was changed, added, removed
+  or rotted on disk is found (snapshotters with
+  :class:`~lamina.snapshots.LocalDirectories`);
 * **images** — every image's target, and every blob reached from it through
   ``containerd.io/gc.ref.content*`` labels, is present;
 * **containers** — every container's snapshots exist in its snapshotter.
@@ -26,35 +31,60 @@ need importing again). The check then runs again and
 from __future__ import annotations
 
 import contextlib
+import enum
+import itertools
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from lamina.archive import mtree
 from lamina.content.local import BlobCorrupt, LocalContentStore
 from lamina.errors import FailedPrecondition, LaminaError, NotFound
 from lamina.fsutil import locked
 from lamina.gc import label_edges
+from lamina.labels import LAYER_MTREE
 from lamina.mount import cleanup_temp_mounts
-from lamina.root import SNAPSHOTTERS, Root
-from lamina.snapshots.base import DirectorySnapshotter
+from lamina.root import Root
+from lamina.snapshots import Checker, Kind, LocalDirectories, ProblemKind, Snapshotter
 
-__all__ = ["CheckReport", "Problem", "check"]
+__all__ = ["CheckReport", "Problem", "ProblemType", "check"]
 
 _TMP_PREFIXES = (".tmp-", ".del-")
 
 
+class ProblemType(enum.StrEnum):
+    """What a :class:`Problem` is (its value is what ``--json`` prints)."""
+
+    CONTENT_CORRUPT = "content.corrupt"
+    CONTENT_MISSING = "content.missing"
+    CONTENT_ORPHAN = "content.orphan"
+    SNAPSHOT_MISSING_DIRECTORY = "snapshot.missing-directory"
+    SNAPSHOT_ORPHAN_DIRECTORY = "snapshot.orphan-directory"
+    LAYER_CHANGED = "snapshot.layer-changed"
+    IMAGE = "image"
+    CONTAINER = "container"
+
+
+_SNAPSHOT_TYPES = {
+    ProblemKind.MISSING_DIRECTORY: ProblemType.SNAPSHOT_MISSING_DIRECTORY,
+    ProblemKind.ORPHAN_DIRECTORY: ProblemType.SNAPSHOT_ORPHAN_DIRECTORY,
+    ProblemKind.LAYER_CHANGED: ProblemType.LAYER_CHANGED,
+}
+
+#: How many differences of one layer are spelled out (the rest are counted).
+_SHOWN_DIFFERENCES = 5
+
+
 @dataclass(frozen=True)
 class Problem:
-    """One inconsistency. ``kind`` is one of ``content.corrupt``,
-    ``content.missing``, ``content.orphan``, ``snapshot``, ``image``,
-    ``container``."""
+    """One inconsistency: its type, what it is about, and a sentence for people."""
 
-    kind: str
+    kind: ProblemType
     subject: str
     message: str
 
     def to_json(self) -> dict[str, str]:
-        return {"kind": self.kind, "subject": self.subject, "message": self.message}
+        return {"kind": str(self.kind), "subject": self.subject, "message": self.message}
 
 
 @dataclass
@@ -88,13 +118,6 @@ def _local_content(root: Root) -> LocalContentStore:
     return store
 
 
-def _snapshotters(root: Root) -> list[str]:
-    base = root.path / "snapshots"
-    if not base.is_dir():
-        return []
-    return sorted(p.name for p in base.iterdir() if p.is_dir() and p.name in SNAPSHOTTERS)
-
-
 def _check_content(store: LocalContentStore) -> list[Problem]:
     problems: list[Problem] = []
     rows = set()
@@ -103,35 +126,68 @@ def _check_content(store: LocalContentStore) -> list[Problem]:
         try:
             store.verify(info.digest)
         except BlobCorrupt as exc:
-            problems.append(Problem("content.corrupt", info.digest, exc.message))
+            problems.append(Problem(ProblemType.CONTENT_CORRUPT, info.digest, exc.message))
         except NotFound as exc:
-            problems.append(Problem("content.missing", info.digest, exc.message))
+            problems.append(Problem(ProblemType.CONTENT_MISSING, info.digest, exc.message))
     for name in sorted(os.listdir(store.blobs_dir)):
         if f"sha256:{name}" not in rows:
             what = ("temporary file left by a crash" if name.startswith(_TMP_PREFIXES)
                     else "blob file that no metadata row names")
-            problems.append(Problem("content.orphan", str(store.blobs_dir / name), what))
+            problems.append(Problem(ProblemType.CONTENT_ORPHAN, str(store.blobs_dir / name), what))
     return problems
 
 
 def _check_snapshots(root: Root) -> list[Problem]:
     problems: list[Problem] = []
-    for name in _snapshotters(root):
+    for name in root.snapshotter_names():
         sn = root.snapshotter(name)
-        if isinstance(sn, DirectorySnapshotter):
-            problems += [Problem("snapshot", name, msg) for msg in sn.check()]
+        if isinstance(sn, Checker):
+            problems += [Problem(_SNAPSHOT_TYPES[p.kind], f"{name}: {p.subject}", p.message)
+                         for p in sn.check()]
     return problems
+
+
+def _check_layers(root: Root) -> list[Problem]:
+    """Committed layers against the tree manifests recorded when they were unpacked."""
+    problems: list[Problem] = []
+    content = root.content()
+    for name in root.snapshotter_names():
+        sn = root.snapshotter(name)
+        if not isinstance(sn, LocalDirectories):
+            continue
+        for info in sn.walk():
+            digest = info.labels.get(LAYER_MTREE)
+            if info.kind is not Kind.COMMITTED or not digest:
+                continue
+            subject = f"{name}/{info.name}"
+            try:
+                problem = _compare_layer(sn, info.name, content.reader(digest))
+            except NotFound:
+                problem = f"its tree manifest {digest} is missing from the content store"
+            except LaminaError as exc:
+                problem = exc.message
+            if problem:
+                problems.append(Problem(ProblemType.LAYER_CHANGED, subject,
+                                        f"layer {subject}: {problem}"))
+    return problems
+
+
+def _compare_layer(sn: Snapshotter, key: str, recorded: Any) -> str:
+    """What differs between layer ``key``'s files and its recorded manifest ("" if nothing)."""
+    assert isinstance(sn, LocalDirectories)
+    with recorded:
+        found = mtree.compare(mtree.decode(recorded), mtree.record(sn.layer_dir(key)))
+        shown = [str(d) for d in itertools.islice(found, _SHOWN_DIFFERENCES)]
+        more = sum(1 for _ in found)
+    if not shown:
+        return ""
+    tail = f" (and {more} more)" if more else ""
+    return "changed since it was unpacked: " + "; ".join(shown) + tail
 
 
 def _image_problems(root: Root, store: LocalContentStore) -> dict[str, list[Problem]]:
     """Per image name, the content it needs but the store lacks."""
-    from lamina.images.store import ImageStore
-
-    images = ImageStore(root.metadata_path)
-    try:
-        listed = images.list()
-    finally:
-        images.close()
+    listed = root.images().list()
     present = {info.digest: info for info in store.walk()}
     out: dict[str, list[Problem]] = {}
     for image in listed:
@@ -151,7 +207,7 @@ def _image_problems(root: Root, store: LocalContentStore) -> dict[str, list[Prob
                          if kind == "content")
         if missing:
             out[image.name] = [
-                Problem("image", image.name,
+                Problem(ProblemType.IMAGE, image.name,
                         f"image {image.name}: "
                         f"{'target' if d == image.target.digest else 'referenced content'} "
                         f"{d} is missing from the content store")
@@ -161,15 +217,7 @@ def _image_problems(root: Root, store: LocalContentStore) -> dict[str, list[Prob
 
 
 def _check_containers(root: Root) -> list[Problem]:
-    try:
-        from lamina.containers.store import ContainerStore
-    except ModuleNotFoundError:  # pragma: no cover
-        return []
-    store = ContainerStore(root.metadata_path)
-    try:
-        containers = store.list()
-    finally:
-        store.close()
+    containers = root.containers().list()
     problems: list[Problem] = []
     for c in containers:
         for key in c.snapshot_keys():
@@ -177,17 +225,20 @@ def _check_containers(root: Root) -> list[Problem]:
                 root.snapshotter(c.snapshotter).stat(key)
             except NotFound:
                 problems.append(Problem(
-                    "container", c.id,
+                    ProblemType.CONTAINER, c.id,
                     f"container {c.id}: snapshot {c.snapshotter}/{key} does not exist"))
             except LaminaError as exc:
-                problems.append(Problem("container", c.id, f"container {c.id}: {exc.message}"))
+                problems.append(Problem(ProblemType.CONTAINER, c.id,
+                                        f"container {c.id}: {exc.message}"))
     return problems
 
 
-def _scan(root: Root) -> tuple[list[Problem], dict[str, list[Problem]]]:
+def _scan(root: Root, *, deep: bool) -> tuple[list[Problem], dict[str, list[Problem]]]:
     store = _local_content(root)
     problems = _check_content(store)
     problems += _check_snapshots(root)
+    if deep:
+        problems += _check_layers(root)
     images = _image_problems(root, store)
     for name in sorted(images):
         problems += images[name]
@@ -195,14 +246,16 @@ def _scan(root: Root) -> tuple[list[Problem], dict[str, list[Problem]]]:
     return problems, images
 
 
-def _repair_snapshot_rows(sn: DirectorySnapshotter, name: str) -> list[str]:
+def _repair_snapshot_rows(sn: Snapshotter, name: str) -> list[str]:
     """Remove rows whose directory is missing, leaf first, when nothing is stacked on them."""
+    if not isinstance(sn, LocalDirectories):
+        return []
     repaired: list[str] = []
     infos = {i.name: i for i in sn.walk()}
     missing = set()
     for key in infos:
         with contextlib.suppress(NotFound):
-            if not sn.fs_dir(sn.snapshot(key).id).is_dir():
+            if not sn.layer_dir(key).is_dir():
                 missing.add(key)
     children: dict[str, int] = {k: 0 for k in infos}
     for info in infos.values():
@@ -224,10 +277,15 @@ def _repair_snapshot_rows(sn: DirectorySnapshotter, name: str) -> list[str]:
     return repaired
 
 
-def check(root: Root, *, repair: bool = False) -> CheckReport:
-    """Check ``root``; with ``repair``, fix what can be fixed and check again."""
+def check(root: Root, *, repair: bool = False, deep: bool = False) -> CheckReport:
+    """Check ``root``; with ``repair``, fix what can be fixed and check again.
+
+    ``deep`` also compares committed layers with the tree manifests recorded
+    when they were unpacked (reads every file of every such layer). A changed
+    layer is reported, not repaired: the images using it need importing again
+    once it is removed."""
     report = CheckReport(repair=repair)
-    problems, _ = _scan(root)
+    problems, _ = _scan(root, deep=deep)
     report.problems = problems
     if not repair:
         return report
@@ -235,7 +293,7 @@ def check(root: Root, *, repair: bool = False) -> CheckReport:
     with locked(root.path / "locks" / "gc"):
         store = _local_content(root)
         for p in problems:
-            if p.kind == "content.corrupt":
+            if p.kind is ProblemType.CONTENT_CORRUPT:
                 with contextlib.suppress(NotFound):
                     store.delete(p.subject)
                     report.repaired.append(f"deleted corrupt blob {p.subject}")
@@ -247,16 +305,14 @@ def check(root: Root, *, repair: bool = False) -> CheckReport:
                             for d in cleaned.removed_rows]
         report.repaired += [f"removed unusable blob file {p}" for p in cleaned.removed_blobs]
         report.repaired += [f"removed temporary file {p}" for p in cleaned.removed_temp]
-        for name in _snapshotters(root):
+        for name in root.snapshotter_names():
             sn = root.snapshotter(name)
-            if not isinstance(sn, DirectorySnapshotter):
-                continue
-            orphans = [m for m in sn.check() if "unknown to the metadata" in m]
+            orphans = ([p for p in sn.check() if p.repairable]
+                       if isinstance(sn, Checker) else [])
             sn.cleanup()
-            report.repaired += [f"snapshotter {name}: removed {m.split(':', 1)[0]}"
-                                for m in orphans]
+            report.repaired += [f"snapshotter {name}: removed {p.subject}" for p in orphans]
             report.repaired += _repair_snapshot_rows(sn, name)
-    remaining, images_after = _scan(root)
+    remaining, images_after = _scan(root, deep=deep)
     report.remaining = remaining
     report.broken_images = sorted(images_after)
     return report

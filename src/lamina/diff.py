@@ -26,16 +26,16 @@ from lamina.archive.diff import write_diff, write_overlay_diff
 from lamina.archive.limits import DEFAULT_MAX_LAYER_SIZE
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
 from lamina.images.oci import Descriptor
+from lamina.labels import UNCOMPRESSED
 from lamina.mount import Mount, temp_mount
-from lamina.snapshots import Capability, Kind, Snapshotter
-from lamina.snapshots.base import DirectorySnapshotter
+from lamina.snapshots import Capability, Kind, LocalDirectories, Snapshotter
 
 if TYPE_CHECKING:
     from lamina.content import ContentStore
 
 __all__ = ["LABEL_UNCOMPRESSED", "DiffOutcome", "apply_diff", "create_diff"]
 
-LABEL_UNCOMPRESSED = "containerd.io/uncompressed"
+LABEL_UNCOMPRESSED = UNCOMPRESSED
 _COMPRESSION = {"gzip": "gzip", "zstd": "zstd", "none": "none", "": "gzip"}
 
 
@@ -94,9 +94,9 @@ def create_diff(
     try:
         out = _WriterFile(writer)
         own_parent = base == info.parent
-        if (own_parent and isinstance(sn, DirectorySnapshotter)
+        if (own_parent and isinstance(sn, LocalDirectories)
                 and Capability.OVERLAY in sn.capabilities):
-            result = write_overlay_diff(str(sn.fs_dir(sn.snapshot(key).id)), out,
+            result = write_overlay_diff(str(sn.layer_dir(key)), out,
                                         compression=comp)
         else:
             view_key = f"diff-upper-{time.time_ns()}-{secrets.token_hex(4)}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import os
 import tempfile
@@ -10,7 +11,7 @@ from collections.abc import Iterator
 
 from lamina.fstree import remove_tree_at
 
-__all__ = ["atomic_write", "fsync_dir", "locked", "remove_tree"]
+__all__ = ["atomic_write", "fsync_dir", "locked", "remove_tree", "sync_filesystem"]
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -18,6 +19,22 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def sync_filesystem(path: str | os.PathLike[str]) -> None:
+    """Write back every dirty page and inode of the filesystem holding ``path``
+    (syncfs(2)): one call makes a whole freshly written tree durable, cheaper
+    than an fsync per file. It waits for the writeback, as fsync does."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs {os.fspath(path)}: {os.strerror(err)}")
     finally:
         os.close(fd)
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -53,16 +52,14 @@ from typing import Any
 from lamina import crash
 from lamina.errors import FailedPrecondition, NotFound
 from lamina.fsutil import locked
+from lamina.labels import GC_REF_CONTENT, GC_REF_SNAPSHOT, GC_ROOT
 from lamina.leases import LeaseManager
 from lamina.mount import cleanup_temp_mounts
-from lamina.root import SNAPSHOTTERS, Root
-from lamina.snapshots import Info
+from lamina.mountinfo import read_mountinfo
+from lamina.root import Root
+from lamina.snapshots import DeferredRemoval, Info, LocalDirectories
 
-__all__ = ["GC_ROOT", "REF_CONTENT", "REF_SNAPSHOT", "Report", "collect", "label_edges"]
-
-GC_ROOT = "containerd.io/gc.root"
-REF_CONTENT = "containerd.io/gc.ref.content"
-REF_SNAPSHOT = "containerd.io/gc.ref.snapshot."
+__all__ = ["Report", "collect", "label_edges"]
 
 #: Leeway when comparing creation times with a lease's: clocks are read by
 #: different code paths (and rounded differently), so err on keeping.
@@ -99,19 +96,12 @@ def label_edges(labels: Mapping[str, str]) -> Iterable[Node]:
     for k, v in labels.items():
         if not v:
             continue
-        if k == REF_CONTENT or k.startswith(REF_CONTENT + "."):
+        if k == GC_REF_CONTENT or k.startswith(GC_REF_CONTENT + "."):
             yield ("content", v)
-        elif k.startswith(REF_SNAPSHOT):
-            name = k[len(REF_SNAPSHOT):].split("/", 1)[0]
+        elif k.startswith(GC_REF_SNAPSHOT):
+            name = k[len(GC_REF_SNAPSHOT):].split("/", 1)[0]
             if name:
                 yield (f"snapshot:{name}", v)
-
-
-def _snapshotters(root: Root) -> list[str]:
-    base = root.path / "snapshots"
-    if not base.is_dir():
-        return []
-    return sorted(p.name for p in base.iterdir() if p.is_dir() and p.name in SNAPSHOTTERS)
 
 
 @dataclass(frozen=True)
@@ -123,16 +113,13 @@ class _Roots:
 
 
 class _RootReader:
-    """Reads the roots; its stores are opened up front, because opening one
-    writes (its schema) and the sweep holds the metadata write lock."""
+    """Reads the roots through the root's stores (opened up front, because opening
+    one writes its schema and the sweep holds the metadata write lock)."""
 
     def __init__(self, root: Root) -> None:
-        from lamina.containers.store import ContainerStore
-        from lamina.images.store import ImageStore
-
-        self.leases = LeaseManager(root.metadata_path)
-        self.images = ImageStore(root.metadata_path)
-        self.containers = ContainerStore(root.metadata_path)
+        self.leases = root.leases()
+        self.images = root.images()
+        self.containers = root.containers()
 
     def read(self) -> _Roots:
         active = self.leases.active()
@@ -146,20 +133,8 @@ class _RootReader:
         return _Roots(since - LEASE_SLACK if since is not None else None,
                       tuple(sorted(set(nodes))))
 
-    def close(self) -> None:
-        self.leases.close()
-        self.images.close()
-        self.containers.close()
-
 
 # -- snapshots in use by mounts ------------------------------------------------------
-
-_OCTAL = re.compile(r"\\([0-7]{3})")
-
-
-def _unescape(text: str) -> str:
-    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), text)
-
 
 @dataclass(frozen=True)
 class _MountTable:
@@ -168,26 +143,17 @@ class _MountTable:
 
     @classmethod
     def read(cls) -> _MountTable:
-        entries: list[tuple[str, str, str]] = []
-        dirs: set[str] = set()
         try:
-            with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-                lines = f.read().splitlines()
+            mounts = read_mountinfo()
         except OSError:
             return cls((), frozenset())
-        for line in lines:
-            parts = line.split()
-            if len(parts) < 7 or "-" not in parts[6:]:
-                continue
-            entries.append((parts[2], _unescape(parts[3]), _unescape(parts[4])))
-            sep = parts.index("-", 6)
-            if sep + 3 < len(parts) and parts[sep + 1] == "overlay":
-                for opt in parts[sep + 3].split(","):
-                    key, _, value = opt.partition("=")
-                    if key in ("lowerdir", "upperdir", "workdir", "lowerdir+", "datadir+"):
-                        dirs.update(os.path.normpath(_unescape(p))
-                                    for p in value.split(":") if p)
-        return cls(tuple(entries), frozenset(dirs))
+        dirs: set[str] = set()
+        for m in mounts:
+            if m.fstype == "overlay":
+                for key in ("lowerdir", "upperdir", "workdir", "lowerdir+", "datadir+"):
+                    for value in m.super_option(key):
+                        dirs.update(os.path.normpath(p) for p in value.split(":") if p)
+        return cls(tuple((m.device, m.root, m.mount_point) for m in mounts), frozenset(dirs))
 
     def in_use(self, path: Path) -> bool:
         """Whether ``path`` (a snapshot's directory or its ``fs``) backs a mount."""
@@ -213,10 +179,8 @@ class _MountTable:
 
 
 def _mounted_snapshots(root: Root, name: str, infos: Mapping[str, Info]) -> list[Node]:
-    from lamina.snapshots.base import DirectorySnapshotter
-
     sn = root.snapshotter(name)
-    if not isinstance(sn, DirectorySnapshotter) or not infos:
+    if not isinstance(sn, LocalDirectories) or not infos:
         return []
     table = _MountTable.read()
     if not table.entries:
@@ -224,10 +188,10 @@ def _mounted_snapshots(root: Root, name: str, infos: Mapping[str, Info]) -> list
     out: list[Node] = []
     for key in infos:
         try:
-            sid = sn.snapshot(key).id
+            directory = sn.snapshot_dir(key)
         except NotFound:
             continue
-        if table.in_use(sn.fs_dir(sid).parent):
+        if table.in_use(directory):
             out.append((f"snapshot:{name}", key))
     return out
 
@@ -246,7 +210,7 @@ class _Objects:
     def read(cls, root: Root) -> _Objects:
         return cls({info.digest: info for info in root.content().walk()},
                    {name: {i.name: i for i in root.snapshotter(name).walk()}
-                    for name in _snapshotters(root)})
+                    for name in root.snapshotter_names()})
 
 
 def collect(root: Root, *, dry_run: bool = False) -> Report:
@@ -257,6 +221,8 @@ def collect(root: Root, *, dry_run: bool = False) -> Report:
             cleanup_temp_mounts(root.tmpmounts)
         content = root.content()
         reader = _RootReader(root)
+        # The write lock is held on a connection of its own, so the reads that
+        # follow (through the root's stores) still see the database meanwhile.
         guard = LeaseManager(root.metadata_path)
         try:
             guard.expire_old()
@@ -292,7 +258,6 @@ def collect(root: Root, *, dry_run: bool = False) -> Report:
                 break
         finally:
             guard.close()
-            reader.close()
     return report
 
 
@@ -352,10 +317,8 @@ def _doomed_sizes(root: Root, candidates: _Objects, marked: set[Node]) -> dict[N
 def _deferred_removal(root: Root, name: str) -> Iterator[None]:
     """Snapshots removed in the block lose their directories after it (the
     metadata lock is released first: deleting trees can take long)."""
-    from lamina.snapshots.base import DirectorySnapshotter
-
     sn = root.snapshotter(name)
-    if not isinstance(sn, DirectorySnapshotter):
+    if not isinstance(sn, DeferredRemoval):
         yield
         return
     with sn.deferred_removal():

@@ -44,7 +44,7 @@ from typing import BinaryIO
 from lamina.content import ContentStore, Info, Status, Writer
 from lamina.db import Database
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
-from lamina.labels import validate_labels
+from lamina.labels import PURPOSE, validate_labels
 
 __all__ = ["DEFAULT_EXPIRY", "Lease", "LeaseManager", "LeasedContent", "parse_duration"]
 
@@ -198,7 +198,7 @@ class LeaseManager:
     @contextlib.contextmanager
     def held(self, *, expire: timedelta = DEFAULT_EXPIRY, purpose: str = "") -> Iterator[Lease]:
         """A lease for the duration of a block (it expires by itself if the process dies)."""
-        lease = self.create(expire=expire, labels={"lamina.io/purpose": purpose} if purpose
+        lease = self.create(expire=expire, labels={PURPOSE: purpose} if purpose
                             else None)
         try:
             yield lease

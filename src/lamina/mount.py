@@ -27,7 +27,6 @@ import ctypes
 import errno
 import fcntl
 import os
-import re
 import shlex
 import tempfile
 import time
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lamina.errors import Internal, InvalidArgument
+from lamina.mountinfo import read_mountinfo
 
 __all__ = [
     "Mount", "cleanup_temp_mounts", "is_mountpoint", "mount_all", "move_mount", "syscall",
@@ -299,12 +299,7 @@ def _unmount_once(target: str) -> None:
 def is_mountpoint(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is the target of a mount (per /proc/self/mountinfo)."""
     real = os.path.realpath(path)
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
-            if point == real:
-                return True
-    return False
+    return any(m.mount_point == real for m in read_mountinfo())
 
 
 def unmount_all(target: str | os.PathLike[str]) -> None:

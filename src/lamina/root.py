@@ -7,7 +7,7 @@ Layout under the root directory::
     metadata.db                images, containers, leases
     tmpmounts/                 temporary mount points
     locks/                     lock files (unpack, gc)
-    tasks/                     running tasks' bundles (see lamina.containers.runtime.tasks)
+    tasks/                     running tasks' bundles (see lamina.containers.runtime.bundle)
 
 Everything in it is owner-only (see :mod:`lamina.perms`): the root is 0700, as
 containerd keeps its own, and a root an earlier lamina left 0711 is tightened
@@ -17,15 +17,19 @@ when it is opened.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lamina.errors import InvalidArgument
 from lamina.perms import DIR_MODE, FILE_MODE, tighten, tighten_tree
 
 if TYPE_CHECKING:
+    from lamina.containers.store import ContainerStore
     from lamina.content import ContentStore
+    from lamina.images.store import ImageStore
+    from lamina.leases import LeaseManager
     from lamina.snapshots import Snapshotter
 
 __all__ = ["DEFAULT_ROOT", "SNAPSHOTTERS", "Root", "default_root"]
@@ -72,8 +76,12 @@ class Root:
         self.path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
         self._tighten()
         (self.path / "locks").mkdir(mode=DIR_MODE, exist_ok=True)
+        self._lock = threading.RLock()
         self._snapshotters: dict[str, Snapshotter] = {}
         self._content: ContentStore | None = None
+        self._images: ImageStore | None = None
+        self._containers: ContainerStore | None = None
+        self._leases: LeaseManager | None = None
 
     def _tighten(self) -> None:
         """Make a root an earlier lamina made owner-only (the stores tighten their
@@ -107,30 +115,70 @@ class Root:
     def tmpmounts(self) -> Path:
         return self.path / "tmpmounts"
 
+    def snapshotter_names(self) -> list[str]:
+        """Snapshotters that have state on this root (a subset of :data:`SNAPSHOTTERS`)."""
+        base = self.path / "snapshots"
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if p.is_dir() and p.name in SNAPSHOTTERS)
+
     def snapshotter(self, name: str) -> Snapshotter:
-        """The snapshotter ``name`` on this root."""
-        if name not in self._snapshotters:
-            try:
-                factory = SNAPSHOTTERS[name]
-            except KeyError:
-                known = ", ".join(sorted(SNAPSHOTTERS))
-                raise InvalidArgument(f"unknown snapshotter {name!r} (known: {known})") from None
-            self._snapshotters[name] = factory(self.snapshots_dir(name),
-                                              async_remove=self.async_remove)
-        return self._snapshotters[name]
+        """The snapshotter ``name`` on this root (opened once)."""
+        with self._lock:
+            if name not in self._snapshotters:
+                try:
+                    factory = SNAPSHOTTERS[name]
+                except KeyError:
+                    known = ", ".join(sorted(SNAPSHOTTERS))
+                    raise InvalidArgument(
+                        f"unknown snapshotter {name!r} (known: {known})") from None
+                self._snapshotters[name] = factory(self.snapshots_dir(name),
+                                                  async_remove=self.async_remove)
+            return self._snapshotters[name]
 
     def content(self) -> ContentStore:
         """The local content store on this root (opened once)."""
-        if self._content is None:
-            from lamina.content.local import LocalContentStore
+        with self._lock:
+            if self._content is None:
+                from lamina.content.local import LocalContentStore
 
-            self._content = LocalContentStore(self.content_dir)
-        return self._content
+                self._content = LocalContentStore(self.content_dir)
+            return self._content
+
+    def images(self) -> ImageStore:
+        """The image store (opened once)."""
+        with self._lock:
+            if self._images is None:
+                from lamina.images.store import ImageStore
+
+                self._images = ImageStore(self.metadata_path)
+            return self._images
+
+    def containers(self) -> ContainerStore:
+        """The container records (opened once)."""
+        with self._lock:
+            if self._containers is None:
+                from lamina.containers.store import ContainerStore
+
+                self._containers = ContainerStore(self.metadata_path)
+            return self._containers
+
+    def leases(self) -> LeaseManager:
+        """The lease manager (opened once)."""
+        with self._lock:
+            if self._leases is None:
+                from lamina.leases import LeaseManager
+
+                self._leases = LeaseManager(self.metadata_path)
+            return self._leases
 
     def close(self) -> None:
-        if self._content is not None:
-            self._content.close()
-            self._content = None
-        for sn in self._snapshotters.values():
-            sn.close()
-        self._snapshotters.clear()
+        """Close every store opened on this root; calling it twice is fine."""
+        with self._lock:
+            stores: list[Any] = [self._content, self._images, self._containers, self._leases]
+            stores += self._snapshotters.values()
+            self._content = self._images = self._containers = self._leases = None
+            self._snapshotters.clear()
+        for store in stores:
+            if store is not None:
+                store.close()

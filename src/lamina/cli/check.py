@@ -12,7 +12,7 @@ __all__ = ["register"]
 
 
 def _check(args: argparse.Namespace, app: App) -> int:
-    report = check(app.store_root, repair=args.repair)
+    report = check(app.store_root, repair=args.repair, deep=args.deep)
     code = 0 if report.ok else FailedPrecondition.exit_code
     if args.json:
         app.print_json(report.to_json())
@@ -40,5 +40,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        help="verify content, snapshots, images and containers")
     p.add_argument("--repair", action="store_true",
                    help="delete corrupt blobs, clean up content and snapshots")
+    p.add_argument("--deep", action="store_true",
+                   help="also compare every unpacked layer's files with the tree "
+                        "manifest recorded when it was unpacked (reads them all)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=_check)

@@ -58,6 +58,7 @@ from lamina.images.importer import label_references, put_document
 from lamina.images.oci import Descriptor, Index, MediaType, host_platform
 from lamina.images.resolve import read_blob
 from lamina.images.store import Image
+from lamina.labels import CHECKPOINT, RESTORED_FROM_ANNOTATION
 from lamina.leases import LeaseManager
 
 __all__ = [
@@ -84,7 +85,7 @@ ANNOTATION_BIND_DESTINATION = "lamina.io/checkpoint.bind.destination"
 ANNOTATION_BIND_SOURCE = "lamina.io/checkpoint.bind.source"
 ANNOTATION_BIND_KIND = "lamina.io/checkpoint.bind.kind"
 ANNOTATION_DIFF_ID = "lamina.io/checkpoint.rw.diff-id"
-LABEL_CHECKPOINT = "lamina.io/checkpoint"
+LABEL_CHECKPOINT = CHECKPOINT
 
 _CONFIG_VERSION = 1
 _CHUNK = 1 << 20
@@ -481,7 +482,7 @@ class CheckpointService:
                 with timer.phase("criu_untar"), self.content.reader(ckpt.criu.digest) as r:
                     apply_layer(r, images_dir)
                 spec_annotations = spec.setdefault("annotations", {})
-                spec_annotations["lamina.io/restored-from"] = ref
+                spec_annotations[RESTORED_FROM_ANNOTATION] = ref
                 container = self.containers.set_spec(container, spec)
                 with timer.phase("criu_restore"):
                     task = self.ctasks.tasks.restore(

@@ -30,6 +30,13 @@ from lamina.containers.store import Container, ContainerStore
 from lamina.diff import apply_diff, create_diff
 from lamina.errors import FailedPrecondition, NotFound
 from lamina.images.service import ImageService
+from lamina.labels import (
+    GC_ROOT,
+    OPTIONS_ANNOTATION,
+    REVISION_CONTAINER,
+    REVISION_IMAGE,
+    REVISION_PREVIOUS,
+)
 from lamina.leases import LeaseManager
 from lamina.root import Root
 
@@ -41,11 +48,9 @@ __all__ = [
     "Revision",
 ]
 
-GC_ROOT = "containerd.io/gc.root"
-LABEL_IMAGE = "lamina.io/revision.image"
-LABEL_PREVIOUS = "lamina.io/revision.previous"
-LABEL_CONTAINER = "lamina.io/revision.container"
-OPTIONS = "lamina.io/options"
+LABEL_IMAGE = REVISION_IMAGE
+LABEL_PREVIOUS = REVISION_PREVIOUS
+LABEL_CONTAINER = REVISION_CONTAINER
 
 
 @dataclass(frozen=True)
@@ -117,7 +122,7 @@ class ContainerService:
         try:
             return self.store.create(Container(
                 id=cid, image=image, snapshotter=self.snapshotter_name, snapshot_key=key,
-                spec={"annotations": {OPTIONS: dict(options or {})}},
+                spec={"annotations": {OPTIONS_ANNOTATION: dict(options or {})}},
                 labels=dict(labels or {})))
         except BaseException:
             self.sn.remove(key)
@@ -125,13 +130,13 @@ class ContainerService:
 
     def options(self, container: Container) -> dict[str, Any]:
         annotations = container.spec.get("annotations") or {}
-        return dict(annotations.get(OPTIONS) or {})
+        return dict(annotations.get(OPTIONS_ANNOTATION) or {})
 
     def set_spec(self, container: Container, spec: Mapping[str, Any]) -> Container:
         """Record the runtime spec generated for ``container`` (options are kept)."""
         full = dict(spec)
         full["annotations"] = {**(spec.get("annotations") or {}),
-                               OPTIONS: self.options(container)}
+                               OPTIONS_ANNOTATION: self.options(container)}
         return self.store.update(replace(container, spec=full))
 
     # -- revisions -----------------------------------------------------------

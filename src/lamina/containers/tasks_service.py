@@ -35,6 +35,7 @@ from lamina.containers.runtime import BindMount, TaskInfo, TaskManager, TaskStat
 from lamina.containers.store import Container
 from lamina.errors import FailedPrecondition, InvalidArgument, LaminaError, NotFound
 from lamina.idmap import UserNamespace, with_idmap
+from lamina.labels import IMAGE_ANNOTATION
 from lamina.mount import Mount, temp_mount
 
 __all__ = [
@@ -162,7 +163,7 @@ class ContainerTasks:
             linux = spec.setdefault("linux", {})
             linux.setdefault("namespaces", []).append({"type": "user"})
             linux.update(userns.spec())
-        spec.setdefault("annotations", {})["lamina.io/image"] = container.image
+        spec.setdefault("annotations", {})[IMAGE_ANNOTATION] = container.image
         return spec
 
     # -- life cycle --------------------------------------------------------------

@@ -36,6 +36,7 @@ from lamina.images.oci import (
 )
 from lamina.images.resolve import MAX_DOCUMENT, read_blob
 from lamina.images.store import Image, ImageStore
+from lamina.labels import GC_REF_CONTENT
 from lamina.progress import Progress
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ __all__ = [
     "GC_CONTENT", "import_images", "label_references", "normalize_name", "put_document",
 ]
 
-GC_CONTENT = "containerd.io/gc.ref.content."
+GC_CONTENT = GC_REF_CONTENT + "."
 _CHUNK = 1 << 20
 _DOCUMENTS = {"index.json", "oci-layout", "manifest.json", "repositories"}
 

@@ -19,9 +19,10 @@ from lamina.images.exporter import export_images
 from lamina.images.importer import import_images
 from lamina.images.oci import ImageConfig, Manifest
 from lamina.images.resolve import manifest_for
-from lamina.images.store import Image, ImageStore
+from lamina.images.store import Image
 from lamina.images.unpack import Unpacker, UnpackResult
-from lamina.leases import LeasedContent, LeaseManager
+from lamina.labels import GC_REF_SNAPSHOT
+from lamina.leases import LeasedContent
 from lamina.mount import mount_all, unmount_all
 from lamina.progress import Progress
 from lamina.root import Root
@@ -49,7 +50,7 @@ class ImageService:
         self.snapshotter_name = snapshotter
         self._snapshots = snapshots
         self.progress = progress or Progress()
-        self.images = ImageStore(root.metadata_path)
+        self.images = root.images()
         self.content = root.content()
 
     @property
@@ -59,7 +60,7 @@ class ImageService:
         return self._snapshots
 
     def close(self) -> None:
-        self.images.close()
+        """Nothing to release: the stores belong to the root."""
 
     def get(self, name: str) -> Image:
         return self.images.get(name)
@@ -71,12 +72,9 @@ class ImageService:
     def _leased(self, purpose: str) -> Iterator[LeasedContent]:
         """Hold a lease for the block, so a concurrent ``gc`` keeps what it writes
         (and, through the yielded store, the stored blobs it reuses)."""
-        leases = LeaseManager(self.root.metadata_path)
-        try:
-            with leases.held(purpose=purpose) as lease:
-                yield LeasedContent(self.content, leases, lease.id)
-        finally:
-            leases.close()
+        leases = self.root.leases()
+        with leases.held(purpose=purpose) as lease:
+            yield LeasedContent(self.content, leases, lease.id)
 
     def resolve(self, name: str) -> tuple[Manifest, ImageConfig]:
         """The host platform's manifest and config of image ``name``."""
@@ -101,20 +99,17 @@ class ImageService:
 
     def unpack(self, name: str) -> UnpackResult:
         manifest, config = self.resolve(name)
-        leases = LeaseManager(self.root.metadata_path)
-        try:
-            with leases.held(purpose="unpack") as lease:
-                unpacker = Unpacker(
-                    self.content, self.snapshots, snapshotter_name=self.snapshotter_name,
-                    locks_dir=self.root.path / "locks", tmpmounts=self.root.tmpmounts,
-                    progress=self.progress,
-                    hold=functools.partial(leases.add_resource, lease.id,
-                                           f"snapshot:{self.snapshotter_name}"),
-                    max_layer_size=self.max_layer_size,
-                )
-                return unpacker.unpack(manifest, config)
-        finally:
-            leases.close()
+        leases = self.root.leases()
+        with leases.held(purpose="unpack") as lease:
+            unpacker = Unpacker(
+                self.content, self.snapshots, snapshotter_name=self.snapshotter_name,
+                locks_dir=self.root.path / "locks", tmpmounts=self.root.tmpmounts,
+                progress=self.progress,
+                hold=functools.partial(leases.add_resource, lease.id,
+                                       f"snapshot:{self.snapshotter_name}"),
+                max_layer_size=self.max_layer_size,
+            )
+            return unpacker.unpack(manifest, config)
 
     def chain_id(self, name: str) -> str:
         """The ChainID of image ``name``'s top layer (unpacking it if needed)."""
@@ -133,22 +128,19 @@ class ImageService:
         os.makedirs(target, exist_ok=True)
         key = self._mount_key(target)
         # Like ctr: a lease referencing the snapshot keeps GC off it until unmount.
-        leases = LeaseManager(self.root.metadata_path)
+        leases = self.root.leases()
+        leases.create(key.split()[0], expire=None, labels={
+            f"{GC_REF_SNAPSHOT}{self.snapshotter_name}": key})
         try:
-            leases.create(key.split()[0], expire=None, labels={
-                f"containerd.io/gc.ref.snapshot.{self.snapshotter_name}": key})
+            mounts = (self.snapshots.prepare if rw else self.snapshots.view)(key, top)
             try:
-                mounts = (self.snapshots.prepare if rw else self.snapshots.view)(key, top)
-                try:
-                    mount_all(mounts, target, allow_suid=allow_suid, allow_dev=allow_dev)
-                except BaseException:
-                    self.snapshots.remove(key)
-                    raise
+                mount_all(mounts, target, allow_suid=allow_suid, allow_dev=allow_dev)
             except BaseException:
-                leases.delete(key.split()[0])
+                self.snapshots.remove(key)
                 raise
-        finally:
-            leases.close()
+        except BaseException:
+            leases.delete(key.split()[0])
+            raise
 
     def unmount(self, target: str | os.PathLike[str], *, keep_snapshot: bool = False) -> None:
         unmount_all(target)
@@ -156,12 +148,8 @@ class ImageService:
         if not keep_snapshot:
             with contextlib.suppress(NotFound):
                 self.snapshots.remove(key)
-            leases = LeaseManager(self.root.metadata_path)
-            try:
-                with contextlib.suppress(NotFound):
-                    leases.delete(key.split()[0])
-            finally:
-                leases.close()
+            with contextlib.suppress(NotFound):
+                self.root.leases().delete(key.split()[0])
 
     def export(self, names: Sequence[str], out: str | os.PathLike[str] | IO[bytes]) -> None:
         export_images([self.images.get(n) for n in names], out, content=self.content,

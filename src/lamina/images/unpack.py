@@ -30,9 +30,11 @@ it already, and then the layer is extracted again.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import stat
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -41,27 +43,27 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from lamina import crash
-from lamina.archive import limits
+from lamina.archive import limits, mtree
 from lamina.archive.apply import AppliedLayer, NeedsLowerLayers, apply_layer
 from lamina.archive.compression import size_hint, too_large
 from lamina.archive.whiteout import drop_needless_whiteouts
+from lamina.content import write_blob
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
-from lamina.fsutil import locked
+from lamina.fsutil import locked, sync_filesystem
 from lamina.images.identity import chain_ids
 from lamina.images.oci import Descriptor, ImageConfig, Manifest
+from lamina.labels import GC_REF_SNAPSHOT, LAYER_MTREE, SNAPSHOT_REF, UNCOMPRESSED
 from lamina.mount import temp_mount
 from lamina.progress import Progress
-from lamina.snapshots import Capability, Snapshotter
-from lamina.snapshots.base import DirectorySnapshotter
+from lamina.snapshots import Capability, LocalDirectories, Snapshotter, Staging
 
 if TYPE_CHECKING:
     from lamina.content import ContentStore
 
 __all__ = ["LABEL_SNAPSHOT_REF", "LABEL_UNCOMPRESSED", "UnpackResult", "Unpacker"]
 
-LABEL_SNAPSHOT_REF = "containerd.io/snapshot.ref"
-LABEL_UNCOMPRESSED = "containerd.io/uncompressed"
-LABEL_GC_SNAPSHOT = "containerd.io/gc.ref.snapshot."
+LABEL_SNAPSHOT_REF = SNAPSHOT_REF
+LABEL_UNCOMPRESSED = UNCOMPRESSED
 
 
 @dataclass(frozen=True)
@@ -115,9 +117,14 @@ class Unpacker:
         hold: Callable[[str], None] | None = None,
         max_layer_size: int = limits.DEFAULT_MAX_LAYER_SIZE,
         open_layer: Callable[[Descriptor], IO[bytes]] | None = None,
+        sync: bool = True,
+        record_mtree: bool = True,
     ) -> None:
         """``open_layer(desc)`` opens a layer's compressed bytes (default: read the
-        committed blob); a pull passes one that reads a layer while it downloads."""
+        committed blob); a pull passes one that reads a layer while it downloads.
+        ``sync``: make each layer's files durable (syncfs) before its snapshot is
+        committed. ``record_mtree``: record each layer's tree manifest for
+        ``lamina check --deep`` (both need a :class:`LocalDirectories` snapshotter)."""
         self.content = content
         self.max_layer_size = max_layer_size
         self.sn = snapshotter
@@ -128,6 +135,8 @@ class Unpacker:
         self.parallel = parallel or min(4, os.cpu_count() or 1)
         self.hold = hold
         self.open_layer = open_layer
+        self.sync = sync
+        self.record_mtree = record_mtree
 
     # -- helpers -----------------------------------------------------------
     def _exists(self, name: str) -> bool:
@@ -166,7 +175,7 @@ class Unpacker:
 
     def _check_space(self, manifest: Manifest, todo: list[int]) -> None:
         """ResourceExhausted now if the layers to extract cannot fit (see the module docs)."""
-        if not isinstance(self.sn, DirectorySnapshotter):
+        if not isinstance(self.sn, LocalDirectories):
             return  # a remote snapshotter: its own applies are bounded
         if self.open_layer is not None:
             return  # layers still downloading: only the applies' own bounds hold
@@ -189,11 +198,39 @@ class Unpacker:
         return f"extract-{time.time_ns()}-{secrets.token_hex(4)} {chain}"
 
     def _commit(self, key: str, chain: str) -> None:
+        labels = {LABEL_SNAPSHOT_REF: chain}
+        if isinstance(self.sn, LocalDirectories):
+            layer = self.sn.layer_dir(key)
+            if self.record_mtree:
+                labels[LAYER_MTREE] = self._store_mtree(layer, chain)
+            if self.sync:
+                # the metadata commit below is durable; the files it describes must
+                # be on disk first, or a power cut leaves a committed empty layer
+                sync_filesystem(layer)
         # AlreadyExists: committed by someone else meanwhile; theirs is the same stack.
         crash.point("unpack.before-commit")
         with contextlib.suppress(AlreadyExists):
-            self.sn.commit(chain, key, labels={LABEL_SNAPSHOT_REF: chain})
+            self.sn.commit(chain, key, labels=labels)
         crash.point("unpack.committed")
+
+    def _store_mtree(self, layer: Path, chain: str) -> str:
+        """Record ``layer``'s tree manifest in the content store; its digest.
+
+        Written while the unpack's lease protects new content; from the commit
+        on, the snapshot's label (a ``gc.ref.content`` one) keeps it."""
+        with tempfile.SpooledTemporaryFile(max_size=8 << 20) as spool:
+            mtree.encode(mtree.record(layer), spool)
+            size = spool.tell()
+            spool.seek(0)
+            h = hashlib.sha256()
+            while chunk := spool.read(1 << 20):
+                h.update(chunk)
+            digest = f"sha256:{h.hexdigest()}"
+            spool.seek(0)
+            with contextlib.suppress(AlreadyExists):  # the same tree was recorded before
+                write_blob(self.content, f"mtree-{chain}-{secrets.token_hex(4)}", spool,
+                           total=size, expected=digest)
+            return digest
 
     # -- the work ----------------------------------------------------------
     def unpack(self, manifest: Manifest, config: ImageConfig) -> UnpackResult:
@@ -209,9 +246,8 @@ class Unpacker:
         while start > 0 and not self._exists(chains[start - 1]):
             start -= 1
         todo = list(range(start, len(chains)))
-        fast = isinstance(self.sn, DirectorySnapshotter) and (
-            Capability.OVERLAY in self.sn.capabilities
-        )
+        fast = (isinstance(self.sn, Staging) and isinstance(self.sn, LocalDirectories)
+                and Capability.OVERLAY in self.sn.capabilities)
         if todo:
             self._check_space(manifest, todo)
             extracted = (self._staged if fast else self._mounted)(manifest, config, chains, todo)
@@ -235,7 +271,7 @@ class Unpacker:
 
     def _label_config(self, manifest: Manifest, top: str) -> None:
         info = self.content.info(manifest.config.digest)
-        key = LABEL_GC_SNAPSHOT + self.name
+        key = GC_REF_SNAPSHOT + self.name
         if info.labels.get(key) != top:
             labels = {**info.labels, key: top}
             self.content.update(type(info)(**{**info.__dict__, "labels": labels}),
@@ -275,9 +311,9 @@ class Unpacker:
         """Finish a staged upperdir against its now committed parent: the root
         keeps the parent's owner, mode and xattrs unless the layer set them, and
         whiteouts hiding nothing go (see :mod:`lamina.archive.whiteout`)."""
-        assert isinstance(self.sn, DirectorySnapshotter)
+        assert isinstance(self.sn, LocalDirectories)
         if parent and not applied.root_listed:
-            top = self.sn.fs_dir(self.sn.snapshot(parent).id)
+            top = self.sn.layer_dir(parent)
             st = os.stat(top)
             os.chown(staged, st.st_uid, st.st_gid)
             os.chmod(staged, stat.S_IMODE(st.st_mode))
@@ -311,7 +347,7 @@ class Unpacker:
         once. Once the parent is committed, the upperdir is settled against it
         (root metadata, whiteouts hiding nothing: :meth:`_settle`).
         """
-        assert isinstance(self.sn, DirectorySnapshotter)
+        assert isinstance(self.sn, Staging)
         sn = self.sn
         stacks: dict[int, contextlib.ExitStack] = {}
         applied: dict[int, AppliedLayer] = {}

@@ -51,14 +51,39 @@ Commit it to make a new image layer, or remove it to drop the changes.
 Snapshotters declare what they can do in :attr:`Snapshotter.capabilities`
 (see :class:`Capability`); the conformance suite in
 :mod:`lamina.snapshots.testsuite` branches on those, never on names.
+
+Optional interfaces
+-------------------
+Beside the protocol, a snapshotter may implement small optional interfaces,
+which callers test with ``isinstance(sn, Interface)`` (they are runtime
+checkable protocols), never by concrete class:
+
+* :class:`LocalDirectories` — snapshots live in local directories: garbage
+  collection leaves a snapshot alone while anything is mounted from its
+  directory, ``lamina check --deep`` walks a layer's own files, and the diff
+  service walks an overlay upperdir instead of comparing two mounted trees;
+* :class:`Staging` — a layer can be extracted into a directory before its
+  snapshot exists (in overlayfs upperdir form, so only with
+  :attr:`Capability.OVERLAY`): unpack extracts layers in parallel this way;
+* :class:`DeferredRemoval` — removed snapshots' directories may be deleted
+  later (by a reaper thread, or when a caller holding a lock is done);
+  :meth:`DeferredRemoval.flush` waits until nothing removed is left on disk;
+* :class:`Checker` — metadata and disk can be compared
+  (:meth:`Checker.check` returns :class:`Problem` values; ``cleanup`` repairs
+  the ones that are :attr:`Problem.repairable`).
+
+The gRPC client implements none of them: what it cannot do is done by the
+server, which owns the directories.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from lamina.labels import MAX_LABEL_SIZE
@@ -67,9 +92,15 @@ from lamina.mount import Mount
 __all__ = [
     "MAX_LABEL_SIZE",
     "Capability",
+    "Checker",
+    "DeferredRemoval",
     "Info",
     "Kind",
+    "LocalDirectories",
+    "Problem",
+    "ProblemKind",
     "Snapshotter",
+    "Staging",
     "Usage",
 ]
 
@@ -181,4 +212,95 @@ class Snapshotter(Protocol):
 
     def close(self) -> None:
         """Release resources; calling it twice is fine."""
+        ...
+
+
+# -- optional interfaces (see "Optional interfaces" in the module docs) ---------
+
+
+@runtime_checkable
+class LocalDirectories(Protocol):
+    """Snapshots backed by directories on this machine."""
+
+    @property
+    def root(self) -> Path:
+        """The directory holding all of the snapshotter's state."""
+        ...
+
+    def snapshot_dir(self, key: str) -> Path:
+        """Everything snapshot ``key`` owns on disk; a mount of anything below it pins it."""
+        ...
+
+    def layer_dir(self, key: str) -> Path:
+        """The snapshot's own files: with :attr:`Capability.OVERLAY` its overlayfs
+        upperdir (its changes only, whiteouts as 0/0 devices), else its whole tree."""
+        ...
+
+
+@runtime_checkable
+class Staging(Protocol):
+    """Layers extracted into a directory before their snapshot exists."""
+
+    def staging(self) -> AbstractContextManager[Path]:
+        """An empty layer directory, removed at the end unless adopted by
+        :meth:`prepare_staged`; ``cleanup`` leaves it alone while in use."""
+        ...
+
+    def prepare_staged(
+        self, key: str, parent: str, staged: Path, *, labels: Mapping[str, str] | None = None
+    ) -> list[Mount]:
+        """Prepare active ``key`` on ``parent`` whose own layer is the filled ``staged``."""
+        ...
+
+
+@runtime_checkable
+class DeferredRemoval(Protocol):
+    """Removed snapshots' directories may outlive the call that removed them."""
+
+    def deferred_removal(self) -> AbstractContextManager[None]:
+        """Directories of snapshots removed in the block are deleted when it ends
+        (their metadata goes at once): for callers holding a lock."""
+        ...
+
+    def flush(self) -> int:
+        """Delete every directory already removed from the metadata, waiting for a
+        background reaper; returns how many went. Afterwards the space is free."""
+        ...
+
+
+class ProblemKind(enum.Enum):
+    """What a :class:`Problem` is."""
+
+    #: the metadata names a snapshot whose directory is missing
+    MISSING_DIRECTORY = "missing-directory"
+    #: a directory that no snapshot owns (left by a crash); cleanup removes it
+    ORPHAN_DIRECTORY = "orphan-directory"
+    #: a committed layer's files differ from what was recorded when it was made
+    LAYER_CHANGED = "layer-changed"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One inconsistency between a snapshotter's metadata and its disk."""
+
+    kind: ProblemKind
+    subject: str
+    #: a whole sentence, naming the subject
+    message: str
+
+    @property
+    def repairable(self) -> bool:
+        """Whether ``cleanup`` removes the cause."""
+        return self.kind is ProblemKind.ORPHAN_DIRECTORY
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@runtime_checkable
+class Checker(Protocol):
+    """Metadata and disk can be compared."""
+
+    def check(self) -> list[Problem]:
+        """Every disagreement between metadata and disk; empty when consistent."""
         ...

@@ -23,6 +23,9 @@ which the next ``cleanup`` removes; the metadata never names a missing
 directory.
 
 Subclasses say how a new snapshot's directory is filled and how it mounts.
+Every directory snapshotter implements the optional interfaces
+:class:`~lamina.snapshots.LocalDirectories`, :class:`~lamina.snapshots.Staging`,
+:class:`~lamina.snapshots.DeferredRemoval` and :class:`~lamina.snapshots.Checker`.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from lamina.errors import FailedPrecondition, NotFound
 from lamina.fsutil import fsync_dir, remove_tree
 from lamina.mount import Mount
 from lamina.perms import private_dirs, tighten
-from lamina.snapshots import Capability, Info, Kind, Usage
+from lamina.snapshots import Capability, Info, Kind, Problem, ProblemKind, Usage
 from lamina.snapshots.storage import MetaStore, Snapshot
 from lamina.snapshots.usage import disk_usage
 
@@ -94,6 +97,14 @@ class DirectorySnapshotter:
     def fs_dir(self, sid: str) -> Path:
         """The tree of snapshot ``sid`` (its upper layer, for overlay)."""
         return self._dirs / sid / "fs"
+
+    def snapshot_dir(self, key: str) -> Path:
+        """Everything snapshot ``key`` owns on disk (:class:`LocalDirectories`)."""
+        return self._dirs / self.snapshot(key).id
+
+    def layer_dir(self, key: str) -> Path:
+        """The snapshot's own files (:class:`LocalDirectories`)."""
+        return self.fs_dir(self.snapshot(key).id)
 
     def snapshot(self, key: str) -> Snapshot:
         """Internal view of ``key``: id, kind and parent ids (used by fast paths)."""
@@ -283,6 +294,11 @@ class DirectorySnapshotter:
                     count += 1
         return count
 
+    def flush(self) -> int:
+        """Delete every directory already removed from the metadata, waiting for
+        the reaper's pass (:class:`DeferredRemoval`); returns how many went."""
+        return self.reap()
+
     def _reap_loop(self) -> None:
         while not self._stopping.is_set():
             self._reap_now.wait(timeout=5.0)
@@ -319,18 +335,20 @@ class DirectorySnapshotter:
                     os.rename(self._dirs / name, self._dirs / (_RM + name))
         self.reap()  # the orphans, and removals the reaper has not finished
 
-    def check(self) -> list[str]:
+    def check(self) -> list[Problem]:
         """Where metadata and disk disagree: rows without a directory, directories
         without a row (``cleanup`` removes those). Empty when consistent."""
         with self.meta.read() as tx:
             known = tx.ids()
         problems = [
-            f"snapshot id {sid}: metadata names it but {self.fs_dir(sid)} is missing"
+            Problem(ProblemKind.MISSING_DIRECTORY, f"snapshot id {sid}",
+                    f"snapshot id {sid}: metadata names it but {self.fs_dir(sid)} is missing")
             for sid in sorted(known, key=int)
             if not self.fs_dir(sid).is_dir()
         ]
         problems += [
-            f"{self._dirs / entry}: directory unknown to the metadata"
+            Problem(ProblemKind.ORPHAN_DIRECTORY, str(self._dirs / entry),
+                    f"{self._dirs / entry}: directory unknown to the metadata")
             for entry in sorted(os.listdir(self._dirs))
             if entry not in known and not (entry.startswith(_NEW) and _locked(self._dirs / entry))
         ]

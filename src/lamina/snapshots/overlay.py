@@ -60,10 +60,6 @@ class OverlaySnapshotter(DirectorySnapshotter):
             caps.add(Capability.CHOWN)
         return frozenset(caps)
 
-    def upper_dir(self, key: str) -> Path:
-        """The upperdir of active snapshot ``key``: where a layer may be written directly."""
-        return self.fs_dir(self.snapshot(key).id)
-
     def _fill(self, new_dir: Path, kind: Kind, parent_ids: Sequence[str]) -> None:
         fs = new_dir / "fs"
         if kind is Kind.ACTIVE:

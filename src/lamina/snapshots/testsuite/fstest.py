@@ -17,7 +17,6 @@ import contextlib
 import errno
 import hashlib
 import os
-import re
 import shutil
 import stat
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 from lamina.fsutil import remove_tree
+from lamina.mountinfo import read_mountinfo
 
 __all__ = [
     "Applier",
@@ -398,17 +398,8 @@ def assert_same_tree(
         )
 
 
-_OCTAL = re.compile(rb"\\([0-7]{3})")
-
-
 def mount_points_under(base: str | os.PathLike[str]) -> list[str]:
     """Mount points strictly below ``base``, deepest first."""
     prefix = os.path.realpath(base).rstrip("/") + "/"
-    points: list[str] = []
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            raw = _OCTAL.sub(lambda m: bytes([int(m[1], 8)]), line.split()[4])
-            point = os.fsdecode(raw)
-            if point.startswith(prefix):
-                points.append(point)
-    return sorted(set(points), key=len, reverse=True)
+    points = {m.mount_point for m in read_mountinfo() if m.mount_point.startswith(prefix)}
+    return sorted(points, key=len, reverse=True)

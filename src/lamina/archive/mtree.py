@@ -1,0 +1,231 @@
+"""Tree manifests: what a layer directory held when it was committed.
+
+A manifest lists every entry below a directory — path, type, mode, owner,
+size, content hash of regular files, link target, device number,
+modification time and extended attributes — in one deterministic order
+(depth first, names sorted bytewise). It is umoci's ``mtree`` idea: record
+the tree when a layer is unpacked, walk it again later and report every
+difference, so a lower layer that was tampered with or rotted on disk is
+found although nothing else reads it until a container does.
+
+:func:`record` walks a directory and yields :class:`Entry` values;
+:func:`encode` / :func:`decode` turn them into a compact JSON-lines byte
+stream (gzip-compressed) and back; :func:`compare` merges two sorted
+sequences and yields a :class:`Difference` for each path missing, extra or
+changed. The walk holds one directory descriptor per level and never builds
+a path for the kernel, so trees deeper than ``PATH_MAX`` are fine, and it
+follows no symlink. Memory is bounded by the depth of the tree, not its size.
+
+Directory times are left out: overlayfs may touch a lower directory's
+``atime`` only, but tools that bind-mount a layer for reading may not be as
+careful, and a directory's content is covered by its entries. Symlinks'
+extended attributes are not recorded (they cannot be read through a
+descriptor).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import IO, Any
+
+from lamina.errors import InvalidArgument
+
+__all__ = ["MEDIA_TYPE", "Difference", "Entry", "compare", "decode", "encode", "record"]
+
+MEDIA_TYPE = "application/vnd.lamina.mtree.v1+jsonl+gzip"
+
+_CHUNK = 1 << 20
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+_KINDS = {
+    stat.S_IFREG: "file",
+    stat.S_IFDIR: "dir",
+    stat.S_IFLNK: "symlink",
+    stat.S_IFCHR: "char",
+    stat.S_IFBLK: "block",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One path below the walked directory (``path`` is relative, ``/``-separated)."""
+
+    path: str
+    kind: str
+    mode: int
+    uid: int
+    gid: int
+    size: int = 0
+    sha256: str = ""
+    target: str = ""
+    rdev: int = 0
+    mtime_ns: int = 0
+    xattrs: dict[str, str] = field(default_factory=dict)
+
+    def fields(self) -> dict[str, Any]:
+        """Everything but the path, for comparing two entries."""
+        out = asdict(self)
+        del out["path"]
+        return out
+
+
+@dataclass(frozen=True)
+class Difference:
+    """``path`` is ``missing`` (recorded, gone), ``extra`` (new) or ``changed``."""
+
+    path: str
+    what: str
+    fields: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        if self.what == "changed":
+            return f"{self.path}: {', '.join(self.fields)} changed"
+        return f"{self.path}: {self.what}"
+
+
+def _xattrs(fd: int) -> dict[str, str]:
+    try:
+        names = os.listxattr(fd)
+    except OSError:
+        return {}
+    out: dict[str, str] = {}
+    for name in sorted(names):
+        try:
+            out[name] = os.getxattr(fd, name).hex()
+        except OSError:
+            continue
+    return out
+
+
+def _hash_fd(fd: int) -> str:
+    h = hashlib.sha256()
+    while True:
+        chunk = os.read(fd, _CHUNK)
+        if not chunk:
+            return h.hexdigest()
+        h.update(chunk)
+
+
+def _entry(path: str, name: str, parent_fd: int, st: os.stat_result) -> tuple[Entry, int | None]:
+    """The entry for ``name`` in ``parent_fd``; for a directory also an open fd on it."""
+    kind = _KINDS.get(stat.S_IFMT(st.st_mode), "unknown")
+    common: dict[str, Any] = {
+        "path": path,
+        "kind": kind,
+        "mode": stat.S_IMODE(st.st_mode),
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+    }
+    if kind == "symlink":
+        target = os.readlink(name, dir_fd=parent_fd)
+        return Entry(**common, target=target, mtime_ns=st.st_mtime_ns), None
+    if kind in ("char", "block"):
+        return Entry(**common, rdev=st.st_rdev, mtime_ns=st.st_mtime_ns), None
+    if kind in ("fifo", "socket", "unknown"):
+        return Entry(**common, mtime_ns=st.st_mtime_ns), None
+    flags = _DIR_FLAGS if kind == "dir" else _FILE_FLAGS
+    fd = os.open(name, flags, dir_fd=parent_fd)
+    try:
+        xattrs = _xattrs(fd)
+        if kind == "dir":
+            return Entry(**common, xattrs=xattrs), fd
+        return Entry(**common, size=st.st_size, sha256=_hash_fd(fd), mtime_ns=st.st_mtime_ns,
+                     xattrs=xattrs), None
+    except BaseException:
+        os.close(fd)
+        raise
+    finally:
+        if kind != "dir":
+            os.close(fd)
+
+
+def record(directory: str | os.PathLike[str]) -> Iterator[Entry]:
+    """Every entry below ``directory`` (not itself), depth first, names sorted bytewise."""
+    root_fd = os.open(directory, _DIR_FLAGS)
+    # each level: (fd, path prefix, remaining names, reversed so pop() gives the smallest)
+    stack: list[tuple[int, str, list[str]]] = []
+    try:
+        stack.append((root_fd, "", _names(root_fd)))
+        while stack:
+            fd, prefix, names = stack[-1]
+            if not names:
+                os.close(fd)
+                stack.pop()
+                continue
+            name = names.pop()
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            path = prefix + name
+            entry, child = _entry(path, name, fd, st)
+            yield entry
+            if child is not None:
+                stack.append((child, path + "/", _names(child)))
+    finally:
+        for fd, _, _ in stack:
+            os.close(fd)
+
+
+def _names(fd: int) -> list[str]:
+    with os.scandir(fd) as it:
+        names = [e.name for e in it]
+    names.sort(key=os.fsencode, reverse=True)
+    return names
+
+
+def _sort_key(path: str) -> list[bytes]:
+    return [os.fsencode(part) for part in path.split("/")]
+
+
+def encode(entries: Iterable[Entry], out: IO[bytes]) -> int:
+    """Write ``entries`` to ``out`` as gzip-compressed JSON lines; returns the count."""
+    count = 0
+    with gzip.GzipFile(fileobj=out, mode="wb", mtime=0, compresslevel=6) as gz:
+        for e in entries:
+            gz.write(json.dumps(asdict(e), separators=(",", ":"), sort_keys=True).encode())
+            gz.write(b"\n")
+            count += 1
+    return count
+
+
+def decode(stream: IO[bytes]) -> Iterator[Entry]:
+    """The entries :func:`encode` wrote; InvalidArgument on anything else."""
+    try:
+        with gzip.GzipFile(fileobj=stream, mode="rb") as gz:
+            for line in gz:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError("not an object")
+                yield Entry(**obj)
+    except (OSError, EOFError, ValueError, TypeError) as exc:
+        raise InvalidArgument(f"invalid tree manifest: {exc}") from exc
+
+
+def compare(expected: Iterable[Entry], actual: Iterable[Entry]) -> Iterator[Difference]:
+    """Merge two sequences in :func:`record` order and yield what differs."""
+    exp, act = iter(expected), iter(actual)
+    e, a = next(exp, None), next(act, None)
+    while e is not None or a is not None:
+        if a is None or (e is not None and _sort_key(e.path) < _sort_key(a.path)):
+            assert e is not None
+            yield Difference(e.path, "missing")
+            e = next(exp, None)
+        elif e is None or _sort_key(a.path) < _sort_key(e.path):
+            yield Difference(a.path, "extra")
+            a = next(act, None)
+        else:
+            ef, af = e.fields(), a.fields()
+            changed = tuple(k for k in ef if ef[k] != af[k])
+            if changed:
+                yield Difference(e.path, "changed", changed)
+            e, a = next(exp, None), next(act, None)
