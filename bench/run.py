@@ -52,6 +52,7 @@ BENCHMARKS: dict[str, str] = {
     "rss": "bench.rss",
     "grpc": "bench.grpc",
     "userns": "bench.userns",
+    "registry": "bench.registry",
 }
 
 RESULTS = _HERE / "results" / "latest.json"
