@@ -468,3 +468,36 @@ def test_concurrent_pulls_fetch_once(require_root: None, state: State, host: str
     assert total <= state.served < total + (64 << 10)
     with _root(tmp_root) as r:
         assert check(r).ok
+
+
+def test_mirror_gets_no_registry_credentials(require_root: None, state: State, host: str,
+                                             tmp_root: Path, tmp_path: Path) -> None:
+    """The registry's credentials (docker config) are not sent to a mirror; a mirror that
+    wants credentials of its own is passed over for the registry."""
+    import base64
+
+    config = tmp_path / "docker" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps({"auths": {host: {
+        "auth": base64.b64encode(b"alice:secret").decode()}}}))
+    mirror = State()
+
+    def basic(h: Handler) -> bool:
+        h.send(401, b"", {"WWW-Authenticate": 'Basic realm="mirror"'})
+        return True
+
+    for digest in state.blobs:
+        mirror.hooks[f"/v2/{REPO}/blobs/{digest}"] = basic
+    with serving(mirror) as mhost:
+        hosts = tmp_path / "certs.d" / f"{host.replace(':', '_')}_"
+        hosts.mkdir(parents=True)
+        (hosts / "hosts.toml").write_text(
+            f'server = "http://{host}"\n[host."http://{mhost}"]\n  capabilities = ["pull"]\n')
+        from lamina.remotes.auth import DockerConfig
+
+        with Registry(hosts_dirs=[tmp_path / "certs.d"], docker_config=DockerConfig(config),
+                      retry=RetryPolicy(attempts=2, base=0.01)) as reg, _root(tmp_root) as r:
+            result = pull(reg, f"{host}/{REPO}:1", root=r)
+    assert result.fetched == 2
+    asked = mirror.requests("GET")
+    assert asked and not any("Authorization" in m.headers for m in asked)

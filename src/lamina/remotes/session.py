@@ -90,13 +90,15 @@ class Session:
              retry_status: bool = True) -> Response:
         """One request to ``url`` on endpoint ``ep``, with auth and retries."""
         tls = tls_of(ep)
+        # a mirror gets its own credentials only, never the registry's it stands in for
+        creds_of = "" if ep.namespace else self.namespace
         fresh_token = False
         attempt = 0
         last = ""
         while True:
             hdrs = {k: ", ".join(v) for k, v in ep.headers.items()}
             hdrs.update(headers or {})
-            auth = self.authorizer.header(ep.host, scope, self.namespace)
+            auth = self.authorizer.header(ep.host, scope, creds_of)
             if auth:
                 hdrs["Authorization"] = auth
             try:
@@ -115,7 +117,7 @@ class Session:
                     raise Unauthorized(f"{ep.host}: {method} {self._short(url)}: unauthorized "
                                        "with the credentials and token it asked for")
                 self.authorizer.challenged(ep.host, [str(c) for c in challenges], scope,
-                                           self.namespace, tls=tls, sent=auth)
+                                           creds_of, tls=tls, sent=auth)
                 fresh_token = True
                 continue
             if resp.status == 403:

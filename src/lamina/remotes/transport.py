@@ -34,6 +34,7 @@ from lamina.errors import InvalidArgument, Unavailable
 __all__ = ["Response", "TLSConfig", "Transport", "TransportError"]
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_SEND_BLOCK = 1 << 20  # bytes per send of a streamed request body
 Body = bytes | Callable[[], IO[bytes]] | None
 
 
@@ -187,8 +188,9 @@ class Transport:
         # the socket timeout bounds every single wait; stalls are caught above it
         timeout = min(self.timeout, self.stall_time)
         if scheme == "https":
-            return http.client.HTTPSConnection(host, timeout=timeout, context=ctx)
-        return http.client.HTTPConnection(host, timeout=timeout)
+            return http.client.HTTPSConnection(host, timeout=timeout, context=ctx,
+                                               blocksize=_SEND_BLOCK)
+        return http.client.HTTPConnection(host, timeout=timeout, blocksize=_SEND_BLOCK)
 
     def _release(self, key: tuple[str, str, TLSConfig], conn: http.client.HTTPConnection) -> None:
         with self._lock:
