@@ -9,7 +9,8 @@ on each it
   for a token fetched for that very request is :class:`~.auth.Unauthorized`);
 - retries 429 and 5xx responses and network failures with exponential
   backoff (``Retry-After`` honoured, up to ``max_wait``), ``attempts`` times
-  in all, then moves to the next endpoint;
+  in all, then moves to the next endpoint (a POST or PATCH that failed in the
+  network is not sent again: the registry may have applied it);
 - moves to the next endpoint on 404 too (a mirror need not have everything).
 
 What it returns is a response the caller interprets; the error raised when
@@ -106,6 +107,8 @@ class Session:
             except TransportError as exc:
                 last = exc.message
                 attempt += 1
+                if method in ("POST", "PATCH"):  # it may have been applied: not again
+                    raise
                 if attempt >= self.retry.attempts:
                     raise TransportError(f"{last} (after {attempt} attempts)") from exc
                 time.sleep(self.retry.delay(attempt - 1))
