@@ -48,10 +48,11 @@ class RetryPolicy:
             if retry_after.strip().isdigit():
                 wait = float(retry_after.strip())
             else:
-                with_date = email.utils.parsedate_to_datetime(retry_after) \
-                    if retry_after else None
-                if with_date is not None:
-                    wait = with_date.timestamp() - time.time()
+                try:
+                    wait = email.utils.parsedate_to_datetime(retry_after).timestamp() \
+                        - time.time()
+                except (TypeError, ValueError):
+                    wait = None  # neither seconds nor an HTTP date: back off as usual
             if wait is not None:
                 return max(0.0, min(wait, self.max_wait))
         return float(min(self.cap, self.base * (2 ** attempt)) * (0.5 + random.random() / 2))
