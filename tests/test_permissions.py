@@ -186,7 +186,10 @@ def test_store_is_closed_even_below_an_open_root(root: Path) -> None:
 
 def loosen_like_an_old_lamina(root: Path) -> None:
     """The modes lamina gave a root before: 0711 root, 0755 directories, 0644
-    files, 0444 blobs (snapshot directories themselves were already 0700)."""
+    files, 0444 blobs (snapshot directories themselves were already 0700); and
+    no format file or boot id, which it did not write (see lamina.rootformat)."""
+    (root / "format").unlink()
+    (root / "boot-id").unlink()
     os.chmod(root, 0o711)
     stack = [root]
     while stack:

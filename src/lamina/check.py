@@ -118,13 +118,16 @@ def _local_content(root: Root) -> LocalContentStore:
     return store
 
 
-def _check_content(store: LocalContentStore) -> list[Problem]:
+def _check_content(store: LocalContentStore, *, rehash: bool) -> list[Problem]:
     problems: list[Problem] = []
     rows = set()
     for info in store.walk():
         rows.add(info.digest)
         try:
-            store.verify(info.digest)
+            if rehash:
+                store.verify(info.digest)
+            elif not store.blob_path(info.digest).is_file():
+                raise NotFound(f"content {info.digest} is recorded but its blob is missing")
         except BlobCorrupt as exc:
             problems.append(Problem(ProblemType.CONTENT_CORRUPT, info.digest, exc.message))
         except NotFound as exc:
@@ -233,9 +236,10 @@ def _check_containers(root: Root) -> list[Problem]:
     return problems
 
 
-def _scan(root: Root, *, deep: bool) -> tuple[list[Problem], dict[str, list[Problem]]]:
+def _scan(root: Root, *, deep: bool,
+          rehash: bool) -> tuple[list[Problem], dict[str, list[Problem]]]:
     store = _local_content(root)
-    problems = _check_content(store)
+    problems = _check_content(store, rehash=rehash)
     problems += _check_snapshots(root)
     if deep:
         problems += _check_layers(root)
@@ -277,15 +281,17 @@ def _repair_snapshot_rows(sn: Snapshotter, name: str) -> list[str]:
     return repaired
 
 
-def check(root: Root, *, repair: bool = False, deep: bool = False) -> CheckReport:
+def check(root: Root, *, repair: bool = False, deep: bool = False,
+          rehash: bool = True) -> CheckReport:
     """Check ``root``; with ``repair``, fix what can be fixed and check again.
 
     ``deep`` also compares committed layers with the tree manifests recorded
     when they were unpacked (reads every file of every such layer). A changed
     layer is reported, not repaired: the images using it need importing again
-    once it is removed."""
+    once it is removed. Without ``rehash`` blobs are only checked to exist
+    (what recovery after a restart does: see :mod:`lamina.rootformat`)."""
     report = CheckReport(repair=repair)
-    problems, _ = _scan(root, deep=deep)
+    problems, _ = _scan(root, deep=deep, rehash=rehash)
     report.problems = problems
     if not repair:
         return report
@@ -312,7 +318,7 @@ def check(root: Root, *, repair: bool = False, deep: bool = False) -> CheckRepor
             sn.cleanup()
             report.repaired += [f"snapshotter {name}: removed {p.subject}" for p in orphans]
             report.repaired += _repair_snapshot_rows(sn, name)
-    remaining, images_after = _scan(root, deep=deep)
+    remaining, images_after = _scan(root, deep=deep, rehash=rehash)
     report.remaining = remaining
     report.broken_images = sorted(images_after)
     return report

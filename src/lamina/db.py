@@ -5,6 +5,15 @@ timeout, so several processes can share a root. Write transactions start with
 ``BEGIN IMMEDIATE``: the write lock is taken up front, and a transaction that
 reads and then writes cannot deadlock against another writer.
 
+Durability: WAL with ``synchronous=FULL``, so a transaction that returned is
+on disk (the WAL is fsynced at every commit), not just safe from a process
+kill. That ordering is what crash safety rests on: a directory is renamed
+into place inside the transaction that records it and deleted only after
+the one that forgets it, so after a power cut the metadata may be *behind*
+the disk (``cleanup`` removes what it does not know) but never ahead of it.
+With ``synchronous=NORMAL`` a commit could be undone by a power cut after
+its directory was already deleted. A full disk is ResourceExhausted.
+
 The file is created 0600 before SQLite opens it; SQLite gives its ``-wal`` and
 ``-shm`` files the database's mode. Files an earlier lamina left 0644 are
 tightened on open.
@@ -19,12 +28,13 @@ import threading
 import time
 from collections.abc import Iterator
 
-from lamina.errors import Unavailable
+from lamina.errors import ResourceExhausted, Unavailable
 from lamina.perms import FILE_MODE, tighten
 
 __all__ = ["Database"]
 
 BUSY_TIMEOUT_MS = 60_000
+_SQLITE_FULL = 13
 
 
 class Database:
@@ -42,7 +52,7 @@ class Database:
         )
         self._conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         self._enable_wal()
-        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         with self.write() as c:
             for stmt in schema.split(";"):
@@ -79,10 +89,17 @@ class Database:
                 raise Unavailable(f"database {self.path} is busy: {exc}") from exc
             try:
                 yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
+                conn.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL:
+                    raise ResourceExhausted(f"database {self.path}: the disk is full") from exc
                 raise
-            conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
 
     @contextlib.contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lamina.errors import InvalidArgument
-from lamina.perms import DIR_MODE, FILE_MODE, tighten, tighten_tree
+from lamina.perms import DIR_MODE, tighten
 
 if TYPE_CHECKING:
+    from lamina.check import CheckReport
     from lamina.containers.store import ContainerStore
     from lamina.content import ContentStore
     from lamina.images.store import ImageStore
@@ -68,13 +69,21 @@ SNAPSHOTTERS: dict[str, Callable[..., Snapshotter]] = {
 class Root:
     """Paths of one lamina root, and the stores opened on it (lazily, once)."""
 
-    def __init__(self, path: str | os.PathLike[str], *, async_remove: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, async_remove: bool = False,
+                 recover: bool = True) -> None:
         """``async_remove``: snapshotters delete removed snapshots' directories in a
-        background thread (what a long-running server wants) instead of inline."""
+        background thread (what a long-running server wants) instead of inline.
+
+        Opening checks the root's format (an older one is migrated, a newer one
+        refused) and, with ``recover``, repairs a root left by a machine that
+        restarted (see :mod:`lamina.rootformat`); :attr:`recovered` is that
+        repair's report, or None."""
+        from lamina.rootformat import open_format, recover_after_restart
+
         self.path = Path(path)
         self.async_remove = async_remove
         self.path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-        self._tighten()
+        tighten(self.path)
         (self.path / "locks").mkdir(mode=DIR_MODE, exist_ok=True)
         self._lock = threading.RLock()
         self._snapshotters: dict[str, Snapshotter] = {}
@@ -82,23 +91,8 @@ class Root:
         self._images: ImageStore | None = None
         self._containers: ContainerStore | None = None
         self._leases: LeaseManager | None = None
-
-    def _tighten(self) -> None:
-        """Make a root an earlier lamina made owner-only (the stores tighten their
-        own files when they open): the root first, which alone closes it."""
-        tighten(self.path)
-        names = ("snapshots", "content", "tmpmounts", "tasks", "checkpoints")
-        dirs = [self.path / n for n in names]
-        dirs += [self.snapshots_dir(n) for n in SNAPSHOTTERS]
-        for d in dirs:
-            tighten(d)
-        dbs = [self.metadata_path, self.content_dir / "metadata.db"]
-        dbs += [self.snapshots_dir(n) / "metadata.db" for n in SNAPSHOTTERS]
-        for db in dbs:
-            for suffix in ("", "-wal", "-shm", "-journal"):
-                tighten(f"{db}{suffix}", FILE_MODE)
-        if tighten(self.path / "locks"):
-            tighten_tree(self.path / "locks")
+        self.format_found = open_format(self.path)
+        self.recovered: CheckReport | None = recover_after_restart(self) if recover else None
 
     def snapshots_dir(self, snapshotter: str) -> Path:
         return self.path / "snapshots" / snapshotter

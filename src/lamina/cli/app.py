@@ -31,6 +31,12 @@ class App:
     def store_root(self) -> Root:
         if self._root is None:
             self._root = Root(self.root)
+            report = self._root.recovered
+            if report is not None and (report.repaired or report.remaining):
+                print(f"lamina: {self.root} was last used before the machine restarted; "
+                      f"repaired {len(report.repaired)} leftover(s), "
+                      f"{len(report.remaining)} problem(s) remain (see lamina check)",
+                      file=sys.stderr)
         return self._root
 
     def snapshots(self) -> Snapshotter:

@@ -18,11 +18,7 @@ __all__ = ["register"]
 
 @contextlib.contextmanager
 def _manager(app: App) -> Iterator[LeaseManager]:
-    leases = LeaseManager(app.store_root.metadata_path)
-    try:
-        yield leases
-    finally:
-        leases.close()
+    yield app.store_root.leases()
 
 
 def _record(lease: Lease, now: datetime) -> dict[str, object]:

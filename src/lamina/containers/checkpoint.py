@@ -248,7 +248,7 @@ class CheckpointService:
         return path
 
     def _leases(self) -> LeaseManager:
-        return LeaseManager(self.root.metadata_path)
+        return self.root.leases()
 
     # -- checkpoint --------------------------------------------------------------
 
@@ -355,7 +355,6 @@ class CheckpointService:
                         name=ref, target=index_desc,
                         labels={LABEL_CHECKPOINT: cid}))
         finally:
-            leases.close()
             with contextlib.suppress(OSError):
                 remove_tree(workdir)
         return CheckpointResult(ref=ref, index=index_desc, container=cid, timings=timer.done())
@@ -494,7 +493,6 @@ class CheckpointService:
                     self.ctasks.remove(cid, force=True)
             raise
         finally:
-            leases.close()
             with contextlib.suppress(OSError):
                 remove_tree(workdir)
         return RestoreResult(container=container, task=task, timings=timer.done())

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from lamina.containers.store import Container, ContainerStore
+from lamina.containers.store import Container
 from lamina.diff import apply_diff, create_diff
 from lamina.errors import FailedPrecondition, NotFound
 from lamina.images.service import ImageService
@@ -37,7 +37,6 @@ from lamina.labels import (
     REVISION_IMAGE,
     REVISION_PREVIOUS,
 )
-from lamina.leases import LeaseManager
 from lamina.root import Root
 
 __all__ = [
@@ -75,14 +74,14 @@ class ContainerService:
         self.root = root
         self.snapshotter_name = snapshotter
         self.images = images or ImageService(root, snapshotter=snapshotter)
-        self.store = ContainerStore(root.metadata_path)
+        self.store = root.containers()
 
     @property
     def sn(self) -> Any:
         return self.images.snapshots
 
     def close(self) -> None:
-        self.store.close()
+        """Nothing to release: the stores belong to the root."""
 
     # -- records -------------------------------------------------------------
     def get(self, cid: str) -> Container:
@@ -152,12 +151,8 @@ class ContainerService:
     def upgrade(self, cid: str, image: str) -> Container:
         """Move ``cid`` to ``image``, carrying its rw-layer changes over."""
         container = self.store.get(cid)
-        leases = LeaseManager(self.root.metadata_path)
-        try:
-            with leases.held(purpose=f"upgrade {cid}"):  # GC keeps the diff blob meanwhile
-                return self._upgrade(container, image)
-        finally:
-            leases.close()
+        with self.root.leases().held(purpose=f"upgrade {cid}"):  # GC keeps the diff blob
+            return self._upgrade(container, image)
 
     def _upgrade(self, container: Container, image: str) -> Container:
         new_key = self._prepare_revision(container.id, image, previous=container.snapshot_key)

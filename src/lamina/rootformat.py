@@ -1,0 +1,147 @@
+"""What a root's format is, how an older one is brought up to date, and what
+happens when a root is opened after the machine restarted.
+
+**Format versions.** A root records its format in ``<root>/format`` (JSON,
+written atomically). Opening a root:
+
+* a new, empty root is stamped with :data:`FORMAT`;
+* a root without the file was made by lamina 0.1 (format 1);
+* an older format is migrated, one step at a time, under a lock: every step
+  is idempotent and the new version is written only after the step is done,
+  so a crash mid-way leaves the old version recorded and the next open
+  repeats the step;
+* a newer format is refused (FailedPrecondition): an older lamina must not
+  write what it does not understand.
+
+History:
+
+1. lamina 0.1: root 0711, store directories 0755, databases 0644, blobs 0444;
+   no format file.
+2. everything owner-only (:mod:`lamina.perms`), tightened once by the
+   migration instead of at every open.
+
+**After a restart.** The kernel's boot id is recorded in ``<root>/boot-id``.
+When a root is opened and the recorded id differs, the machine restarted
+since this root was last used — perhaps through a power cut in the middle of
+some work. Before anything else uses it, the root is repaired the way
+``lamina check --repair`` does (stale temporary mounts, ingests and
+directories no metadata names, rows whose files are gone), without re-hashing
+every blob (a blob is fsynced before it is renamed into place, so a power cut
+cannot leave a committed blob with wrong bytes; ``lamina check`` verifies
+them when asked). One process does it; the others wait for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lamina.errors import FailedPrecondition
+from lamina.fsutil import atomic_write, locked
+from lamina.perms import FILE_MODE, tighten, tighten_tree
+
+if TYPE_CHECKING:
+    from lamina.check import CheckReport
+    from lamina.root import Root
+
+__all__ = ["BOOT_ID_FILE", "FORMAT", "FORMAT_FILE", "open_format", "recover_after_restart"]
+
+FORMAT = 2
+FORMAT_FILE = "format"
+BOOT_ID_FILE = "boot-id"
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def _read_format(path: Path) -> int | None:
+    try:
+        obj = json.loads((path / FORMAT_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise FailedPrecondition(f"{path / FORMAT_FILE}: unreadable root format: {exc}") from exc
+    version = obj.get("format") if isinstance(obj, dict) else None
+    if not isinstance(version, int) or version < 1:
+        raise FailedPrecondition(f"{path / FORMAT_FILE}: unreadable root format {obj!r}")
+    return version
+
+
+def _write_format(path: Path, version: int) -> None:
+    atomic_write(path / FORMAT_FILE, json.dumps({"format": version}).encode() + b"\n",
+                 mode=FILE_MODE)
+
+
+def _to_2(path: Path) -> None:
+    """Owner-only modes (format 2): the root first, which alone closes it."""
+    from lamina.root import SNAPSHOTTERS
+
+    tighten(path)
+    names = ("snapshots", "content", "tmpmounts", "tasks", "checkpoints", "locks")
+    dirs = [path / n for n in names] + [path / "snapshots" / n for n in SNAPSHOTTERS]
+    for d in dirs:
+        tighten(d)
+    dbs = [path / "metadata.db", path / "content" / "metadata.db"]
+    dbs += [path / "snapshots" / n / "metadata.db" for n in SNAPSHOTTERS]
+    for db in dbs:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            tighten(f"{db}{suffix}", FILE_MODE)
+    tighten_tree(path / "locks")
+
+
+#: ``MIGRATIONS[n]`` turns format ``n`` into ``n + 1``.
+MIGRATIONS: dict[int, Callable[[Path], None]] = {1: _to_2}
+
+
+def open_format(path: Path) -> int:
+    """Check (stamp, migrate) the format of the root at ``path``; the format it had."""
+    found = _read_format(path)
+    if found == FORMAT:
+        return found
+    if found is not None and found > FORMAT:
+        raise FailedPrecondition(
+            f"root {path} has format {found}, newer than this lamina understands "
+            f"(up to {FORMAT}): use the lamina that made it, or a newer one")
+    with locked(path / "locks" / "format"):
+        found = _read_format(path)
+        if found is None:
+            others = {e for e in os.listdir(path)} - {"locks", FORMAT_FILE}
+            found = 1 if others else FORMAT
+        for step in range(found, FORMAT):
+            MIGRATIONS[step](path)
+            _write_format(path, step + 1)
+        if found == FORMAT:
+            _write_format(path, FORMAT)
+    return found
+
+
+def _boot_id() -> str:
+    try:
+        return Path(_BOOT_ID).read_text(encoding="ascii").strip()
+    except OSError:
+        return ""
+
+
+def recover_after_restart(root: Root) -> CheckReport | None:
+    """Repair ``root`` if the machine restarted since it was last used; the report
+    of the repair, or None when there was nothing to do (see the module docs)."""
+    current = _boot_id()
+    marker = root.path / BOOT_ID_FILE
+    with contextlib.suppress(OSError):
+        if not current or marker.read_text(encoding="ascii").strip() == current:
+            return None
+    with locked(root.path / "locks" / "recover"):
+        try:
+            recorded = marker.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            recorded = ""
+        report = None
+        if recorded and recorded != current:
+            from lamina.check import check
+
+            report = check(root, repair=True, rehash=False)
+        if recorded != current:
+            atomic_write(marker, current.encode() + b"\n", mode=FILE_MODE)
+        return report
