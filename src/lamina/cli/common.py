@@ -8,8 +8,14 @@ from collections.abc import Iterable, Sequence
 from lamina.errors import InvalidArgument
 
 __all__ = [
-    "add_max_layer_size", "add_mount_flags", "human_size", "max_layer_size", "parse_labels",
+    "add_max_layer_size",
+    "add_mount_flags",
+    "add_sync",
+    "human_size",
+    "max_layer_size",
+    "parse_labels",
     "print_table",
+    "sync_layers",
 ]
 
 
@@ -67,6 +73,21 @@ def add_max_layer_size(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-layer-size", type=_size_arg, default=None, metavar="SIZE",
                    help="stop a layer that expands beyond SIZE uncompressed bytes "
                    "(e.g. 4G; default $LAMINA_MAX_LAYER_SIZE or 64G)")
+
+
+def add_sync(p: argparse.ArgumentParser) -> None:
+    """``--no-sync``: skip syncing each unpacked layer before its snapshot is committed."""
+    p.add_argument("--no-sync", action="store_true",
+                   help="do not syncfs each unpacked layer before committing it: faster, "
+                        "but a power cut may lose layers unpacked in the last seconds "
+                        "(lamina check --deep finds them); also $LAMINA_NO_SYNC=1")
+
+
+def sync_layers(args: argparse.Namespace) -> bool:
+    """False with ``--no-sync`` or ``$LAMINA_NO_SYNC=1``."""
+    import os
+
+    return not (getattr(args, "no_sync", False) or os.environ.get("LAMINA_NO_SYNC") == "1")
 
 
 def max_layer_size(args: argparse.Namespace) -> int:

@@ -7,7 +7,13 @@ import contextlib
 from collections.abc import Iterator
 
 from lamina.cli.app import App
-from lamina.cli.common import add_max_layer_size, add_mount_flags, max_layer_size
+from lamina.cli.common import (
+    add_max_layer_size,
+    add_mount_flags,
+    add_sync,
+    max_layer_size,
+    sync_layers,
+)
 from lamina.images.service import ImageService
 from lamina.progress import for_cli
 
@@ -19,7 +25,7 @@ def _service(args: argparse.Namespace, app: App) -> Iterator[ImageService]:
     progress = for_cli(json_lines=getattr(args, "json_progress", False))
     svc = ImageService(app.store_root, snapshotter=app.snapshotter,
                        snapshots=app.snapshots(), progress=progress,
-                       max_layer_size=max_layer_size(args))
+                       max_layer_size=max_layer_size(args), sync=sync_layers(args))
     try:
         yield svc
     finally:
@@ -99,6 +105,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v.add_argument("--json", dest="json_progress", action="store_true",
                    help="progress as JSON lines")
     add_max_layer_size(v)
+    add_sync(v)
     v.set_defaults(handler=_import)
 
     v = verbs.add_parser("ls", aliases=["list"], help="list images")
@@ -114,6 +121,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v.add_argument("ref")
     v.add_argument("--json", dest="json_progress", action="store_true")
     add_max_layer_size(v)
+    add_sync(v)
     v.set_defaults(handler=_unpack)
 
     v = verbs.add_parser("mount", help="mount an image's filesystem on a directory")

@@ -42,11 +42,15 @@ class ImageService:
         snapshots: Snapshotter | None = None,
         progress: Progress | None = None,
         max_layer_size: int = DEFAULT_MAX_LAYER_SIZE,
+        sync: bool = True,
     ) -> None:
         """``max_layer_size``: the uncompressed bytes one layer may expand to
-        when it is unpacked (ResourceExhausted beyond)."""
+        when it is unpacked (ResourceExhausted beyond). ``sync``: each unpacked
+        layer is made durable before its snapshot is committed (see
+        :class:`~lamina.images.unpack.Unpacker`)."""
         self.root = root
         self.max_layer_size = max_layer_size
+        self.sync = sync
         self.snapshotter_name = snapshotter
         self._snapshots = snapshots
         self.progress = progress or Progress()
@@ -107,7 +111,7 @@ class ImageService:
                 progress=self.progress,
                 hold=functools.partial(leases.add_resource, lease.id,
                                        f"snapshot:{self.snapshotter_name}"),
-                max_layer_size=self.max_layer_size,
+                max_layer_size=self.max_layer_size, sync=self.sync,
             )
             return unpacker.unpack(manifest, config)
 
