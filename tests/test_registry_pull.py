@@ -119,3 +119,24 @@ class _closing:
 
     def __exit__(self, *exc: object) -> None:
         self.root.close()
+
+
+def test_pulled_image_survives_gc(require_root: None, peer: Peer, image: imagefactory.ImageRef,
+                                  tmp_root: Path) -> None:
+    """The pull's labels make everything it brought reachable from the image: a garbage
+    collection right after takes nothing of it, and the root checks clean."""
+    from lamina.check import check
+    from lamina.gc import collect
+
+    name = f"{peer.host}/test/gc:1"
+    skopeo_push(image.oci_ref, name)
+    with Registry() as reg, _closing(Root(tmp_root)) as r:
+        result = pull(reg, name, root=r)
+        collect(r)
+        content = r.content()
+        for digest in [image.manifest_digest, image.config_digest,
+                       *(lyr.digest for lyr in image.layers)]:
+            content.info(digest)
+        assert result.unpacked is not None
+        r.snapshotter("overlay").stat(result.unpacked.chain_id)
+        assert check(r).ok
