@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from lamina.cli.app import App
+from lamina.cli.common import add_max_layer_size, add_sync, max_layer_size, sync_layers
 from lamina.progress import Progress, for_cli
 from lamina.remotes.hosts import CONTAINERD_HOSTS_DIR, LAMINA_HOSTS_DIR
 
@@ -58,7 +59,8 @@ def _pull(args: argparse.Namespace, app: App) -> int:
             result = pull(registry, args.ref, root=app.store_root, snapshotter=app.snapshotter,
                           platforms=args.platform or (), all_platforms=args.all_platforms,
                           unpack=not args.no_unpack, concurrency=args.concurrency,
-                          progress=progress)
+                          progress=progress, max_layer_size=max_layer_size(args),
+                          sync=sync_layers(args))
     finally:
         progress.close()
     if not args.json_progress:
@@ -128,6 +130,8 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="blobs downloaded at once (default 3)")
     v.add_argument("--json", dest="json_progress", action="store_true",
                    help="progress as JSON lines")
+    add_max_layer_size(v)
+    add_sync(v)
     add_registry_flags(v)
     v.set_defaults(handler=_pull)
 

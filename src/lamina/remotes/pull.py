@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
+from lamina.archive.limits import DEFAULT_MAX_LAYER_SIZE
 from lamina.content import ContentStore
 from lamina.errors import InvalidArgument, NotFound, Unavailable
 from lamina.images.importer import GC_CONTENT, put_document
@@ -48,7 +49,7 @@ from lamina.images.oci import (
     Manifest,
     host_platform,
 )
-from lamina.images.store import Image, ImageStore
+from lamina.images.store import Image
 from lamina.images.unpack import Unpacker, UnpackResult
 from lamina.leases import LeasedContent, LeaseManager
 from lamina.progress import Progress
@@ -261,8 +262,12 @@ def _to_unpack(puller: _Puller) -> tuple[Descriptor, Manifest] | None:
 
 def pull(registry: Registry, reference: str, *, root: Root, snapshotter: str = "overlay",
          platforms: Sequence[str] = (), all_platforms: bool = False, unpack: bool = True,
-         concurrency: int = 3, progress: Progress | None = None) -> PullResult:
-    """Pull ``reference`` into ``root`` (see the module docs)."""
+         concurrency: int = 3, progress: Progress | None = None,
+         max_layer_size: int = DEFAULT_MAX_LAYER_SIZE, sync: bool = True) -> PullResult:
+    """Pull ``reference`` into ``root`` (see the module docs).
+
+    ``max_layer_size`` and ``sync`` are the unpack's (see
+    :class:`~lamina.images.unpack.Unpacker`)."""
     progress = progress or Progress()
     ref = parse_reference(reference)
     wanted = [parse_platform(p) for p in platforms] or [host_platform()]
@@ -270,34 +275,32 @@ def pull(registry: Registry, reference: str, *, root: Root, snapshotter: str = "
     progress.event("resolve", str(ref), status="resolving")
     resolved = resolve(session, ref)
     progress.event("resolve", str(ref), status=resolved.desc.digest)
-    leases = LeaseManager(root.metadata_path)
-    images = ImageStore(root.metadata_path)
-    try:
-        with leases.held(purpose=f"pull {ref}") as lease:
-            store = root.content()
-            content = LeasedContent(store, leases, lease.id)
-            puller = _Puller(session, ref, content, store, progress, platforms=wanted,
-                             all_platforms=all_platforms, concurrency=concurrency)
-            puller.walk(resolved.desc, resolved.data)
-            for _, manifest in puller.plan.manifests:
-                if manifest.config.media_type in CONFIG_TYPES:
-                    puller._document(manifest.config, None)
-            target = _to_unpack(puller) if unpack else None
-            unpacked, fetched, present = _transfer(puller, root, snapshotter, target, leases,
-                                                   lease.id, progress)
-            puller.label()
-            image = images.put(Image(name=str(ref), target=resolved.desc))
-            return PullResult(image=image, unpacked=unpacked, fetched=fetched,
-                              present=present,
-                              manifests=[d for d, _ in puller.plan.manifests])
-    finally:
-        images.close()
-        leases.close()
+    leases = root.leases()
+    images = root.images()
+    with leases.held(purpose=f"pull {ref}") as lease:
+        store = root.content()
+        content = LeasedContent(store, leases, lease.id)
+        puller = _Puller(session, ref, content, store, progress, platforms=wanted,
+                         all_platforms=all_platforms, concurrency=concurrency)
+        puller.walk(resolved.desc, resolved.data)
+        for _, manifest in puller.plan.manifests:
+            if manifest.config.media_type in CONFIG_TYPES:
+                puller._document(manifest.config, None)
+        target = _to_unpack(puller) if unpack else None
+        unpack_options = {"max_layer_size": max_layer_size, "sync": sync}
+        unpacked, fetched, present = _transfer(puller, root, snapshotter, target, leases,
+                                               lease.id, progress, unpack_options)
+        puller.label()
+        image = images.put(Image(name=str(ref), target=resolved.desc))
+        return PullResult(image=image, unpacked=unpacked, fetched=fetched,
+                          present=present,
+                          manifests=[d for d, _ in puller.plan.manifests])
 
 
 def _transfer(puller: _Puller, root: Root, snapshotter: str,
               target: tuple[Descriptor, Manifest] | None, leases: LeaseManager,
-              lease_id: str, progress: Progress) -> tuple[UnpackResult | None, int, int]:
+              lease_id: str, progress: Progress,
+              unpack_options: Mapping[str, Any]) -> tuple[UnpackResult | None, int, int]:
     """Download every blob; unpack ``target`` meanwhile: the unpack, blobs fetched, present."""
     order: list[Descriptor] = []
     if target is not None:
@@ -312,7 +315,7 @@ def _transfer(puller: _Puller, root: Root, snapshotter: str,
         if target is not None:
             try:
                 unpacked = _unpack(puller, root, snapshotter, target, leases, lease_id,
-                                   progress)
+                                   progress, unpack_options)
             except BaseException:
                 puller.cancel.set()
                 _raise_download_error(futures)
@@ -341,7 +344,7 @@ def _raise_download_error(futures: Sequence[Future[bool]], *, wait: bool = False
 
 def _unpack(puller: _Puller, root: Root, snapshotter: str,
             target: tuple[Descriptor, Manifest], leases: LeaseManager, lease_id: str,
-            progress: Progress) -> UnpackResult:
+            progress: Progress, options: Mapping[str, Any]) -> UnpackResult:
     _, manifest = target
     with puller.content.reader(manifest.config.digest) as r:
         config = ImageConfig.parse(r.read())
@@ -350,6 +353,7 @@ def _unpack(puller: _Puller, root: Root, snapshotter: str,
         locks_dir=root.path / "locks", tmpmounts=root.tmpmounts, progress=progress,
         parallel=max(puller.concurrency, 2),
         hold=functools.partial(leases.add_resource, lease_id, f"snapshot:{snapshotter}"),
-        open_layer=puller.open_layer,
+        open_layer=puller.open_layer, max_layer_size=options["max_layer_size"],
+        sync=options["sync"],
     )
     return unpacker.unpack(manifest, config)

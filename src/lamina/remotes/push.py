@@ -73,13 +73,10 @@ def _local(images: ImageStore, name: str) -> Image:
 
 def tag(root: Root, source: str, target: str) -> Image:
     """Name image ``source`` also as ``target`` (normalised); returns the new image."""
-    images = ImageStore(root.metadata_path)
-    try:
-        src = _local(images, source)
-        return images.put(Image(name=str(parse_reference(target)), target=src.target,
-                                labels=dict(src.labels)))
-    finally:
-        images.close()
+    images = root.images()
+    src = _local(images, source)
+    return images.put(Image(name=str(parse_reference(target)), target=src.target,
+                            labels=dict(src.labels)))
 
 
 def _plan(content: ContentStore, target: Descriptor) -> tuple[list[Descriptor],
@@ -263,11 +260,7 @@ def push(registry: Registry, local: str, remote: str | None = None, *, root: Roo
          chunk_size: int = 0) -> PushResult:
     """Push local image ``local`` to ``remote`` (default: its own name)."""
     progress = progress or Progress()
-    images = ImageStore(root.metadata_path)
-    try:
-        image = _local(images, local)
-    finally:
-        images.close()
+    image = _local(root.images(), local)
     ref = parse_reference(remote or image.name)
     content = root.content()
     blobs, documents = _plan(content, image.target)
