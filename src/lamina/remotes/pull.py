@@ -56,7 +56,7 @@ from lamina.progress import Progress
 from lamina.remotes.fetcher import LOCK_WAIT, TailReader, Transfer, fetch_blob
 from lamina.remotes.reference import Reference, parse_reference
 from lamina.remotes.registry import Registry
-from lamina.remotes.resolver import fetch_document, resolve
+from lamina.remotes.resolver import MAX_MANIFEST, fetch_document, resolve
 from lamina.remotes.session import Session
 from lamina.root import Root
 
@@ -119,10 +119,13 @@ class _Puller:
         self.plan = _Plan()
         self.cancel = threading.Event()
         self.transfers: dict[str, Transfer] = {}
-        self.fetched = 0
 
     # -- documents -------------------------------------------------------
-    def _document(self, desc: Descriptor, prefetched: bytes | None) -> bytes:
+    def document(self, desc: Descriptor, prefetched: bytes | None) -> bytes:
+        """A manifest, index or config: from the store, else fetched and stored."""
+        if desc.size > MAX_MANIFEST:
+            raise InvalidArgument(f"{self.ref}: {desc.digest}: a document of {desc.size} "
+                                  f"bytes is larger than the {MAX_MANIFEST} allowed")
         try:
             with self.content.reader(desc.digest) as r:
                 data = r.read(desc.size + 1)
@@ -166,7 +169,7 @@ class _Puller:
         if len(path) >= MAX_DEPTH:
             raise InvalidArgument(f"{self.ref}: indexes nest more than {MAX_DEPTH} deep")
         if desc.media_type in INDEX_TYPES:
-            data = self._document(desc, prefetched)
+            data = self.document(desc, prefetched)
             self.plan.documents[desc.digest] = desc
             index = Index.parse(data)
             wanted = self._wanted(index.manifests)
@@ -177,7 +180,7 @@ class _Puller:
                 else:
                     self.plan.blobs.setdefault(child.digest, child)
         elif desc.media_type in MANIFEST_TYPES:
-            data = self._document(desc, prefetched)
+            data = self.document(desc, prefetched)
             self.plan.documents[desc.digest] = desc
             manifest = Manifest.parse(data, desc.media_type)
             self.plan.manifests.append((desc, manifest))
@@ -285,7 +288,7 @@ def pull(registry: Registry, reference: str, *, root: Root, snapshotter: str = "
         puller.walk(resolved.desc, resolved.data)
         for _, manifest in puller.plan.manifests:
             if manifest.config.media_type in CONFIG_TYPES:
-                puller._document(manifest.config, None)
+                puller.document(manifest.config, None)
         target = _to_unpack(puller) if unpack else None
         unpack_options = {"max_layer_size": max_layer_size, "sync": sync}
         unpacked, fetched, present = _transfer(puller, root, snapshotter, target, leases,
