@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -280,7 +281,8 @@ def pull(registry: Registry, reference: str, *, root: Root, snapshotter: str = "
     progress.event("resolve", str(ref), status=resolved.desc.digest)
     leases = root.leases()
     images = root.images()
-    with leases.held(purpose=f"pull {ref}") as lease:
+    # as containerd's client leases: a day, so a long pull keeps what it has fetched
+    with leases.held(purpose=f"pull {ref}", expire=timedelta(hours=24)) as lease:
         store = root.content()
         content = LeasedContent(store, leases, lease.id)
         puller = _Puller(session, ref, content, store, progress, platforms=wanted,
