@@ -71,8 +71,13 @@ def test_referrers_tag_schema(require_root: None, peer: Peer, tmp_root: Path) ->
     sbom = _artifact(root, "sbom", subject, "application/vnd.lamina.test.sbom", b"sbom\n")
     sig = _artifact(root, "sig", subject, "application/vnd.lamina.test.sig", b"sig\n")
     with Registry() as reg:
-        push(reg, "base", name, root=root)
-        for art in (sbom, sig, sbom):  # pushed twice: listed once
+        # the image's local artifacts travel with it (or not, when asked)
+        alone = push(reg, "base", f"{peer.host}/alone/app:1", root=root, referrers=False)
+        assert alone.referrers == 0
+        assert list_referrers(reg.session(parse_reference(f"{peer.host}/alone/app:1")),
+                              image.manifest_digest) == ([], "")
+        assert push(reg, "base", name, root=root).referrers == 2
+        for art in (sbom, sig, sbom):  # pushed again by name: listed once
             push(reg, art.name, f"{peer.host}/with/refs@{art.target.digest}", root=root)
         session = reg.session(parse_reference(name))
         found, source = list_referrers(session, image.manifest_digest)

@@ -80,12 +80,13 @@ def _push(args: argparse.Namespace, app: App) -> int:
     try:
         with open_registry(args, domain) as registry:
             result = push(registry, args.ref, remote, root=app.store_root, progress=progress,
-                          concurrency=args.concurrency)
+                          concurrency=args.concurrency, referrers=not args.no_referrers)
     finally:
         progress.close()
     if not args.json_progress:
         print(f"{result.remote}\t{result.digest}\t({result.uploaded} blobs uploaded, "
-              f"{result.mounted} mounted, {result.existing} already there)")
+              f"{result.mounted} mounted, {result.existing} already there, "
+              f"{result.referrers} referrers)")
     return 0
 
 
@@ -141,6 +142,8 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="where to push it (default: REF itself)")
     v.add_argument("--concurrency", type=int, default=3, metavar="N",
                    help="blobs uploaded at once (default 3)")
+    v.add_argument("--no-referrers", action="store_true",
+                   help="do not push the local artifacts whose subject is the image")
     v.add_argument("--json", dest="json_progress", action="store_true",
                    help="progress as JSON lines")
     add_registry_flags(v)

@@ -19,6 +19,9 @@ For each blob:
    ``chunk_size``, in ``PATCH`` requests carrying ``Content-Range`` followed
    by a closing ``PUT``.
 
+Local artifacts whose ``subject`` is one of the pushed manifests (a
+signature, an SBOM) follow, by digest, so they travel with the image.
+
 Manifests go with ``PUT /v2/<name>/manifests/<reference>`` and their own
 media type as ``Content-Type``; one with a ``subject`` is also listed in the
 referrers tag index when the registry has no referrers API (see
@@ -59,6 +62,7 @@ class PushResult:
     uploaded: int = 0
     mounted: int = 0
     existing: int = 0
+    referrers: int = 0  # local artifacts pushed along (their subject was pushed)
 
 
 def _local(images: ImageStore, name: str) -> Image:
@@ -255,18 +259,53 @@ class _Pusher:
                             status="done")
 
 
+def _local_referrers(root: Root, subjects: set[str]) -> list[Descriptor]:
+    """Targets of local images whose manifest's ``subject`` is one of ``subjects``."""
+    content = root.content()
+    out: dict[str, Descriptor] = {}
+    for image in root.images().list():
+        target = image.target
+        if target.media_type not in MANIFEST_TYPES or target.digest in subjects:
+            continue
+        try:
+            data = read_blob(content, target)
+        except (NotFound, InvalidArgument):
+            continue
+        if subject_of(data) in subjects:
+            out.setdefault(target.digest, target)
+    return list(out.values())
+
+
 def push(registry: Registry, local: str, remote: str | None = None, *, root: Root,
          progress: Progress | None = None, concurrency: int = 3,
-         chunk_size: int = 0) -> PushResult:
-    """Push local image ``local`` to ``remote`` (default: its own name)."""
+         chunk_size: int = 0, referrers: bool = True) -> PushResult:
+    """Push local image ``local`` to ``remote`` (default: its own name).
+
+    With ``referrers``, local artifacts whose ``subject`` is one of the pushed
+    manifests (signatures, SBOMs...) are pushed after it, by digest."""
     progress = progress or Progress()
     image = _local(root.images(), local)
     ref = parse_reference(remote or image.name)
+    if ref.digest and ref.digest != image.target.digest:
+        raise InvalidArgument(f"{remote}: names {ref.digest}, but {local} is "
+                              f"{image.target.digest}")
     content = root.content()
-    blobs, documents = _plan(content, image.target)
     session = registry.session(ref)
     pusher = _Pusher(session, ref, content, progress, chunk_size)
     result = PushResult(remote=str(ref), digest=image.target.digest)
+    pushed = _push_tree(pusher, content, image.target, ref.tag or image.target.digest,
+                        concurrency, result)
+    if referrers:
+        for artifact in _local_referrers(root, pushed):
+            _push_tree(pusher, content, artifact, artifact.digest, concurrency, result)
+            result.referrers += 1
+    return result
+
+
+def _push_tree(pusher: _Pusher, content: ContentStore, target: Descriptor, reference: str,
+               concurrency: int, result: PushResult) -> set[str]:
+    """Push ``target`` and all it reaches; the digests of the documents pushed."""
+    blobs, documents = _plan(content, target)
     with ThreadPoolExecutor(max_workers=max(1, concurrency),
                             thread_name_prefix="push") as pool:
         for outcome in pool.map(pusher.blob, blobs):
@@ -278,8 +317,5 @@ def push(registry: Registry, local: str, remote: str | None = None, *, root: Roo
                 result.existing += 1
     for desc in documents[:-1]:
         pusher.document(desc, desc.digest)
-    if ref.digest and ref.digest != image.target.digest:
-        raise InvalidArgument(f"{remote}: names {ref.digest}, but {local} is "
-                              f"{image.target.digest}")
-    pusher.document(image.target, ref.tag or image.target.digest)
-    return result
+    pusher.document(target, reference)
+    return {d.digest for d in documents}
