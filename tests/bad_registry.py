@@ -13,7 +13,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -152,6 +152,90 @@ class Handler(BaseHTTPRequestHandler):
 def serving(state: State) -> Iterator[str]:
     """Serve ``state`` on a free loopback port; yields ``127.0.0.1:<port>``."""
     handler = type("BoundHandler", (Handler,), {"state": state})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# --------------------------------------------------------------------------- a proxy
+
+
+class ProxyHandler(BaseHTTPRequestHandler):
+    """An HTTP proxy: absolute-URL requests forwarded, CONNECT tunnelled. Logs both."""
+
+    protocol_version = "HTTP/1.1"
+    log: list[Logged]
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _forward(self) -> None:
+        self.log.append(Logged(self.command, self.path, dict(self.headers.items())))
+        import http.client
+        import urllib.parse
+
+        url = urllib.parse.urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        headers = {k: v for k, v in self.headers.items() if not k.lower().startswith("proxy-")}
+        conn = http.client.HTTPConnection(url.netloc, timeout=10)
+        target = url.path + (f"?{url.query}" if url.query else "")
+        conn.request(self.command, target, body=body, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        self.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)) if self.command != "HEAD" else
+                         resp.getheader("Content-Length") or "0")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        conn.close()
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = _forward
+
+    def do_CONNECT(self) -> None:
+        import socket
+
+        self.log.append(Logged("CONNECT", self.path, dict(self.headers.items())))
+        host, _, port = self.path.rpartition(":")
+        upstream = socket.create_connection((host, int(port)), timeout=10)
+        self.send_response(200, "Connection established")
+        self.end_headers()
+        self.wfile.flush()
+        client = self.connection
+
+        def pipe(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):
+                    with suppress(OSError):
+                        s.shutdown(socket.SHUT_RDWR)
+
+        t = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
+        t.start()
+        pipe(client, upstream)
+        t.join(timeout=10)
+        upstream.close()
+        self.close_connection = True
+
+
+@contextmanager
+def serving_proxy(log: list[Logged]) -> Iterator[str]:
+    """An HTTP proxy on a free loopback port, logging into ``log``; yields host:port."""
+    handler = type("BoundProxy", (ProxyHandler,), {"log": log})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)

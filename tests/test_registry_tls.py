@@ -163,3 +163,47 @@ def test_platforms(require_root: None, plain_peer: Peer, tmp_root: Path,
         ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{name}"],
         capture_output=True, text=True, check=True, timeout=60).stdout)
     assert len(out["manifests"]) == 2
+
+
+def test_proxies(require_root: None, peer: Peer, certs: Path, image: imagefactory.ImageRef,
+                 tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hosts.toml ``proxy``: plain HTTP asked with absolute URLs (and the proxy's
+    credentials), HTTPS through CONNECT with TLS checked end to end."""
+    from bad_registry import Logged, serving_proxy
+
+    from lamina.remotes.transport import proxy_for
+
+    name = f"{peer.host}/proxied/app:1"
+    subprocess.run(["skopeo", "--insecure-policy", "copy", "--quiet",
+                    "--dest-tls-verify=false", image.oci_ref, f"docker://{name}"],
+                   check=True, capture_output=True, timeout=120)
+    log: list[Logged] = []
+    honest = State()
+    for lyr in image.layers:
+        honest.add_blob(lyr.read_blob())
+    honest.add_blob(image.blob_path(image.config_digest).read_bytes())
+    honest.add_manifest("plain/app", ["1"], "application/vnd.oci.image.manifest.v1+json",
+                        image.blob_path(image.manifest_digest).read_bytes())
+    with serving_proxy(log) as proxy, serving(honest) as plain:
+        hosts = _hosts(tmp_root / "h1", plain,
+                       f'[host."http://{plain}"]\n  proxy = "http://me:pw@{proxy}"\n')
+        hosts = _hosts(tmp_root / "h1", peer.host,
+                       f'server = "https://{peer.host}"\nca = "{certs / "ca.pem"}"\n'
+                       f'proxy = "http://{proxy}"\n')
+        with Registry(hosts_dirs=[hosts]) as reg:
+            assert pull(reg, f"{plain}/plain/app:1", root=Root(tmp_root / "r1")).fetched == 1
+            assert pull(reg, name, root=Root(tmp_root / "r2")).fetched == 1
+    via_plain = [r for r in log if r.path.startswith(f"http://{plain}/v2/plain/app/")]
+    assert via_plain and all(r.headers.get("Proxy-Authorization") == "Basic bWU6cHc="
+                             for r in via_plain)
+    assert any(r.method == "CONNECT" and r.path == peer.host for r in log)
+    assert len(honest.requests()) == len(via_plain)  # every request went through it
+    # the environment's proxies: loopback never, NO_PROXY honoured
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", ".internal.example,other.example:5000")
+    assert proxy_for("https", "registry.example.com") == "http://proxy.example:3128"
+    assert proxy_for("https", "r.internal.example:443") == ""
+    assert proxy_for("https", "other.example:5000") == ""
+    assert proxy_for("https", "other.example:5001") == "http://proxy.example:3128"
+    assert proxy_for("https", "127.0.0.1:5000") == ""
+    assert proxy_for("http", "registry.example.com") == ""

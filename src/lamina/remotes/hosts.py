@@ -13,7 +13,8 @@ is read. Its ``[host."<url>"]`` tables are tried first, in file order, and the
 ``resolve``, ``push``; all three by default), ``ca`` (a path or a list),
 ``client`` (a path, a list of paths, or a list of ``[cert, key]`` pairs),
 ``skip_verify``, ``override_path`` (the URL path is the API root, instead of
-``<path>/v2``) and ``[header]``. Relative paths are relative to the
+``<path>/v2``), ``proxy`` (an ``http://`` proxy for that host, instead of the
+environment's ``HTTP(S)_PROXY``/``NO_PROXY``) and ``[header]``. Relative paths are relative to the
 ``hosts.toml``. A namespace directory without ``hosts.toml`` is read the
 docker way: ``*.crt`` are CA certificates, ``*.cert`` + ``*.key`` client
 certificates.
@@ -66,6 +67,8 @@ class Endpoint:
     headers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     namespace: str = ""
     """The registry namespace this endpoint mirrors ("" when it is that registry)."""
+    proxy: str | None = None
+    """An ``http://`` proxy for this endpoint; None: the environment's (``HTTPS_PROXY``...)."""
 
     def url(self, suffix: str, query: Sequence[tuple[str, str]] = ()) -> str:
         """The URL of API path ``suffix`` (``/<repo>/manifests/<ref>`` ...)."""
@@ -153,6 +156,18 @@ def _capabilities(value: Any, what: str) -> frozenset[str]:
     return frozenset(value)
 
 
+def _proxy(value: Any, what: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{what}: proxy must be a URL string")
+    parts = urllib.parse.urlsplit(value if "://" in value else f"http://{value}")
+    if parts.scheme != "http" or not parts.hostname or parts.path.strip("/") or parts.query:
+        raise InvalidArgument(f"{what}: proxy {value!r}: want http://host:port "
+                              "(lamina speaks to http proxies only)")
+    return parts.geturl()
+
+
 def _endpoint(url: str, table: Mapping[str, Any], base: Path, mirror_of: str,
               what: str) -> Endpoint:
     """The endpoint of ``url``; ``mirror_of`` names the namespace it mirrors (or "")."""
@@ -174,6 +189,7 @@ def _endpoint(url: str, table: Mapping[str, Any], base: Path, mirror_of: str,
         skip_verify=bool(table.get("skip_verify", False)),
         headers=_headers(table.get("header"), what),
         namespace="" if parts.netloc == mirror_of else mirror_of,
+        proxy=_proxy(table.get("proxy"), what),
     )
 
 

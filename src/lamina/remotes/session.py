@@ -104,7 +104,8 @@ class Session:
             if auth:
                 hdrs["Authorization"] = auth
             try:
-                resp = self.transport.request(method, url, headers=hdrs, body=body, tls=tls)
+                resp = self.transport.request(method, url, headers=hdrs, body=body, tls=tls,
+                                              proxy=ep.proxy)
             except TransportError as exc:
                 last = exc.message
                 attempt += 1

@@ -10,13 +10,17 @@ body early (fewer bytes than Content-Length) or *stalls* — delivers less than
 ``stall_rate`` bytes per second over ``stall_time`` seconds, so a server that
 drips a byte now and then cannot hold a pull forever — raises
 :class:`TransportError` (Unavailable); the callers above decide whether to
-retry. Redirects (GET and HEAD only) are followed at most
+retry. Proxies: ``http://`` ones, from the environment (``HTTP_PROXY``,
+``HTTPS_PROXY``, ``NO_PROXY``; never for loopback hosts) or given per host;
+HTTPS goes through a ``CONNECT`` tunnel, so TLS and its name check stay end
+to end. Redirects (GET and HEAD only) are followed at most
 ``max_redirects`` times; the ``Authorization`` header goes only to the host
 that was asked, never to the one a redirect names (blob storage).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import socket
@@ -24,6 +28,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.message import Message
@@ -31,11 +36,55 @@ from typing import IO
 
 from lamina.errors import InvalidArgument, Unavailable
 
-__all__ = ["Response", "TLSConfig", "Transport", "TransportError"]
+__all__ = ["Response", "TLSConfig", "Transport", "TransportError", "proxy_for"]
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_Key = tuple[str, str, "TLSConfig", str]  # scheme, host, TLS, proxy URL ("" = direct)
 _SEND_BLOCK = 1 << 20  # bytes per send of a streamed request body
 Body = bytes | Callable[[], IO[bytes]] | None
+
+
+def proxy_for(scheme: str, netloc: str) -> str:
+    """The environment's proxy for ``scheme://netloc`` (``HTTP_PROXY``, ``HTTPS_PROXY``,
+    ``NO_PROXY``, either case), or "". Loopback hosts never go through one (as Go's
+    ``ProxyFromEnvironment``, which containerd uses)."""
+    from lamina.remotes.hosts import is_loopback
+
+    if is_loopback(netloc):
+        return ""
+    proxies = urllib.request.getproxies_environment()
+    url = proxies.get(scheme, "")
+    if not url or _bypassed(netloc, proxies.get("no", "")):
+        return ""
+    if "://" not in url:
+        url = f"http://{url}"
+    if urllib.parse.urlsplit(url).scheme != "http":
+        raise InvalidArgument(f"proxy {url!r}: only http:// proxies are supported")
+    return url
+
+
+def _bypassed(netloc: str, no_proxy: str) -> bool:
+    """Whether ``NO_PROXY`` (``*``, or names, ``.domains`` and ``name:port``) covers it."""
+    host = netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
+    for entry in (e.strip().lower() for e in no_proxy.split(",")):
+        if not entry:
+            continue
+        if entry == "*" or entry == netloc.lower():
+            return True
+        name = entry.lstrip(".")
+        if host.lower() == name or host.lower().endswith(f".{name}"):
+            return True
+    return False
+
+
+def _proxy_auth(proxy: str) -> dict[str, str]:
+    """``Proxy-Authorization`` for the credentials in a proxy URL (none: {})."""
+    parts = urllib.parse.urlsplit(proxy)
+    if parts.username is None:
+        return {}
+    raw = f"{urllib.parse.unquote(parts.username)}:" \
+          f"{urllib.parse.unquote(parts.password or '')}".encode()
+    return {"Proxy-Authorization": "Basic " + base64.b64encode(raw).decode()}
 
 
 class TransportError(Unavailable):
@@ -68,7 +117,7 @@ class TLSConfig:
 class Response:
     """A response whose body is read in pieces; return it with :meth:`close`."""
 
-    def __init__(self, transport: Transport, key: tuple[str, str, TLSConfig],
+    def __init__(self, transport: Transport, key: _Key,
                  conn: http.client.HTTPConnection, raw: http.client.HTTPResponse,
                  url: str) -> None:
         self._transport, self._key, self._conn, self._raw = transport, key, conn, raw
@@ -171,28 +220,35 @@ class Transport:
         self.stall_rate = stall_rate
         self.max_redirects = max_redirects
         self.user_agent = user_agent
-        self._idle: dict[tuple[str, str, TLSConfig], list[http.client.HTTPConnection]] = {}
+        self._idle: dict[_Key, list[http.client.HTTPConnection]] = {}
         self._contexts: dict[TLSConfig, ssl.SSLContext] = {}
         self._lock = threading.Lock()
 
-    def _connection(self, key: tuple[str, str, TLSConfig]) -> http.client.HTTPConnection:
+    def _connection(self, key: _Key) -> http.client.HTTPConnection:
         with self._lock:
             idle = self._idle.get(key)
             if idle:
                 return idle.pop()
-            scheme, host, tls = key
+            scheme, host, tls, proxy = key
             if scheme == "https":
                 ctx = self._contexts.get(tls)
                 if ctx is None:
                     ctx = self._contexts[tls] = tls.context()
         # the socket timeout bounds every single wait; stalls are caught above it
         timeout = min(self.timeout, self.stall_time)
+        via = host
+        if proxy:
+            parts = urllib.parse.urlsplit(proxy)
+            via = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
         if scheme == "https":
-            return http.client.HTTPSConnection(host, timeout=timeout, context=ctx,
-                                               blocksize=_SEND_BLOCK)
-        return http.client.HTTPConnection(host, timeout=timeout, blocksize=_SEND_BLOCK)
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                via, timeout=timeout, context=ctx, blocksize=_SEND_BLOCK)
+            if proxy:  # CONNECT through the proxy; TLS (and its name check) end to end
+                conn.set_tunnel(host, headers=_proxy_auth(proxy))
+            return conn
+        return http.client.HTTPConnection(via, timeout=timeout, blocksize=_SEND_BLOCK)
 
-    def _release(self, key: tuple[str, str, TLSConfig], conn: http.client.HTTPConnection) -> None:
+    def _release(self, key: _Key, conn: http.client.HTTPConnection) -> None:
         with self._lock:
             self._idle.setdefault(key, []).append(conn)
 
@@ -204,21 +260,26 @@ class Transport:
             c.close()
 
     def _once(self, method: str, url: str, headers: Mapping[str, str], body: Body,
-              tls: TLSConfig) -> Response:
+              tls: TLSConfig, proxy: str | None) -> Response:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise InvalidArgument(f"cannot request {url!r}: not an http(s) URL")
-        key = (parts.scheme, parts.netloc, tls if parts.scheme == "https" else TLSConfig())
+        route = proxy_for(parts.scheme, parts.netloc) if proxy is None else proxy
+        key = (parts.scheme, parts.netloc, tls if parts.scheme == "https" else TLSConfig(),
+               route)
         target = parts.path or "/"
         if parts.query:
             target += f"?{parts.query}"
+        if route and parts.scheme == "http":  # a plain-HTTP proxy is asked for the URL
+            target = f"http://{parts.netloc}{target}"
         for attempt in (0, 1):  # a pooled connection the server closed meanwhile: once more
             conn = self._connection(key)
             reused = conn.sock is not None
             payload = body() if callable(body) else body
+            extra = _proxy_auth(route) if route and parts.scheme == "http" else {}
             try:
                 conn.request(method, target, body=payload,
-                             headers={"User-Agent": self.user_agent, **headers})
+                             headers={"User-Agent": self.user_agent, **extra, **headers})
                 raw = conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
@@ -239,13 +300,18 @@ class Transport:
         raise AssertionError("unreachable")
 
     def request(self, method: str, url: str, *, headers: Mapping[str, str] | None = None,
-                body: Body = None, tls: TLSConfig | None = None) -> Response:
-        """Send one request, following redirects for GET and HEAD (see the module docs)."""
+                body: Body = None, tls: TLSConfig | None = None,
+                proxy: str | None = None) -> Response:
+        """Send one request, following redirects for GET and HEAD (see the module docs).
+
+        ``proxy``: an ``http://[user:password@]host:port`` proxy for this host
+        (a hosts.toml ``proxy``), "" for none, None for the environment's."""
         headers = dict(headers or {})
         origin = urllib.parse.urlsplit(url).netloc
         origin_tls = tls = tls or TLSConfig()
+        origin_proxy = proxy
         for _ in range(self.max_redirects + 1):
-            resp = self._once(method, url, headers, body, tls)
+            resp = self._once(method, url, headers, body, tls, proxy)
             if resp.status not in REDIRECTS or method not in ("GET", "HEAD"):
                 return resp
             location = resp.header("Location")
@@ -255,8 +321,8 @@ class Transport:
             url = urllib.parse.urljoin(url, location)
             if urllib.parse.urlsplit(url).netloc != origin:
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
-                tls = TLSConfig()
+                tls, proxy = TLSConfig(), None
             else:
-                tls = origin_tls
+                tls, proxy = origin_tls, origin_proxy
         raise Unavailable(f"{origin}: more than {self.max_redirects} redirects "
                           f"(last to {url})")
