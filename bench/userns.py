@@ -29,6 +29,9 @@ def run(ctx: Ctx) -> list[Row]:
     from lamina.idmap import idmap_supported
 
     img = debian_image(ctx.cache)
+    # runc mounts a user-namespaced container's rootfs from inside the namespace:
+    # the directories above the lamina root must let it through
+    os.chmod(ctx.work, 0o711)
     root = ctx.work / "userns-root"
     lam = [*lamina_cli(), "--root", str(root)]
     run_cmd([*lam, "image", "import", str(img.tar)])

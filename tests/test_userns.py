@@ -73,6 +73,9 @@ def layer_stats(root: Path, ids: list[str] | None = None) -> dict[str, tuple[int
 def root(tmp_root: Path, layout: Path) -> Path:
     require_root_user()
     require_tools("runc")
+    # runc mounts a user-namespaced container's rootfs from inside its namespace:
+    # lamina opens its own directories (0711), what is above must let it through
+    os.chmod(tmp_root, 0o711)
     r = tmp_root / "root"
     lamina(r, "image", "import", str(layout))
     return r
@@ -157,6 +160,19 @@ def test_userns_spec_and_bad_flags(root: Path) -> None:
     assert {"type": "user"} in spec["linux"]["namespaces"]
     assert spec["linux"]["uidMappings"] == [{"containerID": 0, "hostID": HOST, "size": SIZE}]
     assert spec["linux"]["gidMappings"] == [{"containerID": 0, "hostID": HOST, "size": SIZE}]
+
+
+def test_userns_refused_where_the_root_is_unreachable(tmp_root: Path, layout: Path) -> None:
+    require_root_user()
+    require_tools("runc")
+    r = tmp_root / "root"  # tmp_root itself is 0700
+    lamina(r, "image", "import", str(layout))
+    out = lamina(r, "run", "--userns", f"{HOST}:{SIZE}", IMAGE, "u1", "true", check=False)
+    assert out.returncode == 5
+    assert out.stderr == (f"lamina: FailedPrecondition: {tmp_root} is not searchable by "
+                          "others: a container with a user namespace cannot reach its root "
+                          "filesystem through it\n")
+    assert lamina(r, "run", IMAGE, "plain", "id", "-u").stdout == "0\n"  # without: as before
 
 
 def test_parse_userns() -> None:

@@ -445,26 +445,28 @@ def _mount_overlay_mapped(m: Mount, target: str, userns: UserNamespace, index: i
             os.rmdir(helper)
 
 
-def reachable_from_userns(path: str | os.PathLike[str]) -> None:
+def reachable_from_userns(path: str | os.PathLike[str], *, ours: int = 3) -> None:
     """Let a user namespace's root reach ``path`` (a bundle): runc mounts the rootfs
     from inside the container's namespace, where host root's 0700 directories
-    are closed. Every directory from ``path`` up to the first one others may
-    search becomes searchable (0711, as containerd keeps its root and state
-    directories); names inside stay unlistable and files keep their modes."""
+    are closed. ``path`` and the ``ours - 1`` directories above it (the tasks
+    directory and the lamina root) become searchable by others (0711, as
+    containerd keeps its root and state directories: names inside stay
+    unlistable, files keep their modes); every directory further up must be
+    searchable already (FailedPrecondition naming the one that is not)."""
     p = os.path.abspath(path)
+    level = 0
     while True:
         st = os.stat(p)
-        if st.st_mode & 0o001:
-            return
-        if st.st_uid != os.geteuid():
-            raise FailedPrecondition(
-                f"{p} is not searchable by others and not ours to open: a container with a "
-                "user namespace could not reach its root filesystem through it")
-        os.chmod(p, stat.S_IMODE(st.st_mode) | 0o011)
+        if not st.st_mode & 0o001:
+            if level >= ours or st.st_uid != os.geteuid():
+                raise FailedPrecondition(
+                    f"{p} is not searchable by others: a container with a user namespace "
+                    "cannot reach its root filesystem through it")
+            os.chmod(p, stat.S_IMODE(st.st_mode) | 0o011)
         parent = os.path.dirname(p)
         if parent == p:
             return
-        p = parent
+        p, level = parent, level + 1
 
 
 # ---------------------------------------------------------------------------- the copy

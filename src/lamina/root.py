@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lamina import rootless
 from lamina.errors import InvalidArgument
 from lamina.perms import DIR_MODE, tighten
 
@@ -39,13 +40,17 @@ DEFAULT_ROOT = "/var/lib/lamina"
 
 
 def default_root() -> str:
-    """``$LAMINA_ROOT``, else /var/lib/lamina for root, else a per-user directory."""
+    """``$LAMINA_ROOT``, else /var/lib/lamina for root, else a per-user directory:
+    ``$XDG_DATA_HOME/lamina`` or ``~/.local/share/lamina`` (also rootless, where
+    lamina is root only in its own user namespace: see :mod:`lamina.rootless`)."""
     env = os.environ.get("LAMINA_ROOT")
     if env:
         return env
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and not rootless.active():
         return DEFAULT_ROOT
-    return os.path.join(os.path.expanduser("~"), ".local", "share", "lamina")
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                           "share")
+    return os.path.join(data, "lamina")
 
 
 def _overlay(path: Path, *, async_remove: bool = False) -> Snapshotter:

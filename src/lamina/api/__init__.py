@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 
+from lamina import rootless
+
 __all__ = ["DEFAULT_ADDRESS", "default_address", "grpc_target"]
 
 DEFAULT_ADDRESS = "/run/lamina/lamina.sock"
@@ -37,9 +39,9 @@ def default_address() -> str:
     env = os.environ.get("LAMINA_ADDRESS")
     if env:
         return env
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and not rootless.active():
         return DEFAULT_ADDRESS
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/lamina-{os.geteuid()}"
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/lamina-{rootless.host_uid()}"
     return os.path.join(runtime, "lamina", "lamina.sock")
 
 

@@ -97,6 +97,7 @@ from lamina.archive.whiteout import (
 )
 from lamina.errors import Internal, InvalidArgument, LaminaError, NotFound
 from lamina.fstree import remove_tree_at
+from lamina.rootless import check_member
 
 __all__ = ["AppliedLayer", "NeedsLowerLayers", "apply_layer"]
 
@@ -679,6 +680,9 @@ def apply_layer(
             try:
                 while (e := reader.next()) is not None:
                     current = e
+                    device = (e.devmajor, e.devminor) if e.type in (TYPE_CHAR, TYPE_BLOCK) \
+                        else None
+                    check_member(show_name(e.name), uid=e.uid, gid=e.gid, device=device)
                     applier.entry(e, reader)
                 current = None
                 reader.drain()

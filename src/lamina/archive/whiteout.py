@@ -4,7 +4,8 @@ In an OCI layer a file named ``.wh.<name>`` deletes ``<name>`` from the
 layers below, and a file named ``.wh..wh..opq`` in a directory hides
 everything the lower layers had in that directory. overlayfs represents the
 same things in an upper directory as a character device 0/0 named ``<name>``
-and as the xattr ``trusted.overlay.opaque=y`` on the directory.
+and as the xattr ``trusted.overlay.opaque=y`` on the directory
+(``user.overlay.opaque=y`` in a user namespace, mounted ``userxattr``).
 
 overlayfs filters whiteouts out of a directory's listing only where it merges
 the directory with a lower one: in a directory that is opaque or has no lower
@@ -20,11 +21,13 @@ import os
 import stat
 
 from lamina.errors import InvalidArgument
+from lamina.rootless import in_user_namespace
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 __all__ = [
     "OPAQUE_MARKER",
+    "OVERLAY_MOUNT_OPTIONS",
     "OVERLAY_OPAQUE_XATTR",
     "OVERLAY_XATTR_PREFIX",
     "WHITEOUT_META_PREFIX",
@@ -38,8 +41,13 @@ __all__ = [
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
 OPAQUE_MARKER = ".wh..wh..opq"
-OVERLAY_XATTR_PREFIX = "trusted.overlay."
-OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
+# In a user namespace (rootless lamina) overlayfs is mounted with ``userxattr`` and
+# keeps its xattrs in ``user.``: ``trusted.`` belongs to the initial namespace's root.
+_USERNS = in_user_namespace()
+OVERLAY_XATTR_PREFIX = "user.overlay." if _USERNS else "trusted.overlay."
+OVERLAY_OPAQUE_XATTR = OVERLAY_XATTR_PREFIX + "opaque"
+OVERLAY_MOUNT_OPTIONS: tuple[str, ...] = ("userxattr",) if _USERNS else ()
+"""What every overlay mount of layers needs here (``userxattr`` in a user namespace)."""
 
 
 def whiteout_name(name: str) -> str:

@@ -34,7 +34,7 @@ import traceback
 from collections.abc import Sequence
 from typing import NoReturn
 
-from lamina import __version__
+from lamina import __version__, rootless
 from lamina.cli.app import App
 from lamina.errors import LaminaError
 from lamina.root import default_root
@@ -169,6 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
 
     try:
+        # an unprivileged user works in lamina's user and mount namespaces
+        # (lamina.rootless); first, while this process has one thread
+        rootless.enter()
         try:
             parser = build_parser(words)
             args = parser.parse_args(words)

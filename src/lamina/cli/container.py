@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from lamina import rootless
 from lamina.cli.app import App
 from lamina.cli.common import parse_labels
 from lamina.containers.revisions import ContainerService
@@ -178,6 +179,7 @@ def _prune(args: argparse.Namespace, app: App) -> int:
 def _checkpoint(args: argparse.Namespace, app: App) -> int:
     from lamina.containers.checkpoint import CheckpointService
 
+    rootless.refuse("container checkpoint", rootless.CRIU_ROOTLESS)
     with services(app) as ct:
         result = CheckpointService(ct).checkpoint(args.id, args.ref, exit=args.exit,
                                                   binds=args.binds)
@@ -191,6 +193,7 @@ def _checkpoint(args: argparse.Namespace, app: App) -> int:
 def _restore(args: argparse.Namespace, app: App) -> int:
     from lamina.containers.checkpoint import CheckpointService
 
+    rootless.refuse("container restore", rootless.CRIU_ROOTLESS)
     with services(app) as ct:
         result = CheckpointService(ct).restore(args.ref, args.id, bind_root=args.bind_root)
     print(f"{result.container.id}\t{result.task.pid}")

@@ -46,7 +46,7 @@ from lamina import crash
 from lamina.archive import limits, mtree
 from lamina.archive.apply import AppliedLayer, NeedsLowerLayers, apply_layer
 from lamina.archive.compression import size_hint, too_large
-from lamina.archive.whiteout import drop_needless_whiteouts
+from lamina.archive.whiteout import OVERLAY_XATTR_PREFIX, drop_needless_whiteouts
 from lamina.content import write_blob
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from lamina.fsutil import locked, sync_filesystem
@@ -318,7 +318,7 @@ class Unpacker:
             os.chown(staged, st.st_uid, st.st_gid)
             os.chmod(staged, stat.S_IMODE(st.st_mode))
             for key in os.listxattr(top):
-                if not key.startswith("trusted.overlay."):
+                if not key.startswith(OVERLAY_XATTR_PREFIX):
                     os.setxattr(staged, key, os.getxattr(top, key))
         if not applied.whiteouts:
             return

@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from lamina.archive.whiteout import OVERLAY_MOUNT_OPTIONS, OVERLAY_XATTR_PREFIX
 from lamina.errors import Unavailable
 from lamina.fsutil import remove_tree
 from lamina.mount import Mount, mount_all, unmount_all
@@ -45,7 +46,7 @@ class OverlaySnapshotter(DirectorySnapshotter):
         mount_options: Sequence[str] = (),
     ) -> None:
         super().__init__(root, async_remove=async_remove)
-        self._extra = tuple(mount_options)
+        self._extra = (*OVERLAY_MOUNT_OPTIONS, *mount_options)
         if not (self.root / _CHECKED).exists():
             check_overlay_support(self.root)
             (self.root / _CHECKED).touch(mode=FILE_MODE)
@@ -73,7 +74,7 @@ class OverlaySnapshotter(DirectorySnapshotter):
             os.chown(fs, st.st_uid, st.st_gid)
             os.chmod(fs, stat.S_IMODE(st.st_mode))
             for key in os.listxattr(top):  # as a native copy keeps them
-                if not key.startswith("trusted.overlay."):
+                if not key.startswith(OVERLAY_XATTR_PREFIX):
                     os.setxattr(fs, key, os.getxattr(top, key))
 
     def _mounts(self, snap: Snapshot) -> list[Mount]:
@@ -140,8 +141,8 @@ def check_overlay_support(root: Path) -> None:
         m = Mount(
             "overlay",
             "overlay",
-            options=(f"lowerdir={tmp / 'lower'}", f"upperdir={tmp / 'upper'}",
-                     f"workdir={tmp / 'work'}"),
+            options=(*OVERLAY_MOUNT_OPTIONS, f"lowerdir={tmp / 'lower'}",
+                     f"upperdir={tmp / 'upper'}", f"workdir={tmp / 'work'}"),
         )
         try:
             mount_all([m], tmp / "merged")

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lamina import rootless
 from lamina.errors import AlreadyExists, Internal, InvalidArgument, NotFound
 from lamina.fsutil import atomic_write, locked, remove_tree
 from lamina.idmap import reachable_from_userns
@@ -242,7 +243,8 @@ class Bundles:
         config = copy.deepcopy(spec)
         config.setdefault("root", {})["path"] = "rootfs"
         linux = config.setdefault("linux", {})
-        if not linux.get("cgroupsPath"):
+        if not linux.get("cgroupsPath") and not rootless.active():
+            # (rootless, runc skips a cgroup it may not create only when none is named)
             linux["cgroupsPath"] = self.cgroups_path(task_id)
         bundle.mkdir(mode=0o700)
         try:

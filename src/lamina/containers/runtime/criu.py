@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lamina import rootless
 from lamina.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -193,6 +194,7 @@ def checkpoint(
     connections, external unix sockets and file locks are dumped when the
     matching flags are on; restore uses the same options.
     """
+    rootless.refuse("CRIU checkpoint", rootless.CRIU_ROOTLESS)
     live = (TaskStatus.RUNNING, TaskStatus.PAUSED)
     bundle = launcher.bundles.path(task_id)
     info = launcher.info(task_id)
@@ -276,6 +278,7 @@ def restore(
     when it ends. CRIU's restore log goes to ``work_dir`` (default: the
     bundle's ``criu-restore/``).
     """
+    rootless.refuse("CRIU restore", rootless.CRIU_ROOTLESS)
     validate_id(task_id)
     image_dir = image_dir.absolute()
     if not (image_dir / "inventory.img").exists():
