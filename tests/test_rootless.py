@@ -36,6 +36,7 @@ from imagefactory import (
     File,
     Hardlink,
     ImageConfig,
+    Layer,
     Opaque,
     Symlink,
     Whiteout,
@@ -54,33 +55,59 @@ BINARIES = ("sh", "stat", "cat", "id", "sleep", "touch", "echo", "ls")
 V1, V2, CORPUS = "test/rl:v1", "test/rl:v2", "test/rl:corpus"
 IDLE = "trap 'exit 0' TERM; while true; do sleep 0.1; done"
 
-# a tree walker run by root on root's mount and by the user (in the namespace,
+# a tree walker run by root on root's mounts and by the user (in the namespace,
 # where the user's mounts are) on the user's: type, mode, owner, size, content,
-# link target, user xattrs and hard-link groups of every path
+# link target, user xattrs and hard-link groups of every path. Its argument is
+# JSON: {"dir": PATH} walks a mounted tree; {"root": DIR|null, "refs": [...]}
+# mounts each image (on that root, or the default one) and walks it; with
+# "enter", it joins the user's namespaces first, as every lamina command does.
 WALKER = r"""
-import hashlib, json, os, stat, sys
-if len(sys.argv) > 2:
+import hashlib, json, os, stat, sys, tempfile
+args = json.loads(sys.argv[1])
+if args.get("enter"):
     from lamina import rootless
     rootless.enter()
-top = sys.argv[1]
-out, inodes = {}, {}
-for dirpath, dirnames, filenames in os.walk(top):
-    for name in sorted(dirnames + filenames) + [""]:
-        p = os.path.join(dirpath, name) if name else dirpath
-        st = os.lstat(p)
-        rel = os.path.relpath(p, top)
-        e = {"mode": oct(st.st_mode), "owner": f"{st.st_uid}:{st.st_gid}"}
-        if stat.S_ISREG(st.st_mode):
-            e["sha"] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-            if st.st_nlink > 1:
-                e["group"] = inodes.setdefault(st.st_ino, rel)
-        elif stat.S_ISLNK(st.st_mode):
-            e["link"] = os.readlink(p)
-        if not stat.S_ISLNK(st.st_mode):
-            e["xattrs"] = sorted(k for k in os.listxattr(p) if k.startswith("user.")
-                                 and not k.startswith("user.overlay."))
-        out[rel] = e
-json.dump(out, sys.stdout, sort_keys=True)
+
+def walk(top):
+    out, inodes = {}, {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in sorted(dirnames + filenames) + [""]:
+            p = os.path.join(dirpath, name) if name else dirpath
+            st = os.lstat(p)
+            rel = os.path.relpath(p, top)
+            e = {"mode": oct(st.st_mode), "owner": f"{st.st_uid}:{st.st_gid}"}
+            if stat.S_ISREG(st.st_mode):
+                e["sha"] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+                if st.st_nlink > 1:
+                    e["group"] = inodes.setdefault(st.st_ino, rel)
+            elif stat.S_ISLNK(st.st_mode):
+                e["link"] = os.readlink(p)
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                e["rdev"] = st.st_rdev
+            if not stat.S_ISLNK(st.st_mode):
+                e["xattrs"] = sorted(k for k in os.listxattr(p) if k.startswith("user.")
+                                     and not k.startswith("user.overlay."))
+            out[rel] = e
+    return out
+
+if "dir" in args:
+    json.dump(walk(args["dir"]), sys.stdout, sort_keys=True)
+    sys.exit(0)
+from lamina.images.service import ImageService
+from lamina.root import Root, default_root
+root = Root(args["root"] or default_root())
+svc = ImageService(root)
+trees = {}
+for ref in args["refs"]:
+    target = tempfile.mkdtemp(dir=args["tmp"])
+    svc.mount(ref, target)
+    try:
+        trees[ref] = walk(target)
+    finally:
+        svc.unmount(target)
+        os.rmdir(target)
+root.close()
+json.dump(trees, sys.stdout, sort_keys=True)
 """
 
 
@@ -282,7 +309,8 @@ def _walk_as_root(tmp: Path, tar: Path, ref: str) -> dict[str, Any]:
     mnt.mkdir()
     subprocess.run([*lam, "image", "mount", ref, str(mnt)], check=True, capture_output=True)
     try:
-        out = subprocess.run([sys.executable, "-c", WALKER, str(mnt / "corpus")], check=True,
+        walk = json.dumps({"dir": str(mnt / "corpus")})
+        out = subprocess.run([sys.executable, "-c", WALKER, walk], check=True,
                              capture_output=True, text=True).stdout
     finally:
         subprocess.run([*lam, "image", "unmount", str(mnt)], check=True, capture_output=True)
@@ -298,7 +326,8 @@ def test_unpacked_tree_matches_roots(user: User, images: dict[str, Path],
     u.run("mkdir", "-p", str(mnt))
     u.lamina("image", "mount", CORPUS, str(mnt))  # stays mounted in the user's namespace
     try:
-        mine = json.loads(u.run(u.python, "-c", WALKER, str(mnt / "corpus"), "enter").stdout)
+        walk = {"dir": str(mnt / "corpus"), "enter": True}
+        mine = json.loads(u.run(u.python, "-c", WALKER, json.dumps(walk)).stdout)
     finally:
         u.lamina("image", "unmount", str(mnt))
     theirs = _walk_as_root(tmp_root, images["corpus"], CORPUS)
@@ -319,11 +348,15 @@ def test_unpacked_tree_matches_roots(user: User, images: dict[str, Path],
     assert u.lamina("check").stdout.strip() == "consistent"
 
 
-def _raw_image(base: Path, name: str, tar_bytes: bytes) -> Path:
+def _raw_layer(base: Path, tar_bytes: bytes) -> Layer:
     def write(f: IO[bytes]) -> None:
         f.write(tar_bytes)
 
-    layer = layer_from_raw(write, base / "blobs")
+    return layer_from_raw(write, base / "blobs")
+
+
+def _raw_image(base: Path, name: str, tar_bytes: bytes) -> Path:
+    layer = _raw_layer(base, tar_bytes)
     build_oci_layout(base / name, [layer], ref_name=f"test/hostile:{name}")
     return as_tar(base / name, base / f"{name}.tar")
 
@@ -357,6 +390,45 @@ def test_hostile_layers_rejected_alike(user: User, tmp_root: Path) -> None:
             "the IDs this user namespace maps (uids 0-65536, gids 0-65536") in far_out.stderr
     assert u.lamina("check").stdout.strip() == "consistent"
     assert not (u.home / "outside").exists()
+
+
+def test_parity_corpus_alike(user: User, tmp_root: Path) -> None:
+    """Every case of the layer-parity corpus (tests/test_layer_parity.py): rootless
+    rejects what root rejects, with the same line, and makes the same tree of the
+    rest (a device node aside, which a user namespace cannot create)."""
+    from test_layer_parity import CASES
+
+    u = user
+    base = u.home / "parity"
+    base.mkdir()
+    tars: dict[str, Path] = {}
+    for case in CASES:
+        layers = [_raw_layer(base, make_tar(members)) for members in [*case.base, case.layer]]
+        ref = f"parity/{case.name}:1"
+        build_oci_layout(base / case.name, layers, ref_name=ref)
+        tars[ref] = as_tar(base / case.name, base / f"{case.name}.tar")
+    subprocess.run(["chown", "-R", f"{u.uid}:{u.gid}", str(base)], check=True)
+    rootful = tmp_root / "rootful"
+    good: list[str] = []
+    for ref, tar in tars.items():
+        theirs = subprocess.run([sys.executable, "-m", "lamina", "--root", str(rootful), "image",
+                                 "import", str(tar)], capture_output=True, text=True)
+        mine = u.lamina("image", "import", str(tar), check=False)
+        if theirs.returncode == 0 and mine.returncode == 5:
+            assert "a user namespace cannot create device nodes" in mine.stderr, (ref, mine)
+            continue
+        assert (mine.returncode, mine.stderr) == (theirs.returncode, theirs.stderr), ref
+        if mine.returncode == 0:
+            good.append(ref)
+    assert len(good) > len(CASES) // 2
+    walk: dict[str, Any] = {"root": str(rootful), "refs": good, "tmp": str(tmp_root)}
+    theirs_trees = json.loads(subprocess.run([sys.executable, "-c", WALKER, json.dumps(walk)],
+                                             check=True, capture_output=True, text=True).stdout)
+    walk = {"root": None, "refs": good, "tmp": str(u.home), "enter": True}
+    mine_trees = json.loads(u.run(u.python, "-c", WALKER, json.dumps(walk)).stdout)
+    for ref in good:
+        assert mine_trees[ref] == theirs_trees[ref], ref
+    assert u.lamina("check").stdout.strip() == "consistent"
 
 
 def test_what_rootless_cannot_do(user: User) -> None:
