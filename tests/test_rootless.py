@@ -449,6 +449,27 @@ def test_what_rootless_cannot_do(user: User) -> None:
     assert "is a device node (1:3): a user namespace cannot create device nodes" in out.stderr
 
 
+def test_userns_container_inside_rootless(user: User, images: dict[str, Path]) -> None:
+    """--userns in the user's namespace: the kernel refuses an ID-mapped mount of
+    the host filesystem there (EPERM), so lamina says so and uses the chowned copy."""
+    user.lamina("image", "import", str(images["v1"]))
+    probe = "id -u; stat -c '%u:%g' /etc/passwd /srv/app/data"
+    out = user.lamina("run", "--rm", "--userns", "1000:2000", V1, "nested", "sh", "-c", probe,
+                      check=False)
+    assert out.returncode == 5  # runc, in the container's namespace, must reach the rootfs
+    assert f"{user.home} is not searchable by others" in out.stderr
+    os.chmod(user.home, 0o711)
+    try:
+        out = user.lamina("run", "--rm", "--userns", "1000:2000", V1, "nested", "sh", "-c",
+                          probe)
+    finally:
+        os.chmod(user.home, 0o700)
+    assert out.stdout.split() == ["0", "0:0", "1000:1001"]
+    assert "ID-mapped lower layers unavailable" in out.stderr
+    assert "using a chowned copy of the image's layers" in out.stderr
+    assert user.lamina("check").stdout.strip() == "consistent"
+
+
 def test_serve_rootless(user: User) -> None:
     sock = user.home / "lamina.sock"
     proc = subprocess.Popen([user.python, "-m", "lamina", "serve", "--address", str(sock)],
