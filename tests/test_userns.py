@@ -128,6 +128,13 @@ def test_userns_container_sees_image_owners_and_layers_stay(root: Path, mode: st
                   "stat -c '%u:%g' /etc/passwd", env=env).stdout
     assert out2.strip() == "0:0"
     assert layer_stats(root, layer_ids) == before
+    assert lamina(root, "check").stdout.strip() == "consistent"
+    # removing the containers removes what they made (the copy lives in their snapshot)
+    lamina(root, "container", "rm", "c1", "c2")
+    lamina(root, "gc")
+    assert not list((root / "snapshots" / "overlay" / "snapshots").glob("*/idmap-*"))
+    assert lamina(root, "check").stdout.strip() == "consistent"
+    assert layer_stats(root, layer_ids) == before
 
 
 def test_host_namespace_container_unchanged(root: Path) -> None:
@@ -139,13 +146,27 @@ def test_host_namespace_container_unchanged(root: Path) -> None:
     assert "uidMappings" not in spec["linux"]
 
 
-def test_native_snapshotter_idmapped_bind(root: Path) -> None:
-    if not idmap_supported(root):
+@pytest.mark.parametrize("mode", ["idmapped", "copy"])
+def test_native_snapshotter(root: Path, mode: str) -> None:
+    """native: the container's own copy is bind-mounted ID-mapped (what it writes keeps
+    the image's IDs on disk), or chowned in place by the fallback (host IDs)."""
+    if mode == "idmapped" and not idmap_supported(root):
         pytest.skip("the kernel cannot ID-map mounts of this filesystem")
+    env = {"LAMINA_IDMAP": "copy"} if mode == "copy" else None
     lamina(root, "--snapshotter", "native", "image", "unpack", IMAGE)
+    base = root / "snapshots" / "native" / "snapshots"
+    layer_ids = sorted(os.listdir(base))
+    before = {sid: os.stat(base / sid / "fs" / "etc" / "passwd").st_ctime_ns
+              for sid in layer_ids}
     out = lamina(root, "--snapshotter", "native", "run", "--userns", f"{HOST}:{SIZE}", IMAGE,
-                 "n1", "sh", "-c", "stat -c '%u:%g' /etc/passwd /srv/app/data; id -u").stdout
-    assert out.split() == ["0:0", "1000:1001", "0"]
+                 "n1", "sh", "-c", "stat -c '%u:%g' /etc/passwd /srv/app/data; id -u; "
+                 "touch /made", env=env)
+    assert out.stdout.split() == ["0:0", "1000:1001", "0"]
+    made = next(base.glob("*/fs/made"))
+    assert os.stat(made).st_uid == (0 if mode == "idmapped" else HOST)
+    after = {sid: os.stat(base / sid / "fs" / "etc" / "passwd").st_ctime_ns
+             for sid in layer_ids}
+    assert after == before  # the committed layers were not touched
 
 
 def test_userns_spec_and_bad_flags(root: Path) -> None:
