@@ -277,6 +277,7 @@ def test_readme_main_flow_without_root(user: User, images: dict[str, Path]) -> N
     u.lamina("run", "-d", V1, "app", "sh", "-c", f"echo kept > /kept; {IDLE}")
     tasks = {t["id"]: t for t in json.loads(u.lamina("task", "ls", "--json").stdout)}
     assert tasks["app"]["status"] == "running"
+    assert str(tasks["app"]["pid"]) in u.lamina("task", "ps", "app").stdout.split()
     assert u.lamina("task", "exec", "app", "cat", "/kept").stdout == "kept\n"
     # upgrade keeps what it wrote, rollback returns to v1 (still with it)
     u.lamina("container", "upgrade", "app", V2)

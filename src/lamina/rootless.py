@@ -62,6 +62,7 @@ __all__ = [
     "holder_pid",
     "host_uid",
     "in_user_namespace",
+    "pids_in_pid_namespace",
     "refuse",
     "runtime_dir",
     "subordinate_ranges",
@@ -215,6 +216,27 @@ def runtime_dir() -> Path:
     if st.st_uid != os.getuid() or not d.is_dir() or d.is_symlink() or st.st_mode & 0o077:
         raise FailedPrecondition(f"{d} is not a private directory of uid {os.getuid()}")
     return d
+
+
+def pids_in_pid_namespace(init_pid: int) -> list[int]:
+    """The processes sharing ``init_pid``'s pid namespace (a container's), as this
+    namespace numbers them: what ``runc ps`` would say, for a rootless task that
+    has no cgroup to read them from."""
+    try:
+        want = os.stat(f"/proc/{init_pid}/ns/pid")
+    except OSError:
+        return []
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            st = os.stat(f"/proc/{name}/ns/pid")
+        except OSError:
+            continue  # gone, or not ours to look at
+        if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+            pids.append(int(name))
+    return sorted(pids)
 
 
 def _start_time(pid: int) -> str | None:

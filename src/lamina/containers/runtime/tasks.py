@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lamina import rootless
 from lamina.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -179,6 +180,10 @@ class TaskManager:
         try:
             return self.runc.ps(task_id)
         except (NotFound, FailedPrecondition):
+            info = self.state(task_id)
+            if rootless.active() and info.pid is not None:
+                # runc ps reads the task's cgroup, and a rootless task has none
+                return rootless.pids_in_pid_namespace(info.pid)
             return []
 
     def exec(
