@@ -18,6 +18,9 @@ fsmount), not filesystem options, so they are applied on both mount paths and
 on bind mounts by a remount. Only the runtime mounting a container's root
 filesystem opts out (``allow_suid``/``allow_dev``), as containerd's shim
 mounts the snapshotter's mounts exactly as given.
+
+A mount with containerd's ``uidmap=``/``gidmap=`` options is performed
+ID-mapped by :mod:`lamina.idmap` (a container with a user namespace of its own).
 """
 
 from __future__ import annotations
