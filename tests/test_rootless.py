@@ -505,3 +505,20 @@ def test_namespace_is_shared_and_mapped(user: User) -> None:
     user.lamina("image", "ls")
     assert user.holder() == pid
     assert grp.getgrgid(user.gid)  # the user's own group exists
+
+
+def test_subordinate_ranges_parsing(tmp_path: Path) -> None:
+    from lamina.errors import FailedPrecondition
+    from lamina.rootless import check_member, subordinate_ranges
+
+    name = pwd.getpwuid(os.getuid()).pw_name
+    subuid, subgid = tmp_path / "subuid", tmp_path / "subgid"
+    subuid.write_text(f"other:1:5\n{name}:100000:65536\n{os.getuid()}:300000:10\nbad\n")
+    subgid.write_text(f"{name}:200000:65536\n{name}:x:1\n")
+    r = subordinate_ranges(os.getuid(), subuid=str(subuid), subgid=str(subgid))
+    assert r.uids == ((100000, 65536), (300000, 10)) and r.gids == ((200000, 65536),)
+    assert r.size == 65537
+    subgid.write_text("")
+    with pytest.raises(FailedPrecondition, match=f"{name} has no range in {subgid}"):
+        subordinate_ranges(os.getuid(), subuid=str(subuid), subgid=str(subgid))
+    check_member("'x'", uid=4_000_000, gid=4_000_000, device=(1, 3))  # initial namespace: ok

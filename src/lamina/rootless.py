@@ -360,15 +360,15 @@ def enter() -> bool:
     """
     if os.geteuid() == 0 or in_user_namespace():
         return False
+    try:
+        ranges = subordinate_ranges()
+    except FailedPrecondition:
+        return False  # rootless is not set up for this user: run unprivileged
     cwd = os.getcwd()
     uid = os.getuid()
     with _lock():
         pid = holder_pid()
         if pid is None:
-            try:
-                ranges = subordinate_ranges()
-            except FailedPrecondition:
-                return False  # rootless is not set up for this user: run unprivileged
             pid = _spawn_holder(ranges)
             start = None
             for _ in range(1000):  # the child is ours: its stat is there at once
