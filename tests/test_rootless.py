@@ -432,6 +432,23 @@ def test_parity_corpus_alike(user: User, tmp_root: Path) -> None:
     assert u.lamina("check").stdout.strip() == "consistent"
 
 
+def test_pull_rootless(user: User, images: dict[str, Path], tmp_path: Path) -> None:
+    """``image pull`` from a registry (a private docker-registry on loopback)."""
+    from registry_peer import running_registry, skopeo_push
+
+    require_tools("skopeo")
+    with running_registry(tmp_path / "registry") as reg:
+        name = f"{reg.host}/test/rootless:1"
+        skopeo_push(f"oci:{user.home / 'images' / 'v1'}:{V1}", name)
+        user.lamina("image", "pull", name)
+        out = user.lamina("run", "--rm", name, "pulled", "stat", "-c", "%u:%g",
+                          "/srv/app/data").stdout
+    assert out.strip() == "1000:1001"
+    user.lamina("image", "rm", name)
+    user.lamina("gc")
+    assert user.lamina("check").stdout.strip() == "consistent"
+
+
 def test_what_rootless_cannot_do(user: User) -> None:
     for verb in (("container", "checkpoint", "any"), ("container", "restore", "ref", "any")):
         out = user.lamina(*verb, check=False)
