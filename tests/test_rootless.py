@@ -480,11 +480,16 @@ def test_userns_container_inside_rootless(user: User, images: dict[str, Path]) -
     try:
         out = user.lamina("run", "--rm", "--userns", "1000:2000", V1, "nested", "sh", "-c",
                           probe)
+        # the copy is of the merged layers: whiteouts and opaque directories applied
+        user.lamina("image", "import", str(images["corpus"]))
+        merged = user.lamina("run", "--rm", "--userns", "1000:2000", CORPUS, "nested2", "sh",
+                             "-c", "ls /corpus/opaque; ls /corpus").stdout.split()
     finally:
         os.chmod(user.home, 0o700)
     assert out.stdout.split() == ["0", "0:0", "1000:1001"]
     assert "ID-mapped lower layers unavailable" in out.stderr
     assert "using a chowned copy of the image's layers" in out.stderr
+    assert merged[0] == "new" and "gone" not in merged and "old" not in merged
     assert user.lamina("check").stdout.strip() == "consistent"
 
 

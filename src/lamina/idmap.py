@@ -50,6 +50,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from lamina.archive.whiteout import OVERLAY_MOUNT_OPTIONS
 from lamina.errors import FailedPrecondition, InvalidArgument
 from lamina.fsutil import remove_tree
 from lamina.mount import Mount, mount_all, move_mount, syscall, unmount_all
@@ -502,7 +503,8 @@ def _cached_copy(lowers: list[str], upper: str | None, userns: UserNamespace) ->
             source = lowers[0]
         else:
             joined = "lowerdir=" + ":".join(lowers)
-            mount_all([Mount("overlay", "overlay", options=("ro", joined))], view)
+            options = ("ro", *OVERLAY_MOUNT_OPTIONS, joined)  # userxattr in a user namespace
+            mount_all([Mount("overlay", "overlay", options=options)], view)
             source = view
         try:
             chowned_copy(source, tree, userns)
