@@ -27,7 +27,9 @@ Inside, lamina works as it does as root, with these differences:
   namespace's root create;
 * a layer owned by an ID outside the mapping cannot be stored (the kernel
   has no host ID for it): the unpack fails naming the member and the range;
-* device nodes other than whiteouts cannot be created in a user namespace;
+* device nodes other than whiteouts cannot be created in a user namespace:
+  the unpack fails naming the member, or leaves them out with
+  ``LAMINA_ROOTLESS_DEVICES=skip`` (as containerd does);
 * containers run with runc in the namespace (runc sees it and runs rootless:
   no cgroup limits unless delegated); their root is the user, other IDs the
   subordinate ones, so the rootfs shows the image's owners inside;
@@ -55,6 +57,7 @@ from lamina.errors import FailedPrecondition, NotImplementedErr
 __all__ = [
     "ACTIVE_ENV",
     "CRIU_ROOTLESS",
+    "DEVICES_ENV",
     "Ranges",
     "active",
     "check_member",
@@ -70,6 +73,10 @@ __all__ = [
 
 CRIU_ROOTLESS = ("CRIU needs CAP_CHECKPOINT_RESTORE (or CAP_SYS_ADMIN) in the initial user "
                  "namespace, which an unprivileged user does not have")
+
+DEVICES_ENV = "LAMINA_ROOTLESS_DEVICES"
+"""``skip``: rootless, a layer's device nodes are left out instead of failing the unpack
+(a container's /dev is a tmpfs runc fills; images made by debootstrap carry some)."""
 
 ACTIVE_ENV = "LAMINA_ROOTLESS"
 """Set, to the user's host uid, in a lamina process (and its children) running
@@ -119,14 +126,16 @@ def _describe(ranges: tuple[tuple[int, int], ...]) -> str:
 
 
 def check_member(name: str, *, uid: int, gid: int,
-                 device: tuple[int, int] | None = None) -> None:
-    """FailedPrecondition when this user namespace cannot store a layer member as it
-    is: an owner it does not map, or a device node. Nothing to check in the
-    initial namespace. (``trusted.*`` xattrs of a layer are dropped here, as on
-    a filesystem without them: setting one is EPERM, which apply ignores.)"""
+                 device: tuple[int, int] | None = None) -> bool:
+    """Whether to store a layer member: FailedPrecondition when this user namespace
+    cannot store it as it is (an owner it does not map, a device node); False
+    for a device node with ``LAMINA_ROOTLESS_DEVICES=skip`` (left out, as
+    containerd does in a user namespace). Always True in the initial namespace.
+    (``trusted.*`` xattrs of a layer are dropped here, as on a filesystem
+    without them: setting one is EPERM, which apply ignores.)"""
     maps = _mapped()
     if maps is None:
-        return
+        return True
     uids, gids = maps
     if not any(a <= uid < a + n for a, n in uids) or not any(a <= gid < a + n for a, n in gids):
         raise FailedPrecondition(
@@ -134,9 +143,13 @@ def check_member(name: str, *, uid: int, gid: int,
             f"namespace maps (uids {_describe(uids)}, gids {_describe(gids)}: the user's "
             "/etc/subuid and /etc/subgid ranges)")
     if device is not None and device != (0, 0):
+        if os.environ.get(DEVICES_ENV) == "skip":
+            return False
         raise FailedPrecondition(
             f"layer member {name} is a device node ({device[0]}:{device[1]}): a user "
-            "namespace cannot create device nodes (rootless lamina)")
+            f"namespace cannot create device nodes (rootless lamina; {DEVICES_ENV}=skip "
+            "leaves them out)")
+    return True
 
 
 def active() -> bool:

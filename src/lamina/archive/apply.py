@@ -164,7 +164,7 @@ class _Applier:
         self.whiteouts: set[str] = set()  # overlay mode: whiteout devices made
         self.linked_up: set[str] = set()  # lower names this layer hard-linked to
         self.dirs = DirCache(root_fd, self._implicit_dir)
-        self.link_dirs = DirCache(root_fd)
+        self.link_dirs = self.dirs.view()  # same cache, its own last result
         self.dir_times: dict[str, tuple[int, int]] = {}
         self.euid = os.geteuid()
         self.egid = os.getegid()
@@ -189,8 +189,8 @@ class _Applier:
 
     # -- helpers ---------------------------------------------------------
     def _clear_existing(self, pfd: int, name: str) -> None:
-        if _remove(pfd, name):
-            self.link_dirs.clear()
+        self.dirs.forget(pfd, name)  # cached directories and symlinks at ``name`` go
+        _remove(pfd, name)
 
     def _set_xattrs_fd(self, fd: int, e: TarEntry) -> None:
         for key, value in e.xattrs.items():
@@ -348,7 +348,7 @@ class _Applier:
             st = os.lstat(name, dir_fd=pfd)
             existed = stat.S_ISDIR(st.st_mode)
             if not existed:
-                os.unlink(name, dir_fd=pfd)
+                self._clear_existing(pfd, name)
                 os.mkdir(name, 0o700, dir_fd=pfd)
                 replaced = True
         fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
@@ -682,8 +682,8 @@ def apply_layer(
                     current = e
                     device = (e.devmajor, e.devminor) if e.type in (TYPE_CHAR, TYPE_BLOCK) \
                         else None
-                    check_member(show_name(e.name), uid=e.uid, gid=e.gid, device=device)
-                    applier.entry(e, reader)
+                    if check_member(show_name(e.name), uid=e.uid, gid=e.gid, device=device):
+                        applier.entry(e, reader)
                 current = None
                 reader.drain()
                 applier.finish_dirs()
