@@ -10,12 +10,34 @@ directory's file descriptor, with ``O_NOFOLLOW | O_DIRECTORY`` (:class:`DirCache
 the kernel never follows a symlink on lamina's behalf. A symlink met as a
 *parent* component is resolved by lamina itself, inside the root, the way a
 container sees it (and containerd applies layers): an absolute target starts
-again at the root, a relative one at the symlink's directory. A target whose
-``..`` climbs above the root leaves it and is rejected, as are symlink loops
-(more than 40 hops) and empty targets. So ``lib/x`` where a lower layer made
-``lib -> usr/lib`` lands in ``usr/lib/x``, and nothing can be reached outside.
-The final component of a member is never followed (a new entry replaces a
-symlink there).
+again at the root, a relative one at the symlink's directory, and the target
+is cleaned lexically there. A target whose ``..`` climbs above the root
+leaves it and is rejected, as are symlink loops (more than 40 hops) and empty
+targets. So ``lib/x`` where a lower layer made ``lib -> usr/lib`` lands in
+``usr/lib/x``, and nothing can be reached outside. The final component of a
+member is never followed (a new entry replaces a symlink there). A parent
+directory, once resolved, is at most 2,048 levels deep and 4,095 bytes long
+(what a member name can reach without symlinks, PATH_MAX): symlinks cannot
+take a tree deeper, nor make each tiny member stand for a path of hundreds
+of kilobytes (which every member's bookkeeping would then hold).
+
+Cost. What has been resolved is remembered, so that a layer costs time in
+proportion to its size, whatever its symlinks: the directories and symlinks
+met are kept as a tree of names (each symlink with the directory it leads
+to), and up to :data:`MAX_OPEN` directory fds stay open, least recently used
+first out. A member reached through a symlink to a deep directory costs a few
+dictionary look-ups, not an open per level. The tree follows what the layer
+does: :meth:`DirCache.forget` (called before a name is removed or replaced)
+drops the name and everything cached below it and voids every remembered
+symlink resolution, so a directory replaced by a symlink (or the reverse) is
+looked at afresh; every fd is still obtained by ``O_NOFOLLOW`` opens from
+the root, so even a stale entry could only point inside the root. Whatever
+cannot be served from the cache (opening existing entries, re-opening
+evicted directories, walking a symlink's target) is counted against a
+budget per layer of :data:`WORK_BASE` steps plus :data:`WORK_PER_LOOKUP` per
+path looked up; a layer going past it (symlink chains that defeat the cache
+on purpose) is InvalidArgument "too many symlink resolutions". Directories
+the layer creates are not counted: they are bounded by its size.
 """
 
 from __future__ import annotations
@@ -23,14 +45,38 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from lamina.archive import limits
+from lamina.archive.tarstream import show_name
 from lamina.errors import InvalidArgument
 
-__all__ = ["DirCache", "clean_path"]
+__all__ = ["MAX_OPEN", "MAX_SYMLINKS", "WORK", "WORK_BASE", "WORK_PER_LOOKUP", "DirCache",
+           "Work", "clean_path"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_SYMLINKS = 40  # as the kernel's path walk
+MAX_OPEN = 128  # directory fds one cache holds open
+WORK_BASE = 1 << 20  # resolution steps any layer may take ...
+WORK_PER_LOOKUP = 64  # ... plus this many per path it looks up
+
+
+@dataclass
+class Work:
+    """What every :class:`DirCache` of this process did, for tests and benchmarks:
+    ``syscalls`` made on existing entries (open, lstat, readlink), ``created``
+    directories (mkdir), ``steps`` walked through symlink targets, ``lookups``
+    (calls of :meth:`DirCache.get`)."""
+
+    syscalls: int = 0
+    created: int = 0
+    steps: int = 0
+    lookups: int = 0
+
+
+WORK = Work()
 
 
 def clean_path(name: str) -> list[str]:
@@ -48,46 +94,236 @@ def clean_path(name: str) -> list[str]:
     return parts
 
 
+class _Dir:
+    """A directory known to be at ``parent/name`` (opened with O_NOFOLLOW)."""
+
+    __slots__ = ("alive", "children", "depth", "fd", "name", "parent", "pins", "rel", "size")
+
+    def __init__(self, name: str, parent: _Dir | None) -> None:
+        self.name = name
+        self.parent = parent
+        self.depth: int = parent.depth + 1 if parent is not None else 0
+        # bytes of the resolved path
+        self.size: int = (parent.size + bool(parent.depth) + len(os.fsencode(name))
+                          if parent is not None else 0)
+        self.children: dict[str, _Dir | _Link] = {}
+        self.fd = -1
+        self.pins = 0
+        self.alive = True
+        self.rel: str | None = None if parent is not None else ""
+
+
+class _Link:
+    """A symlink at ``parent/name``, its target cleaned lexically: from the root
+    (``absolute``) or from ``parent`` climbed ``ups`` levels, then ``comps``."""
+
+    __slots__ = ("absolute", "comps", "epoch", "hops", "name", "parent", "resolved", "target",
+                 "ups")
+
+    def __init__(self, name: str, parent: _Dir, target: str) -> None:
+        self.name = name
+        self.parent = parent
+        self.target = target
+        self.absolute = target.startswith("/")
+        self.comps: list[str] = []
+        self.ups = 0
+        for comp in target.split("/"):
+            if comp in ("", "."):
+                continue
+            if comp != "..":
+                self.comps.append(comp)
+            elif self.comps:
+                self.comps.pop()
+            else:
+                self.ups += 1
+        # the directory it led to when last resolved, valid while the epoch holds
+        self.resolved: _Dir | None = None
+        self.epoch = -1
+        self.hops = 0
+
+
+def _rel(node: _Dir) -> str:
+    """``node``'s resolved path (cached on it)."""
+    if node.rel is None:
+        names: list[str] = []
+        cur: _Dir | None = node
+        while cur is not None and cur.rel is None:
+            names.append(cur.name)
+            cur = cur.parent
+        base = cur.rel if cur is not None else ""
+        names.reverse()
+        tail = "/".join(names)
+        node.rel = f"{base}/{tail}" if base else tail
+    return node.rel
+
+
+class _Tree:
+    """What every handle of one :class:`DirCache` shares: the names met, the
+    open fds (LRU) and the work done."""
+
+    def __init__(self, root_fd: int) -> None:
+        self.root_fd = root_fd
+        self.root = _Dir("", None)
+        self.root.fd = root_fd
+        self.open: OrderedDict[_Dir, None] = OrderedDict()  # nodes holding an fd, oldest first
+        self.by_fd: dict[int, _Dir] = {root_fd: self.root}
+        self.epoch = 0
+        self.work = 0
+        self.lookups = 0
+
+    # -- fds ----------------------------------------------------------------
+    def fd_of(self, node: _Dir) -> int:
+        """``node``'s fd, re-opening it (and ancestors) if it was evicted."""
+        if node.fd >= 0:
+            if node is not self.root:
+                self.open.move_to_end(node)
+            return node.fd
+        chain: list[_Dir] = []
+        cur: _Dir | None = node
+        while cur is not None and cur.fd < 0:
+            chain.append(cur)
+            cur = cur.parent
+        assert cur is not None  # the root always has its fd
+        self.spend(len(chain))
+        WORK.syscalls += len(chain)
+        parent_fd = cur.fd
+        for item in reversed(chain):
+            try:
+                fd = os.open(item.name, _DIR_FLAGS, dir_fd=parent_fd)
+            except OSError as exc:  # pragma: no cover - the tree follows every change
+                raise InvalidArgument(
+                    f"invalid tar layer: directory {_rel(item)!r} changed while in use: "
+                    f"{exc.strerror}") from None
+            self.keep(item, fd)
+            parent_fd = fd
+        return node.fd
+
+    def keep(self, node: _Dir, fd: int) -> None:
+        node.fd = fd
+        self.by_fd[fd] = node
+        self.open[node] = None
+        while len(self.open) > MAX_OPEN:
+            old = next(iter(self.open))
+            if old.pins or old is node:
+                self.open.move_to_end(old)  # at most a few are pinned
+                continue
+            self.drop_fd(old)
+
+    def drop_fd(self, node: _Dir) -> None:
+        if node.fd >= 0 and node is not self.root:
+            self.open.pop(node, None)
+            del self.by_fd[node.fd]
+            os.close(node.fd)
+            node.fd = -1
+
+    def unpin(self, node: _Dir) -> None:
+        node.pins -= 1
+        if not node.pins and not node.alive:
+            self.drop_fd(node)
+
+    # -- invalidation ------------------------------------------------------
+    def kill(self, top: _Dir | _Link) -> None:
+        """Forget ``top`` and everything below it; void symlink resolutions."""
+        self.epoch += 1
+        todo: list[_Dir | _Link] = [top]
+        while todo:
+            node = todo.pop()
+            if isinstance(node, _Link):
+                node.resolved = None
+                continue
+            node.alive = False
+            todo.extend(node.children.values())
+            node.children = {}
+            if not node.pins:
+                self.drop_fd(node)
+
+    def forget_all(self) -> None:
+        for child in list(self.root.children.values()):
+            self.kill(child)
+        self.root.children = {}
+        self.epoch += 1
+
+    # -- budget ----------------------------------------------------------
+    def spend(self, n: int) -> None:
+        self.work += n
+        if self.work > WORK_BASE + WORK_PER_LOOKUP * self.lookups:
+            raise _TooMuchWork
+
+
+class _TooMuchWork(Exception):
+    pass
+
+
 class DirCache:
     """Open directories below a root fd, component by component, resolving
     symlinked components inside the root (see the module docs).
 
-    The most recently used chain of directories is kept open, so that members
-    that arrive grouped by directory (as they do in tar files) cost no extra
-    opens. ``on_create`` is called with the (resolved) path of every
-    directory this cache had to create.
+    ``on_create`` is called with the (resolved) path of every directory this
+    cache had to create. :meth:`view` gives a second handle on the same cache
+    (its own last result, the same tree, fds and budget).
     """
 
-    def __init__(self, root_fd: int, on_create: Callable[[str], None] | None = None) -> None:
+    def __init__(self, root_fd: int, on_create: Callable[[str], None] | None = None,
+                 *, _tree: _Tree | None = None) -> None:
         self.root_fd = root_fd
-        self._names: list[str] = []
-        self._fds: list[int] = []
-        self._setgid: list[bool] = []
+        self._tree = _tree if _tree is not None else _Tree(root_fd)
         self._on_create = on_create
-        self._root_setgid = bool(os.fstat(root_fd).st_mode & stat.S_ISGID)
+        self._last: _Dir | None = None
 
-    def _truncate(self, depth: int) -> None:
-        while len(self._fds) > depth:
-            os.close(self._fds.pop())
-            self._names.pop()
-            self._setgid.pop()
+    def view(self) -> DirCache:
+        """Another handle sharing this cache; its results stay open until its
+        own next :meth:`get`, whatever this one does."""
+        return DirCache(self.root_fd, _tree=self._tree)
+
+    def _pin(self, node: _Dir | None) -> None:
+        if self._last is not None:
+            self._tree.unpin(self._last)
+        self._last = node
+        if node is not None:
+            node.pins += 1
 
     def clear(self) -> None:
-        """Close every cached directory."""
-        self._truncate(0)
+        """Forget everything cached (every handle's tree)."""
+        self._pin(None)
+        self._tree.forget_all()
 
     def close(self) -> None:
-        self.clear()
+        """Close what this handle holds; the last handle closed closes every fd."""
+        self._pin(None)
+        tree = self._tree
+        for node in list(tree.open):
+            if not node.pins:
+                tree.drop_fd(node)
+
+    def forget(self, parent_fd: int, name: str) -> None:
+        """``name`` in the directory ``parent_fd`` is about to be removed or
+        replaced: drop what is cached at and below it. For an fd this cache
+        did not hand out, everything is dropped."""
+        tree = self._tree
+        parent = tree.by_fd.get(parent_fd)
+        if parent is None:
+            tree.forget_all()
+            return
+        child = parent.children.pop(name, None)
+        if child is not None:
+            tree.kill(child)
 
     @property
     def path(self) -> list[str]:
         """The resolved components of the directory last returned by :meth:`get`
         (symlinks replaced by where they lead)."""
-        return list(self._names)
+        rel = _rel(self._last) if self._last is not None else ""
+        return rel.split("/") if rel else []
+
+    @property
+    def rel(self) -> str:
+        """:attr:`path` joined with ``/``."""
+        return _rel(self._last) if self._last is not None else ""
 
     def parent_setgid(self) -> bool:
         """Whether the directory last returned by :meth:`get` has the setgid bit."""
-        return self._setgid[-1] if self._setgid else self._root_setgid
+        node = self._last if self._last is not None else self._tree.root
+        return bool(os.fstat(self._tree.fd_of(node)).st_mode & stat.S_ISGID)
 
     def get(self, parts: list[str], *, create: bool) -> int | None:
         """An fd for the directory ``parts`` (relative to the root).
@@ -95,91 +331,150 @@ class DirCache:
         Missing directories are created (mode 0755) when ``create``, else None
         is returned. A symlinked component is resolved inside the root; one
         that leaves it, loops, or a component that is not a directory raises
-        InvalidArgument. The fd stays owned by the cache; :attr:`path` tells
+        InvalidArgument, as does a layer past its work budget. The fd stays
+        owned by the cache until this handle's next call; :attr:`path` tells
         where it is.
         """
-        original = "/".join(parts)
-        for _ in range(MAX_SYMLINKS + 1):
-            found = self._walk(parts, create=create)
-            if not isinstance(found, list):
-                return found
-            parts = found
-        raise InvalidArgument(
-            f"invalid tar layer: too many levels of symbolic links in {original!r}")
+        tree = self._tree
+        tree.lookups += 1
+        WORK.lookups += 1
+        try:
+            node = self._resolve(parts, create)
+        except _TooMuchWork:
+            raise InvalidArgument(
+                f"invalid tar layer: too many symlink resolutions at {show_name('/'.join(parts))}"
+                f" (over {WORK_BASE} + {WORK_PER_LOOKUP} per path of resolution steps)"
+            ) from None
+        self._pin(node)
+        if node is None:
+            return None
+        return tree.fd_of(node)
 
-    def _walk(self, parts: list[str], *, create: bool) -> int | list[str] | None:
-        """Open ``parts``; at a symlinked component, the parts it leads to instead."""
-        depth = 0
-        limit = min(len(parts), len(self._names))
-        while depth < limit and self._names[depth] == parts[depth]:
-            depth += 1
-        self._truncate(depth)
-        cur = self._fds[-1] if self._fds else self.root_fd
-        for i in range(depth, len(parts)):
-            comp = parts[i]
-            try:
-                opened: int | list[str] = os.open(comp, _DIR_FLAGS, dir_fd=cur)
-            except FileNotFoundError:
-                if not create:
+    def _resolve(self, parts: list[str], create: bool) -> _Dir | None:
+        tree = self._tree
+        node = tree.root
+        todo = parts[::-1]  # components still to walk, the next one last
+        # symlinks being resolved: (link, len(todo) once its target is walked, hops before it)
+        pending: list[tuple[_Link, int, int]] = []
+        hops = 0
+        while True:
+            while pending and pending[-1][1] == len(todo):
+                link, _, before = pending.pop()
+                link.resolved, link.epoch, link.hops = node, tree.epoch, hops - before
+            if not todo:
+                return node
+            comp = todo.pop()
+            child = node.children.get(comp)
+            if child is None:
+                child = self._lookup(node, comp, create, parts)
+                if child is None:
                     return None
-                try:
-                    os.mkdir(comp, 0o755, dir_fd=cur)
-                except FileExistsError:
-                    pass
-                else:
-                    os.chmod(comp, 0o755, dir_fd=cur, follow_symlinks=True)
-                    if self._on_create is not None:
-                        self._on_create("/".join(parts[: i + 1]))
-                opened = self._open_existing(parts, i, cur)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    opened = self._open_existing(parts, i, cur)
-                else:
-                    raise
-            if isinstance(opened, list):
-                return opened  # a symlink: the caller walks where it leads
-            fd = opened
-            self._fds.append(fd)
-            self._names.append(comp)
-            self._setgid.append(bool(os.fstat(fd).st_mode & stat.S_ISGID))
-            cur = fd
-        return cur
+            if isinstance(child, _Dir):
+                node = child
+                continue
+            # a symlink
+            if child.resolved is not None and child.epoch == tree.epoch:
+                hops += child.hops
+                if hops > MAX_SYMLINKS:
+                    raise self._loop(parts)
+                node = child.resolved
+                continue
+            hops += 1
+            if hops > MAX_SYMLINKS:
+                raise self._loop(parts)
+            where = f"{_rel(node)}/{comp}" if node.depth else comp
+            if not child.target:
+                raise InvalidArgument(
+                    f"invalid tar layer: parent {where!r} is a symlink with no target")
+            start = tree.root if child.absolute else node
+            if child.ups > start.depth:
+                raise InvalidArgument(
+                    f"invalid tar layer: parent {where!r} is a symlink to {child.target!r}, "
+                    "which leads out of the root directory")
+            tree.spend(child.ups + len(child.comps) + 1)
+            WORK.steps += child.ups + len(child.comps) + 1
+            for _ in range(child.ups):
+                assert start.parent is not None
+                start = start.parent
+            pending.append((child, len(todo), hops - 1))
+            todo.extend(reversed(child.comps))
+            node = start
 
     @staticmethod
-    def _open_existing(parts: list[str], i: int, cur: int) -> int | list[str]:
-        """Open component ``i``, or (a symlink) the parts it leads to."""
-        comp = parts[i]
-        where = "/".join(parts[: i + 1])
+    def _loop(parts: list[str]) -> InvalidArgument:
+        return InvalidArgument(
+            f"invalid tar layer: too many levels of symbolic links in {'/'.join(parts)!r}")
+
+    def _lookup(self, node: _Dir, comp: str, create: bool,
+                parts: list[str]) -> _Dir | _Link | None:
+        """Find ``comp`` in ``node`` on disk (creating a directory if asked) and
+        remember it; None if missing. Directories made here cost no budget."""
+        tree = self._tree
+        if node.depth >= limits.MAX_DEPTH:
+            raise InvalidArgument(
+                f"invalid tar layer: {show_name('/'.join(parts))} leads more than "
+                f"{limits.MAX_DEPTH} directories deep")
+        size = node.size + bool(node.depth) + len(os.fsencode(comp))
+        if size >= limits.MAX_PATH:
+            raise InvalidArgument(
+                f"invalid tar layer: {show_name('/'.join(parts))} leads to a directory path "
+                f"of {size} bytes once symlinks are resolved (limit {limits.MAX_PATH - 1}, "
+                "PATH_MAX)")
+        pfd = tree.fd_of(node)
+        WORK.syscalls += 1
         try:
-            return os.open(comp, _DIR_FLAGS, dir_fd=cur)
+            return self._add(node, comp, os.open(comp, _DIR_FLAGS, dir_fd=pfd), spend=1)
+        except FileNotFoundError:
+            if not create:
+                tree.spend(1)
+                return None
         except OSError as exc:
             if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                 raise
-            try:
-                st = os.lstat(comp, dir_fd=cur)
-            except OSError:
-                st = None
-            if st is not None and stat.S_ISLNK(st.st_mode):
-                return _follow(os.readlink(comp, dir_fd=cur), parts, i, where)
-            raise InvalidArgument(
-                f"invalid tar layer: parent {where!r} is not a directory"
-            ) from None
+            return self._existing(node, comp, pfd)
+        try:
+            os.mkdir(comp, 0o755, dir_fd=pfd)
+        except FileExistsError:
+            return self._existing(node, comp, pfd)
+        WORK.created += 1
+        os.chmod(comp, 0o755, dir_fd=pfd, follow_symlinks=True)
+        base = _rel(node)
+        rel = f"{base}/{comp}" if base else comp
+        if self._on_create is not None:
+            self._on_create(rel)
+        try:
+            child = self._add(node, comp, os.open(comp, _DIR_FLAGS, dir_fd=pfd), spend=0)
+        except OSError as exc:  # pragma: no cover - just made
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            return self._existing(node, comp, pfd)
+        child.rel = rel
+        return child
 
+    def _add(self, node: _Dir, comp: str, fd: int, *, spend: int) -> _Dir:
+        child = _Dir(comp, node)
+        node.children[comp] = child
+        self._tree.keep(child, fd)
+        self._tree.spend(spend)
+        return child
 
-def _follow(target: str, parts: list[str], i: int, where: str) -> list[str]:
-    """The components ``parts`` stand for when ``parts[i]`` is a symlink to ``target``."""
-    if not target:
-        raise InvalidArgument(f"invalid tar layer: parent {where!r} is a symlink with no target")
-    base = [] if target.startswith("/") else list(parts[:i])  # absolute: from the root
-    for comp in target.split("/"):
-        if comp in ("", "."):
-            continue
-        if comp == "..":
-            if not base:
-                raise InvalidArgument(
-                    f"invalid tar layer: parent {where!r} is a symlink to {target!r}, "
-                    "which leads out of the root directory")
-            base.pop()
-        else:
-            base.append(comp)
-    return base + parts[i + 1:]
+    def _existing(self, node: _Dir, comp: str, pfd: int) -> _Dir | _Link:
+        """Open ``comp`` in ``node``, or (a symlink) remember where it leads."""
+        WORK.syscalls += 1
+        try:
+            return self._add(node, comp, os.open(comp, _DIR_FLAGS, dir_fd=pfd), spend=2)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+        self._tree.spend(4)
+        WORK.syscalls += 2
+        try:
+            st = os.lstat(comp, dir_fd=pfd)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            link = _Link(comp, node, os.readlink(comp, dir_fd=pfd))
+            node.children[comp] = link
+            return link
+        where = f"{_rel(node)}/{comp}" if node.depth else comp
+        raise InvalidArgument(f"invalid tar layer: parent {where!r} is not a directory")
