@@ -43,7 +43,12 @@ class Database:
     def __init__(self, path: str | os.PathLike[str], schema: str) -> None:
         self.path = os.fspath(path)
         self._lock = threading.RLock()
-        os.close(os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE))
+        # Created 0600 here if missing, with O_EXCL: opening (and closing) an existing
+        # database file would drop every POSIX lock this process holds on it, the
+        # locks another SQLite connection of this process relies on.
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                             FILE_MODE))
         for suffix in ("", "-wal", "-shm", "-journal"):
             tighten(self.path + suffix, FILE_MODE)
         self._conn: sqlite3.Connection | None = sqlite3.connect(

@@ -1,0 +1,72 @@
+"""lamina.db: the SQLite layer every store shares."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import stat
+from pathlib import Path
+
+import pytest
+
+from lamina.db import Database
+from lamina.errors import ResourceExhausted
+
+_SCHEMA = "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v TEXT)"
+
+
+def _churn(path: str, worker: int, rounds: int, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    """Open and close extra connections while a long-lived one keeps working."""
+    try:
+        keeper = Database(path, _SCHEMA)
+        for i in range(rounds):
+            extra = Database(path, _SCHEMA)  # must not disturb ``keeper``'s locks
+            with extra.write() as c:
+                c.execute("INSERT OR REPLACE INTO t VALUES (?, ?)",
+                          (f"{worker}-{i % 7}", "x" * 500))
+            with keeper.read() as c:
+                c.execute("SELECT count(*) FROM t").fetchone()
+            with keeper.write() as c:
+                c.execute("DELETE FROM t WHERE k = ?", (f"{worker}-{(i + 3) % 7}",))
+            extra.close()
+        keeper.close()
+        out.put((worker, "ok"))
+    except Exception as exc:  # reported to the test, not swallowed
+        out.put((worker, f"{type(exc).__name__}: {exc} "
+                         f"{getattr(exc, 'sqlite_errorname', '')}"))
+
+
+def test_opening_a_database_keeps_other_connections_locks(tmp_path: Path) -> None:
+    """Opening a database used to open and close the file itself, which drops every
+    POSIX lock the process holds on it: another connection of the same process then
+    read a WAL being rewritten under it (SQLITE_IOERR_SHORT_READ under load)."""
+    path = str(tmp_path / "m.db")
+    Database(path, _SCHEMA).close()
+    out: mp.Queue = mp.Queue()  # type: ignore[type-arg]
+    procs = [mp.Process(target=_churn, args=(path, w, 150, out)) for w in range(6)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert results == {w: "ok" for w in range(6)}
+
+
+def test_database_files_are_owner_only_from_the_start(tmp_path: Path) -> None:
+    db = Database(tmp_path / "m.db", _SCHEMA)
+    with db.write() as c:
+        c.execute("INSERT INTO t VALUES ('a', 'b')")
+    for name in ("m.db", "m.db-wal", "m.db-shm"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+    assert db.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    db.close()
+
+
+def test_a_full_disk_is_resource_exhausted(tmp_path: Path) -> None:
+    db = Database(tmp_path / "m.db", _SCHEMA)
+    db.conn.execute("PRAGMA max_page_count=8")  # a database that cannot grow: SQLITE_FULL
+    with pytest.raises(ResourceExhausted, match="the disk is full"), db.write() as c:
+        for i in range(1000):
+            c.execute("INSERT INTO t VALUES (?, ?)", (str(i), "y" * 4000))
+    with db.read() as c:  # rolled back, and the database still works
+        assert c.execute("SELECT count(*) FROM t").fetchone()[0] == 0
+    db.close()
