@@ -13,6 +13,7 @@ Keep this small: feature-specific fixtures belong in the test files that use the
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -105,18 +106,59 @@ def _fs_type(path: Path) -> str:
 _GUARD_ROOT: Path | None = None
 
 
+def _pytest_tmp() -> Path:
+    import getpass
+
+    return Path(tempfile.gettempdir()) / f"pytest-of-{getpass.getuser()}"
+
+
+def _prune_deep(base: Path, depth: int = 64) -> None:
+    """Remove every directory tree more than ``depth`` levels below ``base``.
+
+    Tests build trees thousands of levels deep (hostile layers, deep-tree
+    removal); pytest removes its old temporary directories with a recursive
+    rmtree, which dies on them (RecursionError). lamina's own removal is
+    iterative and works relative to directory descriptors."""
+    from lamina.fsutil import remove_tree
+
+    stack = [(base, 0)]
+    while stack:
+        d, level = stack.pop()
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                if level + 1 >= depth:
+                    remove_tree(e.path)
+                else:
+                    stack.append((Path(e.path), level + 1))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Tests never touch the machine's own root (/var/lib/lamina): a ``lamina``
     run that forgot ``--root`` lands in a throw-away directory, and the session
-    fails if anything did."""
+    fails if anything did. Trees too deep for pytest's own cleanup, left by
+    earlier sessions, are pruned first."""
     global _GUARD_ROOT
     del config
+    # other sessions' directories (garbage-*, and numbered ones pytest will delete)
+    # but never the newest few, which a concurrent session may be using
+    old = sorted((p for p in _pytest_tmp().glob("pytest-*") if p.name[7:].isdigit()),
+                 key=lambda p: int(p.name[7:]))[:-4]
+    for d in [*_pytest_tmp().glob("garbage-*"), *old]:
+        _prune_deep(d)
     _GUARD_ROOT = Path(tempfile.mkdtemp(prefix="lamina-default-root-", dir="/var/tmp"))
     os.environ["LAMINA_ROOT"] = str(_GUARD_ROOT)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     del exitstatus
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    basetemp = getattr(factory, "_basetemp", None)
+    if basetemp is not None:
+        _prune_deep(Path(basetemp))
     if _GUARD_ROOT is None or not _GUARD_ROOT.exists():
         return
     used = sorted(p.name for p in _GUARD_ROOT.iterdir())
@@ -153,7 +195,10 @@ def tmp_root(request: pytest.FixtureRequest) -> Iterator[Path]:
         if left:
             print(f"\ntmp_root: unmounted leftovers: {left}")
         if not os.environ.get("LAMINA_KEEP_TMP"):
-            shutil.rmtree(root, ignore_errors=True)
+            from lamina.fsutil import remove_tree
+
+            with contextlib.suppress(OSError):
+                remove_tree(root)
 
 
 @pytest.fixture(scope="session")
