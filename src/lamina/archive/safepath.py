@@ -58,7 +58,7 @@ __all__ = ["MAX_OPEN", "MAX_SYMLINKS", "WORK", "WORK_BASE", "WORK_PER_LOOKUP", "
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_SYMLINKS = 40  # as the kernel's path walk
-MAX_OPEN = 128  # directory fds one cache holds open
+MAX_OPEN = 64  # directory fds one cache holds open (several layers may apply at once)
 WORK_BASE = 1 << 20  # resolution steps any layer may take ...
 WORK_PER_LOOKUP = 64  # ... plus this many per path it looks up
 
