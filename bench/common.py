@@ -73,6 +73,10 @@ class Ctx:
     quick: bool
     work: Path  # this run's scratch directory (ext4, under /var/tmp)
     cache: Path = CACHE
+    #: ``--before-commit REV``: an earlier lamina's ``src`` (see :func:`checkout_src`)
+    #: for the benchmarks that measure it beside the working tree's, and its label
+    before: Path | None = None
+    before_rev: str = ""
     log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr))
 
     def pick(self, default: int, quick: int) -> int:
@@ -138,6 +142,23 @@ def paired(lamina: Callable[[int], float], peer: Callable[[int], float], n: int)
     return out
 
 
+def rotated(fns: dict[str, Callable[[int], float]], n: int) -> dict[str, list[float]]:
+    """``n`` rounds calling every one of ``fns`` once, the order rotated each round
+    (so no variant always runs first or last). Returns each one's samples."""
+    names = list(fns)
+    out: dict[str, list[float]] = {k: [] for k in names}
+    for i in range(n):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            out[name].append(fns[name](i))
+    return out
+
+
+def pair(samples: dict[str, list[float]], a: str, b: str) -> Paired:
+    """The samples of ``a`` against those of ``b`` (taken in the same rounds)."""
+    return Paired(samples[a], samples[b])
+
+
 def timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -146,10 +167,10 @@ def timed(fn: Callable[[], object]) -> float:
 
 def run_cmd(cmd: Sequence[str], *, cwd: str | Path | None = None, stdout: Any = None,
             env: dict[str, str] | None = None, check: bool = True,
-            timeout: float = 600) -> subprocess.CompletedProcess[bytes]:
+            timeout: float = 600, stdin: Any = None) -> subprocess.CompletedProcess[bytes]:
     """Run ``cmd``; on failure raise RuntimeError with its output's tail."""
     proc = subprocess.run(
-        list(cmd), cwd=cwd, stdin=subprocess.DEVNULL,
+        list(cmd), cwd=cwd, stdin=stdin if stdin is not None else subprocess.DEVNULL,
         stdout=stdout if stdout is not None else subprocess.PIPE,
         stderr=subprocess.PIPE, env=env, timeout=timeout, check=False,
     )
@@ -173,7 +194,73 @@ def lamina_cli() -> list[str]:
     beside = Path(sys.executable).parent / "lamina"
     if beside.is_file() and os.access(beside, os.X_OK):
         return [str(beside)]
-    return [sys.executable, "-m", "lamina.cli"]
+    return [sys.executable, "-m", "lamina"]
+
+
+# --------------------------------------------------------------------------- variants
+#
+# Some figures compare lamina with itself: the working tree against an earlier
+# commit (``--before-commit REV``), or with SQLite's ``synchronous=NORMAL``
+# instead of the ``FULL`` lamina uses. Both run as subprocesses of this
+# interpreter with an environment that says which lamina to import.
+
+#: run the lamina CLI with every database connection switched to synchronous=NORMAL
+#: after it opened (lamina sets FULL; this measures what FULL costs)
+_NORMAL_CLI = (
+    "import sys, lamina.db as d\n"
+    "_init = d.Database.__init__\n"
+    "def init(self, *a, **k):\n"
+    "    _init(self, *a, **k)\n"
+    "    self.conn.execute('PRAGMA synchronous=NORMAL')\n"
+    "d.Database.__init__ = init\n"
+    "from lamina.cli import main\n"
+    "sys.exit(main())\n"
+)
+
+
+def lamina_variant(src: Path | None = None, *,
+                   normal: bool = False) -> tuple[list[str], dict[str, str]]:
+    """The command and environment running the lamina CLI: the installed one, or
+    the one in ``src`` (an earlier commit's, :func:`checkout_src`); ``normal``
+    switches its databases to synchronous=NORMAL. ``$LAMINA_NO_SYNC`` is dropped."""
+    env = {k: v for k, v in os.environ.items() if k != "LAMINA_NO_SYNC"}
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [env.get("PYTHONPATH")])])
+    if normal:
+        return [sys.executable, "-c", _NORMAL_CLI], env
+    if src is not None:
+        return [sys.executable, "-m", "lamina"], env
+    return lamina_cli(), env
+
+
+def checkout_src(rev: str, into: Path) -> tuple[Path, str]:
+    """Extract commit ``rev``'s ``src`` tree into ``into`` (``git archive``, no
+    worktree: nothing in the repository changes). Returns the ``src`` path and
+    the commit's short name; :class:`Skip` when ``rev`` names no commit."""
+    proc = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "--verify",
+                           f"{rev}^{{commit}}"], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise Skip(f"--before-commit {rev}: not a commit of {REPO}")
+    short = proc.stdout.strip()
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.Popen(["git", "-C", str(REPO), "archive", short, "src"],
+                               stdout=subprocess.PIPE)
+    try:
+        run_cmd(["tar", "-x", "-C", str(into)], stdin=archive.stdout)
+    finally:
+        if archive.stdout is not None:
+            archive.stdout.close()
+        if archive.wait() != 0:
+            raise RuntimeError(f"git archive {short} src failed")
+    src = into / "src"
+    # compiled once here, so the first timed run of that lamina does not pay for it
+    run_cmd([sys.executable, "-m", "compileall", "-q", str(src)])
+    probe = subprocess.run([sys.executable, "-c", "import lamina; print(lamina.__file__)"],
+                           env={**os.environ, "PYTHONPATH": str(src)}, capture_output=True,
+                           text=True, check=False)
+    if not probe.stdout.strip().startswith(str(src)):
+        raise RuntimeError(f"lamina from {src} does not import first: {probe.stdout}{probe.stderr}")
+    return src, short
 
 
 def lamina_has_command(*words: str) -> bool:

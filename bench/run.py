@@ -2,6 +2,7 @@
 """Run lamina's benchmarks against peers measured in the same run.
 
     python3 bench/run.py [--quick] [--only NAME[,NAME...]] [--json PATH]
+                         [--before-commit REV]
 
 Every benchmark alternates lamina and its peer on the same ext4 filesystem
 (under /var/tmp, never tmpfs) and quotes the median of the per-pair ratios
@@ -38,6 +39,7 @@ from bench.common import (  # noqa: E402
     Ctx,
     Row,
     Skip,
+    checkout_src,
     cleanup_tree,
     fmt,
     fs_type,
@@ -107,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer, smaller runs (~2 minutes)")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {list(BENCHMARKS)}")
     ap.add_argument("--json", default=str(RESULTS), help="where to write the results JSON")
+    ap.add_argument("--before-commit", metavar="REV", default="",
+                    help="also measure the lamina of commit REV (its src tree, extracted with "
+                         "git archive into the scratch dir) where a benchmark compares "
+                         "versions (import, snapshots)")
     args = ap.parse_args(argv)
 
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(BENCHMARKS)
@@ -129,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     started = time.monotonic()
     try:
+        if args.before_commit:
+            try:
+                ctx.before, ctx.before_rev = checkout_src(args.before_commit, work / "before")
+            except Skip as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            print(f"== before: lamina of {ctx.before_rev} from {ctx.before}", file=sys.stderr)
         for name in names:
             print(f"== {name}", file=sys.stderr, flush=True)
             t0 = time.monotonic()
@@ -160,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
+        "before_commit": ctx.before_rev,
         "seconds": round(total, 1),
         "command": " ".join(["python3", "bench/run.py", *(argv if argv is not None
                                                            else sys.argv[1:])]),

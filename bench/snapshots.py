@@ -5,18 +5,25 @@ containerd 1.6's overlayfs and native snapshotters driven through its gRPC
 snapshots API (a private daemon, calls in a lease so its garbage collector
 leaves our snapshots alone). Note that containerd's Remove only deletes
 metadata; its directories go at the next garbage collection.
+
+lamina's cycles are also measured against lamina itself, each variant in its
+own process, the order rotated each round: as shipped (SQLite
+``synchronous=FULL``, every commit fsyncs the WAL) against ``NORMAL``
+patched in, and with ``--before-commit REV`` against that commit's lamina.
 """
 
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.common import Ctx, Row, Skip, paired
+from bench.common import Ctx, Row, Skip, lamina_variant, pair, paired, rotated
 from bench.peer import close_channel, containerd, require_containerd
 
 NAME = "snapshots"
@@ -39,6 +46,96 @@ def _cycles(sn: Any, prefix: str, n: int) -> float:
 
 def _cycler(sn: Any, n: int) -> Callable[[int], float]:
     return lambda i: _cycles(sn, f"r{i}", n)
+
+
+#: a fresh overlay snapshotter in ``argv[1]``; for each line N read, runs N cycles
+#: and prints their rate (so variants in separate processes can take turns often)
+_CYCLES = """
+import sys, time
+from lamina.snapshots.overlay import OverlaySnapshotter
+if sys.argv[2] == "normal":
+    import lamina.db as d
+    _init = d.Database.__init__
+    def init(self, *a, **k):
+        _init(self, *a, **k)
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+    d.Database.__init__ = init
+sn = OverlaySnapshotter(sys.argv[1])
+done = 0
+for line in sys.stdin:
+    t0 = time.perf_counter()
+    n = int(line)
+    for i in range(done, done + n):
+        sn.prepare(f"a{i}", "")
+        sn.commit(f"c{i}", f"a{i}")
+        sn.remove(f"c{i}")
+    done += n
+    print(n / (time.perf_counter() - t0), flush=True)
+sn.close()
+"""
+
+
+def _versions(ctx: Ctx, d: Path) -> list[Row]:
+    """Cycles/s of this tree with synchronous FULL vs NORMAL, and vs ``--before-commit``.
+
+    Each variant is a process of its own, kept running; they take turns running
+    a short batch of cycles, the order rotated each turn, so a load that comes
+    and goes (a shared disk) bills them alike."""
+    turns = ctx.pick(30, 6)
+    n = ctx.pick(40, 20)
+    procs: dict[str, subprocess.Popen[str]] = {}
+
+    def start(name: str, src: Path | None = None, normal: bool = False) -> None:
+        _, env = lamina_variant(src)
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-c", _CYCLES, str(d / f"v-{name}"), "normal" if normal else "full"],
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def batch(name: str) -> Callable[[int], float]:
+        def one(i: int) -> float:
+            p = procs[name]
+            assert p.stdin is not None and p.stdout is not None
+            p.stdin.write(f"{n}\n")
+            p.stdin.flush()
+            line = p.stdout.readline()
+            if not line:
+                raise RuntimeError(f"cycles ({name}) exited {p.wait()}")
+            return float(line)
+        return one
+
+    try:
+        start("full")
+        start("normal", normal=True)
+        if ctx.before is not None:
+            start("before", ctx.before)
+        for name in procs:  # warm up: first cycles open and create the database
+            batch(name)(0)
+        s = rotated({name: batch(name) for name in procs}, turns)
+    finally:
+        for p in procs.values():
+            if p.stdin is not None:
+                p.stdin.close()
+        for p in procs.values():
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    note = f"{turns} turns of {n} cycles each, one long-lived process per variant, ext4"
+    rows = [pair(s, "full", "normal").row(
+        "prepare+commit+remove (overlay), synchronous=FULL / NORMAL",
+        "cycles/s (higher=better)", "lamina with SQLite synchronous=NORMAL patched in",
+        note=note)]
+    if ctx.before is not None:
+        rows.append(pair(s, "full", "before").row(
+            f"prepare+commit+remove (overlay), this tree / {ctx.before_rev}",
+            "cycles/s (higher=better)", f"lamina {ctx.before_rev} (synchronous=NORMAL)",
+            note=note))
+        rows.append(pair(s, "normal", "before").row(
+            f"prepare+commit+remove (overlay), NORMAL / {ctx.before_rev}",
+            "cycles/s (higher=better)", f"lamina {ctx.before_rev} (synchronous=NORMAL)",
+            note="everything but synchronous=FULL"))
+    return rows
 
 
 def _populate(sn: Any, n: int, threads: int = 1) -> float:
@@ -107,6 +204,8 @@ def run(ctx: Ctx) -> list[Row]:
             finally:
                 sn.close()
                 close_channel(peer)
+
+        rows += _versions(ctx, d)
 
         sn = OverlaySnapshotter(d / "lamina-walk")
         peer = ctd.snapshotter("overlayfs")
