@@ -155,6 +155,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     del exitstatus
+    if _READABLE_SRC is not None:
+        shutil.rmtree(_READABLE_SRC, ignore_errors=True)
     factory = getattr(session.config, "_tmp_path_factory", None)
     basetemp = getattr(factory, "_basetemp", None)
     if basetemp is not None:
@@ -167,6 +169,29 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if used:
         print(f"\na test used the default root ($LAMINA_ROOT) without --root: {used}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_READABLE_SRC: Path | None = None
+
+
+def readable_source() -> Path:
+    """A copy of lamina's ``src`` that every user can read, for tests that run
+    lamina as another user (uid 65534, a rootless user): the checkout itself may
+    sit where only root reaches it (``/root/lamina`` on a fresh machine, whose
+    home is 0700). Made once per session; put it on such a child's PYTHONPATH."""
+    global _READABLE_SRC
+    if _READABLE_SRC is None:
+        base = Path(tempfile.mkdtemp(prefix="lamina-test-src-", dir="/var/tmp"))
+        os.chmod(base, 0o755)
+        shutil.copytree(Path(__file__).resolve().parent.parent / "src" / "lamina",
+                        base / "lamina", ignore=shutil.ignore_patterns("__pycache__"))
+        for d, dirs, files in os.walk(base):
+            for name in dirs:
+                os.chmod(os.path.join(d, name), 0o755)
+            for name in files:
+                os.chmod(os.path.join(d, name), 0o644)
+        _READABLE_SRC = base
+    return _READABLE_SRC
 
 
 def _tmp_base() -> Path:

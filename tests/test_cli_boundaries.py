@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require_root_user
+from conftest import readable_source, require_root_user
 
 import lamina
 
@@ -30,9 +30,10 @@ LAMINA = [sys.executable, "-m", "lamina"]
 def run(*args: str, env: dict[str, str] | None = None, user: int | None = None,
         stdin: int | None = subprocess.DEVNULL) -> subprocess.CompletedProcess[str]:
     argv = [*LAMINA, *args]
+    full_env = {k: v for k, v in os.environ.items() if k != "LAMINA_DEBUG"}
     if user is not None:
         argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
-    full_env = {k: v for k, v in os.environ.items() if k != "LAMINA_DEBUG"}
+        full_env["PYTHONPATH"] = str(readable_source())  # the checkout may be root's only
     full_env.update(env or {})
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=full_env,
                           stdin=stdin, check=False)

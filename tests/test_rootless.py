@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
-from conftest import require_root_user, require_tools
+from conftest import readable_source, require_root_user, require_tools
 from imagefactory import (
     Dir,
     Fifo,
@@ -128,7 +128,7 @@ class User:
     def env(self) -> dict[str, str]:
         return {"HOME": str(self.home), "USER": self.name, "LOGNAME": self.name,
                 "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                "PYTHONPATH": str(REPO / "src"), "LANG": "C.UTF-8"}
+                "PYTHONPATH": str(readable_source()), "LANG": "C.UTF-8"}
 
     def run(self, *argv: str, check: bool = True, timeout: float = 180,
             stdin: Any = subprocess.DEVNULL,
@@ -186,8 +186,6 @@ def _ranges(path: str, name: str) -> tuple[int, int] | None:
 def user() -> Iterator[User]:
     require_root_user()
     require_tools("newuidmap", "newgidmap", "runc", "useradd")
-    if not _reachable(str(REPO / "src" / "lamina" / "__init__.py"), 0o004):
-        pytest.skip(f"{REPO} is not readable by other users")
     python = _python_for_user()
     home = Path(tempfile.mkdtemp(prefix="lamina-rootless-home-", dir="/var/tmp"))
     with contextlib.suppress(KeyError):
