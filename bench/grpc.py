@@ -16,7 +16,9 @@
   frees high ones, and the next import is cheap again: costs alternate by
   position, whoever imports. Alternating o, l, o, l locks lamina into the
   expensive slots (the 1.5-2x first reported); the naive per-pair ratios are
-  in the notes to show it.
+  in the notes to show it. A journaled ext4 has no such scan: there the
+  imports take half the time and the order does not matter (run with
+  ``LAMINA_BENCH_DIR`` on one); the rows' notes say which kind ran.
 * Prepare+Commit+Remove cycles per second over the lamina socket with
   ``lamina.api.client.RemoteSnapshotter`` vs containerd's overlayfs over its
   own socket (same client code, plus the namespace and lease headers).
@@ -26,7 +28,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 from bench.common import Ctx, Paired, Row, Skip, paired, run_cmd, time_cmd
@@ -89,6 +93,8 @@ def run(ctx: Ctx) -> list[Row]:
     # -- import through the proxy plugin, one daemon, both orders ---------------
     rounds = ctx.pick(6, 1)
     t = _alternating_imports(ctx, img, rounds)
+    disk = ("on ext4 WITHOUT a journal: creates pay for recently deleted inodes"
+            if _ext4_without_journal(ctx.work) else "no recently-deleted inode scan here")
     naive = (f"naive pairs (lamina after overlayfs / overlayfs after itself) "
              f"{_ratios(t['lamina<-overlayfs'], t['overlayfs<-overlayfs'])}, "
              f"(lamina after itself / overlayfs after lamina) "
@@ -103,9 +109,25 @@ def run(ctx: Ctx) -> list[Row]:
                           limit=1.1,
                           note=f"{rounds} rounds (overlayfs, overlayfs, lamina, lamina) on "
                                "one containerd, lamina its proxy snapshotter `lamina`, rm "
-                               f"--sync after each run; ratios {_ratios(t[lam], t[peer])}; "
-                               + naive))
+                               f"--sync after each run; {disk}; ratios "
+                               f"{_ratios(t[lam], t[peer])}; " + naive))
     return rows
+
+
+def _ext4_without_journal(path: Path) -> bool:
+    """Whether ``path`` is on an ext4 mounted without a journal (its sysfs
+    ``journal_task`` reads ``<none>``): the only kind whose inode allocator skips
+    recently deleted inodes one by one."""
+    proc = subprocess.run(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", str(path)],
+                          capture_output=True, text=True, check=False)
+    fields = proc.stdout.split()
+    if len(fields) != 2 or fields[0] != "ext4":
+        return False
+    dev = os.path.basename(os.path.realpath(fields[1]))
+    try:
+        return Path(f"/sys/fs/ext4/{dev}/journal_task").read_text().strip() == "<none>"
+    except OSError:
+        return False
 
 
 def _ratios(a: list[float], b: list[float]) -> str:
