@@ -152,7 +152,7 @@ def _criu_log_tail(*logs: Path) -> str:
 # waits for it to trap; nothing was dumped and the task runs on, so it is retried.
 SEIZE_FAILURES = ("Unseizable non-zombie", "zombie found while seizing",
                   "Unable to freeze", "Unable to seize")
-DUMP_ATTEMPTS = 3
+DUMP_ATTEMPTS = 4
 
 
 def seize_failed(log: Path) -> bool:
@@ -220,13 +220,14 @@ def checkpoint(
         except LaminaError as exc:
             if (attempt == DUMP_ATTEMPTS or not seize_failed(log)
                     or launcher.info(task_id).status not in live):
-                raise type(exc)(f"{exc.message}{_criu_log_tail(log)}") from exc
+                tries = f" (attempt {attempt} of {DUMP_ATTEMPTS})" if attempt > 1 else ""
+                raise type(exc)(f"{exc.message}{tries}{_criu_log_tail(log)}") from exc
         # keep the failed attempt's log beside the next one; drop its partial images
         log.rename(log.with_name(f"dump.{attempt}.log"))
         for leftover in image_dir.iterdir():
             if leftover.is_file() and not leftover.name.startswith("dump."):
                 leftover.unlink()
-        time.sleep(0.1 * attempt)
+        time.sleep(0.5 * attempt)  # let the task leave the state CRIU could not seize
     seconds = time.monotonic() - started
 
     config = json.loads((bundle / "config.json").read_text())
