@@ -28,6 +28,7 @@ from test_archive_support import Member, dir_, file_, make_tar, symlink, tree_st
 from lamina.archive import safepath
 from lamina.archive.apply import apply_layer
 from lamina.errors import InvalidArgument
+from lamina.fsutil import remove_tree
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -169,30 +170,6 @@ def _open(root: Path, rel: str) -> int:
     return fd
 
 
-def _remove_deep(path: Path) -> None:
-    """Remove a tree of any depth without recursion (pytest's cleanup recurses)."""
-    if not path.exists():
-        return
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-    stack = [(os.open(path, flags), "")]
-    while stack:
-        fd, _ = stack[-1]
-        child = None
-        for entry in os.scandir(fd):
-            if entry.is_dir(follow_symlinks=False):
-                child = entry.name
-                break
-            os.unlink(entry.name, dir_fd=fd)
-        if child is not None:
-            stack.append((os.open(child, flags, dir_fd=fd), child))
-            continue
-        os.close(fd)
-        _, name = stack.pop()
-        if stack:
-            os.rmdir(name, dir_fd=stack[-1][0])
-    os.rmdir(path)
-
-
 @pytest.fixture
 def sandbox(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     root, outside = tmp_path / "root", tmp_path / "outside"
@@ -200,7 +177,7 @@ def sandbox(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     outside.mkdir()
     (outside / "file").write_bytes(b"precious")
     yield root, outside
-    _remove_deep(root)
+    remove_tree(root)
 
 
 def _work() -> tuple[int, int, int]:

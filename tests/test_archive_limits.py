@@ -33,6 +33,7 @@ from lamina.archive import limits
 from lamina.archive.apply import apply_layer
 from lamina.archive.compression import size_hint
 from lamina.errors import InvalidArgument, ResourceExhausted, from_grpc_code
+from lamina.fsutil import remove_tree
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -208,31 +209,6 @@ def deep_via_symlink(below: int) -> bytes:
 CASES["depth-through-symlink"] = (deep_via_symlink(49), "directories deep", "s/b/b")
 
 
-def remove_deep(path: Path) -> None:
-    """Remove a tree of any depth, relative to directory fds and without recursion
-    (pytest's own cleanup recurses and builds full paths)."""
-    if not path.exists():
-        return
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-    stack = [(os.open(path, flags), "")]
-    while stack:
-        fd, _ = stack[-1]
-        child = None
-        for entry in os.scandir(fd):
-            if entry.is_dir(follow_symlinks=False):
-                child = entry.name
-                break
-            os.unlink(entry.name, dir_fd=fd)
-        if child is not None:
-            stack.append((os.open(child, flags, dir_fd=fd), child))
-            continue
-        os.close(fd)
-        _, name = stack.pop()
-        if stack:
-            os.rmdir(name, dir_fd=stack[-1][0])
-    os.rmdir(path)
-
-
 @pytest.fixture
 def sandbox(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     root = tmp_path / "root"
@@ -241,7 +217,7 @@ def sandbox(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     outside.mkdir()
     (outside / "file").write_bytes(b"precious")
     yield root, outside
-    remove_deep(root)
+    remove_tree(root)
 
 
 def _state(path: Path) -> list[tuple[str, int, int]]:
@@ -314,7 +290,7 @@ def test_resolved_depth_below_the_cap_applies(tmp_path: Path) -> None:
     try:
         apply_layer(io.BytesIO(deep_via_symlink(48)), root, overlay=True)  # 2,048 deep
     except BaseException:
-        remove_deep(root)
+        remove_tree(root)
         raise
     fd = os.open(root, os.O_RDONLY)
     try:
@@ -324,7 +300,7 @@ def test_resolved_depth_below_the_cap_applies(tmp_path: Path) -> None:
             fd = nfd
     finally:
         os.close(fd)
-        remove_deep(root)
+        remove_tree(root)
 
 
 # --------------------------------------------------------------------------- error model
