@@ -248,8 +248,15 @@ def test_mtree_records_and_compares_any_tree(tmp_path: Path) -> None:
         os.close(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd))
     finally:
         os.close(fd)
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
-        recorded = list(mtree.record(top))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # 3,000 levels, few fds
+        try:
+            recorded = list(mtree.record(top))
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         assert len(recorded) == 3 + 3000 + 1
         assert recorded[0].path == "a" and recorded[0].sha256 == hashlib.sha256(b"abc").hexdigest()
         [leaf] = [e for e in recorded if e.path.endswith("/leaf")]

@@ -12,7 +12,8 @@ found although nothing else reads it until a container does.
 :func:`encode` / :func:`decode` turn them into a compact JSON-lines byte
 stream (gzip-compressed) and back; :func:`compare` merges two sorted
 sequences and yields a :class:`Difference` for each path missing, extra or
-changed. The walk holds one directory descriptor per level and never builds
+changed. The walk holds a bounded number of directory descriptors
+(:class:`lamina.fstree.DirStack`) whatever the depth, and never builds
 a path for the kernel, so trees deeper than ``PATH_MAX`` are fine, and it
 follows no symlink. Memory is bounded by the depth of the tree, not its size.
 
@@ -35,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
 from lamina.errors import InvalidArgument
+from lamina.fstree import DirStack
 
 __all__ = ["MEDIA_TYPE", "Difference", "Entry", "compare", "decode", "encode", "record"]
 
@@ -115,65 +117,62 @@ def _hash_fd(fd: int) -> str:
         h.update(chunk)
 
 
-def _entry(path: str, name: str, parent_fd: int, st: os.stat_result) -> tuple[Entry, int | None]:
-    """The entry for ``name`` in ``parent_fd``; for a directory also an open fd on it."""
-    kind = _KINDS.get(stat.S_IFMT(st.st_mode), "unknown")
-    common: dict[str, Any] = {
-        "path": path,
-        "kind": kind,
-        "mode": stat.S_IMODE(st.st_mode),
-        "uid": st.st_uid,
-        "gid": st.st_gid,
-    }
+def _common(path: str, st: os.stat_result) -> dict[str, Any]:
+    return {"path": path, "kind": _KINDS.get(stat.S_IFMT(st.st_mode), "unknown"),
+            "mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid}
+
+
+def _leaf(path: str, name: str, parent_fd: int, st: os.stat_result) -> Entry:
+    """The entry for non-directory ``name`` in ``parent_fd``."""
+    common = _common(path, st)
+    kind = common["kind"]
     if kind == "symlink":
-        target = os.readlink(name, dir_fd=parent_fd)
-        return Entry(**common, target=target, mtime_ns=st.st_mtime_ns), None
+        return Entry(**common, target=os.readlink(name, dir_fd=parent_fd),
+                     mtime_ns=st.st_mtime_ns)
     if kind in ("char", "block"):
-        return Entry(**common, rdev=st.st_rdev, mtime_ns=st.st_mtime_ns), None
-    if kind in ("fifo", "socket", "unknown"):
-        return Entry(**common, mtime_ns=st.st_mtime_ns), None
-    flags = _DIR_FLAGS if kind == "dir" else _FILE_FLAGS
-    fd = os.open(name, flags, dir_fd=parent_fd)
+        return Entry(**common, rdev=st.st_rdev, mtime_ns=st.st_mtime_ns)
+    if kind != "file":
+        return Entry(**common, mtime_ns=st.st_mtime_ns)
+    fd = os.open(name, _FILE_FLAGS, dir_fd=parent_fd)
     try:
-        xattrs = _xattrs(fd)
-        if kind == "dir":
-            return Entry(**common, xattrs=xattrs), fd
         return Entry(**common, size=st.st_size, sha256=_hash_fd(fd), mtime_ns=st.st_mtime_ns,
-                     xattrs=xattrs), None
-    except BaseException:
-        os.close(fd)
-        raise
+                     xattrs=_xattrs(fd))
     finally:
-        if kind != "dir":
-            os.close(fd)
+        os.close(fd)
 
 
 def record(directory: str | os.PathLike[str]) -> Iterator[Entry]:
-    """Every entry below ``directory`` (not itself), depth first, names sorted bytewise."""
+    """Every entry below ``directory`` (not itself), depth first, names sorted bytewise.
+
+    Directories are entered through a :class:`~lamina.fstree.DirStack`, which
+    holds a bounded number of descriptors whatever the depth."""
     root_fd = os.open(directory, _DIR_FLAGS)
-    # each level: (fd, path prefix, remaining names, reversed so pop() gives the smallest)
-    stack: list[tuple[int, str, list[str]]] = []
+    dirs = DirStack(root_fd)
+    # per level: the path prefix, and the names still to visit (pop() gives the smallest)
+    pending: list[tuple[str, list[str]]] = [("", _names(root_fd))]
     try:
-        stack.append((root_fd, "", _names(root_fd)))
-        while stack:
-            fd, prefix, names = stack[-1]
+        while pending:
+            prefix, names = pending[-1]
             if not names:
-                os.close(fd)
-                stack.pop()
+                pending.pop()
+                if pending:
+                    dirs.pop()
                 continue
             name = names.pop()
             try:
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                st = os.stat(name, dir_fd=dirs.fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
             path = prefix + name
-            entry, child = _entry(path, name, fd, st)
-            yield entry
-            if child is not None:
-                stack.append((child, path + "/", _names(child)))
+            if not stat.S_ISDIR(st.st_mode):
+                yield _leaf(path, name, dirs.fd, st)
+                continue
+            dirs.push(name)
+            yield Entry(**_common(path, st), xattrs=_xattrs(dirs.fd))
+            pending.append((path + "/", _names(dirs.fd)))
     finally:
-        for fd, _, _ in stack:
-            os.close(fd)
+        dirs.close()
+        os.close(root_fd)
 
 
 def _names(fd: int) -> list[str]:
