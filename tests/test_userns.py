@@ -228,3 +228,13 @@ def test_chowned_copy_shifts_owners_keeps_links(tmp_path: Path) -> None:
     assert os.lstat(dst / "fifo").st_uid == 65534
     assert os.lstat(dst).st_uid == 500000
     assert os.lstat(src / "d" / "f").st_uid == 5  # the source untouched
+
+
+def test_idmap_probe_raises_what_is_not_the_kernel_saying_no(tmp_root: Path) -> None:
+    """``idmap_supported`` answers False only for the probe syscalls' "cannot" errnos;
+    a path that does not exist is an error of the caller, raised, not a "no" that
+    would turn the ID-mapped tests into skips."""
+    require_root_user()
+    assert idmap_supported(tmp_root) is True  # ext4 (or any disk filesystem) on 6.x
+    with pytest.raises(FileNotFoundError):
+        idmap_supported(tmp_root / "absent")

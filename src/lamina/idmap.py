@@ -303,17 +303,29 @@ _UNSUPPORTED = (errno.EINVAL, errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
 def idmap_supported(path: str | os.PathLike[str]) -> bool:
-    """Whether the filesystem holding ``path`` takes ID-mapped mounts here."""
+    """Whether the filesystem holding ``path`` takes ID-mapped mounts here.
+
+    False only when the probe syscalls themselves say the kernel or the
+    filesystem cannot (``open_tree``/``mount_setattr`` failing with one of the
+    errnos :func:`mount_idmapped` falls back to the copy for). Anything else —
+    no user namespace to be had, a missing path, a bug — is raised, as
+    :func:`mount_idmapped` would raise it."""
     probe = UserNamespace((IDMap(0, 100000, 1),), (IDMap(0, 100000, 1),))
-    try:
-        with userns_fd(probe) as ns:
+    with userns_fd(probe) as ns:
+        try:
             mfd = _open_tree(os.fspath(path), recursive=False)
-            try:
-                _set_idmap(mfd, ns, 0, recursive=False, what=os.fspath(path))
-            finally:
-                os.close(mfd)
-    except (OSError, FailedPrecondition):
-        return False
+        except OSError as exc:
+            if exc.errno in (errno.ENOSYS, errno.EPERM):
+                return False
+            raise
+        try:
+            _set_idmap(mfd, ns, 0, recursive=False, what=os.fspath(path))
+        except OSError as exc:
+            if exc.errno in _UNSUPPORTED:
+                return False
+            raise
+        finally:
+            os.close(mfd)
     return True
 
 
