@@ -28,8 +28,9 @@ Inside, lamina works as it does as root, with these differences:
 * a layer owned by an ID outside the mapping cannot be stored (the kernel
   has no host ID for it): the unpack fails naming the member and the range;
 * device nodes other than whiteouts cannot be created in a user namespace:
-  the unpack fails naming the member, or leaves them out with
-  ``LAMINA_ROOTLESS_DEVICES=skip`` (as containerd does);
+  they are left out, as containerd and podman do, and one line on stderr
+  per layer says which (``LAMINA_ROOTLESS_DEVICES=strict`` fails the unpack
+  naming the member instead);
 * containers run with runc in the namespace (runc sees it and runs rootless:
   no cgroup limits unless delegated); their root is the user, other IDs the
   subordinate ones, so the rootfs shows the image's owners inside;
@@ -48,11 +49,11 @@ import pwd
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lamina.errors import FailedPrecondition, NotImplementedErr
+from lamina.errors import FailedPrecondition, InvalidArgument, NotImplementedErr
 
 __all__ = [
     "ACTIVE_ENV",
@@ -67,6 +68,7 @@ __all__ = [
     "in_user_namespace",
     "pids_in_pid_namespace",
     "refuse",
+    "report_left_out",
     "runtime_dir",
     "subordinate_ranges",
 ]
@@ -75,8 +77,10 @@ CRIU_ROOTLESS = ("CRIU needs CAP_CHECKPOINT_RESTORE (or CAP_SYS_ADMIN) in the in
                  "namespace, which an unprivileged user does not have")
 
 DEVICES_ENV = "LAMINA_ROOTLESS_DEVICES"
-"""``skip``: rootless, a layer's device nodes are left out instead of failing the unpack
-(a container's /dev is a tmpfs runc fills; images made by debootstrap carry some)."""
+"""Rootless, what becomes of a layer's device nodes: ``skip`` (the default) leaves
+them out, as containerd and podman do (a container's /dev is a tmpfs runc fills;
+images made by debootstrap carry some in theirs); ``strict`` fails the unpack."""
+_DEVICE_POLICIES = ("skip", "strict")
 
 ACTIVE_ENV = "LAMINA_ROOTLESS"
 """Set, to the user's host uid, in a lamina process (and its children) running
@@ -128,9 +132,9 @@ def _describe(ranges: tuple[tuple[int, int], ...]) -> str:
 def check_member(name: str, *, uid: int, gid: int,
                  device: tuple[int, int] | None = None) -> bool:
     """Whether to store a layer member: FailedPrecondition when this user namespace
-    cannot store it as it is (an owner it does not map, a device node); False
-    for a device node with ``LAMINA_ROOTLESS_DEVICES=skip`` (left out, as
-    containerd does in a user namespace). Always True in the initial namespace.
+    cannot store it as it is (an owner it does not map; a device node with
+    ``LAMINA_ROOTLESS_DEVICES=strict``); False for a device node otherwise (left
+    out, as containerd does in a user namespace). Always True in the initial namespace.
     (``trusted.*`` xattrs of a layer are dropped here, as on a filesystem
     without them: setting one is EPERM, which apply ignores.)"""
     maps = _mapped()
@@ -143,13 +147,32 @@ def check_member(name: str, *, uid: int, gid: int,
             f"namespace maps (uids {_describe(uids)}, gids {_describe(gids)}: the user's "
             "/etc/subuid and /etc/subgid ranges)")
     if device is not None and device != (0, 0):
-        if os.environ.get(DEVICES_ENV) == "skip":
+        if _device_policy() == "skip":
             return False
         raise FailedPrecondition(
             f"layer member {name} is a device node ({device[0]}:{device[1]}): a user "
-            f"namespace cannot create device nodes (rootless lamina; {DEVICES_ENV}=skip "
-            "leaves them out)")
+            f"namespace cannot create device nodes (rootless lamina with {DEVICES_ENV}=strict; "
+            "unset it to leave them out)")
     return True
+
+
+def _device_policy() -> str:
+    policy = os.environ.get(DEVICES_ENV, "") or "skip"
+    if policy not in _DEVICE_POLICIES:
+        raise InvalidArgument(f"{DEVICES_ENV}={policy!r}: expected one of "
+                              f"{', '.join(_DEVICE_POLICIES)}")
+    return policy
+
+
+def report_left_out(names: Sequence[str]) -> None:
+    """Say on stderr, in one line, which device nodes of a layer were left out."""
+    if not names:
+        return
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    noun = "device node" if len(names) == 1 else "device nodes"
+    print(f"lamina: rootless: left out {len(names)} {noun} of a layer ({shown}): a user "
+          f"namespace cannot create them ({DEVICES_ENV}=strict refuses such layers)",
+          file=sys.stderr, flush=True)
 
 
 def active() -> bool:

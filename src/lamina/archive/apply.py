@@ -97,7 +97,7 @@ from lamina.archive.whiteout import (
 )
 from lamina.errors import Internal, InvalidArgument, LaminaError, NotFound
 from lamina.fstree import remove_tree_at
-from lamina.rootless import check_member
+from lamina.rootless import check_member, report_left_out
 
 __all__ = ["AppliedLayer", "NeedsLowerLayers", "apply_layer"]
 
@@ -673,6 +673,7 @@ def apply_layer(
             cb(counter[0])
 
     applier = _Applier(root_fd, overlay)
+    left_out: list[str] = []
     current: TarEntry | None = None
     try:
         with open_decompressed(stream, max_size=max_size) as plain:
@@ -684,6 +685,8 @@ def apply_layer(
                         else None
                     if check_member(show_name(e.name), uid=e.uid, gid=e.gid, device=device):
                         applier.entry(e, reader)
+                    else:
+                        left_out.append(show_name(e.name))
                 current = None
                 reader.drain()
                 applier.finish_dirs()
@@ -704,5 +707,6 @@ def apply_layer(
     diff_id = "sha256:" + digest.hexdigest()
     if expected_diff_id is not None and expected_diff_id != diff_id:
         raise InvalidArgument(f"diff id mismatch: layer has {diff_id}, expected {expected_diff_id}")
+    report_left_out(left_out)
     return AppliedLayer(diff_id=diff_id, size=reader.total, root_listed=applier.root_listed,
                         whiteouts=tuple(sorted(applier.whiteouts)))
