@@ -4,8 +4,11 @@ Keep this small: feature-specific fixtures belong in the test files that use the
 
 - ``require_root`` (fixture) / ``require_tools(*names)`` / ``require_root_user()``:
   skip only when a privilege or a tool is really absent, saying which.
-- ``tmp_root``: a fresh lamina root directory on a real disk (not tmpfs); anything
+- ``tmp_root``: a fresh lamina root directory on a real disk: when
+  ``$LAMINA_TEST_TMP`` is on tmpfs, an ext4 image mounted for the session; anything
   still mounted under it is lazily unmounted at teardown.
+- The skip policy: with ``CI`` set (or ``--no-skips``), a test that skips fails
+  unless ``tests/skip_allowlist.txt`` names it, with the reason it cannot run in CI.
 - ``cache_dir`` (session): persistent cache, ``/var/cache/lamina-test`` or
   ``$LAMINA_TEST_CACHE``; used by ``imagefactory`` for the debootstrap base.
 - ``debian_rootfs`` / ``debian_layer`` (session): the cached debootstrap base.
@@ -15,11 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fnmatch
 import os
 import re
 import shutil
+import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import imagefactory
@@ -49,6 +55,88 @@ def require_root_user() -> None:
 def require_root() -> None:
     """Fixture form of `require_root_user`."""
     require_root_user()
+
+
+ALLOWLIST = Path(__file__).with_name("skip_allowlist.txt")  # --skip-allowlist overrides
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """One allowlist line: ``<node id glob> | <skip reason glob> | <why not in CI>``."""
+
+    nodeid: str
+    reason: str
+    why: str
+
+    def matches(self, nodeid: str, reason: str) -> bool:
+        return fnmatch.fnmatchcase(nodeid, self.nodeid) and \
+            fnmatch.fnmatchcase(reason, self.reason)
+
+
+def read_allowlist(path: Path) -> list[Allowed]:
+    """The entries of the skip allowlist; a line without all three fields is an error."""
+    out: list[Allowed] = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = [f.strip() for f in line.split("|")]
+        if len(fields) != 3 or not all(fields):
+            raise pytest.UsageError(f"{path}:{number}: want '<node id glob> | "
+                                    f"<skip reason glob> | <why it cannot run in CI>'")
+        out.append(Allowed(*fields))
+    return out
+
+
+def skips_fail(config: pytest.Config) -> bool:
+    """CI (``CI`` set to anything but empty/0/false) or ``--no-skips``."""
+    ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+    return ci or bool(config.getoption("no_skips"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--no-skips", action="store_true", dest="no_skips",
+                     help="fail every skip that tests/skip_allowlist.txt does not name "
+                          "(the default when $CI is set)")
+    parser.addoption("--skip-allowlist", type=Path, default=ALLOWLIST, dest="skip_allowlist",
+                     help=f"the allowlist of skips (default {ALLOWLIST})")
+
+
+def _skip_reason(longrepr: object) -> str:
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def _forbid(report: pytest.TestReport | pytest.CollectReport, config: pytest.Config) -> None:
+    """Turn ``report``'s skip into a failure unless the allowlist names it."""
+    if not report.skipped or hasattr(report, "wasxfail") or not skips_fail(config):
+        return
+    reason = _skip_reason(report.longrepr)
+    if any(a.matches(report.nodeid, reason) for a in config.stash[_ALLOWED]):
+        return
+    report.outcome = "failed"
+    report.longrepr = (f"skipped ({reason}), and CI skips nothing that "
+                       f"{config.getoption('skip_allowlist')} does not name with its reason")
+
+
+_ALLOWED = pytest.StashKey[list[Allowed]]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    del call
+    report = yield
+    _forbid(report, item.config)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector
+                               ) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+    report = yield
+    _forbid(report, collector.config)
+    return report
 
 
 # --------------------------------------------------------------------------- mounts
@@ -142,7 +230,7 @@ def pytest_configure(config: pytest.Config) -> None:
     fails if anything did. Trees too deep for pytest's own cleanup, left by
     earlier sessions, are pruned first."""
     global _GUARD_ROOT
-    del config
+    config.stash[_ALLOWED] = read_allowlist(config.getoption("skip_allowlist"))
     # other sessions' directories (garbage-*, and numbered ones pytest will delete)
     # but never the newest few, which a concurrent session may be using
     old = sorted((p for p in _pytest_tmp().glob("pytest-*") if p.name[7:].isdigit()),
@@ -157,6 +245,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     del exitstatus
     if _READABLE_SRC is not None:
         shutil.rmtree(_READABLE_SRC, ignore_errors=True)
+    if _DISK is not None:
+        _release_disk(_DISK)
     factory = getattr(session.config, "_tmp_path_factory", None)
     basetemp = getattr(factory, "_basetemp", None)
     if basetemp is not None:
@@ -194,23 +284,50 @@ def readable_source() -> Path:
     return _READABLE_SRC
 
 
+_DISK: Path | None = None  # the session's ext4 image mount, when the base is tmpfs
+_DISK_SIZE = "64G"  # sparse: tmpfs holds only what the tests write
+
+
+def _mount_disk(base: Path) -> Path:
+    """An ext4 filesystem from a sparse image in ``base``, mounted below it."""
+    work = Path(tempfile.mkdtemp(prefix="disk-", dir=base))
+    image, mnt = work / "ext4.img", work / "mnt"
+    mnt.mkdir()
+    subprocess.run(["truncate", "-s", _DISK_SIZE, str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,nodiscard",
+                    str(image)], check=True, stdin=subprocess.DEVNULL)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    return mnt
+
+
+def _release_disk(mnt: Path) -> None:
+    unmount_all_under(mnt)
+    shutil.rmtree(mnt.parent, ignore_errors=True)
+
+
 def _tmp_base() -> Path:
+    """Where roots go: ``$LAMINA_TEST_TMP`` (default /var/tmp/lamina-test), or, when
+    that is on tmpfs or ramfs, an ext4 image mounted there once per session."""
+    global _DISK
     base = Path(os.environ.get("LAMINA_TEST_TMP", "/var/tmp/lamina-test"))
     base.mkdir(parents=True, exist_ok=True)
-    return base
+    if _fs_type(base) not in ("tmpfs", "ramfs"):
+        return base
+    if _DISK is None:
+        require_root_user()
+        require_tools("mkfs.ext4", "truncate", "mount")
+        _DISK = _mount_disk(base)
+    return _DISK
 
 
 @pytest.fixture
 def tmp_root(request: pytest.FixtureRequest) -> Iterator[Path]:
     """A fresh, empty lamina root dir on a real disk (``$LAMINA_TEST_TMP`` or
-    /var/tmp/lamina-test). At teardown everything mounted below it is lazily
-    unmounted (deepest first) and the directory removed; set
-    ``LAMINA_KEEP_TMP=1`` to keep it for debugging.
+    /var/tmp/lamina-test; an ext4 image mounted there when that is tmpfs). At
+    teardown everything mounted below it is lazily unmounted (deepest first) and
+    the directory removed; set ``LAMINA_KEEP_TMP=1`` to keep it for debugging.
     """
     base = _tmp_base()
-    fstype = _fs_type(base)
-    if fstype in ("tmpfs", "ramfs"):
-        pytest.skip(f"{base} is on {fstype}; set LAMINA_TEST_TMP to a disk-backed directory")
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in request.node.name)[:60]
     root = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=base))
     try:
