@@ -252,7 +252,9 @@ def test_labels_stored_as_json(store: LocalContentStore) -> None:
 
     digest = store.add(b"j", labels={"b": "2", "a": "1"}).digest
     conn = sqlite3.connect(store.path / "metadata.db")
-    (labels,) = conn.execute("SELECT labels FROM blobs WHERE digest=?", (digest,)).fetchone()
+    (labels,) = conn.execute(  # each owner its own labels (lamina.owners)
+        "SELECT labels FROM blob_refs WHERE digest=? AND owner='lamina'", (digest,)
+    ).fetchone()
     conn.close()
     assert json.loads(labels) == {"a": "1", "b": "2"}
 

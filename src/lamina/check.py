@@ -5,7 +5,8 @@ What :func:`check` looks at:
 * **content** — every committed blob is re-hashed
   (:meth:`LocalContentStore.verify`): a blob whose bytes no longer match its
   digest is *corrupt*, a row whose file is gone is *missing*; files in the
-  blob directory that no row names are *orphans*;
+  blob directory that no row names are *orphans*; a row no owner holds a
+  reference to is *unheld* (:mod:`lamina.owners`);
 * **snapshots** — every snapshotter's metadata against its directories
   (snapshotters that implement :class:`~lamina.snapshots.Checker`);
 * **layers** (``deep``) — every committed layer snapshot that recorded a tree
@@ -17,11 +18,16 @@ What :func:`check` looks at:
   ``containerd.io/gc.ref.content*`` labels, is present;
 * **containers** — every container's snapshots exist in its snapshotter.
 
+Blobs and snapshots of both owners (the CLI's and containerd's, on a root
+``lamina serve`` shares) are checked; checking takes no reference.
+
 With ``repair``: corrupt blobs are deleted, the content store's crash
 cleanup runs (orphan files are re-adopted when they hash right, removed
-otherwise; rows without a file are dropped), every snapshotter's cleanup runs
-(directories the metadata does not know go), and snapshot rows whose
-directory is missing are removed when nothing is stacked on them. What
+otherwise; rows without a file are dropped; unheld rows are given every
+owner's reference, as a migrated root's blobs are), every snapshotter's
+cleanup runs (directories the metadata does not know go), and snapshot rows
+whose directory is missing are removed, by their owner's scope, when nothing
+is stacked on them. What
 cannot be repaired here — an image whose content is gone, a container whose
 snapshot is gone — is reported, and the images left broken are listed (they
 need importing again). The check then runs again and
@@ -44,6 +50,7 @@ from lamina.fsutil import locked
 from lamina.gc import label_edges
 from lamina.labels import LAYER_MTREE
 from lamina.mount import cleanup_temp_mounts
+from lamina.owners import OWNERS, Scoped
 from lamina.root import Root
 from lamina.snapshots import Checker, Kind, LocalDirectories, ProblemKind, Snapshotter
 
@@ -58,6 +65,7 @@ class ProblemType(enum.StrEnum):
     CONTENT_CORRUPT = "content.corrupt"
     CONTENT_MISSING = "content.missing"
     CONTENT_ORPHAN = "content.orphan"
+    CONTENT_UNHELD = "content.unheld"
     SNAPSHOT_MISSING_DIRECTORY = "snapshot.missing-directory"
     SNAPSHOT_ORPHAN_DIRECTORY = "snapshot.orphan-directory"
     LAYER_CHANGED = "snapshot.layer-changed"
@@ -132,6 +140,10 @@ def _check_content(store: LocalContentStore, *, rehash: bool) -> list[Problem]:
             problems.append(Problem(ProblemType.CONTENT_CORRUPT, info.digest, exc.message))
         except NotFound as exc:
             problems.append(Problem(ProblemType.CONTENT_MISSING, info.digest, exc.message))
+    for digest in store.unheld():
+        rows.add(digest)
+        problems.append(Problem(ProblemType.CONTENT_UNHELD, digest,
+                                f"content {digest}: no owner holds a reference to it"))
     for name in sorted(os.listdir(store.blobs_dir)):
         if f"sha256:{name}" not in rows:
             what = ("temporary file left by a crash" if name.startswith(_TMP_PREFIXES)
@@ -311,13 +323,18 @@ def check(root: Root, *, repair: bool = False, deep: bool = False,
                             for d in cleaned.removed_rows]
         report.repaired += [f"removed unusable blob file {p}" for p in cleaned.removed_blobs]
         report.repaired += [f"removed temporary file {p}" for p in cleaned.removed_temp]
+        report.repaired += [f"gave every owner a reference to unheld blob {d}"
+                            for d in cleaned.held_by_all]
         for name in root.snapshotter_names():
             sn = root.snapshotter(name)
             orphans = ([p for p in sn.check() if p.repairable]
                        if isinstance(sn, Checker) else [])
             sn.cleanup()
             report.repaired += [f"snapshotter {name}: removed {p.subject}" for p in orphans]
-            report.repaired += _repair_snapshot_rows(sn, name)
+            scopes = ([sn.scoped(owner) for owner in OWNERS] if isinstance(sn, Scoped)
+                      else [sn])
+            for scoped in scopes:
+                report.repaired += _repair_snapshot_rows(scoped, name)
     remaining, images_after = _scan(root, deep=deep, rehash=rehash)
     report.remaining = remaining
     report.broken_images = sorted(images_after)

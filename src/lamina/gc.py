@@ -21,7 +21,14 @@ Edges:
 * a snapshot → its parent.
 
 Everything not reached is removed: blobs, and snapshots leaf first so a
-parent always goes after its children. Mark and sweep run under an exclusive
+parent always goes after its children.
+
+Only the CLI's objects are collected (:mod:`lamina.owners`): the candidates
+are the snapshots the CLI owns and the blobs it holds a reference to, seen
+through the stores' CLI-only scope; removing a blob drops the CLI's
+reference, and the file stays while containerd holds one. What containerd
+owns is never a candidate — its own collection, through ``lamina serve``,
+sees only what is containerd's. Mark and sweep run under an exclusive
 lock on the root, so two collections never interleave.
 
 Ordering against concurrent writers: the objects (blobs, snapshots) that
@@ -47,7 +54,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lamina import crash
 from lamina.errors import FailedPrecondition, NotFound
@@ -56,8 +63,12 @@ from lamina.labels import GC_REF_CONTENT, GC_REF_SNAPSHOT, GC_ROOT
 from lamina.leases import LeaseManager
 from lamina.mount import cleanup_temp_mounts
 from lamina.mountinfo import read_mountinfo
+from lamina.owners import CLI, Scoped
 from lamina.root import Root
-from lamina.snapshots import DeferredRemoval, Info, LocalDirectories
+from lamina.snapshots import DeferredRemoval, Info, LocalDirectories, Snapshotter
+
+if TYPE_CHECKING:
+    from lamina.content import ContentStore
 
 __all__ = ["Report", "collect", "label_edges"]
 
@@ -89,6 +100,18 @@ class Report:
                           for n, k, s in self.snapshots],
             "bytes_freed": self.bytes_freed,
         }
+
+
+def _own_snapshotter(root: Root, name: str) -> Snapshotter:
+    """Snapshotter ``name`` as the CLI alone sees it (see the module docs)."""
+    sn = root.snapshotter(name)
+    return sn.scoped(CLI) if isinstance(sn, Scoped) else sn
+
+
+def _own_content(root: Root) -> ContentStore:
+    store = root.content()
+    scoped: ContentStore = store.scoped(CLI) if isinstance(store, Scoped) else store
+    return scoped
 
 
 def label_edges(labels: Mapping[str, str]) -> Iterable[Node]:
@@ -179,7 +202,7 @@ class _MountTable:
 
 
 def _mounted_snapshots(root: Root, name: str, infos: Mapping[str, Info]) -> list[Node]:
-    sn = root.snapshotter(name)
+    sn = _own_snapshotter(root, name)
     if not isinstance(sn, LocalDirectories) or not infos:
         return []
     table = _MountTable.read()
@@ -208,8 +231,8 @@ class _Objects:
 
     @classmethod
     def read(cls, root: Root) -> _Objects:
-        return cls({info.digest: info for info in root.content().walk()},
-                   {name: {i.name: i for i in root.snapshotter(name).walk()}
+        return cls({info.digest: info for info in _own_content(root).walk()},
+                   {name: {i.name: i for i in _own_snapshotter(root, name).walk()}
                     for name in root.snapshotter_names()})
 
 
@@ -219,7 +242,7 @@ def collect(root: Root, *, dry_run: bool = False) -> Report:
     with locked(root.path / "locks" / "gc"):
         if not dry_run:  # a killed process's temporary mount would pin its snapshot
             cleanup_temp_mounts(root.tmpmounts)
-        content = root.content()
+        content = _own_content(root)
         reader = _RootReader(root)
         # The write lock is held on a connection of its own, so the reads that
         # follow (through the root's stores) still see the database meanwhile.
@@ -304,7 +327,7 @@ def _doomed_sizes(root: Root, candidates: _Objects, marked: set[Node]) -> dict[N
     """Sizes of the snapshots about to go, measured before the lock is taken."""
     sizes: dict[Node, int] = {}
     for name, infos in candidates.snaps.items():
-        sn = root.snapshotter(name)
+        sn = _own_snapshotter(root, name)
         for key in infos:
             node = (f"snapshot:{name}", key)
             if node not in marked:
@@ -317,7 +340,7 @@ def _doomed_sizes(root: Root, candidates: _Objects, marked: set[Node]) -> dict[N
 def _deferred_removal(root: Root, name: str) -> Iterator[None]:
     """Snapshots removed in the block lose their directories after it (the
     metadata lock is released first: deleting trees can take long)."""
-    sn = root.snapshotter(name)
+    sn = _own_snapshotter(root, name)
     if not isinstance(sn, DeferredRemoval):
         yield
         return
@@ -327,7 +350,7 @@ def _deferred_removal(root: Root, name: str) -> Iterator[None]:
 
 def _sweep_snapshots(root: Root, name: str, infos: Mapping[str, Info], marked: set[Node],
                      sizes: Mapping[Node, int], report: Report, *, dry_run: bool) -> None:
-    sn = root.snapshotter(name)
+    sn = _own_snapshotter(root, name)
     doomed = {k for k in infos if (f"snapshot:{name}", k) not in marked}
     children: dict[str, int] = {k: 0 for k in infos}
     for info in infos.values():

@@ -19,6 +19,15 @@ History:
    no format file.
 2. everything owner-only (:mod:`lamina.perms`), tightened once by the
    migration instead of at every open.
+3. owners (:mod:`lamina.owners`): every snapshot has an owner and every blob
+   one reference per owner holding it. A root that containerd (through
+   ``lamina serve``) and the CLI already shared is repaired, not emptied:
+   snapshot keys shaped like containerd's (``<namespace>/<digits>/...``)
+   become containerd's and the rest the CLI's (a CLI snapshot the old code let
+   stack on one of containerd's keeps it: a parent with children is never
+   removed, whoever owns them); every existing blob is held by both, so
+   neither side's collection can take what the other may use (each side's
+   collection then drops its own references to what it does not need).
 
 **After a restart.** The kernel's boot id is recorded in ``<root>/boot-id``.
 When a root is opened and the recorded id differs, the machine restarted
@@ -38,7 +47,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lamina.errors import FailedPrecondition
 from lamina.fsutil import atomic_write, locked
@@ -50,7 +59,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BOOT_ID_FILE", "FORMAT", "FORMAT_FILE", "open_format", "recover_after_restart"]
 
-FORMAT = 2
+FORMAT = 3
 FORMAT_FILE = "format"
 BOOT_ID_FILE = "boot-id"
 _BOOT_ID = "/proc/sys/kernel/random/boot_id"
@@ -91,8 +100,50 @@ def _to_2(path: Path) -> None:
     tighten_tree(path / "locks")
 
 
+def _to_3(path: Path) -> None:
+    """Owners (format 3): snapshot owners by key shape, every blob held by both."""
+    from lamina.content.local import _SCHEMA as CONTENT_SCHEMA
+    from lamina.content.local import hold_by_all
+    from lamina.db import Database
+    from lamina.root import SNAPSHOTTERS
+    from lamina.snapshots.storage import add_owner_column
+
+    for name in SNAPSHOTTERS:
+        db_path = path / "snapshots" / name / "metadata.db"
+        if not db_path.is_file():
+            continue
+        db = Database(db_path, "")
+        try:
+            with db.write() as conn:
+                if not conn.execute("SELECT 1 FROM sqlite_master WHERE name='snapshots'"
+                                    ).fetchone():
+                    continue
+                if add_owner_column(conn):
+                    _classify_snapshots(conn)
+        finally:
+            db.close()
+    content_db = path / "content" / "metadata.db"
+    if content_db.is_file():
+        db = Database(content_db, CONTENT_SCHEMA)
+        try:
+            with db.write() as conn:
+                for (digest,) in conn.execute("SELECT digest FROM blobs").fetchall():
+                    hold_by_all(conn, digest)
+        finally:
+            db.close()
+
+
+def _classify_snapshots(conn: Any) -> None:
+    """Keys shaped like containerd's become containerd's (see History)."""
+    from lamina.owners import CONTAINERD, looks_like_containerd_key
+
+    rows = conn.execute("SELECT id, key FROM snapshots").fetchall()
+    conn.executemany("UPDATE snapshots SET owner=? WHERE id=?",
+                     [(CONTAINERD, sid) for sid, key in rows if looks_like_containerd_key(key)])
+
+
 #: ``MIGRATIONS[n]`` turns format ``n`` into ``n + 1``.
-MIGRATIONS: dict[int, Callable[[Path], None]] = {1: _to_2}
+MIGRATIONS: dict[int, Callable[[Path], None]] = {1: _to_2, 2: _to_3}
 
 
 def open_format(path: Path) -> int:

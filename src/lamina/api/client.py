@@ -4,6 +4,10 @@
 and :class:`RemoteContentStore` implements :class:`lamina.content.ContentStore`
 over gRPC: the same calls, the same return values, the same error classes as
 the local stores (statuses are mapped back by :mod:`lamina.api.errors`).
+
+Every call says it comes from lamina's own client (``lamina-owner: lamina``
+metadata, :mod:`lamina.api.owner`), so the server treats it as the CLI's:
+what it creates is the CLI's, and containerd's objects are seen read-only.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import io
 import queue
 import threading
 from collections.abc import Iterator, Mapping
-from typing import Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -30,6 +34,7 @@ from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as spb
 from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as spb_grpc
 from lamina.api.gen.lamina.services.introspection.v1 import introspection_pb2 as ipb
 from lamina.api.gen.lamina.services.introspection.v1 import introspection_pb2_grpc as ipb_grpc
+from lamina.api.owner import CALL_METADATA
 from lamina.api.streams import IDLE_CLOSED
 from lamina.content import Info as ContentInfo
 from lamina.content import Status as ContentStatus
@@ -43,6 +48,44 @@ __all__ = ["RemoteContentStore", "RemoteSnapshotter", "RemoteWriter", "connect"]
 def connect(address: str) -> grpc.Channel:
     """A channel to the unix socket ``address`` (connects lazily)."""
     return grpc.insecure_channel(grpc_target(address), options=CHANNEL_OPTIONS)
+
+
+if TYPE_CHECKING:  # generic only in the type stubs
+    _UnaryUnary = grpc.UnaryUnaryClientInterceptor[Any, Any]
+    _UnaryStream = grpc.UnaryStreamClientInterceptor[Any, Any]
+    _StreamUnary = grpc.StreamUnaryClientInterceptor[Any, Any]
+    _StreamStream = grpc.StreamStreamClientInterceptor[Any, Any]
+else:
+    _UnaryUnary = grpc.UnaryUnaryClientInterceptor
+    _UnaryStream = grpc.UnaryStreamClientInterceptor
+    _StreamUnary = grpc.StreamUnaryClientInterceptor
+    _StreamStream = grpc.StreamStreamClientInterceptor
+
+
+class _Identify(_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream):
+    """Adds :data:`~lamina.api.owner.CALL_METADATA` to every call."""
+
+    @staticmethod
+    def _details(details: Any) -> Any:
+        metadata = [*(details.metadata or ()), *CALL_METADATA]
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+def _identified(channel: grpc.Channel) -> grpc.Channel:
+    """``channel`` with lamina's client identity on every call."""
+    return grpc.intercept_channel(channel, _Identify())
 
 
 class RemoteSnapshotter:
@@ -66,9 +109,10 @@ class RemoteSnapshotter:
         self._timeout = timeout
         self._owns_channel = channel is None
         self._channel: grpc.Channel | None = channel if channel is not None else connect(address)
-        self._stub = spb_grpc.SnapshotsStub(self._channel)  # type: ignore[no-untyped-call]
+        calls = _identified(self._channel)
+        self._stub = spb_grpc.SnapshotsStub(calls)  # type: ignore[no-untyped-call]
         self._introspection = ipb_grpc.IntrospectionStub(  # type: ignore[no-untyped-call]
-            self._channel
+            calls
         )
         self._caps: frozenset[Capability] | None = None
         self._lock = threading.Lock()
@@ -213,7 +257,8 @@ class RemoteContentStore:
         self._timeout = timeout
         self._owns_channel = channel is None
         self._channel: grpc.Channel | None = channel if channel is not None else connect(address)
-        self._stub = cpb_grpc.ContentStub(self._channel)  # type: ignore[no-untyped-call]
+        self._stub = cpb_grpc.ContentStub(  # type: ignore[no-untyped-call]
+            _identified(self._channel))
         self._writers: set[RemoteWriter] = set()
         self._lock = threading.Lock()
 

@@ -9,6 +9,10 @@ offset 0), ``COMMIT`` writes any data and commits with ``total`` and
 ``expected`` and ends the stream. Every response carries offset, total, the
 digest of the bytes so far and the times. An error ends the stream; the
 ingest stays for a resume, as with a local writer.
+
+Owners (:mod:`lamina.api.owner`): containerd's calls see the blobs and
+ingests containerd holds; writing a blob the CLI holds adds containerd's
+reference to the same file, deleting drops only containerd's.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from lamina.api.convert import set_timestamp, timestamp_from_pb
 from lamina.api.errors import servicer_method
 from lamina.api.gen.containerd.services.content.v1 import content_pb2 as cpb
 from lamina.api.gen.containerd.services.content.v1 import content_pb2_grpc as cpb_grpc
+from lamina.api.owner import for_caller
 from lamina.content import ContentStore, Info, Status, Writer
 from lamina.errors import InvalidArgument
 from lamina.root import Root
@@ -99,15 +104,19 @@ class ContentService(cpb_grpc.ContentServicer):
     def __init__(self, store: Callable[[], ContentStore]) -> None:
         self._store = store
 
+    def _for(self, context: grpc.ServicerContext) -> ContentStore:
+        """The store in the caller's scope: containerd sees its own blobs only."""
+        return for_caller(self._store(), context)
+
     @servicer_method
     def Info(self, request: cpb.InfoRequest, context: grpc.ServicerContext) -> cpb.InfoResponse:
-        return cpb.InfoResponse(info=info_to_pb(self._store().info(request.digest)))
+        return cpb.InfoResponse(info=info_to_pb(self._for(context).info(request.digest)))
 
     @servicer_method
     def Update(
         self, request: cpb.UpdateRequest, context: grpc.ServicerContext
     ) -> cpb.UpdateResponse:
-        store = self._store()
+        store = self._for(context)
         current = store.info(request.info.digest)
         wanted = Info(
             digest=current.digest,
@@ -124,7 +133,7 @@ class ContentService(cpb_grpc.ContentServicer):
         self, request: cpb.ListContentRequest, context: grpc.ServicerContext
     ) -> Iterator[cpb.ListContentResponse]:
         batch: list[cpb.Info] = []
-        for info in self._store().walk(*request.filters):
+        for info in self._for(context).walk(*request.filters):
             batch.append(info_to_pb(info))
             if len(batch) >= LIST_BATCH:
                 yield cpb.ListContentResponse(info=batch)
@@ -136,14 +145,14 @@ class ContentService(cpb_grpc.ContentServicer):
     def Delete(
         self, request: cpb.DeleteContentRequest, context: grpc.ServicerContext
     ) -> empty_pb2.Empty:
-        self._store().delete(request.digest)
+        self._for(context).delete(request.digest)
         return empty_pb2.Empty()
 
     @servicer_method
     def Read(
         self, request: cpb.ReadContentRequest, context: grpc.ServicerContext
     ) -> Iterator[cpb.ReadContentResponse]:
-        store = self._store()
+        store = self._for(context)
         size = store.info(request.digest).size
         offset = max(request.offset, 0)
         end = size if request.size <= 0 else min(size, offset + request.size)
@@ -158,18 +167,18 @@ class ContentService(cpb_grpc.ContentServicer):
     def Status(
         self, request: cpb.StatusRequest, context: grpc.ServicerContext
     ) -> cpb.StatusResponse:
-        return cpb.StatusResponse(status=status_to_pb(self._store().status(request.ref)))
+        return cpb.StatusResponse(status=status_to_pb(self._for(context).status(request.ref)))
 
     @servicer_method
     def ListStatuses(
         self, request: cpb.ListStatusesRequest, context: grpc.ServicerContext
     ) -> cpb.ListStatusesResponse:
-        statuses = self._store().list_statuses(*request.filters)
+        statuses = self._for(context).list_statuses(*request.filters)
         return cpb.ListStatusesResponse(statuses=[status_to_pb(s) for s in statuses])
 
     @servicer_method
     def Abort(self, request: cpb.AbortRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
-        self._store().abort(request.ref)
+        self._for(context).abort(request.ref)
         return empty_pb2.Empty()
 
     @servicer_method
@@ -184,7 +193,7 @@ class ContentService(cpb_grpc.ContentServicer):
                     if not req.ref:
                         raise InvalidArgument("the first write message must name a ref")
                     ref = req.ref
-                    w = self._store().writer(ref, total=req.total, expected=req.expected)
+                    w = self._for(context).writer(ref, total=req.total, expected=req.expected)
                 elif req.ref and req.ref != ref:
                     raise InvalidArgument(f"write stream for ref {ref!r} got ref {req.ref!r}")
                 if req.action == cpb.STAT:

@@ -13,6 +13,11 @@ empty one and the proxy plugin name containerd sends (``lamina`` in the
 snippet ``lamina config containerd`` prints), means the server's default
 snapshotter. Keys are opaque: containerd sends ``<namespace>/<id>/<key>``.
 
+Owners (:mod:`lamina.owners`, :mod:`lamina.api.owner`): a call from
+containerd sees and changes containerd's snapshots only, and what it creates
+is containerd's; a call from lamina's own client (``lamina --address``) works
+as the CLI does locally.
+
 The socket: a live server on the path (one that accepts a connection) makes
 :meth:`Server.start` fail with AlreadyExists; a stale socket file is
 replaced; any other file there is FailedPrecondition. The socket is bound in
@@ -45,6 +50,7 @@ from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as spb
 from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as spb_grpc
 from lamina.api.gen.lamina.services.introspection.v1 import introspection_pb2 as ipb
 from lamina.api.gen.lamina.services.introspection.v1 import introspection_pb2_grpc as ipb_grpc
+from lamina.api.owner import for_caller
 from lamina.api.streams import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CLIENT_STREAMS,
@@ -99,11 +105,15 @@ class SnapshotsService(spb_grpc.SnapshotsServicer):
     def __init__(self, resolve: Resolver) -> None:
         self._resolve = resolve
 
+    def _sn(self, name: str, context: grpc.ServicerContext) -> Snapshotter:
+        """The snapshotter ``name`` in the caller's scope (see the module docs)."""
+        return for_caller(self._resolve(name), context)
+
     @servicer_method
     def Prepare(
         self, request: spb.PrepareSnapshotRequest, context: grpc.ServicerContext
     ) -> spb.PrepareSnapshotResponse:
-        sn = self._resolve(request.snapshotter)
+        sn = self._sn(request.snapshotter, context)
         mounts = sn.prepare(request.key, request.parent, labels=dict(request.labels))
         return spb.PrepareSnapshotResponse(mounts=mounts_to_pb(mounts))
 
@@ -111,7 +121,7 @@ class SnapshotsService(spb_grpc.SnapshotsServicer):
     def View(
         self, request: spb.ViewSnapshotRequest, context: grpc.ServicerContext
     ) -> spb.ViewSnapshotResponse:
-        sn = self._resolve(request.snapshotter)
+        sn = self._sn(request.snapshotter, context)
         mounts = sn.view(request.key, request.parent, labels=dict(request.labels))
         return spb.ViewSnapshotResponse(mounts=mounts_to_pb(mounts))
 
@@ -119,14 +129,14 @@ class SnapshotsService(spb_grpc.SnapshotsServicer):
     def Mounts(
         self, request: spb.MountsRequest, context: grpc.ServicerContext
     ) -> spb.MountsResponse:
-        mounts = self._resolve(request.snapshotter).mounts(request.key)
+        mounts = self._sn(request.snapshotter, context).mounts(request.key)
         return spb.MountsResponse(mounts=mounts_to_pb(mounts))
 
     @servicer_method
     def Commit(
         self, request: spb.CommitSnapshotRequest, context: grpc.ServicerContext
     ) -> empty_pb2.Empty:
-        sn = self._resolve(request.snapshotter)
+        sn = self._sn(request.snapshotter, context)
         if request.parent:
             # containerd 2.x may ask to commit onto a given parent (rebase). lamina
             # cannot rebase; the parent is accepted when it is the snapshot's own.
@@ -143,21 +153,21 @@ class SnapshotsService(spb_grpc.SnapshotsServicer):
     def Remove(
         self, request: spb.RemoveSnapshotRequest, context: grpc.ServicerContext
     ) -> empty_pb2.Empty:
-        self._resolve(request.snapshotter).remove(request.key)
+        self._sn(request.snapshotter, context).remove(request.key)
         return empty_pb2.Empty()
 
     @servicer_method
     def Stat(
         self, request: spb.StatSnapshotRequest, context: grpc.ServicerContext
     ) -> spb.StatSnapshotResponse:
-        info = self._resolve(request.snapshotter).stat(request.key)
+        info = self._sn(request.snapshotter, context).stat(request.key)
         return spb.StatSnapshotResponse(info=info_to_pb(info))
 
     @servicer_method
     def Update(
         self, request: spb.UpdateSnapshotRequest, context: grpc.ServicerContext
     ) -> spb.UpdateSnapshotResponse:
-        sn = self._resolve(request.snapshotter)
+        sn = self._sn(request.snapshotter, context)
         current = sn.stat(request.info.name)
         wanted = Info(
             kind=current.kind,
@@ -173,7 +183,7 @@ class SnapshotsService(spb_grpc.SnapshotsServicer):
     def List(
         self, request: spb.ListSnapshotsRequest, context: grpc.ServicerContext
     ) -> Iterator[spb.ListSnapshotsResponse]:
-        sn = self._resolve(request.snapshotter)
+        sn = self._sn(request.snapshotter, context)
         batch: list[spb.Info] = []
         for info in sn.walk(*request.filters):
             batch.append(info_to_pb(info))
@@ -185,14 +195,14 @@ class SnapshotsService(spb_grpc.SnapshotsServicer):
 
     @servicer_method
     def Usage(self, request: spb.UsageRequest, context: grpc.ServicerContext) -> spb.UsageResponse:
-        usage = self._resolve(request.snapshotter).usage(request.key)
+        usage = self._sn(request.snapshotter, context).usage(request.key)
         return spb.UsageResponse(size=usage.size, inodes=usage.inodes)
 
     @servicer_method
     def Cleanup(
         self, request: spb.CleanupRequest, context: grpc.ServicerContext
     ) -> empty_pb2.Empty:
-        self._resolve(request.snapshotter).cleanup()
+        self._sn(request.snapshotter, context).cleanup()
         return empty_pb2.Empty()
 
 

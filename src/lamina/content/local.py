@@ -12,9 +12,30 @@ Layout under the store's directory::
                            mtime is the live "updated" time)
         lock               flock(2)ed by the one live writer; holds its pid and
                            since when, for the Unavailable message
-    metadata.db            one row per committed blob: size, created, updated, labels
+    metadata.db            one row per committed blob (size, created) and one
+                           reference per owner holding it (updated, labels)
 
 Every directory is 0700 and every file 0600 (blobs 0400): see :mod:`lamina.perms`.
+
+Owners (:mod:`lamina.owners`): a blob is held by the owners that have a
+reference to it, each with its own labels; an ingest belongs to whoever
+opened it (``owner`` in its directory). The store is used in a scope: the
+CLI's own (the default) lists every blob — its own labels where it holds
+one, else the other owner's — and every ingest; an owner's scope
+(:meth:`LocalContentStore.scoped`) sees what that owner holds.
+
+Sharing a blob: the CLI *using* a blob only containerd holds (``info``,
+``reader``, ``read_at``, or a writer for it, which answers AlreadyExists)
+takes the CLI's reference first (with the labels it saw), in one
+transaction — as containerd's
+"shared" content policy adopts a blob it finds — and lamina's collection
+drops it again when nothing of the CLI's needs it. containerd cannot see
+the CLI's blobs, so it writes one it wants; its commit then adds
+containerd's reference (the bytes, verified, are dropped with the ingest),
+inside the same call that makes containerd's own record of it. Deleting
+drops the deleter's reference; the last reference takes the row and the
+file. Deleting or labelling a blob only the other owner holds, or aborting
+its ingest, is FailedPrecondition.
 
 Concurrency: one writer per ref across processes (the ``lock`` file, taken
 non-blocking). Committing, deleting and cleaning up run inside one SQLite
@@ -37,6 +58,7 @@ are kept unless older than ``ingest_max_age``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import fcntl
 import hashlib
@@ -68,9 +90,10 @@ from lamina.errors import (
 )
 from lamina.fsutil import atomic_write, fsync_dir, remove_tree
 from lamina.labels import update_labels
+from lamina.owners import CLI_VIEW, OWNERS, Scope, describe_all, only
 from lamina.perms import BLOB_MODE, FILE_MODE, private_dirs, tighten, tighten_tree
 
-__all__ = ["BlobCorrupt", "CleanupReport", "LocalContentStore", "LocalWriter"]
+__all__ = ["BlobCorrupt", "CleanupReport", "LocalContentStore", "LocalWriter", "hold_by_all"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (
@@ -80,7 +103,15 @@ CREATE TABLE IF NOT EXISTS blobs (
     updated TEXT NOT NULL,
     labels  TEXT NOT NULL DEFAULT '{}'
 );
+CREATE TABLE IF NOT EXISTS blob_refs (
+    digest  TEXT NOT NULL REFERENCES blobs(digest) ON DELETE CASCADE,
+    owner   TEXT NOT NULL,
+    updated TEXT NOT NULL,
+    labels  TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (digest, owner)
+);
 """
+# blobs.updated and blobs.labels are format 2's; since format 3 the references carry them
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TMP_PREFIXES = (".tmp-", ".del-")
@@ -100,6 +131,7 @@ class CleanupReport:
     restored_rows: list[str] = field(default_factory=list)
     removed_rows: list[str] = field(default_factory=list)
     removed_blobs: list[str] = field(default_factory=list)
+    held_by_all: list[str] = field(default_factory=list)  # rows nobody held
 
 
 def _now() -> datetime:
@@ -358,6 +390,62 @@ class LocalContentStore:
         self._writers: weakref.WeakValueDictionary[str, LocalWriter] = (
             weakref.WeakValueDictionary()
         )
+        self._scope: Scope = CLI_VIEW
+        self._views: dict[str, LocalContentStore] = {}
+        self._view_of: LocalContentStore | None = None
+
+    # ----------------------------------------------------------------- owners
+
+    def scoped(self, owner: str) -> LocalContentStore:
+        """This store as ``owner`` alone sees and changes it (see the module docs);
+        the same database and files (closing the view closes nothing)."""
+        base = self._view_of or self
+        with base._lock:
+            view = base._views.get(owner)
+            if view is None:
+                view = copy.copy(base)
+                view._scope = only(owner)
+                view._view_of = base
+                view._views = {}
+                base._views[owner] = view
+            return view
+
+    def holders(self) -> dict[str, frozenset[str]]:
+        """Who holds each blob this view sees, by digest."""
+        out: dict[str, set[str]] = {}
+        with self._db.read() as conn:
+            for digest, owner in conn.execute("SELECT digest, owner FROM blob_refs"):
+                out.setdefault(digest, set()).add(owner)
+        return {d: frozenset(o) for d, o in out.items() if o & self._scope.sees}
+
+    def unheld(self) -> list[str]:
+        """Blobs recorded with no owner's reference (cleanup gives them every owner's)."""
+        with self._db.read() as conn:
+            return [d for (d,) in conn.execute(
+                "SELECT digest FROM blobs WHERE digest NOT IN (SELECT digest FROM blob_refs)"
+                " ORDER BY digest")]
+
+    def _refs(self, conn: sqlite3.Connection, digest: str) -> dict[str, tuple[str, str]]:
+        """Every owner's reference to ``digest``: owner -> (updated, labels)."""
+        return {o: (u, lb) for o, u, lb in conn.execute(
+            "SELECT owner, updated, labels FROM blob_refs WHERE digest = ?", (digest,))}
+
+    def _add_ref(self, conn: sqlite3.Connection, digest: str, labels: Mapping[str, str],
+                 when: str) -> None:
+        conn.execute(
+            "INSERT OR IGNORE INTO blob_refs (digest, owner, updated, labels) VALUES (?,?,?,?)",
+            (digest, self._scope.actor, when, json.dumps(dict(labels), sort_keys=True)),
+        )
+
+    def _not_mine(self, digest: str, refs: Mapping[str, object], what: str) -> None:
+        """Raise for a blob the acting owner does not hold: FailedPrecondition when
+        the scope sees it held by another owner, else NotFound."""
+        others = [o for o in refs if self._scope.visible(o)]
+        if others:
+            raise FailedPrecondition(
+                f"cannot {what} content {digest}: it is held by {describe_all(others)}, "
+                f"not by {describe_all([self._scope.actor])}")
+        raise NotFound(f"content {digest} not found")
 
     def _tighten(self) -> None:
         """Make a store an earlier lamina left readable (0755 directories, 0444
@@ -382,40 +470,66 @@ class LocalContentStore:
         return Info(digest, size, _parse_time(created), _parse_time(updated),
                     json.loads(labels))
 
+    def _visible_rows(self, conn: sqlite3.Connection,
+                      digest: str | None = None) -> list[tuple[str, int, str, str, str]]:
+        """(digest, size, created, updated, labels) of the blobs this view sees, one
+        per digest: the acting owner's reference where it holds one."""
+        seen, args = self._scope.sql("r.owner")
+        where = f"{seen} AND b.digest = ?" if digest is not None else seen
+        params = (*args, digest) if digest is not None else args
+        rows = conn.execute(
+            "SELECT b.digest, b.size, b.created, r.updated, r.labels, r.owner FROM blobs b"
+            f" JOIN blob_refs r ON r.digest = b.digest WHERE {where} ORDER BY b.digest",
+            params,
+        ).fetchall()
+        chosen: dict[str, tuple[str, int, str, str, str]] = {}
+        for d, size, created, updated, labels, owner in rows:
+            if d not in chosen or owner == self._scope.actor:
+                chosen[d] = (d, size, created, updated, labels)
+        return list(chosen.values())
+
     def _get_row(self, conn: sqlite3.Connection, digest: str) -> Info:
-        row = conn.execute(
-            "SELECT digest, size, created, updated, labels FROM blobs WHERE digest = ?",
-            (digest,),
-        ).fetchone()
-        if row is None:
+        rows = self._visible_rows(conn, digest)
+        if not rows:
             raise NotFound(f"content {digest} not found")
-        return self._row_info(row)
+        return self._row_info(rows[0])
 
     def info(self, digest: str) -> Info:
+        """The blob's Info. In the CLI's view, asking about a blob only containerd
+        holds takes the CLI's reference to it first (see the module docs)."""
         validate_digest(digest)
         with self._db.read() as conn:
+            info = self._get_row(conn, digest)
+            if self._scope.actor in self._refs(conn, digest):
+                return info
+        with self._db.write() as conn:
+            if self._scope.actor not in self._refs(conn, digest):
+                seen = self._get_row(conn, digest)  # NotFound if it went meanwhile
+                self._add_ref(conn, digest, seen.labels, _fmt(_now()))
             return self._get_row(conn, digest)
 
     def update(self, info: Info, *fieldpaths: str) -> Info:
         validate_digest(info.digest)
         new_labels = validate_labels(info.labels)
         with self._db.write() as conn:
+            refs = self._refs(conn, info.digest)
+            if self._scope.actor not in refs:
+                self._not_mine(info.digest, refs, "label")
             current = self._get_row(conn, info.digest)
             labels = update_labels(current.labels, new_labels, fieldpaths,
                                    what=f"content {info.digest}")
             updated = _now()
             conn.execute(
-                "UPDATE blobs SET labels = ?, updated = ? WHERE digest = ?",
-                (json.dumps(labels, sort_keys=True), _fmt(updated), info.digest),
+                "UPDATE blob_refs SET labels = ?, updated = ? WHERE digest = ? AND owner = ?",
+                (json.dumps(labels, sort_keys=True), _fmt(updated), info.digest,
+                 self._scope.actor),
             )
         return replace(current, labels=labels, updated=updated)
 
     def walk(self, *filters_: str) -> Iterator[Info]:
         matcher = filters.parse(filters_)
         with self._db.read() as conn:
-            rows = conn.execute(
-                "SELECT digest, size, created, updated, labels FROM blobs ORDER BY digest"
-            ).fetchall()
+            rows = self._visible_rows(conn)
         for row in rows:
             info = self._row_info(row)
             lookup = filters.make_lookup(
@@ -425,11 +539,17 @@ class LocalContentStore:
                 yield info
 
     def delete(self, digest: str) -> None:
+        """Drop the acting owner's reference; the blob goes with the last one."""
         path = self.blob_path(digest)
         with self._db.write() as conn:
-            cur = conn.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
-            if cur.rowcount == 0:
-                raise NotFound(f"content {digest} not found")
+            refs = self._refs(conn, digest)
+            if self._scope.actor not in refs:
+                self._not_mine(digest, refs, "delete")
+            conn.execute("DELETE FROM blob_refs WHERE digest = ? AND owner = ?",
+                         (digest, self._scope.actor))
+            if len(refs) > 1:
+                return  # another owner still holds it
+            conn.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
             crash.point("content.delete.row-deleted")
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -464,8 +584,11 @@ class LocalContentStore:
             return b"".join(parts)
 
     def verify(self, digest: str) -> Info:
-        """Re-hash blob ``digest``; BlobCorrupt when it does not match, else its Info."""
-        info = self.info(digest)
+        """Re-hash blob ``digest``; BlobCorrupt when it does not match, else its Info
+        (taking no reference: a check is not a use)."""
+        validate_digest(digest)
+        with self._db.read() as conn:
+            info = self._get_row(conn, digest)
         try:
             actual, size = digest_file(self.blob_path(digest))
         except FileNotFoundError:
@@ -529,12 +652,7 @@ class LocalContentStore:
             raise InvalidArgument(f"invalid total size {total}")
         if expected:
             validate_digest(expected)
-            with self._db.read() as conn:
-                exists = conn.execute(
-                    "SELECT 1 FROM blobs WHERE digest = ?", (expected,)
-                ).fetchone()
-            if exists:
-                raise AlreadyExists(f"content {expected} already exists")
+            self._check_expected(expected)
         ingest = self._ingest_path(ref)
         lock = _Lock.try_acquire(ingest)
         if lock is None:
@@ -548,11 +666,38 @@ class LocalContentStore:
             self._writers[ref] = w
         return w
 
+    def _check_expected(self, expected: str) -> None:
+        """AlreadyExists when the acting owner holds ``expected``. The CLI's view
+        takes a reference to a blob only containerd holds and says AlreadyExists
+        too; containerd writes such a blob, and its reference is added when it
+        commits (see the module docs)."""
+        with self._db.read() as conn:
+            if not self._refs(conn, expected):
+                return
+        with self._db.write() as conn:
+            refs = self._refs(conn, expected)
+            if self._scope.actor in refs:
+                raise AlreadyExists(f"content {expected} already exists")
+            if refs and all(self._scope.visible(o) for o in refs):
+                self._add_ref(conn, expected, self._get_row(conn, expected).labels,
+                              _fmt(_now()))
+                raise AlreadyExists(f"content {expected} already exists "
+                                    f"(now held by {describe_all([*refs, self._scope.actor])})")
+
+    def _ingest_owner(self, ingest: Path) -> str | None:
+        """Who opened the ingest (None for an ingest of an earlier format: anyone's)."""
+        owner = _read_text(ingest / "owner")
+        return owner.strip() if owner is not None else None
+
     def _open_ingest(
         self, ref: str, ingest: Path, lock: _Lock, total: int, expected: str
     ) -> LocalWriter:
         stored_ref = _read_text(ingest / "ref")
         data = ingest / "data"
+        owner = self._ingest_owner(ingest)
+        if stored_ref is not None and owner is not None and owner != self._scope.actor:
+            raise FailedPrecondition(
+                f"ingest ref {ref!r} belongs to {describe_all([owner])}")
         if stored_ref is not None and data.exists():
             if stored_ref != ref:
                 raise Internal(f"ingest {ingest.name} holds ref {stored_ref!r}, not {ref!r}")
@@ -588,6 +733,7 @@ class LocalContentStore:
         _write_text(ingest / "updatedat", _fmt(started))
         _write_text(ingest / "total", str(total))
         _write_text(ingest / "expected", expected)
+        _write_text(ingest / "owner", self._scope.actor)
         fd = os.open(data, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
         crash.point("content.ingest.before-ref")
         try:
@@ -602,13 +748,18 @@ class LocalContentStore:
     def _commit_ingest(
         self, ingest: Path, digest: str, size: int, labels: dict[str, str]
     ) -> None:
-        """Move a verified ingest's data into blobs/ and record it, atomically."""
+        """Move a verified ingest's data into blobs/ and record it, atomically. A blob
+        another owner holds gets the acting owner's reference instead (the ingest's
+        bytes, verified to be the same, are then dropped with the ingest)."""
         target = self.blob_path(digest)
         data = ingest / "data"
         now = _fmt(_now())
         with self._db.write() as conn:
             if conn.execute("SELECT 1 FROM blobs WHERE digest = ?", (digest,)).fetchone():
-                raise AlreadyExists(f"content {digest} already exists")
+                if self._scope.actor in self._refs(conn, digest):
+                    raise AlreadyExists(f"content {digest} already exists")
+                self._add_ref(conn, digest, labels, now)
+                return
             os.chmod(data, BLOB_MODE)
             crash.point("content.commit.before-rename")
             os.replace(data, target)  # replaces a crash-orphaned copy, if any
@@ -616,10 +767,10 @@ class LocalContentStore:
             try:
                 fsync_dir(self.blobs_dir)
                 conn.execute(
-                    "INSERT INTO blobs (digest, size, created, updated, labels) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (digest, size, now, now, json.dumps(labels, sort_keys=True)),
+                    "INSERT INTO blobs (digest, size, created, updated) VALUES (?, ?, ?, ?)",
+                    (digest, size, now, now),
                 )
+                self._add_ref(conn, digest, labels, now)
                 crash.point("content.commit.inserted")
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -663,10 +814,15 @@ class LocalContentStore:
         expected = (_read_text(ingest / "expected") or "").strip()
         return Status(ref, offset, total, expected, started, updated)
 
+    def _sees_ingest(self, ingest: Path) -> bool:
+        owner = self._ingest_owner(ingest)
+        return owner is None or self._scope.visible(owner)
+
     def status(self, ref: str) -> Status:
         _validate_ref(ref)
-        st = self._read_status(self._ingest_path(ref))
-        if st is None or st.ref != ref:
+        ingest = self._ingest_path(ref)
+        st = self._read_status(ingest)
+        if st is None or st.ref != ref or not self._sees_ingest(ingest):
             raise NotFound(f"no ingest for ref {ref!r}")
         return st
 
@@ -677,7 +833,7 @@ class LocalContentStore:
             if entry.startswith("."):
                 continue
             st = self._read_status(self.ingest_dir / entry)
-            if st is None:
+            if st is None or not self._sees_ingest(self.ingest_dir / entry):
                 continue
             lookup = filters.make_lookup({
                 "ref": st.ref, "expected": st.expected,
@@ -691,8 +847,12 @@ class LocalContentStore:
     def abort(self, ref: str) -> None:
         _validate_ref(ref)
         ingest = self._ingest_path(ref)
-        if not (ingest / "ref").exists():
+        if not (ingest / "ref").exists() or not self._sees_ingest(ingest):
             raise NotFound(f"no ingest for ref {ref!r}")
+        owner = self._ingest_owner(ingest)
+        if owner is not None and owner != self._scope.actor:
+            raise FailedPrecondition(
+                f"cannot abort ingest ref {ref!r}: it belongs to {describe_all([owner])}")
         with self._lock:
             own = self._writers.get(ref)
         if own is not None:
@@ -769,6 +929,7 @@ class LocalContentStore:
                         "VALUES (?, ?, ?, ?, '{}')",
                         (digest, size, created, created),
                     )
+                    hold_by_all(conn, digest)
                     with contextlib.suppress(OSError):
                         os.chmod(path, BLOB_MODE)
                     report.restored_rows.append(digest)
@@ -782,10 +943,17 @@ class LocalContentStore:
                 if digest.split(":", 1)[-1] not in files:
                     conn.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
                     report.removed_rows.append(digest)
+            for (digest,) in conn.execute(
+                    "SELECT digest FROM blobs WHERE digest NOT IN"
+                    " (SELECT digest FROM blob_refs)").fetchall():
+                hold_by_all(conn, digest)
+                report.held_by_all.append(digest)
             fsync_dir(self.blobs_dir)
         return report
 
     def close(self) -> None:
+        if self._view_of is not None:
+            return  # a scoped view: its store closes the shared state
         with self._lock:
             writers = list(self._writers.values())
         for w in writers:
@@ -797,3 +965,18 @@ class LocalContentStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def hold_by_all(conn: sqlite3.Connection, digest: str) -> None:
+    """Give every owner a reference to blob ``digest`` (keeping references it has,
+    labels copied from the row): for a blob whose holders are unknown — a root
+    shared before owners were recorded, a blob restored after a crash — so that
+    neither side's collection can take what the other may use."""
+    row = conn.execute("SELECT updated, labels FROM blobs WHERE digest = ?",
+                       (digest,)).fetchone()
+    if row is None:
+        return
+    conn.executemany(
+        "INSERT OR IGNORE INTO blob_refs (digest, owner, updated, labels) VALUES (?,?,?,?)",
+        [(digest, owner, row[0], row[1]) for owner in OWNERS],
+    )

@@ -31,6 +31,7 @@ Every directory snapshotter implements the optional interfaces
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import os
 import tempfile
@@ -43,6 +44,7 @@ from lamina import crash
 from lamina.errors import FailedPrecondition, NotFound
 from lamina.fsutil import fsync_dir, remove_tree
 from lamina.mount import Mount
+from lamina.owners import CLI_VIEW, Scope, only
 from lamina.perms import private_dirs, tighten
 from lamina.snapshots import Capability, Info, Kind, Problem, ProblemKind, Usage
 from lamina.snapshots.storage import MetaStore, Snapshot
@@ -65,7 +67,10 @@ class DirectorySnapshotter:
         tighten(self._dirs)
         self._meta: MetaStore | None = MetaStore(self.root / "metadata.db")
         self._async_remove = async_remove
-        self._deferring = 0
+        self._scope: Scope = CLI_VIEW
+        self._views: dict[str, DirectorySnapshotter] = {}
+        self._view_of: DirectorySnapshotter | None = None
+        self._deferring = [0]  # shared with the scoped views
         self._reaper: threading.Thread | None = None
         self._reap_now = threading.Event()
         self._reap_lock = threading.Lock()  # one deleting pass at a time in this process
@@ -108,20 +113,40 @@ class DirectorySnapshotter:
 
     def snapshot(self, key: str) -> Snapshot:
         """Internal view of ``key``: id, kind and parent ids (used by fast paths)."""
-        with self.meta.read() as tx:
+        with self.meta.read(self._scope) as tx:
             return tx.snapshot(key)
+
+    # -- owners (lamina.owners) ----------------------------------------------
+    def scoped(self, owner: str) -> DirectorySnapshotter:
+        """This snapshotter as ``owner`` alone sees and changes it: the same
+        metadata and directories (closing the view closes nothing)."""
+        base = self._view_of or self
+        with base._reap_lock:
+            view = base._views.get(owner)
+            if view is None:
+                view = copy.copy(base)
+                view._scope = only(owner)
+                view._view_of = base
+                view._views = {}
+                base._views[owner] = view
+            return view
+
+    def owners(self) -> dict[str, str]:
+        """The owner of every snapshot this view sees, by key."""
+        with self.meta.read(self._scope) as tx:
+            return tx.owners()
 
     # -- Snapshotter -------------------------------------------------------
     def stat(self, key: str) -> Info:
-        with self.meta.read() as tx:
+        with self.meta.read(self._scope) as tx:
             return tx.info(key)
 
     def update(self, info: Info, *fieldpaths: str) -> Info:
-        with self.meta.write() as tx:
+        with self.meta.write(self._scope) as tx:
             return tx.update(info, fieldpaths)
 
     def usage(self, key: str) -> Usage:
-        with self.meta.read() as tx:
+        with self.meta.read(self._scope) as tx:
             stored = tx.stored_usage(key)
             snap = tx.snapshot(key)
         if stored is not None:
@@ -129,7 +154,7 @@ class DirectorySnapshotter:
         return disk_usage(self.fs_dir(snap.id))
 
     def mounts(self, key: str) -> list[Mount]:
-        with self.meta.read() as tx:
+        with self.meta.read(self._scope) as tx:
             snap = tx.snapshot(key)
         if snap.kind is Kind.COMMITTED:
             raise FailedPrecondition(f"snapshot {key!r} is committed and has no mounts")
@@ -154,7 +179,7 @@ class DirectorySnapshotter:
         *,
         staged: Path | None = None,
     ) -> list[Mount]:
-        with self.meta.read() as tx:  # fail fast, before any disk work
+        with self.meta.read(self._scope) as tx:  # fail fast, before any disk work
             tx.check_new_key(key)
             _, chain = tx.resolve_parent(parent)
         held = self._new_dir() if staged is None else contextlib.nullcontext(staged)
@@ -167,7 +192,7 @@ class DirectorySnapshotter:
             crash.point("create.filled")
             target: Path | None = None
             try:
-                with self.meta.write() as tx:
+                with self.meta.write(self._scope) as tx:
                     snap = tx.create(kind, key, parent, labels)
                     if snap.parent_ids != chain:  # parent replaced meanwhile: refill
                         remove_tree(new)
@@ -225,7 +250,7 @@ class DirectorySnapshotter:
     def commit(
         self, name: str, key: str, *, labels: Mapping[str, str] | None = None
     ) -> None:
-        with self.meta.read() as tx:
+        with self.meta.read(self._scope) as tx:
             snap = tx.snapshot(key)
             if snap.kind is not Kind.ACTIVE:
                 raise FailedPrecondition(
@@ -234,12 +259,12 @@ class DirectorySnapshotter:
             tx.check_new_key(name)
         usage = disk_usage(self.fs_dir(snap.id))
         crash.point("commit.measured")
-        with self.meta.write() as tx:
+        with self.meta.write(self._scope) as tx:
             tx.commit(name, key, usage, labels)
         crash.point("commit.committed")
 
     def remove(self, key: str) -> None:
-        with self.meta.write() as tx:
+        with self.meta.write(self._scope) as tx:
             snap = tx.remove(key)
             crash.point("remove.deleted-row")
         crash.point("remove.committed")
@@ -256,7 +281,7 @@ class DirectorySnapshotter:
                     os.rename(src, dst)
                 doomed.append(dst)
         crash.point("discard.renamed")
-        if self._deferring:
+        if self._deferring[0]:
             return  # deleted when the deferral ends
         if self._async_remove:
             self._reap_now.set()
@@ -268,12 +293,12 @@ class DirectorySnapshotter:
     def deferred_removal(self) -> Iterator[None]:
         """Snapshots removed in the block lose their directories only when it
         ends (their metadata is gone at once): for callers holding a lock."""
-        self._deferring += 1
+        self._deferring[0] += 1
         try:
             yield
         finally:
-            self._deferring -= 1
-            if not self._deferring:
+            self._deferring[0] -= 1
+            if not self._deferring[0]:
                 if self._async_remove:
                     self._reap_now.set()
                 else:
@@ -313,14 +338,14 @@ class DirectorySnapshotter:
         from lamina.filters import parse
 
         matcher = parse(filters)
-        with self.meta.read() as tx:
+        with self.meta.read(self._scope) as tx:
             infos = tx.all_infos()
         for info in infos:
             if matcher(_lookup(info)):
                 yield info
 
     def cleanup(self) -> None:
-        with self.meta.write() as tx:
+        with self.meta.write(self._scope) as tx:
             known = tx.ids()
             orphans = []
             for entry in os.listdir(self._dirs):
@@ -338,7 +363,7 @@ class DirectorySnapshotter:
     def check(self) -> list[Problem]:
         """Where metadata and disk disagree: rows without a directory, directories
         without a row (``cleanup`` removes those). Empty when consistent."""
-        with self.meta.read() as tx:
+        with self.meta.read(self._scope) as tx:
             known = tx.ids()
         problems = [
             Problem(ProblemKind.MISSING_DIRECTORY, f"snapshot id {sid}",
@@ -355,6 +380,8 @@ class DirectorySnapshotter:
         return problems
 
     def close(self) -> None:
+        if self._view_of is not None:
+            return  # a scoped view: its snapshotter closes the shared state
         if self._reaper is not None:
             self._stopping.set()
             self._reap_now.set()

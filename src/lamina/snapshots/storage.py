@@ -8,6 +8,12 @@ snapshot it was committed from.
 All checks that make an operation valid (does the key exist, is the parent
 committed, has the snapshot children) happen inside the write transaction
 that performs it, so two processes cannot both pass them.
+
+Every row has an owner (:mod:`lamina.owners`); a transaction works in a
+:class:`~lamina.owners.Scope`: lookups by key find only rows the scope sees,
+new rows belong to its actor, and changing a row the actor does not own is
+FailedPrecondition. Keys are unique across owners, and a snapshot's parent
+has its owner.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ from datetime import UTC, datetime
 from lamina.db import Database
 from lamina.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from lamina.labels import update_labels, validate_labels
+from lamina.owners import CLI_VIEW, Scope, describe
 from lamina.snapshots import Info, Kind, Usage
 
-__all__ = ["MetaStore", "Snapshot", "Transaction", "validate_labels"]
+__all__ = ["MetaStore", "Snapshot", "Transaction", "add_owner_column", "validate_labels"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -36,7 +43,8 @@ CREATE TABLE IF NOT EXISTS snapshots (
     created_ns INTEGER NOT NULL,
     updated_ns INTEGER NOT NULL,
     size INTEGER,
-    inodes INTEGER
+    inodes INTEGER,
+    owner TEXT NOT NULL DEFAULT 'lamina'
 );
 CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_id);
 CREATE TABLE IF NOT EXISTS labels (
@@ -64,18 +72,39 @@ def _dt(ns: int) -> datetime:
 class Transaction:
     """Operations on the metadata inside one open transaction."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, scope: Scope = CLI_VIEW) -> None:
         self._c = conn
+        self._scope = scope
+        self._seen, self._seen_args = scope.sql()
 
     # -- lookups -----------------------------------------------------------
     def _row(self, key: str) -> tuple[int, str, str, int | None, int, int]:
+        r = self._owned_row(key)
+        return (r[0], r[1], r[2], r[3], r[4], r[5])
+
+    def _owned_row(self, key: str) -> tuple[int, str, str, int | None, int, int, str]:
         row = self._c.execute(
-            "SELECT id, key, kind, parent_id, created_ns, updated_ns FROM snapshots WHERE key=?",
-            (key,),
+            "SELECT id, key, kind, parent_id, created_ns, updated_ns, owner FROM snapshots"
+            f" WHERE key=? AND {self._seen}",
+            (key, *self._seen_args),
         ).fetchone()
         if row is None:
             raise NotFound(f"snapshot {key!r} does not exist")
+        return (row[0], row[1], row[2], row[3], row[4], row[5], row[6])
+
+    def _mine(self, key: str, what: str) -> tuple[int, str, str, int | None, int, int]:
+        """``key``'s row, which the acting owner must own (FailedPrecondition if not)."""
+        row = self._owned_row(key)
+        if row[6] != self._scope.actor:
+            raise FailedPrecondition(
+                f"cannot {what} snapshot {key!r}: it belongs to {describe(row[6], key)}, "
+                f"which alone may change it")
         return (row[0], row[1], row[2], row[3], row[4], row[5])
+
+    def owners(self) -> dict[str, str]:
+        """Owner of every snapshot the scope sees, by key."""
+        return dict(self._c.execute(
+            f"SELECT key, owner FROM snapshots WHERE {self._seen}", self._seen_args))
 
     def _labels(self, sid: int) -> dict[str, str]:
         return dict(
@@ -117,9 +146,13 @@ class Transaction:
         if not parent:
             return None, ()
         try:
-            sid, _, kind, parent_id, _, _ = self._row(parent)
+            sid, _, kind, parent_id, _, _, owner = self._owned_row(parent)
         except NotFound:
             raise NotFound(f"parent snapshot {parent!r} does not exist") from None
+        if owner != self._scope.actor:
+            raise FailedPrecondition(
+                f"parent snapshot {parent!r} belongs to {describe(owner, parent)}: "
+                f"snapshots are not shared between owners")
         if kind != Kind.COMMITTED.value:
             raise InvalidArgument(f"parent {parent!r} is not a committed snapshot (it is {kind})")
         return sid, (str(sid), *self._chain(parent_id))
@@ -127,8 +160,10 @@ class Transaction:
     def check_new_key(self, key: str) -> None:
         if not key:
             raise InvalidArgument("snapshot key must not be empty")
-        if self._c.execute("SELECT 1 FROM snapshots WHERE key=?", (key,)).fetchone():
-            raise AlreadyExists(f"snapshot {key!r} already exists")
+        row = self._c.execute("SELECT owner FROM snapshots WHERE key=?", (key,)).fetchone()
+        if row is not None:
+            whose = "" if row[0] == self._scope.actor else f" (it belongs to {describe(row[0])})"
+            raise AlreadyExists(f"snapshot {key!r} already exists{whose}")
 
     def ids(self) -> set[str]:
         return {str(r[0]) for r in self._c.execute("SELECT id FROM snapshots")}
@@ -145,9 +180,9 @@ class Transaction:
         parent_id, chain = self.resolve_parent(parent)
         now = time.time_ns()
         cur = self._c.execute(
-            "INSERT INTO snapshots (key, kind, parent_id, created_ns, updated_ns)"
-            " VALUES (?,?,?,?,?)",
-            (key, kind.value, parent_id, now, now),
+            "INSERT INTO snapshots (key, kind, parent_id, created_ns, updated_ns, owner)"
+            " VALUES (?,?,?,?,?,?)",
+            (key, kind.value, parent_id, now, now, self._scope.actor),
         )
         sid = cur.lastrowid
         assert sid is not None
@@ -166,7 +201,7 @@ class Transaction:
     ) -> Snapshot:
         """Turn active ``key`` into committed ``name`` (same id, same directory)."""
         clean = validate_labels(labels)
-        sid, _, kind, parent_id, _, _ = self._row(key)
+        sid, _, kind, parent_id, _, _ = self._mine(key, "commit")
         if kind != Kind.ACTIVE.value:
             raise FailedPrecondition(f"snapshot {key!r} is a {kind}, only active ones commit")
         self.check_new_key(name)
@@ -181,7 +216,7 @@ class Transaction:
 
     def remove(self, key: str) -> Snapshot:
         """Delete ``key``'s row; FailedPrecondition while it has children."""
-        sid, _, kind, parent_id, _, _ = self._row(key)
+        sid, _, kind, parent_id, _, _ = self._mine(key, "remove")
         child = self._c.execute(
             "SELECT key FROM snapshots WHERE parent_id=? LIMIT 1", (sid,)
         ).fetchone()
@@ -194,7 +229,7 @@ class Transaction:
         return Snapshot(id=str(sid), kind=Kind(kind), parent_ids=chain)
 
     def update(self, info: Info, fieldpaths: Sequence[str]) -> Info:
-        sid, *_ = self._row(info.name)
+        sid, *_ = self._mine(info.name, "update")
         labels = update_labels(self._labels(sid), validate_labels(info.labels), fieldpaths,
                                what=f"snapshot {info.name!r}")
         self._set_labels(sid, labels)
@@ -203,7 +238,8 @@ class Transaction:
 
     def stored_usage(self, key: str) -> Usage | None:
         row = self._c.execute(
-            "SELECT size, inodes FROM snapshots WHERE key=?", (key,)
+            f"SELECT size, inodes FROM snapshots WHERE key=? AND {self._seen}",
+            (key, *self._seen_args),
         ).fetchone()
         if row is None:
             raise NotFound(f"snapshot {key!r} does not exist")
@@ -213,10 +249,11 @@ class Transaction:
 
     def all_infos(self) -> list[Info]:
         """Every snapshot, in two queries (walk over many snapshots stays cheap)."""
+        keys = dict(self._c.execute("SELECT id, key FROM snapshots"))
         rows = self._c.execute(
-            "SELECT id, key, kind, parent_id, created_ns, updated_ns FROM snapshots ORDER BY id"
+            "SELECT id, key, kind, parent_id, created_ns, updated_ns FROM snapshots"
+            f" WHERE {self._seen} ORDER BY id", self._seen_args,
         ).fetchall()
-        keys = {r[0]: r[1] for r in rows}
         labels: dict[int, dict[str, str]] = {}
         for sid, k, v in self._c.execute("SELECT snapshot_id, key, value FROM labels"):
             labels.setdefault(sid, {})[k] = v
@@ -240,14 +277,24 @@ class MetaStore:
         self._db = Database(path, _SCHEMA)
 
     @contextmanager
-    def write(self) -> Iterator[Transaction]:
+    def write(self, scope: Scope = CLI_VIEW) -> Iterator[Transaction]:
         with self._db.write() as conn:
-            yield Transaction(conn)
+            yield Transaction(conn, scope)
 
     @contextmanager
-    def read(self) -> Iterator[Transaction]:
+    def read(self, scope: Scope = CLI_VIEW) -> Iterator[Transaction]:
         with self._db.read() as conn:
-            yield Transaction(conn)
+            yield Transaction(conn, scope)
 
     def close(self) -> None:
         self._db.close()
+
+
+def add_owner_column(conn: sqlite3.Connection) -> bool:
+    """Give a snapshots table of an older format its ``owner`` column (every row
+    the CLI's); False when it had one already. Part of a root migration."""
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(snapshots)")}
+    if "owner" in columns:
+        return False
+    conn.execute("ALTER TABLE snapshots ADD COLUMN owner TEXT NOT NULL DEFAULT 'lamina'")
+    return True

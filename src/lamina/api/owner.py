@@ -1,0 +1,39 @@
+"""Whose call is it: containerd's, or lamina's own client's (:mod:`lamina.owners`).
+
+lamina's gRPC clients send ``lamina-owner: lamina`` with every call; a call
+without it comes from containerd (or any other client of containerd's API)
+and works in containerd's scope: it sees and changes containerd's snapshots
+and blobs only.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import grpc
+
+from lamina.owners import CLI, CONTAINERD, METADATA_KEY, Scoped
+
+__all__ = ["CALL_METADATA", "caller_owner", "for_caller"]
+
+#: What lamina's own clients send with each call.
+CALL_METADATA: tuple[tuple[str, str], ...] = ((METADATA_KEY, CLI),)
+
+T = TypeVar("T")
+
+
+def caller_owner(context: grpc.ServicerContext) -> str:
+    """:data:`~lamina.owners.CLI` for lamina's own client, else containerd."""
+    for key, value in context.invocation_metadata() or ():
+        if key == METADATA_KEY and value == CLI:
+            return CLI
+    return CONTAINERD
+
+
+def for_caller(store: T, context: grpc.ServicerContext) -> T:
+    """``store`` as the caller may use it: the CLI's view (everything, changes to
+    the CLI's own) for lamina's client, containerd's scope for anyone else."""
+    if caller_owner(context) == CLI or not isinstance(store, Scoped):
+        return store
+    scoped: T = store.scoped(CONTAINERD)
+    return scoped

@@ -1,0 +1,106 @@
+"""Who owns what on a root that containerd (through ``lamina serve``) and the
+lamina CLI share.
+
+Every snapshot has one owner and every blob one reference per owner that
+holds it. What containerd creates through ``serve`` is containerd's
+(:data:`CONTAINERD`); what the CLI creates — locally, or through ``serve``
+with lamina's own gRPC client, which says so in the :data:`METADATA_KEY`
+call metadata — is the CLI's (:data:`CLI`).
+
+A store is used through a :class:`Scope`:
+
+* the CLI's own scope (:data:`CLI_VIEW`) sees everything and changes only
+  the CLI's objects: removing, committing, labelling or building on
+  containerd's is FailedPrecondition naming the owner;
+* an owner's scope (:func:`only`) sees that owner's objects alone — what
+  ``serve`` shows containerd, and what each side's collection walks, so a
+  garbage collector can only ever remove what its side owns.
+
+Snapshots are never shared across owners (a parent and its children have
+the same owner). Blobs are shared by digest: writing a blob another owner
+holds adds the writer's reference without a second copy, deleting drops the
+deleter's reference, and the file goes with the last reference.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "CLI",
+    "CLI_VIEW",
+    "CONTAINERD",
+    "METADATA_KEY",
+    "OWNERS",
+    "Scope",
+    "Scoped",
+    "describe",
+    "describe_all",
+    "looks_like_containerd_key",
+    "only",
+]
+
+CLI = "lamina"
+CONTAINERD = "containerd"
+OWNERS = (CLI, CONTAINERD)
+
+#: gRPC call metadata lamina's own client sends: ``lamina-owner: lamina``.
+METADATA_KEY = "lamina-owner"
+
+# containerd's metadata snapshotter names backend keys <namespace>/<id>/<key>
+_CONTAINERD_KEY = re.compile(r"[^/]+/[0-9]+/.+", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Who acts (``actor``: the owner of what is created) and whose objects it sees."""
+
+    actor: str
+    sees: frozenset[str]
+
+    def sql(self, column: str = "owner") -> tuple[str, tuple[str, ...]]:
+        """A WHERE fragment limiting ``column`` to the owners seen, and its parameters."""
+        names = sorted(self.sees)
+        return f"{column} IN ({','.join('?' * len(names))})", tuple(names)
+
+    def visible(self, owner: str) -> bool:
+        return owner in self.sees
+
+
+CLI_VIEW = Scope(CLI, frozenset(OWNERS))
+
+
+def only(owner: str) -> Scope:
+    """The scope of ``owner`` alone: sees and changes only its objects."""
+    if owner not in OWNERS:
+        raise ValueError(f"unknown owner {owner!r}")
+    return Scope(owner, frozenset({owner}))
+
+
+def looks_like_containerd_key(key: str) -> bool:
+    """Whether a snapshot key has the shape containerd gives its backend keys."""
+    return _CONTAINERD_KEY.fullmatch(key) is not None
+
+
+def describe(owner: str, key: str = "") -> str:
+    """``containerd (namespace default)`` / ``the lamina CLI``, for messages."""
+    if owner == CONTAINERD:
+        if key and looks_like_containerd_key(key):
+            return f"containerd (namespace {key.split('/', 1)[0]})"
+        return "containerd"
+    return "the lamina CLI"
+
+
+def describe_all(owners: Iterable[str]) -> str:
+    return " and ".join(describe(o) for o in sorted(owners)) or "nobody"
+
+
+@runtime_checkable
+class Scoped(Protocol):
+    """A store that can be used in another :class:`Scope` (same data, other view)."""
+
+    def scoped(self, owner: str) -> Any:
+        """This store as ``owner`` alone sees and changes it (see :func:`only`)."""
