@@ -85,8 +85,9 @@ def test_full_flow(cli: CLI, target: Path) -> None:
 
     out = cli("snapshot", "ls")
     rows = [line.split() for line in out.splitlines()]
-    assert rows[0] == ["KEY", "PARENT", "KIND"]
-    assert sorted(rows[1:]) == [["a1", "c1", "active"], ["c1", "committed"], ["v1", "c1", "view"]]
+    assert rows[0] == ["KEY", "PARENT", "KIND", "OWNER"]  # the owner: lamina.owners
+    assert sorted(rows[1:]) == [["a1", "c1", "active", "lamina"], ["c1", "committed", "lamina"],
+                                ["v1", "c1", "view", "lamina"]]
 
     listed = json.loads(cli("snapshot", "ls", "--json"))
     assert {i["name"]: i["kind"] for i in listed} == {

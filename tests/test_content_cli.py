@@ -48,7 +48,7 @@ def test_ingest_ls_get_rm(cli: CLI, monkeypatch: pytest.MonkeyPatch) -> None:
     assert json.loads(cli("active", "--json")) == []
 
     listing = cli("ls")
-    assert listing.splitlines()[0].split() == ["DIGEST", "SIZE", "AGE", "LABELS"]
+    assert listing.splitlines()[0].split() == ["DIGEST", "SIZE", "AGE", "OWNERS", "LABELS"]
     assert digest in listing and "a=1,b=two" in listing and "100 B" in listing
     [entry] = json.loads(cli("ls", "--json"))
     assert entry["digest"] == digest and entry["size"] == 100

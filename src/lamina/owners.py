@@ -41,6 +41,7 @@ __all__ = [
     "describe_all",
     "looks_like_containerd_key",
     "only",
+    "short",
 ]
 
 CLI = "lamina"
@@ -92,6 +93,13 @@ def describe(owner: str, key: str = "") -> str:
             return f"containerd (namespace {key.split('/', 1)[0]})"
         return "containerd"
     return "the lamina CLI"
+
+
+def short(owner: str, key: str = "") -> str:
+    """One word for tables: ``lamina``, ``containerd`` or ``containerd:<namespace>``."""
+    if owner == CONTAINERD and key and looks_like_containerd_key(key):
+        return f"{CONTAINERD}:{key.split('/', 1)[0]}"
+    return owner
 
 
 def describe_all(owners: Iterable[str]) -> str:

@@ -13,6 +13,7 @@ from lamina.cli.app import App
 from lamina.cli.common import human_size, parse_labels, print_table
 from lamina.content import Info, Status
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
+from lamina.owners import OWNERS
 
 __all__ = ["info_json", "register", "status_json"]
 
@@ -51,20 +52,32 @@ def _age(t: datetime) -> str:
 
 
 def _ls(args: argparse.Namespace, app: App) -> int:
-    infos = list(app.content().walk(*args.filters))
+    store = app.content()
+    infos = list(store.walk(*args.filters))
+    holders_of = getattr(store, "holders", None)  # lamina.owners; unknown with --address
+    holders: dict[str, frozenset[str]] | None = holders_of() if callable(holders_of) else None
+
+    def owners(digest: str) -> str:
+        assert holders is not None
+        return ",".join(sorted(holders.get(digest, ()), key=OWNERS.index)) or "-"
+
     if args.json:
-        app.print_json([info_json(i) for i in infos])
+        app.print_json([info_json(i) | ({"owners": owners(i.digest).split(",")}
+                                        if holders is not None else {}) for i in infos])
         return 0
     if args.quiet:
         for i in infos:
             print(i.digest)
         return 0
-    print_table(
-        ("DIGEST", "SIZE", "AGE", "LABELS"),
-        ((i.digest, human_size(i.size), _age(i.created),
-          ",".join(f"{k}={v}" for k, v in sorted(i.labels.items())) or "-")
-         for i in infos),
-    )
+    labels = [",".join(f"{k}={v}" for k, v in sorted(i.labels.items())) or "-" for i in infos]
+    if holders is None:
+        print_table(("DIGEST", "SIZE", "AGE", "LABELS"),
+                    ((i.digest, human_size(i.size), _age(i.created), lb)
+                     for i, lb in zip(infos, labels, strict=True)))
+        return 0
+    print_table(("DIGEST", "SIZE", "AGE", "OWNERS", "LABELS"),
+                ((i.digest, human_size(i.size), _age(i.created), owners(i.digest), lb)
+                 for i, lb in zip(infos, labels, strict=True)))
     return 0
 
 
@@ -155,7 +168,8 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("content", help="manage content (blobs and ingests)")
     sub = parser.add_subparsers(dest="content_command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("ls", aliases=["list"], help="list blobs matching filters")
+    p = sub.add_parser("ls", aliases=["list"],
+                       help="list blobs matching filters, with their OWNERS (lamina, containerd)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="print digests only")
     p.add_argument("filters", nargs="*", metavar="FILTER",

@@ -12,7 +12,8 @@ from typing import Any
 from lamina.cli.app import App
 from lamina.cli.common import add_mount_flags, human_size, parse_labels, print_table
 from lamina.mount import Mount, mount_all, unmount_all
-from lamina.snapshots import Info, Kind, Usage
+from lamina.owners import short
+from lamina.snapshots import Info, Kind, Snapshotter, Usage
 
 __all__ = ["info_json", "register"]
 
@@ -98,20 +99,40 @@ def cmd_rm(args: argparse.Namespace, app: App) -> int:
     return 0
 
 
+def _owners(sn: Snapshotter) -> dict[str, str] | None:
+    """Owner of each snapshot, by key (lamina.owners); None where unknown (--address)."""
+    owners = getattr(sn, "owners", None)
+    return owners() if callable(owners) else None
+
+
+def _with_owner(info: Info, owners: dict[str, str] | None) -> dict[str, Any]:
+    out = info_json(info)
+    if owners is not None and info.name in owners:
+        out["owner"] = short(owners[info.name], info.name)
+    return out
+
+
 def cmd_ls(args: argparse.Namespace, app: App) -> int:
-    infos = sorted(app.snapshots().walk(*args.filters), key=lambda i: i.name)
+    sn = app.snapshots()
+    infos = sorted(sn.walk(*args.filters), key=lambda i: i.name)
+    owners = _owners(sn)
     if args.json:
-        app.print_json([info_json(i) for i in infos])
+        app.print_json([_with_owner(i, owners) for i in infos])
     elif args.quiet:
         for i in infos:
             print(i.name)
-    else:
+    elif owners is None:
         print_table(["KEY", "PARENT", "KIND"], ([i.name, i.parent, i.kind.value] for i in infos))
+    else:
+        print_table(["KEY", "PARENT", "KIND", "OWNER"],
+                    ([i.name, i.parent, i.kind.value, short(owners.get(i.name, ""), i.name)]
+                     for i in infos))
     return 0
 
 
 def cmd_info(args: argparse.Namespace, app: App) -> int:
-    app.print_json(info_json(app.snapshots().stat(args.key)))
+    sn = app.snapshots()
+    app.print_json(_with_owner(sn.stat(args.key), _owners(sn)))
     return 0
 
 
@@ -260,7 +281,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = verb("rm", cmd_rm, "remove snapshots", aliases=["remove", "delete", "del"])
     p.add_argument("keys", nargs="+", metavar="KEY")
 
-    p = verb("ls", cmd_ls, "list snapshots (filters: containerd syntax, any matches)",
+    p = verb("ls", cmd_ls, "list snapshots, with their owner (lamina, or containerd:NAMESPACE "
+             "for what containerd made through lamina serve: read-only here); filters: "
+             "containerd syntax, any matches",
              aliases=["list"])
     p.add_argument("--json", action="store_true", help="print infos as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="print keys only")
