@@ -3,7 +3,17 @@
 It serves one image honestly (``/v2/<repo>/manifests/<tag>``, blobs with
 ``Range``), and every request can be intercepted by a *hook* keyed by path:
 ``hooks[path](handler) -> bool`` answers the request itself (True) or lets
-the honest answer go (False). Every request is logged with its headers.
+the honest answer go (False). ``repos[repository]`` hooks do the same for
+every request under ``/v2/<repository>/`` (after the path hooks), so one
+server can misbehave differently per repository. Every request is logged
+with its headers.
+
+Hooks that misbehave at the byte level write to ``handler.wfile`` through
+:meth:`Handler.raw` and :meth:`Handler.drip`; endless misbehaviour stops
+when the server does (``state.stopped``), so no thread outlives a test.
+``state.realm``, when set, is the token realm the Bearer challenge names
+(instead of the server's own ``/token``): a token server on another host
+shares the ``tokens`` set.
 """
 
 from __future__ import annotations
@@ -48,6 +58,9 @@ class State:
     throttle: tuple[int, float] | None = None  # (chunk, seconds): blobs sent slowly
     served: int = 0  # blob bytes written
     lock: threading.Lock = field(default_factory=threading.Lock)
+    repos: dict[str, Hook] = field(default_factory=dict)  # by repository, after ``hooks``
+    realm: str = ""  # the Bearer challenge's realm ("" = http://<this host>/token)
+    stopped: threading.Event = field(default_factory=threading.Event)
 
     def add_blob(self, data: bytes) -> str:
         d = sha(data)
@@ -66,6 +79,24 @@ class State:
             return [r for r in self.log if (not method or r.method == method)
                     and r.path.startswith(prefix)]
 
+    def authorizations(self) -> list[str]:
+        """Every Authorization header this server received, in order."""
+        with self.lock:
+            return [v for r in self.log for k, v in r.headers.items()
+                    if k.lower() == "authorization"]
+
+
+_API_KINDS = ("/manifests/", "/blobs/", "/referrers/", "/tags/")
+
+
+def repository_of(path: str) -> str:
+    """``team/app`` of ``/v2/team/app/blobs/...`` ("" for a path outside a repository)."""
+    if not path.startswith("/v2/"):
+        return ""
+    rest = path[len("/v2/"):]
+    cuts = [rest.find(k) for k in _API_KINDS if rest.find(k) > 0]
+    return rest[:min(cuts)] if cuts else ""
+
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -73,6 +104,40 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+    @property
+    def repo(self) -> str:
+        """The repository this request is about ("" if none)."""
+        return repository_of(self.path.split("?", 1)[0])
+
+    def raw(self, data: bytes, *, close: bool = True) -> bool:
+        """Write ``data`` as it is (a whole response, or part of one); False if the
+        client has gone. ``close``: the connection ends after this request."""
+        self.close_connection = self.close_connection or close
+        try:
+            self.wfile.write(data)
+            self.wfile.flush()
+        except OSError:
+            self.close_connection = True
+            return False
+        return True
+
+    def drip(self, data: bytes, *, pause: float = 0.05, repeat: bool = False) -> bool:
+        """Write ``data`` a byte at a time, ``pause`` seconds apart (for ever with
+        ``repeat``), until the client goes or the server stops. Always True."""
+        self.close_connection = True
+        while True:
+            for i in range(len(data)):
+                if self.state.stopped.wait(pause) or not self.raw(data[i:i + 1]):
+                    return True
+            if not repeat:
+                return True
+
+    def hold(self) -> bool:
+        """Answer nothing, keep the connection open until the server stops. True."""
+        self.close_connection = True
+        self.state.stopped.wait()
+        return True
 
     def send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
              *, length: int | None = None) -> None:
@@ -102,10 +167,9 @@ class Handler(BaseHTTPRequestHandler):
         if self.state.tokens is not None and path != "/token":
             auth = self.headers.get("Authorization", "")
             if auth.removeprefix("Bearer ") not in self.state.tokens:
-                host = self.headers.get("Host")
+                realm = self.state.realm or f"http://{self.headers.get('Host')}/token"
                 self.send(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', {
-                    "WWW-Authenticate": f'Bearer realm="http://{host}/token",'
-                                        'service="bad-registry"'})
+                    "WWW-Authenticate": f'Bearer realm="{realm}",service="bad-registry"'})
                 return
         if path == "/token" and self.state.tokens is not None:
             with self.state.lock:
@@ -116,6 +180,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         hook = self.state.hooks.get(path)
         if hook is not None and hook(self):
+            return
+        repo_hook = self.state.repos.get(repository_of(path))
+        if repo_hook is not None and repo_hook(self):
             return
         if path == "/v2/":
             self.send(200, b"{}")
@@ -131,10 +198,11 @@ class Handler(BaseHTTPRequestHandler):
             return
         if "/blobs/" in path:
             digest = path.rsplit("/", 1)[1]
-            data = self.state.blobs.get(digest)
-            if data is None:
+            blob = self.state.blobs.get(digest)
+            if blob is None:
                 self.send(404, b'{"errors":[{"code":"BLOB_UNKNOWN"}]}')
                 return
+            data = blob
             rng = self.headers.get("Range", "")
             if rng.startswith("bytes=") and rng.endswith("-"):
                 start = int(rng[len("bytes="):-1])
@@ -154,11 +222,13 @@ def serving(state: State) -> Iterator[str]:
     handler = type("BoundHandler", (Handler,), {"state": state})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
+    state.stopped.clear()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         yield f"127.0.0.1:{server.server_address[1]}"
     finally:
+        state.stopped.set()  # endless hooks end
         server.shutdown()
         server.server_close()
 

@@ -6,13 +6,13 @@ what we follow) and lenient elsewhere (unknown fields and annotations pass).
 
 from __future__ import annotations
 
-import json
 import platform
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lamina import jsondoc
 from lamina.errors import InvalidArgument
 
 __all__ = [
@@ -85,13 +85,8 @@ def _strings(value: Any, what: str) -> dict[str, str]:
 
 
 def parse_json(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"{what}: not valid JSON: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise InvalidArgument(f"{what}: expected a JSON object")
-    return obj
+    """``data`` as a JSON object, nesting bounded (see :mod:`lamina.jsondoc`)."""
+    return jsondoc.loads_object(data, what)
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,17 @@ goes out without credentials; a ``401`` carries ``WWW-Authenticate``. For
 service=...`` a token is fetched from the realm with ``service`` and one
 ``scope`` per repository and action (``repository:team/app:pull,push``),
 presenting the credentials (Basic) when there are any, and cached per host
-and scope until it expires. A 401 on a request that carried a token fetched
-*for it* is final: :class:`Unauthorized`. A 401 later (a token that expired
-mid-transfer) fetches a new one.
+and scope until it expires (``expires_in``, at most a day). A 401 on a
+request that carried a token fetched *for it* is final: :class:`Unauthorized`.
+A 401 later (a token that expired mid-transfer) fetches a new one.
+
+**Where credentials go**: only to the host they are configured for, and to
+the token realm *that host* names in its own challenge (the session never
+answers a challenge from a host a redirect led to). Not over plain HTTP to a
+realm when the registry itself was asked over HTTPS. A token server's answer
+is read as untrusted: at most 1 MiB, JSON nested at most
+:data:`~lamina.jsondoc.MAX_DEPTH` deep, a token of visible ASCII only (it
+becomes a header); anything else is :class:`Unauthorized`.
 """
 
 from __future__ import annotations
@@ -35,9 +43,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lamina import jsondoc
 from lamina.errors import FailedPrecondition, InvalidArgument, NotFound
 from lamina.fsutil import atomic_write
-from lamina.remotes.transport import TLSConfig, Transport
+from lamina.remotes.hosts import is_loopback
+from lamina.remotes.transport import TLSConfig, Transport, printable, split_url
 
 __all__ = [
     "Authorizer",
@@ -51,7 +61,9 @@ __all__ = [
 
 DOCKER_HUB_KEY = "https://index.docker.io/v1/"
 MAX_TOKEN_RESPONSE = 1 << 20
+MAX_TOKEN_LIFETIME = 24 * 3600
 _DEFAULT_TOKEN_LIFETIME = 60
+_TOKEN = re.compile(r"[\x21-\x7e]+")  # visible ASCII: what a header value may carry
 
 
 class Unauthorized(FailedPrecondition):
@@ -286,11 +298,13 @@ class Authorizer:
 
     def challenged(self, host: str, www_authenticate: Sequence[str], scope: str,
                    namespace: str = "", *, tls: TLSConfig | None = None,
-                   sent: str = "") -> None:
+                   sent: str = "", secure: bool = False) -> None:
         """Learn from a 401: remember the challenge, fetch a token for ``scope``.
 
         ``sent`` is the Authorization the refused request carried: when another
         thread has renewed the token since, that one is used, not a third.
+        ``secure``: ``host`` was asked over HTTPS, so its credentials never go
+        to a plain-HTTP realm (except on loopback).
         Unauthorized when the challenge cannot be answered (no credentials for
         Basic, a realm that refuses, a scheme lamina does not speak)."""
         with self._lock:
@@ -299,16 +313,16 @@ class Authorizer:
             current = self.header(host, scope, namespace)
             if current and current != sent:
                 return
-            self._answer(host, www_authenticate, scope, namespace, tls)
+            self._answer(host, www_authenticate, scope, namespace, tls, secure)
 
     def _answer(self, host: str, www_authenticate: Sequence[str], scope: str,
-                namespace: str, tls: TLSConfig | None) -> None:
+                namespace: str, tls: TLSConfig | None, secure: bool) -> None:
         challenges = parse_challenges(www_authenticate)
         chosen = next((c for c in challenges if c.scheme == "bearer"), None) or next(
             (c for c in challenges if c.scheme == "basic"), None)
         if chosen is None:
             raise Unauthorized(f"{host}: unauthorized, and no Bearer or Basic challenge "
-                               f"({'; '.join(www_authenticate) or 'none'})")
+                               f"({printable('; '.join(www_authenticate)) or 'none'})")
         with self._lock:
             state = self._hosts.setdefault(host, _HostAuth())
             state.challenge = chosen
@@ -317,16 +331,14 @@ class Authorizer:
                 raise Unauthorized(f"{host}: the registry wants a user name and password "
                                    "(lamina login, or --user)")
             return
-        token, lifetime = self._fetch_token(host, chosen, scope, namespace, tls)
+        token, lifetime = self._fetch_token(host, chosen, scope, namespace, tls, secure)
         with self._lock:
             state.tokens[scope] = (token, time.monotonic() + max(lifetime - 5, 1))
 
     def _fetch_token(self, host: str, challenge: Challenge, scope: str, namespace: str,
-                     tls: TLSConfig | None) -> tuple[str, int]:
+                     tls: TLSConfig | None, secure: bool) -> tuple[str, int]:
         realm = challenge.params.get("realm", "")
-        parts = urllib.parse.urlsplit(realm)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise Unauthorized(f"{host}: token realm {realm!r} is not an http(s) URL")
+        parts = split_url(realm, f"{host}: token realm", error=Unauthorized)
         query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query)]
         if challenge.params.get("service"):
             query.append(("service", challenge.params["service"]))
@@ -336,6 +348,9 @@ class Authorizer:
         headers = {"Accept": "application/json"}
         creds = self.credentials(host, namespace)
         if creds is not None:
+            if secure and parts.scheme == "http" and not is_loopback(parts.netloc):
+                raise Unauthorized(f"{host}: token realm {realm!r} is plain HTTP; the "
+                                   "registry's credentials go only over HTTPS")
             headers["Authorization"] = creds.basic()
         same_host = parts.netloc == host
         with self.transport.request("GET", url, headers=headers,
@@ -344,14 +359,21 @@ class Authorizer:
                 who = f"as {creds.username}" if creds else "anonymously"
                 raise Unauthorized(f"{host}: the token server {parts.netloc} refused "
                                    f"{scope or 'access'} {who} ({resp.status} {resp.reason})")
-            body = resp.read_all(MAX_TOKEN_RESPONSE)
+            try:
+                body = resp.read_all(MAX_TOKEN_RESPONSE)
+            except InvalidArgument as exc:
+                raise Unauthorized(f"{host}: token server: {exc.message}") from exc
         try:
-            doc = json.loads(body)
-        except ValueError as exc:
-            raise Unauthorized(f"{host}: token server sent no JSON") from exc
+            doc = jsondoc.loads(body, f"{host}: token server response")
+        except InvalidArgument as exc:
+            raise Unauthorized(exc.message) from exc
         token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
         if not isinstance(token, str) or not token:
             raise Unauthorized(f"{host}: token server response has no token")
+        if not _TOKEN.fullmatch(token):
+            raise Unauthorized(f"{host}: token server sent a token with characters a "
+                               "header cannot carry")
         lifetime = doc.get("expires_in")
-        return token, lifetime if isinstance(lifetime, int) and lifetime > 0 else \
-            _DEFAULT_TOKEN_LIFETIME
+        if isinstance(lifetime, bool) or not isinstance(lifetime, int) or lifetime <= 0:
+            return token, _DEFAULT_TOKEN_LIFETIME
+        return token, min(lifetime, MAX_TOKEN_LIFETIME)

@@ -244,8 +244,8 @@ def _download(session: Session, desc: Descriptor, content: ContentStore, writer:
             else:
                 raise Unavailable(f"{host}: blob {desc.digest}: unexpected "
                                   f"{resp.status} {resp.reason}")
-            length = resp.header("Content-Length")
-            if length.isdigit() and int(length) != want:
+            length = resp.content_length
+            if length is not None and length != want:
                 raise FailedPrecondition(
                     f"{host}: blob {desc.digest}: Content-Length {length} where "
                     f"{want} bytes are due (descriptor size {size})")

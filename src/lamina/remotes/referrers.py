@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from lamina.errors import FailedPrecondition, Unavailable
+from lamina import jsondoc
+from lamina.errors import FailedPrecondition, InvalidArgument, Unavailable
 from lamina.images.oci import MediaType, parse_json
 from lamina.remotes.hosts import Endpoint
 from lamina.remotes.resolver import ACCEPT_MANIFESTS, MAX_MANIFEST
@@ -37,8 +38,8 @@ def referrers_tag(digest: str) -> str:
 def subject_of(manifest: bytes) -> str:
     """The digest a manifest's ``subject`` names, or ""."""
     try:
-        doc = json.loads(manifest)
-    except ValueError:
+        doc = jsondoc.loads(manifest, "manifest")
+    except InvalidArgument:
         return ""
     subject = doc.get("subject") if isinstance(doc, dict) else None
     return str(subject.get("digest", "")) if isinstance(subject, dict) else ""

@@ -13,6 +13,7 @@ their digest before anyone parses them.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 from lamina.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -24,6 +25,7 @@ from lamina.remotes.transport import Response
 __all__ = ["ACCEPT_MANIFESTS", "MAX_MANIFEST", "Resolved", "fetch_document", "resolve"]
 
 MAX_MANIFEST = 4 << 20
+_SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 ACCEPT_MANIFESTS = ", ".join([
     MediaType.OCI_MANIFEST, MediaType.DOCKER_MANIFEST,
     MediaType.OCI_INDEX, MediaType.DOCKER_MANIFEST_LIST, "*/*",
@@ -75,16 +77,17 @@ def resolve(session: Session, ref: Reference) -> Resolved:
         resp.close()
         raise NotFound(f"{ref}: not found on {resp.host}")
     if resp.status == 200:
-        digest = ref.digest or resp.header("Docker-Content-Digest")
-        size = resp.header("Content-Length")
+        digest = ref.digest or resp.header("Docker-Content-Digest").strip()
+        size = resp.content_length
         media_type = _media_type(resp)
         resp.close()
-        if digest.startswith("sha256:") and size.isdigit() and \
+        # a header that is not a sha256 digest or a size is no answer: GET decides
+        if _SHA256.fullmatch(digest) and size is not None and \
                 media_type in MANIFEST_TYPES | INDEX_TYPES:
-            if int(size) > MAX_MANIFEST:
+            if size > MAX_MANIFEST:
                 raise InvalidArgument(f"{ref}: manifest of {size} bytes is larger than the "
                                       f"{MAX_MANIFEST} allowed")
-            return Resolved(Descriptor(media_type, digest, int(size)))
+            return Resolved(Descriptor(media_type, digest, size))
     else:
         resp.close()
         if resp.status not in (405, 400):
@@ -121,8 +124,8 @@ def fetch_document(session: Session, desc: Descriptor) -> bytes:
     if resp.status != 200:
         resp.close()
         raise Unavailable(f"{resp.host}: {desc.digest}: {resp.status} {resp.reason}")
-    length = resp.header("Content-Length")
-    if length.isdigit() and int(length) != desc.size:
+    length = resp.content_length
+    if length is not None and length != desc.size:
         resp.close()
         raise FailedPrecondition(f"{resp.host}: {desc.digest}: the registry sends {length} "
                                  f"bytes for a document of {desc.size}")

@@ -6,9 +6,11 @@ tries the endpoints that have the capability the operation needs, in order;
 on each it
 
 - answers a 401 once with the challenge's credentials or token (a second 401
-  for a token fetched for that very request is :class:`~.auth.Unauthorized`);
+  for a token fetched for that very request is :class:`~.auth.Unauthorized`).
+  A challenge binds to the host that sent it: a 401 from a host a redirect
+  led to is final, so the registry's credentials never reach another host;
 - retries 429 and 5xx responses and network failures with exponential
-  backoff (``Retry-After`` honoured, up to ``max_wait``), ``attempts`` times
+  backoff (``Retry-After`` honoured, capped at ``max_wait``), ``attempts`` times
   in all, then moves to the next endpoint (a POST or PATCH that failed in the
   network is not sent again: the registry may have applied it);
 - moves to the next endpoint on 404 too (a mirror need not have everything).
@@ -22,6 +24,7 @@ from __future__ import annotations
 import email.utils
 import random
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -45,17 +48,23 @@ class RetryPolicy:
     def delay(self, attempt: int, retry_after: str = "") -> float:
         if retry_after:
             wait: float | None = None
-            if retry_after.strip().isdigit():
-                wait = float(retry_after.strip())
+            seconds = retry_after.strip()
+            if seconds.isascii() and seconds.isdigit():
+                wait = float(seconds)  # 10**400 is inf: capped below
             else:
                 try:
                     wait = email.utils.parsedate_to_datetime(retry_after).timestamp() \
                         - time.time()
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, OverflowError, IndexError):
                     wait = None  # neither seconds nor an HTTP date: back off as usual
             if wait is not None:
                 return max(0.0, min(wait, self.max_wait))
         return float(min(self.cap, self.base * (2 ** attempt)) * (0.5 + random.random() / 2))
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, parts.netloc
 
 
 def tls_of(ep: Endpoint) -> TLSConfig:
@@ -115,6 +124,11 @@ class Session:
                     raise TransportError(f"{last} (after {attempt} attempts)") from exc
                 time.sleep(self.retry.delay(attempt - 1))
                 continue
+            if resp.status == 401 and _origin(resp.url) != (ep.scheme, ep.host):
+                resp.close()
+                raise Unauthorized(f"{resp.host}: {method} {self._short(url)}: a host "
+                                   f"{ep.host} redirected to asks for authorization "
+                                   f"(credentials go only to {ep.host})")
             if resp.status == 401:
                 challenges = resp.headers.get_all("WWW-Authenticate") or []
                 resp.close()
@@ -122,7 +136,8 @@ class Session:
                     raise Unauthorized(f"{ep.host}: {method} {self._short(url)}: unauthorized "
                                        "with the credentials and token it asked for")
                 self.authorizer.challenged(ep.host, [str(c) for c in challenges], scope,
-                                           creds_of, tls=tls, sent=auth)
+                                           creds_of, tls=tls, sent=auth,
+                                           secure=ep.scheme == "https")
                 fresh_token = True
                 continue
             if resp.status == 403:

@@ -5,42 +5,59 @@ response has been read to its end. TLS uses the system CAs, plus the CA files
 and client certificates an endpoint's ``hosts.toml`` names, or no
 verification at all with ``skip_verify``.
 
-Failure model: a connection that cannot be made, is reset, times out, ends a
-body early (fewer bytes than Content-Length) or *stalls* — delivers less than
-``stall_rate`` bytes per second over ``stall_time`` seconds, so a server that
-drips a byte now and then cannot hold a pull forever — raises
+Failure model: every phase of a request has a deadline, kept by one
+watchdog thread per transport that shuts the socket down when it passes, so
+no server can hold a request forever however it drips its bytes:
+
+- connecting (TCP, the proxy's ``CONNECT``, the TLS handshake): ``timeout``;
+- the response head (status line and headers, any number of ``100
+  Continue`` before them): ``header_timeout`` from the request's end;
+- each read of a body: ``timeout``; a whole document read with
+  :meth:`Response.read_all` (manifests, tokens): ``document_timeout``;
+- a body that *stalls* — less than ``stall_rate`` bytes per second over
+  ``stall_time`` seconds — is given up, so a blob cannot be dripped either.
+
+A connection that cannot be made, is reset, misses a deadline, ends a body
+early (fewer bytes than Content-Length), stalls, or speaks broken HTTP (a
+header line over 64 KiB, more than 100 headers, bad chunked encoding) raises
 :class:`TransportError` (Unavailable); the callers above decide whether to
 retry. Proxies: ``http://`` ones, from the environment (``HTTP_PROXY``,
 ``HTTPS_PROXY``, ``NO_PROXY``; never for loopback hosts) or given per host;
 HTTPS goes through a ``CONNECT`` tunnel, so TLS and its name check stay end
 to end. Redirects (GET and HEAD only) are followed at most
-``max_redirects`` times; the ``Authorization`` header goes only to the host
-that was asked, never to the one a redirect names (blob storage).
+``max_redirects`` times, only to ``http(s)`` URLs that parse (an unusable
+``Location`` is Unavailable); the ``Authorization`` header goes only to the
+scheme and host that were asked, never to another one a redirect names (blob
+storage), nor from ``https`` down to ``http`` on the same host.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import heapq
 import http.client
+import itertools
 import socket
 import ssl
 import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from email.message import Message
 from typing import IO
 
 from lamina.errors import InvalidArgument, Unavailable
 
-__all__ = ["Response", "TLSConfig", "Transport", "TransportError", "proxy_for"]
+__all__ = ["Response", "TLSConfig", "Transport", "TransportError", "printable", "proxy_for",
+           "split_url"]
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _Key = tuple[str, str, "TLSConfig", str]  # scheme, host, TLS, proxy URL ("" = direct)
 _SEND_BLOCK = 1 << 20  # bytes per send of a streamed request body
+_DRAIN_TIME = 1.0  # seconds to read the rest of a short error body before closing instead
 Body = bytes | Callable[[], IO[bytes]] | None
 
 
@@ -91,6 +108,109 @@ class TransportError(Unavailable):
     """The network failed us (refused, reset, timed out, stalled, cut short)."""
 
 
+def printable(text: str, limit: int = 200) -> str:
+    """``text`` as one line for an error message: control characters escaped, cut short."""
+    out = text if text.isprintable() else repr(text)[1:-1]
+    return out if len(out) <= limit else out[:limit] + "…"
+
+
+def split_url(url: str, what: str, *,
+              error: type[Exception] = InvalidArgument) -> urllib.parse.SplitResult:
+    """``url`` split, when it is a usable ``http(s)`` URL; else ``error`` saying why.
+
+    Usable: printable ASCII, a scheme of http or https, a host, a numeric port."""
+    if not url.isascii() or not url.isprintable() or " " in url:
+        raise error(f"{what} {printable(url)!r}: not a plain ASCII URL")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (ValueError for a non-numeric or out-of-range port)
+    except ValueError as exc:
+        raise error(f"{what} {url!r}: {exc}") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise error(f"{what} {url!r}: not an http(s) URL")
+    return parts
+
+
+def _content_length(text: str) -> int | None:
+    """A Content-Length value (ASCII digits only), or None."""
+    text = text.strip()
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+class _Deadlines:
+    """One thread that shuts a connection's socket down when its deadline passes."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int]] = []
+        self._armed: dict[int, http.client.HTTPConnection] = {}
+        self._fired: set[int] = set()
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, conn: http.client.HTTPConnection, seconds: float) -> int:
+        with self._cond:
+            token = next(self._ids)
+            self._armed[token] = conn
+            if len(self._heap) > 4 * len(self._armed) + 256:  # drop the disarmed ones
+                self._heap = [e for e in self._heap if e[1] in self._armed]
+                heapq.heapify(self._heap)
+            when = time.monotonic() + seconds
+            earliest = not self._heap or when < self._heap[0][0]
+            heapq.heappush(self._heap, (when, token))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="lamina-deadlines")
+                self._thread.start()
+            if earliest:  # the thread sleeps until the earliest deadline: wake it
+                self._cond.notify()
+        return token
+
+    def disarm(self, token: int) -> bool:
+        """Forget ``token``; whether its deadline passed (and the socket was shut)."""
+        with self._cond:
+            self._armed.pop(token, None)
+            if token in self._fired:
+                self._fired.discard(token)
+                return True
+        return False
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._heap and self._heap[0][1] not in self._armed:
+                    heapq.heappop(self._heap)
+                if not self._heap:  # nothing armed: end (the next arm starts another)
+                    self._thread = None
+                    return
+                when, token = self._heap[0]
+                now = time.monotonic()
+                if when > now:
+                    self._cond.wait(when - now)
+                    continue
+                heapq.heappop(self._heap)
+                conn = self._armed.pop(token)
+                self._fired.add(token)
+            sock = conn.sock
+            if sock is not None:  # the base class's shutdown: an SSL socket's keeps its state
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    @contextlib.contextmanager
+    def limit(self, conn: http.client.HTTPConnection, seconds: float,
+              message: str) -> Iterator[None]:
+        """Run the body within ``seconds``; a TransportError(``message``) when it could not."""
+        token = self.arm(conn, seconds)
+        try:
+            yield
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            if self.disarm(token):
+                raise TransportError(message) from exc
+            raise
+        if self.disarm(token):
+            raise TransportError(message)
+
+
 @dataclass(frozen=True)
 class TLSConfig:
     """How to verify a server, and which certificate to present to it."""
@@ -122,7 +242,7 @@ class Response:
                  url: str) -> None:
         self._transport, self._key, self._conn, self._raw = transport, key, conn, raw
         self.status = raw.status
-        self.reason = raw.reason
+        self.reason = printable(raw.reason or "", 100)
         self.headers: Message = raw.headers
         self.url = url
         self._window_start = time.monotonic()
@@ -137,11 +257,28 @@ class Response:
         value = self.headers.get(name)
         return default if value is None else str(value)
 
-    def read(self, n: int = 1 << 20) -> bytes:
-        """Up to ``n`` bytes (b"" at the end); TransportError on a failure or a stall."""
+    @property
+    def content_length(self) -> int | None:
+        """The Content-Length header's value, None when absent or not a number."""
+        return _content_length(self.header("Content-Length"))
+
+    def read(self, n: int = 1 << 20, *, deadline: float | None = None) -> bytes:
+        """Up to ``n`` bytes (b"" at the end); TransportError on a failure or a stall.
+
+        One read waits at most the transport's ``timeout``, or until the
+        monotonic ``deadline`` when that comes first."""
+        t = self._transport
+        seconds, why = t.timeout, f"no data for {t.timeout:g}s"
+        if deadline is not None and deadline - time.monotonic() < seconds:
+            seconds = max(deadline - time.monotonic(), 0.0)
+            why = f"the response did not end within {t.document_timeout:g}s"
         try:
-            data = self._raw.read1(n)
-        except (OSError, http.client.HTTPException) as exc:
+            with t._deadlines.limit(self._conn, seconds, f"{self.host}: {why}"):
+                data = self._raw.read1(n)
+        except TransportError:
+            self._fail()
+            raise
+        except (OSError, http.client.HTTPException, ValueError) as exc:
             self._fail()
             raise TransportError(f"{self.host}: connection lost while reading: "
                                  f"{exc or type(exc).__name__}") from exc
@@ -162,13 +299,14 @@ class Response:
 
     def read_all(self, limit: int) -> bytes:
         """The whole body, refusing one longer than ``limit`` bytes without reading it."""
-        length = self.header("Content-Length")
-        if length.isdigit() and int(length) > limit:
+        length = self.content_length
+        if length is not None and length > limit:
             self.close()
             raise InvalidArgument(f"{self.host}: response of {length} bytes is larger than "
                                   f"the {limit} allowed")
+        deadline = time.monotonic() + self._transport.document_timeout
         parts, got = [], 0
-        while chunk := self.read(min(1 << 20, limit + 1 - got)):
+        while chunk := self.read(min(1 << 20, limit + 1 - got), deadline=deadline):
             parts.append(chunk)
             got += len(chunk)
             if got > limit:
@@ -191,9 +329,11 @@ class Response:
         raw = self._raw
         try:
             if not raw.chunked and raw.length is not None and 0 < raw.length <= 65536:
-                raw.read()  # a short unread body (an error document): drain, keep the conn
+                # a short unread body (an error document): drain it (briefly), keep the conn
+                with self._transport._deadlines.limit(self._conn, _DRAIN_TIME, "drain"):
+                    raw.read()
             reusable = (raw.isclosed() or raw.length == 0) and not raw.will_close
-        except (OSError, http.client.HTTPException):
+        except (OSError, http.client.HTTPException, ValueError):
             reusable = False
         if reusable:
             raw.close()
@@ -212,10 +352,20 @@ class Response:
 class Transport:
     """Pooled HTTP connections (thread-safe: each request takes a connection of its own)."""
 
-    def __init__(self, *, timeout: float = 30.0, stall_time: float = 30.0,
+    def __init__(self, *, timeout: float = 30.0, header_timeout: float = 60.0,
+                 document_timeout: float = 120.0, stall_time: float = 30.0,
                  stall_rate: float = 1024.0, max_redirects: int = 5,
                  user_agent: str = "lamina/0.1") -> None:
+        for name, value in (("timeout", timeout), ("header_timeout", header_timeout),
+                            ("document_timeout", document_timeout),
+                            ("stall_time", stall_time)):
+            if not value > 0:
+                raise InvalidArgument(f"transport {name} must be positive, not {value!r}")
+        if max_redirects < 0:
+            raise InvalidArgument(f"max_redirects must be 0 or more, not {max_redirects}")
         self.timeout = timeout
+        self.header_timeout = header_timeout
+        self.document_timeout = document_timeout
         self.stall_time = stall_time
         self.stall_rate = stall_rate
         self.max_redirects = max_redirects
@@ -223,6 +373,7 @@ class Transport:
         self._idle: dict[_Key, list[http.client.HTTPConnection]] = {}
         self._contexts: dict[TLSConfig, ssl.SSLContext] = {}
         self._lock = threading.Lock()
+        self._deadlines = _Deadlines()
 
     def _connection(self, key: _Key) -> http.client.HTTPConnection:
         with self._lock:
@@ -261,9 +412,7 @@ class Transport:
 
     def _once(self, method: str, url: str, headers: Mapping[str, str], body: Body,
               tls: TLSConfig, proxy: str | None) -> Response:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise InvalidArgument(f"cannot request {url!r}: not an http(s) URL")
+        parts = split_url(url, "cannot request")
         route = proxy_for(parts.scheme, parts.netloc) if proxy is None else proxy
         key = (parts.scheme, parts.netloc, tls if parts.scheme == "https" else TLSConfig(),
                route)
@@ -278,9 +427,19 @@ class Transport:
             payload = body() if callable(body) else body
             extra = _proxy_auth(route) if route and parts.scheme == "http" else {}
             try:
+                if conn.sock is None:
+                    with self._deadlines.limit(conn, self.timeout, f"{parts.netloc}: could "
+                                               f"not connect within {self.timeout:g}s"):
+                        conn.connect()
                 conn.request(method, target, body=payload,
                              headers={"User-Agent": self.user_agent, **extra, **headers})
-                raw = conn.getresponse()
+                with self._deadlines.limit(conn, self.header_timeout,
+                                           f"{parts.netloc}: {method}: no complete response "
+                                           f"head within {self.header_timeout:g}s"):
+                    raw = conn.getresponse()
+            except TransportError:
+                conn.close()
+                raise
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
                 if reused and attempt == 0 and isinstance(
@@ -290,8 +449,8 @@ class Transport:
                 if isinstance(exc, ssl.SSLCertVerificationError):
                     raise Unavailable(f"{parts.netloc}: TLS verification failed: "
                                       f"{exc.verify_message}") from exc
-                what = "timed out" if isinstance(exc, socket.timeout) else str(exc) or \
-                    type(exc).__name__
+                what = "timed out" if isinstance(exc, socket.timeout) else \
+                    printable(str(exc)) or type(exc).__name__
                 raise TransportError(f"{parts.netloc}: {method} failed: {what}") from exc
             finally:
                 if payload is not None and not isinstance(payload, bytes):
@@ -307,7 +466,8 @@ class Transport:
         ``proxy``: an ``http://[user:password@]host:port`` proxy for this host
         (a hosts.toml ``proxy``), "" for none, None for the environment's."""
         headers = dict(headers or {})
-        origin = urllib.parse.urlsplit(url).netloc
+        first = urllib.parse.urlsplit(url)
+        origin = first.netloc
         origin_tls = tls = tls or TLSConfig()
         origin_proxy = proxy
         for _ in range(self.max_redirects + 1):
@@ -318,9 +478,16 @@ class Transport:
             resp.close()
             if not location:
                 raise Unavailable(f"{resp.host}: redirect without a Location")
-            url = urllib.parse.urljoin(url, location)
-            if urllib.parse.urlsplit(url).netloc != origin:
+            try:
+                joined = urllib.parse.urljoin(url, location)
+            except ValueError:
+                joined = location
+            parts = split_url(joined, f"{resp.host}: redirect to", error=Unavailable)
+            url = joined
+            if (parts.scheme, parts.netloc) != (first.scheme, origin):
+                # credentials stay with the scheme and host they were meant for
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            if parts.netloc != origin:
                 tls, proxy = TLSConfig(), None
             else:
                 tls, proxy = origin_tls, origin_proxy
