@@ -65,6 +65,7 @@ __all__ = [
     "MAX_XATTR_VALUE",
     "SPACE_CHECK_EVERY",
     "SpaceGuard",
+    "check_fits",
     "env_max_layer_size",
     "parse_size",
     "space_reserve",
@@ -98,6 +99,18 @@ def space_reserve(total_bytes: int) -> int:
     return min(_RESERVE_CAP, total_bytes // 32)
 
 
+def check_fits(path: str | os.PathLike[str], need: int, what: str) -> None:
+    """ResourceExhausted now unless ``need`` more bytes fit on the filesystem of
+    ``path`` with its :func:`space_reserve` left (``what`` announce them)."""
+    st = os.statvfs(path)
+    free = st.f_bavail * st.f_frsize
+    reserve = space_reserve(st.f_blocks * st.f_frsize)
+    if need > free - reserve:
+        raise ResourceExhausted(
+            f"{what} announce {need} bytes, {free} bytes are free on the filesystem "
+            f"of {os.fspath(path)} (lamina keeps {reserve} free)")
+
+
 def parse_size(text: str, what: str = "size") -> int:
     """``"64G"``, ``"512MiB"``, ``"1048576"`` (binary units) as a positive byte count."""
     m = _SIZE.fullmatch(text.strip())
@@ -127,12 +140,14 @@ class SpaceGuard:
     checks into the same one-line error.
     """
 
-    def __init__(self, fd: int, where: str) -> None:
+    def __init__(self, fd: int, where: str, *, action: str = "apply layer") -> None:
+        """``action`` begins the error messages (what was stopped)."""
         st = os.fstatvfs(fd)
         self.reserve = space_reserve(st.f_blocks * st.f_frsize)
         self.inode_reserve = min(4096, st.f_files // 32)
         self._fd = fd
         self._where = where
+        self._action = action
         # often enough that the reserve is not crossed between two checks
         self._every = max(1 << 20, min(SPACE_CHECK_EVERY, self.reserve // 2))
         self._next = self._every
@@ -158,17 +173,17 @@ class SpaceGuard:
         """Raise ResourceExhausted if the filesystem is below its reserve."""
         short = self._short()
         if short is not None:
-            raise ResourceExhausted(f"apply layer: {short}")
+            raise ResourceExhausted(f"{self._action}: {short}")
 
     def explain(self, exc: OSError, member: str, has_xattrs: bool) -> Exception:
         """The error an ENOSPC/EDQUOT at ``member`` stands for."""
         if exc.errno == errno.EDQUOT:
-            return ResourceExhausted(f"apply layer at {member}: disk quota exceeded "
+            return ResourceExhausted(f"{self._action} at {member}: disk quota exceeded "
                                      f"on the filesystem of {self._where}")
         short = self._short()
         if short is None and has_xattrs:
             # space is left: the filesystem cannot hold this member's xattrs (ext4: one block)
             return InvalidArgument(f"invalid tar layer: {member}: its xattrs do not fit "
                                    f"on the filesystem of {self._where}")
-        return ResourceExhausted(f"apply layer at {member}: "
+        return ResourceExhausted(f"{self._action} at {member}: "
                                  f"{short or 'no space left on the filesystem of ' + self._where}")

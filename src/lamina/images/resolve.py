@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lamina.errors import InvalidArgument, NotFound
 from lamina.images.oci import (
@@ -17,6 +17,7 @@ from lamina.images.oci import (
     Manifest,
     host_platform,
 )
+from lamina.images.platforms import select_children
 
 if TYPE_CHECKING:
     from lamina.content import ContentStore
@@ -38,12 +39,6 @@ def read_blob(content: ContentStore, desc: Descriptor) -> bytes:
     return data
 
 
-def _platform_matches(p: Mapping[str, Any] | None, want: Mapping[str, str]) -> bool:
-    if not p:
-        return False
-    return bool(p.get("os") == want["os"] and p.get("architecture") == want["architecture"])
-
-
 def manifest_for(
     content: ContentStore, target: Descriptor, *, platform: Mapping[str, str] | None = None
 ) -> tuple[Descriptor, Manifest, ImageConfig]:
@@ -53,15 +48,10 @@ def manifest_for(
     for _ in range(8):  # indexes may nest; bound it
         if desc.media_type in INDEX_TYPES:
             index = Index.parse(read_blob(content, desc))
-            candidates = [m for m in index.manifests
-                          if m.media_type in MANIFEST_TYPES | INDEX_TYPES]
-            matching = [m for m in candidates if _platform_matches(m.platform, want)]
-            if not matching and len(candidates) == 1 and not candidates[0].platform:
-                matching = candidates
-            if not matching:
-                plat = f"{want['os']}/{want['architecture']}"
-                raise NotFound(f"{desc.digest}: no manifest for {plat}")
-            desc = matching[0]
+            chosen = select_children(index.manifests, [want], where=desc.digest)
+            if not chosen or chosen[0].media_type not in MANIFEST_TYPES | INDEX_TYPES:
+                raise NotFound(f"{desc.digest}: the index lists no manifest")
+            desc = chosen[0]  # the image's (an index's other blobs come after it)
             continue
         if desc.media_type in MANIFEST_TYPES:
             manifest = Manifest.parse(read_blob(content, desc), desc.media_type)

@@ -185,13 +185,7 @@ class Unpacker:
             head = self.content.read_at(desc.digest, 0, 18)
             tail = self.content.read_at(desc.digest, max(0, desc.size - 4), 4)
             need += min(size_hint(head, tail, desc.size), self.max_layer_size)
-        st = os.statvfs(self.sn.root)
-        free = st.f_bavail * st.f_frsize
-        reserve = limits.space_reserve(st.f_blocks * st.f_frsize)
-        if need > free - reserve:
-            raise ResourceExhausted(
-                f"unpack: {len(todo)} layer(s) announce {need} bytes, {free} bytes are free "
-                f"on the filesystem of {self.sn.root} (lamina keeps {reserve} free)")
+        limits.check_fits(self.sn.root, need, f"unpack: {len(todo)} layer(s)")
 
     @staticmethod
     def _key(chain: str) -> str:

@@ -25,8 +25,10 @@ the lease's expiry then lets GC take any committed blob no image claims).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,9 +38,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
 
+from lamina.archive import limits
 from lamina.archive.limits import DEFAULT_MAX_LAYER_SIZE
 from lamina.content import ContentStore
-from lamina.errors import InvalidArgument, NotFound, Unavailable
+from lamina.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from lamina.images.importer import GC_CONTENT, put_document
 from lamina.images.oci import (
     CONFIG_TYPES,
@@ -50,20 +53,33 @@ from lamina.images.oci import (
     Manifest,
     host_platform,
 )
+from lamina.images.platforms import matches, select_children
 from lamina.images.store import Image
 from lamina.images.unpack import Unpacker, UnpackResult
 from lamina.leases import LeasedContent, LeaseManager
 from lamina.progress import Progress
-from lamina.remotes.fetcher import LOCK_WAIT, TailReader, Transfer, fetch_blob
+from lamina.remotes.fetcher import (
+    LOCK_WAIT,
+    Cancelled,
+    TailReader,
+    Transfer,
+    fetch_blob,
+    ingest_ref,
+)
 from lamina.remotes.reference import Reference, parse_reference
 from lamina.remotes.registry import Registry
 from lamina.remotes.resolver import MAX_MANIFEST, fetch_document, resolve
 from lamina.remotes.session import Session
 from lamina.root import Root
 
-__all__ = ["MAX_DEPTH", "PullResult", "parse_platform", "pull"]
+__all__ = ["MAX_DEPTH", "MAX_DESCRIPTORS", "MAX_DOCUMENT_BYTES", "PullResult", "parse_platform",
+           "pull"]
 
 MAX_DEPTH = 8
+#: Distinct descriptors (and manifest layer entries) one pull may reach.
+MAX_DESCRIPTORS = 10_000
+#: Bytes of manifests, indexes and configs one pull may fetch, in all.
+MAX_DOCUMENT_BYTES = 64 << 20
 SOURCE_LABEL = "containerd.io/distribution.source."
 
 
@@ -76,14 +92,6 @@ def parse_platform(text: str) -> dict[str, str]:
     if len(parts) == 3:
         out["variant"] = parts[2]
     return out
-
-
-def _matches(p: Mapping[str, Any] | None, want: Mapping[str, str]) -> bool:
-    if not p:
-        return False
-    if p.get("os") != want["os"] or p.get("architecture") != want["architecture"]:
-        return False
-    return "variant" not in want or p.get("variant") == want["variant"]
 
 
 @dataclass
@@ -105,6 +113,32 @@ class _Plan:
     blobs: dict[str, Descriptor] = field(default_factory=dict)
 
 
+class _GuardedTransfer(Transfer):
+    """A download that stops at the free-space reserve of the content store's
+    filesystem (``fd`` a directory on it), checked as its bytes arrive; a write
+    that still meets ENOSPC/EDQUOT is the same one-line ResourceExhausted."""
+
+    def __init__(self, desc: Descriptor, fd: int | None, where: str | None) -> None:
+        super().__init__(desc)
+        self._guard = None if fd is None or where is None else limits.SpaceGuard(
+            fd, where, action=f"fetch blob {desc.digest}")
+
+    def advance(self, offset: int) -> None:
+        if self._guard is not None:
+            self._guard.seen(offset)
+        super().advance(offset)
+
+    def translate(self, exc: BaseException) -> BaseException:
+        """``exc`` as the pull reports it."""
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) \
+                and self._guard is not None:
+            return self._guard.explain(exc, "its ingest", False)
+        return exc
+
+    def finish(self, error: BaseException | None = None) -> None:
+        super().finish(None if error is None else self.translate(error))
+
+
 class _Puller:
     def __init__(self, session: Session, ref: Reference, content: ContentStore,
                  store: ContentStore, progress: Progress, *, platforms: list[dict[str, str]],
@@ -118,8 +152,26 @@ class _Puller:
         self.all_platforms = all_platforms
         self.concurrency = max(1, concurrency)
         self.plan = _Plan()
+        self.seen: set[str] = set()  # every descriptor the walk reached
+        self.walked = 0  # what it charged to MAX_DESCRIPTORS
+        self.document_bytes = 0
         self.cancel = threading.Event()
         self.transfers: dict[str, Transfer] = {}
+        self.space_where: str | None = None  # the content store's directory, when local
+        self.space_fd: int | None = None
+
+    def __enter__(self) -> _Puller:
+        from lamina.content.local import LocalContentStore
+
+        if isinstance(self.store, LocalContentStore):
+            self.space_where = str(self.store.path)
+            self.space_fd = os.open(self.store.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.space_fd is not None:
+            os.close(self.space_fd)
+            self.space_fd = None
 
     # -- documents -------------------------------------------------------
     def document(self, desc: Descriptor, prefetched: bytes | None) -> bytes:
@@ -149,46 +201,59 @@ class _Puller:
                     self.content.info(desc.digest)
                     return data
 
-    def _wanted(self, children: Sequence[Descriptor]) -> list[Descriptor]:
-        out = []
+    def _spend(self, children: Sequence[Descriptor], *, every: bool = False) -> list[Descriptor]:
+        """The ``children`` not reached before, each once, charged to the pull's budget
+        (``every``: charge each entry, repeated or not: a manifest's layers are all
+        unpacked)."""
+        new: list[Descriptor] = []
         for c in children:
-            if c.media_type not in MANIFEST_TYPES | INDEX_TYPES:
-                out.append(c)  # not an image of some platform: a blob the index carries
-            elif self.all_platforms or not c.platform or any(
-                    _matches(c.platform, p) for p in self.platforms):
-                out.append(c)
-        if not any(c.media_type in MANIFEST_TYPES | INDEX_TYPES for c in out) and any(
-                c.media_type in MANIFEST_TYPES | INDEX_TYPES for c in children):
-            plats = ", ".join(f"{p['os']}/{p['architecture']}" for p in self.platforms)
-            raise NotFound(f"{self.ref}: no manifest for {plats}")
-        return out
+            if c.digest in self.seen:
+                continue
+            self.seen.add(c.digest)
+            new.append(c)
+            if c.media_type in MANIFEST_TYPES | INDEX_TYPES | CONFIG_TYPES:
+                self.document_bytes += c.size
+        self.walked += len(children) if every else len(new)
+        if self.walked > MAX_DESCRIPTORS:
+            raise ResourceExhausted(
+                f"{self.ref}: the image reaches more than {MAX_DESCRIPTORS} descriptors "
+                "(manifests, configs, layers); refused before fetching them")
+        if self.document_bytes > MAX_DOCUMENT_BYTES:
+            raise ResourceExhausted(
+                f"{self.ref}: the image's manifests, indexes and configs add up to more "
+                f"than {MAX_DOCUMENT_BYTES} bytes; refused before fetching them")
+        return new
 
-    def walk(self, desc: Descriptor, prefetched: bytes | None,
-             path: tuple[str, ...] = ()) -> None:
-        if desc.digest in path:
-            raise InvalidArgument(f"{self.ref}: index {desc.digest} contains itself")
-        if len(path) >= MAX_DEPTH:
-            raise InvalidArgument(f"{self.ref}: indexes nest more than {MAX_DEPTH} deep")
-        if desc.media_type in INDEX_TYPES:
-            data = self.document(desc, prefetched)
+    def walk(self, root: Descriptor, prefetched: bytes | None) -> None:
+        """Fetch the documents below ``root``, each once, within the bounds (module docs)."""
+        self._spend([root])
+        stack: list[tuple[Descriptor, int]] = [(root, 0)]
+        while stack:
+            desc, depth = stack.pop()
+            if depth >= MAX_DEPTH:
+                raise InvalidArgument(f"{self.ref}: indexes nest more than {MAX_DEPTH} deep")
+            if desc.media_type not in MANIFEST_TYPES | INDEX_TYPES:
+                raise InvalidArgument(f"{self.ref}: cannot pull a {desc.media_type!r} "
+                                      "(not a manifest or an index)")
+            data = self.document(desc, prefetched if desc is root else None)
             self.plan.documents[desc.digest] = desc
+            if desc.media_type in MANIFEST_TYPES:
+                manifest = Manifest.parse(data, desc.media_type)
+                self.plan.manifests.append((desc, manifest))
+                self.plan.children[desc.digest] = [manifest.config, *manifest.layers]
+                self._spend([manifest.config, *manifest.layers], every=True)
+                continue
             index = Index.parse(data)
-            wanted = self._wanted(index.manifests)
-            self.plan.children[desc.digest] = wanted
-            for child in wanted:
+            wanted = index.manifests if self.all_platforms else select_children(
+                index.manifests, self.platforms, where=str(self.ref))
+            # each child once, in the GC labels too (an index may repeat one)
+            unique = list({c.digest: c for c in reversed(wanted)}.values())[::-1]
+            self.plan.children[desc.digest] = unique
+            for child in reversed(self._spend(unique)):
                 if child.media_type in MANIFEST_TYPES | INDEX_TYPES:
-                    self.walk(child, None, (*path, desc.digest))
+                    stack.append((child, depth + 1))
                 else:
                     self.plan.blobs.setdefault(child.digest, child)
-        elif desc.media_type in MANIFEST_TYPES:
-            data = self.document(desc, prefetched)
-            self.plan.documents[desc.digest] = desc
-            manifest = Manifest.parse(data, desc.media_type)
-            self.plan.manifests.append((desc, manifest))
-            self.plan.children[desc.digest] = [manifest.config, *manifest.layers]
-        else:
-            raise InvalidArgument(f"{self.ref}: cannot pull a {desc.media_type!r} "
-                                  "(not a manifest or an index)")
 
     # -- blobs -----------------------------------------------------------
     def _data_path(self) -> Callable[[str], Path] | None:
@@ -207,11 +272,44 @@ class _Puller:
         for desc in order:
             if desc.digest in self.transfers:
                 continue
-            t = self.transfers[desc.digest] = Transfer(desc)
-            futures.append(pool.submit(fetch_blob, self.session, desc, self.content,
-                                       progress=self.progress, transfer=t,
-                                       cancel=self.cancel, data_path=data_path))
+            t = self.transfers[desc.digest] = _GuardedTransfer(desc, self.space_fd,
+                                                               self.space_where)
+            futures.append(pool.submit(self._fetch, desc, t, data_path))
         return futures
+
+    def _fetch(self, desc: Descriptor, t: _GuardedTransfer,
+               data_path: Callable[[str], Path] | None) -> bool:
+        """One blob; one that stopped at the disk's reserve leaves no ingest behind
+        (it would only be resumed into the same full disk)."""
+        try:
+            return fetch_blob(self.session, desc, self.content, progress=self.progress,
+                              transfer=t, cancel=self.cancel, data_path=data_path)
+        except BaseException as exc:
+            error = t.translate(exc)
+            if isinstance(error, ResourceExhausted):
+                with contextlib.suppress(NotFound, Unavailable):
+                    self.content.abort(ingest_ref(desc.digest))
+            if error is exc:
+                raise
+            raise error from None
+
+    def check_space(self, order: Sequence[Descriptor]) -> None:
+        """ResourceExhausted before fetching when the blobs ``order`` still needs (their
+        announced sizes, less what resumable ingests hold) cannot fit the content
+        store's filesystem above its reserve."""
+        if self.space_where is None:
+            return
+        need, missing = 0, 0
+        for desc in {d.digest: d for d in order}.values():
+            with contextlib.suppress(NotFound):
+                self.store.info(desc.digest)
+                continue
+            held = 0
+            with contextlib.suppress(NotFound):
+                held = min(self.store.status(ingest_ref(desc.digest)).offset, desc.size)
+            need += desc.size - held
+            missing += 1
+        limits.check_fits(self.space_where, need, f"{self.ref}: {missing} blob(s) to fetch")
 
     def open_layer(self, desc: Descriptor) -> IO[bytes]:
         t = self.transfers.get(desc.digest)
@@ -259,7 +357,7 @@ def _to_unpack(puller: _Puller) -> tuple[Descriptor, Manifest] | None:
     images = [(d, m) for d, m in puller.plan.manifests if m.config.media_type in CONFIG_TYPES]
     for want in puller.platforms:
         for d, m in images:
-            if _matches(d.platform, want):
+            if matches(d.platform, want):
                 return d, m
     return images[0] if len(images) == 1 else None
 
@@ -285,34 +383,41 @@ def pull(registry: Registry, reference: str, *, root: Root, snapshotter: str = "
     with leases.held(purpose=f"pull {ref}", expire=timedelta(hours=24)) as lease:
         store = root.content()
         content = LeasedContent(store, leases, lease.id)
-        puller = _Puller(session, ref, content, store, progress, platforms=wanted,
-                         all_platforms=all_platforms, concurrency=concurrency)
-        puller.walk(resolved.desc, resolved.data)
-        for _, manifest in puller.plan.manifests:
-            if manifest.config.media_type in CONFIG_TYPES:
-                puller.document(manifest.config, None)
-        target = _to_unpack(puller) if unpack else None
-        unpack_options = {"max_layer_size": max_layer_size, "sync": sync}
-        unpacked, fetched, present = _transfer(puller, root, snapshotter, target, leases,
-                                               lease.id, progress, unpack_options)
-        puller.label()
+        with _Puller(session, ref, content, store, progress, platforms=wanted,
+                     all_platforms=all_platforms, concurrency=concurrency) as puller:
+            puller.walk(resolved.desc, resolved.data)
+            for _, manifest in puller.plan.manifests:
+                if manifest.config.media_type in CONFIG_TYPES:
+                    puller.document(manifest.config, None)
+            target = _to_unpack(puller) if unpack else None
+            order = _order(puller, target)
+            puller.check_space(order)
+            unpack_options = {"max_layer_size": max_layer_size, "sync": sync}
+            unpacked, fetched, present = _transfer(puller, root, snapshotter, target, order,
+                                                   leases, lease.id, progress, unpack_options)
+            puller.label()
         image = images.put(Image(name=str(ref), target=resolved.desc))
         return PullResult(image=image, unpacked=unpacked, fetched=fetched,
                           present=present,
                           manifests=[d for d, _ in puller.plan.manifests])
 
 
-def _transfer(puller: _Puller, root: Root, snapshotter: str,
-              target: tuple[Descriptor, Manifest] | None, leases: LeaseManager,
-              lease_id: str, progress: Progress,
-              unpack_options: Mapping[str, Any]) -> tuple[UnpackResult | None, int, int]:
-    """Download every blob; unpack ``target`` meanwhile: the unpack, blobs fetched, present."""
+def _order(puller: _Puller, target: tuple[Descriptor, Manifest] | None) -> list[Descriptor]:
+    """Every blob to download, the layers to unpack first."""
     order: list[Descriptor] = []
     if target is not None:
         order += target[1].layers
     for _, manifest in puller.plan.manifests:
         order += [manifest.config, *manifest.layers]
     order += puller.plan.blobs.values()
+    return order
+
+
+def _transfer(puller: _Puller, root: Root, snapshotter: str,
+              target: tuple[Descriptor, Manifest] | None, order: Sequence[Descriptor],
+              leases: LeaseManager, lease_id: str, progress: Progress,
+              unpack_options: Mapping[str, Any]) -> tuple[UnpackResult | None, int, int]:
+    """Download every blob; unpack ``target`` meanwhile: the unpack, blobs fetched, present."""
     pool = ThreadPoolExecutor(max_workers=puller.concurrency, thread_name_prefix="fetch")
     futures = puller.start_downloads(pool, order)
     unpacked: UnpackResult | None = None
@@ -323,7 +428,9 @@ def _transfer(puller: _Puller, root: Root, snapshotter: str,
                                    progress, unpack_options)
             except BaseException:
                 puller.cancel.set()
-                _raise_download_error(futures)
+                for f in futures:
+                    f.cancel()
+                _raise_download_error(futures, wait=True)  # the root cause, if a download
                 raise
         _raise_download_error(futures, wait=True)
     except BaseException:
@@ -336,12 +443,13 @@ def _transfer(puller: _Puller, root: Root, snapshotter: str,
 
 
 def _raise_download_error(futures: Sequence[Future[bool]], *, wait: bool = False) -> None:
-    """The first download's error (the root cause of an unpack failing, say)."""
+    """The first download's error (the root cause of an unpack failing, say); downloads
+    that were only cancelled because of another failure are not one."""
     for f in futures:
-        if not wait and not f.done():
+        if f.cancelled() or (not wait and not f.done()):
             continue
         exc = f.exception()
-        if exc is not None:
+        if exc is not None and not isinstance(exc, Cancelled):
             for g in futures:
                 g.cancel()
             raise exc
