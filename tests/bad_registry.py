@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -231,6 +232,55 @@ def serving(state: State) -> Iterator[str]:
         state.stopped.set()  # endless hooks end
         server.shutdown()
         server.server_close()
+
+
+# ------------------------------------------------------------------ below HTTP
+
+
+@contextmanager
+def serving_raw(handle: Callable[[socket.socket, threading.Event], None]) -> Iterator[str]:
+    """A TCP server on a free loopback port that gives every connection to
+    ``handle(sock, stopped)`` in a thread of its own, for what no HTTP server
+    would send (a TLS handshake dripped, two schemes on one port). ``stopped``
+    is set when the server ends; the socket is closed after ``handle``."""
+    stopped = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+
+    def serve_one(conn: socket.socket) -> None:
+        with suppress(OSError), conn:
+            handle(conn, stopped)
+
+    def accept() -> None:
+        while not stopped.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(None)
+            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stopped.set()
+        thread.join(timeout=10)
+        listener.close()
+
+
+def read_head(sock: socket.socket, limit: int = 65536) -> bytes:
+    """A request's head (up to the blank line), at most ``limit`` bytes."""
+    data = b""
+    while b"\r\n\r\n" not in data and len(data) < limit:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 # --------------------------------------------------------------------------- a proxy

@@ -22,6 +22,10 @@ import gzip
 import json
 import os
 import re
+import shutil
+import socket
+import ssl
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,7 +34,16 @@ from typing import Any
 
 import imagefactory
 import pytest
-from bad_registry import MT_CONFIG, MT_MANIFEST, Handler, State, serving, sha
+from bad_registry import (
+    MT_CONFIG,
+    MT_MANIFEST,
+    Handler,
+    State,
+    read_head,
+    serving,
+    serving_raw,
+    sha,
+)
 
 from lamina.check import check
 from lamina.errors import FailedPrecondition, InvalidArgument, LaminaError, Unavailable
@@ -41,7 +54,7 @@ from lamina.remotes.reference import parse_reference
 from lamina.remotes.referrers import list_referrers
 from lamina.remotes.registry import Registry
 from lamina.remotes.session import RetryPolicy
-from lamina.remotes.transport import Transport
+from lamina.remotes.transport import TLSConfig, Transport, TransportError
 from lamina.root import Root
 
 USER, SECRET = "alice", "s3cret-Pa55"
@@ -284,6 +297,16 @@ def _slow_loris(h: Handler) -> bool:
                  close=False) and h.drip(b" " * 1_000_000, pause=0.0001)
 
 
+def _deep_config(e: Env, repo: str) -> None:
+    """``repo``:1 is an image whose config (its digest right) is nested 200,000 deep."""
+    config = e.reg.add_blob(DEEP)
+    e.reg.add_manifest(repo, ["1"], MT_MANIFEST, {
+        "schemaVersion": 2, "mediaType": MT_MANIFEST,
+        "config": {"mediaType": MT_CONFIG, "digest": config, "size": len(DEEP)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": e.layer, "size": len(e.reg.blobs[e.layer])}]})
+
+
 def _endless_chunks(h: Handler) -> bool:
     while not h.state.stopped.is_set() and h.raw(b"10000\r\n" + b" " * 0x10000 + b"\r\n",
                                                  close=False):
@@ -436,6 +459,7 @@ CASES = [
     Case("deep-manifest", tag_document(DEEP), InvalidArgument, r"nested deeper than"),
     Case("deep-manifest-object", tag_document(b'{"a":' * 100_000 + b"1" + b"}" * 100_000),
          InvalidArgument, r"nested deeper than"),
+    Case("deep-config", _deep_config, InvalidArgument, r"nested deeper than"),
     Case("manifest-nested-65-levels", tag_document(
         b'{"schemaVersion":2,"config":' + b"[" * 65 + b"]" * 65 + b"}"),
          InvalidArgument, r"nested deeper than 64"),
@@ -474,23 +498,26 @@ def _pull_or_list(e: Env, case: Case, repo: str, root: Path, config: Path) -> An
             r.close()
 
 
-def run_case(e: Env, case: Case, repo: str, root: Path, config: Path) -> Any:
-    """The pull's result or its exception; fails the test if it never ends."""
+def bounded(fn: Callable[[], Any]) -> Any:
+    """``fn()``'s result or exception; fails the test if it never ends."""
     out: dict[str, Any] = {}
 
     def target() -> None:
         try:
-            out["result"] = _pull_or_list(e, case, repo, root, config)
+            out["result"] = fn()
         except BaseException as exc:  # the test inspects whatever it was
             out["error"] = exc
 
     t = threading.Thread(target=target, daemon=True)
     t.start()
     t.join(HARD_LIMIT)
-    assert not t.is_alive(), f"{case.name}: the pull did not end (its deadlines failed)"
-    if "error" in out:
-        return out["error"]
-    return out["result"]
+    assert not t.is_alive(), "the request did not end (its deadlines failed)"
+    return out.get("error", out.get("result"))
+
+
+def run_case(e: Env, case: Case, repo: str, root: Path, config: Path) -> Any:
+    """The pull's result or its exception; fails the test if it never ends."""
+    return bounded(lambda: _pull_or_list(e, case, repo, root, config))
 
 
 def _tree(path: Path) -> list[str]:
@@ -542,3 +569,82 @@ def test_every_case_named_once() -> None:
     names = [c.name for c in CASES]
     assert len(names) == len(set(names))
     assert os.sep not in "".join(names)
+
+
+# ------------------------------------------------- below HTTP: TLS, proxies, schemes
+
+
+def _drip_tls_record(sock: socket.socket, stopped: threading.Event) -> None:
+    """A TLS record header promising 16 KiB, then its bytes one at a time."""
+    read_head(sock, 1)
+    for b in b"\x16\x03\x03\x40\x00" + b"\x00" * 16384:
+        if stopped.wait(0.01):
+            return
+        sock.sendall(bytes([b]))
+
+
+def _drip_connect_answer(sock: socket.socket, stopped: threading.Event) -> None:
+    """A proxy that answers CONNECT with headers that never end."""
+    read_head(sock)
+    sock.sendall(b"HTTP/1.1 200 Connection established\r\n")
+    while not stopped.wait(0.01):
+        sock.sendall(b"X-More: a\r\n")
+
+
+@pytest.mark.parametrize("server, via_proxy", [(_drip_tls_record, False),
+                                               (_drip_connect_answer, True)],
+                         ids=["tls-handshake-dripped", "proxy-connect-dripped"])
+def test_connect_phase_has_a_deadline(server: Callable[[socket.socket, threading.Event], None],
+                                      via_proxy: bool) -> None:
+    transport = Transport(timeout=1.0, header_timeout=1.0)
+    with serving_raw(server) as host:
+        url = "https://registry.invalid:443/v2/" if via_proxy else f"https://{host}/v2/"
+        got = bounded(lambda: transport.request("GET", url, proxy=f"http://{host}"
+                                                if via_proxy else "",
+                                                tls=TLSConfig(skip_verify=True)))
+    transport.close()
+    assert isinstance(got, TransportError), got
+    assert re.fullmatch(r"\S+: could not connect within 1s", str(got)), got
+
+
+@pytest.fixture(scope="module")
+def server_cert(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    work = tmp_path_factory.mktemp("cert")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    "key.pem", "-out", "cert.pem", "-days", "2", "-subj", "/CN=127.0.0.1"],
+                   cwd=work, check=True, capture_output=True, timeout=60)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(work / "cert.pem", work / "key.pem")
+    return ctx
+
+
+def test_no_credentials_down_from_https_to_http(server_cert: ssl.SSLContext) -> None:
+    """One port speaking both schemes: https redirects to http on the same host:port,
+    and the Authorization header does not follow it down."""
+    heads: list[tuple[str, bytes]] = []
+
+    def both_schemes(sock: socket.socket, stopped: threading.Event) -> None:
+        tls = sock.recv(1, socket.MSG_PEEK) == b"\x16"
+        if tls:
+            sock = server_cert.wrap_socket(sock, server_side=True)
+        heads.append(("https" if tls else "http", read_head(sock)))
+        if tls:
+            sock.sendall(response(302, [("Location", f"http://{host}/plain"),
+                                        ("Content-Length", "0"), ("Connection", "close")]))
+        else:
+            sock.sendall(response(200, [("Content-Length", "2"), ("Connection", "close")],
+                                  b"ok"))
+
+    transport = Transport(timeout=5.0)
+    with serving_raw(both_schemes) as host:
+        got = bounded(lambda: transport.request(
+            "GET", f"https://{host}/v2/", headers={"Authorization": "Bearer secret-token"},
+            tls=TLSConfig(skip_verify=True), proxy=""))
+        assert not isinstance(got, BaseException), got
+        assert got.status == 200 and got.read_all(10) == b"ok"
+    transport.close()
+    assert [scheme for scheme, _ in heads] == ["https", "http"]
+    assert b"secret-token" in heads[0][1]
+    assert b"authorization" not in heads[1][1].lower()
