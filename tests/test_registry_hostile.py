@@ -307,6 +307,23 @@ def _deep_config(e: Env, repo: str) -> None:
                     "digest": e.layer, "size": len(e.reg.blobs[e.layer])}]})
 
 
+def _resume_with_giant_range(e: Env, repo: str) -> None:
+    """The layer is cut off half way; asked again with Range, the registry answers a
+    206 whose Content-Range has numbers of 5,000 digits."""
+    data = e.reg.blobs[e.layer]
+
+    def hook(h: Handler) -> bool:
+        if not (is_get(h, "blobs") and e.layer in h.path):
+            return False
+        if h.headers.get("Range"):
+            huge = "9" * 5000
+            return h.raw(response(206, [("Content-Range", f"bytes {huge}-{huge}/{huge}"),
+                                        ("Content-Length", "1")], b"x"))
+        return h.raw(response(200, [("Content-Length", str(len(data)))],
+                              data[:len(data) // 2]))
+    e.reg.repos[repo] = hook
+
+
 def _endless_chunks(h: Handler) -> bool:
     while not h.state.stopped.is_set() and h.raw(b"10000\r\n" + b" " * 0x10000 + b"\r\n",
                                                  close=False):
@@ -444,6 +461,17 @@ CASES = [
     Case("content-length-superscript", manifest_get(b"{}", [("Content-Length", "\xb2")],
                                                     length=False),
          LaminaError, ""),
+    Case("content-length-5000-digits", manifest_get(b"{}", [("Content-Length", "9" * 5000)],
+                                                    length=False),
+         FailedPrecondition, r"sends \d+ bytes for a document"),
+    Case("content-range-5000-digits", _resume_with_giant_range,
+         Unavailable, r"gave up after 2 attempts"),
+    Case("head-with-a-body", on_registry("manifests", lambda h: h.raw(response(
+        200, [("Content-Type", MT_MANIFEST), ("Content-Length", "2")], b"{}junk"),
+        close=False), methods=("HEAD",)), None),
+    Case("status-999", status_forever(999, []), Unavailable, r"999"),
+    Case("not-http", on_registry("manifests", lambda h: h.raw(b"SSH-2.0-OpenSSH\r\n"),
+                                 methods=("GET", "HEAD")), Unavailable, r"failed"),
     Case("content-length-short", manifest_get(b"{}" * 10, [("Content-Length", "3")],
                                               length=False),
          FailedPrecondition, r"sends 3 bytes for a document"),

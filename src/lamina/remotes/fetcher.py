@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["Cancelled", "Transfer", "fetch_blob", "ingest_ref"]
 
 CHUNK = 1 << 20
-_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_RANGE = re.compile(r"bytes (\d{1,18})-(\d{1,18})/(\d{1,18}|\*)", re.ASCII)
 LOCK_WAIT = 600.0
 
 

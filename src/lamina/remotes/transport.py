@@ -131,10 +131,15 @@ def split_url(url: str, what: str, *,
     return parts
 
 
+_ABSURD = 1 << 63  # what a number of more than 18 digits stands for: more than anything
+
+
 def _content_length(text: str) -> int | None:
     """A Content-Length value (ASCII digits only), or None."""
     text = text.strip()
-    return int(text) if text.isascii() and text.isdigit() else None
+    if not (text.isascii() and text.isdigit()):
+        return None
+    return int(text) if len(text) <= 18 else _ABSURD
 
 
 class _Deadlines:
