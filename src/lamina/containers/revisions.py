@@ -185,22 +185,25 @@ class ContainerService:
         return self.store.update(replace(container, image=image, snapshot_key=previous))
 
     def prune_revisions(self, cid: str, *, keep: int) -> builtins.list[str]:
-        """Remove all but the ``keep`` newest revisions (never the current one)."""
+        """Remove all but the ``keep`` newest revisions (never the current one).
+
+        A kept revision whose previous one goes (or is already gone: a prune that
+        was interrupted) loses its ``previous`` label first, then the others are
+        removed, so the labels never name a removed revision for long and running
+        the prune again finishes an interrupted one."""
         revs = self.revisions(cid)
         keep_keys = {r.key for r in revs[-keep:]} if keep > 0 else set()
         keep_keys |= {r.key for r in revs if r.current}
-        removed = []
         for rev in revs:
-            if rev.key in keep_keys:
-                continue
-            self.sn.remove(rev.key)
-            removed.append(rev.key)
-        gone = set(removed)
-        for rev in revs:  # a revision whose predecessor is gone has no previous any more
-            if rev.key in keep_keys and rev.previous in gone:
+            if rev.key in keep_keys and rev.previous and rev.previous not in keep_keys:
                 info = self.sn.stat(rev.key)
                 self.sn.update(replace(info, labels={LABEL_PREVIOUS: ""}),
                                f"labels.{LABEL_PREVIOUS}")
+        removed = []
+        for rev in revs:
+            if rev.key not in keep_keys:
+                self.sn.remove(rev.key)
+                removed.append(rev.key)
         return removed
 
     def remove(self, cid: str) -> builtins.list[str]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from lamina import crash
 from lamina.db import Database
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
 from lamina.labels import validate_labels
@@ -84,6 +85,7 @@ class ContainerStore:
             c.execute("INSERT INTO containers VALUES (?,?,?,?,?,?,?,?)", (
                 container.id, container.image, container.snapshotter, container.snapshot_key,
                 json.dumps(container.spec), json.dumps(labels), now, now))
+        crash.point("container.create.committed")
         return self.get(container.id)
 
     def update(self, container: Container) -> Container:
@@ -96,6 +98,7 @@ class ContainerStore:
                  json.dumps(labels), time.time_ns(), container.id))
             if cur.rowcount == 0:
                 raise NotFound(f"container {container.id!r} does not exist")
+        crash.point("container.update.committed")
         return self.get(container.id)
 
     def set_labels(self, cid: str, labels: Mapping[str, str]) -> Container:
@@ -107,6 +110,7 @@ class ContainerStore:
         with self._db.write() as c:
             if c.execute("DELETE FROM containers WHERE id=?", (cid,)).rowcount == 0:
                 raise NotFound(f"container {cid!r} does not exist")
+        crash.point("container.delete.committed")
 
     def close(self) -> None:
         self._db.close()
