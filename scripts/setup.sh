@@ -26,7 +26,7 @@ mkdir -p "$STATE_DIR"
 # --- 1. apt packages ---------------------------------------------------------
 PACKAGES=(
     # runtime tools the tests drive
-    containerd runc criu umoci skopeo docker-registry debootstrap strace
+    containerd runc criu umoci skopeo docker-registry debootstrap erofs-utils strace
     zstd pigz xz-utils tar iproute2 git python3-venv ca-certificates
     util-linux mount e2fsprogs attr libcap2-bin procps kmod
     debian-archive-keyring systemd uidmap
