@@ -324,6 +324,15 @@ def _resume_with_giant_range(e: Env, repo: str) -> None:
     e.reg.repos[repo] = hook
 
 
+def on_layer(hook: Callable[[Handler, bytes], bool]) -> Callable[[Env, str], None]:
+    """``hook(handler, layer bytes)`` answers the GETs of the image's layer."""
+    def arrange(e: Env, repo: str) -> None:
+        data = e.reg.blobs[e.layer]
+        e.reg.repos[repo] = lambda h: is_get(h, "blobs") and e.layer in h.path and \
+            hook(h, data)
+    return arrange
+
+
 def _endless_chunks(h: Handler) -> bool:
     while not h.state.stopped.is_set() and h.raw(b"10000\r\n" + b" " * 0x10000 + b"\r\n",
                                                  close=False):
@@ -472,6 +481,21 @@ CASES = [
     Case("status-999", status_forever(999, []), Unavailable, r"999"),
     Case("not-http", on_registry("manifests", lambda h: h.raw(b"SSH-2.0-OpenSSH\r\n"),
                                  methods=("GET", "HEAD")), Unavailable, r"failed"),
+    Case("blob-headers-dripped", on_layer(lambda h, _: h.drip(
+        b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 60_000)), Unavailable,
+         r"no complete response head within"),
+    Case("blob-stalls", on_layer(lambda h, data: h.raw(response(
+        200, [("Content-Length", str(len(data)))]), close=False) and h.drip(data, pause=0.05)),
+         Unavailable, r"stalled.*gave up after 2 attempts"),
+    Case("blob-longer-than-descriptor", on_layer(lambda h, data: h.raw(response(
+        200, [("Content-Length", str(len(data) + 100))], data + b"x" * 100))),
+         FailedPrecondition, r"Content-Length \d+ where \d+ bytes are due"),
+    Case("blob-endless", on_layer(lambda h, data: h.raw(response(
+        200, [("Transfer-Encoding", "chunked")], b"%x\r\n" % len(data) + data + b"\r\n"),
+        close=False) and _endless_chunks(h)),
+         FailedPrecondition, r"more bytes than its size"),
+    Case("blob-length-superscript", on_layer(lambda h, data: h.raw(response(
+        200, [("Content-Length", "\xb2")], data))), None),
     Case("content-length-short", manifest_get(b"{}" * 10, [("Content-Length", "3")],
                                               length=False),
          FailedPrecondition, r"sends 3 bytes for a document"),

@@ -286,7 +286,7 @@ class Response:
         except (OSError, http.client.HTTPException, ValueError) as exc:
             self._fail()
             raise TransportError(f"{self.host}: connection lost while reading: "
-                                 f"{exc or type(exc).__name__}") from exc
+                                 f"{printable(str(exc)) or type(exc).__name__}") from exc
         if not data and self._raw.length:  # the server closed before Content-Length
             self._fail()
             raise TransportError(f"{self.host}: body cut short "
