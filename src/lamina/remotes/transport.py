@@ -131,7 +131,7 @@ def split_url(url: str, what: str, *,
     return parts
 
 
-_ABSURD = 1 << 63  # what a number of more than 18 digits stands for: more than anything
+_ABSURD = 1 << 63  # a number too long for int(): more than anything anyway
 
 
 def _content_length(text: str) -> int | None:
@@ -139,7 +139,7 @@ def _content_length(text: str) -> int | None:
     text = text.strip()
     if not (text.isascii() and text.isdigit()):
         return None
-    return int(text) if len(text) <= 18 else _ABSURD
+    return int(text) if len(text) <= 4000 else _ABSURD
 
 
 class _Deadlines:
