@@ -48,12 +48,13 @@ from bad_registry import (
 from lamina.check import check
 from lamina.errors import FailedPrecondition, InvalidArgument, LaminaError, Unavailable
 from lamina.images.store import ImageStore
-from lamina.remotes.auth import Credentials, DockerConfig, Unauthorized
+from lamina.remotes.auth import Authorizer, Credentials, DockerConfig, Unauthorized
+from lamina.remotes.hosts import Endpoint
 from lamina.remotes.pull import pull
 from lamina.remotes.reference import parse_reference
 from lamina.remotes.referrers import list_referrers
 from lamina.remotes.registry import Registry
-from lamina.remotes.session import RetryPolicy
+from lamina.remotes.session import RetryPolicy, Session
 from lamina.remotes.transport import TLSConfig, Transport, TransportError
 from lamina.root import Root
 
@@ -701,3 +702,29 @@ def test_no_credentials_down_from_https_to_http(server_cert: ssl.SSLContext) -> 
     assert [scheme for scheme, _ in heads] == ["https", "http"]
     assert b"secret-token" in heads[0][1]
     assert b"authorization" not in heads[1][1].lower()
+
+
+def test_https_registry_credentials_never_to_a_plain_http_realm(
+        server_cert: ssl.SSLContext, tmp_path: Path) -> None:
+    """An HTTPS registry naming an http:// realm: its credentials are not sent in clear
+    (the realm, a name that never resolves, is not even asked)."""
+    def registry(sock: socket.socket, stopped: threading.Event) -> None:
+        sock = server_cert.wrap_socket(sock, server_side=True)
+        read_head(sock)
+        sock.sendall(response(401, [
+            ("WWW-Authenticate", 'Bearer realm="http://registry.invalid/token",service="x"'),
+            ("Content-Length", "0"), ("Connection", "close")]))
+
+    transport = Transport(timeout=5.0)
+    with serving_raw(registry) as host:
+        authorizer = Authorizer(transport, user=Credentials(USER, SECRET), user_host=host,
+                                config=DockerConfig(tmp_path / "none.json"))
+        session = Session(host, "r", endpoints=[Endpoint("https", host, skip_verify=True)],
+                          transport=transport, authorizer=authorizer,
+                          retry=RetryPolicy(attempts=1))
+        got = bounded(lambda: session.request("pull", "GET", "/r/manifests/1",
+                                              scope=session.scope()))
+    transport.close()
+    assert isinstance(got, Unauthorized), got
+    assert re.fullmatch(r"\S+: token realm 'http://registry.invalid/token' is plain HTTP; "
+                        r"the registry's credentials go only over HTTPS", str(got)), got

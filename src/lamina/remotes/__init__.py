@@ -6,7 +6,8 @@ The layers, from the bottom up (calls go down, never back up):
 ``hosts``       which endpoints serve a registry (``hosts.toml``: mirrors,
                 capabilities, TLS material, plain HTTP)
 ``transport``   HTTP/1.1 over ``http.client`` with TLS contexts per host,
-                redirects that never carry credentials to another host
+                a deadline on every phase of a request, redirects that
+                never carry credentials to another host or scheme
 ``auth``        credentials (``--user``, ``~/.docker/config.json``, helpers) and
                 the Bearer-token / Basic challenge flow, per repository scope
 ``session``     one registry conversation: endpoints in order, retries with
