@@ -20,8 +20,9 @@ Edges:
   after the snapshotter name) → that snapshot key in that snapshotter;
 * a snapshot → its parent.
 
-Everything not reached is removed: blobs, and snapshots leaf first so a
-parent always goes after its children.
+Everything not reached is removed: snapshots leaf first so a parent always
+goes after its children, then blobs, so a crash in between leaves
+unreferenced blobs rather than a layer whose tree manifest blob is gone.
 
 Only the CLI's objects are collected (:mod:`lamina.owners`): the candidates
 are the snapshots the CLI owns and the blobs it holds a reference to, seen
@@ -267,17 +268,20 @@ def collect(root: Root, *, dry_run: bool = False) -> Report:
                         if reader.read() != roots:
                             continue  # mark again: labels may have changed too
                     crash.point("gc.marked")
+                    # Snapshots first: a crash between the two sweeps then leaves
+                    # unreferenced blobs (collected next time), never a layer whose
+                    # tree manifest blob is gone (check --deep would report it).
+                    for name, infos in candidates.snaps.items():
+                        deferred.enter_context(_deferred_removal(root, name))
+                        _sweep_snapshots(root, name, infos, marked, sizes, report,
+                                         dry_run=dry_run)
+                        crash.point("gc.swept-snapshots")
                     for digest, blob in sorted(candidates.blobs.items()):
                         if ("content", digest) not in marked:
                             report.content.append((digest, blob.size))
                             if not dry_run:
                                 with contextlib.suppress(NotFound):
                                     content.delete(digest)
-                    for name, infos in candidates.snaps.items():
-                        crash.point("gc.swept-before-snapshots")
-                        deferred.enter_context(_deferred_removal(root, name))
-                        _sweep_snapshots(root, name, infos, marked, sizes, report,
-                                         dry_run=dry_run)
                 break
         finally:
             guard.close()
