@@ -3,7 +3,8 @@
 A workload is a list of steps, each a command run under strace on the same
 root (the root as it was before the first step is taken as durable). A step
 that exits 0 is *acknowledged*: every crash state after that point must still
-show what the step did (its ``expect`` callback), and every state must open —
+show what the steps did (the ``expect`` callback of the last acknowledged step
+says all that must hold by then), and every state must open —
 lamina sees a new boot id and repairs the root — and then pass ``check
 --deep`` with no problem at all.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +25,6 @@ from crashstates.record import Recorder
 from crashstates.states import CrashState, choose, explore, replay
 from crashstates.trace import TraceError, parse, run_traced
 from crashstates.tree import Op, Tree, scan
-
 from lamina.check import check
 from lamina.errors import LaminaError
 from lamina.fsutil import remove_tree
@@ -36,12 +37,15 @@ PREVIOUS_BOOT = "00000000-0000-4000-8000-crashstates0\n"
 
 Expect = Callable[[Root], list[str]]
 
+#: How many inconsistent states ``keep`` keeps per workload.
+KEPT = 5
+
 
 @dataclass(frozen=True)
 class Step:
     label: str
     argv: Sequence[str]
-    expect: Expect | None = None  # what must hold once the step was acknowledged
+    expect: Expect | None = None  # all that must hold once the step was acknowledged
 
 
 @dataclass
@@ -62,12 +66,14 @@ class Outcome:
     seed: int
     failures: list[tuple[CrashState, list[str]]] = field(default_factory=list)
     seconds: float = 0.0
+    through_cli: int = 0
 
     def summary(self) -> str:
         sampled = (f", sampled with seed {self.seed}" if self.explored < self.candidates
                    else "")
         return (f"{self.workload}: {self.explored} of {self.candidates} crash states explored"
-                f"{sampled}, {len(self.failures)} inconsistent ({self.seconds:.1f} s)")
+                f"{sampled} ({self.through_cli} through the CLI), {len(self.failures)} "
+                f"inconsistent ({self.seconds:.1f} s)")
 
 
 def record_workload(root: Path, steps: Sequence[Step], work: Path, *,
@@ -92,11 +98,20 @@ def record_workload(root: Path, steps: Sequence[Step], work: Path, *,
     return Recording(root, base, rec.ops, acks, final_mtimes(rec.tree, root), steps)
 
 
-def open_state(path: Path, expectations: Sequence[Expect]) -> list[str]:
-    """Restart ``path`` as lamina would after a power cut; what is wrong with it."""
+def open_state(path: Path, expectations: Sequence[Expect], *,
+               cli: Sequence[str] | None = None) -> list[str]:
+    """Restart ``path`` as lamina would after a power cut; what is wrong with it.
+    With ``cli`` (the command that runs lamina), the first open and the check go
+    through ``lamina --root PATH check --deep``, which must exit 0."""
     marker = path / "boot-id"
     if marker.exists():
         marker.write_text(PREVIOUS_BOOT)
+    if cli is not None:
+        proc = subprocess.run([*cli, "--root", str(path), "check", "--deep"],
+                              capture_output=True, text=True, timeout=300, check=False)
+        if proc.returncode != 0:
+            return [f"lamina check --deep: exit {proc.returncode}: "
+                    f"{(proc.stdout + proc.stderr).strip()}"]
     try:
         root = Root(path)
     except (LaminaError, sqlite3.Error, OSError) as exc:
@@ -114,8 +129,11 @@ def open_state(path: Path, expectations: Sequence[Expect]) -> list[str]:
 
 
 def explore_workload(name: str, rec: Recording, scratch: Path, *, budget: int,
-                     seed: int) -> Outcome:
-    """Materialise and open the crash states of ``rec`` (at most ``budget``)."""
+                     seed: int, cli: Sequence[str], keep: Path | None = None) -> Outcome:
+    """Materialise and open the crash states of ``rec`` (at most ``budget``); the
+    durable-only state at each acknowledgement is opened through the CLI (``cli``),
+    the rest through the library. The first few inconsistent states are kept below
+    ``keep`` (as written, before lamina opened them) when it is given."""
     start = time.monotonic()
     states = explore(rec.ops, rec.base, rec.acks)
     picked = choose(states, rec.acks, budget=budget, seed=seed)
@@ -124,13 +142,21 @@ def explore_workload(name: str, rec: Recording, scratch: Path, *, budget: int,
         dest = scratch / f"state-{n}"
         tree = replay(rec.ops, rec.base, state)
         write_tree(tree, dest, rec.mtimes)
-        expectations = [s.expect for s in rec.steps[: state.acked] if s.expect is not None]
+        # the last acknowledged step's expectation says all that must hold by then
+        expectations = [s.expect for s in rec.steps[: state.acked] if s.expect is not None][-1:]
         try:
-            problems = open_state(dest, expectations)
+            through_cli = state.why == "durable only" and state.point in rec.acks
+            problems = open_state(dest, expectations, cli=cli if through_cli else None)
+            out.through_cli += through_cli
         finally:
             with contextlib.suppress(OSError):
                 remove_tree(dest)
         if problems:
             out.failures.append((state, problems))
+            if keep is not None and len(out.failures) <= KEPT:
+                kept = keep / f"{name.replace(' ', '_').replace('/', '_')}-{n}"
+                write_tree(tree, kept, rec.mtimes)
+                (kept.parent / f"{kept.name}.txt").write_text(
+                    state.describe() + "\n" + "\n".join(problems) + "\n")
     out.seconds = time.monotonic() - start
     return out

@@ -50,7 +50,7 @@ class Recorder:
         self.ops: list[Op] = []
         self.cwd = "/"
         self._pos: dict[str, int] = {}
-        self._mounts: set[str] = set()
+        self._mounts: dict[str, str | None] = {}  # target -> bind source (None: other)
 
     # -- paths ----------------------------------------------------------------------
 
@@ -59,6 +59,11 @@ class Recorder:
         path = os.path.normpath(path)
         if path.endswith(" (deleted)"):
             return None
+        for target, source in self._mounts.items():
+            if path == target or path.startswith(target + "/"):
+                if source is None:
+                    return None  # through an overlay mount: see the final comparison
+                path = source + path[len(target):]
         if path == self.root:
             parts: list[str] = []
         elif path.startswith(self.root + "/"):
@@ -67,9 +72,6 @@ class Recorder:
             return None
         if parts and parts[-1].endswith(_SKIPPED_SUFFIXES):
             return None
-        for m in self._mounts:
-            if path.startswith(m + "/"):
-                return None  # through a mount: the real change is elsewhere (see verify)
         return parts
 
     def _at(self, dirfd: str, name: str) -> str:
@@ -439,8 +441,10 @@ class Recorder:
         target = self._plain(c.args[1])
         below = target == self.root or target.startswith(self.root + "/")
         if below and "MS_REMOUNT" not in c.args[3]:
-            self._mounts.add(os.path.normpath(target))
+            bind = "MS_BIND" in c.args[3]
+            source = os.path.normpath(self._plain(c.args[0])) if bind else None
+            self._mounts[os.path.normpath(target)] = source
 
     def _do_umount2(self, c: Call) -> None:
-        self._mounts.discard(os.path.normpath(self._plain(c.args[0])))
+        self._mounts.pop(os.path.normpath(self._plain(c.args[0])), None)
 

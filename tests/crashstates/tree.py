@@ -118,6 +118,21 @@ def is_data(op: Op) -> bool:
     return isinstance(op, Write)
 
 
+ACL_ACCESS = "system.posix_acl_access"
+
+
+def acl_mode(value: bytes) -> int:
+    """The permission bits a minimal access ACL stands for (the kernel stores such an
+    ACL as the mode alone; an extended one is not modelled)."""
+    perms = {}
+    for i in range(4, len(value), 8):
+        tag = int.from_bytes(value[i:i + 2], "little")
+        perms[tag] = int.from_bytes(value[i + 2:i + 4], "little")
+    if set(perms) - {0x01, 0x04, 0x20}:
+        raise ValueError("an extended POSIX ACL is not modelled")
+    return (perms.get(0x01, 0) << 6) | (perms.get(0x04, 0) << 3) | perms.get(0x20, 0)
+
+
 # ----------------------------------------------------------------------------- the tree
 
 
@@ -201,7 +216,9 @@ class Tree:
                 a.gid = op.gid
             if op.xattr is not None:
                 name, value = op.xattr
-                if value is None:
+                if name == ACL_ACCESS and value is not None:
+                    a.mode = (a.mode & ~0o777) | acl_mode(value)  # the kernel keeps it as mode
+                elif value is None:
                     a.xattrs.pop(name, None)
                 else:
                     a.xattrs[name] = value
