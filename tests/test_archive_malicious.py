@@ -297,3 +297,21 @@ def test_unsupported_types(sandbox: tuple[Path, Path]) -> None:
 
 def test_parent_is_a_file(sandbox: tuple[Path, Path]) -> None:
     _reject(sandbox, make_tar([file_("f", b"x"), file_("f/g", b"y")]), "not a directory")
+
+
+def test_xattrs_the_kernel_rejects_refuse_the_layer(sandbox: tuple[Path, Path]) -> None:
+    """EINVAL from setxattr is the layer's fault (found by tests/test_fuzz.py, which
+    saw it surface as Internal)."""
+    cap = {"security.capability": b"\x01\x02"}  # too short to be a capability
+    _reject(sandbox, make_tar([file_("f", b"x", xattrs=cap)]), "rejects xattr")
+    _reject(sandbox, make_tar([dir_("d", xattrs=cap)]), "rejects xattr")
+
+
+def test_symlink_with_an_empty_target(sandbox: tuple[Path, Path]) -> None:
+    _reject(sandbox, make_tar([symlink("l", "")]), "empty target")
+
+
+def test_hardlink_replacing_the_directory_that_holds_its_target(
+        sandbox: tuple[Path, Path]) -> None:
+    _reject(sandbox, make_tar([dir_("a"), file_("a/f", b"x"), hardlink("a", "a/f")]),
+            "inside the directory the link replaces")

@@ -193,23 +193,26 @@ class _Applier:
         _remove(pfd, name)
 
     def _set_xattrs_fd(self, fd: int, e: TarEntry) -> None:
-        for key, value in e.xattrs.items():
-            if key.startswith(OVERLAY_XATTR_PREFIX):
-                continue
-            try:
-                os.setxattr(fd, key, value)
-            except OSError as exc:
-                if exc.errno not in _IGNORED_XATTR_ERRNOS:
-                    raise
+        self._set_xattrs(fd, e)
 
     def _set_xattrs_at(self, pfd: int, name: str, e: TarEntry) -> None:
-        path = f"/proc/self/fd/{pfd}/{name}"
+        self._set_xattrs(f"/proc/self/fd/{pfd}/{name}", e)
+
+    @staticmethod
+    def _set_xattrs(target: int | str, e: TarEntry) -> None:
+        """``e``'s xattrs on ``target`` (an fd, or a path not to follow); one the
+        filesystem does not take is left out; one the kernel rejects (EINVAL: a
+        ``security.capability`` of the wrong size, or on a directory) refuses
+        the layer, as containerd's applier does."""
         for key, value in e.xattrs.items():
             if key.startswith(OVERLAY_XATTR_PREFIX):
                 continue
             try:
-                os.setxattr(path, key, value, follow_symlinks=False)
+                os.setxattr(target, key, value, follow_symlinks=isinstance(target, int))
             except OSError as exc:
+                if exc.errno == errno.EINVAL:
+                    raise _bad(f"{e.name!r}: the kernel rejects xattr {key!r} "
+                               f"({len(value)}-byte value) on it") from exc
                 if exc.errno not in _IGNORED_XATTR_ERRNOS:
                     raise
 
@@ -362,6 +365,8 @@ class _Applier:
             os.close(fd)
 
     def _symlink(self, pfd: int, name: str, e: TarEntry) -> None:
+        if not e.linkname:
+            raise _bad(f"{e.name!r}: symlink with an empty target")
         try:
             os.symlink(e.linkname, name, dir_fd=pfd)
         except FileExistsError:
@@ -435,7 +440,11 @@ class _Applier:
             os.link(tname, name, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
         except FileExistsError:
             self._clear_existing(pfd, name)
-            os.link(tname, name, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+            try:
+                os.link(tname, name, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+            except FileNotFoundError:  # the target was inside the directory it replaced
+                raise _bad(f"{e.name!r}: hard link target {e.linkname!r} is inside "
+                           f"the directory the link replaces") from None
         # Like containerd: the link's own header sets the shared inode's metadata.
         if stat.S_ISLNK(tst.st_mode):
             if os.geteuid() == 0:
