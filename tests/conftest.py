@@ -305,7 +305,7 @@ def _release_disk(mnt: Path) -> None:
     shutil.rmtree(mnt.parent, ignore_errors=True)
 
 
-def _tmp_base() -> Path:
+def tmp_base() -> Path:
     """Where roots go: ``$LAMINA_TEST_TMP`` (default /var/tmp/lamina-test), or, when
     that is on tmpfs or ramfs, an ext4 image mounted there once per session."""
     global _DISK
@@ -327,7 +327,7 @@ def tmp_root(request: pytest.FixtureRequest) -> Iterator[Path]:
     teardown everything mounted below it is lazily unmounted (deepest first) and
     the directory removed; set ``LAMINA_KEEP_TMP=1`` to keep it for debugging.
     """
-    base = _tmp_base()
+    base = tmp_base()
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in request.node.name)[:60]
     root = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=base))
     try:
