@@ -211,8 +211,9 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
 
 
 @contextlib.contextmanager
-def lamina_serve(root: Path, sock: Path) -> Iterator[Lamina]:
-    """Run ``lamina --root ROOT serve --address SOCK`` until the block ends.
+def lamina_serve(root: Path, sock: Path, *, options: tuple[str, ...] = ()) -> Iterator[Lamina]:
+    """Run ``lamina --root ROOT [OPTIONS] serve --address SOCK`` until the block ends
+    (``options``: global ones, e.g. ``("--snapshotter", "native")``).
 
     On a clean exit of the block it must stop on SIGTERM with status 0 and
     remove its socket; in any case it is stopped (by PID).
@@ -221,7 +222,7 @@ def lamina_serve(root: Path, sock: Path) -> Iterator[Lamina]:
     log = root.parent / f"{root.name}.serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [*_LAMINA, "--root", str(root), "serve", "--address", str(sock)],
+            [*_LAMINA, "--root", str(root), *options, "serve", "--address", str(sock)],
             stdout=out,
             stderr=subprocess.STDOUT,
         )
