@@ -51,6 +51,7 @@ from lamina.images.store import ImageStore
 from lamina.remotes.auth import Authorizer, Credentials, DockerConfig, Unauthorized
 from lamina.remotes.hosts import Endpoint
 from lamina.remotes.pull import pull
+from lamina.remotes.push import push
 from lamina.remotes.reference import parse_reference
 from lamina.remotes.referrers import list_referrers
 from lamina.remotes.registry import Registry
@@ -728,3 +729,50 @@ def test_https_registry_credentials_never_to_a_plain_http_realm(
     assert isinstance(got, Unauthorized), got
     assert re.fullmatch(r"\S+: token realm 'http://registry.invalid/token' is plain HTTP; "
                         r"the registry's credentials go only over HTTPS", str(got)), got
+
+
+def test_upload_location_on_another_host_gets_no_credentials(env: Env, tmp_path: Path) -> None:
+    """A push's upload Location may name another host: the registry's credentials
+    (learnt from its own challenge) stay with the registry."""
+    require_basic(env, "r")
+    env.other.hooks["/upload"] = lambda h: h.raw(response(201, [("Content-Length", "0")]))
+    transport = Transport(timeout=5.0)
+    authorizer = Authorizer(transport, user=Credentials(USER, SECRET), user_host=env.host,
+                            config=DockerConfig(tmp_path / "none.json"))
+    session = Session(env.host, "r", endpoints=[Endpoint("http", env.host)],
+                      transport=transport, authorizer=authorizer,
+                      retry=RetryPolicy(attempts=1))
+    scope = session.scope("pull,push")
+    ep, resp = session.request("push", "GET", "/r/manifests/1", scope=scope)
+    resp.close()
+    assert resp.status == 200 and BASIC in env.reg.authorizations()
+    resp = session.send(ep, "PUT", f"http://{env.other_host}/upload?digest=x", scope=scope,
+                        body=b"data")
+    resp.close()
+    transport.close()
+    assert resp.status == 201
+    assert env.other.requests("PUT", "/upload") and env.other.authorizations() == []
+
+
+def test_push_refused_with_a_multi_line_body_is_one_line(require_root: None, env: Env,
+                                                         tmp_root: Path) -> None:
+    """The registry's error document (CR, LF, escape sequences) is quoted on one line."""
+    def refuse(h: Handler) -> bool:
+        if h.command != "PUT":
+            return False
+        body = b"bad\r\nmanifest\x1b[31m\rX-Forged: 1"
+        return h.raw(response(400, [("Content-Length", str(len(body)))], body))
+
+    env.reg.repos["p"] = refuse
+    transport = Transport(timeout=5.0)
+    with Registry(retry=RetryPolicy(attempts=1), transport=transport,
+                  docker_config=DockerConfig(tmp_root / "none.json")) as reg:
+        r = Root(tmp_root / "root")
+        try:
+            pull(reg, f"{env.host}/r:1", root=r, unpack=False)
+            got = bounded(lambda: push(reg, f"{env.host}/r:1", f"{env.host}/p:1", root=r))
+        finally:
+            r.close()
+    assert isinstance(got, FailedPrecondition), got
+    assert re.fullmatch(r"\S+: putting manifest sha256:[0-9a-f]{64}: 400 X bad manifest"
+                        r"\\x1b\[31m X-Forged: 1", str(got)), str(got)

@@ -49,7 +49,7 @@ from lamina.remotes.reference import Reference, parse_reference
 from lamina.remotes.referrers import descriptor_for, subject_of, update_referrers_tag
 from lamina.remotes.registry import Registry
 from lamina.remotes.session import Session
-from lamina.remotes.transport import Response
+from lamina.remotes.transport import Response, printable
 from lamina.root import Root
 
 __all__ = ["PushResult", "push", "tag"]
@@ -145,7 +145,7 @@ class _Pusher:
             body = resp.read(2048)
         finally:
             resp.close()
-        detail = body.decode(errors="replace").strip().replace("\n", " ")[:300]
+        detail = printable(" ".join(body.decode(errors="replace").split()), 300)
         return FailedPrecondition(f"{resp.host}: {what}: {resp.status} {resp.reason} {detail}")
 
     def blob(self, desc: Descriptor) -> str:

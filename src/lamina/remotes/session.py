@@ -99,8 +99,14 @@ class Session:
     def send(self, ep: Endpoint, method: str, url: str, *, scope: str,
              headers: Mapping[str, str] | None = None, body: Body = None,
              retry_status: bool = True) -> Response:
-        """One request to ``url`` on endpoint ``ep``, with auth and retries."""
+        """One request to ``url`` on endpoint ``ep``, with auth and retries.
+
+        A ``url`` on another scheme or host (an upload ``Location``) gets
+        neither the endpoint's Authorization nor its client certificate."""
         tls = tls_of(ep)
+        own = _origin(url) == (ep.scheme, ep.host)
+        if not own:
+            tls = TLSConfig(ca=ep.ca, skip_verify=ep.skip_verify)
         # a mirror gets its own credentials only, never the registry's it stands in for
         creds_of = "" if ep.namespace else self.namespace
         fresh_token = False
@@ -109,7 +115,7 @@ class Session:
         while True:
             hdrs = {k: ", ".join(v) for k, v in ep.headers.items()}
             hdrs.update(headers or {})
-            auth = self.authorizer.header(ep.host, scope, creds_of)
+            auth = self.authorizer.header(ep.host, scope, creds_of) if own else ""
             if auth:
                 hdrs["Authorization"] = auth
             try:
