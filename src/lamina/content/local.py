@@ -400,6 +400,9 @@ class LocalContentStore:
         """This store as ``owner`` alone sees and changes it (see the module docs);
         the same database and files (closing the view closes nothing)."""
         base = self._view_of or self
+        view = base._views.get(owner)
+        if view is not None:
+            return view
         with base._lock:
             view = base._views.get(owner)
             if view is None:

@@ -70,6 +70,7 @@ class DirectorySnapshotter:
         self._scope: Scope = CLI_VIEW
         self._views: dict[str, DirectorySnapshotter] = {}
         self._view_of: DirectorySnapshotter | None = None
+        self._views_lock = threading.Lock()
         self._deferring = [0]  # shared with the scoped views
         self._reaper: threading.Thread | None = None
         self._reap_now = threading.Event()
@@ -121,7 +122,10 @@ class DirectorySnapshotter:
         """This snapshotter as ``owner`` alone sees and changes it: the same
         metadata and directories (closing the view closes nothing)."""
         base = self._view_of or self
-        with base._reap_lock:
+        view = base._views.get(owner)
+        if view is not None:
+            return view
+        with base._views_lock:
             view = base._views.get(owner)
             if view is None:
                 view = copy.copy(base)
