@@ -335,6 +335,18 @@ def on_layer(hook: Callable[[Handler, bytes], bool]) -> Callable[[Env, str], Non
     return arrange
 
 
+def _redirect_with_dripped_body(e: Env, repo: str) -> None:
+    """Blob GETs are redirected (to the same path with ``?ok=1``, answered honestly) by a
+    307 whose 60,000-byte body comes a byte at a time."""
+    def hook(h: Handler) -> bool:
+        if not is_get(h, "blobs") or "?ok=1" in h.path:
+            return False
+        return h.raw(response(307, [("Location", h.path + "?ok=1"),
+                                    ("Content-Length", "60000")]), close=False) and \
+            h.drip(b"x" * 60000, pause=0.01)
+    e.reg.repos[repo] = hook
+
+
 def _endless_chunks(h: Handler) -> bool:
     while not h.state.stopped.is_set() and h.raw(b"10000\r\n" + b" " * 0x10000 + b"\r\n",
                                                  close=False):
@@ -444,6 +456,7 @@ CASES = [
     Case("reason-with-cr", status_forever(500, [], reason="Bad\rThing\x1b[31m"),
          Unavailable, r"500 Bad"),
     # -- what a redirect may name
+    Case("redirect-body-dripped", _redirect_with_dripped_body, None),
     Case("redirect-file", redirect_blobs(_location("file:///etc/passwd")),
          Unavailable, r"redirect to 'file:///etc/passwd': not an http\(s\) URL"),
     Case("redirect-ftp", redirect_blobs(_location("ftp://{other}/x")),

@@ -338,8 +338,8 @@ class Response:
                 with self._transport._deadlines.limit(self._conn, _DRAIN_TIME, "drain"):
                     raw.read()
             reusable = (raw.isclosed() or raw.length == 0) and not raw.will_close
-        except (OSError, http.client.HTTPException, ValueError):
-            reusable = False
+        except (OSError, http.client.HTTPException, ValueError, TransportError):
+            reusable = False  # (TransportError: the drain took too long)
         if reusable:
             raw.close()
             self._transport._release(self._key, self._conn)
