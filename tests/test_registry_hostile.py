@@ -26,6 +26,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -789,3 +790,25 @@ def test_push_refused_with_a_multi_line_body_is_one_line(require_root: None, env
     assert isinstance(got, FailedPrecondition), got
     assert re.fullmatch(r"\S+: putting manifest sha256:[0-9a-f]{64}: 400 X bad manifest"
                         r"\\x1b\[31m X-Forged: 1", str(got)), str(got)
+
+
+@pytest.mark.parametrize("name, exit_code, cls", [
+    ("deep-manifest", 6, "InvalidArgument"),
+    ("token-crlf", 5, "Unauthorized"),
+    ("location-broken-ipv6", 7, "Unavailable"),
+    ("tag-non-ascii", 6, "InvalidArgument"),
+])
+def test_cli_says_one_line(require_root: None, env: Env, tmp_root: Path, name: str,
+                           exit_code: int, cls: str) -> None:
+    """What a user sees: one line naming the class, and the class's exit code."""
+    case = next(c for c in CASES if c.name == name)
+    case.arrange(env, "r")
+    ref = f"{env.host}/{case.reference or 'r:1'}"
+    proc = subprocess.run([sys.executable, "-m", "lamina", "--root", str(tmp_root / "root"),
+                           "image", "pull", ref], capture_output=True, text=True,
+                          timeout=HARD_LIMIT, check=False,
+                          env={**os.environ, "DOCKER_CONFIG": str(tmp_root / "docker")})
+    assert proc.returncode == exit_code, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"lamina: {cls}: "), proc.stderr
+    assert re.search(case.message, proc.stderr), proc.stderr
