@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -52,24 +52,36 @@ def tm(tmp_root: Path) -> Iterator[TaskManager]:
 
 
 def read_count(path: Path) -> int:
-    for _ in range(50):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
         text = path.read_text().strip()
         if text:
             return int(text)
-        time.sleep(0.01)  # caught between truncate and write
+        time.sleep(0.01)  # caught between the shell's truncate and its write
     raise AssertionError(f"{path} stays empty")
 
 
-def wait_count(path: Path, above: int, timeout: float = 10.0) -> int:
+def wait_count(path: Path, above: int, timeout: float = 60.0) -> int:
+    """The counter at ``path`` once it is above ``above`` (polled, under a generous
+    deadline: the loop writes every 0.1 s)."""
+    return _wait_counter(path, lambda v: v > above, f"go above {above}", timeout)
+
+
+def wait_change(path: Path, start: int, timeout: float = 60.0) -> int:
+    """The first value of the counter at ``path`` other than ``start``."""
+    return _wait_counter(path, lambda v: v != start, f"change from {start}", timeout)
+
+
+def _wait_counter(path: Path, done: Callable[[int], bool], what: str, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     while True:
         if path.exists():
             value = read_count(path)
-            if value > above:
+            if done(value):
                 return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"{path} did not go above {above}")
-        time.sleep(0.05)
+            raise AssertionError(f"{path} did not {what} in {timeout:.0f} s")
+        time.sleep(0.02)
 
 
 def test_criu_available_says_why() -> None:
@@ -124,26 +136,29 @@ def test_leave_running_then_restore_elsewhere(
     count = data / "count"
     spec = spec_for(["sh", "-c", LOOP], mounts=[BindMount(str(data), "/data")])
     tm.start("orig", rootfs("orig"), spec, detach=True)
-    wait_count(count, 3)
+    before_dump = wait_count(count, 3)  # the dumped counter is at least this
     image = tmp_path / "image"
     work = tmp_path / "work"
     ckpt = tm.checkpoint("orig", image, leave_running=True, work_dir=work)
     assert (work / "dump.log").exists()
     upper_orig = Path(tm.rootfs("orig"), "tmp", "count")
-    at_dump = read_count(upper_orig)
+    wait_count(upper_orig, read_count(upper_orig))  # the original goes on counting
     assert tm.state("orig").status == TaskStatus.RUNNING
     assert ckpt.leave_running
     with pytest.raises(AlreadyExists):
         tm.checkpoint("orig", image)
     tm.delete("orig", force=True)
+    last = read_count(count)  # the original's last value: nothing writes it now
 
     # A new manager (another process, say) restores under a new id from what
     # the checkpoint recorded: spec, mounts (the same overlay) and options.
     other = TaskManager(tm.state_dir)
     task = other.restore("copy", image)
     assert task.status == TaskStatus.RUNNING
-    resumed = wait_count(Path(other.rootfs("copy"), "tmp", "count"), at_dump)
-    assert resumed >= at_dump
+    # the copy's first write continues the dumped counter (a shell started afresh
+    # would write 1, 2, 3 ..., none of them above before_dump)
+    resumed = wait_change(count, last)
+    assert resumed > before_dump, (resumed, before_dump)
     assert other.state("copy").status == TaskStatus.RUNNING
     other.delete("copy", force=True)
 
