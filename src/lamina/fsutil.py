@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from lamina.fstree import remove_tree_at
 
-__all__ = ["atomic_write", "fsync_dir", "locked", "remove_tree", "sync_filesystem"]
+__all__ = ["atomic_file", "atomic_write", "fsync_dir", "locked", "remove_tree", "sync_filesystem"]
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -39,21 +39,24 @@ def sync_filesystem(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new, never half.
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str], *, mode: int = 0o600) -> Iterator[int]:
+    """Write ``path`` so that readers see the old file or the new, never half.
 
-    A temporary file in the same directory is written and fsynced, renamed over
-    ``path``, and the directory is fsynced. The file is owner-only unless ``mode``
-    says otherwise (the temporary file is 0600 from the start).
+    Yields the fd of a temporary file in the same directory (0600 while being
+    written); when the block ends without an error the file is fsynced, given
+    ``mode``, renamed over ``path``, and the directory is fsynced. On an error
+    the temporary file is removed and ``path`` is left as it was.
     """
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            yield fd
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
@@ -61,6 +64,19 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600
             os.unlink(tmp)
         raise
     fsync_dir(directory)
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new, never half.
+
+    A temporary file in the same directory is written and fsynced, renamed over
+    ``path``, and the directory is fsynced (see :func:`atomic_file`). The file is
+    owner-only unless ``mode`` says otherwise.
+    """
+    with atomic_file(path, mode=mode) as fd:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
 
 
 def remove_tree(path: str | os.PathLike[str]) -> None:

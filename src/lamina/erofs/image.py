@@ -1,0 +1,311 @@
+"""Lay out and write the metadata of an EROFS image from a :class:`LayerTree`.
+
+The image is written in this order (block numbers grow to the right)::
+
+    block 0           superblock at byte 1024
+    data area         regular files' whole blocks, streamed by the writer
+    metadata area     from ``meta_blkaddr``: inodes (32-byte slots), each
+                      followed by its inline xattrs and its tail (FLAT_INLINE)
+    block area        directory blocks, and tails that did not fit inline
+
+Inodes are numbered breadth first, the root first (its nid must fit the
+superblock's 16 bits). An inode is compact where its fields fit and its
+mtime is the image's epoch (the most common mtime of the layer), extended
+otherwise. A tail goes inline when inode, xattrs and tail fit one block (the
+inode then starts a new block if the current one is too full); otherwise the
+file is FLAT_PLAIN and its tail gets a block of its own, right after its whole
+blocks (a regular file's whole blocks are then copied next to it: only files
+with several KiB of xattrs get there).
+
+Memory: per inode a record of a few numbers; directory blocks and inline
+tails are made one at a time and written in 1 MiB batches.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lamina.erofs import format as F
+from lamina.erofs.tree import Inode
+from lamina.errors import InvalidArgument
+
+__all__ = ["ImageLayout", "write_metadata"]
+
+BLK = F.EROFS_BLKSIZ
+_FLUSH = 1 << 20
+_NAME_CACHE: dict[str, bytes] = {}
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """What :func:`write_metadata` wrote: the inode count, the root's nid,
+    the image's size in blocks and its epoch (compact inodes' time)."""
+
+    inodes: int
+    root_nid: int
+    blocks: int
+    epoch_ns: int
+
+
+class _Rec:
+    """Layout of one inode."""
+
+    __slots__ = ("blkaddr", "dirblocks", "extended", "fmt", "inline", "nid", "nlink", "node",
+                 "size", "tail", "xattr")
+
+    def __init__(self, node: Inode) -> None:
+        self.node = node
+        self.nlink = 0
+        self.nid = 0
+        self.size = 0
+        self.tail = 0  # bytes of the last partial block
+        self.inline = False
+        self.extended = False
+        self.fmt = 0
+        self.blkaddr = 0
+        self.xattr = b""
+        self.dirblocks: list[int] = []  # entries per directory block
+
+
+def _encode(name: str) -> bytes:
+    b = _NAME_CACHE.get(name)
+    if b is None:
+        b = name.encode("utf-8", "surrogateescape")
+        if len(_NAME_CACHE) < 65536:
+            _NAME_CACHE[name] = b
+    return b
+
+
+def _xattr_body(node: Inode) -> bytes:
+    if not node.xattrs:
+        return b""
+    parts = [F.XATTR_IBODY_HEADER.pack(0, 0, bytes(7))]
+    for key, value in node.xattrs.items():
+        split = F.split_xattr_name(key)
+        if split is None:  # pragma: no cover - the tree keeps only storable names
+            continue
+        index, suffix = split
+        if len(value) > 0xFFFF or len(suffix) > 0xFF:
+            raise InvalidArgument(f"invalid tar layer: xattr {key!r} ({len(value)}-byte "
+                                  "value) is too large for an EROFS image (65535 bytes)")
+        entry = F.XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
+        parts.append(entry + bytes(-len(entry) % 4))
+    body = b"".join(parts)
+    if (len(body) - 12) // 4 + 1 > 0xFFFF:
+        raise InvalidArgument("invalid tar layer: the xattrs of one file take "
+                              f"{len(body)} bytes, more than an EROFS inode holds")
+    return body
+
+
+def _dir_entries(rec: _Rec, parent: Inode) -> list[tuple[bytes, Inode]]:
+    node = rec.node
+    assert node.children is not None
+    ents = [(_encode(n), c) for n, c in node.children.items()]
+    ents.append((b".", node))
+    ents.append((b"..", parent))
+    ents.sort(key=lambda x: x[0])
+    return ents
+
+
+def _pack_dir(ents: list[tuple[bytes, Inode]]) -> tuple[list[int], int]:
+    """Entries per directory block, and the directory's size in bytes."""
+    counts: list[int] = []
+    used = count = 0
+    for name, _ in ents:
+        need = F.DIRENT.size + len(name)
+        if used + need > BLK:
+            counts.append(count)
+            used = count = 0
+        used += need
+        count += 1
+    counts.append(count)
+    return counts, (len(counts) - 1) * BLK + used
+
+
+def _choose_epoch(nodes: list[Inode]) -> int:
+    times = Counter(n.mtime_ns for n in nodes if n.mtime_ns is not None and n.mtime_ns >= 0)
+    if not times:
+        return 0
+    best = max(times.values())
+    return min(t for t, c in times.items() if c == best)
+
+
+def write_metadata(fd: int, root: Inode, *, meta_blkaddr: int,
+                   read_tail: Callable[[Inode, int], bytes],
+                   uuid: bytes) -> ImageLayout:
+    """Write the metadata area, the block area and the superblock of the image
+    open at ``fd``, whose data area ends at block ``meta_blkaddr``.
+    ``read_tail(node, n)`` returns the last ``n`` bytes of a regular file
+    (those the writer kept out of the data area); a regular file's
+    ``node.data`` is the block address of its whole blocks."""
+    # -- order, link counts, parents ----------------------------------------
+    recs: list[_Rec] = []
+    index: dict[int, _Rec] = {}
+    parents: dict[int, Inode] = {}
+    queue = [root]
+    rroot = _Rec(root)
+    recs.append(rroot)
+    index[id(root)] = rroot
+    parents[id(root)] = root
+    qi = 0
+    while qi < len(queue):
+        d = queue[qi]
+        qi += 1
+        assert d.children is not None
+        subdirs = 0
+        for child in d.children.values():
+            rec = index.get(id(child))
+            if rec is None:
+                rec = _Rec(child)
+                index[id(child)] = rec
+                recs.append(rec)
+                if child.kind == stat.S_IFDIR:
+                    parents[id(child)] = d
+                    queue.append(child)
+            if child.kind == stat.S_IFDIR:
+                subdirs += 1
+            else:
+                rec.nlink += 1
+        index[id(d)].nlink = 2 + subdirs
+    epoch = _choose_epoch([r.node for r in recs])
+
+    # -- sizes, formats, nids ------------------------------------------------
+    # byte offset in the metadata area; nid 0 is left unused: an inode number
+    # of 0 is how readdir(3) marks a deleted entry, so the root would vanish
+    pos = F.EROFS_ISLOTSIZE
+    for rec in recs:
+        node = rec.node
+        kind = node.kind
+        if kind == stat.S_IFDIR:
+            rec.dirblocks, rec.size = _pack_dir(_dir_entries(rec, parents[id(node)]))
+        elif kind in (stat.S_IFREG, stat.S_IFLNK):
+            rec.size = node.size
+        rec.tail = rec.size % BLK if kind in (stat.S_IFREG, stat.S_IFLNK, stat.S_IFDIR) else 0
+        mtime = node.mtime_ns if node.mtime_ns is not None else epoch
+        rec.extended = (mtime != epoch or node.uid > 0xFFFF or node.gid > 0xFFFF
+                        or rec.nlink > 0xFFFF or rec.size >= 1 << 32)
+        rec.xattr = _xattr_body(node)
+        isize = 64 if rec.extended else 32
+        head = isize + len(rec.xattr)
+        if rec.tail and head + rec.tail <= BLK:
+            rec.inline = True
+            if pos % BLK + head + rec.tail > BLK:
+                pos += -pos % BLK
+            total = head + rec.tail
+        else:
+            total = head
+        rec.nid = pos // F.EROFS_ISLOTSIZE
+        pos += total + (-total % F.EROFS_ISLOTSIZE)
+    if rroot.nid > 0xFFFF:  # pragma: no cover - the root is laid out first
+        raise InvalidArgument("EROFS image: the root inode's nid does not fit 16 bits")
+    meta_blocks = (pos + BLK - 1) // BLK
+
+    # -- the block area: directory blocks, tails that are not inline --------
+    nextblk = meta_blkaddr + meta_blocks
+    copies: list[_Rec] = []
+    for rec in recs:
+        node = rec.node
+        kind = node.kind
+        whole = rec.size // BLK
+        blocks = whole + (1 if rec.tail and not rec.inline else 0)
+        if kind == stat.S_IFREG:
+            assert isinstance(node.data, int)
+            rec.blkaddr = node.data
+            if rec.tail and not rec.inline:
+                copies.append(rec)
+                rec.blkaddr = nextblk
+                nextblk += blocks
+        elif kind in (stat.S_IFDIR, stat.S_IFLNK) and blocks:
+            rec.blkaddr = nextblk
+            nextblk += blocks
+        layout = F.EROFS_INODE_FLAT_INLINE if rec.inline else F.EROFS_INODE_FLAT_PLAIN
+        rec.fmt = F.i_format(F.EROFS_INODE_LAYOUT_EXTENDED if rec.extended
+                             else F.EROFS_INODE_LAYOUT_COMPACT, layout)
+        if rec.blkaddr >= 1 << 32:
+            raise InvalidArgument("EROFS image: more than 2**32 blocks")
+
+    # -- write ---------------------------------------------------------------
+    meta_base = meta_blkaddr * BLK
+    buf = bytearray()
+    buf_at = meta_base
+    esecs, ensec = divmod(epoch, 1_000_000_000)
+    for i, rec in enumerate(recs):
+        node = rec.node
+        at = meta_base + rec.nid * F.EROFS_ISLOTSIZE
+        if at != buf_at + len(buf):
+            buf += bytes(at - buf_at - len(buf))
+        kind = node.kind
+        i_u = node.rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else rec.blkaddr
+        icount = (len(rec.xattr) - 12) // 4 + 1 if rec.xattr else 0
+        mode = kind | node.mode
+        if rec.extended:
+            mtime = node.mtime_ns if node.mtime_ns is not None else epoch
+            secs, nsec = divmod(mtime, 1_000_000_000)
+            buf += F.INODE_EXTENDED.pack(rec.fmt, icount, mode, 0, rec.size, i_u, i + 1,
+                                         node.uid, node.gid, secs & (2**64 - 1), nsec,
+                                         rec.nlink, bytes(16))
+        else:
+            buf += F.INODE_COMPACT.pack(rec.fmt, icount, mode, rec.nlink, rec.size, 0, i_u,
+                                        i + 1, node.uid, node.gid, 0)
+        buf += rec.xattr
+        if kind == stat.S_IFDIR:
+            dblocks = _dir_blocks(rec, _dir_entries(rec, parents[id(node)]), index)
+            if rec.inline:
+                buf += dblocks.pop()
+            if dblocks:
+                os.pwrite(fd, b"".join(dblocks), rec.blkaddr * BLK)
+        elif kind == stat.S_IFLNK:
+            if rec.inline:
+                buf += node.target
+            else:
+                os.pwrite(fd, node.target, rec.blkaddr * BLK)
+        elif kind == stat.S_IFREG and rec.inline:
+            buf += read_tail(node, rec.tail)
+        if len(buf) >= _FLUSH:
+            os.pwrite(fd, buf, buf_at)
+            buf_at += len(buf)
+            buf = bytearray()
+    if buf:
+        os.pwrite(fd, buf, buf_at)
+    for rec in copies:
+        node = rec.node
+        whole = rec.size // BLK
+        assert isinstance(node.data, int)
+        done = 0
+        while done < whole * BLK:
+            done += os.copy_file_range(fd, fd, whole * BLK - done,
+                                       node.data * BLK + done, rec.blkaddr * BLK + done)
+        os.pwrite(fd, read_tail(node, rec.tail), (rec.blkaddr + whole) * BLK)
+    total_blocks = nextblk
+    os.ftruncate(fd, total_blocks * BLK)
+    sb = F.SUPER_BLOCK.pack(F.EROFS_SUPER_MAGIC_V1, 0, 0, F.EROFS_BLKSIZBITS, 0, rroot.nid,
+                            len(recs), esecs, ensec, total_blocks, meta_blkaddr, 0, uuid,
+                            bytes(16), 0, 0, 0, 0, 0, 0, 0, 0, 0, bytes(23))
+    os.pwrite(fd, sb, F.EROFS_SUPER_OFFSET)
+    return ImageLayout(len(recs), rroot.nid, total_blocks, epoch)
+
+
+def _dir_blocks(rec: _Rec, ents: list[tuple[bytes, Inode]],
+                index: dict[int, _Rec]) -> list[bytes]:
+    """The directory's blocks (the last one not padded)."""
+    out: list[bytes] = []
+    k = 0
+    last = len(rec.dirblocks) - 1
+    for b, count in enumerate(rec.dirblocks):
+        chunk = ents[k:k + count]
+        k += count
+        heads = []
+        nameoff = F.DIRENT.size * count
+        for name, child in chunk:
+            crec = index[id(child)]
+            heads.append(F.DIRENT.pack(crec.nid, nameoff, F.EROFS_FT[child.kind], 0))
+            nameoff += len(name)
+        block = b"".join(heads) + b"".join(n for n, _ in chunk)
+        if b != last:
+            block += bytes(BLK - len(block))
+        out.append(block)
+    return out

@@ -1,0 +1,487 @@
+"""A layer's tree in memory: what :func:`lamina.archive.apply.apply_layer`
+would leave on an empty directory, without a directory ever being made.
+
+:class:`LayerTree` takes the members of a tar layer one at a time
+(:meth:`LayerTree.add`) and keeps small records: an :class:`Inode` per file
+(shared by its hard links), a dict of names per directory. File data is not
+kept: the writer streams it to the image and records where it went
+(:attr:`Inode.data`).
+
+The meaning is apply_layer's, member for member, with ``overlay`` as there:
+``overlay=True`` is the staged-upperdir form a lower layer of an overlay
+mount needs (whiteouts as 0/0 character devices, opaque directories as
+``trusted.overlay.opaque=y``, a directory replacing another entry of the
+layer made opaque, and :class:`~lamina.archive.apply.NeedsLowerLayers`
+where an upper directory cannot say it); ``overlay=False`` is the layer
+applied on an empty directory (implicit parents made, whiteouts hiding
+nothing). Paths are cleaned and symlinked parents resolved inside the root
+as :mod:`lamina.archive.safepath` does, with the same limits and the same
+one-line InvalidArgument messages; xattrs are kept or refused as Linux
+refuses them when they are set on a real file (see :func:`xattr_verdict`).
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass, field
+
+from lamina.archive import limits
+from lamina.archive.apply import NeedsLowerLayers
+from lamina.archive.safepath import MAX_SYMLINKS, WORK_BASE, WORK_PER_LOOKUP, clean_path
+from lamina.archive.tarstream import (
+    TYPE_BLOCK,
+    TYPE_CHAR,
+    TYPE_DIR,
+    TYPE_FIFO,
+    TYPE_HARDLINK,
+    TYPE_REGULAR,
+    TYPE_SYMLINK,
+    TarEntry,
+    show_name,
+)
+from lamina.archive.whiteout import (
+    OPAQUE_MARKER,
+    OVERLAY_OPAQUE_XATTR,
+    OVERLAY_XATTR_PREFIX,
+    WHITEOUT_META_PREFIX,
+    WHITEOUT_PREFIX,
+    whiteout_target,
+)
+from lamina.erofs.acl import acl_equivalent, acl_mode, acl_verdict
+from lamina.errors import InvalidArgument
+
+__all__ = ["Inode", "LayerTree"]
+
+_KIND = {TYPE_REGULAR: stat.S_IFREG, TYPE_CHAR: stat.S_IFCHR, TYPE_BLOCK: stat.S_IFBLK,
+         TYPE_FIFO: stat.S_IFIFO, TYPE_SYMLINK: stat.S_IFLNK, TYPE_DIR: stat.S_IFDIR}
+
+
+def _bad(msg: str) -> InvalidArgument:
+    return InvalidArgument(f"invalid tar layer: {msg}")
+
+
+@dataclass(slots=True, eq=False)
+class Inode:
+    """One file of the image. ``data`` is where a regular file's bytes are
+    (set by the writer), ``target`` a symlink's, ``rdev`` a device's;
+    directories have ``children`` and, while attached, ``parent``/``name``."""
+
+    kind: int
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int | None  # None: the image's build time (made by lamina, not listed)
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    size: int = 0
+    data: object = None
+    target: bytes = b""
+    rdev: int = 0
+    children: dict[str, Inode] | None = None
+    parent: Inode | None = None
+    name: str = ""
+    depth: int = 0
+    plen: int = 0  # bytes of the directory's path
+    # symlinks met as a parent: where the target led, valid while ``epoch`` holds
+    resolved: Inode | None = None
+    epoch: int = -1
+    hops: int = 0
+
+
+def xattr_verdict(kind: int, key: str, value: bytes, who: str) -> bytes | None:
+    """What setting ``key`` on a fresh file of type ``kind`` as root leaves
+    stored: the value (possibly normalised, as the kernel does), or None when
+    the kernel refuses it quietly (EOPNOTSUPP, EPERM: apply_layer skips
+    those); InvalidArgument where it answers EINVAL (apply_layer's refusal)."""
+    if key.startswith(OVERLAY_XATTR_PREFIX):
+        return None
+    for prefix in ("user.", "trusted.", "security."):
+        if key.startswith(prefix):
+            if prefix == "user." and kind not in (stat.S_IFREG, stat.S_IFDIR):
+                return None
+            if key == prefix:
+                raise _bad(f"{who}: the kernel rejects xattr {key!r} "
+                           f"({len(value)}-byte value) on it")
+            if key == "security.capability":
+                return _capability(value, key, who)
+            return value
+    if key in ("system.posix_acl_access", "system.posix_acl_default"):
+        return acl_verdict(kind, key, value, who)
+    return None
+
+
+def _capability(value: bytes, key: str, who: str) -> bytes:
+    """A VFS capability as the kernel stores it (cap_convert_nscap)."""
+    magic = int.from_bytes(value[:4], "little") if len(value) >= 4 else -1
+    if len(value) == 20 and magic & ~1 == 0x02000000:
+        return value
+    if len(value) == 24 and magic & ~1 == 0x03000000:
+        return (0x03000000 | (magic & 1)).to_bytes(4, "little") + value[4:]
+    raise _bad(f"{who}: the kernel rejects xattr {key!r} ({len(value)}-byte value) on it")
+
+
+def new_dir(mode: int, uid: int, gid: int, mtime_ns: int | None) -> Inode:
+    return Inode(stat.S_IFDIR, mode, uid, gid, mtime_ns, children={})
+
+
+class LayerTree:
+    """The tree a layer leaves (see the module docs). ``root`` is its root
+    directory; ``root_listed`` whether the layer had an entry for it."""
+
+    def __init__(self, *, overlay: bool) -> None:
+        self.overlay = overlay
+        self.root = new_dir(0o755, 0, 0, None)
+        self.root_listed = False
+        self.dir_times: dict[str, int] = {}
+        self.epoch = 0  # bumped whenever a directory or symlink leaves the tree
+        self.lookups = 0
+        self.work = 0
+        self.path: list[str] = []  # resolved path of the last directory looked up
+
+    # -- path resolution (lamina.archive.safepath's rules, in memory) ------
+    def _spend(self, n: int, parts: list[str]) -> None:
+        self.work += n
+        if self.work > WORK_BASE + WORK_PER_LOOKUP * self.lookups:
+            raise _bad(f"too many symlink resolutions at {show_name('/'.join(parts))}"
+                       f" (over {WORK_BASE} + {WORK_PER_LOOKUP} per path of resolution steps)")
+
+    @staticmethod
+    def _rel(node: Inode) -> str:
+        names: list[str] = []
+        cur: Inode | None = node
+        while cur is not None and cur.parent is not None:
+            names.append(cur.name)
+            cur = cur.parent
+        return "/".join(reversed(names))
+
+    def lookup(self, parts: list[str], *, create: bool) -> Inode | None:
+        """The directory ``parts``, symlinked components resolved inside the
+        root; missing ones made when ``create`` (None otherwise). Sets
+        :attr:`path` to the resolved path."""
+        self.lookups += 1
+        node = self.root
+        todo = parts[::-1]
+        pending: list[tuple[Inode, int, int]] = []
+        hops = 0
+        while True:
+            while pending and pending[-1][1] == len(todo):
+                link, _, before = pending.pop()
+                link.resolved, link.epoch, link.hops = node, self.epoch, hops - before
+            if not todo:
+                self.path = self._rel(node).split("/") if node.parent is not None else []
+                return node
+            comp = todo.pop()
+            assert node.children is not None
+            child = node.children.get(comp)
+            if child is None:
+                if not create:
+                    self._spend(1, parts)
+                    return None
+                child = self._implicit(node, comp, parts)
+            if child.kind == stat.S_IFDIR:
+                node = child
+                continue
+            where = f"{self._rel(node)}/{comp}" if node.depth else comp
+            if child.kind != stat.S_IFLNK:
+                raise _bad(f"parent {where!r} is not a directory")
+            if child.resolved is not None and child.epoch == self.epoch:
+                hops += child.hops
+                if hops > MAX_SYMLINKS:
+                    raise self._loop(parts)
+                node = child.resolved
+                continue
+            hops += 1
+            if hops > MAX_SYMLINKS:
+                raise self._loop(parts)
+            target = child.target.decode("utf-8", "surrogateescape")
+            if not target:
+                raise _bad(f"parent {where!r} is a symlink with no target")
+            comps: list[str] = []
+            ups = 0
+            for c in target.split("/"):
+                if c in ("", "."):
+                    continue
+                if c != "..":
+                    comps.append(c)
+                elif comps:
+                    comps.pop()
+                else:
+                    ups += 1
+            start = self.root if target.startswith("/") else node
+            if ups > start.depth:
+                raise _bad(f"parent {where!r} is a symlink to {target!r}, "
+                           "which leads out of the root directory")
+            self._spend(ups + len(comps) + 1, parts)
+            for _ in range(ups):
+                assert start.parent is not None
+                start = start.parent
+            pending.append((child, len(todo), hops - 1))
+            todo.extend(reversed(comps))
+            node = start
+
+    @staticmethod
+    def _loop(parts: list[str]) -> InvalidArgument:
+        return _bad(f"too many levels of symbolic links in {'/'.join(parts)!r}")
+
+    def _implicit(self, node: Inode, comp: str, parts: list[str]) -> Inode:
+        if node.depth >= limits.MAX_DEPTH:
+            raise _bad(f"{show_name('/'.join(parts))} leads more than "
+                       f"{limits.MAX_DEPTH} directories deep")
+        size = node.plen + bool(node.depth) + len(comp.encode("utf-8", "surrogateescape"))
+        if size >= limits.MAX_PATH:
+            raise _bad(f"{show_name('/'.join(parts))} leads to a directory path "
+                       f"of {size} bytes once symlinks are resolved (limit "
+                       f"{limits.MAX_PATH - 1}, PATH_MAX)")
+        if self.overlay:
+            rel = f"{self._rel(node)}/{comp}" if node.depth else comp
+            raise NeedsLowerLayers(
+                f"directory {rel!r} is not in the layer; its metadata is in lower layers")
+        # mkdir 0755 as root: a setgid parent lends its group
+        gid = node.gid if node.mode & stat.S_ISGID else 0
+        child = new_dir(0o755, 0, gid, None)
+        self._attach(node, comp, child)
+        return child
+
+    @staticmethod
+    def _attach(parent: Inode, name: str, child: Inode) -> None:
+        assert parent.children is not None
+        parent.children[name] = child
+        if child.kind == stat.S_IFDIR:
+            child.parent = parent
+            child.name = name
+            child.depth = parent.depth + 1
+            child.plen = (parent.plen + bool(parent.depth)
+                          + len(name.encode("utf-8", "surrogateescape")))
+
+    def _detach(self, parent: Inode, name: str) -> Inode | None:
+        assert parent.children is not None
+        old = parent.children.pop(name, None)
+        if old is not None and old.kind in (stat.S_IFDIR, stat.S_IFLNK):
+            self.epoch += 1
+            old.parent = None
+        return old
+
+    def _through_whiteout(self, parts: list[str]) -> bool:
+        node = self.root
+        for comp in parts:
+            assert node.children is not None
+            child = node.children.get(comp)
+            if child is None:
+                return False
+            if child.kind == stat.S_IFCHR and child.rdev == 0:
+                return True
+            if child.kind != stat.S_IFDIR:
+                return False
+            node = child
+        return False
+
+    def _dir(self, dparts: list[str]) -> Inode:
+        try:
+            node = self.lookup(dparts, create=True)
+        except InvalidArgument:
+            if self.overlay and self._through_whiteout(dparts):
+                raise NeedsLowerLayers(
+                    f"directory {'/'.join(dparts)!r} was whited out by this layer "
+                    "and is not in it") from None
+            raise
+        assert node is not None
+        return node
+
+    # -- members -----------------------------------------------------------
+    def add(self, e: TarEntry) -> Inode | None:
+        """Apply one member; the new regular file's inode (the caller streams
+        its data), or None."""
+        parts = clean_path(e.name)
+        if not parts:
+            if e.type != TYPE_DIR:
+                raise _bad(f"{e.name!r}: only a directory can name the root")
+            self._dir_meta(self.root, e, existed=True)
+            self.dir_times[""] = e.mtime_ns
+            self.root_listed = True
+            return None
+        for comp in parts[:-1]:
+            if comp.startswith(WHITEOUT_PREFIX):
+                raise _bad(f"{e.name!r}: path goes through whiteout {comp!r}")
+        base = parts[-1]
+        if base.startswith(WHITEOUT_PREFIX):
+            self._whiteout(e, parts)
+            return None
+        if e.is_socket:
+            return None
+        if e.type == TYPE_CHAR and e.devmajor == 0 and e.devminor == 0:
+            raise _bad(f"{e.name!r}: character device 0/0 is overlayfs's whiteout, "
+                       "not storable in a layer")
+        pdir = self._dir(parts[:-1])
+        rparts = [*self.path, base]
+        if len(rparts) > limits.MAX_DEPTH:
+            raise _bad(f"{show_name(e.name)} is {len(rparts)} directories deep "
+                       f"(limit {limits.MAX_DEPTH})")
+        t = e.type
+        if t == TYPE_DIR:
+            self._directory(pdir, base, e)
+            self.dir_times["/".join(rparts)] = e.mtime_ns
+            return None
+        if t == TYPE_HARDLINK:
+            self._hardlink(pdir, base, e, rparts)
+            return None
+        if t == TYPE_SYMLINK and not e.linkname:
+            raise _bad(f"{e.name!r}: symlink with an empty target")
+        kind = _KIND.get(t)
+        if kind is None:  # pragma: no cover - the reader yields only these types
+            raise _bad(f"{e.name!r}: unsupported member type {t!r}")
+        mode = 0o777 if kind == stat.S_IFLNK else e.mode
+        node = Inode(kind, mode, e.uid, e.gid, e.mtime_ns)
+        if kind == stat.S_IFLNK:
+            node.target = e.linkname.encode("utf-8", "surrogateescape")
+            node.size = len(node.target)
+        elif kind in (stat.S_IFCHR, stat.S_IFBLK):
+            node.rdev = ((e.devminor & 0xFF) | (e.devmajor << 8)  # the kernel's new_encode_dev
+                         | ((e.devminor & ~0xFF) << 12))
+        self._set_xattrs(node, e)
+        self._detach(pdir, base)
+        self._attach(pdir, base, node)
+        return node if kind == stat.S_IFREG else None
+
+    def _set_xattrs(self, node: Inode, e: TarEntry) -> None:
+        who = repr(e.name)
+        for key, value in e.xattrs.items():
+            kept = xattr_verdict(node.kind, key, value, who)
+            if kept is None:
+                continue
+            if key == "system.posix_acl_access":
+                node.mode = acl_mode(node.mode, kept)
+                if acl_equivalent(kept):
+                    node.xattrs.pop(key, None)
+                    continue
+            node.xattrs[key] = kept
+
+    def _dir_meta(self, node: Inode, e: TarEntry, *, existed: bool) -> None:
+        node.uid, node.gid, node.mode = e.uid, e.gid, e.mode
+        node.mtime_ns = e.mtime_ns
+        if existed:
+            node.xattrs = {k: v for k, v in node.xattrs.items()
+                           if k.startswith(OVERLAY_XATTR_PREFIX) or k in e.xattrs}
+        self._set_xattrs(node, e)
+
+    def _directory(self, pdir: Inode, name: str, e: TarEntry) -> None:
+        assert pdir.children is not None
+        old = pdir.children.get(name)
+        if old is not None and old.kind == stat.S_IFDIR:
+            self._dir_meta(old, e, existed=True)
+            return
+        node = new_dir(e.mode, e.uid, e.gid, e.mtime_ns)
+        if old is not None:
+            self._detach(pdir, name)
+            if self.overlay:
+                # what was here hid the lower directory: keep it hidden
+                node.xattrs[OVERLAY_OPAQUE_XATTR] = b"y"
+        self._attach(pdir, name, node)
+        self._dir_meta(node, e, existed=False)
+
+    def _hardlink(self, pdir: Inode, name: str, e: TarEntry, rparts: list[str]) -> None:
+        if not e.linkname:
+            raise _bad(f"{e.name!r}: hard link without a target")
+        try:
+            target = clean_path(e.linkname)
+        except InvalidArgument:
+            raise _bad(f"{e.name!r}: hard link target {e.linkname!r} is outside the root") from None
+        if not target:
+            raise _bad(f"{e.name!r}: hard link to the root directory")
+        if target == rparts:
+            return
+        missing = NeedsLowerLayers if self.overlay else InvalidArgument
+        saved = self.path
+        try:
+            tdir = self.lookup(target[:-1], create=False)
+        except InvalidArgument:
+            if self.overlay and self._through_whiteout(target[:-1]):
+                raise NeedsLowerLayers(f"hard link target {e.linkname!r} was whited out") from None
+            raise
+        tpath, self.path = self.path, saved
+        gone = missing(f"invalid tar layer: {e.name!r}: hard link target "
+                       f"{e.linkname!r} does not exist")
+        if tdir is None:
+            raise gone
+        tname = target[-1]
+        if [*tpath, tname] == rparts:
+            return
+        assert tdir.children is not None
+        node = tdir.children.get(tname)
+        if node is None:
+            raise gone
+        if self.overlay and node.kind == stat.S_IFCHR and node.rdev == 0:
+            raise NeedsLowerLayers(f"hard link target {e.linkname!r} was whited out")
+        if node.kind == stat.S_IFDIR:
+            raise _bad(f"{e.name!r}: hard link target {e.linkname!r} is a directory")
+        assert pdir.children is not None
+        old = pdir.children.get(name)
+        if old is not None:
+            self._detach(pdir, name)
+            if old.kind == stat.S_IFDIR and self._inside(tdir, old):
+                raise _bad(f"{e.name!r}: hard link target {e.linkname!r} is inside "
+                           f"the directory the link replaces")
+        self._attach(pdir, name, node)
+        # like containerd: the link's own header sets the shared inode's metadata
+        node.uid, node.gid = e.uid, e.gid
+        if node.kind == stat.S_IFLNK:
+            return
+        node.mode = e.mode
+        self._set_xattrs(node, e)
+        node.mtime_ns = e.mtime_ns
+
+    @staticmethod
+    def _inside(node: Inode, top: Inode) -> bool:
+        cur: Inode | None = node
+        while cur is not None:
+            if cur is top:
+                return True
+            cur = cur.parent
+        return False
+
+    def _whiteout(self, e: TarEntry, parts: list[str]) -> None:
+        base = parts[-1]
+        if e.type == TYPE_DIR:
+            raise _bad(f"{e.name!r}: a whiteout cannot be a directory")
+        if base == OPAQUE_MARKER:
+            if self.overlay:
+                node = self._dir(parts[:-1])
+                if not self.path:
+                    raise NeedsLowerLayers(
+                        "opaque root directory: overlayfs ignores an opaque upper root")
+                node.xattrs[OVERLAY_OPAQUE_XATTR] = b"y"
+            else:
+                self.lookup(parts[:-1], create=False)
+            return
+        if base.startswith(WHITEOUT_META_PREFIX):
+            return
+        target = whiteout_target(base)
+        if not self.overlay:
+            self.lookup(parts[:-1], create=False)
+            return
+        pdir = self._dir(parts[:-1])
+        assert pdir.children is not None
+        old = pdir.children.get(target)
+        if old is None:
+            gid = pdir.gid if pdir.mode & stat.S_ISGID else 0
+            self._attach(pdir, target, Inode(stat.S_IFCHR, 0o600, 0, gid, None))
+        elif old.kind == stat.S_IFDIR:
+            old.xattrs[OVERLAY_OPAQUE_XATTR] = b"y"
+
+    def finish(self) -> None:
+        """Directory times last, as apply_layer sets them."""
+        for rel in sorted(self.dir_times):
+            mtime = self.dir_times[rel]
+            if not rel:
+                self.root.mtime_ns = mtime
+                continue
+            parts = rel.split("/")
+            try:
+                pdir = self.lookup(parts[:-1], create=False)
+            except InvalidArgument:
+                continue
+            if pdir is None:
+                continue
+            assert pdir.children is not None
+            node = pdir.children.get(parts[-1])
+            if node is not None and node.kind == stat.S_IFDIR:
+                node.mtime_ns = mtime
+

@@ -1,0 +1,182 @@
+"""Write a layer as one EROFS image file, straight from its tar stream.
+
+:func:`write_image` reads the layer (plain, gzip or zstd) with lamina's tar
+reader, so every limit of :mod:`lamina.archive.limits` holds with the same
+one-line InvalidArgument errors as :func:`lamina.archive.apply.apply_layer`,
+and builds the tree that apply_layer would leave on an empty directory (see
+:mod:`lamina.erofs.tree`). Nothing is ever extracted.
+
+Streaming: a regular file's whole blocks go into the image as they are read
+(blocks of zeros are left as holes of a sparse image file); its last partial
+block goes to an unlinked spool file, and comes back when the metadata is laid
+out, inline after its inode where it fits (FLAT_INLINE). Memory follows the
+number of entries (a small record each), never file sizes. The metadata is
+written after the data (:mod:`lamina.erofs.image`).
+
+Failure model: the image is written to a temporary file in the destination's
+directory, fsynced, and renamed into place (then the directory is fsynced);
+any error removes the temporary file, so the destination never holds a half
+image. A replaced or hidden regular file of the layer leaves its blocks unused
+in the data area.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO
+
+from lamina.archive import limits
+from lamina.archive.compression import open_decompressed
+from lamina.archive.tarstream import TarEntry, TarReader, show_name
+from lamina.erofs import format as F
+from lamina.erofs.image import write_metadata
+from lamina.erofs.tree import Inode, LayerTree
+from lamina.errors import Internal, InvalidArgument, LaminaError
+from lamina.fsutil import atomic_file
+
+__all__ = ["WrittenImage", "write_image"]
+
+BLK = F.EROFS_BLKSIZ
+_CHUNK = 1 << 20
+_ZEROS = bytes(_CHUNK)
+
+
+@dataclass(frozen=True)
+class WrittenImage:
+    """What :func:`write_image` produced: the layer's ``diff_id`` and
+    uncompressed ``size`` (as apply_layer reports them), whether the layer
+    listed its root, the number of ``inodes`` and the image's size in bytes."""
+
+    diff_id: str
+    size: int
+    root_listed: bool
+    inodes: int
+    image_size: int
+
+
+class _Data:
+    """The data area and the tail spool."""
+
+    def __init__(self, fd: int, spool: IO[bytes]) -> None:
+        self.fd = fd
+        self.spool = spool
+        self.spool_fd = spool.fileno()
+        self.spool_off = 0
+        self.next_block = 1  # block 0 holds the superblock
+        self.tails: dict[int, int] = {}  # id(inode) -> spool offset
+
+    def stream(self, node: Inode, reader: TarReader) -> None:
+        """Copy the member's data: whole blocks to the image, the tail to the spool."""
+        size = reader.remaining
+        node.size = size
+        whole = size - size % BLK
+        node.data = self.next_block if whole else 0
+        at = self.next_block * BLK
+        left = whole
+        fd = self.fd
+        while left:
+            chunk = reader.read_data(min(_CHUNK, left))
+            n = len(chunk)
+            if chunk != _ZEROS[:n]:
+                view = chunk
+                off = at
+                while view:
+                    written = os.pwrite(fd, view, off)
+                    view = view[written:]
+                    off += written
+            at += n
+            left -= n
+        self.next_block += whole // BLK
+        if size % BLK:
+            tail = bytearray()
+            while reader.remaining:
+                tail += reader.read_data(BLK)
+            self.tails[id(node)] = self.spool_off
+            self.spool.write(tail)
+            self.spool_off += len(tail)
+
+    def tail(self, node: Inode, n: int) -> bytes:
+        off = self.tails[id(node)]
+        data = os.pread(self.spool_fd, n, off)
+        if len(data) != n:  # pragma: no cover - the spool is ours
+            raise Internal("EROFS image: spool file came back short")
+        return data
+
+
+def write_image(
+    stream: IO[bytes],
+    dest: str | os.PathLike[str],
+    *,
+    overlay: bool = True,
+    expected_diff_id: str | None = None,
+    progress: Callable[[int], None] | None = None,
+    max_size: int | None = limits.DEFAULT_MAX_LAYER_SIZE,
+) -> WrittenImage:
+    """Write the layer read from ``stream`` as the EROFS image file ``dest``.
+
+    ``overlay`` has apply_layer's meaning: True writes the layer the way an
+    overlayfs lower directory says it (whiteout devices, opaque xattrs;
+    :class:`~lamina.archive.apply.NeedsLowerLayers` where it cannot), False
+    the layer applied on an empty directory. ``expected_diff_id``,
+    ``progress`` and ``max_size`` are as for apply_layer; on any error
+    ``dest`` is left as it was.
+    """
+    dest = os.fspath(dest)
+    directory = os.path.dirname(dest) or "."
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise InvalidArgument(f"write EROFS image: directory {directory} does not exist") from None
+    digest = hashlib.sha256()
+    counter = [0]
+    try:
+        space = limits.SpaceGuard(dir_fd, directory, action="write EROFS image")
+        space.check()
+    finally:
+        os.close(dir_fd)
+
+    def on_bytes(data: bytes) -> None:
+        digest.update(data)
+        counter[0] += len(data)
+        space.seen(counter[0])
+        if progress is not None:
+            progress(counter[0])
+
+    tree = LayerTree(overlay=overlay)
+    current: TarEntry | None = None
+    try:
+        with atomic_file(dest, mode=0o644) as fd, \
+                tempfile.TemporaryFile(dir=directory) as spool, \
+                open_decompressed(stream, max_size=max_size) as plain:
+            data = _Data(fd, spool)
+            reader = TarReader(plain, on_bytes)
+            while (e := reader.next()) is not None:
+                current = e
+                node = tree.add(e)
+                if node is not None:
+                    data.stream(node, reader)
+            current = None
+            reader.drain()
+            tree.finish()
+            spool.flush()
+            diff_id = "sha256:" + digest.hexdigest()
+            if expected_diff_id is not None and expected_diff_id != diff_id:
+                raise InvalidArgument(
+                    f"diff id mismatch: layer has {diff_id}, expected {expected_diff_id}")
+            layout = write_metadata(fd, tree.root, meta_blkaddr=data.next_block,
+                                    read_tail=data.tail, uuid=digest.digest()[:16])
+    except LaminaError:
+        raise
+    except OSError as exc:
+        name = show_name(current.name) if current else ""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise space.explain(exc, name or dest, False) from exc
+        where = f" at {name}" if name else ""
+        raise Internal(f"write EROFS image{where}: {exc}") from exc
+    return WrittenImage(diff_id=diff_id, size=reader.total, root_listed=tree.root_listed,
+                        inodes=layout.inodes, image_size=layout.blocks * BLK)
