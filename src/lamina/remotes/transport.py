@@ -212,6 +212,9 @@ class _Deadlines:
             if self.disarm(token):
                 raise TransportError(message) from exc
             raise
+        except BaseException:
+            self.disarm(token)
+            raise
         if self.disarm(token):
             raise TransportError(message)
 
