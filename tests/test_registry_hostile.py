@@ -348,6 +348,17 @@ def _redirect_with_dripped_body(e: Env, repo: str) -> None:
     e.reg.repos[repo] = hook
 
 
+def _layer_digest_with_newline(e: Env, repo: str) -> None:
+    """``repo``:1's manifest names its layer's digest with a trailing newline."""
+    config = next(d for d in e.reg.blobs if d not in (e.layer,))
+    e.reg.add_manifest(repo, ["1"], MT_MANIFEST, {
+        "schemaVersion": 2, "mediaType": MT_MANIFEST,
+        "config": {"mediaType": MT_CONFIG, "digest": config,
+                   "size": len(e.reg.blobs[config])},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": e.layer + "\n", "size": len(e.reg.blobs[e.layer])}]})
+
+
 def _endless_chunks(h: Handler) -> bool:
     while not h.state.stopped.is_set() and h.raw(b"10000\r\n" + b" " * 0x10000 + b"\r\n",
                                                  close=False):
@@ -528,6 +539,8 @@ CASES = [
     Case("deep-manifest-object", tag_document(b'{"a":' * 100_000 + b"1" + b"}" * 100_000),
          InvalidArgument, r"nested deeper than"),
     Case("deep-config", _deep_config, InvalidArgument, r"nested deeper than"),
+    Case("layer-digest-newline", _layer_digest_with_newline, InvalidArgument,
+         r"invalid digest"),
     Case("manifest-nested-65-levels", tag_document(
         b'{"schemaVersion":2,"config":' + b"[" * 65 + b"]" * 65 + b"}"),
          InvalidArgument, r"nested deeper than 64"),

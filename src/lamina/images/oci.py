@@ -63,7 +63,7 @@ _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 def _digest(value: object, what: str) -> str:
-    if not isinstance(value, str) or not _DIGEST.match(value):
+    if not isinstance(value, str) or not _DIGEST.fullmatch(value):
         raise InvalidArgument(f"{what}: invalid digest {value!r}")
     return value
 
