@@ -10,6 +10,7 @@ watchdog thread per transport that shuts the socket down when it passes, so
 no server can hold a request forever however it drips its bytes:
 
 - connecting (TCP, the proxy's ``CONNECT``, the TLS handshake): ``timeout``;
+- sending a request body: each block of 1 MiB within ``timeout``;
 - the response head (status line and headers, any number of ``100
   Continue`` before them): ``header_timeout`` from the request's end;
 - each read of a body: ``timeout``; a whole document read with
