@@ -1,8 +1,8 @@
 """A hostile registry: whatever it sends, a pull ends in bounded time with one clean line.
 
-Each case is one repository of a misbehaving registry (``bad_registry``,
-hooks per repository) and, where a redirect or a token server needs one, a
-second host (another port: another origin). A case asserts
+Each case makes one repository of a misbehaving registry (``bad_registry``,
+hooks per repository) misbehave in one way, with, where a redirect or a token
+server needs one, a second host (another port: another origin). A case asserts
 
 - the outcome: a correct result, or one line of the right error class;
 - that it ended: the pull runs in a thread joined with a generous deadline,
