@@ -87,7 +87,8 @@ def recover(root: Path) -> None:
 @pytest.fixture(scope="module")
 def templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     """Roots to copy: container ``app`` on V1 holding /root/mine (``v1``), upgraded to
-    V2 once (``v2``) and twice (``v2x2``, three revisions)."""
+    V2 once (``v2``) and twice (``v2x2``, three revisions); and the images' OCI
+    layout (``layout``)."""
     require_root_user()
     require_tools("runc")
     base = tmp_path_factory.mktemp("kill-containers")
@@ -111,6 +112,7 @@ def templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pa
         out[name] = base / name
     for r in out.values():
         assert not mounts_under(r), r
+    out["layout"] = base / "oci"
     yield out
 
 
@@ -210,3 +212,96 @@ def test_kill_prune_revisions(templates: dict[str, Path], tmp_root: Path) -> Non
                   ("container", "prune-revisions", "app", "--keep", "1"), _done_prune)
     print(f"\nprune-revisions: {tally.kills} kill points")
     assert tally.kills >= 4
+
+
+# ------------------------------------------------------------------------- checkpoint
+
+CKPT = "kill/ckpt:1"
+
+
+def _running_app(root: Path, layout: Path) -> None:
+    """``root`` with the images and container ``app`` running, /root/mine written."""
+    lamina(root, "image", "import", str(layout))
+    lamina(root, "run", "-d", V1, "app", "sh", "-c", IDLE)
+    lamina(root, "task", "exec", "app", "sh", "-c", "echo kept > /root/mine")
+
+
+def _task(root: Path) -> dict[str, Any] | None:
+    tasks = {t["id"]: t for t in json.loads(lamina(root, "task", "ls", "--json").stdout)}
+    return tasks.get("app")
+
+
+def _end_tasks(root: Path) -> None:
+    for cid in ("app", "back"):
+        lamina(root, "task", "delete", "--force", cid, check=False)
+
+
+def _checkpoint_at(layout: Path, work: Path, tag: str, crash: dict[str, str]) -> str | None:
+    """Kill ``container checkpoint app`` where ``crash`` says; recover as a user; the task
+    must still run with what it wrote, and checkpointing again must work. The point
+    it died at, or None when it completed."""
+    root = work / f"c-{tag}"
+    try:
+        _running_app(root, layout)
+        log = work / f"c-{tag}.log"
+        proc = lamina(root, "container", "checkpoint", "app", CKPT, check=False,
+                      env={**crash, "LAMINA_CRASH_LOG": str(log)})
+        if proc.returncode == 0:
+            assert not log.exists()
+            return None
+        assert proc.returncode == -9, (tag, proc.returncode, proc.stderr)
+        point = log.read_text().split()[1]
+        # every crash point of a checkpoint is inside its work directory's life
+        seen = lamina(root, "check", check=False)
+        assert seen.returncode == 5 and "problem: [checkpoint.interrupted]" in seen.stdout, (
+            tag, point, seen.stdout)
+        recover(root)
+        task = _task(root)
+        assert task is not None and task["status"] == "running", (tag, point, task)
+        mine = lamina(root, "task", "exec", "app", "cat", "/root/mine").stdout
+        assert mine == "kept\n", (tag, point)
+        if CKPT not in lamina(root, "image", "ls").stdout:  # not done: the user runs it again
+            lamina(root, "container", "checkpoint", "app", CKPT)
+        assert json.loads(lamina(root, "checkpoint", "inspect", CKPT).stdout), (tag, point)
+        out = lamina(root, "check", "--deep", check=False)
+        assert out.stdout.strip() == "consistent", (tag, point, out.stdout)
+        return point
+    finally:
+        _end_tasks(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _checkpoint_points(layout: Path, work: Path) -> list[tuple[int, str]]:
+    """The crash points one checkpoint passes, in order (a traced run that completes)."""
+    root = work / "traced"
+    trace = work / "trace"
+    try:
+        _running_app(root, layout)
+        lamina(root, "container", "checkpoint", "app", CKPT,
+               env={"LAMINA_CRASH_TRACE": str(trace)})
+    finally:
+        _end_tasks(root)
+        shutil.rmtree(root, ignore_errors=True)
+    rows = [line.split() for line in trace.read_text().splitlines()]
+    return [(int(n), name) for n, name in rows]
+
+
+def test_kill_checkpoint(templates: dict[str, Path], tmp_root: Path) -> None:
+    """A checkpoint (CRIU dump of a running task, paused meanwhile) killed at the first
+    pass of each of its crash points (``LAMINA_KILL_FULL=1``: at every pass)."""
+    require_tools("criu")
+    passed = _checkpoint_points(templates["layout"], tmp_root)
+    names = list(dict.fromkeys(name for _, name in passed))
+    if os.environ.get("LAMINA_KILL_FULL"):
+        runs = {f"n{n}": {"LAMINA_CRASH_AFTER": str(n)} for n, _ in passed}
+    else:
+        runs = {name: {"LAMINA_CRASH_AT": name} for name in names}
+    with ThreadPoolExecutor(WORKERS) as pool:
+        died = dict(zip(runs, pool.map(
+            lambda tag: _checkpoint_at(templates["layout"], tmp_root, tag, runs[tag]), runs),
+            strict=True))
+    print(f"\ncheckpoint: {len(passed)} crash points passed ({len(names)} distinct); "
+          f"killed at {len(died)}")
+    assert all(point is not None for point in died.values()), died
+    assert {p for p in died.values() if p} == set(names)
+    assert len(names) >= 8 and any(n.startswith("content.") for n in names)

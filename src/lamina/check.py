@@ -71,6 +71,7 @@ class ProblemType(enum.StrEnum):
     LAYER_CHANGED = "snapshot.layer-changed"
     IMAGE = "image"
     CONTAINER = "container"
+    CHECKPOINT_INTERRUPTED = "checkpoint.interrupted"
 
 
 _SNAPSHOT_TYPES = {

@@ -3,7 +3,10 @@
 Code calls :func:`point` at every step where a crash would leave a distinct
 state on disk. With ``LAMINA_CRASH_AT=NAME`` the process SIGKILLs itself at
 the named point; with ``LAMINA_CRASH_AFTER=N`` at the N-th point it passes
-(counting from 1), whatever its name. Otherwise a call costs one comparison.
+(counting from 1), whatever its name. ``LAMINA_CRASH_LOG=FILE`` appends
+``N NAME`` for the point it dies at; with ``LAMINA_CRASH_TRACE=FILE`` it
+appends that line for every point passed and does not die, so a test can
+choose which points to kill at. Otherwise a call costs one comparison.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ __all__ = ["point"]
 
 _AT = os.environ.get("LAMINA_CRASH_AT", "")
 _AFTER = int(os.environ.get("LAMINA_CRASH_AFTER", "0") or 0)
-_ARMED = bool(_AT or _AFTER)
+_TRACE = os.environ.get("LAMINA_CRASH_TRACE", "")
+_ARMED = bool(_AT or _AFTER or _TRACE)
 _count = 0
 
 
@@ -25,6 +29,9 @@ def point(name: str) -> None:
         return
     global _count
     _count += 1
+    if _TRACE:
+        with open(_TRACE, "a", encoding="utf-8") as f:
+            f.write(f"{_count} {name}\n")
     if name == _AT or _count == _AFTER:
         if os.environ.get("LAMINA_CRASH_LOG"):
             with open(os.environ["LAMINA_CRASH_LOG"], "a", encoding="utf-8") as f:

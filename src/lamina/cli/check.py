@@ -4,15 +4,36 @@ from __future__ import annotations
 
 import argparse
 
-from lamina.check import check
+from lamina.check import CheckReport, Problem, ProblemType, check
 from lamina.cli.app import App
 from lamina.errors import FailedPrecondition
 
 __all__ = ["register"]
 
 
+def _interrupted_checkpoints(app: App, report: CheckReport) -> None:
+    """Add what a checkpoint or restore that died left (a work directory, a task it
+    paused) to ``report``; with a repair, put it right."""
+    from lamina.cli.container import services
+    from lamina.containers.checkpoint import CheckpointService
+
+    if app.address:
+        return  # checkpoints run on the server's machine, by its CLI
+    with services(app) as ct:
+        cps = CheckpointService(ct)
+        found = [Problem(ProblemType.CHECKPOINT_INTERRUPTED, line.split(":", 1)[0], line)
+                 for line in cps.interrupted()]
+        if report.repair and found:
+            report.repaired += cps.recover_interrupted()
+            report.remaining += [Problem(ProblemType.CHECKPOINT_INTERRUPTED,
+                                         line.split(":", 1)[0], line)
+                                 for line in cps.interrupted()]
+    report.problems += found
+
+
 def _check(args: argparse.Namespace, app: App) -> int:
     report = check(app.store_root, repair=args.repair, deep=args.deep)
+    _interrupted_checkpoints(app, report)
     code = 0 if report.ok else FailedPrecondition.exit_code
     if args.json:
         app.print_json(report.to_json())

@@ -50,6 +50,7 @@ from lamina.containers.revisions import ContainerService
 from lamina.containers.runtime import TaskInfo, TaskStatus
 from lamina.containers.store import Container
 from lamina.containers.tasks_service import ContainerTasks, bind_mounts
+from lamina.containers.workdirs import interrupted, paused, work_dir
 from lamina.content import ContentStore
 from lamina.diff import apply_diff, create_diff
 from lamina.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -243,9 +244,40 @@ class CheckpointService:
 
     @property
     def _work(self) -> Path:
-        path = self.root.path / "checkpoints"
-        path.mkdir(mode=0o700, exist_ok=True)
-        return path
+        return self.root.path / "checkpoints"
+
+    @property
+    def _work_lock(self) -> Path:
+        return self.root.path / "locks" / "checkpoints"
+
+    def _work_dir(self, name: str) -> contextlib.AbstractContextManager[Path]:
+        return work_dir(self._work, name, lock=self._work_lock)
+
+    def recover_interrupted(self) -> list[str]:
+        """Put right what checkpoints and restores that died left behind: resume a
+        task one of them paused, remove their work directories. What was done, in
+        sentences (``lamina check --repair`` prints them)."""
+        done = []
+        for left in interrupted(self._work, lock=self._work_lock):
+            if left.paused:
+                info = self.ctasks.task(left.paused)
+                if info is not None and info.status == TaskStatus.PAUSED:
+                    self.ctasks.tasks.resume(left.paused)
+                    done.append(f"resumed the task of container {left.paused}, paused by "
+                                "an interrupted checkpoint")
+            remove_tree(left.path)
+            done.append(f"removed the work directory {left.path} of an interrupted "
+                        "checkpoint or restore")
+        return done
+
+    def interrupted(self) -> list[str]:
+        """What :meth:`recover_interrupted` would put right, in sentences."""
+        out = []
+        for left in interrupted(self._work, lock=self._work_lock):
+            paused = f" (it paused container {left.paused}'s task)" if left.paused else ""
+            out.append(f"{left.path}: work directory of an interrupted checkpoint or "
+                       f"restore{paused}")
+        return out
 
     def _leases(self) -> LeaseManager:
         return self.root.leases()
@@ -278,14 +310,15 @@ class CheckpointService:
         spec.get("root", {}).pop("path", None)  # the bundle's business
         options = self.containers.options(container)
         image = self.containers.images.get(container.image)
-        workdir = Path(os.fspath(self._work)) / f"{cid}-{time.time_ns()}-{secrets.token_hex(3)}"
+        name = f"{cid}-{time.time_ns()}-{secrets.token_hex(3)}"
         leases = self._leases()
-        try:
-            with leases.held(purpose="checkpoint"):
-                workdir.mkdir(mode=0o700)
-                images_dir = workdir / "criu"
-                pause = not exit and info.status == TaskStatus.RUNNING
-                bind_descs: list[Descriptor] = []
+        with leases.held(purpose="checkpoint"), self._work_dir(name) as workdir:
+            images_dir = workdir / "criu"
+            pause = not exit and info.status == TaskStatus.RUNNING
+            bind_descs: list[Descriptor] = []
+            # a crash between pause and resume leaves a mark that `lamina check
+            # --repair` finds (recover_interrupted): the task is resumed then
+            with paused(workdir, cid) if pause else contextlib.nullcontext():
                 if pause:
                     with timer.phase("pause"):
                         tm.pause(cid)
@@ -304,59 +337,56 @@ class CheckpointService:
                     if pause:
                         with timer.phase("resume"):
                             tm.resume(cid)
-                with timer.phase("criu_tar"):
-                    criu_desc = _tar_tree(self.content, images_dir, MediaType.CHECKPOINT_CRIU,
-                                          "criu")
-                rw_desc = Descriptor(MediaType.CHECKPOINT_RW, rw.descriptor.digest,
-                                     rw.descriptor.size, {ANNOTATION_DIFF_ID: rw.diff_id},
-                                     host_platform())
-                runc_version = _runc_version(tm.runc.binary)
-                config = {
-                    "version": _CONFIG_VERSION,
-                    "id": cid,
-                    "image": container.image,
-                    "image_target": image.target.to_json(),
-                    "snapshotter": container.snapshotter,
-                    "runtime": {"name": RUNTIME, "runc_version": runc_version},
-                    "options": options,
-                    "labels": dict(container.labels),
-                    "spec": spec,
-                    "exited": exit,
-                    "created": datetime.now(UTC).isoformat(),
+            with timer.phase("criu_tar"):
+                criu_desc = _tar_tree(self.content, images_dir, MediaType.CHECKPOINT_CRIU,
+                                      "criu")
+            rw_desc = Descriptor(MediaType.CHECKPOINT_RW, rw.descriptor.digest,
+                                 rw.descriptor.size, {ANNOTATION_DIFF_ID: rw.diff_id},
+                                 host_platform())
+            runc_version = _runc_version(tm.runc.binary)
+            config = {
+                "version": _CONFIG_VERSION,
+                "id": cid,
+                "image": container.image,
+                "image_target": image.target.to_json(),
+                "snapshotter": container.snapshotter,
+                "runtime": {"name": RUNTIME, "runc_version": runc_version},
+                "options": options,
+                "labels": dict(container.labels),
+                "spec": spec,
+                "exited": exit,
+                "created": datetime.now(UTC).isoformat(),
+            }
+            with timer.phase("index"):
+                config_desc = _put_json(self.content, config, MediaType.CHECKPOINT_CONFIG)
+                # the image first: tools that pick "the" manifest of an index by
+                # platform alone (skopeo) find the image's, not a checkpoint blob
+                target = image.target
+                annotations = {k: v for k, v in target.annotations.items()
+                               if k != "org.opencontainers.image.ref.name"}
+                annotations["io.containerd.image.name"] = container.image
+                image_desc = Descriptor(target.media_type, target.digest, target.size,
+                                        annotations, target.platform or host_platform())
+                manifests = [image_desc, criu_desc, *bind_descs, rw_desc, config_desc]
+                index = {
+                    "schemaVersion": 2,
+                    "mediaType": MediaType.OCI_INDEX,
+                    "manifests": [d.to_json() for d in manifests],
+                    "annotations": {
+                        ANNOTATION_RUNTIME: RUNTIME,
+                        ANNOTATION_RUNC_VERSION: runc_version,
+                        ANNOTATION_SNAPSHOTTER: container.snapshotter,
+                        ANNOTATION_IMAGE: container.image,
+                        ANNOTATION_CONTAINER: cid,
+                        ANNOTATION_CREATED: config["created"],
+                    },
                 }
-                with timer.phase("index"):
-                    config_desc = _put_json(self.content, config, MediaType.CHECKPOINT_CONFIG)
-                    # the image first: tools that pick "the" manifest of an index by
-                    # platform alone (skopeo) find the image's, not a checkpoint blob
-                    target = image.target
-                    annotations = {k: v for k, v in target.annotations.items()
-                                   if k != "org.opencontainers.image.ref.name"}
-                    annotations["io.containerd.image.name"] = container.image
-                    image_desc = Descriptor(target.media_type, target.digest, target.size,
-                                            annotations, target.platform or host_platform())
-                    manifests = [image_desc, criu_desc, *bind_descs, rw_desc, config_desc]
-                    index = {
-                        "schemaVersion": 2,
-                        "mediaType": MediaType.OCI_INDEX,
-                        "manifests": [d.to_json() for d in manifests],
-                        "annotations": {
-                            ANNOTATION_RUNTIME: RUNTIME,
-                            ANNOTATION_RUNC_VERSION: runc_version,
-                            ANNOTATION_SNAPSHOTTER: container.snapshotter,
-                            ANNOTATION_IMAGE: container.image,
-                            ANNOTATION_CONTAINER: cid,
-                            ANNOTATION_CREATED: config["created"],
-                        },
-                    }
-                    index_desc = _put_json(self.content, index, MediaType.OCI_INDEX,
-                                           platform=False)
-                    label_references(self.content, index_desc)
-                    self.containers.images.images.put(Image(
-                        name=ref, target=index_desc,
-                        labels={LABEL_CHECKPOINT: cid}))
-        finally:
-            with contextlib.suppress(OSError):
-                remove_tree(workdir)
+                index_desc = _put_json(self.content, index, MediaType.OCI_INDEX,
+                                       platform=False)
+                label_references(self.content, index_desc)
+                self.containers.images.images.put(Image(
+                    name=ref, target=index_desc,
+                    labels={LABEL_CHECKPOINT: cid}))
         return CheckpointResult(ref=ref, index=index_desc, container=cid, timings=timer.done())
 
     def _checkpoint_binds(self, options: Mapping[str, Any]) -> list[Descriptor]:
@@ -456,10 +486,10 @@ class CheckpointService:
                 if m.get("type") == "bind" and m.get("destination") in moved:
                     m["source"] = moved[m["destination"]]
         leases = self._leases()
-        workdir = self._work / f"restore-{cid}-{time.time_ns()}-{secrets.token_hex(3)}"
+        name = f"restore-{cid}-{time.time_ns()}-{secrets.token_hex(3)}"
         container: Container | None = None
         try:
-            with leases.held(purpose="restore"):
+            with leases.held(purpose="restore"), self._work_dir(name) as workdir:
                 image = self._ensure_image(ckpt)
                 with timer.phase("create"):
                     container = self.containers.create(
@@ -475,7 +505,6 @@ class CheckpointService:
                 with timer.phase("binds"):
                     for desc in ckpt.binds:
                         self._restore_bind(desc, moved)
-                workdir.mkdir(mode=0o700)
                 images_dir = workdir / "criu"
                 images_dir.mkdir()
                 with timer.phase("criu_untar"), self.content.reader(ckpt.criu.digest) as r:
@@ -492,9 +521,6 @@ class CheckpointService:
                 with contextlib.suppress(Exception):
                     self.ctasks.remove(cid, force=True)
             raise
-        finally:
-            with contextlib.suppress(OSError):
-                remove_tree(workdir)
         return RestoreResult(container=container, task=task, timings=timer.done())
 
     def _restore_bind(self, desc: Descriptor, moved: Mapping[str, str]) -> None:

@@ -1,0 +1,91 @@
+"""Work directories of checkpoints and restores, found again after a crash.
+
+A checkpoint dumps CRIU's images into a directory under ``<root>/checkpoints``
+and may pause the container's task meanwhile. The process that does so holds a
+flock on the directory until it has removed it; a directory nobody holds was
+left by a process that died (SIGKILL, OOM, power loss). Such a directory says
+what the dead process left behind: its files, and — when a ``paused`` marker
+names a container — a task it paused and never resumed.
+
+Creating and locking happen under one more lock (a file the caller names,
+outside the directory scanned), and so does :func:`interrupted`'s scan, so a
+directory being created is never taken for an abandoned one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from lamina.fsutil import locked, remove_tree
+
+__all__ = ["Interrupted", "interrupted", "paused", "work_dir"]
+
+_PAUSED = "paused"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """A work directory no live process holds; ``paused`` is the container whose task
+    it paused and did not resume ("" when none)."""
+
+    path: Path
+    paused: str
+
+
+@contextlib.contextmanager
+def work_dir(base: Path, name: str, *, lock: Path) -> Iterator[Path]:
+    """``base/name``, made and flocked for the block, then removed; ``lock`` guards
+    the making against :func:`interrupted`'s scan."""
+    base.mkdir(mode=0o700, exist_ok=True)
+    path = base / name
+    with locked(lock):
+        path.mkdir(mode=0o700)
+        fd = os.open(path, _DIR_FLAGS)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            remove_tree(path)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def paused(path: Path, cid: str) -> Iterator[None]:
+    """Mark ``path`` as having paused ``cid``'s task for the block (the caller pauses
+    and resumes inside it): a crash in between leaves the mark for recovery."""
+    marker = path / _PAUSED
+    marker.write_text(cid, encoding="utf-8")
+    yield
+    marker.unlink()
+
+
+def interrupted(base: Path, *, lock: Path) -> list[Interrupted]:
+    """The work directories under ``base`` that no live process holds."""
+    if not base.is_dir():
+        return []
+    found = []
+    with locked(lock):
+        for entry in sorted(base.iterdir()):
+            if not entry.is_dir() or entry.is_symlink():
+                continue
+            fd = os.open(entry, _DIR_FLAGS)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live checkpoint or restore
+                try:
+                    cid = (entry / _PAUSED).read_text(encoding="utf-8")
+                except FileNotFoundError:
+                    cid = ""
+                found.append(Interrupted(entry, cid))
+            finally:
+                os.close(fd)
+    return found
