@@ -50,7 +50,7 @@ from lamina.archive.whiteout import (
 from lamina.erofs.acl import acl_equivalent, acl_mode, acl_verdict
 from lamina.errors import InvalidArgument
 
-__all__ = ["Inode", "LayerTree"]
+__all__ = ["Inode", "LayerTree", "RootMeta"]
 
 _KIND = {TYPE_REGULAR: stat.S_IFREG, TYPE_CHAR: stat.S_IFCHR, TYPE_BLOCK: stat.S_IFBLK,
          TYPE_FIFO: stat.S_IFIFO, TYPE_SYMLINK: stat.S_IFLNK, TYPE_DIR: stat.S_IFDIR}
@@ -58,6 +58,19 @@ _KIND = {TYPE_REGULAR: stat.S_IFREG, TYPE_CHAR: stat.S_IFCHR, TYPE_BLOCK: stat.S
 
 def _bad(msg: str) -> InvalidArgument:
     return InvalidArgument(f"invalid tar layer: {msg}")
+
+
+@dataclass(frozen=True)
+class RootMeta:
+    """The root directory's metadata when the layer does not list its root
+    (in an overlay stack the topmost layer's root is what a mount shows, so a
+    layer takes its parent's)."""
+
+    mode: int = 0o755
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int | None = None
+    xattrs: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass(slots=True, eq=False)
@@ -127,9 +140,11 @@ class LayerTree:
     """The tree a layer leaves (see the module docs). ``root`` is its root
     directory; ``root_listed`` whether the layer had an entry for it."""
 
-    def __init__(self, *, overlay: bool) -> None:
+    def __init__(self, *, overlay: bool, root: RootMeta | None = None) -> None:
         self.overlay = overlay
-        self.root = new_dir(0o755, 0, 0, None)
+        meta = root or RootMeta()
+        self.root = new_dir(meta.mode & 0o7777, meta.uid, meta.gid, meta.mtime_ns)
+        self.root.xattrs = dict(meta.xattrs)
         self.root_listed = False
         self.dir_times: dict[str, int] = {}
         self.epoch = 0  # bumped whenever a directory or symlink leaves the tree

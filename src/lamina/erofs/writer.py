@@ -35,7 +35,7 @@ from lamina.archive.compression import open_decompressed
 from lamina.archive.tarstream import TarEntry, TarReader, show_name
 from lamina.erofs import format as F
 from lamina.erofs.image import write_metadata
-from lamina.erofs.tree import Inode, LayerTree
+from lamina.erofs.tree import Inode, LayerTree, RootMeta
 from lamina.errors import Internal, InvalidArgument, LaminaError
 from lamina.fsutil import atomic_file
 
@@ -116,6 +116,7 @@ def write_image(
     expected_diff_id: str | None = None,
     progress: Callable[[int], None] | None = None,
     max_size: int | None = limits.DEFAULT_MAX_LAYER_SIZE,
+    root: RootMeta | None = None,
 ) -> WrittenImage:
     """Write the layer read from ``stream`` as the EROFS image file ``dest``.
 
@@ -123,8 +124,9 @@ def write_image(
     overlayfs lower directory says it (whiteout devices, opaque xattrs;
     :class:`~lamina.archive.apply.NeedsLowerLayers` where it cannot), False
     the layer applied on an empty directory. ``expected_diff_id``,
-    ``progress`` and ``max_size`` are as for apply_layer; on any error
-    ``dest`` is left as it was.
+    ``progress`` and ``max_size`` are as for apply_layer; ``root`` is the
+    root directory's metadata unless the layer lists its root (default: 0755,
+    owned by 0:0, no xattrs). On any error ``dest`` is left as it was.
     """
     dest = os.fspath(dest)
     directory = os.path.dirname(dest) or "."
@@ -147,7 +149,7 @@ def write_image(
         if progress is not None:
             progress(counter[0])
 
-    tree = LayerTree(overlay=overlay)
+    tree = LayerTree(overlay=overlay, root=root)
     current: TarEntry | None = None
     try:
         with atomic_file(dest, mode=0o644) as fd, \
