@@ -77,8 +77,14 @@ class Outcome:
 
 
 def record_workload(root: Path, steps: Sequence[Step], work: Path, *,
-                    env: dict[str, str] | None = None) -> Recording:
-    """Run ``steps`` under strace on ``root``; the model of what they did."""
+                    env: dict[str, str] | None = None,
+                    tolerated: Sequence[str] = ()) -> Recording:
+    """Run ``steps`` under strace on ``root``; the model of what they did.
+
+    The model must match the disk afterwards, except at ``tolerated`` paths
+    (relative): what processes outside the trace change (a running container
+    through its overlay mount, the task monitor), which the crash states then
+    show as they were before the workload."""
     root = Path(os.path.realpath(root))
     base, _ = scan(root)
     rec = Recorder(root, base.copy())
@@ -91,7 +97,7 @@ def record_workload(root: Path, steps: Sequence[Step], work: Path, *,
             raise AssertionError(f"step {step.label!r} failed ({r.returncode}): {r.stderr}")
         rec.feed(parse(trace))
         acks.append(len(rec.ops))
-    diffs = differences(rec.tree, root)
+    diffs = differences(rec.tree, root, tolerated=tolerated)
     if diffs:
         raise TraceError("the model does not match the disk after the workload: "
                          + "; ".join(diffs[:8]))

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 from crashstates.tree import Tree
@@ -76,15 +77,20 @@ def final_mtimes(tree: Tree, real: Path) -> dict[int, int]:
     return out
 
 
-def differences(tree: Tree, real: Path, *, skip_suffixes: tuple[str, ...] = ("-shm",)
-                ) -> list[str]:
+def differences(tree: Tree, real: Path, *, skip_suffixes: tuple[str, ...] = ("-shm",),
+                tolerated: Sequence[str] = ()) -> list[str]:
     """Where ``tree`` and the directory ``real`` disagree (kind, mode, owner, size,
-    content, link target, xattrs): the recorder's own check that nothing escaped it."""
+    content, link target, xattrs): the recorder's own check that nothing escaped it.
+    Paths at or below a ``tolerated`` one (relative) are not compared."""
     want: dict[str, str] = {}
     for rel, ino in tree.walk():
         want[rel] = _describe_model(tree, ino)
     have: dict[str, str] = {}
+    dev = os.lstat(real).st_dev
     for dirpath, dirnames, filenames in os.walk(real):
+        if os.lstat(dirpath).st_dev != dev:
+            dirnames[:] = []  # a mount point: the directory only, as scan() takes it
+            continue
         for name in dirnames + filenames:
             full = os.path.join(dirpath, name)
             if name.endswith(skip_suffixes):
@@ -93,6 +99,8 @@ def differences(tree: Tree, real: Path, *, skip_suffixes: tuple[str, ...] = ("-s
     have[""] = _describe_real(str(real))
     out = []
     for rel in sorted(set(want) | set(have)):
+        if any(rel == t or rel.startswith(t + "/") for t in tolerated):
+            continue
         if want.get(rel) != have.get(rel):
             out.append(f"{rel or '.'}: model {want.get(rel)} != disk {have.get(rel)}")
     return out

@@ -113,13 +113,15 @@ def explore(ops: Sequence[Op], tree: Tree, acks: Sequence[int]) -> list[CrashSta
 
 def choose(states: list[CrashState], acks: Sequence[int], *, budget: int,
            seed: int) -> list[CrashState]:
-    """All states when they fit in ``budget``; otherwise the states at each
-    acknowledgement and at the end, plus a sample drawn with ``seed``."""
+    """All states when they fit in ``budget``; otherwise the three whole states
+    (all issued, pending data lost, durable only) at each acknowledgement and at
+    the end, plus a sample of the rest drawn with ``seed``."""
     if len(states) <= budget:
         return sorted(states, key=lambda s: (s.point, sorted(s.excluded)))
     marks = set(acks) | {max(s.point for s in states)}
-    must = [s for s in states if s.point in marks]
-    rest = [s for s in states if s.point not in marks]
+    whole = {"all issued", "pending data lost", "durable only"}
+    must = [s for s in states if s.point in marks and s.why in whole]
+    rest = [s for s in states if not (s.point in marks and s.why in whole)]
     rng = random.Random(seed)
     picked = must + rng.sample(rest, max(0, min(len(rest), budget - len(must))))
     return sorted(picked, key=lambda s: (s.point, sorted(s.excluded)))

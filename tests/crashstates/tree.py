@@ -260,15 +260,19 @@ def scan(path: Path) -> tuple[Tree, dict[int, int]]:
     stack = [(str(path), 0)]
     while stack:
         real, d = stack.pop()
+        if os.lstat(real).st_dev != st.st_dev:
+            continue  # a mount point (a running container's rootfs): only the directory
         with os.scandir(real) as it:
             entries = sorted(it, key=lambda e: e.name)
         for e in entries:
             est = os.lstat(e.path)
-            if est.st_ino in by_st:
-                t.children[d][e.name] = by_st[est.st_ino]
+            same = by_st.get(est.st_ino) if est.st_dev == st.st_dev else None
+            if same is not None and not stat.S_ISDIR(est.st_mode):  # a hard link
+                t.children[d][e.name] = same
                 continue
             ino = t.new_ino()
-            by_st[est.st_ino] = ino
+            if est.st_dev == st.st_dev:
+                by_st[est.st_ino] = ino
             t.children[d][e.name] = ino
             t.attrs[ino] = _attrs_of(e.path, est)
             if stat.S_ISDIR(est.st_mode):
