@@ -355,7 +355,7 @@ def test_deep_tree(tmp_path: Path) -> None:
     with ErofsImage(image) as im:
         assert max(p.count("/") for p, _ in im.walk()) == 2048
     deeper = dir_chain("", "a", 2048) + bytes(1024)
-    with pytest.raises(InvalidArgument, match="2049 directories deep"):
+    with pytest.raises(InvalidArgument, match="PATH_MAX"):  # depth: the hostile corpus
         write_image(io.BytesIO(deeper), tmp_path / "deeper.erofs", overlay=True)
 
 
