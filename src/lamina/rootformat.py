@@ -49,6 +49,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lamina import crash
 from lamina.errors import FailedPrecondition
 from lamina.fsutil import atomic_write, locked
 from lamina.perms import FILE_MODE, tighten, tighten_tree
@@ -88,6 +89,7 @@ def _to_2(path: Path) -> None:
     from lamina.root import SNAPSHOTTERS
 
     tighten(path)
+    crash.point("format.2.root")
     names = ("snapshots", "content", "tmpmounts", "tasks", "checkpoints", "locks")
     dirs = [path / n for n in names] + [path / "snapshots" / n for n in SNAPSHOTTERS]
     for d in dirs:
@@ -122,6 +124,7 @@ def _to_3(path: Path) -> None:
                     _classify_snapshots(conn)
         finally:
             db.close()
+        crash.point("format.3.snapshots")
     content_db = path / "content" / "metadata.db"
     if content_db.is_file():
         db = Database(content_db, CONTENT_SCHEMA)
@@ -131,6 +134,7 @@ def _to_3(path: Path) -> None:
                     hold_by_all(conn, digest)
         finally:
             db.close()
+        crash.point("format.3.content")
 
 
 def _classify_snapshots(conn: Any) -> None:
@@ -162,7 +166,9 @@ def open_format(path: Path) -> int:
             found = 1 if others else FORMAT
         for step in range(found, FORMAT):
             MIGRATIONS[step](path)
+            crash.point("format.step-done")
             _write_format(path, step + 1)
+            crash.point("format.written")
         if found == FORMAT:
             _write_format(path, FORMAT)
     return found
