@@ -22,6 +22,7 @@ refuses them when they are set on a real file (see :func:`xattr_verdict`).
 
 from __future__ import annotations
 
+import os
 import stat
 from dataclasses import dataclass, field
 
@@ -52,6 +53,7 @@ from lamina.errors import InvalidArgument
 
 __all__ = ["Inode", "LayerTree", "RootMeta"]
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _KIND = {TYPE_REGULAR: stat.S_IFREG, TYPE_CHAR: stat.S_IFCHR, TYPE_BLOCK: stat.S_IFBLK,
          TYPE_FIFO: stat.S_IFIFO, TYPE_SYMLINK: stat.S_IFLNK, TYPE_DIR: stat.S_IFDIR}
 
@@ -151,6 +153,7 @@ class LayerTree:
         self.lookups = 0
         self.work = 0
         self.path: list[str] = []  # resolved path of the last directory looked up
+        self.whiteouts: list[tuple[Inode, str]] = []  # whiteout devices made
 
     # -- path resolution (lamina.archive.safepath's rules, in memory) ------
     def _spend(self, n: int, parts: list[str]) -> None:
@@ -480,6 +483,55 @@ class LayerTree:
             self._attach(pdir, target, Inode(stat.S_IFCHR, 0o600, 0, gid, None))
         elif old.kind == stat.S_IFDIR:
             old.xattrs[OVERLAY_OPAQUE_XATTR] = b"y"
+        if old is None:
+            self.whiteouts.append((pdir, target))
+
+    def drop_needless_whiteouts(self, lower: str | None) -> int:
+        """Leave out the whiteout devices that hide nothing in ``lower`` (the
+        lowers' merged tree; None: no lowers), as
+        :func:`lamina.archive.whiteout.drop_needless_whiteouts` does for an
+        upper directory: overlayfs lists a whiteout where its directory is
+        not merged with a lower one. Returns how many went."""
+        dropped = 0
+        for pdir, name in self.whiteouts:
+            assert pdir.children is not None
+            node = pdir.children.get(name)
+            if node is None or node.kind != stat.S_IFCHR or node.rdev != 0:
+                continue
+            if pdir is not self.root and (pdir.parent is None
+                                          or not self._inside(pdir, self.root)):
+                continue  # its directory left the tree
+            if lower is not None and self._hides(pdir, name, lower):
+                continue
+            del pdir.children[name]
+            dropped += 1
+        self.whiteouts = []
+        return dropped
+
+    def _hides(self, pdir: Inode, name: str, lower: str) -> bool:
+        chain: list[Inode] = []
+        cur: Inode | None = pdir
+        while cur is not None and cur is not self.root:
+            chain.append(cur)
+            cur = cur.parent
+        fd = os.open(lower, _DIR_FLAGS)
+        try:
+            for node in reversed(chain):
+                if node.xattrs.get(OVERLAY_OPAQUE_XATTR) == b"y":
+                    return False
+                try:
+                    nfd = os.open(node.name, _DIR_FLAGS, dir_fd=fd)
+                except OSError:
+                    return False  # not a directory below: nothing merged, nothing hidden
+                os.close(fd)
+                fd = nfd
+            try:
+                os.lstat(name, dir_fd=fd)
+            except FileNotFoundError:
+                return False
+            return True
+        finally:
+            os.close(fd)
 
     def finish(self) -> None:
         """Directory times last, as apply_layer sets them."""

@@ -117,6 +117,8 @@ def write_image(
     progress: Callable[[int], None] | None = None,
     max_size: int | None = limits.DEFAULT_MAX_LAYER_SIZE,
     root: RootMeta | None = None,
+    drop_needless_whiteouts: bool = False,
+    lower: str | os.PathLike[str] | None = None,
 ) -> WrittenImage:
     """Write the layer read from ``stream`` as the EROFS image file ``dest``.
 
@@ -126,7 +128,10 @@ def write_image(
     the layer applied on an empty directory. ``expected_diff_id``,
     ``progress`` and ``max_size`` are as for apply_layer; ``root`` is the
     root directory's metadata unless the layer lists its root (default: 0755,
-    owned by 0:0, no xattrs). On any error ``dest`` is left as it was.
+    owned by 0:0, no xattrs). With ``drop_needless_whiteouts`` (overlay
+    form), whiteouts that hide nothing in ``lower`` (the merged tree of the
+    lower layers, e.g. a mounted view; None: no lowers) are left out, as
+    staged extraction does. On any error ``dest`` is left as it was.
     """
     dest = os.fspath(dest)
     directory = os.path.dirname(dest) or "."
@@ -165,6 +170,8 @@ def write_image(
             current = None
             reader.drain()
             tree.finish()
+            if drop_needless_whiteouts:
+                tree.drop_needless_whiteouts(os.fspath(lower) if lower is not None else None)
             spool.flush()
             diff_id = "sha256:" + digest.hexdigest()
             if expected_diff_id is not None and expected_diff_id != diff_id:
