@@ -26,7 +26,7 @@ import pytest
 from bad_registry import MT_CONFIG, MT_INDEX, MT_MANIFEST, Handler, State, serving
 from registry_peer import running_registry, skopeo_push
 
-from lamina.errors import InvalidArgument, LaminaError, NotFound, Unavailable
+from lamina.errors import LaminaError, NotFound, NotImplementedErr, Unavailable
 from lamina.remotes.auth import Unauthorized
 
 MT_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -336,7 +336,9 @@ def test_schema1_manifest_refused(require_root: None, tmp_root: Path) -> None:
     state.add_manifest("team/old", ["1"], MT_SCHEMA1, doc)
     with serving(state) as reg:
         proc = lamina(tmp_root / "root", "image", "pull", f"{reg}/team/old:1")
-    line = one_line_error(proc, InvalidArgument)
-    assert MT_SCHEMA1 in line
+    line = one_line_error(proc, NotImplementedErr)
+    assert line == (f"lamina: NotImplemented: Docker schema 1 manifests are not supported "
+                    f"(media type '{MT_SCHEMA1}'); push the image again with a current "
+                    "client, which writes schema 2 or OCI")
     assert "team/old" not in lamina(tmp_root / "root", "image", "ls").stdout
     assert lamina(tmp_root / "root", "check").stdout.strip() == "consistent"

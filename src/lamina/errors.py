@@ -35,6 +35,11 @@ class LaminaError(Exception):
         super().__init__(message)
         self.message = message
 
+    def one_line(self) -> str:
+        """``Class: message``, as the CLI prints it (``NotImplementedErr`` is
+        ``NotImplemented``: the suffix only keeps clear of Python's builtin)."""
+        return f"{type(self).__name__.removesuffix('Err')}: {self.message}"
+
 
 class Internal(LaminaError):
     """Something lamina did not expect; a bug or an environment failure."""

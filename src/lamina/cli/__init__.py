@@ -183,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
         return code
     except LaminaError as exc:
-        return fail(f"{type(exc).__name__}: {exc.message}", exc.exit_code)
+        return fail(exc.one_line(), exc.exit_code)
     except KeyboardInterrupt:
         return fail("interrupted", EXIT_INTERRUPTED)
     except BrokenPipeError as exc:

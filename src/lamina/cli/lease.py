@@ -67,7 +67,7 @@ def _rm(args: argparse.Namespace, app: App) -> int:
             try:
                 leases.delete(lease_id)
             except LaminaError as exc:
-                print(f"lamina: {type(exc).__name__}: {exc.message}", file=sys.stderr)
+                print(f"lamina: {exc.one_line()}", file=sys.stderr)
                 code = code or exc.exit_code
             else:
                 print(lease_id)

@@ -16,7 +16,13 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from lamina.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from lamina.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    NotImplementedErr,
+    Unavailable,
+)
 from lamina.images.oci import INDEX_TYPES, MANIFEST_TYPES, Descriptor, MediaType, parse_json
 from lamina.remotes.reference import Reference
 from lamina.remotes.session import Session
@@ -53,13 +59,21 @@ def _check(data: bytes, desc: Descriptor, host: str) -> None:
             f"{_sha256(data)}, not the {desc.size} bytes the descriptor names")
 
 
+_SCHEMA1_TYPES = frozenset({"application/vnd.docker.distribution.manifest.v1+json",
+                            "application/vnd.docker.distribution.manifest.v1+prettyjws"})
+
+
 def _document_type(data: bytes, header_type: str) -> str:
-    declared = str(parse_json(data, "manifest").get("mediaType") or "")
+    doc = parse_json(data, "manifest")
+    declared = str(doc.get("mediaType") or "")
     if declared in MANIFEST_TYPES | INDEX_TYPES:
         return declared
     if header_type in MANIFEST_TYPES | INDEX_TYPES:
         return header_type
-    doc = parse_json(data, "manifest")
+    if header_type in _SCHEMA1_TYPES or doc.get("schemaVersion") == 1:
+        raise NotImplementedErr(
+            f"Docker schema 1 manifests are not supported (media type {header_type!r}); "
+            "push the image again with a current client, which writes schema 2 or OCI")
     if "manifests" in doc:
         return MediaType.OCI_INDEX
     if "config" in doc:
