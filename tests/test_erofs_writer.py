@@ -27,8 +27,17 @@ import treesum
 from conftest import require_root_user, require_tools
 from test_archive_limits import CASES as HOSTILE
 from test_archive_limits import dir_chain, header, pax
-from test_archive_support import CAP_NET_BIND, Member, dev, dir_, fifo, file_, hardlink, \
-    make_tar, symlink
+from test_archive_support import (
+    CAP_NET_BIND,
+    Member,
+    dev,
+    dir_,
+    fifo,
+    file_,
+    hardlink,
+    make_tar,
+    symlink,
+)
 from test_layer_parity import CASES as PARITY
 from test_layer_parity import summarize
 
@@ -421,13 +430,12 @@ def test_file_over_4_gib_sparse(tmp_path: Path) -> None:
     dump = subprocess.run(["dump.erofs", "--path=/huge", str(image)], capture_output=True,
                           text=True, check=True).stdout
     assert f"Size: {size}" in dump
-    with mounted(image, tmp_path / "mnt") as mnt:
-        with open(mnt / "huge", "rb") as f:
-            assert os.fstat(f.fileno()).st_size == size
-            f.seek(size - len(marker) - 10)
-            assert f.read() == bytes(10) + marker
-            f.seek(3 << 30)
-            assert f.read(4096) == bytes(4096)
+    with mounted(image, tmp_path / "mnt") as mnt, open(mnt / "huge", "rb") as f:
+        assert os.fstat(f.fileno()).st_size == size
+        f.seek(size - len(marker) - 10)
+        assert f.read() == bytes(10) + marker
+        f.seek(3 << 30)
+        assert f.read(4096) == bytes(4096)
     with ErofsImage(image) as im:
         info = dict(im.walk())["/huge"]
         assert im.read(info, size - len(marker), 100) == marker
