@@ -4,7 +4,9 @@ A workload is a list of steps, each a command run under strace on the same
 root (the root as it was before the first step is taken as durable). A step
 that exits 0 is *acknowledged*: every crash state after that point must still
 show what the steps did (the ``expect`` callback of the last acknowledged step
-says all that must hold by then), and every state must open —
+says all that must hold by then); as the power cut left it, before any repair,
+no state's metadata may name what its files lack (the metadata may be behind
+the disk, never ahead); and every state must open —
 lamina sees a new boot id and repairs the root — and then pass ``check
 --deep`` with no problem at all.
 """
@@ -25,7 +27,7 @@ from crashstates.record import Recorder
 from crashstates.states import CrashState, choose, explore, replay
 from crashstates.trace import TraceError, parse, run_traced
 from crashstates.tree import Op, Tree, scan
-from lamina.check import check
+from lamina.check import ProblemType, check
 from lamina.errors import LaminaError
 from lamina.fsutil import remove_tree
 from lamina.root import Root
@@ -36,6 +38,8 @@ __all__ = ["Outcome", "Recording", "Step", "explore_workload", "record_workload"
 PREVIOUS_BOOT = "00000000-0000-4000-8000-crashstates0\n"
 
 Expect = Callable[[Root], list[str]]
+
+BLOBS = ["content", "blobs", "sha256"]
 
 #: How many inconsistent states ``keep`` keeps per workload.
 KEPT = 5
@@ -56,6 +60,7 @@ class Recording:
     acks: list[int]
     mtimes: dict[int, int]
     steps: Sequence[Step]
+    deleted_blobs: frozenset[str]  # digests the workload removed from the content store
 
 
 @dataclass
@@ -101,7 +106,48 @@ def record_workload(root: Path, steps: Sequence[Step], work: Path, *,
     if diffs:
         raise TraceError("the model does not match the disk after the workload: "
                          + "; ".join(diffs[:8]))
-    return Recording(root, base, rec.ops, acks, final_mtimes(rec.tree, root), steps)
+    return Recording(root, base, rec.ops, acks, final_mtimes(rec.tree, root), steps,
+                     _blobs(base) - _blobs(rec.tree))
+
+
+def _blobs(tree: Tree) -> frozenset[str]:
+    d = tree.lookup(BLOBS)
+    if d is None:
+        return frozenset()
+    return frozenset(f"sha256:{name}" for name in tree.children[d])
+
+
+#: What check finds when the metadata is *ahead* of the disk: it names something
+#: that is not there (or not whole). Leftovers (orphans, temporary files) are the
+#: metadata being behind, which the README allows and repair removes.
+AHEAD = frozenset({
+    ProblemType.CONTENT_MISSING, ProblemType.CONTENT_CORRUPT,
+    ProblemType.SNAPSHOT_MISSING_DIRECTORY, ProblemType.LAYER_CHANGED,
+    ProblemType.IMAGE, ProblemType.CONTAINER,
+})
+
+
+def ahead_of_disk(path: Path, *, deleting: frozenset[str] = frozenset()) -> list[str]:
+    """What ``path``'s metadata claims and its files lack, as the power cut left it
+    (opened without the restart repair, checked without repairing).
+
+    A blob the workload deletes (``deleting``) may be missing while its row is
+    not: the content store unlinks the file inside the transaction that deletes
+    the row, so that no commit of the same digest can slip in between and lose
+    its new file; the restart repair drops such a row."""
+    try:
+        root = Root(path, recover=False)
+    except (LaminaError, sqlite3.Error, OSError) as exc:
+        return [f"open without repair: {type(exc).__name__}: {exc}"]
+    try:
+        report = check(root, deep=True)
+    except (LaminaError, sqlite3.Error, OSError) as exc:
+        return [f"check without repair: {type(exc).__name__}: {exc}"]
+    finally:
+        root.close()
+    return [f"metadata ahead of the disk: [{p.kind}] {p.message}"
+            for p in report.problems if p.kind in AHEAD
+            and not (p.kind == ProblemType.CONTENT_MISSING and p.subject in deleting)]
 
 
 def open_state(path: Path, expectations: Sequence[Expect], *,
@@ -135,11 +181,14 @@ def open_state(path: Path, expectations: Sequence[Expect], *,
 
 
 def explore_workload(name: str, rec: Recording, scratch: Path, *, budget: int,
-                     seed: int, cli: Sequence[str], keep: Path | None = None) -> Outcome:
+                     seed: int, cli: Sequence[str], keep: Path | None = None,
+                     ahead: bool = True) -> Outcome:
     """Materialise and open the crash states of ``rec`` (at most ``budget``); the
     durable-only state at each acknowledgement is opened through the CLI (``cli``),
-    the rest through the library. The first few inconsistent states are kept below
-    ``keep`` (as written, before lamina opened them) when it is given."""
+    the rest through the library. With ``ahead``, each state is first checked as
+    the power cut left it: its metadata must not be ahead of its files. The first
+    few inconsistent states are kept below ``keep`` (as written, before lamina
+    opened them) when it is given."""
     start = time.monotonic()
     states = explore(rec.ops, rec.base, rec.acks)
     picked = choose(states, rec.acks, budget=budget, seed=seed)
@@ -152,7 +201,8 @@ def explore_workload(name: str, rec: Recording, scratch: Path, *, budget: int,
         expectations = [s.expect for s in rec.steps[: state.acked] if s.expect is not None][-1:]
         try:
             through_cli = state.why == "durable only" and state.point in rec.acks
-            problems = open_state(dest, expectations, cli=cli if through_cli else None)
+            problems = ahead_of_disk(dest, deleting=rec.deleted_blobs) if ahead else []
+            problems += open_state(dest, expectations, cli=cli if through_cli else None)
             out.through_cli += through_cli
         finally:
             with contextlib.suppress(OSError):
