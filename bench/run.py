@@ -55,6 +55,7 @@ BENCHMARKS: dict[str, str] = {
     "grpc": "bench.grpc",
     "userns": "bench.userns",
     "registry": "bench.registry",
+    "erofs": "bench.erofs",
 }
 
 RESULTS = _HERE / "results" / "latest.json"

@@ -152,7 +152,8 @@ class LayerTree:
         self.epoch = 0  # bumped whenever a directory or symlink leaves the tree
         self.lookups = 0
         self.work = 0
-        self.path: list[str] = []  # resolved path of the last directory looked up
+        self.last = self.root  # the directory the last lookup returned
+        self._memo: tuple[tuple[str, ...], int, Inode] | None = None
         self.whiteouts: list[tuple[Inode, str]] = []  # whiteout devices made
 
     # -- path resolution (lamina.archive.safepath's rules, in memory) ------
@@ -171,11 +172,29 @@ class LayerTree:
             cur = cur.parent
         return "/".join(reversed(names))
 
+    @property
+    def path(self) -> list[str]:
+        """The resolved path of the directory :meth:`lookup` last returned."""
+        node = self.last
+        return self._rel(node).split("/") if node.parent is not None else []
+
     def lookup(self, parts: list[str], *, create: bool) -> Inode | None:
         """The directory ``parts``, symlinked components resolved inside the
         root; missing ones made when ``create`` (None otherwise). Sets
-        :attr:`path` to the resolved path."""
+        :attr:`last` to it."""
         self.lookups += 1
+        key = tuple(parts)
+        memo = self._memo
+        if memo is not None and memo[0] == key and memo[1] == self.epoch:
+            self.last = memo[2]
+            return memo[2]
+        found = self._lookup(parts, create)
+        if found is not None:
+            self.last = found
+            self._memo = (key, self.epoch, found)
+        return found
+
+    def _lookup(self, parts: list[str], create: bool) -> Inode | None:
         node = self.root
         todo = parts[::-1]
         pending: list[tuple[Inode, int, int]] = []
@@ -185,7 +204,6 @@ class LayerTree:
                 link, _, before = pending.pop()
                 link.resolved, link.epoch, link.hops = node, self.epoch, hops - before
             if not todo:
-                self.path = self._rel(node).split("/") if node.parent is not None else []
                 return node
             comp = todo.pop()
             assert node.children is not None
@@ -329,17 +347,16 @@ class LayerTree:
             raise _bad(f"{e.name!r}: character device 0/0 is overlayfs's whiteout, "
                        "not storable in a layer")
         pdir = self._dir(parts[:-1])
-        rparts = [*self.path, base]
-        if len(rparts) > limits.MAX_DEPTH:
-            raise _bad(f"{show_name(e.name)} is {len(rparts)} directories deep "
+        if pdir.depth + 1 > limits.MAX_DEPTH:
+            raise _bad(f"{show_name(e.name)} is {pdir.depth + 1} directories deep "
                        f"(limit {limits.MAX_DEPTH})")
         t = e.type
         if t == TYPE_DIR:
             self._directory(pdir, base, e)
-            self.dir_times["/".join(rparts)] = e.mtime_ns
+            self.dir_times["/".join([*self.path, base])] = e.mtime_ns
             return None
         if t == TYPE_HARDLINK:
-            self._hardlink(pdir, base, e, rparts)
+            self._hardlink(pdir, base, e, [*self.path, base])
             return None
         if t == TYPE_SYMLINK and not e.linkname:
             raise _bad(f"{e.name!r}: symlink with an empty target")
@@ -407,14 +424,13 @@ class LayerTree:
         if target == rparts:
             return
         missing = NeedsLowerLayers if self.overlay else InvalidArgument
-        saved = self.path
         try:
             tdir = self.lookup(target[:-1], create=False)
         except InvalidArgument:
             if self.overlay and self._through_whiteout(target[:-1]):
                 raise NeedsLowerLayers(f"hard link target {e.linkname!r} was whited out") from None
             raise
-        tpath, self.path = self.path, saved
+        tpath = self.path if tdir is not None else []
         gone = missing(f"invalid tar layer: {e.name!r}: hard link target "
                        f"{e.linkname!r} does not exist")
         if tdir is None:
