@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from lamina.fsutil import locked, remove_tree
+from lamina.fsutil import fsync_dir, locked, remove_tree
 
 __all__ = ["Interrupted", "interrupted", "paused", "work_dir"]
 
@@ -53,6 +53,9 @@ def work_dir(base: Path, name: str, *, lock: Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):
             remove_tree(path)
+            # durable before the caller returns: else a power cut right after an
+            # acknowledged checkpoint brings the directory back as interrupted
+            fsync_dir(base)
         os.close(fd)
 
 
