@@ -48,7 +48,7 @@ def _debian_layer(cache: Path) -> Path:
     if tests not in sys.path:
         sys.path.append(tests)
     try:
-        import imagefactory
+        import imagefactory  # type: ignore[import-not-found]
     except ImportError as exc:
         raise Skip(f"tests/imagefactory.py is missing ({exc})") from exc
     if os.geteuid() != 0:
@@ -83,8 +83,8 @@ def run(ctx: Ctx) -> list[Row]:
     for d in (tmpfs, ext4):
         d.mkdir()
     _mount(["-t", "tmpfs", "-o", "size=2g", "tmpfs", str(tmpfs)])
-    with open(ext4_file, "wb") as f:
-        f.truncate(3 << 30)
+    with open(ext4_file, "wb") as img:
+        img.truncate(3 << 30)
     run_cmd(["mkfs.ext4", "-q", "-F", str(ext4_file)])
     _mount(["-o", "loop", str(ext4_file), str(ext4)])
     rows: list[Row] = []

@@ -8,14 +8,14 @@ The image is written in this order (block numbers grow to the right)::
                       followed by its inline xattrs and its tail (FLAT_INLINE)
     block area        directory blocks, and tails that did not fit inline
 
-Inodes are numbered breadth first, the root first (its nid must fit the
-superblock's 16 bits). An inode is compact where its fields fit and its
-mtime is the image's epoch (the most common mtime of the layer), extended
-otherwise. A tail goes inline when inode, xattrs and tail fit one block (the
-inode then starts a new block if the current one is too full); otherwise the
-file is FLAT_PLAIN and its tail gets a block of its own, right after its whole
-blocks (a regular file's whole blocks are then copied next to it: only files
-with several KiB of xattrs get there).
+Inodes are laid out breadth first, the root first (its nid must fit the
+superblock's 16 bits), each into the fullest metadata block with room for
+it. An inode is compact where its fields fit and its mtime is the image's
+epoch (the most common mtime of the layer), extended otherwise. A tail goes
+inline when inode, xattrs and tail fit one block; otherwise the file is
+FLAT_PLAIN and its tail gets a block of its own, right after its whole blocks
+(a regular file's whole blocks are then copied next to it: only files with
+several KiB of xattrs get there).
 
 Memory: per inode a record of a few numbers; directory blocks and inline
 tails are made one at a time and written in 1 MiB batches.
@@ -126,6 +126,49 @@ def _pack_dir(ents: list[tuple[bytes, Inode]]) -> tuple[list[int], int]:
     return counts, (len(counts) - 1) * BLK + used
 
 
+class _Slots:
+    """Places inodes in the metadata area, 32-byte slots at a time. An inode
+    (with its xattrs and inline tail) that fits a block goes into the fullest
+    block with room for it (best fit), so the gaps that tails leave at block
+    ends take the small inodes; a larger one starts a block of its own. Slot 0
+    stays unused: an inode number of 0 is how readdir(3) marks a deleted entry,
+    so the root (placed first) would vanish from listings."""
+
+    PER_BLOCK = BLK // F.EROFS_ISLOTSIZE
+
+    def __init__(self) -> None:
+        self.used = [1]  # slots taken in each block
+        self.free: list[list[int]] = [[] for _ in range(self.PER_BLOCK + 1)]
+        self.free[self.PER_BLOCK - 1].append(0)
+
+    @property
+    def blocks(self) -> int:
+        return len(self.used)
+
+    def place(self, size: int) -> int:
+        need = -(-size // F.EROFS_ISLOTSIZE)
+        per = self.PER_BLOCK
+        if need <= per:
+            for room in range(need, per + 1):
+                bucket = self.free[room]
+                while bucket:
+                    b = bucket.pop()
+                    if per - self.used[b] != room:
+                        continue  # stale: the block filled since
+                    nid = b * per + self.used[b]
+                    self.used[b] += need
+                    if room > need:
+                        self.free[room - need].append(b)
+                    return nid
+        b = len(self.used)
+        whole, last = divmod(need, per)
+        self.used.extend([per] * whole)
+        if last:
+            self.used.append(last)
+            self.free[per - last].append(len(self.used) - 1)
+        return b * per
+
+
 def _choose_epoch(nodes: list[Inode]) -> int:
     times = Counter(n.mtime_ns for n in nodes if n.mtime_ns is not None and n.mtime_ns >= 0)
     if not times:
@@ -174,9 +217,7 @@ def write_metadata(fd: int, root: Inode, *, meta_blkaddr: int,
     epoch = _choose_epoch([r.node for r in recs])
 
     # -- sizes, formats, nids ------------------------------------------------
-    # byte offset in the metadata area; nid 0 is left unused: an inode number
-    # of 0 is how readdir(3) marks a deleted entry, so the root would vanish
-    pos = F.EROFS_ISLOTSIZE
+    slots = _Slots()
     for rec in recs:
         node = rec.node
         kind = node.kind
@@ -189,20 +230,12 @@ def write_metadata(fd: int, root: Inode, *, meta_blkaddr: int,
         rec.extended = (mtime != epoch or node.uid > 0xFFFF or node.gid > 0xFFFF
                         or rec.nlink > 0xFFFF or rec.size >= 1 << 32)
         rec.xattr = _xattr_body(node)
-        isize = 64 if rec.extended else 32
-        head = isize + len(rec.xattr)
-        if rec.tail and head + rec.tail <= BLK:
-            rec.inline = True
-            if pos % BLK + head + rec.tail > BLK:
-                pos += -pos % BLK
-            total = head + rec.tail
-        else:
-            total = head
-        rec.nid = pos // F.EROFS_ISLOTSIZE
-        pos += total + (-total % F.EROFS_ISLOTSIZE)
+        head = (64 if rec.extended else 32) + len(rec.xattr)
+        rec.inline = bool(rec.tail) and head + rec.tail <= BLK
+        rec.nid = slots.place(head + rec.tail if rec.inline else head)
     if rroot.nid > 0xFFFF:  # pragma: no cover - the root is laid out first
         raise InvalidArgument("EROFS image: the root inode's nid does not fit 16 bits")
-    meta_blocks = (pos + BLK - 1) // BLK
+    meta_blocks = slots.blocks
 
     # -- the block area: directory blocks, tails that are not inline --------
     nextblk = meta_blkaddr + meta_blocks
@@ -233,7 +266,7 @@ def write_metadata(fd: int, root: Inode, *, meta_blkaddr: int,
     buf = bytearray()
     buf_at = meta_base
     esecs, ensec = divmod(epoch, 1_000_000_000)
-    for i, rec in enumerate(recs):
+    for i, rec in sorted(enumerate(recs), key=lambda ir: ir[1].nid):
         node = rec.node
         at = meta_base + rec.nid * F.EROFS_ISLOTSIZE
         if at != buf_at + len(buf):
