@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Iterator
@@ -76,8 +77,9 @@ def test_full_flow(cli: CLI, target: Path) -> None:
 
     cli("snapshot", "mount", str(target), "v1")
     assert (target / "hello").read_text() == "hello\n"
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as refused:
         (target / "new").write_text("x")
+    assert refused.value.errno == errno.EROFS  # a view is mounted read-only
     cli("snapshot", "unmount", str(target))
 
     created = json.loads(cli("snapshot", "prepare", "--mounts", "a1", "c1"))

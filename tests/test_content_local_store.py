@@ -29,6 +29,7 @@ from lamina.content.local import BlobCorrupt, LocalContentStore
 from lamina.errors import (
     AlreadyExists,
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     NotFound,
     Unavailable,
@@ -132,7 +133,7 @@ def test_lock_across_processes(tmp_path: Path) -> None:
 def test_ref_hash_collision_guard(store: LocalContentStore) -> None:
     store.writer("a").close()
     (ingest_dir(store, "a") / "ref").write_text("not-a")
-    with pytest.raises(Exception, match="holds ref"):
+    with pytest.raises(Internal, match="holds ref"):
         store.writer("a")
 
 
