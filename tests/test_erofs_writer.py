@@ -447,8 +447,37 @@ def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
     raw = make_tar([file_("a", b"a"), hardlink("b", "missing")])
     with pytest.raises(InvalidArgument, match="does not exist"):
         write_image(io.BytesIO(raw), image, overlay=False)
+    good = make_tar([file_("a", b"a" * 10000)])
+    with pytest.raises(InvalidArgument, match="diff id mismatch"):
+        write_image(io.BytesIO(good), image, expected_diff_id="sha256:" + "0" * 64)
     assert image.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.erofs"]
+
+
+def test_inode_spanning_blocks_and_inode_numbers(tmp_path: Path) -> None:
+    """A file whose xattrs take more than a block (its inode spans blocks, its
+    tail gets a block of its own after its whole blocks); no inode is number 0
+    (readdir(3) drops entries of inode 0: the root's ``.`` and ``..`` would go)."""
+    big = {"user.a": b"A" * 60000, "trusted.b": b"B" * 30000}
+    raw = make_tar([file_("fat", b"D" * 9000, xattrs=big), dir_("d"), file_("d/f", b"f")])
+    image = tmp_path / "fat.erofs"
+    write_image(io.BytesIO(raw), image, overlay=True)
+    check_image(image, tmp_path)
+    with mounted(image, tmp_path / "mnt") as mnt:
+        assert (mnt / "fat").read_bytes() == b"D" * 9000
+        for key, value in big.items():
+            assert os.getxattr(mnt / "fat", key) == value
+        assert os.stat(mnt).st_ino != 0
+        with os.scandir(mnt / "d") as it:
+            assert all(e.inode() != 0 for e in it)
+    with ErofsImage(image) as im:
+        assert im.root_nid != 0
+        info = dict(im.walk())["/fat"]
+        assert info.layout == F.EROFS_INODE_FLAT_PLAIN and info.xattrs == big
+        assert im.read(info) == b"D" * 9000
+    too_big = make_tar([file_("f", xattrs={"user.a": b"A" * 65536})])
+    with pytest.raises(InvalidArgument, match="too large for an EROFS image"):
+        write_image(io.BytesIO(too_big), tmp_path / "no.erofs")
 
 
 def test_debian_layer_equals_its_extraction(debian_layer: Any, tmp_path: Path) -> None:
