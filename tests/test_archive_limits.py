@@ -17,7 +17,6 @@ import io
 import os
 import subprocess
 import sys
-import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -400,11 +399,9 @@ def test_bomb_stops_at_the_size_cap(kind: str, tmp_path: Path) -> None:
     src = CountingReader(blob)
     root = tmp_path / "root"
     root.mkdir()
-    start = time.monotonic()
     with pytest.raises(ResourceExhausted, match=r"^layer expands beyond 33554432 bytes "
                        r"\(--max-layer-size\)$"):
         apply_layer(src, root, max_size=32 << 20)
-    assert time.monotonic() - start < 5
     assert src.read_bytes < len(blob)  # stopped early (gzip reads ahead 8 MiB, zstd 1 MiB)
     assert os.path.getsize(root / "bomb") <= 33 << 20
 
@@ -563,10 +560,8 @@ def test_cli_bomb_on_a_small_filesystem(snapshotter: str, small_fs: Path, tmp_pa
         work = tmp_path / kind
         work.mkdir()
         image = oci_tar(work, blob, diff_id, media)
-        start = time.monotonic()
         line = one_line(lamina(root, "image", "import", str(image), snapshotter=snapshotter),
                         ResourceExhausted, 9)
-        assert time.monotonic() - start < 60
         # gzip announces 3 GiB in its trailer: refused before writing; zstd stops at the reserve
         want = "announce" if kind == "gzip" else "bytes left on the filesystem"
         assert want in line, line

@@ -34,7 +34,7 @@ from lamina.containers.revisions import ContainerService
 from lamina.containers.runtime import TaskStatus
 from lamina.containers.runtime.criu import find_criu
 from lamina.containers.tasks_service import ContainerTasks, make_options
-from lamina.errors import AlreadyExists, FailedPrecondition, Internal, NotFound
+from lamina.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound
 from lamina.gc import collect
 from lamina.images.oci import MediaType, host_platform
 from lamina.images.service import ImageService
@@ -86,11 +86,12 @@ def count_in(cli: Cli, cid: str, root: Path | None = None) -> int:
 
 
 def read_int(path: Path) -> int:
-    for _ in range(50):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
         text = path.read_text().strip()
         if text:
             return int(text)
-        time.sleep(0.01)
+        time.sleep(0.01)  # caught between the shell's truncate and its write
     raise AssertionError(f"{path} stays empty")
 
 
@@ -128,13 +129,11 @@ def dumped_count(cli: Cli, cid: str) -> int:
 
 
 def assert_resumed(cli: Cli, cid: str, dumped: int, root: Path | None = None) -> int:
-    """The restored loop counts on from ``dumped`` (a fresh start would begin at 1)."""
-    t0 = time.monotonic()
-    now = wait_for(lambda: (n := count_in(cli, cid, root)) > dumped and n, timeout=20,
+    """The restored loop counts on from ``dumped``: the count goes past it, and the
+    script's first line never ran again (a fresh start would print "started" and
+    count from 1)."""
+    now = wait_for(lambda: (n := count_in(cli, cid, root)) > dumped and n, timeout=60,
                    what="the count to go past the checkpoint")
-    elapsed = time.monotonic() - t0
-    # from 1 it would take dumped * 50ms to get here; resumed it is at most a few ticks on
-    assert now <= dumped + 10 + int(elapsed / 0.05) * 2, (dumped, now, elapsed)
     logs = cli("task", "logs", cid, root=root).stdout
     assert "started" not in logs  # the script did not run from its start
     return now
@@ -200,7 +199,7 @@ def test_checkpoint_exit_and_restore_resumes_count(cli: Cli) -> None:
     assert cli.task("ctr")["status"] == "stopped"  # type: ignore[index]
     dumped = dumped_count(cli, "ctr")
     assert dumped > 20
-    time.sleep(0.3)
+    time.sleep(0.3)  # not synchronisation: a stopped loop writes nothing in any 0.3 s
     assert dumped_count(cli, "ctr") == dumped  # nothing runs any more
 
     images = {i["name"]: i for i in cli.json("image", "ls", "--json")}
@@ -420,7 +419,7 @@ def test_failed_checkpoint_resumes_the_task(
         cps.restore("works:1", "frail")
     assert ct.tasks.state("frail").status == TaskStatus.RUNNING
     # an ordinary image is not a checkpoint
-    with pytest.raises(Exception, match="not a checkpoint"):
+    with pytest.raises(InvalidArgument, match="not a checkpoint"):
         cps.restore(V2, "x")
     with pytest.raises(NotFound):
         ct.containers.get("x")

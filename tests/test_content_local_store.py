@@ -112,7 +112,6 @@ def test_lock_across_processes(tmp_path: Path) -> None:
     try:
         assert ready.wait(30)
         s = LocalContentStore(tmp_path)
-        time.sleep(0.05)
         with pytest.raises(Unavailable) as exc:
             s.writer("xproc")
         msg = exc.value.message

@@ -166,12 +166,10 @@ def test_truncated_forever_then_rerun(require_root: None, state: State, host: st
         return True
 
     state.hooks[path] = hook
-    t0 = time.monotonic()
     with pytest.raises(TransportError, match=rf"^{host}: blob {digest}: body cut short "
                                              rf"\(\d+ bytes never came\); gave up after 3 "
                                              f"attempts at 300000 of {len(data)} bytes$"):
         do_pull(host, tmp_root)
-    assert time.monotonic() - t0 < 10
     assert served == [0, 100_000, 200_000]
     assert_clean(tmp_root, host, ingests={ingest_ref(digest)})
     del state.hooks[path]
@@ -238,10 +236,8 @@ def test_huge_manifest(require_root: None, state: State, host: str, tmp_root: Pa
         return True
 
     state.hooks[path] = endless
-    t0 = time.monotonic()
     with pytest.raises(InvalidArgument, match="larger than the 4194304 bytes allowed"):
         do_pull(host, tmp_root)
-    assert time.monotonic() - t0 < 10
     assert_clean(tmp_root, host)
 
 
@@ -343,6 +339,7 @@ def test_retry_after(require_root: None, state: State, host: str, tmp_root: Path
 
     state.hooks[path] = busy
     assert do_pull(host, tmp_root).fetched == 2
+    # a lower bound, which a loaded machine only makes easier: Retry-After was honoured
     assert len(calls) == 2 and calls[1] - calls[0] >= 0.95
 
 
@@ -375,10 +372,8 @@ def test_dripping_server(require_root: None, state: State, host: str, tmp_root: 
         return True
 
     state.hooks[path] = drip
-    t0 = time.monotonic()
     with pytest.raises(TransportError, match="stalled"):
         do_pull(host, tmp_root)
-    assert time.monotonic() - t0 < 15
 
 
 class _Recorder(Progress):
