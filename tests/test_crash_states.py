@@ -210,12 +210,13 @@ def explored(name: str, tmp_path: Path, steps: Sequence[Step], *,
 
 
 def explore_states(name: str, tmp_path: Path, rec: Recording, *,
-                   capsys: pytest.CaptureFixture[str], budget: int = BUDGET) -> Outcome:
+                   capsys: pytest.CaptureFixture[str], budget: int = BUDGET,
+                   all_through_cli: bool = False) -> Outcome:
     scratch = tmp_path / "states"
     scratch.mkdir()
     keep = os.environ.get("LAMINA_CRASH_KEEP")
     out = explore_workload(name, rec, scratch, budget=budget, seed=SEED, cli=LAMINA,
-                           keep=Path(keep) if keep else None)
+                           keep=Path(keep) if keep else None, all_through_cli=all_through_cli)
     with capsys.disabled():
         print(f"\n[crash states] {out.summary()}")
     return out
@@ -356,7 +357,9 @@ def test_checkpoint_survives_power_loss(work: Path, layout: Path,
     finally:
         problems = containers.cleanup_tasks(root)
         assert not problems, problems
-    no_failures(explore_states("container checkpoint", work, rec, capsys=capsys))
+    # every state through the CLI: its check also looks for interrupted checkpoints
+    no_failures(explore_states("container checkpoint", work, rec, capsys=capsys,
+                               budget=BUDGET if FULL else 20, all_through_cli=True))
 
 
 def _as_format_1(root: Path) -> None:

@@ -34,7 +34,8 @@ When a root is opened and the recorded id differs, the machine restarted
 since this root was last used — perhaps through a power cut in the middle of
 some work. Before anything else uses it, the root is repaired the way
 ``lamina check --repair`` does (stale temporary mounts, ingests and
-directories no metadata names, rows whose files are gone), without re-hashing
+directories no metadata names, rows whose files are gone, work directories
+of checkpoints and restores the restart interrupted), without re-hashing
 every blob (a blob is fsynced before it is renamed into place, so a power cut
 cannot leave a committed blob with wrong bytes; ``lamina check`` verifies
 them when asked). One process does it; the others wait for it.
@@ -51,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 from lamina import crash
 from lamina.errors import FailedPrecondition
-from lamina.fsutil import atomic_write, locked
+from lamina.fsutil import atomic_write, fsync_dir, locked, remove_tree
 from lamina.perms import FILE_MODE, tighten, tighten_tree
 
 if TYPE_CHECKING:
@@ -181,6 +182,23 @@ def _boot_id() -> str:
         return ""
 
 
+def _drop_work_dirs(root: Root) -> list[str]:
+    """No checkpoint or restore outlives the machine: every work directory left
+    under the root was interrupted, and the task it may have paused died with the
+    machine. Removed as ``check --repair`` does (what it did, in sentences)."""
+    from lamina.containers.workdirs import interrupted, root_work_dirs
+
+    base, lock = root_work_dirs(root.path)
+    done = []
+    for left in interrupted(base, lock=lock):
+        remove_tree(left.path)
+        done.append(f"removed the work directory {left.path} of a checkpoint or restore "
+                    "the restart interrupted")
+    if done:
+        fsync_dir(base)
+    return done
+
+
 def recover_after_restart(root: Root) -> CheckReport | None:
     """Repair ``root`` if the machine restarted since it was last used; the report
     of the repair, or None when there was nothing to do (see the module docs)."""
@@ -199,6 +217,7 @@ def recover_after_restart(root: Root) -> CheckReport | None:
             from lamina.check import check
 
             report = check(root, repair=True, rehash=False)
+            report.repaired += _drop_work_dirs(root)
         if recorded != current:
             atomic_write(marker, current.encode() + b"\n", mode=FILE_MODE)
         return report

@@ -182,10 +182,12 @@ def open_state(path: Path, expectations: Sequence[Expect], *,
 
 def explore_workload(name: str, rec: Recording, scratch: Path, *, budget: int,
                      seed: int, cli: Sequence[str], keep: Path | None = None,
-                     ahead: bool = True) -> Outcome:
+                     ahead: bool = True, all_through_cli: bool = False) -> Outcome:
     """Materialise and open the crash states of ``rec`` (at most ``budget``); the
     durable-only state at each acknowledgement is opened through the CLI (``cli``),
-    the rest through the library. With ``ahead``, each state is first checked as
+    the rest through the library (or every state through the CLI, with
+    ``all_through_cli``: what only the CLI's check looks at, such as interrupted
+    checkpoints, is then checked everywhere). With ``ahead``, each state is first checked as
     the power cut left it: its metadata must not be ahead of its files. The first
     few inconsistent states are kept below ``keep`` (as written, before lamina
     opened them) when it is given."""
@@ -200,7 +202,8 @@ def explore_workload(name: str, rec: Recording, scratch: Path, *, budget: int,
         # the last acknowledged step's expectation says all that must hold by then
         expectations = [s.expect for s in rec.steps[: state.acked] if s.expect is not None][-1:]
         try:
-            through_cli = state.why == "durable only" and state.point in rec.acks
+            through_cli = all_through_cli or (state.why == "durable only"
+                                              and state.point in rec.acks)
             problems = ahead_of_disk(dest, deleting=rec.deleted_blobs) if ahead else []
             problems += open_state(dest, expectations, cli=cli if through_cli else None)
             out.through_cli += through_cli

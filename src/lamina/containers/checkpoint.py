@@ -50,7 +50,7 @@ from lamina.containers.revisions import ContainerService
 from lamina.containers.runtime import TaskInfo, TaskStatus
 from lamina.containers.store import Container
 from lamina.containers.tasks_service import ContainerTasks, bind_mounts
-from lamina.containers.workdirs import interrupted, paused, work_dir
+from lamina.containers.workdirs import interrupted, paused, root_work_dirs, work_dir
 from lamina.content import ContentStore
 from lamina.diff import apply_diff, create_diff
 from lamina.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -244,11 +244,11 @@ class CheckpointService:
 
     @property
     def _work(self) -> Path:
-        return self.root.path / "checkpoints"
+        return root_work_dirs(self.root.path)[0]
 
     @property
     def _work_lock(self) -> Path:
-        return self.root.path / "locks" / "checkpoints"
+        return root_work_dirs(self.root.path)[1]
 
     def _work_dir(self, name: str) -> contextlib.AbstractContextManager[Path]:
         return work_dir(self._work, name, lock=self._work_lock)

@@ -23,10 +23,16 @@ from pathlib import Path
 
 from lamina.fsutil import fsync_dir, locked, remove_tree
 
-__all__ = ["Interrupted", "interrupted", "paused", "work_dir"]
+__all__ = ["Interrupted", "interrupted", "paused", "root_work_dirs", "work_dir"]
 
 _PAUSED = "paused"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def root_work_dirs(root: Path) -> tuple[Path, Path]:
+    """Where the checkpoints and restores of the root at ``root`` work, and the lock
+    that guards making a work directory there: ``(base, lock)``."""
+    return root / "checkpoints", root / "locks" / "checkpoints"
 
 
 @dataclass(frozen=True)
