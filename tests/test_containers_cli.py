@@ -123,7 +123,7 @@ def cli(tmp_root: Path, layout: Path) -> Iterator[Cli]:
         assert not problems, problems
 
 
-def wait_for(pred: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+def wait_for(pred: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = pred()

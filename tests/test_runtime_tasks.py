@@ -108,7 +108,7 @@ def capture(fn: Callable[[int], object]) -> tuple[object, str]:
         return result, f.read().decode()
 
 
-def wait_for(pred: Callable[[], bool], timeout: float = 10.0) -> None:
+def wait_for(pred: Callable[[], bool], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
