@@ -28,6 +28,7 @@ from crashstates.states import CrashState, choose, explore, replay
 from crashstates.trace import TraceError, parse, run_traced
 from crashstates.tree import Op, Tree, scan
 from lamina.check import ProblemType, check
+from lamina.containers.workdirs import interrupted, root_work_dirs
 from lamina.errors import LaminaError
 from lamina.fsutil import remove_tree
 from lamina.root import Root
@@ -171,6 +172,10 @@ def open_state(path: Path, expectations: Sequence[Expect], *,
     try:
         report = check(root, deep=True)
         problems = [f"[{p.kind}] {p.message}" for p in report.problems]
+        # what the CLI's check adds: work directories of interrupted checkpoints
+        base, lock = root_work_dirs(root.path)
+        problems += [f"[checkpoint.interrupted] {left.path}"
+                     for left in interrupted(base, lock=lock)]
         for e in expectations:
             problems += e(root)
         return problems
