@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import consistency
 import imagefactory as f
 import pytest
 import test_containers_cli as containers
@@ -38,6 +39,7 @@ from registry_peer import running_registry, skopeo_push
 
 from lamina.containers.runtime.criu import find_criu
 from lamina.errors import NotFound
+from lamina.fsutil import remove_tree
 from lamina.images.identity import chain_ids
 from lamina.root import Root
 from lamina.rootformat import FORMAT
@@ -229,8 +231,9 @@ def no_failures(out: Outcome) -> None:
 
 @pytest.fixture
 def work(tmp_path: Path) -> Iterator[Path]:
+    """The test's directory; the root's mounts (a container's rootfs) and trees go after."""
     yield tmp_path
-    from lamina.fsutil import remove_tree
+    consistency.unmount_under(tmp_path)
     remove_tree(tmp_path / "root")
 
 
