@@ -3,14 +3,15 @@
 Each workload runs its lamina commands under strace on a fresh root; the
 persistence model of :mod:`crashstates.states` (ordered metadata, lossy
 un-fsynced data: ext4 ``data=ordered`` as POSIX promises it) yields the states
-a power cut may leave at every point; each is written out as a root, opened
-by lamina after a "restart" (a new boot id: lamina repairs it as ``check
---repair`` does), and must then pass ``check --deep`` and still show every
-step acknowledged before the crash. The durable-only state at each
-acknowledgement goes through the real CLI (``lamina --root STATE check
---deep``).
+a power cut may leave at every point; each is written out as a root. As the
+power cut left it, its metadata must not name what its files lack (behind the
+disk, never ahead); opened by lamina after a "restart" (a new boot id: lamina
+repairs it as ``check --repair`` does), it must pass ``check --deep`` and still
+show every step acknowledged before the crash. The durable-only state at each
+acknowledgement (every checkpoint state, in CI) goes through the real CLI
+(``lamina --root STATE check --deep``).
 
-In CI each workload explores a bounded, seeded sample (the states at every
+In CI each workload explores a bounded, seeded sample (the whole states at every
 acknowledgement always included); ``LAMINA_CRASH_FULL=1`` explores every
 state on larger images; ``LAMINA_CRASH_SEED`` picks another sample;
 ``LAMINA_CRASH_KEEP=DIR`` keeps the first inconsistent states of each workload
