@@ -218,3 +218,36 @@ def test_serve_shows_containerd_its_own_and_the_cli_everything(
         with pytest.raises(FailedPrecondition, match="held by containerd"):
             remote_cs.delete(_digest(shared))
     assert cli_content.status("cli-pull-1").offset == len(b"partial")
+
+
+def test_a_root_containerd_never_used_migrates_to_the_clis_alone(tmp_path: Path) -> None:
+    """Without containerd's snapshots there is nobody to share with: a migrated
+    root's blobs are the CLI's, so lamina's collection can still free them."""
+    require_root_user()
+    r = tmp_path / "cli-only"
+    r.mkdir()
+    fixture = FIXTURE.with_name("root-format1.tar.gz")
+    subprocess.run(["tar", "--numeric-owner", "-xpzf", str(fixture), "-C", str(r)], check=True)
+    held = json.loads(_lamina(r, "content", "ls", "--json").stdout)
+    assert held and {tuple(b["owners"]) for b in held} == {("lamina",)}, held
+    assert _lamina(r, "image", "rm", "fixture:1").returncode == 0
+    gc = _lamina(r, "gc")
+    assert gc.returncode == 0, gc.stderr
+    assert [p for p in (r / "content" / "blobs" / "sha256").iterdir()] == []
+
+
+def test_a_blob_restored_after_a_crash_is_the_clis(tmp_path: Path) -> None:
+    """A blob file without its row (a crash between the rename and the metadata
+    commit) comes back held by the CLI alone: its writer was never answered, and
+    containerd writes what it wants again (which adds its reference)."""
+    store = LocalContentStore(tmp_path / "content")
+    try:
+        data = b"committed, then the process died\n"
+        (store.blobs_dir / _digest(data).split(":")[1]).write_bytes(data)
+        report = store.cleanup()
+        assert report.restored_rows == [_digest(data)]
+        assert store.holders() == {_digest(data): {CLI}}
+        store.scoped(CONTAINERD).add(data)
+        assert store.holders() == {_digest(data): {CLI, CONTAINERD}}
+    finally:
+        store.close()

@@ -23,8 +23,8 @@ Blobs and snapshots of both owners (the CLI's and containerd's, on a root
 
 With ``repair``: corrupt blobs are deleted, the content store's crash
 cleanup runs (orphan files are re-adopted when they hash right, removed
-otherwise; rows without a file are dropped; unheld rows are given every
-owner's reference, as a migrated root's blobs are), every snapshotter's
+otherwise, restored rows held by the CLI; rows without a file are dropped;
+unheld rows are given the CLI's reference), every snapshotter's
 cleanup runs (directories the metadata does not know go), and snapshot rows
 whose directory is missing are removed, by their owner's scope, when nothing
 is stacked on them. What
@@ -324,8 +324,8 @@ def check(root: Root, *, repair: bool = False, deep: bool = False,
                             for d in cleaned.removed_rows]
         report.repaired += [f"removed unusable blob file {p}" for p in cleaned.removed_blobs]
         report.repaired += [f"removed temporary file {p}" for p in cleaned.removed_temp]
-        report.repaired += [f"gave every owner a reference to unheld blob {d}"
-                            for d in cleaned.held_by_all]
+        report.repaired += [f"gave the CLI a reference to unheld blob {d}"
+                            for d in cleaned.given_to_cli]
         for name in root.snapshotter_names():
             sn = root.snapshotter(name)
             orphans = ([p for p in sn.check() if p.repairable]

@@ -25,9 +25,11 @@ History:
    snapshot keys shaped like containerd's (``<namespace>/<digits>/...``)
    become containerd's and the rest the CLI's (a CLI snapshot the old code let
    stack on one of containerd's keeps it: a parent with children is never
-   removed, whoever owns them); every existing blob is held by both, so
-   neither side's collection can take what the other may use (each side's
-   collection then drops its own references to what it does not need).
+   removed, whoever owns them). On a root that containerd used (it has
+   snapshots of containerd's) every existing blob is held by both, so neither
+   side's collection can take what the other may use (each side's collection
+   then drops its own references to what it does not need); on any other
+   root every blob is the CLI's.
 
 **After a restart.** The kernel's boot id is recorded in ``<root>/boot-id``.
 When a root is opened and the recorded id differs, the machine restarted
@@ -104,13 +106,16 @@ def _to_2(path: Path) -> None:
 
 
 def _to_3(path: Path) -> None:
-    """Owners (format 3): snapshot owners by key shape, every blob held by both."""
+    """Owners (format 3): snapshot owners by key shape; blobs held by both on a root
+    containerd used, else by the CLI."""
     from lamina.content.local import _SCHEMA as CONTENT_SCHEMA
-    from lamina.content.local import hold_by_all
+    from lamina.content.local import hold
     from lamina.db import Database
+    from lamina.owners import CLI, CONTAINERD, OWNERS
     from lamina.root import SNAPSHOTTERS
     from lamina.snapshots.storage import add_owner_column
 
+    shared = False  # did containerd use this root (through serve)?
     for name in SNAPSHOTTERS:
         db_path = path / "snapshots" / name / "metadata.db"
         if not db_path.is_file():
@@ -123,16 +128,19 @@ def _to_3(path: Path) -> None:
                     continue
                 if add_owner_column(conn):
                     _classify_snapshots(conn)
+                theirs = conn.execute("SELECT 1 FROM snapshots WHERE owner=?", (CONTAINERD,))
+                shared = shared or theirs.fetchone() is not None
         finally:
             db.close()
         crash.point("format.3.snapshots")
     content_db = path / "content" / "metadata.db"
     if content_db.is_file():
         db = Database(content_db, CONTENT_SCHEMA)
+        owners = OWNERS if shared else (CLI,)
         try:
             with db.write() as conn:
                 for (digest,) in conn.execute("SELECT digest FROM blobs").fetchall():
-                    hold_by_all(conn, digest)
+                    hold(conn, digest, owners)
         finally:
             db.close()
         crash.point("format.3.content")

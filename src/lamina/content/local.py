@@ -70,7 +70,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -90,10 +90,10 @@ from lamina.errors import (
 )
 from lamina.fsutil import atomic_write, fsync_dir, remove_tree
 from lamina.labels import update_labels
-from lamina.owners import CLI_VIEW, OWNERS, Scope, describe_all, only
+from lamina.owners import CLI, CLI_VIEW, Scope, describe_all, only
 from lamina.perms import BLOB_MODE, FILE_MODE, private_dirs, tighten, tighten_tree
 
-__all__ = ["BlobCorrupt", "CleanupReport", "LocalContentStore", "LocalWriter", "hold_by_all"]
+__all__ = ["BlobCorrupt", "CleanupReport", "LocalContentStore", "LocalWriter", "hold"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (
@@ -131,7 +131,7 @@ class CleanupReport:
     restored_rows: list[str] = field(default_factory=list)
     removed_rows: list[str] = field(default_factory=list)
     removed_blobs: list[str] = field(default_factory=list)
-    held_by_all: list[str] = field(default_factory=list)  # rows nobody held
+    given_to_cli: list[str] = field(default_factory=list)  # rows nobody held
 
 
 def _now() -> datetime:
@@ -932,7 +932,7 @@ class LocalContentStore:
                         "VALUES (?, ?, ?, ?, '{}')",
                         (digest, size, created, created),
                     )
-                    hold_by_all(conn, digest)
+                    hold(conn, digest, (CLI,))
                     with contextlib.suppress(OSError):
                         os.chmod(path, BLOB_MODE)
                     report.restored_rows.append(digest)
@@ -949,8 +949,8 @@ class LocalContentStore:
             for (digest,) in conn.execute(
                     "SELECT digest FROM blobs WHERE digest NOT IN"
                     " (SELECT digest FROM blob_refs)").fetchall():
-                hold_by_all(conn, digest)
-                report.held_by_all.append(digest)
+                hold(conn, digest, (CLI,))
+                report.given_to_cli.append(digest)
             fsync_dir(self.blobs_dir)
         return report
 
@@ -970,16 +970,18 @@ class LocalContentStore:
         self.close()
 
 
-def hold_by_all(conn: sqlite3.Connection, digest: str) -> None:
-    """Give every owner a reference to blob ``digest`` (keeping references it has,
-    labels copied from the row): for a blob whose holders are unknown — a root
-    shared before owners were recorded, a blob restored after a crash — so that
-    neither side's collection can take what the other may use."""
+def hold(conn: sqlite3.Connection, digest: str, owners: Iterable[str]) -> None:
+    """Give ``owners`` a reference to blob ``digest`` (keeping references it has,
+    labels copied from the row), for a blob whose holders are not recorded: the
+    blobs of a root migrated from format 2 (:mod:`lamina.rootformat`), and a row
+    that cleanup restores or finds unheld — the CLI's: a commit that a crash cut
+    short never answered its writer, and containerd, which keeps its own record,
+    writes the blob again, which adds its reference."""
     row = conn.execute("SELECT updated, labels FROM blobs WHERE digest = ?",
                        (digest,)).fetchone()
     if row is None:
         return
     conn.executemany(
         "INSERT OR IGNORE INTO blob_refs (digest, owner, updated, labels) VALUES (?,?,?,?)",
-        [(digest, owner, row[0], row[1]) for owner in OWNERS],
+        [(digest, owner, row[0], row[1]) for owner in owners],
     )
