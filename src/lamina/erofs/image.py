@@ -33,7 +33,7 @@ from lamina.erofs import format as F
 from lamina.erofs.tree import Inode
 from lamina.errors import InvalidArgument
 
-__all__ = ["ImageLayout", "write_metadata"]
+__all__ = ["ImageLayout", "inline_room", "write_metadata"]
 
 BLK = F.EROFS_BLKSIZ
 _FLUSH = 1 << 20
@@ -99,6 +99,15 @@ def _xattr_body(node: Inode) -> bytes:
         raise InvalidArgument("invalid tar layer: the xattrs of one file take "
                               f"{len(body)} bytes, more than an EROFS inode holds")
     return body
+
+
+def inline_room(node: Inode) -> int:
+    """The largest tail that surely fits inline after the inode (extended, the
+    larger form) and its xattrs as they are now."""
+    xattrs = 12 if node.xattrs else 0
+    for key, value in node.xattrs.items():
+        xattrs += F.xattr_entry_size(len(key.encode("utf-8", "surrogateescape")), len(value))
+    return BLK - 64 - xattrs
 
 
 def _dir_entries(rec: _Rec, parent: Inode) -> list[tuple[bytes, Inode]]:
@@ -231,7 +240,7 @@ def write_metadata(fd: int, root: Inode, *, meta_blkaddr: int,
                         or rec.nlink > 0xFFFF or rec.size >= 1 << 32)
         rec.xattr = _xattr_body(node)
         head = (64 if rec.extended else 32) + len(rec.xattr)
-        rec.inline = bool(rec.tail) and head + rec.tail <= BLK
+        rec.inline = bool(rec.tail) and head + rec.tail <= BLK and not node.tail_in_data
         rec.nid = slots.place(head + rec.tail if rec.inline else head)
     if rroot.nid > 0xFFFF:  # pragma: no cover - the root is laid out first
         raise InvalidArgument("EROFS image: the root inode's nid does not fit 16 bits")
@@ -248,7 +257,7 @@ def write_metadata(fd: int, root: Inode, *, meta_blkaddr: int,
         if kind == stat.S_IFREG:
             assert isinstance(node.data, int)
             rec.blkaddr = node.data
-            if rec.tail and not rec.inline:
+            if rec.tail and not rec.inline and not node.tail_in_data:
                 copies.append(rec)
                 rec.blkaddr = nextblk
                 nextblk += blocks

@@ -89,6 +89,7 @@ class Inode:
     xattrs: dict[str, bytes] = field(default_factory=dict)
     size: int = 0
     data: object = None
+    tail_in_data: bool = False  # the writer put the last partial block with the rest
     target: bytes = b""
     rdev: int = 0
     children: dict[str, Inode] | None = None

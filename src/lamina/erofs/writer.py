@@ -34,7 +34,7 @@ from lamina.archive import limits
 from lamina.archive.compression import open_decompressed
 from lamina.archive.tarstream import TarEntry, TarReader, show_name
 from lamina.erofs import format as F
-from lamina.erofs.image import write_metadata
+from lamina.erofs.image import inline_room, write_metadata
 from lamina.erofs.tree import Inode, LayerTree, RootMeta
 from lamina.errors import Internal, InvalidArgument, LaminaError
 from lamina.fsutil import atomic_file
@@ -59,6 +59,15 @@ class WrittenImage:
     image_size: int
 
 
+def _is_zero(chunk: memoryview) -> bool:
+    """Whether a chunk is all zeros (a hole in the image); the ends are looked
+    at first, so data costs nothing and zeros one copy."""
+    n = len(chunk)
+    if not n or chunk[0] or chunk[n - 1]:
+        return False
+    return chunk.tobytes() == (_ZEROS if n == _CHUNK else bytes(n))
+
+
 class _Data:
     """The data area and the tail spool."""
 
@@ -71,10 +80,14 @@ class _Data:
         self.tails: dict[int, int] = {}  # id(inode) -> spool offset
 
     def stream(self, node: Inode, reader: TarReader) -> None:
-        """Copy the member's data: whole blocks to the image, the tail to the spool."""
+        """Copy the member's data: whole blocks to the image, the tail to the
+        spool (or, when it cannot fit inline, to the block after them)."""
         size = reader.remaining
         node.size = size
         whole = size - size % BLK
+        if size % BLK > inline_room(node):
+            node.tail_in_data = True
+            whole = size
         node.data = self.next_block if whole else 0
         at = self.next_block * BLK
         left = whole
@@ -82,7 +95,7 @@ class _Data:
         while left:
             chunk = reader.read_data(min(_CHUNK, left))
             n = len(chunk)
-            if chunk != _ZEROS[:n]:
+            if not _is_zero(chunk):
                 view = chunk
                 off = at
                 while view:
@@ -91,8 +104,8 @@ class _Data:
                     off += written
             at += n
             left -= n
-        self.next_block += whole // BLK
-        if size % BLK:
+        self.next_block += -(-whole // BLK)
+        if size % BLK and not node.tail_in_data:
             tail = bytearray()
             while reader.remaining:
                 tail += reader.read_data(BLK)
