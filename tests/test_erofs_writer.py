@@ -298,7 +298,7 @@ def test_every_kind_of_member(tmp_path: Path) -> None:
     # the file's blocks are moved next to a tail block of its own
     grown, _ = hardlink("grow-link", "grow")
     grown.pax_headers = {"SCHILY.xattr.user.grown": "g" * 3500}
-    members = [*KINDS, dir_("many", mode=0o700, uid=70000), file_("grow", b"G" * 8292),
+    members = [*KINDS, dir_("many", mode=0o700, uid=70000), file_("grow", b"G" * 9192),
                (grown, None)]
     for i in range(400):  # a directory of many blocks
         members.append(file_(f"many/{'f' * 40}{i:05d}", bytes([i % 256]) * (i % 7)))
