@@ -18,7 +18,8 @@ apply stops at the filesystem's reserve (:mod:`lamina.archive.limits`).
 
 On overlay, layers are extracted in parallel straight into staging upper
 directories (a layer's upperdir does not need its parents to be filled) and
-committed in order as soon as their parent is.
+committed in order as soon as their parent is; at most :data:`RUN_AHEAD` of
+them wait for their parent at a time.
 
 A snapshot the unpack finds already there is relied on from then on (as the
 parent of the next layer, or as the image's top). With a ``hold`` callback
@@ -37,7 +38,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -64,6 +65,10 @@ __all__ = ["LABEL_SNAPSHOT_REF", "LABEL_UNCOMPRESSED", "UnpackResult", "Unpacker
 
 LABEL_SNAPSHOT_REF = SNAPSHOT_REF
 LABEL_UNCOMPRESSED = UNCOMPRESSED
+#: Layers a staged unpack extracts ahead of the one it commits next: each holds
+#: its lock (a descriptor) and a staging directory until committed, so an image
+#: of 1,500 layers stays within a 1,024-descriptor limit.
+RUN_AHEAD = 16
 
 
 @dataclass(frozen=True)
@@ -369,9 +374,17 @@ class Unpacker:
 
         extracted = 0
         pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="unpack")
-        futures = {i: pool.submit(extract, i) for i in todo}
+        futures: dict[int, Future[Path | object | None]] = {}
+        ahead = max(self.parallel, RUN_AHEAD)
+
+        def submit(upto: int) -> None:
+            """Extract ``todo`` up to position ``upto`` (exclusive), no further."""
+            for i in todo[len(futures):upto]:
+                futures[i] = pool.submit(extract, i)
+
         try:
-            for i in todo:
+            for pos, i in enumerate(todo):
+                submit(pos + ahead)
                 staged = futures[i].result()
                 try:
                     if staged is retry:
