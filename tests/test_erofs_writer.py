@@ -502,3 +502,83 @@ def test_debian_layer_equals_its_extraction(debian_layer: Any, tmp_path: Path) -
         got = treesum.summarize(mnt)
     assert len(want) > 1000
     assert treesum.diff(want, got) == []
+
+
+# -- symlink storms and deep resolved parents (tests/test_archive_cpu_bounds.py) ---
+
+
+def _fd_tree(root: Path) -> dict[str, tuple[int, int, int, str]]:
+    """path -> (type, mode, size, link target), walked by fds (paths past PATH_MAX)."""
+    out: dict[str, tuple[int, int, int, str]] = {}
+    todo = [("", os.open(root, os.O_RDONLY | os.O_DIRECTORY))]
+    while todo:
+        rel, fd = todo.pop()
+        try:
+            for name in os.listdir(fd):
+                st = os.lstat(name, dir_fd=fd)
+                path = f"{rel}/{name}"
+                link = os.readlink(name, dir_fd=fd) if stat.S_ISLNK(st.st_mode) else ""
+                size = st.st_size if stat.S_ISREG(st.st_mode) else 0
+                out[path] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), size, link)
+                if stat.S_ISDIR(st.st_mode):
+                    todo.append((path, os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)))
+        finally:
+            os.close(fd)
+    return out
+
+
+def _image_tree(image: Path) -> dict[str, tuple[int, int, int, str]]:
+    out: dict[str, tuple[int, int, int, str]] = {}
+    with ErofsImage(image) as im:
+        for path, info in im.walk():
+            if path == "/":
+                continue
+            link = os.fsdecode(im.read(info)) if stat.S_ISLNK(info.mode) else ""
+            size = info.size if stat.S_ISREG(info.mode) else 0
+            out[path] = (stat.S_IFMT(info.mode), stat.S_IMODE(info.mode), size, link)
+    return out
+
+
+def _storms() -> dict[str, bytes]:
+    import test_archive_cpu_bounds as cpu
+
+    layers = {name: make().layer for name, make in cpu.ATTACKS.items()}
+    a, b = cpu.chain("a", cpu.DEPTH), cpu.chain("b", cpu.DEPTH)
+    relink = [*cpu.deep_dirs("a", cpu.DEPTH), *cpu.deep_dirs("b", cpu.DEPTH), dir_(f"{a}/x0")]
+    for k in range(1, 39):
+        relink.append(symlink(f"{b}/y{k}", f"/{a}/x{k - 1}") if k % 2
+                      else symlink(f"{a}/x{k}", f"/{b}/y{k - 1}"))
+    for i in range(400):
+        relink += [symlink("s", f"/{b}/y37"), file_(f"s/f{i}", b"")]
+    layers["relink-every-member"] = make_tar(relink)
+    deep = cpu.chain("a", 1500)
+    layers["resolved-below-the-cap"] = make_tar(
+        [*cpu.deep_dirs("a", 1500), symlink(f"{deep}/down", "b/" * 1000 + "c"),
+         symlink("s", f"{deep}/down"), file_("s/f", b"")])
+    long = "/".join(["N" * 255] * 15)
+    layers["resolved-past-path-max"] = make_tar(
+        [symlink("l1", long), *[symlink(f"l{k}", f"l{k - 1}/{long}") for k in range(2, 40)],
+         *[file_(f"l39/f{i}", b"") for i in range(100)]])
+    return layers
+
+
+STORMS = _storms()
+
+
+@pytest.mark.parametrize("overlay", [True, False], ids=["overlay", "native"])
+@pytest.mark.parametrize("name", sorted(STORMS))
+def test_symlink_storms_same_tree_or_error(name: str, overlay: bool, tmp_path: Path) -> None:
+    raw = STORMS[name]
+    target = tmp_path / "applied"
+    target.mkdir()
+    image = tmp_path / "storm.erofs"
+    try:
+        apply_layer(io.BytesIO(raw), target, overlay=overlay)
+    except InvalidArgument as exc:
+        with pytest.raises(InvalidArgument) as info:
+            write_image(io.BytesIO(raw), image, overlay=overlay)
+        assert (type(info.value), info.value.message) == (type(exc), exc.message)
+        return
+    write_image(io.BytesIO(raw), image, overlay=overlay)
+    check_image(image, tmp_path, extract=False)
+    assert _image_tree(image) == _fd_tree(target)

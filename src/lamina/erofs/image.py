@@ -37,7 +37,6 @@ __all__ = ["ImageLayout", "inline_room", "write_metadata"]
 
 BLK = F.EROFS_BLKSIZ
 _FLUSH = 1 << 20
-_NAME_CACHE: dict[str, bytes] = {}
 
 
 @dataclass(frozen=True)
@@ -72,12 +71,7 @@ class _Rec:
 
 
 def _encode(name: str) -> bytes:
-    b = _NAME_CACHE.get(name)
-    if b is None:
-        b = name.encode("utf-8", "surrogateescape")
-        if len(_NAME_CACHE) < 65536:
-            _NAME_CACHE[name] = b
-    return b
+    return name.encode("utf-8", "surrogateescape")
 
 
 def _xattr_body(node: Inode) -> bytes:

@@ -170,7 +170,7 @@ class ErofsImage:
                 yield name.decode("utf-8", "surrogateescape"), nid, ftype
 
     def walk(self) -> Iterator[tuple[str, EntryInfo]]:
-        """Every path below the root (``/a/b``, the root as ``/``), breadth first."""
+        """The root (as ``/``) and every path below it (``/a/b``), depth first."""
         todo = [("/", self.root_nid)]
         seen_dirs = {self.root_nid}
         while todo:

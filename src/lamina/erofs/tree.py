@@ -96,7 +96,8 @@ class Inode:
     parent: Inode | None = None
     name: str = ""
     depth: int = 0
-    plen: int = 0  # bytes of the directory's path
+    rel: str = ""  # a directory's path from the root, where it was attached
+    plen: int = 0  # bytes of that path
     # symlinks met as a parent: where the target led, valid while ``epoch`` holds
     resolved: Inode | None = None
     epoch: int = -1
@@ -166,18 +167,17 @@ class LayerTree:
 
     @staticmethod
     def _rel(node: Inode) -> str:
-        names: list[str] = []
-        cur: Inode | None = node
-        while cur is not None and cur.parent is not None:
-            names.append(cur.name)
-            cur = cur.parent
-        return "/".join(reversed(names))
+        return node.rel
 
     @property
     def path(self) -> list[str]:
         """The resolved path of the directory :meth:`lookup` last returned."""
         node = self.last
-        return self._rel(node).split("/") if node.parent is not None else []
+        return node.rel.split("/") if node.depth else []
+
+    def _below(self, base: str) -> str:
+        """The path of ``base`` in the directory :meth:`lookup` last returned."""
+        return f"{self.last.rel}/{base}" if self.last.depth else base
 
     def lookup(self, parts: list[str], *, create: bool) -> Inode | None:
         """The directory ``parts``, symlinked components resolved inside the
@@ -286,6 +286,7 @@ class LayerTree:
             child.parent = parent
             child.name = name
             child.depth = parent.depth + 1
+            child.rel = f"{parent.rel}/{name}" if parent.depth else name
             child.plen = (parent.plen + bool(parent.depth)
                           + len(name.encode("utf-8", "surrogateescape")))
 
@@ -354,10 +355,10 @@ class LayerTree:
         t = e.type
         if t == TYPE_DIR:
             self._directory(pdir, base, e)
-            self.dir_times["/".join([*self.path, base])] = e.mtime_ns
+            self.dir_times[self._below(base)] = e.mtime_ns
             return None
         if t == TYPE_HARDLINK:
-            self._hardlink(pdir, base, e, [*self.path, base])
+            self._hardlink(pdir, base, e, self._below(base))
             return None
         if t == TYPE_SYMLINK and not e.linkname:
             raise _bad(f"{e.name!r}: symlink with an empty target")
@@ -413,7 +414,7 @@ class LayerTree:
         self._attach(pdir, name, node)
         self._dir_meta(node, e, existed=False)
 
-    def _hardlink(self, pdir: Inode, name: str, e: TarEntry, rparts: list[str]) -> None:
+    def _hardlink(self, pdir: Inode, name: str, e: TarEntry, rel: str) -> None:
         if not e.linkname:
             raise _bad(f"{e.name!r}: hard link without a target")
         try:
@@ -422,7 +423,7 @@ class LayerTree:
             raise _bad(f"{e.name!r}: hard link target {e.linkname!r} is outside the root") from None
         if not target:
             raise _bad(f"{e.name!r}: hard link to the root directory")
-        if target == rparts:
+        if "/".join(target) == rel:
             return
         missing = NeedsLowerLayers if self.overlay else InvalidArgument
         try:
@@ -431,13 +432,12 @@ class LayerTree:
             if self.overlay and self._through_whiteout(target[:-1]):
                 raise NeedsLowerLayers(f"hard link target {e.linkname!r} was whited out") from None
             raise
-        tpath = self.path if tdir is not None else []
         gone = missing(f"invalid tar layer: {e.name!r}: hard link target "
                        f"{e.linkname!r} does not exist")
         if tdir is None:
             raise gone
         tname = target[-1]
-        if [*tpath, tname] == rparts:
+        if self._below(tname) == rel:
             return
         assert tdir.children is not None
         node = tdir.children.get(tname)
