@@ -3,11 +3,25 @@
 1. The reference is resolved to a descriptor (:mod:`.resolver`).
 2. Manifests and indexes are fetched and stored, walking indexes down to the
    manifests of the wanted platforms (``platforms``; the host's by default;
-   every one with ``all_platforms``). Children of an index that are not
-   manifests (a checkpoint's blobs) are always fetched. Nesting is bounded
-   and an index that contains itself is an error.
-3. Every config and layer is downloaded, ``concurrency`` at a time, through
-   the content store's resumable ingests (:mod:`.fetcher`).
+   every one with ``all_platforms``). An index's children are chosen *before*
+   any is fetched (:mod:`lamina.images.platforms`: one per wanted platform).
+   Children of an index that are not manifests (a checkpoint's blobs) are
+   always fetched. The walk is over a graph: each descriptor is visited once,
+   however often indexes repeat it. Its work is bounded before anything is
+   fetched: indexes nest at most :data:`MAX_DEPTH` deep (InvalidArgument, no
+   real image does), and one pull reaches at most :data:`MAX_DESCRIPTORS`
+   descriptors (each manifest's layer entries all count) and
+   :data:`MAX_DOCUMENT_BYTES` of manifests, indexes and configs
+   (ResourceExhausted: a budget lamina sets, not a malformed document).
+3. The blobs still missing must fit: their announced sizes (less what
+   resumable ingests hold) are compared with the free space of the content
+   store's filesystem, keeping :func:`lamina.archive.limits.space_reserve`
+   free (ResourceExhausted before any byte is fetched). Then every config
+   and layer is downloaded, ``concurrency`` at a time, through the content
+   store's resumable ingests (:mod:`.fetcher`); each download stops at the
+   same reserve (or an ENOSPC/EDQUOT), with ResourceExhausted, and its
+   ingest is deleted — resuming it would only fill the same disk. (Network
+   failures keep theirs, to be resumed.)
 4. Meanwhile the manifest to unpack (the first of the wanted platforms) is
    unpacked by :class:`~lamina.images.unpack.Unpacker`, each layer read from
    its ingest as it grows: decompression and extraction follow the download
@@ -20,6 +34,8 @@
 Everything happens under one lease, so a concurrent garbage collection keeps
 what the pull wrote; a pull that fails leaves only resumable ingests (and
 the lease's expiry then lets GC take any committed blob no image claims).
+Descriptors open at once are bounded whatever the number of layers: ``concurrency``
+downloads, and the unpack's own bound (:data:`lamina.images.unpack.RUN_AHEAD`).
 """
 
 from __future__ import annotations
