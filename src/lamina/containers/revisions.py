@@ -29,6 +29,7 @@ from typing import Any
 from lamina.containers.store import Container
 from lamina.diff import apply_diff, create_diff
 from lamina.errors import FailedPrecondition, NotFound
+from lamina.fsutil import sync_filesystem
 from lamina.images.service import ImageService
 from lamina.labels import (
     GC_ROOT,
@@ -163,6 +164,9 @@ class ContainerService:
                        diff_id=outcome.diff_id, tmpmounts=self.root.tmpmounts)
             with contextlib.suppress(NotFound):  # the diff blob served its purpose
                 self.images.content.delete(outcome.descriptor.digest)
+            # the container's writes must be on disk in the new revision before the
+            # record points at it, or a power cut leaves it on a revision without them
+            sync_filesystem(self.root.path)
             return self.store.update(replace(container, image=image, snapshot_key=new_key))
         except BaseException:
             self.sn.remove(new_key)
