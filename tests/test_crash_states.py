@@ -35,6 +35,7 @@ import imagefactory as f
 import pytest
 import test_containers_cli as containers
 from conftest import require_tools
+from crashstates import writer
 from crashstates.explorer import Outcome, Recording, Step, explore_workload, record_workload
 from registry_peer import running_registry, skopeo_push
 
@@ -364,6 +365,50 @@ def test_checkpoint_survives_power_loss(work: Path, layout: Path,
     # in CI every state through the CLI (as a user would see it after the restart)
     no_failures(explore_states("container checkpoint", work, rec, capsys=capsys,
                                budget=BUDGET if FULL else 20, all_through_cli=not FULL))
+
+
+def on_image(cid: str, image: str | tuple[str, str], files: bool
+             ) -> Callable[[Root], list[str]]:
+    """Container ``cid`` is on ``image`` (a pair: either), and with ``files`` its
+    snapshot still holds what the writer wrote (and fsynced) into it."""
+    def expect(r: Root) -> list[str]:
+        try:
+            c = r.containers().get(cid)
+        except NotFound:
+            return [f"acknowledged container {cid} is gone"]
+        images = (image,) if isinstance(image, str) else image
+        out = [] if c.image in images else [f"container {cid} is on {c.image}, not {image}"]
+        if files:
+            top = writer.writable_dir(r, c.snapshotter, c.snapshot_key)
+            for rel, data in writer.FILES.items():
+                try:
+                    have = Path(top, rel).read_bytes()
+                except OSError as exc:
+                    have = f"{exc}".encode()
+                if have != data:
+                    out.append(f"container {cid} lost {rel} on {c.snapshot_key}: "
+                               f"{have[:40]!r}")
+        return out
+    return expect
+
+
+def test_container_upgrade_survives_power_loss(work: Path, layout: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A container's writes (fsynced by the application) survive ``container upgrade``
+    (its rw layer moved onto the new image) and a power cut right after it. Native:
+    the upgrade applies the writes through a bind mount, which the recorder follows."""
+    root = work / "root"
+    sn = ("--snapshotter", "native")
+    setup_root(root, lamina(root, *sn, "image", "import", str(layout)))
+    steps = [
+        Step("create", lamina(root, *sn, "container", "create", containers.V1, "c1", "true"),
+             on_image("c1", (containers.V1, containers.V2), files=False)),
+        Step("write", [sys.executable, WRITER, str(root), "native", "container:c1", "--sync"],
+             on_image("c1", (containers.V1, containers.V2), files=True)),
+        Step("upgrade", lamina(root, *sn, "container", "upgrade", "c1", containers.V2),
+             on_image("c1", containers.V2, files=True)),
+    ]
+    no_failures(explored("container upgrade (native)", work, steps, capsys=capsys))
 
 
 def _as_format_1(root: Path) -> None:

@@ -26,7 +26,7 @@ from crashstates.materialise import differences, final_mtimes, write_tree
 from crashstates.record import Recorder
 from crashstates.states import CrashState, choose, explore, replay
 from crashstates.trace import TraceError, parse, run_traced
-from crashstates.tree import Op, Tree, scan
+from crashstates.tree import Create, Op, Rename, Tree, scan
 from lamina.check import ProblemType, check
 from lamina.containers.workdirs import interrupted, root_work_dirs
 from lamina.errors import LaminaError
@@ -108,7 +108,7 @@ def record_workload(root: Path, steps: Sequence[Step], work: Path, *,
         raise TraceError("the model does not match the disk after the workload: "
                          + "; ".join(diffs[:8]))
     return Recording(root, base, rec.ops, acks, final_mtimes(rec.tree, root), steps,
-                     _blobs(base) - _blobs(rec.tree))
+                     (_blobs(base) | _blobs_made(rec.ops, rec.tree)) - _blobs(rec.tree))
 
 
 def _blobs(tree: Tree) -> frozenset[str]:
@@ -116,6 +116,14 @@ def _blobs(tree: Tree) -> frozenset[str]:
     if d is None:
         return frozenset()
     return frozenset(f"sha256:{name}" for name in tree.children[d])
+
+
+def _blobs_made(ops: Sequence[Op], tree: Tree) -> frozenset[str]:
+    """Blobs the workload put in place (renamed or created in the blob directory)."""
+    d = tree.lookup(BLOBS)
+    names = {op.dname for op in ops if isinstance(op, Rename) and op.ddir == d}
+    names |= {op.name for op in ops if isinstance(op, Create) and op.dir == d}
+    return frozenset(f"sha256:{n}" for n in names if not n.startswith("."))
 
 
 #: What check finds when the metadata is *ahead* of the disk: it names something

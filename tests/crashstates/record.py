@@ -40,6 +40,12 @@ _DEV = re.compile(r"makedev\((0x[0-9a-f]+|\d+), *(0x[0-9a-f]+|\d+)\)")
 _TIMES = re.compile(r"\{tv_sec=(-?\d+), tv_nsec=(\w+)\}")
 
 
+def _perm(mode: str) -> int:
+    """A chmod mode as strace prints it (octal; callers may pass the file type too,
+    which the kernel ignores)."""
+    return int(mode, 8) & 0o7777
+
+
 class Recorder:
     """Feeds calls into ``tree`` (the tree at the start) and keeps the operations."""
 
@@ -379,13 +385,13 @@ class Recorder:
             self._emit(SetAttr(ino, **kw))  # type: ignore[arg-type]
 
     def _do_chmod(self, c: Call) -> None:
-        self._attr(self._path_ino(self._plain(c.args[0])), mode=int(c.args[1], 8))
+        self._attr(self._path_ino(self._plain(c.args[0])), mode=_perm(c.args[1]))
 
     def _do_fchmod(self, c: Call) -> None:
-        self._attr(self._fd_ino(c.args[0])[1], mode=int(c.args[1], 8))
+        self._attr(self._fd_ino(c.args[0])[1], mode=_perm(c.args[1]))
 
     def _do_fchmodat(self, c: Call) -> None:
-        self._attr(self._path_ino(self._at(c.args[0], c.args[1])), mode=int(c.args[2], 8))
+        self._attr(self._path_ino(self._at(c.args[0], c.args[1])), mode=_perm(c.args[2]))
 
     @staticmethod
     def _ids(uid: str, gid: str) -> dict[str, object]:
