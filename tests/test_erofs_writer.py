@@ -273,6 +273,8 @@ KINDS = [
     file_("etc/block", b"B" * 8192),
     file_("etc/tail", b"T" * 5000, mtime="1600000000.5"),
     file_("bin-ping", b"\x7fELF" * 10, mode=0o4755, xattrs={"security.capability": CAP_NET_BIND}),
+    file_("bin-ping6", b"\x7fELF" * 11, mode=0o755, xattrs={"security.capability": CAP_NET_BIND,
+                                                             "user.own": b"mine"}),
     file_("acl", b"a", mode=0o640, xattrs={"system.posix_acl_access": ACL_ACCESS}),
     file_("acl-plain", b"a", mode=0o644, xattrs={"system.posix_acl_access": ACL_PLAIN}),
     dir_("shared", mode=0o3777, xattrs={"system.posix_acl_default": ACL_DEFAULT,
@@ -321,6 +323,10 @@ def test_every_kind_of_member(tmp_path: Path) -> None:
         assert layouts["/etc/block"][0] == F.EROFS_INODE_FLAT_PLAIN
         assert layouts["/fat-xattrs"][0] == F.EROFS_INODE_FLAT_PLAIN  # no room inline
         assert layouts["/grow"] == (F.EROFS_INODE_FLAT_PLAIN, 2)
+        # the capability both pings carry is stored once, in the shared area
+        assert im.xattr_blkaddr != 0
+        pings = [i for p, i in im.walk() if p in ("/bin-ping", "/bin-ping6")]
+        assert [i.shared_xattrs for i in pings] == [1, 1]
 
 
 def test_reader_lists_what_the_kernel_mounts(tmp_path: Path) -> None:

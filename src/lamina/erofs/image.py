@@ -4,6 +4,8 @@ The image is written in this order (block numbers grow to the right)::
 
     block 0           superblock at byte 1024
     data area         regular files' whole blocks, streamed by the writer
+    shared xattrs     from ``xattr_blkaddr``: each xattr two or more inodes
+                      carry, stored once
     metadata area     from ``meta_blkaddr``: inodes (32-byte slots), each
                       followed by its inline xattrs and its tail (FLAT_INLINE)
     block area        directory blocks, and tails that did not fit inline
@@ -74,21 +76,61 @@ def _encode(name: str) -> bytes:
     return name.encode("utf-8", "surrogateescape")
 
 
-def _xattr_body(node: Inode) -> bytes:
-    if not node.xattrs:
-        return b""
-    parts = [F.XATTR_IBODY_HEADER.pack(0, 0, bytes(7))]
-    for key, value in node.xattrs.items():
-        split = F.split_xattr_name(key)
-        if split is None:  # pragma: no cover - the tree keeps only storable names
-            continue
-        index, suffix = split
-        if len(value) > 0xFFFF or len(suffix) > 0xFF:
-            raise InvalidArgument(f"invalid tar layer: xattr {key!r} ({len(value)}-byte "
-                                  "value) is too large for an EROFS image (65535 bytes)")
-        entry = F.XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
-        parts.append(entry + bytes(-len(entry) % 4))
-    body = b"".join(parts)
+def _xattr_entry(key: str, value: bytes) -> bytes:
+    """One xattr entry, padded to 4 bytes."""
+    split = F.split_xattr_name(key)
+    if split is None:  # pragma: no cover - the tree keeps only storable names
+        raise InvalidArgument(f"invalid tar layer: xattr {key!r} has no EROFS name prefix")
+    index, suffix = split
+    if len(value) > 0xFFFF or len(suffix) > 0xFF:
+        raise InvalidArgument(f"invalid tar layer: xattr {key!r} ({len(value)}-byte "
+                              "value) is too large for an EROFS image (65535 bytes)")
+    entry = F.XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
+    return entry + bytes(-len(entry) % 4)
+
+
+class _SharedXattrs:
+    """The shared xattr area: an xattr (name and value) that two or more
+    inodes carry is stored once, from block ``xattr_blkaddr``, and each inode
+    lists its id (the entry's offset in 4-byte units); no entry crosses a
+    block. An inode lists at most 255 (``h_shared_count`` is a byte)."""
+
+    def __init__(self, nodes: list[Inode]) -> None:
+        counts = Counter((k, v) for n in nodes for k, v in n.xattrs.items())
+        self.ids: dict[tuple[str, bytes], int] = {}
+        parts: list[bytes] = []
+        pos = 0
+        for pair, count in counts.items():
+            if count < 2:
+                continue
+            entry = _xattr_entry(*pair)
+            if pos % BLK + len(entry) > BLK and len(entry) <= BLK:
+                parts.append(bytes(-pos % BLK))
+                pos += -pos % BLK
+            self.ids[pair] = pos // 4
+            parts.append(entry)
+            pos += len(entry)
+        self.area = b"".join(parts)
+        self.blocks = -(-pos // BLK)
+
+    def body(self, node: Inode) -> bytes:
+        """The inode's xattr ibody: header, shared ids, inline entries."""
+        if not node.xattrs:
+            return b""
+        ids: list[int] = []
+        inline: list[bytes] = []
+        for key, value in node.xattrs.items():
+            sid = self.ids.get((key, value))
+            if sid is not None and len(ids) < 0xFF:
+                ids.append(sid)
+            else:
+                inline.append(_xattr_entry(key, value))
+        return _ibody(ids, inline)
+
+
+def _ibody(ids: list[int], inline: list[bytes]) -> bytes:
+    head = F.XATTR_IBODY_HEADER.pack(0, len(ids), bytes(7))
+    body = head + b"".join(i.to_bytes(4, "little") for i in ids) + b"".join(inline)
     if (len(body) - 12) // 4 + 1 > 0xFFFF:
         raise InvalidArgument("invalid tar layer: the xattrs of one file take "
                               f"{len(body)} bytes, more than an EROFS inode holds")
@@ -180,11 +222,12 @@ def _choose_epoch(nodes: list[Inode]) -> int:
     return min(t for t, c in times.items() if c == best)
 
 
-def write_metadata(fd: int, root: Inode, *, meta_blkaddr: int,
+def write_metadata(fd: int, root: Inode, *, data_end: int,
                    read_tail: Callable[[Inode, int], bytes],
                    uuid: bytes) -> ImageLayout:
-    """Write the metadata area, the block area and the superblock of the image
-    open at ``fd``, whose data area ends at block ``meta_blkaddr``.
+    """Write the shared xattr area, the metadata area, the block area and the
+    superblock of the image open at ``fd``, whose data area ends at block
+    ``data_end``.
     ``read_tail(node, n)`` returns the last ``n`` bytes of a regular file
     (those the writer kept out of the data area); a regular file's
     ``node.data`` is the block address of its whole blocks."""
@@ -218,6 +261,11 @@ def write_metadata(fd: int, root: Inode, *, meta_blkaddr: int,
                 rec.nlink += 1
         index[id(d)].nlink = 2 + subdirs
     epoch = _choose_epoch([r.node for r in recs])
+    shared = _SharedXattrs([r.node for r in recs])
+    xattr_blkaddr = data_end if shared.blocks else 0
+    meta_blkaddr = data_end + shared.blocks
+    if shared.blocks:
+        os.pwrite(fd, shared.area, xattr_blkaddr * BLK)
 
     # -- sizes, formats, nids ------------------------------------------------
     slots = _Slots()
@@ -232,7 +280,7 @@ def write_metadata(fd: int, root: Inode, *, meta_blkaddr: int,
         mtime = node.mtime_ns if node.mtime_ns is not None else epoch
         rec.extended = (mtime != epoch or node.uid > 0xFFFF or node.gid > 0xFFFF
                         or rec.nlink > 0xFFFF or rec.size >= 1 << 32)
-        rec.xattr = _xattr_body(node)
+        rec.xattr = shared.body(node)
         head = (64 if rec.extended else 32) + len(rec.xattr)
         rec.inline = bool(rec.tail) and head + rec.tail <= BLK and not node.tail_in_data
         rec.nid = slots.place(head + rec.tail if rec.inline else head)
@@ -319,8 +367,9 @@ def write_metadata(fd: int, root: Inode, *, meta_blkaddr: int,
     total_blocks = nextblk
     os.ftruncate(fd, total_blocks * BLK)
     sb = F.SUPER_BLOCK.pack(F.EROFS_SUPER_MAGIC_V1, 0, 0, F.EROFS_BLKSIZBITS, 0, rroot.nid,
-                            len(recs), esecs, ensec, total_blocks, meta_blkaddr, 0, uuid,
-                            bytes(16), 0, 0, 0, 0, 0, 0, 0, 0, 0, bytes(23))
+                            len(recs), esecs, ensec, total_blocks, meta_blkaddr,
+                            xattr_blkaddr, uuid, bytes(16), 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                            bytes(23))
     os.pwrite(fd, sb, F.EROFS_SUPER_OFFSET)
     return ImageLayout(len(recs), rroot.nid, total_blocks, epoch)
 

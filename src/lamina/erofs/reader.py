@@ -35,6 +35,7 @@ class EntryInfo:
     rdev: int = 0  # (major, minor) packed as os.makedev
     xattrs: dict[str, bytes] = field(default_factory=dict)
     layout: int = 0
+    shared_xattrs: int = 0  # how many of ``xattrs`` are in the shared area
     startblk: int = 0
     meta_end: int = 0  # byte offset just after the inode and its xattrs
 
@@ -60,6 +61,7 @@ class ErofsImage:
             self.inos = inos
             self.epoch_ns = epoch * 1_000_000_000 + fixed_nsec
             self._meta = meta_blkaddr * self.blksz
+            self.xattr_blkaddr = xattr_blkaddr  # shared xattrs (0: none)
             self._xattr = xattr_blkaddr * self.blksz
         except BaseException:
             os.close(self._fd)
@@ -101,12 +103,12 @@ class ErofsImage:
         if layout not in (F.EROFS_INODE_FLAT_PLAIN, F.EROFS_INODE_FLAT_INLINE):
             raise _bad(f"nid {nid}: data layout {layout} is not supported by this reader")
         xsize = 12 + (icount - 1) * 4 if icount else 0
-        xattrs = self._xattrs(at + isize, xsize) if xsize else {}
+        xattrs, shared = self._xattrs(at + isize, xsize) if xsize else ({}, 0)
         rdev = 0
         if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
             rdev = os.makedev((i_u >> 8) & 0xFFF, (i_u & 0xFF) | ((i_u >> 12) & 0xFFF00))
-        return EntryInfo(nid, mode, uid, gid, size, mtime, nlink, rdev, xattrs, layout, i_u,
-                         at + isize + xsize)
+        return EntryInfo(nid, mode, uid, gid, size, mtime, nlink, rdev, xattrs, layout, shared,
+                         i_u, at + isize + xsize)
 
     def _entry(self, at: int) -> tuple[str | None, bytes, int]:
         name_len, index, value_size = F.XATTR_ENTRY.unpack(self._read(at, 4))
@@ -114,7 +116,7 @@ class ErofsImage:
         name = F.xattr_full_name(index, raw[:name_len])
         return name, raw[name_len:], F.xattr_entry_size(name_len, value_size)
 
-    def _xattrs(self, at: int, xsize: int) -> dict[str, bytes]:
+    def _xattrs(self, at: int, xsize: int) -> tuple[dict[str, bytes], int]:
         _filter, shared, _r = F.XATTR_IBODY_HEADER.unpack(self._read(at, 12))
         out: dict[str, bytes] = {}
         ids = self._read(at + 12, 4 * shared)
@@ -130,7 +132,7 @@ class ErofsImage:
             if name is not None:
                 out[name] = value
             pos += n
-        return out
+        return out, shared
 
     # -- data --------------------------------------------------------------
     def read(self, info: EntryInfo, off: int = 0, n: int | None = None) -> bytes:

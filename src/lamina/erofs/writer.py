@@ -190,7 +190,7 @@ def write_image(
             if expected_diff_id is not None and expected_diff_id != diff_id:
                 raise InvalidArgument(
                     f"diff id mismatch: layer has {diff_id}, expected {expected_diff_id}")
-            layout = write_metadata(fd, tree.root, meta_blkaddr=data.next_block,
+            layout = write_metadata(fd, tree.root, data_end=data.next_block,
                                     read_tail=data.tail, uuid=digest.digest()[:16])
     except LaminaError:
         raise
