@@ -201,6 +201,24 @@ def test_repeated_children_are_visited_once(require_root: None, state: State, ho
     assert_consistent(tmp_root, images=1)
 
 
+def test_repeated_children_keep_their_first_place(require_root: None, state: State,
+                                                  host: str, tmp_root: Path) -> None:
+    a = add_image(state, [], [tiny_layer(4)])
+    b = add_image(state, [], [tiny_layer(5)])
+    b["platform"] = {"os": "linux", "architecture": "other"}
+    mixed = add_index(state, ["mixed"], [a, b, a, b])
+    result = do_pull(host, tmp_root, "mixed", all_platforms=True, unpack=False)
+    assert [d.digest for d in result.manifests] == [a["digest"], b["digest"]]
+    r = Root(tmp_root)
+    try:
+        labels = r.content().info(str(mixed["digest"])).labels
+    finally:
+        r.close()
+    assert {k: v for k, v in labels.items() if k.startswith("containerd.io/gc.ref.")} == {
+        "containerd.io/gc.ref.content.m.0": a["digest"],
+        "containerd.io/gc.ref.content.m.1": b["digest"]}
+
+
 # --------------------------------------------------------------------------- disk
 
 MNT_DETACH = 2

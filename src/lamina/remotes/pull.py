@@ -263,13 +263,18 @@ class _Puller:
             wanted = index.manifests if self.all_platforms else select_children(
                 index.manifests, self.platforms, where=str(self.ref))
             # each child once, in the GC labels too (an index may repeat one)
-            unique = list({c.digest: c for c in reversed(wanted)}.values())[::-1]
+            firsts: dict[str, Descriptor] = {}
+            for c in wanted:
+                firsts.setdefault(c.digest, c)
+            unique = list(firsts.values())
             self.plan.children[desc.digest] = unique
-            for child in reversed(self._spend(unique)):
-                if child.media_type in MANIFEST_TYPES | INDEX_TYPES:
-                    stack.append((child, depth + 1))
-                else:
+            new = self._spend(unique)
+            for child in new:
+                if child.media_type not in MANIFEST_TYPES | INDEX_TYPES:
                     self.plan.blobs.setdefault(child.digest, child)
+            # depth first, in the index's order
+            stack.extend((c, depth + 1) for c in reversed(new)
+                         if c.media_type in MANIFEST_TYPES | INDEX_TYPES)
 
     # -- blobs -----------------------------------------------------------
     def _data_path(self) -> Callable[[str], Path] | None:
