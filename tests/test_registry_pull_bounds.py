@@ -311,6 +311,31 @@ def test_disk_filling_while_downloading(require_root: None, state: State, host: 
             r.close()
 
 
+def test_unpack_of_stored_layers_checks_their_size_first(require_root: None, state: State,
+                                                         host: str, small_root: Path) -> None:
+    """Blobs pulled before (``--no-unpack``) announce their expanded size (gzip trailer):
+    a layer that cannot fit is refused before extracting (it filled the disk to the
+    reserve first, before)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("zeros")
+        info.size = 100 << 20
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    layer = (gzip.compress(raw.getvalue(), compresslevel=1, mtime=0), sha(raw.getvalue()))
+    add_image(state, ["big"], [layer])
+    do_pull(host, small_root, "big", unpack=False)
+    with pytest.raises(ResourceExhausted, match=r"^unpack: 1 layer\(s\) announce "
+                                                rf"{len(raw.getvalue())} bytes, \d+ bytes are "
+                                                "free on the filesystem of "):
+        do_pull(host, small_root, "big")
+    assert_consistent(small_root, images=1)
+    r = Root(small_root)
+    try:
+        assert list(r.snapshotter("overlay").walk()) == []
+    finally:
+        r.close()
+
+
 # --------------------------------------------------------------------------- descriptors
 
 LAYERS = 1500

@@ -13,7 +13,9 @@ Limits: each layer may expand to ``max_layer_size`` uncompressed bytes
 the sizes the layers announce (see
 :func:`lamina.archive.compression.size_hint`) are compared with the free
 space of the snapshotter's filesystem, so an unpack that cannot fit fails
-with ResourceExhausted before writing anything; while extracting, every
+with ResourceExhausted before writing anything (with ``open_layer``, as a
+pull unpacking while it downloads, only the layers already in the content
+store announce anything: the others are bounded as they arrive); while extracting, every
 apply stops at the filesystem's reserve (:mod:`lamina.archive.limits`).
 
 On overlay, layers are extracted in parallel straight into staging upper
@@ -182,15 +184,20 @@ class Unpacker:
         """ResourceExhausted now if the layers to extract cannot fit (see the module docs)."""
         if not isinstance(self.sn, LocalDirectories):
             return  # a remote snapshotter: its own applies are bounded
-        if self.open_layer is not None:
-            return  # layers still downloading: only the applies' own bounds hold
-        need = 0
+        need, counted = 0, 0
         for i in todo:
             desc = manifest.layers[i]
-            head = self.content.read_at(desc.digest, 0, 18)
-            tail = self.content.read_at(desc.digest, max(0, desc.size - 4), 4)
+            try:
+                head = self.content.read_at(desc.digest, 0, 18)
+                tail = self.content.read_at(desc.digest, max(0, desc.size - 4), 4)
+            except NotFound:
+                if self.open_layer is None:
+                    raise
+                continue  # still downloading: only the apply's own bounds hold for it
             need += min(size_hint(head, tail, desc.size), self.max_layer_size)
-        limits.check_fits(self.sn.root, need, f"unpack: {len(todo)} layer(s)")
+            counted += 1
+        if counted:
+            limits.check_fits(self.sn.root, need, f"unpack: {counted} layer(s)")
 
     @staticmethod
     def _key(chain: str) -> str:
