@@ -90,6 +90,7 @@ class Inode:
     size: int = 0
     data: object = None
     tail_in_data: bool = False  # the writer put the last partial block with the rest
+    tail_at: int = -1  # else where the writer keeps it aside (its spool offset)
     target: bytes = b""
     rdev: int = 0
     children: dict[str, Inode] | None = None

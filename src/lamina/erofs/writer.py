@@ -77,7 +77,6 @@ class _Data:
         self.spool_fd = spool.fileno()
         self.spool_off = 0
         self.next_block = 1  # block 0 holds the superblock
-        self.tails: dict[int, int] = {}  # id(inode) -> spool offset
 
     def stream(self, node: Inode, reader: TarReader) -> None:
         """Copy the member's data: whole blocks to the image, the tail to the
@@ -109,13 +108,12 @@ class _Data:
             tail = bytearray()
             while reader.remaining:
                 tail += reader.read_data(BLK)
-            self.tails[id(node)] = self.spool_off
+            node.tail_at = self.spool_off
             self.spool.write(tail)
             self.spool_off += len(tail)
 
     def tail(self, node: Inode, n: int) -> bytes:
-        off = self.tails[id(node)]
-        data = os.pread(self.spool_fd, n, off)
+        data = os.pread(self.spool_fd, n, node.tail_at)
         if len(data) != n:  # pragma: no cover - the spool is ours
             raise Internal("EROFS image: spool file came back short")
         return data
