@@ -26,7 +26,7 @@ import pytest
 import treesum
 from conftest import require_root_user, require_tools
 from test_archive_limits import CASES as HOSTILE
-from test_archive_limits import dir_chain, header, pax
+from test_archive_limits import CountingReader, bomb, dir_chain, header, pax
 from test_archive_support import (
     CAP_NET_BIND,
     Member,
@@ -47,7 +47,7 @@ from lamina.erofs import format as F
 from lamina.erofs.reader import ErofsImage
 from lamina.erofs.tree import RootMeta
 from lamina.erofs.writer import write_image
-from lamina.errors import InvalidArgument
+from lamina.errors import InvalidArgument, ResourceExhausted
 
 _OPAQUE = "trusted.overlay.opaque"
 
@@ -464,6 +464,21 @@ def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
         write_image(io.BytesIO(good), image, expected_diff_id="sha256:" + "0" * 64)
     assert image.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.erofs"]
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_bomb_stops_at_the_size_cap(kind: str, tmp_path: Path) -> None:
+    """The layer size cap stops a decompression bomb as apply_layer does (same
+    error), and no image is left."""
+    blob, _ = bomb(32 << 30, kind, diff_id=False)
+    src = CountingReader(blob)
+    seen: list[int] = []
+    with pytest.raises(ResourceExhausted, match=r"^layer expands beyond 33554432 bytes "
+                       r"\(--max-layer-size\)$"):
+        write_image(src, tmp_path / "bomb.erofs", max_size=32 << 20, progress=seen.append)
+    assert src.read_bytes < len(blob)
+    assert seen and seen[-1] <= 33 << 20
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_inode_spanning_blocks_and_inode_numbers(tmp_path: Path) -> None:
