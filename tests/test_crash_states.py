@@ -37,6 +37,10 @@ import test_containers_cli as containers
 from conftest import require_tools
 from crashstates import writer
 from crashstates.explorer import Outcome, Recording, Step, explore_workload, record_workload
+from crashstates.record import Recorder
+from crashstates.states import explore, replay
+from crashstates.trace import parse, unhex
+from crashstates.tree import Create, Op, Rename, Sync, SyncAll, Tree, Write
 from registry_peer import running_registry, skopeo_push
 
 from lamina.containers.runtime.criu import find_criu
@@ -432,3 +436,62 @@ def test_upgrade_survives_power_loss(images: Images, work: Path,
     _as_format_1(root)
     steps = [Step("open (migrates)", lamina(root, "image", "ls"), has_format(FORMAT))]
     no_failures(explored(f"upgrade 1 -> {FORMAT}", work, steps, capsys=capsys))
+
+
+# ------------------------------------------------------------------------- the model itself
+
+
+def _states_after(ops: list[Op]) -> list[Tree]:
+    """Every tree the model allows once all of ``ops`` were issued."""
+    base = Tree()
+    return [replay(ops, base, s) for s in explore(ops, base, [len(ops)])
+            if s.point == len(ops)]
+
+
+def _content(t: Tree, name: str) -> bytes | None:
+    ino = t.lookup([name])
+    return None if ino is None else bytes(t.data[ino])
+
+
+def test_model_rename_without_fsync_may_persist_before_its_data() -> None:
+    """write tmp; rename tmp -> f: a crash may leave f empty (ext4's zero-length
+    files); fsync tmp before the rename and fsync the directory after: it may not."""
+    careless: list[Op] = [Create(0, "tmp", 1, "f", 0o600), Write(1, 0, b"data"),
+                          Rename(0, "tmp", 0, "f")]
+    assert b"" in {_content(t, "f") for t in _states_after(careless)}
+    careful: list[Op] = [Create(0, "tmp", 1, "f", 0o600), Write(1, 0, b"data"), Sync(1),
+                         Rename(0, "tmp", 0, "f"), Sync(0)]
+    assert {_content(t, "f") for t in _states_after(careful)} == {b"data"}
+    # without the directory's fsync the rename itself may be lost, never the data
+    no_dirsync = careful[:-1]
+    assert {_content(t, "f") for t in _states_after(no_dirsync)} == {b"data", None}
+
+
+def test_model_metadata_persists_in_order_and_syncfs_makes_all_durable() -> None:
+    ops: list[Op] = [Create(0, "a", 1, "d", 0o700), Create(0, "b", 2, "d", 0o700)]
+    present = {(t.lookup(["a"]) is not None, t.lookup(["b"]) is not None)
+               for t in _states_after(ops)}
+    assert (False, True) not in present  # b never without a
+    assert {(True, True), (True, False), (False, False)} <= present
+    assert all(t.lookup(["b"]) is not None for t in _states_after([*ops, SyncAll()]))
+
+
+def test_trace_reader_joins_interrupted_calls(tmp_path: Path) -> None:
+    """Two threads: an unfinished write resumed after another call returned; a failed
+    call dropped; every string in hex (-xx)."""
+    p = '"\\x2f\\x72\\x2f\\x66"'  # "/r/f"
+    trace = tmp_path / "t.txt"
+    trace.write_text(
+        f"10 openat(AT_FDCWD<\\x2f>, {p}, O_WRONLY|O_CREAT, 0600) = 3<\\x2f\\x72\\x2f\\x66>\n"
+        "10 write(3<\\x2f\\x72\\x2f\\x66>, \"\\x68\\x69\", 2 <unfinished ...>\n"
+        "11 fsync(4<\\x2f\\x72>) = 0\n"
+        "10 <... write resumed>)                 = 2\n"
+        f"11 unlinkat(AT_FDCWD<\\x2f>, {p}, 0) = -1 ENOENT (No such file or directory)\n"
+        "11 +++ exited with 0 +++\n")
+    calls = list(parse(trace))
+    assert [c.name for c in calls] == ["openat", "fsync", "write"]
+    assert unhex(calls[2].args[1]) == b"hi" and calls[2].ret == "2"
+    rec = Recorder(Path("/r"), Tree())  # /r need not exist: nothing is read
+    rec.feed(calls)
+    assert [type(op).__name__ for op in rec.ops] == ["Create", "Sync", "Write"]
+    assert _content(rec.tree, "f") == b"hi"

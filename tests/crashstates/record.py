@@ -46,6 +46,15 @@ def _perm(mode: str) -> int:
     return int(mode, 8) & 0o7777
 
 
+def _offset(arg: str) -> int:
+    """An offset passed by pointer, as strace prints it: ``[0]`` or ``[0] => [4096]``
+    (the value before the call)."""
+    m = re.match(r"\[(\d+)\]", arg)
+    if m is None:
+        raise TraceError(f"unreadable offset {arg!r}")
+    return int(m.group(1))
+
+
 class Recorder:
     """Feeds calls into ``tree`` (the tree at the start) and keeps the operations."""
 
@@ -205,17 +214,16 @@ class Recorder:
 
     def _copy(self, in_arg: str, in_off: str, out_arg: str, out_off: str, n: int) -> None:
         in_fd, src = self._fd_ino(in_arg)
-        out_fd, dst = self._fd_ino(out_arg)
+        _, dst = self._fd_ino(out_arg)
         if dst is None:
             return
         if src is None:
             raise TraceError("a copy into the root from a file the model does not have")
-        start = int(in_off.strip("[]")) if in_off != "NULL" else self._pos.get(in_fd, 0)
+        start = _offset(in_off) if in_off != "NULL" else self._pos.get(in_fd, 0)
         if in_off == "NULL":
             self._pos[in_fd] = start + n
         data = bytes(self.tree.data[src][start:start + n])
-        self._write(out_arg, data, None if out_off == "NULL" else int(out_off.strip("[]")))
-        del out_fd
+        self._write(out_arg, data, None if out_off == "NULL" else _offset(out_off))
 
     def _do_sendfile(self, c: Call) -> None:
         self._copy(c.args[1], c.args[2], c.args[0], "NULL", int(c.ret))
@@ -232,8 +240,7 @@ class Recorder:
             return
         n = int(c.ret)
         self.opaque_bytes += n
-        self._write(c.args[2], bytes(n), None if c.args[3] == "NULL"
-                    else int(c.args[3].strip("[]")))
+        self._write(c.args[2], bytes(n), None if c.args[3] == "NULL" else _offset(c.args[3]))
 
     # -- durability -----------------------------------------------------------------------
 
