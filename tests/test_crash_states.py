@@ -465,6 +465,9 @@ def test_model_rename_without_fsync_may_persist_before_its_data() -> None:
     # without the directory's fsync the rename itself may be lost, never the data
     no_dirsync = careful[:-1]
     assert {_content(t, "f") for t in _states_after(no_dirsync)} == {b"data", None}
+    # a file's fsync makes its data durable, not its name (nor any other)
+    named: list[Op] = [Create(0, "a", 1, "f", 0o600), Write(1, 0, b"x"), Sync(1)]
+    assert {_content(t, "a") for t in _states_after(named)} == {b"x", None}
 
 
 def test_model_metadata_persists_in_order_and_syncfs_makes_all_durable() -> None:
