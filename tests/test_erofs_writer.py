@@ -44,8 +44,8 @@ from test_layer_parity import summarize
 from lamina.archive import limits
 from lamina.archive.apply import NeedsLowerLayers, apply_layer
 from lamina.erofs import format as F
+from lamina.erofs.inode import RootMeta
 from lamina.erofs.reader import ErofsImage
-from lamina.erofs.tree import RootMeta
 from lamina.erofs.writer import write_image
 from lamina.errors import InvalidArgument, ResourceExhausted
 

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lamina.erofs import format as F
-from lamina.erofs.tree import Inode
+from lamina.erofs.inode import Inode
 from lamina.errors import InvalidArgument
 
 __all__ = ["ImageLayout", "inline_room", "write_metadata"]

@@ -17,14 +17,13 @@ applied on an empty directory (implicit parents made, whiteouts hiding
 nothing). Paths are cleaned and symlinked parents resolved inside the root
 as :mod:`lamina.archive.safepath` does, with the same limits and the same
 one-line InvalidArgument messages; xattrs are kept or refused as Linux
-refuses them when they are set on a real file (see :func:`xattr_verdict`).
+refuses them when they are set on a real file (:mod:`lamina.erofs.xattrs`).
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass, field
 
 from lamina.archive import limits
 from lamina.archive.apply import NeedsLowerLayers
@@ -48,10 +47,12 @@ from lamina.archive.whiteout import (
     WHITEOUT_PREFIX,
     whiteout_target,
 )
-from lamina.erofs.acl import acl_equivalent, acl_mode, acl_verdict
+from lamina.erofs.acl import acl_equivalent, acl_mode
+from lamina.erofs.inode import Inode, RootMeta, new_dir
+from lamina.erofs.xattrs import xattr_verdict
 from lamina.errors import InvalidArgument
 
-__all__ = ["Inode", "LayerTree", "RootMeta"]
+__all__ = ["LayerTree"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _KIND = {TYPE_REGULAR: stat.S_IFREG, TYPE_CHAR: stat.S_IFCHR, TYPE_BLOCK: stat.S_IFBLK,
@@ -60,85 +61,6 @@ _KIND = {TYPE_REGULAR: stat.S_IFREG, TYPE_CHAR: stat.S_IFCHR, TYPE_BLOCK: stat.S
 
 def _bad(msg: str) -> InvalidArgument:
     return InvalidArgument(f"invalid tar layer: {msg}")
-
-
-@dataclass(frozen=True)
-class RootMeta:
-    """The root directory's metadata when the layer does not list its root
-    (in an overlay stack the topmost layer's root is what a mount shows, so a
-    layer takes its parent's)."""
-
-    mode: int = 0o755
-    uid: int = 0
-    gid: int = 0
-    mtime_ns: int | None = None
-    xattrs: tuple[tuple[str, bytes], ...] = ()
-
-
-@dataclass(slots=True, eq=False)
-class Inode:
-    """One file of the image. ``data`` is where a regular file's bytes are
-    (set by the writer), ``target`` a symlink's, ``rdev`` a device's;
-    directories have ``children`` and, while attached, ``parent``/``name``."""
-
-    kind: int
-    mode: int
-    uid: int
-    gid: int
-    mtime_ns: int | None  # None: the image's build time (made by lamina, not listed)
-    xattrs: dict[str, bytes] = field(default_factory=dict)
-    size: int = 0
-    data: object = None
-    tail_in_data: bool = False  # the writer put the last partial block with the rest
-    tail_at: int = -1  # else where the writer keeps it aside (its spool offset)
-    target: bytes = b""
-    rdev: int = 0
-    children: dict[str, Inode] | None = None
-    parent: Inode | None = None
-    name: str = ""
-    depth: int = 0
-    rel: str = ""  # a directory's path from the root, where it was attached
-    plen: int = 0  # bytes of that path
-    # symlinks met as a parent: where the target led, valid while ``epoch`` holds
-    resolved: Inode | None = None
-    epoch: int = -1
-    hops: int = 0
-
-
-def xattr_verdict(kind: int, key: str, value: bytes, who: str) -> bytes | None:
-    """What setting ``key`` on a fresh file of type ``kind`` as root leaves
-    stored: the value (possibly normalised, as the kernel does), or None when
-    the kernel refuses it quietly (EOPNOTSUPP, EPERM: apply_layer skips
-    those); InvalidArgument where it answers EINVAL (apply_layer's refusal)."""
-    if key.startswith(OVERLAY_XATTR_PREFIX):
-        return None
-    for prefix in ("user.", "trusted.", "security."):
-        if key.startswith(prefix):
-            if prefix == "user." and kind not in (stat.S_IFREG, stat.S_IFDIR):
-                return None
-            if key == prefix:
-                raise _bad(f"{who}: the kernel rejects xattr {key!r} "
-                           f"({len(value)}-byte value) on it")
-            if key == "security.capability":
-                return _capability(value, key, who)
-            return value
-    if key in ("system.posix_acl_access", "system.posix_acl_default"):
-        return acl_verdict(kind, key, value, who)
-    return None
-
-
-def _capability(value: bytes, key: str, who: str) -> bytes:
-    """A VFS capability as the kernel stores it (cap_convert_nscap)."""
-    magic = int.from_bytes(value[:4], "little") if len(value) >= 4 else -1
-    if len(value) == 20 and magic & ~1 == 0x02000000:
-        return value
-    if len(value) == 24 and magic & ~1 == 0x03000000:
-        return (0x03000000 | (magic & 1)).to_bytes(4, "little") + value[4:]
-    raise _bad(f"{who}: the kernel rejects xattr {key!r} ({len(value)}-byte value) on it")
-
-
-def new_dir(mode: int, uid: int, gid: int, mtime_ns: int | None) -> Inode:
-    return Inode(stat.S_IFDIR, mode, uid, gid, mtime_ns, children={})
 
 
 class LayerTree:

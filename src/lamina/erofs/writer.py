@@ -35,7 +35,8 @@ from lamina.archive.compression import open_decompressed
 from lamina.archive.tarstream import TarEntry, TarReader, show_name
 from lamina.erofs import format as F
 from lamina.erofs.image import inline_room, write_metadata
-from lamina.erofs.tree import Inode, LayerTree, RootMeta
+from lamina.erofs.inode import Inode, RootMeta
+from lamina.erofs.tree import LayerTree
 from lamina.errors import Internal, InvalidArgument, LaminaError
 from lamina.fsutil import atomic_file
 
