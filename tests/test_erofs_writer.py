@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import test_archive_cpu_bounds as cpu
 import treesum
 from conftest import require_root_user, require_tools
 from test_archive_limits import CASES as HOSTILE
@@ -560,10 +561,15 @@ def _image_tree(image: Path) -> dict[str, tuple[int, int, int, str]]:
     return out
 
 
-def _storms() -> dict[str, bytes]:
-    import test_archive_cpu_bounds as cpu
+def _storm(name: str) -> bytes:
+    """The layer of one symlink storm (built when its test runs)."""
+    make = cpu.ATTACKS.get(name)
+    if make is not None:
+        return make().layer
+    return _STORM_EXTRAS[name]()
 
-    layers = {name: make().layer for name, make in cpu.ATTACKS.items()}
+
+def _relink() -> bytes:
     a, b = cpu.chain("a", cpu.DEPTH), cpu.chain("b", cpu.DEPTH)
     relink = [*cpu.deep_dirs("a", cpu.DEPTH), *cpu.deep_dirs("b", cpu.DEPTH), dir_(f"{a}/x0")]
     for k in range(1, 39):
@@ -571,25 +577,30 @@ def _storms() -> dict[str, bytes]:
                       else symlink(f"{a}/x{k}", f"/{b}/y{k - 1}"))
     for i in range(400):
         relink += [symlink("s", f"/{b}/y37"), file_(f"s/f{i}", b"")]
-    layers["relink-every-member"] = make_tar(relink)
+    return make_tar(relink)
+
+
+def _below_the_cap() -> bytes:
     deep = cpu.chain("a", 1500)
-    layers["resolved-below-the-cap"] = make_tar(
-        [*cpu.deep_dirs("a", 1500), symlink(f"{deep}/down", "b/" * 1000 + "c"),
-         symlink("s", f"{deep}/down"), file_("s/f", b"")])
+    return make_tar([*cpu.deep_dirs("a", 1500), symlink(f"{deep}/down", "b/" * 1000 + "c"),
+                     symlink("s", f"{deep}/down"), file_("s/f", b"")])
+
+
+def _past_path_max() -> bytes:
     long = "/".join(["N" * 255] * 15)
-    layers["resolved-past-path-max"] = make_tar(
+    return make_tar(
         [symlink("l1", long), *[symlink(f"l{k}", f"l{k - 1}/{long}") for k in range(2, 40)],
          *[file_(f"l39/f{i}", b"") for i in range(100)]])
-    return layers
 
 
-STORMS = _storms()
+_STORM_EXTRAS = {"relink-every-member": _relink, "resolved-below-the-cap": _below_the_cap,
+                 "resolved-past-path-max": _past_path_max}
 
 
 @pytest.mark.parametrize("overlay", [True, False], ids=["overlay", "native"])
-@pytest.mark.parametrize("name", sorted(STORMS))
+@pytest.mark.parametrize("name", sorted([*cpu.ATTACKS, *_STORM_EXTRAS]))
 def test_symlink_storms_same_tree_or_error(name: str, overlay: bool, tmp_path: Path) -> None:
-    raw = STORMS[name]
+    raw = _storm(name)
     target = tmp_path / "applied"
     target.mkdir()
     image = tmp_path / "storm.erofs"
