@@ -198,10 +198,11 @@ def test_stop_leaves_a_successors_socket(sockdir: Path) -> None:
 
 
 class _Slow:
-    """A snapshotter whose stat takes a while (to have a call in flight)."""
+    """A snapshotter whose stat stays in flight until the test releases it."""
 
     def __init__(self) -> None:
         self.entered = threading.Event()
+        self.release = threading.Event()
         self.closed = False
         self.finished_before_close = False
         self.done = threading.Event()
@@ -212,7 +213,7 @@ class _Slow:
 
     def stat(self, key: str) -> Info:
         self.entered.set()
-        time.sleep(1.0)
+        assert self.release.wait(60), "the test never released the call"
         self.done.set()
         return Info(kind=Kind.ACTIVE, name=key)
 
@@ -241,7 +242,9 @@ def test_graceful_stop_finishes_calls_in_flight(sockdir: Path) -> None:
     # new calls are refused while the old one finishes
     with pytest.raises(Unavailable):
         RemoteSnapshotter(server.address, "x", timeout=5).stat("new")
-    assert stopped.wait(10)
+    assert not stopped.is_set()  # the call in flight holds the stop
+    slow.release.set()
+    assert stopped.wait(60)
     server.close()
     t.join(10)
     sn.close()
