@@ -19,7 +19,7 @@ ran them all. The seed is random per run unless ``LAMINA_FUZZ_SEED`` is set;
 every test prints it, and a failure says how to replay it (the seed, and
 Hypothesis's ``@reproduce_failure`` blob). With ``LAMINA_FUZZ_COLLECT=<file>`` a
 failure is logged there (kind, innermost lamina frame) instead of stopping the
-run: a survey of every distinct bug.
+run, and the test fails at its end: a survey of every distinct bug.
 """
 
 from __future__ import annotations
@@ -99,8 +99,9 @@ def _fuzz(name: str, run: Callable[..., None], capsys: pytest.CaptureFixture[str
             print(f"\n{name}: {CASES[name]} examples, seed {SEED}: " + ", ".join(
                 f"{k.split(': ', 1)[1]} {v}" for k, v in sorted(OUTCOMES.items())
                 if k.startswith(f"{name}: ")))
-    _known_bugs(name)
     assert CASES[name] >= EXAMPLES, f"{name}: only {CASES[name]} of {EXAMPLES} examples ran"
+    bugs = {k: v for k, v in OUTCOMES.items() if k.startswith(f"{name}: BUG")}
+    assert not bugs, f"failures logged to {_COLLECT}: {bugs}"  # LAMINA_FUZZ_COLLECT
 
 
 # --------------------------------------------------------------------------- sandbox
@@ -161,28 +162,12 @@ def _sandbox() -> Iterator[Path]:
             shutil.rmtree(case, ignore_errors=True)
 
 
-# Bugs this fuzzing found in files its author does not own, reported, not yet fixed:
-# (exception type, innermost lamina file) -> what is wrong. A hit is counted and the
-# test ends as xfail naming it; anything else fails the test. Delete an entry once
-# its fix lands (the test then passes, and would fail again on a regression).
-KNOWN_BUGS: dict[tuple[str, str], str] = {}
-KNOWN_HITS: Counter[tuple[str, str, str]] = Counter()  # (test, type, file)
-
-
 def _signature(exc: BaseException) -> tuple[str, str]:
     """The exception's type and the innermost lamina source file it passed through."""
     frames = [fr for fr in traceback.extract_tb(exc.__traceback__)
               if "/src/lamina/" in fr.filename]
     where = frames[-1].filename.split("/src/lamina/")[-1] if frames else "?"
     return type(exc).__name__, where
-
-
-def _known_bugs(name: str) -> None:
-    """End the test as xfail if it only hit known bugs (see KNOWN_BUGS)."""
-    hits = {(t, w): n for (test, t, w), n in KNOWN_HITS.items() if test == name}
-    if hits:
-        pytest.xfail("known bugs hit: " + "; ".join(
-            f"{n}x {t} in {w}: {KNOWN_BUGS[(t, w)]}" for (t, w), n in sorted(hits.items())))
 
 
 def _expect_refusal_or_success(name: str, fn: Any) -> None:
@@ -193,10 +178,6 @@ def _expect_refusal_or_success(name: str, fn: Any) -> None:
         OUTCOMES[f"{name}: {type(exc).__name__}"] += 1
     except Exception as exc:  # the property: nothing but the accepted errors
         kind, where = _signature(exc)
-        if (kind, where) in KNOWN_BUGS:
-            KNOWN_HITS[(name, kind, where)] += 1
-            OUTCOMES[f"{name}: known bug {kind} in {where}"] += 1
-            return
         if _COLLECT:  # exploring: note the failure's signature and go on
             with open(_COLLECT, "a") as log:
                 log.write(f"{name}\t{kind}\t{where}\t{str(exc)[:120]!r}\n")
@@ -408,6 +389,7 @@ def _import(name: str, archive: bytes) -> None:
         if bad and _COLLECT:
             with open(_COLLECT, "a") as log:
                 log.write(f"{name}\tinconsistent\t-\t{bad!r:.300}\n")
+            OUTCOMES[f"{name}: BUG inconsistent root"] += 1
             return
         assert not bad, f"root inconsistent after the import: {bad}"
 
