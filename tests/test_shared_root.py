@@ -61,6 +61,11 @@ def test_a_root_the_old_code_shared_is_repaired_not_emptied(tmp_path: Path) -> N
     assert gc.returncode == 0, gc.stderr
     assert json.loads((r / FORMAT_FILE).read_text()) == {"format": FORMAT}
     assert "lamina-test/" not in gc.stdout, gc.stdout
+    # blobs only containerd needs: the CLI lets go of its reference, the files stay
+    released = [line.split()[2] for line in gc.stdout.splitlines()
+                if line.startswith("released content ")]
+    assert released and not any(line.startswith("removed content ")
+                                for line in gc.stdout.splitlines()), gc.stdout
     listed = json.loads(_lamina(r, "snapshot", "ls", "--json").stdout)
     owners = {s["name"]: s["owner"] for s in listed}
     keep = next(k for k in owners if k.startswith("lamina.revision.keep."))
@@ -70,6 +75,7 @@ def test_a_root_the_old_code_shared_is_repaired_not_emptied(tmp_path: Path) -> N
     assert sorted(p.name for p in (r / "content" / "blobs" / "sha256").iterdir()) == blobs
     held = json.loads(_lamina(r, "content", "ls", "--json").stdout)
     assert {b["digest"].split(":")[1] for b in held if "containerd" in b["owners"]} == set(blobs)
+    assert {b["digest"] for b in held if b["owners"] == ["containerd"]} == set(released)
     check = _lamina(r, "check")
     assert check.returncode == 0, check.stdout + check.stderr
 

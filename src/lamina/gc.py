@@ -88,6 +88,9 @@ class Report:
     content: list[tuple[str, int]] = field(default_factory=list)
     snapshots: list[tuple[str, str, int]] = field(default_factory=list)
     dry_run: bool = False
+    released: list[str] = field(default_factory=list)
+    """Blobs whose CLI reference was dropped while another owner still held them
+    (the file stays: nothing freed)."""
 
     @property
     def bytes_freed(self) -> int:
@@ -99,6 +102,7 @@ class Report:
             "content": [{"digest": d, "size": s} for d, s in self.content],
             "snapshots": [{"snapshotter": n, "key": k, "size": s}
                           for n, k, s in self.snapshots],
+            "released": list(self.released),
             "bytes_freed": self.bytes_freed,
         }
 
@@ -113,6 +117,12 @@ def _own_content(root: Root) -> ContentStore:
     store = root.content()
     scoped: ContentStore = store.scoped(CLI) if isinstance(store, Scoped) else store
     return scoped
+
+
+def _holders(root: Root) -> Mapping[str, frozenset[str]]:
+    """Who holds each blob (lamina.owners), where the content store says."""
+    holders = getattr(root.content(), "holders", None)
+    return holders() if callable(holders) else {}
 
 
 def label_edges(labels: Mapping[str, str]) -> Iterable[Node]:
@@ -260,6 +270,7 @@ def collect(root: Root, *, dry_run: bool = False) -> Report:
                     candidates = _Objects.read(root)
                     roots = reader.read()
                     marked = _mark(root, candidates, _Objects.read(root), roots)
+                    holders = _holders(root)
                     sizes = _doomed_sizes(root, candidates, marked)
                     # Removal happens while leases, images and containers cannot
                     # change, and only if they did not change since the mark.
@@ -278,7 +289,10 @@ def collect(root: Root, *, dry_run: bool = False) -> Report:
                         crash.point("gc.swept-snapshots")
                     for digest, blob in sorted(candidates.blobs.items()):
                         if ("content", digest) not in marked:
-                            report.content.append((digest, blob.size))
+                            if len(holders.get(digest, ())) > 1:
+                                report.released.append(digest)
+                            else:
+                                report.content.append((digest, blob.size))
                             if not dry_run:
                                 with contextlib.suppress(NotFound):
                                     content.delete(digest)

@@ -18,6 +18,9 @@ def _gc(args: argparse.Namespace, app: App) -> int:
     verb = "would remove" if report.dry_run else "removed"
     for digest, size in report.content:
         print(f"{verb} content {digest}\t{size}")
+    released = "would release" if report.dry_run else "released"
+    for digest in report.released:
+        print(f"{released} content {digest}\t(containerd still holds it)")
     for name, key, size in report.snapshots:
         print(f"{verb} snapshot {name}/{key}\t{size}")
     freed = "would free" if report.dry_run else "freed"
