@@ -107,7 +107,7 @@ def test_checkpoint_and_restore_in_place(
     assert (image / "inventory.img").exists()
     dumped = read_count(count)
     assert tm.state("counter").status == TaskStatus.STOPPED
-    time.sleep(0.5)
+    time.sleep(0.5)  # not synchronisation: a stopped loop writes nothing in any 0.5 s
     assert read_count(count) == dumped  # nothing runs any more
 
     started = time.monotonic()
