@@ -10,11 +10,16 @@ content abort`` for the ingests it left, ``lamina gc``; then ``lamina check``
 must say consistent, the test's own stricter checker (:func:`consistency.problems`:
 nothing mounted, no ingest, every image resolves) must find nothing, and the
 operation's result is verified (an imported image is mounted and its files
-compared; what the setup made is still there).
+compared; what the setup made is still there). An operation that is a library
+client rather than a command (a content ingest, a snapshot call) is re-run by
+that client after ``check --repair``, as it would resume after a restart; every
+blob and snapshot the setup or the operation makes is a GC root, so what the
+recovery's ``gc`` removes was garbage and what is missing afterwards was lost.
 
 The commands of one recovery run through lamina's command-line entry point
-(``lamina.cli.main``, the user's argv) one after another in one helper process:
-444 recoveries of six commands each would otherwise start 2,664 interpreters.
+(``lamina.cli.main``, the user's argv) one after another in one helper process,
+each opening the root afresh: hundreds of recoveries of six commands each would
+otherwise start thousands of interpreters.
 
 A kill point is one (operation, N) pair: the N-th crash point the operation
 passes, named by ``crash.point``. The summary counts them and requires exactly
