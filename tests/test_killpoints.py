@@ -12,9 +12,10 @@ nothing mounted, no ingest, every image resolves) must find nothing, and the
 operation's result is verified (an imported image is mounted and its files
 compared; what the setup made is still there). An operation that is a library
 client rather than a command (a content ingest, a snapshot call) is re-run by
-that client after ``check --repair``, as it would resume after a restart; every
-blob and snapshot the setup or the operation makes is a GC root, so what the
-recovery's ``gc`` removes was garbage and what is missing afterwards was lost.
+that client after ``check --repair``, as it would resume after a restart.
+Everything the test expects to find afterwards is an image's or a GC root
+(``containerd.io/gc.root``), so what the recovery's ``gc`` removes was garbage
+and whatever is missing afterwards was lost.
 
 The commands of one recovery run through lamina's command-line entry point
 (``lamina.cli.main``, the user's argv) one after another in one helper process,
