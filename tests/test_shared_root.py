@@ -29,7 +29,7 @@ from lamina.errors import FailedPrecondition
 from lamina.owners import CLI, CONTAINERD
 from lamina.root import Root
 from lamina.rootformat import FORMAT, FORMAT_FILE
-from lamina.snapshots import LocalDirectories
+from lamina.snapshots import DeferredRemoval, LocalDirectories
 
 FIXTURE = Path(__file__).parent / "fixtures" / "root-format2-shared.tar.gz"
 LAYER = "sha256:f4991e9d21b4b591e1dfada6c89f7368ba5975d18f3da49cd835486725a20106"
@@ -257,3 +257,27 @@ def test_a_blob_restored_after_a_crash_is_the_clis(tmp_path: Path) -> None:
         assert store.holders() == {_digest(data): {CLI, CONTAINERD}}
     finally:
         store.close()
+
+
+def test_check_beside_a_removal_in_progress_is_consistent(tmp_path: Path) -> None:
+    """``lamina check`` while another process (``lamina serve``'s reaper, here a
+    deferred removal) is deleting a removed snapshot's directory: not a leftover."""
+    require_root_user()
+    root = Root(tmp_path / "root")
+    try:
+        sn = root.snapshotter("overlay")
+        assert isinstance(sn, DeferredRemoval)
+        sn.prepare("going")
+        with sn.deferred_removal():
+            sn.remove("going")
+            assert [p.name for p in (tmp_path / "root/snapshots/overlay/snapshots").iterdir()
+                    if p.name.startswith("rm-")]
+            check = _lamina(tmp_path / "root", "check")
+            assert check.returncode == 0, check.stdout + check.stderr
+        assert list((tmp_path / "root/snapshots/overlay/snapshots").iterdir()) == []
+    finally:
+        root.close()
+    # a removal nobody is finishing (its process died) is a leftover, as before
+    (tmp_path / "root/snapshots/overlay/snapshots/rm-9").mkdir()
+    check = _lamina(tmp_path / "root", "check")
+    assert check.returncode == 5 and "rm-9: directory unknown" in check.stdout, check.stdout

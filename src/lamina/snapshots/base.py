@@ -20,7 +20,10 @@ overlay adds ``work/``). The filesystem follows the database:
 
 A crash at any point leaves at most a directory the metadata does not know,
 which the next ``cleanup`` removes; the metadata never names a missing
-directory.
+directory. A ``rm-`` directory is flocked by the process deleting it (as a
+``new-`` one by the process building it), so :meth:`check` in another process
+— the CLI beside a ``lamina serve`` whose reaper is at work — does not take
+a removal in progress for a leftover.
 
 Subclasses say how a new snapshot's directory is filled and how it mounts.
 Every directory snapshotter implements the optional interfaces
@@ -72,6 +75,8 @@ class DirectorySnapshotter:
         self._view_of: DirectorySnapshotter | None = None
         self._views_lock = threading.Lock()
         self._deferring = [0]  # shared with the scoped views
+        self._removing: dict[str, int] = {}  # rm- directories this process holds
+        self._removing_lock = threading.Lock()
         self._reaper: threading.Thread | None = None
         self._reap_now = threading.Event()
         self._reap_lock = threading.Lock()  # one deleting pass at a time in this process
@@ -284,6 +289,7 @@ class DirectorySnapshotter:
                 if src != dst:
                     os.rename(src, dst)
                 doomed.append(dst)
+                self._hold_removal(dst)
         crash.point("discard.renamed")
         if self._deferring[0]:
             return  # deleted when the deferral ends
@@ -292,6 +298,33 @@ class DirectorySnapshotter:
         else:
             for d in doomed:
                 remove_tree(d)
+            self._release_removals()
+
+    def _hold_removal(self, path: Path) -> None:
+        """flock a directory this process took out of the id space until it deleted
+        it, so a ``check`` meanwhile (another process's) knows it is on its way out."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return
+        with self._removing_lock:
+            old = self._removing.pop(str(path), None)
+            self._removing[str(path)] = fd
+        if old is not None:
+            os.close(old)
+
+    def _release_removals(self) -> None:
+        """Drop the locks of removals whose directories are gone."""
+        with self._removing_lock:
+            gone = [p for p in self._removing if not os.path.lexists(p)]
+            fds = [self._removing.pop(p) for p in gone]
+        for fd in fds:
+            os.close(fd)
 
     @contextlib.contextmanager
     def deferred_removal(self) -> Iterator[None]:
@@ -317,10 +350,13 @@ class DirectorySnapshotter:
         waited for, so on return nothing taken out before the call is left."""
         count = 0
         with self._reap_lock:
-            for entry in os.listdir(self._dirs):
-                if entry.startswith(_RM):
-                    remove_tree(self._dirs / entry)
-                    count += 1
+            try:
+                for entry in os.listdir(self._dirs):
+                    if entry.startswith(_RM):
+                        remove_tree(self._dirs / entry)
+                        count += 1
+            finally:
+                self._release_removals()
         return count
 
     def flush(self) -> int:
@@ -379,7 +415,8 @@ class DirectorySnapshotter:
             Problem(ProblemKind.ORPHAN_DIRECTORY, str(self._dirs / entry),
                     f"{self._dirs / entry}: directory unknown to the metadata")
             for entry in sorted(os.listdir(self._dirs))
-            if entry not in known and not (entry.startswith(_NEW) and _locked(self._dirs / entry))
+            if entry not in known and not (entry.startswith((_NEW, _RM))
+                                           and _locked(self._dirs / entry))
         ]
         return problems
 
@@ -393,6 +430,11 @@ class DirectorySnapshotter:
             self._reaper = None
             with contextlib.suppress(OSError):
                 self.reap()
+        with self._removing_lock:
+            fds = list(self._removing.values())
+            self._removing.clear()
+        for fd in fds:
+            os.close(fd)
         if self._meta is not None:
             self._meta.close()
             self._meta = None
