@@ -285,11 +285,11 @@ class DirectorySnapshotter:
         for name in names:
             src = self._dirs / name
             dst = self._dirs / (name if name.startswith(_RM) else _RM + name)
+            self._hold_removal(src, dst)  # before the rename: never seen unlocked
             with contextlib.suppress(FileNotFoundError):
                 if src != dst:
                     os.rename(src, dst)
                 doomed.append(dst)
-                self._hold_removal(dst)
         crash.point("discard.renamed")
         if self._deferring[0]:
             return  # deleted when the deferral ends
@@ -300,9 +300,10 @@ class DirectorySnapshotter:
                 remove_tree(d)
             self._release_removals()
 
-    def _hold_removal(self, path: Path) -> None:
-        """flock a directory this process took out of the id space until it deleted
-        it, so a ``check`` meanwhile (another process's) knows it is on its way out."""
+    def _hold_removal(self, path: Path, dst: Path) -> None:
+        """flock directory ``path``, which this process takes out of the id space as
+        ``dst``, until it is deleted, so a ``check`` meanwhile (another process's)
+        knows it is on its way out."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -313,8 +314,8 @@ class DirectorySnapshotter:
             os.close(fd)
             return
         with self._removing_lock:
-            old = self._removing.pop(str(path), None)
-            self._removing[str(path)] = fd
+            old = self._removing.pop(str(dst), None)
+            self._removing[str(dst)] = fd
         if old is not None:
             os.close(old)
 
