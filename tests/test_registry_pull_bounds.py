@@ -359,6 +359,7 @@ def lamina_nofile(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           preexec_fn=limit)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("snapshotter", ["overlay", "native"])
 def test_1500_layers_under_1024_descriptors(require_root: None, state: State, host: str,
                                             tmp_root: Path, snapshotter: str,
@@ -380,6 +381,7 @@ def test_1500_layers_under_1024_descriptors(require_root: None, state: State, ho
         r.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("snapshotter", ["overlay", "native"])
 def test_1500_layers_failing_in_the_middle(require_root: None, state: State, host: str,
                                            tmp_root: Path, snapshotter: str,
