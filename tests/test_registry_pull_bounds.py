@@ -338,8 +338,14 @@ def test_unpack_of_stored_layers_checks_their_size_first(require_root: None, sta
 
 # --------------------------------------------------------------------------- descriptors
 
-LAYERS = 1500
-NOFILE = 1024
+# The issue's image had 1,500 layers under the common default of 1,024 descriptors;
+# the property is more layers than descriptors, which 300 under 256 shows at a fifth
+# of the cost (LAMINA_PULL_FULL=1 runs the issue's own figures). The layer that fails
+# in the middle is two thirds up.
+FULL = bool(os.environ.get("LAMINA_PULL_FULL"))
+LAYERS = 1500 if FULL else 300
+NOFILE = 1024 if FULL else 256
+BAD = LAYERS * 2 // 3
 
 
 @pytest.fixture(scope="module")
@@ -349,7 +355,7 @@ def many_layers() -> list[tuple[bytes, str]]:
 
 
 def lamina_nofile(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """The CLI with RLIMIT_NOFILE at the common default of 1,024."""
+    """The CLI with RLIMIT_NOFILE at NOFILE (fewer than LAYERS)."""
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
@@ -361,9 +367,9 @@ def lamina_nofile(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("snapshotter", ["overlay", "native"])
-def test_1500_layers_under_1024_descriptors(require_root: None, state: State, host: str,
-                                            tmp_root: Path, snapshotter: str,
-                                            many_layers: list[tuple[bytes, str]]) -> None:
+def test_more_layers_than_descriptors(require_root: None, state: State, host: str,
+                                      tmp_root: Path, snapshotter: str,
+                                      many_layers: list[tuple[bytes, str]]) -> None:
     """The blobs first, then the unpack: every layer is in hand at once, so extraction
     runs as far ahead of the in-order commits as it may (it held a lock and a staging
     directory for each: Too many open files, and orphan directories, before)."""
@@ -383,13 +389,13 @@ def test_1500_layers_under_1024_descriptors(require_root: None, state: State, ho
 
 @pytest.mark.slow
 @pytest.mark.parametrize("snapshotter", ["overlay", "native"])
-def test_1500_layers_failing_in_the_middle(require_root: None, state: State, host: str,
-                                           tmp_root: Path, snapshotter: str,
-                                           many_layers: list[tuple[bytes, str]]) -> None:
-    """Layer 1000 is not what the config says: one line, the 1000 layers below it
+def test_more_layers_than_descriptors_failing_in_the_middle(
+        require_root: None, state: State, host: str, tmp_root: Path, snapshotter: str,
+        many_layers: list[tuple[bytes, str]]) -> None:
+    """Layer BAD is not what the config says: one line, the BAD layers below it
     committed, nothing else left (no staging or removal directory), ``check`` clean."""
     layers = list(many_layers)
-    layers[1000] = (layers[1000][0], "sha256:" + "0" * 64)
+    layers[BAD] = (layers[BAD][0], "sha256:" + "0" * 64)
     add_image(state, ["tall"], layers)
     ref = f"{host}/{REPO}:tall"
     proc = lamina_nofile(tmp_root, "--snapshotter", snapshotter, "image", "pull",
@@ -404,6 +410,6 @@ def test_1500_layers_failing_in_the_middle(require_root: None, state: State, hos
     assert_consistent(tmp_root, images=1)
     r = Root(tmp_root)
     try:
-        assert sum(1 for _ in r.snapshotter(snapshotter).walk()) == 1000
+        assert sum(1 for _ in r.snapshotter(snapshotter).walk()) == BAD
     finally:
         r.close()
