@@ -45,11 +45,20 @@ Cli = shared.Cli
 V1, V2 = shared.V1, shared.V2
 wait_for = shared.wait_for
 
+# The counts are appended, never rewritten: `echo $i > f` truncates before it writes,
+# and a dump taken in between (rare, likelier on a loaded machine) would leave the
+# dumped file empty for good. The count is the last whole line.
 COUNTER = ("echo started; trap 'exit 0' TERM; i=0; "
-           "while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done")
+           "while true; do i=$((i+1)); echo $i >> /tmp/count; sleep 0.05; done")
 BIND_COUNTER = ("echo started; i=0; "
-                "while true; do i=$((i+1)); echo $i > /tmp/count; echo $i > /data/count; "
+                "while true; do i=$((i+1)); echo $i >> /tmp/count; echo $i >> /data/count; "
                 "sleep 0.05; done")
+
+
+def last_count(text: str) -> int | None:
+    """The last whole line of an appended count file (None before the first)."""
+    whole = text[:text.rfind("\n") + 1].split()
+    return int(whole[-1]) if whole else None
 
 TIMINGS: list[str] = []
 
@@ -77,22 +86,16 @@ def report_timings() -> Iterator[None]:
 
 
 def count_in(cli: Cli, cid: str, root: Path | None = None) -> int:
-    for _ in range(20):
-        text = cli("task", "exec", cid, "cat", "/tmp/count", root=root).stdout.strip()
-        if text:
-            return int(text)
-        time.sleep(0.02)  # caught between truncate and write
-    raise AssertionError(f"/tmp/count of {cid} stays empty")
+    found = wait_for(lambda: last_count(cli("task", "exec", cid, "cat", "/tmp/count",
+                                            root=root).stdout), timeout=60,
+                     what=f"/tmp/count of {cid} to hold a count")
+    return int(found)
 
 
 def read_int(path: Path) -> int:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        text = path.read_text().strip()
-        if text:
-            return int(text)
-        time.sleep(0.01)  # caught between the shell's truncate and its write
-    raise AssertionError(f"{path} stays empty")
+    found = wait_for(lambda: last_count(path.read_text()) if path.exists() else None,
+                     timeout=60, what=f"{path} to hold a count")
+    return int(found)
 
 
 def checkpoint(cli: Cli, *args: str, root: Path | None = None) -> tuple[str, dict[str, float]]:

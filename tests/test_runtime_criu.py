@@ -26,9 +26,12 @@ rootfs = shared.rootfs
 spec_for = shared.spec_for
 Rootfs = shared.Rootfs
 
+# Counts are appended, never rewritten: `echo $i > f` truncates before it writes, and
+# a dump taken in between would leave the dumped file empty for good. The count is
+# the file's last whole line.
 LOOP = (
-    'i=0; echo "pid=$$"; while true; do i=$((i+1)); echo $i > /data/count; '
-    "echo $i > /tmp/count; sleep 0.1; done"
+    'i=0; echo "pid=$$"; while true; do i=$((i+1)); echo $i >> /data/count; '
+    "echo $i >> /tmp/count; sleep 0.1; done"
 )
 
 
@@ -52,13 +55,15 @@ def tm(tmp_root: Path) -> Iterator[TaskManager]:
 
 
 def read_count(path: Path) -> int:
-    deadline = time.monotonic() + 30
+    """The last whole line of the appended count file (which holds one by now)."""
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        text = path.read_text().strip()
-        if text:
-            return int(text)
-        time.sleep(0.01)  # caught between the shell's truncate and its write
-    raise AssertionError(f"{path} stays empty")
+        text = path.read_text()
+        whole = text[:text.rfind("\n") + 1].split()
+        if whole:
+            return int(whole[-1])
+        time.sleep(0.01)  # before the loop's first count
+    raise AssertionError(f"{path} holds no count")
 
 
 def wait_count(path: Path, above: int, timeout: float = 60.0) -> int:
