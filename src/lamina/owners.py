@@ -24,10 +24,12 @@ deleter's reference, and the file goes with the last reference.
 
 from __future__ import annotations
 
+import copy
 import re
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 __all__ = [
     "CLI",
@@ -37,6 +39,7 @@ __all__ = [
     "OWNERS",
     "Scope",
     "Scoped",
+    "ScopedViews",
     "describe",
     "describe_all",
     "looks_like_containerd_key",
@@ -112,3 +115,38 @@ class Scoped(Protocol):
 
     def scoped(self, owner: str) -> Any:
         """This store as ``owner`` alone sees and changes it (see :func:`only`)."""
+
+
+class ScopedViews:
+    """What a store needs to hand out owner-scoped views of itself (:class:`Scoped`):
+    each view is a shallow copy sharing the store's database and files, made once per
+    owner. A store calls :meth:`_init_views` in its constructor; a view tells itself
+    apart by ``_view_of`` (the store it was made from, None for the store itself)."""
+
+    _scope: Scope
+    _view_of: Self | None
+    _views: dict[str, Self]
+    _views_lock: threading.Lock
+
+    def _init_views(self) -> None:
+        self._scope = CLI_VIEW
+        self._view_of = None
+        self._views = {}
+        self._views_lock = threading.Lock()
+
+    def scoped(self, owner: str) -> Self:
+        """This store as ``owner`` alone sees and changes it (see :func:`only`); the
+        same database and files (closing the view closes nothing)."""
+        base = self._view_of or self
+        view = base._views.get(owner)
+        if view is not None:
+            return view
+        with base._views_lock:
+            view = base._views.get(owner)
+            if view is None:
+                view = copy.copy(base)
+                view._scope = only(owner)
+                view._view_of = base
+                view._views = {}
+                base._views[owner] = view
+            return view

@@ -58,7 +58,6 @@ are kept unless older than ``ingest_max_age``.
 from __future__ import annotations
 
 import contextlib
-import copy
 import errno
 import fcntl
 import hashlib
@@ -90,7 +89,7 @@ from lamina.errors import (
 )
 from lamina.fsutil import atomic_write, fsync_dir, remove_tree
 from lamina.labels import update_labels
-from lamina.owners import CLI, CLI_VIEW, Scope, describe_all, only
+from lamina.owners import CLI, ScopedViews, describe_all
 from lamina.perms import BLOB_MODE, FILE_MODE, private_dirs, tighten, tighten_tree
 
 __all__ = ["BlobCorrupt", "CleanupReport", "LocalContentStore", "LocalWriter", "hold"]
@@ -375,7 +374,7 @@ class LocalWriter:
             self.close()
 
 
-class LocalContentStore:
+class LocalContentStore(ScopedViews):
     """The content store in directory ``path`` (see the module docs)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -390,28 +389,9 @@ class LocalContentStore:
         self._writers: weakref.WeakValueDictionary[str, LocalWriter] = (
             weakref.WeakValueDictionary()
         )
-        self._scope: Scope = CLI_VIEW
-        self._views: dict[str, LocalContentStore] = {}
-        self._view_of: LocalContentStore | None = None
+        self._init_views()
 
     # ----------------------------------------------------------------- owners
-
-    def scoped(self, owner: str) -> LocalContentStore:
-        """This store as ``owner`` alone sees and changes it (see the module docs);
-        the same database and files (closing the view closes nothing)."""
-        base = self._view_of or self
-        view = base._views.get(owner)
-        if view is not None:
-            return view
-        with base._lock:
-            view = base._views.get(owner)
-            if view is None:
-                view = copy.copy(base)
-                view._scope = only(owner)
-                view._view_of = base
-                view._views = {}
-                base._views[owner] = view
-            return view
 
     def holders(self) -> dict[str, frozenset[str]]:
         """Who holds each blob this view sees, by digest."""

@@ -34,7 +34,6 @@ Every directory snapshotter implements the optional interfaces
 from __future__ import annotations
 
 import contextlib
-import copy
 import fcntl
 import os
 import tempfile
@@ -47,7 +46,7 @@ from lamina import crash
 from lamina.errors import FailedPrecondition, NotFound
 from lamina.fsutil import fsync_dir, remove_tree
 from lamina.mount import Mount
-from lamina.owners import CLI_VIEW, Scope, only
+from lamina.owners import ScopedViews
 from lamina.perms import private_dirs, tighten
 from lamina.snapshots import Capability, Info, Kind, Problem, ProblemKind, Usage
 from lamina.snapshots.storage import MetaStore, Snapshot
@@ -59,7 +58,7 @@ _NEW = "new-"
 _RM = "rm-"
 
 
-class DirectorySnapshotter:
+class DirectorySnapshotter(ScopedViews):
     """Common lifecycle; subclasses implement ``_fill``, ``_mounts`` and ``capabilities``."""
 
     def __init__(self, root: str | os.PathLike[str], *, async_remove: bool = False) -> None:
@@ -70,10 +69,7 @@ class DirectorySnapshotter:
         tighten(self._dirs)
         self._meta: MetaStore | None = MetaStore(self.root / "metadata.db")
         self._async_remove = async_remove
-        self._scope: Scope = CLI_VIEW
-        self._views: dict[str, DirectorySnapshotter] = {}
-        self._view_of: DirectorySnapshotter | None = None
-        self._views_lock = threading.Lock()
+        self._init_views()
         self._deferring = [0]  # shared with the scoped views
         self._removing: dict[str, int] = {}  # rm- directories this process holds
         self._removing_lock = threading.Lock()
@@ -123,23 +119,6 @@ class DirectorySnapshotter:
             return tx.snapshot(key)
 
     # -- owners (lamina.owners) ----------------------------------------------
-    def scoped(self, owner: str) -> DirectorySnapshotter:
-        """This snapshotter as ``owner`` alone sees and changes it: the same
-        metadata and directories (closing the view closes nothing)."""
-        base = self._view_of or self
-        view = base._views.get(owner)
-        if view is not None:
-            return view
-        with base._views_lock:
-            view = base._views.get(owner)
-            if view is None:
-                view = copy.copy(base)
-                view._scope = only(owner)
-                view._view_of = base
-                view._views = {}
-                base._views[owner] = view
-            return view
-
     def owners(self) -> dict[str, str]:
         """The owner of every snapshot this view sees, by key."""
         with self.meta.read(self._scope) as tx:
