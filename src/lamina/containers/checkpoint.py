@@ -54,7 +54,7 @@ from lamina.containers.workdirs import interrupted, paused, root_work_dirs, work
 from lamina.content import ContentStore
 from lamina.diff import apply_diff, create_diff
 from lamina.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from lamina.fsutil import remove_tree
+from lamina.fsutil import remove_tree, sync_filesystem
 from lamina.images.importer import label_references, put_document
 from lamina.images.oci import Descriptor, Index, MediaType, host_platform
 from lamina.images.resolve import read_blob
@@ -505,6 +505,9 @@ class CheckpointService:
                 with timer.phase("binds"):
                     for desc in ckpt.binds:
                         self._restore_bind(desc, moved)
+                # what the checkpoint's rw layer wrote into the new revision reaches the
+                # disk before the task runs on it (as an upgrade's copied writes do)
+                sync_filesystem(self.root.path)
                 images_dir = workdir / "criu"
                 images_dir.mkdir()
                 with timer.phase("criu_untar"), self.content.reader(ckpt.criu.digest) as r:
