@@ -66,7 +66,10 @@ def run_traced(argv: Sequence[str], trace_file: Path, *, env: dict[str, str] | N
 _LINE = re.compile(r"^(\d+) +(.*)$")
 _START = re.compile(r"^([a-z_0-9]+)\((.*)$", re.S)
 _UNFINISHED = " <unfinished ...>"
-_RESUMED = re.compile(r"^<\.\.\. ([a-z_0-9]+) resumed>(.*)$", re.S)
+_RESUMED = re.compile(r"^<\.\.\. ([a-z_0-9]+|\?\?\?) resumed>(.*)$", re.S)
+# strace names a call it cannot name (a thread torn down mid-call as its process
+# exits, an unknown number) "???": none of the calls traced, so it is passed over
+_UNNAMED = "???("
 _COMMENT = re.compile(r"/\*.*?\*/", re.S)
 _RETURN = re.compile(r"\) *= ")
 
@@ -83,6 +86,9 @@ def parse(trace_file: Path) -> Iterator[Call]:
             pid, rest = int(m.group(1)), m.group(2)
             if rest.startswith(("---", "+++")):
                 continue
+            if rest.startswith(_UNNAMED):
+                pending.pop(pid, None)
+                continue
             if rest.endswith(_UNFINISHED):
                 sm = _START.match(rest[: -len(_UNFINISHED)])
                 if sm is None:
@@ -90,6 +96,9 @@ def parse(trace_file: Path) -> Iterator[Call]:
                 pending[pid] = (sm.group(1), sm.group(2))
                 continue
             rm = _RESUMED.match(rest)
+            if rm is not None and rm.group(1) == "???":
+                pending.pop(pid, None)
+                continue
             if rm is not None:
                 name, head = pending.pop(pid, (rm.group(1), ""))
                 body = head + rm.group(2)
