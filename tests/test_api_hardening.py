@@ -18,19 +18,19 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from grpc_streams import DEADLINE, Silent, fails_with
 
 from lamina.api.client import RemoteContentStore, RemoteSnapshotter, connect
 from lamina.api.gen.containerd.services.content.v1 import content_pb2 as cpb
 from lamina.api.gen.containerd.services.content.v1 import content_pb2_grpc as cpb_grpc
 from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as spb
 from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as spb_grpc
-from lamina.api.owner import CALL_METADATA
 from lamina.api.server import Server, check_address
 from lamina.content import sha256_digest
 from lamina.errors import (
@@ -49,8 +49,6 @@ EVIL = '^(a+)+$'
 """Backtracks exponentially on 'aaa…ab' in a backtracking engine (Python's re)."""
 VICTIM = "a" * 64 + "b"
 """2⁶⁴ steps for a backtracking engine (it would never finish), microseconds for RE2."""
-DEADLINE = 60.0
-"""How long a test waits for an event before it fails (generous: a loaded machine)."""
 
 
 def wait_until(what: str, done: Callable[[], bool], timeout: float = DEADLINE) -> None:
@@ -93,56 +91,6 @@ def _serve(root: Root, sock: Path, **limits: float) -> Server:
     return server
 
 
-class _Silent:
-    """Write streams that send ``first`` and then nothing until released."""
-
-    def __init__(self, channel: grpc.Channel) -> None:
-        self.stub = cpb_grpc.ContentStub(channel)  # type: ignore[no-untyped-call]
-        self.release = threading.Event()
-        self.calls: list[grpc.Future] = []
-
-    def open(self, first: Iterable[cpb.WriteContentRequest] = ()) -> Iterator[
-        cpb.WriteContentResponse
-    ]:
-        first = list(first)
-        release = self.release
-
-        def requests() -> Iterator[cpb.WriteContentRequest]:
-            yield from first
-            release.wait(120)
-
-        # as lamina's own client (lamina.owners), which later resumes the ingests
-        call = self.stub.Write(requests(), metadata=CALL_METADATA)
-        self.calls.append(call)
-        return call  # type: ignore[no-any-return]
-
-    def close(self) -> None:
-        self.release.set()
-        for call in self.calls:
-            call.cancel()
-
-
-def _fails_with(call: Iterator[cpb.WriteContentResponse],
-                timeout: float = DEADLINE) -> grpc.RpcError:
-    """The error that ends a response stream (which must end within ``timeout``)."""
-    result: list[BaseException] = []
-
-    def drain() -> None:
-        try:
-            for _ in call:
-                pass
-        except grpc.RpcError as err:
-            result.append(err)
-
-    t = threading.Thread(target=drain, daemon=True)
-    t.start()
-    t.join(timeout)
-    assert result, f"the stream did not fail within {timeout}s"
-    err = result[0]
-    assert isinstance(err, grpc.RpcError) and isinstance(err, grpc.Call)
-    return err
-
-
 # -- silent streams do not stall unary calls ---------------------------------------
 
 
@@ -152,7 +100,7 @@ def test_silent_write_streams_do_not_stall_unary_calls(tmp_path: Path, sockdir: 
     DEADLINE_EXCEEDED, instead of NOT_FOUND)."""
     server = _serve(Root(tmp_path / "root", async_remove=True), sockdir / "s.sock")
     channel = connect(server.address)
-    silent = _Silent(channel)
+    silent = Silent(channel)
     try:
         for _ in range(20):
             silent.open()
@@ -181,11 +129,11 @@ def test_streams_beyond_the_per_client_cap_are_refused(tmp_path: Path, sockdir: 
     server = _serve(Root(tmp_path / "root"), sockdir / "s.sock",
                     max_streams=10, max_client_streams=3)
     channel = connect(server.address)
-    silent = _Silent(channel)
+    silent = Silent(channel)
     try:
         held = [silent.open() for _ in range(3)]
         wait_until("the three streams reached the server", lambda: open_streams(server) == 3)
-        err = _fails_with(silent.open())
+        err = fails_with(silent.open())
         assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "limit per client" in (err.details() or "")
         # a server-streaming call counts too; through lamina's client it is ResourceExhausted
@@ -209,12 +157,12 @@ def test_streams_beyond_the_total_cap_are_refused(tmp_path: Path, sockdir: Path)
     server = _serve(Root(tmp_path / "root"), sockdir / "s.sock",
                     max_streams=2, max_client_streams=100)
     channel = connect(server.address)
-    silent = _Silent(channel)
+    silent = Silent(channel)
     try:
         silent.open()
         silent.open()
         wait_until("both streams reached the server", lambda: open_streams(server) == 2)
-        err = _fails_with(silent.open())
+        err = fails_with(silent.open())
         assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "the server's limit" in (err.details() or "")
     finally:
@@ -233,7 +181,7 @@ def test_idle_write_stream_is_closed_and_its_ingest_resumes(
     digest = sha256_digest(data)
     server = _serve(Root(tmp_path / "root"), sockdir / "s.sock", stream_idle_timeout=1.0)
     channel = connect(server.address)
-    silent = _Silent(channel)
+    silent = Silent(channel)
     try:
         call = silent.open([
             cpb.WriteContentRequest(action=cpb.STAT, ref="idle", total=len(data), expected=digest),
@@ -241,7 +189,7 @@ def test_idle_write_stream_is_closed_and_its_ingest_resumes(
         ])
         assert next(call).action == cpb.STAT
         assert next(call).offset == 1000
-        err = _fails_with(call)
+        err = fails_with(call)
         assert open_streams(server) == 0
         assert err.code() is grpc.StatusCode.DEADLINE_EXCEEDED, err
         assert "no progress from the client in 1s" in (err.details() or ""), err
@@ -328,7 +276,7 @@ def test_cancelled_write_logs_no_traceback(tmp_path: Path, sockdir: Path) -> Non
 
         wait_until("lamina serve listens", listening)
         channel = connect(str(sock))
-        silent = _Silent(channel)
+        silent = Silent(channel)
         for i in range(3):
             call = silent.open([
                 cpb.WriteContentRequest(action=cpb.STAT, ref=f"c{i}", total=10_000),

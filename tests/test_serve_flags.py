@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,10 +20,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_streams import Silent, fails_with
 
 from lamina.api.client import connect
 from lamina.api.gen.containerd.services.content.v1 import content_pb2 as cpb
-from lamina.api.gen.containerd.services.content.v1 import content_pb2_grpc as cpb_grpc
 from lamina.api.server import check_address
 from lamina.errors import AlreadyExists
 
@@ -64,90 +63,57 @@ def serving(root: Path, *flags: str) -> Iterator[str]:
     assert "Traceback" not in log.read_text()
 
 
-class Streams:
-    """Content Write streams held open by the test: each has said STAT and got its
-    answer, so the server counts it, and then sends nothing until released."""
-
-    def __init__(self, sock: str) -> None:
-        self.channel = connect(sock)
-        self.stub = cpb_grpc.ContentStub(self.channel)  # type: ignore[no-untyped-call]
-        self.release = threading.Event()
-        self.calls: list[grpc.Call] = []
-
-    def open(self, ref: str) -> Iterator[cpb.WriteContentResponse]:
-        release = self.release
-
-        def requests() -> Iterator[cpb.WriteContentRequest]:
-            yield cpb.WriteContentRequest(action=cpb.STAT, ref=ref, total=10)
-            release.wait(300)
-
-        call = self.stub.Write(requests())
-        self.calls.append(call)  # type: ignore[arg-type]
-        return call  # type: ignore[no-any-return]
-
-    def held(self, ref: str) -> Iterator[cpb.WriteContentResponse]:
-        call = self.open(ref)
-        assert next(call).action == cpb.STAT  # the server has it
-        return call
-
-    def close(self) -> None:
-        self.release.set()
-        for call in self.calls:
-            call.cancel()
-        self.channel.close()
+def held(silent: Silent, ref: str) -> Iterator[cpb.WriteContentResponse]:
+    """A Write stream that has said STAT and got its answer, so the server counts it,
+    and then sends nothing until the test releases it."""
+    call = silent.open([cpb.WriteContentRequest(action=cpb.STAT, ref=ref, total=10)])
+    assert next(call).action == cpb.STAT
+    return call
 
 
-def ends_with(call: Iterator[cpb.WriteContentResponse]) -> grpc.RpcError:
-    """The error a response stream ends with (bounded by a generous deadline)."""
-    out: list[grpc.RpcError] = []
-
-    def drain() -> None:
-        try:
-            for _ in call:
-                pass
-        except grpc.RpcError as err:
-            out.append(err)
-
-    t = threading.Thread(target=drain, daemon=True)
-    t.start()
-    t.join(120)
-    assert out, "the stream did not end"
-    return out[0]
+def opened(silent: Silent, ref: str) -> Iterator[cpb.WriteContentResponse]:
+    return silent.open([cpb.WriteContentRequest(action=cpb.STAT, ref=ref, total=10)])
 
 
 def test_max_client_streams_flag(require_root: None, tmp_root: Path) -> None:
     with serving(tmp_root / "root", "--max-client-streams", "2") as sock:
-        streams = Streams(sock)
+        channel = connect(sock)
+        streams = Silent(channel)
         try:
-            streams.held("a")
-            streams.held("b")
-            err = ends_with(streams.open("c"))
+            held(streams, "a")
+            held(streams, "b")
+            err = fails_with(opened(streams, "c"))
             assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
             assert "has 2 streams open (the limit per client)" in (
                 err.details() or "")  # type: ignore[attr-defined]
         finally:
             streams.close()
+            channel.close()
 
 
 def test_max_streams_flag(require_root: None, tmp_root: Path) -> None:
     with serving(tmp_root / "root", "--max-streams", "1", "--max-client-streams", "8") as sock:
-        streams = Streams(sock)
+        channel = connect(sock)
+        streams = Silent(channel)
         try:
-            streams.held("a")
-            err = ends_with(streams.open("b"))
+            held(streams, "a")
+            err = fails_with(opened(streams, "b"))
             assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
             assert "the server's limit" in (err.details() or "")  # type: ignore[attr-defined]
         finally:
             streams.close()
+            channel.close()
 
 
 def test_stream_idle_timeout_flag(require_root: None, tmp_root: Path) -> None:
     with serving(tmp_root / "root", "--stream-idle-timeout", "1.5") as sock:
-        streams = Streams(sock)
+        channel = connect(sock)
+        streams = Silent(channel)
         try:
-            err = ends_with(streams.held("idle"))
+            err = fails_with(held(streams, "idle"))
             assert err.code() is grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
             assert "no progress from the client in 1.5s" in (
                 err.details() or "")  # type: ignore[attr-defined]
         finally:
             streams.close()
+            channel.close()
