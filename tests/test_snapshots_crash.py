@@ -126,3 +126,36 @@ def test_cleanup_removes_orphans(kind: str, tmp_path: Path) -> None:
     assert sn.check() == []
     assert sorted(os.listdir(dirs)) == [sn.snapshot("a").id]
     sn.close()
+
+
+@pytest.mark.parametrize("kind", ["overlay", "native"])
+def test_cleanup_never_takes_a_new_directory_before_its_maker_locks_it(
+        kind: str, tmp_path: Path) -> None:
+    """A ``new-`` directory exists, unlocked, between ``mkdtemp`` and its flock. A
+    cleanup in another process or thread (containerd's Cleanup through serve, a CLI
+    gc) that scanned in that gap took it from under a concurrent prepare
+    (FileNotFoundError in the 8-process test). The maker holds the settle lock shared
+    over the gap, so the cleanup waits and then sees the directory locked."""
+    import fcntl
+    import tempfile
+    import threading
+
+    sn = _open(kind, tmp_path)
+    dirs = tmp_path / "snapshots"
+    cleaner = threading.Thread(target=sn.cleanup, daemon=True)
+    with sn._new_dirs_settled(scan=False):  # as _new_dir does, frozen in the gap
+        new = Path(tempfile.mkdtemp(prefix="new-", dir=dirs))
+        cleaner.start()
+        cleaner.join(2)  # room for a cleanup that does not wait to take it
+        fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        cleaner.join(60)
+        assert not cleaner.is_alive()
+        assert new.is_dir(), "cleanup took a directory its maker was about to lock"
+        assert sn.check() == []
+    finally:
+        os.close(fd)
+    sn.cleanup()
+    assert not new.exists()  # unlocked for good now: an orphan
+    sn.close()

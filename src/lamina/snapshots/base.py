@@ -55,6 +55,7 @@ from lamina.snapshots.usage import disk_usage
 __all__ = ["DirectorySnapshotter"]
 
 _NEW = "new-"
+_NEW_LOCK = "new.lock"  # beside metadata.db: see _new_dirs_settled
 _RM = "rm-"
 
 
@@ -202,12 +203,27 @@ class DirectorySnapshotter(ScopedViews):
         return self._mounts(snap)
 
     @contextlib.contextmanager
+    def _new_dirs_settled(self, *, scan: bool) -> Iterator[None]:
+        """Between ``mkdtemp`` and its flock a ``new-`` directory is unlocked: its
+        maker holds this lock shared over that gap, and a scan that takes unlocked
+        ``new-`` directories for orphans (cleanup, check) holds it exclusive, so it
+        never sees one in the gap (containerd's Cleanup through serve once took a
+        concurrent prepare's directory that way)."""
+        fd = os.open(self.root / _NEW_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if scan else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
     def _new_dir(self) -> Iterator[Path]:
         """A fresh ``new-…`` directory, flocked while in use; removed unless renamed."""
-        new = Path(tempfile.mkdtemp(prefix=_NEW, dir=self._dirs))
-        fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
-        try:
+        with self._new_dirs_settled(scan=False):
+            new = Path(tempfile.mkdtemp(prefix=_NEW, dir=self._dirs))
+            fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
             fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
             yield new
         finally:
             if os.path.lexists(new):  # not adopted by a snapshot
@@ -365,7 +381,7 @@ class DirectorySnapshotter(ScopedViews):
                 yield info
 
     def cleanup(self) -> None:
-        with self.meta.write(self._scope) as tx:
+        with self.meta.write(self._scope) as tx, self._new_dirs_settled(scan=True):
             known = tx.ids()
             orphans = []
             for entry in os.listdir(self._dirs):
@@ -391,13 +407,14 @@ class DirectorySnapshotter(ScopedViews):
             for sid in sorted(known, key=int)
             if not self.fs_dir(sid).is_dir()
         ]
-        problems += [
-            Problem(ProblemKind.ORPHAN_DIRECTORY, str(self._dirs / entry),
-                    f"{self._dirs / entry}: directory unknown to the metadata")
-            for entry in sorted(os.listdir(self._dirs))
-            if entry not in known and not (entry.startswith((_NEW, _RM))
-                                           and _locked(self._dirs / entry))
-        ]
+        with self._new_dirs_settled(scan=True):
+            problems += [
+                Problem(ProblemKind.ORPHAN_DIRECTORY, str(self._dirs / entry),
+                        f"{self._dirs / entry}: directory unknown to the metadata")
+                for entry in sorted(os.listdir(self._dirs))
+                if entry not in known and not (entry.startswith((_NEW, _RM))
+                                               and _locked(self._dirs / entry))
+            ]
         return problems
 
     def close(self) -> None:
