@@ -55,7 +55,6 @@ from lamina.snapshots.usage import disk_usage
 __all__ = ["DirectorySnapshotter"]
 
 _NEW = "new-"
-_NEW_LOCK = "new.lock"  # beside metadata.db: see _new_dirs_settled
 _RM = "rm-"
 
 
@@ -208,8 +207,9 @@ class DirectorySnapshotter(ScopedViews):
         maker holds this lock shared over that gap, and a scan that takes unlocked
         ``new-`` directories for orphans (cleanup, check) holds it exclusive, so it
         never sees one in the gap (containerd's Cleanup through serve once took a
-        concurrent prepare's directory that way)."""
-        fd = os.open(self.root / _NEW_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        concurrent prepare's directory that way). The lock is the flock of the
+        directory that holds them."""
+        fd = os.open(self._dirs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if scan else fcntl.LOCK_SH)
             yield
