@@ -364,3 +364,16 @@ def fmt(v: float | None) -> str:
     if a >= 0.01:
         return f"{v:.3f}"
     return f"{v:.2e}"
+
+
+def imagefactory() -> Any:
+    """The tests' image builder (tests/imagefactory.py), for benchmarks that build the
+    same images the tests use; Skip when it is not there."""
+    tests = str(REPO / "tests")
+    if tests not in sys.path:
+        sys.path.append(tests)
+    try:
+        import imagefactory as factory  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise Skip(f"tests/imagefactory.py is missing ({exc})") from exc
+    return factory

@@ -26,7 +26,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.common import REPO, Ctx, Row, Skip, cleanup_tree, ensure_tools, rotated, run_cmd
+from bench.common import (
+    Ctx,
+    Row,
+    Skip,
+    cleanup_tree,
+    ensure_tools,
+    imagefactory,
+    rotated,
+    run_cmd,
+)
 from bench.rss import GNU_TIME, LIMIT_MIB, _measure
 from bench.rss import layer as rss_layer
 
@@ -46,18 +55,12 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "inodes": r.inodes,
 
 
 def _debian_layer(cache: Path) -> Path:
-    tests = str(REPO / "tests")
-    if tests not in sys.path:
-        sys.path.append(tests)
-    try:
-        import imagefactory  # type: ignore[import-not-found]
-    except ImportError as exc:
-        raise Skip(f"tests/imagefactory.py is missing ({exc})") from exc
+    factory = imagefactory()
     if os.geteuid() != 0:
         raise Skip("building the debootstrap layer needs root")
     test_cache = Path(os.environ.get("LAMINA_TEST_CACHE", "/var/cache/lamina-test"))
     try:
-        lyr = imagefactory.debootstrap_layer(test_cache if test_cache.is_dir() else cache)
+        lyr = factory.debootstrap_layer(test_cache if test_cache.is_dir() else cache)
     except RuntimeError as exc:
         raise Skip(f"cannot build the debootstrap layer: {exc}") from exc
     return Path(lyr.blob)

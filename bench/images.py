@@ -15,11 +15,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import REPO, Skip, ensure_tools, run_cmd
+from bench.common import Skip, ensure_tools, imagefactory, run_cmd
 
 IMAGE_NAME = "docker.io/lamina/bench-debian:bookworm"
 _VERSION = "v1"
@@ -35,20 +34,9 @@ class BenchImage:
     files: int
 
 
-def _factory() -> object:
-    tests = str(REPO / "tests")
-    if tests not in sys.path:
-        sys.path.append(tests)
-    try:
-        import imagefactory
-    except ImportError as exc:
-        raise Skip(f"tests/imagefactory.py is missing ({exc})") from exc
-    return imagefactory
-
-
 def debian_image(cache: Path) -> BenchImage:
     """The cached image (built on first use: debootstrap takes a minute or two)."""
-    f = _factory()
+    f = imagefactory()
     out = cache / f"bench-image-{_VERSION}"
     meta = out / "image.json"
     if meta.exists():
