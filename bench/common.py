@@ -207,7 +207,7 @@ def lamina_cli() -> list[str]:
 #: run the lamina CLI with every database connection switched to synchronous=NORMAL
 #: after it opened (lamina sets FULL; this measures what FULL costs)
 _NORMAL_CLI = (
-    "import sys, lamina.db as d\n"
+    "import sys, lamina.util.db as d\n"
     "_init = d.Database.__init__\n"
     "def init(self, *a, **k):\n"
     "    _init(self, *a, **k)\n"

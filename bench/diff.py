@@ -39,8 +39,8 @@ FILE_SIZE = 4096
 # Used while `lamina snapshot diff` does not exist: the same work through the library.
 _FALLBACK = """\
 import shutil, sys
-from lamina.diff import create_diff
-from lamina.root import Root
+from lamina.differ import create_diff
+from lamina.metadata.root import Root
 root = Root(sys.argv[1])
 sn = root.snapshotter("overlay")
 out = create_diff(sn, root.content(), sys.argv[2])
@@ -69,7 +69,7 @@ def _change(target: Path) -> None:
 
 def _build(sn: Any, mnt: Path) -> None:
     """base (5,000 files, committed) and work (10 changes on base, active)."""
-    from lamina.mount import mount_all, unmount_all
+    from lamina.mounts.mount import mount_all, unmount_all
 
     mount_all(sn.prepare("base-active", ""), mnt)
     try:
@@ -107,17 +107,17 @@ def run(ctx: Ctx) -> list[Row]:
     if os.geteuid() != 0:
         raise Skip("needs root (mounts)")
     try:
-        from lamina.root import Root
+        from lamina.metadata.root import Root
     except ImportError as exc:
-        raise Skip(f"lamina.root missing: {exc}") from exc
+        raise Skip(f"lamina.metadata.root missing: {exc}") from exc
     if lamina_has_command("snapshot", "diff"):
         how = "lamina snapshot diff"
     else:
         try:
-            import lamina.diff  # noqa: F401
+            import lamina.differ  # noqa: F401
         except ImportError as exc:
-            raise Skip("neither `lamina snapshot diff` nor lamina.diff exist") from exc
-        how = "lamina.diff.create_diff in a subprocess (no `lamina snapshot diff` yet)"
+            raise Skip("neither `lamina snapshot diff` nor lamina.differ exist") from exc
+        how = "lamina.differ.create_diff in a subprocess (no `lamina snapshot diff` yet)"
 
     reps = ctx.pick(9, 3)
     with ctx.tempdir("diff-") as d, containerd(d) as ctd:
@@ -166,7 +166,7 @@ def run(ctx: Ctx) -> list[Row]:
               note=f"{how}; layer members lamina/ctr: {sizes[0]}/{sizes[1]}; "
                    f"`python3 -c pass` alone takes {floor:.3f}s here"),
         q.row(f"{title}, lamina in-process", "s", "ctr snapshots diff (overlayfs)",
-              note="informational: lamina.diff.create_diff + read blob, no interpreter "
+              note="informational: lamina.differ.create_diff + read blob, no interpreter "
                    "start; peer still a process"),
     ]
 
@@ -174,7 +174,7 @@ def run(ctx: Ctx) -> list[Row]:
 def _in_process(sn: Any, content: Any, out: Path) -> float:
     import shutil
 
-    from lamina.diff import create_diff
+    from lamina.differ import create_diff
 
     t0 = time.perf_counter()
     res = create_diff(sn, content, "work")

@@ -74,7 +74,7 @@ def run(ctx: Ctx) -> list[Row]:
     try:
         from lamina.archive.apply import apply_layer
         from lamina.erofs.writer import write_image
-        from lamina.fsutil import sync_filesystem
+        from lamina.fs.files import sync_filesystem
     except ImportError as exc:
         raise Skip(f"lamina.erofs is missing ({exc})") from exc
     ensure_tools({"mkfs.erofs": "erofs-utils", "mkfs.ext4": "e2fsprogs", GNU_TIME: "time"})

@@ -48,7 +48,7 @@ from bench.peer import containerd, ctr_snapshot_count, require_containerd
 NAME = "import"
 
 _COUNT = ("import sys\n"
-          "from lamina.root import Root\n"
+          "from lamina.metadata.root import Root\n"
           "r = Root(sys.argv[1])\n"
           "print(sum(1 for _ in r.snapshotter('overlay').walk()))\n"
           "r.close()\n")

@@ -32,7 +32,7 @@ def run(ctx: Ctx) -> list[Row]:
     if os.geteuid() != 0:
         raise Skip("mounting needs root")
     try:
-        from lamina.mount import mount_all, unmount_all
+        from lamina.mounts.mount import mount_all, unmount_all
         from lamina.snapshots.overlay import OverlaySnapshotter
     except ImportError as exc:
         raise Skip(f"lamina overlay snapshotter missing: {exc}") from exc

@@ -186,7 +186,7 @@ def lamina_server(base: Path, *, snapshotter: str = "overlay") -> Iterator[Lamin
         else:
             code = (
                 "import sys\n"
-                "from lamina.root import Root\n"
+                "from lamina.metadata.root import Root\n"
                 "from lamina.api.server import serve\n"
                 "serve(Root(sys.argv[1]), sys.argv[2], snapshotter=sys.argv[3])\n"
             )

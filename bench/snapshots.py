@@ -54,7 +54,7 @@ _CYCLES = """
 import sys, time
 from lamina.snapshots.overlay import OverlaySnapshotter
 if sys.argv[2] == "normal":
-    import lamina.db as d
+    import lamina.util.db as d
     _init = d.Database.__init__
     def init(self, *a, **k):
         _init(self, *a, **k)

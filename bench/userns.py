@@ -26,7 +26,7 @@ HOST, SIZE = 600000, 65536
 def run(ctx: Ctx) -> list[Row]:
     if os.geteuid() != 0:
         raise Skip("needs root (runc with a user namespace, ID-mapped mounts)")
-    from lamina.idmap import idmap_supported
+    from lamina.mounts.idmap import idmap_supported
 
     img = debian_image(ctx.cache)
     # runc mounts a user-namespaced container's rootfs from inside the namespace:

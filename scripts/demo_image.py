@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from lamina.archive.diff import write_diff
-from lamina.images.oci import MediaType, host_platform
+from lamina.archive.changes import write_diff
+from lamina.oci.types import MediaType, host_platform
 
 BINARIES = ("sh", "echo", "cat", "sleep", "ls", "seq", "date", "wc")
 

@@ -207,7 +207,7 @@ def _prune_deep(base: Path, depth: int = 64) -> None:
     removal); pytest removes its old temporary directories with a recursive
     rmtree, which dies on them (RecursionError). lamina's own removal is
     iterative and works relative to directory descriptors."""
-    from lamina.fsutil import remove_tree
+    from lamina.fs.files import remove_tree
 
     stack = [(base, 0)]
     while stack:
@@ -337,7 +337,7 @@ def tmp_root(request: pytest.FixtureRequest) -> Iterator[Path]:
         if left:
             print(f"\ntmp_root: unmounted leftovers: {left}")
         if not os.environ.get("LAMINA_KEEP_TMP"):
-            from lamina.fsutil import remove_tree
+            from lamina.fs.files import remove_tree
 
             with contextlib.suppress(OSError):
                 remove_tree(root)

@@ -33,8 +33,8 @@ from pathlib import Path
 
 from lamina.content.local import BlobCorrupt, LocalContentStore
 from lamina.errors import LaminaError, NotFound
-from lamina.mount import cleanup_temp_mounts
-from lamina.root import SNAPSHOTTERS, Root
+from lamina.metadata.root import SNAPSHOTTERS, Root
+from lamina.mounts.mount import cleanup_temp_mounts
 from lamina.snapshots.base import DirectorySnapshotter
 
 __all__ = ["Repairs", "mounts_under", "problems", "recover", "snapshotters_of",
@@ -146,7 +146,7 @@ def recover(root: Path, *, drop_ingests: bool = True, gc: bool = False,
             rep.snapshots += [f"snapshot-dir {name}: {p}" for p in sn.check()]
             sn.cleanup()
         if expire_leases and r.metadata_path.exists():
-            from lamina.leases import LeaseManager
+            from lamina.metadata.leases import LeaseManager
 
             leases = LeaseManager(r.metadata_path)
             try:
@@ -156,7 +156,7 @@ def recover(root: Path, *, drop_ingests: bool = True, gc: bool = False,
             finally:
                 leases.close()
         if gc:
-            from lamina.gc import collect
+            from lamina.metadata.gc import collect
 
             report_gc = collect(r)
             rep.collected += [f"gc-blob {d}" for d, _ in report_gc.content]
@@ -253,7 +253,7 @@ def _content_problems(store: LocalContentStore, *, allow_ingests: bool) -> list[
 
 def _image_problems(r: Root, store: LocalContentStore, *, resolve: bool) -> list[str]:
     from lamina.images.resolve import manifest_for
-    from lamina.images.store import ImageStore
+    from lamina.metadata.images import ImageStore
 
     out: list[str] = []
     images = ImageStore(r.metadata_path)

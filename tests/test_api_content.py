@@ -20,7 +20,7 @@ from lamina.content import ContentStore, sha256_digest
 from lamina.content.local import LocalContentStore
 from lamina.content.testsuite import CASES
 from lamina.errors import AlreadyExists, NotFound
-from lamina.root import Root
+from lamina.metadata.root import Root
 
 
 def _no_snapshotter(name: str) -> object:

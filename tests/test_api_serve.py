@@ -22,7 +22,7 @@ from lamina.api.client import RemoteSnapshotter
 from lamina.api.server import SOCKET_MODE, Server, check_address, serve
 from lamina.cli.config import containerd_snippet
 from lamina.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
-from lamina.root import Root
+from lamina.metadata.root import Root
 from lamina.snapshots import Capability, Info, Kind
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="snapshotters need root")

@@ -28,8 +28,8 @@ from lamina.errors import (
     NotImplementedErr,
     Unavailable,
 )
-from lamina.mount import Mount
-from lamina.root import Root
+from lamina.metadata.root import Root
+from lamina.mounts.mount import Mount
 from lamina.snapshots import Capability, Info, Kind, Snapshotter, Usage, testsuite
 from lamina.snapshots.native import NativeSnapshotter
 from lamina.snapshots.overlay import OverlaySnapshotter

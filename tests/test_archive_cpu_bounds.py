@@ -28,7 +28,7 @@ from test_archive_support import Member, dir_, file_, make_tar, symlink, tree_st
 from lamina.archive import safepath
 from lamina.archive.apply import apply_layer
 from lamina.errors import InvalidArgument
-from lamina.fsutil import remove_tree
+from lamina.fs.files import remove_tree
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 

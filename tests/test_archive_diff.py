@@ -27,7 +27,7 @@ from test_archive_support import (
 
 from lamina.archive import apply_layer, write_diff, write_overlay_diff
 from lamina.archive.tarstream import TarReader
-from lamina.mount import Mount, mount_all, unmount_all
+from lamina.mounts.mount import Mount, mount_all, unmount_all
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 

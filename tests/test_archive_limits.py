@@ -32,7 +32,7 @@ from lamina.archive import limits
 from lamina.archive.apply import apply_layer
 from lamina.archive.compression import size_hint
 from lamina.errors import InvalidArgument, ResourceExhausted, from_grpc_code
-from lamina.fsutil import remove_tree
+from lamina.fs.files import remove_tree
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 

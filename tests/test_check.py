@@ -12,13 +12,13 @@ import imagefactory as f
 import pytest
 from conftest import require_root_user
 
-from lamina.check import check
 from lamina.cli import main
-from lamina.containers.store import Container, ContainerStore
 from lamina.errors import FailedPrecondition, InvalidArgument
-from lamina.images.identity import chain_ids
 from lamina.images.service import ImageService
-from lamina.root import Root
+from lamina.metadata.check import check
+from lamina.metadata.containers import Container, ContainerStore
+from lamina.metadata.root import Root
+from lamina.oci.identity import chain_ids
 from lamina.snapshots import LocalDirectories
 
 FAILED = FailedPrecondition.exit_code
@@ -231,7 +231,7 @@ def test_deep_check_finds_a_changed_lower_layer(
 
 def test_mtree_records_and_compares_any_tree(tmp_path: Path) -> None:
     from lamina.archive import mtree
-    from lamina.fsutil import remove_tree
+    from lamina.fs.files import remove_tree
 
     top = tmp_path / "t"
     top.mkdir()

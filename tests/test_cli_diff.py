@@ -10,8 +10,8 @@ import treesum
 from conftest import require_root_user
 
 from lamina.cli import main
-from lamina.mount import temp_mount
-from lamina.root import Root
+from lamina.metadata.root import Root
+from lamina.mounts.mount import temp_mount
 
 
 @pytest.mark.parametrize("snapshotter", ["overlay", "native"])

@@ -18,7 +18,7 @@ from lamina.errors import (
     InvalidArgument,
     NotFound,
 )
-from lamina.mount import is_mountpoint, unmount_all
+from lamina.mounts.mount import is_mountpoint, unmount_all
 from lamina.snapshots import Info, Kind
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")

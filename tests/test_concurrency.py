@@ -62,9 +62,9 @@ def _image_tar(work: Path, idx: int, i: int) -> tuple[Path, str, str]:
 def worker(root: Path, idx: int, seconds: float, out: Path) -> None:
     from lamina.content.local import LocalContentStore
     from lamina.errors import AlreadyExists, FailedPrecondition, NotFound
-    from lamina.gc import collect
     from lamina.images.service import ImageService
-    from lamina.root import Root
+    from lamina.metadata.gc import collect
+    from lamina.metadata.root import Root
     from lamina.snapshots.base import DirectorySnapshotter
 
     r = Root(root)
@@ -183,10 +183,10 @@ def worker(root: Path, idx: int, seconds: float, out: Path) -> None:
 def test_eight_processes(tmp_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import consistency
 
-    from lamina.gc import collect
     from lamina.images.service import ImageService
-    from lamina.mount import temp_mount
-    from lamina.root import Root
+    from lamina.metadata.gc import collect
+    from lamina.metadata.root import Root
+    from lamina.mounts.mount import temp_mount
 
     root = tmp_root / "root"
     r = Root(root)

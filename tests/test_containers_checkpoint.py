@@ -35,10 +35,10 @@ from lamina.containers.runtime import TaskStatus
 from lamina.containers.runtime.criu import find_criu
 from lamina.containers.tasks_service import ContainerTasks, make_options
 from lamina.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound
-from lamina.gc import collect
-from lamina.images.oci import MediaType, host_platform
 from lamina.images.service import ImageService
-from lamina.root import Root
+from lamina.metadata.gc import collect
+from lamina.metadata.root import Root
+from lamina.oci.types import MediaType, host_platform
 
 layout = shared.layout
 Cli = shared.Cli

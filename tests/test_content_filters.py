@@ -1,11 +1,11 @@
-"""The containerd filter language in lamina.filters."""
+"""The containerd filter language in lamina.util.filters."""
 
 from __future__ import annotations
 
 import pytest
 
 from lamina.errors import InvalidArgument
-from lamina.filters import Lookup, make_lookup, parse
+from lamina.util.filters import Lookup, make_lookup, parse
 
 OBJ = make_lookup(
     {"name": "img-1", "parent": "", "kind": "committed", "size": "42"},

@@ -45,10 +45,10 @@ from registry_peer import running_registry, skopeo_push
 
 from lamina.containers.runtime.criu import find_criu
 from lamina.errors import NotFound
-from lamina.fsutil import remove_tree
-from lamina.images.identity import chain_ids
-from lamina.root import Root
-from lamina.rootformat import FORMAT
+from lamina.fs.files import remove_tree
+from lamina.metadata.formats import FORMAT
+from lamina.metadata.root import Root
+from lamina.oci.identity import chain_ids
 from lamina.snapshots import Snapshotter
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, mknod, mounts)")

@@ -1,4 +1,4 @@
-"""lamina.db: the SQLite layer every store shares."""
+"""lamina.util.db: the SQLite layer every store shares."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lamina.db import Database
 from lamina.errors import ResourceExhausted
+from lamina.util.db import Database
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v TEXT)"
 

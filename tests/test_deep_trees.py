@@ -19,13 +19,13 @@ import pytest
 from conftest import require_root_user
 
 from lamina.archive import limits
-from lamina.archive.diff import write_diff
+from lamina.archive.changes import write_diff
 from lamina.cli import main
-from lamina.diff import apply_diff, create_diff
+from lamina.differ import apply_diff, create_diff
 from lamina.errors import AlreadyExists, InvalidArgument
-from lamina.fsutil import remove_tree
-from lamina.mount import temp_mount
-from lamina.root import Root
+from lamina.fs.files import remove_tree
+from lamina.metadata.root import Root
+from lamina.mounts.mount import temp_mount
 from lamina.snapshots.base import DirectorySnapshotter
 from lamina.snapshots.usage import disk_usage
 

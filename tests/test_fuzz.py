@@ -371,7 +371,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> _Image:
 def _import(name: str, archive: bytes) -> None:
     """Import (and unpack, overlay) ``archive`` into a fresh root in a sandbox."""
     from lamina.images.service import ImageService
-    from lamina.root import Root
+    from lamina.metadata.root import Root
 
     with _sandbox() as root:
 
@@ -470,7 +470,7 @@ def test_fuzz_valid_image_imports(image: _Image) -> None:
     """The fuzzed image itself imports and unpacks (the mutations start from a good one)."""
     with _sandbox() as target:
         from lamina.images.service import ImageService
-        from lamina.root import Root
+        from lamina.metadata.root import Root
 
         r = Root(target)
         svc = ImageService(r, snapshotter="overlay")

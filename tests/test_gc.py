@@ -14,16 +14,16 @@ import imagefactory as f
 import pytest
 from conftest import require_root_user
 
-from lamina.check import check
 from lamina.cli import main
-from lamina.containers.store import Container, ContainerStore
-from lamina.gc import collect
-from lamina.images.identity import chain_ids
 from lamina.images.service import ImageService
 from lamina.labels import GC_ROOT, LAYER_MTREE
-from lamina.leases import LeaseManager
-from lamina.mount import temp_mount
-from lamina.root import Root
+from lamina.metadata.check import check
+from lamina.metadata.containers import Container, ContainerStore
+from lamina.metadata.gc import collect
+from lamina.metadata.leases import LeaseManager
+from lamina.metadata.root import Root
+from lamina.mounts.mount import temp_mount
+from lamina.oci.identity import chain_ids
 
 SNAPSHOTTERS = ["overlay", "native"]
 
@@ -299,9 +299,9 @@ def test_a_reference_added_before_its_lease_ended_is_followed(
     objects (config not yet labelled) and reading the roots (lease gone)."""
     import dataclasses
 
-    import lamina.gc
-    from lamina.images.oci import Descriptor
-    from lamina.images.store import Image, ImageStore
+    import lamina.metadata.gc
+    from lamina.metadata.images import Image, ImageStore
+    from lamina.oci.types import Descriptor
 
     root = Root(tmp_root / "root")
     content, sn = root.content(), root.snapshotter("native")
@@ -313,10 +313,10 @@ def test_a_reference_added_before_its_lease_ended_is_followed(
     sn.commit("top", "top-active")
     images.create(Image("img:1", Descriptor("application/octet-stream", config.digest,
                                             config.size)))
-    real_read = lamina.gc._RootReader.read
+    real_read = lamina.metadata.gc._RootReader.read
     finished: list[bool] = []
 
-    def unpack_finishes_first(self: lamina.gc._RootReader) -> lamina.gc._Roots:
+    def unpack_finishes_first(self: lamina.metadata.gc._RootReader) -> lamina.metadata.gc._Roots:
         if not finished:  # once, after the objects were listed
             finished.append(True)
             label = {"containerd.io/gc.ref.snapshot.native": "top"}
@@ -325,7 +325,7 @@ def test_a_reference_added_before_its_lease_ended_is_followed(
             leases.delete(lease.id)
         return real_read(self)
 
-    monkeypatch.setattr(lamina.gc._RootReader, "read", unpack_finishes_first)
+    monkeypatch.setattr(lamina.metadata.gc._RootReader, "read", unpack_finishes_first)
     report = collect(root)
     assert finished
     assert report.snapshots == [] and report.content == []

@@ -24,9 +24,9 @@ from conftest import require_root_user, require_tools
 from containerd_peer import private_containerd
 
 from lamina.errors import InvalidArgument
-from lamina.images.identity import chain_id, chain_ids
 from lamina.images.service import ImageService
-from lamina.root import Root
+from lamina.metadata.root import Root
+from lamina.oci.identity import chain_id, chain_ids
 
 SNAPSHOTTERS = ["overlay", "native"]
 

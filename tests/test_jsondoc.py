@@ -1,11 +1,11 @@
-"""lamina.jsondoc: JSON from outside, with its nesting bounded."""
+"""lamina.util.jsondoc: JSON from outside, with its nesting bounded."""
 
 from __future__ import annotations
 
 import pytest
 
-from lamina import jsondoc
 from lamina.errors import InvalidArgument
+from lamina.util import jsondoc
 
 
 def nested(depth: int) -> bytes:

@@ -54,10 +54,10 @@ import pytest
 
 from lamina.content.local import LocalContentStore
 from lamina.errors import AlreadyExists, NotFound
-from lamina.images.identity import chain_ids
 from lamina.images.service import ImageService
-from lamina.mount import temp_mount
-from lamina.root import Root
+from lamina.metadata.root import Root
+from lamina.mounts.mount import temp_mount
+from lamina.oci.identity import chain_ids
 from lamina.snapshots.base import DirectorySnapshotter
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
@@ -382,7 +382,7 @@ REF = "killpoint-ingest"
 _INGEST = textwrap.dedent(
     """
     import hashlib, sys
-    from lamina.root import Root
+    from lamina.metadata.root import Root
     data = b"".join(hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(6000))
     root = Root(sys.argv[1])
     w = root.content().writer(sys.argv[2], total=len(data), expected=sys.argv[3])
@@ -533,7 +533,7 @@ SNAPSHOT_AFTER = {
 _SNAP_CHILD = textwrap.dedent(
     """
     import sys
-    from lamina.root import Root
+    from lamina.metadata.root import Root
     root = Root(sys.argv[2])
     sn = root.snapshotter(sys.argv[1])
     exec(sys.argv[3], {"sn": sn, "R": {"containerd.io/gc.root": "killpoint"}})

@@ -42,11 +42,11 @@ from lamina.archive.apply import apply_layer
 from lamina.cli import main
 from lamina.content import write_blob
 from lamina.errors import AlreadyExists, InvalidArgument
-from lamina.images.identity import chain_ids
-from lamina.images.oci import Descriptor, ImageConfig, Manifest, MediaType
 from lamina.images.unpack import Unpacker
-from lamina.mount import temp_mount
-from lamina.root import Root
+from lamina.metadata.root import Root
+from lamina.mounts.mount import temp_mount
+from lamina.oci.identity import chain_ids
+from lamina.oci.types import Descriptor, ImageConfig, Manifest, MediaType
 
 MODES = ("native", "staged", "mounted", "cli-overlay", "cli-native")
 

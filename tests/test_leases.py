@@ -10,8 +10,8 @@ import pytest
 
 from lamina.cli import main
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
-from lamina.leases import LeasedContent, LeaseManager, parse_duration
-from lamina.root import Root
+from lamina.metadata.leases import LeasedContent, LeaseManager, parse_duration
+from lamina.metadata.root import Root
 
 
 def test_create_list_get_delete(tmp_path: Path) -> None:

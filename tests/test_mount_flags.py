@@ -29,7 +29,7 @@ from imagefactory import (
 )
 
 from lamina.cli import main
-from lamina.mount import Mount, mount_all, temp_mount, unmount_all
+from lamina.mounts.mount import Mount, mount_all, temp_mount, unmount_all
 
 REF = "test/suid:1"
 NOBODY = 65534

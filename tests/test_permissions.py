@@ -21,7 +21,7 @@ from conftest import require_root_user, require_tools
 from imagefactory import File, build_oci_layout, layer_from_entries
 
 from lamina.cli import main
-from lamina.root import Root
+from lamina.metadata.root import Root
 
 REF = "test/private:1"
 SECRET = b"only root may read this\n"
@@ -187,7 +187,7 @@ def test_store_is_closed_even_below_an_open_root(root: Path) -> None:
 def loosen_like_an_old_lamina(root: Path) -> None:
     """The modes lamina gave a root before: 0711 root, 0755 directories, 0644
     files, 0444 blobs (snapshot directories themselves were already 0700); and
-    no format file or boot id, which it did not write (see lamina.rootformat)."""
+    no format file or boot id, which it did not write (see lamina.metadata.formats)."""
     (root / "format").unlink()
     (root / "boot-id").unlink()
     os.chmod(root, 0o711)

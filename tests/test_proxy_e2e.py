@@ -30,8 +30,8 @@ import pytest
 from conftest import mounts_under, require_root_user, require_tools
 from containerd_peer import NAMESPACE, Containerd, Lamina, lamina_and_containerd
 
-from lamina.images.identity import chain_ids
-from lamina.root import Root
+from lamina.metadata.root import Root
+from lamina.oci.identity import chain_ids
 from lamina.snapshots import Info, Kind
 
 pytestmark = [pytest.mark.slow]
@@ -144,7 +144,7 @@ def test_image_lifecycle(content: bool, tmp_root: Path, images: Images) -> None:
         e = E2E(lamina, ctrd, content_proxy=content)
         _through_containerd(e, images)
     # both stopped by now, with status 0; open lamina's stores on its root directly
-    root = Root(lamina.root)
+    root = Root(lamina.metadata.root)
     try:
         assert list(root.snapshotter("overlay").walk()) == []
         assert list(root.content().walk()) == []

@@ -13,12 +13,12 @@ from containerd_peer import private_containerd, require_containerd
 from registry_peer import Registry as Peer
 from registry_peer import running_registry, skopeo_push
 
-from lamina.images.identity import chain_id
 from lamina.images.service import ImageService
+from lamina.metadata.root import Root
+from lamina.oci.identity import chain_id
 from lamina.remotes.pull import pull
 from lamina.remotes.push import push
 from lamina.remotes.registry import Registry
-from lamina.root import Root
 
 
 @pytest.fixture(scope="module")

@@ -46,9 +46,10 @@ from bad_registry import (
     sha,
 )
 
-from lamina.check import check
 from lamina.errors import FailedPrecondition, InvalidArgument, LaminaError, Unavailable
-from lamina.images.store import ImageStore
+from lamina.metadata.check import check
+from lamina.metadata.images import ImageStore
+from lamina.metadata.root import Root
 from lamina.remotes.auth import Authorizer, Credentials, DockerConfig, Unauthorized
 from lamina.remotes.hosts import Endpoint
 from lamina.remotes.pull import pull
@@ -58,7 +59,6 @@ from lamina.remotes.referrers import list_referrers
 from lamina.remotes.registry import Registry
 from lamina.remotes.session import RetryPolicy, Session
 from lamina.remotes.transport import TLSConfig, Transport, TransportError
-from lamina.root import Root
 
 USER, SECRET = "alice", "s3cret-Pa55"
 BASIC = "Basic " + base64.b64encode(f"{USER}:{SECRET}".encode()).decode()

@@ -20,9 +20,9 @@ from registry_peer import running_registry, skopeo_push
 
 from lamina.errors import NotFound
 from lamina.images.service import ImageService
+from lamina.metadata.root import Root
 from lamina.remotes.pull import SOURCE_LABEL, pull
 from lamina.remotes.registry import Registry
-from lamina.root import Root
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +125,8 @@ def test_pulled_image_survives_gc(require_root: None, peer: Peer, image: imagefa
                                   tmp_root: Path) -> None:
     """The pull's labels make everything it brought reachable from the image: a garbage
     collection right after takes nothing of it, and the root checks clean."""
-    from lamina.check import check
-    from lamina.gc import collect
+    from lamina.metadata.check import check
+    from lamina.metadata.gc import collect
 
     name = f"{peer.host}/test/gc:1"
     skopeo_push(image.oci_ref, name)

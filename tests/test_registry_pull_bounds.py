@@ -25,15 +25,15 @@ import imagefactory
 import pytest
 from bad_registry import MT_CONFIG, MT_INDEX, MT_MANIFEST, Handler, State, serving, sha
 
-from lamina.check import check
 from lamina.errors import NotFound, ResourceExhausted
-from lamina.images.store import ImageStore
+from lamina.metadata.check import check
+from lamina.metadata.images import ImageStore
+from lamina.metadata.root import Root
 from lamina.remotes.fetcher import ingest_ref
 from lamina.remotes.pull import MAX_DESCRIPTORS, MAX_DOCUMENT_BYTES, PullResult, pull
 from lamina.remotes.registry import Registry
 from lamina.remotes.session import RetryPolicy
 from lamina.remotes.transport import Transport
-from lamina.root import Root
 
 REPO = "bounds/app"
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"

@@ -14,11 +14,11 @@ from registry_peer import Registry as Peer
 from registry_peer import http_get, running_registry, skopeo_push
 
 from lamina.images.service import ImageService
-from lamina.images.store import ImageStore
+from lamina.metadata.images import ImageStore
+from lamina.metadata.root import Root
 from lamina.remotes.pull import pull
 from lamina.remotes.push import push, tag
 from lamina.remotes.registry import Registry
-from lamina.root import Root
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,14 @@ from registry_peer import Registry as Peer
 from registry_peer import http_get, running_registry
 
 from lamina.images.importer import label_references, put_document
-from lamina.images.oci import Descriptor, MediaType
 from lamina.images.service import ImageService
-from lamina.images.store import Image, ImageStore
+from lamina.metadata.images import Image, ImageStore
+from lamina.metadata.root import Root
+from lamina.oci.types import Descriptor, MediaType
 from lamina.remotes.push import push
 from lamina.remotes.reference import parse_reference
 from lamina.remotes.referrers import list_referrers, referrers_tag
 from lamina.remotes.registry import Registry
-from lamina.root import Root
 
 EMPTY = "application/vnd.oci.empty.v1+json"
 

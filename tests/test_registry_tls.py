@@ -15,10 +15,10 @@ from registry_peer import running_registry
 
 from lamina.errors import NotFound, Unavailable
 from lamina.images.service import ImageService
+from lamina.metadata.root import Root
 from lamina.remotes.pull import pull
 from lamina.remotes.push import push
 from lamina.remotes.registry import Registry
-from lamina.root import Root
 
 
 def _openssl(*args: str, cwd: Path) -> None:

@@ -1,5 +1,5 @@
 """Root formats (an older root migrates, a newer one is refused) and recovery of a
-root that a machine restart interrupted (see lamina.rootformat)."""
+root that a machine restart interrupted (see lamina.metadata.formats)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 from conftest import require_root_user
 
 from lamina.images.service import ImageService
-from lamina.root import Root
-from lamina.rootformat import BOOT_ID_FILE, FORMAT, FORMAT_FILE
+from lamina.metadata.formats import BOOT_ID_FILE, FORMAT, FORMAT_FILE
+from lamina.metadata.root import Root
 
 FIXTURE = Path(__file__).parent / "fixtures" / "root-format1.tar.gz"
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import require_root_user
 
-from lamina.rootformat import FORMAT, FORMAT_FILE
+from lamina.metadata.formats import FORMAT, FORMAT_FILE
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MAX_POINTS = 50

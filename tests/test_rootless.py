@@ -94,7 +94,7 @@ if "dir" in args:
     json.dump(walk(args["dir"]), sys.stdout, sort_keys=True)
     sys.exit(0)
 from lamina.images.service import ImageService
-from lamina.root import Root, default_root
+from lamina.metadata.root import Root, default_root
 root = Root(args["root"] or default_root())
 svc = ImageService(root)
 trees = {}

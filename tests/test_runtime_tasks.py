@@ -25,7 +25,7 @@ from imagefactory import minimal_rootfs
 
 from lamina.containers.runtime import BindMount, TaskManager, TaskStatus, generate_spec
 from lamina.errors import AlreadyExists, FailedPrecondition, LaminaError, NotFound
-from lamina.mount import Mount, mount_all, temp_mount
+from lamina.mounts.mount import Mount, mount_all, temp_mount
 
 Rootfs = Callable[[str], list[Mount]]
 """The ``rootfs`` fixture: name -> mounts of a fresh writable rootfs."""
@@ -343,7 +343,7 @@ def test_bind_mounts(tm: TaskManager, rootfs: Rootfs, tmp_path: Path) -> None:
 
 
 def test_rootfs_from_a_real_snapshotter(tm: TaskManager, tmp_root: Path, rootfs_src: Path) -> None:
-    from lamina.root import Root
+    from lamina.metadata.root import Root
 
     root = Root(tmp_root / "lamina")
     try:
@@ -377,7 +377,7 @@ def test_detached_task_outlives_its_starter_and_is_recovered(
         """
         import json, sys
         from lamina.containers.runtime import TaskManager
-        from lamina.mount import Mount
+        from lamina.mounts.mount import Mount
         m = [Mount(**{**d, "options": tuple(d["options"])}) for d in json.loads(sys.argv[2])]
         tm = TaskManager(sys.argv[1])
         spec = json.loads(sys.argv[3])

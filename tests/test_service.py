@@ -18,7 +18,7 @@ from conftest import require_root_user, require_tools
 
 from lamina.api import DEFAULT_ADDRESS
 from lamina.cli.config import containerd_snippet
-from lamina.sdnotify import notify
+from lamina.util.sdnotify import notify
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "contrib/systemd/lamina.service"

@@ -26,9 +26,9 @@ from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc a
 from lamina.api.server import Server
 from lamina.content.local import LocalContentStore
 from lamina.errors import FailedPrecondition
+from lamina.metadata.formats import FORMAT, FORMAT_FILE
+from lamina.metadata.root import Root
 from lamina.owners import CLI, CONTAINERD
-from lamina.root import Root
-from lamina.rootformat import FORMAT, FORMAT_FILE
 from lamina.snapshots import DeferredRemoval, LocalDirectories
 
 FIXTURE = Path(__file__).parent / "fixtures" / "root-format2-shared.tar.gz"

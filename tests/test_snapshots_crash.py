@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from lamina.mount import temp_mount
-from lamina.root import SNAPSHOTTERS
+from lamina.metadata.root import SNAPSHOTTERS
+from lamina.mounts.mount import temp_mount
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
 
@@ -38,7 +38,7 @@ CHILD = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from lamina.root import SNAPSHOTTERS
+    from lamina.metadata.root import SNAPSHOTTERS
     sn = SNAPSHOTTERS[sys.argv[1]](Path(sys.argv[2]))
     exec(sys.argv[3])
     sn.close()

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import require_root_user
 
-from lamina.mount import temp_mount
-from lamina.root import SNAPSHOTTERS
+from lamina.metadata.root import SNAPSHOTTERS
+from lamina.mounts.mount import temp_mount
 from lamina.snapshots.overlay import OverlaySnapshotter
 
 

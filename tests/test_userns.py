@@ -1,6 +1,6 @@
 """Containers with their own user namespace (``lamina run --userns``), rootful.
 
-The image's layers are mounted ID-mapped (lamina.idmap): inside, the image's
+The image's layers are mounted ID-mapped (lamina.mounts.idmap): inside, the image's
 owners show as they are in the image; on the host, the layers keep their own
 owners and are never chowned (their ctimes do not move); what the container
 creates lands in the container's rw layer with host IDs HOSTID+n. The same
@@ -20,7 +20,7 @@ from conftest import require_root_user, require_tools
 from imagefactory import File, build_oci_layout, layer_from_dir, layer_from_entries, minimal_rootfs
 
 from lamina.errors import InvalidArgument
-from lamina.idmap import IDMap, UserNamespace, chowned_copy, idmap_supported, parse_userns
+from lamina.mounts.idmap import IDMap, UserNamespace, chowned_copy, idmap_supported, parse_userns
 
 BINARIES = ("sh", "stat", "touch", "chown", "mkdir", "id", "cat", "echo")
 IMAGE = "test/userns:1"

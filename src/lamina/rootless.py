@@ -411,7 +411,7 @@ def enter() -> bool:
                 start = _start_time(pid)
                 if start:
                     break
-            from lamina.fsutil import atomic_write
+            from lamina.fs.files import atomic_write
 
             atomic_write(runtime_dir() / "ns.pid", f"{pid} {start}\n".encode())
     _join(pid)

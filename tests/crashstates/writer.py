@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import sys
 
-from lamina.fsutil import fsync_dir
-from lamina.root import Root
+from lamina.fs.files import fsync_dir
+from lamina.metadata.root import Root
 
 FILES = {"app/config": b"setting=1\n", "app/data.bin": bytes(range(256)) * 40}
 

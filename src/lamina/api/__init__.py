@@ -1,6 +1,6 @@
 """lamina over gRPC: containerd's Snapshots and Content services on a unix socket.
 
-* :mod:`lamina.api.server` serves a :class:`~lamina.root.Root` (``lamina serve``);
+* :mod:`lamina.api.server` serves a :class:`~lamina.metadata.root.Root` (``lamina serve``);
   containerd uses it as a proxy plugin (``lamina config containerd``).
 * :mod:`lamina.api.client` talks to such a server with the same Python
   protocols the local stores implement (``lamina --address SOCK ...``).

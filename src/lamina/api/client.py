@@ -39,7 +39,7 @@ from lamina.api.streams import IDLE_CLOSED
 from lamina.content import Info as ContentInfo
 from lamina.content import Status as ContentStatus
 from lamina.errors import FailedPrecondition, Internal, NotImplementedErr
-from lamina.mount import Mount
+from lamina.mounts.mount import Mount
 from lamina.snapshots import Capability, Info, Usage
 
 __all__ = ["RemoteContentStore", "RemoteSnapshotter", "RemoteWriter", "connect"]

@@ -29,7 +29,7 @@ from lamina.api.gen.containerd.services.content.v1 import content_pb2_grpc as cp
 from lamina.api.owner import for_caller
 from lamina.content import ContentStore, Info, Status, Writer
 from lamina.errors import InvalidArgument
-from lamina.root import Root
+from lamina.metadata.root import Root
 
 __all__ = [
     "READ_CHUNK",

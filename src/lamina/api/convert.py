@@ -10,7 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as spb
 from lamina.api.gen.containerd.types import mount_pb2
 from lamina.errors import InvalidArgument
-from lamina.mount import Mount
+from lamina.mounts.mount import Mount
 from lamina.snapshots import Info, Kind
 
 __all__ = [

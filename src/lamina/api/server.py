@@ -59,7 +59,7 @@ from lamina.api.streams import (
 )
 from lamina.api.version import add_version_service
 from lamina.errors import AlreadyExists, FailedPrecondition, NotImplementedErr, Unavailable
-from lamina.root import SNAPSHOTTERS, Root
+from lamina.metadata.root import SNAPSHOTTERS, Root
 from lamina.snapshots import Info
 
 if TYPE_CHECKING:

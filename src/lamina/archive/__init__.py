@@ -9,6 +9,7 @@
 """
 
 from lamina.archive.apply import AppliedLayer, apply_layer
+from lamina.archive.changes import DiffResult, write_diff, write_overlay_diff
 from lamina.archive.compression import (
     Compression,
     compression_from_media_type,
@@ -17,7 +18,6 @@ from lamina.archive.compression import (
     media_type,
     open_decompressed,
 )
-from lamina.archive.diff import DiffResult, write_diff, write_overlay_diff
 
 __all__ = [
     "AppliedLayer",

@@ -96,7 +96,7 @@ from lamina.archive.whiteout import (
     whiteout_target,
 )
 from lamina.errors import Internal, InvalidArgument, LaminaError, NotFound
-from lamina.fstree import remove_tree_at
+from lamina.fs.tree import remove_tree_at
 from lamina.rootless import check_member, report_left_out
 
 __all__ = ["AppliedLayer", "NeedsLowerLayers", "apply_layer"]

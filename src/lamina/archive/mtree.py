@@ -13,7 +13,7 @@ found although nothing else reads it until a container does.
 stream (gzip-compressed) and back; :func:`compare` merges two sorted
 sequences and yields a :class:`Difference` for each path missing, extra or
 changed. The walk holds a bounded number of directory descriptors
-(:class:`lamina.fstree.DirStack`) whatever the depth, and never builds
+(:class:`lamina.fs.tree.DirStack`) whatever the depth, and never builds
 a path for the kernel, so trees deeper than ``PATH_MAX`` are fine, and it
 follows no symlink. Memory is bounded by the depth of the tree, not its size.
 
@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
 from lamina.errors import InvalidArgument
-from lamina.fstree import DirStack
+from lamina.fs.tree import DirStack
 
 __all__ = ["MEDIA_TYPE", "Difference", "Entry", "compare", "decode", "encode", "record"]
 
@@ -144,7 +144,7 @@ def _leaf(path: str, name: str, parent_fd: int, st: os.stat_result) -> Entry:
 def record(directory: str | os.PathLike[str]) -> Iterator[Entry]:
     """Every entry below ``directory`` (not itself), depth first, names sorted bytewise.
 
-    Directories are entered through a :class:`~lamina.fstree.DirStack`, which
+    Directories are entered through a :class:`~lamina.fs.tree.DirStack`, which
     holds a bounded number of descriptors whatever the depth."""
     root_fd = os.open(directory, _DIR_FLAGS)
     dirs = DirStack(root_fd)

@@ -37,7 +37,7 @@ from typing import NoReturn
 from lamina import __version__, rootless
 from lamina.cli.app import App
 from lamina.errors import LaminaError
-from lamina.root import default_root
+from lamina.metadata.root import default_root
 
 __all__ = ["EXIT_USAGE", "main"]
 

@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lamina.root import Root
+from lamina.metadata.root import Root
 
 if TYPE_CHECKING:
     from lamina.content import ContentStore

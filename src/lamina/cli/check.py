@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from lamina.check import CheckReport, Problem, ProblemType, check
 from lamina.cli.app import App
 from lamina.errors import FailedPrecondition
+from lamina.metadata.check import CheckReport, Problem, ProblemType, check
 
 __all__ = ["register"]
 

@@ -16,9 +16,9 @@ from lamina.containers.revisions import ContainerService
 from lamina.containers.runtime import BindMount, parse_mount_flag
 from lamina.containers.tasks_service import ContainerTasks, make_options
 from lamina.errors import InvalidArgument
-from lamina.idmap import parse_userns
 from lamina.images.service import ImageService
-from lamina.progress import Progress
+from lamina.mounts.idmap import parse_userns
+from lamina.util.progress import Progress
 
 __all__ = [
     "add_checkpoint_flags", "add_create_flags", "add_restore_flags", "options_from_args",
@@ -127,7 +127,7 @@ def _rm(args: argparse.Namespace, app: App) -> int:
         for cid in args.ids:
             ct.remove(cid, force=args.force)
             print(cid)
-    from lamina.gc import collect
+    from lamina.metadata.gc import collect
 
     collect(app.store_root)
     return 0

@@ -8,7 +8,7 @@ import os
 from lamina.archive.apply import apply_layer
 from lamina.cli.app import App
 from lamina.cli.common import add_max_layer_size, max_layer_size
-from lamina.mount import temp_mount
+from lamina.mounts.mount import temp_mount
 
 __all__ = ["register"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lamina.cli.app import App
-from lamina.gc import collect
+from lamina.metadata.gc import collect
 
 __all__ = ["register"]
 

@@ -15,7 +15,7 @@ from lamina.cli.common import (
     sync_layers,
 )
 from lamina.images.service import ImageService
-from lamina.progress import for_cli
+from lamina.util.progress import for_cli
 
 __all__ = ["register"]
 
@@ -60,7 +60,7 @@ def _rm(args: argparse.Namespace, app: App) -> int:
             svc.remove(name)
             print(name)
     if args.sync:
-        from lamina.gc import collect
+        from lamina.metadata.gc import collect
 
         collect(app.store_root)
     return 0

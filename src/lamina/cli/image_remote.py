@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 from lamina.cli.app import App
 from lamina.cli.common import add_max_layer_size, add_sync, max_layer_size, sync_layers
-from lamina.progress import Progress, for_cli
 from lamina.remotes.hosts import CONTAINERD_HOSTS_DIR, LAMINA_HOSTS_DIR
+from lamina.util.progress import Progress, for_cli
 
 if TYPE_CHECKING:
     from lamina.remotes.registry import Registry

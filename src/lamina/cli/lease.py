@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from lamina.cli.app import App
 from lamina.cli.common import parse_labels
 from lamina.errors import LaminaError
-from lamina.leases import DEFAULT_EXPIRY, Lease, LeaseManager, parse_duration
+from lamina.metadata.leases import DEFAULT_EXPIRY, Lease, LeaseManager, parse_duration
 
 __all__ = ["register"]
 
@@ -72,7 +72,7 @@ def _rm(args: argparse.Namespace, app: App) -> int:
             else:
                 print(lease_id)
     if code == 0 and args.sync:
-        from lamina.gc import collect
+        from lamina.metadata.gc import collect
 
         collect(app.store_root)
     return code

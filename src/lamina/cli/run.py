@@ -40,7 +40,7 @@ def _run(args: argparse.Namespace, app: App) -> int:
         if args.rm:
             ct.remove(args.id, force=True)
     if args.rm:
-        from lamina.gc import collect
+        from lamina.metadata.gc import collect
 
         collect(app.store_root)
     return code

@@ -14,8 +14,8 @@ __all__ = ["register"]
 def cmd_serve(args: argparse.Namespace, app: App) -> int:
     from lamina.api import default_address
     from lamina.api.server import Server, serve
-    from lamina.root import Root
-    from lamina.sdnotify import notify
+    from lamina.metadata.root import Root
+    from lamina.util.sdnotify import notify
 
     # A long-running server deletes removed snapshots' directories in the background.
     root = Root(app.root, async_remove=not args.sync_remove)

@@ -11,7 +11,7 @@ from typing import Any
 
 from lamina.cli.app import App
 from lamina.cli.common import add_mount_flags, human_size, parse_labels, print_table
-from lamina.mount import Mount, mount_all, unmount_all
+from lamina.mounts.mount import Mount, mount_all, unmount_all
 from lamina.owners import short
 from lamina.snapshots import Info, Kind, Snapshotter, Usage
 
@@ -206,7 +206,7 @@ def cmd_cleanup(args: argparse.Namespace, app: App) -> int:
 
 def cmd_diff(args: argparse.Namespace, app: App) -> int:
     from lamina.archive.compression import compression_from_media_type
-    from lamina.diff import create_diff
+    from lamina.differ import create_diff
 
     comp = compression_from_media_type(args.media_type).value
     content = app.content()

@@ -45,22 +45,22 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
 
 from lamina.archive.apply import apply_layer
-from lamina.archive.diff import write_diff
+from lamina.archive.changes import write_diff
 from lamina.containers.revisions import ContainerService
 from lamina.containers.runtime import TaskInfo, TaskStatus
-from lamina.containers.store import Container
 from lamina.containers.tasks_service import ContainerTasks, bind_mounts
 from lamina.containers.workdirs import interrupted, paused, root_work_dirs, work_dir
 from lamina.content import ContentStore
-from lamina.diff import apply_diff, create_diff
+from lamina.differ import apply_diff, create_diff
 from lamina.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from lamina.fsutil import remove_tree, sync_filesystem
+from lamina.fs.files import remove_tree, sync_filesystem
 from lamina.images.importer import label_references, put_document
-from lamina.images.oci import Descriptor, Index, MediaType, host_platform
 from lamina.images.resolve import read_blob
-from lamina.images.store import Image
 from lamina.labels import CHECKPOINT, RESTORED_FROM_ANNOTATION
-from lamina.leases import LeaseManager
+from lamina.metadata.containers import Container
+from lamina.metadata.images import Image
+from lamina.metadata.leases import LeaseManager
+from lamina.oci.types import Descriptor, Index, MediaType, host_platform
 
 __all__ = [
     "ANNOTATION_BIND_DESTINATION",

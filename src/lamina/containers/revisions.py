@@ -26,10 +26,9 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from lamina.containers.store import Container
-from lamina.diff import apply_diff, create_diff
+from lamina.differ import apply_diff, create_diff
 from lamina.errors import FailedPrecondition, NotFound
-from lamina.fsutil import sync_filesystem
+from lamina.fs.files import sync_filesystem
 from lamina.images.service import ImageService
 from lamina.labels import (
     GC_ROOT,
@@ -38,7 +37,8 @@ from lamina.labels import (
     REVISION_IMAGE,
     REVISION_PREVIOUS,
 )
-from lamina.root import Root
+from lamina.metadata.containers import Container
+from lamina.metadata.root import Root
 
 __all__ = [
     "LABEL_CONTAINER",

@@ -17,7 +17,7 @@ Options, as kept in ``spec.annotations["lamina.io/options"]``::
      "userns": {"uids": ["0:HOST:SIZE"], "gids": ["0:HOST:SIZE"]}}   # optional
 
 A container with ``userns`` runs in a user namespace of its own with those
-mappings, and its root filesystem is mounted ID-mapped (:mod:`lamina.idmap`):
+mappings, and its root filesystem is mounted ID-mapped (:mod:`lamina.mounts.idmap`):
 the image's layers show their own owners inside and are never chowned.
 """
 
@@ -32,11 +32,11 @@ from typing import Any
 
 from lamina.containers.revisions import ContainerService
 from lamina.containers.runtime import BindMount, TaskInfo, TaskManager, TaskStatus, generate_spec
-from lamina.containers.store import Container
 from lamina.errors import FailedPrecondition, InvalidArgument, LaminaError, NotFound
-from lamina.idmap import UserNamespace, with_idmap
 from lamina.labels import IMAGE_ANNOTATION
-from lamina.mount import Mount, temp_mount
+from lamina.metadata.containers import Container
+from lamina.mounts.idmap import UserNamespace, with_idmap
+from lamina.mounts.mount import Mount, temp_mount
 
 __all__ = [
     "ContainerTasks",

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from lamina.fsutil import fsync_dir, locked, remove_tree
+from lamina.fs.files import fsync_dir, locked, remove_tree
 
 __all__ = ["Interrupted", "interrupted", "paused", "root_work_dirs", "work_dir"]
 

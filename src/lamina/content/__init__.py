@@ -33,7 +33,7 @@ Blobs are read with :meth:`ContentStore.reader` (a seekable binary file) or
 :meth:`ContentStore.read_at`; their metadata is :class:`Info`, whose labels
 change through :meth:`ContentStore.update` with the same field-path rules as
 snapshots. :meth:`ContentStore.walk` and :meth:`ContentStore.list_statuses`
-take containerd filters (see :mod:`lamina.filters`): blobs have the fields
+take containerd filters (see :mod:`lamina.util.filters`): blobs have the fields
 ``digest``, ``size`` and ``labels.<key>``; ingests ``ref``, ``expected``,
 ``offset`` and ``total``.
 """

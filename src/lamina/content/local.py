@@ -15,7 +15,7 @@ Layout under the store's directory::
     metadata.db            one row per committed blob (size, created) and one
                            reference per owner holding it (updated, labels)
 
-Every directory is 0700 and every file 0600 (blobs 0400): see :mod:`lamina.perms`.
+Every directory is 0700 and every file 0600 (blobs 0400): see :mod:`lamina.fs.perms`.
 
 Owners (:mod:`lamina.owners`): a blob is held by the owners that have a
 reference to it, each with its own labels; an ingest belongs to whoever
@@ -75,10 +75,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
-from lamina import crash, filters
 from lamina.content import COPY_CHUNK, Info, Status, validate_labels
 from lamina.content.digest import SHA256, digest_file, parse_digest, validate_digest
-from lamina.db import Database
 from lamina.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -87,10 +85,12 @@ from lamina.errors import (
     NotFound,
     Unavailable,
 )
-from lamina.fsutil import atomic_write, fsync_dir, remove_tree
+from lamina.fs.files import atomic_write, fsync_dir, remove_tree
+from lamina.fs.perms import BLOB_MODE, FILE_MODE, private_dirs, tighten, tighten_tree
 from lamina.labels import update_labels
 from lamina.owners import CLI, ScopedViews, describe_all
-from lamina.perms import BLOB_MODE, FILE_MODE, private_dirs, tighten, tighten_tree
+from lamina.util import crash, filters
+from lamina.util.db import Database
 
 __all__ = ["BlobCorrupt", "CleanupReport", "LocalContentStore", "LocalWriter", "hold"]
 
@@ -953,7 +953,7 @@ class LocalContentStore(ScopedViews):
 def hold(conn: sqlite3.Connection, digest: str, owners: Iterable[str]) -> None:
     """Give ``owners`` a reference to blob ``digest`` (keeping references it has,
     labels copied from the row), for a blob whose holders are not recorded: the
-    blobs of a root migrated from format 2 (:mod:`lamina.rootformat`), and a row
+    blobs of a root migrated from format 2 (:mod:`lamina.metadata.formats`), and a row
     that cleanup restores or finds unheld — the CLI's: a commit that a crash cut
     short never answered its writer, and containerd, which keeps its own record,
     writes the blob again, which adds its reference."""

@@ -38,7 +38,7 @@ from lamina.erofs.image import inline_room, write_metadata
 from lamina.erofs.inode import Inode, RootMeta
 from lamina.erofs.tree import LayerTree
 from lamina.errors import Internal, InvalidArgument, LaminaError
-from lamina.fsutil import atomic_file
+from lamina.fs.files import atomic_file
 
 __all__ = ["WrittenImage", "write_image"]
 

@@ -10,10 +10,10 @@ import time
 from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING
 
-from lamina.images.oci import Descriptor, MediaType
 from lamina.images.resolve import walk_descriptors
-from lamina.images.store import Image
-from lamina.progress import Progress
+from lamina.metadata.images import Image
+from lamina.oci.types import Descriptor, MediaType
+from lamina.util.progress import Progress
 
 if TYPE_CHECKING:
     from lamina.content import ContentStore

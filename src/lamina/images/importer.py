@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from lamina import crash
 from lamina.content import write_blob
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
-from lamina.images.oci import (
+from lamina.images.resolve import MAX_DOCUMENT, read_blob
+from lamina.labels import GC_REF_CONTENT
+from lamina.metadata.images import Image, ImageStore
+from lamina.oci.types import (
     INDEX_TYPES,
     MANIFEST_TYPES,
     Descriptor,
@@ -34,10 +36,8 @@ from lamina.images.oci import (
     MediaType,
     parse_json,
 )
-from lamina.images.resolve import MAX_DOCUMENT, read_blob
-from lamina.images.store import Image, ImageStore
-from lamina.labels import GC_REF_CONTENT
-from lamina.progress import Progress
+from lamina.util import crash
+from lamina.util.progress import Progress
 
 if TYPE_CHECKING:
     from lamina.content import ContentStore

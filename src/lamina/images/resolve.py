@@ -7,7 +7,8 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from lamina.errors import InvalidArgument, NotFound
-from lamina.images.oci import (
+from lamina.oci.platforms import select_children
+from lamina.oci.types import (
     CONFIG_TYPES,
     INDEX_TYPES,
     MANIFEST_TYPES,
@@ -17,7 +18,6 @@ from lamina.images.oci import (
     Manifest,
     host_platform,
 )
-from lamina.images.platforms import select_children
 
 if TYPE_CHECKING:
     from lamina.content import ContentStore

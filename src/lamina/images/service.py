@@ -17,16 +17,16 @@ from lamina.archive.limits import DEFAULT_MAX_LAYER_SIZE
 from lamina.errors import NotFound
 from lamina.images.exporter import export_images
 from lamina.images.importer import import_images
-from lamina.images.oci import ImageConfig, Manifest
 from lamina.images.resolve import manifest_for
-from lamina.images.store import Image
 from lamina.images.unpack import Unpacker, UnpackResult
 from lamina.labels import GC_REF_SNAPSHOT
-from lamina.leases import LeasedContent
-from lamina.mount import mount_all, unmount_all
-from lamina.progress import Progress
-from lamina.root import Root
+from lamina.metadata.images import Image
+from lamina.metadata.leases import LeasedContent
+from lamina.metadata.root import Root
+from lamina.mounts.mount import mount_all, unmount_all
+from lamina.oci.types import ImageConfig, Manifest
 from lamina.snapshots import Snapshotter
+from lamina.util.progress import Progress
 
 __all__ = ["ImageService"]
 

@@ -45,20 +45,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from lamina import crash
 from lamina.archive import limits, mtree
 from lamina.archive.apply import AppliedLayer, NeedsLowerLayers, apply_layer
 from lamina.archive.compression import size_hint, too_large
 from lamina.archive.whiteout import OVERLAY_XATTR_PREFIX, drop_needless_whiteouts
 from lamina.content import write_blob
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
-from lamina.fsutil import locked, sync_filesystem
-from lamina.images.identity import chain_ids
-from lamina.images.oci import Descriptor, ImageConfig, Manifest
+from lamina.fs.files import locked, sync_filesystem
 from lamina.labels import GC_REF_SNAPSHOT, LAYER_MTREE, SNAPSHOT_REF, UNCOMPRESSED
-from lamina.mount import temp_mount
-from lamina.progress import Progress
+from lamina.mounts.mount import temp_mount
+from lamina.oci.identity import chain_ids
+from lamina.oci.types import Descriptor, ImageConfig, Manifest
 from lamina.snapshots import Capability, LocalDirectories, Snapshotter, Staging
+from lamina.util import crash
+from lamina.util.progress import Progress
 
 if TYPE_CHECKING:
     from lamina.content import ContentStore

@@ -23,7 +23,7 @@ the token realm *that host* names in its own challenge (the session never
 answers a challenge from a host a redirect led to). Not over plain HTTP to a
 realm when the registry itself was asked over HTTPS. A token server's answer
 is read as untrusted: at most 1 MiB, JSON nested at most
-:data:`~lamina.jsondoc.MAX_DEPTH` deep, a token of visible ASCII only (it
+:data:`~lamina.util.jsondoc.MAX_DEPTH` deep, a token of visible ASCII only (it
 becomes a header); anything else is :class:`Unauthorized`.
 """
 
@@ -43,11 +43,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lamina import jsondoc
 from lamina.errors import FailedPrecondition, InvalidArgument, NotFound
-from lamina.fsutil import atomic_write
+from lamina.fs.files import atomic_write
 from lamina.remotes.hosts import is_loopback
 from lamina.remotes.transport import TLSConfig, Transport, printable, split_url
+from lamina.util import jsondoc
 
 __all__ = [
     "Authorizer",

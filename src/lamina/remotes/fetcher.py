@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lamina.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
-from lamina.images.oci import Descriptor
-from lamina.progress import Progress
+from lamina.oci.types import Descriptor
 from lamina.remotes.session import Session
 from lamina.remotes.transport import Response, TransportError
+from lamina.util.progress import Progress
 
 if TYPE_CHECKING:
     from lamina.content import ContentStore, Writer

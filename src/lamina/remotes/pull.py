@@ -4,7 +4,7 @@
 2. Manifests and indexes are fetched and stored, walking indexes down to the
    manifests of the wanted platforms (``platforms``; the host's by default;
    every one with ``all_platforms``). An index's children are chosen *before*
-   any is fetched (:mod:`lamina.images.platforms`: one per wanted platform).
+   any is fetched (:mod:`lamina.oci.platforms`: one per wanted platform).
    Children of an index that are not manifests (a checkpoint's blobs) are
    always fetched. The walk is over a graph: each descriptor is visited once,
    however often indexes repeat it. Its work is bounded before anything is
@@ -59,7 +59,12 @@ from lamina.archive.limits import DEFAULT_MAX_LAYER_SIZE
 from lamina.content import ContentStore
 from lamina.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from lamina.images.importer import GC_CONTENT, put_document
-from lamina.images.oci import (
+from lamina.images.unpack import Unpacker, UnpackResult
+from lamina.metadata.images import Image
+from lamina.metadata.leases import LeasedContent, LeaseManager
+from lamina.metadata.root import Root
+from lamina.oci.platforms import matches, select_children
+from lamina.oci.types import (
     CONFIG_TYPES,
     INDEX_TYPES,
     MANIFEST_TYPES,
@@ -69,11 +74,6 @@ from lamina.images.oci import (
     Manifest,
     host_platform,
 )
-from lamina.images.platforms import matches, select_children
-from lamina.images.store import Image
-from lamina.images.unpack import Unpacker, UnpackResult
-from lamina.leases import LeasedContent, LeaseManager
-from lamina.progress import Progress
 from lamina.remotes.fetcher import (
     LOCK_WAIT,
     Cancelled,
@@ -86,7 +86,7 @@ from lamina.remotes.reference import Reference, parse_reference
 from lamina.remotes.registry import Registry
 from lamina.remotes.resolver import MAX_MANIFEST, fetch_document, resolve
 from lamina.remotes.session import Session
-from lamina.root import Root
+from lamina.util.progress import Progress
 
 __all__ = ["MAX_DEPTH", "MAX_DESCRIPTORS", "MAX_DOCUMENT_BYTES", "PullResult", "parse_platform",
            "pull"]

@@ -39,10 +39,10 @@ from typing import IO
 
 from lamina.content import ContentStore
 from lamina.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from lamina.images.oci import INDEX_TYPES, MANIFEST_TYPES, Descriptor, Index, Manifest
 from lamina.images.resolve import read_blob
-from lamina.images.store import Image, ImageStore
-from lamina.progress import Progress
+from lamina.metadata.images import Image, ImageStore
+from lamina.metadata.root import Root
+from lamina.oci.types import INDEX_TYPES, MANIFEST_TYPES, Descriptor, Index, Manifest
 from lamina.remotes.hosts import Endpoint
 from lamina.remotes.pull import SOURCE_LABEL
 from lamina.remotes.reference import Reference, parse_reference
@@ -50,7 +50,7 @@ from lamina.remotes.referrers import descriptor_for, subject_of, update_referrer
 from lamina.remotes.registry import Registry
 from lamina.remotes.session import Session
 from lamina.remotes.transport import Response, printable
-from lamina.root import Root
+from lamina.util.progress import Progress
 
 __all__ = ["PushResult", "push", "tag"]
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from lamina import jsondoc
 from lamina.errors import FailedPrecondition, InvalidArgument, Unavailable
-from lamina.images.oci import MediaType, parse_json
+from lamina.oci.types import MediaType, parse_json
 from lamina.remotes.hosts import Endpoint
 from lamina.remotes.resolver import ACCEPT_MANIFESTS, MAX_MANIFEST
 from lamina.remotes.session import Session
+from lamina.util import jsondoc
 
 __all__ = ["descriptor_for", "list_referrers", "referrers_tag", "subject_of",
            "update_referrers_tag"]

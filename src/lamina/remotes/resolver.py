@@ -23,7 +23,7 @@ from lamina.errors import (
     NotImplementedErr,
     Unavailable,
 )
-from lamina.images.oci import INDEX_TYPES, MANIFEST_TYPES, Descriptor, MediaType, parse_json
+from lamina.oci.types import INDEX_TYPES, MANIFEST_TYPES, Descriptor, MediaType, parse_json
 from lamina.remotes.reference import Reference
 from lamina.remotes.session import Session
 from lamina.remotes.transport import Response

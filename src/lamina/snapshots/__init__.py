@@ -87,7 +87,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from lamina.labels import MAX_LABEL_SIZE
-from lamina.mount import Mount
+from lamina.mounts.mount import Mount
 
 __all__ = [
     "MAX_LABEL_SIZE",

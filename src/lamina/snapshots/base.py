@@ -42,15 +42,15 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-from lamina import crash
 from lamina.errors import FailedPrecondition, NotFound
-from lamina.fsutil import fsync_dir, remove_tree
-from lamina.mount import Mount
+from lamina.fs.files import fsync_dir, remove_tree
+from lamina.fs.perms import private_dirs, tighten
+from lamina.mounts.mount import Mount
 from lamina.owners import ScopedViews
-from lamina.perms import private_dirs, tighten
 from lamina.snapshots import Capability, Info, Kind, Problem, ProblemKind, Usage
 from lamina.snapshots.storage import MetaStore, Snapshot
 from lamina.snapshots.usage import disk_usage
+from lamina.util import crash
 
 __all__ = ["DirectorySnapshotter"]
 
@@ -371,7 +371,7 @@ class DirectorySnapshotter(ScopedViews):
                 self.reap()
 
     def walk(self, *filters: str) -> Iterator[Info]:
-        from lamina.filters import parse
+        from lamina.util.filters import parse
 
         matcher = parse(filters)
         with self.meta.read(self._scope) as tx:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lamina.errors import FailedPrecondition, Internal
-from lamina.mount import Mount
+from lamina.mounts.mount import Mount
 from lamina.snapshots import Capability, Kind
 from lamina.snapshots.base import DirectorySnapshotter
 from lamina.snapshots.storage import Snapshot

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from lamina.archive.whiteout import OVERLAY_MOUNT_OPTIONS, OVERLAY_XATTR_PREFIX
 from lamina.errors import Unavailable
-from lamina.fsutil import remove_tree
-from lamina.mount import Mount, mount_all, unmount_all
-from lamina.perms import FILE_MODE, tighten
+from lamina.fs.files import remove_tree
+from lamina.fs.perms import FILE_MODE, tighten
+from lamina.mounts.mount import Mount, mount_all, unmount_all
 from lamina.snapshots import Capability, Kind
 from lamina.snapshots.base import DirectorySnapshotter
 from lamina.snapshots.storage import Snapshot

@@ -26,11 +26,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from lamina.db import Database
 from lamina.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from lamina.labels import update_labels, validate_labels
 from lamina.owners import CLI_VIEW, Scope, describe
 from lamina.snapshots import Info, Kind, Usage
+from lamina.util.db import Database
 
 __all__ = ["MetaStore", "Snapshot", "Transaction", "add_owner_column", "validate_labels"]
 

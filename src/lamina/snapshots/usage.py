@@ -1,7 +1,7 @@
 """Disk usage of a directory tree, counting each inode once.
 
 The walk works at any depth: relative to directory descriptors, with an
-explicit stack (:class:`lamina.fstree.DirStack`), never following symlinks
+explicit stack (:class:`lamina.fs.tree.DirStack`), never following symlinks
 and never building a path.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from lamina.fstree import DIR_FLAGS, DirStack
+from lamina.fs.tree import DIR_FLAGS, DirStack
 from lamina.snapshots import Usage
 
 __all__ = ["disk_usage"]

@@ -46,9 +46,9 @@ from typing import Any
 
 from lamina import rootless
 from lamina.errors import AlreadyExists, Internal, InvalidArgument, NotFound
-from lamina.fsutil import atomic_write, locked, remove_tree
-from lamina.idmap import reachable_from_userns
-from lamina.mount import Mount, is_mountpoint, mount_all, unmount_all
+from lamina.fs.files import atomic_write, locked, remove_tree
+from lamina.mounts.idmap import reachable_from_userns
+from lamina.mounts.mount import Mount, is_mountpoint, mount_all, unmount_all
 
 __all__ = [
     "Bundles",

@@ -39,7 +39,7 @@ from lamina.errors import (
     NotFound,
     Unavailable,
 )
-from lamina.mount import Mount, is_mountpoint
+from lamina.mounts.mount import Mount, is_mountpoint
 
 from .bundle import (
     TaskInfo,

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lamina.errors import LaminaError, NotFound, Unavailable
-from lamina.fsutil import atomic_write
+from lamina.fs.files import atomic_write
 
 from .bundle import Bundles, TaskInfo, TaskStatus, read_json, read_pid, write_json
 from .runc import Runc, error_from_message

@@ -33,7 +33,7 @@ from lamina.errors import (
     NotFound,
     Unavailable,
 )
-from lamina.mount import Mount
+from lamina.mounts.mount import Mount
 
 from . import criu
 from .bundle import Bundles, TaskInfo, TaskStatus, read_json, read_pid, validate_id, write_json

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lamina.errors import LaminaError
-from lamina.mount import Mount, temp_mount, unmount_all
+from lamina.mounts.mount import Mount, temp_mount, unmount_all
 from lamina.snapshots import Capability, Info, Kind, Snapshotter
 from lamina.snapshots.testsuite.fstest import (
     Applier,

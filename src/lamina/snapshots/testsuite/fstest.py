@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from lamina.fsutil import remove_tree
-from lamina.mountinfo import read_mountinfo
+from lamina.fs.files import remove_tree
+from lamina.mounts.mountinfo import read_mountinfo
 
 __all__ = [
     "Applier",

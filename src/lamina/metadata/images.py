@@ -9,10 +9,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
-from lamina.db import Database
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
-from lamina.images.oci import Descriptor
 from lamina.labels import update_labels, validate_labels
+from lamina.oci.types import Descriptor
+from lamina.util.db import Database
 
 __all__ = ["Image", "ImageStore"]
 

@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 
 from lamina.errors import ResourceExhausted, Unavailable
-from lamina.perms import FILE_MODE, tighten
+from lamina.fs.perms import FILE_MODE, tighten
 
 __all__ = ["Database"]
 

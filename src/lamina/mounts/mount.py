@@ -20,7 +20,7 @@ filesystem opts out (``allow_suid``/``allow_dev``), as containerd's shim
 mounts the snapshotter's mounts exactly as given.
 
 A mount with containerd's ``uidmap=``/``gidmap=`` options is performed
-ID-mapped by :mod:`lamina.idmap` (a container with a user namespace of its own).
+ID-mapped by :mod:`lamina.mounts.idmap` (a container with a user namespace of its own).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lamina.errors import Internal, InvalidArgument
-from lamina.mountinfo import read_mountinfo
+from lamina.mounts.mountinfo import read_mountinfo
 
 __all__ = [
     "Mount", "cleanup_temp_mounts", "is_mountpoint", "mount_all", "move_mount", "syscall",
@@ -274,7 +274,7 @@ def mount_all(
         for m in mounts:
             dest = os.path.join(target, m.target.lstrip("/")) if m.target else target
             if any(o.startswith(("uidmap=", "gidmap=")) for o in m.options):
-                from lamina.idmap import mount_idmapped  # containerd's ID-mapped mounts
+                from lamina.mounts.idmap import mount_idmapped  # containerd's ID-mapped mounts
 
                 mount_idmapped(m, dest, allow_suid=allow_suid, allow_dev=allow_dev)
             else:

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lamina.errors import NotFound
-from lamina.images.oci import INDEX_TYPES, MANIFEST_TYPES, Descriptor
+from lamina.oci.types import INDEX_TYPES, MANIFEST_TYPES, Descriptor
 
 __all__ = ["matches", "select_children"]
 

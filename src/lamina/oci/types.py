@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lamina import jsondoc
 from lamina.errors import InvalidArgument
+from lamina.util import jsondoc
 
 __all__ = [
     "CONFIG_TYPES",
@@ -85,7 +85,7 @@ def _strings(value: Any, what: str) -> dict[str, str]:
 
 
 def parse_json(data: bytes, what: str) -> dict[str, Any]:
-    """``data`` as a JSON object, nesting bounded (see :mod:`lamina.jsondoc`)."""
+    """``data`` as a JSON object, nesting bounded (see :mod:`lamina.util.jsondoc`)."""
     return jsondoc.loads_object(data, what)
 
 

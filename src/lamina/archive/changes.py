@@ -41,7 +41,7 @@ from lamina.archive.whiteout import (
     whiteout_name,
 )
 from lamina.errors import Internal, InvalidArgument, LaminaError, NotFound
-from lamina.fstree import DIR_FLAGS, DirStack, proc_path
+from lamina.fs.tree import DIR_FLAGS, DirStack, proc_path
 
 __all__ = ["DiffResult", "write_diff", "write_overlay_diff"]
 

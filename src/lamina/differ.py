@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lamina.archive.apply import AppliedLayer, apply_layer
+from lamina.archive.changes import write_diff, write_overlay_diff
 from lamina.archive.compression import media_type as layer_media_type
-from lamina.archive.diff import write_diff, write_overlay_diff
 from lamina.archive.limits import DEFAULT_MAX_LAYER_SIZE
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
-from lamina.images.oci import Descriptor
 from lamina.labels import UNCOMPRESSED
-from lamina.mount import Mount, temp_mount
+from lamina.mounts.mount import Mount, temp_mount
+from lamina.oci.types import Descriptor
 from lamina.snapshots import Capability, Kind, LocalDirectories, Snapshotter
 
 if TYPE_CHECKING:

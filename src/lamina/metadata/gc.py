@@ -5,7 +5,7 @@ Roots of the graph:
 * every image (→ its target blob), every container (→ its snapshots);
 * every blob or snapshot labelled ``containerd.io/gc.root``;
 * every blob or snapshot created while an unexpired lease exists (see
-  :mod:`lamina.leases`), whatever an unexpired lease's own
+  :mod:`lamina.metadata.leases`), whatever an unexpired lease's own
   ``containerd.io/gc.ref.*`` labels name (as ``ctr image mount`` does), and
   the resources recorded in unexpired leases;
 * every snapshot whose directory is in use by a mount (an overlay upper,
@@ -57,16 +57,16 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lamina import crash
 from lamina.errors import FailedPrecondition, NotFound
-from lamina.fsutil import locked
+from lamina.fs.files import locked
 from lamina.labels import GC_REF_CONTENT, GC_REF_SNAPSHOT, GC_ROOT
-from lamina.leases import LeaseManager
-from lamina.mount import cleanup_temp_mounts
-from lamina.mountinfo import read_mountinfo
+from lamina.metadata.leases import LeaseManager
+from lamina.metadata.root import Root
+from lamina.mounts.mount import cleanup_temp_mounts
+from lamina.mounts.mountinfo import read_mountinfo
 from lamina.owners import CLI, Scoped
-from lamina.root import Root
 from lamina.snapshots import DeferredRemoval, Info, LocalDirectories, Snapshotter
+from lamina.util import crash
 
 if TYPE_CHECKING:
     from lamina.content import ContentStore

@@ -17,7 +17,7 @@ History:
 
 1. lamina 0.1: root 0711, store directories 0755, databases 0644, blobs 0444;
    no format file.
-2. everything owner-only (:mod:`lamina.perms`), tightened once by the
+2. everything owner-only (:mod:`lamina.fs.perms`), tightened once by the
    migration instead of at every open.
 3. owners (:mod:`lamina.owners`): every snapshot has an owner and every blob
    one reference per owner holding it. A root that containerd (through
@@ -52,14 +52,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lamina import crash
 from lamina.errors import FailedPrecondition
-from lamina.fsutil import atomic_write, fsync_dir, locked, remove_tree
-from lamina.perms import FILE_MODE, tighten, tighten_tree
+from lamina.fs.files import atomic_write, fsync_dir, locked, remove_tree
+from lamina.fs.perms import FILE_MODE, tighten, tighten_tree
+from lamina.util import crash
 
 if TYPE_CHECKING:
-    from lamina.check import CheckReport
-    from lamina.root import Root
+    from lamina.metadata.check import CheckReport
+    from lamina.metadata.root import Root
 
 __all__ = ["BOOT_ID_FILE", "FORMAT", "FORMAT_FILE", "open_format", "recover_after_restart"]
 
@@ -89,7 +89,7 @@ def _write_format(path: Path, version: int) -> None:
 
 def _to_2(path: Path) -> None:
     """Owner-only modes (format 2): the root first, which alone closes it."""
-    from lamina.root import SNAPSHOTTERS
+    from lamina.metadata.root import SNAPSHOTTERS
 
     tighten(path)
     crash.point("format.2.root")
@@ -110,10 +110,10 @@ def _to_3(path: Path) -> None:
     containerd used, else by the CLI."""
     from lamina.content.local import _SCHEMA as CONTENT_SCHEMA
     from lamina.content.local import hold
-    from lamina.db import Database
+    from lamina.metadata.root import SNAPSHOTTERS
     from lamina.owners import CLI, CONTAINERD, OWNERS
-    from lamina.root import SNAPSHOTTERS
     from lamina.snapshots.storage import add_owner_column
+    from lamina.util.db import Database
 
     shared = False  # did containerd use this root (through serve)?
     for name in SNAPSHOTTERS:
@@ -222,7 +222,7 @@ def recover_after_restart(root: Root) -> CheckReport | None:
             recorded = ""
         report = None
         if recorded and recorded != current:
-            from lamina.check import check
+            from lamina.metadata.check import check
 
             report = check(root, repair=True, rehash=False)
             report.repaired += _drop_work_dirs(root)

@@ -46,12 +46,12 @@ from typing import Any
 from lamina.archive import mtree
 from lamina.content.local import BlobCorrupt, LocalContentStore
 from lamina.errors import FailedPrecondition, LaminaError, NotFound
-from lamina.fsutil import locked
-from lamina.gc import label_edges
+from lamina.fs.files import locked
 from lamina.labels import LAYER_MTREE
-from lamina.mount import cleanup_temp_mounts
+from lamina.metadata.gc import label_edges
+from lamina.metadata.root import Root
+from lamina.mounts.mount import cleanup_temp_mounts
 from lamina.owners import OWNERS, Scoped
-from lamina.root import Root
 from lamina.snapshots import Checker, Kind, LocalDirectories, ProblemKind, Snapshotter
 
 __all__ = ["CheckReport", "Problem", "ProblemType", "check"]
@@ -302,7 +302,7 @@ def check(root: Root, *, repair: bool = False, deep: bool = False,
     when they were unpacked (reads every file of every such layer). A changed
     layer is reported, not repaired: the images using it need importing again
     once it is removed. Without ``rehash`` blobs are only checked to exist
-    (what recovery after a restart does: see :mod:`lamina.rootformat`)."""
+    (what recovery after a restart does: see :mod:`lamina.metadata.formats`)."""
     report = CheckReport(repair=repair)
     problems, _ = _scan(root, deep=deep, rehash=rehash)
     report.problems = problems

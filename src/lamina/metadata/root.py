@@ -9,7 +9,7 @@ Layout under the root directory::
     locks/                     lock files (unpack, gc)
     tasks/                     running tasks' bundles (see lamina.containers.runtime.bundle)
 
-Everything in it is owner-only (see :mod:`lamina.perms`): the root is 0700, as
+Everything in it is owner-only (see :mod:`lamina.fs.perms`): the root is 0700, as
 containerd keeps its own, and a root an earlier lamina left 0711 is tightened
 when it is opened.
 """
@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 from lamina import rootless
 from lamina.errors import InvalidArgument
-from lamina.perms import DIR_MODE, tighten
+from lamina.fs.perms import DIR_MODE, tighten
 
 if TYPE_CHECKING:
-    from lamina.check import CheckReport
-    from lamina.containers.store import ContainerStore
     from lamina.content import ContentStore
-    from lamina.images.store import ImageStore
-    from lamina.leases import LeaseManager
+    from lamina.metadata.check import CheckReport
+    from lamina.metadata.containers import ContainerStore
+    from lamina.metadata.images import ImageStore
+    from lamina.metadata.leases import LeaseManager
     from lamina.snapshots import Snapshotter
 
 __all__ = ["DEFAULT_ROOT", "SNAPSHOTTERS", "Root", "default_root"]
@@ -81,9 +81,9 @@ class Root:
 
         Opening checks the root's format (an older one is migrated, a newer one
         refused) and, with ``recover``, repairs a root left by a machine that
-        restarted (see :mod:`lamina.rootformat`); :attr:`recovered` is that
+        restarted (see :mod:`lamina.metadata.formats`); :attr:`recovered` is that
         repair's report, or None."""
-        from lamina.rootformat import open_format, recover_after_restart
+        from lamina.metadata.formats import open_format, recover_after_restart
 
         self.path = Path(path)
         self.async_remove = async_remove
@@ -148,7 +148,7 @@ class Root:
         """The image store (opened once)."""
         with self._lock:
             if self._images is None:
-                from lamina.images.store import ImageStore
+                from lamina.metadata.images import ImageStore
 
                 self._images = ImageStore(self.metadata_path)
             return self._images
@@ -157,7 +157,7 @@ class Root:
         """The container records (opened once)."""
         with self._lock:
             if self._containers is None:
-                from lamina.containers.store import ContainerStore
+                from lamina.metadata.containers import ContainerStore
 
                 self._containers = ContainerStore(self.metadata_path)
             return self._containers
@@ -166,7 +166,7 @@ class Root:
         """The lease manager (opened once)."""
         with self._lock:
             if self._leases is None:
-                from lamina.leases import LeaseManager
+                from lamina.metadata.leases import LeaseManager
 
                 self._leases = LeaseManager(self.metadata_path)
             return self._leases

@@ -23,7 +23,7 @@ layers. So, as containerd 2.0 does:
 
 Mounts ask for this the way containerd's do, with ``uidmap=C:H:S`` and
 ``gidmap=C:H:S`` options (container ID, host ID, count), which
-:func:`lamina.mount.mount_all` hands to :func:`mount_idmapped`.
+:func:`lamina.mounts.mount.mount_all` hands to :func:`mount_idmapped`.
 
 Where the kernel or the filesystem cannot map IDs on a mount (EINVAL, EPERM,
 ENOSYS from mount_setattr) — or with ``LAMINA_IDMAP=copy`` — the lowerdirs'
@@ -52,8 +52,8 @@ from typing import BinaryIO
 
 from lamina.archive.whiteout import OVERLAY_MOUNT_OPTIONS
 from lamina.errors import FailedPrecondition, InvalidArgument
-from lamina.fsutil import remove_tree
-from lamina.mount import Mount, mount_all, move_mount, syscall, unmount_all
+from lamina.fs.files import remove_tree
+from lamina.mounts.mount import Mount, mount_all, move_mount, syscall, unmount_all
 
 __all__ = [
     "COPY_ENV",
@@ -203,7 +203,7 @@ def _options_userns(options: Sequence[str]) -> tuple[UserNamespace | None, list[
 
 
 def with_idmap(mounts: Sequence[Mount], userns: UserNamespace) -> list[Mount]:
-    """``mounts`` with the options that make :func:`lamina.mount.mount_all` ID-map them."""
+    """``mounts`` with the options that make :func:`lamina.mounts.mount.mount_all` ID-map them."""
     extra = userns.mount_options()
     return [Mount(m.type, m.source, m.target,
                   (*(o for o in m.options if not o.startswith(("uidmap=", "gidmap="))), *extra))

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from lamina import crash
-from lamina.db import Database
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
 from lamina.labels import validate_labels
+from lamina.util import crash
+from lamina.util.db import Database
 
 __all__ = ["Container", "ContainerStore"]
 

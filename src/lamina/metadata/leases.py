@@ -42,9 +42,9 @@ from datetime import UTC, datetime, timedelta
 from typing import BinaryIO
 
 from lamina.content import ContentStore, Info, Status, Writer
-from lamina.db import Database
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
 from lamina.labels import PURPOSE, validate_labels
+from lamina.util.db import Database
 
 __all__ = ["DEFAULT_EXPIRY", "Lease", "LeaseManager", "LeasedContent", "parse_duration"]
 

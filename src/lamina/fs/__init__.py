@@ -1,0 +1,1 @@
+"""The filesystem layer: dirfd-relative tree operations, durable files, permissions, walking."""

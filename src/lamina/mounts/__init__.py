@@ -1,0 +1,1 @@
+"""Mounts: the Mount value, mountinfo, ID-mapped mounts."""

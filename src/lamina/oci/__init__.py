@@ -1,0 +1,1 @@
+"""The OCI image spec: media types, descriptors and documents, platforms, DiffIDs and ChainIDs."""
