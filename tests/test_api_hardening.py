@@ -396,7 +396,7 @@ def test_ctr_image_rm_sync_frees_lamina_directories(tmp_root: Path) -> None:
     tar = f.as_tar(work / "layout", work / "image.tar")
     with lamina_and_containerd(tmp_root) as (lamina, ctrd):
         ctrd.ctr("images", "import", "--snapshotter", "lamina", str(tar))
-        snaps = lamina.metadata.root / "snapshots" / "overlay" / "snapshots"
+        snaps = lamina.root / "snapshots" / "overlay" / "snapshots"
         assert len(list(snaps.iterdir())) == 4
         ctrd.ctr("images", "rm", "--sync", ref)
         left = sorted(p.name for p in snaps.iterdir())

@@ -144,7 +144,7 @@ def test_image_lifecycle(content: bool, tmp_root: Path, images: Images) -> None:
         e = E2E(lamina, ctrd, content_proxy=content)
         _through_containerd(e, images)
     # both stopped by now, with status 0; open lamina's stores on its root directly
-    root = Root(lamina.metadata.root)
+    root = Root(lamina.root)
     try:
         assert list(root.snapshotter("overlay").walk()) == []
         assert list(root.content().walk()) == []
