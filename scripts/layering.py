@@ -151,9 +151,11 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--graph", action="store_true", help="print the package graph")
+    parser.add_argument("--src", type=Path, default=SRC,
+                        help="the directory holding the lamina package (default: the checkout's)")
     args = parser.parse_args(argv)
 
-    known = modules(SRC)
+    known = modules(args.src)
     edges = {name: imports_of(name, path, known) for name, path in known.items()}
     level = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 
