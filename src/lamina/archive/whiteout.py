@@ -21,7 +21,11 @@ import os
 import stat
 
 from lamina.errors import InvalidArgument
-from lamina.rootless import in_user_namespace
+from lamina.mounts.overlay import (
+    OVERLAY_MOUNT_OPTIONS,
+    OVERLAY_OPAQUE_XATTR,
+    OVERLAY_XATTR_PREFIX,
+)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -41,13 +45,8 @@ __all__ = [
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
 OPAQUE_MARKER = ".wh..wh..opq"
-# In a user namespace (rootless lamina) overlayfs is mounted with ``userxattr`` and
-# keeps its xattrs in ``user.``: ``trusted.`` belongs to the initial namespace's root.
-_USERNS = in_user_namespace()
-OVERLAY_XATTR_PREFIX = "user.overlay." if _USERNS else "trusted.overlay."
-OVERLAY_OPAQUE_XATTR = OVERLAY_XATTR_PREFIX + "opaque"
-OVERLAY_MOUNT_OPTIONS: tuple[str, ...] = ("userxattr",) if _USERNS else ()
-"""What every overlay mount of layers needs here (``userxattr`` in a user namespace)."""
+# The overlay xattr names and mount options are the mounts layer's
+# (lamina.mounts.overlay); they stay importable from here for the archive's users.
 
 
 def whiteout_name(name: str) -> str:

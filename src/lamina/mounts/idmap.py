@@ -23,7 +23,9 @@ layers. So, as containerd 2.0 does:
 
 Mounts ask for this the way containerd's do, with ``uidmap=C:H:S`` and
 ``gidmap=C:H:S`` options (container ID, host ID, count), which
-:func:`lamina.mounts.mount.mount_all` hands to :func:`mount_idmapped`.
+:func:`lamina.mounts.mount.mount_all` hands to :func:`mount_idmapped`. What is
+mounted here without a mapping goes through :func:`lamina.mounts.plain.mount_plain`
+(never back through ``mount_all``).
 
 Where the kernel or the filesystem cannot map IDs on a mount (EINVAL, EPERM,
 ENOSYS from mount_setattr) — or with ``LAMINA_IDMAP=copy`` — the lowerdirs'
@@ -50,10 +52,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from lamina.archive.whiteout import OVERLAY_MOUNT_OPTIONS
 from lamina.errors import FailedPrecondition, InvalidArgument
 from lamina.fs.files import remove_tree
-from lamina.mounts.mount import Mount, mount_all, move_mount, syscall, unmount_all
+from lamina.mounts.overlay import OVERLAY_MOUNT_OPTIONS
+from lamina.mounts.plain import Mount, mount_plain, move_mount, syscall, unmount_all
 
 __all__ = [
     "COPY_ENV",
@@ -383,7 +385,7 @@ def _mount_bind(m: Mount, target: str, userns: UserNamespace, *,
         raise FailedPrecondition(
             f"cannot ID-map the read-only {m.source} and will not chown a shared layer")
     _shift_in_place(m.source, userns)
-    mount_all([m], target, allow_suid=allow_suid, allow_dev=allow_dev)
+    mount_plain([m], target, allow_suid=allow_suid, allow_dev=allow_dev)
 
 
 def _lowerdirs(options: Sequence[str]) -> tuple[int, list[str]]:
@@ -431,7 +433,7 @@ def _mount_overlay(m: Mount, target: str, userns: UserNamespace, *,
     copy = _cached_copy(lowers, upper, userns)
     options = list(m.options)
     options[index] = f"lowerdir={copy}"
-    mount_all([Mount(m.type, m.source, "", tuple(options))], target,
+    mount_plain([Mount(m.type, m.source, "", tuple(options))], target,
               allow_suid=allow_suid, allow_dev=allow_dev)
 
 
@@ -449,7 +451,7 @@ def _mount_overlay_mapped(m: Mount, target: str, userns: UserNamespace, index: i
             options = list(m.options)
             options[index] = "lowerdir=" + ":".join(
                 helper + lower[len(common):] for lower in lowers)
-            mount_all([Mount(m.type, m.source, "", tuple(options))], target,
+            mount_plain([Mount(m.type, m.source, "", tuple(options))], target,
                       allow_suid=allow_suid, allow_dev=allow_dev)
         finally:
             _detach(helper)  # overlayfs holds its own clones of the layers
@@ -516,7 +518,7 @@ def _cached_copy(lowers: list[str], upper: str | None, userns: UserNamespace) ->
         else:
             joined = "lowerdir=" + ":".join(lowers)
             options = ("ro", *OVERLAY_MOUNT_OPTIONS, joined)  # userxattr in a user namespace
-            mount_all([Mount("overlay", "overlay", options=options)], view)
+            mount_plain([Mount("overlay", "overlay", options=options)], view)
             source = view
         try:
             chowned_copy(source, tree, userns)
