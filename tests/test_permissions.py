@@ -21,7 +21,7 @@ from conftest import require_root_user, require_tools
 from imagefactory import File, build_oci_layout, layer_from_entries
 
 from lamina.cli import main
-from lamina.metadata.root import Root
+from lamina.metadata.recover import RecoveredRoot as Root
 
 REF = "test/private:1"
 SECRET = b"only root may read this\n"

@@ -13,8 +13,9 @@ from pathlib import Path
 from conftest import require_root_user
 
 from lamina.images.service import ImageService
-from lamina.metadata.formats import BOOT_ID_FILE, FORMAT, FORMAT_FILE
-from lamina.metadata.root import Root
+from lamina.metadata.formats import FORMAT, FORMAT_FILE
+from lamina.metadata.recover import BOOT_ID_FILE
+from lamina.metadata.recover import RecoveredRoot as Root
 
 FIXTURE = Path(__file__).parent / "fixtures" / "root-format1.tar.gz"
 

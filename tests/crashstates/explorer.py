@@ -27,11 +27,11 @@ from crashstates.record import Recorder
 from crashstates.states import CrashState, choose, explore, replay
 from crashstates.trace import TraceError, parse, run_traced
 from crashstates.tree import Create, Op, Rename, Tree, scan
-from lamina.containers.workdirs import interrupted, root_work_dirs
 from lamina.errors import LaminaError
 from lamina.fs.files import remove_tree
 from lamina.metadata.check import ProblemType, check
-from lamina.metadata.root import Root
+from lamina.metadata.recover import RecoveredRoot as Root
+from lamina.metadata.workdirs import interrupted, root_work_dirs
 
 __all__ = ["Outcome", "Recording", "Step", "explore_workload", "record_workload"]
 

@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lamina.metadata.root import Root
+from lamina.metadata.recover import RecoveredRoot
 
 if TYPE_CHECKING:
     from lamina.content import ContentStore
@@ -23,14 +23,14 @@ class App:
     root: str
     snapshotter: str = "overlay"
     address: str | None = None
-    _root: Root | None = field(default=None, repr=False)
+    _root: RecoveredRoot | None = field(default=None, repr=False)
     _remote: Any = field(default=None, repr=False)
     _remote_content: Any = field(default=None, repr=False)
 
     @property
-    def store_root(self) -> Root:
+    def store_root(self) -> RecoveredRoot:
         if self._root is None:
-            self._root = Root(self.root)
+            self._root = RecoveredRoot(self.root)
             report = self._root.recovered
             if report is not None and (report.repaired or report.remaining):
                 print(f"lamina: {self.root} was last used before the machine restarted; "

@@ -14,11 +14,11 @@ __all__ = ["register"]
 def cmd_serve(args: argparse.Namespace, app: App) -> int:
     from lamina.api import default_address
     from lamina.api.server import Server, serve
-    from lamina.metadata.root import Root
+    from lamina.metadata.recover import RecoveredRoot
     from lamina.util.sdnotify import notify
 
     # A long-running server deletes removed snapshots' directories in the background.
-    root = Root(app.root, async_remove=not args.sync_remove)
+    root = RecoveredRoot(app.root, async_remove=not args.sync_remove)
 
     address = args.serve_address or app.address or default_address()
     if not logging.getLogger().handlers:

@@ -49,7 +49,6 @@ from lamina.archive.changes import write_diff
 from lamina.containers.revisions import ContainerService
 from lamina.containers.runtime import TaskInfo, TaskStatus
 from lamina.containers.tasks_service import ContainerTasks, bind_mounts
-from lamina.containers.workdirs import interrupted, paused, root_work_dirs, work_dir
 from lamina.content import ContentStore
 from lamina.differ import apply_diff, create_diff
 from lamina.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -60,6 +59,7 @@ from lamina.labels import CHECKPOINT, RESTORED_FROM_ANNOTATION
 from lamina.metadata.containers import Container
 from lamina.metadata.images import Image
 from lamina.metadata.leases import LeaseManager
+from lamina.metadata.workdirs import interrupted, paused, root_work_dirs, work_dir
 from lamina.oci.types import Descriptor, Index, MediaType, host_platform
 
 __all__ = [

@@ -1,15 +1,17 @@
-"""What a root's format is, how an older one is brought up to date, and what
-happens when a root is opened after the machine restarted.
+"""What a root's format is and how an older one is brought up to date.
 
 **Format versions.** A root records its format in ``<root>/format`` (JSON,
-written atomically). Opening a root:
+written atomically).
 
-* a new, empty root is stamped with :data:`FORMAT`;
+* a new, empty root is stamped with :data:`FORMAT` when it is first opened;
 * a root without the file was made by lamina 0.1 (format 1);
-* an older format is migrated, one step at a time, under a lock: every step
-  is idempotent and the new version is written only after the step is done,
-  so a crash mid-way leaves the old version recorded and the next open
-  repeats the step;
+* :func:`open_format` migrates an older format, one step at a time, under a
+  lock: every step is idempotent and the new version is written only after the
+  step is done, so a crash mid-way leaves the old version recorded and the next
+  migration repeats the step. A plain open (:func:`check_format`, what
+  :class:`~lamina.metadata.root.Root` runs) migrates nothing: it refuses a root
+  that needs it (FailedPrecondition), and recovery
+  (:mod:`lamina.metadata.recover`) migrates;
 * a newer format is refused (FailedPrecondition): an older lamina must not
   write what it does not understand.
 
@@ -31,42 +33,29 @@ History:
    then drops its own references to what it does not need); on any other
    root every blob is the CLI's.
 
-**After a restart.** The kernel's boot id is recorded in ``<root>/boot-id``.
-When a root is opened and the recorded id differs, the machine restarted
-since this root was last used — perhaps through a power cut in the middle of
-some work. Before anything else uses it, the root is repaired the way
-``lamina check --repair`` does (stale temporary mounts, ingests and
-directories no metadata names, rows whose files are gone, work directories
-of checkpoints and restores the restart interrupted), without re-hashing
-every blob (a blob is fsynced before it is renamed into place, so a power cut
-cannot leave a committed blob with wrong bytes; ``lamina check`` verifies
-them when asked). One process does it; the others wait for it.
+A migration names the snapshotters that existed when its format was current
+(:data:`_SNAPSHOTTERS`), not today's list: history does not change.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lamina.errors import FailedPrecondition
-from lamina.fs.files import atomic_write, fsync_dir, locked, remove_tree
+from lamina.fs.files import atomic_write, locked
 from lamina.fs.perms import FILE_MODE, tighten, tighten_tree
 from lamina.util import crash
 
-if TYPE_CHECKING:
-    from lamina.metadata.check import CheckReport
-    from lamina.metadata.root import Root
-
-__all__ = ["BOOT_ID_FILE", "FORMAT", "FORMAT_FILE", "open_format", "recover_after_restart"]
+__all__ = ["FORMAT", "FORMAT_FILE", "check_format", "open_format"]
 
 FORMAT = 3
 FORMAT_FILE = "format"
-BOOT_ID_FILE = "boot-id"
-_BOOT_ID = "/proc/sys/kernel/random/boot_id"
+# the snapshotters of formats 1 to 3 (lamina.metadata.root.SNAPSHOTTERS then)
+_SNAPSHOTTERS = ("overlay", "native")
 
 
 def _read_format(path: Path) -> int | None:
@@ -89,16 +78,14 @@ def _write_format(path: Path, version: int) -> None:
 
 def _to_2(path: Path) -> None:
     """Owner-only modes (format 2): the root first, which alone closes it."""
-    from lamina.metadata.root import SNAPSHOTTERS
-
     tighten(path)
     crash.point("format.2.root")
     names = ("snapshots", "content", "tmpmounts", "tasks", "checkpoints", "locks")
-    dirs = [path / n for n in names] + [path / "snapshots" / n for n in SNAPSHOTTERS]
+    dirs = [path / n for n in names] + [path / "snapshots" / n for n in _SNAPSHOTTERS]
     for d in dirs:
         tighten(d)
     dbs = [path / "metadata.db", path / "content" / "metadata.db"]
-    dbs += [path / "snapshots" / n / "metadata.db" for n in SNAPSHOTTERS]
+    dbs += [path / "snapshots" / n / "metadata.db" for n in _SNAPSHOTTERS]
     for db in dbs:
         for suffix in ("", "-wal", "-shm", "-journal"):
             tighten(f"{db}{suffix}", FILE_MODE)
@@ -110,13 +97,12 @@ def _to_3(path: Path) -> None:
     containerd used, else by the CLI."""
     from lamina.content.local import _SCHEMA as CONTENT_SCHEMA
     from lamina.content.local import hold
-    from lamina.metadata.root import SNAPSHOTTERS
     from lamina.owners import CLI, CONTAINERD, OWNERS
     from lamina.snapshots.storage import add_owner_column
     from lamina.util.db import Database
 
     shared = False  # did containerd use this root (through serve)?
-    for name in SNAPSHOTTERS:
+    for name in _SNAPSHOTTERS:
         db_path = path / "snapshots" / name / "metadata.db"
         if not db_path.is_file():
             continue
@@ -159,73 +145,53 @@ def _classify_snapshots(conn: Any) -> None:
 MIGRATIONS: dict[int, Callable[[Path], None]] = {1: _to_2, 2: _to_3}
 
 
-def open_format(path: Path) -> int:
-    """Check (stamp, migrate) the format of the root at ``path``; the format it had."""
-    found = _read_format(path)
-    if found == FORMAT:
-        return found
+def _refuse_newer(path: Path, found: int | None) -> None:
     if found is not None and found > FORMAT:
         raise FailedPrecondition(
             f"root {path} has format {found}, newer than this lamina understands "
             f"(up to {FORMAT}): use the lamina that made it, or a newer one")
-    with locked(path / "locks" / "format"):
-        found = _read_format(path)
-        if found is None:
-            others = {e for e in os.listdir(path)} - {"locks", FORMAT_FILE}
-            found = 1 if others else FORMAT
-        for step in range(found, FORMAT):
-            MIGRATIONS[step](path)
-            crash.point("format.step-done")
-            _write_format(path, step + 1)
-            crash.point("format.written")
+
+
+def _found_or_stamped(path: Path) -> int:
+    """The format recorded; a root without one is new (stamped now) or from 0.1.
+    Under the format lock."""
+    found = _read_format(path)
+    if found is None:
+        others = {e for e in os.listdir(path)} - {"locks", FORMAT_FILE}
+        found = 1 if others else FORMAT
         if found == FORMAT:
             _write_format(path, FORMAT)
     return found
 
 
-def _boot_id() -> str:
-    try:
-        return Path(_BOOT_ID).read_text(encoding="ascii").strip()
-    except OSError:
-        return ""
+def check_format(path: Path) -> int:
+    """The format of the root at ``path``, which a plain open accepts only when it is
+    :data:`FORMAT` (a new, empty root is stamped with it); FailedPrecondition for an
+    older root (it needs :func:`open_format` first) or a newer one."""
+    found = _read_format(path)
+    if found is None:
+        with locked(path / "locks" / "format"):
+            found = _found_or_stamped(path)
+    _refuse_newer(path, found)
+    if found < FORMAT:
+        raise FailedPrecondition(
+            f"root {path} has format {found}, older than this lamina's ({FORMAT}): "
+            "open it with recovery (lamina.metadata.recover; every lamina command does) "
+            "to migrate it")
+    return found
 
 
-def _drop_work_dirs(root: Root) -> list[str]:
-    """No checkpoint or restore outlives the machine: every work directory left
-    under the root was interrupted, and the task it may have paused died with the
-    machine. Removed as ``check --repair`` does (what it did, in sentences)."""
-    from lamina.containers.workdirs import interrupted, root_work_dirs
-
-    base, lock = root_work_dirs(root.path)
-    done = []
-    for left in interrupted(base, lock=lock):
-        remove_tree(left.path)
-        done.append(f"removed the work directory {left.path} of a checkpoint or restore "
-                    "the restart interrupted")
-    if done:
-        fsync_dir(base)
-    return done
-
-
-def recover_after_restart(root: Root) -> CheckReport | None:
-    """Repair ``root`` if the machine restarted since it was last used; the report
-    of the repair, or None when there was nothing to do (see the module docs)."""
-    current = _boot_id()
-    marker = root.path / BOOT_ID_FILE
-    with contextlib.suppress(OSError):
-        if not current or marker.read_text(encoding="ascii").strip() == current:
-            return None
-    with locked(root.path / "locks" / "recover"):
-        try:
-            recorded = marker.read_text(encoding="ascii").strip()
-        except FileNotFoundError:
-            recorded = ""
-        report = None
-        if recorded and recorded != current:
-            from lamina.metadata.check import check
-
-            report = check(root, repair=True, rehash=False)
-            report.repaired += _drop_work_dirs(root)
-        if recorded != current:
-            atomic_write(marker, current.encode() + b"\n", mode=FILE_MODE)
-        return report
+def open_format(path: Path) -> int:
+    """Check and migrate the format of the root at ``path``; the format it had."""
+    found = _read_format(path)
+    if found == FORMAT:
+        return found
+    _refuse_newer(path, found)
+    with locked(path / "locks" / "format"):
+        found = _found_or_stamped(path)
+        for step in range(found, FORMAT):
+            MIGRATIONS[step](path)
+            crash.point("format.step-done")
+            _write_format(path, step + 1)
+            crash.point("format.written")
+    return found

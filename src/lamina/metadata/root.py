@@ -12,6 +12,13 @@ Layout under the root directory::
 Everything in it is owner-only (see :mod:`lamina.fs.perms`): the root is 0700, as
 containerd keeps its own, and a root an earlier lamina left 0711 is tightened
 when it is opened.
+
+Opening a :class:`Root` is a plain open, as containerd's ``metadata.NewDB`` is:
+it makes a new root (stamped with the current format) and refuses one at any
+other format, and it repairs nothing. Migrating an older format and repairing a
+root a machine restart interrupted is recovery, its own step, which a process
+takes once before it works on the root: :class:`lamina.metadata.recover.RecoveredRoot`
+(every ``lamina`` command and ``lamina serve`` open the root through it).
 """
 
 from __future__ import annotations
@@ -25,16 +32,16 @@ from typing import TYPE_CHECKING, Any
 from lamina import rootless
 from lamina.errors import InvalidArgument
 from lamina.fs.perms import DIR_MODE, tighten
+from lamina.metadata.formats import check_format
 
 if TYPE_CHECKING:
     from lamina.content import ContentStore
-    from lamina.metadata.check import CheckReport
     from lamina.metadata.containers import ContainerStore
     from lamina.metadata.images import ImageStore
     from lamina.metadata.leases import LeaseManager
     from lamina.snapshots import Snapshotter
 
-__all__ = ["DEFAULT_ROOT", "SNAPSHOTTERS", "Root", "default_root"]
+__all__ = ["DEFAULT_ROOT", "SNAPSHOTTERS", "Root", "default_root", "make_root_dir"]
 
 DEFAULT_ROOT = "/var/lib/lamina"
 
@@ -71,33 +78,33 @@ SNAPSHOTTERS: dict[str, Callable[..., Snapshotter]] = {
 }
 
 
+def make_root_dir(path: Path) -> None:
+    """Make the root directory at ``path`` (owner-only, tightened if an earlier lamina
+    left it open) and its lock directory, if missing."""
+    path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    tighten(path)
+    (path / "locks").mkdir(mode=DIR_MODE, exist_ok=True)
+
+
 class Root:
     """Paths of one lamina root, and the stores opened on it (lazily, once)."""
 
-    def __init__(self, path: str | os.PathLike[str], *, async_remove: bool = False,
-                 recover: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, async_remove: bool = False) -> None:
         """``async_remove``: snapshotters delete removed snapshots' directories in a
         background thread (what a long-running server wants) instead of inline.
 
-        Opening checks the root's format (an older one is migrated, a newer one
-        refused) and, with ``recover``, repairs a root left by a machine that
-        restarted (see :mod:`lamina.metadata.formats`); :attr:`recovered` is that
-        repair's report, or None."""
-        from lamina.metadata.formats import open_format, recover_after_restart
-
+        A plain open (see the module docs): FailedPrecondition for a root at another
+        format than this lamina's; :attr:`format_found` is the format it had."""
         self.path = Path(path)
         self.async_remove = async_remove
-        self.path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-        tighten(self.path)
-        (self.path / "locks").mkdir(mode=DIR_MODE, exist_ok=True)
+        make_root_dir(self.path)
         self._lock = threading.RLock()
         self._snapshotters: dict[str, Snapshotter] = {}
         self._content: ContentStore | None = None
         self._images: ImageStore | None = None
         self._containers: ContainerStore | None = None
         self._leases: LeaseManager | None = None
-        self.format_found = open_format(self.path)
-        self.recovered: CheckReport | None = recover_after_restart(self) if recover else None
+        self.format_found = check_format(self.path)
 
     def snapshots_dir(self, snapshotter: str) -> Path:
         return self.path / "snapshots" / snapshotter
