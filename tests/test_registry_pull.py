@@ -20,8 +20,9 @@ from registry_peer import running_registry, skopeo_push
 
 from lamina.errors import NotFound
 from lamina.images.service import ImageService
+from lamina.labels import DISTRIBUTION_SOURCE
 from lamina.metadata.root import Root
-from lamina.remotes.pull import SOURCE_LABEL, pull
+from lamina.remotes.pull import pull
 from lamina.remotes.registry import Registry
 
 
@@ -85,7 +86,7 @@ def test_pull_equals_import(require_root: None, peer: Peer, image: imagefactory.
     with _closing(Root(root)) as r:
         info = r.content().info(image.layers[0].digest if fmt == "oci" else
                                 result.manifests[0].digest)
-        assert info.labels[SOURCE_LABEL + peer.host] == f"test/rich-{fmt}"
+        assert info.labels[DISTRIBUTION_SOURCE + peer.host] == f"test/rich-{fmt}"
     # again: everything is there, nothing fetched or extracted
     with Registry() as reg, _closing(Root(root)) as r:
         again = pull(reg, name, root=r)

@@ -33,9 +33,8 @@ from lamina.snapshots import Capability, Kind, LocalDirectories, Snapshotter
 if TYPE_CHECKING:
     from lamina.content import ContentStore
 
-__all__ = ["LABEL_UNCOMPRESSED", "DiffOutcome", "apply_diff", "create_diff"]
+__all__ = ["DiffOutcome", "apply_diff", "create_diff"]
 
-LABEL_UNCOMPRESSED = UNCOMPRESSED
 _COMPRESSION = {"gzip": "gzip", "zstd": "zstd", "none": "none", "": "gzip"}
 
 
@@ -111,7 +110,7 @@ def create_diff(
             finally:
                 if view_key:
                     sn.remove(view_key)
-        all_labels = {**(labels or {}), LABEL_UNCOMPRESSED: result.diff_id}
+        all_labels = {**(labels or {}), UNCOMPRESSED: result.diff_id}
         with contextlib.suppress(AlreadyExists):
             writer.commit(result.size, result.digest, labels=all_labels)
     except BaseException:

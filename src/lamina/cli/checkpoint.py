@@ -12,13 +12,14 @@ __all__ = ["register"]
 
 
 def _ls(args: argparse.Namespace, app: App) -> int:
-    from lamina.containers.checkpoint import LABEL_CHECKPOINT, CheckpointService
+    from lamina.containers.checkpoint import CheckpointService
+    from lamina.labels import CHECKPOINT
 
     rows = []
     with container_cli.services(app) as ct:
         cps = CheckpointService(ct)
         for image in ct.containers.images.images.list():
-            if LABEL_CHECKPOINT not in image.labels:
+            if CHECKPOINT not in image.labels:
                 continue
             try:
                 ckpt = cps.read(image.name)

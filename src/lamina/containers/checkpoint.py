@@ -86,7 +86,6 @@ ANNOTATION_BIND_DESTINATION = "lamina.io/checkpoint.bind.destination"
 ANNOTATION_BIND_SOURCE = "lamina.io/checkpoint.bind.source"
 ANNOTATION_BIND_KIND = "lamina.io/checkpoint.bind.kind"
 ANNOTATION_DIFF_ID = "lamina.io/checkpoint.rw.diff-id"
-LABEL_CHECKPOINT = CHECKPOINT
 
 _CONFIG_VERSION = 1
 _CHUNK = 1 << 20
@@ -386,7 +385,7 @@ class CheckpointService:
                 label_references(self.content, index_desc)
                 self.containers.images.images.put(Image(
                     name=ref, target=index_desc,
-                    labels={LABEL_CHECKPOINT: cid}))
+                    labels={CHECKPOINT: cid}))
         return CheckpointResult(ref=ref, index=index_desc, container=cid, timings=timer.done())
 
     def _checkpoint_binds(self, options: Mapping[str, Any]) -> list[Descriptor]:
@@ -494,7 +493,7 @@ class CheckpointService:
                 with timer.phase("create"):
                     container = self.containers.create(
                         image, cid, labels={**ckpt.config.get("labels", {}),
-                                            LABEL_CHECKPOINT: ref},
+                                            CHECKPOINT: ref},
                         options=options)
                 if ckpt.rw is not None:
                     with timer.phase("rw_apply"):

@@ -41,17 +41,9 @@ from lamina.metadata.containers import Container
 from lamina.metadata.root import Root
 
 __all__ = [
-    "LABEL_CONTAINER",
-    "LABEL_IMAGE",
-    "LABEL_PREVIOUS",
     "ContainerService",
     "Revision",
 ]
-
-LABEL_IMAGE = REVISION_IMAGE
-LABEL_PREVIOUS = REVISION_PREVIOUS
-LABEL_CONTAINER = REVISION_CONTAINER
-
 
 @dataclass(frozen=True)
 class Revision:
@@ -94,10 +86,10 @@ class ContainerService:
     def _prepare_revision(self, cid: str, image: str, previous: str = "") -> str:
         top = self.images.chain_id(image)
         key = _new_key(cid)
-        labels = {GC_ROOT: datetime.now(UTC).isoformat(), LABEL_IMAGE: image,
-                  LABEL_CONTAINER: cid}
+        labels = {GC_ROOT: datetime.now(UTC).isoformat(), REVISION_IMAGE: image,
+                  REVISION_CONTAINER: cid}
         if previous:
-            labels[LABEL_PREVIOUS] = previous
+            labels[REVISION_PREVIOUS] = previous
         self.sn.prepare(key, top, labels=labels)
         return key
 
@@ -143,9 +135,9 @@ class ContainerService:
     def revisions(self, cid: str) -> builtins.list[Revision]:
         """Every revision of ``cid``, oldest first."""
         current = self.store.get(cid).snapshot_key
-        infos = self.sn.walk(f'labels."{LABEL_CONTAINER}"=={cid}')
-        revs = [Revision(key=i.name, image=i.labels.get(LABEL_IMAGE, ""),
-                         previous=i.labels.get(LABEL_PREVIOUS, ""), created=i.created,
+        infos = self.sn.walk(f'labels."{REVISION_CONTAINER}"=={cid}')
+        revs = [Revision(key=i.name, image=i.labels.get(REVISION_IMAGE, ""),
+                         previous=i.labels.get(REVISION_PREVIOUS, ""), created=i.created,
                          current=i.name == current) for i in infos]
         return sorted(revs, key=lambda r: (r.created or datetime.min.replace(tzinfo=UTC), r.key))
 
@@ -175,7 +167,7 @@ class ContainerService:
     def rollback(self, cid: str) -> Container:
         """Point ``cid`` back at its previous revision."""
         container = self.store.get(cid)
-        previous = self.sn.stat(container.snapshot_key).labels.get(LABEL_PREVIOUS, "")
+        previous = self.sn.stat(container.snapshot_key).labels.get(REVISION_PREVIOUS, "")
         if not previous:
             raise FailedPrecondition(f"container {cid!r}: no previous revision")
         try:
@@ -183,7 +175,7 @@ class ContainerService:
         except NotFound:
             raise FailedPrecondition(
                 f"container {cid!r}: previous revision {previous!r} was pruned") from None
-        image = info.labels.get(LABEL_IMAGE, "")
+        image = info.labels.get(REVISION_IMAGE, "")
         if not image:
             raise FailedPrecondition(f"revision {previous!r} has no image label")
         return self.store.update(replace(container, image=image, snapshot_key=previous))
@@ -201,8 +193,8 @@ class ContainerService:
         for rev in revs:
             if rev.key in keep_keys and rev.previous and rev.previous not in keep_keys:
                 info = self.sn.stat(rev.key)
-                self.sn.update(replace(info, labels={LABEL_PREVIOUS: ""}),
-                               f"labels.{LABEL_PREVIOUS}")
+                self.sn.update(replace(info, labels={REVISION_PREVIOUS: ""}),
+                               f"labels.{REVISION_PREVIOUS}")
         removed = []
         for rev in revs:
             if rev.key not in keep_keys:

@@ -43,10 +43,9 @@ if TYPE_CHECKING:
     from lamina.content import ContentStore
 
 __all__ = [
-    "GC_CONTENT", "import_images", "label_references", "normalize_name", "put_document",
+    "import_images", "label_references", "normalize_name", "put_document",
 ]
 
-GC_CONTENT = GC_REF_CONTENT + "."
 _CHUNK = 1 << 20
 _DOCUMENTS = {"index.json", "oci-layout", "manifest.json", "repositories"}
 
@@ -200,13 +199,15 @@ def label_references(content: ContentStore, target: Descriptor) -> None:
         if desc.media_type in INDEX_TYPES:
             index = Index.parse(read_blob(content, desc))
             _set_labels(content, desc.digest, {
-                f"{GC_CONTENT}m.{i}": m.digest for i, m in enumerate(index.manifests)
+                f"{GC_REF_CONTENT}.m.{i}": m.digest for i, m in enumerate(index.manifests)
             })
             stack.extend(index.manifests)
         elif desc.media_type in MANIFEST_TYPES:
             m = Manifest.parse(read_blob(content, desc), desc.media_type)
-            labels = {f"{GC_CONTENT}config": m.config.digest}
-            labels.update({f"{GC_CONTENT}l.{i}": layer.digest for i, layer in enumerate(m.layers)})
+            labels = {f"{GC_REF_CONTENT}.config": m.config.digest}
+            labels.update(
+                {f"{GC_REF_CONTENT}.l.{i}": layer.digest for i, layer in enumerate(m.layers)}
+            )
             _set_labels(content, desc.digest, labels)
 
 

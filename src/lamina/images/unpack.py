@@ -63,10 +63,8 @@ from lamina.util.progress import Progress
 if TYPE_CHECKING:
     from lamina.content import ContentStore
 
-__all__ = ["LABEL_SNAPSHOT_REF", "LABEL_UNCOMPRESSED", "UnpackResult", "Unpacker"]
+__all__ = ["UnpackResult", "Unpacker"]
 
-LABEL_SNAPSHOT_REF = SNAPSHOT_REF
-LABEL_UNCOMPRESSED = UNCOMPRESSED
 #: Layers a staged unpack extracts ahead of the one it commits next: each holds
 #: its lock (a descriptor) and a staging directory until committed, so an image
 #: of 1,500 layers stays within a 1,024-descriptor limit.
@@ -204,7 +202,7 @@ class Unpacker:
         return f"extract-{time.time_ns()}-{secrets.token_hex(4)} {chain}"
 
     def _commit(self, key: str, chain: str) -> None:
-        labels = {LABEL_SNAPSHOT_REF: chain}
+        labels = {SNAPSHOT_REF: chain}
         if isinstance(self.sn, LocalDirectories):
             layer = self.sn.layer_dir(key)
             if self.record_mtree:
@@ -268,11 +266,11 @@ class Unpacker:
 
     def _label_layer(self, manifest: Manifest, config: ImageConfig, i: int) -> None:
         info = self.content.info(manifest.layers[i].digest)
-        if info.labels.get(LABEL_UNCOMPRESSED) != config.diff_ids[i]:
-            labels = {**info.labels, LABEL_UNCOMPRESSED: config.diff_ids[i]}
+        if info.labels.get(UNCOMPRESSED) != config.diff_ids[i]:
+            labels = {**info.labels, UNCOMPRESSED: config.diff_ids[i]}
             self.content.update(
                 type(info)(**{**info.__dict__, "labels": labels}),
-                f"labels.{LABEL_UNCOMPRESSED}",
+                f"labels.{UNCOMPRESSED}",
             )
 
     def _label_config(self, manifest: Manifest, top: str) -> None:
@@ -288,7 +286,7 @@ class Unpacker:
         """Prepare on the parent, mount, apply, commit (caller holds the layer's lock)."""
         chain, parent = chains[i], chains[i - 1] if i else ""
         key = self._key(chain)
-        mounts = self.sn.prepare(key, parent, labels={LABEL_SNAPSHOT_REF: chain})
+        mounts = self.sn.prepare(key, parent, labels={SNAPSHOT_REF: chain})
         try:
             with temp_mount(mounts, base=self.tmpmounts) as target:
                 self._apply(manifest, config, i, target)
@@ -403,7 +401,7 @@ class Unpacker:
                         self._settle(staged, applied.pop(i), parent)
                         crash.point("unpack.before-prepare")
                         sn.prepare_staged(key, parent, staged,
-                                          labels={LABEL_SNAPSHOT_REF: chains[i]})
+                                          labels={SNAPSHOT_REF: chains[i]})
                         crash.point("unpack.prepared")
                         try:
                             self._commit(key, chains[i])

@@ -58,8 +58,9 @@ from lamina.archive import limits
 from lamina.archive.limits import DEFAULT_MAX_LAYER_SIZE
 from lamina.content import ContentStore
 from lamina.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from lamina.images.importer import GC_CONTENT, put_document
+from lamina.images.importer import put_document
 from lamina.images.unpack import Unpacker, UnpackResult
+from lamina.labels import DISTRIBUTION_SOURCE, GC_REF_CONTENT
 from lamina.metadata.images import Image
 from lamina.metadata.leases import LeasedContent, LeaseManager
 from lamina.metadata.root import Root
@@ -96,7 +97,6 @@ MAX_DEPTH = 8
 MAX_DESCRIPTORS = 10_000
 #: Bytes of manifests, indexes and configs one pull may fetch, in all.
 MAX_DOCUMENT_BYTES = 64 << 20
-SOURCE_LABEL = "containerd.io/distribution.source."
 
 
 def parse_platform(text: str) -> dict[str, str]:
@@ -349,7 +349,7 @@ class _Puller:
 
     # -- labels ----------------------------------------------------------
     def label(self) -> None:
-        source_key = SOURCE_LABEL + self.ref.domain
+        source_key = DISTRIBUTION_SOURCE + self.ref.domain
         everything = {**self.plan.documents, **self.plan.blobs}
         for _, manifest in self.plan.manifests:
             everything[manifest.config.digest] = manifest.config
@@ -363,11 +363,11 @@ class _Puller:
             children = self.plan.children.get(digest, [])
             if digest in self.plan.documents and self.plan.documents[digest].media_type \
                     in MANIFEST_TYPES and children:
-                labels[f"{GC_CONTENT}config"] = children[0].digest
-                labels.update({f"{GC_CONTENT}l.{i}": c.digest
+                labels[f"{GC_REF_CONTENT}.config"] = children[0].digest
+                labels.update({f"{GC_REF_CONTENT}.l.{i}": c.digest
                                for i, c in enumerate(children[1:])})
             elif children:
-                labels.update({f"{GC_CONTENT}m.{i}": c.digest for i, c in enumerate(children)})
+                labels.update({f"{GC_REF_CONTENT}.m.{i}": c.digest for i, c in enumerate(children)})
             labels = {k: v for k, v in labels.items() if info.labels.get(k) != v}
             if labels:
                 self.content.update(replace(info, labels={**info.labels, **labels}),

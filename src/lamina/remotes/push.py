@@ -40,11 +40,11 @@ from typing import IO
 from lamina.content import ContentStore
 from lamina.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from lamina.images.resolve import read_blob
+from lamina.labels import DISTRIBUTION_SOURCE
 from lamina.metadata.images import Image, ImageStore
 from lamina.metadata.root import Root
 from lamina.oci.types import INDEX_TYPES, MANIFEST_TYPES, Descriptor, Index, Manifest
 from lamina.remotes.hosts import Endpoint
-from lamina.remotes.pull import SOURCE_LABEL
 from lamina.remotes.reference import Reference, parse_reference
 from lamina.remotes.referrers import descriptor_for, subject_of, update_referrers_tag
 from lamina.remotes.registry import Registry
@@ -154,7 +154,7 @@ class _Pusher:
         Afterwards the blob's source label names this repository too, so a push
         to another repository of the registry mounts it instead of uploading."""
         outcome = self._blob(desc)
-        key = SOURCE_LABEL + self.ref.domain
+        key = DISTRIBUTION_SOURCE + self.ref.domain
         info = self.content.info(desc.digest)
         repos = [r for r in info.labels.get(key, "").split(",") if r]
         if self.session.path not in repos:
@@ -173,7 +173,8 @@ class _Pusher:
             return "existing"
         query: list[tuple[str, str]] = []
         scope = self.scope
-        source = self.content.info(desc.digest).labels.get(SOURCE_LABEL + self.ref.domain, "")
+        labels = self.content.info(desc.digest).labels
+        source = labels.get(DISTRIBUTION_SOURCE + self.ref.domain, "")
         repos = [r for r in source.split(",") if r and r != self.session.path]
         if repos:
             query = [("mount", desc.digest), ("from", repos[0])]
