@@ -1,0 +1,315 @@
+"""Nodes share layers: ``lamina serve --registry-mirror`` serves the content store
+read-only over the OCI distribution API (lamina.api.mirror).
+
+Unit-level HTTP tests drive an in-process mirror over loopback; the
+end-to-end ones (test_registry_mirror_nodes.py) run three network namespaces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import resource
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lamina.api.distribution import byte_range, manifest_type
+from lamina.api.mirror import MirrorLimits, RegistryMirror, parse_listen
+from lamina.content import write_blob
+from lamina.content.local import LocalContentStore
+from lamina.errors import InvalidArgument
+from lamina.oci.types import MediaType
+
+
+def sha(data: bytes) -> str:
+    return f"sha256:{hashlib.sha256(data).hexdigest()}"
+
+
+LAYER = os.urandom(16 << 20)  # more than loopback's socket buffers hold
+CONFIG = json.dumps({"architecture": "amd64", "os": "linux"}).encode()
+OCI_MANIFEST = json.dumps({
+    "schemaVersion": 2, "mediaType": MediaType.OCI_MANIFEST,
+    "config": {"mediaType": MediaType.OCI_CONFIG, "digest": sha(CONFIG), "size": len(CONFIG)},
+    "layers": [{"mediaType": MediaType.OCI_LAYER, "digest": sha(LAYER), "size": len(LAYER)}],
+}).encode()
+DOCKER_MANIFEST = json.dumps({
+    "schemaVersion": 2, "mediaType": MediaType.DOCKER_MANIFEST,
+    "config": {"mediaType": MediaType.DOCKER_CONFIG, "digest": sha(CONFIG),
+               "size": len(CONFIG)}, "layers": []}).encode()
+BARE_INDEX = json.dumps({"schemaVersion": 2, "manifests": [
+    {"mediaType": MediaType.OCI_MANIFEST, "digest": sha(OCI_MANIFEST),
+     "size": len(OCI_MANIFEST)}]}).encode()
+THEIRS = b"a blob only containerd holds"
+INGESTING = b"half of a blob still being written"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[LocalContentStore]:
+    s = LocalContentStore(tmp_path / "content")
+    for i, data in enumerate([LAYER, CONFIG, OCI_MANIFEST, DOCKER_MANIFEST, BARE_INDEX]):
+        write_blob(s, f"ref-{i}", data, expected=sha(data))
+    write_blob(s.scoped("containerd"), "theirs", THEIRS, expected=sha(THEIRS))
+    w = s.writer("ingest", total=len(INGESTING), expected=sha(INGESTING))
+    w.write(INGESTING[:10])
+    w.close()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def mirror(store: LocalContentStore) -> Iterator[RegistryMirror]:
+    with RegistryMirror(store, "127.0.0.1", 0,
+                        limits=MirrorLimits(max_connections=4, timeout=2.0)) as m:
+        yield m
+
+
+def request(m: RegistryMirror, method: str, path: str,
+            headers: dict[str, str] | None = None, body: bytes | None = None
+            ) -> tuple[http.client.HTTPResponse, bytes]:
+    conn = http.client.HTTPConnection(*m.address, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp, resp.read()
+    finally:
+        conn.close()
+
+
+def error_code(data: bytes) -> str:
+    code: str = json.loads(data)["errors"][0]["code"]
+    return code
+
+
+def test_base(mirror: RegistryMirror) -> None:
+    for method in ("GET", "HEAD"):
+        resp, data = request(mirror, method, "/v2/")
+        assert resp.status == 200
+        assert resp.getheader("Docker-Distribution-API-Version") == "registry/2.0"
+        assert data == (b"{}" if method == "GET" else b"")
+
+
+def test_blob_get_and_head(mirror: RegistryMirror) -> None:
+    path = f"/v2/library/app/blobs/{sha(LAYER)}?ns=registry.example:5000"
+    resp, data = request(mirror, "GET", path)
+    assert resp.status == 200 and data == LAYER
+    assert resp.getheader("Content-Length") == str(len(LAYER))
+    assert resp.getheader("Docker-Content-Digest") == sha(LAYER)
+    assert resp.getheader("Content-Type") == "application/octet-stream"
+    assert resp.getheader("Accept-Ranges") == "bytes"
+    head, nothing = request(mirror, "HEAD", path)
+    assert head.status == 200 and nothing == b""
+    assert head.getheader("Content-Length") == str(len(LAYER))
+    # any valid name: the digest is the address
+    assert request(mirror, "GET", f"/v2/other/x_y.z/blobs/{sha(CONFIG)}")[1] == CONFIG
+
+
+@pytest.mark.parametrize(("doc", "media_type"), [
+    (OCI_MANIFEST, MediaType.OCI_MANIFEST), (DOCKER_MANIFEST, MediaType.DOCKER_MANIFEST),
+    (BARE_INDEX, MediaType.OCI_INDEX)])
+def test_manifest_by_digest(mirror: RegistryMirror, doc: bytes, media_type: str) -> None:
+    for method in ("GET", "HEAD"):
+        resp, data = request(mirror, method, f"/v2/app/manifests/{sha(doc)}")
+        assert resp.status == 200
+        assert data == (doc if method == "GET" else b"")
+        assert resp.getheader("Content-Type") == media_type
+        assert resp.getheader("Content-Length") == str(len(doc))
+        assert resp.getheader("Docker-Content-Digest") == sha(doc)
+
+
+def test_tags_and_non_manifests_are_unknown(mirror: RegistryMirror) -> None:
+    """A tag is 404 MANIFEST_UNKNOWN (containerd and lamina go on to the next host);
+    a blob that is not a manifest is no manifest."""
+    for path in ("/v2/app/manifests/latest", f"/v2/app/manifests/{sha(LAYER)}",
+                 f"/v2/app/manifests/{sha(CONFIG)}"):
+        resp, data = request(mirror, "GET", path)
+        assert (resp.status, error_code(data)) == (404, "MANIFEST_UNKNOWN"), path
+        assert resp.getheader("Content-Type") == "application/json"
+
+
+def test_ranges(mirror: RegistryMirror) -> None:
+    path = f"/v2/app/blobs/{sha(LAYER)}"
+    size = len(LAYER)
+    for header, (start, end) in [("bytes=10-19", (10, 20)), ("bytes=-5", (size - 5, size)),
+                                 (f"bytes={size - 3}-", (size - 3, size)),
+                                 (f"bytes=100-{size + 50}", (100, size))]:
+        resp, data = request(mirror, "GET", path, {"Range": header})
+        assert resp.status == 206, header
+        assert data == LAYER[start:end]
+        assert resp.getheader("Content-Range") == f"bytes {start}-{end - 1}/{size}"
+        assert resp.getheader("Content-Length") == str(end - start)
+    resp, data = request(mirror, "GET", path, {"Range": f"bytes={size}-"})
+    assert resp.status == 416 and resp.getheader("Content-Range") == f"bytes */{size}"
+    for ignored in ("bytes=0-1,5-6", "items=1-2", "bytes=9-3"):
+        resp, data = request(mirror, "GET", path, {"Range": ignored})
+        assert resp.status == 200 and data == LAYER, ignored
+    resp, data = request(mirror, "GET", f"/v2/app/manifests/{sha(OCI_MANIFEST)}",
+                         {"Range": "bytes=0-9"})
+    assert resp.status == 206 and data == OCI_MANIFEST[:10]
+
+
+def test_byte_range() -> None:
+    assert byte_range("bytes=0-", 10) == (0, 10)
+    assert byte_range("bytes=-20", 10) == (0, 10)
+    assert byte_range("bytes=", 10) is None
+
+
+def test_manifest_type() -> None:
+    assert manifest_type(CONFIG) is None
+    assert manifest_type(b"[]") is None and manifest_type(b"\xff") is None
+    assert manifest_type(json.dumps({"mediaType": MediaType.OCI_CONFIG}).encode()) is None
+
+
+def test_unknown_and_ingests_are_not_served(mirror: RegistryMirror) -> None:
+    for data in (b"never stored", INGESTING):
+        resp, body = request(mirror, "GET", f"/v2/app/blobs/{sha(data)}")
+        assert (resp.status, error_code(body)) == (404, "BLOB_UNKNOWN")
+    resp, body = request(mirror, "GET", "/v2/app/blobs/sha512:" + "ab" * 64)
+    assert resp.status == 404
+
+
+def test_containerd_blobs_served_without_a_reference(store: LocalContentStore,
+                                                     mirror: RegistryMirror) -> None:
+    before = store.holders()
+    resp, data = request(mirror, "GET", f"/v2/app/blobs/{sha(THEIRS)}")
+    assert resp.status == 200 and data == THEIRS
+    assert store.holders() == before  # reading took no CLI reference
+
+
+def test_writes_are_refused(store: LocalContentStore, mirror: RegistryMirror) -> None:
+    before = sorted(i.digest for i in store.walk())
+    for method, path in [("PUT", f"/v2/app/manifests/{sha(b'x')}"),
+                         ("POST", "/v2/app/blobs/uploads/"),
+                         ("PATCH", "/v2/app/blobs/uploads/1"),
+                         ("DELETE", f"/v2/app/blobs/{sha(LAYER)}")]:
+        resp, data = request(mirror, method, path, body=b"x")
+        assert (resp.status, error_code(data)) == (405, "UNSUPPORTED"), method
+        assert resp.getheader("Allow") == "GET, HEAD"
+    assert sorted(i.digest for i in store.walk()) == before
+
+
+def test_nothing_is_listed(mirror: RegistryMirror) -> None:
+    for path in ("/v2/_catalog", "/v2/app/tags/list", "/v2/app/blobs/uploads/1",
+                 f"/v2/app/referrers/{sha(LAYER)}", "/", "/v1/_ping"):
+        resp, data = request(mirror, "GET", path)
+        assert resp.status == 404, path
+        assert "app" not in data.decode() or path.startswith("/v2/app")
+
+
+def test_bad_names_and_traversal(mirror: RegistryMirror) -> None:
+    d = sha(LAYER)
+    for path in (f"/v2/App/blobs/{d}", f"/v2/../../etc/blobs/{d}", f"/v2/a//b/blobs/{d}",
+                 f"/v2/%2e%2e/x/blobs/{d}", f"/v2/{'a' * 256}/blobs/{d}", f"/v2/-a/blobs/{d}"):
+        resp, data = request(mirror, "GET", path)
+        assert (resp.status, error_code(data)) == (400, "NAME_INVALID"), path
+    for ref in ("sha256:..%2f..%2fetc", "sha256:" + "A" * 64, "sha256:%00", "sha256:abc"):
+        resp, data = request(mirror, "GET", f"/v2/app/blobs/{ref}")
+        assert resp.status in (400, 404), ref
+    resp, data = request(mirror, "GET", "/v2/app/blobs/sha256:..%2f..%2fetc%2fpasswd")
+    assert resp.status in (400, 404) and b"root:" not in data
+
+
+def raw(m: RegistryMirror) -> socket.socket:
+    return socket.create_connection(m.address, timeout=10)
+
+
+def test_slow_clients_do_not_block_others(mirror: RegistryMirror) -> None:
+    """A client dribbling its request head, and one that asked for a blob and reads
+    nothing, hold only themselves; each is cut after the 2 s timeout."""
+    dribbler = raw(mirror)
+    dribbler.sendall(b"GET /v2/ HTT")
+    sleeper = socket.socket()
+    sleeper.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect
+    sleeper.connect(mirror.address)
+    sleeper.sendall(f"GET /v2/a/blobs/{sha(LAYER)} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    start = time.monotonic()
+    resp, data = request(mirror, "GET", f"/v2/a/blobs/{sha(CONFIG)}")
+    assert resp.status == 200 and data == CONFIG
+    assert time.monotonic() - start < 1.0
+    assert drain(dribbler) == 0  # closed by the mirror after the head timeout
+    assert time.monotonic() - start < 4.5
+    time.sleep(max(0.0, start + 3.5 - time.monotonic()))  # the sleeper reads nothing
+    assert drain(sleeper) < len(LAYER)
+
+
+def drain(s: socket.socket) -> int:
+    """Read until the peer closes (or resets); how many bytes came."""
+    s.settimeout(8)
+    got = 0
+    try:
+        while chunk := s.recv(1 << 20):
+            got += len(chunk)
+    except ConnectionResetError:
+        pass
+    finally:
+        s.close()
+    return got
+
+
+def test_connection_limit(mirror: RegistryMirror) -> None:
+    held = [raw(mirror) for _ in range(4)]
+    time.sleep(0.2)
+    resp, _ = request(mirror, "GET", "/v2/")
+    assert resp.status == 503 and resp.getheader("Retry-After") == "1"
+    for s in held:
+        s.close()
+    deadline = time.monotonic() + 5
+    while mirror.active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert request(mirror, "GET", "/v2/")[0].status == 200
+
+
+def test_keep_alive_and_bad_requests(mirror: RegistryMirror) -> None:
+    conn = http.client.HTTPConnection(*mirror.address, timeout=10)
+    for _ in range(3):  # one connection, several requests
+        conn.request("GET", f"/v2/a/blobs/{sha(CONFIG)}")
+        assert conn.getresponse().read() == CONFIG
+    conn.close()
+    s = raw(mirror)
+    s.sendall(b"GARBAGE\r\n\r\n")
+    assert s.recv(100).startswith(b"HTTP/1.1 400 ")
+    s.close()
+    s = raw(mirror)
+    s.sendall(b"GET /v2/ HTTP/1.1\r\n" + b"X-Long: " + b"a" * (20 << 10) + b"\r\n\r\n")
+    assert s.recv(100).startswith(b"HTTP/1.1 431 ")
+    s.close()
+
+
+def test_streams_with_flat_memory(tmp_path: Path) -> None:
+    """A 256 MiB blob goes out in chunks: the process grows by far less than the blob."""
+    big_size = 256 << 20
+    with LocalContentStore(tmp_path / "big") as store:
+        w = store.writer("big", total=big_size)
+        h = hashlib.sha256()
+        chunk = os.urandom(1 << 20)
+        for _ in range(big_size >> 20):
+            w.write(chunk)
+            h.update(chunk)
+        digest = f"sha256:{h.hexdigest()}"
+        w.commit(big_size, digest)
+        with RegistryMirror(store, "127.0.0.1", 0) as m:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            conn = http.client.HTTPConnection(*m.address, timeout=30)
+            conn.request("GET", f"/v2/a/blobs/{digest}")
+            resp = conn.getresponse()
+            got = hashlib.sha256()
+            while data := resp.read(1 << 16):
+                got.update(data)
+            conn.close()
+            grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert f"sha256:{got.hexdigest()}" == digest
+    assert grown_kib < 32 << 10, grown_kib
+
+
+def test_parse_listen() -> None:
+    assert parse_listen("10.0.0.2:5050") == ("10.0.0.2", 5050)
+    assert parse_listen(":5050") == ("0.0.0.0", 5050)
+    assert parse_listen("[::1]:5050") == ("::1", 5050)
+    for bad in ("10.0.0.2", "x:port", "x:70000"):
+        with pytest.raises(InvalidArgument):
+            parse_listen(bad)
