@@ -38,17 +38,28 @@ def cmd_serve(args: argparse.Namespace, app: App) -> int:
                 flush=True,
             )
 
-    serve(
-        root,
-        address,
-        snapshotter=app.snapshotter,
-        max_workers=args.workers,
-        grace=args.grace,
-        ready=ready,
-        max_streams=args.max_streams,
-        max_client_streams=args.max_client_streams,
-        stream_idle_timeout=args.stream_idle_timeout,
-    )
+    mirror = None
+    if args.registry_mirror:
+        from lamina.api.mirror import mirror_of
+
+        mirror = mirror_of(root.content_dir, args.registry_mirror,
+                           cert=args.registry_mirror_cert, key=args.registry_mirror_key)
+        mirror.start()
+    try:
+        serve(
+            root,
+            address,
+            snapshotter=app.snapshotter,
+            max_workers=args.workers,
+            grace=args.grace,
+            ready=ready,
+            max_streams=args.max_streams,
+            max_client_streams=args.max_client_streams,
+            stream_idle_timeout=args.stream_idle_timeout,
+        )
+    finally:
+        if mirror is not None:
+            mirror.close()
     return 0
 
 
@@ -93,5 +104,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--sync-remove", action="store_true",
                    help="delete a removed snapshot's directory before Remove returns "
                    "(default: in a background thread)")
+    p.add_argument("--registry-mirror", metavar="ADDR:PORT", default="",
+                   help="also serve the content store read-only over the OCI distribution "
+                   "API on this TCP address (blobs and manifests by digest), for other "
+                   "nodes to list as a mirror in hosts.toml (see lamina.api.mirror)")
+    p.add_argument("--registry-mirror-cert", metavar="PEM", default="",
+                   help="serve the mirror over TLS with this certificate (and --registry-"
+                   "mirror-key); plain HTTP without")
+    p.add_argument("--registry-mirror-key", metavar="PEM", default="")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     p.set_defaults(handler=cmd_serve)
