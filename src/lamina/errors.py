@@ -9,7 +9,7 @@ status back, so a remote store raises exactly what a local one raises.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 __all__ = [
     "AlreadyExists",
@@ -25,11 +25,30 @@ __all__ = [
 ]
 
 
+_BY_CODE: dict[str, type[LaminaError]] = {}
+
+
 class LaminaError(Exception):
-    """Root of every error lamina raises on purpose."""
+    """Root of every error lamina raises on purpose.
+
+    A class that stands for one of containerd's errors names its gRPC code and
+    CLI exit code in its header (``class NotFound(LaminaError,
+    grpc_code="NOT_FOUND", exit_code=3)``), which also makes it the class a
+    status with that code comes back as; its subclasses inherit both.
+    """
 
     grpc_code: ClassVar[str] = "UNKNOWN"
     exit_code: ClassVar[int] = 1
+
+    def __init_subclass__(
+        cls, *, grpc_code: str | None = None, exit_code: int | None = None, **kwargs: Any
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        if grpc_code is not None:
+            cls.grpc_code = grpc_code
+            _BY_CODE[grpc_code] = cls
+        if exit_code is not None:
+            cls.exit_code = exit_code
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -41,75 +60,36 @@ class LaminaError(Exception):
         return f"{type(self).__name__.removesuffix('Err')}: {self.message}"
 
 
-class Internal(LaminaError):
+class Internal(LaminaError, grpc_code="INTERNAL", exit_code=1):
     """Something lamina did not expect; a bug or an environment failure."""
 
-    grpc_code = "INTERNAL"
-    exit_code = 1
 
-
-class NotFound(LaminaError):
+class NotFound(LaminaError, grpc_code="NOT_FOUND", exit_code=3):
     """The named object (snapshot, blob, image, container...) does not exist."""
 
-    grpc_code = "NOT_FOUND"
-    exit_code = 3
 
-
-class AlreadyExists(LaminaError):
+class AlreadyExists(LaminaError, grpc_code="ALREADY_EXISTS", exit_code=4):
     """An object with that key, name or digest exists already."""
 
-    grpc_code = "ALREADY_EXISTS"
-    exit_code = 4
 
-
-class FailedPrecondition(LaminaError):
+class FailedPrecondition(LaminaError, grpc_code="FAILED_PRECONDITION", exit_code=5):
     """The object is not in a state that allows the operation."""
 
-    grpc_code = "FAILED_PRECONDITION"
-    exit_code = 5
 
-
-class InvalidArgument(LaminaError):
+class InvalidArgument(LaminaError, grpc_code="INVALID_ARGUMENT", exit_code=6):
     """The request itself is malformed: a bad field, filter, layer or label."""
 
-    grpc_code = "INVALID_ARGUMENT"
-    exit_code = 6
 
-
-class Unavailable(LaminaError):
+class Unavailable(LaminaError, grpc_code="UNAVAILABLE", exit_code=7):
     """A resource is busy or a service cannot be reached; retrying may help."""
 
-    grpc_code = "UNAVAILABLE"
-    exit_code = 7
 
-
-class NotImplementedErr(LaminaError):
+class NotImplementedErr(LaminaError, grpc_code="UNIMPLEMENTED", exit_code=8):
     """The operation is not supported by this implementation."""
 
-    grpc_code = "UNIMPLEMENTED"
-    exit_code = 8
 
-
-class ResourceExhausted(LaminaError):
+class ResourceExhausted(LaminaError, grpc_code="RESOURCE_EXHAUSTED", exit_code=9):
     """A limit was reached: a layer grew past its size cap, the disk is (nearly) full."""
-
-    grpc_code = "RESOURCE_EXHAUSTED"
-    exit_code = 9
-
-
-_BY_CODE: dict[str, type[LaminaError]] = {
-    cls.grpc_code: cls
-    for cls in (
-        Internal,
-        NotFound,
-        AlreadyExists,
-        FailedPrecondition,
-        InvalidArgument,
-        Unavailable,
-        NotImplementedErr,
-        ResourceExhausted,
-    )
-}
 
 
 def from_grpc_code(code_name: str, message: str) -> LaminaError:
