@@ -1,0 +1,310 @@
+"""The erofs snapshotter: a committed layer is one EROFS image file.
+
+``snapshots/<id>/`` holds, for a committed snapshot, ``layer.erofs`` (the
+layer in overlayfs lower-layer form: whiteouts as 0/0 devices, opaque
+directories marked), ``layer.sha256`` (the image's digest, recorded at
+commit for ``lamina check --deep``) and ``fs/``, where the image is mounted
+read-only (``nosuid,nodev``), once, and shared by every snapshot above it.
+Layer mounts are made on demand (whenever a snapshot's mounts are asked
+for), so they come back by themselves after a reboot or a crash.
+
+Active snapshots and views are overlays with those mounts as lowerdirs, as
+on the overlay snapshotter (which this one extends): an active snapshot's
+``fs/`` is its upper directory (``work/`` overlay's workdir), a view is an
+overlay of lowerdirs only, its own empty ``fs/`` the bottom one (overlayfs
+wants two). ``commit`` turns the upper directory into ``layer.erofs``
+(:mod:`lamina.snapshots.erofs.convert`): written to a temporary file,
+fsynced and renamed into place before the metadata commit; the upper tree is
+emptied after it, and a mount point left non-empty by a crash in between is
+emptied before the image is mounted on it.
+
+:meth:`ErofsSnapshotter.prepare_stream` (the optional
+:class:`~lamina.snapshots.LayerStreams` interface) writes a layer's image
+straight from its tar stream, with no tree ever extracted: the active
+snapshot it makes holds ``layer.erofs`` mounted on ``fs/`` as its top lower
+layer, and an empty upper directory ``upper/``; committing it adopts the
+image as it is.
+
+``remove`` unmounts the layer and deletes the directory (one image file).
+Mounts use a file-backed EROFS mount where the kernel has it, a loop device
+otherwise (``backing``, see :mod:`lamina.mounts.erofs`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO
+
+from lamina import rootless
+from lamina.archive import limits
+from lamina.erofs.reader import ErofsImage
+from lamina.erofs.writer import write_image
+from lamina.errors import FailedPrecondition, Unavailable
+from lamina.fs.files import atomic_write, fsync_dir, locked, remove_tree
+from lamina.fs.perms import FILE_MODE
+from lamina.mounts.erofs import BACKINGS, is_mounted, mount_image, unmount_image
+from lamina.mounts.mount import Mount, temp_mount
+from lamina.snapshots import Kind, Problem, ProblemKind, Usage
+from lamina.snapshots.erofs.convert import image_from_upper, root_meta
+from lamina.snapshots.overlay import OverlaySnapshotter
+from lamina.snapshots.storage import Snapshot
+from lamina.util import crash
+
+__all__ = ["IMAGE", "ErofsSnapshotter", "check_erofs_support"]
+
+IMAGE = "layer.erofs"
+DIGEST = "layer.sha256"
+_UPPER = "upper"  # a streamed active snapshot's upper directory
+_CHECKED = ".erofs-supported"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return "sha256:" + h.hexdigest()
+
+
+def check_erofs_support(root: Path, *, backing: str = "auto") -> None:
+    """Mount a tiny image under ``root``; Unavailable, in one line, where it fails."""
+    if rootless.active():
+        raise Unavailable("EROFS cannot be mounted in a user namespace "
+                          "(rootless lamina keeps the overlay snapshotter)")
+    probe = root / "erofs-check"
+    remove_tree(probe)
+    probe.mkdir(mode=0o700)
+    try:
+        with open(os.devnull, "rb") as empty:
+            write_image(empty, probe / IMAGE)
+        (probe / "fs").mkdir()
+        mount_image(probe / IMAGE, probe / "fs", backing=backing)
+        unmount_image(probe / "fs")
+    finally:
+        remove_tree(probe)
+
+
+class ErofsSnapshotter(OverlaySnapshotter):
+    """Snapshots whose committed layers are EROFS images (see module docs)."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        async_remove: bool = False,
+        mount_options: Sequence[str] = (),
+        backing: str = "auto",
+    ) -> None:
+        if backing not in BACKINGS:
+            raise ValueError(f"backing must be one of {', '.join(BACKINGS)}")
+        if rootless.active():
+            raise Unavailable("the erofs snapshotter cannot mount EROFS in a user namespace "
+                              "(rootless lamina keeps the overlay snapshotter)")
+        # Each layer is a filesystem of its own, whose inode numbers restart in every
+        # image: xino makes overlay's inode numbers unique across them (else two
+        # layers' files can share st_ino on one st_dev-less comparison).
+        super().__init__(root, async_remove=async_remove,
+                         mount_options=("xino=on", *mount_options))
+        self.backing = backing
+        if not (self.root / _CHECKED).exists():
+            check_erofs_support(self.root, backing=backing)
+            (self.root / _CHECKED).touch(mode=FILE_MODE)
+
+    # -- layers ------------------------------------------------------------
+    def image_path(self, key: str) -> Path:
+        """The EROFS image of snapshot ``key`` (committed, or streamed active)."""
+        return self._dirs / self.snapshot(key).id / IMAGE
+
+    def _mount_layer(self, sid: str) -> Path:
+        """The mounted layer of ``sid`` (mounted now if it is not: after a reboot)."""
+        fs = self.fs_dir(sid)
+        if is_mounted(fs):
+            return fs
+        image = fs.parent / IMAGE
+        with locked(fs.parent / ".mount.lock"):  # one mount per layer across processes
+            if is_mounted(fs):
+                return fs
+            if not image.is_file():
+                raise FileNotFoundError(f"{image} is missing")
+            if any(os.scandir(fs)):  # the upper tree of a commit cut short by a crash
+                remove_tree(fs)
+                fs.mkdir(mode=0o755)
+            mount_image(image, fs, backing=self.backing)
+        return fs
+
+    def layer_dir(self, key: str) -> Path:
+        """The snapshot's own files: the upper directory of an active snapshot, the
+        mounted image of a committed one (:class:`LocalDirectories`)."""
+        snap = self.snapshot(key)
+        if snap.kind is Kind.COMMITTED or (self._dirs / snap.id / _UPPER).is_dir():
+            return self._mount_layer(snap.id)
+        return self.fs_dir(snap.id)
+
+    # -- hooks ---------------------------------------------------------------
+    def _fill(self, new_dir: Path, kind: Kind, parent_ids: Sequence[str]) -> None:
+        if (new_dir / _UPPER).is_dir():
+            return  # streamed: filled by prepare_stream
+        if parent_ids:  # the root's attributes come from the top layer
+            self._mount_layer(parent_ids[0])
+        super()._fill(new_dir, kind, parent_ids)
+
+    def _mounts(self, snap: Snapshot) -> list[Mount]:
+        own = self._dirs / snap.id
+        lowers = [str(self._mount_layer(p)) for p in snap.parent_ids]
+        if (own / _UPPER).is_dir():  # streamed: its image is the top lower layer
+            lowers.insert(0, str(self._mount_layer(snap.id)))
+            return [Mount("overlay", "overlay", options=(
+                *self._extra, f"workdir={own / 'work'}", f"upperdir={own / _UPPER}",
+                "lowerdir=" + ":".join(lowers)))]
+        if snap.kind is Kind.VIEW and len(snap.parent_ids) == 1:
+            # overlayfs mounts two lowerdirs or more: the view's own empty fs is the last
+            # (not a bind of the layer: whiteouts and opaque marks must be honoured)
+            lower = "lowerdir=" + ":".join([*lowers, str(own / "fs")])
+            return [Mount("overlay", "overlay", options=(*self._extra, lower))]
+        return super()._mounts(snap)
+
+    # -- streamed layers (LayerStreams) ------------------------------------------
+    @contextlib.contextmanager
+    def _lower_tree(self, chain: Sequence[str], empty: Path) -> Iterator[str | None]:
+        """The merged tree of layers ``chain`` (top first), mounted read-only."""
+        if not chain:
+            yield None
+            return
+        lowers = [str(self._mount_layer(p)) for p in chain]
+        m = Mount("overlay", "overlay",
+                  options=(*self._extra, "lowerdir=" + ":".join([*lowers, str(empty)])))
+        with temp_mount([m], base=self.root / "tmpmounts") as target:
+            yield target
+
+    def prepare_stream(
+        self,
+        key: str,
+        parent: str,
+        stream: IO[bytes],
+        *,
+        expected_diff_id: str | None = None,
+        max_size: int | None = limits.DEFAULT_MAX_LAYER_SIZE,
+        labels: Mapping[str, str] | None = None,
+    ) -> str:
+        """Prepare active ``key`` on ``parent`` whose own layer is the layer read from
+        ``stream``, written as an image with nothing extracted; returns its DiffID
+        (:class:`~lamina.snapshots.LayerStreams`)."""
+        with self.meta.read(self._scope) as tx:
+            tx.check_new_key(key)
+            _, chain = tx.resolve_parent(parent)
+        with self._new_dir() as new:
+            fs = new / "fs"
+            fs.mkdir(mode=0o755)
+            root = root_meta(self._mount_layer(chain[0])) if chain else None
+            with self._lower_tree(chain, fs) as lower:
+                written = write_image(stream, new / IMAGE, overlay=True,
+                                      expected_diff_id=expected_diff_id, max_size=max_size,
+                                      root=root, drop_needless_whiteouts=True, lower=lower)
+            crash.point("erofs.stream-written")
+            (new / _UPPER).mkdir(mode=0o755)
+            (new / "work").mkdir(mode=0o700)
+            self._create(Kind.ACTIVE, key, parent, labels, staged=new)
+        return written.diff_id
+
+    # -- Snapshotter -------------------------------------------------------------
+    def commit(self, name: str, key: str, *, labels: Mapping[str, str] | None = None) -> None:
+        with self.meta.read(self._scope) as tx:
+            snap = tx.snapshot(key)
+            if snap.kind is not Kind.ACTIVE:
+                raise FailedPrecondition(
+                    f"snapshot {key!r} is a {snap.kind.value}, only active ones commit")
+            tx.check_new_key(name)
+        own = self._dirs / snap.id
+        image = own / IMAGE
+        streamed = (own / _UPPER).is_dir()
+        if streamed:
+            if any(os.scandir(own / _UPPER)):
+                raise FailedPrecondition(
+                    f"snapshot {key!r} was written from a layer stream and changed through "
+                    "its mounts since: only its layer as written can be committed")
+            with ErofsImage(image) as img:
+                usage = Usage(size=os.stat(image).st_blocks * 512, inodes=img.inos)
+        else:
+            usage = self._upper_usage(own / "fs")
+            image_from_upper(own / "fs", image)
+        crash.point("erofs.image-written")
+        atomic_write(own / DIGEST, _sha256(image).encode() + b"\n", mode=FILE_MODE)
+        crash.point("commit.measured")
+        with self.meta.write(self._scope) as tx:
+            tx.commit(name, key, usage, labels)
+        crash.point("commit.committed")
+        # the upper tree is in the image now; fs/ becomes the image's mount point
+        if streamed:
+            for d in (own / _UPPER, own / "work"):
+                remove_tree(d)
+        else:
+            remove_tree(own / "work")
+            remove_tree(own / "fs")
+            (own / "fs").mkdir(mode=0o755)
+        fsync_dir(own)
+
+    def _upper_usage(self, upper: Path) -> Usage:
+        from lamina.snapshots.usage import disk_usage
+
+        return disk_usage(upper)
+
+    def remove(self, key: str) -> None:
+        with self.meta.write(self._scope) as tx:
+            snap = tx.remove(key)
+            crash.point("remove.deleted-row")
+        crash.point("remove.committed")
+        unmount_image(self.fs_dir(snap.id))
+        self._discard([snap.id])
+
+    def reap(self) -> int:
+        # a removal or orphan cut short may have left its layer mounted
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.listdir(self._dirs):
+                if entry.startswith("rm-"):
+                    unmount_image(self._dirs / entry / "fs")
+        return super().reap()
+
+    def cleanup(self) -> None:
+        with self.meta.read(self._scope) as tx:
+            known = tx.ids()
+        for entry in os.listdir(self._dirs):  # orphans are renamed with their mounts on
+            if entry not in known and not entry.startswith(("new-", "rm-")):
+                unmount_image(self._dirs / entry / "fs")
+        super().cleanup()
+
+    def check(self) -> list[Problem]:
+        problems = super().check()
+        with self.meta.read(self._scope) as tx:
+            infos = [(i.name, tx.snapshot(i.name).id) for i in tx.all_infos()
+                     if i.kind is Kind.COMMITTED]
+        problems += [
+            Problem(ProblemKind.MISSING_DIRECTORY, f"snapshot id {sid}",
+                    f"snapshot id {sid} ({name}): its layer image {self._dirs / sid / IMAGE} "
+                    "is missing")
+            for name, sid in infos if not (self._dirs / sid / IMAGE).is_file()
+        ]
+        return problems
+
+    def verify_layer(self, key: str) -> str:
+        """What is wrong with committed ``key``'s image ("" if it has the digest
+        recorded at commit): for ``lamina check --deep``."""
+        sid = self.snapshot(key).id
+        try:
+            recorded = (self._dirs / sid / DIGEST).read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return f"no digest was recorded for {self._dirs / sid / IMAGE}"
+        try:
+            found = _sha256(self._dirs / sid / IMAGE)
+        except FileNotFoundError:
+            return f"its image {self._dirs / sid / IMAGE} is missing"
+        if found != recorded:
+            return f"its image {self._dirs / sid / IMAGE} has {found}, recorded {recorded}"
+        return ""
+
+
