@@ -65,6 +65,9 @@ checkable protocols), never by concrete class:
 * :class:`Staging` — a layer can be extracted into a directory before its
   snapshot exists (in overlayfs upperdir form, so only with
   :attr:`Capability.OVERLAY`): unpack extracts layers in parallel this way;
+* :class:`LayerStreams` — a layer's tar stream becomes a new snapshot's own
+  layer with nothing extracted (the erofs snapshotter writes its image):
+  unpack hands it each layer this way;
 * :class:`DeferredRemoval` — removed snapshots' directories may be deleted
   later (by a reaper thread, or when a caller holding a lock is done);
   :meth:`DeferredRemoval.flush` waits until nothing removed is left on disk;
@@ -84,7 +87,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import IO, Protocol, runtime_checkable
 
 from lamina.labels import MAX_LABEL_SIZE
 from lamina.mounts.mount import Mount
@@ -96,6 +99,7 @@ __all__ = [
     "DeferredRemoval",
     "Info",
     "Kind",
+    "LayerStreams",
     "LocalDirectories",
     "Problem",
     "ProblemKind",
@@ -250,6 +254,29 @@ class Staging(Protocol):
         self, key: str, parent: str, staged: Path, *, labels: Mapping[str, str] | None = None
     ) -> list[Mount]:
         """Prepare active ``key`` on ``parent`` whose own layer is the filled ``staged``."""
+        ...
+
+
+@runtime_checkable
+class LayerStreams(Protocol):
+    """Layers written into a snapshot straight from their tar stream."""
+
+    def prepare_stream(
+        self,
+        key: str,
+        parent: str,
+        stream: IO[bytes],
+        *,
+        expected_diff_id: str | None = None,
+        max_size: int | None = ...,
+        labels: Mapping[str, str] | None = None,
+    ) -> str:
+        """Prepare active ``key`` on committed ``parent`` whose own layer is the
+        layer read from ``stream`` (plain, gzip or zstd), as applying it on a mount
+        of the new snapshot would leave it; returns its DiffID, checked against
+        ``expected_diff_id``. Commit or remove ``key`` as any active snapshot.
+        Raises :class:`~lamina.archive.apply.NeedsLowerLayers` where the layer
+        says something only its parent's files can resolve: apply it on a mount."""
         ...
 
 
