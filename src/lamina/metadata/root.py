@@ -72,9 +72,16 @@ def _native(path: Path, *, async_remove: bool = False) -> Snapshotter:
     return NativeSnapshotter(path, async_remove=async_remove)
 
 
+def _erofs(path: Path, *, async_remove: bool = False) -> Snapshotter:
+    from lamina.snapshots.erofs import ErofsSnapshotter
+
+    return ErofsSnapshotter(path, async_remove=async_remove)
+
+
 SNAPSHOTTERS: dict[str, Callable[..., Snapshotter]] = {
     "overlay": _overlay,
     "native": _native,
+    "erofs": _erofs,
 }
 
 
