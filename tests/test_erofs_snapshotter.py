@@ -1,0 +1,219 @@
+"""What the erofs snapshotter adds to the conformance suite: images on disk, layer
+mounts (file-backed and on a loop device), mounts after a reboot, streamed layers."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lamina.archive.apply import NeedsLowerLayers
+from lamina.errors import FailedPrecondition, InvalidArgument
+from lamina.mounts.erofs import is_mounted, unmount_image
+from lamina.mounts.mount import temp_mount
+from lamina.mounts.mountinfo import read_mountinfo
+from lamina.snapshots import LayerStreams, testsuite
+from lamina.snapshots.erofs import IMAGE, ErofsSnapshotter
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+
+LOOP_CASES = ("LayerFileUpdate", "RemoveDirectoryInLowerLayer", "ViewReadonly", "Hardlinks",
+              "FileTypes", "Usage")
+
+
+def _layer_mounts(base: Path) -> list[str]:
+    return [m.source for m in read_mountinfo()
+            if m.fstype == "erofs" and m.mount_point.startswith(str(base))]
+
+
+@pytest.fixture
+def sn(tmp_path: Path) -> Iterator[ErofsSnapshotter]:
+    s = ErofsSnapshotter(tmp_path / "root")
+    try:
+        yield s
+    finally:
+        s.close()
+        for m in sorted(read_mountinfo(), key=lambda m: -len(m.mount_point)):
+            if m.mount_point.startswith(str(tmp_path)):
+                unmount_image(m.mount_point)
+
+
+def _commit(sn: ErofsSnapshotter, name: str, parent: str, files: dict[str, bytes],
+            work: Path) -> None:
+    key = f"{name}-active"
+    with temp_mount(sn.prepare(key, parent), base=work) as root:
+        for rel, data in files.items():
+            Path(root, rel).parent.mkdir(parents=True, exist_ok=True)
+            Path(root, rel).write_bytes(data)
+    sn.commit(name, key)
+
+
+@pytest.mark.parametrize("case", [p for p in testsuite.params() if p.id in LOOP_CASES])
+def test_loop_device_backing(case: testsuite.Case, tmp_path: Path) -> None:
+    """The path of kernels without file-backed EROFS mounts (bookworm's 6.1)."""
+    testsuite.run(case, lambda root: ErofsSnapshotter(root, backing="loop"), tmp_path)
+
+
+def test_loop_layers_are_loop_devices(tmp_path: Path) -> None:
+    s = ErofsSnapshotter(tmp_path / "root", backing="loop")
+    work = tmp_path / "work"
+    try:
+        _commit(s, "base", "", {"a": b"1"}, work)
+        with temp_mount(s.view("v", "base"), base=work) as root:
+            assert Path(root, "a").read_bytes() == b"1"
+        sources = _layer_mounts(tmp_path)
+        assert sources and all(src.startswith("/dev/loop") for src in sources), sources
+        s.remove("v")
+        s.remove("base")
+        assert not _layer_mounts(tmp_path)
+    finally:
+        s.close()
+
+
+def test_committed_layer_is_one_checked_image(sn: ErofsSnapshotter, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    _commit(sn, "base", "", {"etc/hostname": b"box\n", "big": b"x" * 100_000}, work)
+    image = sn.image_path("base")
+    assert image.is_file()
+    assert sorted(os.listdir(image.parent)) == ["fs", IMAGE, "layer.sha256"]
+    if shutil.which("fsck.erofs"):
+        subprocess.run(["fsck.erofs", str(image)], check=True, capture_output=True)
+    assert sn.verify_layer("base") == ""
+    assert _layer_mounts(tmp_path) == [], "mounted on demand"
+    _commit(sn, "top", "base", {"etc/hostname": b"other\n"}, work)
+    with temp_mount(sn.view("v1", "top"), base=work) as r1, \
+            temp_mount(sn.view("v2", "top"), base=work) as r2:
+        assert Path(r1, "etc/hostname").read_bytes() == b"other\n"
+        assert Path(r2, "big").stat().st_size == 100_000
+    mounts = _layer_mounts(tmp_path)
+    assert len(mounts) == 2, "each layer is mounted once, shared"
+    assert str(image) in mounts  # file-backed on this kernel
+
+
+def test_check_deep_sees_a_changed_image(sn: ErofsSnapshotter, tmp_path: Path) -> None:
+    _commit(sn, "base", "", {"f": b"data"}, tmp_path / "work")
+    image = sn.image_path("base")
+    unmount_image(image.parent / "fs")
+    with open(image, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        f.write(b"\x01")
+    assert "has sha256:" in sn.verify_layer("base")
+
+
+def test_layers_come_back_after_a_reboot(tmp_path: Path) -> None:
+    root, work = tmp_path / "root", tmp_path / "work"
+    s = ErofsSnapshotter(root)
+    _commit(s, "base", "", {"a": b"1"}, work)
+    _commit(s, "top", "base", {"b": b"2"}, work)
+    s.close()
+    for m in sorted(read_mountinfo(), key=lambda m: -len(m.mount_point)):
+        if m.mount_point.startswith(str(tmp_path)):
+            unmount_image(m.mount_point)  # what a reboot does
+    s = ErofsSnapshotter(root)
+    try:
+        with temp_mount(s.prepare("c", "top"), base=work) as r:
+            assert sorted(os.listdir(r)) == ["a", "b"]
+        assert len(_layer_mounts(tmp_path)) == 2
+    finally:
+        s.close()
+        for m in sorted(read_mountinfo(), key=lambda m: -len(m.mount_point)):
+            if m.mount_point.startswith(str(tmp_path)):
+                unmount_image(m.mount_point)
+
+
+def test_crash_after_commit_leaves_upper_files_under_the_mount_point(
+        sn: ErofsSnapshotter, tmp_path: Path) -> None:
+    _commit(sn, "base", "", {"a": b"1"}, tmp_path / "work")
+    fs = sn.image_path("base").parent / "fs"
+    unmount_image(fs)
+    (fs / "leftover").write_bytes(b"upper tree a crash left")
+    with temp_mount(sn.view("v", "base"), base=tmp_path / "work") as r:
+        assert os.listdir(r) == ["a"]
+    assert is_mounted(fs)
+
+
+def test_remove_unmounts_and_deletes_one_file(sn: ErofsSnapshotter, tmp_path: Path) -> None:
+    _commit(sn, "base", "", {"a": b"1"}, tmp_path / "work")
+    directory = sn.image_path("base").parent
+    sn.view("v", "base")
+    assert _layer_mounts(tmp_path)
+    with pytest.raises(FailedPrecondition):
+        sn.remove("base")
+    sn.remove("v")
+    sn.remove("base")
+    assert not _layer_mounts(tmp_path)
+    assert not directory.exists()
+
+
+def _tar(members: list[tuple[str, bytes | None]], link: tuple[str, str] | None = None) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                t.addfile(info)
+            else:
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+        if link:
+            info = tarfile.TarInfo(link[0])
+            info.type, info.linkname = tarfile.LNKTYPE, link[1]
+            t.addfile(info)
+    return buf.getvalue()
+
+
+def test_streamed_layers(sn: ErofsSnapshotter, tmp_path: Path) -> None:
+    assert isinstance(sn, LayerStreams)
+    work = tmp_path / "work"
+    diff_id = sn.prepare_stream("s1", "", io.BytesIO(_tar([("d", None), ("d/f", b"one")])))
+    assert diff_id.startswith("sha256:")
+    assert os.listdir(sn.image_path("s1").parent / "upper") == []
+    sn.commit("l1", "s1")
+    sn.prepare_stream("s2", "l1", io.BytesIO(_tar([("d", None), ("d/.wh.f", b""),
+                                                    ("g", b"two")])))
+    sn.commit("l2", "s2")
+    with temp_mount(sn.view("v", "l2"), base=work) as r:
+        assert sorted(os.listdir(r)) == ["d", "g"]
+        assert os.listdir(Path(r, "d")) == []
+    with pytest.raises(InvalidArgument, match="diff id mismatch"):
+        sn.prepare_stream("s3", "l2", io.BytesIO(_tar([("h", b"x")])),
+                          expected_diff_id="sha256:" + "0" * 64)
+    with pytest.raises(NeedsLowerLayers):  # a hard link to a lower layer's file
+        sn.prepare_stream("s4", "l2", io.BytesIO(_tar([], link=("k", "g"))))
+    assert {i.name for i in sn.walk()} == {"l1", "l2", "v"}
+    sn.cleanup()
+    assert len(os.listdir(sn.image_path("l1").parent.parent)) == 3
+
+
+def test_streamed_snapshot_written_through_its_mount_does_not_commit(
+        sn: ErofsSnapshotter, tmp_path: Path) -> None:
+    sn.prepare_stream("s", "", io.BytesIO(_tar([("f", b"1")])))
+    with temp_mount(sn.mounts("s"), base=tmp_path / "work") as r:
+        assert Path(r, "f").read_bytes() == b"1"
+        Path(r, "g").write_bytes(b"2")
+    with pytest.raises(FailedPrecondition, match="layer stream"):
+        sn.commit("c", "s")
+
+
+def test_user_namespace_is_one_line(tmp_path: Path) -> None:
+    if not shutil.which("unshare"):
+        pytest.skip("unshare missing")
+    code = ("import sys\nfrom lamina.errors import LaminaError\n"
+            "from lamina.snapshots.erofs import ErofsSnapshotter\n"
+            "try:\n    ErofsSnapshotter(sys.argv[1])\n"
+            "except LaminaError as e:\n    print(e.message)\n")
+    proc = subprocess.run(["unshare", "-Urm", sys.executable, "-c", code, str(tmp_path / "r")],
+                          capture_output=True, text=True, check=False)
+    if "unshare failed" in proc.stderr:
+        pytest.skip(proc.stderr.strip())
+    out = proc.stdout.strip()
+    assert out.count("\n") == 0, out
+    assert "user namespace" in out or "overlayfs cannot be mounted" in out, (out, proc.stderr)
