@@ -15,24 +15,23 @@ entries are the changes. 0/0 character devices become ``.wh.<name>``,
 directories marked ``trusted.overlay.opaque=y`` get a ``.wh..wh..opq`` member
 right after their own entry, and ``trusted.overlay.*`` xattrs are dropped.
 
-Both walk in sorted order, parents before children, with numeric owners and
-nanosecond mtimes, so equal trees give byte-identical layers. Whiteouts are
-empty regular files with mode 0, owner 0:0 and the parent's mtime. Sockets
-are skipped. Files with several links become one file member and link
-members for the other paths.
+Both compute first and write second, as umoci's layer generator does:
+:func:`tree_changes` and :func:`overlay_changes` walk (with
+:mod:`lamina.fs.walk`, in sorted order, parents before children) and yield
+the changes, :func:`lamina.archive.layerwriter.write_layer` writes whatever
+it is given. Files with several links become one file member and link
+members for the other paths. Sockets are skipped.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
-from lamina.archive.compression import Compression, Sink, compressor
-from lamina.archive.tarwriter import TarWriter
+from lamina.archive.compression import Compression, Sink
+from lamina.archive.layerwriter import Change, DiffResult, Member, Whiteout, write_layer
 from lamina.archive.whiteout import (
     OPAQUE_MARKER,
     OVERLAY_OPAQUE_XATTR,
@@ -41,9 +40,10 @@ from lamina.archive.whiteout import (
     whiteout_name,
 )
 from lamina.errors import Internal, InvalidArgument, LaminaError, NotFound
-from lamina.fs.tree import DIR_FLAGS, DirStack, proc_path
+from lamina.fs.tree import DIR_FLAGS, proc_path
+from lamina.fs.walk import PairedWalk, Walk
 
-__all__ = ["DiffResult", "write_diff", "write_overlay_diff"]
+__all__ = ["DiffResult", "overlay_changes", "tree_changes", "write_diff", "write_overlay_diff"]
 
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
 _CMP_CHUNK = 1 << 20
@@ -51,123 +51,13 @@ _CMP_CHUNK = 1 << 20
 _At = tuple[int, str]  # an entry: its directory's fd and its name
 
 
-@dataclass(frozen=True)
-class DiffResult:
-    """The layer written: ``digest``/``size`` of the (compressed) output,
-    ``diff_id``/``uncompressed_size`` of the tar inside."""
+class _Links:
+    """The first path of each multiply-linked regular file, and whether it was written."""
 
-    digest: str
-    size: int
-    diff_id: str
-    uncompressed_size: int
+    def __init__(self) -> None:
+        self._first: dict[tuple[int, int], tuple[str, bool]] = {}
 
-
-class _HashingSink:
-    """Counts and hashes what passes through to ``out``."""
-
-    def __init__(self, out: Sink) -> None:
-        self._out = out
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes, /) -> int:
-        self.digest.update(data)
-        self.size += len(data)
-        self._out.write(data)
-        return len(data)
-
-    def flush(self) -> None:
-        self._out.flush()
-
-
-class _Layer:
-    """Tar writer → uncompressed hash → compressor → compressed hash → output."""
-
-    def __init__(self, out: Sink, compression: str | Compression) -> None:
-        self.compressed = _HashingSink(out)
-        self.comp = compressor(compression, self.compressed)
-        self.digest = hashlib.sha256()
-        self.size = 0
-        self.tar = TarWriter(self._write)
-        self.links: dict[tuple[int, int], tuple[str, bool]] = {}
-
-    def _write(self, data: bytes) -> None:
-        self.digest.update(data)
-        self.size += len(data)
-        self.comp.write(data)
-
-    def finish(self) -> DiffResult:
-        self.tar.close()
-        self.comp.close()
-        return DiffResult(
-            digest="sha256:" + self.compressed.digest.hexdigest(),
-            size=self.compressed.size,
-            diff_id="sha256:" + self.digest.hexdigest(),
-            uncompressed_size=self.size,
-        )
-
-    # -- members ---------------------------------------------------------
-    def whiteout(self, rel: str, parent_mtime_ns: int) -> None:
-        self.tar.add(rel, "0", mode=0, uid=0, gid=0, mtime_ns=parent_mtime_ns)
-
-    def entry(
-        self,
-        rel: str,
-        at: _At | None,
-        st: os.stat_result,
-        xattrs: dict[str, bytes],
-        *,
-        link_to: str | None = None,
-    ) -> None:
-        """Write the entry ``at`` (lstat ``st``) as member ``rel``; as a hard link if ``link_to``.
-
-        ``at`` (directory fd, name) is needed for file data and link targets;
-        None will do for a directory.
-        """
-        mode = st.st_mode
-        size = 0
-        linkname = ""
-        devmajor = devminor = 0
-        fd: int | None = None
-        if link_to is not None:
-            typeflag, linkname = "1", link_to
-        elif stat.S_ISREG(mode):
-            typeflag, size = "0", st.st_size
-        elif stat.S_ISDIR(mode):
-            typeflag = "5"
-        elif stat.S_ISLNK(mode):
-            assert at is not None
-            typeflag, linkname = "2", os.readlink(at[1], dir_fd=at[0])
-        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-            typeflag = "3" if stat.S_ISCHR(mode) else "4"
-            devmajor, devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
-        elif stat.S_ISFIFO(mode):
-            typeflag = "6"
-        else:  # sockets and anything else cannot go into a layer
-            return
-        if size:
-            assert at is not None
-            fd = os.open(at[1], _READ_FLAGS, dir_fd=at[0])
-        try:
-            self.tar.add(
-                rel,
-                typeflag,
-                mode=stat.S_IMODE(mode),
-                uid=st.st_uid,
-                gid=st.st_gid,
-                mtime_ns=st.st_mtime_ns,
-                size=size,
-                linkname=linkname,
-                devmajor=devmajor,
-                devminor=devminor,
-                xattrs=xattrs,
-                data_fd=fd,
-            )
-        finally:
-            if fd is not None:
-                os.close(fd)
-
-    def link_target(self, st: os.stat_result, rel: str, emit: bool) -> str | None:
+    def target(self, st: os.stat_result, rel: str, emit: bool) -> str | None:
         """For multiply-linked regular files: the first path of the inode, if any.
 
         Records ``rel`` as the first path otherwise; ``emit`` says whether it
@@ -176,14 +66,14 @@ class _Layer:
         if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
             return None
         key = (st.st_dev, st.st_ino)
-        first = self.links.get(key)
+        first = self._first.get(key)
         if first is None:
-            self.links[key] = (rel, emit)
+            self._first[key] = (rel, emit)
             return None
         return first[0]
 
     def first_emitted(self, st: os.stat_result) -> bool:
-        first = self.links.get((st.st_dev, st.st_ino))
+        first = self._first.get((st.st_dev, st.st_ino))
         return first is not None and first[1]
 
 
@@ -261,12 +151,9 @@ def _changed(lat: _At, lst: os.stat_result, uat: _At, ust: os.stat_result) -> bo
     )
 
 
-def _lstat(at: _At) -> os.stat_result:
-    return os.stat(at[1], dir_fd=at[0], follow_symlinks=False)
-
-
-def _join(rel: str, name: str) -> str:
-    return f"{rel}/{name}" if rel else name
+def _sibling(path: str, name: str, sibling: str) -> str:
+    """``path`` (ending in ``name``) with ``sibling`` for its last component."""
+    return path[: len(path) - len(name)] + sibling
 
 
 class _Ancestor:
@@ -282,139 +169,82 @@ class _Ancestor:
         self.emitted = emitted
 
 
-def _flush_parents(layer: _Layer, ancestors: list[_Ancestor]) -> None:
+def _unwritten(ancestors: list[_Ancestor]) -> Iterator[Change]:
     for a in ancestors:
         if not a.emitted:
-            layer.entry(a.rel, None, a.st, a.xattrs)
+            yield Member(a.rel, a.st, None, a.xattrs)
             a.emitted = True
 
 
-class _Frame:
-    """One directory of a walk: its member name, stat, and the names still to visit
-    (sorted, last to visit first); for the double walk, the lower's names."""
-
-    __slots__ = ("lnames", "lower", "rel", "st", "todo", "unames")
-
-    def __init__(self, rel: str, st: os.stat_result, unames: list[str],
-                 lnames: set[str] | None = None) -> None:
-        self.rel = rel
-        self.st = st
-        self.unames = set(unames)
-        self.lnames = lnames if lnames is not None else set()
-        self.lower = lnames is not None
-        self.todo = sorted(self.unames | self.lnames, reverse=True)
-
-
-def _double_walk(layer: _Layer, lower_fd: int | None, upper_fd: int,
-                 upper_st: os.stat_result) -> None:
-    """Compare the trees below ``lower_fd`` (None: empty) and ``upper_fd``, depth first."""
-    ups = DirStack(upper_fd)
-    lows = DirStack(lower_fd) if lower_fd is not None else None
-    ancestors: list[_Ancestor] = []
-    frames = [_Frame("", upper_st, os.listdir(upper_fd),
-                     set(os.listdir(lower_fd)) if lower_fd is not None else None)]
-    try:
-        while frames:
-            f = frames[-1]
-            if not f.todo:
-                frames.pop()
-                if frames:
-                    ups.pop()
-                    if f.lower:
-                        assert lows is not None
-                        lows.pop()
-                    ancestors.pop()
-                continue
-            name = f.todo.pop()
-            crel = _join(f.rel, name)
-            if name not in f.unames:
-                _flush_parents(layer, ancestors)
-                layer.whiteout(_join(f.rel, whiteout_name(name)), f.st.st_mtime_ns)
-                continue
-            uat = (ups.fd, name)
-            try:
-                ust = _lstat(uat)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISSOCK(ust.st_mode):
-                continue
-            lst: os.stat_result | None = None
-            lat: _At | None = None
-            if name in f.lnames:
-                assert lows is not None
-                lat = (lows.fd, name)
-                with contextlib.suppress(FileNotFoundError):
-                    lst = _lstat(lat)
-            changed = lst is None or lat is None or _changed(lat, lst, uat, ust)
-            target = layer.link_target(ust, crel, changed)
-            if target is not None and (changed or layer.first_emitted(ust)):
-                _flush_parents(layer, ancestors)
-                layer.entry(crel, uat, ust, {}, link_to=target)
-            elif changed:
-                _flush_parents(layer, ancestors)
-                layer.entry(crel, uat, ust, _xattrs(uat))
-            if not stat.S_ISDIR(ust.st_mode):
-                continue
-            try:
-                ups.push(name)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            lnames: set[str] | None = None
-            if lst is not None and stat.S_ISDIR(lst.st_mode):
-                assert lows is not None
-                try:
-                    lows.push(name)
-                    lnames = set(os.listdir(lows.fd))
-                except (FileNotFoundError, NotADirectoryError):
-                    lnames = None
-            ancestors.append(_Ancestor(crel, ust, _dir_xattrs(ups.fd), changed))
-            frames.append(_Frame(crel, ust, os.listdir(ups.fd), lnames))
-    finally:
-        ups.close()
-        if lows is not None:
-            lows.close()
+def tree_changes(lower_fd: int | None, upper_fd: int) -> Iterator[Change]:
+    """What turns the tree below ``lower_fd`` (None: empty) into the one below
+    ``upper_fd``: changed entries (with every unwritten parent directory first)
+    and plain whiteouts for what the upper lacks. The roots are not changes."""
+    root_mtime_ns = os.fstat(upper_fd).st_mtime_ns
+    links = _Links()
+    ancestors: list[_Ancestor] = []  # the directories entered above the current entry
+    walk = PairedWalk(upper_fd, lower_fd)
+    for p in walk:
+        del ancestors[p.depth - 1:]
+        ust = p.upper_stat
+        if ust is None:
+            yield from _unwritten(ancestors)
+            parent_mtime_ns = ancestors[-1].st.st_mtime_ns if ancestors else root_mtime_ns
+            yield Whiteout(_sibling(p.path, p.name, whiteout_name(p.name)), parent_mtime_ns)
+            continue
+        if stat.S_ISSOCK(ust.st_mode):
+            continue
+        uat = (p.upper, p.name)
+        lst = p.lower_stat
+        changed = lst is None or p.lower is None or _changed((p.lower, p.name), lst, uat, ust)
+        target = links.target(ust, p.path, changed)
+        if target is not None and (changed or links.first_emitted(ust)):
+            yield from _unwritten(ancestors)
+            yield Member(p.path, ust, uat, {}, link_to=target)
+        elif changed:
+            yield from _unwritten(ancestors)
+            yield Member(p.path, ust, uat, _xattrs(uat))
+        if not stat.S_ISDIR(ust.st_mode):
+            continue
+        try:
+            fd = walk.enter()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        ancestors.append(_Ancestor(p.path, ust, _dir_xattrs(fd), changed))
 
 
-def _overlay_walk(layer: _Layer, upper_fd: int, upper_st: os.stat_result) -> None:
-    """Write the entries below the overlayfs upper directory ``upper_fd``, depth first."""
-    ups = DirStack(upper_fd)
-    frames = [_Frame("", upper_st, os.listdir(upper_fd))]
-    try:
-        while frames:
-            f = frames[-1]
-            if not f.todo:
-                frames.pop()
-                if frames:
-                    ups.pop()
-                continue
-            name = f.todo.pop()
-            crel = _join(f.rel, name)
-            at = (ups.fd, name)
-            try:
-                st = _lstat(at)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISSOCK(st.st_mode):
-                continue
-            if is_overlay_whiteout(st):
-                layer.whiteout(_join(f.rel, whiteout_name(name)), f.st.st_mtime_ns)
-                continue
-            target = layer.link_target(st, crel, True)
-            if target is not None:
-                layer.entry(crel, at, st, {}, link_to=target)
-                continue
-            layer.entry(crel, at, st, _xattrs(at))
-            if not stat.S_ISDIR(st.st_mode):
-                continue
-            try:
-                ups.push(name)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            if _is_opaque(ups.fd):
-                layer.whiteout(_join(crel, OPAQUE_MARKER), st.st_mtime_ns)
-            frames.append(_Frame(crel, st, os.listdir(ups.fd)))
-    finally:
-        ups.close()
+def overlay_changes(upper_fd: int) -> Iterator[Change]:
+    """The changes the overlayfs upper directory ``upper_fd`` stands for: its
+    entries, whiteout devices as ``.wh.<name>``, an opaque directory's marker
+    right after the directory (the root's first)."""
+    mtimes = [os.fstat(upper_fd).st_mtime_ns]  # of the directories entered, root first
+    if _is_opaque(upper_fd):
+        yield Whiteout(OPAQUE_MARKER, mtimes[0])
+    links = _Links()
+    walk = Walk(upper_fd)
+    for e in walk:
+        del mtimes[e.depth:]
+        st = e.stat
+        if stat.S_ISSOCK(st.st_mode):
+            continue
+        if is_overlay_whiteout(st):
+            yield Whiteout(_sibling(e.path, e.name, whiteout_name(e.name)), mtimes[-1])
+            continue
+        at = (e.parent, e.name)
+        target = links.target(st, e.path, True)
+        if target is not None:
+            yield Member(e.path, st, at, {}, link_to=target)
+            continue
+        yield Member(e.path, st, at, _xattrs(at))
+        if not stat.S_ISDIR(st.st_mode):
+            continue
+        try:
+            fd = walk.enter()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        mtimes.append(st.st_mtime_ns)
+        if _is_opaque(fd):
+            yield Whiteout(f"{e.path}/{OPAQUE_MARKER}", st.st_mtime_ns)
 
 
 def _is_opaque(fd: int) -> bool:
@@ -475,11 +305,9 @@ def write_diff(
         _check_dir(upper_s, "upper")
         if lower_s is not None:
             _check_dir(lower_s, "lower")
-        layer = _Layer(out, compression)
         with _opened(upper_s) as ufd, _opened(lower_s) as lfd:
             assert ufd is not None
-            _double_walk(layer, lfd, ufd, os.fstat(ufd))
-        return layer.finish()
+            return write_layer(tree_changes(lfd, ufd), out, compression=compression)
 
 
 def write_overlay_diff(
@@ -492,11 +320,6 @@ def write_overlay_diff(
     upper_s = os.fspath(upperdir)
     with _errors("overlay diff"):
         _check_dir(upper_s, "upperdir")
-        layer = _Layer(out, compression)
         with _opened(upper_s) as ufd:
             assert ufd is not None
-            ust = os.fstat(ufd)
-            if _is_opaque(ufd):
-                layer.whiteout(OPAQUE_MARKER, ust.st_mtime_ns)
-            _overlay_walk(layer, ufd, ust)
-        return layer.finish()
+            return write_layer(overlay_changes(ufd), out, compression=compression)
