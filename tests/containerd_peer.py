@@ -211,9 +211,11 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
 
 
 @contextlib.contextmanager
-def lamina_serve(root: Path, sock: Path, *, options: tuple[str, ...] = ()) -> Iterator[Lamina]:
-    """Run ``lamina --root ROOT [OPTIONS] serve --address SOCK`` until the block ends
-    (``options``: global ones, e.g. ``("--snapshotter", "native")``).
+def lamina_serve(root: Path, sock: Path, *, options: tuple[str, ...] = (),
+                 serve_options: tuple[str, ...] = (), netns: str = "") -> Iterator[Lamina]:
+    """Run ``lamina --root ROOT [OPTIONS] serve --address SOCK [SERVE_OPTIONS]`` until
+    the block ends (``options``: global ones, e.g. ``("--snapshotter", "native")``), in
+    network namespace ``netns`` when given.
 
     On a clean exit of the block it must stop on SIGTERM with status 0 and
     remove its socket; in any case it is stopped (by PID).
@@ -222,7 +224,8 @@ def lamina_serve(root: Path, sock: Path, *, options: tuple[str, ...] = ()) -> It
     log = root.parent / f"{root.name}.serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [*_LAMINA, "--root", str(root), *options, "serve", "--address", str(sock)],
+            [*(["ip", "netns", "exec", netns] if netns else []), *_LAMINA, "--root",
+             str(root), *options, "serve", "--address", str(sock), *serve_options],
             stdout=out,
             stderr=subprocess.STDOUT,
         )

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,12 +68,14 @@ def _htpasswd(path: Path, user: str, password: str) -> None:
 @contextlib.contextmanager
 def running_registry(base: Path, *, htpasswd: tuple[str, str] | None = None,
                      tls: tuple[Path, Path] | None = None,
-                     extra: str = "", addr: str = "127.0.0.1") -> Iterator[Registry]:
-    """Start ``docker-registry serve`` on a free port of ``addr`` (loopback by default);
-    stop it by PID after."""
+                     extra: str = "", addr: str = "127.0.0.1",
+                     netns: str = "") -> Iterator[Registry]:
+    """Start ``docker-registry serve`` on a free port of ``addr`` (loopback by default),
+    or on port 5000 of ``addr`` in network namespace ``netns``; stop it by PID after."""
     require_tools("docker-registry")
     base.mkdir(parents=True, exist_ok=True)
-    port = free_port(addr)
+    ns_exec = ["ip", "netns", "exec", netns] if netns else []
+    port = 5000 if netns else free_port(addr)
     auth = ""
     if htpasswd is not None:
         _htpasswd(base / "htpasswd", *htpasswd)
@@ -89,7 +92,7 @@ def running_registry(base: Path, *, htpasswd: tuple[str, str] | None = None,
         f"http:\n  addr: {addr}:{port}\n  secret: lamina-test-secret\n{tls_conf}"
         f"{auth}{extra}")
     log = open(base / "registry.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(["docker-registry", "serve", str(base / "config.yml")],
+    proc = subprocess.Popen([*ns_exec, "docker-registry", "serve", str(base / "config.yml")],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     reg = Registry(base, port, proc, tls=tls is not None, addr=addr)
     try:
@@ -97,8 +100,7 @@ def running_registry(base: Path, *, htpasswd: tuple[str, str] | None = None,
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"docker-registry exited: {reg.log()}")
-            with contextlib.suppress(OSError):
-                socket.create_connection((addr, port), timeout=0.5).close()
+            if _listening(addr, port, ns_exec):
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"docker-registry did not listen: {reg.log()}")
@@ -115,11 +117,25 @@ def running_registry(base: Path, *, htpasswd: tuple[str, str] | None = None,
         log.close()
 
 
+def _listening(addr: str, port: int, ns_exec: list[str]) -> bool:
+    if not ns_exec:
+        try:
+            socket.create_connection((addr, port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+    probe = f"import socket; socket.create_connection(({addr!r}, {port}), timeout=0.5)"
+    return subprocess.run([*ns_exec, sys.executable, "-c", probe], capture_output=True,
+                          timeout=30, check=False).returncode == 0
+
+
 def skopeo_push(layout_ref: str, dest: str, *, fmt: str = "",
-                creds: str = "") -> None:
-    """``skopeo copy`` an image (``oci:<dir>:<ref>``) to ``docker://<dest>`` over plain HTTP."""
+                creds: str = "", netns: str = "") -> None:
+    """``skopeo copy`` an image (``oci:<dir>:<ref>``) to ``docker://<dest>`` over plain HTTP
+    (from network namespace ``netns`` when given)."""
     require_tools("skopeo")
-    cmd = ["skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false", "--quiet"]
+    cmd = [*(["ip", "netns", "exec", netns] if netns else []), "skopeo",
+           "--insecure-policy", "copy", "--dest-tls-verify=false", "--quiet"]
     if fmt:
         cmd += ["--format", fmt]
     if creds:
