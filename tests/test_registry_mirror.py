@@ -1,29 +1,41 @@
 """Nodes share layers: ``lamina serve --registry-mirror`` serves the content store
 read-only over the OCI distribution API (lamina.api.mirror).
 
-Unit-level HTTP tests drive an in-process mirror over loopback; the
-end-to-end ones (test_registry_mirror_nodes.py) run three network namespaces.
+Unit-level HTTP tests drive an in-process mirror over loopback. The
+end-to-end ones run three network namespaces on one bridge: a registry (R),
+node A (a lamina root that pulled an image from R and serves it with
+``lamina serve --registry-mirror``) and node B, whose ``hosts.toml`` lists A
+ahead of R; B pulls (with lamina, and with containerd 1.6's ``ctr``) while R
+is stopped, and fails with the usual one-line error once A is stopped too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
 import os
 import resource
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import imagefactory
 import pytest
+from conftest import require_tools
+from containerd_peer import lamina_serve, private_containerd, short_dir
+from registry_peer import running_registry, skopeo_push
 
 from lamina.api.distribution import byte_range, manifest_type
 from lamina.api.mirror import MirrorLimits, RegistryMirror, parse_listen
 from lamina.content import write_blob
 from lamina.content.local import LocalContentStore
-from lamina.errors import InvalidArgument
+from lamina.errors import InvalidArgument, NotFound, Unavailable
 from lamina.oci.types import MediaType
 
 
@@ -313,3 +325,172 @@ def test_parse_listen() -> None:
     for bad in ("10.0.0.2", "x:port", "x:70000"):
         with pytest.raises(InvalidArgument):
             parse_listen(bad)
+
+
+# --------------------------------------------------------------- three nodes
+
+SUBNET = "10.99.0"
+R_IP, A_IP, B_IP = f"{SUBNET}.1", f"{SUBNET}.2", f"{SUBNET}.3"
+MIRROR = f"{A_IP}:5050"
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """Network namespaces: ``r`` holds the bridge and the registry; ``a``, ``b`` nodes."""
+
+    r: str
+    a: str
+    b: str
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def three_nodes() -> Iterator[Nodes]:
+    """R, A and B on one bridge (in R): private namespaces, nothing in this one."""
+    require_tools("ip")
+    tag = str(os.getpid() % 100000)
+    nodes = Nodes(*(f"lamina-mirror-{tag}-{n}" for n in "rab"))
+    made: list[str] = []
+    try:
+        for ns in (nodes.r, nodes.a, nodes.b):
+            _ip("netns", "add", ns)
+            made.append(ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", nodes.r, "link", "add", "br0", "type", "bridge")
+        _ip("-n", nodes.r, "addr", "add", f"{R_IP}/24", "dev", "br0")
+        _ip("-n", nodes.r, "link", "set", "br0", "up")
+        for ns, addr, n in ((nodes.a, A_IP, "a"), (nodes.b, B_IP, "b")):
+            node_end, bridge_end = f"lm{tag}{n}n", f"lm{tag}{n}r"
+            _ip("link", "add", node_end, "type", "veth", "peer", "name", bridge_end)
+            _ip("link", "set", node_end, "netns", ns)
+            _ip("link", "set", bridge_end, "netns", nodes.r)
+            _ip("-n", nodes.r, "link", "set", bridge_end, "master", "br0", "up")
+            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", node_end)
+            _ip("-n", ns, "link", "set", node_end, "up")
+        yield nodes
+    finally:
+        for ns in made:  # the veth pairs go with their namespaces
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+def lamina_in(ns: str, root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "lamina",
+                           "--root", str(root), *args],
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def hosts_dir(base: Path, registry: str, mirror: str) -> Path:
+    """A hosts.toml (for lamina and containerd alike) listing ``mirror`` first."""
+    d = base / "certs.d" / registry
+    d.mkdir(parents=True)
+    (d / "hosts.toml").write_text(
+        f'server = "http://{registry}"\n\n'
+        f'[host."http://{mirror}"]\n  capabilities = ["pull", "resolve"]\n')
+    return base / "certs.d"
+
+
+def blobs_of(root: Path) -> set[str]:
+    with LocalContentStore(root / "content") as store:
+        return {i.digest for i in store.walk()}
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> imagefactory.ImageRef:
+    work = tmp_path_factory.mktemp("mirror-image")
+    layers = [imagefactory.minimal_layer(work / "blobs"), imagefactory.layer_from_entries(
+        [imagefactory.Dir("srv"), imagefactory.File("srv/data", os.urandom(2 << 20))],
+        work / "blobs", comment="data")]
+    return imagefactory.build_oci_layout(work / "oci", layers, ref_name="app")
+
+
+def test_nodes_share_layers(require_root: None, image: imagefactory.ImageRef,
+                            tmp_root: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    wanted = {image.manifest_digest, image.config_digest, *(lyr.digest for lyr in image.layers)}
+    root_a, root_b = tmp_root / "node-a", tmp_root / "node-b"
+    with three_nodes() as net:
+        with running_registry(tmp_path_factory.mktemp("registry-r"), addr=R_IP,
+                              netns=net.r) as reg:
+            tagged = f"{reg.host}/team/app:1"
+            skopeo_push(image.oci_ref, tagged, netns=net.r)
+            pulled = lamina_in(net.a, root_a, "image", "pull", "--plain-http", tagged)
+            assert pulled.returncode == 0, pulled.stderr
+        # the registry is gone: only node A has the image now
+        assert blobs_of(root_a) >= wanted
+        by_digest = f"{reg.host}/team/app@{image.manifest_digest}"
+        certs = hosts_dir(tmp_root, reg.host, MIRROR)
+        base, in_tmp = short_dir(tmp_root / "c")
+        try:
+            with lamina_serve(root_a, base / "a.sock", netns=net.a,
+                              serve_options=("--registry-mirror", MIRROR)):
+                got = lamina_in(net.b, root_b, "image", "pull", "--hosts-dir", str(certs),
+                                by_digest)
+                assert got.returncode == 0, got.stderr
+                assert image.manifest_digest in got.stdout
+                assert blobs_of(root_b) >= wanted  # each verified by its digest on the way
+                listed = json.loads(lamina_in(net.b, root_b, "image", "ls", "--json").stdout)
+                assert [i["target"]["digest"] for i in listed] == [image.manifest_digest]
+                # a tag is not answered by the mirror (by digest only), and R is down
+                tag = lamina_in(net.b, tmp_root / "node-b2", "image", "pull", "--hosts-dir",
+                                str(certs), tagged)
+                assert tag.returncode in (NotFound.exit_code, Unavailable.exit_code)
+                assert tag.stderr.count("\n") == 1, tag.stderr
+                ctr_pull_through_mirror(net, base, certs, by_digest, wanted)
+        finally:
+            if in_tmp:
+                subprocess.run(["rm", "-rf", str(base)], check=False)
+        # node A is stopped too: nobody has the image
+        gone = lamina_in(net.b, tmp_root / "node-b3", "image", "pull", "--hosts-dir",
+                         str(certs), by_digest)
+        assert gone.returncode == Unavailable.exit_code, gone.stderr
+        assert gone.stderr.startswith("lamina: Unavailable: ")
+        assert gone.stderr.count("\n") == 1 and "Traceback" not in gone.stderr
+
+
+def ctr_pull_through_mirror(net: Nodes, base: Path, certs: Path, ref: str,
+                            wanted: set[str]) -> None:
+    """containerd 1.6 (``ctr --hosts-dir``, fetching from node B's namespace) pulls
+    from node A with the registry down."""
+    with private_containerd(base / "ctrd") as ctrd:
+        pulled = subprocess.run(
+            ["ip", "netns", "exec", net.b, "ctr", "--address", ctrd.address, "--namespace",
+             "mirror", "image", "pull", "--hosts-dir", str(certs), ref],
+            capture_output=True, text=True, timeout=300, check=False)
+        assert pulled.returncode == 0, pulled.stderr + pulled.stdout
+        listed = subprocess.run(
+            ["ctr", "--address", ctrd.address, "--namespace", "mirror", "content", "ls",
+             "-q"], capture_output=True, text=True, timeout=60, check=True).stdout.split()
+        assert set(listed) >= wanted
+        subprocess.run(["ctr", "--address", ctrd.address, "--namespace", "mirror", "image",
+                        "rm", "--sync", ref], capture_output=True, timeout=60, check=False)
+
+
+def test_lamina_pull_falls_back_to_registry(require_root: None, image: imagefactory.ImageRef,
+                                            tmp_root: Path,
+                                            tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A mirror answering 404 (an empty node; a tag) sends lamina's pull on to the
+    registry; a mirror holding the layers serves them while the registry resolves the tag."""
+    layer_bytes = sum(lyr.size for lyr in image.layers)
+    with running_registry(tmp_path_factory.mktemp("registry-fallback")) as reg:
+        tagged = f"{reg.host}/team/app:1"
+        skopeo_push(image.oci_ref, tagged)
+        for node, source in (("first", tmp_root / "empty"), ("second", tmp_root / "first")):
+            store = LocalContentStore(source / "content")
+            with RegistryMirror(store, "127.0.0.1", 0) as m:
+                host, port = m.address
+                certs = hosts_dir(tmp_root / f"hosts-{node}", reg.host, f"{host}:{port}")
+                got = subprocess.run([sys.executable, "-m", "lamina", "--root",
+                                      str(tmp_root / node), "image", "pull", "--hosts-dir",
+                                      str(certs), tagged],
+                                     capture_output=True, text=True, timeout=300, check=False)
+                assert got.returncode == 0, got.stderr
+                sent = m.sent_bytes
+            store.close()
+            if node == "first":
+                assert sent == 0  # everything came from the registry
+            else:
+                assert sent >= layer_bytes  # the layers came from the mirror
+            assert blobs_of(tmp_root / node) >= {image.manifest_digest,
+                                                 *(lyr.digest for lyr in image.layers)}

@@ -147,7 +147,7 @@ class RegistryMirror:
         self._tasks: set[asyncio.Task[None]] = set()
         self.active = 0
         self.sent_bytes = 0
-        """Body bytes sent so far (for tests and logs)."""
+        """Bytes of content (blobs, manifests) sent so far, error documents aside."""
 
     # ----------------------------------------------------------- life cycle
 
@@ -292,7 +292,8 @@ class RegistryMirror:
                     await self._stream(writer, ans.blob, ans.offset, ans.length)
                 else:
                     writer.write(ans.body)
-                    self.sent_bytes += len(ans.body)
+                    if ans.status < 300:
+                        self.sent_bytes += len(ans.body)
             await asyncio.wait_for(writer.drain(), self.limits.timeout)
         finally:
             ans.release()
