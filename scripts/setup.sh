@@ -27,6 +27,7 @@ mkdir -p "$STATE_DIR"
 PACKAGES=(
     # runtime tools the tests drive
     containerd runc criu umoci skopeo docker-registry debootstrap erofs-utils strace
+    containernetworking-plugins  # CNI for the CRI tests (bridge, host-local, loopback)
     zstd pigz xz-utils tar iproute2 git python3-venv ca-certificates
     util-linux mount e2fsprogs attr libcap2-bin procps kmod
     debian-archive-keyring systemd uidmap
