@@ -125,6 +125,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _command_name(args: argparse.Namespace) -> str:
+    """``lamina image ls``: the command as the user named it, for messages."""
+    verbs = [v for k, v in vars(args).items()
+             if (k == "verb" or k.endswith("_command")) and isinstance(v, str)]
+    return " ".join(("lamina", args.command, *verbs))
+
+
 def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
@@ -178,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exc:  # --help, --version, usage errors
             return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         app = App(root=args.root or default_root(), snapshotter=args.snapshotter,
-                  address=args.address)
+                  address=args.address, command=_command_name(args))
         code: int = args.handler(args, app)
         sys.stdout.flush()
         return code

@@ -1,16 +1,18 @@
-"""What command handlers share: the root, the chosen snapshotter, output helpers."""
+"""What command handlers share: the backend, the chosen snapshotter, output helpers."""
 
 from __future__ import annotations
 
 import json
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lamina.metadata.recover import RecoveredRoot
+from lamina.api.backend import Backend, open_backend
 
 if TYPE_CHECKING:
     from lamina.content import ContentStore
+    from lamina.metadata.recover import RecoveredRoot
     from lamina.snapshots import Snapshotter
 
 __all__ = ["App"]
@@ -18,48 +20,48 @@ __all__ = ["App"]
 
 @dataclass
 class App:
-    """Opened lazily: a command that needs no store opens none."""
+    """One command's view of its backend (:mod:`lamina.api.backend`): the local root,
+    or the server at ``address``; resolved once, opened lazily (a command that needs
+    no store opens none). ``command`` names the command in refusals."""
 
     root: str
     snapshotter: str = "overlay"
     address: str | None = None
-    _root: RecoveredRoot | None = field(default=None, repr=False)
-    _remote: Any = field(default=None, repr=False)
-    _remote_content: Any = field(default=None, repr=False)
+    command: str = ""
+    _backend: Backend | None = field(default=None, repr=False)
+    _reported: bool = field(default=False, repr=False)
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = open_backend(root=self.root, address=self.address)
+        return self._backend
 
     @property
     def store_root(self) -> RecoveredRoot:
-        if self._root is None:
-            self._root = RecoveredRoot(self.root)
-            report = self._root.recovered
-            if report is not None and (report.repaired or report.remaining):
-                print(f"lamina: {self.root} was last used before the machine restarted; "
-                      f"repaired {len(report.repaired)} leftover(s), "
-                      f"{len(report.remaining)} problem(s) remain (see lamina check)",
-                      file=sys.stderr)
-        return self._root
+        """The local root; a command that needs it refuses to run through --address."""
+        root = self.backend.root(self.command)
+        report = root.recovered
+        if not self._reported and report is not None and (report.repaired or report.remaining):
+            print(f"lamina: {self.root} was last used before the machine restarted; "
+                  f"repaired {len(report.repaired)} leftover(s), "
+                  f"{len(report.remaining)} problem(s) remain (see lamina check)",
+                  file=sys.stderr)
+        self._reported = True
+        return root
 
     def snapshots(self) -> Snapshotter:
         """The snapshotter this invocation works on, local or (with --address) remote."""
-        if self.address:
-            if self._remote is None:
-                from lamina.api.client import RemoteSnapshotter
-
-                self._remote = RemoteSnapshotter(self.address, self.snapshotter)
-            sn: Snapshotter = self._remote
-            return sn
-        return self.store_root.snapshotter(self.snapshotter)
+        return self.backend.snapshotter(self.snapshotter)
 
     def content(self) -> ContentStore:
         """The content store: the local root's, or (with --address) a server's."""
-        if self.address:
-            if self._remote_content is None:
-                from lamina.api.client import RemoteContentStore
+        return self.backend.content()
 
-                self._remote_content = RemoteContentStore(self.address)
-            store: ContentStore = self._remote_content
-            return store
-        return self.store_root.content()
+    @property
+    def tmpmounts(self) -> Path | None:
+        """Where this command's temporary mounts go."""
+        return self.backend.tmpmounts
 
     @staticmethod
     def print_json(obj: Any) -> None:
@@ -67,8 +69,5 @@ class App:
         sys.stdout.write("\n")
 
     def close(self) -> None:
-        for remote in (self._remote, self._remote_content):
-            if remote is not None:
-                remote.close()
-        if self._root is not None:
-            self._root.close()
+        if self._backend is not None:
+            self._backend.close()

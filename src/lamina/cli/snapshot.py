@@ -211,7 +211,7 @@ def cmd_diff(args: argparse.Namespace, app: App) -> int:
     comp = compression_from_media_type(args.media_type).value
     content = app.content()
     outcome = create_diff(app.snapshots(), content, args.key, args.parent,
-                          compression=comp, tmpmounts=str(app.store_root.tmpmounts))
+                          compression=comp, tmpmounts=app.tmpmounts)
     desc = outcome.descriptor
     if sys.stdout.isatty() or args.print_descriptor:
         app.print_json({**desc.to_json(), "diffID": outcome.diff_id})

@@ -1,0 +1,126 @@
+"""What a ``lamina`` command works on: a local root, or a server at ``--address``.
+
+A process resolves its backend once (:func:`open_backend`) and every command
+goes through it, so no command can quietly work on the local root when the user
+named a server. :class:`LocalBackend` opens the root with recovery
+(:class:`~lamina.metadata.recover.RecoveredRoot`), lazily: a command that needs
+no store opens none. :class:`ServerBackend` hands out the server's snapshotters
+and content store (:mod:`lamina.api.client`); what only a local root has (image
+and container records, leases, GC, check) it refuses with NotImplemented naming
+the command, before anything is done.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from lamina.errors import NotImplementedErr
+
+if TYPE_CHECKING:
+    from lamina.content import ContentStore
+    from lamina.metadata.recover import RecoveredRoot
+    from lamina.snapshots import Snapshotter
+
+__all__ = ["Backend", "LocalBackend", "ServerBackend", "open_backend"]
+
+
+class Backend(Protocol):
+    """The stores one command works on."""
+
+    def snapshotter(self, name: str) -> Snapshotter: ...
+
+    def content(self) -> ContentStore: ...
+
+    def root(self, command: str) -> RecoveredRoot:
+        """The local root ``command`` needs; NotImplemented on a server."""
+        ...
+
+    @property
+    def tmpmounts(self) -> Path | None:
+        """Where temporary mounts go (None: the system's temporary directory)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LocalBackend:
+    """The root at ``path``, opened with recovery on first use."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._root: RecoveredRoot | None = None
+        self._lock = threading.Lock()
+
+    def root(self, command: str = "") -> RecoveredRoot:
+        with self._lock:
+            if self._root is None:
+                from lamina.metadata.recover import RecoveredRoot
+
+                self._root = RecoveredRoot(self.path)
+            return self._root
+
+    def snapshotter(self, name: str) -> Snapshotter:
+        return self.root().snapshotter(name)
+
+    def content(self) -> ContentStore:
+        return self.root().content()
+
+    @property
+    def tmpmounts(self) -> Path | None:
+        return self.root().tmpmounts
+
+    def close(self) -> None:
+        if self._root is not None:
+            self._root.close()
+
+
+class ServerBackend:
+    """The server listening on ``address`` (its channels connect on first use; no
+    server there: Unavailable)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._snapshotters: dict[str, Any] = {}
+        self._content: Any = None
+        self._lock = threading.Lock()
+
+    def root(self, command: str) -> RecoveredRoot:
+        what = command or "this command"
+        raise NotImplementedErr(
+            f"{what} works on a local root only, not through --address {self.address} "
+            "(run it without --address, on the server's machine)")
+
+    def snapshotter(self, name: str) -> Snapshotter:
+        with self._lock:
+            if name not in self._snapshotters:
+                from lamina.api.client import RemoteSnapshotter
+
+                self._snapshotters[name] = RemoteSnapshotter(self.address, name)
+            sn: Snapshotter = self._snapshotters[name]
+            return sn
+
+    def content(self) -> ContentStore:
+        with self._lock:
+            if self._content is None:
+                from lamina.api.client import RemoteContentStore
+
+                self._content = RemoteContentStore(self.address)
+            store: ContentStore = self._content
+            return store
+
+    @property
+    def tmpmounts(self) -> Path | None:
+        # the server's mounts are mounted here, beside no root of ours
+        return None
+
+    def close(self) -> None:
+        for remote in (*self._snapshotters.values(), self._content):
+            if remote is not None:
+                remote.close()
+
+
+def open_backend(*, root: str, address: str | None) -> Backend:
+    """The server at ``address`` when one is named, else the local root at ``root``."""
+    return ServerBackend(address) if address else LocalBackend(root)
