@@ -7,7 +7,8 @@ comparison is against the snapshot's own parent, only the upperdir is walked,
 so the cost follows the size of the change rather than of the image; any
 other case mounts both trees read-only and compares them.
 
-:func:`apply_diff` streams a layer blob from the content store onto mounts.
+:func:`apply_diff` streams a layer blob from the content store onto mounts, and
+:func:`apply_stream` any layer stream (``lamina diff apply`` of a file).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import secrets
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from lamina.archive.apply import AppliedLayer, apply_layer
 from lamina.archive.changes import write_diff, write_overlay_diff
@@ -33,7 +34,7 @@ from lamina.snapshots import Capability, Kind, LocalDirectories, Snapshotter
 if TYPE_CHECKING:
     from lamina.content import ContentStore
 
-__all__ = ["DiffOutcome", "apply_diff", "create_diff"]
+__all__ = ["DiffOutcome", "apply_diff", "apply_stream", "create_diff"]
 
 _COMPRESSION = {"gzip": "gzip", "zstd": "zstd", "none": "none", "": "gzip"}
 
@@ -59,7 +60,8 @@ class _WriterFile:
 
 
 @contextlib.contextmanager
-def _readonly(sn: Snapshotter, parent: str, tmpmounts: str | None) -> Iterator[str | None]:
+def _readonly(sn: Snapshotter, parent: str,
+              tmpmounts: str | os.PathLike[str] | None) -> Iterator[str | None]:
     if not parent:
         yield None
         return
@@ -79,7 +81,7 @@ def create_diff(
     parent: str | None = None,
     *,
     compression: str = "gzip",
-    tmpmounts: str | None = None,
+    tmpmounts: str | os.PathLike[str] | None = None,
     labels: dict[str, str] | None = None,
 ) -> DiffOutcome:
     """Write the layer that turns ``parent`` (default: ``key``'s parent) into ``key``."""
@@ -138,6 +140,23 @@ def _ro(mounts: Sequence[Mount]) -> list[Mount]:
     return out
 
 
+def apply_stream(
+    layer: IO[bytes],
+    mounts: Sequence[Mount],
+    *,
+    diff_id: str | None = None,
+    tmpmounts: str | os.PathLike[str] | None = None,
+    max_layer_size: int = DEFAULT_MAX_LAYER_SIZE,
+) -> AppliedLayer:
+    """Apply the layer read from ``layer`` (a tar stream, plain, gzip or zstd) onto
+    ``mounts``; verifies ``diff_id``.
+
+    ResourceExhausted if it expands beyond ``max_layer_size`` bytes or the
+    filesystem runs short (see :func:`lamina.archive.apply.apply_layer`)."""
+    with temp_mount(mounts, base=tmpmounts) as target:
+        return apply_layer(layer, target, expected_diff_id=diff_id, max_size=max_layer_size)
+
+
 def apply_diff(
     content: ContentStore,
     desc: Descriptor,
@@ -147,9 +166,8 @@ def apply_diff(
     tmpmounts: str | os.PathLike[str] | None = None,
     max_layer_size: int = DEFAULT_MAX_LAYER_SIZE,
 ) -> AppliedLayer:
-    """Apply layer ``desc`` from the content store onto ``mounts``; verifies ``diff_id``.
-
-    ResourceExhausted if it expands beyond ``max_layer_size`` bytes or the
-    filesystem runs short (see :func:`lamina.archive.apply.apply_layer`)."""
-    with temp_mount(mounts, base=tmpmounts) as target, content.reader(desc.digest) as r:
-        return apply_layer(r, target, expected_diff_id=diff_id, max_size=max_layer_size)
+    """Apply layer ``desc`` from the content store onto ``mounts`` (see
+    :func:`apply_stream`)."""
+    with content.reader(desc.digest) as r:
+        return apply_stream(r, mounts, diff_id=diff_id, tmpmounts=tmpmounts,
+                            max_layer_size=max_layer_size)

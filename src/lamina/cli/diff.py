@@ -4,25 +4,29 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import IO
 
-from lamina.archive.apply import apply_layer
+from lamina.archive.apply import AppliedLayer
 from lamina.cli.app import App
 from lamina.cli.common import add_max_layer_size, max_layer_size
-from lamina.mounts.mount import temp_mount
+from lamina.differ import apply_stream
 
 __all__ = ["register"]
 
 
 def cmd_apply(args: argparse.Namespace, app: App) -> int:
-    limit = max_layer_size(args)
     mounts = app.snapshots().mounts(args.key)
-    with temp_mount(mounts, base=app.store_root.tmpmounts) as target:
-        if os.path.exists(args.layer):
-            with open(args.layer, "rb") as f:
-                applied = apply_layer(f, target, expected_diff_id=args.diff_id, max_size=limit)
-        else:
-            with app.content().reader(args.layer) as r:
-                applied = apply_layer(r, target, expected_diff_id=args.diff_id, max_size=limit)
+
+    def apply(layer: IO[bytes]) -> AppliedLayer:
+        return apply_stream(layer, mounts, diff_id=args.diff_id, tmpmounts=app.tmpmounts,
+                            max_layer_size=max_layer_size(args))
+
+    if os.path.exists(args.layer):
+        with open(args.layer, "rb") as f:
+            applied = apply(f)
+    else:
+        with app.content().reader(args.layer) as r:
+            applied = apply(r)
     print(applied.diff_id)
     return 0
 
