@@ -17,7 +17,8 @@ import pytest
 from lamina.api.client import RemoteSnapshotter, connect
 from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as spb
 from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as spb_grpc
-from lamina.api.server import Server, root_resolver
+from lamina.api.server import Server
+from lamina.api.snapshots import root_resolver
 from lamina.errors import (
     AlreadyExists,
     FailedPrecondition,

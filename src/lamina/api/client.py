@@ -17,16 +17,21 @@ import errno
 import io
 import queue
 import threading
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, BinaryIO, Self, TypeVar, cast
 
 import grpc
 from google.protobuf import field_mask_pb2
 
 from lamina.api import CHANNEL_OPTIONS, grpc_target
-from lamina.api.content import READ_CHUNK, status_from_pb
-from lamina.api.content import info_from_pb as content_info_from_pb
-from lamina.api.convert import info_from_pb, info_to_pb, mounts_from_pb
+from lamina.api.content import READ_CHUNK
+from lamina.api.convert import (
+    content_info_from_pb,
+    info_from_pb,
+    info_to_pb,
+    mounts_from_pb,
+    status_from_pb,
+)
 from lamina.api.errors import from_rpc_error, rpc_errors
 from lamina.api.gen.containerd.services.content.v1 import content_pb2 as cpb
 from lamina.api.gen.containerd.services.content.v1 import content_pb2_grpc as cpb_grpc
@@ -43,6 +48,9 @@ from lamina.mounts.mount import Mount
 from lamina.snapshots import Capability, Info, Usage
 
 __all__ = ["RemoteContentStore", "RemoteSnapshotter", "RemoteWriter", "connect"]
+
+T = TypeVar("T")
+M = TypeVar("M")
 
 
 def connect(address: str) -> grpc.Channel:
@@ -88,7 +96,55 @@ def _identified(channel: grpc.Channel) -> grpc.Channel:
     return grpc.intercept_channel(channel, _Identify())
 
 
-class RemoteSnapshotter:
+def _masked(request: M, fieldpaths: tuple[str, ...]) -> M:
+    """``request`` with an update mask of ``fieldpaths``; none (all labels) when empty."""
+    if fieldpaths:
+        request.update_mask.CopyFrom(  # type: ignore[attr-defined]
+            field_mask_pb2.FieldMask(paths=list(fieldpaths))
+        )
+    return request
+
+
+class _Remote:
+    """What both remote stores hold: the channel (theirs to close unless it was
+    given), lamina's identity on its calls, and the timeout of each call."""
+
+    def __init__(
+        self, address: str, *, timeout: float | None, channel: grpc.Channel | None
+    ) -> None:
+        self.address = address
+        self._timeout = timeout
+        self._owns_channel = channel is None
+        self._channel: grpc.Channel | None = channel if channel is not None else connect(address)
+        self._calls = _identified(self._channel)
+
+    def _listed(
+        self, call: Any, request: Any, convert: Callable[[Any], T], what: str
+    ) -> Iterator[T]:
+        """The ``info`` items of a List stream, converted, as they arrive."""
+        with rpc_errors(what):
+            stream = call(request, timeout=self._timeout)
+            try:
+                for resp in stream:
+                    for info in resp.info:
+                        yield convert(info)
+            finally:
+                stream.cancel()  # the caller stopped early: end the call
+
+    def close(self) -> None:
+        """Close the channel (if this store opened it); calling it twice is fine."""
+        if self._channel is not None and self._owns_channel:
+            self._channel.close()
+        self._channel = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RemoteSnapshotter(_Remote):
     """The snapshotter ``snapshotter`` of the server on ``address``.
 
     ``timeout`` (seconds) bounds each call; None waits as long as the call takes.
@@ -104,15 +160,11 @@ class RemoteSnapshotter:
         timeout: float | None = None,
         channel: grpc.Channel | None = None,
     ) -> None:
-        self.address = address
+        super().__init__(address, timeout=timeout, channel=channel)
         self.snapshotter = snapshotter
-        self._timeout = timeout
-        self._owns_channel = channel is None
-        self._channel: grpc.Channel | None = channel if channel is not None else connect(address)
-        calls = _identified(self._channel)
-        self._stub = spb_grpc.SnapshotsStub(calls)  # type: ignore[no-untyped-call]
+        self._stub = spb_grpc.SnapshotsStub(self._calls)  # type: ignore[no-untyped-call]
         self._introspection = ipb_grpc.IntrospectionStub(  # type: ignore[no-untyped-call]
-            calls
+            self._calls
         )
         self._caps: frozenset[Capability] | None = None
         self._lock = threading.Lock()
@@ -148,9 +200,10 @@ class RemoteSnapshotter:
         return info_from_pb(resp.info)
 
     def update(self, info: Info, *fieldpaths: str) -> Info:
-        req = spb.UpdateSnapshotRequest(snapshotter=self.snapshotter, info=info_to_pb(info))
-        if fieldpaths:
-            req.update_mask.CopyFrom(field_mask_pb2.FieldMask(paths=list(fieldpaths)))
+        req = _masked(
+            spb.UpdateSnapshotRequest(snapshotter=self.snapshotter, info=info_to_pb(info)),
+            fieldpaths,
+        )
         with rpc_errors(self._what("update", info.name)):
             resp = self._stub.Update(req, timeout=self._timeout)
         return info_from_pb(resp.info)
@@ -163,30 +216,26 @@ class RemoteSnapshotter:
         return Usage(size=resp.size, inodes=resp.inodes)
 
     def mounts(self, key: str) -> list[Mount]:
-        with rpc_errors(self._what("mounts", key)):
-            resp = self._stub.Mounts(
-                spb.MountsRequest(snapshotter=self.snapshotter, key=key), timeout=self._timeout
-            )
-        return mounts_from_pb(resp.mounts)
+        req = spb.MountsRequest(key=key)
+        return self._mounts(self._stub.Mounts, req, self._what("mounts", key))
 
     def prepare(
         self, key: str, parent: str = "", *, labels: Mapping[str, str] | None = None
     ) -> list[Mount]:
-        req = spb.PrepareSnapshotRequest(
-            snapshotter=self.snapshotter, key=key, parent=parent, labels=dict(labels or {})
-        )
-        with rpc_errors(self._what("prepare", key)):
-            resp = self._stub.Prepare(req, timeout=self._timeout)
-        return mounts_from_pb(resp.mounts)
+        req = spb.PrepareSnapshotRequest(key=key, parent=parent, labels=dict(labels or {}))
+        return self._mounts(self._stub.Prepare, req, self._what("prepare", key))
 
     def view(
         self, key: str, parent: str = "", *, labels: Mapping[str, str] | None = None
     ) -> list[Mount]:
-        req = spb.ViewSnapshotRequest(
-            snapshotter=self.snapshotter, key=key, parent=parent, labels=dict(labels or {})
-        )
-        with rpc_errors(self._what("view", key)):
-            resp = self._stub.View(req, timeout=self._timeout)
+        req = spb.ViewSnapshotRequest(key=key, parent=parent, labels=dict(labels or {}))
+        return self._mounts(self._stub.View, req, self._what("view", key))
+
+    def _mounts(self, call: Any, req: Any, what: str) -> list[Mount]:
+        """Send ``req`` (Mounts, Prepare or View) for this snapshotter; the mounts it answers."""
+        req.snapshotter = self.snapshotter
+        with rpc_errors(what):
+            resp = call(req, timeout=self._timeout)
         return mounts_from_pb(resp.mounts)
 
     def commit(self, name: str, key: str, *, labels: Mapping[str, str] | None = None) -> None:
@@ -205,32 +254,13 @@ class RemoteSnapshotter:
 
     def walk(self, *filters: str) -> Iterator[Info]:
         req = spb.ListSnapshotsRequest(snapshotter=self.snapshotter, filters=list(filters))
-        with rpc_errors(self._what("walk")):
-            stream = self._stub.List(req, timeout=self._timeout)
-            try:
-                for resp in stream:
-                    for info in resp.info:
-                        yield info_from_pb(info)
-            finally:
-                stream.cancel()  # the caller stopped early: end the call
+        return self._listed(self._stub.List, req, info_from_pb, self._what("walk"))
 
     def cleanup(self) -> None:
         with rpc_errors(self._what("cleanup")):
             self._stub.Cleanup(
                 spb.CleanupRequest(snapshotter=self.snapshotter), timeout=self._timeout
             )
-
-    def close(self) -> None:
-        """Close the channel (if this snapshotter opened it); calling it twice is fine."""
-        if self._channel is not None and self._owns_channel:
-            self._channel.close()
-        self._channel = None
-
-    def __enter__(self) -> RemoteSnapshotter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"RemoteSnapshotter({self.address!r}, {self.snapshotter!r})"
@@ -239,7 +269,7 @@ class RemoteSnapshotter:
 # -- content ----------------------------------------------------------------------
 
 
-class RemoteContentStore:
+class RemoteContentStore(_Remote):
     """The content store of the server on ``address`` (see :mod:`lamina.content`).
 
     A :class:`RemoteWriter` holds one Write stream, and with it the ingest's
@@ -253,12 +283,8 @@ class RemoteContentStore:
         timeout: float | None = None,
         channel: grpc.Channel | None = None,
     ) -> None:
-        self.address = address
-        self._timeout = timeout
-        self._owns_channel = channel is None
-        self._channel: grpc.Channel | None = channel if channel is not None else connect(address)
-        self._stub = cpb_grpc.ContentStub(  # type: ignore[no-untyped-call]
-            _identified(self._channel))
+        super().__init__(address, timeout=timeout, channel=channel)
+        self._stub = cpb_grpc.ContentStub(self._calls)  # type: ignore[no-untyped-call]
         self._writers: set[RemoteWriter] = set()
         self._lock = threading.Lock()
 
@@ -272,23 +298,17 @@ class RemoteContentStore:
         return content_info_from_pb(resp.info)
 
     def update(self, info: ContentInfo, *fieldpaths: str) -> ContentInfo:
-        req = cpb.UpdateRequest(info=cpb.Info(digest=info.digest, labels=dict(info.labels)))
-        if fieldpaths:
-            req.update_mask.CopyFrom(field_mask_pb2.FieldMask(paths=list(fieldpaths)))
+        req = _masked(
+            cpb.UpdateRequest(info=cpb.Info(digest=info.digest, labels=dict(info.labels))),
+            fieldpaths,
+        )
         with rpc_errors(self._what("update", info.digest)):
             resp = self._stub.Update(req, timeout=self._timeout)
         return content_info_from_pb(resp.info)
 
     def walk(self, *filters: str) -> Iterator[ContentInfo]:
         req = cpb.ListContentRequest(filters=list(filters))
-        with rpc_errors(self._what("walk")):
-            stream = self._stub.List(req, timeout=self._timeout)
-            try:
-                for resp in stream:
-                    for info in resp.info:
-                        yield content_info_from_pb(info)
-            finally:
-                stream.cancel()
+        return self._listed(self._stub.List, req, content_info_from_pb, self._what("walk"))
 
     def delete(self, digest: str) -> None:
         with rpc_errors(self._what("delete", digest)):
@@ -342,15 +362,7 @@ class RemoteContentStore:
             writers = list(self._writers)
         for w in writers:
             w.close()
-        if self._channel is not None and self._owns_channel:
-            self._channel.close()
-        self._channel = None
-
-    def __enter__(self) -> RemoteContentStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().close()
 
     def __repr__(self) -> str:
         return f"RemoteContentStore({self.address!r})"

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 import grpc
 from google.protobuf import empty_pb2
 
-from lamina.api.convert import set_timestamp, timestamp_from_pb
+from lamina.api.convert import batched, content_info_to_pb, set_timestamp, status_to_pb
 from lamina.api.errors import servicer_method
 from lamina.api.gen.containerd.services.content.v1 import content_pb2 as cpb
 from lamina.api.gen.containerd.services.content.v1 import content_pb2_grpc as cpb_grpc
@@ -31,68 +31,15 @@ from lamina.content import ContentStore, Info, Status, Writer
 from lamina.errors import InvalidArgument
 from lamina.metadata.root import Root
 
-__all__ = [
-    "READ_CHUNK",
-    "ContentService",
-    "add_content_service",
-    "info_from_pb",
-    "info_to_pb",
-    "status_from_pb",
-    "status_to_pb",
-]
+__all__ = ["READ_CHUNK", "ContentService", "add_content_service"]
 
 READ_CHUNK = 1 << 20
 """Bytes per ReadContentResponse."""
 
-LIST_BATCH = 100
 
-
-def info_to_pb(info: Info) -> cpb.Info:
-    msg = cpb.Info(digest=info.digest, size=info.size, labels=dict(info.labels))
-    set_timestamp(msg.created_at, info.created)
-    set_timestamp(msg.updated_at, info.updated)
-    return msg
-
-
-def info_from_pb(msg: cpb.Info) -> Info:
-    created = timestamp_from_pb(msg.created_at, True)
-    updated = timestamp_from_pb(msg.updated_at, True)
-    assert created is not None and updated is not None
-    return Info(
-        digest=msg.digest,
-        size=msg.size,
-        created=created,
-        updated=updated,
-        labels=dict(msg.labels),
-    )
-
-
-def status_to_pb(st: Status) -> cpb.Status:
-    msg = cpb.Status(ref=st.ref, offset=st.offset, total=st.total, expected=st.expected)
-    set_timestamp(msg.started_at, st.started_at)
-    set_timestamp(msg.updated_at, st.updated_at)
-    return msg
-
-
-def status_from_pb(msg: cpb.Status) -> Status:
-    started = timestamp_from_pb(msg.started_at, True)
-    updated = timestamp_from_pb(msg.updated_at, True)
-    assert started is not None and updated is not None
-    return Status(
-        ref=msg.ref,
-        offset=msg.offset,
-        total=msg.total,
-        expected=msg.expected,
-        started_at=started,
-        updated_at=updated,
-    )
-
-
-def _write_response(action: cpb.WriteAction, w: Writer) -> cpb.WriteContentResponse:
-    st = w.status()
-    resp = cpb.WriteContentResponse(
-        action=action, offset=st.offset, total=st.total, digest=w.digest()
-    )
+def _write_response(action: cpb.WriteAction, st: Status, digest: str) -> cpb.WriteContentResponse:
+    """The response to a write message: where the ingest ``st`` stands, ``digest`` so far."""
+    resp = cpb.WriteContentResponse(action=action, offset=st.offset, total=st.total, digest=digest)
     set_timestamp(resp.started_at, st.started_at)
     set_timestamp(resp.updated_at, st.updated_at)
     return resp
@@ -110,7 +57,7 @@ class ContentService(cpb_grpc.ContentServicer):
 
     @servicer_method
     def Info(self, request: cpb.InfoRequest, context: grpc.ServicerContext) -> cpb.InfoResponse:
-        return cpb.InfoResponse(info=info_to_pb(self._for(context).info(request.digest)))
+        return cpb.InfoResponse(info=content_info_to_pb(self._for(context).info(request.digest)))
 
     @servicer_method
     def Update(
@@ -126,19 +73,14 @@ class ContentService(cpb_grpc.ContentServicer):
             labels=dict(request.info.labels),
         )
         paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
-        return cpb.UpdateResponse(info=info_to_pb(store.update(wanted, *paths)))
+        return cpb.UpdateResponse(info=content_info_to_pb(store.update(wanted, *paths)))
 
     @servicer_method
     def List(
         self, request: cpb.ListContentRequest, context: grpc.ServicerContext
     ) -> Iterator[cpb.ListContentResponse]:
-        batch: list[cpb.Info] = []
-        for info in self._for(context).walk(*request.filters):
-            batch.append(info_to_pb(info))
-            if len(batch) >= LIST_BATCH:
-                yield cpb.ListContentResponse(info=batch)
-                batch = []
-        if batch:
+        infos = self._for(context).walk(*request.filters)
+        for batch in batched(content_info_to_pb(info) for info in infos):
             yield cpb.ListContentResponse(info=batch)
 
     @servicer_method
@@ -197,7 +139,7 @@ class ContentService(cpb_grpc.ContentServicer):
                 elif req.ref and req.ref != ref:
                     raise InvalidArgument(f"write stream for ref {ref!r} got ref {req.ref!r}")
                 if req.action == cpb.STAT:
-                    yield _write_response(cpb.STAT, w)
+                    yield _write_response(cpb.STAT, w.status(), w.digest())
                     continue
                 if req.action not in (cpb.WRITE, cpb.COMMIT):
                     raise InvalidArgument(f"unknown write action {req.action}")
@@ -207,16 +149,11 @@ class ContentService(cpb_grpc.ContentServicer):
                     if req.data:
                         w.write(req.data)
                 if req.action == cpb.WRITE:
-                    yield _write_response(cpb.WRITE, w)
+                    yield _write_response(cpb.WRITE, w.status(), w.digest())
                     continue
-                digest = w.digest()
-                st = w.status()
+                # what the ingest was: committing ends it
+                resp = _write_response(cpb.COMMIT, w.status(), w.digest())
                 w.commit(req.total, req.expected, labels=dict(req.labels))
-                resp = cpb.WriteContentResponse(
-                    action=cpb.COMMIT, offset=st.offset, total=st.total, digest=digest
-                )
-                set_timestamp(resp.started_at, st.started_at)
-                set_timestamp(resp.updated_at, st.updated_at)
                 yield resp
                 return
         finally:

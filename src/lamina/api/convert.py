@@ -1,12 +1,21 @@
-"""Conversions between lamina's values and containerd's protobuf messages."""
+"""Conversions between lamina's values and containerd's protobuf messages.
+
+Snapshot infos, kinds and mounts (``containerd.services.snapshots.v1``,
+``containerd.types``), content infos and ingest statuses
+(``containerd.services.content.v1``), timestamps, and the batching of the
+items a List call streams.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from lamina import content
+from lamina.api.gen.containerd.services.content.v1 import content_pb2 as cpb
 from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as spb
 from lamina.api.gen.containerd.types import mount_pb2
 from lamina.errors import InvalidArgument
@@ -14,6 +23,10 @@ from lamina.mounts.mount import Mount
 from lamina.snapshots import Info, Kind
 
 __all__ = [
+    "LIST_BATCH",
+    "batched",
+    "content_info_from_pb",
+    "content_info_to_pb",
     "info_from_pb",
     "info_to_pb",
     "kind_from_pb",
@@ -21,8 +34,15 @@ __all__ = [
     "mounts_from_pb",
     "mounts_to_pb",
     "set_timestamp",
+    "status_from_pb",
+    "status_to_pb",
     "timestamp_from_pb",
 ]
+
+T = TypeVar("T")
+
+LIST_BATCH = 100
+"""Items per List response message."""
 
 _KIND_TO_PB: dict[Kind, spb.Kind] = {
     Kind.VIEW: spb.VIEW,
@@ -30,6 +50,18 @@ _KIND_TO_PB: dict[Kind, spb.Kind] = {
     Kind.COMMITTED: spb.COMMITTED,
 }
 _KIND_FROM_PB = {v: k for k, v in _KIND_TO_PB.items()}
+
+
+def batched(items: Iterable[T], size: int = LIST_BATCH) -> Iterator[list[T]]:
+    """``items`` in lists of ``size`` (the last one shorter), taken as they come."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def kind_to_pb(kind: Kind) -> spb.Kind:
@@ -90,4 +122,43 @@ def info_from_pb(msg: spb.Info) -> Info:
         labels=dict(msg.labels),
         created=timestamp_from_pb(msg.created_at, msg.HasField("created_at")),
         updated=timestamp_from_pb(msg.updated_at, msg.HasField("updated_at")),
+    )
+
+
+# -- content ------------------------------------------------------------------
+
+
+def content_info_to_pb(info: content.Info) -> cpb.Info:
+    msg = cpb.Info(digest=info.digest, size=info.size, labels=dict(info.labels))
+    set_timestamp(msg.created_at, info.created)
+    set_timestamp(msg.updated_at, info.updated)
+    return msg
+
+
+def content_info_from_pb(msg: cpb.Info) -> content.Info:
+    # content times are always set (an unset one reads as the epoch, as in containerd)
+    return content.Info(
+        digest=msg.digest,
+        size=msg.size,
+        created=msg.created_at.ToDatetime(tzinfo=UTC),
+        updated=msg.updated_at.ToDatetime(tzinfo=UTC),
+        labels=dict(msg.labels),
+    )
+
+
+def status_to_pb(st: content.Status) -> cpb.Status:
+    msg = cpb.Status(ref=st.ref, offset=st.offset, total=st.total, expected=st.expected)
+    set_timestamp(msg.started_at, st.started_at)
+    set_timestamp(msg.updated_at, st.updated_at)
+    return msg
+
+
+def status_from_pb(msg: cpb.Status) -> content.Status:
+    return content.Status(
+        ref=msg.ref,
+        offset=msg.offset,
+        total=msg.total,
+        expected=msg.expected,
+        started_at=msg.started_at.ToDatetime(tzinfo=UTC),
+        updated_at=msg.updated_at.ToDatetime(tzinfo=UTC),
     )
