@@ -12,9 +12,9 @@ found although nothing else reads it until a container does.
 :func:`encode` / :func:`decode` turn them into a compact JSON-lines byte
 stream (gzip-compressed) and back; :func:`compare` merges two sorted
 sequences and yields a :class:`Difference` for each path missing, extra or
-changed. The walk holds a bounded number of directory descriptors
-(:class:`lamina.fs.tree.DirStack`) whatever the depth, and never builds
-a path for the kernel, so trees deeper than ``PATH_MAX`` are fine, and it
+changed. The walk (:class:`lamina.fs.walk.Walk`) holds a bounded number
+of directory descriptors whatever the depth, and never builds a path for
+the kernel, so trees deeper than ``PATH_MAX`` are fine, and it
 follows no symlink. Memory is bounded by the depth of the tree, not its size.
 
 Directory times are left out: overlayfs may touch a lower directory's
@@ -36,14 +36,14 @@ from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
 from lamina.errors import InvalidArgument
-from lamina.fs.tree import DirStack
+from lamina.fs.tree import DIR_FLAGS
+from lamina.fs.walk import BYTES, Walk
 
 __all__ = ["MEDIA_TYPE", "Difference", "Entry", "compare", "decode", "encode", "record"]
 
 MEDIA_TYPE = "application/vnd.lamina.mtree.v1+jsonl+gzip"
 
 _CHUNK = 1 << 20
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 _KINDS = {
@@ -144,42 +144,19 @@ def _leaf(path: str, name: str, parent_fd: int, st: os.stat_result) -> Entry:
 def record(directory: str | os.PathLike[str]) -> Iterator[Entry]:
     """Every entry below ``directory`` (not itself), depth first, names sorted bytewise.
 
-    Directories are entered through a :class:`~lamina.fs.tree.DirStack`, which
-    holds a bounded number of descriptors whatever the depth."""
-    root_fd = os.open(directory, _DIR_FLAGS)
-    dirs = DirStack(root_fd)
-    # per level: the path prefix, and the names still to visit (pop() gives the smallest)
-    pending: list[tuple[str, list[str]]] = [("", _names(root_fd))]
+    The walk (:class:`lamina.fs.walk.Walk`) holds a bounded number of
+    descriptors whatever the depth."""
+    root_fd = os.open(directory, DIR_FLAGS)
     try:
-        while pending:
-            prefix, names = pending[-1]
-            if not names:
-                pending.pop()
-                if pending:
-                    dirs.pop()
+        walk = Walk(root_fd, key=BYTES)
+        for e in walk:
+            if not stat.S_ISDIR(e.stat.st_mode):
+                yield _leaf(e.path, e.name, e.parent, e.stat)
                 continue
-            name = names.pop()
-            try:
-                st = os.stat(name, dir_fd=dirs.fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            path = prefix + name
-            if not stat.S_ISDIR(st.st_mode):
-                yield _leaf(path, name, dirs.fd, st)
-                continue
-            dirs.push(name)
-            yield Entry(**_common(path, st), xattrs=_xattrs(dirs.fd))
-            pending.append((path + "/", _names(dirs.fd)))
+            fd = walk.enter()
+            yield Entry(**_common(e.path, e.stat), xattrs=_xattrs(fd))
     finally:
-        dirs.close()
         os.close(root_fd)
-
-
-def _names(fd: int) -> list[str]:
-    with os.scandir(fd) as it:
-        names = [e.name for e in it]
-    names.sort(key=os.fsencode, reverse=True)
-    return names
 
 
 def _sort_key(path: str) -> list[bytes]:

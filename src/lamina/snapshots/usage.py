@@ -1,15 +1,17 @@
 """Disk usage of a directory tree, counting each inode once.
 
-The walk works at any depth: relative to directory descriptors, with an
-explicit stack (:class:`lamina.fs.tree.DirStack`), never following symlinks
-and never building a path.
+The walk (:class:`lamina.fs.walk.Walk`) works at any depth: relative to
+directory descriptors, never following symlinks and never building a path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 
-from lamina.fs.tree import DIR_FLAGS, DirStack
+from lamina.fs.tree import DIR_FLAGS
+from lamina.fs.walk import Walk
 from lamina.snapshots import Usage
 
 __all__ = ["disk_usage"]
@@ -22,41 +24,16 @@ def disk_usage(path: str | os.PathLike[str]) -> Usage:
         root = os.fstat(root_fd)
         seen = {(root.st_dev, root.st_ino)}
         size = root.st_blocks * 512
-        stack = DirStack(root_fd)
-        try:
-            pending: list[list[str]] = []  # per open directory: subdirectories to visit
-            while True:
-                subdirs: list[str] = []
-                with os.scandir(stack.fd) as it:
-                    for entry in it:
-                        try:
-                            st = entry.stat(follow_symlinks=False)
-                        except FileNotFoundError:
-                            continue
-                        ident = (st.st_dev, st.st_ino)
-                        if ident in seen:
-                            continue
-                        seen.add(ident)
-                        size += st.st_blocks * 512
-                        if entry.is_dir(follow_symlinks=False):
-                            subdirs.append(entry.name)
-                pending.append(subdirs)
-                entered = False
-                while pending and not entered:
-                    if not pending[-1]:
-                        pending.pop()
-                        if pending:
-                            stack.pop()
-                        continue
-                    try:
-                        stack.push(pending[-1].pop())
-                        entered = True
-                    except (FileNotFoundError, NotADirectoryError):
-                        pass
-                if not entered:
-                    break
-        finally:
-            stack.close()
+        walk = Walk(root_fd, sort=False)
+        for e in walk:
+            ident = (e.stat.st_dev, e.stat.st_ino)
+            if ident in seen:
+                continue
+            seen.add(ident)
+            size += e.stat.st_blocks * 512
+            if stat.S_ISDIR(e.stat.st_mode):
+                with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                    walk.enter()
     finally:
         os.close(root_fd)
     return Usage(size=size, inodes=len(seen))
