@@ -54,6 +54,8 @@ from typing import BinaryIO
 
 from lamina.errors import FailedPrecondition, InvalidArgument
 from lamina.fs.files import remove_tree
+from lamina.fs.tree import DIR_FLAGS, DirStack, proc_path
+from lamina.fs.walk import Entry, Walk
 from lamina.mounts.overlay import OVERLAY_MOUNT_OPTIONS
 from lamina.mounts.plain import Mount, mount_plain, move_mount, syscall, unmount_all
 
@@ -405,7 +407,7 @@ def _option(options: Sequence[str], key: str) -> str | None:
 def _chown_upper_root(upper: str, top_lower: str, userns: UserNamespace) -> None:
     """The upperdir's root takes the mapped owner of the image's root (once)."""
     st = os.stat(top_lower)
-    want = (_shift(st.st_uid, userns, gid=False), _shift(st.st_gid, userns, gid=True))
+    want = _owner(st, userns)
     up = os.lstat(upper)
     if (up.st_uid, up.st_gid) != want:
         os.chown(upper, *want)
@@ -535,7 +537,10 @@ def _cached_copy(lowers: list[str], upper: str | None, userns: UserNamespace) ->
     return final
 
 
-def _copy_xattrs(src: str, dst: str, *, follow: bool) -> None:
+def _copy_xattrs(src: int | str, dst: int | str) -> None:
+    """Copy the xattrs of ``src`` to ``dst`` (open descriptors, or paths whose last
+    component is not followed), overlayfs's own left out."""
+    follow = not isinstance(src, str)
     for key in os.listxattr(src, follow_symlinks=follow):
         if key.startswith(("trusted.overlay.", "user.overlay.")):
             continue
@@ -561,51 +566,91 @@ def _copy_data(fi: BinaryIO, fo: BinaryIO, size: int) -> None:
 
 def chowned_copy(src: str, dst: str, userns: UserNamespace) -> None:
     """Copy the tree at ``src`` to new ``dst`` with every owner shifted through
-    ``userns`` (hard links kept, modes, times and xattrs copied)."""
-    links: dict[tuple[int, int], str] = {}
-    dirs: list[tuple[str, os.stat_result]] = []
+    ``userns`` (hard links kept, modes, times and xattrs copied); any depth."""
+    src_fd = os.open(src, DIR_FLAGS)
+    try:
+        os.mkdir(dst, 0o700)
+        dst_fd = os.open(dst, DIR_FLAGS)
+        try:
+            _copy_xattrs(src_fd, dst_fd)
+            _ChownedCopy(userns, dst_fd).run(src_fd)
+            _settle(None, dst, os.fstat(src_fd), userns)
+        finally:
+            os.close(dst_fd)
+    finally:
+        os.close(src_fd)
 
-    def owner(st: os.stat_result) -> tuple[int, int]:
-        return _shift(st.st_uid, userns, gid=False), _shift(st.st_gid, userns, gid=True)
 
-    def place(s: str, d: str, st: os.stat_result) -> None:
+def _owner(st: os.stat_result, userns: UserNamespace) -> tuple[int, int]:
+    return _shift(st.st_uid, userns, gid=False), _shift(st.st_gid, userns, gid=True)
+
+
+def _settle(dir_fd: int | None, name: str, st: os.stat_result, userns: UserNamespace) -> None:
+    """Give the copied directory ``name`` (in ``dir_fd``; None: a path) its owner,
+    mode and times, after its contents (which changed its times)."""
+    os.chown(name, *_owner(st, userns), dir_fd=dir_fd, follow_symlinks=False)
+    os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dir_fd)
+    os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+
+
+class _ChownedCopy:
+    """The walk of :func:`chowned_copy`: the destination's directories follow the
+    source's (a second stack), each settled as the walk leaves it."""
+
+    def __init__(self, userns: UserNamespace, dst_fd: int) -> None:
+        self.userns = userns
+        self.dst_fd = dst_fd
+        self.dsts = DirStack(dst_fd)
+        self.entered: list[os.stat_result] = []  # the source directories entered
+        self.links: dict[tuple[int, int], str] = {}  # inode -> first copy, from dst's root
+
+    def run(self, src_fd: int) -> None:
+        walk = Walk(src_fd, sort=False)
+        try:
+            for e in walk:
+                if stat.S_ISDIR(e.stat.st_mode):
+                    os.mkdir(e.name, 0o700, dir_fd=self.dsts.fd)
+                    src_dir = walk.enter(on_leave=self._leave)
+                    self.dsts.push(e.name)
+                    self.entered.append(e.stat)
+                    _copy_xattrs(src_dir, self.dsts.fd)
+                else:
+                    self._leaf(e)
+        finally:
+            self.dsts.close()
+
+    def _leave(self, _src_parent: int, name: str) -> bool:
+        self.dsts.pop()
+        _settle(self.dsts.fd, name, self.entered.pop(), self.userns)
+        return False
+
+    def _leaf(self, e: Entry) -> None:
+        st, name, dfd = e.stat, e.name, self.dsts.fd
         mode = st.st_mode
-        if stat.S_ISDIR(mode):
-            os.mkdir(d, 0o700)
-            dirs.append((d, st))
-            _copy_xattrs(s, d, follow=False)
-            with os.scandir(s) as it:
-                for entry in it:
-                    place(entry.path, os.path.join(d, entry.name), entry.stat(
-                        follow_symlinks=False))
-            return
         key = (st.st_dev, st.st_ino)
-        if st.st_nlink > 1 and key in links:
-            os.link(links[key], d)
+        if st.st_nlink > 1 and key in self.links:
+            os.link(self.links[key], name, src_dir_fd=self.dst_fd, dst_dir_fd=dfd,
+                    follow_symlinks=False)
             return
         if stat.S_ISREG(mode):
-            with open(s, "rb") as fi, open(os.open(d, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
-                                                   0o600), "wb") as fo:
-                _copy_data(fi, fo, st.st_size)
+            fi = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=e.parent)
+            with open(fi, "rb") as fin, open(os.open(
+                    name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                    dir_fd=dfd), "wb") as fout:
+                _copy_data(fin, fout, st.st_size)
         elif stat.S_ISLNK(mode):
-            os.symlink(os.readlink(s), d)
+            os.symlink(os.readlink(name, dir_fd=e.parent), name, dir_fd=dfd)
         elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):
-            os.mknod(d, mode, st.st_rdev)
+            os.mknod(name, mode, st.st_rdev, dir_fd=dfd)
         else:  # a socket means nothing in an image
             return
         if st.st_nlink > 1:
-            links[key] = d
-        os.chown(d, *owner(st), follow_symlinks=False)
+            self.links[key] = e.path
+        os.chown(name, *_owner(st, self.userns), dir_fd=dfd, follow_symlinks=False)
         if not stat.S_ISLNK(mode):
-            _copy_xattrs(s, d, follow=False)
-            os.chmod(d, stat.S_IMODE(mode))
-        os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-
-    place(src, dst, os.lstat(src))
-    for d, st in reversed(dirs):  # after their contents, which changed their times
-        os.chown(d, *owner(st))
-        os.chmod(d, stat.S_IMODE(st.st_mode))
-        os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns))
+            _copy_xattrs(proc_path(e.parent, name), proc_path(dfd, name))
+            os.chmod(name, stat.S_IMODE(mode), dir_fd=dfd)
+        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dfd, follow_symlinks=False)
 
 
 def _shift_in_place(root: str, userns: UserNamespace) -> None:
@@ -613,16 +658,20 @@ def _shift_in_place(root: str, userns: UserNamespace) -> None:
     host range are left alone, so a second start changes nothing)."""
     ranges = [(m.host, m.host + m.size) for m in userns.uids]
 
-    def mapped(uid: int) -> bool:
-        return any(lo <= uid < hi for lo, hi in ranges)
+    def shift(dir_fd: int | None, name: str, st: os.stat_result) -> None:
+        if any(lo <= st.st_uid < hi for lo, hi in ranges):
+            return
+        os.chown(name, *_owner(st, userns), dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISLNK(st.st_mode):
+            os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dir_fd)
 
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames, None]:
-            path = dirpath if name is None else os.path.join(dirpath, name)
-            st = os.lstat(path)
-            if mapped(st.st_uid):
-                continue
-            os.chown(path, _shift(st.st_uid, userns, gid=False),
-                     _shift(st.st_gid, userns, gid=True), follow_symlinks=False)
-            if not stat.S_ISLNK(st.st_mode):
-                os.chmod(path, stat.S_IMODE(st.st_mode))
+    root_fd = os.open(root, DIR_FLAGS)
+    try:
+        shift(None, root, os.fstat(root_fd))
+        walk = Walk(root_fd, sort=False)
+        for e in walk:
+            shift(e.parent, e.name, e.stat)
+            if stat.S_ISDIR(e.stat.st_mode):
+                walk.enter()
+    finally:
+        os.close(root_fd)
