@@ -13,7 +13,8 @@ on each it
   backoff (``Retry-After`` honoured, capped at ``max_wait``), ``attempts`` times
   in all, then moves to the next endpoint (a POST or PATCH that failed in the
   network is not sent again: the registry may have applied it);
-- moves to the next endpoint on 404 too (a mirror need not have everything).
+- moves to the next endpoint on 404 too (a mirror need not have everything);
+  a 404 from a mirror with a failed host after it is that failure, not NotFound.
 
 What it returns is a response the caller interprets; the error raised when
 every endpoint failed names the host, the request and the last answer.
@@ -183,8 +184,12 @@ class Session:
             if not_found is not None:
                 not_found[1].close()
             return ep, resp
-        if not_found is not None:
+        # a mirror's 404 says only that the mirror lacks it: a host after it that
+        # failed (the registry down) is the answer, not "not found"
+        if not_found is not None and not (errors and not_found[0].namespace):
             return not_found
+        if not_found is not None:
+            not_found[1].close()
         if len(errors) == 1:
             raise errors[0]
         raise Unavailable("; ".join(str(e) for e in errors) or
