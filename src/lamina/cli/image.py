@@ -55,14 +55,12 @@ def _ls(args: argparse.Namespace, app: App) -> int:
 
 
 def _rm(args: argparse.Namespace, app: App) -> int:
-    with _service(args, app) as svc:
-        for name in args.names:
-            svc.remove(name)
-            print(name)
-    if args.sync:
-        from lamina.metadata.gc import collect
+    from lamina.metadata.deletes import delete_image
 
-        collect(app.store_root)
+    root = app.store_root
+    for i, name in enumerate(args.names, 1):
+        delete_image(root, name, sync=args.sync and i == len(args.names))
+        print(name)
     return 0
 
 

@@ -61,20 +61,19 @@ def _ls(args: argparse.Namespace, app: App) -> int:
 
 
 def _rm(args: argparse.Namespace, app: App) -> int:
-    code = 0
-    with _manager(app) as leases:
-        for lease_id in args.ids:
-            try:
-                leases.delete(lease_id)
-            except LaminaError as exc:
-                print(f"lamina: {exc.one_line()}", file=sys.stderr)
-                code = code or exc.exit_code
-            else:
-                print(lease_id)
-    if code == 0 and args.sync:
-        from lamina.metadata.gc import collect
+    from lamina.metadata.deletes import delete_lease
 
-        collect(app.store_root)
+    root = app.store_root
+    code = 0
+    for i, lease_id in enumerate(args.ids, 1):
+        try:
+            # collected with the last, when every delete before it went well
+            delete_lease(root, lease_id, sync=args.sync and i == len(args.ids) and code == 0)
+        except LaminaError as exc:
+            print(f"lamina: {exc.one_line()}", file=sys.stderr)
+            code = code or exc.exit_code
+        else:
+            print(lease_id)
     return code
 
 
