@@ -472,8 +472,9 @@ def ctr_pull_through_mirror(net: Nodes, base: Path, certs: Path, ref: str,
 def test_lamina_pull_falls_back_to_registry(require_root: None, image: imagefactory.ImageRef,
                                             tmp_root: Path,
                                             tmp_path_factory: pytest.TempPathFactory) -> None:
-    """A mirror answering 404 (an empty node; a tag) sends lamina's pull on to the
-    registry; a mirror holding the layers serves them while the registry resolves the tag."""
+    """A mirror answering 404 (an empty node; a tag) sends lamina's and containerd's
+    pulls on to the registry; a mirror holding the layers serves them while the
+    registry resolves the tag."""
     layer_bytes = sum(lyr.size for lyr in image.layers)
     with running_registry(tmp_path_factory.mktemp("registry-fallback")) as reg:
         tagged = f"{reg.host}/team/app:1"
@@ -496,3 +497,17 @@ def test_lamina_pull_falls_back_to_registry(require_root: None, image: imagefact
                 assert sent >= layer_bytes  # the layers came from the mirror
             assert blobs_of(tmp_root / node) >= {image.manifest_digest,
                                                  *(lyr.digest for lyr in image.layers)}
+        # containerd 1.6 too goes on to the registry for the tag, and takes the
+        # layers from the mirror
+        base, in_tmp = short_dir(tmp_root / "c")
+        try:
+            with RegistryMirror(LocalContentStore(tmp_root / "first" / "content"), "127.0.0.1",
+                                0, owns_store=True) as m, \
+                    private_containerd(base / "ctrd") as ctrd:
+                host, port = m.address
+                certs = hosts_dir(tmp_root / "hosts-ctr", reg.host, f"{host}:{port}")
+                ctrd.ctr("image", "pull", "--hosts-dir", str(certs), tagged)
+                assert m.sent_bytes >= layer_bytes
+        finally:
+            if in_tmp:
+                subprocess.run(["rm", "-rf", str(base)], check=False)
