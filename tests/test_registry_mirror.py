@@ -30,13 +30,16 @@ import pytest
 from conftest import require_tools
 from containerd_peer import lamina_serve, private_containerd, short_dir
 from registry_peer import running_registry, skopeo_push
+from test_registry_tls import certs
 
 from lamina.api.distribution import byte_range, manifest_type
-from lamina.api.mirror import MirrorLimits, RegistryMirror, parse_listen
+from lamina.api.mirror import MirrorLimits, RegistryMirror, mirror_of, parse_listen
 from lamina.content import write_blob
 from lamina.content.local import LocalContentStore
 from lamina.errors import InvalidArgument, Unavailable
 from lamina.oci.types import MediaType
+
+__all__ = ["certs"]  # a fixture used here
 
 
 def sha(data: bytes) -> str:
@@ -316,6 +319,23 @@ def test_streams_with_flat_memory(tmp_path: Path) -> None:
             grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert f"sha256:{got.hexdigest()}" == digest
     assert grown_kib < 32 << 10, grown_kib
+
+
+def test_tls(store: LocalContentStore, certs: Path) -> None:
+    """With a certificate and key the mirror speaks HTTPS (what its CA verifies)."""
+    import ssl
+
+    with mirror_of(store.path, "127.0.0.1:0", cert=str(certs / "server.pem"),
+                   key=str(certs / "server.key")) as m:
+        ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+        conn = http.client.HTTPSConnection(*m.address, timeout=10, context=ctx)
+        conn.request("GET", f"/v2/a/blobs/{sha(CONFIG)}")
+        assert conn.getresponse().read() == CONFIG
+        conn.close()
+        with pytest.raises(http.client.RemoteDisconnected):
+            request(m, "GET", "/v2/")  # plain HTTP to a TLS port: no answer
+    with pytest.raises(InvalidArgument):
+        mirror_of(store.path, "127.0.0.1:0", cert=str(certs / "server.pem"))
 
 
 def test_parse_listen() -> None:
