@@ -41,6 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 from lamina.errors import FailedPrecondition, NotFound
 from lamina.fs.files import fsync_dir, remove_tree
@@ -59,7 +60,11 @@ _RM = "rm-"
 
 
 class DirectorySnapshotter(ScopedViews):
-    """Common lifecycle; subclasses implement ``_fill``, ``_mounts`` and ``capabilities``."""
+    """Common lifecycle; subclasses implement ``_fill`` and ``_mounts`` and declare
+    ``CAPABILITIES``."""
+
+    #: What this kind of snapshotter can do whoever runs it (see :attr:`capabilities`).
+    CAPABILITIES: ClassVar[frozenset[Capability]] = frozenset()
 
     def __init__(self, root: str | os.PathLike[str], *, async_remove: bool = False) -> None:
         self.root = Path(root)
@@ -85,7 +90,10 @@ class DirectorySnapshotter(ScopedViews):
     # -- hooks -------------------------------------------------------------
     @property
     def capabilities(self) -> frozenset[Capability]:
-        raise NotImplementedError
+        """:attr:`CAPABILITIES`, and CHOWN when the process runs as root."""
+        if os.geteuid() == 0:
+            return self.CAPABILITIES | {Capability.CHOWN}
+        return self.CAPABILITIES
 
     def _fill(self, new_dir: Path, kind: Kind, parent_ids: Sequence[str]) -> None:
         """Populate a new snapshot's directory (``fs/`` and whatever else it needs)."""

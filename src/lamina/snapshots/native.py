@@ -8,7 +8,6 @@ mounts, read-only for views.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,12 +40,9 @@ def copy_tree(src: Path, dst: Path) -> None:
 class NativeSnapshotter(DirectorySnapshotter):
     """Snapshots as full copies with bind mounts (see module docs)."""
 
-    @property
-    def capabilities(self) -> frozenset[Capability]:
-        caps = {Capability.HARDLINKS, Capability.LINKED_COPY_UP, Capability.DEEP_CHAINS}
-        if os.geteuid() == 0:
-            caps.add(Capability.CHOWN)
-        return frozenset(caps)
+    CAPABILITIES = frozenset(
+        {Capability.HARDLINKS, Capability.LINKED_COPY_UP, Capability.DEEP_CHAINS}
+    )
 
     def _fill(self, new_dir: Path, kind: Kind, parent_ids: Sequence[str]) -> None:
         fs = new_dir / "fs"

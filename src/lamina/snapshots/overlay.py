@@ -38,6 +38,10 @@ _CHECKED = ".overlay-supported"
 class OverlaySnapshotter(DirectorySnapshotter):
     """Snapshots as overlayfs layers (see module docs)."""
 
+    # Not LINKED_COPY_UP: changing one name of a hard-link group that lives in
+    # a lower layer copies only that name up, so the group splits (overlayfs).
+    CAPABILITIES = frozenset({Capability.OVERLAY, Capability.HARDLINKS, Capability.DEEP_CHAINS})
+
     def __init__(
         self,
         root: str | os.PathLike[str],
@@ -51,15 +55,6 @@ class OverlaySnapshotter(DirectorySnapshotter):
             check_overlay_support(self.root)
             (self.root / _CHECKED).touch(mode=FILE_MODE)
         tighten(self.root / _CHECKED, FILE_MODE)
-
-    @property
-    def capabilities(self) -> frozenset[Capability]:
-        # Not LINKED_COPY_UP: changing one name of a hard-link group that lives in
-        # a lower layer copies only that name up, so the group splits (overlayfs).
-        caps = {Capability.OVERLAY, Capability.HARDLINKS, Capability.DEEP_CHAINS}
-        if os.geteuid() == 0:
-            caps.add(Capability.CHOWN)
-        return frozenset(caps)
 
     def _fill(self, new_dir: Path, kind: Kind, parent_ids: Sequence[str]) -> None:
         fs = new_dir / "fs"
