@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from lamina.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from lamina.labels import GC_ROOT
 from lamina.snapshots import MAX_LABEL_SIZE, Info, Kind, Snapshotter
 from lamina.snapshots.testsuite.core import (
     LABELS,
@@ -37,6 +38,12 @@ def _within(dt: object, lo: float, hi: float, what: str) -> float:
     if not lo - _SLACK <= t <= hi + _SLACK:
         raise AssertionError(f"{what} {t:.6f} not within [{lo:.6f}, {hi:.6f}]")
     return t
+
+
+def _prepare_with_file(sn: Snapshotter, work: Path, key: str, name: str, data: bytes) -> None:
+    """Prepare ``key`` with no parent and write the file ``name`` into it."""
+    with mounted(sn.prepare(key, "", labels=LABELS), work) as root:
+        (root / name).write_bytes(data)
 
 
 @case("Basic")
@@ -106,8 +113,7 @@ def stat_active(sn: Snapshotter, work: Path) -> None:
 def stat_committed(sn: Snapshotter, work: Path) -> None:
     """A committed snapshot stats as committed and carries the commit's labels."""
     key = str(work / "preparing")
-    with mounted(sn.prepare(key, "", labels=LABELS), work) as root:
-        (root / "foo").write_bytes(b"foo\n")
+    _prepare_with_file(sn, work, key, "foo", b"foo\n")
     name = str(work / "committed")
     sn.commit(name, key, labels={**LABELS, "at": "commit"})
     info = sn.stat(name)
@@ -191,7 +197,7 @@ def update(sn: Snapshotter, work: Path) -> None:
     t1 = time.time()
     _base_snapshots(sn)
     t2 = time.time()
-    gc = "containerd.io/gc.root"
+    gc = GC_ROOT
     for name, kind, parent in _BASE:
         st = sn.stat(name)
         check_info(st, name=name, kind=kind, parent=parent)
@@ -296,8 +302,7 @@ def remove(sn: Snapshotter, work: Path) -> None:
 def remove_intermediate(sn: Snapshotter, work: Path) -> None:
     """base <- inter <- top: removing inter fails until top is gone."""
     base = str(work / "base")
-    with mounted(sn.prepare(base, "", labels=LABELS), work) as root:
-        (root / "f").write_bytes(b"x")
+    _prepare_with_file(sn, work, base, "f", b"x")
     committed_base = str(work / "committed-base")
     sn.commit(committed_base, base, labels=LABELS)
     inter = str(work / "intermediate")
@@ -322,7 +327,7 @@ def _walk_names(sn: Snapshotter, *filters: str) -> list[str]:
 @case("Walk")
 def walk(sn: Snapshotter, work: Path) -> None:
     """Filters: fields, labels (quoted keys, presence), != , AND with ',', OR across filters."""
-    gc = {"containerd.io/gc.root": "check-walk"}
+    gc = {GC_ROOT: "check-walk"}
     sn.prepare("a-np", "", labels=gc)
     sn.prepare("p-tmp", "", labels=gc)
     sn.commit("p", "p-tmp", labels=gc)
@@ -373,8 +378,7 @@ def everything_but(names: list[str], *drop: str) -> list[str]:
 
 def _named_snapshots(sn: Snapshotter, work: Path, prefix: str) -> None:
     c1, c2 = f"{prefix}c1", f"{prefix}c2"
-    with mounted(sn.prepare(f"{c1}-a", "", labels=LABELS), work) as root:
-        (root / "base").write_bytes(b"base\n")
+    _prepare_with_file(sn, work, f"{c1}-a", "base", b"base\n")
     sn.commit(c1, f"{c1}-a", labels=LABELS)
     sn.prepare(f"{c2}-a", c1, labels=LABELS)
     sn.commit(c2, f"{c2}-a", labels=LABELS)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lamina.errors import LaminaError
+from lamina.labels import GC_ROOT
 from lamina.mounts.mount import Mount, temp_mount, unmount_all
 from lamina.snapshots import Capability, Info, Kind, Snapshotter
 from lamina.snapshots.testsuite.fstest import (
@@ -37,8 +38,10 @@ __all__ = [
     "create_snapshot",
     "environment",
     "expect_error",
+    "get",
     "mounted",
     "params",
+    "require",
     "run",
     "same_tree",
     "timestamp",
@@ -83,6 +86,14 @@ def case(name: str, *, slow: bool = False) -> Callable[[CaseFn], CaseFn]:
         return fn
 
     return register
+
+
+def get(name: str) -> Case:
+    """The registered case called ``name``."""
+    for c in CASES:
+        if c.name == name:
+            return c
+    raise KeyError(name)
 
 
 def require(sn: Snapshotter, *caps: Capability) -> None:
@@ -140,9 +151,7 @@ def params(*, exclude: tuple[str, ...] = ()) -> list[ParameterSet]:
 
 # -- helpers for cases -------------------------------------------------------
 
-LABELS: dict[str, str] = {
-    "containerd.io/gc.root": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-}
+LABELS: dict[str, str] = {GC_ROOT: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
 """Labels most cases put on what they create (as containerd's suite does)."""
 
 _seq = itertools.count(1)

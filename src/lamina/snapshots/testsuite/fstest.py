@@ -63,16 +63,31 @@ class Op(Protocol):
     def __call__(self, root: Path) -> None: ...
 
 
+class _Make:
+    """An operation that makes ``path`` owner-only, then gives it ``mode`` with
+    chmod, so the mode is exactly ``mode`` whatever the umask."""
+
+    path: str
+    mode: int
+
+    def __call__(self, root: Path) -> None:
+        p = _at(root, self.path)
+        self._make(p)
+        os.chmod(p, self.mode)
+
+    def _make(self, p: Path) -> None:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class CreateFile:
+class CreateFile(_Make):
     """Write ``content`` to ``path`` (truncating an existing file), then set ``mode``."""
 
     path: str
     content: bytes
     mode: int = 0o644
 
-    def __call__(self, root: Path) -> None:
-        p = _at(root, self.path)
+    def _make(self, p: Path) -> None:
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
             view = memoryview(self.content)
@@ -80,20 +95,17 @@ class CreateFile:
                 view = view[os.write(fd, view) :]
         finally:
             os.close(fd)
-        os.chmod(p, self.mode)
 
 
 @dataclass(frozen=True)
-class CreateDir:
+class CreateDir(_Make):
     """Make directory ``path`` (its parent must exist), then set ``mode``."""
 
     path: str
     mode: int = 0o755
 
-    def __call__(self, root: Path) -> None:
-        p = _at(root, self.path)
+    def _make(self, p: Path) -> None:
         os.mkdir(p, 0o700)
-        os.chmod(p, self.mode)
 
 
 @dataclass(frozen=True)
@@ -193,31 +205,27 @@ class Symlink:
 
 
 @dataclass(frozen=True)
-class Mkfifo:
-    """Make a named pipe at ``path``."""
+class Mkfifo(_Make):
+    """Make a named pipe at ``path``, then set ``mode``."""
 
     path: str
     mode: int = 0o644
 
-    def __call__(self, root: Path) -> None:
-        p = _at(root, self.path)
+    def _make(self, p: Path) -> None:
         os.mkfifo(p, 0o600)
-        os.chmod(p, self.mode)
 
 
 @dataclass(frozen=True)
-class Mknod:
-    """Make a character device ``major:minor`` at ``path`` (needs CAP_MKNOD)."""
+class Mknod(_Make):
+    """Make a character device ``major:minor`` at ``path`` (needs CAP_MKNOD), then set ``mode``."""
 
     path: str
     major: int
     minor: int
     mode: int = 0o644
 
-    def __call__(self, root: Path) -> None:
-        p = _at(root, self.path)
+    def _make(self, p: Path) -> None:
         os.mknod(p, stat.S_IFCHR | 0o600, os.makedev(self.major, self.minor))
-        os.chmod(p, self.mode)
 
 
 class Applier:
