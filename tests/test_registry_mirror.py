@@ -36,7 +36,7 @@ from lamina.api.distribution import byte_range, manifest_type
 from lamina.api.mirror import MirrorLimits, RegistryMirror, mirror_of, parse_listen
 from lamina.content import write_blob
 from lamina.content.local import LocalContentStore
-from lamina.errors import InvalidArgument, Unavailable
+from lamina.errors import AlreadyExists, InvalidArgument, Unavailable
 from lamina.oci.types import MediaType
 
 __all__ = ["certs"]  # a fixture used here
@@ -336,6 +336,12 @@ def test_tls(store: LocalContentStore, certs: Path) -> None:
             request(m, "GET", "/v2/")  # plain HTTP to a TLS port: no answer
     with pytest.raises(InvalidArgument):
         mirror_of(store.path, "127.0.0.1:0", cert=str(certs / "server.pem"))
+
+
+def test_address_in_use(store: LocalContentStore, mirror: RegistryMirror) -> None:
+    host, port = mirror.address
+    with pytest.raises(AlreadyExists, match="cannot listen on"):
+        RegistryMirror(store, host, port).start()
 
 
 def test_parse_listen() -> None:

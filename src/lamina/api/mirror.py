@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import ssl
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Self
 
 from lamina.api.distribution import API_VERSION, Answer, answer, error_answer
-from lamina.errors import InvalidArgument, NotFound
+from lamina.errors import AlreadyExists, InvalidArgument, NotFound
 from lamina.owners import OWNERS
 
 if TYPE_CHECKING:
@@ -172,8 +173,9 @@ class RegistryMirror:
                 self._connection, self._host, self._port, ssl=self._tls, limit=MAX_HEAD,
                 ssl_handshake_timeout=self.limits.timeout if self._tls else None)
         except OSError as exc:
-            raise InvalidArgument(f"registry mirror: cannot listen on "
-                                  f"{self._host}:{self._port}: {exc.strerror}") from exc
+            cls = AlreadyExists if exc.errno == errno.EADDRINUSE else InvalidArgument
+            raise cls(f"registry mirror: cannot listen on {self._host}:{self._port}: "
+                      f"{exc.strerror}") from exc
         self._port = self._server.sockets[0].getsockname()[1]
         log.info("registry mirror on %s://%s:%d", "https" if self._tls else "http",
                  self._host, self._port)
