@@ -52,11 +52,11 @@ from dataclasses import dataclass
 from lamina.archive import limits
 from lamina.archive.tarstream import show_name
 from lamina.errors import InvalidArgument
+from lamina.fs.tree import DIR_FLAGS
 
 __all__ = ["MAX_OPEN", "MAX_SYMLINKS", "WORK", "WORK_BASE", "WORK_PER_LOOKUP", "DirCache",
            "Work", "clean_path"]
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_SYMLINKS = 40  # as the kernel's path walk
 MAX_OPEN = 64  # directory fds one cache holds open (several layers may apply at once)
 WORK_BASE = 1 << 20  # resolution steps any layer may take ...
@@ -189,7 +189,7 @@ class _Tree:
         parent_fd = cur.fd
         for item in reversed(chain):
             try:
-                fd = os.open(item.name, _DIR_FLAGS, dir_fd=parent_fd)
+                fd = os.open(item.name, DIR_FLAGS, dir_fd=parent_fd)
             except OSError as exc:  # pragma: no cover - the tree follows every change
                 raise InvalidArgument(
                     f"invalid tar layer: directory {_rel(item)!r} changed while in use: "
@@ -423,7 +423,7 @@ class DirCache:
         pfd = tree.fd_of(node)
         WORK.syscalls += 1
         try:
-            return self._add(node, comp, os.open(comp, _DIR_FLAGS, dir_fd=pfd), spend=1)
+            return self._add(node, comp, os.open(comp, DIR_FLAGS, dir_fd=pfd), spend=1)
         except FileNotFoundError:
             if not create:
                 tree.spend(1)
@@ -443,7 +443,7 @@ class DirCache:
         if self._on_create is not None:
             self._on_create(rel)
         try:
-            child = self._add(node, comp, os.open(comp, _DIR_FLAGS, dir_fd=pfd), spend=0)
+            child = self._add(node, comp, os.open(comp, DIR_FLAGS, dir_fd=pfd), spend=0)
         except OSError as exc:  # pragma: no cover - just made
             if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                 raise
@@ -462,7 +462,7 @@ class DirCache:
         """Open ``comp`` in ``node``, or (a symlink) remember where it leads."""
         WORK.syscalls += 1
         try:
-            return self._add(node, comp, os.open(comp, _DIR_FLAGS, dir_fd=pfd), spend=2)
+            return self._add(node, comp, os.open(comp, DIR_FLAGS, dir_fd=pfd), spend=2)
         except OSError as exc:
             if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                 raise

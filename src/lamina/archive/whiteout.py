@@ -21,13 +21,12 @@ import os
 import stat
 
 from lamina.errors import InvalidArgument
+from lamina.fs.tree import DIR_FLAGS
 from lamina.mounts.overlay import (
     OVERLAY_MOUNT_OPTIONS,
     OVERLAY_OPAQUE_XATTR,
     OVERLAY_XATTR_PREFIX,
 )
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 __all__ = [
     "OPAQUE_MARKER",
@@ -87,7 +86,7 @@ def _needed(upper_fd: int, lower_fd: int | None, parts: list[str]) -> bool:
             for which in ("upper", "lower"):
                 cur = ufd if which == "upper" else lfd
                 try:
-                    nfd = os.open(comp, _DIR_FLAGS, dir_fd=cur)
+                    nfd = os.open(comp, DIR_FLAGS, dir_fd=cur)
                 except OSError:
                     return False  # not a directory there (or not there): no merge
                 os.close(cur)
@@ -118,8 +117,8 @@ def drop_needless_whiteouts(
     alone. Paths are resolved without following symlinks.
     """
     removed = 0
-    ufd = os.open(upper, _DIR_FLAGS)
-    lfd = os.open(lower, _DIR_FLAGS) if lower is not None else None
+    ufd = os.open(upper, DIR_FLAGS)
+    lfd = os.open(lower, DIR_FLAGS) if lower is not None else None
     try:
         for rel in paths:
             parts = [p for p in rel.split("/") if p]
@@ -128,7 +127,7 @@ def drop_needless_whiteouts(
             dfd = os.dup(ufd)
             try:
                 for comp in parts[:-1]:
-                    nfd = os.open(comp, _DIR_FLAGS, dir_fd=dfd)
+                    nfd = os.open(comp, DIR_FLAGS, dir_fd=dfd)
                     os.close(dfd)
                     dfd = nfd
                 st = os.lstat(parts[-1], dir_fd=dfd)
