@@ -473,6 +473,16 @@ class LayerTree:
         finally:
             os.close(fd)
 
+    def settle_root(self, meta: RootMeta | None) -> None:
+        """Give the root ``meta`` (None: the default) unless the layer listed it:
+        for a layer read before its parent was there to say it."""
+        if self.root_listed or meta is None:
+            return
+        node = self.root
+        node.mode, node.uid, node.gid = meta.mode & 0o7777, meta.uid, meta.gid
+        node.mtime_ns = meta.mtime_ns
+        node.xattrs = dict(meta.xattrs)
+
     def finish(self) -> None:
         """Directory times last, as apply_layer sets them."""
         for rel in sorted(self.dir_times):

@@ -128,9 +128,9 @@ def write_image(
     expected_diff_id: str | None = None,
     progress: Callable[[int], None] | None = None,
     max_size: int | None = limits.DEFAULT_MAX_LAYER_SIZE,
-    root: RootMeta | None = None,
+    root: RootMeta | Callable[[], RootMeta | None] | None = None,
     drop_needless_whiteouts: bool = False,
-    lower: str | os.PathLike[str] | None = None,
+    lower: str | os.PathLike[str] | Callable[[], str | None] | None = None,
 ) -> WrittenImage:
     """Write the layer read from ``stream`` as the EROFS image file ``dest``.
 
@@ -143,8 +143,15 @@ def write_image(
     owned by 0:0, no xattrs). With ``drop_needless_whiteouts`` (overlay
     form), whiteouts that hide nothing in ``lower`` (the merged tree of the
     lower layers, e.g. a mounted view; None: no lowers) are left out, as
-    staged extraction does. On any error ``dest`` is left as it was.
+    staged extraction does. In overlay form ``root`` and ``lower`` may be
+    callables, called once the whole stream has been read (``root`` first,
+    always; ``lower`` when whiteouts are dropped): a layer can be written while
+    its parent is still being made, and settled against it at the end, as a
+    staged upperdir is (the root's metadata is the parent's unless listed). On
+    any error ``dest`` is left as it was.
     """
+    if not overlay and (callable(root) or callable(lower)):
+        raise ValueError("root and lower are callables only in overlay form")
     dest = os.fspath(dest)
     directory = os.path.dirname(dest) or "."
     try:
@@ -166,7 +173,7 @@ def write_image(
         if progress is not None:
             progress(counter[0])
 
-    tree = LayerTree(overlay=overlay, root=root)
+    tree = LayerTree(overlay=overlay, root=None if callable(root) else root)
     current: TarEntry | None = None
     try:
         with atomic_file(dest, mode=0o644) as fd, \
@@ -182,13 +189,17 @@ def write_image(
             current = None
             reader.drain()
             tree.finish()
-            if drop_needless_whiteouts:
-                tree.drop_needless_whiteouts(os.fspath(lower) if lower is not None else None)
-            spool.flush()
             diff_id = "sha256:" + digest.hexdigest()
             if expected_diff_id is not None and expected_diff_id != diff_id:
                 raise InvalidArgument(
                     f"diff id mismatch: layer has {diff_id}, expected {expected_diff_id}")
+            if callable(root):
+                tree.settle_root(root())
+            if callable(lower):
+                lower = lower() if drop_needless_whiteouts else None
+            if drop_needless_whiteouts:
+                tree.drop_needless_whiteouts(os.fspath(lower) if lower is not None else None)
+            spool.flush()
             layout = write_metadata(fd, tree.root, data_end=data.next_block,
                                     read_tail=data.tail, uuid=digest.digest()[:16])
     except LaminaError:
