@@ -217,3 +217,43 @@ def test_user_namespace_is_one_line(tmp_path: Path) -> None:
     out = proc.stdout.strip()
     assert out.count("\n") == 0, out
     assert "user namespace" in out or "overlayfs cannot be mounted" in out, (out, proc.stderr)
+
+
+def test_layer_written_before_its_parent_is_committed(sn: ErofsSnapshotter,
+                                                      tmp_path: Path) -> None:
+    """The parallel unpack: a layer's image is written while its parent is still
+    being made, and settled against it (root metadata) once it is committed."""
+    import threading
+
+    parent_done = threading.Event()
+    waited: list[bool] = []
+
+    def wait() -> None:
+        waited.append(parent_done.wait(timeout=30))
+
+    result: list[str | BaseException] = []
+
+    def child() -> None:
+        try:
+            result.append(sn.prepare_stream("s2", "l1", io.BytesIO(_tar([("g", b"two")])),
+                                            wait=wait))
+        except BaseException as exc:
+            result.append(exc)
+
+    t = threading.Thread(target=child)
+    t.start()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        info = tarfile.TarInfo(".")
+        info.type, info.mode, info.uid, info.gid = tarfile.DIRTYPE, 0o710, 7, 8
+        tf.addfile(info)
+    sn.prepare_stream("s1", "", io.BytesIO(buf.getvalue()))
+    sn.commit("l1", "s1")
+    parent_done.set()
+    t.join()
+    assert waited == [True] and isinstance(result[0], str), result
+    sn.commit("l2", "s2")
+    with temp_mount(sn.view("v", "l2"), base=tmp_path / "work") as r:
+        st = os.stat(r)
+        assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o710, 7, 8)
+        assert os.listdir(r) == ["g"]

@@ -82,7 +82,7 @@ server, which owns the directories.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -270,11 +270,15 @@ class LayerStreams(Protocol):
         expected_diff_id: str | None = None,
         max_size: int | None = ...,
         labels: Mapping[str, str] | None = None,
+        wait: Callable[[], None] | None = None,
     ) -> str:
         """Prepare active ``key`` on committed ``parent`` whose own layer is the
         layer read from ``stream`` (plain, gzip or zstd), as applying it on a mount
         of the new snapshot would leave it; returns its DiffID, checked against
         ``expected_diff_id``. Commit or remove ``key`` as any active snapshot.
+        With ``wait``, ``parent`` need not exist yet: ``wait`` is called once the
+        stream is read and returns when it is committed (layers written in
+        parallel, committed in order).
         Raises :class:`~lamina.archive.apply.NeedsLowerLayers` where the layer
         says something only its parent's files can resolve: apply it on a mount."""
         ...

@@ -35,12 +35,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
 from lamina import rootless
 from lamina.archive import limits
+from lamina.erofs.inode import RootMeta
 from lamina.erofs.reader import ErofsImage
 from lamina.erofs.writer import write_image
 from lamina.errors import FailedPrecondition, Unavailable
@@ -191,21 +192,37 @@ class ErofsSnapshotter(OverlaySnapshotter):
         expected_diff_id: str | None = None,
         max_size: int | None = limits.DEFAULT_MAX_LAYER_SIZE,
         labels: Mapping[str, str] | None = None,
+        wait: Callable[[], None] | None = None,
     ) -> str:
         """Prepare active ``key`` on ``parent`` whose own layer is the layer read from
         ``stream``, written as an image with nothing extracted; returns its DiffID
-        (:class:`~lamina.snapshots.LayerStreams`)."""
-        with self.meta.read(self._scope) as tx:
+        (:class:`~lamina.snapshots.LayerStreams`). The parent is needed only once
+        the stream is read (the root's metadata, whiteouts hiding nothing are left
+        out): ``wait`` is called then, before it is looked up."""
+        with self.meta.read(self._scope) as tx:  # fail fast, before reading anything
             tx.check_new_key(key)
-            _, chain = tx.resolve_parent(parent)
-        with self._new_dir() as new:
+            if wait is None:
+                tx.resolve_parent(parent)
+        chain: list[str] = []
+        with self._new_dir() as new, contextlib.ExitStack() as lowers:
             fs = new / "fs"
             fs.mkdir(mode=0o755)
-            root = root_meta(self._mount_layer(chain[0])) if chain else None
-            with self._lower_tree(chain, fs) as lower:
-                written = write_image(stream, new / IMAGE, overlay=True,
-                                      expected_diff_id=expected_diff_id, max_size=max_size,
-                                      root=root, drop_needless_whiteouts=True, lower=lower)
+
+            def settle_root() -> RootMeta | None:
+                if wait is not None:
+                    wait()
+                with self.meta.read(self._scope) as tx:
+                    chain.extend(tx.resolve_parent(parent)[1])
+                return root_meta(self._mount_layer(chain[0])) if chain else None
+
+            def settle_lower() -> str | None:
+                return lowers.enter_context(self._lower_tree(chain, fs))
+
+            written = write_image(stream, new / IMAGE, overlay=True,
+                                  expected_diff_id=expected_diff_id, max_size=max_size,
+                                  root=settle_root, drop_needless_whiteouts=True,
+                                  lower=settle_lower)
+            lowers.close()
             crash.point("erofs.stream-written")
             (new / _UPPER).mkdir(mode=0o755)
             (new / "work").mkdir(mode=0o700)
