@@ -21,7 +21,7 @@ import signal as _signal
 import subprocess
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,30 +149,31 @@ class TaskManager:
                 raise Unavailable(f"task {task_id} still {info.status} after {timeout}s")
             time.sleep(0.05)
 
+    @contextlib.contextmanager
+    def _in_state(self, task_id: str, state: str) -> Iterator[None]:
+        """A runc call on a task whose bundle exists: runc not finding the container
+        means the task is not ``state`` (FailedPrecondition), not that it is unknown."""
+        self.bundles.require(task_id)
+        try:
+            yield
+        except NotFound as exc:
+            raise FailedPrecondition(f"task {task_id} is not {state}") from exc
+
     def kill(self, task_id: str, signal: int | str = _signal.SIGTERM, *, all: bool = False) -> None:
         """Send ``signal`` to the task's init (``all``: to every process in it)."""
         sig = parse_signal(signal)
-        self.bundles.require(task_id)
-        try:
+        with self._in_state(task_id, "running"):
             self.runc.kill(task_id, sig, all_processes=all)
-        except NotFound as exc:
-            raise FailedPrecondition(f"task {task_id} is not running") from exc
 
     def pause(self, task_id: str) -> None:
         """Freeze every process of the task."""
-        self.bundles.require(task_id)
-        try:
+        with self._in_state(task_id, "running"):
             self.runc.pause(task_id)
-        except NotFound as exc:
-            raise FailedPrecondition(f"task {task_id} is not running") from exc
 
     def resume(self, task_id: str) -> None:
         """Thaw a paused task."""
-        self.bundles.require(task_id)
-        try:
+        with self._in_state(task_id, "paused"):
             self.runc.resume(task_id)
-        except NotFound as exc:
-            raise FailedPrecondition(f"task {task_id} is not paused") from exc
 
     def ps(self, task_id: str) -> builtins.list[int]:
         """Host pids of the task's processes (empty once it stopped)."""
