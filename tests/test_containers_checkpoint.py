@@ -28,12 +28,11 @@ from lamina.containers.checkpoint import (
     ANNOTATION_RUNTIME,
     ANNOTATION_SNAPSHOTTER,
     RUNTIME,
-    CheckpointService,
 )
-from lamina.containers.revisions import ContainerService
+from lamina.containers.options import make_options
 from lamina.containers.runtime import TaskStatus
 from lamina.containers.runtime.criu import find_criu
-from lamina.containers.tasks_service import ContainerTasks, make_options
+from lamina.containers.service import ContainerService
 from lamina.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound
 from lamina.images.service import ImageService
 from lamina.metadata.gc import collect
@@ -369,7 +368,7 @@ def test_checkpoint_binds_restore_to_sources_and_bind_root(cli: Cli, tmp_path: P
 
 
 @pytest.fixture
-def services(tmp_root: Path, layout: Path) -> Iterator[tuple[ContainerTasks, CheckpointService]]:
+def services(tmp_root: Path, layout: Path) -> Iterator[tuple[ContainerService, ContainerService]]:
     require_root_user()
     require_tools("runc")
     if find_criu() is None:
@@ -377,13 +376,11 @@ def services(tmp_root: Path, layout: Path) -> Iterator[tuple[ContainerTasks, Che
     root = Root(tmp_root / "lib")
     images = ImageService(root)
     containers = ContainerService(root, images=images)
-    ct = ContainerTasks(containers)
     try:
         images.import_(layout)
-        yield ct, CheckpointService(ct)
+        yield containers, containers
     finally:
         problems = shared.cleanup_tasks(root.path)
-        ct.close()
         containers.close()
         images.close()
         root.close()
@@ -391,10 +388,10 @@ def services(tmp_root: Path, layout: Path) -> Iterator[tuple[ContainerTasks, Che
 
 
 def test_failed_checkpoint_resumes_the_task(
-    services: tuple[ContainerTasks, CheckpointService], monkeypatch: pytest.MonkeyPatch
+    services: tuple[ContainerService, ContainerService], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ct, cps = services
-    ct.containers.create(V1, "frail", options=make_options(args=["sh", "-c", COUNTER]))
+    ct.create(V1, "frail", options=make_options(args=["sh", "-c", COUNTER]))
     with pytest.raises(FailedPrecondition):  # no task yet
         cps.checkpoint("frail")
     ct.start("frail", detach=True)
@@ -408,8 +405,8 @@ def test_failed_checkpoint_resumes_the_task(
         cps.checkpoint("frail", "broken:1")
     assert ct.tasks.state("frail").status == TaskStatus.RUNNING
     with pytest.raises(NotFound):
-        ct.containers.images.get("broken:1")
-    assert list((ct.containers.root.path / "checkpoints").iterdir()) == []
+        ct.images.get("broken:1")
+    assert list((ct.root.path / "checkpoints").iterdir()) == []
     monkeypatch.undo()
 
     result = cps.checkpoint("frail", "works:1")
@@ -425,7 +422,7 @@ def test_failed_checkpoint_resumes_the_task(
     with pytest.raises(InvalidArgument, match="not a checkpoint"):
         cps.restore(V2, "x")
     with pytest.raises(NotFound):
-        ct.containers.get("x")
+        ct.get("x")
 
     restored = cps.restore("works:1", "frail2")
     TIMINGS.append(f"library restore: {dict(restored.timings)}")

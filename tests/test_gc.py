@@ -178,7 +178,7 @@ def test_gc_root_and_user_references_keep_their_targets(
 
 def test_containers_keep_their_snapshots_and_revisions(
         loaded: tuple[Root, ImageService, str], images: Images) -> None:
-    from lamina.containers.revisions import ContainerService
+    from lamina.containers.service import ContainerService
 
     root, svc, sn = loaded
     snaps = root.snapshotter(sn)

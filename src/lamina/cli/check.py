@@ -15,12 +15,10 @@ def _interrupted_checkpoints(app: App, report: CheckReport) -> None:
     """Add what a checkpoint or restore that died left (a work directory, a task it
     paused) to ``report``; with a repair, put it right."""
     from lamina.cli.container import services
-    from lamina.containers.checkpoint import CheckpointService
 
     if app.address:
         return  # checkpoints run on the server's machine, by its CLI
-    with services(app) as ct:
-        cps = CheckpointService(ct)
+    with services(app) as cps:
         found = [Problem(ProblemType.CHECKPOINT_INTERRUPTED, line.split(":", 1)[0], line)
                  for line in cps.interrupted()]
         if report.repair and found:

@@ -6,29 +6,16 @@ import argparse
 
 from lamina.cli import container as container_cli
 from lamina.cli.app import App
-from lamina.errors import LaminaError
 
 __all__ = ["register"]
 
 
 def _ls(args: argparse.Namespace, app: App) -> int:
-    from lamina.containers.checkpoint import CheckpointService
-    from lamina.labels import CHECKPOINT
-
-    rows = []
     with container_cli.services(app) as ct:
-        cps = CheckpointService(ct)
-        for image in ct.containers.images.images.list():
-            if CHECKPOINT not in image.labels:
-                continue
-            try:
-                ckpt = cps.read(image.name)
-            except LaminaError:
-                continue
-            rows.append({"ref": image.name, "digest": image.target.digest,
-                         "container": ckpt.config.get("id"), "image": ckpt.config.get("image"),
-                         "created": ckpt.config.get("created"),
-                         "binds": len(ckpt.binds), "exited": ckpt.config.get("exited")})
+        rows = [{"ref": c.ref, "digest": c.index.digest, "container": c.config.get("id"),
+                 "image": c.config.get("image"), "created": c.config.get("created"),
+                 "binds": len(c.binds), "exited": c.config.get("exited")}
+                for c in ct.list_checkpoints()]
     if args.json:
         app.print_json(rows)
         return 0
@@ -39,10 +26,8 @@ def _ls(args: argparse.Namespace, app: App) -> int:
 
 
 def _inspect(args: argparse.Namespace, app: App) -> int:
-    from lamina.containers.checkpoint import CheckpointService
-
     with container_cli.services(app) as ct:
-        ckpt = CheckpointService(ct).read(args.ref)
+        ckpt = ct.read_checkpoint(args.ref)
     app.print_json({
         "ref": ckpt.ref,
         "index": ckpt.index.to_json(),

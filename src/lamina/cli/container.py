@@ -12,9 +12,10 @@ from typing import Any
 from lamina import rootless
 from lamina.cli.app import App
 from lamina.cli.common import parse_labels
-from lamina.containers.revisions import ContainerService
-from lamina.containers.runtime import BindMount, parse_mount_flag
-from lamina.containers.tasks_service import ContainerTasks, make_options
+from lamina.containers.options import make_options
+from lamina.containers.runtime import BindMount, TaskManager, parse_mount_flag
+from lamina.containers.service import ContainerService
+from lamina.containers.tasks import tasks_dir
 from lamina.errors import InvalidArgument
 from lamina.images.service import ImageService
 from lamina.mounts.idmap import parse_userns
@@ -27,20 +28,20 @@ __all__ = [
 
 
 @contextlib.contextmanager
-def services(app: App) -> Iterator[ContainerTasks]:
-    """Containers and their tasks on the app's root and snapshotter."""
+def services(app: App) -> Iterator[ContainerService]:
+    """The container service on the app's root and snapshotter."""
     if app.address:
         from lamina.errors import NotImplementedErr
 
         raise NotImplementedErr("container commands do not support --address")
     images = ImageService(app.store_root, snapshotter=app.snapshotter, progress=Progress())
-    containers = ContainerService(app.store_root, snapshotter=app.snapshotter, images=images)
-    tasks = ContainerTasks(containers)
+    tasks = TaskManager(tasks_dir(app.store_root.path))  # every container command needs runc
+    containers = ContainerService(app.store_root, snapshotter=app.snapshotter, images=images,
+                                  tasks=tasks)
     try:
-        yield tasks
+        yield containers
     finally:
         tasks.close()
-        containers.close()
         images.close()
 
 
@@ -71,14 +72,14 @@ def add_create_flags(v: argparse.ArgumentParser) -> None:
 
 def _create(args: argparse.Namespace, app: App) -> int:
     with services(app) as ct:
-        c = ct.containers.create(args.image, args.id, labels=parse_labels(args.label),
+        c = ct.create(args.image, args.id, labels=parse_labels(args.label),
                                  options=options_from_args(args))
     print(c.id)
     return 0
 
 
-def _record(ct: ContainerTasks, cid: str) -> dict[str, Any]:
-    c = ct.containers.get(cid)
+def _record(ct: ContainerService, cid: str) -> dict[str, Any]:
+    c = ct.get(cid)
     task = ct.task(cid)
     return {
         "id": c.id,
@@ -86,7 +87,7 @@ def _record(ct: ContainerTasks, cid: str) -> dict[str, Any]:
         "snapshotter": c.snapshotter,
         "snapshot_key": c.snapshot_key,
         "labels": dict(c.labels),
-        "options": ct.containers.options(c),
+        "options": ct.options(c),
         "spec": c.spec,
         "created": c.created,
         "updated": c.updated,
@@ -99,7 +100,7 @@ def _record(ct: ContainerTasks, cid: str) -> dict[str, Any]:
 
 def _ls(args: argparse.Namespace, app: App) -> int:
     with services(app) as ct:
-        records = [_record(ct, c.id) for c in ct.containers.list()]
+        records = [_record(ct, c.id) for c in ct.list()]
     if args.json:
         app.print_json(records)
         return 0
@@ -123,7 +124,7 @@ def _info(args: argparse.Namespace, app: App) -> int:
 def _rm(args: argparse.Namespace, app: App) -> int:
     with services(app) as ct:
         for cid in args.ids:
-            ct.containers.get(cid)
+            ct.get(cid)
         for cid in args.ids:
             ct.remove(cid, force=args.force)
             print(cid)
@@ -135,26 +136,26 @@ def _rm(args: argparse.Namespace, app: App) -> int:
 
 def _upgrade(args: argparse.Namespace, app: App) -> int:
     with services(app) as ct:
-        ct.containers.get(args.id)
-        ct.containers.images.get(args.image)
+        ct.get(args.id)
+        ct.images.get(args.image)
         with ct.stopped(args.id, timeout=args.timeout):
-            c = ct.containers.upgrade(args.id, args.image)
+            c = ct.upgrade(args.id, args.image)
     print(f"{c.id}\t{c.image}\t{c.snapshot_key}")
     return 0
 
 
 def _rollback(args: argparse.Namespace, app: App) -> int:
     with services(app) as ct:
-        ct.containers.get(args.id)
+        ct.get(args.id)
         with ct.stopped(args.id, timeout=args.timeout):
-            c = ct.containers.rollback(args.id)
+            c = ct.rollback(args.id)
     print(f"{c.id}\t{c.image}\t{c.snapshot_key}")
     return 0
 
 
 def _revisions(args: argparse.Namespace, app: App) -> int:
     with services(app) as ct:
-        revs = ct.containers.revisions(args.id)
+        revs = ct.revisions(args.id)
     if args.json:
         app.print_json([{"key": r.key, "image": r.image, "previous": r.previous,
                          "created": r.created, "current": r.current} for r in revs])
@@ -170,19 +171,16 @@ def _prune(args: argparse.Namespace, app: App) -> int:
     if args.keep < 0:
         raise InvalidArgument("--keep must be >= 0")
     with services(app) as ct:
-        removed = ct.containers.prune_revisions(args.id, keep=args.keep)
+        removed = ct.prune_revisions(args.id, keep=args.keep)
     for key in removed:
         print(key)
     return 0
 
 
 def _checkpoint(args: argparse.Namespace, app: App) -> int:
-    from lamina.containers.checkpoint import CheckpointService
-
     rootless.refuse("container checkpoint", rootless.CRIU_ROOTLESS)
     with services(app) as ct:
-        result = CheckpointService(ct).checkpoint(args.id, args.ref, exit=args.exit,
-                                                  binds=args.binds)
+        result = ct.checkpoint(args.id, args.ref, exit=args.exit, binds=args.binds)
     print(result.index.digest)
     print(f"checkpoint image: {result.ref}", file=sys.stderr)
     if args.verbose:
@@ -191,11 +189,9 @@ def _checkpoint(args: argparse.Namespace, app: App) -> int:
 
 
 def _restore(args: argparse.Namespace, app: App) -> int:
-    from lamina.containers.checkpoint import CheckpointService
-
     rootless.refuse("container restore", rootless.CRIU_ROOTLESS)
     with services(app) as ct:
-        result = CheckpointService(ct).restore(args.ref, args.id, bind_root=args.bind_root)
+        result = ct.restore(args.ref, args.id, bind_root=args.bind_root)
     print(f"{result.container.id}\t{result.task.pid}")
     if args.verbose:
         print(json.dumps(dict(result.timings), sort_keys=True), file=sys.stderr)

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 
 from lamina.cli.app import App
+from lamina.cli.common import parse_labels
 from lamina.cli.container import add_create_flags, options_from_args, services
 from lamina.errors import InvalidArgument, LaminaError
 
@@ -15,15 +16,9 @@ __all__ = ["register"]
 def _run(args: argparse.Namespace, app: App) -> int:
     if args.rm and args.detach:
         raise InvalidArgument("--rm and -d do not go together (a detached task outlives run)")
-    labels: dict[str, str] = {}
-    for item in args.label or []:
-        key, eq, value = item.partition("=")
-        if not key or not eq:
-            raise InvalidArgument(f"--label {item!r}: want KEY=VALUE")
-        labels[key] = value
+    labels = parse_labels(args.label)
     with services(app) as ct:
-        ct.containers.create(args.image, args.id, labels=labels,
-                             options=options_from_args(args))
+        ct.create(args.image, args.id, labels=labels, options=options_from_args(args))
         try:
             info = ct.start(args.id, detach=args.detach)
         except BaseException:

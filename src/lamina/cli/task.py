@@ -126,17 +126,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v.add_argument("id", metavar="ID")
     v.set_defaults(handler=_kill)
 
-    v = verbs.add_parser("pause", help="freeze a task")
-    v.add_argument("id", metavar="ID")
-    v.set_defaults(handler=_pause)
-
-    v = verbs.add_parser("resume", help="thaw a paused task")
-    v.add_argument("id", metavar="ID")
-    v.set_defaults(handler=_resume)
-
-    v = verbs.add_parser("ps", help="host pids of a task's processes")
-    v.add_argument("id", metavar="ID")
-    v.set_defaults(handler=_ps)
+    for name, help_, handler in (("pause", "freeze a task", _pause),
+                                 ("resume", "thaw a paused task", _resume),
+                                 ("ps", "host pids of a task's processes", _ps)):
+        v = verbs.add_parser(name, help=help_)
+        v.add_argument("id", metavar="ID")
+        v.set_defaults(handler=handler)
 
     v = verbs.add_parser("exec", help="run a command in a running task")
     v.add_argument("--env", action="append", metavar="K=V")

@@ -1,7 +1,23 @@
 """Containers: an image plus an active snapshot, run with runc.
 
-* :mod:`lamina.metadata.containers` — container records (metadata only);
-* :mod:`lamina.containers.revisions` — create, upgrade, roll back;
-* :mod:`lamina.containers.runtime` — OCI runtime specs and runc tasks;
-* :mod:`lamina.containers.checkpoint` — CRIU checkpoint and restore.
+Calls in this package go one way, top to bottom; a module uses only those
+on the lines below its own, never one on its own line:
+
+1. :mod:`.service` — :class:`~.service.ContainerService`, the one entry point
+   (CLI, tests): it composes the three services of line 2 and alone sequences
+   work across them (start = spec, record, run; remove = task, revisions;
+   restore = create, fill, record, restore the task).
+2. :mod:`.revisions` — records and revision snapshots (create, upgrade, roll
+   back, prune); :mod:`.tasks` — runtime specs, the mounts a task runs on,
+   stop, delete; :mod:`.checkpoint` — checkpoint images (write, read, a restore's
+   parts, recovery of interrupted ones). None of them imports another.
+3. :mod:`.options` — the options record a container keeps (args, env, bind
+   mounts, user namespace); :mod:`.taskstate` — a container's task: there,
+   live, paused.
+4. :mod:`.runtime` — OCI runtime specs and runc/CRIU tasks, knowing nothing
+   of containers.
+
+Below the package: :mod:`lamina.metadata.containers` (the records),
+:mod:`lamina.metadata.workdirs` (checkpoint work directories),
+:mod:`lamina.images`, :mod:`lamina.differ`, :mod:`lamina.snapshots`.
 """

@@ -20,12 +20,17 @@ labels (``containerd.io/gc.ref.content.m.<i>``). Everything is written while a
 lease is held, so a concurrent ``gc`` cannot take blobs before they are
 referenced.
 
-Restore makes a new container on the checkpoint's image (registering the
-image from the index if this root does not know it, e.g. after ``image
-import`` of an exported checkpoint), applies the rw layer onto its revision,
-puts bind mount contents back (at their original sources or under a
-``bind_root``), unpacks the CRIU images into a temporary directory and has
-runc/CRIU restore the process tree there.
+A restore (:meth:`Checkpoints.restoring`) registers the checkpoint's image
+from the index if this root does not know it (e.g. after ``image import`` of
+an exported checkpoint); the container service makes a new container on it,
+and the restore then applies the rw layer onto its revision, puts bind mount
+contents back (at their original sources or under a ``bind_root``), unpacks
+the CRIU images into a temporary directory and has runc/CRIU restore the
+process tree there.
+
+This module works on container records it is handed and on the task manager;
+it never creates, removes or starts containers itself
+(:mod:`lamina.containers.service` sequences that).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import shutil
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,20 +51,28 @@ from typing import IO, Any, BinaryIO, cast
 
 from lamina.archive.apply import apply_layer
 from lamina.archive.changes import write_diff
-from lamina.containers.revisions import ContainerService
-from lamina.containers.runtime import TaskInfo, TaskStatus
-from lamina.containers.tasks_service import ContainerTasks, bind_mounts
+from lamina.containers.options import bind_mounts, options_of
+from lamina.containers.runtime import TaskInfo, TaskManager, TaskStatus
+from lamina.containers.taskstate import resume_paused, task_of
 from lamina.content import ContentStore
 from lamina.differ import apply_diff, create_diff
-from lamina.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from lamina.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    LaminaError,
+    NotFound,
+)
 from lamina.fs.files import remove_tree, sync_filesystem
 from lamina.images.importer import label_references, put_document
 from lamina.images.resolve import read_blob
+from lamina.images.service import ImageService
 from lamina.labels import CHECKPOINT, RESTORED_FROM_ANNOTATION
 from lamina.metadata.containers import Container
 from lamina.metadata.images import Image
-from lamina.metadata.leases import LeaseManager
+from lamina.metadata.root import Root
 from lamina.metadata.workdirs import interrupted, paused, root_work_dirs, work_dir
+from lamina.mounts.mount import Mount
 from lamina.oci.types import Descriptor, Index, MediaType, host_platform
 
 __all__ = [
@@ -70,7 +83,8 @@ __all__ = [
     "RUNTIME",
     "Checkpoint",
     "CheckpointResult",
-    "CheckpointService",
+    "Checkpoints",
+    "RestoreJob",
     "RestoreResult",
     "default_ref",
 ]
@@ -175,8 +189,18 @@ def _put_json(content: ContentStore, obj: Any, media_type: str,
     return Descriptor(media_type, digest, len(data), {}, host_platform() if platform else None)
 
 
+class _Timed:
+    """A result that says how long its phases took (``timings``, seconds by phase)."""
+
+    timings: Mapping[str, float]
+
+    @property
+    def seconds(self) -> float:
+        return self.timings.get("total", 0.0)
+
+
 @dataclass(frozen=True)
-class CheckpointResult:
+class CheckpointResult(_Timed):
     """A finished checkpoint: its image, its index descriptor and what it took."""
 
     ref: str
@@ -184,20 +208,12 @@ class CheckpointResult:
     container: str
     timings: Mapping[str, float] = field(default_factory=dict)
 
-    @property
-    def seconds(self) -> float:
-        return self.timings.get("total", 0.0)
-
 
 @dataclass(frozen=True)
-class RestoreResult:
+class RestoreResult(_Timed):
     container: Container
     task: TaskInfo
     timings: Mapping[str, float] = field(default_factory=dict)
-
-    @property
-    def seconds(self) -> float:
-        return self.timings.get("total", 0.0)
 
 
 @dataclass(frozen=True)
@@ -232,14 +248,19 @@ class _Timer:
         return {k: round(v, 4) for k, v in self.timings.items()}
 
 
-class CheckpointService:
-    """Checkpoint and restore containers of one root."""
+class Checkpoints:
+    """Checkpoint images of the containers of one root: write, read, restore's parts.
 
-    def __init__(self, tasks: ContainerTasks) -> None:
-        self.ctasks = tasks
-        self.containers: ContainerService = tasks.containers
-        self.root = self.containers.root
-        self.content: ContentStore = self.containers.images.content
+    It works on a container record it is handed and on the root's task
+    manager; making the container a restore runs in, and removing it again,
+    is the caller's (:class:`~lamina.containers.service.ContainerService`).
+    """
+
+    def __init__(self, root: Root, *, images: ImageService, tasks: TaskManager) -> None:
+        self.root = root
+        self.images = images
+        self.tasks = tasks
+        self.content: ContentStore = images.content
 
     @property
     def _work(self) -> Path:
@@ -258,12 +279,9 @@ class CheckpointService:
         sentences (``lamina check --repair`` prints them)."""
         done = []
         for left in interrupted(self._work, lock=self._work_lock):
-            if left.paused:
-                info = self.ctasks.task(left.paused)
-                if info is not None and info.status == TaskStatus.PAUSED:
-                    self.ctasks.tasks.resume(left.paused)
-                    done.append(f"resumed the task of container {left.paused}, paused by "
-                                "an interrupted checkpoint")
+            if left.paused and resume_paused(self.tasks, left.paused):
+                done.append(f"resumed the task of container {left.paused}, paused by "
+                            "an interrupted checkpoint")
             remove_tree(left.path)
             done.append(f"removed the work directory {left.path} of an interrupted "
                         "checkpoint or restore")
@@ -278,40 +296,36 @@ class CheckpointService:
                        f"restore{paused}")
         return out
 
-    def _leases(self) -> LeaseManager:
-        return self.root.leases()
-
     # -- checkpoint --------------------------------------------------------------
 
-    def checkpoint(self, cid: str, ref: str | None = None, *, exit: bool = False,
+    def checkpoint(self, container: Container, ref: str | None = None, *, exit: bool = False,
                    binds: bool = False) -> CheckpointResult:
-        """Checkpoint the running task of ``cid`` into image ``ref``.
+        """Checkpoint the running task of ``container`` into image ``ref``.
 
         The task is paused while its memory, rw layer and (with ``binds``)
         bind mounts are saved, and resumed afterwards — also on failure.
         With ``exit`` it is not paused; the dump stops it.
         """
         timer = _Timer()
-        container = self.containers.get(cid)
+        cid = container.id
         ref = ref or default_ref(cid)
         with contextlib.suppress(NotFound):
-            self.containers.images.get(ref)
+            self.images.get(ref)
             raise AlreadyExists(f"image {ref!r} already exists")
-        info = self.ctasks.task(cid)
+        info = task_of(self.tasks, cid)
         if info is None or info.status not in (TaskStatus.RUNNING, TaskStatus.PAUSED):
             state = "no task" if info is None else f"a {info.status} task"
             raise FailedPrecondition(f"container {cid!r} has {state}; nothing to checkpoint")
-        tm = self.ctasks.tasks
+        tm = self.tasks
         spec = json.loads((info.bundle / "config.json").read_text())
         linux = spec.get("linux") or {}
         if linux.get("cgroupsPath") == tm.cgroups_path(cid):
             del linux["cgroupsPath"]  # lamina's default for this id: a restore gets its own
         spec.get("root", {}).pop("path", None)  # the bundle's business
-        options = self.containers.options(container)
-        image = self.containers.images.get(container.image)
+        options = options_of(container)
+        image = self.images.get(container.image)
         name = f"{cid}-{time.time_ns()}-{secrets.token_hex(3)}"
-        leases = self._leases()
-        with leases.held(purpose="checkpoint"), self._work_dir(name) as workdir:
+        with self.root.leases().held(purpose="checkpoint"), self._work_dir(name) as workdir:
             images_dir = workdir / "criu"
             pause = not exit and info.status == TaskStatus.RUNNING
             bind_descs: list[Descriptor] = []
@@ -329,7 +343,7 @@ class CheckpointService:
                         with timer.phase("binds"):
                             bind_descs = self._checkpoint_binds(options)
                     with timer.phase("rw_diff"):
-                        rw = create_diff(self.containers.sn, self.content,
+                        rw = create_diff(self.images.snapshots, self.content,
                                          container.snapshot_key,
                                          tmpmounts=str(self.root.tmpmounts))
                 finally:
@@ -383,7 +397,7 @@ class CheckpointService:
                 index_desc = _put_json(self.content, index, MediaType.OCI_INDEX,
                                        platform=False)
                 label_references(self.content, index_desc)
-                self.containers.images.images.put(Image(
+                self.images.images.put(Image(
                     name=ref, target=index_desc,
                     labels={CHECKPOINT: cid}))
         return CheckpointResult(ref=ref, index=index_desc, container=cid, timings=timer.done())
@@ -410,7 +424,7 @@ class CheckpointService:
 
     def read(self, ref: str) -> Checkpoint:
         """The checkpoint registered as image ``ref``."""
-        image = self.containers.images.get(ref)
+        image = self.images.get(ref)
         if image.target.media_type != MediaType.OCI_INDEX:
             raise InvalidArgument(f"image {ref!r} is not a checkpoint (target is "
                                   f"{image.target.media_type})")
@@ -437,6 +451,16 @@ class CheckpointService:
             binds=tuple(by_type.get(MediaType.CHECKPOINT_BINDS, [])),
             image_target=image_target)
 
+    def list(self) -> list[Checkpoint]:
+        """Every image of this root that is a readable checkpoint (others are skipped)."""
+        out = []
+        for image in self.images.images.list():
+            if CHECKPOINT not in image.labels:
+                continue
+            with contextlib.suppress(LaminaError):
+                out.append(self.read(image.name))
+        return out
+
     # -- restore -----------------------------------------------------------------
 
     def _ensure_image(self, ckpt: Checkpoint) -> str:
@@ -445,7 +469,7 @@ class CheckpointService:
         if not name:
             raise InvalidArgument(f"{ckpt.ref}: checkpoint names no image")
         try:
-            self.containers.images.get(name)
+            self.images.get(name)
         except NotFound:
             if ckpt.image_target is None:
                 raise
@@ -454,16 +478,19 @@ class CheckpointService:
             except NotFound:
                 raise NotFound(f"image {name!r} of checkpoint {ckpt.ref} is not here, and "
                                "neither is its manifest") from None
-            self.containers.images.images.put(Image(name=name, target=ckpt.image_target))
+            self.images.images.put(Image(name=name, target=ckpt.image_target))
         return name
 
-    def restore(self, ref: str, cid: str, *, bind_root: str | os.PathLike[str] | None = None,
-                detach: bool = True) -> RestoreResult:
-        """Restore checkpoint ``ref`` as a new container ``cid`` with a running task.
+    @contextlib.contextmanager
+    def restoring(self, ref: str, cid: str, *,
+                  bind_root: str | os.PathLike[str] | None = None) -> Iterator[RestoreJob]:
+        """Checkpoint ``ref`` read and checked, its image registered, a lease and a
+        work directory held for the block: the :class:`RestoreJob` that restores it
+        as container ``cid``, once the caller has made that container.
 
-        Bind mount contents archived with the checkpoint go back to their
-        original sources, or with ``bind_root`` to ``<bind_root>/<destination>``
-        (and the new container mounts them from there).
+        Bind mount contents go back to their original sources, or with
+        ``bind_root`` to ``<bind_root>/<destination>`` (and the job's options
+        and spec mount them from there).
         """
         timer = _Timer()
         ckpt = self.read(ref)
@@ -484,66 +511,87 @@ class CheckpointService:
             for m in spec.get("mounts") or []:
                 if m.get("type") == "bind" and m.get("destination") in moved:
                     m["source"] = moved[m["destination"]]
-        leases = self._leases()
+        spec.setdefault("annotations", {})[RESTORED_FROM_ANNOTATION] = ref
         name = f"restore-{cid}-{time.time_ns()}-{secrets.token_hex(3)}"
-        container: Container | None = None
-        try:
-            with leases.held(purpose="restore"), self._work_dir(name) as workdir:
-                image = self._ensure_image(ckpt)
-                with timer.phase("create"):
-                    container = self.containers.create(
-                        image, cid, labels={**ckpt.config.get("labels", {}),
-                                            CHECKPOINT: ref},
-                        options=options)
-                if ckpt.rw is not None:
-                    with timer.phase("rw_apply"):
-                        apply_diff(self.content, ckpt.rw,
-                                   self.containers.sn.mounts(container.snapshot_key),
-                                   diff_id=ckpt.rw.annotations.get(ANNOTATION_DIFF_ID),
-                                   tmpmounts=self.root.tmpmounts)
-                with timer.phase("binds"):
-                    for desc in ckpt.binds:
-                        self._restore_bind(desc, moved)
-                # what the checkpoint's rw layer wrote into the new revision reaches the
-                # disk before the task runs on it (as an upgrade's copied writes do)
-                sync_filesystem(self.root.path)
-                images_dir = workdir / "criu"
-                images_dir.mkdir()
-                with timer.phase("criu_untar"), self.content.reader(ckpt.criu.digest) as r:
-                    apply_layer(r, images_dir)
-                spec_annotations = spec.setdefault("annotations", {})
-                spec_annotations[RESTORED_FROM_ANNOTATION] = ref
-                container = self.containers.set_spec(container, spec)
-                with timer.phase("criu_restore"):
-                    task = self.ctasks.tasks.restore(
-                        cid, images_dir, mounts=self.ctasks.mounts(container), spec=spec,
-                        detach=detach, work_dir=workdir / "work")
-        except BaseException:
-            if container is not None:
-                with contextlib.suppress(Exception):
-                    self.ctasks.remove(cid, force=True)
-            raise
-        return RestoreResult(container=container, task=task, timings=timer.done())
+        with self.root.leases().held(purpose="restore"), self._work_dir(name) as workdir:
+            yield RestoreJob(self, ckpt, image=self._ensure_image(ckpt),
+                             labels={**ckpt.config.get("labels", {}), CHECKPOINT: ref},
+                             options=options, spec=spec, moved=moved, workdir=workdir,
+                             timer=timer)
 
-    def _restore_bind(self, desc: Descriptor, moved: Mapping[str, str]) -> None:
-        dest = desc.annotations.get(ANNOTATION_BIND_DESTINATION, "")
-        source = moved.get(dest) or desc.annotations.get(ANNOTATION_BIND_SOURCE, "")
-        if not source or not os.path.isabs(source):
-            raise InvalidArgument(f"bind archive {desc.digest} names no usable source path")
-        target = Path(source)
-        if desc.annotations.get(ANNOTATION_BIND_KIND, "dir") == "file":
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with self.content.reader(desc.digest) as r, \
-                    tarfile.open(fileobj=r, mode="r|") as tar:
-                for member in tar:
-                    if member.name == "file" and member.isfile():
-                        f = tar.extractfile(member)
-                        assert f is not None
-                        _copy_to(f, target, member.mode)
-            return
-        target.mkdir(parents=True, exist_ok=True)
-        with self.content.reader(desc.digest) as r:
-            apply_layer(r, target)
+
+def _restore_bind(content: ContentStore, desc: Descriptor, moved: Mapping[str, str]) -> None:
+    dest = desc.annotations.get(ANNOTATION_BIND_DESTINATION, "")
+    source = moved.get(dest) or desc.annotations.get(ANNOTATION_BIND_SOURCE, "")
+    if not source or not os.path.isabs(source):
+        raise InvalidArgument(f"bind archive {desc.digest} names no usable source path")
+    target = Path(source)
+    if desc.annotations.get(ANNOTATION_BIND_KIND, "dir") == "file":
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with content.reader(desc.digest) as r, \
+                tarfile.open(fileobj=r, mode="r|") as tar:
+            for member in tar:
+                if member.name == "file" and member.isfile():
+                    f = tar.extractfile(member)
+                    assert f is not None
+                    _copy_to(f, target, member.mode)
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    with content.reader(desc.digest) as r:
+        apply_layer(r, target)
+
+
+class RestoreJob:
+    """A restore under way (see :meth:`Checkpoints.restoring`): what the new
+    container is made of, and the steps that fill it and restore its task."""
+
+    def __init__(self, checkpoints: Checkpoints, ckpt: Checkpoint, *, image: str,
+                 labels: Mapping[str, str], options: Mapping[str, Any],
+                 spec: dict[str, Any], moved: Mapping[str, str], workdir: Path,
+                 timer: _Timer) -> None:
+        self._cps = checkpoints
+        self._ckpt = ckpt
+        self.image = image
+        self.labels = dict(labels)
+        self.options = dict(options)
+        self.spec = spec
+        self._moved = moved
+        self._images_dir = workdir / "criu"
+        self._work = workdir / "work"
+        self._timer = timer
+
+    def phase(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Time a step of the restore under ``name``."""
+        return self._timer.phase(name)
+
+    def fill(self, mounts: Sequence[Mount]) -> None:
+        """Put the checkpoint's rw layer onto the new revision's ``mounts``, bind mount
+        contents back, and the CRIU images into the work directory."""
+        cps, ckpt = self._cps, self._ckpt
+        if ckpt.rw is not None:
+            with self.phase("rw_apply"):
+                apply_diff(cps.content, ckpt.rw, mounts,
+                           diff_id=ckpt.rw.annotations.get(ANNOTATION_DIFF_ID),
+                           tmpmounts=cps.root.tmpmounts)
+        with self.phase("binds"):
+            for desc in ckpt.binds:
+                _restore_bind(cps.content, desc, self._moved)
+        # what the checkpoint's rw layer wrote into the new revision reaches the
+        # disk before the task runs on it (as an upgrade's copied writes do)
+        sync_filesystem(cps.root.path)
+        self._images_dir.mkdir()
+        with self.phase("criu_untar"), cps.content.reader(ckpt.criu.digest) as r:
+            apply_layer(r, self._images_dir)
+
+    def restore(self, cid: str, mounts: Sequence[Mount], *, detach: bool) -> TaskInfo:
+        """Have runc/CRIU restore the process tree as ``cid``'s task on ``mounts``."""
+        with self.phase("criu_restore"):
+            return self._cps.tasks.restore(cid, self._images_dir, mounts=mounts,
+                                           spec=self.spec, detach=detach, work_dir=self._work)
+
+    def done(self) -> dict[str, float]:
+        """The timings of the restore, with its total."""
+        return self._timer.done()
 
 
 def _copy_to(src: IO[bytes], dest: Path, mode: int) -> None:

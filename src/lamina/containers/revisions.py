@@ -1,4 +1,4 @@
-"""Containers and their revisions: create, upgrade keeping the rw layer, roll back.
+"""Container records and their revisions: create, upgrade keeping the rw layer, roll back.
 
 A container's filesystem is an active snapshot (a *revision*) on its image's
 top ChainID. Each revision snapshot carries labels:
@@ -14,6 +14,10 @@ survives), and points the container at it. **Rollback** points the container
 at the previous revision again — with that revision's own writes.
 Revision keys carry nanoseconds and a random suffix, so they are unique even
 within one second.
+
+This module owns the container records and the revision snapshots; it knows
+nothing of tasks or checkpoints (:mod:`lamina.containers.service` puts them
+together).
 """
 
 from __future__ import annotations
@@ -26,24 +30,26 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from lamina.containers.options import options_spec, with_spec
 from lamina.differ import apply_diff, create_diff
 from lamina.errors import FailedPrecondition, NotFound
 from lamina.fs.files import sync_filesystem
 from lamina.images.service import ImageService
 from lamina.labels import (
     GC_ROOT,
-    OPTIONS_ANNOTATION,
     REVISION_CONTAINER,
     REVISION_IMAGE,
     REVISION_PREVIOUS,
 )
 from lamina.metadata.containers import Container
 from lamina.metadata.root import Root
+from lamina.mounts.mount import Mount
 
 __all__ = [
-    "ContainerService",
     "Revision",
+    "Revisions",
 ]
+
 
 @dataclass(frozen=True)
 class Revision:
@@ -59,8 +65,8 @@ def _new_key(cid: str) -> str:
     return f"lamina.revision.{cid}.{now.strftime('%Y%m%dT%H%M%S.%f')}.{secrets.token_hex(3)}"
 
 
-class ContainerService:
-    """Container operations on one root and snapshotter."""
+class Revisions:
+    """Container records and their revision snapshots on one root and snapshotter."""
 
     def __init__(self, root: Root, *, snapshotter: str = "overlay",
                  images: ImageService | None = None) -> None:
@@ -72,9 +78,6 @@ class ContainerService:
     @property
     def sn(self) -> Any:
         return self.images.snapshots
-
-    def close(self) -> None:
-        """Nothing to release: the stores belong to the root."""
 
     # -- records -------------------------------------------------------------
     def get(self, cid: str) -> Container:
@@ -114,22 +117,20 @@ class ContainerService:
         try:
             return self.store.create(Container(
                 id=cid, image=image, snapshotter=self.snapshotter_name, snapshot_key=key,
-                spec={"annotations": {OPTIONS_ANNOTATION: dict(options or {})}},
+                spec=options_spec(options),
                 labels=dict(labels or {})))
         except BaseException:
             self.sn.remove(key)
             raise
 
-    def options(self, container: Container) -> dict[str, Any]:
-        annotations = container.spec.get("annotations") or {}
-        return dict(annotations.get(OPTIONS_ANNOTATION) or {})
-
     def set_spec(self, container: Container, spec: Mapping[str, Any]) -> Container:
         """Record the runtime spec generated for ``container`` (options are kept)."""
-        full = dict(spec)
-        full["annotations"] = {**(spec.get("annotations") or {}),
-                               OPTIONS_ANNOTATION: self.options(container)}
-        return self.store.update(replace(container, spec=full))
+        return self.store.update(with_spec(container, spec))
+
+    def mounts(self, container: Container) -> builtins.list[Mount]:
+        """The mounts of the container's current revision."""
+        mounts: builtins.list[Mount] = self.sn.mounts(container.snapshot_key)
+        return mounts
 
     # -- revisions -----------------------------------------------------------
     def revisions(self, cid: str) -> builtins.list[Revision]:

@@ -1,0 +1,95 @@
+"""A container's options: what its task runs, the bind mounts, its user namespace.
+
+Options are chosen when a container is created and kept on its record, in
+``spec.annotations["lamina.io/options"]``, so that every runtime spec
+generated for it (a start, an upgrade's restart) and every checkpoint of it
+sees the same ones::
+
+    {"args": ["sh", "-c", "..."] | null,   # replaces the image's Cmd
+     "env": ["K=V", ...],
+     "mounts": [{"source": "/abs", "destination": "/abs", "readonly": false}, ...],
+     "userns": {"uids": ["0:HOST:SIZE"], "gids": ["0:HOST:SIZE"]}}   # optional
+
+A container with ``userns`` runs in a user namespace of its own with those
+mappings, and its root filesystem is mounted ID-mapped (:mod:`lamina.mounts.idmap`):
+the image's layers show their own owners inside and are never chowned.
+
+Revisions, tasks and checkpoints all read options; this module is the one
+place that knows their shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from lamina.containers.runtime import BindMount
+from lamina.errors import InvalidArgument
+from lamina.labels import OPTIONS_ANNOTATION
+from lamina.metadata.containers import Container
+from lamina.mounts.idmap import UserNamespace
+
+__all__ = [
+    "bind_mounts", "make_options", "options_of", "options_spec", "userns_of", "with_spec",
+]
+
+
+def make_options(
+    *,
+    args: Sequence[str] | None = None,
+    env: Sequence[str] = (),
+    mounts: Sequence[BindMount] = (),
+    userns: UserNamespace | None = None,
+) -> dict[str, Any]:
+    """The options record a container keeps (see the module docs)."""
+    for item in env:
+        if not item.partition("=")[0]:
+            raise InvalidArgument(f"invalid environment entry {item!r} (want KEY=VALUE)")
+    extra: dict[str, Any] = {} if userns is None else {"userns": userns.to_json()}
+    return {
+        **extra,
+        "args": list(args) if args else None,
+        "env": list(env),
+        "mounts": [
+            {"source": m.source, "destination": m.destination, "readonly": m.readonly}
+            for m in mounts
+        ],
+    }
+
+
+def options_spec(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The spec a new container's record starts with: its options, no runtime spec yet."""
+    return {"annotations": {OPTIONS_ANNOTATION: dict(options or {})}}
+
+
+def options_of(container: Container) -> dict[str, Any]:
+    """The options kept on ``container``'s record."""
+    annotations = container.spec.get("annotations") or {}
+    return dict(annotations.get(OPTIONS_ANNOTATION) or {})
+
+
+def with_spec(container: Container, spec: Mapping[str, Any]) -> Container:
+    """``container`` with ``spec`` as its runtime spec, its options kept."""
+    full = dict(spec)
+    full["annotations"] = {**(spec.get("annotations") or {}),
+                           OPTIONS_ANNOTATION: options_of(container)}
+    return replace(container, spec=full)
+
+
+def userns_of(options: Mapping[str, Any]) -> UserNamespace | None:
+    """The user namespace an options record asks for (None: the host's)."""
+    obj = options.get("userns")
+    if not obj:
+        return None
+    try:
+        return UserNamespace.from_json(obj)
+    except (KeyError, TypeError) as exc:
+        raise InvalidArgument(f"bad userns option {obj!r}") from exc
+
+
+def bind_mounts(options: Mapping[str, Any]) -> list[BindMount]:
+    """The bind mounts of an options record."""
+    return [BindMount(source=str(m["source"]), destination=str(m["destination"]),
+                      readonly=bool(m.get("readonly", False)))
+            for m in options.get("mounts") or []]

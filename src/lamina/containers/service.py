@@ -1,0 +1,220 @@
+"""The container service: every container operation, on one root and snapshotter.
+
+It composes the three services below it and is the only module that calls
+more than one of them:
+
+* :class:`~lamina.containers.revisions.Revisions` — records and revision
+  snapshots (create, upgrade, roll back, prune, remove);
+* :class:`~lamina.containers.tasks.ContainerTasks` — runtime specs and tasks
+  (the mounts they run on, stop, delete);
+* :class:`~lamina.containers.checkpoint.Checkpoints` — checkpoint images
+  (write, read, restore's parts, recovery of interrupted ones).
+
+Those three never call one another. What an operation needs from two of them
+is sequenced here: starting a task generates its spec on the revision's
+mounts, records it, then runs the task; removing a container deletes its task,
+then its revisions and record; restoring a checkpoint creates a container,
+fills its revision from the checkpoint, records the spec and restores the task.
+
+The :class:`TaskManager` (and with it ``runc``) is only looked for when an
+operation needs a task, so records and revisions work on a host without runc.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from functools import cached_property
+from typing import Any
+
+from lamina.containers.checkpoint import (
+    Checkpoint,
+    CheckpointResult,
+    Checkpoints,
+    RestoreResult,
+)
+from lamina.containers.options import options_of
+from lamina.containers.revisions import Revision, Revisions
+from lamina.containers.runtime import TaskInfo, TaskManager
+from lamina.containers.tasks import ContainerTasks, tasks_dir
+from lamina.containers.taskstate import is_live, task_of
+from lamina.images.service import ImageService
+from lamina.metadata.containers import Container
+from lamina.metadata.root import Root
+
+__all__ = ["ContainerService"]
+
+
+class ContainerService:
+    """Containers, their revisions, tasks and checkpoints on one root and snapshotter."""
+
+    def __init__(self, root: Root, *, snapshotter: str = "overlay",
+                 images: ImageService | None = None, tasks: TaskManager | None = None) -> None:
+        self.root = root
+        self.images = images or ImageService(root, snapshotter=snapshotter)
+        self._revisions = Revisions(root, snapshotter=snapshotter, images=self.images)
+        self._given_tasks = tasks
+
+    @cached_property
+    def tasks(self) -> TaskManager:
+        """The root's task manager (``runc`` must be installed)."""
+        return self._given_tasks or TaskManager(tasks_dir(self.root.path))
+
+    @cached_property
+    def _tasks(self) -> ContainerTasks:
+        return ContainerTasks(self.root, images=self.images, tasks=self.tasks)
+
+    @cached_property
+    def _checkpoints(self) -> Checkpoints:
+        return Checkpoints(self.root, images=self.images, tasks=self.tasks)
+
+    def close(self) -> None:
+        """Reap what the task manager this service made started; the stores belong to the root."""
+        if self._given_tasks is None and "tasks" in self.__dict__:
+            self.tasks.close()
+
+    # -- records and revisions ---------------------------------------------------
+
+    def get(self, cid: str) -> Container:
+        return self._revisions.get(cid)
+
+    def list(self) -> builtins.list[Container]:
+        return self._revisions.list()
+
+    def options(self, container: Container) -> dict[str, Any]:
+        """The options ``container`` was created with (see :mod:`lamina.containers.options`)."""
+        return options_of(container)
+
+    def create(self, image: str, cid: str, *, labels: Mapping[str, str] | None = None,
+               options: Mapping[str, Any] | None = None) -> Container:
+        """A new container on ``image`` (no task yet)."""
+        return self._revisions.create(image, cid, labels=labels, options=options)
+
+    def revisions(self, cid: str) -> builtins.list[Revision]:
+        """Every revision of ``cid``, oldest first."""
+        return self._revisions.revisions(cid)
+
+    def upgrade(self, cid: str, image: str) -> Container:
+        """Move ``cid`` to ``image``, carrying its rw-layer changes over."""
+        return self._revisions.upgrade(cid, image)
+
+    def rollback(self, cid: str) -> Container:
+        """Point ``cid`` back at its previous revision."""
+        return self._revisions.rollback(cid)
+
+    def prune_revisions(self, cid: str, *, keep: int) -> builtins.list[str]:
+        """Remove all but the ``keep`` newest revisions (never the current one)."""
+        return self._revisions.prune_revisions(cid, keep=keep)
+
+    def remove(self, cid: str, *, force: bool = False) -> builtins.list[str]:
+        """Remove the container: its task (live ones only with ``force``), revisions,
+        record; returns the removed revision keys."""
+        self._revisions.get(cid)
+        self._tasks.remove(cid, force=force)
+        return self._revisions.remove(cid)
+
+    # -- tasks -------------------------------------------------------------------
+
+    def task(self, cid: str) -> TaskInfo | None:
+        """The container's task, or None when it has none."""
+        return task_of(self.tasks, cid)
+
+    def is_live(self, cid: str) -> bool:
+        return is_live(self.tasks, cid)
+
+    def start(
+        self,
+        cid: str,
+        *,
+        detach: bool,
+        stdin: int | None = None,
+        stdout: int | None = None,
+        stderr: int | None = None,
+    ) -> TaskInfo:
+        """Start the container's task (a stopped task of it is deleted first).
+
+        The runtime spec is generated on the current revision and recorded on
+        the container before the task runs. Foreground: returns when the
+        process exits, with its exit code. Detached: returns once it runs
+        (output in the task's ``output.log``).
+        """
+        container = self._revisions.get(cid)
+        self._tasks.clear_stopped(cid)
+        spec = self._tasks.generate(container, self._revisions.mounts(container))
+        container = self._revisions.set_spec(container, spec)
+        mounts = self._tasks.run_mounts(container, self._revisions.mounts(container))
+        return self.tasks.start(cid, mounts, spec, detach=detach,
+                                stdin=stdin, stdout=stdout, stderr=stderr)
+
+    def stop(self, cid: str, *, timeout: float = 10.0) -> TaskInfo | None:
+        """Stop (SIGTERM, then SIGKILL after ``timeout``) and delete the task, if any."""
+        return self._tasks.stop(cid, timeout=timeout)
+
+    @contextlib.contextmanager
+    def stopped(self, cid: str, *, timeout: float = 10.0) -> Iterator[bool]:
+        """Stop a live task for the block; start it again (detached) after it.
+
+        Yields whether the task was live (and so will be restarted). It is
+        restarted even when the block fails, on whatever revision the
+        container then points at.
+        """
+        was_live = self.is_live(cid)
+        if self.task(cid) is not None:
+            self.stop(cid, timeout=timeout)
+        try:
+            yield was_live
+        finally:
+            if was_live:
+                self.start(cid, detach=True)
+
+    # -- checkpoints ---------------------------------------------------------------
+
+    def checkpoint(self, cid: str, ref: str | None = None, *, exit: bool = False,
+                   binds: bool = False) -> CheckpointResult:
+        """Checkpoint the running task of ``cid`` into image ``ref`` (see
+        :meth:`Checkpoints.checkpoint`)."""
+        return self._checkpoints.checkpoint(self._revisions.get(cid), ref, exit=exit,
+                                            binds=binds)
+
+    def read_checkpoint(self, ref: str) -> Checkpoint:
+        """The checkpoint registered as image ``ref``."""
+        return self._checkpoints.read(ref)
+
+    def list_checkpoints(self) -> builtins.list[Checkpoint]:
+        """Every image of this root that is a readable checkpoint."""
+        return self._checkpoints.list()
+
+    def restore(self, ref: str, cid: str, *, bind_root: str | os.PathLike[str] | None = None,
+                detach: bool = True) -> RestoreResult:
+        """Restore checkpoint ``ref`` as a new container ``cid`` with a running task.
+
+        Bind mount contents archived with the checkpoint go back to their
+        original sources, or with ``bind_root`` to ``<bind_root>/<destination>``
+        (and the new container mounts them from there). On failure the new
+        container, if made, is removed again.
+        """
+        container: Container | None = None
+        try:
+            with self._checkpoints.restoring(ref, cid, bind_root=bind_root) as job:
+                with job.phase("create"):
+                    container = self._revisions.create(job.image, cid, labels=job.labels,
+                                                       options=job.options)
+                job.fill(self._revisions.mounts(container))
+                container = self._revisions.set_spec(container, job.spec)
+                task = job.restore(cid, self._revisions.mounts(container), detach=detach)
+        except BaseException:
+            if container is not None:
+                with contextlib.suppress(Exception):
+                    self.remove(cid, force=True)
+            raise
+        return RestoreResult(container=container, task=task, timings=job.done())
+
+    def interrupted(self) -> builtins.list[str]:
+        """What checkpoints and restores that died left behind, in sentences."""
+        return self._checkpoints.interrupted()
+
+    def recover_interrupted(self) -> builtins.list[str]:
+        """Put right what checkpoints and restores that died left behind; what was done."""
+        return self._checkpoints.recover_interrupted()
