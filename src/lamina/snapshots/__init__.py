@@ -68,6 +68,8 @@ checkable protocols), never by concrete class:
 * :class:`LayerStreams` — a layer's tar stream becomes a new snapshot's own
   layer with nothing extracted (the erofs snapshotter writes its image):
   unpack hands it each layer this way;
+* :class:`LayerDigests` — a committed layer is a file whose digest was
+  recorded at commit: ``lamina check --deep`` verifies it;
 * :class:`DeferredRemoval` — removed snapshots' directories may be deleted
   later (by a reaper thread, or when a caller holding a lock is done);
   :meth:`DeferredRemoval.flush` waits until nothing removed is left on disk;
@@ -99,6 +101,7 @@ __all__ = [
     "DeferredRemoval",
     "Info",
     "Kind",
+    "LayerDigests",
     "LayerStreams",
     "LocalDirectories",
     "Problem",
@@ -281,6 +284,16 @@ class LayerStreams(Protocol):
         parallel, committed in order).
         Raises :class:`~lamina.archive.apply.NeedsLowerLayers` where the layer
         says something only its parent's files can resolve: apply it on a mount."""
+        ...
+
+
+@runtime_checkable
+class LayerDigests(Protocol):
+    """Committed layers are files whose digest was recorded at commit."""
+
+    def verify_layer(self, key: str) -> str:
+        """What is wrong with committed ``key``'s layer file, in words ("" when it
+        still has the digest recorded at commit)."""
         ...
 
 
