@@ -52,7 +52,14 @@ from lamina.metadata.gc import label_edges
 from lamina.metadata.root import Root
 from lamina.mounts.mount import cleanup_temp_mounts
 from lamina.owners import OWNERS, Scoped
-from lamina.snapshots import Checker, Kind, LocalDirectories, ProblemKind, Snapshotter
+from lamina.snapshots import (
+    Checker,
+    Kind,
+    LayerDigests,
+    LocalDirectories,
+    ProblemKind,
+    Snapshotter,
+)
 
 __all__ = ["CheckReport", "Problem", "ProblemType", "check"]
 
@@ -173,11 +180,15 @@ def _check_layers(root: Root) -> list[Problem]:
             continue
         for info in sn.walk():
             digest = info.labels.get(LAYER_MTREE)
-            if info.kind is not Kind.COMMITTED or not digest:
+            digests = isinstance(sn, LayerDigests)  # an image file: its recorded sha256
+            if info.kind is not Kind.COMMITTED or not (digest or digests):
                 continue
             subject = f"{name}/{info.name}"
             try:
-                problem = _compare_layer(sn, info.name, content.reader(digest))
+                if isinstance(sn, LayerDigests):
+                    problem = sn.verify_layer(info.name)
+                else:
+                    problem = _compare_layer(sn, info.name, content.reader(digest or ""))
             except NotFound:
                 problem = f"its tree manifest {digest} is missing from the content store"
             except LaminaError as exc:
