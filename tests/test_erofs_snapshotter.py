@@ -257,3 +257,38 @@ def test_layer_written_before_its_parent_is_committed(sn: ErofsSnapshotter,
         st = os.stat(r)
         assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o710, 7, 8)
         assert os.listdir(r) == ["g"]
+
+
+def test_check_deep_verifies_layer_images(tmp_path: Path) -> None:
+    """``lamina check --deep`` compares each image with the sha256 of its commit;
+    garbage collection of an unreferenced layer unmounts it and deletes its file."""
+    from lamina.metadata.check import ProblemType, check
+    from lamina.metadata.gc import collect
+    from lamina.metadata.root import Root
+
+    root = Root(tmp_path / "r")
+    try:
+        sn = root.snapshotter("erofs")
+        assert isinstance(sn, ErofsSnapshotter)
+        _commit(sn, "base", "", {"f": b"data"}, tmp_path / "work")
+        sn.view("v", "base")
+        assert not [p for p in check(root, deep=True).problems
+                    if p.kind is ProblemType.LAYER_CHANGED]
+        image = sn.image_path("base")
+        with open(image, "r+b") as f:  # a bit flips under the mount
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([last[0] ^ 1]))
+        changed = [p for p in check(root, deep=True).problems
+                   if p.kind is ProblemType.LAYER_CHANGED]
+        assert len(changed) == 1 and "erofs/base" in changed[0].message, changed
+        sn.remove("v")
+        collect(root)
+        assert not image.exists()
+        assert not _layer_mounts(tmp_path)
+    finally:
+        root.close()
+        for m in sorted(read_mountinfo(), key=lambda m: -len(m.mount_point)):
+            if m.mount_point.startswith(str(tmp_path)):
+                unmount_image(m.mount_point)
