@@ -313,7 +313,7 @@ def check(root: Root, *, repair: bool = False, deep: bool = False,
     when they were unpacked (reads every file of every such layer). A changed
     layer is reported, not repaired: the images using it need importing again
     once it is removed. Without ``rehash`` blobs are only checked to exist
-    (what recovery after a restart does: see :mod:`lamina.metadata.formats`)."""
+    (what recovery after a restart does: see :mod:`lamina.metadata.recover`)."""
     report = CheckReport(repair=repair)
     problems, _ = _scan(root, deep=deep, rehash=rehash)
     report.problems = problems
