@@ -56,6 +56,7 @@ BENCHMARKS: dict[str, str] = {
     "userns": "bench.userns",
     "registry": "bench.registry",
     "erofs": "bench.erofs",
+    "erofs-import": "bench.erofs_import",
 }
 
 RESULTS = _HERE / "results" / "latest.json"
