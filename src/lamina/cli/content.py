@@ -11,7 +11,7 @@ from typing import Any
 
 from lamina.cli.app import App
 from lamina.cli.common import human_size, parse_labels, print_table
-from lamina.content import Info, Status
+from lamina.content import Info, Status, set_labels
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
 from lamina.owners import OWNERS
 
@@ -139,8 +139,7 @@ def _label(args: argparse.Namespace, app: App) -> int:
     if not labels:  # nothing to change: show the labels
         print(",".join(f"{k}={v}" for k, v in sorted(info.labels.items())))
         return 0
-    new = Info(info.digest, info.size, info.created, info.updated, labels)
-    updated = store.update(new, *(f"labels.{k}" for k in labels))
+    updated = set_labels(store, args.digest, labels, info=info)
     print(",".join(f"{k}={v}" for k, v in sorted(updated.labels.items())))
     return 0
 

@@ -28,6 +28,7 @@ The ingest lifecycle
    ingests in progress.
 
 :func:`write_blob` does all of that for a stream, including resuming.
+:func:`set_labels` sets (or merges in) some labels of a blob, leaving the others.
 
 Blobs are read with :meth:`ContentStore.reader` (a seekable binary file) or
 :meth:`ContentStore.read_at`; their metadata is :class:`Info`, whose labels
@@ -36,14 +37,22 @@ snapshots. :meth:`ContentStore.walk` and :meth:`ContentStore.list_statuses`
 take containerd filters (see :mod:`lamina.util.filters`): blobs have the fields
 ``digest``, ``size`` and ``labels.<key>``; ingests ``ref``, ``expected``,
 ``offset`` and ``total``.
+
+Optional powers are small interfaces a store may implement, checked by
+capability (``isinstance``), never by class: :class:`Local` (a store on this
+machine's filesystem: where its bytes land, and a reader that follows an
+ingest as it is written) and :class:`Checker` (metadata against disk, and the
+repair of what crashes leave).
 """
 
 from __future__ import annotations
 
+import enum
 import io
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
+from pathlib import Path
 from typing import IO, BinaryIO, Protocol, runtime_checkable
 
 from lamina.content.digest import (
@@ -58,14 +67,20 @@ from lamina.labels import MAX_LABEL_SIZE, validate_labels
 
 __all__ = [
     "MAX_LABEL_SIZE",
+    "Checker",
+    "CleanupReport",
     "ContentStore",
     "Digest",
     "HashingReader",
     "HashingWriter",
     "Info",
+    "Local",
+    "Problem",
+    "ProblemKind",
     "Status",
     "Writer",
     "parse_digest",
+    "set_labels",
     "sha256_digest",
     "validate_digest",
     "validate_labels",
@@ -231,3 +246,85 @@ def write_blob(
         return digest
     finally:
         w.close()
+
+
+def set_labels(store: ContentStore, digest: str, labels: Mapping[str, str], *,
+               info: Info | None = None) -> Info:
+    """Set ``labels`` on blob ``digest``, keeping its other labels (an empty value
+    deletes that label); returns its Info. Labels that already have their value
+    are not written again (nothing is, when all have). ``info``: the blob's Info,
+    when the caller has just read it."""
+    info = info if info is not None and info.digest == digest else store.info(digest)
+    changed = {k: v for k, v in labels.items() if info.labels.get(k, "") != v
+               or (not v and k in info.labels)}
+    if not changed:
+        return info
+    return store.update(replace(info, labels={**info.labels, **changed}),
+                        *(f"labels.{k}" for k in changed))
+
+
+@runtime_checkable
+class Local(Protocol):
+    """A store on this machine's filesystem."""
+
+    @property
+    def path(self) -> Path:
+        """A directory on the filesystem that holds the blobs and ingests (for free
+        space checks)."""
+        ...
+
+    def follow(self, ref: str) -> BinaryIO:
+        """A reader on ingest ``ref``'s bytes as they are written: a read returns what
+        is there (``b""`` at the current end, more may come), and the reader keeps
+        reading the same bytes once the ingest is committed. NotFound when there is
+        no such ingest. Knowing when the writer is done is the caller's business."""
+        ...
+
+
+class ProblemKind(enum.Enum):
+    """What a :class:`Problem` of a content store is."""
+
+    #: the bytes no longer hash to the blob's digest (or size)
+    CORRUPT = "corrupt"
+    #: the metadata names a blob whose bytes are gone
+    MISSING = "missing"
+    #: a file where blobs live that no metadata names (left by a crash)
+    ORPHAN = "orphan"
+    #: a blob no owner holds a reference to
+    UNHELD = "unheld"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One inconsistency between a content store's metadata and its disk."""
+
+    kind: ProblemKind
+    subject: str  # the digest, or the orphan file's path
+    #: a whole sentence, naming the subject
+    message: str
+
+
+@dataclass
+class CleanupReport:
+    """What :meth:`Checker.cleanup` did."""
+
+    removed_temp: list[str] = field(default_factory=list)
+    removed_ingests: list[str] = field(default_factory=list)
+    restored_rows: list[str] = field(default_factory=list)
+    removed_rows: list[str] = field(default_factory=list)
+    removed_blobs: list[str] = field(default_factory=list)
+    given_to_cli: list[str] = field(default_factory=list)  # rows nobody held
+
+
+@runtime_checkable
+class Checker(Protocol):
+    """Metadata and disk can be compared, and what a crash left repaired."""
+
+    def check(self, *, rehash: bool = True) -> list[Problem]:
+        """Every disagreement between metadata and disk; with ``rehash`` every blob
+        is re-hashed, else only found. Takes no reference (a check is not a use)."""
+        ...
+
+    def cleanup(self) -> CleanupReport:
+        """Repair what crashes leave behind; what was done."""
+        ...

@@ -70,12 +70,20 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
-from lamina.content import COPY_CHUNK, Info, Status, validate_labels
+from lamina.content import (
+    COPY_CHUNK,
+    CleanupReport,
+    Info,
+    Problem,
+    ProblemKind,
+    Status,
+    validate_labels,
+)
 from lamina.content.digest import SHA256, digest_file, parse_digest, validate_digest
 from lamina.errors import (
     AlreadyExists,
@@ -119,18 +127,6 @@ MAX_REF_BYTES = 4096
 
 class BlobCorrupt(FailedPrecondition):
     """A committed blob's bytes no longer hash to its digest (or size)."""
-
-
-@dataclass
-class CleanupReport:
-    """What :meth:`LocalContentStore.cleanup` did."""
-
-    removed_temp: list[str] = field(default_factory=list)
-    removed_ingests: list[str] = field(default_factory=list)
-    restored_rows: list[str] = field(default_factory=list)
-    removed_rows: list[str] = field(default_factory=list)
-    removed_blobs: list[str] = field(default_factory=list)
-    given_to_cli: list[str] = field(default_factory=list)  # rows nobody held
 
 
 def _now() -> datetime:
@@ -583,6 +579,33 @@ class LocalContentStore(ScopedViews):
             )
         return info
 
+    def check(self, *, rehash: bool = True) -> list[Problem]:
+        """Every blob against its row (re-hashed with ``rehash``, else only found), the
+        rows no owner holds, and the files in ``blobs/`` that no row names."""
+        problems: list[Problem] = []
+        rows = set()
+        for info in self.walk():
+            rows.add(info.digest)
+            try:
+                if rehash:
+                    self.verify(info.digest)
+                elif not self.blob_path(info.digest).is_file():
+                    raise NotFound(f"content {info.digest} is recorded but its blob is missing")
+            except BlobCorrupt as exc:
+                problems.append(Problem(ProblemKind.CORRUPT, info.digest, exc.message))
+            except NotFound as exc:
+                problems.append(Problem(ProblemKind.MISSING, info.digest, exc.message))
+        for digest in self.unheld():
+            rows.add(digest)
+            problems.append(Problem(ProblemKind.UNHELD, digest,
+                                    f"content {digest}: no owner holds a reference to it"))
+        for name in sorted(os.listdir(self.blobs_dir)):
+            if f"{SHA256}:{name}" not in rows:
+                what = ("temporary file left by a crash" if name.startswith(_TMP_PREFIXES)
+                        else "blob file that no metadata row names")
+                problems.append(Problem(ProblemKind.ORPHAN, str(self.blobs_dir / name), what))
+        return problems
+
     def add(
         self,
         data: bytes | IO[bytes],
@@ -648,6 +671,15 @@ class LocalContentStore(ScopedViews):
         with self._lock:
             self._writers[ref] = w
         return w
+
+    def follow(self, ref: str) -> BinaryIO:
+        """A reader on ingest ``ref``'s data file as it grows: its descriptor stays
+        valid when the commit renames the file into ``blobs/``."""
+        _validate_ref(ref)
+        try:
+            return open(self._ingest_path(ref) / "data", "rb", buffering=0)
+        except FileNotFoundError:
+            raise NotFound(f"ingest {ref} not found") from None
 
     def _check_expected(self, expected: str) -> None:
         """AlreadyExists when the acting owner holds ``expected``. The CLI's view

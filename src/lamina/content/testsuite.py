@@ -7,7 +7,8 @@ store; the case closes the store it made. A test module runs them all::
     def test_conformance(case, tmp_path):
         case(lambda: LocalContentStore(tmp_path / "content"))
 
-The cases use only the protocol (plus :func:`~lamina.content.write_blob`),
+The cases use only the protocol (plus :func:`~lamina.content.write_blob` and
+:func:`~lamina.content.set_labels`),
 so a remote client is held to exactly the same behaviour.
 """
 
@@ -21,7 +22,7 @@ import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 
-from lamina.content import ContentStore, Info, sha256_digest, write_blob
+from lamina.content import ContentStore, Info, set_labels, sha256_digest, write_blob
 from lamina.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -268,6 +269,20 @@ def case_labels_update(factory: StoreFactory) -> None:
         _raises(InvalidArgument, lambda: w.commit(1, "", labels={"k" * 4000: "v" * 97}))
         w.commit(1, "", labels={"k" * 4000: "v" * 96})  # exactly 4096 is fine
         w.close()
+
+
+@case
+def case_set_labels(factory: StoreFactory) -> None:
+    """set_labels merges: the labels named change, the others stay; an empty value
+    deletes; labels that have their value already are not written again."""
+    with _store(factory) as s:
+        digest = write_blob(s, "r", b"merge", labels={"keep": "1", "old": "x"})
+        info = set_labels(s, digest, {"new": "2", "old": ""})
+        assert dict(info.labels) == {"keep": "1", "new": "2"}
+        assert dict(s.info(digest).labels) == {"keep": "1", "new": "2"}
+        time.sleep(0.01)
+        again = set_labels(s, digest, {"new": "2", "gone": ""})
+        assert again.updated == info.updated and dict(again.labels) == dict(info.labels)
 
 
 @case

@@ -3,7 +3,7 @@
 What :func:`check` looks at:
 
 * **content** — every committed blob is re-hashed
-  (:meth:`LocalContentStore.verify`): a blob whose bytes no longer match its
+  (:meth:`lamina.content.Checker.check`): a blob whose bytes no longer match its
   digest is *corrupt*, a row whose file is gone is *missing*; files in the
   blob directory that no row names are *orphans*; a row no owner holds a
   reference to is *unheld* (:mod:`lamina.owners`);
@@ -39,12 +39,12 @@ from __future__ import annotations
 import contextlib
 import enum
 import itertools
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from lamina.archive import mtree
-from lamina.content.local import BlobCorrupt, LocalContentStore
+from lamina.content import Checker as ContentChecker
+from lamina.content import ProblemKind as ContentProblemKind
 from lamina.errors import FailedPrecondition, LaminaError, NotFound
 from lamina.fs.files import locked
 from lamina.labels import LAYER_MTREE
@@ -62,8 +62,6 @@ from lamina.snapshots import (
 )
 
 __all__ = ["CheckReport", "Problem", "ProblemType", "check"]
-
-_TMP_PREFIXES = (".tmp-", ".del-")
 
 
 class ProblemType(enum.StrEnum):
@@ -127,37 +125,24 @@ class CheckReport:
         }
 
 
-def _local_content(root: Root) -> LocalContentStore:
+_CONTENT_TYPES = {
+    ContentProblemKind.CORRUPT: ProblemType.CONTENT_CORRUPT,
+    ContentProblemKind.MISSING: ProblemType.CONTENT_MISSING,
+    ContentProblemKind.ORPHAN: ProblemType.CONTENT_ORPHAN,
+    ContentProblemKind.UNHELD: ProblemType.CONTENT_UNHELD,
+}
+
+
+def _content_checker(root: Root) -> ContentChecker:
     store = root.content()
-    if not isinstance(store, LocalContentStore):  # pragma: no cover - roots are local
-        raise FailedPrecondition("check needs the local content store")
+    if not isinstance(store, ContentChecker):  # pragma: no cover - roots' stores check
+        raise FailedPrecondition("check needs a content store that can check itself")
     return store
 
 
-def _check_content(store: LocalContentStore, *, rehash: bool) -> list[Problem]:
-    problems: list[Problem] = []
-    rows = set()
-    for info in store.walk():
-        rows.add(info.digest)
-        try:
-            if rehash:
-                store.verify(info.digest)
-            elif not store.blob_path(info.digest).is_file():
-                raise NotFound(f"content {info.digest} is recorded but its blob is missing")
-        except BlobCorrupt as exc:
-            problems.append(Problem(ProblemType.CONTENT_CORRUPT, info.digest, exc.message))
-        except NotFound as exc:
-            problems.append(Problem(ProblemType.CONTENT_MISSING, info.digest, exc.message))
-    for digest in store.unheld():
-        rows.add(digest)
-        problems.append(Problem(ProblemType.CONTENT_UNHELD, digest,
-                                f"content {digest}: no owner holds a reference to it"))
-    for name in sorted(os.listdir(store.blobs_dir)):
-        if f"sha256:{name}" not in rows:
-            what = ("temporary file left by a crash" if name.startswith(_TMP_PREFIXES)
-                    else "blob file that no metadata row names")
-            problems.append(Problem(ProblemType.CONTENT_ORPHAN, str(store.blobs_dir / name), what))
-    return problems
+def _check_content(store: ContentChecker, *, rehash: bool) -> list[Problem]:
+    return [Problem(_CONTENT_TYPES[p.kind], p.subject, p.message)
+            for p in store.check(rehash=rehash)]
 
 
 def _check_snapshots(root: Root) -> list[Problem]:
@@ -212,10 +197,11 @@ def _compare_layer(sn: Snapshotter, key: str, recorded: Any) -> str:
     return "changed since it was unpacked: " + "; ".join(shown) + tail
 
 
-def _image_problems(root: Root, store: LocalContentStore) -> dict[str, list[Problem]]:
-    """Per image name, the content it needs but the store lacks."""
+def _image_problems(root: Root, lost: set[str]) -> dict[str, list[Problem]]:
+    """Per image name, the content it needs but the store lacks (``lost``: blobs
+    recorded whose bytes are gone)."""
     listed = root.images().list()
-    present = {info.digest: info for info in store.walk()}
+    present = {info.digest: info for info in root.content().walk()}
     out: dict[str, list[Problem]] = {}
     for image in listed:
         missing: list[str] = []
@@ -227,7 +213,7 @@ def _image_problems(root: Root, store: LocalContentStore) -> dict[str, list[Prob
                 continue
             seen.add(digest)
             info = present.get(digest)
-            if info is None or not store.blob_path(digest).is_file():
+            if info is None or digest in lost:
                 missing.append(digest)
                 continue
             stack.extend(ident for kind, ident in label_edges(info.labels)
@@ -262,12 +248,13 @@ def _check_containers(root: Root) -> list[Problem]:
 
 def _scan(root: Root, *, deep: bool,
           rehash: bool) -> tuple[list[Problem], dict[str, list[Problem]]]:
-    store = _local_content(root)
+    store = _content_checker(root)
     problems = _check_content(store, rehash=rehash)
+    lost = {p.subject for p in problems if p.kind is ProblemType.CONTENT_MISSING}
     problems += _check_snapshots(root)
     if deep:
         problems += _check_layers(root)
-    images = _image_problems(root, store)
+    images = _image_problems(root, lost)
     for name in sorted(images):
         problems += images[name]
     problems += _check_containers(root)
@@ -321,11 +308,11 @@ def check(root: Root, *, repair: bool = False, deep: bool = False,
         return report
     # Under the gc lock: a collection must not sweep while rows and files move.
     with locked(root.path / "locks" / "gc"):
-        store = _local_content(root)
+        store = _content_checker(root)
         for p in problems:
             if p.kind is ProblemType.CONTENT_CORRUPT:
                 with contextlib.suppress(NotFound):
-                    store.delete(p.subject)
+                    root.content().delete(p.subject)
                     report.repaired.append(f"deleted corrupt blob {p.subject}")
         report.repaired += [f"unmounted stale temporary mount {t}"
                             for t in cleanup_temp_mounts(root.tmpmounts)]
