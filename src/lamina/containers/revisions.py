@@ -44,7 +44,6 @@ from lamina.labels import (
 from lamina.metadata.containers import Container
 from lamina.metadata.root import Root
 from lamina.mounts.mount import Mount
-from lamina.snapshots import Snapshotter
 
 __all__ = [
     "Revision",
@@ -77,7 +76,7 @@ class Revisions:
         self.store = root.containers()
 
     @property
-    def sn(self) -> Snapshotter:
+    def sn(self) -> Any:
         return self.images.snapshots
 
     # -- records -------------------------------------------------------------
@@ -130,7 +129,8 @@ class Revisions:
 
     def mounts(self, container: Container) -> builtins.list[Mount]:
         """The mounts of the container's current revision."""
-        return self.sn.mounts(container.snapshot_key)
+        mounts: builtins.list[Mount] = self.sn.mounts(container.snapshot_key)
+        return mounts
 
     # -- revisions -----------------------------------------------------------
     def revisions(self, cid: str) -> builtins.list[Revision]:
