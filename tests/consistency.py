@@ -252,7 +252,7 @@ def _content_problems(store: LocalContentStore, *, allow_ingests: bool) -> list[
 
 
 def _image_problems(r: Root, store: LocalContentStore, *, resolve: bool) -> list[str]:
-    from lamina.images.resolve import manifest_for
+    from lamina.images.graph import manifest_for
     from lamina.metadata.images import ImageStore
 
     out: list[str] = []

@@ -13,11 +13,11 @@ from containerd_peer import private_containerd, require_containerd
 from registry_peer import Registry as Peer
 from registry_peer import running_registry, skopeo_push
 
+from lamina.images.pull import pull
+from lamina.images.push import push
 from lamina.images.service import ImageService
 from lamina.metadata.root import Root
 from lamina.oci.identity import chain_id
-from lamina.remotes.pull import pull
-from lamina.remotes.push import push
 from lamina.remotes.registry import Registry
 
 

@@ -18,12 +18,12 @@ import pytest
 from bad_registry import MT_CONFIG, MT_INDEX, MT_MANIFEST, Handler, State, serving, sha
 
 from lamina.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from lamina.images.fetch import ingest_ref
+from lamina.images.pull import PullResult, pull
 from lamina.metadata.check import check
 from lamina.metadata.images import ImageStore
 from lamina.metadata.root import Root
 from lamina.remotes.auth import Unauthorized
-from lamina.remotes.fetcher import ingest_ref
-from lamina.remotes.pull import PullResult, pull
 from lamina.remotes.registry import Registry
 from lamina.remotes.session import RetryPolicy
 from lamina.remotes.transport import Transport, TransportError

@@ -47,13 +47,13 @@ from bad_registry import (
 )
 
 from lamina.errors import FailedPrecondition, InvalidArgument, LaminaError, Unavailable
+from lamina.images.pull import pull
+from lamina.images.push import push
 from lamina.metadata.check import check
 from lamina.metadata.images import ImageStore
 from lamina.metadata.root import Root
 from lamina.remotes.auth import Authorizer, Credentials, DockerConfig, Unauthorized
 from lamina.remotes.hosts import Endpoint
-from lamina.remotes.pull import pull
-from lamina.remotes.push import push
 from lamina.remotes.reference import parse_reference
 from lamina.remotes.referrers import list_referrers
 from lamina.remotes.registry import Registry

@@ -19,10 +19,10 @@ from registry_peer import Registry as Peer
 from registry_peer import running_registry, skopeo_push
 
 from lamina.errors import NotFound
+from lamina.images.pull import pull
 from lamina.images.service import ImageService
 from lamina.labels import DISTRIBUTION_SOURCE
 from lamina.metadata.root import Root
-from lamina.remotes.pull import pull
 from lamina.remotes.registry import Registry
 
 

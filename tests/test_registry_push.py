@@ -13,11 +13,12 @@ import pytest
 from registry_peer import Registry as Peer
 from registry_peer import http_get, running_registry, skopeo_push
 
+from lamina.images.names import tag
+from lamina.images.pull import pull
+from lamina.images.push import push
 from lamina.images.service import ImageService
 from lamina.metadata.images import ImageStore
 from lamina.metadata.root import Root
-from lamina.remotes.pull import pull
-from lamina.remotes.push import push, tag
 from lamina.remotes.registry import Registry
 
 

@@ -15,12 +15,13 @@ from bad_registry import State, serving
 from registry_peer import Registry as Peer
 from registry_peer import http_get, running_registry
 
-from lamina.images.importer import label_references, put_document
+from lamina.images.graph import label_references
+from lamina.images.importer import put_document
+from lamina.images.push import push
 from lamina.images.service import ImageService
 from lamina.metadata.images import Image, ImageStore
 from lamina.metadata.root import Root
 from lamina.oci.types import Descriptor, MediaType
-from lamina.remotes.push import push
 from lamina.remotes.reference import parse_reference
 from lamina.remotes.referrers import list_referrers, referrers_tag
 from lamina.remotes.registry import Registry

@@ -14,10 +14,10 @@ from registry_peer import Registry as Peer
 from registry_peer import running_registry
 
 from lamina.errors import NotFound, Unavailable
+from lamina.images.pull import pull
+from lamina.images.push import push
 from lamina.images.service import ImageService
 from lamina.metadata.root import Root
-from lamina.remotes.pull import pull
-from lamina.remotes.push import push
 from lamina.remotes.registry import Registry
 
 

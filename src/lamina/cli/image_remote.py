@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from lamina.cli.app import App
 from lamina.cli.common import add_max_layer_size, add_sync, max_layer_size, sync_layers
+from lamina.images.service import ImageService
 from lamina.remotes.hosts import CONTAINERD_HOSTS_DIR, LAMINA_HOSTS_DIR
 from lamina.util.progress import Progress, for_cli
 
@@ -48,19 +49,26 @@ def _progress(args: argparse.Namespace) -> Progress:
     return for_cli(json_lines=args.json_progress)
 
 
+def _images(app: App, progress: Progress, unpacking: argparse.Namespace | None = None,
+            ) -> ImageService:
+    """The image service; ``unpacking``: the arguments of a command that unpacks."""
+    if unpacking is None:
+        return ImageService(app.store_root, snapshotter=app.snapshotter, progress=progress)
+    return ImageService(app.store_root, snapshotter=app.snapshotter, progress=progress,
+                        max_layer_size=max_layer_size(unpacking), sync=sync_layers(unpacking))
+
+
 def _pull(args: argparse.Namespace, app: App) -> int:
-    from lamina.remotes.pull import pull
     from lamina.remotes.reference import parse_reference
 
     domain = parse_reference(args.ref).domain
     progress = _progress(args)
     try:
         with open_registry(args, domain) as registry:
-            result = pull(registry, args.ref, root=app.store_root, snapshotter=app.snapshotter,
-                          platforms=args.platform or (), all_platforms=args.all_platforms,
-                          unpack=not args.no_unpack, concurrency=args.concurrency,
-                          progress=progress, max_layer_size=max_layer_size(args),
-                          sync=sync_layers(args))
+            result = _images(app, progress, args).pull(
+                registry, args.ref, platforms=args.platform or (),
+                all_platforms=args.all_platforms, unpack=not args.no_unpack,
+                concurrency=args.concurrency)
     finally:
         progress.close()
     if not args.json_progress:
@@ -71,7 +79,6 @@ def _pull(args: argparse.Namespace, app: App) -> int:
 
 
 def _push(args: argparse.Namespace, app: App) -> int:
-    from lamina.remotes.push import push
     from lamina.remotes.reference import parse_reference
 
     remote = args.remote or args.ref
@@ -79,8 +86,9 @@ def _push(args: argparse.Namespace, app: App) -> int:
     progress = _progress(args)
     try:
         with open_registry(args, domain) as registry:
-            result = push(registry, args.ref, remote, root=app.store_root, progress=progress,
-                          concurrency=args.concurrency, referrers=not args.no_referrers)
+            result = _images(app, progress).push(
+                registry, args.ref, remote, concurrency=args.concurrency,
+                referrers=not args.no_referrers)
     finally:
         progress.close()
     if not args.json_progress:
@@ -112,9 +120,7 @@ def _referrers(args: argparse.Namespace, app: App) -> int:
 
 
 def _tag(args: argparse.Namespace, app: App) -> int:
-    from lamina.remotes.push import tag
-
-    image = tag(app.store_root, args.source, args.target)
+    image = _images(app, Progress()).tag(args.source, args.target)
     print(f"{image.name}\t{image.target.digest}")
     return 0
 

@@ -64,8 +64,8 @@ from lamina.errors import (
     NotFound,
 )
 from lamina.fs.files import remove_tree, sync_filesystem
-from lamina.images.importer import label_references, put_document
-from lamina.images.resolve import read_blob
+from lamina.images.graph import label_references, read_document
+from lamina.images.importer import put_document
 from lamina.images.service import ImageService
 from lamina.labels import CHECKPOINT, RESTORED_FROM_ANNOTATION
 from lamina.metadata.containers import Container
@@ -428,8 +428,8 @@ class Checkpoints:
         if image.target.media_type != MediaType.OCI_INDEX:
             raise InvalidArgument(f"image {ref!r} is not a checkpoint (target is "
                                   f"{image.target.media_type})")
-        raw = json.loads(read_blob(self.content, image.target))
-        index = Index.parse(read_blob(self.content, image.target))
+        raw = json.loads(read_document(self.content, image.target))
+        index = Index.parse(read_document(self.content, image.target))
         by_type: dict[str, list[Descriptor]] = {}
         for d in index.manifests:
             by_type.setdefault(d.media_type, []).append(d)
@@ -438,7 +438,7 @@ class Checkpoints:
         if len(criu) != 1 or len(cfg) != 1:
             raise InvalidArgument(f"image {ref!r} is not a checkpoint: it needs one CRIU "
                                   "blob and one checkpoint config")
-        config = json.loads(read_blob(self.content, cfg[0]))
+        config = json.loads(read_document(self.content, cfg[0]))
         if not isinstance(config, dict):
             raise InvalidArgument(f"{ref}: checkpoint config is not an object")
         rw = by_type.get(MediaType.CHECKPOINT_RW, [])

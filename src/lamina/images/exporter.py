@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING
 
-from lamina.images.resolve import walk_descriptors
+from lamina.images.graph import walk_descriptors
 from lamina.metadata.images import Image
 from lamina.oci.types import Descriptor, MediaType
 from lamina.util.progress import Progress

@@ -5,8 +5,10 @@ on commit. Documents (index.json, manifest.json) are small and read whole.
 Images are registered under ``io.containerd.image.name`` or
 ``org.opencontainers.image.ref.name``; docker tags are normalised as
 containerd does (``busybox`` → ``docker.io/library/busybox:latest``). Blobs
-get containerd's GC reference labels (``containerd.io/gc.ref.content.*``) so
-everything an image needs is reachable from it.
+get containerd's GC reference labels (``containerd.io/gc.ref.content.*``,
+:func:`lamina.images.graph.label_references`) so everything an image needs
+is reachable from it. Documents are bounded as every walk's are
+(:data:`lamina.oci.limits.MAX_DOCUMENT`).
 """
 
 from __future__ import annotations
@@ -24,15 +26,12 @@ from typing import IO, TYPE_CHECKING, Any
 
 from lamina.content import write_blob
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
-from lamina.images.resolve import MAX_DOCUMENT, read_blob
-from lamina.labels import GC_REF_CONTENT
+from lamina.images.graph import label_references
 from lamina.metadata.images import Image, ImageStore
+from lamina.oci.limits import MAX_DOCUMENT
 from lamina.oci.types import (
-    INDEX_TYPES,
-    MANIFEST_TYPES,
     Descriptor,
     Index,
-    Manifest,
     MediaType,
     parse_json,
 )
@@ -42,9 +41,7 @@ from lamina.util.progress import Progress
 if TYPE_CHECKING:
     from lamina.content import ContentStore
 
-__all__ = [
-    "import_images", "label_references", "normalize_name", "put_document",
-]
+__all__ = ["import_images", "normalize_name", "put_document"]
 
 _CHUNK = 1 << 20
 _DOCUMENTS = {"index.json", "oci-layout", "manifest.json", "repositories"}
@@ -176,39 +173,6 @@ def _scan_dir(root: Path, content: ContentStore, progress: Progress) -> _Found:
             found.blobs[rel] = (digest, p.stat().st_size)
             crash.point("import.blob-stored")
     return found
-
-
-def _set_labels(content: ContentStore, digest: str, labels: dict[str, str]) -> None:
-    info = content.info(digest)
-    if all(info.labels.get(k) == v for k, v in labels.items()):
-        return
-    merged = {**info.labels, **labels}
-    content.update(type(info)(**{**info.__dict__, "labels": merged}),
-                   *(f"labels.{k}" for k in labels))
-
-
-def label_references(content: ContentStore, target: Descriptor) -> None:
-    """Write containerd's GC reference labels from ``target`` down to every layer."""
-    stack = [target]
-    seen: set[str] = set()
-    while stack:
-        desc = stack.pop()
-        if desc.digest in seen:
-            continue
-        seen.add(desc.digest)
-        if desc.media_type in INDEX_TYPES:
-            index = Index.parse(read_blob(content, desc))
-            _set_labels(content, desc.digest, {
-                f"{GC_REF_CONTENT}.m.{i}": m.digest for i, m in enumerate(index.manifests)
-            })
-            stack.extend(index.manifests)
-        elif desc.media_type in MANIFEST_TYPES:
-            m = Manifest.parse(read_blob(content, desc), desc.media_type)
-            labels = {f"{GC_REF_CONTENT}.config": m.config.digest}
-            labels.update(
-                {f"{GC_REF_CONTENT}.l.{i}": layer.digest for i, layer in enumerate(m.layers)}
-            )
-            _set_labels(content, desc.digest, labels)
 
 
 def _oci_images(found: _Found, content: ContentStore, index_name: str | None) -> list[Image]:

@@ -1,24 +1,31 @@
-"""Image operations on one lamina root: import, unpack, mount, export, remove.
+"""Image operations on one lamina root: import, export, pull, push, tag, unpack,
+mount, remove.
 
 This is the library face the CLI (and containers) use; each operation is a
-few calls into the content store, the image store and a snapshotter.
+few calls into the content store, the image store and a snapshotter, or, for
+pull and push, the protocol layer below (:mod:`lamina.remotes`): a resolver,
+fetches and uploads. Every walk over an image's descriptors is
+:mod:`lamina.images.graph`'s, and every unpack is built by
+:func:`lamina.images.unpack.unpacker_for`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from lamina.archive.limits import DEFAULT_MAX_LAYER_SIZE
 from lamina.errors import NotFound
+from lamina.images import names
 from lamina.images.exporter import export_images
+from lamina.images.graph import manifest_for
 from lamina.images.importer import import_images
-from lamina.images.resolve import manifest_for
-from lamina.images.unpack import Unpacker, UnpackResult
+from lamina.images.pull import PullResult, pull
+from lamina.images.push import PushResult, push
+from lamina.images.unpack import UnpackResult, unpacker_for
 from lamina.labels import GC_REF_SNAPSHOT
 from lamina.metadata.images import Image
 from lamina.metadata.leases import LeasedContent
@@ -27,6 +34,9 @@ from lamina.mounts.mount import mount_all, unmount_all
 from lamina.oci.types import ImageConfig, Manifest
 from lamina.snapshots import Snapshotter
 from lamina.util.progress import Progress
+
+if TYPE_CHECKING:
+    from lamina.remotes.registry import Registry
 
 __all__ = ["ImageService"]
 
@@ -105,14 +115,10 @@ class ImageService:
         manifest, config = self.resolve(name)
         leases = self.root.leases()
         with leases.held(purpose="unpack") as lease:
-            unpacker = Unpacker(
-                self.content, self.snapshots, snapshotter_name=self.snapshotter_name,
-                locks_dir=self.root.path / "locks", tmpmounts=self.root.tmpmounts,
-                progress=self.progress,
-                hold=functools.partial(leases.add_resource, lease.id,
-                                       f"snapshot:{self.snapshotter_name}"),
-                max_layer_size=self.max_layer_size, sync=self.sync,
-            )
+            unpacker = unpacker_for(
+                self.root, self.content, snapshotter=self.snapshotter_name,
+                snapshots=self.snapshots, lease=lease.id, progress=self.progress,
+                max_layer_size=self.max_layer_size, sync=self.sync)
             return unpacker.unpack(manifest, config)
 
     def chain_id(self, name: str) -> str:
@@ -158,6 +164,28 @@ class ImageService:
     def export(self, names: Sequence[str], out: str | os.PathLike[str] | IO[bytes]) -> None:
         export_images([self.images.get(n) for n in names], out, content=self.content,
                       progress=self.progress)
+
+    def pull(self, registry: Registry, reference: str, *, platforms: Sequence[str] = (),
+             all_platforms: bool = False, unpack: bool = True,
+             concurrency: int = 3) -> PullResult:
+        """Pull ``reference`` from ``registry``, unpacking it while it downloads
+        (see :mod:`lamina.images.pull`)."""
+        return pull(registry, reference, root=self.root, snapshotter=self.snapshotter_name,
+                    snapshots=self._snapshots, platforms=platforms,
+                    all_platforms=all_platforms, unpack=unpack, concurrency=concurrency,
+                    progress=self.progress, max_layer_size=self.max_layer_size,
+                    sync=self.sync)
+
+    def push(self, registry: Registry, local: str, remote: str | None = None, *,
+             concurrency: int = 3, chunk_size: int = 0, referrers: bool = True) -> PushResult:
+        """Push image ``local`` to ``remote`` (default: its own name) on ``registry``
+        (see :mod:`lamina.images.push`)."""
+        return push(registry, local, remote, root=self.root, progress=self.progress,
+                    concurrency=concurrency, chunk_size=chunk_size, referrers=referrers)
+
+    def tag(self, source: str, target: str) -> Image:
+        """Name image ``source`` also as ``target`` (normalised); returns the new image."""
+        return names.tag(self.root, source, target)
 
     def remove(self, name: str) -> None:
         self.images.delete(name)

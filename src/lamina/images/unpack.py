@@ -33,6 +33,7 @@ it already, and then the layer is extracted again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import secrets
@@ -49,7 +50,7 @@ from lamina.archive import limits, mtree
 from lamina.archive.apply import AppliedLayer, NeedsLowerLayers, apply_layer
 from lamina.archive.compression import size_hint, too_large
 from lamina.archive.whiteout import OVERLAY_XATTR_PREFIX, drop_needless_whiteouts
-from lamina.content import write_blob
+from lamina.content import set_labels, write_blob
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from lamina.fs.files import locked, sync_filesystem
 from lamina.labels import GC_REF_SNAPSHOT, LAYER_MTREE, SNAPSHOT_REF, UNCOMPRESSED
@@ -62,8 +63,9 @@ from lamina.util.progress import Progress
 
 if TYPE_CHECKING:
     from lamina.content import ContentStore
+    from lamina.metadata.root import Root
 
-__all__ = ["UnpackResult", "Unpacker"]
+__all__ = ["UnpackResult", "Unpacker", "unpacker_for"]
 
 #: Layers a staged unpack extracts ahead of the one it commits next: each holds
 #: its lock (a descriptor) and a staging directory until committed, so an image
@@ -265,21 +267,11 @@ class Unpacker:
                             reused=len(chains) - extracted)
 
     def _label_layer(self, manifest: Manifest, config: ImageConfig, i: int) -> None:
-        info = self.content.info(manifest.layers[i].digest)
-        if info.labels.get(UNCOMPRESSED) != config.diff_ids[i]:
-            labels = {**info.labels, UNCOMPRESSED: config.diff_ids[i]}
-            self.content.update(
-                type(info)(**{**info.__dict__, "labels": labels}),
-                f"labels.{UNCOMPRESSED}",
-            )
+        set_labels(self.content, manifest.layers[i].digest,
+                   {UNCOMPRESSED: config.diff_ids[i]})
 
     def _label_config(self, manifest: Manifest, top: str) -> None:
-        info = self.content.info(manifest.config.digest)
-        key = GC_REF_SNAPSHOT + self.name
-        if info.labels.get(key) != top:
-            labels = {**info.labels, key: top}
-            self.content.update(type(info)(**{**info.__dict__, "labels": labels}),
-                                f"labels.{key}")
+        set_labels(self.content, manifest.config.digest, {GC_REF_SNAPSHOT + self.name: top})
 
     def _extract_mounted(self, manifest: Manifest, config: ImageConfig, chains: list[str],
                          i: int) -> None:
@@ -420,3 +412,21 @@ class Unpacker:
             for stack in stacks.values():
                 stack.close()
         return extracted
+
+
+def unpacker_for(root: Root, content: ContentStore, *, snapshotter: str, lease: str,
+                 snapshots: Snapshotter | None = None, progress: Progress | None = None,
+                 parallel: int = 0, open_layer: Callable[[Descriptor], IO[bytes]] | None = None,
+                 max_layer_size: int = limits.DEFAULT_MAX_LAYER_SIZE,
+                 sync: bool = True) -> Unpacker:
+    """The unpacker of ``root``'s snapshotter ``snapshotter`` (``snapshots``, when the
+    caller has it open already) reading ``content``, every snapshot it relies on held
+    by lease ``lease``: the one way the image operations (unpack, pull) build one."""
+    leases = root.leases()
+    return Unpacker(
+        content, snapshots if snapshots is not None else root.snapshotter(snapshotter),
+        snapshotter_name=snapshotter, locks_dir=root.path / "locks",
+        tmpmounts=root.tmpmounts, progress=progress, parallel=parallel,
+        hold=functools.partial(leases.add_resource, lease, f"snapshot:{snapshotter}"),
+        open_layer=open_layer, max_layer_size=max_layer_size, sync=sync,
+    )

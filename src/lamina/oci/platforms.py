@@ -18,10 +18,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lamina.errors import NotFound
+from lamina.errors import InvalidArgument, NotFound
 from lamina.oci.types import INDEX_TYPES, MANIFEST_TYPES, Descriptor
 
-__all__ = ["matches", "select_children"]
+__all__ = ["matches", "parse_platform", "select_children"]
+
+
+def parse_platform(text: str) -> dict[str, str]:
+    """``os/arch[/variant]`` (``linux/arm64/v8``) as an OCI platform object."""
+    parts = text.split("/")
+    if not 2 <= len(parts) <= 3 or not all(parts):
+        raise InvalidArgument(f"invalid platform {text!r}: want os/arch[/variant]")
+    out = {"os": parts[0], "architecture": parts[1]}
+    if len(parts) == 3:
+        out["variant"] = parts[2]
+    return out
 
 
 def matches(platform: Mapping[str, Any] | None, want: Mapping[str, str]) -> bool:

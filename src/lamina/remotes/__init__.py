@@ -1,4 +1,4 @@
-"""Registries: references, host configuration, transport and auth, pull and push.
+"""Registries: the distribution protocol, and nothing above it.
 
 The layers, from the bottom up (calls go down, never back up):
 
@@ -12,9 +12,15 @@ The layers, from the bottom up (calls go down, never back up):
                 the Bearer-token / Basic challenge flow, per repository scope
 ``session``     one registry conversation: endpoints in order, retries with
                 backoff, re-authentication on 401
-``resolver``    a reference to a descriptor (HEAD, then GET)
-``fetcher``     blobs streamed into the content store: resumable, verified
-``pusher``      blobs and manifests out: existence checks, mounts, uploads
-``pull`` /      the orchestration: what to fetch, in what order, unpacking
-``push``        while downloading, image registration
+``resolver``    a reference to a descriptor (HEAD, then GET), and the small
+                documents (manifests, indexes, configs) behind descriptors
+``fetcher``     a blob as a stream, verified as it is read, from any offset
+                (containerd's ``remotes.Fetcher``)
+``referrers``   OCI 1.1 referrers: the API, or the tag schema's index
+
+Like containerd's ``core/remotes``, this package knows nothing of the content
+store's ingests, the image store or snapshots: pull, push and tag are image
+operations (:mod:`lamina.images.pull`, :mod:`lamina.images.push`,
+:class:`lamina.images.service.ImageService`), which decide where the streams
+go. ``scripts/layering.py`` keeps it so.
 """

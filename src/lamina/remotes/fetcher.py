@@ -1,155 +1,56 @@
-"""Blobs from a registry into the content store: streamed, resumable, verified.
+"""Blobs from a registry, as streams verified while they are read.
 
-:func:`fetch_blob` writes a blob through the ingest ``pull-<digest>``. A pull
-that was killed left that ingest behind; the next one resumes it with
-``Range: bytes=<offset>-`` and accepts only a ``206`` whose ``Content-Range``
-is exactly ``bytes <offset>-<size-1>/<size>`` (or ``/*``). Any other answer is
-asked again without a range, and the first ``offset`` bytes of the full body
-are compared (by digest) with what the ingest holds before the rest is
-appended; a registry whose blob changed under us is an error. A connection
-dropped mid-body resumes the same way, up to the retry policy's attempts.
+:meth:`Fetcher.fetch` returns a :class:`BlobReader` on blob ``desc`` from
+``offset`` on (a caller resuming what it holds asks for the rest only):
 
-Bytes are checked while they stream: never more than the descriptor's size,
-and the digest before the commit. A blob whose bytes do not match is
-aborted (its ingest thrown away), so nothing wrong is ever committed or
-resumed; one that fails for any other reason keeps its ingest for the next
-try.
+* ``Range: bytes=<offset>-`` is asked for, and only a ``206`` whose
+  ``Content-Range`` is exactly ``bytes <offset>-<size-1>/<size>`` (or ``/*``)
+  is taken as the rest. Any other answer is asked again without a range, and
+  the first ``offset`` bytes of the full body are compared (by digest) with
+  what the caller holds before the rest is returned: a registry whose blob
+  changed under the caller is :class:`BlobMismatch`.
+* A ``Content-Length`` other than the bytes due, a body longer than the
+  descriptor's size, a body that ends early: never more than ``size`` bytes
+  are returned, and a connection dropped mid-body is asked again from where
+  it stopped, up to the retry policy's attempts (the session has retried a
+  request that failed outright already).
+* The end of the stream is reported only once the whole blob hashes to the
+  descriptor's digest (:class:`BlobMismatch` otherwise): the digest of what
+  the caller holds (``held``: its first bytes plus all the stream returned;
+  a resumed read cannot hash bytes it never saw), else of what the stream
+  returned from byte 0.
 
-:class:`Transfer` lets a consumer read a blob *while* it downloads: it reads
-the ingest's data file as it grows (its descriptor stays valid when the
-commit renames the file into ``blobs/``) and sees the end only once the blob
-is committed — so what it applied is exactly the verified content, or it
-gets the download's error.
+Where the bytes go (the content store's resumable ingests) is the caller's
+business: see :mod:`lamina.images.fetch`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-from lamina.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+from lamina.errors import FailedPrecondition, NotFound, Unavailable
 from lamina.oci.types import Descriptor
 from lamina.remotes.session import Session
 from lamina.remotes.transport import Response, TransportError
 from lamina.util.progress import Progress
 
-if TYPE_CHECKING:
-    from lamina.content import ContentStore, Writer
-
-__all__ = ["Cancelled", "Transfer", "fetch_blob", "ingest_ref"]
+__all__ = ["CHUNK", "BlobMismatch", "BlobReader", "Cancelled", "Fetcher"]
 
 CHUNK = 1 << 20
 _RANGE = re.compile(r"bytes (\d{1,18})-(\d{1,18})/(\d{1,18}|\*)", re.ASCII)
-LOCK_WAIT = 600.0
 
 
 class Cancelled(Unavailable):
     """The pull this download belongs to failed elsewhere."""
 
 
-def ingest_ref(digest: str) -> str:
-    return f"pull-{digest}"
-
-
-class Transfer:
-    """The state of one blob's download, shared with a consumer (see the module docs)."""
-
-    def __init__(self, desc: Descriptor, data_path: Path | None = None) -> None:
-        self.desc = desc
-        self.data_path = data_path
-        self.offset = 0
-        self.done = False
-        self.error: BaseException | None = None
-        self._cond = threading.Condition()
-
-    def advance(self, offset: int) -> None:
-        with self._cond:
-            self.offset = offset
-            self._cond.notify_all()
-
-    def finish(self, error: BaseException | None = None) -> None:
-        with self._cond:
-            self.done = True
-            self.error = error
-            self._cond.notify_all()
-
-    def wait(self, pos: int, timeout: float = 1.0) -> None:
-        """Until more than ``pos`` bytes are there, or the download ended."""
-        with self._cond:
-            if self.offset <= pos and not self.done:
-                self._cond.wait(timeout)
-
-
-class TailReader:
-    """Reads a blob from its ingest while it downloads; EOF only once it is committed."""
-
-    def __init__(self, transfer: Transfer, cancel: threading.Event) -> None:
-        assert transfer.data_path is not None
-        self._t = transfer
-        self._cancel = cancel
-        self._fd = os.open(transfer.data_path, os.O_RDONLY | os.O_CLOEXEC)
-        self._pos = 0
-
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:
-            n = CHUNK
-        while True:
-            if self._t.error is not None:
-                raise self._t.error
-            if self._cancel.is_set():
-                raise Cancelled("the pull was cancelled")
-            limit = self._t.desc.size - self._pos
-            if limit <= 0:
-                self._t.wait(self._pos)
-                if self._t.done:
-                    if self._t.error is not None:
-                        raise self._t.error
-                    return b""
-                continue
-            data = os.pread(self._fd, min(n, limit), self._pos)
-            if data:
-                self._pos += len(data)
-                return data
-            self._t.wait(self._pos)
-
-    def readinto(self, b: bytearray | memoryview) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-    def readable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-def _open_writer(content: ContentStore, ref: str, desc: Descriptor,
-                 cancel: threading.Event) -> Writer | None:
-    """The ingest's writer, or None when the blob turned up committed meanwhile."""
-    deadline = time.monotonic() + LOCK_WAIT
-    while True:
-        try:
-            return content.writer(ref, total=desc.size, expected=desc.digest)
-        except AlreadyExists:
-            return None
-        except Unavailable:  # another pull holds the ingest: wait for it
-            if time.monotonic() > deadline:
-                raise
-            if cancel.wait(0.2):
-                raise Cancelled("the pull was cancelled") from None
-            with contextlib.suppress(NotFound):
-                content.info(desc.digest)
-                return None
+class BlobMismatch(FailedPrecondition):
+    """The registry's bytes are not the blob's: what the caller holds of it is
+    worth nothing (throw it away rather than resume it)."""
 
 
 def _content_range_ok(resp: Response, offset: int, size: int) -> bool:
@@ -158,127 +59,158 @@ def _content_range_ok(resp: Response, offset: int, size: int) -> bool:
                 and m.group(3) in ("*", str(size)))
 
 
-def _skip_prefix(resp: Response, offset: int, writer: Writer, desc: Descriptor,
-                 content: ContentStore, ref: str) -> None:
-    """Read the first ``offset`` bytes of a full body; they must be what the ingest holds."""
-    h = hashlib.sha256()
-    left = offset
-    while left:
-        chunk = resp.read(min(CHUNK, left))
-        if not chunk:
-            raise TransportError(f"{resp.host}: body ended before the resumed offset")
-        h.update(chunk)
-        left -= len(chunk)
-    if f"sha256:{h.hexdigest()}" != writer.digest():
-        writer.close()
-        with contextlib.suppress(NotFound, Unavailable):
-            content.abort(ref)
-        raise FailedPrecondition(f"{resp.host}: blob {desc.digest} changed between "
-                                 "attempts (its first bytes differ); fetch it again")
+class BlobReader:
+    """One blob's bytes from ``offset`` on (see the module docs); ``read`` returns
+    at most what is left of the blob, ``b""`` once all of it was read and verified."""
 
+    def __init__(self, session: Session, desc: Descriptor, offset: int, *,
+                 held: Callable[[], str] | None, progress: Progress,
+                 cancel: threading.Event) -> None:
+        if offset and held is None:
+            raise ValueError("a read from an offset needs what the caller holds")
+        self.desc = desc
+        self.host = session.namespace
+        self._session = session
+        self._pos = offset
+        self._held = held
+        self._hash = hashlib.sha256() if held is None else None
+        self._progress = progress
+        self._cancel = cancel
+        self._resp: Response | None = None
+        self._use_range = True
+        self._failures = 0
+        self._verified = False
 
-def fetch_blob(session: Session, desc: Descriptor, content: ContentStore, *,
-               labels: Mapping[str, str] | None = None, progress: Progress | None = None,
-               transfer: Transfer | None = None, cancel: threading.Event | None = None,
-               data_path: Callable[[str], Path] | None = None) -> bool:
-    """Download blob ``desc`` into ``content``; False when it was there already.
+    @property
+    def offset(self) -> int:
+        """Bytes of the blob before the next one ``read`` returns."""
+        return self._pos
 
-    ``data_path(ref)`` names the ingest's data file, for a :class:`Transfer`
-    consumer (set on ``transfer.data_path`` once the ingest is open).
-    """
-    progress = progress or Progress()
-    cancel = cancel or threading.Event()
-    transfer = transfer or Transfer(desc)
-    ref = ingest_ref(desc.digest)
-    try:
-        writer = _open_writer(content, ref, desc, cancel)
-        if writer is None:
-            progress.event("fetch", desc.digest, done=desc.size, total=desc.size,
-                           status="exists")
-            transfer.finish()
-            return False
-        try:
-            if data_path is not None:
-                transfer.data_path = data_path(ref)
-            _download(session, desc, content, writer, ref, progress, transfer, cancel, labels)
-        finally:
-            writer.close()
-    except BaseException as exc:
-        transfer.finish(exc)
-        raise
-    transfer.finish()
-    progress.event("fetch", desc.digest, done=desc.size, total=desc.size, status="done")
-    return True
+    def _digest(self) -> str:
+        if self._held is not None:
+            return self._held()
+        assert self._hash is not None
+        return f"sha256:{self._hash.hexdigest()}"
 
-
-def _download(session: Session, desc: Descriptor, content: ContentStore, writer: Writer,
-              ref: str, progress: Progress, transfer: Transfer, cancel: threading.Event,
-              labels: Mapping[str, str] | None) -> None:
-    size = desc.size
-    if writer.offset > size:
-        writer.truncate(0)
-    transfer.advance(writer.offset)
-    suffix = f"/{session.path}/blobs/{desc.digest}"
-    scope = session.scope("pull")
-    failures = 0
-    use_range = True
-    host = session.namespace
-    while writer.offset < size:
-        offset = writer.offset
-        headers = {"Range": f"bytes={offset}-"} if offset and use_range else {}
-        if offset:
-            progress.event("fetch", desc.digest, done=offset, total=size, status="resuming")
-        # (the session has retried a request that failed outright already)
-        _, resp = session.request("pull", "GET", suffix, scope=scope, headers=headers)
-        host = resp.host
-        with resp:
+    def _open(self) -> Response:
+        """The response whose body continues the blob at :attr:`offset`."""
+        size, digest, session = self.desc.size, self.desc.digest, self._session
+        while True:
+            offset = self._pos
+            headers = {"Range": f"bytes={offset}-"} if offset and self._use_range else {}
+            if offset:
+                self._progress.event("fetch", digest, done=offset, total=size,
+                                     status="resuming")
+            _, resp = session.request("pull", "GET", f"/{session.path}/blobs/{digest}",
+                                      scope=session.scope("pull"), headers=headers)
+            self.host = host = resp.host
             if resp.status == 404:
-                raise NotFound(f"{host}: {session.path}: blob {desc.digest} not found")
+                resp.close()
+                raise NotFound(f"{host}: {session.path}: blob {digest} not found")
             if resp.status == 206 and headers and _content_range_ok(resp, offset, size):
                 want = size - offset
             elif resp.status == 206 and headers:
-                use_range = False  # a 206 for some other range: ask for the whole blob
+                resp.close()
+                self._use_range = False  # a 206 for some other range: ask for the whole blob
                 continue
             elif resp.status == 200:
                 want = size
             else:
-                raise Unavailable(f"{host}: blob {desc.digest}: unexpected "
+                resp.close()
+                raise Unavailable(f"{host}: blob {digest}: unexpected "
                                   f"{resp.status} {resp.reason}")
             length = resp.content_length
             if length is not None and length != want:
+                resp.close()
                 raise FailedPrecondition(
-                    f"{host}: blob {desc.digest}: Content-Length {length} where "
+                    f"{host}: blob {digest}: Content-Length {length} where "
                     f"{want} bytes are due (descriptor size {size})")
+            self._resp = resp
+            if resp.status == 200 and offset:
+                self._skip_prefix(resp, offset)
+            return resp
+
+    def _skip_prefix(self, resp: Response, offset: int) -> None:
+        """Read the first ``offset`` bytes of a full body: they must be what the caller holds."""
+        h = hashlib.sha256()
+        left = offset
+        while left:
+            chunk = resp.read(min(CHUNK, left))
+            if not chunk:
+                raise TransportError(f"{resp.host}: body ended before the resumed offset")
+            h.update(chunk)
+            left -= len(chunk)
+        if f"sha256:{h.hexdigest()}" != self._digest():
+            raise BlobMismatch(f"{resp.host}: blob {self.desc.digest} changed between "
+                               "attempts (its first bytes differ); fetch it again")
+
+    def _end(self) -> bytes:
+        """At the blob's size: nothing more may come, and the whole must hash right."""
+        if not self._verified:
+            if self._resp is not None and self._resp.read(1):
+                raise FailedPrecondition(f"{self.host}: blob {self.desc.digest}: more bytes "
+                                         f"than its size {self.desc.size}")
+            self.close()
+            actual = self._digest()
+            if actual != self.desc.digest:
+                raise BlobMismatch(f"{self.host}: blob {self.desc.digest}: the registry sent "
+                                   f"{self.desc.size} bytes hashing to {actual}")
+            self._verified = True
+        return b""
+
+    def read(self, n: int = CHUNK) -> bytes:
+        size = self.desc.size
+        while True:
             try:
-                if resp.status == 200 and offset:
-                    _skip_prefix(resp, offset, writer, desc, content, ref)
-                while writer.offset < size:
-                    if cancel.is_set():
-                        raise Cancelled("the pull was cancelled")
-                    chunk = resp.read(min(CHUNK, size - writer.offset))
-                    if not chunk:
-                        raise TransportError(f"{host}: body ended at {writer.offset} of "
-                                             f"{size} bytes")
-                    writer.write(chunk)
-                    transfer.advance(writer.offset)
-                    progress.event("fetch", desc.digest, done=writer.offset, total=size)
-                if resp.read(1):
-                    raise FailedPrecondition(f"{host}: blob {desc.digest}: more bytes "
-                                             f"than its size {size}")
+                if self._pos >= size:
+                    return self._end()
+                if self._cancel.is_set():
+                    raise Cancelled("the pull was cancelled")
+                resp = self._resp or self._open()
+                chunk = resp.read(min(n if n > 0 else CHUNK, size - self._pos))
+                if not chunk:
+                    raise TransportError(f"{self.host}: body ended at {self._pos} of "
+                                         f"{size} bytes")
             except TransportError as exc:
-                failures += 1
-                if failures >= session.retry.attempts:
-                    detail = exc.message.removeprefix(f"{host}: ")
-                    raise TransportError(f"{host}: blob {desc.digest}: {detail}; gave up "
-                                         f"after {failures} attempts at {writer.offset} of "
-                                         f"{size} bytes") from exc
-                time.sleep(session.retry.delay(failures - 1))
-    actual = writer.digest()
-    if actual != desc.digest:
-        writer.close()
-        with contextlib.suppress(NotFound, Unavailable):
-            content.abort(ref)
-        raise FailedPrecondition(f"{host}: blob {desc.digest}: the registry sent {size} bytes "
-                                 f"hashing to {actual}")
-    with contextlib.suppress(AlreadyExists):
-        writer.commit(size, desc.digest, labels=labels)
+                self.close()
+                self._failures += 1
+                if self._failures >= self._session.retry.attempts:
+                    detail = exc.message.removeprefix(f"{self.host}: ")
+                    raise TransportError(
+                        f"{self.host}: blob {self.desc.digest}: {detail}; gave up after "
+                        f"{self._failures} attempts at {self._pos} of {size} bytes") from exc
+                time.sleep(self._session.retry.delay(self._failures - 1))
+                continue
+            self._pos += len(chunk)
+            if self._hash is not None:
+                self._hash.update(chunk)
+            return chunk
+
+    def close(self) -> None:
+        if self._resp is not None:
+            self._resp.close()
+            self._resp = None
+
+    def __enter__(self) -> BlobReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Fetcher:
+    """Reads blobs of one repository (containerd's ``remotes.Fetcher``)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def fetch(self, desc: Descriptor, *, offset: int = 0, held: Callable[[], str] | None = None,
+              progress: Progress | None = None,
+              cancel: threading.Event | None = None) -> BlobReader:
+        """Blob ``desc`` from byte ``offset`` on, verified as it is read (module docs).
+
+        ``held()``: the digest of the bytes the caller holds (the first ``offset``,
+        and then everything read); needed from an offset. ``cancel`` set: the
+        next read is :class:`Cancelled`."""
+        return BlobReader(self.session, desc, offset, held=held,
+                          progress=progress or Progress(), cancel=cancel or threading.Event())

@@ -6,28 +6,28 @@
    every one with ``all_platforms``). An index's children are chosen *before*
    any is fetched (:mod:`lamina.oci.platforms`: one per wanted platform).
    Children of an index that are not manifests (a checkpoint's blobs) are
-   always fetched. The walk is over a graph: each descriptor is visited once,
-   however often indexes repeat it. Its work is bounded before anything is
-   fetched: indexes nest at most :data:`MAX_DEPTH` deep (InvalidArgument, no
-   real image does), and one pull reaches at most :data:`MAX_DESCRIPTORS`
-   descriptors (each manifest's layer entries all count) and
-   :data:`MAX_DOCUMENT_BYTES` of manifests, indexes and configs
-   (ResourceExhausted: a budget lamina sets, not a malformed document).
+   always fetched. The walk is :func:`lamina.images.graph.walk`: each
+   descriptor is visited once, however often indexes repeat it, and its work
+   is bounded before anything is fetched, by the bounds every walk has
+   (:mod:`lamina.oci.limits`: depth, descriptors, document bytes).
 3. The blobs still missing must fit: their announced sizes (less what
    resumable ingests hold) are compared with the free space of the content
    store's filesystem, keeping :func:`lamina.archive.limits.space_reserve`
    free (ResourceExhausted before any byte is fetched). Then every config
    and layer is downloaded, ``concurrency`` at a time, through the content
-   store's resumable ingests (:mod:`.fetcher`); each download stops at the
+   store's resumable ingests (:mod:`lamina.images.fetch`, reading the
+   verified streams of :mod:`lamina.remotes.fetcher`); each download stops at the
    same reserve (or an ENOSPC/EDQUOT), with ResourceExhausted, and its
    ingest is deleted — resuming it would only fill the same disk. (Network
-   failures keep theirs, to be resumed.)
+   failures keep theirs, to be resumed.) A store that is not local
+   (:class:`~lamina.content.Local`) is not checked for space.
 4. Meanwhile the manifest to unpack (the first of the wanted platforms) is
-   unpacked by :class:`~lamina.images.unpack.Unpacker`, each layer read from
+   unpacked (:func:`lamina.images.unpack.unpacker_for`), each layer read from
    its ingest as it grows: decompression and extraction follow the download
    instead of waiting for it, and a layer's snapshot is committed only once
    its blob is verified and its DiffID checked.
-5. The blobs get containerd's labels (``containerd.io/gc.ref.content.*`` and
+5. The blobs get containerd's labels (``containerd.io/gc.ref.content.*`` from
+   :func:`lamina.images.graph.gc_labels`, and
    ``containerd.io/distribution.source.<registry>=<repository>``) and the
    image is registered under the normalised reference.
 
@@ -42,72 +42,55 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
-import hashlib
 import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from lamina.archive import limits
 from lamina.archive.limits import DEFAULT_MAX_LAYER_SIZE
-from lamina.content import ContentStore
+from lamina.content import ContentStore, Local, set_labels
 from lamina.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from lamina.images import graph
+from lamina.images.fetch import LOCK_WAIT, TailReader, Transfer, fetch_blob, ingest_ref
 from lamina.images.importer import put_document
-from lamina.images.unpack import Unpacker, UnpackResult
-from lamina.labels import DISTRIBUTION_SOURCE, GC_REF_CONTENT
+from lamina.images.unpack import Unpacker, UnpackResult, unpacker_for
+from lamina.labels import DISTRIBUTION_SOURCE
 from lamina.metadata.images import Image
-from lamina.metadata.leases import LeasedContent, LeaseManager
+from lamina.metadata.leases import LeasedContent
 from lamina.metadata.root import Root
-from lamina.oci.platforms import matches, select_children
+from lamina.oci.limits import MAX_DOCUMENT
+from lamina.oci.platforms import matches, parse_platform
 from lamina.oci.types import (
     CONFIG_TYPES,
-    INDEX_TYPES,
     MANIFEST_TYPES,
     Descriptor,
     ImageConfig,
-    Index,
     Manifest,
     host_platform,
 )
-from lamina.remotes.fetcher import (
-    LOCK_WAIT,
-    Cancelled,
-    TailReader,
-    Transfer,
-    fetch_blob,
-    ingest_ref,
-)
+from lamina.remotes.fetcher import Cancelled, Fetcher
 from lamina.remotes.reference import Reference, parse_reference
 from lamina.remotes.registry import Registry
-from lamina.remotes.resolver import MAX_MANIFEST, fetch_document, resolve
+from lamina.remotes.resolver import fetch_document, resolve
 from lamina.remotes.session import Session
+from lamina.snapshots import Snapshotter
 from lamina.util.progress import Progress
 
-__all__ = ["MAX_DEPTH", "MAX_DESCRIPTORS", "MAX_DOCUMENT_BYTES", "PullResult", "parse_platform",
-           "pull"]
-
-MAX_DEPTH = 8
-#: Distinct descriptors (and manifest layer entries) one pull may reach.
-MAX_DESCRIPTORS = 10_000
-#: Bytes of manifests, indexes and configs one pull may fetch, in all.
-MAX_DOCUMENT_BYTES = 64 << 20
+__all__ = ["PullResult", "pull", "with_source"]
 
 
-def parse_platform(text: str) -> dict[str, str]:
-    """``os/arch[/variant]`` (``linux/arm64/v8``) as an OCI platform object."""
-    parts = text.split("/")
-    if not 2 <= len(parts) <= 3 or not all(parts):
-        raise InvalidArgument(f"invalid platform {text!r}: want os/arch[/variant]")
-    out = {"os": parts[0], "architecture": parts[1]}
-    if len(parts) == 3:
-        out["variant"] = parts[2]
-    return out
+def with_source(labels: Mapping[str, str], ref: Reference) -> dict[str, str]:
+    """The distribution source label that names ``ref``'s repository too (containerd's
+    ``distribution.source.<registry>``: repositories comma-separated), or nothing
+    when ``labels`` name it already."""
+    key = DISTRIBUTION_SOURCE + ref.domain
+    repos = [r for r in labels.get(key, "").split(",") if r]
+    return {} if ref.path in repos else {key: ",".join([*repos, ref.path])}
 
 
 @dataclass
@@ -160,28 +143,25 @@ class _Puller:
                  store: ContentStore, progress: Progress, *, platforms: list[dict[str, str]],
                  all_platforms: bool, concurrency: int) -> None:
         self.session = session
+        self.fetcher = Fetcher(session)
         self.ref = ref
         self.content = content
-        self.store = store
+        self.local = store if isinstance(store, Local) else None
         self.progress = progress
         self.platforms = platforms
         self.all_platforms = all_platforms
         self.concurrency = max(1, concurrency)
         self.plan = _Plan()
-        self.seen: set[str] = set()  # every descriptor the walk reached
-        self.walked = 0  # what it charged to MAX_DESCRIPTORS
-        self.document_bytes = 0
         self.cancel = threading.Event()
         self.transfers: dict[str, Transfer] = {}
         self.space_where: str | None = None  # the content store's directory, when local
         self.space_fd: int | None = None
 
     def __enter__(self) -> _Puller:
-        from lamina.content.local import LocalContentStore
-
-        if isinstance(self.store, LocalContentStore):
-            self.space_where = str(self.store.path)
-            self.space_fd = os.open(self.store.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if self.local is not None:
+            self.space_where = str(self.local.path)
+            self.space_fd = os.open(self.local.path,
+                                    os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -192,17 +172,11 @@ class _Puller:
     # -- documents -------------------------------------------------------
     def document(self, desc: Descriptor, prefetched: bytes | None) -> bytes:
         """A manifest, index or config: from the store, else fetched and stored."""
-        if desc.size > MAX_MANIFEST:
+        if desc.size > MAX_DOCUMENT:
             raise InvalidArgument(f"{self.ref}: {desc.digest}: a document of {desc.size} "
-                                  f"bytes is larger than the {MAX_MANIFEST} allowed")
-        try:
-            with self.content.reader(desc.digest) as r:
-                data = r.read(desc.size + 1)
-            if len(data) == desc.size and \
-                    f"sha256:{hashlib.sha256(data).hexdigest()}" == desc.digest:
-                return data
-        except NotFound:
-            pass
+                                  f"bytes is larger than the {MAX_DOCUMENT} allowed")
+        with contextlib.suppress(NotFound, InvalidArgument):  # absent, or not those bytes
+            return graph.read_document(self.content, desc)
         data = prefetched if prefetched is not None else fetch_document(self.session, desc)
         deadline = time.monotonic() + LOCK_WAIT
         while True:
@@ -217,94 +191,49 @@ class _Puller:
                     self.content.info(desc.digest)
                     return data
 
-    def _spend(self, children: Sequence[Descriptor], *, every: bool = False) -> list[Descriptor]:
-        """The ``children`` not reached before, each once, charged to the pull's budget
-        (``every``: charge each entry, repeated or not: a manifest's layers are all
-        unpacked)."""
-        new: list[Descriptor] = []
-        for c in children:
-            if c.digest in self.seen:
-                continue
-            self.seen.add(c.digest)
-            new.append(c)
-            if c.media_type in MANIFEST_TYPES | INDEX_TYPES | CONFIG_TYPES:
-                self.document_bytes += c.size
-        self.walked += len(children) if every else len(new)
-        if self.walked > MAX_DESCRIPTORS:
-            raise ResourceExhausted(
-                f"{self.ref}: the image reaches more than {MAX_DESCRIPTORS} descriptors "
-                "(manifests, configs, layers); refused before fetching them")
-        if self.document_bytes > MAX_DOCUMENT_BYTES:
-            raise ResourceExhausted(
-                f"{self.ref}: the image's manifests, indexes and configs add up to more "
-                f"than {MAX_DOCUMENT_BYTES} bytes; refused before fetching them")
-        return new
-
     def walk(self, root: Descriptor, prefetched: bytes | None) -> None:
         """Fetch the documents below ``root``, each once, within the bounds (module docs)."""
-        self._spend([root])
-        stack: list[tuple[Descriptor, int]] = [(root, 0)]
-        while stack:
-            desc, depth = stack.pop()
-            if depth >= MAX_DEPTH:
-                raise InvalidArgument(f"{self.ref}: indexes nest more than {MAX_DEPTH} deep")
-            if desc.media_type not in MANIFEST_TYPES | INDEX_TYPES:
-                raise InvalidArgument(f"{self.ref}: cannot pull a {desc.media_type!r} "
-                                      "(not a manifest or an index)")
+        if root.media_type not in graph.DOCUMENT_TYPES:
+            raise InvalidArgument(f"{self.ref}: cannot pull a {root.media_type!r} "
+                                  "(not a manifest or an index)")
+
+        def handler(desc: Descriptor) -> Sequence[Descriptor]:
+            if desc.media_type not in graph.DOCUMENT_TYPES:
+                return []  # a blob: fetched after the walk
             data = self.document(desc, prefetched if desc is root else None)
             self.plan.documents[desc.digest] = desc
+            found = graph.select(desc, graph.children(desc, data),
+                                 None if self.all_platforms else self.platforms,
+                                 where=str(self.ref))
+            self.plan.children[desc.digest] = found
             if desc.media_type in MANIFEST_TYPES:
-                manifest = Manifest.parse(data, desc.media_type)
-                self.plan.manifests.append((desc, manifest))
-                self.plan.children[desc.digest] = [manifest.config, *manifest.layers]
-                self._spend([manifest.config, *manifest.layers], every=True)
-                continue
-            index = Index.parse(data)
-            wanted = index.manifests if self.all_platforms else select_children(
-                index.manifests, self.platforms, where=str(self.ref))
-            # each child once, in the GC labels too (an index may repeat one)
-            firsts: dict[str, Descriptor] = {}
-            for c in wanted:
-                firsts.setdefault(c.digest, c)
-            unique = list(firsts.values())
-            self.plan.children[desc.digest] = unique
-            new = self._spend(unique)
-            for child in new:
-                if child.media_type not in MANIFEST_TYPES | INDEX_TYPES:
-                    self.plan.blobs.setdefault(child.digest, child)
-            # depth first, in the index's order
-            stack.extend((c, depth + 1) for c in reversed(new)
-                         if c.media_type in MANIFEST_TYPES | INDEX_TYPES)
+                self.plan.manifests.append((desc, Manifest.parse(data, desc.media_type)))
+            else:  # an index's other blobs (a checkpoint's)
+                for c in found:
+                    if c.media_type not in graph.DOCUMENT_TYPES:
+                        self.plan.blobs.setdefault(c.digest, c)
+            return found
+
+        graph.walk(root, handler, where=str(self.ref))
 
     # -- blobs -----------------------------------------------------------
-    def _data_path(self) -> Callable[[str], Path] | None:
-        """Where an ingest's bytes are, when the store is the local one (documented layout)."""
-        from lamina.content.local import LocalContentStore
-
-        store = self.store
-        if not isinstance(store, LocalContentStore):
-            return None
-        return lambda ref: store.ingest_dir / hashlib.sha256(ref.encode()).hexdigest() / "data"
-
     def start_downloads(self, pool: ThreadPoolExecutor,
                         order: Sequence[Descriptor]) -> list[Future[bool]]:
-        data_path = self._data_path()
         futures = []
         for desc in order:
             if desc.digest in self.transfers:
                 continue
             t = self.transfers[desc.digest] = _GuardedTransfer(desc, self.space_fd,
                                                                self.space_where)
-            futures.append(pool.submit(self._fetch, desc, t, data_path))
+            futures.append(pool.submit(self._fetch, desc, t))
         return futures
 
-    def _fetch(self, desc: Descriptor, t: _GuardedTransfer,
-               data_path: Callable[[str], Path] | None) -> bool:
+    def _fetch(self, desc: Descriptor, t: _GuardedTransfer) -> bool:
         """One blob; one that stopped at the disk's reserve leaves no ingest behind
         (it would only be resumed into the same full disk)."""
         try:
-            return fetch_blob(self.session, desc, self.content, progress=self.progress,
-                              transfer=t, cancel=self.cancel, data_path=data_path)
+            return fetch_blob(self.fetcher, desc, self.content, progress=self.progress,
+                              transfer=t, cancel=self.cancel)
         except BaseException as exc:
             error = t.translate(exc)
             if isinstance(error, ResourceExhausted):
@@ -318,60 +247,48 @@ class _Puller:
         """ResourceExhausted before fetching when the blobs ``order`` still needs (their
         announced sizes, less what resumable ingests hold) cannot fit the content
         store's filesystem above its reserve."""
-        if self.space_where is None:
+        if self.space_where is None or self.local is None:
             return
         need, missing = 0, 0
         for desc in {d.digest: d for d in order}.values():
             with contextlib.suppress(NotFound):
-                self.store.info(desc.digest)
+                self.local.info(desc.digest)
                 continue
             held = 0
             with contextlib.suppress(NotFound):
-                held = min(self.store.status(ingest_ref(desc.digest)).offset, desc.size)
+                held = min(self.local.status(ingest_ref(desc.digest)).offset, desc.size)
             need += desc.size - held
             missing += 1
         limits.check_fits(self.space_where, need, f"{self.ref}: {missing} blob(s) to fetch")
 
     def open_layer(self, desc: Descriptor) -> IO[bytes]:
         t = self.transfers.get(desc.digest)
-        if t is None:
+        if t is None or self.local is None:
             return self.content.reader(desc.digest)
-        while t.data_path is None and not t.done:
+        while not t.opened and not t.done:
             t.wait(0)
         if t.error is not None:
             raise t.error
-        if t.data_path is None or t.done:
+        if not t.opened or t.done:
             return self.content.reader(desc.digest)
         try:
-            return TailReader(t, self.cancel)  # type: ignore[return-value]
-        except FileNotFoundError:  # committed (and renamed away) just now
+            following = self.local.follow(ingest_ref(desc.digest))
+        except NotFound:  # committed (and renamed away) just now
             return self.content.reader(desc.digest)
+        return TailReader(t, self.cancel, following)  # type: ignore[return-value]
 
     # -- labels ----------------------------------------------------------
     def label(self) -> None:
-        source_key = DISTRIBUTION_SOURCE + self.ref.domain
         everything = {**self.plan.documents, **self.plan.blobs}
         for _, manifest in self.plan.manifests:
             everything[manifest.config.digest] = manifest.config
             everything.update((layer.digest, layer) for layer in manifest.layers)
-        for digest in everything:
+        for digest, desc in everything.items():
             info = self.content.info(digest)
-            labels: dict[str, str] = {}
-            repos = [r for r in info.labels.get(source_key, "").split(",") if r]
-            if self.ref.path not in repos:
-                labels[source_key] = ",".join([*repos, self.ref.path])
-            children = self.plan.children.get(digest, [])
-            if digest in self.plan.documents and self.plan.documents[digest].media_type \
-                    in MANIFEST_TYPES and children:
-                labels[f"{GC_REF_CONTENT}.config"] = children[0].digest
-                labels.update({f"{GC_REF_CONTENT}.l.{i}": c.digest
-                               for i, c in enumerate(children[1:])})
-            elif children:
-                labels.update({f"{GC_REF_CONTENT}.m.{i}": c.digest for i, c in enumerate(children)})
-            labels = {k: v for k, v in labels.items() if info.labels.get(k) != v}
-            if labels:
-                self.content.update(replace(info, labels={**info.labels, **labels}),
-                                    *(f"labels.{k}" for k in labels))
+            labels = with_source(info.labels, self.ref)
+            if digest in self.plan.documents:
+                labels.update(graph.gc_labels(desc, self.plan.children[digest]))
+            set_labels(self.content, digest, labels, info=info)
 
 
 def _to_unpack(puller: _Puller) -> tuple[Descriptor, Manifest] | None:
@@ -384,13 +301,16 @@ def _to_unpack(puller: _Puller) -> tuple[Descriptor, Manifest] | None:
 
 
 def pull(registry: Registry, reference: str, *, root: Root, snapshotter: str = "overlay",
+         snapshots: Snapshotter | None = None,
          platforms: Sequence[str] = (), all_platforms: bool = False, unpack: bool = True,
          concurrency: int = 3, progress: Progress | None = None,
          max_layer_size: int = DEFAULT_MAX_LAYER_SIZE, sync: bool = True) -> PullResult:
-    """Pull ``reference`` into ``root`` (see the module docs).
+    """Pull ``reference`` into ``root`` (see the module docs); what
+    :meth:`lamina.images.service.ImageService.pull` does.
 
+    ``snapshots`` (default: ``root``'s snapshotter ``snapshotter``),
     ``max_layer_size`` and ``sync`` are the unpack's (see
-    :class:`~lamina.images.unpack.Unpacker`)."""
+    :func:`~lamina.images.unpack.unpacker_for`)."""
     progress = progress or Progress()
     ref = parse_reference(reference)
     wanted = [parse_platform(p) for p in platforms] or [host_platform()]
@@ -413,9 +333,15 @@ def pull(registry: Registry, reference: str, *, root: Root, snapshotter: str = "
             target = _to_unpack(puller) if unpack else None
             order = _order(puller, target)
             puller.check_space(order)
-            unpack_options = {"max_layer_size": max_layer_size, "sync": sync}
-            unpacked, fetched, present = _transfer(puller, root, snapshotter, target, order,
-                                                   leases, lease.id, progress, unpack_options)
+
+            def unpacker() -> Unpacker:
+                return unpacker_for(root, content, snapshotter=snapshotter,
+                                    snapshots=snapshots, lease=lease.id, progress=progress,
+                                    parallel=max(puller.concurrency, 2),
+                                    open_layer=puller.open_layer,
+                                    max_layer_size=max_layer_size, sync=sync)
+
+            unpacked, fetched, present = _transfer(puller, target, order, unpacker)
             puller.label()
         image = images.put(Image(name=str(ref), target=resolved.desc))
         return PullResult(image=image, unpacked=unpacked, fetched=fetched,
@@ -434,10 +360,9 @@ def _order(puller: _Puller, target: tuple[Descriptor, Manifest] | None) -> list[
     return order
 
 
-def _transfer(puller: _Puller, root: Root, snapshotter: str,
-              target: tuple[Descriptor, Manifest] | None, order: Sequence[Descriptor],
-              leases: LeaseManager, lease_id: str, progress: Progress,
-              unpack_options: Mapping[str, Any]) -> tuple[UnpackResult | None, int, int]:
+def _transfer(puller: _Puller, target: tuple[Descriptor, Manifest] | None,
+              order: Sequence[Descriptor],
+              unpacker: Callable[[], Unpacker]) -> tuple[UnpackResult | None, int, int]:
     """Download every blob; unpack ``target`` meanwhile: the unpack, blobs fetched, present."""
     pool = ThreadPoolExecutor(max_workers=puller.concurrency, thread_name_prefix="fetch")
     futures = puller.start_downloads(pool, order)
@@ -445,8 +370,10 @@ def _transfer(puller: _Puller, root: Root, snapshotter: str,
     try:
         if target is not None:
             try:
-                unpacked = _unpack(puller, root, snapshotter, target, leases, lease_id,
-                                   progress, unpack_options)
+                _, manifest = target
+                with puller.content.reader(manifest.config.digest) as r:
+                    config = ImageConfig.parse(r.read())
+                unpacked = unpacker().unpack(manifest, config)
             except BaseException:
                 puller.cancel.set()
                 for f in futures:
@@ -474,20 +401,3 @@ def _raise_download_error(futures: Sequence[Future[bool]], *, wait: bool = False
             for g in futures:
                 g.cancel()
             raise exc
-
-
-def _unpack(puller: _Puller, root: Root, snapshotter: str,
-            target: tuple[Descriptor, Manifest], leases: LeaseManager, lease_id: str,
-            progress: Progress, options: Mapping[str, Any]) -> UnpackResult:
-    _, manifest = target
-    with puller.content.reader(manifest.config.digest) as r:
-        config = ImageConfig.parse(r.read())
-    unpacker = Unpacker(
-        puller.content, root.snapshotter(snapshotter), snapshotter_name=snapshotter,
-        locks_dir=root.path / "locks", tmpmounts=root.tmpmounts, progress=progress,
-        parallel=max(puller.concurrency, 2),
-        hold=functools.partial(leases.add_resource, lease_id, f"snapshot:{snapshotter}"),
-        open_layer=puller.open_layer, max_layer_size=options["max_layer_size"],
-        sync=options["sync"],
-    )
-    return unpacker.unpack(manifest, config)
