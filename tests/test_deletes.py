@@ -53,3 +53,19 @@ def test_a_lease_deleted_with_sync_lets_go_of_what_it_kept(root: Root, sync: boo
     delete_lease(root, lease.id, sync=sync)
     assert bool(_blobs(root)) is not sync
     root.close()
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_a_container_removed_with_sync_is_collected_at_once(root: Root, sync: bool) -> None:
+    from lamina.containers.service import ContainerService
+
+    containers = ContainerService(root, snapshotter="native")
+    try:
+        containers.create("a:1", "app")
+        delete_image(root, "a:1")  # the container alone keeps the image's layers now
+        assert _blobs(root)
+        containers.remove("app", sync=sync)
+    finally:
+        containers.close()
+    assert bool(_blobs(root)) is not sync
+    root.close()

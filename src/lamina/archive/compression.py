@@ -19,7 +19,6 @@ leaves the output open.
 from __future__ import annotations
 
 import enum
-import io
 import zlib
 from collections.abc import Callable
 from typing import IO, Any, Protocol, cast
@@ -30,6 +29,7 @@ from isal import igzip_threaded as _igzip_threaded
 from isal.isal_zlib import IsalError as _IsalError
 
 from lamina.errors import InvalidArgument, ResourceExhausted
+from lamina.util.rawio import RawReader
 
 # isal types IsalError as an instance; it is the exception class
 _ISAL_ERROR = cast("type[BaseException]", _IsalError)
@@ -163,7 +163,7 @@ def size_hint(head: bytes, tail: bytes, size: int) -> int:
     return size
 
 
-class _Prefixed(io.RawIOBase):
+class _Prefixed(RawReader):
     """A raw stream that replays ``prefix`` and then reads ``inner``; never closes it."""
 
     def __init__(self, prefix: bytes, inner: IO[bytes], on_read: Callable[[bytes], None] | None):
@@ -171,9 +171,6 @@ class _Prefixed(io.RawIOBase):
         self._prefix = prefix
         self._inner = inner
         self._on_read = on_read
-
-    def readable(self) -> bool:
-        return True
 
     def read(self, size: int = -1) -> bytes:
         if self._prefix:
@@ -186,12 +183,6 @@ class _Prefixed(io.RawIOBase):
         if self._on_read is not None:
             self._on_read(data)
         return data
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self.read(len(view))
-        view[: len(data)] = data
-        return len(data)
 
 
 class _ZstdFrameChecker:
@@ -287,7 +278,7 @@ class _ZstdFrameChecker:
             self._state, self._need = "magic", 4
 
 
-class Decompressed(io.RawIOBase):
+class Decompressed(RawReader):
     """The uncompressed view of a layer stream (see :func:`open_decompressed`).
 
     ``compression`` tells what was detected; ``total`` counts the bytes
@@ -307,9 +298,6 @@ class Decompressed(io.RawIOBase):
         self.total = 0
         self._max = max_size
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, size: int = -1) -> bytes:
         try:
             data = self._reader.read(size if size >= 0 else _CHUNK)
@@ -328,12 +316,6 @@ class Decompressed(io.RawIOBase):
         if self._max is not None and self.total > self._max:
             raise too_large(self._max)
         return data
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self.read(len(view))
-        view[: len(data)] = data
-        return len(data)
 
     def close(self) -> None:
         if not self.closed:

@@ -125,12 +125,9 @@ def _rm(args: argparse.Namespace, app: App) -> int:
     with services(app) as ct:
         for cid in args.ids:
             ct.get(cid)
-        for cid in args.ids:
-            ct.remove(cid, force=args.force)
+        for i, cid in enumerate(args.ids, 1):
+            ct.remove(cid, force=args.force, sync=i == len(args.ids))
             print(cid)
-    from lamina.metadata.gc import collect
-
-    collect(app.store_root)
     return 0
 
 

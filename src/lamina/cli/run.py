@@ -33,11 +33,7 @@ def _run(args: argparse.Namespace, app: App) -> int:
         with contextlib.suppress(LaminaError):
             ct.tasks.delete(args.id, force=True)
         if args.rm:
-            ct.remove(args.id, force=True)
-    if args.rm:
-        from lamina.metadata.gc import collect
-
-        collect(app.store_root)
+            ct.remove(args.id, force=True, sync=True)
     return code
 
 

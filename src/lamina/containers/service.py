@@ -42,6 +42,7 @@ from lamina.containers.tasks import ContainerTasks, tasks_dir
 from lamina.containers.taskstate import is_live, task_of
 from lamina.images.service import ImageService
 from lamina.metadata.containers import Container
+from lamina.metadata.gc import collect
 from lamina.metadata.root import Root
 
 __all__ = ["ContainerService"]
@@ -108,12 +109,17 @@ class ContainerService:
         """Remove all but the ``keep`` newest revisions (never the current one)."""
         return self._revisions.prune_revisions(cid, keep=keep)
 
-    def remove(self, cid: str, *, force: bool = False) -> builtins.list[str]:
+    def remove(self, cid: str, *, force: bool = False, sync: bool = False) -> builtins.list[str]:
         """Remove the container: its task (live ones only with ``force``), revisions,
-        record; returns the removed revision keys."""
+        record; returns the removed revision keys. With ``sync``, collect garbage
+        before returning (containerd's SynchronousDelete: see
+        :mod:`lamina.metadata.deletes`), so what only the container kept is freed."""
         self._revisions.get(cid)
         self._tasks.remove(cid, force=force)
-        return self._revisions.remove(cid)
+        removed = self._revisions.remove(cid)
+        if sync:
+            collect(self.root)
+        return removed
 
     # -- tasks -------------------------------------------------------------------
 
