@@ -223,6 +223,8 @@ class ErofsSnapshotter(OverlaySnapshotter):
                                   root=settle_root, drop_needless_whiteouts=True,
                                   lower=settle_lower)
             lowers.close()
+            # hashed here, in the caller's thread (unpack writes layers in parallel)
+            atomic_write(new / DIGEST, _sha256(new / IMAGE).encode() + b"\n", mode=FILE_MODE)
             crash.point("erofs.stream-written")
             (new / _UPPER).mkdir(mode=0o755)
             (new / "work").mkdir(mode=0o700)
@@ -250,8 +252,8 @@ class ErofsSnapshotter(OverlaySnapshotter):
         else:
             usage = self._upper_usage(own / "fs")
             image_from_upper(own / "fs", image)
-        crash.point("erofs.image-written")
-        atomic_write(own / DIGEST, _sha256(image).encode() + b"\n", mode=FILE_MODE)
+            crash.point("erofs.image-written")
+            atomic_write(own / DIGEST, _sha256(image).encode() + b"\n", mode=FILE_MODE)
         crash.point("commit.measured")
         with self.meta.write(self._scope) as tx:
             tx.commit(name, key, usage, labels)
