@@ -28,6 +28,7 @@ from typing import Any
 import grpc
 from conftest import require_root_user, require_tools, unmount_all_under
 from containerd_peer import Lamina, lamina_serve, short_dir
+from containerd_peer import _stop as stop_process
 from cri_client import Cri
 from registry_peer import Registry, running_registry, second_host, skopeo_push
 
@@ -142,6 +143,17 @@ class Node:
         if serve is not None:
             serve.__exit__(None, None, None)  # asserts a clean exit
 
+    def wait_reconnected(self) -> None:
+        """Wait until containerd reaches ``lamina serve`` again: after the server
+        went away its gRPC connection backs off, and calls fail (UNAVAILABLE, as a
+        kubelet would retry them) until it reconnects."""
+        def listed() -> bool:
+            return subprocess.run(["ctr", "--address", self.address, "--namespace", NAMESPACE,
+                                   "snapshots", "--snapshotter", "lamina", "ls"],
+                                  capture_output=True, timeout=60, check=False).returncode == 0
+
+        wait_for("containerd reaches lamina serve again", listed)
+
     def kill_serve(self) -> None:
         """SIGKILL ``lamina serve`` (by PID); its socket stays behind, stale."""
         assert self.lamina is not None and self._serve is not None
@@ -185,14 +197,8 @@ class Node:
 
     def stop_containerd(self) -> None:
         proc, self.containerd = self.containerd, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            stop_process(proc)  # SIGTERM, SIGKILL after 30 s
 
     def log_tail(self) -> str:
         return (self.base / "containerd.log").read_text(errors="replace")[-4000:]

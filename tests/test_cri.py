@@ -235,13 +235,15 @@ def test_a_pod_through_its_life(tmp_root: Path, images: dict[str, str]) -> None:
         status = node.cri.status(cid)
         assert status.state == pb.CONTAINER_EXITED and status.exit_code == 0
         assert status.log_path == str(log)
-        assert _log_lines(log)[-1] == ("stdout", "stopping")
+        wait_for("the last line is logged", lambda: _log_lines(log)[-1] == ("stdout", "stopping"))
 
         # restarted the kubelet's way: removed, created again (attempt 1) on a
         # fresh writable layer from the same image
         node.cri.remove(cid)
         assert cid not in node.cri.containers()
-        assert key not in node.snapshots()
+        # containerd removes a snapshot from its records at once, from lamina at
+        # its next garbage collection, which the removal schedules
+        wait_for("the writable layer is gone", lambda: key not in node.snapshots())
         again = node.cri.run(pod, "app", a, SERVE, attempt=1)
         assert node.cri.status(again).metadata.attempt == 1
         assert node.cri.exec(again, "cat", "/etc/app") == (0, b"a\n")
@@ -254,7 +256,8 @@ def test_a_pod_through_its_life(tmp_root: Path, images: dict[str, str]) -> None:
         node.cri.remove_pod(pod)
         assert node.cri.pods() == {} and node.cri.containers() == {}
         # the images' layers stay (the images do); nothing else
-        assert set(_containerds(node)) == layers | pause_layers
+        wait_for("only the images' layers are left",
+                 lambda: set(_containerds(node)) == layers | pause_layers)
         node.check()
 
 
