@@ -117,7 +117,8 @@ class Node:
             "[grpc]", f'  address = "{self.address}"',
             "[ttrpc]", f'  address = "{self.address}.ttrpc"',
             '[plugins."io.containerd.internal.v1.opt"]', f'  path = "{b / "opt"}"',
-            f"{CRI[:-1]}.registry]", f'  config_path = "{b / "certs.d"}"', ""]))
+            '[plugins."io.containerd.grpc.v1.cri".registry]',
+            f'  config_path = "{b / "certs.d"}"', ""]))
         host = self.registry.host
         hosts = b / "certs.d" / host / "hosts.toml"
         hosts.parent.mkdir(parents=True, exist_ok=True)
@@ -159,8 +160,10 @@ class Node:
         assert self.lamina is not None and self._serve is not None
         self.lamina.proc.kill()
         self.lamina.proc.wait()
+        # an exception thrown into lamina_serve skips its clean-exit checks;
+        # its finally only reaps the process
         killed = ProcessLookupError("lamina serve killed by the test")
-        self._serve.__exit__(type(killed), killed, None)  # no clean-exit assertions
+        self._serve.__exit__(type(killed), killed, None)
         self._serve = None
 
     # ------------------------------------------------------------------ containerd
