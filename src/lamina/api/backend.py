@@ -13,6 +13,7 @@ the command, before anything is done.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -46,10 +47,13 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """The root at ``path``, opened with recovery on first use."""
+    """The root at ``path``, opened with recovery on first use; ``opened`` is told
+    of it then (the CLI says what the recovery repaired)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *,
+                 opened: Callable[[RecoveredRoot], None] | None = None) -> None:
         self.path = path
+        self._opened = opened
         self._root: RecoveredRoot | None = None
         self._lock = threading.Lock()
 
@@ -59,6 +63,8 @@ class LocalBackend:
                 from lamina.metadata.recover import RecoveredRoot
 
                 self._root = RecoveredRoot(self.path)
+                if self._opened is not None:
+                    self._opened(self._root)
             return self._root
 
     def snapshotter(self, name: str) -> Snapshotter:
@@ -121,6 +127,8 @@ class ServerBackend:
                 remote.close()
 
 
-def open_backend(*, root: str, address: str | None) -> Backend:
-    """The server at ``address`` when one is named, else the local root at ``root``."""
-    return ServerBackend(address) if address else LocalBackend(root)
+def open_backend(*, root: str, address: str | None,
+                 opened: Callable[[RecoveredRoot], None] | None = None) -> Backend:
+    """The server at ``address`` when one is named, else the local root at ``root``
+    (``opened``: see :class:`LocalBackend`)."""
+    return ServerBackend(address) if address else LocalBackend(root, opened=opened)

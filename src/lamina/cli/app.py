@@ -29,26 +29,26 @@ class App:
     address: str | None = None
     command: str = ""
     _backend: Backend | None = field(default=None, repr=False)
-    _reported: bool = field(default=False, repr=False)
 
     @property
     def backend(self) -> Backend:
         if self._backend is None:
-            self._backend = open_backend(root=self.root, address=self.address)
+            self._backend = open_backend(root=self.root, address=self.address,
+                                         opened=self._say_recovered)
         return self._backend
 
-    @property
-    def store_root(self) -> RecoveredRoot:
-        """The local root; a command that needs it refuses to run through --address."""
-        root = self.backend.root(self.command)
+    def _say_recovered(self, root: RecoveredRoot) -> None:
         report = root.recovered
-        if not self._reported and report is not None and (report.repaired or report.remaining):
+        if report is not None and (report.repaired or report.remaining):
             print(f"lamina: {self.root} was last used before the machine restarted; "
                   f"repaired {len(report.repaired)} leftover(s), "
                   f"{len(report.remaining)} problem(s) remain (see lamina check)",
                   file=sys.stderr)
-        self._reported = True
-        return root
+
+    @property
+    def store_root(self) -> RecoveredRoot:
+        """The local root; a command that needs it refuses to run through --address."""
+        return self.backend.root(self.command)
 
     def snapshots(self) -> Snapshotter:
         """The snapshotter this invocation works on, local or (with --address) remote."""
