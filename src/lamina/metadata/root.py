@@ -27,7 +27,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lamina import rootless
 from lamina.errors import InvalidArgument
@@ -78,6 +78,8 @@ def _erofs(path: Path, *, async_remove: bool = False) -> Snapshotter:
     return ErofsSnapshotter(path, async_remove=async_remove)
 
 
+_Store = TypeVar("_Store")
+
 SNAPSHOTTERS: dict[str, Callable[..., Snapshotter]] = {
     "overlay": _overlay,
     "native": _native,
@@ -106,11 +108,7 @@ class Root:
         self.async_remove = async_remove
         make_root_dir(self.path)
         self._lock = threading.RLock()
-        self._snapshotters: dict[str, Snapshotter] = {}
-        self._content: ContentStore | None = None
-        self._images: ImageStore | None = None
-        self._containers: ContainerStore | None = None
-        self._leases: LeaseManager | None = None
+        self._stores: dict[str, Any] = {}  # by name, in the order they were opened
         self.format_found = check_format(self.path)
 
     def snapshots_dir(self, snapshotter: str) -> Path:
@@ -135,63 +133,52 @@ class Root:
             return []
         return sorted(p.name for p in base.iterdir() if p.is_dir() and p.name in SNAPSHOTTERS)
 
+    def _once(self, name: str, open_store: Callable[[], _Store]) -> _Store:
+        """The store called ``name``, opened by ``open_store`` the first time."""
+        with self._lock:
+            if name not in self._stores:
+                self._stores[name] = open_store()
+            store: _Store = self._stores[name]
+            return store
+
     def snapshotter(self, name: str) -> Snapshotter:
         """The snapshotter ``name`` on this root (opened once)."""
-        with self._lock:
-            if name not in self._snapshotters:
-                try:
-                    factory = SNAPSHOTTERS[name]
-                except KeyError:
-                    known = ", ".join(sorted(SNAPSHOTTERS))
-                    raise InvalidArgument(
-                        f"unknown snapshotter {name!r} (known: {known})") from None
-                self._snapshotters[name] = factory(self.snapshots_dir(name),
-                                                  async_remove=self.async_remove)
-            return self._snapshotters[name]
+        try:
+            factory = SNAPSHOTTERS[name]
+        except KeyError:
+            known = ", ".join(sorted(SNAPSHOTTERS))
+            raise InvalidArgument(f"unknown snapshotter {name!r} (known: {known})") from None
+        return self._once(f"snapshots/{name}", lambda: factory(
+            self.snapshots_dir(name), async_remove=self.async_remove))
 
     def content(self) -> ContentStore:
         """The local content store on this root (opened once)."""
-        with self._lock:
-            if self._content is None:
-                from lamina.content.local import LocalContentStore
+        from lamina.content.local import LocalContentStore
 
-                self._content = LocalContentStore(self.content_dir)
-            return self._content
+        return self._once("content", lambda: LocalContentStore(self.content_dir))
 
     def images(self) -> ImageStore:
         """The image store (opened once)."""
-        with self._lock:
-            if self._images is None:
-                from lamina.metadata.images import ImageStore
+        from lamina.metadata.images import ImageStore
 
-                self._images = ImageStore(self.metadata_path)
-            return self._images
+        return self._once("images", lambda: ImageStore(self.metadata_path))
 
     def containers(self) -> ContainerStore:
         """The container records (opened once)."""
-        with self._lock:
-            if self._containers is None:
-                from lamina.metadata.containers import ContainerStore
+        from lamina.metadata.containers import ContainerStore
 
-                self._containers = ContainerStore(self.metadata_path)
-            return self._containers
+        return self._once("containers", lambda: ContainerStore(self.metadata_path))
 
     def leases(self) -> LeaseManager:
         """The lease manager (opened once)."""
-        with self._lock:
-            if self._leases is None:
-                from lamina.metadata.leases import LeaseManager
+        from lamina.metadata.leases import LeaseManager
 
-                self._leases = LeaseManager(self.metadata_path)
-            return self._leases
+        return self._once("leases", lambda: LeaseManager(self.metadata_path))
 
     def close(self) -> None:
         """Close every store opened on this root; calling it twice is fine."""
         with self._lock:
-            stores: list[Any] = [self._content, self._images, self._containers, self._leases]
-            stores += self._snapshotters.values()
-            self._content = self._images = self._containers = self._leases = None
-            self._snapshotters.clear()
+            stores = list(self._stores.values())
+            self._stores.clear()
         for store in stores:
-            if store is not None:
-                store.close()
+            store.close()
