@@ -15,6 +15,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from conftest import require_root_user
 from test_deep_trees import make_deep, read_deep
 
@@ -174,3 +175,28 @@ def test_chowned_copy_and_shift_at_any_depth(tmp_path: Path) -> None:
         assert os.stat("bottom", dir_fd=fd).st_uid == 500000
     finally:
         os.close(fd)
+
+
+def test_remove_walks_a_directory_again_that_filled_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lamina.fs import remove
+
+    (tmp_path / "t" / "sub").mkdir(parents=True)
+    (tmp_path / "t" / "sub" / "f").write_bytes(b"")
+    real = remove._rmdir
+    calls: list[str] = []
+
+    def rmdir(dir_fd: int, name: str) -> bool:
+        calls.append(name)
+        if calls.count(name) == 1 and name == "sub":  # a writer was faster: one more file
+            sub = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+            os.close(os.open("late", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=sub))
+            os.close(sub)
+        return real(dir_fd, name)
+
+    monkeypatch.setattr(remove, "_rmdir", rmdir)
+    with opened(tmp_path) as fd:
+        remove.remove_tree_at(fd, "t")
+    assert not (tmp_path / "t").exists()
+    assert calls == ["sub", "sub", "t"]

@@ -96,13 +96,13 @@ from lamina.archive.whiteout import (
     whiteout_target,
 )
 from lamina.errors import Internal, InvalidArgument, LaminaError, NotFound
-from lamina.fs.tree import remove_tree_at
+from lamina.fs.remove import remove_tree_at
+from lamina.fs.tree import DIR_FLAGS
 from lamina.rootless import check_member, report_left_out
 
 __all__ = ["AppliedLayer", "NeedsLowerLayers", "apply_layer"]
 
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CHUNK = 1 << 20
 _IGNORED_XATTR_ERRNOS = (errno.EOPNOTSUPP, errno.EPERM)
 _LAYER_ERRNOS = (errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP, errno.EISDIR, errno.E2BIG,
@@ -294,7 +294,7 @@ class _Applier:
                     return True
                 if not stat.S_ISDIR(st.st_mode):
                     return False
-                nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                nfd = os.open(comp, DIR_FLAGS, dir_fd=fd)
                 os.close(fd)
                 fd = nfd
             return False
@@ -354,7 +354,7 @@ class _Applier:
                 self._clear_existing(pfd, name)
                 os.mkdir(name, 0o700, dir_fd=pfd)
                 replaced = True
-        fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+        fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
         try:
             if replaced and self.overlay:
                 # In an upperdir, what was here (a whiteout, or a non-directory
@@ -516,7 +516,7 @@ class _Applier:
                 self.whiteouts.add("/".join([*self.dirs.path, target]))
                 return
             if stat.S_ISDIR(st.st_mode):
-                fd = os.open(target, _DIR_FLAGS, dir_fd=pfd)
+                fd = os.open(target, DIR_FLAGS, dir_fd=pfd)
                 try:
                     os.setxattr(fd, OVERLAY_OPAQUE_XATTR, b"y")
                 finally:
@@ -553,20 +553,20 @@ class _Applier:
         if not stat.S_ISDIR(st.st_mode):
             return  # this layer's own non-directory
         if rel not in self.touched:
-            fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
-            try:
-                self._as_implicit(pfd, fd, rel)
-            finally:
-                os.close(fd)
+            self._as_implicit(pfd, name, rel)
         self._prune(rel)
 
-    def _as_implicit(self, pfd: int, fd: int, rel: str) -> None:
-        """Give the lower directory ``fd`` (kept as a parent of this layer's
-        entries) the metadata of a directory this layer created implicitly."""
-        pst = os.fstat(pfd)
-        os.fchown(fd, self.euid, pst.st_gid if pst.st_mode & stat.S_ISGID else self.egid)
-        os.fchmod(fd, 0o755)
-        self._drop_xattrs(fd, keep={})
+    def _as_implicit(self, pfd: int, name: str, rel: str) -> None:
+        """Give the lower directory ``name`` in ``pfd`` (kept as a parent of this
+        layer's entries) the metadata of a directory this layer created implicitly."""
+        fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
+        try:
+            pst = os.fstat(pfd)
+            os.fchown(fd, self.euid, pst.st_gid if pst.st_mode & stat.S_ISGID else self.egid)
+            os.fchmod(fd, 0o755)
+            self._drop_xattrs(fd, keep={})
+        finally:
+            os.close(fd)
         self._made(rel)
 
     def _open_dir(self, rel: str) -> int | None:
@@ -574,7 +574,7 @@ class _Applier:
         fd = os.dup(self.root_fd)
         for comp in rel.split("/") if rel else ():
             try:
-                nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                nfd = os.open(comp, DIR_FLAGS, dir_fd=fd)
             except OSError as exc:
                 if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                     return None
@@ -599,11 +599,7 @@ class _Applier:
                     if rel in self.touched:
                         todo.append(rel)  # ours; if a directory, lower entries may be in it
                     elif rel in self.holding:
-                        fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
-                        try:
-                            self._as_implicit(dfd, fd, rel)
-                        finally:
-                            os.close(fd)
+                        self._as_implicit(dfd, name, rel)
                         todo.append(rel)
                     else:
                         self._clear_existing(dfd, name)
@@ -659,7 +655,7 @@ def apply_layer(
     """
     root = os.fspath(root)
     try:
-        root_fd = os.open(root, _DIR_FLAGS)
+        root_fd = os.open(root, DIR_FLAGS)
     except FileNotFoundError:
         raise NotFound(f"apply layer: target directory {root} does not exist") from None
     except OSError as exc:

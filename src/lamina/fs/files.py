@@ -9,7 +9,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 
-from lamina.fs.tree import remove_tree_at
+from lamina.fs.remove import remove_tree_at
 
 __all__ = ["atomic_file", "atomic_write", "fsync_dir", "locked", "remove_tree", "sync_filesystem"]
 
@@ -83,7 +83,7 @@ def remove_tree(path: str | os.PathLike[str]) -> None:
     """Remove ``path`` and everything below it, at any depth; a missing path is fine.
 
     Read-only directories are made writable on the way; a symlink is removed,
-    never followed (see :func:`lamina.fs.tree.remove_tree_at`).
+    never followed (see :func:`lamina.fs.remove.remove_tree_at`).
     """
     path = os.fspath(path).rstrip("/") or "/"
     parent, name = os.path.split(path)
