@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from lamina.errors import AlreadyExists, InvalidArgument, NotFound
+from lamina.errors import AlreadyExists, InvalidArgument
 from lamina.labels import validate_labels
+from lamina.metadata.records import RecordStore, time_from_ns
 from lamina.util import crash
-from lamina.util.db import Database
 
 __all__ = ["Container", "ContainerStore"]
 
@@ -47,32 +46,15 @@ class Container:
         return [self.snapshot_key]
 
 
-def _dt(ns: int) -> datetime:
-    return datetime.fromtimestamp(ns / 1e9, tz=UTC)
-
-
-def _from_row(row: tuple[Any, ...]) -> Container:
-    cid, image, sn, key, spec, labels, created, updated = row
-    return Container(cid, image, sn, key, json.loads(spec), json.loads(labels),
-                     _dt(created), _dt(updated))
-
-
-class ContainerStore:
+class ContainerStore(RecordStore[Container]):
     """Container records of one root (in its metadata database)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self._db = Database(path, _SCHEMA)
+    SCHEMA, TABLE, KEY, NOUN = _SCHEMA, "containers", "id", "container"
 
-    def get(self, cid: str) -> Container:
-        with self._db.read() as c:
-            row = c.execute("SELECT * FROM containers WHERE id=?", (cid,)).fetchone()
-        if row is None:
-            raise NotFound(f"container {cid!r} does not exist")
-        return _from_row(row)
-
-    def list(self) -> list[Container]:
-        with self._db.read() as c:
-            return [_from_row(r) for r in c.execute("SELECT * FROM containers ORDER BY id")]
+    def _from_row(self, row: tuple[Any, ...]) -> Container:
+        cid, image, sn, key, spec, labels, created, updated = row
+        return Container(cid, image, sn, key, json.loads(spec), json.loads(labels),
+                         time_from_ns(created), time_from_ns(updated))
 
     def create(self, container: Container) -> Container:
         if not container.id or "/" in container.id or container.id in (".", ".."):
@@ -80,7 +62,7 @@ class ContainerStore:
         labels = validate_labels(container.labels)
         now = time.time_ns()
         with self._db.write() as c:
-            if c.execute("SELECT 1 FROM containers WHERE id=?", (container.id,)).fetchone():
+            if self._exists(c, container.id):
                 raise AlreadyExists(f"container {container.id!r} already exists")
             c.execute("INSERT INTO containers VALUES (?,?,?,?,?,?,?,?)", (
                 container.id, container.image, container.snapshotter, container.snapshot_key,
@@ -97,7 +79,7 @@ class ContainerStore:
                 (container.image, container.snapshot_key, json.dumps(container.spec),
                  json.dumps(labels), time.time_ns(), container.id))
             if cur.rowcount == 0:
-                raise NotFound(f"container {container.id!r} does not exist")
+                raise self._missing(container.id)
         crash.point("container.update.committed")
         return self.get(container.id)
 
@@ -106,11 +88,6 @@ class ContainerStore:
         merged = {**current.labels, **labels}
         return self.update(replace(current, labels={k: v for k, v in merged.items() if v}))
 
-    def delete(self, cid: str) -> None:
-        with self._db.write() as c:
-            if c.execute("DELETE FROM containers WHERE id=?", (cid,)).rowcount == 0:
-                raise NotFound(f"container {cid!r} does not exist")
+    def delete(self, key: str) -> None:
+        super().delete(key)
         crash.point("container.delete.committed")
-
-    def close(self) -> None:
-        self._db.close()

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
+from typing import Any
 
-from lamina.errors import AlreadyExists, InvalidArgument, NotFound
+from lamina.errors import AlreadyExists, InvalidArgument
 from lamina.labels import update_labels, validate_labels
+from lamina.metadata.records import RecordStore, time_from_ns
 from lamina.oci.types import Descriptor
-from lamina.util.db import Database
 
 __all__ = ["Image", "ImageStore"]
 
@@ -36,34 +36,20 @@ class Image:
     updated: datetime | None = None
 
 
-def _row_to_image(row: tuple[str, str, str, int, int]) -> Image:
-    name, target, labels, created, updated = row
-    return Image(
-        name=name,
-        target=Descriptor.from_json(json.loads(target)),
-        labels=json.loads(labels),
-        created=datetime.fromtimestamp(created / 1e9, tz=UTC),
-        updated=datetime.fromtimestamp(updated / 1e9, tz=UTC),
-    )
-
-
-class ImageStore:
+class ImageStore(RecordStore[Image]):
     """Images of one root, in the root's metadata database."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self._db = Database(path, _SCHEMA)
+    SCHEMA, TABLE, KEY, NOUN = _SCHEMA, "images", "name", "image"
 
-    def get(self, name: str) -> Image:
-        with self._db.read() as c:
-            row = c.execute("SELECT * FROM images WHERE name=?", (name,)).fetchone()
-        if row is None:
-            raise NotFound(f"image {name!r} does not exist")
-        return _row_to_image(row)
-
-    def list(self) -> list[Image]:
-        with self._db.read() as c:
-            rows = c.execute("SELECT * FROM images ORDER BY name").fetchall()
-        return [_row_to_image(r) for r in rows]
+    def _from_row(self, row: tuple[Any, ...]) -> Image:
+        name, target, labels, created, updated = row
+        return Image(
+            name=name,
+            target=Descriptor.from_json(json.loads(target)),
+            labels=json.loads(labels),
+            created=time_from_ns(created),
+            updated=time_from_ns(updated),
+        )
 
     def __iter__(self) -> Iterator[Image]:
         return iter(self.list())
@@ -82,7 +68,7 @@ class ImageStore:
         now = time.time_ns()
         target = json.dumps(image.target.to_json(), sort_keys=True)
         with self._db.write() as c:
-            exists = c.execute("SELECT 1 FROM images WHERE name=?", (image.name,)).fetchone()
+            exists = self._exists(c, image.name)
             if exists and create:
                 raise AlreadyExists(f"image {image.name!r} already exists")
             if exists:
@@ -102,12 +88,3 @@ class ImageStore:
         merged = update_labels(image.labels, labels, [f"labels.{k}" for k in labels],
                                what=f"image {name!r}")
         return self.put(replace(image, labels=merged))
-
-    def delete(self, name: str) -> None:
-        with self._db.write() as c:
-            cur = c.execute("DELETE FROM images WHERE name=?", (name,))
-            if cur.rowcount == 0:
-                raise NotFound(f"image {name!r} does not exist")
-
-    def close(self) -> None:
-        self._db.close()

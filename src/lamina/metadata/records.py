@@ -1,0 +1,71 @@
+"""What the record stores (images, containers) share: one table keyed by name.
+
+Each store keeps its records in one table of the root's metadata database,
+keyed by a text column; a record comes back from its row through the store's
+``_from_row``. Lookups, the sorted listing and deletion are the same for
+every kind of record, and so is the error that names a missing one.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Generic, TypeVar
+
+from lamina.errors import NotFound
+from lamina.util.db import Database
+
+__all__ = ["RecordStore", "time_from_ns"]
+
+R = TypeVar("R")
+
+
+def time_from_ns(ns: int) -> datetime:
+    """A stored time (nanoseconds since the epoch) as an aware UTC datetime."""
+    return datetime.fromtimestamp(ns / 1e9, tz=UTC)
+
+
+class RecordStore(Generic[R]):
+    """Records of one kind in table ``TABLE``, keyed by column ``KEY``."""
+
+    SCHEMA: ClassVar[str]
+    TABLE: ClassVar[str]
+    KEY: ClassVar[str]
+    #: What a record is called in errors ("image", "container").
+    NOUN: ClassVar[str]
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._db = Database(path, self.SCHEMA)
+
+    def _from_row(self, row: tuple[Any, ...]) -> R:
+        raise NotImplementedError
+
+    def _missing(self, key: str) -> NotFound:
+        return NotFound(f"{self.NOUN} {key!r} does not exist")
+
+    def _exists(self, c: sqlite3.Connection, key: str) -> bool:
+        """Whether a record ``key`` exists, in the transaction ``c``."""
+        row = c.execute(f"SELECT 1 FROM {self.TABLE} WHERE {self.KEY}=?", (key,)).fetchone()
+        return row is not None
+
+    def get(self, key: str) -> R:
+        with self._db.read() as c:
+            row = c.execute(f"SELECT * FROM {self.TABLE} WHERE {self.KEY}=?", (key,)).fetchone()
+        if row is None:
+            raise self._missing(key)
+        return self._from_row(row)
+
+    def list(self) -> list[R]:
+        """Every record, sorted by key."""
+        with self._db.read() as c:
+            rows = c.execute(f"SELECT * FROM {self.TABLE} ORDER BY {self.KEY}").fetchall()
+        return [self._from_row(r) for r in rows]
+
+    def delete(self, key: str) -> None:
+        with self._db.write() as c:
+            if c.execute(f"DELETE FROM {self.TABLE} WHERE {self.KEY}=?", (key,)).rowcount == 0:
+                raise self._missing(key)
+
+    def close(self) -> None:
+        self._db.close()
