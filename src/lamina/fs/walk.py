@@ -32,7 +32,7 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from lamina.fs.tree import DirStack
 
@@ -83,7 +83,42 @@ class _Level:
         self.on_leave = on_leave
 
 
-class Walk:
+class _Names(Protocol):
+    names: list[str] | None
+
+
+V = TypeVar("V", bound=_Names)
+
+
+class _Levels(Generic[V]):
+    """The stack of directories a walk is in, one level per directory; each lists
+    its names on the first visit (:meth:`_list`) and is left once they are
+    visited (:meth:`_leave`)."""
+
+    _levels: list[V]
+
+    def _names(self) -> Iterator[tuple[V, str]]:
+        """Each level with the next name to visit, depth first."""
+        levels = self._levels
+        while levels:
+            level = levels[-1]
+            if level.names is None:
+                self._list(level)
+            if level.names:
+                yield level, level.names.pop()
+                continue
+            levels.pop()
+            if levels:
+                self._leave(level)
+
+    def _list(self, level: V) -> None:
+        raise NotImplementedError
+
+    def _leave(self, level: V) -> None:
+        raise NotImplementedError
+
+
+class Walk(_Levels[_Level]):
     """Every entry below the directory ``root_fd`` (owned by the caller), depth
     first, parents before children, sorted by ``key`` within a directory (None:
     as strings; ``sort=False``: in directory order, the cheapest). Iterate
@@ -97,29 +132,26 @@ class Walk:
         self._current: Entry | None = None
 
     def __iter__(self) -> Iterator[Entry]:
-        dirs, levels = self._dirs, self._levels
+        dirs = self._dirs
         try:
-            while levels:
-                level = levels[-1]
-                if level.names is None:
-                    level.names = list_names(dirs.fd, sort=self._sort, key=self._key)
-                if not level.names:
-                    levels.pop()
-                    if levels:
-                        dirs.pop()
-                        if level.on_leave is not None and level.on_leave(dirs.fd, level.name):
-                            self._reenter(level)
-                    continue
-                name = level.names.pop()
+            for level, name in self._names():
                 try:
                     st = os.stat(name, dir_fd=dirs.fd, follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                self._current = Entry(level.prefix + name, name, dirs.fd, st, len(levels))
+                self._current = Entry(level.prefix + name, name, dirs.fd, st, len(self._levels))
                 yield self._current
         finally:
             self._current = None
             dirs.close()
+
+    def _list(self, level: _Level) -> None:
+        level.names = list_names(self._dirs.fd, sort=self._sort, key=self._key)
+
+    def _leave(self, level: _Level) -> None:
+        self._dirs.pop()
+        if level.on_leave is not None and level.on_leave(self._dirs.fd, level.name):
+            self._reenter(level)
 
     def enter(self, *, on_leave: OnLeave | None = None) -> int:
         """Go into the directory just yielded (its entries come next); returns its
@@ -168,10 +200,10 @@ class _PairLevel:
         self.lower_names: set[str] = set()
 
 
-class PairedWalk:
+class PairedWalk(_Levels[_PairLevel]):
     """The names below ``upper_fd`` and ``lower_fd`` (None: an empty lower), sorted
-    by ``key`` (None: as strings) within a directory, parents first. A name only the lower has
-    comes with ``upper_stat`` None; one the upper has but that vanished before
+    by ``key`` (None: as strings) within a directory, parents first. A name only
+    the lower has comes with ``upper_stat`` None; one the upper has but that vanished before
     its lstat is passed over. :meth:`enter` goes down on both sides."""
 
     def __init__(self, upper_fd: int, lower_fd: int | None, *, key: Key | None = None) -> None:
@@ -182,22 +214,9 @@ class PairedWalk:
         self._current: Pair | None = None
 
     def __iter__(self) -> Iterator[Pair]:
-        ups, levels = self._ups, self._levels
+        ups = self._ups
         try:
-            while levels:
-                level = levels[-1]
-                if level.names is None:
-                    self._list(level)
-                    assert level.names is not None
-                if not level.names:
-                    levels.pop()
-                    if levels:
-                        ups.pop()
-                        if level.lower:
-                            assert self._lows is not None
-                            self._lows.pop()
-                    continue
-                name = level.names.pop()
+            for level, name in self._names():
                 lower_fd = self._lows.fd if level.lower and self._lows is not None else None
                 ust: os.stat_result | None = None
                 if name in level.upper_names:
@@ -211,7 +230,7 @@ class PairedWalk:
                         lst = os.stat(name, dir_fd=lower_fd, follow_symlinks=False)
                     except FileNotFoundError:
                         lst = None
-                self._current = Pair(level.prefix + name, name, len(levels), ups.fd, ust,
+                self._current = Pair(level.prefix + name, name, len(self._levels), ups.fd, ust,
                                      lower_fd, lst)
                 yield self._current
         finally:
@@ -219,6 +238,12 @@ class PairedWalk:
             ups.close()
             if self._lows is not None:
                 self._lows.close()
+
+    def _leave(self, level: _PairLevel) -> None:
+        self._ups.pop()
+        if level.lower:
+            assert self._lows is not None
+            self._lows.pop()
 
     def _list(self, level: _PairLevel) -> None:
         level.upper_names = set(os.listdir(self._ups.fd))
