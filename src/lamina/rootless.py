@@ -88,35 +88,71 @@ rootless in the namespace."""
 
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNS = 0x00020000
-_FULL_MAP = ("0", "0", "4294967295")
+_INITIAL_MAP = ((0, 4294967295),)  # the initial namespace maps every id to itself
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 
 
-def in_user_namespace() -> bool:
-    """Whether this process runs in a user namespace other than the initial one."""
+def _namespace_id() -> str:
+    """Which user namespace this process is in (``user:[inode]``; "" where /proc does
+    not say): setns and unshare change it, so what is known of a namespace is
+    remembered under this name, never for the process (lamina may be imported
+    before :func:`enter` joins the namespace)."""
     try:
-        with open("/proc/self/uid_map", encoding="ascii") as f:
-            rows = [line.split() for line in f if line.strip()]
+        return os.readlink("/proc/self/ns/user")
     except OSError:
-        return False
-    return not (len(rows) == 1 and tuple(rows[0]) == _FULL_MAP)
+        return ""
 
 
-@functools.cache
-def _mapped() -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]] | None:
-    """This process's namespace's uid and gid ranges ``(first, count)``; None when it
-    is the initial namespace."""
-    if not in_user_namespace():
-        return None
+def _maps() -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]] | None:
+    """This process's uid and gid maps as ranges ``(first, count)``; None when /proc
+    cannot say."""
 
     def read(name: str) -> tuple[tuple[int, int], ...]:
         with open(f"/proc/self/{name}", encoding="ascii") as f:
             return tuple((int(r[0]), int(r[2])) for r in (line.split() for line in f) if r)
 
-    return read("uid_map"), read("gid_map")
+    try:
+        return read("uid_map"), read("gid_map")
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=8)
+def _maps_of(namespace: str) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+    """The maps of ``namespace``, read once: a namespace's maps are written once,
+    before anyone joins it (an unwritten one is not remembered, see :func:`_mapped`)."""
+    maps = _maps()
+    if maps is None or not maps[0]:
+        raise LookupError(namespace)  # not worth remembering
+    return maps
+
+
+def _current_maps() -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]] | None:
+    namespace = _namespace_id()
+    if namespace:
+        try:
+            return _maps_of(namespace)
+        except LookupError:
+            pass
+    return _maps()
+
+
+def in_user_namespace() -> bool:
+    """Whether this process runs in a user namespace other than the initial one, as
+    it is now (asked each time: joining a namespace changes the answer)."""
+    maps = _current_maps()
+    if maps is None:
+        return False
+    return maps[0] != _INITIAL_MAP
+
+
+def _mapped() -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]] | None:
+    """This process's namespace's uid and gid ranges ``(first, count)``; None when it
+    is the initial namespace."""
+    return _current_maps() if in_user_namespace() else None
 
 
 def _describe(ranges: tuple[tuple[int, int], ...]) -> str:

@@ -88,8 +88,6 @@ from lamina.archive.tarstream import (
 )
 from lamina.archive.whiteout import (
     OPAQUE_MARKER,
-    OVERLAY_OPAQUE_XATTR,
-    OVERLAY_XATTR_PREFIX,
     WHITEOUT_META_PREFIX,
     WHITEOUT_PREFIX,
     is_overlay_whiteout,
@@ -98,6 +96,7 @@ from lamina.archive.whiteout import (
 from lamina.errors import Internal, InvalidArgument, LaminaError, NotFound
 from lamina.fs.remove import remove_tree_at
 from lamina.fs.tree import DIR_FLAGS
+from lamina.mounts.overlay import overlay_opaque_xattr, overlay_xattr_prefix
 from lamina.rootless import check_member, report_left_out
 
 __all__ = ["AppliedLayer", "NeedsLowerLayers", "apply_layer"]
@@ -205,7 +204,7 @@ class _Applier:
         ``security.capability`` of the wrong size, or on a directory) refuses
         the layer, as containerd's applier does."""
         for key, value in e.xattrs.items():
-            if key.startswith(OVERLAY_XATTR_PREFIX):
+            if key.startswith(overlay_xattr_prefix()):
                 continue
             try:
                 os.setxattr(target, key, value, follow_symlinks=isinstance(target, int))
@@ -335,7 +334,7 @@ class _Applier:
     @staticmethod
     def _drop_xattrs(fd: int, *, keep: dict[str, bytes]) -> None:
         for key in os.listxattr(fd):
-            if key in keep or key.startswith((OVERLAY_XATTR_PREFIX, "security.selinux")):
+            if key in keep or key.startswith((overlay_xattr_prefix(), "security.selinux")):
                 continue
             try:
                 os.removexattr(fd, key)
@@ -359,7 +358,7 @@ class _Applier:
             if replaced and self.overlay:
                 # In an upperdir, what was here (a whiteout, or a non-directory
                 # of this layer) hid the lower directory: keep it hidden.
-                os.setxattr(fd, OVERLAY_OPAQUE_XATTR, b"y")
+                os.setxattr(fd, overlay_opaque_xattr(), b"y")
             self._dir_meta(fd, e, existed=existed)
         finally:
             os.close(fd)
@@ -485,7 +484,7 @@ class _Applier:
             os.chmod(tmp, stat.S_IMODE(st.st_mode), dir_fd=dfd)
         src_path, dst_path = f"/proc/self/fd/{dfd}/{name}", f"/proc/self/fd/{dfd}/{tmp}"
         for key in os.listxattr(src_path, follow_symlinks=False):
-            if key.startswith(OVERLAY_XATTR_PREFIX):
+            if key.startswith(overlay_xattr_prefix()):
                 continue
             try:
                 os.setxattr(dst_path, key, os.getxattr(src_path, key, follow_symlinks=False),
@@ -518,7 +517,7 @@ class _Applier:
             if stat.S_ISDIR(st.st_mode):
                 fd = os.open(target, DIR_FLAGS, dir_fd=pfd)
                 try:
-                    os.setxattr(fd, OVERLAY_OPAQUE_XATTR, b"y")
+                    os.setxattr(fd, overlay_opaque_xattr(), b"y")
                 finally:
                     os.close(fd)
             return
@@ -537,7 +536,7 @@ class _Applier:
             if not self.dirs.path:
                 raise NeedsLowerLayers(
                     "opaque root directory: overlayfs ignores an opaque upper root")
-            os.setxattr(fd, OVERLAY_OPAQUE_XATTR, b"y")
+            os.setxattr(fd, overlay_opaque_xattr(), b"y")
             return
         found = self.dirs.get(dparts, create=False)
         if found is not None:

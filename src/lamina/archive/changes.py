@@ -32,16 +32,11 @@ from collections.abc import Callable, Iterator
 
 from lamina.archive.compression import Compression, Sink
 from lamina.archive.layerwriter import Change, DiffResult, Member, Whiteout, write_layer
-from lamina.archive.whiteout import (
-    OPAQUE_MARKER,
-    OVERLAY_OPAQUE_XATTR,
-    OVERLAY_XATTR_PREFIX,
-    is_overlay_whiteout,
-    whiteout_name,
-)
+from lamina.archive.whiteout import OPAQUE_MARKER, is_overlay_whiteout, whiteout_name
 from lamina.errors import Internal, InvalidArgument, LaminaError, NotFound
 from lamina.fs.tree import DIR_FLAGS, proc_path
 from lamina.fs.walk import PairedWalk, Walk
+from lamina.mounts.overlay import overlay_opaque_xattr, overlay_xattr_prefix
 
 __all__ = ["DiffResult", "overlay_changes", "tree_changes", "write_diff", "write_overlay_diff"]
 
@@ -80,7 +75,7 @@ class _Links:
 def _keep_xattrs(names: list[str], get: Callable[[str], bytes]) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     for name in names:
-        if name.startswith(OVERLAY_XATTR_PREFIX):
+        if name.startswith(overlay_xattr_prefix()):
             continue
         with contextlib.suppress(OSError):
             out[name] = get(name)
@@ -249,7 +244,7 @@ def overlay_changes(upper_fd: int) -> Iterator[Change]:
 
 def _is_opaque(fd: int) -> bool:
     try:
-        return os.getxattr(fd, OVERLAY_OPAQUE_XATTR) == b"y"
+        return os.getxattr(fd, overlay_opaque_xattr()) == b"y"
     except OSError:
         return False
 

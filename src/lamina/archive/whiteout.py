@@ -22,17 +22,10 @@ import stat
 
 from lamina.errors import InvalidArgument
 from lamina.fs.tree import DIR_FLAGS
-from lamina.mounts.overlay import (
-    OVERLAY_MOUNT_OPTIONS,
-    OVERLAY_OPAQUE_XATTR,
-    OVERLAY_XATTR_PREFIX,
-)
+from lamina.mounts.overlay import overlay_opaque_xattr
 
 __all__ = [
     "OPAQUE_MARKER",
-    "OVERLAY_MOUNT_OPTIONS",
-    "OVERLAY_OPAQUE_XATTR",
-    "OVERLAY_XATTR_PREFIX",
     "WHITEOUT_META_PREFIX",
     "WHITEOUT_PREFIX",
     "drop_needless_whiteouts",
@@ -68,7 +61,7 @@ def is_overlay_whiteout(st: os.stat_result) -> bool:
 
 def _opaque(fd: int) -> bool:
     try:
-        return os.getxattr(fd, OVERLAY_OPAQUE_XATTR) == b"y"
+        return os.getxattr(fd, overlay_opaque_xattr()) == b"y"
     except OSError:
         return False
 

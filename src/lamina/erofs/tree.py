@@ -41,8 +41,6 @@ from lamina.archive.tarstream import (
 )
 from lamina.archive.whiteout import (
     OPAQUE_MARKER,
-    OVERLAY_OPAQUE_XATTR,
-    OVERLAY_XATTR_PREFIX,
     WHITEOUT_META_PREFIX,
     WHITEOUT_PREFIX,
     whiteout_target,
@@ -51,6 +49,7 @@ from lamina.erofs.acl import acl_equivalent, acl_mode
 from lamina.erofs.inode import Inode, RootMeta, new_dir
 from lamina.erofs.xattrs import xattr_verdict
 from lamina.errors import InvalidArgument
+from lamina.mounts.overlay import overlay_opaque_xattr, overlay_xattr_prefix
 
 __all__ = ["LayerTree"]
 
@@ -319,7 +318,7 @@ class LayerTree:
         node.mtime_ns = e.mtime_ns
         if existed:
             node.xattrs = {k: v for k, v in node.xattrs.items()
-                           if k.startswith(OVERLAY_XATTR_PREFIX) or k in e.xattrs}
+                           if k.startswith(overlay_xattr_prefix()) or k in e.xattrs}
         self._set_xattrs(node, e)
 
     def _directory(self, pdir: Inode, name: str, e: TarEntry) -> None:
@@ -333,7 +332,7 @@ class LayerTree:
             self._detach(pdir, name)
             if self.overlay:
                 # what was here hid the lower directory: keep it hidden
-                node.xattrs[OVERLAY_OPAQUE_XATTR] = b"y"
+                node.xattrs[overlay_opaque_xattr()] = b"y"
         self._attach(pdir, name, node)
         self._dir_meta(node, e, existed=False)
 
@@ -405,7 +404,7 @@ class LayerTree:
                 if not self.path:
                     raise NeedsLowerLayers(
                         "opaque root directory: overlayfs ignores an opaque upper root")
-                node.xattrs[OVERLAY_OPAQUE_XATTR] = b"y"
+                node.xattrs[overlay_opaque_xattr()] = b"y"
             else:
                 self.lookup(parts[:-1], create=False)
             return
@@ -422,7 +421,7 @@ class LayerTree:
             gid = pdir.gid if pdir.mode & stat.S_ISGID else 0
             self._attach(pdir, target, Inode(stat.S_IFCHR, 0o600, 0, gid, None))
         elif old.kind == stat.S_IFDIR:
-            old.xattrs[OVERLAY_OPAQUE_XATTR] = b"y"
+            old.xattrs[overlay_opaque_xattr()] = b"y"
         if old is None:
             self.whiteouts.append((pdir, target))
 
@@ -457,7 +456,7 @@ class LayerTree:
         fd = os.open(lower, _DIR_FLAGS)
         try:
             for node in reversed(chain):
-                if node.xattrs.get(OVERLAY_OPAQUE_XATTR) == b"y":
+                if node.xattrs.get(overlay_opaque_xattr()) == b"y":
                     return False
                 try:
                     nfd = os.open(node.name, _DIR_FLAGS, dir_fd=fd)

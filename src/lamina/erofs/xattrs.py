@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import stat
 
-from lamina.archive.whiteout import OVERLAY_XATTR_PREFIX
 from lamina.erofs.acl import acl_verdict
 from lamina.errors import InvalidArgument
+from lamina.mounts.overlay import overlay_xattr_prefix
 
 __all__ = ["xattr_verdict"]
 
@@ -22,7 +22,7 @@ def xattr_verdict(kind: int, key: str, value: bytes, who: str) -> bytes | None:
     stored: the value (possibly normalised, as the kernel does), or None when
     the kernel refuses it quietly (EOPNOTSUPP, EPERM: apply_layer skips
     those); InvalidArgument where it answers EINVAL (apply_layer's refusal)."""
-    if key.startswith(OVERLAY_XATTR_PREFIX):
+    if key.startswith(overlay_xattr_prefix()):
         return None
     for prefix in ("user.", "trusted.", "security."):
         if key.startswith(prefix):

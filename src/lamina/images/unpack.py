@@ -49,12 +49,13 @@ from typing import IO, TYPE_CHECKING
 from lamina.archive import limits, mtree
 from lamina.archive.apply import AppliedLayer, NeedsLowerLayers, apply_layer
 from lamina.archive.compression import size_hint, too_large
-from lamina.archive.whiteout import OVERLAY_XATTR_PREFIX, drop_needless_whiteouts
+from lamina.archive.whiteout import drop_needless_whiteouts
 from lamina.content import set_labels, write_blob
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from lamina.fs.files import locked, sync_filesystem
 from lamina.labels import GC_REF_SNAPSHOT, LAYER_MTREE, SNAPSHOT_REF, UNCOMPRESSED
 from lamina.mounts.mount import temp_mount
+from lamina.mounts.overlay import overlay_xattr_prefix
 from lamina.oci.identity import chain_ids
 from lamina.oci.types import Descriptor, ImageConfig, Manifest
 from lamina.snapshots import Capability, LocalDirectories, Snapshotter, Staging
@@ -314,7 +315,7 @@ class Unpacker:
             os.chown(staged, st.st_uid, st.st_gid)
             os.chmod(staged, stat.S_IMODE(st.st_mode))
             for key in os.listxattr(top):
-                if not key.startswith(OVERLAY_XATTR_PREFIX):
+                if not key.startswith(overlay_xattr_prefix()):
                     os.setxattr(staged, key, os.getxattr(top, key))
         if not applied.whiteouts:
             return

@@ -56,7 +56,7 @@ from lamina.errors import FailedPrecondition, InvalidArgument
 from lamina.fs.files import remove_tree
 from lamina.fs.tree import DIR_FLAGS, DirStack, proc_path
 from lamina.fs.walk import Entry, Walk
-from lamina.mounts.overlay import OVERLAY_MOUNT_OPTIONS
+from lamina.mounts.overlay import overlay_mount_options
 from lamina.mounts.plain import Mount, mount_plain, move_mount, syscall, unmount_all
 
 __all__ = [
@@ -519,7 +519,7 @@ def _cached_copy(lowers: list[str], upper: str | None, userns: UserNamespace) ->
             source = lowers[0]
         else:
             joined = "lowerdir=" + ":".join(lowers)
-            options = ("ro", *OVERLAY_MOUNT_OPTIONS, joined)  # userxattr in a user namespace
+            options = ("ro", *overlay_mount_options(), joined)  # userxattr in a user namespace
             mount_plain([Mount("overlay", "overlay", options=options)], view)
             source = view
         try:

@@ -21,11 +21,11 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from lamina.archive.whiteout import OVERLAY_MOUNT_OPTIONS, OVERLAY_XATTR_PREFIX
 from lamina.errors import Unavailable
 from lamina.fs.files import remove_tree
 from lamina.fs.perms import FILE_MODE, tighten
 from lamina.mounts.mount import Mount, mount_all, unmount_all
+from lamina.mounts.overlay import overlay_mount_options, overlay_xattr_prefix
 from lamina.snapshots import Capability, Kind
 from lamina.snapshots.base import DirectorySnapshotter
 from lamina.snapshots.storage import Snapshot
@@ -50,7 +50,7 @@ class OverlaySnapshotter(DirectorySnapshotter):
         mount_options: Sequence[str] = (),
     ) -> None:
         super().__init__(root, async_remove=async_remove)
-        self._extra = (*OVERLAY_MOUNT_OPTIONS, *mount_options)
+        self._extra = (*overlay_mount_options(), *mount_options)
         if not (self.root / _CHECKED).exists():
             check_overlay_support(self.root)
             (self.root / _CHECKED).touch(mode=FILE_MODE)
@@ -69,7 +69,7 @@ class OverlaySnapshotter(DirectorySnapshotter):
             os.chown(fs, st.st_uid, st.st_gid)
             os.chmod(fs, stat.S_IMODE(st.st_mode))
             for key in os.listxattr(top):  # as a native copy keeps them
-                if not key.startswith(OVERLAY_XATTR_PREFIX):
+                if not key.startswith(overlay_xattr_prefix()):
                     os.setxattr(fs, key, os.getxattr(top, key))
 
     def _mounts(self, snap: Snapshot) -> list[Mount]:
@@ -136,7 +136,7 @@ def check_overlay_support(root: Path) -> None:
         m = Mount(
             "overlay",
             "overlay",
-            options=(*OVERLAY_MOUNT_OPTIONS, f"lowerdir={tmp / 'lower'}",
+            options=(*overlay_mount_options(), f"lowerdir={tmp / 'lower'}",
                      f"upperdir={tmp / 'upper'}", f"workdir={tmp / 'work'}"),
         )
         try:
