@@ -16,8 +16,6 @@ def _interrupted_checkpoints(app: App, report: CheckReport) -> None:
     paused) to ``report``; with a repair, put it right."""
     from lamina.cli.container import services
 
-    if app.address:
-        return  # checkpoints run on the server's machine, by its CLI
     with services(app) as cps:
         found = [Problem(ProblemType.CHECKPOINT_INTERRUPTED, line.split(":", 1)[0], line)
                  for line in cps.interrupted()]
