@@ -77,40 +77,43 @@ EROFS_INODE_FLAT_PLAIN = 0
 EROFS_INODE_FLAT_INLINE = 2
 EROFS_INODE_CHUNK_BASED = 4
 
+
+def _layout(fmt: str, size: int) -> struct.Struct:
+    """``fmt`` as a Struct, checked against the size the kernel's struct has."""
+    layout = struct.Struct(fmt)
+    if layout.size != size:
+        raise AssertionError(f"struct {fmt!r} is {layout.size} bytes, the kernel's {size}")
+    return layout
+
+
 #: struct erofs_super_block (the 128 bytes every version has):
 #: magic, checksum, feature_compat, blkszbits, sb_extslots, root_nid, inos,
 #: epoch (build_time), fixed_nsec (build_time_nsec), blocks, meta_blkaddr,
 #: xattr_blkaddr, uuid, volume_name, feature_incompat, available_compr_algs,
 #: extra_devices, devt_slotoff, dirblkbits, xattr_prefix_count,
 #: xattr_prefix_start, packed_nid, xattr_filter_reserved, reserved
-SUPER_BLOCK = struct.Struct("<IIIBBHQQIIII16s16sIHHHBBIQB23s")
-assert SUPER_BLOCK.size == 128
+SUPER_BLOCK = _layout("<IIIBBHQQIIII16s16sIHHHBBIQB23s", 128)
 
 #: struct erofs_inode_compact: i_format, i_xattr_icount, i_mode, i_nlink,
 #: i_size, i_mtime (0: the epoch), i_u (startblk_lo / rdev), i_ino, i_uid,
 #: i_gid, i_reserved
-INODE_COMPACT = struct.Struct("<HHHHIIIIHHI")
-assert INODE_COMPACT.size == 32
+INODE_COMPACT = _layout("<HHHHIIIIHHI", 32)
 
 #: struct erofs_inode_extended: i_format, i_xattr_icount, i_mode, i_nb
 #: (reserved here), i_size, i_u, i_ino, i_uid, i_gid, i_mtime,
 #: i_mtime_nsec, i_nlink, i_reserved2
-INODE_EXTENDED = struct.Struct("<HHHHQIIIIQII16s")
-assert INODE_EXTENDED.size == 64
+INODE_EXTENDED = _layout("<HHHHQIIIIQII16s", 64)
 
 #: struct erofs_dirent: nid, nameoff, file_type, reserved
-DIRENT = struct.Struct("<QHBB")
-assert DIRENT.size == 12
+DIRENT = _layout("<QHBB", 12)
 
 #: struct erofs_xattr_ibody_header: h_name_filter (h_reserved),
 #: h_shared_count, h_reserved2; then h_shared_count 4-byte shared xattr ids
-XATTR_IBODY_HEADER = struct.Struct("<IB7s")
-assert XATTR_IBODY_HEADER.size == 12
+XATTR_IBODY_HEADER = _layout("<IB7s", 12)
 
 #: struct erofs_xattr_entry: e_name_len, e_name_index, e_value_size; then
 #: the name suffix and the value, the whole padded to 4 bytes
-XATTR_ENTRY = struct.Struct("<BBH")
-assert XATTR_ENTRY.size == 4
+XATTR_ENTRY = _layout("<BBH", 4)
 
 EROFS_XATTR_INDEX_USER = 1
 EROFS_XATTR_INDEX_POSIX_ACL_ACCESS = 2
