@@ -35,7 +35,7 @@ from lamina.content.local import BlobCorrupt, LocalContentStore
 from lamina.errors import LaminaError, NotFound
 from lamina.metadata.root import SNAPSHOTTERS, Root
 from lamina.mounts.mount import cleanup_temp_mounts
-from lamina.snapshots.base import DirectorySnapshotter
+from lamina.snapshots.directory import DirectorySnapshotter
 
 __all__ = ["Repairs", "mounts_under", "problems", "recover", "snapshotters_of",
            "unmount_under"]

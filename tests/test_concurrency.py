@@ -65,7 +65,7 @@ def worker(root: Path, idx: int, seconds: float, out: Path) -> None:
     from lamina.images.service import ImageService
     from lamina.metadata.gc import collect
     from lamina.metadata.root import Root
-    from lamina.snapshots.base import DirectorySnapshotter
+    from lamina.snapshots.directory import DirectorySnapshotter
 
     r = Root(root)
     sn = r.snapshotter("overlay")

@@ -26,7 +26,7 @@ from lamina.errors import AlreadyExists, InvalidArgument
 from lamina.fs.files import remove_tree
 from lamina.metadata.root import Root
 from lamina.mounts.mount import temp_mount
-from lamina.snapshots.base import DirectorySnapshotter
+from lamina.snapshots.directory import DirectorySnapshotter
 from lamina.snapshots.usage import disk_usage
 
 SNAPSHOTTERS = ["overlay", "native"]

@@ -58,7 +58,7 @@ from lamina.images.service import ImageService
 from lamina.metadata.root import Root
 from lamina.mounts.mount import temp_mount
 from lamina.oci.identity import chain_ids
-from lamina.snapshots.base import DirectorySnapshotter
+from lamina.snapshots.directory import DirectorySnapshotter
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from lamina.errors import FailedPrecondition, Internal
 from lamina.mounts.mount import Mount
 from lamina.snapshots import Capability, Kind
-from lamina.snapshots.base import DirectorySnapshotter
+from lamina.snapshots.directory import DirectorySnapshotter
 from lamina.snapshots.storage import Snapshot
 
 __all__ = ["NativeSnapshotter", "copy_tree"]

@@ -27,7 +27,7 @@ from lamina.fs.perms import FILE_MODE, tighten
 from lamina.mounts.mount import Mount, mount_all, unmount_all
 from lamina.mounts.overlay import overlay_mount_options, overlay_xattr_prefix
 from lamina.snapshots import Capability, Kind
-from lamina.snapshots.base import DirectorySnapshotter
+from lamina.snapshots.directory import DirectorySnapshotter
 from lamina.snapshots.storage import Snapshot
 
 __all__ = ["OverlaySnapshotter", "check_overlay_support"]
