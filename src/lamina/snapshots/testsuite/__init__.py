@@ -1,7 +1,7 @@
 """The conformance suite every :class:`~lamina.snapshots.Snapshotter` must pass.
 
 Each case is a plain function ``case(sn, work) -> None`` registered with the
-:func:`~lamina.snapshots.testsuite.core.case` decorator into :data:`CASES`; it
+:func:`~lamina.snapshots.testsuite.harness.case` decorator into :data:`CASES`; it
 gets a fresh snapshotter and an empty work directory (for mount points and
 reference trees), performs real mounts, and raises ``AssertionError`` (or a
 :class:`~lamina.errors.LaminaError`) on failure and :class:`Skip` when a
@@ -25,8 +25,8 @@ An implementation's test file is a small adapter::
 set-up (a server, say), make the factory do it, or use :func:`environment`
 directly in a fixture. :func:`params` marks slow cases ``slow``.
 
-A case is written with the helpers of :mod:`lamina.snapshots.testsuite.core`
-(:func:`~lamina.snapshots.testsuite.core.case`, ``check_snapshots``,
+A case is written with the helpers of :mod:`lamina.snapshots.testsuite.harness`
+(:func:`~lamina.snapshots.testsuite.harness.case`, ``check_snapshots``,
 ``expect_error``, ``mounted``, ``require``...); this package exports what an
 adapter needs. Filesystem expectations are written with the small language of
 :mod:`lamina.snapshots.testsuite.fstest` (``CreateFile``, ``CreateDir``,
@@ -37,7 +37,7 @@ the mounted snapshot and to a plain directory whose tree must then be equal.
 from __future__ import annotations
 
 from lamina.snapshots.testsuite import cases_fs, cases_meta
-from lamina.snapshots.testsuite.core import (
+from lamina.snapshots.testsuite.harness import (
     CASES,
     Case,
     CaseFn,

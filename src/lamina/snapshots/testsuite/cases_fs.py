@@ -10,17 +10,6 @@ from pathlib import Path
 
 from lamina.errors import FailedPrecondition
 from lamina.snapshots import Capability, Kind, Snapshotter
-from lamina.snapshots.testsuite.core import (
-    LABELS,
-    case,
-    check_snapshots,
-    check_view,
-    create_snapshot,
-    mounted,
-    require,
-    same_tree,
-    unique,
-)
 from lamina.snapshots.testsuite.fstest import (
     Applier,
     Chmod,
@@ -35,6 +24,17 @@ from lamina.snapshots.testsuite.fstest import (
     Symlink,
     apply,
     reference_dir,
+)
+from lamina.snapshots.testsuite.harness import (
+    LABELS,
+    case,
+    check_snapshots,
+    check_view,
+    create_snapshot,
+    mounted,
+    require,
+    same_tree,
+    unique,
 )
 
 

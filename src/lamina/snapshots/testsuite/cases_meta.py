@@ -10,7 +10,14 @@ from pathlib import Path
 from lamina.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from lamina.labels import GC_ROOT
 from lamina.snapshots import MAX_LABEL_SIZE, Info, Kind, Snapshotter
-from lamina.snapshots.testsuite.core import (
+from lamina.snapshots.testsuite.fstest import (
+    CreateDir,
+    CreateFile,
+    Remove,
+    apply,
+    reference_dir,
+)
+from lamina.snapshots.testsuite.harness import (
     LABELS,
     case,
     check_info,
@@ -19,13 +26,6 @@ from lamina.snapshots.testsuite.core import (
     same_info,
     same_tree,
     timestamp,
-)
-from lamina.snapshots.testsuite.fstest import (
-    CreateDir,
-    CreateFile,
-    Remove,
-    apply,
-    reference_dir,
 )
 
 # Clock slack when checking that a time lies in an interval measured around a call.

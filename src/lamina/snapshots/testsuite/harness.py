@@ -1,4 +1,4 @@
-"""The case registry, the runner, and helpers the cases share."""
+"""The harness: the case registry, the runner, and the helpers a case is written with."""
 
 from __future__ import annotations
 
