@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 import grpc
 from google.protobuf import empty_pb2
 
-from lamina.api.convert import batched, content_info_to_pb, set_timestamp, status_to_pb
+from lamina.api.convert import batched, content_info_to_pb, status_to_pb, with_times
 from lamina.api.errors import servicer_method
 from lamina.api.gen.containerd.services.content.v1 import content_pb2 as cpb
 from lamina.api.gen.containerd.services.content.v1 import content_pb2_grpc as cpb_grpc
@@ -40,9 +40,7 @@ READ_CHUNK = 1 << 20
 def _write_response(action: cpb.WriteAction, st: Status, digest: str) -> cpb.WriteContentResponse:
     """The response to a write message: where the ingest ``st`` stands, ``digest`` so far."""
     resp = cpb.WriteContentResponse(action=action, offset=st.offset, total=st.total, digest=digest)
-    set_timestamp(resp.started_at, st.started_at)
-    set_timestamp(resp.updated_at, st.updated_at)
-    return resp
+    return with_times(resp, started_at=st.started_at, updated_at=st.updated_at)
 
 
 class ContentService(cpb_grpc.ContentServicer):

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import TypeVar
 
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from lamina import content
@@ -37,9 +38,11 @@ __all__ = [
     "status_from_pb",
     "status_to_pb",
     "timestamp_from_pb",
+    "with_times",
 ]
 
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 
 LIST_BATCH = 100
 """Items per List response message."""
@@ -84,6 +87,13 @@ def set_timestamp(ts: Timestamp, dt: datetime | None) -> None:
     ts.FromDatetime(dt)
 
 
+def with_times(msg: M, **times: datetime | None) -> M:
+    """``msg`` with each timestamp field named in ``times`` set (see :func:`set_timestamp`)."""
+    for name, dt in times.items():
+        set_timestamp(getattr(msg, name), dt)
+    return msg
+
+
 def timestamp_from_pb(ts: Timestamp, present: bool) -> datetime | None:
     return ts.ToDatetime(tzinfo=UTC) if present else None
 
@@ -109,9 +119,7 @@ def info_to_pb(info: Info) -> spb.Info:
         kind=kind_to_pb(info.kind),
         labels=dict(info.labels),
     )
-    set_timestamp(msg.created_at, info.created)
-    set_timestamp(msg.updated_at, info.updated)
-    return msg
+    return with_times(msg, created_at=info.created, updated_at=info.updated)
 
 
 def info_from_pb(msg: spb.Info) -> Info:
@@ -130,9 +138,7 @@ def info_from_pb(msg: spb.Info) -> Info:
 
 def content_info_to_pb(info: content.Info) -> cpb.Info:
     msg = cpb.Info(digest=info.digest, size=info.size, labels=dict(info.labels))
-    set_timestamp(msg.created_at, info.created)
-    set_timestamp(msg.updated_at, info.updated)
-    return msg
+    return with_times(msg, created_at=info.created, updated_at=info.updated)
 
 
 def content_info_from_pb(msg: cpb.Info) -> content.Info:
@@ -148,9 +154,7 @@ def content_info_from_pb(msg: cpb.Info) -> content.Info:
 
 def status_to_pb(st: content.Status) -> cpb.Status:
     msg = cpb.Status(ref=st.ref, offset=st.offset, total=st.total, expected=st.expected)
-    set_timestamp(msg.started_at, st.started_at)
-    set_timestamp(msg.updated_at, st.updated_at)
-    return msg
+    return with_times(msg, started_at=st.started_at, updated_at=st.updated_at)
 
 
 def status_from_pb(msg: cpb.Status) -> content.Status:
