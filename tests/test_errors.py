@@ -1,0 +1,53 @@
+"""The error classes: each one's gRPC code and exit code (README's table), and the way back."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from lamina.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    LaminaError,
+    NotFound,
+    NotImplementedErr,
+    ResourceExhausted,
+    Unavailable,
+    from_grpc_code,
+)
+
+TABLE: list[tuple[type[LaminaError], grpc.StatusCode, int]] = [
+    (Internal, grpc.StatusCode.INTERNAL, 1),
+    (NotFound, grpc.StatusCode.NOT_FOUND, 3),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS, 4),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION, 5),
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT, 6),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE, 7),
+    (NotImplementedErr, grpc.StatusCode.UNIMPLEMENTED, 8),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED, 9),
+]
+
+
+@pytest.mark.parametrize(("cls", "status", "exit_code"), TABLE, ids=lambda v: str(v))
+def test_class_codes_and_way_back(
+    cls: type[LaminaError], status: grpc.StatusCode, exit_code: int
+) -> None:
+    assert (cls.grpc_code, cls.exit_code) == (status.name, exit_code)
+    back = from_grpc_code(status.name, "msg")
+    assert type(back) is cls and back.message == "msg"
+
+
+def test_root_and_unknown_codes() -> None:
+    assert (LaminaError.grpc_code, LaminaError.exit_code) == ("UNKNOWN", 1)
+    assert type(from_grpc_code("DATA_LOSS", "m")) is Internal
+    assert NotImplementedErr("x").one_line() == "NotImplemented: x"
+
+
+def test_a_subclass_inherits_its_codes_and_leaves_the_way_back_alone() -> None:
+    class Narrow(NotFound):
+        pass
+
+    assert (Narrow.grpc_code, Narrow.exit_code) == ("NOT_FOUND", 3)
+    assert type(from_grpc_code("NOT_FOUND", "m")) is NotFound
