@@ -28,6 +28,7 @@ from lamina.errors import AlreadyExists, NotFound, Unavailable
 from lamina.oci.types import Descriptor
 from lamina.remotes.fetcher import CHUNK, BlobMismatch, Cancelled, Fetcher
 from lamina.util.progress import Progress
+from lamina.util.rawio import RawReader
 
 if TYPE_CHECKING:
     from lamina.content import ContentStore, Writer
@@ -72,12 +73,13 @@ class Transfer:
                 self._cond.wait(timeout)
 
 
-class TailReader:
+class TailReader(RawReader):
     """Reads a blob while it downloads, from ``following`` (a reader on its ingest
     that returns what is there so far); EOF only once it is committed."""
 
     def __init__(self, transfer: Transfer, cancel: threading.Event,
                  following: BinaryIO) -> None:
+        super().__init__()
         self._t = transfer
         self._cancel = cancel
         self._f: BinaryIO | None = following
@@ -106,18 +108,11 @@ class TailReader:
                 return data
             self._t.wait(self._pos)
 
-    def readinto(self, b: bytearray | memoryview) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-    def readable(self) -> bool:
-        return True
-
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
             self._f = None
+        super().close()
 
 
 def _open_writer(content: ContentStore, ref: str, desc: Descriptor,

@@ -61,6 +61,7 @@ from lamina.oci.types import Descriptor, ImageConfig, Manifest
 from lamina.snapshots import Capability, LocalDirectories, Snapshotter, Staging
 from lamina.util import crash
 from lamina.util.progress import Progress
+from lamina.util.rawio import RawReader
 
 if TYPE_CHECKING:
     from lamina.content import ContentStore
@@ -81,10 +82,11 @@ class UnpackResult:
     reused: int
 
 
-class _Counting:
+class _Counting(RawReader):
     """A reader that reports how far a layer has been read."""
 
     def __init__(self, raw: IO[bytes], progress: Progress, item: str, total: int) -> None:
+        super().__init__()
         self._raw, self._progress, self._item, self._total = raw, progress, item, total
         self._done = 0
         self._next = 0
@@ -97,16 +99,9 @@ class _Counting:
             self._next = self._done + (4 << 20)
         return data
 
-    def readinto(self, b: bytearray | memoryview) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-    def readable(self) -> bool:
-        return True
-
     def close(self) -> None:
         self._raw.close()
+        super().close()
 
 
 class Unpacker:
