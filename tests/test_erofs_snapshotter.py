@@ -292,3 +292,25 @@ def test_check_deep_verifies_layer_images(tmp_path: Path) -> None:
         for m in sorted(read_mountinfo(), key=lambda m: -len(m.mount_point)):
             if m.mount_point.startswith(str(tmp_path)):
                 unmount_image(m.mount_point)
+
+
+def test_writer_space_guard_keeps_its_directory(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The space checks during a write look at the image's directory: the writer
+    closed that descriptor after the first check, so later checks read whatever
+    reused the number (EBADF in a parallel unpack)."""
+    from lamina.archive import limits
+    from lamina.erofs.writer import write_image
+
+    seen: list[str] = []
+    short = limits.SpaceGuard._short
+
+    def checked(self: limits.SpaceGuard) -> str | None:
+        seen.append(os.readlink(f"/proc/self/fd/{self._fd}"))
+        return short(self)
+
+    monkeypatch.setattr(limits.SpaceGuard, "_short", checked)
+    big = os.urandom(1 << 20) * 40  # past one check interval (16 MiB)
+    (tmp_path / "d").mkdir()
+    write_image(io.BytesIO(_tar([("big", big)])), tmp_path / "d" / "x.erofs")
+    assert len(seen) >= 2 and set(seen) == {str(tmp_path / "d")}, seen

@@ -160,11 +160,12 @@ def write_image(
         raise InvalidArgument(f"write EROFS image: directory {directory} does not exist") from None
     digest = hashlib.sha256()
     counter = [0]
-    try:
+    try:  # the guard checks the space through dir_fd while the layer is read
         space = limits.SpaceGuard(dir_fd, directory, action="write EROFS image")
         space.check()
-    finally:
+    except BaseException:
         os.close(dir_fd)
+        raise
 
     def on_bytes(data: bytes) -> None:
         digest.update(data)
@@ -210,5 +211,7 @@ def write_image(
             raise space.explain(exc, name or dest, False) from exc
         where = f" at {name}" if name else ""
         raise Internal(f"write EROFS image{where}: {exc}") from exc
+    finally:
+        os.close(dir_fd)
     return WrittenImage(diff_id=diff_id, size=reader.total, root_listed=tree.root_listed,
                         inodes=layout.inodes, image_size=layout.blocks * BLK)
