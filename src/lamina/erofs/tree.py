@@ -66,8 +66,13 @@ class LayerTree:
     """The tree a layer leaves (see the module docs). ``root`` is its root
     directory; ``root_listed`` whether the layer had an entry for it."""
 
-    def __init__(self, *, overlay: bool, root: RootMeta | None = None) -> None:
+    def __init__(self, *, overlay: bool, root: RootMeta | None = None,
+                 lower_dirs: bool = False) -> None:
         self.overlay = overlay
+        #: overlay form with the lowers to ask at the end: a parent directory the
+        #: layer does not list is made, and takes its metadata in settle_implicit
+        self.lower_dirs = lower_dirs
+        self.implicit: list[Inode] = []
         meta = root or RootMeta()
         self.root = new_dir(meta.mode & 0o7777, meta.uid, meta.gid, meta.mtime_ns)
         self.root.xattrs = dict(meta.xattrs)
@@ -190,7 +195,7 @@ class LayerTree:
             raise _bad(f"{show_name('/'.join(parts))} leads to a directory path "
                        f"of {size} bytes once symlinks are resolved (limit "
                        f"{limits.MAX_PATH - 1}, PATH_MAX)")
-        if self.overlay:
+        if self.overlay and not self.lower_dirs:
             rel = f"{self._rel(node)}/{comp}" if node.depth else comp
             raise NeedsLowerLayers(
                 f"directory {rel!r} is not in the layer; its metadata is in lower layers")
@@ -198,6 +203,8 @@ class LayerTree:
         gid = node.gid if node.mode & stat.S_ISGID else 0
         child = new_dir(0o755, 0, gid, None)
         self._attach(node, comp, child)
+        if self.overlay:
+            self.implicit.append(child)
         return child
 
     @staticmethod
@@ -422,6 +429,8 @@ class LayerTree:
             self._attach(pdir, target, Inode(stat.S_IFCHR, 0o600, 0, gid, None))
         elif old.kind == stat.S_IFDIR:
             old.xattrs[overlay_opaque_xattr()] = b"y"
+            if self.implicit:  # the lowers' directory is gone: this one is new
+                self.implicit = [n for n in self.implicit if n is not old]
         if old is None:
             self.whiteouts.append((pdir, target))
 
@@ -481,6 +490,74 @@ class LayerTree:
         node.mode, node.uid, node.gid = meta.mode & 0o7777, meta.uid, meta.gid
         node.mtime_ns = meta.mtime_ns
         node.xattrs = dict(meta.xattrs)
+
+    def settle_implicit(self, lower: str | None) -> None:
+        """Give each parent directory the layer implied but did not list the
+        metadata its directory has in ``lower`` (the lowers' merged tree; None:
+        no lowers), as overlayfs copies a directory up when something is made in
+        it; one the lowers lack is made as apply_layer makes it. Raises
+        NeedsLowerLayers where only a mount can tell: the lowers have something
+        else than a directory there, or the layer listed it after implying it."""
+        for node in self.implicit:
+            if node.parent is None or not self._inside(node, self.root):
+                continue  # it left the tree
+            if node.rel in self.dir_times:
+                raise NeedsLowerLayers(f"directory {node.rel!r} is listed after it was implied")
+            found = self._lower_dir(node, lower) if lower is not None else None
+            if found is None:
+                parent = node.parent
+                node.mode, node.uid = 0o755, 0
+                node.gid = parent.gid if parent.mode & stat.S_ISGID else 0
+                continue
+            st, xattrs = found
+            node.mode, node.uid, node.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+            node.xattrs = {**xattrs, **node.xattrs}
+
+    def prune_implicit(self) -> None:
+        """Leave out the implied directories that hold nothing once needless
+        whiteouts went (a whiteout of something the lowers lack changes nothing,
+        nor makes its parents), innermost first; an opaque one stays."""
+        for node in reversed(self.implicit):
+            parent = node.parent
+            if (parent is None or node.children or overlay_opaque_xattr() in node.xattrs
+                    or not self._inside(node, self.root)):
+                continue
+            assert parent.children is not None
+            if parent.children.get(node.name) is node:
+                self._detach(parent, node.name)
+        self.implicit = []
+
+    def _lower_dir(self, node: Inode, lower: str) -> tuple[os.stat_result,
+                                                            dict[str, bytes]] | None:
+        """The stat and xattrs of ``node``'s directory in ``lower``; None where the
+        merged tree has none (absent, or below an upper directory that hides it)."""
+        chain: list[Inode] = []
+        cur: Inode | None = node
+        while cur is not None and cur is not self.root:
+            chain.append(cur)
+            cur = cur.parent
+        fd = os.open(lower, _DIR_FLAGS)
+        try:
+            for i, step in enumerate(reversed(chain)):
+                last = i == len(chain) - 1
+                if not last and step.xattrs.get(overlay_opaque_xattr()) == b"y":
+                    return None
+                try:
+                    nfd = os.open(step.name, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    return None
+                except OSError:  # not a directory (a symlink, a file)
+                    if last:
+                        raise NeedsLowerLayers(f"directory {node.rel!r} is not in the layer "
+                                               "and not a directory in the lower layers") from None
+                    return None
+                os.close(fd)
+                fd = nfd
+            xattrs = {k: os.getxattr(fd, k) for k in os.listxattr(fd)
+                      if not k.startswith(overlay_xattr_prefix())}
+            return os.fstat(fd), xattrs
+        finally:
+            os.close(fd)
 
     def finish(self) -> None:
         """Directory times last, as apply_layer sets them."""

@@ -143,7 +143,9 @@ def write_image(
     owned by 0:0, no xattrs). With ``drop_needless_whiteouts`` (overlay
     form), whiteouts that hide nothing in ``lower`` (the merged tree of the
     lower layers, e.g. a mounted view; None: no lowers) are left out, as
-    staged extraction does. In overlay form ``root`` and ``lower`` may be
+    staged extraction does; with ``lower`` given, a parent directory the
+    layer does not list takes its metadata from there (else NeedsLowerLayers).
+    In overlay form ``root`` and ``lower`` may be
     callables, called once the whole stream has been read (``root`` first,
     always; ``lower`` when whiteouts are dropped): a layer can be written while
     its parent is still being made, and settled against it at the end, as a
@@ -174,7 +176,8 @@ def write_image(
         if progress is not None:
             progress(counter[0])
 
-    tree = LayerTree(overlay=overlay, root=None if callable(root) else root)
+    tree = LayerTree(overlay=overlay, root=None if callable(root) else root,
+                     lower_dirs=overlay and lower is not None)
     current: TarEntry | None = None
     try:
         with atomic_file(dest, mode=0o644) as fd, \
@@ -197,9 +200,12 @@ def write_image(
             if callable(root):
                 tree.settle_root(root())
             if callable(lower):
-                lower = lower() if drop_needless_whiteouts else None
+                lower = lower() if drop_needless_whiteouts or tree.implicit else None
+            below = os.fspath(lower) if lower is not None else None
+            tree.settle_implicit(below)
             if drop_needless_whiteouts:
-                tree.drop_needless_whiteouts(os.fspath(lower) if lower is not None else None)
+                tree.drop_needless_whiteouts(below)
+                tree.prune_implicit()
             spool.flush()
             layout = write_metadata(fd, tree.root, data_end=data.next_block,
                                     read_tail=data.tail, uuid=digest.digest()[:16])
