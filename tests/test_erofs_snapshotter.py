@@ -314,3 +314,29 @@ def test_writer_space_guard_keeps_its_directory(tmp_path: Path,
     (tmp_path / "d").mkdir()
     write_image(io.BytesIO(_tar([("big", big)])), tmp_path / "d" / "x.erofs")
     assert len(seen) >= 2 and set(seen) == {str(tmp_path / "d")}, seen
+
+
+def test_streamed_layer_takes_unlisted_parents_from_its_lowers(sn: ErofsSnapshotter,
+                                                               tmp_path: Path) -> None:
+    """A layer adding usr/x without listing usr is written from its stream too (no
+    mounted fallback): usr keeps the lower's owner, mode and xattrs, as overlayfs's
+    copy-up keeps them; a whiteout in a directory the lowers lack makes nothing."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("usr")
+        info.type, info.mode, info.uid, info.gid = tarfile.DIRTYPE, 0o750, 5, 6
+        info.pax_headers = {"SCHILY.xattr.user.k": "v"}
+        tf.addfile(info)
+        info = tarfile.TarInfo("usr/old")
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"o"))
+    sn.prepare_stream("s1", "", io.BytesIO(buf.getvalue()))
+    sn.commit("l1", "s1")
+    sn.prepare_stream("s2", "l1", io.BytesIO(_tar([("usr/x", b"x"), ("nodir/.wh.y", b"")])))
+    sn.commit("l2", "s2")
+    with temp_mount(sn.view("v", "l2"), base=tmp_path / "work") as r:
+        st = os.stat(Path(r, "usr"))
+        assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o750, 5, 6)
+        assert os.getxattr(Path(r, "usr"), "user.k") == b"v"
+        assert sorted(os.listdir(Path(r, "usr"))) == ["old", "x"]
+        assert sorted(os.listdir(r)) == ["usr"]
