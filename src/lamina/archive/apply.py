@@ -71,9 +71,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
-from lamina.archive import limits
+from lamina.archive import limits, members
 from lamina.archive.compression import open_decompressed
-from lamina.archive.safepath import DirCache, clean_path
+from lamina.archive.members import NeedsLowerLayers, bad_layer
+from lamina.archive.safepath import DirCache
 from lamina.archive.tarstream import (
     TYPE_BLOCK,
     TYPE_CHAR,
@@ -89,7 +90,6 @@ from lamina.archive.tarstream import (
 from lamina.archive.whiteout import (
     OPAQUE_MARKER,
     WHITEOUT_META_PREFIX,
-    WHITEOUT_PREFIX,
     is_overlay_whiteout,
     whiteout_target,
 )
@@ -123,20 +123,6 @@ class AppliedLayer:
     size: int
     root_listed: bool = False
     whiteouts: tuple[str, ...] = ()
-
-
-class NeedsLowerLayers(InvalidArgument):
-    """In overlay (upperdir-only) mode: the layer depends on lower layers' content.
-
-    A parent directory the layer does not list (its metadata lives below), a
-    hard link to a file of a lower layer or an opaque root cannot be
-    reproduced from the upperdir alone. Callers apply such a layer on a
-    mounted snapshot instead.
-    """
-
-
-def _bad(msg: str) -> InvalidArgument:
-    return InvalidArgument(f"invalid tar layer: {msg}")
 
 
 def _remove(parent_fd: int, name: str) -> bool:
@@ -210,8 +196,8 @@ class _Applier:
                 os.setxattr(target, key, value, follow_symlinks=isinstance(target, int))
             except OSError as exc:
                 if exc.errno == errno.EINVAL:
-                    raise _bad(f"{e.name!r}: the kernel rejects xattr {key!r} "
-                               f"({len(value)}-byte value) on it") from exc
+                    raise bad_layer(f"{e.name!r}: the kernel rejects xattr {key!r} "
+                                    f"({len(value)}-byte value) on it") from exc
                 if exc.errno not in _IGNORED_XATTR_ERRNOS:
                     raise
 
@@ -222,31 +208,23 @@ class _Applier:
 
     # -- members ---------------------------------------------------------
     def entry(self, e: TarEntry, reader: TarReader) -> None:
-        parts = clean_path(e.name)
-        if not parts:
-            if e.type != TYPE_DIR:
-                raise _bad(f"{e.name!r}: only a directory can name the root")
+        what, parts = members.classify(e)
+        if what is members.Member.ROOT:
             self._dir_meta(self.root_fd, e, existed=True)
             self.dir_times[""] = self._times(e)
             self.root_listed = True
             return
-        for comp in parts[:-1]:
-            if comp.startswith(WHITEOUT_PREFIX):
-                raise _bad(f"{e.name!r}: path goes through whiteout {comp!r}")
-        base = parts[-1]
-        if base.startswith(WHITEOUT_PREFIX):
+        if what is members.Member.WHITEOUT:
             self._whiteout(e, parts)
             return
-        if e.is_socket:
+        if what is members.Member.SKIP:
             return
-        if e.type == TYPE_CHAR and e.devmajor == 0 and e.devminor == 0:
-            raise _bad(f"{e.name!r}: character device 0/0 is overlayfs's whiteout, "
-                       "not storable in a layer")
+        base = parts[-1]
         pfd = self._dir(parts[:-1])
         parts = [*self.dirs.path, base]  # symlinked parents resolved
         if len(parts) > limits.MAX_DEPTH:
-            raise _bad(f"{show_name(e.name)} is {len(parts)} directories deep "
-                       f"(limit {limits.MAX_DEPTH})")
+            raise bad_layer(f"{show_name(e.name)} is {len(parts)} directories deep "
+                            f"(limit {limits.MAX_DEPTH})")
         rel = "/".join(parts)
         t = e.type
         if t == TYPE_REGULAR:
@@ -261,21 +239,13 @@ class _Applier:
         elif t in (TYPE_CHAR, TYPE_BLOCK, TYPE_FIFO):
             self._node(pfd, base, e)
         else:  # pragma: no cover - the reader only yields the types above
-            raise _bad(f"{e.name!r}: unsupported member type {t!r}")
+            raise bad_layer(f"{e.name!r}: unsupported member type {t!r}")
         self._made(rel)
 
     def _dir(self, dparts: list[str]) -> int:
         """The directory ``dparts``, created if missing (see :class:`DirCache`)."""
-        try:
+        with members.whited_out_parents(dparts, self._through_whiteout if self.overlay else None):
             pfd = self.dirs.get(dparts, create=True)
-        except InvalidArgument:
-            if self.overlay and self._through_whiteout(dparts):
-                # this layer whited the directory out: native makes a fresh
-                # implicit one (lower entries gone), which needs the lowers' view
-                raise NeedsLowerLayers(
-                    f"directory {'/'.join(dparts)!r} was whited out by this layer "
-                    "and is not in it") from None
-            raise
         assert pfd is not None
         return pfd
 
@@ -365,7 +335,7 @@ class _Applier:
 
     def _symlink(self, pfd: int, name: str, e: TarEntry) -> None:
         if not e.linkname:
-            raise _bad(f"{e.name!r}: symlink with an empty target")
+            raise bad_layer(f"{e.name!r}: symlink with an empty target")
         try:
             os.symlink(e.linkname, name, dir_fd=pfd)
         except FileExistsError:
@@ -395,23 +365,14 @@ class _Applier:
         os.utime(name, ns=self._times(e), dir_fd=pfd, follow_symlinks=False)
 
     def _hardlink(self, pfd: int, name: str, e: TarEntry, parts: list[str]) -> None:
-        if not e.linkname:
-            raise _bad(f"{e.name!r}: hard link without a target")
-        try:
-            target = clean_path(e.linkname)
-        except InvalidArgument:
-            raise _bad(f"{e.name!r}: hard link target {e.linkname!r} is outside the root") from None
-        if not target:
-            raise _bad(f"{e.name!r}: hard link to the root directory")
+        target = members.link_target(e)
         if target == parts:
             return
         missing = NeedsLowerLayers if self.overlay else InvalidArgument
-        try:
+        check = self._through_whiteout if self.overlay else None
+        with members.whited_out_parents(
+                target[:-1], check, message=f"hard link target {e.linkname!r} was whited out"):
             tfd = self.link_dirs.get(target[:-1], create=False)
-        except InvalidArgument:
-            if self.overlay and self._through_whiteout(target[:-1]):
-                raise NeedsLowerLayers(f"hard link target {e.linkname!r} was whited out") from None
-            raise
         if tfd is None:
             raise missing(f"invalid tar layer: {e.name!r}: hard link target "
                           f"{e.linkname!r} does not exist")
@@ -427,7 +388,7 @@ class _Applier:
             # whited out by this layer: what that leaves is the mounted view's business
             raise NeedsLowerLayers(f"hard link target {e.linkname!r} was whited out")
         if stat.S_ISDIR(tst.st_mode):
-            raise _bad(f"{e.name!r}: hard link target {e.linkname!r} is a directory")
+            raise bad_layer(f"{e.name!r}: hard link target {e.linkname!r} is a directory")
         trel = "/".join([*self.link_dirs.path, tname])
         if trel not in self.touched and trel not in self.linked_up:
             # A lower name: overlayfs copies that one name up before linking,
@@ -442,8 +403,8 @@ class _Applier:
             try:
                 os.link(tname, name, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
             except FileNotFoundError:  # the target was inside the directory it replaced
-                raise _bad(f"{e.name!r}: hard link target {e.linkname!r} is inside "
-                           f"the directory the link replaces") from None
+                raise bad_layer(f"{e.name!r}: hard link target {e.linkname!r} is inside "
+                                f"the directory the link replaces") from None
         # Like containerd: the link's own header sets the shared inode's metadata.
         if stat.S_ISLNK(tst.st_mode):
             if os.geteuid() == 0:
@@ -498,7 +459,7 @@ class _Applier:
     def _whiteout(self, e: TarEntry, parts: list[str]) -> None:
         base = parts[-1]
         if e.type == TYPE_DIR:
-            raise _bad(f"{e.name!r}: a whiteout cannot be a directory")
+            raise bad_layer(f"{e.name!r}: a whiteout cannot be a directory")
         if base == OPAQUE_MARKER:
             self._opaque(parts[:-1])
             return
@@ -703,7 +664,7 @@ def apply_layer(
                                         bool(current and current.xattrs)) from exc
                 where = f" at {name}" if name else ""
                 if exc.errno in _LAYER_ERRNOS:
-                    raise _bad(f"cannot apply member{where}: {exc}") from exc
+                    raise bad_layer(f"cannot apply member{where}: {exc}") from exc
                 raise Internal(f"apply layer{where}: {exc}") from exc
     finally:
         applier.close()

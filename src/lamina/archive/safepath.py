@@ -50,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lamina.archive import limits
+from lamina.archive.resolve import MAX_SYMLINKS, resolve, split_target
 from lamina.archive.tarstream import show_name
 from lamina.errors import InvalidArgument
 from lamina.fs.tree import DIR_FLAGS
@@ -57,7 +58,6 @@ from lamina.fs.tree import DIR_FLAGS
 __all__ = ["MAX_OPEN", "MAX_SYMLINKS", "WORK", "WORK_BASE", "WORK_PER_LOOKUP", "DirCache",
            "Work", "clean_path"]
 
-MAX_SYMLINKS = 40  # as the kernel's path walk
 MAX_OPEN = 64  # directory fds one cache holds open (several layers may apply at once)
 WORK_BASE = 1 << 20  # resolution steps any layer may take ...
 WORK_PER_LOOKUP = 64  # ... plus this many per path it looks up
@@ -124,18 +124,7 @@ class _Link:
         self.name = name
         self.parent = parent
         self.target = target
-        self.absolute = target.startswith("/")
-        self.comps: list[str] = []
-        self.ups = 0
-        for comp in target.split("/"):
-            if comp in ("", "."):
-                continue
-            if comp != "..":
-                self.comps.append(comp)
-            elif self.comps:
-                self.comps.pop()
-            else:
-                self.ups += 1
+        self.absolute, self.ups, self.comps = split_target(target)
         # the directory it led to when last resolved, valid while the epoch holds
         self.resolved: _Dir | None = None
         self.epoch = -1
@@ -351,59 +340,7 @@ class DirCache:
         return tree.fd_of(node)
 
     def _resolve(self, parts: list[str], create: bool) -> _Dir | None:
-        tree = self._tree
-        node = tree.root
-        todo = parts[::-1]  # components still to walk, the next one last
-        # symlinks being resolved: (link, len(todo) once its target is walked, hops before it)
-        pending: list[tuple[_Link, int, int]] = []
-        hops = 0
-        while True:
-            while pending and pending[-1][1] == len(todo):
-                link, _, before = pending.pop()
-                link.resolved, link.epoch, link.hops = node, tree.epoch, hops - before
-            if not todo:
-                return node
-            comp = todo.pop()
-            child = node.children.get(comp)
-            if child is None:
-                child = self._lookup(node, comp, create, parts)
-                if child is None:
-                    return None
-            if isinstance(child, _Dir):
-                node = child
-                continue
-            # a symlink
-            if child.resolved is not None and child.epoch == tree.epoch:
-                hops += child.hops
-                if hops > MAX_SYMLINKS:
-                    raise self._loop(parts)
-                node = child.resolved
-                continue
-            hops += 1
-            if hops > MAX_SYMLINKS:
-                raise self._loop(parts)
-            where = f"{_rel(node)}/{comp}" if node.depth else comp
-            if not child.target:
-                raise InvalidArgument(
-                    f"invalid tar layer: parent {where!r} is a symlink with no target")
-            start = tree.root if child.absolute else node
-            if child.ups > start.depth:
-                raise InvalidArgument(
-                    f"invalid tar layer: parent {where!r} is a symlink to {child.target!r}, "
-                    "which leads out of the root directory")
-            tree.spend(child.ups + len(child.comps) + 1)
-            WORK.steps += child.ups + len(child.comps) + 1
-            for _ in range(child.ups):
-                assert start.parent is not None
-                start = start.parent
-            pending.append((child, len(todo), hops - 1))
-            todo.extend(reversed(child.comps))
-            node = start
-
-    @staticmethod
-    def _loop(parts: list[str]) -> InvalidArgument:
-        return InvalidArgument(
-            f"invalid tar layer: too many levels of symbolic links in {'/'.join(parts)!r}")
+        return resolve(_OnDisk(self), parts, create)
 
     def _lookup(self, node: _Dir, comp: str, create: bool,
                 parts: list[str]) -> _Dir | _Link | None:
@@ -478,3 +415,39 @@ class DirCache:
             return link
         where = f"{_rel(node)}/{comp}" if node.depth else comp
         raise InvalidArgument(f"invalid tar layer: parent {where!r} is not a directory")
+
+
+class _OnDisk:
+    """The :class:`lamina.archive.resolve.Tree` of one :class:`DirCache` handle:
+    children found in the cache, else opened (or made) on disk."""
+
+    def __init__(self, cache: DirCache) -> None:
+        self._cache = cache
+        self._tree = cache._tree
+
+    @property
+    def root(self) -> _Dir:
+        return self._tree.root
+
+    @property
+    def epoch(self) -> int:
+        return self._tree.epoch
+
+    def child(self, node: _Dir, comp: str, create: bool, parts: list[str]) -> _Dir | _Link | None:
+        child = node.children.get(comp)
+        if child is None:
+            child = self._cache._lookup(node, comp, create, parts)
+        return child
+
+    def link(self, child: _Dir | _Link) -> _Link | None:
+        return child if isinstance(child, _Link) else None
+
+    def route(self, link: _Link) -> tuple[str, bool, int, list[str]]:
+        return link.target, link.absolute, link.ups, link.comps
+
+    def rel(self, node: _Dir) -> str:
+        return _rel(node)
+
+    def spend(self, steps: int, parts: list[str]) -> None:
+        self._tree.spend(steps)
+        WORK.steps += steps

@@ -26,8 +26,16 @@ import os
 import stat
 
 from lamina.archive import limits
-from lamina.archive.apply import NeedsLowerLayers
-from lamina.archive.safepath import MAX_SYMLINKS, WORK_BASE, WORK_PER_LOOKUP, clean_path
+from lamina.archive.members import (
+    Member,
+    NeedsLowerLayers,
+    bad_layer,
+    classify,
+    link_target,
+    whited_out_parents,
+)
+from lamina.archive.resolve import resolve, split_target
+from lamina.archive.safepath import WORK_BASE, WORK_PER_LOOKUP
 from lamina.archive.tarstream import (
     TYPE_BLOCK,
     TYPE_CHAR,
@@ -39,12 +47,7 @@ from lamina.archive.tarstream import (
     TarEntry,
     show_name,
 )
-from lamina.archive.whiteout import (
-    OPAQUE_MARKER,
-    WHITEOUT_META_PREFIX,
-    WHITEOUT_PREFIX,
-    whiteout_target,
-)
+from lamina.archive.whiteout import OPAQUE_MARKER, WHITEOUT_META_PREFIX, whiteout_target
 from lamina.erofs.acl import acl_equivalent, acl_mode
 from lamina.erofs.inode import Inode, RootMeta, new_dir
 from lamina.erofs.xattrs import xattr_verdict
@@ -56,10 +59,6 @@ __all__ = ["LayerTree"]
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _KIND = {TYPE_REGULAR: stat.S_IFREG, TYPE_CHAR: stat.S_IFCHR, TYPE_BLOCK: stat.S_IFBLK,
          TYPE_FIFO: stat.S_IFIFO, TYPE_SYMLINK: stat.S_IFLNK, TYPE_DIR: stat.S_IFDIR}
-
-
-def _bad(msg: str) -> InvalidArgument:
-    return InvalidArgument(f"invalid tar layer: {msg}")
 
 
 class LayerTree:
@@ -89,8 +88,8 @@ class LayerTree:
     def _spend(self, n: int, parts: list[str]) -> None:
         self.work += n
         if self.work > WORK_BASE + WORK_PER_LOOKUP * self.lookups:
-            raise _bad(f"too many symlink resolutions at {show_name('/'.join(parts))}"
-                       f" (over {WORK_BASE} + {WORK_PER_LOOKUP} per path of resolution steps)")
+            raise bad_layer(f"too many symlink resolutions at {show_name('/'.join(parts))}"
+                            f" (over {WORK_BASE} + {WORK_PER_LOOKUP} per path of resolution steps)")
 
     @staticmethod
     def _rel(node: Inode) -> str:
@@ -123,78 +122,17 @@ class LayerTree:
         return found
 
     def _lookup(self, parts: list[str], create: bool) -> Inode | None:
-        node = self.root
-        todo = parts[::-1]
-        pending: list[tuple[Inode, int, int]] = []
-        hops = 0
-        while True:
-            while pending and pending[-1][1] == len(todo):
-                link, _, before = pending.pop()
-                link.resolved, link.epoch, link.hops = node, self.epoch, hops - before
-            if not todo:
-                return node
-            comp = todo.pop()
-            assert node.children is not None
-            child = node.children.get(comp)
-            if child is None:
-                if not create:
-                    self._spend(1, parts)
-                    return None
-                child = self._implicit(node, comp, parts)
-            if child.kind == stat.S_IFDIR:
-                node = child
-                continue
-            where = f"{self._rel(node)}/{comp}" if node.depth else comp
-            if child.kind != stat.S_IFLNK:
-                raise _bad(f"parent {where!r} is not a directory")
-            if child.resolved is not None and child.epoch == self.epoch:
-                hops += child.hops
-                if hops > MAX_SYMLINKS:
-                    raise self._loop(parts)
-                node = child.resolved
-                continue
-            hops += 1
-            if hops > MAX_SYMLINKS:
-                raise self._loop(parts)
-            target = child.target.decode("utf-8", "surrogateescape")
-            if not target:
-                raise _bad(f"parent {where!r} is a symlink with no target")
-            comps: list[str] = []
-            ups = 0
-            for c in target.split("/"):
-                if c in ("", "."):
-                    continue
-                if c != "..":
-                    comps.append(c)
-                elif comps:
-                    comps.pop()
-                else:
-                    ups += 1
-            start = self.root if target.startswith("/") else node
-            if ups > start.depth:
-                raise _bad(f"parent {where!r} is a symlink to {target!r}, "
-                           "which leads out of the root directory")
-            self._spend(ups + len(comps) + 1, parts)
-            for _ in range(ups):
-                assert start.parent is not None
-                start = start.parent
-            pending.append((child, len(todo), hops - 1))
-            todo.extend(reversed(comps))
-            node = start
-
-    @staticmethod
-    def _loop(parts: list[str]) -> InvalidArgument:
-        return _bad(f"too many levels of symbolic links in {'/'.join(parts)!r}")
+        return resolve(_InMemory(self), parts, create)
 
     def _implicit(self, node: Inode, comp: str, parts: list[str]) -> Inode:
         if node.depth >= limits.MAX_DEPTH:
-            raise _bad(f"{show_name('/'.join(parts))} leads more than "
-                       f"{limits.MAX_DEPTH} directories deep")
+            raise bad_layer(f"{show_name('/'.join(parts))} leads more than "
+                            f"{limits.MAX_DEPTH} directories deep")
         size = node.plen + bool(node.depth) + len(comp.encode("utf-8", "surrogateescape"))
         if size >= limits.MAX_PATH:
-            raise _bad(f"{show_name('/'.join(parts))} leads to a directory path "
-                       f"of {size} bytes once symlinks are resolved (limit "
-                       f"{limits.MAX_PATH - 1}, PATH_MAX)")
+            raise bad_layer(f"{show_name('/'.join(parts))} leads to a directory path "
+                            f"of {size} bytes once symlinks are resolved (limit "
+                            f"{limits.MAX_PATH - 1}, PATH_MAX)")
         if self.overlay and not self.lower_dirs:
             rel = f"{self._rel(node)}/{comp}" if node.depth else comp
             raise NeedsLowerLayers(
@@ -242,14 +180,8 @@ class LayerTree:
         return False
 
     def _dir(self, dparts: list[str]) -> Inode:
-        try:
+        with whited_out_parents(dparts, self._through_whiteout if self.overlay else None):
             node = self.lookup(dparts, create=True)
-        except InvalidArgument:
-            if self.overlay and self._through_whiteout(dparts):
-                raise NeedsLowerLayers(
-                    f"directory {'/'.join(dparts)!r} was whited out by this layer "
-                    "and is not in it") from None
-            raise
         assert node is not None
         return node
 
@@ -257,30 +189,22 @@ class LayerTree:
     def add(self, e: TarEntry) -> Inode | None:
         """Apply one member; the new regular file's inode (the caller streams
         its data), or None."""
-        parts = clean_path(e.name)
-        if not parts:
-            if e.type != TYPE_DIR:
-                raise _bad(f"{e.name!r}: only a directory can name the root")
+        what, parts = classify(e)
+        if what is Member.ROOT:
             self._dir_meta(self.root, e, existed=True)
             self.dir_times[""] = e.mtime_ns
             self.root_listed = True
             return None
-        for comp in parts[:-1]:
-            if comp.startswith(WHITEOUT_PREFIX):
-                raise _bad(f"{e.name!r}: path goes through whiteout {comp!r}")
-        base = parts[-1]
-        if base.startswith(WHITEOUT_PREFIX):
+        if what is Member.WHITEOUT:
             self._whiteout(e, parts)
             return None
-        if e.is_socket:
+        if what is Member.SKIP:
             return None
-        if e.type == TYPE_CHAR and e.devmajor == 0 and e.devminor == 0:
-            raise _bad(f"{e.name!r}: character device 0/0 is overlayfs's whiteout, "
-                       "not storable in a layer")
+        base = parts[-1]
         pdir = self._dir(parts[:-1])
         if pdir.depth + 1 > limits.MAX_DEPTH:
-            raise _bad(f"{show_name(e.name)} is {pdir.depth + 1} directories deep "
-                       f"(limit {limits.MAX_DEPTH})")
+            raise bad_layer(f"{show_name(e.name)} is {pdir.depth + 1} directories deep "
+                            f"(limit {limits.MAX_DEPTH})")
         t = e.type
         if t == TYPE_DIR:
             self._directory(pdir, base, e)
@@ -290,10 +214,10 @@ class LayerTree:
             self._hardlink(pdir, base, e, self._below(base))
             return None
         if t == TYPE_SYMLINK and not e.linkname:
-            raise _bad(f"{e.name!r}: symlink with an empty target")
+            raise bad_layer(f"{e.name!r}: symlink with an empty target")
         kind = _KIND.get(t)
         if kind is None:  # pragma: no cover - the reader yields only these types
-            raise _bad(f"{e.name!r}: unsupported member type {t!r}")
+            raise bad_layer(f"{e.name!r}: unsupported member type {t!r}")
         mode = 0o777 if kind == stat.S_IFLNK else e.mode
         node = Inode(kind, mode, e.uid, e.gid, e.mtime_ns)
         if kind == stat.S_IFLNK:
@@ -344,23 +268,13 @@ class LayerTree:
         self._dir_meta(node, e, existed=False)
 
     def _hardlink(self, pdir: Inode, name: str, e: TarEntry, rel: str) -> None:
-        if not e.linkname:
-            raise _bad(f"{e.name!r}: hard link without a target")
-        try:
-            target = clean_path(e.linkname)
-        except InvalidArgument:
-            raise _bad(f"{e.name!r}: hard link target {e.linkname!r} is outside the root") from None
-        if not target:
-            raise _bad(f"{e.name!r}: hard link to the root directory")
+        target = link_target(e)
         if "/".join(target) == rel:
             return
         missing = NeedsLowerLayers if self.overlay else InvalidArgument
-        try:
+        with whited_out_parents(target[:-1], self._through_whiteout if self.overlay else None,
+                                message=f"hard link target {e.linkname!r} was whited out"):
             tdir = self.lookup(target[:-1], create=False)
-        except InvalidArgument:
-            if self.overlay and self._through_whiteout(target[:-1]):
-                raise NeedsLowerLayers(f"hard link target {e.linkname!r} was whited out") from None
-            raise
         gone = missing(f"invalid tar layer: {e.name!r}: hard link target "
                        f"{e.linkname!r} does not exist")
         if tdir is None:
@@ -375,14 +289,14 @@ class LayerTree:
         if self.overlay and node.kind == stat.S_IFCHR and node.rdev == 0:
             raise NeedsLowerLayers(f"hard link target {e.linkname!r} was whited out")
         if node.kind == stat.S_IFDIR:
-            raise _bad(f"{e.name!r}: hard link target {e.linkname!r} is a directory")
+            raise bad_layer(f"{e.name!r}: hard link target {e.linkname!r} is a directory")
         assert pdir.children is not None
         old = pdir.children.get(name)
         if old is not None:
             self._detach(pdir, name)
             if old.kind == stat.S_IFDIR and self._inside(tdir, old):
-                raise _bad(f"{e.name!r}: hard link target {e.linkname!r} is inside "
-                           f"the directory the link replaces")
+                raise bad_layer(f"{e.name!r}: hard link target {e.linkname!r} is inside "
+                                f"the directory the link replaces")
         self._attach(pdir, name, node)
         # like containerd: the link's own header sets the shared inode's metadata
         node.uid, node.gid = e.uid, e.gid
@@ -404,7 +318,7 @@ class LayerTree:
     def _whiteout(self, e: TarEntry, parts: list[str]) -> None:
         base = parts[-1]
         if e.type == TYPE_DIR:
-            raise _bad(f"{e.name!r}: a whiteout cannot be a directory")
+            raise bad_layer(f"{e.name!r}: a whiteout cannot be a directory")
         if base == OPAQUE_MARKER:
             if self.overlay:
                 node = self._dir(parts[:-1])
@@ -578,3 +492,44 @@ class LayerTree:
             if node is not None and node.kind == stat.S_IFDIR:
                 node.mtime_ns = mtime
 
+
+class _InMemory:
+    """The :class:`lamina.archive.resolve.Tree` of a :class:`LayerTree`: missing
+    parents made implicitly (or NeedsLowerLayers, overlay form)."""
+
+    def __init__(self, tree: LayerTree) -> None:
+        self._tree = tree
+
+    @property
+    def root(self) -> Inode:
+        return self._tree.root
+
+    @property
+    def epoch(self) -> int:
+        return self._tree.epoch
+
+    def child(self, node: Inode, comp: str, create: bool, parts: list[str]) -> Inode | None:
+        assert node.children is not None
+        child = node.children.get(comp)
+        if child is None:
+            if not create:
+                self._tree._spend(1, parts)
+                return None
+            child = self._tree._implicit(node, comp, parts)
+        if child.kind not in (stat.S_IFDIR, stat.S_IFLNK):
+            where = f"{node.rel}/{comp}" if node.depth else comp
+            raise bad_layer(f"parent {where!r} is not a directory")
+        return child
+
+    def link(self, child: Inode) -> Inode | None:
+        return child if child.kind == stat.S_IFLNK else None
+
+    def route(self, link: Inode) -> tuple[str, bool, int, list[str]]:
+        target = link.target.decode("utf-8", "surrogateescape")
+        return (target, *split_target(target))
+
+    def rel(self, node: Inode) -> str:
+        return node.rel
+
+    def spend(self, steps: int, parts: list[str]) -> None:
+        self._tree._spend(steps, parts)

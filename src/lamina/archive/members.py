@@ -1,0 +1,111 @@
+"""What a layer member asks of the tree it lands in, decided once.
+
+Two trees take a layer's members: :func:`lamina.archive.apply.apply_layer`
+on disk and :class:`lamina.erofs.tree.LayerTree` in memory. They must
+agree member for member, so the rules that do not depend on where the tree
+lives are here: :func:`classify` says what a member is (the root's own
+entry, a whiteout, a socket to pass over, or an entry to place) and refuses
+what no layer may say, with the same one-line messages;
+:func:`link_target` cleans a hard link's target;
+:func:`whited_out_parents` turns a parent that cannot be resolved because
+this layer whited it out into :class:`NeedsLowerLayers` (overlay form).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from collections.abc import Callable, Iterator
+
+from lamina.archive.safepath import clean_path
+from lamina.archive.tarstream import TYPE_CHAR, TYPE_DIR, TarEntry
+from lamina.archive.whiteout import WHITEOUT_PREFIX
+from lamina.errors import InvalidArgument
+
+__all__ = [
+    "Member", "NeedsLowerLayers", "bad_layer", "classify", "link_target", "whited_out_parents",
+]
+
+
+class NeedsLowerLayers(InvalidArgument):
+    """In overlay (upperdir-only) mode: the layer depends on lower layers' content.
+
+    A parent directory the layer does not list (its metadata lives below), a
+    hard link to a file of a lower layer or an opaque root cannot be
+    reproduced from the upperdir alone. Callers apply such a layer on a
+    mounted snapshot instead.
+    """
+
+
+def bad_layer(msg: str) -> InvalidArgument:
+    """The error of a layer that says something no layer may say."""
+    return InvalidArgument(f"invalid tar layer: {msg}")
+
+
+class Member(enum.Enum):
+    """What :func:`classify` found."""
+
+    ROOT = "root"  # the root directory's own entry
+    WHITEOUT = "whiteout"  # .wh.<name> or the opaque marker
+    SKIP = "skip"  # a socket: nothing a layer can carry
+    ENTRY = "entry"  # anything else: placed at its path
+
+
+def classify(e: TarEntry) -> tuple[Member, list[str]]:
+    """What member ``e`` is, and its clean path components ([] for the root).
+
+    InvalidArgument for a path out of the root, a root entry that is no
+    directory, a path through a whiteout, or a 0/0 character device (which is
+    overlayfs's whiteout, not something a layer can store)."""
+    parts = clean_path(e.name)
+    if not parts:
+        if e.type != TYPE_DIR:
+            raise bad_layer(f"{e.name!r}: only a directory can name the root")
+        return Member.ROOT, parts
+    for comp in parts[:-1]:
+        if comp.startswith(WHITEOUT_PREFIX):
+            raise bad_layer(f"{e.name!r}: path goes through whiteout {comp!r}")
+    if parts[-1].startswith(WHITEOUT_PREFIX):
+        return Member.WHITEOUT, parts
+    if e.is_socket:
+        return Member.SKIP, parts
+    if e.type == TYPE_CHAR and e.devmajor == 0 and e.devminor == 0:
+        raise bad_layer(f"{e.name!r}: character device 0/0 is overlayfs's whiteout, "
+                        "not storable in a layer")
+    return Member.ENTRY, parts
+
+
+def link_target(e: TarEntry) -> list[str]:
+    """The clean path of hard link ``e``'s target; InvalidArgument where it has
+    none, leaves the root, or is the root."""
+    if not e.linkname:
+        raise bad_layer(f"{e.name!r}: hard link without a target")
+    try:
+        target = clean_path(e.linkname)
+    except InvalidArgument:
+        raise bad_layer(
+            f"{e.name!r}: hard link target {e.linkname!r} is outside the root") from None
+    if not target:
+        raise bad_layer(f"{e.name!r}: hard link to the root directory")
+    return target
+
+
+@contextlib.contextmanager
+def whited_out_parents(
+    dparts: list[str], through_whiteout: Callable[[list[str]], bool] | None,
+    *, message: str | None = None,
+) -> Iterator[None]:
+    """Resolving the directory ``dparts`` inside: an InvalidArgument becomes
+    NeedsLowerLayers (saying ``message``, by default that the directory was
+    whited out) where ``through_whiteout(dparts)`` says a component is a
+    whiteout this layer made (overlay form; None: never). The native form
+    makes a fresh implicit directory there (lower entries gone), which needs
+    the lowers' view."""
+    try:
+        yield
+    except InvalidArgument:
+        if through_whiteout is not None and through_whiteout(dparts):
+            raise NeedsLowerLayers(
+                message or f"directory {'/'.join(dparts)!r} was whited out by this layer "
+                "and is not in it") from None
+        raise
