@@ -44,6 +44,7 @@ from lamina.labels import (
 from lamina.metadata.containers import Container
 from lamina.metadata.root import Root
 from lamina.mounts.mount import Mount
+from lamina.snapshots import Snapshotter
 
 __all__ = [
     "Revision",
@@ -76,7 +77,7 @@ class Revisions:
         self.store = root.containers()
 
     @property
-    def sn(self) -> Any:
+    def sn(self) -> Snapshotter:
         return self.images.snapshots
 
     # -- records -------------------------------------------------------------
@@ -129,8 +130,7 @@ class Revisions:
 
     def mounts(self, container: Container) -> builtins.list[Mount]:
         """The mounts of the container's current revision."""
-        mounts: builtins.list[Mount] = self.sn.mounts(container.snapshot_key)
-        return mounts
+        return self.sn.mounts(container.snapshot_key)
 
     # -- revisions -----------------------------------------------------------
     def revisions(self, cid: str) -> builtins.list[Revision]:
