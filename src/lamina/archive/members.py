@@ -15,16 +15,30 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import stat
 from collections.abc import Callable, Iterator
 
 from lamina.archive.safepath import clean_path
-from lamina.archive.tarstream import TYPE_CHAR, TYPE_DIR, TarEntry
+from lamina.archive.tarstream import (
+    TYPE_BLOCK,
+    TYPE_CHAR,
+    TYPE_DIR,
+    TYPE_FIFO,
+    TYPE_REGULAR,
+    TYPE_SYMLINK,
+    TarEntry,
+)
 from lamina.archive.whiteout import WHITEOUT_PREFIX
 from lamina.errors import InvalidArgument
 
 __all__ = [
-    "Member", "NeedsLowerLayers", "bad_layer", "classify", "link_target", "whited_out_parents",
+    "KINDS", "Member", "NeedsLowerLayers", "bad_layer", "classify", "link_target",
+    "whited_out_parents",
 ]
+
+KINDS = {TYPE_REGULAR: stat.S_IFREG, TYPE_CHAR: stat.S_IFCHR, TYPE_BLOCK: stat.S_IFBLK,
+         TYPE_FIFO: stat.S_IFIFO, TYPE_SYMLINK: stat.S_IFLNK, TYPE_DIR: stat.S_IFDIR}
+"""The file type (``stat.S_IF*``) each member type other than a hard link makes."""
 
 
 class NeedsLowerLayers(InvalidArgument):

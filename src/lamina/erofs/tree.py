@@ -27,6 +27,7 @@ import stat
 
 from lamina.archive import limits
 from lamina.archive.members import (
+    KINDS,
     Member,
     NeedsLowerLayers,
     bad_layer,
@@ -36,29 +37,16 @@ from lamina.archive.members import (
 )
 from lamina.archive.resolve import resolve, split_target
 from lamina.archive.safepath import WORK_BASE, WORK_PER_LOOKUP
-from lamina.archive.tarstream import (
-    TYPE_BLOCK,
-    TYPE_CHAR,
-    TYPE_DIR,
-    TYPE_FIFO,
-    TYPE_HARDLINK,
-    TYPE_REGULAR,
-    TYPE_SYMLINK,
-    TarEntry,
-    show_name,
-)
+from lamina.archive.tarstream import TYPE_DIR, TYPE_HARDLINK, TYPE_SYMLINK, TarEntry, show_name
 from lamina.archive.whiteout import OPAQUE_MARKER, WHITEOUT_META_PREFIX, whiteout_target
 from lamina.erofs.acl import acl_equivalent, acl_mode
 from lamina.erofs.inode import Inode, RootMeta, new_dir
 from lamina.erofs.xattrs import xattr_verdict
 from lamina.errors import InvalidArgument
+from lamina.fs.tree import DIR_FLAGS
 from lamina.mounts.overlay import overlay_opaque_xattr, overlay_xattr_prefix
 
 __all__ = ["LayerTree"]
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_KIND = {TYPE_REGULAR: stat.S_IFREG, TYPE_CHAR: stat.S_IFCHR, TYPE_BLOCK: stat.S_IFBLK,
-         TYPE_FIFO: stat.S_IFIFO, TYPE_SYMLINK: stat.S_IFLNK, TYPE_DIR: stat.S_IFDIR}
 
 
 class LayerTree:
@@ -215,7 +203,7 @@ class LayerTree:
             return None
         if t == TYPE_SYMLINK and not e.linkname:
             raise bad_layer(f"{e.name!r}: symlink with an empty target")
-        kind = _KIND.get(t)
+        kind = KINDS.get(t)
         if kind is None:  # pragma: no cover - the reader yields only these types
             raise bad_layer(f"{e.name!r}: unsupported member type {t!r}")
         mode = 0o777 if kind == stat.S_IFLNK else e.mode
@@ -376,13 +364,13 @@ class LayerTree:
         while cur is not None and cur is not self.root:
             chain.append(cur)
             cur = cur.parent
-        fd = os.open(lower, _DIR_FLAGS)
+        fd = os.open(lower, DIR_FLAGS)
         try:
             for node in reversed(chain):
                 if node.xattrs.get(overlay_opaque_xattr()) == b"y":
                     return False
                 try:
-                    nfd = os.open(node.name, _DIR_FLAGS, dir_fd=fd)
+                    nfd = os.open(node.name, DIR_FLAGS, dir_fd=fd)
                 except OSError:
                     return False  # not a directory below: nothing merged, nothing hidden
                 os.close(fd)
@@ -450,14 +438,14 @@ class LayerTree:
         while cur is not None and cur is not self.root:
             chain.append(cur)
             cur = cur.parent
-        fd = os.open(lower, _DIR_FLAGS)
+        fd = os.open(lower, DIR_FLAGS)
         try:
             for i, step in enumerate(reversed(chain)):
                 last = i == len(chain) - 1
                 if not last and step.xattrs.get(overlay_opaque_xattr()) == b"y":
                     return None
                 try:
-                    nfd = os.open(step.name, _DIR_FLAGS, dir_fd=fd)
+                    nfd = os.open(step.name, DIR_FLAGS, dir_fd=fd)
                 except FileNotFoundError:
                     return None
                 except OSError:  # not a directory (a symlink, a file)
