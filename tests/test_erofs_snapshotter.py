@@ -340,3 +340,18 @@ def test_streamed_layer_takes_unlisted_parents_from_its_lowers(sn: ErofsSnapshot
         assert os.getxattr(Path(r, "usr"), "user.k") == b"v"
         assert sorted(os.listdir(Path(r, "usr"))) == ["old", "x"]
         assert sorted(os.listdir(r)) == ["usr"]
+
+
+def test_idmapped_overlay_of_layer_mounts(sn: ErofsSnapshotter, tmp_path: Path) -> None:
+    """A container with a user namespace of its own (``run --userns``): the ID-mapped
+    clone of the lowers' common directory takes the layer mounts below it along
+    (it was a clone of that directory alone: an empty root)."""
+    from lamina.mounts.idmap import parse_userns, with_idmap
+
+    _commit(sn, "base", "", {"etc/f": b"1"}, tmp_path / "work")
+    _commit(sn, "top", "base", {"etc/g": b"2"}, tmp_path / "work")
+    mounts = with_idmap(sn.prepare("c", "top"), parse_userns("100000:65536"))
+    with temp_mount(mounts, base=tmp_path / "work") as r:
+        assert Path(r, "etc/f").read_bytes() == b"1"
+        assert Path(r, "etc/g").read_bytes() == b"2"
+        assert os.stat(Path(r, "etc/f")).st_uid == 100000

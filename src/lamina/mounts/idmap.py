@@ -446,9 +446,9 @@ def _mount_overlay_mapped(m: Mount, target: str, userns: UserNamespace, index: i
         raise InvalidArgument(f"overlay lowerdirs share no directory to ID-map: {lowers}")
     helper = tempfile.mkdtemp(prefix=".idmap-lowers-", dir=os.path.dirname(target) or ".")
     try:
-        with userns_fd(userns) as ns:
+        with userns_fd(userns) as ns:  # with the mounts below (erofs layers)
             _idmapped_bind(common, helper, ns, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID
-                           | MOUNT_ATTR_NODEV, recursive=False)
+                           | MOUNT_ATTR_NODEV, recursive=True)
         try:
             options = list(m.options)
             options[index] = "lowerdir=" + ":".join(
