@@ -358,12 +358,17 @@ class LayerTree:
         self.whiteouts = []
         return dropped
 
-    def _hides(self, pdir: Inode, name: str, lower: str) -> bool:
+    def _chain(self, node: Inode) -> list[Inode]:
+        """The directories from ``node`` up to the root (the root left out)."""
         chain: list[Inode] = []
-        cur: Inode | None = pdir
+        cur: Inode | None = node
         while cur is not None and cur is not self.root:
             chain.append(cur)
             cur = cur.parent
+        return chain
+
+    def _hides(self, pdir: Inode, name: str, lower: str) -> bool:
+        chain = self._chain(pdir)
         fd = os.open(lower, DIR_FLAGS)
         try:
             for node in reversed(chain):
@@ -433,11 +438,7 @@ class LayerTree:
                                                             dict[str, bytes]] | None:
         """The stat and xattrs of ``node``'s directory in ``lower``; None where the
         merged tree has none (absent, or below an upper directory that hides it)."""
-        chain: list[Inode] = []
-        cur: Inode | None = node
-        while cur is not None and cur is not self.root:
-            chain.append(cur)
-            cur = cur.parent
+        chain = self._chain(node)
         fd = os.open(lower, DIR_FLAGS)
         try:
             for i, step in enumerate(reversed(chain)):
