@@ -45,12 +45,7 @@ class DirStack:
         st = os.fstat(root_fd)
         self._fds: list[int | None] = [root_fd]
         self._ids: list[tuple[int, int]] = [(st.st_dev, st.st_ino)]
-
-    @property
-    def fd(self) -> int:
-        fd = self._fds[-1]
-        assert fd is not None
-        return fd
+        self.fd = root_fd  # the current directory's (walks read it once an entry)
 
     @property
     def depth(self) -> int:
@@ -80,6 +75,7 @@ class DirStack:
             raise
         self._fds.append(fd)
         self._ids.append((st.st_dev, st.st_ino))
+        self.fd = fd
         old = len(self._fds) - 1 - KEEP_OPEN
         if old > 0:  # the root stays open
             closing = self._fds[old]
@@ -105,6 +101,9 @@ class DirStack:
                 self._fds[-1] = parent
         finally:
             os.close(child)
+        top = self._fds[-1]
+        assert top is not None
+        self.fd = top
 
     def close(self) -> None:
         """Close every descriptor this stack opened (not the root's)."""
@@ -113,3 +112,6 @@ class DirStack:
             self._ids.pop()
             if fd is not None:
                 os.close(fd)
+        root = self._fds[0]
+        assert root is not None
+        self.fd = root

@@ -31,8 +31,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from lamina.fs.tree import DirStack
 
@@ -58,8 +57,7 @@ def list_names(fd: int, *, sort: bool = True, key: Key | None = None) -> list[st
     return names
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
     """One entry: ``path`` (relative, ``/``-joined), ``name`` in directory ``parent``
     (a descriptor), its lstat ``stat``, and ``depth`` (1 below the root)."""
 
@@ -174,8 +172,7 @@ class Walk(_Levels[_Level]):
         self._levels.append(level)
 
 
-@dataclass(frozen=True, slots=True)
-class Pair:
+class Pair(NamedTuple):
     """One name of a :class:`PairedWalk`: ``path``, ``name``, ``depth`` (1 below the
     roots), and on each side the directory descriptor holding it and its lstat
     (None: not on that side)."""
