@@ -19,9 +19,10 @@ import json
 from typing import Any
 
 from lamina.errors import FailedPrecondition, InvalidArgument, Unavailable
+from lamina.oci.limits import MAX_DOCUMENT
 from lamina.oci.types import MediaType, parse_json
 from lamina.remotes.hosts import Endpoint
-from lamina.remotes.resolver import ACCEPT_MANIFESTS, MAX_MANIFEST
+from lamina.remotes.resolver import ACCEPT_MANIFESTS
 from lamina.remotes.session import Session
 from lamina.util import jsondoc
 
@@ -67,7 +68,7 @@ def _get_index(session: Session, ep: Endpoint, url: str) -> dict[str, Any] | Non
     if resp.status != 200:
         resp.close()
         raise Unavailable(f"{resp.host}: GET {url}: {resp.status} {resp.reason}")
-    doc = parse_json(resp.read_all(MAX_MANIFEST), "referrers index")
+    doc = parse_json(resp.read_all(MAX_DOCUMENT), "referrers index")
     if not isinstance(doc.get("manifests"), list):
         raise FailedPrecondition(f"{resp.host}: {url}: not an image index")
     return doc

@@ -6,7 +6,8 @@ type and size come from ``Docker-Content-Digest``, ``Content-Type`` and
 ``Content-Length``) and ``GET`` when ``HEAD`` is not enough. The ``Accept``
 header names OCI and Docker schema 2 manifests and indexes. Documents
 (manifests, indexes, configs) are read whole, but never more than
-:data:`MAX_MANIFEST` bytes (containerd's limit), and are checked against
+:data:`lamina.oci.limits.MAX_DOCUMENT` bytes (containerd's limit, and the
+bound of every walk over an image's documents), and are checked against
 their digest before anyone parses them.
 """
 
@@ -23,14 +24,14 @@ from lamina.errors import (
     NotImplementedErr,
     Unavailable,
 )
+from lamina.oci.limits import MAX_DOCUMENT
 from lamina.oci.types import INDEX_TYPES, MANIFEST_TYPES, Descriptor, MediaType, parse_json
 from lamina.remotes.reference import Reference
 from lamina.remotes.session import Session
 from lamina.remotes.transport import Response
 
-__all__ = ["ACCEPT_MANIFESTS", "MAX_MANIFEST", "Resolved", "fetch_document", "resolve"]
+__all__ = ["ACCEPT_MANIFESTS", "Resolved", "fetch_document", "resolve"]
 
-MAX_MANIFEST = 4 << 20
 _SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 ACCEPT_MANIFESTS = ", ".join([
     MediaType.OCI_MANIFEST, MediaType.DOCKER_MANIFEST,
@@ -98,9 +99,9 @@ def resolve(session: Session, ref: Reference) -> Resolved:
         # a header that is not a sha256 digest or a size is no answer: GET decides
         if _SHA256.fullmatch(digest) and size is not None and \
                 media_type in MANIFEST_TYPES | INDEX_TYPES:
-            if size > MAX_MANIFEST:
+            if size > MAX_DOCUMENT:
                 raise InvalidArgument(f"{ref}: manifest of {size} bytes is larger than the "
-                                      f"{MAX_MANIFEST} allowed")
+                                      f"{MAX_DOCUMENT} allowed")
             return Resolved(Descriptor(media_type, digest, size))
     else:
         resp.close()
@@ -114,7 +115,7 @@ def resolve(session: Session, ref: Reference) -> Resolved:
         resp.close()
         raise Unavailable(f"{resp.host}: GET {suffix}: {resp.status} {resp.reason}")
     header_type = _media_type(resp)
-    data = resp.read_all(MAX_MANIFEST)
+    data = resp.read_all(MAX_DOCUMENT)
     digest = _sha256(data)
     if ref.digest and digest != ref.digest:
         raise FailedPrecondition(f"{resp.host}: {ref}: the registry sent a manifest hashing "
@@ -124,9 +125,9 @@ def resolve(session: Session, ref: Reference) -> Resolved:
 
 def fetch_document(session: Session, desc: Descriptor) -> bytes:
     """The bytes of a manifest, index or config, verified against ``desc``."""
-    if desc.size > MAX_MANIFEST:
+    if desc.size > MAX_DOCUMENT:
         raise InvalidArgument(f"{desc.digest}: a document of {desc.size} bytes is larger "
-                              f"than the {MAX_MANIFEST} allowed")
+                              f"than the {MAX_DOCUMENT} allowed")
     is_manifest = desc.media_type in MANIFEST_TYPES | INDEX_TYPES
     kind = "manifests" if is_manifest else "blobs"
     headers = {"Accept": ACCEPT_MANIFESTS} if is_manifest else {}
