@@ -33,6 +33,7 @@ from pathlib import Path
 
 from lamina.content.local import BlobCorrupt, LocalContentStore
 from lamina.errors import LaminaError, NotFound
+from lamina.labels import GC_REF_CONTENT, GC_REF_SNAPSHOT
 from lamina.metadata.root import SNAPSHOTTERS, Root
 from lamina.mounts.mount import cleanup_temp_mounts
 from lamina.snapshots.directory import DirectorySnapshotter
@@ -43,8 +44,6 @@ __all__ = ["Repairs", "mounts_under", "problems", "recover", "snapshotters_of",
 _MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 _TMP_PREFIXES = (".tmp-", ".del-")
-_GC_CONTENT = "containerd.io/gc.ref.content"
-_GC_SNAPSHOT = "containerd.io/gc.ref.snapshot."
 
 
 @dataclass
@@ -287,10 +286,10 @@ def _image_problems(r: Root, store: LocalContentStore, *, resolve: bool) -> list
                 out.append(f"image {image.name}: referenced blob {d} is missing")
                 continue
             for k, v in info.labels.items():
-                if k == _GC_CONTENT or k.startswith(_GC_CONTENT + "."):
+                if k == GC_REF_CONTENT or k.startswith(GC_REF_CONTENT + "."):
                     stack.append(v)
-                elif k.startswith(_GC_SNAPSHOT):
-                    sname = k[len(_GC_SNAPSHOT):].split("/", 1)[0]
+                elif k.startswith(GC_REF_SNAPSHOT):
+                    sname = k[len(GC_REF_SNAPSHOT):].split("/", 1)[0]
                     if sname not in SNAPSHOTTERS:
                         continue
                     try:

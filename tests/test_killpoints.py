@@ -55,6 +55,7 @@ import pytest
 from lamina.content.local import LocalContentStore
 from lamina.errors import AlreadyExists, NotFound
 from lamina.images.service import ImageService
+from lamina.labels import GC_ROOT
 from lamina.metadata.root import Root
 from lamina.mounts.mount import temp_mount
 from lamina.oci.identity import chain_ids
@@ -394,7 +395,7 @@ _INGEST = textwrap.dedent(
 )
 _DATA = b"".join(hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(6000))
 _DIGEST = f"sha256:{hashlib.sha256(_DATA).hexdigest()}"
-GC_ROOT = {"containerd.io/gc.root": "killpoint"}  # what keeps a blob from `lamina gc`
+KEEP = {GC_ROOT: "killpoint"}  # what keeps a blob from `lamina gc`
 
 
 def _resume_ingest(root: Path) -> None:
@@ -411,12 +412,12 @@ def _resume_ingest(root: Path) -> None:
             assert w.offset <= len(_DATA)
             w.write(_DATA[w.offset:])
             with contextlib.suppress(AlreadyExists):
-                w.commit(len(_DATA), _DIGEST, labels=GC_ROOT)
+                w.commit(len(_DATA), _DIGEST, labels=KEEP)
         # a row check --repair restored (the kill fell between the blob's rename and
         # its metadata commit) has no labels: the client sets what its commit would have
         info = store.info(_DIGEST)
-        if info.labels != GC_ROOT:
-            store.update(replace(info, labels=GC_ROOT), "labels")
+        if info.labels != KEEP:
+            store.update(replace(info, labels=KEEP), "labels")
     finally:
         r.close()
 
@@ -425,7 +426,7 @@ def _verify_ingest(root: Path) -> None:
     with LocalContentStore(root / "content") as store:
         info = store.verify(_DIGEST)
         assert info.size == len(_DATA)
-        assert info.labels == GC_ROOT
+        assert info.labels == KEEP
         assert store.read_at(_DIGEST, 0, len(_DATA)) == _DATA
 
 
@@ -442,13 +443,13 @@ def test_kill_content_rm(tmp_root: Path) -> None:
         try:
             store = r.content()
             store.add(_DATA, expected=_DIGEST)
-            store.add(b"kept", labels=GC_ROOT)
+            store.add(b"kept", labels=KEEP)
         finally:
             r.close()
 
     def verify(root: Path) -> None:
         with LocalContentStore(root / "content") as store:
-            assert [i.labels for i in store.walk()] == [GC_ROOT]
+            assert [i.labels for i in store.walk()] == [KEEP]
             assert not store.blob_path(_DIGEST).exists()
 
     # the blob may be gone already: NotFound (exit 3) is what a re-run then says
@@ -553,9 +554,9 @@ def test_kill_snapshot_op(kind: str, scenario: str, tmp_root: Path) -> None:
             sn = r.snapshotter(kind)
             with temp_mount(sn.prepare("b", ""), base=str(r.tmpmounts)) as t:
                 Path(t, "kept").write_text("base content")
-            sn.commit("base", "b", labels=GC_ROOT)
+            sn.commit("base", "b", labels=KEEP)
             if setup_code:
-                exec(setup_code, {"sn": sn, "R": GC_ROOT})
+                exec(setup_code, {"sn": sn, "R": KEEP})
         finally:
             r.close()
 
@@ -566,7 +567,7 @@ def test_kill_snapshot_op(kind: str, scenario: str, tmp_root: Path) -> None:
             sn = r.snapshotter(kind)
             done = {i.name for i in sn.walk()}
             if done != SNAPSHOT_AFTER[scenario]:
-                exec(code, {"sn": sn, "R": GC_ROOT})
+                exec(code, {"sn": sn, "R": KEEP})
         finally:
             r.close()
 
@@ -579,7 +580,7 @@ def test_kill_snapshot_op(kind: str, scenario: str, tmp_root: Path) -> None:
             kept = sn.fs_dir(sn.snapshot("base").id) / "kept"
             assert kept.read_text() == "base content"
             if scenario == "prepare":
-                assert sn.stat("child").labels == {"l": "1", **GC_ROOT}
+                assert sn.stat("child").labels == {"l": "1", **KEEP}
         finally:
             r.close()
 
