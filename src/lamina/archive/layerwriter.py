@@ -20,7 +20,8 @@ import hashlib
 import os
 import stat
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from lamina.archive.compression import Compression, Sink, compressor
 from lamina.archive.tarwriter import TarWriter
@@ -30,8 +31,7 @@ __all__ = ["Change", "DiffResult", "Member", "Whiteout", "write_layer"]
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
 
 
-@dataclass(frozen=True, slots=True)
-class Member:
+class Member(NamedTuple):
     """An entry as it is now: member ``path``, its lstat ``stat`` and ``xattrs``.
 
     ``at`` (directory descriptor, name) is where the writer reads a regular
@@ -42,12 +42,11 @@ class Member:
     path: str
     stat: os.stat_result
     at: tuple[int, str] | None
-    xattrs: Mapping[str, bytes] = field(default_factory=dict)
+    xattrs: Mapping[str, bytes]
     link_to: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Whiteout:
+class Whiteout(NamedTuple):
     """A whiteout member ``path`` (``.wh.<name>`` or the opaque marker) in a
     directory whose mtime is ``mtime_ns``."""
 
