@@ -82,6 +82,19 @@ def _document_type(data: bytes, header_type: str) -> str:
     raise InvalidArgument(f"not a manifest or index (media type {header_type!r})")
 
 
+def _ok(resp: Response, *, not_found: str, failed: str) -> Response:
+    """``resp`` when it is a 200; else closed, and NotFound (``not_found``) for a 404 or
+    Unavailable (``failed``, then the status) for anything else. ``{host}`` in either
+    names the host that answered."""
+    if resp.status == 200:
+        return resp
+    resp.close()
+    if resp.status == 404:
+        raise NotFound(not_found.replace("{host}", resp.host))
+    where = failed.replace("{host}", resp.host)
+    raise Unavailable(f"{where}: {resp.status} {resp.reason}")
+
+
 def resolve(session: Session, ref: Reference) -> Resolved:
     """The descriptor ``ref`` names on the registry (NotFound when none has it)."""
     suffix = f"/{session.path}/manifests/{ref.object}"
@@ -107,13 +120,8 @@ def resolve(session: Session, ref: Reference) -> Resolved:
         resp.close()
         if resp.status not in (405, 400):
             raise Unavailable(f"{resp.host}: HEAD {suffix}: {resp.status} {resp.reason}")
-    resp = session.send(ep, "GET", ep.url(suffix), scope=scope, headers=headers)
-    if resp.status == 404:
-        resp.close()
-        raise NotFound(f"{ref}: not found on {resp.host}")
-    if resp.status != 200:
-        resp.close()
-        raise Unavailable(f"{resp.host}: GET {suffix}: {resp.status} {resp.reason}")
+    resp = _ok(session.send(ep, "GET", ep.url(suffix), scope=scope, headers=headers),
+               not_found=f"{ref}: not found on {{host}}", failed=f"{{host}}: GET {suffix}")
     header_type = _media_type(resp)
     data = resp.read_all(MAX_DOCUMENT)
     digest = _sha256(data)
@@ -133,12 +141,8 @@ def fetch_document(session: Session, desc: Descriptor) -> bytes:
     headers = {"Accept": ACCEPT_MANIFESTS} if is_manifest else {}
     _, resp = session.request("pull", "GET", f"/{session.path}/{kind}/{desc.digest}",
                               scope=session.scope("pull"), headers=headers)
-    if resp.status == 404:
-        resp.close()
-        raise NotFound(f"{resp.host}: {session.path}: {desc.digest} not found")
-    if resp.status != 200:
-        resp.close()
-        raise Unavailable(f"{resp.host}: {desc.digest}: {resp.status} {resp.reason}")
+    resp = _ok(resp, not_found=f"{{host}}: {session.path}: {desc.digest} not found",
+               failed=f"{{host}}: {desc.digest}")
     length = resp.content_length
     if length is not None and length != desc.size:
         resp.close()
