@@ -35,7 +35,7 @@ from lamina.archive.layerwriter import Change, DiffResult, Member, Whiteout, wri
 from lamina.archive.whiteout import OPAQUE_MARKER, is_overlay_whiteout, whiteout_name
 from lamina.errors import Internal, InvalidArgument, LaminaError, NotFound
 from lamina.fs.tree import DIR_FLAGS, proc_path
-from lamina.fs.walk import PairedWalk, Walk
+from lamina.fs.walk import PairedWalk, Walk, enter_present
 from lamina.mounts.overlay import overlay_opaque_xattr, overlay_xattr_prefix
 
 __all__ = ["DiffResult", "overlay_changes", "tree_changes", "write_diff", "write_overlay_diff"]
@@ -199,13 +199,9 @@ def tree_changes(lower_fd: int | None, upper_fd: int) -> Iterator[Change]:
         elif changed:
             yield from _unwritten(ancestors)
             yield Member(p.path, ust, uat, _xattrs(uat))
-        if not stat.S_ISDIR(ust.st_mode):
-            continue
-        try:
-            fd = walk.enter()
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        ancestors.append(_Ancestor(p.path, ust, _dir_xattrs(fd), changed))
+        fd = enter_present(walk) if stat.S_ISDIR(ust.st_mode) else None
+        if fd is not None:
+            ancestors.append(_Ancestor(p.path, ust, _dir_xattrs(fd), changed))
 
 
 def overlay_changes(upper_fd: int) -> Iterator[Change]:
@@ -231,11 +227,8 @@ def overlay_changes(upper_fd: int) -> Iterator[Change]:
             yield Member(e.path, st, at, {}, link_to=target)
             continue
         yield Member(e.path, st, at, _xattrs(at))
-        if not stat.S_ISDIR(st.st_mode):
-            continue
-        try:
-            fd = walk.enter()
-        except (FileNotFoundError, NotADirectoryError):
+        fd = enter_present(walk) if stat.S_ISDIR(st.st_mode) else None
+        if fd is None:
             continue
         mtimes.append(st.st_mtime_ns)
         if _is_opaque(fd):

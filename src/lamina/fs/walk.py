@@ -35,7 +35,7 @@ from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from lamina.fs.tree import DirStack
 
-__all__ = ["BYTES", "Entry", "Pair", "PairedWalk", "Walk", "list_names"]
+__all__ = ["BYTES", "Entry", "Pair", "PairedWalk", "Walk", "enter_present", "list_names"]
 
 Key = Callable[[str], Any]
 BYTES: Key = os.fsencode
@@ -269,3 +269,12 @@ class PairedWalk(_Levels[_PairLevel]):
                 lower = False
         self._levels.append(_PairLevel(pair.path + "/", lower))
         return self._ups.fd
+
+
+def enter_present(walk: Walk | PairedWalk) -> int | None:
+    """``walk.enter()``; None where the directory just yielded vanished or is no
+    directory any more (a tree that changes while it is walked)."""
+    try:
+        return walk.enter()
+    except (FileNotFoundError, NotADirectoryError):
+        return None

@@ -6,12 +6,11 @@ directory descriptors, never following symlinks and never building a path.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 
 from lamina.fs.tree import DIR_FLAGS
-from lamina.fs.walk import Walk
+from lamina.fs.walk import Walk, enter_present
 from lamina.snapshots import Usage
 
 __all__ = ["disk_usage"]
@@ -32,8 +31,7 @@ def disk_usage(path: str | os.PathLike[str]) -> Usage:
             seen.add(ident)
             size += e.stat.st_blocks * 512
             if stat.S_ISDIR(e.stat.st_mode):
-                with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                    walk.enter()
+                enter_present(walk)
     finally:
         os.close(root_fd)
     return Usage(size=size, inodes=len(seen))
