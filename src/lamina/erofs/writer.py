@@ -198,6 +198,9 @@ def write_image(
                 raise InvalidArgument(
                     f"diff id mismatch: layer has {diff_id}, expected {expected_diff_id}")
             if callable(root):
+                # the data is on disk while the parent is being made: the final
+                # fsync (after the parent's commit, in order) has only metadata left
+                os.fdatasync(fd)
                 tree.settle_root(root())
             if callable(lower):
                 lower = lower() if drop_needless_whiteouts or tree.implicit else None
