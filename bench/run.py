@@ -53,6 +53,7 @@ BENCHMARKS: dict[str, str] = {
     "diff": "bench.diff",
     "rss": "bench.rss",
     "grpc": "bench.grpc",
+    "serve-churn": "bench.serve_churn",
     "userns": "bench.userns",
     "registry": "bench.registry",
     "erofs": "bench.erofs",
