@@ -355,3 +355,13 @@ def test_idmapped_overlay_of_layer_mounts(sn: ErofsSnapshotter, tmp_path: Path) 
         assert Path(r, "etc/f").read_bytes() == b"1"
         assert Path(r, "etc/g").read_bytes() == b"2"
         assert os.stat(Path(r, "etc/f")).st_uid == 100000
+
+
+def test_missing_layer_image_is_one_line(sn: ErofsSnapshotter, tmp_path: Path) -> None:
+    from lamina.errors import NotFound
+
+    _commit(sn, "base", "", {"a": b"1"}, tmp_path / "work")
+    sn.image_path("base").unlink()
+    with pytest.raises(NotFound, match=r"layer image .* is missing"):
+        sn.view("v", "base")
+    assert any("layer image" in p.message for p in sn.check())

@@ -44,7 +44,7 @@ from lamina.archive import limits
 from lamina.erofs.inode import RootMeta
 from lamina.erofs.reader import ErofsImage
 from lamina.erofs.writer import write_image
-from lamina.errors import FailedPrecondition, Unavailable
+from lamina.errors import FailedPrecondition, NotFound, Unavailable
 from lamina.fs.files import atomic_write, fsync_dir, locked, remove_tree
 from lamina.fs.perms import FILE_MODE
 from lamina.mounts.erofs import BACKINGS, is_mounted, mount_image, unmount_image
@@ -132,7 +132,8 @@ class ErofsSnapshotter(OverlaySnapshotter):
             if is_mounted(fs):
                 return fs
             if not image.is_file():
-                raise FileNotFoundError(f"{image} is missing")
+                raise NotFound(f"snapshot id {sid}: its layer image {image} is missing "
+                               "(lamina check reports it)")
             if any(os.scandir(fs)):  # the upper tree of a commit cut short by a crash
                 remove_tree(fs)
                 fs.mkdir(mode=0o755)
