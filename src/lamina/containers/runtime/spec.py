@@ -80,43 +80,20 @@ READONLY_PATHS: tuple[str, ...] = (
     "/proc/sysrq-trigger",
 )
 
-_DEFAULT_MOUNTS: tuple[dict[str, Any], ...] = (
-    {
-        "destination": "/proc",
-        "type": "proc",
-        "source": "proc",
-        "options": ["nosuid", "noexec", "nodev"],
-    },
-    {
-        "destination": "/dev",
-        "type": "tmpfs",
-        "source": "tmpfs",
-        "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
-    },
-    {
-        "destination": "/dev/pts",
-        "type": "devpts",
-        "source": "devpts",
-        "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
-    },
-    {
-        "destination": "/dev/shm",
-        "type": "tmpfs",
-        "source": "shm",
-        "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
-    },
-    {
-        "destination": "/dev/mqueue",
-        "type": "mqueue",
-        "source": "mqueue",
-        "options": ["nosuid", "noexec", "nodev"],
-    },
-    {
-        "destination": "/sys",
-        "type": "sysfs",
-        "source": "sysfs",
-        "options": ["nosuid", "noexec", "nodev", "ro"],
-    },
+#: The kernel filesystems every container gets, as containerd's default spec has them:
+#: (destination, type, source, options).
+_DEFAULT_MOUNT_TABLE: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    ("/proc", "proc", "proc", ("nosuid", "noexec", "nodev")),
+    ("/dev", "tmpfs", "tmpfs", ("nosuid", "strictatime", "mode=755", "size=65536k")),
+    ("/dev/pts", "devpts", "devpts",
+     ("nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5")),
+    ("/dev/shm", "tmpfs", "shm", ("nosuid", "noexec", "nodev", "mode=1777", "size=65536k")),
+    ("/dev/mqueue", "mqueue", "mqueue", ("nosuid", "noexec", "nodev")),
+    ("/sys", "sysfs", "sysfs", ("nosuid", "noexec", "nodev", "ro")),
+)
+_DEFAULT_MOUNTS: tuple[dict[str, Any], ...] = tuple(
+    {"destination": dest, "type": kind, "source": source, "options": list(options)}
+    for dest, kind, source, options in _DEFAULT_MOUNT_TABLE
 )
 
 _NAMESPACES = ("pid", "ipc", "uts", "mount", "network")
