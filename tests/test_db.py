@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import stat
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -61,12 +64,84 @@ def test_database_files_are_owner_only_from_the_start(tmp_path: Path) -> None:
     db.close()
 
 
-def test_a_full_disk_is_resource_exhausted(tmp_path: Path) -> None:
-    db = Database(tmp_path / "m.db", _SCHEMA)
+@pytest.mark.parametrize("group", [False, True], ids=["alone", "group-commit"])
+def test_a_full_disk_is_resource_exhausted(tmp_path: Path, group: bool) -> None:
+    db = Database(tmp_path / "m.db", _SCHEMA, group_commit=group)
     db.conn.execute("PRAGMA max_page_count=8")  # a database that cannot grow: SQLITE_FULL
     with pytest.raises(ResourceExhausted, match="the disk is full"), db.write() as c:
         for i in range(1000):
             c.execute("INSERT INTO t VALUES (?, ?)", (str(i), "y" * 4000))
     with db.read() as c:  # rolled back, and the database still works
         assert c.execute("SELECT count(*) FROM t").fetchone()[0] == 0
+    db.close()
+
+
+def test_group_commit_commits_waiting_writers_together(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writers that wait while a body runs join its transaction: one directory
+    fsync and one COMMIT for all, before any returns; a failing body is undone
+    alone; a read meanwhile sees only what committed."""
+    import lamina.util.db as dbmod
+
+    synced: list[str] = []
+    monkeypatch.setattr(dbmod, "fsync_dir", lambda d: synced.append(os.fspath(d)))
+    db = Database(tmp_path / "m.db", _SCHEMA, group_commit=True)
+    started, release = threading.Event(), threading.Event()
+    errors: dict[str, BaseException] = {}
+
+    def writer(name: str, *, first: bool = False, fail: bool = False) -> None:
+        try:
+            with db.write() as c:
+                c.execute("INSERT INTO t VALUES (?, ?)", (name, "v"))
+                db.sync_before_commit(tmp_path)
+                if first:
+                    started.set()
+                    assert release.wait(10)
+                if fail:
+                    raise ValueError(name)
+        except BaseException as exc:
+            errors[name] = exc
+
+    leader = threading.Thread(target=writer, args=("lead",), kwargs={"first": True})
+    leader.start()
+    assert started.wait(10)
+    others = [threading.Thread(target=writer, args=(f"w{i}",), kwargs={"fail": i == 2})
+              for i in range(4)]
+    for t in others:
+        t.start()
+    deadline = time.monotonic() + 10
+    while db._queued < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with db.read() as c:  # not blocked by the open transaction, and blind to it
+        assert c.execute("SELECT count(*) FROM t").fetchone()[0] == 0
+    release.set()
+    for t in [leader, *others]:
+        t.join(10)
+    assert list(errors) == ["w2"] and isinstance(errors["w2"], ValueError)
+    assert synced == [os.fspath(tmp_path)]  # one fsync for the whole group
+    with db.read() as c:
+        assert sorted(r[0] for r in c.execute("SELECT k FROM t")) == ["lead", "w0", "w1", "w3"]
+    db.close()
+
+
+def test_group_commit_fails_every_body_when_the_commit_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a body asked to sync is synced before COMMIT; if that fails nothing
+    commits and the writer hears of it."""
+    import lamina.util.db as dbmod
+
+    def broken(d: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(dbmod, "fsync_dir", broken)
+    db = Database(tmp_path / "m.db", _SCHEMA, group_commit=True)
+    with pytest.raises(Exception, match="Input/output error"), db.write() as c:
+        c.execute("INSERT INTO t VALUES ('a', 'v')")
+        db.sync_before_commit(tmp_path)
+    with db.read() as c:
+        assert c.execute("SELECT count(*) FROM t").fetchone()[0] == 0
+    with db.write() as c:  # and the database goes on working
+        c.execute("INSERT INTO t VALUES ('b', 'v')")
+    with db.read() as c:
+        assert c.execute("SELECT k FROM t").fetchall() == [("b",)]
     db.close()

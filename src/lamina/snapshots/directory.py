@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from lamina.errors import FailedPrecondition, NotFound
-from lamina.fs.files import fsync_dir, remove_tree
+from lamina.fs.files import remove_tree
 from lamina.fs.perms import private_dirs, tighten
 from lamina.mounts.mount import Mount
 from lamina.owners import ScopedViews
@@ -200,7 +200,7 @@ class DirectorySnapshotter(ScopedViews):
                     crash.point("create.before-rename")
                     os.rename(new, dest)
                     target = dest
-                    fsync_dir(self._dirs)  # the rename is durable before the row commits
+                    tx.sync_before_commit(self._dirs)  # the rename is durable first
                     crash.point("create.after-rename")
             except BaseException:
                 if target is not None:  # the row did not commit: take the directory back

@@ -14,6 +14,18 @@ the disk (``cleanup`` removes what it does not know) but never ahead of it.
 With ``synchronous=NORMAL`` a commit could be undone by a power cut after
 its directory was already deleted. A full disk is ResourceExhausted.
 
+Group commit (``group_commit=True``): SQLite fsyncs the WAL once per COMMIT,
+so writers of several threads (a server's calls) share one transaction
+instead of taking turns at one fsync each. The first writer begins the
+transaction and runs its body; writers already waiting run theirs in the
+same transaction, each inside a savepoint of its own (an error undoes that
+body alone); when nobody waits any more the first writer syncs what the
+bodies asked for (:meth:`Database.sync_before_commit`) and commits, and only
+then does any of them return. So every write still returns only once it is
+on disk, and what a body did on disk is durable before the commit that
+records it: the ordering above holds for each body as it did alone. A failed
+commit fails every body of the batch.
+
 The file is created 0600 before SQLite opens it; SQLite gives its ``-wal`` and
 ``-shm`` files the database's mode. Files an earlier lamina left 0644 are
 tightened on open.
@@ -29,20 +41,45 @@ import time
 from collections.abc import Iterator
 
 from lamina.errors import ResourceExhausted, Unavailable
+from lamina.fs.files import fsync_dir
 from lamina.fs.perms import FILE_MODE, tighten
 
 __all__ = ["Database"]
 
 BUSY_TIMEOUT_MS = 60_000
 _SQLITE_FULL = 13
+#: Bodies one group commit takes at most (writers keep arriving under load).
+MAX_BATCH = 64
+
+
+class _Batch:
+    """One transaction shared by the write bodies of a group commit."""
+
+    __slots__ = ("closing", "done", "error", "members", "syncs")
+
+    def __init__(self) -> None:
+        self.members = 1
+        self.closing = False  # no more bodies join
+        self.done = False
+        self.error: BaseException | None = None
+        self.syncs: dict[str, None] = {}  # directories to fsync before COMMIT, in order
 
 
 class Database:
-    """One SQLite file; thread-safe; transactions are serialised per process."""
+    """One SQLite file; thread-safe; transactions are serialised per process
+    (with ``group_commit``, concurrent writers share one; see the module docs)."""
 
-    def __init__(self, path: str | os.PathLike[str], schema: str) -> None:
+    def __init__(self, path: str | os.PathLike[str], schema: str, *,
+                 group_commit: bool = False) -> None:
         self.path = os.fspath(path)
         self._lock = threading.RLock()
+        self._group = group_commit
+        self._cond = threading.Condition(threading.Lock())
+        self._busy = False  # a thread is using the connection (group commit)
+        self._queued = 0  # writers waiting to run their bodies
+        self._batch: _Batch | None = None  # the open group transaction
+        self._readers = threading.local()  # each thread's read connection (group commit)
+        self._reader_conns: list[sqlite3.Connection] = []
         # Created 0600 here if missing, with O_EXCL: opening (and closing) an existing
         # database file would drop every POSIX lock this process holds on it, the
         # locks another SQLite connection of this process relies on.
@@ -86,29 +123,148 @@ class Database:
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction: committed on success, rolled back on error."""
+        if self._group:
+            with self._group_write() as conn:
+                yield conn
+            return
         with self._lock:
             conn = self.conn
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
                 raise Unavailable(f"database {self.path} is busy: {exc}") from exc
+            batch = self._batch = _Batch()
             try:
                 yield conn
+                for d in batch.syncs:
+                    fsync_dir(d)
                 conn.execute("COMMIT")
             except sqlite3.OperationalError as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL:
-                    raise ResourceExhausted(f"database {self.path}: the disk is full") from exc
-                raise
+                raise self._translate(exc) from exc
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            finally:
+                self._batch = None
+
+    def sync_before_commit(self, directory: str | os.PathLike[str]) -> None:
+        """fsync ``directory`` before the open write transaction commits (once for
+        every body of a group commit that asks): call it inside a write body after a
+        rename there that the commit must not get ahead of."""
+        batch = self._batch
+        if batch is None:
+            raise RuntimeError("sync_before_commit outside a write transaction")
+        batch.syncs[os.fspath(directory)] = None
+
+    def _translate(self, exc: sqlite3.OperationalError) -> Exception:
+        if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL:
+            return ResourceExhausted(f"database {self.path}: the disk is full")
+        return exc
+
+    @contextlib.contextmanager
+    def _group_write(self) -> Iterator[sqlite3.Connection]:
+        conn = self.conn
+        with self._cond:
+            self._queued += 1
+            try:
+                while self._busy or (self._batch is not None and self._batch.closing):
+                    self._cond.wait()
+            finally:
+                self._queued -= 1
+            self._busy = True
+            batch = self._batch
+            leader = batch is None
+            if batch is not None:
+                batch.members += 1
+        try:
+            if leader:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as exc:
+                    raise Unavailable(f"database {self.path} is busy: {exc}") from exc
+                batch = self._batch = _Batch()
+            assert batch is not None
+            conn.execute("SAVEPOINT body")
+        except BaseException:
+            self._release(closing=False)
+            raise
+        try:
+            yield conn
+            conn.execute("RELEASE body")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK TO body")
+                conn.execute("RELEASE body")
+            else:  # SQLite gave the whole transaction up (a full disk): the batch is lost
+                batch.error = exc
+            self._release(closing=not conn.in_transaction)
+            if leader:  # the others' bodies still commit
+                self._commit(batch)
+            if isinstance(exc, sqlite3.OperationalError):
+                raise self._translate(exc) from exc
+            raise
+        self._release(closing=batch.members >= MAX_BATCH)
+        if leader:
+            self._commit(batch)
+        else:
+            self._wait(batch)
+        if batch.error is not None:
+            err = batch.error
+            if isinstance(err, sqlite3.OperationalError):
+                raise self._translate(err) from err
+            raise Unavailable(f"database {self.path}: the transaction was lost: {err}") from err
+
+    def _release(self, *, closing: bool) -> None:
+        with self._cond:
+            self._busy = False
+            if closing and self._batch is not None:
+                self._batch.closing = True
+            self._cond.notify_all()
+
+    def _wait(self, batch: _Batch) -> None:
+        with self._cond:
+            while not batch.done:
+                self._cond.wait()
+
+    def _commit(self, batch: _Batch) -> None:
+        """The leader: let the writers already waiting run their bodies, then sync
+        and commit for all of them."""
+        conn = self.conn
+        with self._cond:
+            while self._busy or (self._queued and not batch.closing):
+                self._cond.wait()
+            batch.closing = True
+            self._busy = True
+        try:
+            if batch.error is None:
+                for d in batch.syncs:
+                    fsync_dir(d)
+                conn.execute("COMMIT")
+        except BaseException as exc:
+            batch.error = exc
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            with self._cond:
+                batch.done = True
+                self._batch = None
+                self._busy = False
+                self._cond.notify_all()
 
     @contextlib.contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
         """A consistent read snapshot of the database."""
+        if self._group:  # a connection of the thread's own: sees only what committed
+            conn = self._reader()
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("COMMIT")
+            return
         with self._lock:
             conn = self.conn
             conn.execute("BEGIN")
@@ -117,7 +273,26 @@ class Database:
             finally:
                 conn.execute("COMMIT")
 
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read connection (group commit): reads neither wait for a
+        group's fsync nor see bodies it may still fail to commit."""
+        self.conn  # noqa: B018 -- Unavailable once closed
+        conn: sqlite3.Connection | None = getattr(self._readers, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
+                                   isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            with self._cond:
+                self._reader_conns.append(conn)
+            self._readers.conn = conn
+        return conn
+
     def close(self) -> None:
+        with self._cond:
+            readers, self._reader_conns = self._reader_conns, []
+            self._readers = threading.local()
+        for r in readers:
+            r.close()
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
