@@ -11,23 +11,14 @@ from typing import Any
 
 from lamina.errors import AlreadyExists, InvalidArgument
 from lamina.labels import validate_labels
-from lamina.metadata.records import RecordStore, time_from_ns
+from lamina.metadata.records import RecordStore, record_schema, time_from_ns
 from lamina.util import crash
 
 __all__ = ["Container", "ContainerStore"]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS containers (
-    id TEXT PRIMARY KEY,
-    image TEXT NOT NULL,
-    snapshotter TEXT NOT NULL,
-    snapshot_key TEXT NOT NULL,
-    spec TEXT NOT NULL,
-    labels TEXT NOT NULL,
-    created_ns INTEGER NOT NULL,
-    updated_ns INTEGER NOT NULL
+_SCHEMA = record_schema(
+    "containers", "id", "image TEXT", "snapshotter TEXT", "snapshot_key TEXT", "spec TEXT"
 )
-"""
 
 
 @dataclass(frozen=True)

@@ -11,20 +11,12 @@ from typing import Any
 
 from lamina.errors import AlreadyExists, InvalidArgument
 from lamina.labels import update_labels, validate_labels
-from lamina.metadata.records import RecordStore, time_from_ns
+from lamina.metadata.records import RecordStore, record_schema, time_from_ns
 from lamina.oci.types import Descriptor
 
 __all__ = ["Image", "ImageStore"]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS images (
-    name TEXT PRIMARY KEY,
-    target TEXT NOT NULL,
-    labels TEXT NOT NULL,
-    created_ns INTEGER NOT NULL,
-    updated_ns INTEGER NOT NULL
-)
-"""
+_SCHEMA = record_schema("images", "name", "target TEXT")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """What the record stores (images, containers) share: one table keyed by name.
 
-Each store keeps its records in one table of the root's metadata database,
-keyed by a text column; a record comes back from its row through the store's
-``_from_row``. Lookups, the sorted listing and deletion are the same for
+Each store keeps its records in one table of the root's metadata database:
+a text key, the record's own columns, then the labels and the created and
+updated times every record has; a record comes back from its row through the
+store's ``_from_row``. Lookups, the sorted listing and deletion are the same for
 every kind of record, and so is the error that names a missing one.
 """
 
@@ -16,9 +17,19 @@ from typing import Any, ClassVar, Generic, TypeVar
 from lamina.errors import NotFound
 from lamina.util.db import Database
 
-__all__ = ["RecordStore", "time_from_ns"]
+__all__ = ["RecordStore", "record_schema", "time_from_ns"]
 
 R = TypeVar("R")
+
+
+def record_schema(table: str, key: str, *columns: str) -> str:
+    """The table of a record store: text ``key``, then ``columns`` (each "name TYPE",
+    all NOT NULL), then the labels (JSON) and times (ns) that every record has.
+    ``_from_row`` reads a row in this order."""
+    own = [*columns, "labels TEXT", "created_ns INTEGER", "updated_ns INTEGER"]
+    lines = [f"    {key} TEXT PRIMARY KEY", *(f"    {c} NOT NULL" for c in own)]
+    body = ",\n".join(lines)
+    return f"\nCREATE TABLE IF NOT EXISTS {table} (\n{body}\n)\n"
 
 
 def time_from_ns(ns: int) -> datetime:
