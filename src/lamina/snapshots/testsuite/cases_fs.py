@@ -30,6 +30,7 @@ from lamina.snapshots.testsuite.harness import (
     case,
     check_snapshots,
     check_view,
+    commit_empty,
     create_snapshot,
     mounted,
     require,
@@ -283,10 +284,8 @@ def file_types(sn: Snapshotter, work: Path) -> None:
 @case("ViewReadonly")
 def view_readonly(sn: Snapshotter, work: Path) -> None:
     """Writing into a mounted view fails with EROFS, for views of zero, one and two layers."""
-    sn.prepare("preparing", "", labels=LABELS)
-    sn.commit("committed", "preparing", labels=LABELS)
-    sn.prepare("preparing-2", "committed", labels=LABELS)
-    sn.commit("committed-2", "preparing-2", labels=LABELS)
+    commit_empty(sn, "committed", key="preparing")
+    commit_empty(sn, "committed-2", "committed", key="preparing-2")
     for view, parent in (("view-0", ""), ("view-1", "committed"), ("view-2", "committed-2")):
         with mounted(sn.view(view, parent, labels=LABELS), work) as root:
             for attempt in (

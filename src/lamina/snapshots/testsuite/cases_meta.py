@@ -21,6 +21,7 @@ from lamina.snapshots.testsuite.harness import (
     LABELS,
     case,
     check_info,
+    commit_empty,
     expect_error,
     mounted,
     same_info,
@@ -145,8 +146,7 @@ def transitivity(sn: Snapshotter, work: Path) -> None:
 @case("PrepareViewFailingtest")
 def prepare_view_conflicts(sn: Snapshotter, work: Path) -> None:
     """Keys of every kind share one space: reusing one is AlreadyExists, and changes nothing."""
-    sn.prepare("preparing", "", labels=LABELS)
-    sn.commit("snapA", "preparing", labels=LABELS)
+    commit_empty(sn, "snapA", key="preparing")
 
     sn.prepare("newlayer", "snapA", labels=LABELS)
     expect_error(AlreadyExists, sn.view, "newlayer", "snapA", labels=LABELS)
@@ -171,10 +171,8 @@ def prepare_view_conflicts(sn: Snapshotter, work: Path) -> None:
 
 
 def _base_snapshots(sn: Snapshotter) -> None:
-    sn.prepare("c1-a", "", labels=LABELS)
-    sn.commit("c1", "c1-a", labels=LABELS)
-    sn.prepare("c2-a", "c1", labels=LABELS)
-    sn.commit("c2", "c2-a", labels=LABELS)
+    commit_empty(sn, "c1")
+    commit_empty(sn, "c2", "c1")
     sn.prepare("a1", "c2", labels=LABELS)
     sn.prepare("a2", "", labels=LABELS)
     sn.view("v1", "c2", labels=LABELS)
@@ -276,8 +274,7 @@ def label_limits(sn: Snapshotter, work: Path) -> None:
 @case("Remove")
 def remove(sn: Snapshotter, work: Path) -> None:
     """Removed keys can be reused by any kind; parents go only after their children."""
-    sn.prepare("committed-a", "", labels=LABELS)
-    sn.commit("committed-1", "committed-a", labels=LABELS)
+    commit_empty(sn, "committed-1", key="committed-a")
     sn.prepare("reuse-1", "committed-1", labels=LABELS)
     sn.remove("reuse-1")
     expect_error(NotFound, sn.stat, "reuse-1")
@@ -305,10 +302,8 @@ def remove_intermediate(sn: Snapshotter, work: Path) -> None:
     _prepare_with_file(sn, work, base, "f", b"x")
     committed_base = str(work / "committed-base")
     sn.commit(committed_base, base, labels=LABELS)
-    inter = str(work / "intermediate")
-    sn.prepare(inter, committed_base, labels=LABELS)
     committed_inter = str(work / "committed-inter")
-    sn.commit(committed_inter, inter, labels=LABELS)
+    commit_empty(sn, committed_inter, committed_base, key=str(work / "intermediate"))
     top = str(work / "toplayer")
     sn.prepare(top, committed_inter, labels=LABELS)
     expect_error(FailedPrecondition, sn.remove, committed_inter)
@@ -329,8 +324,7 @@ def walk(sn: Snapshotter, work: Path) -> None:
     """Filters: fields, labels (quoted keys, presence), != , AND with ',', OR across filters."""
     gc = {GC_ROOT: "check-walk"}
     sn.prepare("a-np", "", labels=gc)
-    sn.prepare("p-tmp", "", labels=gc)
-    sn.commit("p", "p-tmp", labels=gc)
+    commit_empty(sn, "p", key="p-tmp", labels=gc)
     sn.prepare("a", "p", labels=gc)
     sn.view("v", "p", labels=gc)
     sn.prepare("p-wl-tmp", "", labels=gc)
@@ -380,8 +374,7 @@ def _named_snapshots(sn: Snapshotter, work: Path, prefix: str) -> None:
     c1, c2 = f"{prefix}c1", f"{prefix}c2"
     _prepare_with_file(sn, work, f"{c1}-a", "base", b"base\n")
     sn.commit(c1, f"{c1}-a", labels=LABELS)
-    sn.prepare(f"{c2}-a", c1, labels=LABELS)
-    sn.commit(c2, f"{c2}-a", labels=LABELS)
+    commit_empty(sn, c2, c1)
     sn.prepare(f"{prefix}a1", c2, labels=LABELS)
     sn.view(f"{prefix}v1", c2, labels=LABELS)
 
@@ -417,8 +410,7 @@ def update_in_walk(sn: Snapshotter, work: Path) -> None:
 @case("CloseTwice")
 def close_twice(sn: Snapshotter, work: Path) -> None:
     """close() after some work, twice, does not fail."""
-    sn.prepare("close-prepare", "", labels=LABELS)
-    sn.commit("close", "close-prepare", labels=LABELS)
+    commit_empty(sn, "close", key="close-prepare")
     sn.remove("close")
     sn.close()
     sn.close()
@@ -427,8 +419,7 @@ def close_twice(sn: Snapshotter, work: Path) -> None:
 @case("Errors")
 def errors(sn: Snapshotter, work: Path) -> None:
     """NotFound, FailedPrecondition and InvalidArgument where they belong; nothing changes."""
-    sn.prepare("c-a", "", labels=LABELS)
-    sn.commit("c", "c-a", labels=LABELS)
+    commit_empty(sn, "c")
     sn.prepare("active", "c", labels=LABELS)
     sn.view("view", "c", labels=LABELS)
     before = {i.name: i for i in sn.walk()}

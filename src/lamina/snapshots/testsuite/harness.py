@@ -6,7 +6,7 @@ import contextlib
 import itertools
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +35,7 @@ __all__ = [
     "Skip",
     "case",
     "check_snapshots",
+    "commit_empty",
     "create_snapshot",
     "environment",
     "expect_error",
@@ -223,6 +224,22 @@ def same_info(a: Info, b: Info) -> None:
     fb = (b.kind, b.name, b.parent, dict(b.labels), b.created, b.updated)
     if fa != fb:
         raise AssertionError(f"infos differ:\n  {fa!r}\n  {fb!r}")
+
+
+def commit_empty(
+    sn: Snapshotter,
+    name: str,
+    parent: str = "",
+    *,
+    key: str | None = None,
+    labels: Mapping[str, str] = LABELS,
+) -> str:
+    """Commit ``name`` on ``parent`` with nothing written: prepare the active
+    snapshot ``key`` (``<name>-a`` unless given) and commit it, both with ``labels``."""
+    key = f"{name}-a" if key is None else key
+    sn.prepare(key, parent, labels=labels)
+    sn.commit(name, key, labels=labels)
+    return name
 
 
 def create_snapshot(
