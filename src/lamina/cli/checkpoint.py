@@ -6,6 +6,7 @@ import argparse
 
 from lamina.cli import container as container_cli
 from lamina.cli.app import App
+from lamina.cli.common import print_table
 
 __all__ = ["register"]
 
@@ -19,9 +20,10 @@ def _ls(args: argparse.Namespace, app: App) -> int:
     if args.json:
         app.print_json(rows)
         return 0
-    print(f"{'REF':<48} {'CONTAINER':<20} {'IMAGE':<32} CREATED")
-    for r in rows:
-        print(f"{r['ref']:<48} {r['container']!s:<20} {r['image']!s:<32} {r['created']}")
+    print_table(("REF", "CONTAINER", "IMAGE", "CREATED"),
+                ([str(r["ref"]), str(r["container"]), str(r["image"]), str(r["created"])]
+                 for r in rows),
+                widths=(48, 20, 32))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 from collections.abc import Iterable, Sequence
 
 from lamina.errors import InvalidArgument
@@ -30,8 +31,17 @@ def parse_labels(pairs: Iterable[str] | None, *, allow_bare: bool = False) -> di
     return out
 
 
-def print_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
-    """Left-aligned columns, two spaces apart, like ctr's listings."""
+def print_table(
+    header: Sequence[str], rows: Iterable[Sequence[str]], *, widths: Sequence[int] | None = None
+) -> None:
+    """Left-aligned columns, like ctr's listings: each as wide as its longest cell and two
+    spaces apart; or, given ``widths`` (one for every column but the last), that wide at
+    least and one space apart, so the rows print as they come."""
+    if widths is not None:
+        for r in itertools.chain([header], rows):
+            cells = [c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)]
+            print(" ".join([*cells, r[-1]]))
+        return
     lines = [list(header), *(list(r) for r in rows)]
     widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
     for r in lines:

@@ -11,7 +11,7 @@ from typing import Any
 
 from lamina import rootless
 from lamina.cli.app import App
-from lamina.cli.common import parse_labels
+from lamina.cli.common import parse_labels, print_table
 from lamina.containers.options import make_options
 from lamina.containers.runtime import BindMount, TaskManager, parse_mount_flag
 from lamina.containers.service import ContainerService
@@ -108,10 +108,10 @@ def _ls(args: argparse.Namespace, app: App) -> int:
         for r in records:
             print(r["id"])
         return 0
-    print(f"{'CONTAINER':<24} {'IMAGE':<48} {'TASK':<8} REVISION")
-    for r in records:
-        task = r["task"]["status"] if r["task"] else "-"
-        print(f"{r['id']:<24} {r['image']:<48} {task:<8} {r['snapshot_key']}")
+    print_table(("CONTAINER", "IMAGE", "TASK", "REVISION"),
+                ([r["id"], r["image"], r["task"]["status"] if r["task"] else "-",
+                  r["snapshot_key"]] for r in records),
+                widths=(24, 48, 8))
     return 0
 
 

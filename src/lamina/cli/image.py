@@ -12,6 +12,7 @@ from lamina.cli.common import (
     add_mount_flags,
     add_sync,
     max_layer_size,
+    print_table,
     sync_layers,
 )
 from lamina.images.service import ImageService
@@ -48,9 +49,10 @@ def _ls(args: argparse.Namespace, app: App) -> int:
         app.print_json([{"name": i.name, "target": i.target.to_json(), "labels": i.labels,
                          "created": i.created, "updated": i.updated} for i in images])
         return 0
-    print(f"{'REF':<50} {'TYPE':<56} {'DIGEST':<71} SIZE")
-    for i in images:
-        print(f"{i.name:<50} {i.target.media_type:<56} {i.target.digest:<71} {i.target.size}")
+    print_table(("REF", "TYPE", "DIGEST", "SIZE"),
+                ([i.name, i.target.media_type, i.target.digest, str(i.target.size)]
+                 for i in images),
+                widths=(50, 56, 71))
     return 0
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from lamina.cli.app import App
-from lamina.cli.common import parse_labels
+from lamina.cli.common import parse_labels, print_table
 from lamina.errors import LaminaError
 from lamina.metadata.leases import DEFAULT_EXPIRY, Lease, LeaseManager, parse_duration
 
@@ -49,14 +49,14 @@ def _ls(args: argparse.Namespace, app: App) -> int:
         for lease in found:
             print(lease.id)
         return 0
-    print(f"{'ID':<40} {'CREATED':<26} {'EXPIRES':<26} LABELS")
+    rows = []
     for lease in found:
         expires = lease.expires.isoformat(timespec="seconds") if lease.expires else "never"
         if not lease.active(now):
             expires += " (expired)"
         labels = ",".join(f"{k}={v}" for k, v in sorted(lease.labels.items()))
-        print(f"{lease.id:<40} {lease.created.isoformat(timespec='seconds'):<26} "
-              f"{expires:<26} {labels}")
+        rows.append([lease.id, lease.created.isoformat(timespec="seconds"), expires, labels])
+    print_table(("ID", "CREATED", "EXPIRES", "LABELS"), rows, widths=(40, 26, 26))
     return 0
 
 

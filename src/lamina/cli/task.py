@@ -7,6 +7,7 @@ import shutil
 import sys
 
 from lamina.cli.app import App
+from lamina.cli.common import print_table
 from lamina.cli.container import services
 from lamina.errors import InvalidArgument, NotFound
 
@@ -32,10 +33,10 @@ def _ls(args: argparse.Namespace, app: App) -> int:
                          "exit_code": i.exit_code, "detached": i.detached,
                          "created": i.created} for i in infos])
         return 0
-    print(f"{'TASK':<24} {'PID':<8} {'STATUS':<8} EXIT")
-    for i in infos:
-        exit_code = "-" if i.exit_code is None else str(i.exit_code)
-        print(f"{i.id:<24} {i.pid or '-'!s:<8} {i.status!s:<8} {exit_code}")
+    print_table(("TASK", "PID", "STATUS", "EXIT"),
+                ([i.id, str(i.pid or "-"), str(i.status),
+                  "-" if i.exit_code is None else str(i.exit_code)] for i in infos),
+                widths=(24, 8, 8))
     return 0
 
 
