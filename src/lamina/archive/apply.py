@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import stat
 from collections.abc import Callable
@@ -620,29 +619,19 @@ def apply_layer(
         raise NotFound(f"apply layer: target directory {root} does not exist") from None
     except OSError as exc:
         raise InvalidArgument(f"apply layer: cannot open target {root}: {exc}") from exc
-    digest = hashlib.sha256()
-    counter = [0]
-    cb = progress
     try:
         space = limits.SpaceGuard(root_fd, root)
         space.check()
     except BaseException:
         os.close(root_fd)
         raise
-
-    def on_bytes(data: bytes) -> None:
-        digest.update(data)
-        counter[0] += len(data)
-        space.seen(counter[0])
-        if cb is not None:
-            cb(counter[0])
-
+    meter = limits.LayerMeter(space, progress)
     applier = _Applier(root_fd, overlay)
     left_out: list[str] = []
     current: TarEntry | None = None
     try:
         with open_decompressed(stream, max_size=max_size) as plain:
-            reader = TarReader(plain, on_bytes)
+            reader = TarReader(plain, meter)
             try:
                 while (e := reader.next()) is not None:
                     current = e
@@ -669,7 +658,7 @@ def apply_layer(
     finally:
         applier.close()
         os.close(root_fd)
-    diff_id = "sha256:" + digest.hexdigest()
+    diff_id = meter.diff_id
     if expected_diff_id is not None and expected_diff_id != diff_id:
         raise InvalidArgument(f"diff id mismatch: layer has {diff_id}, expected {expected_diff_id}")
     report_left_out(left_out)

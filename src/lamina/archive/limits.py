@@ -44,8 +44,10 @@ free space             stop when less than         the disk never fills: lamina'
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
+from collections.abc import Callable
 
 from lamina.errors import InvalidArgument, ResourceExhausted
 
@@ -64,6 +66,7 @@ __all__ = [
     "MAX_XATTR_TOTAL",
     "MAX_XATTR_VALUE",
     "SPACE_CHECK_EVERY",
+    "LayerMeter",
     "SpaceGuard",
     "check_fits",
     "env_max_layer_size",
@@ -187,3 +190,28 @@ class SpaceGuard:
                                    f"on the filesystem of {self._where}")
         return ResourceExhausted(f"{self._action} at {member}: "
                                  f"{short or 'no space left on the filesystem of ' + self._where}")
+
+
+class LayerMeter:
+    """Called with each run of a layer's uncompressed bytes as they are read
+    (a :class:`~lamina.archive.tarstream.TarReader`'s callback): hashes them for
+    the DiffID, has ``space`` check the free space on the way, and tells
+    ``progress`` how many bytes were read so far."""
+
+    def __init__(self, space: SpaceGuard, progress: Callable[[int], None] | None) -> None:
+        self.digest = hashlib.sha256()
+        self.count = 0
+        self._space = space
+        self._progress = progress
+
+    def __call__(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.count += len(data)
+        self._space.seen(self.count)
+        if self._progress is not None:
+            self._progress(self.count)
+
+    @property
+    def diff_id(self) -> str:
+        """The DiffID of the bytes read so far."""
+        return "sha256:" + self.digest.hexdigest()

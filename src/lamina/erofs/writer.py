@@ -23,7 +23,6 @@ in the data area.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -160,22 +159,13 @@ def write_image(
         dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise InvalidArgument(f"write EROFS image: directory {directory} does not exist") from None
-    digest = hashlib.sha256()
-    counter = [0]
     try:  # the guard checks the space through dir_fd while the layer is read
         space = limits.SpaceGuard(dir_fd, directory, action="write EROFS image")
         space.check()
     except BaseException:
         os.close(dir_fd)
         raise
-
-    def on_bytes(data: bytes) -> None:
-        digest.update(data)
-        counter[0] += len(data)
-        space.seen(counter[0])
-        if progress is not None:
-            progress(counter[0])
-
+    meter = limits.LayerMeter(space, progress)
     tree = LayerTree(overlay=overlay, root=None if callable(root) else root,
                      lower_dirs=overlay and lower is not None)
     current: TarEntry | None = None
@@ -184,7 +174,7 @@ def write_image(
                 tempfile.TemporaryFile(dir=directory) as spool, \
                 open_decompressed(stream, max_size=max_size) as plain:
             data = _Data(fd, spool)
-            reader = TarReader(plain, on_bytes)
+            reader = TarReader(plain, meter)
             while (e := reader.next()) is not None:
                 current = e
                 node = tree.add(e)
@@ -193,7 +183,7 @@ def write_image(
             current = None
             reader.drain()
             tree.finish()
-            diff_id = "sha256:" + digest.hexdigest()
+            diff_id = meter.diff_id
             if expected_diff_id is not None and expected_diff_id != diff_id:
                 raise InvalidArgument(
                     f"diff id mismatch: layer has {diff_id}, expected {expected_diff_id}")
@@ -211,7 +201,7 @@ def write_image(
                 tree.prune_implicit()
             spool.flush()
             layout = write_metadata(fd, tree.root, data_end=data.next_block,
-                                    read_tail=data.tail, uuid=digest.digest()[:16])
+                                    read_tail=data.tail, uuid=meter.digest.digest()[:16])
     except LaminaError:
         raise
     except OSError as exc:
