@@ -74,7 +74,9 @@ class Database:
         self.path = os.fspath(path)
         self._lock = threading.RLock()
         self._group = group_commit
-        self._cond = threading.Condition(threading.Lock())
+        mutex = threading.Lock()
+        self._cond = threading.Condition(mutex)  # whose turn: writers, the leader
+        self._done = threading.Condition(mutex)  # a group's commit, for its bodies
         self._busy = False  # a thread is using the connection (group commit)
         self._queued = 0  # writers waiting to run their bodies
         self._batch: _Batch | None = None  # the open group transaction
@@ -225,9 +227,9 @@ class Database:
             self._cond.notify_all()
 
     def _wait(self, batch: _Batch) -> None:
-        with self._cond:
+        with self._done:  # woken once, by the commit (not by every body's turn)
             while not batch.done:
-                self._cond.wait()
+                self._done.wait()
 
     def _commit(self, batch: _Batch) -> None:
         """The leader: let the writers already waiting run their bodies, then sync
@@ -253,6 +255,7 @@ class Database:
                 self._batch = None
                 self._busy = False
                 self._cond.notify_all()
+                self._done.notify_all()
 
     @contextlib.contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
