@@ -18,7 +18,7 @@ import io
 import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, BinaryIO, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -46,6 +46,7 @@ from lamina.content import Status as ContentStatus
 from lamina.errors import FailedPrecondition, Internal, NotImplementedErr
 from lamina.mounts.mount import Mount
 from lamina.snapshots import Capability, Info, Usage
+from lamina.util.closing import Closing
 
 __all__ = ["RemoteContentStore", "RemoteSnapshotter", "RemoteWriter", "connect"]
 
@@ -105,7 +106,7 @@ def _masked(request: M, fieldpaths: tuple[str, ...]) -> M:
     return request
 
 
-class _Remote:
+class _Remote(Closing):
     """What both remote stores hold: the channel (theirs to close unless it was
     given), lamina's identity on its calls, and the timeout of each call."""
 
@@ -137,11 +138,6 @@ class _Remote:
             self._channel.close()
         self._channel = None
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class RemoteSnapshotter(_Remote):

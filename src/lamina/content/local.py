@@ -98,6 +98,7 @@ from lamina.fs.perms import BLOB_MODE, FILE_MODE, private_dirs, tighten, tighten
 from lamina.labels import update_labels
 from lamina.owners import CLI, ScopedViews, describe_all
 from lamina.util import crash, filters
+from lamina.util.closing import Closing
 from lamina.util.db import Database
 
 __all__ = ["BlobCorrupt", "CleanupReport", "LocalContentStore", "LocalWriter", "hold"]
@@ -229,7 +230,7 @@ class _Lock:
             self.fd = None
 
 
-class LocalWriter:
+class LocalWriter(Closing):
     """An open ingest of a :class:`LocalContentStore` (see :class:`lamina.content.Writer`)."""
 
     def __init__(
@@ -359,18 +360,13 @@ class LocalWriter:
         if self._lock is not None:
             self._release("closed")
 
-    def __enter__(self) -> LocalWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
 
 
-class LocalContentStore(ScopedViews):
+class LocalContentStore(ScopedViews, Closing):
     """The content store in directory ``path`` (see the module docs)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -975,11 +971,6 @@ class LocalContentStore(ScopedViews):
             w.close()
         self._db.close()
 
-    def __enter__(self) -> LocalContentStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def hold(conn: sqlite3.Connection, digest: str, owners: Iterable[str]) -> None:

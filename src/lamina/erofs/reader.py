@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from lamina.erofs import format as F
 from lamina.errors import InvalidArgument
+from lamina.util.closing import Closing
 
 __all__ = ["EntryInfo", "ErofsImage"]
 
@@ -44,7 +45,7 @@ def _bad(msg: str) -> InvalidArgument:
     return InvalidArgument(f"invalid EROFS image: {msg}")
 
 
-class ErofsImage:
+class ErofsImage(Closing):
     """An EROFS image file, opened read-only (use as a context manager)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -70,11 +71,6 @@ class ErofsImage:
     def close(self) -> None:
         os.close(self._fd)
 
-    def __enter__(self) -> ErofsImage:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _read(self, off: int, n: int) -> bytes:
         if off < 0 or off + n > self._size:

@@ -36,6 +36,7 @@ from lamina.errors import FailedPrecondition, NotFound, Unavailable
 from lamina.oci.types import Descriptor
 from lamina.remotes.session import Session
 from lamina.remotes.transport import Response, TransportError
+from lamina.util.closing import Closing
 from lamina.util.progress import Progress
 
 __all__ = ["CHUNK", "BlobMismatch", "BlobReader", "Cancelled", "Fetcher"]
@@ -59,7 +60,7 @@ def _content_range_ok(resp: Response, offset: int, size: int) -> bool:
                 and m.group(3) in ("*", str(size)))
 
 
-class BlobReader:
+class BlobReader(Closing):
     """One blob's bytes from ``offset`` on (see the module docs); ``read`` returns
     at most what is left of the blob, ``b""`` once all of it was read and verified."""
 
@@ -191,11 +192,6 @@ class BlobReader:
             self._resp.close()
             self._resp = None
 
-    def __enter__(self) -> BlobReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class Fetcher:

@@ -17,11 +17,12 @@ from lamina.remotes.hosts import LAMINA_HOSTS_DIR, endpoints_for
 from lamina.remotes.reference import Reference
 from lamina.remotes.session import RetryPolicy, Session
 from lamina.remotes.transport import Transport
+from lamina.util.closing import Closing
 
 __all__ = ["Registry"]
 
 
-class Registry:
+class Registry(Closing):
     def __init__(self, *, plain_http: bool = False,
                  hosts_dirs: Sequence[str | os.PathLike[str]] = (LAMINA_HOSTS_DIR,),
                  user: Credentials | None = None, user_host: str = "",
@@ -45,8 +46,3 @@ class Registry:
     def close(self) -> None:
         self.transport.close()
 
-    def __enter__(self) -> Registry:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -51,6 +51,7 @@ from email.message import Message
 from typing import IO
 
 from lamina.errors import InvalidArgument, Unavailable
+from lamina.util.closing import Closing
 
 __all__ = ["Response", "TLSConfig", "Transport", "TransportError", "printable", "proxy_for",
            "split_url"]
@@ -243,7 +244,7 @@ class TLSConfig:
         return ctx
 
 
-class Response:
+class Response(Closing):
     """A response whose body is read in pieces; return it with :meth:`close`."""
 
     def __init__(self, transport: Transport, key: _Key,
@@ -351,11 +352,6 @@ class Response:
             with contextlib.suppress(Exception):
                 self._conn.close()
 
-    def __enter__(self) -> Response:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class Transport:
