@@ -187,24 +187,29 @@ class Database:
                     conn.execute("BEGIN IMMEDIATE")
                 except sqlite3.OperationalError as exc:
                     raise Unavailable(f"database {self.path} is busy: {exc}") from exc
-                batch = self._batch = _Batch()
+                batch = self._batch = _Batch()  # no savepoint: nobody joins before it ends
+            else:  # a savepoint: an error undoes this body alone
+                conn.execute("SAVEPOINT body")
             assert batch is not None
-            conn.execute("SAVEPOINT body")
         except BaseException:
             self._release(closing=False)
             raise
         try:
             yield conn
-            conn.execute("RELEASE body")
+            if not leader:
+                conn.execute("RELEASE body")
         except BaseException as exc:
-            if conn.in_transaction:
+            if leader:  # alone in the transaction so far: roll it all back
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                self._finish(batch)
+            elif conn.in_transaction:
                 conn.execute("ROLLBACK TO body")
                 conn.execute("RELEASE body")
+                self._release(closing=False)
             else:  # SQLite gave the whole transaction up (a full disk): the batch is lost
                 batch.error = exc
-            self._release(closing=not conn.in_transaction)
-            if leader:  # the others' bodies still commit
-                self._commit(batch)
+                self._release(closing=True)
             if isinstance(exc, sqlite3.OperationalError):
                 raise self._translate(exc) from exc
             raise
@@ -250,17 +255,37 @@ class Database:
         finally:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            with self._cond:
-                batch.done = True
-                self._batch = None
-                self._busy = False
-                self._cond.notify_all()
-                self._done.notify_all()
+            self._finish(batch)
+
+    def _finish(self, batch: _Batch) -> None:
+        with self._cond:
+            batch.done = True
+            self._batch = None
+            self._busy = False
+            self._cond.notify_all()
+            self._done.notify_all()
 
     @contextlib.contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
         """A consistent read snapshot of the database."""
-        if self._group:  # a connection of the thread's own: sees only what committed
+        if self._group:
+            with self._cond:
+                idle = not self._busy and self._batch is None
+                self._busy = self._busy or idle
+            if idle:  # the writers' connection, its cache warm
+                try:
+                    with self._lock:
+                        conn = self.conn
+                        conn.execute("BEGIN")
+                        try:
+                            yield conn
+                        finally:
+                            conn.execute("COMMIT")
+                finally:
+                    self._release(closing=False)
+                return
+            # a connection of the thread's own: sees only what committed, and
+            # does not wait for a group's fsync
             conn = self._reader()
             conn.execute("BEGIN")
             try:
