@@ -268,38 +268,22 @@ class Database:
     @contextlib.contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
         """A consistent read snapshot of the database."""
-        if self._group:
-            with self._cond:
-                idle = not self._busy and self._batch is None
-                self._busy = self._busy or idle
-            if idle:  # the writers' connection, its cache warm
-                try:
-                    with self._lock:
-                        conn = self.conn
-                        conn.execute("BEGIN")
-                        try:
-                            yield conn
-                        finally:
-                            conn.execute("COMMIT")
-                finally:
-                    self._release(closing=False)
-                return
-            # a connection of the thread's own: sees only what committed, and
-            # does not wait for a group's fsync
-            conn = self._reader()
-            conn.execute("BEGIN")
-            try:
+        if not self._group:
+            with self._lock, _snapshot(self.conn) as conn:
                 yield conn
-            finally:
-                conn.execute("COMMIT")
             return
-        with self._lock:
-            conn = self.conn
-            conn.execute("BEGIN")
-            try:
+        with self._cond:
+            idle = not self._busy and self._batch is None
+            self._busy = self._busy or idle
+        if not idle:  # a connection of the thread's own: sees only what committed,
+            with _snapshot(self._reader()) as conn:  # and waits for no group's fsync
                 yield conn
-            finally:
-                conn.execute("COMMIT")
+            return
+        try:  # the writers' connection, its cache warm
+            with self._lock, _snapshot(self.conn) as conn:
+                yield conn
+        finally:
+            self._release(closing=False)
 
     def _reader(self) -> sqlite3.Connection:
         """This thread's read connection (group commit): reads neither wait for a
@@ -325,3 +309,13 @@ class Database:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+@contextlib.contextmanager
+def _snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A read transaction on ``conn``."""
+    conn.execute("BEGIN")
+    try:
+        yield conn
+    finally:
+        conn.execute("COMMIT")
