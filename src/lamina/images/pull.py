@@ -225,6 +225,7 @@ class _Puller:
                 continue
             t = self.transfers[desc.digest] = _GuardedTransfer(desc, self.space_fd,
                                                                self.space_where)
+            self.progress.waiting("fetch", desc.digest, total=desc.size)
             futures.append(pool.submit(self._fetch, desc, t))
         return futures
 

@@ -163,6 +163,8 @@ def _push_tree(blobs: _Blobs, target: Descriptor, reference: str, concurrency: i
     """Push ``target`` and all it reaches; the digests of the documents pushed."""
     content = blobs.content
     leaves, documents = _plan(content, target)
+    for desc in leaves:
+        blobs.pusher.progress.waiting("push", desc.digest, total=desc.size)
     with ThreadPoolExecutor(max_workers=max(1, concurrency),
                             thread_name_prefix="push") as pool:
         for outcome in pool.map(blobs.push, leaves):
