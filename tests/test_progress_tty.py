@@ -5,7 +5,8 @@ the import); what it wrote is played on a small screen model (carriage return,
 line feed, cursor up, clear line, clear below, wrapping at the last column), and
 the final screen must show one line per layer with its state, a bar and its
 bytes, no line wrapped. Piped, the same commands write plain lines, one per
-change of a layer's state, without escape sequences; ``--json`` keeps its lines.
+change of a layer's state, without escape sequences; ``--json`` keeps its lines;
+``--quiet`` leaves only the result lines.
 """
 
 from __future__ import annotations
@@ -298,6 +299,58 @@ def test_pull_on_a_terminal(require_root: None, tmp_root: Path, peer: Peer, cols
     layer_row(lines, two.layers[1], "done")
     got, total = totals(lines)
     assert got == total == size_text(two.layers[0].size + two.layers[1].size).split()[0], lines
+
+
+def test_pull_piped(require_root: None, tmp_root: Path, peer: Peer,
+                    images: dict[str, imagefactory.ImageRef]) -> None:
+    """Piped, a line each time a layer's state changes, none with an escape sequence; the
+    result line last, counting in the singular when it should."""
+    [base] = images["one"].layers
+    ref = f"{peer.host}/progress/one:1"
+    proc = subprocess.run([*LAMINA, "--root", str(tmp_root), "image", "pull", ref],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b" not in proc.stdout and "\r" not in proc.stdout, repr(proc.stdout)
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"{ref} resolving" and lines[1].startswith(f"{ref} resolved sha256:")
+    mine = [t for t in lines if t.startswith(short(base.digest))]
+    states = [t.split()[1] for t in mine]
+    assert states[-1] == "done" and len(states) == len(set(states)), mine  # one line a change
+    assert set(states) <= {"waiting", "downloading", "downloaded", "unpacking", "done"}, mine
+    assert mine[-1].endswith(f" {size_text(base.size).split()[0]}/{size_text(base.size)}")
+    assert lines[-1].startswith(f"{ref}\t") and "\t(1 blob fetched, " in lines[-1], lines
+
+
+def test_import_piped(require_root: None, tmp_root: Path,
+                      images: dict[str, imagefactory.ImageRef]) -> None:
+    two = images["two"]
+    proc = subprocess.run([*LAMINA, "--root", str(tmp_root), "image", "import",
+                           str(two.layout)], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b" not in proc.stdout and "\r" not in proc.stdout, repr(proc.stdout)
+    lines = proc.stdout.splitlines()
+    for layer in two.layers:
+        mine = [t for t in lines if t.startswith(short(layer.digest))]
+        states = [t.split()[1] for t in mine]
+        assert states[-1] == "done" and len(states) == len(set(states)), mine
+        assert set(states) <= {"importing", "imported", "unpacking", "done"}, mine
+    assert [t.split("\t")[0] for t in lines[-2:]] == ["one", "two"], lines
+
+
+def test_quiet(require_root: None, tmp_root: Path, peer: Peer,
+               images: dict[str, imagefactory.ImageRef]) -> None:
+    """``--quiet``: the result lines and nothing else, on a terminal and piped."""
+    root = ["--root", str(tmp_root)]
+    ref = f"{peer.host}/progress/two:1"
+    code, output = in_pty([*root, "image", "pull", "--quiet", ref], cols=80)
+    assert code == 0, output
+    assert re.fullmatch(rf"{re.escape(ref)}\tsha256:[0-9a-f]{{64}}\t\(2 blobs fetched, "
+                        r"[^\r\n]*\)\r\n", output), output
+    proc = subprocess.run([*LAMINA, *root, "image", "import", "-q", str(images["two"].layout)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert [t.split("\t")[0] for t in proc.stdout.splitlines()] == ["one", "two"], proc.stdout
 
 
 def test_pull_json_lines_unchanged(require_root: None, tmp_root: Path, peer: Peer,

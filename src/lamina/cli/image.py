@@ -22,8 +22,12 @@ __all__ = ["register"]
 
 
 @contextlib.contextmanager
-def _service(args: argparse.Namespace, app: App) -> Iterator[ImageService]:
-    progress = for_cli(json_lines=getattr(args, "json_progress", False))
+def _service(args: argparse.Namespace, app: App, *,
+             piped_lines: bool = False) -> Iterator[ImageService]:
+    """The image service, its progress as the arguments ask; ``piped_lines``: plain progress
+    lines when output is piped (unpack leaves them off: scripts read its one line)."""
+    progress = for_cli(json_lines=getattr(args, "json_progress", False),
+                       quiet=getattr(args, "quiet", False), piped_lines=piped_lines)
     svc = ImageService(app.store_root, snapshotter=app.snapshotter,
                        snapshots=app.snapshots(), progress=progress,
                        max_layer_size=max_layer_size(args), sync=sync_layers(args))
@@ -35,7 +39,7 @@ def _service(args: argparse.Namespace, app: App) -> Iterator[ImageService]:
 
 
 def _import(args: argparse.Namespace, app: App) -> int:
-    with _service(args, app) as svc:
+    with _service(args, app, piped_lines=True) as svc:
         images = svc.import_(args.file, unpack=not args.no_unpack, index_name=args.index_name)
     for image in images:
         print(f"{image.name}\t{image.target.digest}")
@@ -104,6 +108,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v.add_argument("--index-name", help="also name the whole index as this image")
     v.add_argument("--json", dest="json_progress", action="store_true",
                    help="progress as JSON lines")
+    v.add_argument("--quiet", "-q", action="store_true",
+                   help="no progress: only errors and the result lines")
     add_max_layer_size(v)
     add_sync(v)
     v.set_defaults(handler=_import)

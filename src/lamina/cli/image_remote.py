@@ -46,7 +46,11 @@ def open_registry(args: argparse.Namespace, domain: str = "") -> Registry:
 
 
 def _progress(args: argparse.Namespace) -> Progress:
-    return for_cli(json_lines=args.json_progress)
+    return for_cli(json_lines=args.json_progress, quiet=args.quiet, piped_lines=True)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _images(app: App, progress: Progress, unpacking: argparse.Namespace | None = None,
@@ -74,7 +78,7 @@ def _pull(args: argparse.Namespace, app: App) -> int:
     if not args.json_progress:
         unpacked = f", unpacked {result.unpacked.chain_id}" if result.unpacked else ""
         print(f"{result.image.name}\t{result.image.target.digest}\t"
-              f"({result.fetched} blobs fetched, {result.present} present{unpacked})")
+              f"({_count(result.fetched, 'blob')} fetched, {result.present} present{unpacked})")
     return 0
 
 
@@ -92,7 +96,7 @@ def _push(args: argparse.Namespace, app: App) -> int:
     finally:
         progress.close()
     if not args.json_progress:
-        print(f"{result.remote}\t{result.digest}\t({result.uploaded} blobs uploaded, "
+        print(f"{result.remote}\t{result.digest}\t({_count(result.uploaded, 'blob')} uploaded, "
               f"{result.mounted} mounted, {result.existing} already there, "
               f"{result.referrers} referrers)")
     return 0
@@ -137,6 +141,8 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="blobs downloaded at once (default 3)")
     v.add_argument("--json", dest="json_progress", action="store_true",
                    help="progress as JSON lines")
+    v.add_argument("--quiet", "-q", action="store_true",
+                   help="no progress: only errors and the result line")
     add_max_layer_size(v)
     add_sync(v)
     add_registry_flags(v)
@@ -152,6 +158,8 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="do not push the local artifacts whose subject is the image")
     v.add_argument("--json", dest="json_progress", action="store_true",
                    help="progress as JSON lines")
+    v.add_argument("--quiet", "-q", action="store_true",
+                   help="no progress: only errors and the result line")
     add_registry_flags(v)
     v.set_defaults(handler=_push)
 
