@@ -31,7 +31,7 @@ import pytest
 from registry_peer import Registry as Peer
 from registry_peer import running_registry, skopeo_push
 
-from lamina.util.progress import TerminalProgress
+from lamina.util.progress import LinesProgress, Progress, TerminalProgress, for_cli
 
 LAMINA = [sys.executable, "-m", "lamina"]
 _CSI = re.compile(r"\x1b\[([0-9;?]*)([A-Za-z])")
@@ -188,6 +188,9 @@ class _Terminal(io.StringIO):
     def fileno(self) -> int:
         return self._slave
 
+    def isatty(self) -> bool:
+        return os.isatty(self._slave)
+
     def close(self) -> None:
         os.close(self._master)
         os.close(self._slave)
@@ -223,6 +226,22 @@ def test_redraw_keeps_to_the_terminal(cols: int) -> None:
         [line] = [t for t in lines if t.startswith(short(digest))]
         assert line.split()[1] == "done" and "5.2/5.2 MB" in line, line
     assert lines[-1].startswith("elapsed ") and "total 157.3/157.3 MB" in lines[-1], lines
+
+
+def test_faces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Live on a terminal, plain lines on a dumb one (it cannot move the cursor up) and
+    when piped, if the command wants them; nothing with --quiet."""
+    monkeypatch.setenv("TERM", "xterm")
+    tty = _Terminal(80, 24)
+    try:
+        assert type(for_cli(json_lines=False, out=tty)) is TerminalProgress
+        assert type(for_cli(json_lines=False, quiet=True, out=tty)) is Progress
+        monkeypatch.setenv("TERM", "dumb")
+        assert type(for_cli(json_lines=False, piped_lines=True, out=tty)) is LinesProgress
+    finally:
+        tty.close()
+    assert type(for_cli(json_lines=False, piped_lines=True, out=io.StringIO())) is LinesProgress
+    assert type(for_cli(json_lines=False, out=io.StringIO())) is Progress
 
 
 # ------------------------------------------------------------------ fixtures

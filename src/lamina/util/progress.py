@@ -350,14 +350,14 @@ def _rate(per_second: float) -> str:
 def for_cli(*, json_lines: bool, quiet: bool = False, piped_lines: bool = False,
             out: IO[str] | None = None) -> Progress:
     """The progress face for a command: JSON lines when asked, nothing when ``quiet``,
-    live on a terminal, else plain lines when ``piped_lines`` (a command whose piped
-    output is only its result line, for scripts, leaves it off) or nothing."""
+    live on a terminal (not a dumb one), else plain lines when ``piped_lines`` (a command
+    whose piped output is only its result line, for scripts, leaves it off) or nothing."""
     out = out or sys.stdout
     if json_lines:
         return JsonProgress(out)
     if quiet:
         return Progress()
-    if out.isatty():
+    if out.isatty() and os.environ.get("TERM") != "dumb":  # a dumb one cannot move up
         return TerminalProgress(out)
     if piped_lines:
         return LinesProgress(out)
