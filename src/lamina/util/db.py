@@ -141,13 +141,11 @@ class Database:
                 for d in batch.syncs:
                     fsync_dir(d)
                 conn.execute("COMMIT")
-            except sqlite3.OperationalError as exc:
+            except BaseException as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                raise self._translate(exc) from exc
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                if full := self._full(exc):
+                    raise full from exc
                 raise
             finally:
                 self._batch = None
@@ -161,10 +159,11 @@ class Database:
             raise RuntimeError("sync_before_commit outside a write transaction")
         batch.syncs[os.fspath(directory)] = None
 
-    def _translate(self, exc: sqlite3.OperationalError) -> Exception:
+    def _full(self, exc: BaseException) -> ResourceExhausted | None:
+        """ResourceExhausted for SQLite's "disk full", else None."""
         if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL:
             return ResourceExhausted(f"database {self.path}: the disk is full")
-        return exc
+        return None
 
     @contextlib.contextmanager
     def _group_write(self) -> Iterator[sqlite3.Connection]:
@@ -210,8 +209,8 @@ class Database:
             else:  # SQLite gave the whole transaction up (a full disk): the batch is lost
                 batch.error = exc
                 self._release(closing=True)
-            if isinstance(exc, sqlite3.OperationalError):
-                raise self._translate(exc) from exc
+            if full := self._full(exc):
+                raise full from exc
             raise
         self._release(closing=batch.members >= MAX_BATCH)
         if leader:
@@ -220,8 +219,8 @@ class Database:
             self._wait(batch)
         if batch.error is not None:
             err = batch.error
-            if isinstance(err, sqlite3.OperationalError):
-                raise self._translate(err) from err
+            if full := self._full(err):
+                raise full from err
             raise Unavailable(f"database {self.path}: the transaction was lost: {err}") from err
 
     def _release(self, *, closing: bool) -> None:
