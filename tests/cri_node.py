@@ -68,8 +68,10 @@ def wait_for(what: str, done: Callable[[], bool], *, deadline: float = DEADLINE)
 class Node:
     """One node: its lamina root and server, its containerd, its CRI client."""
 
-    def __init__(self, workdir: Path, base: Path, netns: str, registry: Registry) -> None:
+    def __init__(self, workdir: Path, base: Path, netns: str, registry: Registry, *,
+                 snapshotter: str = "lamina") -> None:
         self.workdir = workdir
+        self.snapshotter = snapshotter  # CRI's; "overlayfs" for containerd's own (bench)
         self.base = base  # short: containerd's sockets live here
         self.netns = netns
         self.registry = registry
@@ -105,6 +107,7 @@ class Node:
         b = self.base
         cri = self.cri_config()
         assert CRI in cri, cri
+        cri = cri.replace('snapshotter = "lamina"', f'snapshotter = "{self.snapshotter}"')
         cri = cri.replace(CRI + "\n", CRI + "\n" + "\n".join([
             '  stream_server_address = "127.0.0.1"',
             '  stream_server_port = "0"',
@@ -274,8 +277,9 @@ class Node:
 
 
 @contextlib.contextmanager
-def cri_node(workdir: Path) -> Iterator[Node]:
-    """A node on ``workdir``, with ``lamina serve`` and containerd running.
+def cri_node(workdir: Path, *, snapshotter: str = "lamina") -> Iterator[Node]:
+    """A node on ``workdir``, with ``lamina serve`` and containerd running, CRI's
+    snapshotter ``snapshotter`` (the benchmark compares containerd's ``overlayfs``).
 
     A clean exit removes the pods left, stops containerd and then ``lamina
     serve``, which must exit cleanly; anything else is stopped by PID.
@@ -285,7 +289,7 @@ def cri_node(workdir: Path) -> Iterator[Node]:
     try:
         with second_host() as (netns, host_ip, _), \
                 running_registry(workdir / "registry", addr=host_ip) as registry:
-            node = Node(workdir, base, netns, registry)
+            node = Node(workdir, base, netns, registry, snapshotter=snapshotter)
             try:
                 node.write_config()
                 node.start_serve()
