@@ -54,6 +54,7 @@ BENCHMARKS: dict[str, str] = {
     "rss": "bench.rss",
     "grpc": "bench.grpc",
     "serve-churn": "bench.serve_churn",
+    "cri-churn": "bench.cri_churn",
     "userns": "bench.userns",
     "registry": "bench.registry",
     "erofs": "bench.erofs",
