@@ -18,6 +18,11 @@ pull unpacking while it downloads, only the layers already in the content
 store announce anything: the others are bounded as they arrive); while extracting, every
 apply stops at the filesystem's reserve (:mod:`lamina.archive.limits`).
 
+On a snapshotter with :class:`~lamina.snapshots.LayerStreams` (erofs), each
+layer is handed to it as a stream and written as its snapshot's own layer
+with nothing extracted, all layers at once, committed in order (a layer
+that needs its lowers is applied on a mounted snapshot instead).
+
 On overlay, layers are extracted in parallel straight into staging upper
 directories (a layer's upperdir does not need its parents to be filled) and
 committed in order as soon as their parent is; at most :data:`RUN_AHEAD` of
@@ -39,6 +44,7 @@ import os
 import secrets
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,7 +64,14 @@ from lamina.mounts.mount import temp_mount
 from lamina.mounts.overlay import overlay_xattr_prefix
 from lamina.oci.identity import chain_ids
 from lamina.oci.types import Descriptor, ImageConfig, Manifest
-from lamina.snapshots import Capability, LocalDirectories, Snapshotter, Staging
+from lamina.snapshots import (
+    Capability,
+    LayerDigests,
+    LayerStreams,
+    LocalDirectories,
+    Snapshotter,
+    Staging,
+)
 from lamina.util import crash
 from lamina.util.progress import Progress
 from lamina.util.rawio import RawReader
@@ -162,19 +175,25 @@ class Unpacker:
         raw = self.open_layer(desc) if self.open_layer else self.content.reader(desc.digest)
         return _Counting(raw, self.progress, desc.digest, desc.size)  # type: ignore[return-value]
 
-    def _apply(self, manifest: Manifest, config: ImageConfig, i: int, target: str | Path,
-               *, overlay: bool = False) -> AppliedLayer:
-        """Apply layer ``i`` onto ``target``, bounded by ``max_layer_size``."""
+    @contextlib.contextmanager
+    def _layer(self, manifest: Manifest, i: int) -> Iterator[IO[bytes]]:
+        """Layer ``i``'s stream; past ``max_layer_size`` the error names the layer."""
         reader = self._reader(manifest, i)
         try:
-            return apply_layer(reader, target, overlay=overlay, expected_diff_id=config.diff_ids[i],
-                        max_size=self.max_layer_size)
+            yield reader
         except ResourceExhausted as exc:
             if exc.message != too_large(self.max_layer_size).message:
                 raise
             raise too_large(self.max_layer_size, f"layer {manifest.layers[i].digest}") from None
         finally:
             reader.close()
+
+    def _apply(self, manifest: Manifest, config: ImageConfig, i: int, target: str | Path,
+               *, overlay: bool = False) -> AppliedLayer:
+        """Apply layer ``i`` onto ``target``, bounded by ``max_layer_size``."""
+        with self._layer(manifest, i) as reader:
+            return apply_layer(reader, target, overlay=overlay, expected_diff_id=config.diff_ids[i],
+                        max_size=self.max_layer_size)
 
     def _check_space(self, manifest: Manifest, todo: list[int]) -> None:
         """ResourceExhausted now if the layers to extract cannot fit (see the module docs)."""
@@ -201,7 +220,9 @@ class Unpacker:
 
     def _commit(self, key: str, chain: str) -> None:
         labels = {SNAPSHOT_REF: chain}
-        if isinstance(self.sn, LocalDirectories):
+        # a layer file with a recorded digest: its commit makes it durable, and
+        # check --deep verifies that digest (no tree manifest, no syncfs)
+        if isinstance(self.sn, LocalDirectories) and not isinstance(self.sn, LayerDigests):
             layer = self.sn.layer_dir(key)
             if self.record_mtree:
                 labels[LAYER_MTREE] = self._store_mtree(layer, chain)
@@ -250,9 +271,11 @@ class Unpacker:
         todo = list(range(start, len(chains)))
         fast = (isinstance(self.sn, Staging) and isinstance(self.sn, LocalDirectories)
                 and Capability.OVERLAY in self.sn.capabilities)
+        way = (self._streamed if isinstance(self.sn, LayerStreams)
+               else self._staged if fast else self._mounted)
         if todo:
             self._check_space(manifest, todo)
-            extracted = (self._staged if fast else self._mounted)(manifest, config, chains, todo)
+            extracted = way(manifest, config, chains, todo)
         else:
             extracted = 0
         for i in todo:
@@ -402,6 +425,83 @@ class Unpacker:
                 finally:
                     stacks.pop(i).close()
         finally:
+            for fut in futures.values():
+                fut.cancel()
+            pool.shutdown(wait=True)
+            for stack in stacks.values():
+                stack.close()
+        return extracted
+
+    def _streamed(
+        self, manifest: Manifest, config: ImageConfig, chains: list[str], todo: list[int]
+    ) -> int:
+        """Layer streams (erofs): every layer written as its snapshot's own layer
+        straight from its stream, in parallel (each waits, once read, for its
+        parent's commit to settle against it), committed in order. A layer that
+        needs its lowers is applied on a mounted snapshot once its parent is
+        committed; any other error fails the unpack at once."""
+        assert isinstance(self.sn, LayerStreams)
+        streams = self.sn
+        stacks: dict[int, contextlib.ExitStack] = {}
+        committed = {i: threading.Event() for i in todo}
+        stopped = threading.Event()
+        retry = object()
+
+        def parent_committed(i: int) -> Callable[[], None]:
+            def wait() -> None:
+                if i - 1 in committed:
+                    committed[i - 1].wait()
+                if stopped.is_set():
+                    raise InvalidArgument("unpack stopped: a layer below failed")
+            return wait
+
+        def write(i: int) -> str | object | None:
+            stack = contextlib.ExitStack()
+            stacks[i] = stack
+            stack.enter_context(self._lock(chains[i]))
+            if self._exists(chains[i]):
+                return None
+            key = self._key(chains[i])
+            with self._layer(manifest, i) as reader:
+                try:
+                    streams.prepare_stream(
+                        key, chains[i - 1] if i else "", reader,
+                        expected_diff_id=config.diff_ids[i], max_size=self.max_layer_size,
+                        labels={SNAPSHOT_REF: chains[i]}, wait=parent_committed(i))
+                except NeedsLowerLayers:
+                    return retry
+            crash.point("unpack.applied")
+            return key
+
+        extracted = 0
+        pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="unpack")
+        futures: dict[int, Future[str | object | None]] = {}
+        ahead = max(self.parallel, RUN_AHEAD)
+        try:
+            for pos, i in enumerate(todo):
+                for j in todo[len(futures):pos + ahead]:
+                    futures[j] = pool.submit(write, j)
+                got = futures[i].result()
+                try:
+                    if got is retry:
+                        self._extract_mounted(manifest, config, chains, i)
+                        extracted += 1
+                    elif isinstance(got, str):
+                        try:
+                            self._commit(got, chains[i])
+                        finally:
+                            with contextlib.suppress(NotFound):
+                                self.sn.remove(got)
+                            crash.point("unpack.removed")
+                        extracted += 1
+                    self.progress.event("unpack", manifest.layers[i].digest, status="done")
+                finally:
+                    stacks.pop(i).close()
+                committed[i].set()
+        finally:
+            stopped.set()
+            for event in committed.values():
+                event.set()
             for fut in futures.values():
                 fut.cancel()
             pool.shutdown(wait=True)
