@@ -39,6 +39,22 @@ def test_a_new_root_is_stamped(tmp_path: Path) -> None:
     assert _mode(tmp_path / "r" / FORMAT_FILE) == 0o600
 
 
+def test_a_root_made_in_a_directory_of_other_things_is_new(tmp_path: Path) -> None:
+    """Only lamina 0.1's own entries make a format-1 root: a root made inside a
+    directory that holds other things is new, and a plain open (no recovery)
+    takes it."""
+    from lamina.metadata.root import Root as PlainRoot
+
+    d = tmp_path / "r"
+    (d / "a").mkdir(parents=True)
+    (d / "a" / "f").write_text("not lamina's")
+    os.symlink("a", d / "link")
+    root = PlainRoot(d)
+    root.close()
+    assert json.loads((d / FORMAT_FILE).read_text()) == {"format": FORMAT}
+    assert (d / "a" / "f").read_text() == "not lamina's"
+
+
 def test_a_newer_root_is_refused(tmp_path: Path) -> None:
     r = tmp_path / "r"
     Root(r).close()

@@ -152,13 +152,19 @@ def _refuse_newer(path: Path, found: int | None) -> None:
             f"(up to {FORMAT}): use the lamina that made it, or a newer one")
 
 
+# What lamina 0.1 made in a root, the last of which had no format file.
+_LAMINA_ENTRIES = frozenset({"metadata.db", "snapshots", "content", "tmpmounts", "tasks",
+                             "checkpoints"})
+
+
 def _found_or_stamped(path: Path) -> int:
     """The format recorded; a root without one is new (stamped now) or from 0.1.
     Under the format lock."""
     found = _read_format(path)
     if found is None:
-        others = {e for e in os.listdir(path)} - {"locks", FORMAT_FILE}
-        found = 1 if others else FORMAT
+        # Only lamina's own entries make a 0.1 root: a directory holding other
+        # things (a root made inside an existing directory) is new.
+        found = 1 if _LAMINA_ENTRIES & set(os.listdir(path)) else FORMAT
         if found == FORMAT:
             _write_format(path, FORMAT)
     return found
