@@ -85,6 +85,15 @@ def add_max_layer_size(p: argparse.ArgumentParser) -> None:
                    "(e.g. 4G; default $LAMINA_MAX_LAYER_SIZE or 64G)")
 
 
+def add_progress(p: argparse.ArgumentParser, *, quiet: bool = True) -> None:
+    """``--json`` (progress as JSON lines) and, with ``quiet``, ``--quiet/-q``."""
+    p.add_argument("--json", dest="json_progress", action="store_true",
+                   help="progress as JSON lines")
+    if quiet:
+        p.add_argument("--quiet", "-q", action="store_true",
+                       help="no progress: only errors and the result lines")
+
+
 def add_sync(p: argparse.ArgumentParser) -> None:
     """``--no-sync``: skip syncing each unpacked layer before its snapshot is committed."""
     p.add_argument("--no-sync", action="store_true",

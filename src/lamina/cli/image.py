@@ -10,6 +10,7 @@ from lamina.cli.app import App
 from lamina.cli.common import (
     add_max_layer_size,
     add_mount_flags,
+    add_progress,
     add_sync,
     max_layer_size,
     print_table,
@@ -106,10 +107,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v.add_argument("file")
     v.add_argument("--no-unpack", action="store_true", help="do not unpack into snapshots")
     v.add_argument("--index-name", help="also name the whole index as this image")
-    v.add_argument("--json", dest="json_progress", action="store_true",
-                   help="progress as JSON lines")
-    v.add_argument("--quiet", "-q", action="store_true",
-                   help="no progress: only errors and the result lines")
+    add_progress(v)
     add_max_layer_size(v)
     add_sync(v)
     v.set_defaults(handler=_import)
@@ -125,7 +123,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     v = verbs.add_parser("unpack", help="unpack an image into snapshots")
     v.add_argument("ref")
-    v.add_argument("--json", dest="json_progress", action="store_true")
+    add_progress(v, quiet=False)
     add_max_layer_size(v)
     add_sync(v)
     v.set_defaults(handler=_unpack)

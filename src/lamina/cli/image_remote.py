@@ -8,7 +8,13 @@ import sys
 from typing import TYPE_CHECKING
 
 from lamina.cli.app import App
-from lamina.cli.common import add_max_layer_size, add_sync, max_layer_size, sync_layers
+from lamina.cli.common import (
+    add_max_layer_size,
+    add_progress,
+    add_sync,
+    max_layer_size,
+    sync_layers,
+)
 from lamina.images.service import ImageService
 from lamina.remotes.hosts import CONTAINERD_HOSTS_DIR, LAMINA_HOSTS_DIR
 from lamina.util.progress import Progress, for_cli
@@ -139,10 +145,7 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     v.add_argument("--no-unpack", action="store_true", help="only fetch the content")
     v.add_argument("--concurrency", type=int, default=3, metavar="N",
                    help="blobs downloaded at once (default 3)")
-    v.add_argument("--json", dest="json_progress", action="store_true",
-                   help="progress as JSON lines")
-    v.add_argument("--quiet", "-q", action="store_true",
-                   help="no progress: only errors and the result line")
+    add_progress(v)
     add_max_layer_size(v)
     add_sync(v)
     add_registry_flags(v)
@@ -156,10 +159,7 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="blobs uploaded at once (default 3)")
     v.add_argument("--no-referrers", action="store_true",
                    help="do not push the local artifacts whose subject is the image")
-    v.add_argument("--json", dest="json_progress", action="store_true",
-                   help="progress as JSON lines")
-    v.add_argument("--quiet", "-q", action="store_true",
-                   help="no progress: only errors and the result line")
+    add_progress(v)
     add_registry_flags(v)
     v.set_defaults(handler=_push)
 

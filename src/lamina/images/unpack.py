@@ -349,6 +349,16 @@ class Unpacker:
             with contextlib.suppress(NotFound):
                 self.sn.remove(key)
 
+    def _claim(self, stacks: dict[int, contextlib.ExitStack], i: int,
+               chain: str) -> contextlib.ExitStack | None:
+        """Take layer ``i``'s ChainID lock on a stack of its own (kept in
+        ``stacks``, closed when the unpack ends); None when another unpack
+        committed the layer first."""
+        stack = contextlib.ExitStack()
+        stacks[i] = stack
+        stack.enter_context(self._lock(chain))
+        return None if self._exists(chain) else stack
+
     def _staged(
         self, manifest: Manifest, config: ImageConfig, chains: list[str], todo: list[int]
     ) -> int:
@@ -369,10 +379,8 @@ class Unpacker:
         retry = object()
 
         def extract(i: int) -> Path | object | None:
-            stack = contextlib.ExitStack()
-            stacks[i] = stack
-            stack.enter_context(self._lock(chains[i]))
-            if self._exists(chains[i]):
+            stack = self._claim(stacks, i, chains[i])
+            if stack is None:
                 return None
             staging = sn.staging()
             staged = staging.__enter__()
@@ -456,10 +464,8 @@ class Unpacker:
             return wait
 
         def write(i: int) -> str | object | None:
-            stack = contextlib.ExitStack()
-            stacks[i] = stack
-            stack.enter_context(self._lock(chains[i]))
-            if self._exists(chains[i]):
+            stack = self._claim(stacks, i, chains[i])
+            if stack is None:
                 return None
             key = self._key(chains[i])
             with self._layer(manifest, i) as reader:
