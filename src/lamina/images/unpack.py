@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, TypeVar
 
 from lamina.archive import limits, mtree
 from lamina.archive.apply import AppliedLayer, NeedsLowerLayers, apply_layer
@@ -86,6 +86,8 @@ __all__ = ["UnpackResult", "Unpacker", "unpacker_for"]
 #: its lock (a descriptor) and a staging directory until committed, so an image
 #: of 1,500 layers stays within a 1,024-descriptor limit.
 RUN_AHEAD = 16
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -349,6 +351,58 @@ class Unpacker:
             with contextlib.suppress(NotFound):
                 self.sn.remove(key)
 
+    def _in_order(
+        self,
+        manifest: Manifest,
+        config: ImageConfig,
+        chains: list[str],
+        todo: list[int],
+        stacks: dict[int, contextlib.ExitStack],
+        work: Callable[[int], _T],
+        finish: Callable[[int, _T], bool],
+        *,
+        retry: object,
+        after: Callable[[int], None] | None = None,
+        stop: Callable[[], None] | None = None,
+    ) -> int:
+        """Run ``work`` for the layers of ``todo`` on the pool, at most
+        ``max(parallel, RUN_AHEAD)`` layers past the one being finished, and
+        ``finish`` their results in order (True: it unpacked the layer); a result
+        that is ``retry`` (the layer needs its lowers) is applied again on a
+        mounted snapshot, its parent committed by then; each
+        layer's stack closes once it is finished, then ``after`` is told. When
+        the unpack ends, however it ends, ``stop`` runs before the workers are
+        waited for. The number of layers unpacked."""
+        unpacked = 0
+        pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="unpack")
+        futures: dict[int, Future[_T]] = {}
+        ahead = max(self.parallel, RUN_AHEAD)
+        try:
+            for pos, i in enumerate(todo):
+                for j in todo[len(futures):pos + ahead]:
+                    futures[j] = pool.submit(work, j)
+                result = futures[i].result()
+                try:
+                    if result is retry:
+                        self._extract_mounted(manifest, config, chains, i)
+                        unpacked += 1
+                    else:
+                        unpacked += finish(i, result)
+                    self.progress.event("unpack", manifest.layers[i].digest, status="done")
+                finally:
+                    stacks.pop(i).close()
+                if after is not None:
+                    after(i)
+        finally:
+            if stop is not None:
+                stop()
+            for fut in futures.values():
+                fut.cancel()
+            pool.shutdown(wait=True)
+            for stack in stacks.values():
+                stack.close()
+        return unpacked
+
     def _claim(self, stacks: dict[int, contextlib.ExitStack], i: int,
                chain: str) -> contextlib.ExitStack | None:
         """Take layer ``i``'s ChainID lock on a stack of its own (kept in
@@ -396,49 +450,25 @@ class Unpacker:
             stack.push(staging)
             return staged
 
-        extracted = 0
-        pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="unpack")
-        futures: dict[int, Future[Path | object | None]] = {}
-        ahead = max(self.parallel, RUN_AHEAD)
+        def finish(i: int, staged: Path | object | None) -> bool:
+            if not isinstance(staged, Path):
+                return False  # another unpack committed it
+            key = self._key(chains[i])
+            parent = chains[i - 1] if i else ""
+            self._settle(staged, applied.pop(i), parent)
+            crash.point("unpack.before-prepare")
+            sn.prepare_staged(key, parent, staged, labels={SNAPSHOT_REF: chains[i]})
+            crash.point("unpack.prepared")
+            try:
+                self._commit(key, chains[i])
+            finally:
+                with contextlib.suppress(NotFound):
+                    sn.remove(key)
+                crash.point("unpack.removed")
+            return True
 
-        def submit(upto: int) -> None:
-            """Extract ``todo`` up to position ``upto`` (exclusive), no further."""
-            for i in todo[len(futures):upto]:
-                futures[i] = pool.submit(extract, i)
-
-        try:
-            for pos, i in enumerate(todo):
-                submit(pos + ahead)
-                staged = futures[i].result()
-                try:
-                    if staged is retry:
-                        self._extract_mounted(manifest, config, chains, i)
-                        extracted += 1
-                    elif isinstance(staged, Path):
-                        key = self._key(chains[i])
-                        parent = chains[i - 1] if i else ""
-                        self._settle(staged, applied.pop(i), parent)
-                        crash.point("unpack.before-prepare")
-                        sn.prepare_staged(key, parent, staged,
-                                          labels={SNAPSHOT_REF: chains[i]})
-                        crash.point("unpack.prepared")
-                        try:
-                            self._commit(key, chains[i])
-                        finally:
-                            with contextlib.suppress(NotFound):
-                                sn.remove(key)
-                            crash.point("unpack.removed")
-                        extracted += 1
-                    self.progress.event("unpack", manifest.layers[i].digest, status="done")
-                finally:
-                    stacks.pop(i).close()
-        finally:
-            for fut in futures.values():
-                fut.cancel()
-            pool.shutdown(wait=True)
-            for stack in stacks.values():
-                stack.close()
-        return extracted
+        return self._in_order(manifest, config, chains, todo, stacks, extract, finish,
+                              retry=retry)
 
     def _streamed(
         self, manifest: Manifest, config: ImageConfig, chains: list[str], todo: list[int]
@@ -479,41 +509,25 @@ class Unpacker:
             crash.point("unpack.applied")
             return key
 
-        extracted = 0
-        pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="unpack")
-        futures: dict[int, Future[str | object | None]] = {}
-        ahead = max(self.parallel, RUN_AHEAD)
-        try:
-            for pos, i in enumerate(todo):
-                for j in todo[len(futures):pos + ahead]:
-                    futures[j] = pool.submit(write, j)
-                got = futures[i].result()
-                try:
-                    if got is retry:
-                        self._extract_mounted(manifest, config, chains, i)
-                        extracted += 1
-                    elif isinstance(got, str):
-                        try:
-                            self._commit(got, chains[i])
-                        finally:
-                            with contextlib.suppress(NotFound):
-                                self.sn.remove(got)
-                            crash.point("unpack.removed")
-                        extracted += 1
-                    self.progress.event("unpack", manifest.layers[i].digest, status="done")
-                finally:
-                    stacks.pop(i).close()
-                committed[i].set()
-        finally:
+        def finish(i: int, got: str | object | None) -> bool:
+            if not isinstance(got, str):
+                return False  # another unpack committed it
+            try:
+                self._commit(got, chains[i])
+            finally:
+                with contextlib.suppress(NotFound):
+                    self.sn.remove(got)
+                crash.point("unpack.removed")
+            return True
+
+        def stop() -> None:
             stopped.set()
             for event in committed.values():
                 event.set()
-            for fut in futures.values():
-                fut.cancel()
-            pool.shutdown(wait=True)
-            for stack in stacks.values():
-                stack.close()
-        return extracted
+
+        return self._in_order(manifest, config, chains, todo, stacks, write, finish,
+                              retry=retry,
+                              after=lambda i: committed[i].set(), stop=stop)
 
 
 def unpacker_for(root: Root, content: ContentStore, *, snapshotter: str, lease: str,
