@@ -25,6 +25,7 @@ code  meaning
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import importlib
 import os
@@ -95,6 +96,45 @@ def _requested_group(argv: Sequence[str]) -> str | None:
     return None
 
 
+def _command_at(argv: Sequence[str]) -> int | None:
+    """The position of the command word in ``argv`` (after the global options)."""
+    skip = False
+    for pos, word in enumerate(argv):
+        if skip:
+            skip = False
+        elif word in _GLOBAL_WITH_VALUE:
+            skip = True
+        elif not word.startswith("-"):
+            return pos
+        elif word in ("-h", "--help"):
+            return None
+    return None
+
+
+def _as_nerdctl_would(argv: list[str]) -> list[str]:
+    """``lamina images`` (nerdctl's and docker's) is ``lamina image ls``."""
+    at = _command_at(argv)
+    if at is not None and argv[at] == "images" and (
+            at + 1 == len(argv) or (argv[at + 1].startswith("-")
+                                    and argv[at + 1] not in ("-h", "--help"))):
+        return [*argv[:at + 1], "ls", *argv[at + 1:]]
+    return argv
+
+
+def _unknown_command(argv: Sequence[str]) -> str | None:
+    """One line for a command word lamina does not have, with the nearest ones."""
+    at = _command_at(argv)
+    if at is None:
+        return None
+    word = argv[at]
+    if word in GROUPS or word in ALIASES:
+        return None
+    near = list(dict.fromkeys(ALIASES.get(n, n) for n in difflib.get_close_matches(
+        word, [*GROUPS, *ALIASES], n=3, cutoff=0.6)))[:2]
+    hint = f" (did you mean {' or '.join(repr(n) for n in near)}?)" if near else ""
+    return f"unknown command {word!r}{hint}"
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser; with ``argv``, only the group it names is imported (fast start-up)."""
     parser = _Parser(prog="lamina", description=__doc__.splitlines()[0],
@@ -161,7 +201,7 @@ def _debug_wanted(words: Sequence[str]) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``lamina`` command; returns its exit code (see the module docs)."""
-    words = list(sys.argv[1:] if argv is None else argv)
+    words = _as_nerdctl_would(list(sys.argv[1:] if argv is None else argv))
     debug = _debug_wanted(words)
     if not debug:
         # gRPC's C core logs its own lines to stderr (a failed bind, say); lamina
@@ -179,6 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # an unprivileged user works in lamina's user and mount namespaces
         # (lamina.rootless); first, while this process has one thread
         rootless.enter()
+        unknown = _unknown_command(words)
+        if unknown is not None:
+            print(f"lamina: error: {unknown} (see --help)", file=sys.stderr)
+            return EXIT_USAGE
         try:
             parser = build_parser(words)
             args = parser.parse_args(words)

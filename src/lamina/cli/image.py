@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 from collections.abc import Iterator
 
 from lamina.cli.app import App
@@ -16,6 +17,7 @@ from lamina.cli.common import (
     print_table,
     sync_layers,
 )
+from lamina.errors import InvalidArgument
 from lamina.images.service import ImageService
 from lamina.util.progress import for_cli
 
@@ -94,8 +96,19 @@ def _unmount(args: argparse.Namespace, app: App) -> int:
 
 
 def _export(args: argparse.Namespace, app: App) -> int:
+    if args.file != "-":
+        with _service(args, app) as svc:
+            svc.export(args.refs, args.file)
+        return 0
+    # `-` is standard output, as for ctr and tar: the tar alone goes there (no
+    # progress), and a terminal is refused rather than filled with binary.
+    if sys.stdout.isatty():
+        raise InvalidArgument("refusing to write an image tar to a terminal: "
+                              "redirect standard output, or name a file")
+    args.quiet = True
     with _service(args, app) as svc:
-        svc.export(args.refs, args.file)
+        sys.stdout.flush()
+        svc.export(args.refs, sys.stdout.buffer)
     return 0
 
 
@@ -141,7 +154,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v.set_defaults(handler=_unmount)
 
     v = verbs.add_parser("export", help="export images as an OCI layout tar")
-    v.add_argument("file")
+    v.add_argument("file", metavar="FILE", help="where the tar goes (- for standard output)")
     v.add_argument("refs", nargs="+", metavar="REF")
     v.set_defaults(handler=_export)
 
