@@ -70,3 +70,20 @@ def test_a_mistyped_command_gets_one_line_with_a_suggestion(tmp_path: Path) -> N
     assert lines == ["lamina: error: unknown command 'imagez' (did you mean 'image'?) "
                      "(see --help)"], lines
     assert not (tmp_path / "root").exists()
+
+
+def test_a_registry_refusing_connections_is_one_unavailable_line_not_retried(
+        tmp_path: Path) -> None:
+    """The README's class (Unavailable, exit 7), not TransportError; and nothing
+    listening is not worth a retry (it was tried 4 times, 2-3 s of back-off)."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = lamina(tmp_path / "root", "image", "pull", "-q", "--plain-http",
+                  f"127.0.0.1:{port}/app:1")
+    assert done.returncode == 7, done.stderr
+    lines = done.stderr.decode().splitlines()
+    assert lines == [f"lamina: Unavailable: 127.0.0.1:{port}: HEAD failed: connection "
+                     "refused (nothing listens there)"], lines

@@ -51,3 +51,22 @@ def test_a_subclass_inherits_its_codes_and_leaves_the_way_back_alone() -> None:
 
     assert (Narrow.grpc_code, Narrow.exit_code) == ("NOT_FOUND", 3)
     assert type(from_grpc_code("NOT_FOUND", "m")) is NotFound
+
+
+def test_a_cause_of_a_class_is_shown_as_that_class() -> None:
+    """A subclass that only says how its base's failure came about prints the
+    base's name (the README's table); a kind of its own prints its own."""
+
+    class NetworkFailed(Unavailable, shown_as_base=True):
+        pass
+
+    class Refused(NetworkFailed, shown_as_base=True):
+        pass
+
+    class Narrow(NotFound):
+        pass
+
+    assert NetworkFailed("m").one_line() == "Unavailable: m"
+    assert Refused("m").one_line() == "Unavailable: m"
+    assert Narrow("m").one_line() == "Narrow: m"
+    assert Refused.exit_code == 7

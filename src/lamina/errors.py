@@ -40,10 +40,23 @@ class LaminaError(Exception):
     grpc_code: ClassVar[str] = "UNKNOWN"
     exit_code: ClassVar[int] = 1
 
+    #: The class the CLI names in its line. A subclass that only tells how its
+    #: base class's failure came about (``class TransportError(Unavailable,
+    #: shown_as_base=True)``: the network failed) is shown as the base, the name
+    #: the README's error table gives; one that is a kind of its own (Unauthorized)
+    #: is shown by its own name.
+    shown_as: ClassVar[type[LaminaError] | None] = None
+
     def __init_subclass__(
-        cls, *, grpc_code: str | None = None, exit_code: int | None = None, **kwargs: Any
+        cls, *, grpc_code: str | None = None, exit_code: int | None = None,
+        shown_as_base: bool = False, **kwargs: Any
     ) -> None:
         super().__init_subclass__(**kwargs)
+        if shown_as_base:
+            base = next(c for c in cls.__mro__[1:] if issubclass(c, LaminaError))
+            cls.shown_as = base.shown_as or base
+        else:
+            cls.shown_as = None
         if grpc_code is not None:
             cls.grpc_code = grpc_code
             _BY_CODE[grpc_code] = cls
@@ -57,7 +70,8 @@ class LaminaError(Exception):
     def one_line(self) -> str:
         """``Class: message``, as the CLI prints it (``NotImplementedErr`` is
         ``NotImplemented``: the suffix only keeps clear of Python's builtin)."""
-        return f"{type(self).__name__.removesuffix('Err')}: {self.message}"
+        shown = type(self).shown_as or type(self)
+        return f"{shown.__name__.removesuffix('Err')}: {self.message}"
 
 
 class Internal(LaminaError, grpc_code="INTERNAL", exit_code=1):

@@ -32,7 +32,14 @@ from dataclasses import dataclass
 from lamina.errors import NotFound, Unavailable
 from lamina.remotes.auth import Authorizer, Unauthorized
 from lamina.remotes.hosts import Endpoint
-from lamina.remotes.transport import Body, Response, TLSConfig, Transport, TransportError
+from lamina.remotes.transport import (
+    Body,
+    ConnectionRefused,
+    Response,
+    TLSConfig,
+    Transport,
+    TransportError,
+)
 
 __all__ = ["RetryPolicy", "Session"]
 
@@ -126,6 +133,8 @@ class Session:
                 last = exc.message
                 attempt += 1
                 if method in ("POST", "PATCH"):  # it may have been applied: not again
+                    raise
+                if isinstance(exc, ConnectionRefused):  # nothing listens: not worth a retry
                     raise
                 if attempt >= self.retry.attempts:
                     raise TransportError(f"{last} (after {attempt} attempts)") from exc

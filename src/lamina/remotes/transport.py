@@ -106,8 +106,12 @@ def _proxy_auth(proxy: str) -> dict[str, str]:
     return {"Proxy-Authorization": "Basic " + base64.b64encode(raw).decode()}
 
 
-class TransportError(Unavailable):
+class TransportError(Unavailable, shown_as_base=True):
     """The network failed us (refused, reset, timed out, stalled, cut short)."""
+
+
+class ConnectionRefused(TransportError, shown_as_base=True):
+    """Nothing listens at the address: asking again at once would be refused too."""
 
 
 def printable(text: str, limit: int = 200) -> str:
@@ -454,6 +458,9 @@ class Transport:
                 if isinstance(exc, ssl.SSLCertVerificationError):
                     raise Unavailable(f"{parts.netloc}: TLS verification failed: "
                                       f"{exc.verify_message}") from exc
+                if isinstance(exc, ConnectionRefusedError):
+                    raise ConnectionRefused(f"{parts.netloc}: {method} failed: connection "
+                                            "refused (nothing listens there)") from exc
                 what = "timed out" if isinstance(exc, socket.timeout) else \
                     printable(str(exc)) or type(exc).__name__
                 raise TransportError(f"{parts.netloc}: {method} failed: {what}") from exc
