@@ -87,3 +87,26 @@ def test_a_registry_refusing_connections_is_one_unavailable_line_not_retried(
     lines = done.stderr.decode().splitlines()
     assert lines == [f"lamina: Unavailable: 127.0.0.1:{port}: HEAD failed: connection "
                      "refused (nothing listens there)"], lines
+
+
+def test_serve_says_it_is_serving_once(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    require_root_user()
+    sock = tmp_path / "lamina.sock"
+    env = {k: v for k, v in os.environ.items() if k != "LAMINA_DEBUG"}
+    proc = subprocess.Popen([*LAMINA, "--root", str(tmp_path / "root"), "serve",
+                             "--address", str(sock)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sock.exists(), "serve did not start"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    said = [line for line in (out + err).decode().splitlines() if "serving" in line]
+    assert said == [f"lamina: serving {tmp_path / 'root'} on {sock} "
+                    "(default snapshotter overlay)"], said

@@ -187,7 +187,7 @@ class Server:
         st = os.lstat(self.address)
         self._ino = (st.st_dev, st.st_ino, st.st_ctime_ns)  # inode numbers get reused
         self._server = server
-        log.info("serving on %s", self.address)
+        log.debug("serving on %s", self.address)  # the CLI says it, with the root
 
     def begin_stop(self, grace: float | None = 10.0) -> threading.Event:
         """Refuse new calls, give calls in flight ``grace`` seconds; set when all are done.
