@@ -23,8 +23,6 @@ from lamina.images import names
 from lamina.images.exporter import export_images
 from lamina.images.graph import manifest_for
 from lamina.images.importer import import_images
-from lamina.images.pull import PullResult, pull
-from lamina.images.push import PushResult, push
 from lamina.images.unpack import UnpackResult, unpacker_for
 from lamina.labels import GC_REF_SNAPSHOT
 from lamina.metadata.images import Image
@@ -36,6 +34,8 @@ from lamina.snapshots import Snapshotter
 from lamina.util.progress import Progress
 
 if TYPE_CHECKING:
+    from lamina.images.pull import PullResult
+    from lamina.images.push import PushResult
     from lamina.remotes.registry import Registry
 
 __all__ = ["ImageService"]
@@ -170,6 +170,8 @@ class ImageService:
              concurrency: int = 3) -> PullResult:
         """Pull ``reference`` from ``registry``, unpacking it while it downloads
         (see :mod:`lamina.images.pull`)."""
+        from lamina.images.pull import pull  # the protocol stack, for the commands that use it
+
         return pull(registry, reference, root=self.root, snapshotter=self.snapshotter_name,
                     snapshots=self._snapshots, platforms=platforms,
                     all_platforms=all_platforms, unpack=unpack, concurrency=concurrency,
@@ -180,6 +182,8 @@ class ImageService:
              concurrency: int = 3, chunk_size: int = 0, referrers: bool = True) -> PushResult:
         """Push image ``local`` to ``remote`` (default: its own name) on ``registry``
         (see :mod:`lamina.images.push`)."""
+        from lamina.images.push import push  # the protocol stack, for the commands that use it
+
         return push(registry, local, remote, root=self.root, progress=self.progress,
                     concurrency=concurrency, chunk_size=chunk_size, referrers=referrers)
 
