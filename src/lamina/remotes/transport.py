@@ -458,12 +458,11 @@ class Transport:
                 if isinstance(exc, ssl.SSLCertVerificationError):
                     raise Unavailable(f"{parts.netloc}: TLS verification failed: "
                                       f"{exc.verify_message}") from exc
-                if isinstance(exc, ConnectionRefusedError):
-                    raise ConnectionRefused(f"{parts.netloc}: {method} failed: connection "
-                                            "refused (nothing listens there)") from exc
                 what = "timed out" if isinstance(exc, socket.timeout) else \
                     printable(str(exc)) or type(exc).__name__
-                raise TransportError(f"{parts.netloc}: {method} failed: {what}") from exc
+                failed = ConnectionRefused if isinstance(exc, ConnectionRefusedError) \
+                    else TransportError
+                raise failed(f"{parts.netloc}: {method} failed: {what}") from exc
             finally:
                 if payload is not None and not isinstance(payload, bytes):
                     payload.close()
