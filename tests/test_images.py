@@ -266,3 +266,23 @@ def test_wrong_diff_id_is_refused(tmp_root: Path) -> None:
     assert list(root.snapshotter("overlay").walk()) == []
     assert os.listdir(tmp_root / "root" / "snapshots" / "overlay" / "snapshots") == []
     svc.close()
+
+
+def test_an_archive_lacking_a_layer_blob_is_refused_and_records_nothing(
+        tmp_root: Path) -> None:
+    """An image whose manifest names a layer the archive does not hold is
+    refused before any image is recorded (it was recorded, unpack's NotFound
+    swallowed, and the root left naming a blob it did not have)."""
+    require_root_user()
+    w = tmp_root / "w"
+    w.mkdir()
+    layer = f.minimal_layer(w)
+    f.build_oci_layout(w / "layout", [layer], ref_name="holed:1")
+    (w / "layout" / "blobs" / "sha256" / layer.digest.split(":")[1]).unlink()
+    root = Root(tmp_root / "root")
+    svc = ImageService(root)
+    with pytest.raises(InvalidArgument, match="the archive lacks a blob"):
+        svc.import_(w / "layout")
+    assert [i.name for i in root.images().list()] == []
+    svc.close()
+    root.close()

@@ -26,7 +26,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from lamina.content import write_blob
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
-from lamina.images.graph import label_references
+from lamina.images.graph import label_references, walk_descriptors
 from lamina.metadata.images import Image, ImageStore
 from lamina.oci.limits import MAX_DOCUMENT
 from lamina.oci.types import (
@@ -240,6 +240,17 @@ def _docker_images(found: _Found, content: ContentStore) -> list[Image]:
     return images
 
 
+def _require_complete(content: ContentStore, image: Image) -> None:
+    """InvalidArgument unless the archive held every blob ``image`` reaches: an
+    image recorded with a blob missing would leave the root inconsistent."""
+    try:
+        for desc in walk_descriptors(content, image.target):
+            content.info(desc.digest)
+    except NotFound as exc:
+        raise InvalidArgument(f"{image.name}: the archive lacks a blob the image "
+                              f"references ({exc.message})") from None
+
+
 def import_images(
     source: str | os.PathLike[str] | IO[bytes],
     *,
@@ -276,6 +287,8 @@ def import_images(
     if not made:
         raise InvalidArgument("the archive names no image (no ref.name annotation); "
                               "use --index-name")
+    for image in made:
+        _require_complete(content, image)
     out = []
     for image in made:
         label_references(content, image.target)
