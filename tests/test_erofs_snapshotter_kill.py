@@ -25,11 +25,11 @@ from test_killpoints import (
     _sweep,
     _verify_image,
     images,
+    snapshot_setup,
 )
 
 from lamina.metadata.root import Root
 from lamina.mounts.erofs import unmount_image
-from lamina.mounts.mount import temp_mount
 from lamina.mounts.mountinfo import read_mountinfo
 from lamina.snapshots.erofs import ErofsSnapshotter
 
@@ -83,17 +83,7 @@ def test_kill_erofs_snapshot_op(scenario: str, tmp_root: Path) -> None:
     require_root_user()
     setup_code, code = SNAPSHOT_SCENARIOS[scenario]
 
-    def setup(root: Path) -> None:
-        r = Root(root)
-        try:
-            sn = r.snapshotter("erofs")
-            with temp_mount(sn.prepare("b", ""), base=str(r.tmpmounts)) as t:
-                Path(t, "kept").write_text("base content")
-            sn.commit("base", "b", labels=KEEP)
-            if setup_code:
-                exec(setup_code, {"sn": sn, "R": KEEP})
-        finally:
-            r.close()
+    setup = snapshot_setup("erofs", setup_code)
 
     def resume(root: Path) -> None:
         r = Root(root)

@@ -543,11 +543,9 @@ _SNAP_CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("kind", ["overlay", "native"])
-@pytest.mark.parametrize("scenario", sorted(SNAPSHOT_SCENARIOS))
-def test_kill_snapshot_op(kind: str, scenario: str, tmp_root: Path) -> None:
-    setup_code, code = SNAPSHOT_SCENARIOS[scenario]
-
+def snapshot_setup(kind: str, setup_code: str) -> Callable[[Path], None]:
+    """A snapshot scenario's setup: a committed base layer holding ``kept``,
+    then the scenario's own ``setup_code`` (``sn``, ``R``: the labels that keep)."""
     def setup(root: Path) -> None:
         r = Root(root)
         try:
@@ -559,6 +557,15 @@ def test_kill_snapshot_op(kind: str, scenario: str, tmp_root: Path) -> None:
                 exec(setup_code, {"sn": sn, "R": KEEP})
         finally:
             r.close()
+    return setup
+
+
+@pytest.mark.parametrize("kind", ["overlay", "native"])
+@pytest.mark.parametrize("scenario", sorted(SNAPSHOT_SCENARIOS))
+def test_kill_snapshot_op(kind: str, scenario: str, tmp_root: Path) -> None:
+    setup_code, code = SNAPSHOT_SCENARIOS[scenario]
+
+    setup = snapshot_setup(kind, setup_code)
 
     def resume(root: Path) -> None:
         """The client runs its call again unless it had happened whole."""
