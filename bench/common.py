@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib
 import os
 import re
 import shutil
@@ -366,14 +367,18 @@ def fmt(v: float | None) -> str:
     return f"{v:.2e}"
 
 
-def imagefactory() -> Any:
-    """The tests' image builder (tests/imagefactory.py), for benchmarks that build the
-    same images the tests use; Skip when it is not there."""
+def tests_module(name: str) -> Any:
+    """The tests' helper module ``tests/<name>.py``, for benchmarks that build the same
+    images or nodes the tests do; Skip when it is not there."""
     tests = str(REPO / "tests")
     if tests not in sys.path:
         sys.path.append(tests)
     try:
-        import imagefactory as factory  # type: ignore[import-not-found]
+        return importlib.import_module(name)
     except ImportError as exc:
-        raise Skip(f"tests/imagefactory.py is missing ({exc})") from exc
-    return factory
+        raise Skip(f"tests/{name}.py is missing ({exc})") from exc
+
+
+def imagefactory() -> Any:
+    """The tests' image builder (tests/imagefactory.py)."""
+    return tests_module("imagefactory")

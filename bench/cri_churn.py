@@ -14,13 +14,12 @@ time, p99s <= 1.0x, teardown no slower.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, Ctx, Paired, Row, Skip
+from bench.common import Ctx, Paired, Row, Skip, tests_module
 
 NAME = "cri-churn"
 PODS = 50
@@ -28,14 +27,7 @@ IDLE = ["sh", "-c", "while :; do sleep 0.5; done"]
 
 
 def _helpers() -> Any:
-    tests = str(REPO / "tests")
-    if tests not in sys.path:
-        sys.path.append(tests)
-    try:
-        import cri_node  # type: ignore[import-not-found]
-    except ImportError as exc:
-        raise Skip(f"the tests' CRI node helpers are missing ({exc})") from exc
-    return cri_node
+    return tests_module("cri_node")
 
 
 def _pct(xs: list[float], q: float) -> float:
