@@ -11,7 +11,8 @@ The messages are containerd's (package, service, message names and field
 numbers): ``containerd.services.snapshots.v1``, ``containerd.services.content.v1``
 and ``containerd.types.Mount``; lamina adds one service of its own,
 ``lamina.services.introspection.v1.Introspection``, for snapshotter capabilities.
-The ``.proto`` files are in ``lamina/api/protos``; ``scripts/gen-protos.sh``
+The ``.proto`` files are in the repository's ``protos/`` (the generator's input,
+kept out of the package as containerd keeps its API in its own module); ``scripts/gen-protos.sh``
 regenerates ``lamina/api/gen``.
 """
 
