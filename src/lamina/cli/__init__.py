@@ -39,6 +39,7 @@ from lamina import __version__, rootless
 from lamina.cli.app import App
 from lamina.errors import LaminaError
 from lamina.metadata.root import default_root
+from lamina.util import config as settings
 
 __all__ = ["EXIT_USAGE", "main"]
 
@@ -53,7 +54,7 @@ ALIASES = {
     "c": "container", "tasks": "task", "t": "task", "checkpoints": "checkpoint",
     "leases": "lease", "fsck": "check", "logout": "login",
 }
-_GLOBAL_WITH_VALUE = ("--root", "--snapshotter", "--address")
+_GLOBAL_WITH_VALUE = ("--root", "--snapshotter", "--address", "--config")
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -144,12 +145,16 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lamina {__version__}")
     parser.add_argument("--root", default=None, help="lamina root directory "
                         f"(default: $LAMINA_ROOT or {default_root()})")
-    parser.add_argument("--snapshotter", default="overlay",
-                        help="snapshotter: overlay or native (default overlay)")
+    parser.add_argument("--snapshotter", default=None,
+                        help="snapshotter: overlay, native or erofs (default overlay)")
     parser.add_argument("--address", default=None,
                         help="talk to a running `lamina serve` on this socket")
     parser.add_argument("--debug", action="store_true",
                         help="on an error, print the traceback too (also: LAMINA_DEBUG=1)")
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"settings file (default: $LAMINA_CONFIG or "
+                        f"{settings.SYSTEM_CONFIG}; for a user other than root "
+                        "$XDG_CONFIG_HOME/lamina/lamina.toml)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = _requested_group(argv) if argv is not None else None
     if wanted is None and argv is not None and "--version" in argv:
@@ -195,18 +200,44 @@ def _stdout_closed() -> bool:
         return False
 
 
-def _debug_wanted(words: Sequence[str]) -> bool:
-    return "--debug" in words or os.environ.get("LAMINA_DEBUG", "") not in ("", "0")
+def _debug_wanted(words: Sequence[str], config: settings.Config) -> bool:
+    """``--debug``, else ``$LAMINA_DEBUG``, else the config file's ``debug``."""
+    if "--debug" in words:
+        return True
+    env = os.environ.get("LAMINA_DEBUG", "")
+    return env != "0" if env else bool(config.debug)
+
+
+def _global_value(words: Sequence[str], flag: str) -> str | None:
+    """The value of a global option, read before parsing (``--config F``, ``--config=F``)."""
+    at = _command_at(words)
+    for pos, word in enumerate(words[:at]):
+        if word == flag and pos + 1 < len(words):
+            return words[pos + 1]
+        if word.startswith(flag + "="):
+            return word[len(flag) + 1:]
+    return None
+
+
+def _load_config(words: Sequence[str]) -> settings.Config:
+    path, required = settings.config_path(
+        flag=_global_value(words, "--config"),
+        unprivileged=os.geteuid() != 0 or rootless.active())
+    return settings.load(path, required=required)
+
+
+def _with_config(args: argparse.Namespace, config: settings.Config) -> None:
+    """The config file's values where no flag (or environment variable) gave one."""
+    if getattr(args, "hosts_dir", False) is None and config.hosts_dir is not None:
+        args.hosts_dir = list(config.hosts_dir)
+    if getattr(args, "namespace", False) is None and config.namespace is not None:
+        args.namespace = config.namespace
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``lamina`` command; returns its exit code (see the module docs)."""
     words = _as_nerdctl_would(list(sys.argv[1:] if argv is None else argv))
-    debug = _debug_wanted(words)
-    if not debug:
-        # gRPC's C core logs its own lines to stderr (a failed bind, say); lamina
-        # reports every failure itself, in one line. `--debug` keeps them.
-        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    debug = _debug_wanted(words, settings.Config())
     app: App | None = None
 
     def fail(line: str, code: int) -> int:
@@ -219,6 +250,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # an unprivileged user works in lamina's user and mount namespaces
         # (lamina.rootless); first, while this process has one thread
         rootless.enter()
+        config = _load_config(words)
+        debug = _debug_wanted(words, config)
+        if not debug:
+            # gRPC's C core logs its own lines to stderr (a failed bind, say); lamina
+            # reports every failure itself, in one line. `--debug` keeps them.
+            os.environ.setdefault("GRPC_VERBOSITY", "NONE")
         unknown = _unknown_command(words)
         if unknown is not None:
             print(f"lamina: error: {unknown} (see --help)", file=sys.stderr)
@@ -228,8 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = parser.parse_args(words)
         except SystemExit as exc:  # --help, --version, usage errors
             return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        app = App(root=args.root or default_root(), snapshotter=args.snapshotter,
-                  address=args.address, command=_command_name(args))
+        _with_config(args, config)
+        root = args.root or os.environ.get("LAMINA_ROOT") or config.root or default_root()
+        app = App(root=root, snapshotter=args.snapshotter or config.snapshotter or "overlay",
+                  address=args.address or config.address, command=_command_name(args))
         code: int = args.handler(args, app)
         sys.stdout.flush()
         return code
