@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lamina.cli.app import App
+from lamina.cli.common import add_examples
 from lamina.errors import FailedPrecondition
 from lamina.metadata.check import CheckReport, Problem, ProblemType, check
 
@@ -62,3 +63,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "manifest recorded when it was unpacked (reads them all)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=_check)
+    add_examples(
+        p,
+        ("look for problems; exit status 5 when there are some", "lamina check"),
+        ("after a crash or a power cut: also read every unpacked file, and repair",
+         "lamina check --deep --repair"),
+    )

@@ -49,15 +49,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     v = verbs.add_parser("ls", aliases=["list"], help="list checkpoint images")
-    v.add_argument("--json", action="store_true")
+    v.add_argument("--json", action="store_true", help="print JSON")
     v.set_defaults(handler=_ls)
 
     v = verbs.add_parser("inspect", help="a checkpoint's parts and config as JSON")
-    v.add_argument("ref", metavar="REF")
+    v.add_argument("ref", metavar="REF", help="the checkpoint image's name")
     v.set_defaults(handler=_inspect)
 
-    v = verbs.add_parser("create", help="same as `container checkpoint`")
+    v = verbs.add_parser("create", help="same as 'lamina container checkpoint'")
     container_cli.add_checkpoint_flags(v)
 
-    v = verbs.add_parser("restore", help="same as `container restore`")
+    v = verbs.add_parser("restore", help="same as 'lamina container restore'")
     container_cli.add_restore_flags(v)

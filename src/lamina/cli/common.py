@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import textwrap
 from collections.abc import Iterable, Sequence
 
 from lamina.errors import InvalidArgument
 
 __all__ = [
+    "add_examples",
     "add_max_layer_size",
     "add_mount_flags",
     "add_sync",
+    "describe",
     "human_size",
     "max_layer_size",
     "parse_labels",
@@ -115,3 +118,42 @@ def max_layer_size(args: argparse.Namespace) -> int:
 
     given: int | None = getattr(args, "max_layer_size", None)
     return given if given is not None else env_max_layer_size()
+
+
+def add_examples(p: argparse.ArgumentParser, *examples: tuple[str, str]) -> None:
+    """An ``examples:`` epilog under the options, each a comment saying what it does and
+    its command line(s), laid out as written (argparse would join them into one paragraph).
+
+    That raw layout keeps the description's lines too, so it is wrapped here."""
+    if p.description:
+        p.description = textwrap.fill(" ".join(p.description.split()), 79)
+    lines = ["examples:"]
+    for what, commands in examples:
+        lines.append(f"  # {what}")
+        lines += [f"  {command}" for command in commands.splitlines()]
+        lines.append("")
+    p.epilog = "\n".join(lines).rstrip()
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def _sentence(summary: str) -> str:
+    text = summary[:1].upper() + summary[1:]
+    return text if text.endswith((".", "?", "!")) else text + "."
+
+
+def describe(parser: argparse.ArgumentParser) -> None:
+    """Give every sub-command below ``parser`` without a description its one-line summary as
+    one, so ``lamina VERB --help`` says what VERB does under its usage, as ctr and git do."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        summaries = {a.dest: a.help for a in action._choices_actions}
+        done: set[int] = set()
+        for name, child in action.choices.items():
+            if id(child) in done:
+                continue
+            done.add(id(child))
+            summary = summaries.get(name)
+            if not child.description and summary and summary != argparse.SUPPRESS:
+                child.description = _sentence(summary)
+            describe(child)

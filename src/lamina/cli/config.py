@@ -162,12 +162,13 @@ def cmd_containerd(args: argparse.Namespace, app: App) -> int:
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     group = subparsers.add_parser(
-        "config", help="print configuration for other tools", description=__doc__
+        "config", help="print configuration for other tools",
+        description="Print configuration snippets for the tools lamina works with.",
     )
     sub = group.add_subparsers(dest="config_command", metavar="TOOL", required=True)
     p = sub.add_parser(
         "containerd",
-        help="containerd [proxy_plugins] snippet for `lamina serve`",
+        help="containerd's [proxy_plugins] for 'lamina serve'",
         description="Print containerd config v2 [proxy_plugins] entries for lamina "
         "(with --cri: the configuration of a Kubernetes node's containerd).",
     )
@@ -176,7 +177,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         dest="config_address",
         metavar="PATH",
         default=None,
-        help="the socket `lamina serve` listens on (default: the global --address, "
+        help="the socket 'lamina serve' listens on (default: the global --address, "
         "$LAMINA_ADDRESS or /run/lamina/lamina.sock)",
     )
     p.add_argument("--name", default="lamina", help="proxy plugin name (default lamina)")

@@ -164,11 +164,15 @@ def _abort(args: argparse.Namespace, app: App) -> int:
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("content", help="manage content (blobs and ingests)")
+    parser = subparsers.add_parser("content", help="manage content (blobs and ingests)",
+                                   description="Manage the content store: blobs by digest, "
+                                   "and ingests (writes in progress) by name.")
     sub = parser.add_subparsers(dest="content_command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("ls", aliases=["list"],
-                       help="list blobs matching filters, with their OWNERS (lamina, containerd)")
+                       help="list blobs and their owners",
+                       description="List blobs matching the filters, with their owners "
+                       "(lamina, containerd).")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="print digests only")
     p.add_argument("filters", nargs="*", metavar="FILTER",
@@ -176,7 +180,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(handler=_ls)
 
     p = sub.add_parser("get", help="write a blob's raw bytes to stdout")
-    p.add_argument("digest", metavar="DIGEST")
+    p.add_argument("digest", metavar="DIGEST", help="the blob's digest (sha256:...)")
     p.set_defaults(handler=_get)
 
     p = sub.add_parser("ingest", help="ingest stdin under REF; prints the digest")
@@ -186,16 +190,18 @@ def register(subparsers: Any) -> None:
                    help="the digest the content must have")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                    help="label for the committed blob (repeatable)")
-    p.add_argument("ref", metavar="REF")
+    p.add_argument("ref", metavar="REF",
+                   help="name of the ingest: an interrupted ingest of that name resumes")
     p.set_defaults(handler=_ingest)
 
     p = sub.add_parser("rm", aliases=["delete"], help="remove blobs")
-    p.add_argument("digests", nargs="+", metavar="DIGEST")
+    p.add_argument("digests", nargs="+", metavar="DIGEST", help="blobs to remove")
     p.set_defaults(handler=_rm)
 
     p = sub.add_parser("label", help="set labels on a blob (an empty value deletes)")
-    p.add_argument("digest", metavar="DIGEST")
-    p.add_argument("labels", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("digest", metavar="DIGEST", help="the blob to label")
+    p.add_argument("labels", nargs="*", metavar="KEY=VALUE",
+                   help="label to set; KEY= deletes it (none: only print the labels)")
     p.set_defaults(handler=_label)
 
     p = sub.add_parser("active", help="list ingests in progress")
@@ -205,5 +211,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(handler=_active)
 
     p = sub.add_parser("abort", help="abort ingests in progress")
-    p.add_argument("refs", nargs="+", metavar="REF")
+    p.add_argument("refs", nargs="+", metavar="REF",
+                   help="ingests to abort (as 'content active' lists them)")
     p.set_defaults(handler=_abort)

@@ -34,10 +34,13 @@ def cmd_apply(args: argparse.Namespace, app: App) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     group = sub.add_parser("diff", help="apply layers onto snapshots")
     verbs = group.add_subparsers(dest="diff_command", metavar="VERB", required=True)
-    p = verbs.add_parser("apply", help="apply LAYER (a file or a content digest) onto active "
-                         "snapshot KEY; prints its DiffID")
-    p.add_argument("--diff-id", default=None, help="fail unless the layer has this DiffID")
+    p = verbs.add_parser("apply", help="apply a layer onto an active snapshot",
+                         description="Apply LAYER onto active snapshot KEY and print the "
+                         "layer's DiffID.")
+    p.add_argument("--diff-id", default=None, metavar="DIGEST",
+                   help="fail unless the layer has this DiffID")
     add_max_layer_size(p)
-    p.add_argument("layer")
-    p.add_argument("key")
+    p.add_argument("layer", metavar="LAYER",
+                   help="a layer tar file (compressed or not), or a blob's digest")
+    p.add_argument("key", metavar="KEY", help="the active snapshot to apply it to")
     p.set_defaults(handler=cmd_apply)

@@ -82,7 +82,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     v = verbs.add_parser("create", help="create a lease; prints its id")
-    v.add_argument("--id", default=None, help="the lease id (default: generated)")
+    v.add_argument("--id", default=None, metavar="ID", help="the lease id (default: generated)")
     v.add_argument("--expire", default=None, metavar="DURATION",
                    help="expire after DURATION (90s, 10m, 2h, 1d; 'never'); default 1h")
     v.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
@@ -90,11 +90,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v.set_defaults(handler=_create)
 
     v = verbs.add_parser("ls", aliases=["list"], help="list leases")
-    v.add_argument("--json", action="store_true")
+    v.add_argument("--json", action="store_true", help="print JSON")
     v.add_argument("-q", "--quiet", action="store_true", help="ids only")
     v.set_defaults(handler=_ls)
 
     v = verbs.add_parser("rm", aliases=["remove", "delete"], help="remove leases")
-    v.add_argument("ids", nargs="+", metavar="ID")
+    v.add_argument("ids", nargs="+", metavar="ID", help="leases to remove")
     v.add_argument("--sync", action="store_true", help="garbage-collect afterwards")
     v.set_defaults(handler=_rm)

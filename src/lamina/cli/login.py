@@ -55,13 +55,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     v = sub.add_parser("login", help="check and save credentials for a registry")
     v.add_argument("server", metavar="REGISTRY", help="host[:port], e.g. registry.example.com")
-    v.add_argument("--username", "-U", default="")
+    v.add_argument("--username", "-U", default="",
+                   help="the user name (asked for on a terminal when not given)")
     v.add_argument("--password", "-p", default=None,
-                   help="(visible to other users; prefer --password-stdin)")
+                   help="the password (visible to other users: prefer --password-stdin)")
     v.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     add_registry_flags(v)
     v.set_defaults(handler=_login)
 
     v = sub.add_parser("logout", help="forget the credentials of a registry")
-    v.add_argument("server", metavar="REGISTRY")
+    v.add_argument("server", metavar="REGISTRY", help="host[:port] logged in to")
     v.set_defaults(handler=_logout)

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from lamina.cli.app import App
+from lamina.cli.common import add_examples
 
 __all__ = ["register"]
 
@@ -66,13 +67,14 @@ def cmd_serve(args: argparse.Namespace, app: App) -> int:
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "serve",
-        help="serve snapshots (and content) over gRPC for containerd and remote lamina",
+        help="serve the root over gRPC (containerd's API)",
         description=(
             "Serve containerd's Snapshots API for the lamina root on a unix socket (mode "
             "0660), until SIGTERM or SIGINT. Requests naming a lamina snapshotter "
             "(overlay, native) use it; any other name (such as containerd's proxy plugin "
             "name) uses --snapshotter. Refuses to start while another server listens on "
-            "the socket; a stale socket file is replaced."
+            "the socket; a stale socket file is replaced. containerd uses it as a proxy "
+            "plugin (see 'lamina config containerd'); lamina commands use it with --address."
         ),
     )
     p.add_argument(
@@ -107,10 +109,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--registry-mirror", metavar="ADDR:PORT", default="",
                    help="also serve the content store read-only over the OCI distribution "
                    "API on this TCP address (blobs and manifests by digest), for other "
-                   "nodes to list as a mirror in hosts.toml (see lamina.api.mirror)")
+                   "nodes to list as a mirror in their hosts.toml")
     p.add_argument("--registry-mirror-cert", metavar="PEM", default="",
                    help="serve the mirror over TLS with this certificate (and --registry-"
                    "mirror-key); plain HTTP without")
-    p.add_argument("--registry-mirror-key", metavar="PEM", default="")
+    p.add_argument("--registry-mirror-key", metavar="PEM", default="",
+                   help="the private key of --registry-mirror-cert")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     p.set_defaults(handler=cmd_serve)
+    add_examples(
+        p,
+        ("serve the default root on the default socket, for containerd's proxy plugin",
+         "lamina serve"),
+        ("serve another root on a socket of its own, then use it from lamina",
+         "lamina --root /srv/lamina serve --address /run/lamina/srv.sock &\n"
+         "lamina --address /run/lamina/srv.sock snapshot ls"),
+    )

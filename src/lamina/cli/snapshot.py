@@ -10,7 +10,13 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from lamina.cli.app import App
-from lamina.cli.common import add_mount_flags, human_size, parse_labels, print_table
+from lamina.cli.common import (
+    add_examples,
+    add_mount_flags,
+    human_size,
+    parse_labels,
+    print_table,
+)
 from lamina.mounts.mount import Mount, mount_all, unmount_all
 from lamina.owners import short
 from lamina.snapshots import Info, Kind, Snapshotter, Usage
@@ -231,76 +237,103 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     sub = group.add_subparsers(dest="snapshot_command", metavar="VERB", required=True)
 
-    def verb(name: str, handler: Any, help: str, aliases: Sequence[str] = ()) -> Any:
-        p = sub.add_parser(name, help=help, description=help, aliases=list(aliases))
+    def verb(name: str, handler: Any, help: str, aliases: Sequence[str] = (),
+             description: str | None = None) -> Any:
+        p = sub.add_parser(name, help=help, description=description, aliases=list(aliases))
         p.set_defaults(handler=handler)
         return p
 
-    for name, handler, what in (
-        ("prepare", cmd_prepare, "create an active (writable) snapshot KEY on PARENT"),
-        ("view", cmd_view, "create a read-only view KEY of PARENT"),
+    for name, handler, what, key, parent in (
+        ("prepare", cmd_prepare, "create an active (writable) snapshot KEY on PARENT",
+         "name of the new active snapshot",
+         "committed snapshot to build on (default: none, an empty snapshot)"),
+        ("view", cmd_view, "create a read-only view KEY of PARENT",
+         "name of the new view", "committed snapshot to view"),
     ):
         p = verb(name, handler, what)
         p.add_argument("--label", action="append", default=[], metavar="K=V",
                        help="label to set (repeatable)")
-        p.add_argument("--target", default="",
-                       help="print the mount command lines for this target")
+        p.add_argument("--target", default="", metavar="DIR",
+                       help="print the mount command lines for this directory")
         p.add_argument("--mounts", action="store_true", help="print the mounts as JSON")
-        p.add_argument("key")
-        p.add_argument("parent", nargs="?", default="")
+        p.add_argument("key", metavar="KEY", help=key)
+        p.add_argument("parent", metavar="PARENT", nargs="?", default="", help=parent)
+        if name == "prepare":
+            add_examples(
+                p,
+                ("a writable snapshot on nothing, mounted on /mnt by hand",
+                 "lamina snapshot prepare --target /mnt work | sh"),
+                ("a writable layer on top of the committed snapshot base",
+                 "lamina snapshot prepare work2 base"),
+            )
 
-    p = verb("diff", cmd_diff, "write the layer from PARENT (default: KEY's parent) to KEY")
+    p = verb("diff", cmd_diff, "write the layer of changes from PARENT to KEY",
+             description="Write the layer of changes from PARENT (default: KEY's parent) to "
+             "KEY to standard output; on a terminal, or with --print-descriptor, print its "
+             "descriptor and DiffID instead.")
     p.add_argument("--media-type", default="application/vnd.oci.image.layer.v1.tar+gzip",
+                   metavar="TYPE",
                    help="layer media type: ...tar, ...tar+gzip (default) or ...tar+zstd")
     p.add_argument("--keep", action="store_true", help="keep the layer in the content store")
     p.add_argument("--print-descriptor", action="store_true",
                    help="print the layer's descriptor instead of its bytes")
-    p.add_argument("key")
-    p.add_argument("parent", nargs="?", default=None)
+    p.add_argument("key", metavar="KEY", help="snapshot whose changes the layer holds")
+    p.add_argument("parent", metavar="PARENT", nargs="?", default=None,
+                   help="snapshot to compare with (default: KEY's parent)")
 
     p = verb("mounts", cmd_mounts, "print the mount commands of KEY for TARGET",
              aliases=["m", "mount-command"])
     p.add_argument("--json", action="store_true", help="print the mounts as JSON")
-    p.add_argument("target")
-    p.add_argument("key")
+    p.add_argument("target", metavar="TARGET", help="directory the commands mount on")
+    p.add_argument("key", metavar="KEY", help="snapshot to mount")
 
-    p = verb("mount", cmd_mount, "mount snapshot KEY on TARGET (nosuid,nodev unless allowed)")
+    p = verb("mount", cmd_mount, "mount snapshot KEY on TARGET",
+             description="Mount snapshot KEY on directory TARGET, nosuid and nodev unless "
+             "--allow-suid or --allow-dev say otherwise.")
     add_mount_flags(p)
-    p.add_argument("target")
-    p.add_argument("key")
+    p.add_argument("target", metavar="TARGET", help="directory to mount on")
+    p.add_argument("key", metavar="KEY", help="snapshot to mount")
 
     p = verb("unmount", cmd_unmount, "unmount everything on TARGET", aliases=["umount"])
-    p.add_argument("target")
+    p.add_argument("target", metavar="TARGET", help="directory to unmount")
 
     p = verb("commit", cmd_commit, "commit active snapshot KEY as NAME")
     p.add_argument("--label", action="append", default=[], metavar="K=V",
                    help="label to set on the committed snapshot (repeatable)")
-    p.add_argument("name")
-    p.add_argument("key")
+    p.add_argument("name", metavar="NAME", help="name of the committed snapshot")
+    p.add_argument("key", metavar="KEY", help="active snapshot to commit (it is gone after)")
+    add_examples(
+        p,
+        ("commit the active snapshot work as base, then build on it",
+         "lamina snapshot commit base work\nlamina snapshot prepare work2 base"),
+    )
 
     p = verb("rm", cmd_rm, "remove snapshots", aliases=["remove", "delete", "del"])
-    p.add_argument("keys", nargs="+", metavar="KEY")
+    p.add_argument("keys", nargs="+", metavar="KEY",
+                   help="snapshots to remove, in this order (a parent after its children)")
 
-    p = verb("ls", cmd_ls, "list snapshots, with their owner (lamina, or containerd:NAMESPACE "
-             "for what containerd made through lamina serve: read-only here); filters: "
-             "containerd syntax, any matches",
-             aliases=["list"])
+    p = verb("ls", cmd_ls, "list snapshots and their owners", aliases=["list"],
+             description="List snapshots, with their owner: lamina, or containerd:NAMESPACE "
+             "for what containerd made through lamina serve (read-only here).")
     p.add_argument("--json", action="store_true", help="print infos as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="print keys only")
-    p.add_argument("filters", nargs="*", metavar="FILTER")
+    p.add_argument("filters", nargs="*", metavar="FILTER",
+                   help="containerd filters, e.g. kind==committed or labels.\"k\"==v "
+                   "(any matches)")
 
     p = verb("info", cmd_info, "print the info of KEY as JSON")
-    p.add_argument("key")
+    p.add_argument("key", metavar="KEY", help="snapshot to describe")
 
     p = verb("usage", cmd_usage, "disk use of snapshots (all when no KEY)", aliases=["du"])
     p.add_argument("-b", "--bytes", action="store_true", help="sizes in bytes")
     p.add_argument("--json", action="store_true", help="print as JSON")
-    p.add_argument("keys", nargs="*", metavar="KEY")
+    p.add_argument("keys", nargs="*", metavar="KEY", help="snapshots to measure (default: all)")
 
-    p = verb("label", cmd_label, "set labels of KEY (k= deletes k); prints its labels")
+    p = verb("label", cmd_label, "set labels of KEY; prints its labels")
     p.add_argument("--json", action="store_true", help="print the labels as JSON")
-    p.add_argument("key")
-    p.add_argument("labels", nargs="*", metavar="K=V")
+    p.add_argument("key", metavar="KEY", help="snapshot to label")
+    p.add_argument("labels", nargs="*", metavar="K=V",
+                   help="label to set; K= deletes K (none: only print the labels)")
 
     verb("tree", cmd_tree, "draw parent chains as a tree")
     verb("cleanup", cmd_cleanup, "remove on-disk state the metadata does not know")

@@ -113,45 +113,52 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     v = verbs.add_parser("start", help="start a container's task")
-    v.add_argument("-d", "--detach", action="store_true")
-    v.add_argument("id", metavar="ID")
+    v.add_argument("-d", "--detach", action="store_true",
+                   help="run in the background; print the pid")
+    v.add_argument("id", metavar="ID", help="the container")
     v.set_defaults(handler=_start)
 
     v = verbs.add_parser("ls", aliases=["list"], help="list tasks")
-    v.add_argument("--json", action="store_true")
+    v.add_argument("--json", action="store_true", help="print JSON")
     v.set_defaults(handler=_ls)
 
     v = verbs.add_parser("kill", help="signal a task")
-    v.add_argument("-s", "--signal", default="SIGTERM")
+    v.add_argument("-s", "--signal", default="SIGTERM",
+                   help="the signal, by name or number (default SIGTERM)")
     v.add_argument("-a", "--all", action="store_true", help="every process of the task")
-    v.add_argument("id", metavar="ID")
+    v.add_argument("id", metavar="ID", help="the task (its container's id)")
     v.set_defaults(handler=_kill)
 
     for name, help_, handler in (("pause", "freeze a task", _pause),
                                  ("resume", "thaw a paused task", _resume),
                                  ("ps", "host pids of a task's processes", _ps)):
         v = verbs.add_parser(name, help=help_)
-        v.add_argument("id", metavar="ID")
+        v.add_argument("id", metavar="ID", help="the task (its container's id)")
         v.set_defaults(handler=handler)
 
     v = verbs.add_parser("exec", help="run a command in a running task")
-    v.add_argument("--env", action="append", metavar="K=V")
-    v.add_argument("--cwd")
-    v.add_argument("--user")
-    v.add_argument("id", metavar="ID")
-    v.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
+    v.add_argument("--env", action="append", metavar="K=V",
+                   help="environment variable for the command (repeatable)")
+    v.add_argument("--cwd", metavar="DIR",
+                   help="working directory, absolute (default: the task's)")
+    v.add_argument("--user", metavar="USER[:GROUP]",
+                   help="user to run as, by name or id (default: the task's)")
+    v.add_argument("id", metavar="ID", help="the running task")
+    v.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD",
+                   help="the command and its arguments")
     v.set_defaults(handler=_exec)
 
     v = verbs.add_parser("delete", aliases=["rm"], help="delete stopped tasks")
     v.add_argument("-f", "--force", action="store_true", help="kill a live task first")
-    v.add_argument("ids", nargs="+", metavar="ID")
+    v.add_argument("ids", nargs="+", metavar="ID", help="tasks to delete")
     v.set_defaults(handler=_delete)
 
     v = verbs.add_parser("wait", help="wait for a task to stop; exit with its code")
-    v.add_argument("--timeout", type=float, default=None)
-    v.add_argument("id", metavar="ID")
+    v.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="give up after this long (default: wait as long as it runs)")
+    v.add_argument("id", metavar="ID", help="the task")
     v.set_defaults(handler=_wait)
 
     v = verbs.add_parser("logs", help="print a detached task's output")
-    v.add_argument("id", metavar="ID")
+    v.add_argument("id", metavar="ID", help="the task")
     v.set_defaults(handler=_logs)

@@ -31,8 +31,8 @@ def cmd_version(args: argparse.Namespace, app: App) -> int:
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "version",
-        help="print the client's version (and the server's, with --address)",
+        help="print lamina's version (and the server's)",
         description="Print lamina's version; with the global --address, also the version "
-        "of the `lamina serve` there (containerd's Version service).",
+        "of the 'lamina serve' there (containerd's Version service).",
     )
     p.set_defaults(handler=cmd_version)
