@@ -112,13 +112,28 @@ def _command_at(argv: Sequence[str]) -> int | None:
     return None
 
 
+# nerdctl's and docker's top-level words, and the commands they are in lamina
+NERDCTL_VERBS = {"pull": ("image", "pull"), "push": ("image", "push"),
+                 "rmi": ("image", "rm"), "ps": ("container", "ls")}
+
+
 def _as_nerdctl_would(argv: list[str]) -> list[str]:
-    """``lamina images`` (nerdctl's and docker's) is ``lamina image ls``."""
+    """``lamina images`` (nerdctl's and docker's) is ``lamina image ls``; ``pull``,
+    ``push``, ``rmi`` and ``ps [-a]`` are their image and container commands."""
     at = _command_at(argv)
-    if at is not None and argv[at] == "images" and (
-            at + 1 == len(argv) or (argv[at + 1].startswith("-")
-                                    and argv[at + 1] not in ("-h", "--help"))):
-        return [*argv[:at + 1], "ls", *argv[at + 1:]]
+    if at is None:
+        return argv
+    word, before, rest = argv[at], argv[:at], argv[at + 1:]
+    if word == "images" and (not rest or (rest[0].startswith("-")
+                                          and rest[0] not in ("-h", "--help"))):
+        return [*before, "images", "ls", *rest]
+    if word == "ps":
+        shown = [w for w in rest if w not in ("-a", "--all", "-aq", "-qa")]
+        quiet = ["-q"] if len(shown) < len(rest) and {"-aq", "-qa"} & set(rest) else []
+        running = [] if len(shown) < len(rest) else ["--running"]
+        return [*before, "container", "ls", *running, *quiet, *shown]
+    if word in NERDCTL_VERBS:
+        return [*before, *NERDCTL_VERBS[word], *rest]
     return argv
 
 
@@ -131,7 +146,7 @@ def _unknown_command(argv: Sequence[str]) -> str | None:
     if word in GROUPS or word in ALIASES:
         return None
     near = list(dict.fromkeys(ALIASES.get(n, n) for n in difflib.get_close_matches(
-        word, [*GROUPS, *ALIASES], n=3, cutoff=0.6)))[:2]
+        word, [*GROUPS, *ALIASES, *NERDCTL_VERBS], n=3, cutoff=0.6)))[:2]
     hint = f" (did you mean {' or '.join(repr(n) for n in near)}?)" if near else ""
     return f"unknown command {word!r}{hint}"
 
@@ -141,7 +156,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="lamina", description=__doc__.splitlines()[0],
                      epilog="Exit codes: 0 ok, 1 internal, 2 usage, 3 NotFound, "
                      "4 AlreadyExists, 5 FailedPrecondition, 6 InvalidArgument, "
-                     "7 Unavailable, 8 NotImplemented, 130 interrupted.")
+                     "7 Unavailable, 8 NotImplemented, 130 interrupted. nerdctl's words work "
+                     "too: images, pull, push, rmi, ps [-a] (image ls, image pull, image push, "
+                     "image rm, container ls).")
     parser.add_argument("--version", action="version", version=f"lamina {__version__}")
     parser.add_argument("--root", default=None, help="lamina root directory "
                         f"(default: $LAMINA_ROOT or {default_root()})")

@@ -101,6 +101,9 @@ def _record(ct: ContainerService, cid: str) -> dict[str, Any]:
 def _ls(args: argparse.Namespace, app: App) -> int:
     with services(app) as ct:
         records = [_record(ct, c.id) for c in ct.list()]
+    if args.running:
+        records = [r for r in records
+                   if r["task"] and r["task"]["status"] in ("running", "paused")]
     if args.json:
         app.print_json(records)
         return 0
@@ -206,6 +209,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v = verbs.add_parser("ls", aliases=["list"], help="list containers")
     v.add_argument("--json", action="store_true")
     v.add_argument("-q", "--quiet", action="store_true", help="ids only")
+    v.add_argument("--running", action="store_true",
+                   help="only containers whose task runs or is paused (what lamina ps lists; "
+                   "lamina ps -a lists all)")
     v.set_defaults(handler=_ls)
 
     v = verbs.add_parser("info", help="a container's record as JSON")
