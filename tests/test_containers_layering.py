@@ -21,7 +21,8 @@ MODULES = sorted(p.stem for p in WING.glob("*.py") if p.stem != "__init__")
 
 _BELOW = {"options", "taskstate", "runtime"}
 ALLOWED: dict[str, set[str]] = {
-    "service": {"revisions", "tasks", "checkpoint"} | _BELOW,
+    "service": {"revisions", "tasks", "checkpoint", "logs"} | _BELOW,
+    "logs": set(),
     "revisions": _BELOW,
     "tasks": _BELOW,
     "checkpoint": _BELOW,

@@ -45,7 +45,8 @@ __all__ = ["EXIT_USAGE", "main"]
 
 # command group modules, in the order `lamina --help` lists them
 GROUPS = ("snapshot", "content", "diff", "image", "container", "task", "run",
-          "checkpoint", "serve", "config", "gc", "lease", "check", "version", "login")
+          "checkpoint", "serve", "config", "gc", "lease", "check", "version", "login",
+          "logs")
 
 
 # aliases a group module registers, so one command imports only its own module

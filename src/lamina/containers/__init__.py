@@ -13,7 +13,8 @@ on the lines below its own, never one on its own line:
    parts, recovery of interrupted ones). None of them imports another.
 3. :mod:`.options` — the options record a container keeps (args, env, bind
    mounts, user namespace); :mod:`.taskstate` — a container's task: there,
-   live, paused.
+   live, paused; :mod:`.logs` — what detached tasks wrote, bounded, kept
+   until the container is removed.
 4. :mod:`.runtime` — OCI runtime specs and runc/CRIU tasks, knowing nothing
    of containers.
 

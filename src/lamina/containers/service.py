@@ -25,7 +25,8 @@ from __future__ import annotations
 import builtins
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from functools import cached_property
 from typing import Any
 
@@ -35,9 +36,10 @@ from lamina.containers.checkpoint import (
     Checkpoints,
     RestoreResult,
 )
+from lamina.containers.logs import ContainerLogs
 from lamina.containers.options import options_of
 from lamina.containers.revisions import Revision, Revisions
-from lamina.containers.runtime import TaskInfo, TaskManager
+from lamina.containers.runtime import TaskInfo, TaskManager, TaskStatus
 from lamina.containers.tasks import ContainerTasks, tasks_dir
 from lamina.containers.taskstate import is_live, task_of
 from lamina.images.service import ImageService
@@ -56,6 +58,7 @@ class ContainerService:
         self.root = root
         self.images = images or ImageService(root, snapshotter=snapshotter)
         self._revisions = Revisions(root, snapshotter=snapshotter, images=self.images)
+        self._logs = ContainerLogs(root.path)
         self._given_tasks = tasks
 
     @cached_property
@@ -117,6 +120,7 @@ class ContainerService:
         self._revisions.get(cid)
         self._tasks.remove(cid, force=force)
         removed = self._revisions.remove(cid)
+        self._logs.remove(cid)
         if sync:
             collect(self.root)
         return removed
@@ -144,15 +148,46 @@ class ContainerService:
         The runtime spec is generated on the current revision and recorded on
         the container before the task runs. Foreground: returns when the
         process exits, with its exit code. Detached: returns once it runs
-        (output in the task's ``output.log``).
+        (its output appended to the container's log: :meth:`logs`).
         """
         container = self._revisions.get(cid)
         self._tasks.clear_stopped(cid)
         spec = self._tasks.generate(container, self._revisions.mounts(container))
         container = self._revisions.set_spec(container, spec)
         mounts = self._tasks.run_mounts(container, self._revisions.mounts(container))
+        output = self._logs.prepare(cid) if detach else None
         return self.tasks.start(cid, mounts, spec, detach=detach,
-                                stdin=stdin, stdout=stdout, stderr=stderr)
+                                stdin=stdin, stdout=stdout, stderr=stderr, output=output)
+
+    def logs(self, cid: str, *, follow: bool = False, tail: int | None = None,
+             poll: float = 0.2) -> Iterator[bytes]:
+        """What the container's detached tasks wrote (see :mod:`lamina.containers.logs`);
+        with ``tail``, its last lines only. ``follow`` goes on with what the task
+        writes until it stops (or is deleted)."""
+        self._revisions.get(cid)
+        if not follow:
+            return self._logs.read(cid, tail=tail)
+        return self._logs.follow(cid, done=self._writing_done(cid), tail=tail, poll=poll)
+
+    def _writing_done(self, cid: str) -> Callable[[], bool]:
+        """Whether ``cid``'s task has written its last output: it is gone, or stopped
+        and its shim has recorded the exit (after copying the last output), or has
+        been stopped for a few seconds without (a foreground or killed monitor)."""
+        stopped_at: list[float] = []
+
+        def done() -> bool:
+            info = self.task(cid)
+            if info is None:
+                return True
+            if info.status != TaskStatus.STOPPED:
+                return False
+            if info.exit_code is not None or not info.detached:
+                return True
+            if not stopped_at:
+                stopped_at.append(time.monotonic())
+            return time.monotonic() - stopped_at[0] > 5.0
+
+        return done
 
     def stop(self, cid: str, *, timeout: float = 10.0) -> TaskInfo | None:
         """Stop (SIGTERM, then SIGKILL after ``timeout``) and delete the task, if any."""

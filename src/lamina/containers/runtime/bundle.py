@@ -9,7 +9,8 @@ A :class:`Bundles` owns one state directory::
         meta.json                what lamina needs to know later (mounts, mode, times)
         runc.pid                 the container init's host pid (runc --pid-file)
         runc.log                 runc's own log (JSON lines)
-        output.log               stdout + stderr of a detached task
+        output.log               stdout + stderr of a detached task (unless meta.json
+                                 names another ``output``), rotated at OUTPUT_MAX
         exit.json                exit code, once runc has reported it
         shim.json, shim.pid      the monitor of a detached task (see ``shim.py``)
     <state_dir>/.locks/<id>.lock serialises start/restore/delete of one id
@@ -51,6 +52,7 @@ from lamina.mounts.idmap import reachable_from_userns
 from lamina.mounts.mount import Mount, is_mountpoint, mount_all, unmount_all
 
 __all__ = [
+    "OUTPUT_MAX",
     "Bundles",
     "TaskInfo",
     "TaskStatus",
@@ -58,6 +60,7 @@ __all__ = [
     "mount_from_json",
     "mount_rootfs",
     "mount_to_json",
+    "output_log",
     "read_json",
     "read_pid",
     "validate_id",
@@ -66,6 +69,10 @@ __all__ = [
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 _RESERVED = {"runc"}
+
+OUTPUT_MAX = 5 << 20
+"""Bytes a detached task's output log grows to before the shim rotates it: one rotated
+file is kept, so a task's output takes at most twice this."""
 
 
 class TaskStatus(enum.StrEnum):
@@ -88,11 +95,12 @@ class TaskInfo:
     bundle: Path
     detached: bool
     created: float | None = None
+    output: Path | None = None
 
     @property
     def output_path(self) -> Path:
         """Where a detached task's stdout and stderr go."""
-        return self.bundle / "output.log"
+        return self.output or self.bundle / "output.log"
 
 
 def is_task_id(name: str) -> bool:
@@ -142,6 +150,15 @@ def read_json(path: Path) -> dict[str, Any] | None:
 def write_json(path: Path, obj: Any) -> None:
     """Replace ``path`` atomically with ``obj`` as JSON (0600)."""
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n")
+
+
+def output_log(bundle: Path, meta: dict[str, Any] | None = None) -> Path:
+    """Where the bundle's detached task writes its output: the ``output`` its
+    ``meta`` (default: its meta.json) names, else ``output.log`` in the bundle."""
+    if meta is None:
+        meta = read_json(bundle / "meta.json") or {}
+    named = meta.get("output")
+    return Path(named) if isinstance(named, str) and named else bundle / "output.log"
 
 
 def read_pid(path: Path) -> int | None:

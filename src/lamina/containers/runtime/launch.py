@@ -4,7 +4,8 @@ A foreground task runs ``runc run`` (or ``runc restore``) as a child of the
 caller with the caller's stdio and returns its exit code. A detached task is
 run by a small monitor process (the shim, ``shim.py``) in a session of its
 own: it survives the lamina process, keeps the container's output in
-``output.log`` and records the exit code in ``exit.json``.
+``output.log`` (or the log ``meta.json`` names), bounded, and records the exit
+code in ``exit.json``.
 
 Either way runc writes the container init's pid to ``runc.pid`` once the
 container runs, so "runc ended and there is no pid file" means it failed to
@@ -29,7 +30,16 @@ from typing import Any
 from lamina.errors import LaminaError, NotFound, Unavailable
 from lamina.fs.files import atomic_write
 
-from .bundle import Bundles, TaskInfo, TaskStatus, read_json, read_pid, write_json
+from .bundle import (
+    OUTPUT_MAX,
+    Bundles,
+    TaskInfo,
+    TaskStatus,
+    output_log,
+    read_json,
+    read_pid,
+    write_json,
+)
 from .runc import Runc, error_from_message
 
 __all__ = ["START_TIMEOUT", "Launcher", "runc_log_error"]
@@ -113,7 +123,8 @@ class Launcher:
             bundle / "shim.json",
             {
                 "argv": self.runc.argv(*runc_args, log=bundle / "runc.log"),
-                "output": str(bundle / "output.log"),
+                "output": str(output_log(bundle)),
+                "output_max": OUTPUT_MAX,
                 "exit_file": str(bundle / "exit.json"),
             },
         )
@@ -237,4 +248,5 @@ class Launcher:
             bundle=bundle,
             detached=bool(meta.get("detached", False)),
             created=meta.get("created"),
+            output=output_log(bundle, meta),
         )

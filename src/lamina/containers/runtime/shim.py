@@ -7,9 +7,13 @@ the lamina process that started it. It:
 * runs ``runc run`` (or ``runc restore``) in the foreground, so runc stays the
   parent of the container's init and reports its exit status;
 * gives the container pipes for stdin (empty, closed), stdout and stderr and
-  copies both output pipes into ``output.log``. Pipes (not the log file
-  itself) are what CRIU can checkpoint and restore: runc records them as
-  external and hands the new ones to the restored process;
+  copies both output pipes into the output log (``output.log`` unless
+  ``shim.json`` names another). Pipes (not the log file itself) are what CRIU
+  can checkpoint and restore: runc records them as external and hands the new
+  ones to the restored process;
+* keeps the log bounded when ``shim.json`` gives ``output_max``: once the log
+  holds that many bytes it becomes ``<log>.1`` (replacing the previous one) and
+  a new log starts, so at most twice ``output_max`` bytes are kept;
 * writes ``exit.json`` (exit code, time) when runc returns.
 
 It only uses the standard library, and is run by path with ``-I``, so it
@@ -29,7 +33,40 @@ import time
 from typing import Any
 
 
-def _copy(fd: int, out_fd: int, lock: threading.Lock) -> None:
+def _open_log(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+
+class _Log:
+    """The output log both pipes write to, rotated at ``limit`` bytes (0: never)."""
+
+    def __init__(self, path: str, limit: int) -> None:
+        self.path = path
+        self.limit = limit
+        self.lock = threading.Lock()
+        self.fd = _open_log(path)
+        self.size = os.fstat(self.fd).st_size
+
+    def write(self, chunk: bytes) -> None:
+        with self.lock:
+            view = memoryview(chunk)
+            while view:
+                if self.limit and self.size >= self.limit:
+                    # a reader following the log sees the name point at a new file
+                    os.replace(self.path, f"{self.path}.1")
+                    os.close(self.fd)
+                    self.fd = _open_log(self.path)
+                    self.size = 0
+                room = self.limit - self.size if self.limit else len(view)
+                n = os.write(self.fd, view[:room])
+                view = view[n:]
+                self.size += n
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _copy(fd: int, log: _Log) -> None:
     try:
         while True:
             try:
@@ -40,11 +77,7 @@ def _copy(fd: int, out_fd: int, lock: threading.Lock) -> None:
                 return
             if not chunk:
                 return
-            with lock:
-                view = memoryview(chunk)
-                while view:
-                    n = os.write(out_fd, view)
-                    view = view[n:]
+            log.write(chunk)
     finally:
         os.close(fd)
 
@@ -65,7 +98,7 @@ def main(argv: list[str]) -> int:
     log_path: str = conf["output"]
     exit_path: str = conf["exit_file"]
 
-    out_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    log = _Log(log_path, int(conf.get("output_max") or 0))
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
@@ -100,7 +133,7 @@ def main(argv: list[str]) -> int:
             close_fds=True,
         )
     except OSError as exc:
-        os.write(out_fd, f"lamina-shim: cannot start runc: {exc}\n".encode())
+        log.write(f"lamina-shim: cannot start runc: {exc}\n".encode())
         _write_json(exit_path, {"exit_code": 127, "exited_at": time.time(), "error": str(exc)})
         return 1
     child.append(proc)
@@ -109,9 +142,8 @@ def main(argv: list[str]) -> int:
     os.close(out_w)
     os.close(err_w)
 
-    lock = threading.Lock()
     threads = [
-        threading.Thread(target=_copy, args=(fd, out_fd, lock), daemon=True)
+        threading.Thread(target=_copy, args=(fd, log), daemon=True)
         for fd in (out_r, err_r)
     ]
     for t in threads:
@@ -128,7 +160,7 @@ def main(argv: list[str]) -> int:
         exit_path,
         {"exit_code": code, "exited_at": time.time(), "started_at": started},
     )
-    os.close(out_fd)
+    log.close()
     return 0
 
 

@@ -36,7 +36,16 @@ from lamina.errors import (
 from lamina.mounts.mount import Mount
 
 from . import criu
-from .bundle import Bundles, TaskInfo, TaskStatus, read_json, read_pid, validate_id, write_json
+from .bundle import (
+    Bundles,
+    TaskInfo,
+    TaskStatus,
+    output_log,
+    read_json,
+    read_pid,
+    validate_id,
+    write_json,
+)
 from .launch import Launcher, runc_log_error
 from .runc import Runc, parse_signal
 from .spec import resolve_user
@@ -78,7 +87,8 @@ class TaskManager:
         return self.bundle(task_id) / "rootfs"
 
     def output_path(self, task_id: str) -> Path:
-        return self.bundle(task_id) / "output.log"
+        """Where the task's detached output goes (see :meth:`start`'s ``output``)."""
+        return output_log(self.bundle(task_id))
 
     def cgroups_path(self, task_id: str) -> str:
         """The (runc-relative) cgroup a task gets when its spec names none."""
@@ -96,6 +106,7 @@ class TaskManager:
         stdin: int | None = None,
         stdout: int | None = None,
         stderr: int | None = None,
+        output: str | os.PathLike[str] | None = None,
     ) -> TaskInfo:
         """Mount ``mounts`` as the rootfs of a new bundle and run ``spec`` in it.
 
@@ -103,13 +114,17 @@ class TaskManager:
         ``stderr`` (file descriptors; None inherits the caller's, or
         ``subprocess.DEVNULL``), the call returns when it exits and the result
         carries its ``exit_code`` (128+N when killed by signal N). Detached: the
-        output goes to ``output.log`` in the bundle, the call returns once the
-        process runs, with its ``pid``. Either way the task stays (stopped, once
-        its process has exited) until :meth:`delete`.
+        output goes to ``output`` (appended to; its directory must exist), by
+        default ``output.log`` in the bundle, rotated once it grows past
+        :data:`~.bundle.OUTPUT_MAX`; the call returns once the process runs,
+        with its ``pid``. Either way the task stays (stopped, once its process
+        has exited) until :meth:`delete`.
         """
         validate_id(task_id)
+        named = {"output": os.path.abspath(output)} if detach and output is not None else {}
         with self.bundles.lock(task_id):
-            bundle = self.bundles.create(task_id, mounts, spec, detached=detach)
+            bundle = self.bundles.create(task_id, mounts, spec, detached=detach,
+                                         extra_meta=named)
             args = ["run", "--bundle", str(bundle), "--pid-file", str(bundle / "runc.pid"), task_id]
             try:
                 if detach:
