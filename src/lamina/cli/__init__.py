@@ -37,16 +37,21 @@ from typing import NoReturn
 
 from lamina import __version__, rootless
 from lamina.cli.app import App
+from lamina.cli.common import describe
 from lamina.errors import LaminaError
 from lamina.metadata.root import default_root
 from lamina.util import config as settings
 
-__all__ = ["EXIT_USAGE", "main"]
+__all__ = ["EXIT_USAGE", "SUMMARY", "build_parser", "main"]
+
+#: what lamina is, in the words of its --help and its man page's NAME line
+SUMMARY = ("manage snapshots, content, images and containers as containerd's ctr does, "
+           "and serve them to containerd")
 
 # command group modules, in the order `lamina --help` lists them
 GROUPS = ("snapshot", "content", "diff", "image", "container", "task", "run",
           "checkpoint", "serve", "config", "gc", "lease", "check", "version", "login",
-          "logs")
+          "completion", "logs")
 
 
 # aliases a group module registers, so one command imports only its own module
@@ -154,19 +159,21 @@ def _unknown_command(argv: Sequence[str]) -> str | None:
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser; with ``argv``, only the group it names is imported (fast start-up)."""
-    parser = _Parser(prog="lamina", description=__doc__.splitlines()[0],
-                     epilog="Exit codes: 0 ok, 1 internal, 2 usage, 3 NotFound, "
+    parser = _Parser(prog="lamina", description=SUMMARY[:1].upper() + SUMMARY[1:] + ".",
+                     epilog="Run 'lamina COMMAND --help' for a command's verbs and options. "
+                     "Exit codes: 0 ok, 1 internal, 2 usage, 3 NotFound, "
                      "4 AlreadyExists, 5 FailedPrecondition, 6 InvalidArgument, "
                      "7 Unavailable, 8 NotImplemented, 130 interrupted. nerdctl's words work "
                      "too: images, pull, push, rmi, ps [-a] (image ls, image pull, image push, "
                      "image rm, container ls).")
     parser.add_argument("--version", action="version", version=f"lamina {__version__}")
-    parser.add_argument("--root", default=None, help="lamina root directory "
-                        f"(default: $LAMINA_ROOT or {default_root()})")
+    parser.add_argument("--root", default=None, metavar="DIR",
+                        help="lamina root directory (default: $LAMINA_ROOT, else "
+                        "/var/lib/lamina for root and ~/.local/share/lamina for others)")
     parser.add_argument("--snapshotter", default=None,
                         help="snapshotter: overlay, native or erofs (default overlay)")
-    parser.add_argument("--address", default=None,
-                        help="talk to a running `lamina serve` on this socket")
+    parser.add_argument("--address", default=None, metavar="SOCKET",
+                        help="talk to a running 'lamina serve' on this socket")
     parser.add_argument("--debug", action="store_true",
                         help="on an error, print the traceback too (also: LAMINA_DEBUG=1)")
     parser.add_argument("--config", metavar="FILE",
@@ -185,6 +192,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    describe(parser)
     return parser
 
 
