@@ -44,6 +44,7 @@ def add_logs_flags(v: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    v = sub.add_parser("logs", help="print a container's output (its detached tasks' stdout "
-                       "and stderr; the newest 10 MiB are kept)")
+    v = sub.add_parser("logs", help="print a container's output",
+                       description="Print a container's output: what its detached tasks "
+                       "wrote on stdout and stderr (the newest 10 MiB are kept).")
     add_logs_flags(v)
