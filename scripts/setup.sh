@@ -10,6 +10,7 @@
 #   2. the project itself, editable, with dev extras, into its own venv /opt/lamina
 #      made with Debian's /usr/bin/python3; /usr/local/bin/lamina links to its
 #      console script (re-done whenever this checkout or pyproject.toml changed).
+#      Its bash completion and man page (lamina(1)) are installed with it.
 #   3. CRIU >= 4.1 (scripts/build-criu.sh) when `criu check` is not happy.
 set -euo pipefail
 
@@ -147,6 +148,17 @@ hash -r
 # An editable install ships no bytecode; compile it once so every `lamina` start
 # does not recompile the package (matters where PYTHONDONTWRITEBYTECODE is set).
 "$VPY" -m compileall -q "$REPO/src/lamina" >/dev/null
+
+# bash completion (made from the parser: it follows the checkout) and the man page
+# (docs/lamina.1, made by scripts/manpage.py), where this machine keeps them.
+for dir in /usr/share/bash-completion/completions /etc/bash_completion.d; do
+    if [[ -d $dir ]]; then
+        "$VENV/bin/lamina" completion bash >"$STATE_DIR/lamina.bash"
+        install -m 0644 "$STATE_DIR/lamina.bash" "$dir/lamina"
+        break
+    fi
+done
+install -D -m 0644 "$REPO/docs/lamina.1" /usr/local/share/man/man1/lamina.1
 
 # --- 3. CRIU -----------------------------------------------------------------
 hash -r
