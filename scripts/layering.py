@@ -32,7 +32,7 @@ from pathlib import Path
 LAYERS: list[tuple[str, ...]] = [
     ("lamina",),                 # the version; nothing else lives in __init__
     ("errors",),                 # the one root exception and containerd's classes
-    ("labels", "owners"),        # vocabulary: label names; who owns an object
+    ("labels", "owners", "problems"),  # vocabulary: label names; who owns an object; what check finds
     ("fs",),                     # dirfd-relative trees, durable files, permissions, walks
     ("util",),                   # kill points, JSON documents, filters, progress, sqlite
     ("oci",),                    # the image spec: documents, platforms, ChainIDs

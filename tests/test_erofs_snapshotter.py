@@ -262,9 +262,10 @@ def test_layer_written_before_its_parent_is_committed(sn: ErofsSnapshotter,
 def test_check_deep_verifies_layer_images(tmp_path: Path) -> None:
     """``lamina check --deep`` compares each image with the sha256 of its commit;
     garbage collection of an unreferenced layer unmounts it and deletes its file."""
-    from lamina.metadata.check import ProblemType, check
+    from lamina.metadata.check import check
     from lamina.metadata.gc import collect
     from lamina.metadata.root import Root
+    from lamina.problems import ProblemType
 
     root = Root(tmp_path / "r")
     try:

@@ -29,9 +29,10 @@ from crashstates.trace import TraceError, parse, run_traced
 from crashstates.tree import Create, Op, Rename, Tree, scan
 from lamina.errors import LaminaError
 from lamina.fs.files import remove_tree
-from lamina.metadata.check import ProblemType, check
+from lamina.metadata.check import check
 from lamina.metadata.recover import RecoveredRoot as Root
 from lamina.metadata.workdirs import interrupted, root_work_dirs
+from lamina.problems import ProblemType
 
 __all__ = ["Outcome", "Recording", "Step", "explore_workload", "record_workload"]
 

@@ -7,7 +7,8 @@ import argparse
 from lamina.cli.app import App
 from lamina.cli.common import add_examples
 from lamina.errors import FailedPrecondition
-from lamina.metadata.check import CheckReport, Problem, ProblemType, check
+from lamina.metadata.check import CheckReport, check
+from lamina.problems import Problem, ProblemType
 
 __all__ = ["register"]
 

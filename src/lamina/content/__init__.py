@@ -47,7 +47,6 @@ repair of what crashes leave).
 
 from __future__ import annotations
 
-import enum
 import io
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -64,6 +63,7 @@ from lamina.content.digest import (
     validate_digest,
 )
 from lamina.labels import MAX_LABEL_SIZE, validate_labels
+from lamina.problems import Problem
 
 __all__ = [
     "MAX_LABEL_SIZE",
@@ -75,8 +75,6 @@ __all__ = [
     "HashingWriter",
     "Info",
     "Local",
-    "Problem",
-    "ProblemKind",
     "Status",
     "Writer",
     "parse_digest",
@@ -279,29 +277,6 @@ class Local(Protocol):
         reading the same bytes once the ingest is committed. NotFound when there is
         no such ingest. Knowing when the writer is done is the caller's business."""
         ...
-
-
-class ProblemKind(enum.Enum):
-    """What a :class:`Problem` of a content store is."""
-
-    #: the bytes no longer hash to the blob's digest (or size)
-    CORRUPT = "corrupt"
-    #: the metadata names a blob whose bytes are gone
-    MISSING = "missing"
-    #: a file where blobs live that no metadata names (left by a crash)
-    ORPHAN = "orphan"
-    #: a blob no owner holds a reference to
-    UNHELD = "unheld"
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One inconsistency between a content store's metadata and its disk."""
-
-    kind: ProblemKind
-    subject: str  # the digest, or the orphan file's path
-    #: a whole sentence, naming the subject
-    message: str
 
 
 @dataclass

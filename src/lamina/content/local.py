@@ -79,8 +79,6 @@ from lamina.content import (
     COPY_CHUNK,
     CleanupReport,
     Info,
-    Problem,
-    ProblemKind,
     Status,
     validate_labels,
 )
@@ -97,6 +95,7 @@ from lamina.fs.files import atomic_write, fsync_dir, remove_tree
 from lamina.fs.perms import BLOB_MODE, FILE_MODE, private_dirs, tighten, tighten_tree
 from lamina.labels import update_labels
 from lamina.owners import CLI, ScopedViews, describe_all
+from lamina.problems import Problem, ProblemType
 from lamina.util import crash, filters
 from lamina.util.closing import Closing
 from lamina.util.db import Database
@@ -588,18 +587,19 @@ class LocalContentStore(ScopedViews, Closing):
                 elif not self.blob_path(info.digest).is_file():
                     raise NotFound(f"content {info.digest} is recorded but its blob is missing")
             except BlobCorrupt as exc:
-                problems.append(Problem(ProblemKind.CORRUPT, info.digest, exc.message))
+                problems.append(Problem(ProblemType.CONTENT_CORRUPT, info.digest, exc.message))
             except NotFound as exc:
-                problems.append(Problem(ProblemKind.MISSING, info.digest, exc.message))
+                problems.append(Problem(ProblemType.CONTENT_MISSING, info.digest, exc.message))
         for digest in self.unheld():
             rows.add(digest)
-            problems.append(Problem(ProblemKind.UNHELD, digest,
+            problems.append(Problem(ProblemType.CONTENT_UNHELD, digest,
                                     f"content {digest}: no owner holds a reference to it"))
         for name in sorted(os.listdir(self.blobs_dir)):
             if f"{SHA256}:{name}" not in rows:
                 what = ("temporary file left by a crash" if name.startswith(_TMP_PREFIXES)
                         else "blob file that no metadata row names")
-                problems.append(Problem(ProblemKind.ORPHAN, str(self.blobs_dir / name), what))
+                problems.append(Problem(ProblemType.CONTENT_ORPHAN,
+                                        str(self.blobs_dir / name), what))
         return problems
 
     def add(

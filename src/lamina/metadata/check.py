@@ -37,14 +37,12 @@ need importing again). The check then runs again and
 from __future__ import annotations
 
 import contextlib
-import enum
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lamina.archive import mtree
 from lamina.content import Checker as ContentChecker
-from lamina.content import ProblemKind as ContentProblemKind
 from lamina.errors import FailedPrecondition, LaminaError, NotFound
 from lamina.fs.files import locked
 from lamina.labels import LAYER_MTREE
@@ -52,53 +50,20 @@ from lamina.metadata.gc import label_edges
 from lamina.metadata.root import Root
 from lamina.mounts.mount import cleanup_temp_mounts
 from lamina.owners import OWNERS, Scoped
+from lamina.problems import Problem, ProblemType
 from lamina.snapshots import (
     Checker,
     Kind,
     LayerDigests,
     LocalDirectories,
-    ProblemKind,
     Snapshotter,
 )
 
-__all__ = ["CheckReport", "Problem", "ProblemType", "check"]
+__all__ = ["CheckReport", "check"]
 
-
-class ProblemType(enum.StrEnum):
-    """What a :class:`Problem` is (its value is what ``--json`` prints)."""
-
-    CONTENT_CORRUPT = "content.corrupt"
-    CONTENT_MISSING = "content.missing"
-    CONTENT_ORPHAN = "content.orphan"
-    CONTENT_UNHELD = "content.unheld"
-    SNAPSHOT_MISSING_DIRECTORY = "snapshot.missing-directory"
-    SNAPSHOT_ORPHAN_DIRECTORY = "snapshot.orphan-directory"
-    LAYER_CHANGED = "snapshot.layer-changed"
-    IMAGE = "image"
-    CONTAINER = "container"
-    CHECKPOINT_INTERRUPTED = "checkpoint.interrupted"
-
-
-_SNAPSHOT_TYPES = {
-    ProblemKind.MISSING_DIRECTORY: ProblemType.SNAPSHOT_MISSING_DIRECTORY,
-    ProblemKind.ORPHAN_DIRECTORY: ProblemType.SNAPSHOT_ORPHAN_DIRECTORY,
-    ProblemKind.LAYER_CHANGED: ProblemType.LAYER_CHANGED,
-}
 
 #: How many differences of one layer are spelled out (the rest are counted).
 _SHOWN_DIFFERENCES = 5
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One inconsistency: its type, what it is about, and a sentence for people."""
-
-    kind: ProblemType
-    subject: str
-    message: str
-
-    def to_json(self) -> dict[str, str]:
-        return {"kind": str(self.kind), "subject": self.subject, "message": self.message}
 
 
 @dataclass
@@ -125,14 +90,6 @@ class CheckReport:
         }
 
 
-_CONTENT_TYPES = {
-    ContentProblemKind.CORRUPT: ProblemType.CONTENT_CORRUPT,
-    ContentProblemKind.MISSING: ProblemType.CONTENT_MISSING,
-    ContentProblemKind.ORPHAN: ProblemType.CONTENT_ORPHAN,
-    ContentProblemKind.UNHELD: ProblemType.CONTENT_UNHELD,
-}
-
-
 def _content_checker(root: Root) -> ContentChecker:
     store = root.content()
     if not isinstance(store, ContentChecker):  # pragma: no cover - roots' stores check
@@ -141,8 +98,7 @@ def _content_checker(root: Root) -> ContentChecker:
 
 
 def _check_content(store: ContentChecker, *, rehash: bool) -> list[Problem]:
-    return [Problem(_CONTENT_TYPES[p.kind], p.subject, p.message)
-            for p in store.check(rehash=rehash)]
+    return store.check(rehash=rehash)
 
 
 def _check_snapshots(root: Root) -> list[Problem]:
@@ -150,8 +106,7 @@ def _check_snapshots(root: Root) -> list[Problem]:
     for name in root.snapshotter_names():
         sn = root.snapshotter(name)
         if isinstance(sn, Checker):
-            problems += [Problem(_SNAPSHOT_TYPES[p.kind], f"{name}: {p.subject}", p.message)
-                         for p in sn.check()]
+            problems += [replace(p, subject=f"{name}: {p.subject}") for p in sn.check()]
     return problems
 
 

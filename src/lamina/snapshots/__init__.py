@@ -74,7 +74,7 @@ checkable protocols), never by concrete class:
   later (by a reaper thread, or when a caller holding a lock is done);
   :meth:`DeferredRemoval.flush` waits until nothing removed is left on disk;
 * :class:`Checker` — metadata and disk can be compared
-  (:meth:`Checker.check` returns :class:`Problem` values; ``cleanup`` repairs
+  (:meth:`Checker.check` returns :class:`lamina.problems.Problem` values; ``cleanup`` repairs
   the ones that are :attr:`Problem.repairable`).
 
 The gRPC client implements none of them: what it cannot do is done by the
@@ -93,6 +93,7 @@ from typing import IO, Protocol, runtime_checkable
 
 from lamina.labels import MAX_LABEL_SIZE
 from lamina.mounts.mount import Mount
+from lamina.problems import Problem
 
 __all__ = [
     "MAX_LABEL_SIZE",
@@ -104,8 +105,6 @@ __all__ = [
     "LayerDigests",
     "LayerStreams",
     "LocalDirectories",
-    "Problem",
-    "ProblemKind",
     "Snapshotter",
     "Staging",
     "Usage",
@@ -310,35 +309,6 @@ class DeferredRemoval(Protocol):
         """Delete every directory already removed from the metadata, waiting for a
         background reaper; returns how many went. Afterwards the space is free."""
         ...
-
-
-class ProblemKind(enum.Enum):
-    """What a :class:`Problem` is."""
-
-    #: the metadata names a snapshot whose directory is missing
-    MISSING_DIRECTORY = "missing-directory"
-    #: a directory that no snapshot owns (left by a crash); cleanup removes it
-    ORPHAN_DIRECTORY = "orphan-directory"
-    #: a committed layer's files differ from what was recorded when it was made
-    LAYER_CHANGED = "layer-changed"
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One inconsistency between a snapshotter's metadata and its disk."""
-
-    kind: ProblemKind
-    subject: str
-    #: a whole sentence, naming the subject
-    message: str
-
-    @property
-    def repairable(self) -> bool:
-        """Whether ``cleanup`` removes the cause."""
-        return self.kind is ProblemKind.ORPHAN_DIRECTORY
-
-    def __str__(self) -> str:
-        return self.message
 
 
 @runtime_checkable

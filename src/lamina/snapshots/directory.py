@@ -48,7 +48,8 @@ from lamina.fs.files import remove_tree
 from lamina.fs.perms import private_dirs, tighten
 from lamina.mounts.mount import Mount
 from lamina.owners import ScopedViews
-from lamina.snapshots import Capability, Info, Kind, Problem, ProblemKind, Usage
+from lamina.problems import Problem, ProblemType
+from lamina.snapshots import Capability, Info, Kind, Usage
 from lamina.snapshots.storage import MetaStore, Snapshot
 from lamina.snapshots.usage import disk_usage
 from lamina.util import crash
@@ -410,14 +411,14 @@ class DirectorySnapshotter(ScopedViews):
         with self.meta.read(self._scope) as tx:
             known = tx.ids()
         problems = [
-            Problem(ProblemKind.MISSING_DIRECTORY, f"snapshot id {sid}",
+            Problem(ProblemType.SNAPSHOT_MISSING_DIRECTORY, f"snapshot id {sid}",
                     f"snapshot id {sid}: metadata names it but {self.fs_dir(sid)} is missing")
             for sid in sorted(known, key=int)
             if not self.fs_dir(sid).is_dir()
         ]
         with self._new_dirs_settled(scan=True):
             problems += [
-                Problem(ProblemKind.ORPHAN_DIRECTORY, str(self._dirs / entry),
+                Problem(ProblemType.SNAPSHOT_ORPHAN_DIRECTORY, str(self._dirs / entry),
                         f"{self._dirs / entry}: directory unknown to the metadata")
                 for entry in sorted(os.listdir(self._dirs))
                 if entry not in known and not (entry.startswith((_NEW, _RM))

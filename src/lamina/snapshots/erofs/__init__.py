@@ -49,7 +49,8 @@ from lamina.fs.files import atomic_write, fsync_dir, locked, remove_tree
 from lamina.fs.perms import FILE_MODE
 from lamina.mounts.erofs import BACKINGS, is_mounted, mount_image, unmount_image
 from lamina.mounts.mount import Mount, temp_mount
-from lamina.snapshots import Kind, Problem, ProblemKind, Usage
+from lamina.problems import Problem, ProblemType
+from lamina.snapshots import Kind, Usage
 from lamina.snapshots.erofs.convert import image_from_upper, root_meta
 from lamina.snapshots.overlay import OverlaySnapshotter
 from lamina.snapshots.storage import Snapshot
@@ -304,7 +305,7 @@ class ErofsSnapshotter(OverlaySnapshotter):
             infos = [(i.name, tx.snapshot(i.name).id) for i in tx.all_infos()
                      if i.kind is Kind.COMMITTED]
         problems += [
-            Problem(ProblemKind.MISSING_DIRECTORY, f"snapshot id {sid}",
+            Problem(ProblemType.SNAPSHOT_MISSING_DIRECTORY, f"snapshot id {sid}",
                     f"snapshot id {sid} ({name}): its layer image {self._dirs / sid / IMAGE} "
                     "is missing")
             for name, sid in infos if not (self._dirs / sid / IMAGE).is_file()
