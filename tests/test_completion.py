@@ -69,6 +69,10 @@ def test_options_of_the_verb_and_their_values(script: Path, tmp_path: Path) -> N
     assert "--snapshotter" in complete(script, "lamina --sn")
     assert {"overlay", "native"} <= set(complete(script, "lamina --snapshotter "))
     assert complete(script, "lamina config containerd --restrict-oom-score-adj f") == ["false"]
+    # --opt=value: readline's words split at the = (and bash-completion's keep it whole)
+    assert complete(script, "lamina --snapshotter = na") == ["native"]
+    assert complete(script, "lamina --snapshotter=na") == ["native"]
+    assert complete(script, "lamina --snapshotter = native sn") == ["snapshot", "snapshots"]
     (tmp_path / "layout.tar").touch()
     assert complete(script, "lamina image import lay", cwd=tmp_path) == ["layout.tar"]
     assert complete(script, "lamina --root la", cwd=tmp_path) == ["layout.tar"]

@@ -21,7 +21,9 @@ __all__ = ["bash_script", "register"]
 # what a positional argument names, by its metavar: how to complete it
 _FILES = {"FILE": "files", "LAYER": "files", "PATH": "files", "DIR": "dirs", "TARGET": "dirs"}
 _FILE_VALUES = {"FILE", "DIR", "PATH", "SOCKET", "PEM"}
-_LISTED = {"images": ("image",), "snapshots": ("snapshot",), "containers": ("container",)}
+# image ls -q prints IDs, as nerdctl's does; --names makes it print the names
+_LISTED = {"images": ("image", "ls", "-q", "--names"), "snapshots": ("snapshot", "ls", "-q"),
+           "containers": ("container", "ls", "-q")}
 
 
 def _kind(path: tuple[str, ...], metavar: str) -> str:
@@ -111,7 +113,7 @@ def bash_script(parser: argparse.ArgumentParser) -> str:
         lines.append(_assign("_lamina_verbs", key, list(verbs)))
         lines += [_assign("_lamina_go", f"{key}|{name}", [f"{key}/{canonical}"])
                   for name, canonical in verbs.items()]
-    listers = "\n".join(f"    {kind}) names=$(lamina \"${{globals[@]}}\" {' '.join(cmd)} ls -q "
+    listers = "\n".join(f"    {kind}) names=$(lamina \"${{globals[@]}}\" {' '.join(cmd)} "
                         "2>/dev/null) ;;" for kind, cmd in _LISTED.items())
     return _TEMPLATE.replace("@TABLES@", "\n".join(lines)).replace("@LISTERS@", listers)
 
@@ -133,6 +135,7 @@ _lamina() {
     for ((i = 1; i < at; i++)); do
         word=${line[i]}
         if ((skip)); then
+            [[ $word == = ]] && continue  # readline splits --opt=value at the =
             skip=0
             [[ $path == lamina ]] && globals+=("$word")
             continue
@@ -154,8 +157,16 @@ _lamina() {
         fi
     done
     COMPREPLY=()
+    word=${line[at - 1]}
+    [[ $word == = ]] && word=${line[at - 2]}
+    if [[ $cur == --*=* ]]; then  # bash-completion's words keep --opt=value whole
+        word=${cur%%=*}
+        cur=${cur#*=}
+        [[ " ${_lamina_valued[$path]} " == *" $word "* ]] && skip=1
+    elif [[ $cur == = ]]; then
+        cur=""
+    fi
     if ((skip)); then  # the value of the option before it
-        word=${line[at - 1]}
         if [[ -n ${_lamina_choices["$path|$word"]+set} ]]; then
             COMPREPLY=($(compgen -W "${_lamina_choices["$path|$word"]}" -- "$cur"))
         elif [[ " ${_lamina_files[$path]} " == *" $word "* ]]; then
