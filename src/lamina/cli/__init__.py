@@ -40,6 +40,7 @@ from lamina.cli.app import App
 from lamina.cli.common import describe
 from lamina.errors import LaminaError
 from lamina.metadata.root import default_root
+from lamina.snapshots.namespace import DEFAULT_NAMESPACE, check_namespace
 from lamina.util import config as settings
 
 __all__ = ["EXIT_USAGE", "SUMMARY", "build_parser", "main"]
@@ -60,7 +61,8 @@ ALIASES = {
     "c": "container", "tasks": "task", "t": "task", "checkpoints": "checkpoint",
     "leases": "lease", "fsck": "check", "logout": "login",
 }
-_GLOBAL_WITH_VALUE = ("--root", "--snapshotter", "--address", "--config")
+_GLOBAL_WITH_VALUE = ("--root", "--snapshotter", "--address", "--config", "-n",
+                      "--namespace")
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -170,6 +172,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--root", default=None, metavar="DIR",
                         help="lamina root directory (default: $LAMINA_ROOT, else "
                         "/var/lib/lamina for root and ~/.local/share/lamina for others)")
+    parser.add_argument("-n", "--namespace", metavar="NAME",
+                        default=os.environ.get("LAMINA_NAMESPACE")
+                        or os.environ.get("CONTAINERD_NAMESPACE"),
+                        help="namespace (default: $LAMINA_NAMESPACE, $CONTAINERD_NAMESPACE, "
+                        "else default, where lamina keeps its own images, containers and "
+                        "snapshots); another one shows the snapshots containerd keeps in "
+                        "it, read-only, and nothing else")
     parser.add_argument("--snapshotter", default=None,
                         help="snapshotter: overlay, native or erofs (default overlay)")
     parser.add_argument("--address", default=None, metavar="SOCKET",
@@ -294,7 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _with_config(args, config)
         root = args.root or os.environ.get("LAMINA_ROOT") or config.root or default_root()
         app = App(root=root, snapshotter=args.snapshotter or config.snapshotter or "overlay",
-                  address=args.address or config.address, command=_command_name(args))
+                  address=args.address or config.address, command=_command_name(args),
+                  namespace=check_namespace(args.namespace or DEFAULT_NAMESPACE))
         code: int = args.handler(args, app)
         sys.stdout.flush()
         return code

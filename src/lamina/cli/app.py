@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lamina.api.backend import Backend, open_backend
+from lamina.errors import NotImplementedErr
+from lamina.snapshots.namespace import DEFAULT_NAMESPACE, NamespaceView
 
 if TYPE_CHECKING:
     from lamina.content import ContentStore
@@ -22,12 +24,16 @@ __all__ = ["App"]
 class App:
     """One command's view of its backend (:mod:`lamina.api.backend`): the local root,
     or the server at ``address``; resolved once, opened lazily (a command that needs
-    no store opens none). ``command`` names the command in refusals."""
+    no store opens none). ``command`` names the command in refusals. ``namespace``:
+    lamina's own objects are in ``default``; another one shows that containerd
+    namespace's snapshots, read-only (:mod:`lamina.snapshots.namespace`), and
+    every command on lamina's own records or content refuses it."""
 
     root: str
     snapshotter: str = "overlay"
     address: str | None = None
     command: str = ""
+    namespace: str = DEFAULT_NAMESPACE
     _backend: Backend | None = field(default=None, repr=False)
 
     @property
@@ -45,17 +51,29 @@ class App:
                   f"{len(report.remaining)} problem(s) remain (see lamina check)",
                   file=sys.stderr)
 
+    def _own_namespace(self) -> None:
+        if self.namespace != DEFAULT_NAMESPACE:
+            raise NotImplementedErr(
+                f"{self.command or 'this command'}: lamina keeps its images, containers, "
+                f"leases and content in namespace {DEFAULT_NAMESPACE!r} only; in "
+                f"namespace {self.namespace!r} the snapshot commands show containerd's "
+                "snapshots, read-only")
+
     @property
     def store_root(self) -> RecoveredRoot:
         """The local root; a command that needs it refuses to run through --address."""
+        self._own_namespace()
         return self.backend.root(self.command)
 
     def snapshots(self) -> Snapshotter:
-        """The snapshotter this invocation works on, local or (with --address) remote."""
-        return self.backend.snapshotter(self.snapshotter)
+        """The snapshotter this invocation works on, local or (with --address) remote;
+        in a namespace other than lamina's, that namespace's snapshots, read-only."""
+        sn = self.backend.snapshotter(self.snapshotter)
+        return sn if self.namespace == DEFAULT_NAMESPACE else NamespaceView(sn, self.namespace)
 
     def content(self) -> ContentStore:
         """The content store: the local root's, or (with --address) a server's."""
+        self._own_namespace()
         return self.backend.content()
 
     @property
