@@ -41,19 +41,20 @@ Inside, lamina works as it does as root, with these differences:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import functools
 import os
 import pwd
-import shutil
-import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lamina.errors import FailedPrecondition, InvalidArgument, NotImplementedErr
+
+if TYPE_CHECKING:
+    import ctypes
 
 __all__ = [
     "ACTIVE_ENV",
@@ -90,9 +91,24 @@ _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNS = 0x00020000
 _INITIAL_MAP = ((0, 4294967295),)  # the initial namespace maps every id to itself
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.unshare.argtypes = [ctypes.c_int]
-_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """libc's unshare and setns (Python 3.11 has neither), loaded by the unprivileged
+    user's commands only: every command imports this module (start-up time)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.unshare.argtypes = [ctypes.c_int]
+    libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+    return libc
+
+
+def _errno() -> int:
+    import ctypes
+
+    return ctypes.get_errno()
 
 
 def _namespace_id() -> str:
@@ -339,6 +355,9 @@ def holder_pid() -> int | None:
 
 
 def _newidmap(tool: str, pid: int, own: int, ranges: tuple[tuple[int, int], ...]) -> None:
+    import shutil
+    import subprocess
+
     binary = shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/bin:/bin")
     if binary is None:
         raise FailedPrecondition(f"rootless lamina needs {tool} (apt-get install uidmap)")
@@ -355,6 +374,9 @@ def _newidmap(tool: str, pid: int, own: int, ranges: tuple[tuple[int, int], ...]
 def _spawn_holder(ranges: Ranges) -> int:
     """Fork the holder: it unshares a user and a mount namespace, waits for its maps,
     then becomes ``sleep infinity`` in a session of its own."""
+    import shutil
+
+    libc = _libc()  # loaded before the fork: the child only calls it
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
     sleep = shutil.which("sleep") or "/bin/sleep"
@@ -364,7 +386,7 @@ def _spawn_holder(ranges: Ranges) -> int:
             os.close(ready_r)
             os.close(go_w)
             os.setsid()
-            ok = _libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS) == 0
+            ok = libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS) == 0
             os.write(ready_w, b"x" if ok else b"!")
             os.close(ready_w)
             if not ok or os.read(go_r, 1) != b"g":
@@ -412,8 +434,8 @@ def _join(pid: int) -> None:
     fds = [os.open(f"/proc/{pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC) for ns in ("user", "mnt")]
     try:
         for fd, kind in zip(fds, (_CLONE_NEWUSER, _CLONE_NEWNS), strict=True):
-            if _libc.setns(fd, kind) != 0:
-                err = ctypes.get_errno()
+            if _libc().setns(fd, kind) != 0:
+                err = _errno()
                 raise FailedPrecondition(
                     f"cannot join lamina's namespaces (holder pid {pid}): {os.strerror(err)}")
     finally:
