@@ -20,22 +20,18 @@ from typing import IO, TYPE_CHECKING
 from lamina.archive.limits import DEFAULT_MAX_LAYER_SIZE
 from lamina.errors import NotFound
 from lamina.images import names
-from lamina.images.exporter import export_images
-from lamina.images.graph import manifest_for
-from lamina.images.importer import import_images
-from lamina.images.unpack import UnpackResult, unpacker_for
 from lamina.labels import GC_REF_SNAPSHOT
 from lamina.metadata.images import Image
 from lamina.metadata.leases import LeasedContent
 from lamina.metadata.root import Root
-from lamina.mounts.mount import mount_all, unmount_all
-from lamina.oci.types import ImageConfig, Manifest
 from lamina.snapshots import Snapshotter
 from lamina.util.progress import Progress
 
 if TYPE_CHECKING:
     from lamina.images.pull import PullResult
     from lamina.images.push import PushResult
+    from lamina.images.unpack import UnpackResult
+    from lamina.oci.types import ImageConfig, Manifest
     from lamina.remotes.registry import Registry
 
 __all__ = ["ImageService"]
@@ -92,6 +88,10 @@ class ImageService:
 
     def resolve(self, name: str) -> tuple[Manifest, ImageConfig]:
         """The host platform's manifest and config of image ``name``."""
+        # each operation imports its own stack: listing and removing images
+        # import none of them (start-up time of every image command)
+        from lamina.images.graph import manifest_for
+
         _, manifest, config = manifest_for(self.content, self.images.get(name).target)
         return manifest, config
 
@@ -102,6 +102,8 @@ class ImageService:
         unpack: bool = True,
         index_name: str | None = None,
     ) -> list[Image]:
+        from lamina.images.importer import import_images
+
         with self._leased("import") as content:
             imported = import_images(source, content=content, images=self.images,
                                      index_name=index_name, progress=self.progress)
@@ -112,6 +114,8 @@ class ImageService:
         return imported
 
     def unpack(self, name: str) -> UnpackResult:
+        from lamina.images.unpack import unpacker_for
+
         manifest, config = self.resolve(name)
         leases = self.root.leases()
         with leases.held(purpose="unpack") as lease:
@@ -134,6 +138,8 @@ class ImageService:
               allow_suid: bool = False, allow_dev: bool = False) -> None:
         """Mount image ``name`` on ``target``: read-only unless ``rw``, ``nosuid``
         unless ``allow_suid``, ``nodev`` unless ``allow_dev``."""
+        from lamina.mounts.mount import mount_all
+
         top = self.chain_id(name)
         os.makedirs(target, exist_ok=True)
         key = self._mount_key(target)
@@ -153,6 +159,8 @@ class ImageService:
             raise
 
     def unmount(self, target: str | os.PathLike[str], *, keep_snapshot: bool = False) -> None:
+        from lamina.mounts.mount import unmount_all
+
         unmount_all(target)
         key = self._mount_key(target)
         if not keep_snapshot:
@@ -162,6 +170,8 @@ class ImageService:
                 self.root.leases().delete(key.split()[0])
 
     def export(self, names: Sequence[str], out: str | os.PathLike[str] | IO[bytes]) -> None:
+        from lamina.images.exporter import export_images
+
         export_images([self.images.get(n) for n in names], out, content=self.content,
                       progress=self.progress)
 
