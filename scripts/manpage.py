@@ -18,7 +18,6 @@ import difflib
 import os
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -130,22 +129,6 @@ def _examples(epilog: str | None) -> list[str]:
     return [*lines, ".fi", ".RE"]
 
 
-def commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = (),
-             ) -> Iterator[tuple[tuple[str, ...], list[str], argparse.ArgumentParser]]:
-    """Every command below ``parser`` once: its path, its aliases and its parser."""
-    for action in parser._actions:
-        if not isinstance(action, argparse._SubParsersAction):
-            continue
-        names: dict[int, list[str]] = {}
-        for name, child in action.choices.items():
-            names.setdefault(id(child), []).append(name)
-        for name, child in action.choices.items():
-            if names[id(child)][0] != name:
-                continue
-            yield (*path, name), names[id(child)][1:], child
-            yield from commands(child, (*path, name))
-
-
 def _command(path: tuple[str, ...], aliases: list[str], parser: argparse.ArgumentParser,
              ) -> list[str]:
     has_verbs = any(isinstance(a, argparse._SubParsersAction) for a in parser._actions)
@@ -186,6 +169,7 @@ def page() -> str:
         del os.environ[name]
     from lamina import __version__
     from lamina.cli import SUMMARY, build_parser
+    from lamina.cli.common import subcommands
 
     parser = build_parser()
     lines = [
@@ -200,7 +184,7 @@ def page() -> str:
         *_described([a for a in _arguments(parser) if a.option_strings]),
         ".SH COMMANDS",
     ]
-    for path, aliases, child in commands(parser):
+    for path, aliases, child, _ in subcommands(parser):
         lines += _command(path, aliases, child)
     lines.append(".SH EXIT STATUS")
     for code, meaning in exit_codes():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import textwrap
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from lamina.errors import InvalidArgument
 
@@ -19,6 +19,7 @@ __all__ = [
     "max_layer_size",
     "parse_labels",
     "print_table",
+    "subcommands",
     "sync_layers",
 ]
 
@@ -141,19 +142,27 @@ def _sentence(summary: str) -> str:
     return text if text.endswith((".", "?", "!")) else text + "."
 
 
-def describe(parser: argparse.ArgumentParser) -> None:
-    """Give every sub-command below ``parser`` without a description its one-line summary as
-    one, so ``lamina VERB --help`` says what VERB does under its usage, as ctr and git do."""
+def subcommands(parser: argparse.ArgumentParser, path: tuple[str, ...] = (),
+                ) -> Iterator[tuple[tuple[str, ...], list[str], argparse.ArgumentParser,
+                                    str | None]]:
+    """Every command and verb below ``parser`` once, depth first: its path of names, its
+    aliases, its parser and the summary its parent lists it with."""
     for action in parser._actions:
         if not isinstance(action, argparse._SubParsersAction):
             continue
         summaries = {a.dest: a.help for a in action._choices_actions}
-        done: set[int] = set()
+        names: dict[int, list[str]] = {}
         for name, child in action.choices.items():
-            if id(child) in done:
-                continue
-            done.add(id(child))
-            summary = summaries.get(name)
-            if not child.description and summary and summary != argparse.SUPPRESS:
-                child.description = _sentence(summary)
-            describe(child)
+            names.setdefault(id(child), []).append(name)
+        for name, child in action.choices.items():
+            if names[id(child)][0] == name:
+                yield (*path, name), names[id(child)][1:], child, summaries.get(name)
+                yield from subcommands(child, (*path, name))
+
+
+def describe(parser: argparse.ArgumentParser) -> None:
+    """Give every sub-command below ``parser`` without a description its one-line summary as
+    one, so ``lamina VERB --help`` says what VERB does under its usage, as ctr and git do."""
+    for _, _, child, summary in subcommands(parser):
+        if not child.description and summary and summary != argparse.SUPPRESS:
+            child.description = _sentence(summary)

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from collections.abc import Iterator
 
 from lamina.cli.app import App
-from lamina.cli.common import add_examples
+from lamina.cli.common import add_examples, subcommands
 
 __all__ = ["bash_script", "register"]
 
@@ -41,24 +40,15 @@ def _kind(path: tuple[str, ...], metavar: str) -> str:
     return ""
 
 
-def _nodes(parser: argparse.ArgumentParser, path: tuple[str, ...] = (),
-           ) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser, dict[str, str]]]:
-    """Every parser once: its path of canonical names, itself and its verbs (name or
-    alias -> canonical name)."""
-    verbs: dict[str, str] = {}
-    children: list[tuple[str, argparse.ArgumentParser]] = []
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            canonical = {id(p): name for name, p in reversed(action.choices.items())}
-            for a in action._choices_actions:  # the canonical names, in their order
-                canonical[id(action.choices[a.dest])] = a.dest
-            for name, child in action.choices.items():
-                verbs[name] = canonical[id(child)]
-                if canonical[id(child)] == name:
-                    children.append((name, child))
-    yield path, parser, verbs
-    for name, child in children:
-        yield from _nodes(child, (*path, name))
+def _nodes(parser: argparse.ArgumentParser,
+           ) -> list[tuple[tuple[str, ...], argparse.ArgumentParser, dict[str, str]]]:
+    """Every parser once: its path of names, itself and its verbs (name or alias -> name)."""
+    below = list(subcommands(parser))
+    verbs: dict[tuple[str, ...], dict[str, str]] = {}
+    for path, aliases, _, _ in below:
+        verbs.setdefault(path[:-1], {}).update(dict.fromkeys((path[-1], *aliases), path[-1]))
+    return [(path, p, verbs.get(path, {}))
+            for path, p in [((), parser), *((path, p) for path, _, p, _ in below)]]
 
 
 def _choices(action: argparse.Action) -> list[str]:
