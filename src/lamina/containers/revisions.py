@@ -32,7 +32,7 @@ from typing import Any
 
 from lamina.containers.options import options_spec, with_spec
 from lamina.differ import apply_diff, create_diff
-from lamina.errors import FailedPrecondition, NotFound
+from lamina.errors import AlreadyExists, FailedPrecondition, NotFound
 from lamina.fs.files import sync_filesystem
 from lamina.images.service import ImageService
 from lamina.labels import (
@@ -112,7 +112,7 @@ class Revisions:
         """
         with contextlib.suppress(NotFound):
             self.store.get(cid)
-            raise FailedPrecondition(f"container {cid!r} already exists")
+            raise AlreadyExists(f"container {cid!r} already exists")
         self.images.get(image)
         key = self._prepare_revision(cid, image)
         try:
