@@ -1,4 +1,5 @@
-"""A container's options: what its task runs, the bind mounts, its user namespace.
+"""A container's options: what its task runs, as whom and where, the bind mounts, its
+user namespace.
 
 Options are chosen when a container is created and kept on its record, in
 ``spec.annotations["lamina.io/options"]``, so that every runtime spec
@@ -8,7 +9,12 @@ sees the same ones::
     {"args": ["sh", "-c", "..."] | null,   # replaces the image's Cmd
      "env": ["K=V", ...],
      "mounts": [{"source": "/abs", "destination": "/abs", "readonly": false}, ...],
-     "userns": {"uids": ["0:HOST:SIZE"], "gids": ["0:HOST:SIZE"]}}   # optional
+     "userns": {"uids": ["0:HOST:SIZE"], "gids": ["0:HOST:SIZE"]},  # optional
+     "cwd": "/abs",                 # optional, replaces the image's WorkingDir
+     "user": "UID[:GID]" | "NAME[:GROUP]"}   # optional, replaces the image's User
+
+A user name is looked up in the image's own ``/etc/passwd`` (and ``/etc/group``)
+each time a runtime spec is generated, as the image's User is.
 
 A container with ``userns`` runs in a user namespace of its own with those
 mappings, and its root filesystem is mounted ID-mapped (:mod:`lamina.mounts.idmap`):
@@ -41,12 +47,24 @@ def make_options(
     env: Sequence[str] = (),
     mounts: Sequence[BindMount] = (),
     userns: UserNamespace | None = None,
+    cwd: str | None = None,
+    user: str | None = None,
 ) -> dict[str, Any]:
     """The options record a container keeps (see the module docs)."""
     for item in env:
         if not item.partition("=")[0]:
             raise InvalidArgument(f"invalid environment entry {item!r} (want KEY=VALUE)")
+    if cwd is not None and not cwd.startswith("/"):
+        raise InvalidArgument(f"working directory must be an absolute path: {cwd!r}")
+    if user is not None:
+        name, colon, group = user.partition(":")
+        if not name or (colon and not group) or ":" in group:
+            raise InvalidArgument(f"invalid user {user!r} (want UID[:GID] or NAME[:GROUP])")
     extra: dict[str, Any] = {} if userns is None else {"userns": userns.to_json()}
+    if cwd is not None:
+        extra["cwd"] = cwd
+    if user is not None:
+        extra["user"] = user
     return {
         **extra,
         "args": list(args) if args else None,

@@ -139,6 +139,7 @@ class ContainerService:
         cid: str,
         *,
         detach: bool,
+        terminal: bool = False,
         stdin: int | None = None,
         stdout: int | None = None,
         stderr: int | None = None,
@@ -147,12 +148,15 @@ class ContainerService:
 
         The runtime spec is generated on the current revision and recorded on
         the container before the task runs. Foreground: returns when the
-        process exits, with its exit code. Detached: returns once it runs
+        process exits, with its exit code; with ``terminal`` it gets a
+        pseudo-terminal that runc joins to the caller's (set raw while the task
+        runs, window size changes passed on, restored). Detached: returns once it runs
         (its output appended to the container's log: :meth:`logs`).
         """
         container = self._revisions.get(cid)
         self._tasks.clear_stopped(cid)
-        spec = self._tasks.generate(container, self._revisions.mounts(container))
+        spec = self._tasks.generate(container, self._revisions.mounts(container),
+                                    terminal=terminal)
         container = self._revisions.set_spec(container, spec)
         mounts = self._tasks.run_mounts(container, self._revisions.mounts(container))
         output = self._logs.prepare(cid) if detach else None

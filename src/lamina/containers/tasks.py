@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from lamina.containers.options import bind_mounts, options_of, userns_of
-from lamina.containers.runtime import TaskInfo, TaskManager, TaskStatus, generate_spec
+from lamina.containers.runtime import (
+    TaskInfo,
+    TaskManager,
+    TaskStatus,
+    check_command,
+    generate_spec,
+)
 from lamina.containers.taskstate import is_live, task_of
 from lamina.errors import FailedPrecondition, LaminaError, NotFound
 from lamina.images.service import ImageService
@@ -60,9 +66,13 @@ class ContainerTasks:
         self.images = images
         self.tasks = tasks
 
-    def generate(self, container: Container, mounts: Sequence[Mount]) -> dict[str, Any]:
+    def generate(self, container: Container, mounts: Sequence[Mount], *,
+                 terminal: bool = False) -> dict[str, Any]:
         """The runtime spec for ``container`` (image config + its options) on ``mounts``,
-        its current revision's."""
+        its current revision's; ``terminal``: the process gets a pseudo-terminal.
+
+        A command the rootfs does not have is refused here (see
+        :mod:`lamina.containers.runtime.command`)."""
         options = options_of(container)
         _, config = self.images.resolve(container.image)
         with temp_mount(_readonly_mounts(mounts), base=self.root.tmpmounts) as rootfs:
@@ -71,9 +81,13 @@ class ContainerTasks:
                 args=options.get("args") or None,
                 env_extra=[str(e) for e in options.get("env") or []],
                 mounts=bind_mounts(options),
+                terminal=terminal,
                 hostname=container.id[:63],
+                cwd=options.get("cwd") or None,
+                user=options.get("user") or None,
                 rootfs=rootfs,
             )
+            check_command(spec, rootfs)
         userns = userns_of(options)
         if userns is not None:
             linux = spec.setdefault("linux", {})

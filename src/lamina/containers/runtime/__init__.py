@@ -2,6 +2,7 @@
 
 * :mod:`.spec` — OCI runtime specs from an image config (:func:`generate_spec`).
 * :mod:`.tasks` — :class:`TaskManager`: start/exec/kill/pause/delete/checkpoint.
+* :mod:`.command` — is the task's command in the rootfs (before runc is asked).
 * :mod:`.criu` — checkpoint/restore through ``runc checkpoint``/``restore``.
 * :mod:`.launch` — runc in a bundle, in the foreground or under the shim
   (:mod:`.shim`), and a task's state read back.
@@ -13,21 +14,26 @@ From :mod:`.tasks` down, each module uses only public names of those below it.
 
 from __future__ import annotations
 
+from .command import CommandNotExecutable, CommandNotFound, check_command
 from .criu import CheckpointInfo, criu_available
 from .runc import find_runc
-from .spec import BindMount, generate_spec, parse_mount_flag, resolve_user
+from .spec import BindMount, generate_spec, parse_mount_flag, parse_volume_flag, resolve_user
 from .tasks import Task, TaskInfo, TaskManager, TaskStatus
 
 __all__ = [
     "BindMount",
     "CheckpointInfo",
+    "CommandNotExecutable",
+    "CommandNotFound",
     "Task",
     "TaskInfo",
     "TaskManager",
     "TaskStatus",
+    "check_command",
     "criu_available",
     "find_runc",
     "generate_spec",
     "parse_mount_flag",
+    "parse_volume_flag",
     "resolve_user",
 ]

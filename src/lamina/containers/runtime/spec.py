@@ -31,6 +31,7 @@ __all__ = [
     "generate_spec",
     "image_process_config",
     "parse_mount_flag",
+    "parse_volume_flag",
     "resolve_in_root",
     "resolve_user",
 ]
@@ -164,6 +165,29 @@ def parse_mount_flag(value: str) -> BindMount:
         destination=fields["destination"],
         readonly=readonly,
     )
+
+
+def parse_volume_flag(value: str) -> BindMount:
+    """Parse docker's ``/host:/ctr[:ro|rw]`` (``-v``/``--volume``) as a bind mount.
+
+    Only host paths are supported: a named or anonymous volume is refused.
+    """
+    parts = value.split(":")
+    if len(parts) == 1:
+        raise InvalidArgument(f"-v {value!r}: anonymous volumes are not supported "
+                              "(want /host/path:/container/path[:ro])")
+    if len(parts) > 3:
+        raise InvalidArgument(f"-v {value!r}: want /host/path:/container/path[:ro]")
+    source, destination = parts[0], parts[1]
+    if not source.startswith("/"):
+        raise InvalidArgument(f"-v {value!r}: named volumes are not supported "
+                              "(the host path must be absolute)")
+    mode = parts[2] if len(parts) == 3 else "rw"
+    flags = {f.strip() for f in mode.split(",") if f.strip()} or {"rw"}
+    if not flags <= {"ro", "rw"} or flags == {"ro", "rw"}:
+        raise InvalidArgument(f"-v {value!r}: unsupported mode {mode!r} (want ro or rw)")
+    return BindMount(source=os.path.normpath(source), destination=destination,
+                     readonly="ro" in flags)
 
 
 # --------------------------------------------------------------------------
