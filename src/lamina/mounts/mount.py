@@ -28,7 +28,6 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 
-from lamina.mounts.idmap import mount_idmapped
 from lamina.mounts.mountinfo import read_mountinfo
 from lamina.mounts.plain import Mount, mount_each, mount_one, move_mount, syscall, unmount_all
 
@@ -54,6 +53,10 @@ def mount_all(
 
     def one(m: Mount, dest: str) -> None:
         if any(o.startswith(("uidmap=", "gidmap=")) for o in m.options):
+            # imported here: the snapshots protocol imports this module, so every
+            # command would pay for the ID-mapping machinery at start-up
+            from lamina.mounts.idmap import mount_idmapped
+
             mount_idmapped(m, dest, allow_suid=allow_suid, allow_dev=allow_dev)
         else:
             mount_one(m, dest, allow_suid=allow_suid, allow_dev=allow_dev)
