@@ -44,10 +44,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-
-import re2
+from functools import cache
+from typing import TYPE_CHECKING
 
 from lamina.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    import re2
 
 __all__ = ["Lookup", "Matcher", "Selector", "make_lookup", "parse"]
 
@@ -267,14 +270,23 @@ class _Parser:
         raise self.error(f"invalid escape sequence \\{ch}")
 
 
-_RE2_OPTIONS = re2.Options()
-_RE2_OPTIONS.log_errors = False  # a bad pattern is the caller's InvalidArgument, not a log line
+@cache
+def _re2_options() -> re2.Options:
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False  # a bad pattern is the caller's InvalidArgument, not a log line
+    return options
 
 
 def _regexp(text: str, pattern: str) -> Callable[[str], bool]:
     """A linear-time search for ``pattern``; InvalidArgument when RE2 rejects it."""
+    # RE2 is loaded by a filter that has a regular expression: the content store
+    # imports this module, so every command would pay for it at start-up
+    import re2
+
     try:
-        compiled = re2.compile(pattern, _RE2_OPTIONS)
+        compiled = re2.compile(pattern, _re2_options())
     except re2.error as exc:
         reason = exc.args[0] if exc.args else exc
         if isinstance(reason, bytes):
