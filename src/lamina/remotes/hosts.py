@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import tomllib
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -227,6 +226,8 @@ def endpoints_for(namespace: str, *, hosts_dirs: Sequence[str | os.PathLike[str]
 
 
 def _from_file(config: Path, namespace: str, plain_http: bool) -> list[Endpoint]:
+    import tomllib  # when there is a file: the image commands import this module
+
     try:
         doc = tomllib.loads(config.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
