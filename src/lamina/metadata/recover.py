@@ -27,13 +27,16 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lamina.fs.files import atomic_write, fsync_dir, locked, remove_tree
 from lamina.fs.perms import FILE_MODE
-from lamina.metadata.check import CheckReport, check
 from lamina.metadata.formats import open_format
 from lamina.metadata.root import Root, make_root_dir
 from lamina.metadata.workdirs import interrupted, root_work_dirs
+
+if TYPE_CHECKING:
+    from lamina.metadata.check import CheckReport
 
 __all__ = ["BOOT_ID_FILE", "RecoveredRoot", "recover_after_restart"]
 
@@ -93,6 +96,8 @@ def recover_after_restart(root: Root) -> CheckReport | None:
             recorded = ""
         report = None
         if recorded and recorded != current:
+            from lamina.metadata.check import check  # after a restart only (start-up time)
+
             report = check(root, repair=True, rehash=False)
             report.repaired += _drop_work_dirs(root)
         if recorded != current:
