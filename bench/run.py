@@ -59,6 +59,7 @@ BENCHMARKS: dict[str, str] = {
     "registry": "bench.registry",
     "erofs": "bench.erofs",
     "erofs-import": "bench.erofs_import",
+    "startup": "bench.startup",
 }
 
 RESULTS = _HERE / "results" / "latest.json"
