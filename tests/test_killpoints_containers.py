@@ -260,7 +260,7 @@ def _checkpoint_at(layout: Path, work: Path, tag: str, crash: dict[str, str]) ->
         assert task is not None and task["status"] == "running", (tag, point, task)
         mine = lamina(root, "task", "exec", "app", "cat", "/root/mine").stdout
         assert mine == "kept\n", (tag, point)
-        if CKPT not in lamina(root, "image", "ls").stdout:  # not done: the user runs it again
+        if CKPT not in lamina(root, "images", "--names").stdout:  # not done: the user runs it again
             lamina(root, "container", "checkpoint", "app", CKPT)
         assert json.loads(lamina(root, "checkpoint", "inspect", CKPT).stdout), (tag, point)
         out = lamina(root, "check", "--deep", check=False)

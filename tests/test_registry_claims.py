@@ -106,7 +106,7 @@ def test_hosts_toml_header_and_override_path(require_root: None, tmp_root: Path)
         assert r.headers.get("x-trace") in ("a, b", "a,b"), r.headers
     assert not [r for r in upstream.requests() if r.path != "/v2/"], upstream.log
     assert not any("x-tenant" in r.headers for r in upstream.requests())
-    listed = lamina(tmp_root / "root", "image", "ls")
+    listed = lamina(tmp_root / "root", "image", "ls", "--names")
     assert ref in listed.stdout
 
 
@@ -162,7 +162,7 @@ def test_hosts_toml_client_certificate(require_root: None, mtls: Path, tmp_root:
             f'client = [["{mtls / "client.pem"}", "{mtls / "client.key"}"]]\n'))
         ok = lamina(tmp_root / "r2", "image", "pull", "--hosts-dir", str(known), ref)
         assert ok.returncode == 0, ok.stderr
-        shown = lamina(tmp_root / "r2", "image", "ls")
+        shown = lamina(tmp_root / "r2", "image", "ls", "--names")
         assert ref in shown.stdout
 
 

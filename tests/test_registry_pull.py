@@ -103,7 +103,7 @@ def test_pull_cli(require_root: None, peer: Peer, image: imagefactory.ImageRef,
     fetched = {e["item"] for e in events if e["phase"] == "fetch" and e.get("status") == "done"}
     assert {lyr.digest for lyr in image.layers} <= fetched
     assert any(e["phase"] == "unpack" for e in events)
-    listed = lamina(tmp_root, "image", "ls")
+    listed = lamina(tmp_root, "image", "ls", "--names")
     assert name in listed.stdout
     missing = lamina(tmp_root, "image", "pull", f"{peer.host}/test/nothing:1")
     assert missing.returncode == NotFound.exit_code

@@ -76,7 +76,7 @@ def test_a_format_1_root_made_by_lamina_0_1_is_migrated(tmp_path: Path) -> None:
     assert not (r / FORMAT_FILE).exists()
     assert _mode(r) == 0o711 and _mode(r / "metadata.db") == 0o644
 
-    done = _lamina(r, "image", "ls")
+    done = _lamina(r, "image", "ls", "--names")
     assert done.returncode == 0, done.stderr
     assert "fixture:1" in done.stdout
     assert json.loads((r / FORMAT_FILE).read_text()) == {"format": FORMAT}

@@ -6,6 +6,7 @@ import argparse
 import itertools
 import textwrap
 from collections.abc import Iterable, Iterator, Sequence
+from datetime import UTC, datetime
 
 from lamina.errors import InvalidArgument
 
@@ -14,13 +15,16 @@ __all__ = [
     "add_max_layer_size",
     "add_mount_flags",
     "add_sync",
+    "count",
     "describe",
+    "human_age",
     "human_size",
     "max_layer_size",
     "parse_labels",
     "print_table",
     "subcommands",
     "sync_layers",
+    "terminal_columns",
 ]
 
 
@@ -36,11 +40,16 @@ def parse_labels(pairs: Iterable[str] | None, *, allow_bare: bool = False) -> di
 
 
 def print_table(
-    header: Sequence[str], rows: Iterable[Sequence[str]], *, widths: Sequence[int] | None = None
+    header: Sequence[str], rows: Iterable[Sequence[str]], *, widths: Sequence[int] | None = None,
+    fit: int | None = None, shrink: Sequence[int] = (),
 ) -> None:
     """Left-aligned columns, like ctr's listings: each as wide as its longest cell and two
     spaces apart; or, given ``widths`` (one for every column but the last), that wide at
-    least and one space apart, so the rows print as they come."""
+    least and one space apart, so the rows print as they come.
+
+    ``fit`` (a terminal's columns): when the lines would be wider, the columns numbered in
+    ``shrink`` give way, the widest first, down to their header's width, and their longer
+    cells lose their middle to an ellipsis; the other columns keep their width."""
     if widths is not None:
         for r in itertools.chain([header], rows):
             cells = [c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)]
@@ -48,9 +57,74 @@ def print_table(
         return
     lines = [list(header), *(list(r) for r in rows)]
     widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
+    if fit is not None:
+        _shrink(widths, header, shrink, room=fit - 1)  # a full line wraps on some terminals
+        mark = _ellipsis()
+        lines = [[_cut(c, w, mark) for c, w in zip(r, widths, strict=True)] for r in lines]
     for r in lines:
         cells = [c.ljust(w) for c, w in zip(r[:-1], widths[:-1], strict=True)] + [r[-1]]
         print("  ".join(cells).rstrip())
+
+
+def _shrink(widths: list[int], header: Sequence[str], shrink: Sequence[int], *,
+            room: int) -> None:
+    over = sum(widths) + 2 * (len(widths) - 1) - room
+    while over > 0:
+        able = [i for i in shrink if widths[i] > len(header[i])]
+        if not able:
+            return
+        widest = max(able, key=lambda i: widths[i])
+        widths[widest] -= 1
+        over -= 1
+
+
+def _ellipsis() -> str:
+    """What stands for the cut part: an ellipsis, or ``~`` where the output's encoding
+    has none."""
+    import sys
+
+    encoding = (sys.stdout.encoding or "").lower().replace("-", "").replace("_", "")
+    return "\u2026" if encoding.startswith("utf") else "~"
+
+
+def _cut(text: str, width: int, mark: str) -> str:
+    """``text`` in ``width`` characters: its middle ``mark`` when it is longer."""
+    if len(text) <= width:
+        return text
+    tail = (width - 1) // 2
+    return text[:width - 1 - tail] + mark + text[len(text) - tail:]
+
+
+def terminal_columns() -> int | None:
+    """The width of the terminal standard output is, or None when it is not one
+    (``$COLUMNS`` first, as shutil reads it)."""
+    import shutil
+    import sys
+
+    if not sys.stdout.isatty():
+        return None
+    return shutil.get_terminal_size().columns
+
+
+def human_age(t: datetime | None, *, now: datetime | None = None) -> str:
+    """``3 days ago``, as docker and nerdctl say when something was made."""
+    if t is None:
+        return ""
+    now = now or datetime.now(UTC)
+    seconds = max(0, int((now - t).total_seconds()))
+    for unit, span, below in (("second", 1, 60), ("minute", 60, 3600), ("hour", 3600, 172800),
+                              ("day", 86400, 14 * 86400), ("week", 7 * 86400, 60 * 86400),
+                              ("month", 30 * 86400, 730 * 86400)):
+        if seconds < below:
+            n = seconds // span
+            return f"{n} {unit}{'' if n == 1 else 's'} ago"
+    n = seconds // (365 * 86400)
+    return f"{n} years ago"
+
+
+def count(n: int, noun: str) -> str:
+    """``1 layer``, ``2 layers``: ``n`` and the noun in the number it takes."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def human_size(n: int) -> str:

@@ -9,16 +9,22 @@ from collections.abc import Iterator
 
 from lamina.cli.app import App
 from lamina.cli.common import (
+    add_examples,
     add_max_layer_size,
     add_mount_flags,
     add_progress,
     add_sync,
+    count,
+    human_age,
+    human_size,
     max_layer_size,
     print_table,
     sync_layers,
+    terminal_columns,
 )
 from lamina.errors import InvalidArgument
 from lamina.images.service import ImageService
+from lamina.images.summary import docker_view
 from lamina.util.progress import for_cli
 
 __all__ = ["register"]
@@ -51,15 +57,43 @@ def _import(args: argparse.Namespace, app: App) -> int:
 
 def _ls(args: argparse.Namespace, app: App) -> int:
     with _service(args, app) as svc:
-        images = svc.images_list()
-    if args.json:
-        app.print_json([{"name": i.name, "target": i.target.to_json(), "labels": i.labels,
-                         "created": i.created, "updated": i.updated} for i in images])
-        return 0
-    print_table(("REF", "TYPE", "DIGEST", "SIZE"),
-                ([i.name, i.target.media_type, i.target.digest, str(i.target.size)]
-                 for i in images),
-                widths=(50, 56, 71))
+        if args.json:
+            app.print_json([{"name": i.name, "target": i.target.to_json(), "labels": i.labels,
+                             "created": i.created, "updated": i.updated}
+                            for i in svc.images_list(args.filter or ())])
+            return 0
+        if args.quiet:
+            for i in svc.images_list(args.filter or ()):
+                print(i.name if args.names else _short_id(i.target.digest, args.no_trunc))
+            return 0
+        summaries = svc.summaries(args.filter or ())
+    names = ["NAME"] if args.names else ["REPOSITORY", "TAG"]
+    header = [*names, "IMAGE ID", "CREATED", "PLATFORM", "SIZE"]
+    if args.digests:
+        header.insert(len(names), "DIGEST")
+    rows = []
+    for s in summaries:
+        row = [s.image.name] if args.names else [s.repository, s.tag or "<none>"]
+        if args.digests:
+            row.append(s.image.target.digest)
+        row += [_short_id(s.id, args.no_trunc), human_age(s.image.created),
+                s.platform or "-", "-" if s.size is None else human_size(s.size)]
+        rows.append(row)
+    print_table(header, rows, fit=None if args.no_trunc else terminal_columns(),
+                shrink=range(len(names)))
+    return 0
+
+
+def _short_id(digest: str, no_trunc: bool) -> str:
+    return digest if no_trunc else digest.partition(":")[2][:12]
+
+
+def _inspect(args: argparse.Namespace, app: App) -> int:
+    with _service(args, app) as svc:
+        if args.mode == "native":
+            app.print_json([svc.native(ref) for ref in args.refs])
+        else:
+            app.print_json([docker_view(svc.summary(ref)) for ref in args.refs])
     return 0
 
 
@@ -76,7 +110,7 @@ def _rm(args: argparse.Namespace, app: App) -> int:
 def _unpack(args: argparse.Namespace, app: App) -> int:
     with _service(args, app) as svc:
         result = svc.unpack(args.ref)
-    print(f"{args.ref}: {result.chain_id} ({result.extracted} layers extracted, "
+    print(f"{args.ref}: {result.chain_id} ({count(result.extracted, 'layer')} extracted, "
           f"{result.reused} reused)")
     return 0
 
@@ -125,9 +159,54 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_sync(v)
     v.set_defaults(handler=_import)
 
-    v = verbs.add_parser("ls", aliases=["list"], help="list images")
-    v.add_argument("--json", action="store_true")
+    v = verbs.add_parser(
+        "ls", aliases=["list"], help="list images",
+        description="List images as nerdctl images does. IMAGE ID is the first 12 hex "
+        "digits of the digest the name points to (an index or a manifest); CREATED is when "
+        "the image was recorded here; PLATFORM and SIZE are those of the host's manifest "
+        "(else the first stored one). SIZE is the disk use of the unpacked layers when every "
+        "layer is unpacked in the chosen snapshotter, else the sum of the layer blobs' "
+        "(compressed) sizes. On a terminal, long names are shortened with an ellipsis to "
+        "fit its width.")
+    v.add_argument("--json", action="store_true",
+                   help="the image records as JSON (name, target, labels, times)")
+    v.add_argument("--quiet", "-q", action="store_true",
+                   help="only the image IDs, one a line, as nerdctl prints them "
+                   "(with --names: the names)")
+    v.add_argument("--names", action="store_true",
+                   help="one NAME column with the full name instead of REPOSITORY and TAG")
+    v.add_argument("--digests", action="store_true",
+                   help="add a DIGEST column: the full digest the name points to")
+    v.add_argument("--no-trunc", action="store_true",
+                   help="full digests as IDs, and no name shortened to fit the terminal")
+    v.add_argument("--filter", "-f", action="append", metavar="KEY=VALUE",
+                   help="only the images that match (repeatable): reference=PATTERN "
+                   "(a glob on the name), before=REF, since=REF, label=KEY[=VALUE], "
+                   "dangling=true|false (a name without a tag)")
+    add_examples(
+        v,
+        ("the images, as nerdctl images shows them", "lamina image ls"),
+        ("every tag of a repository, with the digests the names point to",
+         "lamina image ls --digests -f reference=docker.io/library/alpine"),
+        ("remove the images recorded before app:2",
+         "lamina image rm $(lamina image ls -q --names -f before=app:2)"))
     v.set_defaults(handler=_ls)
+
+    v = verbs.add_parser(
+        "inspect", help="show images' configs and details as JSON",
+        description="Print a JSON array with one object per image, with the fields of "
+        "nerdctl image inspect: Id (the digest the name points to, the IMAGE ID of image "
+        "ls), RepoTags, RepoDigests, Created, Architecture, Os, Variant, Size (as image ls "
+        "measures it), RootFS (the layers' DiffIDs) and Config (the image config's).")
+    v.add_argument("refs", nargs="+", metavar="REF", help="image names")
+    v.add_argument("--mode", choices=("dockercompat", "native"), default="dockercompat",
+                   help="dockercompat (default): docker's fields; native: lamina's record "
+                   "with the index, manifest and config documents as stored")
+    add_examples(
+        v,
+        ("the command an image runs", "lamina image inspect app:1 | jq '.[0].Config.Cmd'"),
+        ("the stored index, manifest and config", "lamina image inspect --mode native app:1"))
+    v.set_defaults(handler=_inspect)
 
     v = verbs.add_parser("rm", aliases=["remove"], help="remove images")
     v.add_argument("names", nargs="+", metavar="REF")

@@ -15,11 +15,13 @@ import contextlib
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from lamina.archive.limits import DEFAULT_MAX_LAYER_SIZE
 from lamina.errors import NotFound
 from lamina.images import names
+from lamina.images.listing import parse_filters
+from lamina.images.summary import ImageSummary, native_view, summarize
 from lamina.labels import GC_REF_SNAPSHOT
 from lamina.metadata.images import Image
 from lamina.metadata.leases import LeasedContent
@@ -75,8 +77,27 @@ class ImageService:
     def get(self, name: str) -> Image:
         return self.images.get(name)
 
-    def images_list(self) -> list[Image]:
-        return self.images.list()
+    def images_list(self, filters: Sequence[str] = ()) -> list[Image]:
+        """The images ``filters`` select (see :mod:`lamina.images.listing`)."""
+        if not filters:
+            return self.images.list()
+        wanted = parse_filters(filters, lookup=lambda n: names.lookup(self.images, n))
+        return [i for i in self.images.list() if wanted(i)]
+
+    def summaries(self, filters: Sequence[str] = ()) -> list[ImageSummary]:
+        """The images ``filters`` select, resolved and measured (see
+        :mod:`lamina.images.summary`)."""
+        return [summarize(i, content=self.content, snapshots=self.snapshots)
+                for i in self.images_list(filters)]
+
+    def summary(self, name: str) -> ImageSummary:
+        """Image ``name`` (any spelling of it) resolved and measured."""
+        return summarize(names.lookup(self.images, name), content=self.content,
+                         snapshots=self.snapshots)
+
+    def native(self, name: str) -> dict[str, Any]:
+        """lamina's record of image ``name`` and the documents it resolves to."""
+        return native_view(self.summary(name), content=self.content)
 
     @contextlib.contextmanager
     def _leased(self, purpose: str) -> Iterator[LeasedContent]:

@@ -1,0 +1,103 @@
+"""The filters of ``image ls``: docker's and nerdctl's ``--filter KEY=VALUE``.
+
+* ``reference=PATTERN``: the name matches a glob whose ``*``, ``?`` and
+  ``[…]`` stay within one ``/``-separated part (docker's ``path.Match``); the
+  repository alone matches too, so ``reference=app`` finds every tag of
+  ``app``, and so do the short forms of Docker Hub names
+  (``docker.io/library/alpine:3`` is ``alpine:3``);
+* ``before=REF`` / ``since=REF``: recorded here before / after image ``REF``;
+* ``label=KEY`` / ``label=KEY=VALUE``: the image record has that label (with
+  that value), in containerd's selector semantics (:mod:`lamina.util.filters`);
+* ``dangling=true|false``: the name has (false) or lacks (true) a tag, as
+  nerdctl counts an image that only a digest names.
+
+Several ``reference`` filters match when any does; every other filter must
+match. An unknown key or a malformed value is InvalidArgument.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+from lamina.errors import InvalidArgument
+from lamina.images.summary import split_name
+from lamina.metadata.images import Image
+from lamina.util.filters import Selector, make_lookup
+
+__all__ = ["KEYS", "ImageFilter", "parse_filters"]
+
+KEYS = ("before", "dangling", "label", "reference", "since")
+
+_HUB_PREFIXES = ("docker.io/library/", "docker.io/")
+_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
+
+ImageFilter = Callable[[Image], bool]
+
+
+def _glob(pattern: str, name: str) -> bool:
+    want, have = pattern.split("/"), name.split("/")
+    return len(want) == len(have) and all(
+        fnmatch.fnmatchcase(h, w) for w, h in zip(want, have, strict=True))
+
+
+def _spellings(name: str) -> list[str]:
+    """``name``, its repository, and the same without a Docker Hub prefix."""
+    out = [name, split_name(name)[0]]
+    for prefix in _HUB_PREFIXES:
+        if name.startswith(prefix):
+            out += [s.removeprefix(prefix) for s in out[:2]]
+            break
+    return out
+
+
+def _created(image: Image) -> datetime:
+    return image.created or datetime.min
+
+
+def parse_filters(texts: Sequence[str], *, lookup: Callable[[str], Image]) -> ImageFilter:
+    """One test for ``texts`` (``KEY=VALUE`` each); ``lookup`` finds the image that
+    ``before`` and ``since`` name (NotFound when it does not exist)."""
+    references: list[str] = []
+    tests: list[ImageFilter] = []
+    for text in texts:
+        key, eq, value = text.partition("=")
+        if key not in KEYS:
+            raise InvalidArgument(f"unknown image filter {key!r} in {text!r} "
+                                  f"(known: {', '.join(KEYS)})")
+        if not eq or (not value and key != "label"):
+            raise InvalidArgument(f"image filter {text!r}: expected {key}=VALUE")
+        if key == "reference":
+            references.append(value)
+        elif key in ("before", "since"):
+            tests.append(_when(key, _created(lookup(value))))
+        elif key == "label":
+            tests.append(_label(text, value))
+        else:
+            tests.append(_dangling(text, value))
+    if references:
+        tests.append(lambda i: any(_glob(p, s) for p in references
+                                   for s in _spellings(i.name)))
+    return lambda image: all(t(image) for t in tests)
+
+
+def _when(key: str, mark: datetime) -> ImageFilter:
+    if key == "before":
+        return lambda i: _created(i) < mark
+    return lambda i: _created(i) > mark
+
+
+def _dangling(text: str, value: str) -> ImageFilter:
+    wanted = _BOOLEANS.get(value.lower())
+    if wanted is None:
+        raise InvalidArgument(f"image filter {text!r}: expected true or false")
+    return lambda i: (split_name(i.name)[1] == "") == wanted
+
+
+def _label(text: str, value: str) -> ImageFilter:
+    name, eq, wanted = value.partition("=")
+    if not name:
+        raise InvalidArgument(f"image filter {text!r}: expected label=KEY[=VALUE]")
+    selector = Selector(("labels", name), "==" if eq else None, wanted)
+    return lambda i: selector(make_lookup({}, dict(i.labels)))

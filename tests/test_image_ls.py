@@ -1,0 +1,177 @@
+"""``lamina image ls`` and ``image inspect`` read like nerdctl's, as a person and a script
+see them: ``lamina`` runs as a process, piped and on pseudo-terminals of 80 and 120
+columns (no line wider than the terminal, every column where its header is)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import imagefactory as f
+import pytest
+from test_progress_tty import in_pty
+
+from lamina.cli.common import human_size
+
+LAMINA = [sys.executable, "-m", "lamina"]
+LONG = "registry.example.com:5000/" + "/".join(["team"] * 12) + "/server:v1.2.3-beta"
+HEADER = ["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "PLATFORM", "SIZE"]
+
+
+def lamina(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("LAMINA_DEBUG", "COLUMNS")}
+    return subprocess.run([*LAMINA, "--root", str(root), *args], capture_output=True,
+                          text=True, timeout=120, env=env, stdin=subprocess.DEVNULL,
+                          check=False)
+
+
+def ok(root: Path, *args: str) -> str:
+    done = lamina(root, *args)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> f.ImageRef:
+    """A one-layer image with a label in its config, named twice in its layout."""
+    work = tmp_path_factory.mktemp("image-ls")
+    layer = f.layer_from_entries([f.File("data.bin", os.urandom(300_000))], work / "blobs")
+    config = f.ImageConfig(labels={"org.example/team": "core"})
+    f.build_oci_layout(work / "oci", [layer], config=config, ref_name="demo:1")
+    return f.build_oci_layout(work / "oci", [layer], config=config, ref_name=LONG)
+
+
+@pytest.fixture
+def root(require_root: None, tmp_root: Path, image: f.ImageRef) -> Path:
+    ok(tmp_root, "image", "import", "-q", "--no-unpack", str(image.layout))
+    return tmp_root
+
+
+def digest_of(root: Path, name: str) -> str:
+    [found] = [i["target"]["digest"] for i in json.loads(ok(root, "image", "ls", "--json"))
+               if i["name"] == name]
+    return str(found)
+
+
+def test_the_columns_of_nerdctl(root: Path, image: f.ImageRef) -> None:
+    """Piped: docker's columns, a long name in full, the IDs of the digests, the age, the
+    platform and the size of the image (its layer blob, not the 400-byte manifest)."""
+    lines = ok(root, "image", "ls").splitlines()
+    assert [c.strip() for c in re.split(r"\s{2,}", lines[0])] == HEADER, lines
+    rows = {r.split()[0]: r.split() for r in lines[1:]}
+    assert set(rows) == {"demo", LONG.rpartition(":")[0]}, lines
+    demo = rows["demo"]
+    assert demo[1] == "1" and demo[2] == digest_of(root, "demo:1").split(":")[1][:12], demo
+    assert re.fullmatch(r"\d+ seconds? ago", " ".join(demo[3:6])), demo
+    assert demo[6] == f"linux/{f.host_arch()}", demo
+    assert " ".join(demo[7:]) == human_size(image.layers[0].size), demo
+    assert rows[LONG.rpartition(":")[0]][1] == "v1.2.3-beta"
+    _aligned(lines)
+
+
+def test_size_is_the_unpacked_size_once_unpacked(root: Path, image: f.ImageRef) -> None:
+    ok(root, "image", "unpack", "demo:1")
+    [usage] = json.loads(ok(root, "snapshot", "usage", "--json", image.layers[0].diff_id))
+    assert usage["size"] != image.layers[0].size
+    row = next(r for r in ok(root, "image", "ls").splitlines() if r.startswith("demo "))
+    assert row.endswith(f"  {human_size(usage['size'])}"), row
+
+
+def _aligned(lines: list[str]) -> None:
+    """Every column of every row starts where its header starts."""
+    starts = [lines[0].index(h) for h in HEADER[1:]]
+    for line in lines[1:]:
+        for at in starts:
+            assert line[at - 2:at] == "  " and line[at] != " ", (at, lines)
+
+
+@pytest.mark.parametrize("cols", [80, 120])
+def test_fits_the_terminal(root: Path, cols: int) -> None:
+    code, output = in_pty(["--root", str(root), "image", "ls"], cols=cols)
+    assert code == 0, output
+    lines = output.replace("\r\n", "\n").splitlines()
+    assert all(len(t) < cols for t in lines), lines
+    assert [c.strip() for c in re.split(r"\s{2,}", lines[0])] == HEADER, lines
+    _aligned(lines)
+    [long] = [t for t in lines if "v1.2.3-beta" in t]
+    repo = long.split()[0]
+    assert "\u2026" in repo and repo.startswith("regist") and repo.endswith("server"), long
+    assert any(t.startswith("demo  ") for t in lines), lines  # short names stay whole
+
+
+def test_quiet_digests_names(root: Path) -> None:
+    ids = ok(root, "image", "ls", "-q").split()
+    assert sorted(ids) == sorted(digest_of(root, n).split(":")[1][:12] for n in ("demo:1", LONG))
+    assert sorted(ok(root, "images", "-q", "--names").split()) == sorted(["demo:1", LONG])
+    assert ok(root, "image", "ls", "-q", "--no-trunc").split()[0].startswith("sha256:")
+    lines = ok(root, "image", "ls", "--digests").splitlines()
+    assert lines[0].split()[:3] == ["REPOSITORY", "TAG", "DIGEST"], lines
+    assert digest_of(root, "demo:1") in next(t for t in lines if t.startswith("demo "))
+    named = ok(root, "image", "ls", "--names").splitlines()
+    assert named[0].split()[0] == "NAME" and any(t.startswith(LONG + "  ") for t in named)
+
+
+def test_json_is_unchanged(root: Path) -> None:
+    listed = json.loads(ok(root, "image", "ls", "--json"))
+    assert {tuple(sorted(i)) for i in listed} == {
+        ("created", "labels", "name", "target", "updated")}
+
+
+def _names(root: Path, *filters: str) -> list[str]:
+    args = [a for flt in filters for a in ("-f", flt)]
+    return sorted(ok(root, "image", "ls", "-q", "--names", *args).split())
+
+
+def test_filters(root: Path, image: f.ImageRef) -> None:
+    time.sleep(0.01)
+    ok(root, "image", "tag", "demo:1", "later@" + digest_of(root, "demo:1"))
+    ok(root, "image", "tag", "demo:1", "labelled:2")
+    later = "later@" + digest_of(root, "demo:1")
+    assert _names(root, "reference=demo") == ["demo:1"]  # a repository: every tag
+    assert _names(root, "reference=d*:1") == ["demo:1"]
+    assert _names(root, "reference=registry.example.com:5000/*") == []  # * keeps to a part
+    assert _names(root, "reference=demo", "reference=labelled") == ["demo:1", "labelled:2"]
+    assert _names(root, "dangling=true") == [later]
+    assert later not in _names(root, "dangling=false")
+    assert "demo:1" in _names(root, "before=labelled:2")
+    assert _names(root, "since=demo:1", "reference=labelled") == ["labelled:2"]
+    assert _names(root, "label=no.such/label") == []
+    assert _names(root, "reference=demo", "label=no.such/label=x") == []
+
+
+@pytest.mark.parametrize(("flt", "code", "words"), [
+    ("bogus=1", 6, "unknown image filter 'bogus'"),
+    ("reference", 6, "expected reference=VALUE"),
+    ("dangling=maybe", 6, "expected true or false"),
+    ("before=no/such:image", 3, "no/such:image"),
+])
+def test_a_bad_filter_is_one_line(root: Path, flt: str, code: int, words: str) -> None:
+    done = lamina(root, "image", "ls", "-f", flt)
+    assert done.returncode == code and done.stdout == "", done
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("lamina: "), done.stderr
+    assert words in done.stderr, done.stderr
+
+
+def test_inspect(root: Path, image: f.ImageRef) -> None:
+    [one] = json.loads(ok(root, "image", "inspect", "demo:1"))
+    assert one["Id"] == digest_of(root, "demo:1")
+    assert one["RepoTags"] == ["demo:1"] and one["RepoDigests"] == [f"demo@{one['Id']}"]
+    assert one["Os"] == "linux" and one["Architecture"]
+    assert one["RootFS"] == {"Type": "layers", "Layers": [image.layers[0].diff_id]}
+    assert one["Config"]["Labels"] == {"org.example/team": "core"}
+    assert one["Size"] == image.layers[0].size  # not unpacked: the blob's size
+    assert one["Created"] == image.config["created"]
+    two = json.loads(ok(root, "image", "inspect", "demo:1", LONG))
+    assert [t["RepoTags"] for t in two] == [["demo:1"], [LONG]]
+    [native] = json.loads(ok(root, "image", "inspect", "--mode", "native", "demo:1"))
+    assert native["Image"]["Name"] == "demo:1"
+    assert native["ImageConfig"]["rootfs"]["diff_ids"] == [image.layers[0].diff_id]
+    assert native["Manifest"]["layers"][0]["digest"] == image.layers[0].digest
+    missing = lamina(root, "image", "inspect", "demo:1", "no/such:image")
+    assert missing.returncode == 3 and missing.stderr.count("\n") == 1, missing
+    assert missing.stderr.startswith("lamina: NotFound: "), missing.stderr
