@@ -16,7 +16,8 @@ that variable). Every ``lamina`` command of that user, early in ``main``,
 joins those namespaces (setns) — creating the holder first if there is none —
 so a mount one command makes (``image mount``, ``snapshot mount``, a detached
 task's rootfs) is there for the next one, until the holder ends (a reboot, or
-``kill $(cat .../ns.pid)``). Mounts live in that namespace only: the host's
+``lamina rootless stop``, which refuses while other processes are in the
+namespace and says which mounts go with it: :func:`stop`). Mounts live in that namespace only: the host's
 other processes do not see them (``nsenter -U -m -t $(cat .../ns.pid)`` does).
 
 Inside, lamina works as it does as root, with these differences:
@@ -46,6 +47,7 @@ import functools
 import os
 import pwd
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +63,7 @@ __all__ = [
     "CRIU_ROOTLESS",
     "DEVICES_ENV",
     "Ranges",
+    "Stopped",
     "active",
     "check_member",
     "enter",
@@ -71,6 +74,7 @@ __all__ = [
     "refuse",
     "report_left_out",
     "runtime_dir",
+    "stop",
     "subordinate_ranges",
 ]
 
@@ -306,12 +310,11 @@ def runtime_dir() -> Path:
     return d
 
 
-def pids_in_pid_namespace(init_pid: int) -> list[int]:
-    """The processes sharing ``init_pid``'s pid namespace (a container's), as this
-    namespace numbers them: what ``runc ps`` would say, for a rootless task that
-    has no cgroup to read them from."""
+def _sharing(pid: int, kind: str) -> list[int]:
+    """The processes in ``pid``'s namespace of ``kind`` (``pid``, ``user``) that this
+    process may inspect, as its pid namespace numbers them."""
     try:
-        want = os.stat(f"/proc/{init_pid}/ns/pid")
+        want = os.stat(f"/proc/{pid}/ns/{kind}")
     except OSError:
         return []
     pids = []
@@ -319,12 +322,19 @@ def pids_in_pid_namespace(init_pid: int) -> list[int]:
         if not name.isdigit():
             continue
         try:
-            st = os.stat(f"/proc/{name}/ns/pid")
+            st = os.stat(f"/proc/{name}/ns/{kind}")
         except OSError:
             continue  # gone, or not ours to look at
         if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
             pids.append(int(name))
     return sorted(pids)
+
+
+def pids_in_pid_namespace(init_pid: int) -> list[int]:
+    """The processes sharing ``init_pid``'s pid namespace (a container's), as this
+    namespace numbers them: what ``runc ps`` would say, for a rootless task that
+    has no cgroup to read them from."""
+    return _sharing(init_pid, "pid")
 
 
 def _start_time(pid: int) -> str | None:
@@ -477,6 +487,73 @@ def enter() -> bool:
     with contextlib.suppress(OSError):
         os.chdir(cwd)  # setns(CLONE_NEWNS) moved us to the namespace's root
     return True
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """What :func:`stop` ended: the holder's pid, and the mount points made in its
+    namespace, which went with it."""
+
+    pid: int
+    mounts: tuple[str, ...]
+
+
+def _mount_points() -> list[str]:
+    """This process's mount points, as mountinfo writes them (octal escapes kept)."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        return [line.split()[4] for line in f if line.strip()]
+
+
+def _describe_process(pid: int) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        words = " ".join(os.fsdecode(a) for a in argv if a)[:60]
+    except OSError:
+        words = ""
+    return f"{pid} ({words})" if words else str(pid)
+
+
+def stop() -> Stopped | None:
+    """End this user's namespace holder: its user and mount namespaces, and every
+    mount made in them, go once no process is left in them. None when there is no
+    holder (or for root, who has none). FailedPrecondition while other processes
+    (containers, their monitors, ``lamina serve``, another command) are in the
+    namespace: the next command would make a new namespace they are not in.
+
+    Run from the initial namespace by a process with one thread: it joins the
+    namespace (where it may look at every process, whatever ID it runs as) to
+    find its members and mounts, so it leaves that namespace no longer usable
+    by lamina.
+    """
+    if os.geteuid() == 0 and not in_user_namespace():
+        return None
+    if in_user_namespace():
+        raise FailedPrecondition("stopping lamina's namespace is done from outside it "
+                                 "(this process runs in a user namespace)")
+    with _lock():
+        pid = holder_pid()
+        if pid is None:
+            return None
+        host = set(_mount_points())
+        pid_file = runtime_dir() / "ns.pid"  # named before joining makes us uid 0
+        _join(pid)
+        others = [p for p in _sharing(pid, "user") if p not in (pid, os.getpid())]
+        if others:
+            shown = ", ".join(_describe_process(p) for p in others[:4])
+            more = f" and {len(others) - 4} more" if len(others) > 4 else ""
+            raise FailedPrecondition(
+                f"{len(others)} other process(es) run in lamina's namespace (holder pid "
+                f"{pid}): {shown}{more}; stop them first (lamina task kill, or end "
+                "lamina serve)")
+        made = tuple(m for m in dict.fromkeys(_mount_points()) if m not in host)
+        os.kill(pid, 15)
+        for _ in range(200):  # not our child: wait for it to go, up to 2 s
+            if _start_time(pid) is None:
+                break
+            time.sleep(0.01)
+        with contextlib.suppress(FileNotFoundError):
+            pid_file.unlink()
+    return Stopped(pid, made)
 
 
 def _main() -> int:  # pragma: no cover - `python -m lamina.rootless`: print the holder's pid

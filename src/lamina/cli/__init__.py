@@ -52,7 +52,7 @@ SUMMARY = ("manage snapshots, content, images and containers as containerd's ctr
 # command group modules, in the order `lamina --help` lists them
 GROUPS = ("snapshot", "content", "diff", "image", "container", "task", "run",
           "checkpoint", "serve", "config", "gc", "lease", "check", "version", "login",
-          "completion", "logs")
+          "completion", "logs", "rootless")
 
 
 # aliases a group module registers, so one command imports only its own module
@@ -283,8 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         # an unprivileged user works in lamina's user and mount namespaces
-        # (lamina.rootless); first, while this process has one thread
-        rootless.enter()
+        # (lamina.rootless); first, while this process has one thread. Stopping
+        # them joins them itself, and makes none when there are none.
+        if _requested_group(words) != "rootless":
+            rootless.enter()
         config = _load_config(words)
         debug = _debug_wanted(words, config)
         if not debug:
