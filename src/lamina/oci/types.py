@@ -6,7 +6,7 @@ what we follow) and lenient elsewhere (unknown fields and annotations pass).
 
 from __future__ import annotations
 
-import platform
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -186,6 +186,6 @@ class ImageConfig:
 
 
 def host_platform() -> dict[str, str]:
-    machine = platform.machine().lower()
+    machine = os.uname().machine.lower()  # platform.machine(), without its import
     arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}.get(machine, machine)
     return {"os": "linux", "architecture": arch}
