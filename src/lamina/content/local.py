@@ -67,7 +67,6 @@ import re
 import sqlite3
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
@@ -615,7 +614,7 @@ class LocalContentStore(ScopedViews, Closing):
         AlreadyExists when the blob is there, unless ``exist_ok`` (then the
         existing Info is returned and ``labels`` are not applied).
         """
-        ref = f"add-{uuid.uuid4().hex}"
+        ref = f"add-{os.urandom(16).hex()}"  # random as uuid4, without importing uuid
         total = len(data) if isinstance(data, bytes | bytearray) else 0
         try:
             w = self.writer(ref, total=total, expected=expected or "")
@@ -791,7 +790,7 @@ class LocalContentStore(ScopedViews, Closing):
 
     def _remove_ingest_dir(self, ingest: Path) -> None:
         """Remove an ingest directory whose lock the caller holds."""
-        doomed = self.ingest_dir / f".del-{ingest.name}-{uuid.uuid4().hex[:8]}"
+        doomed = self.ingest_dir / f".del-{ingest.name}-{os.urandom(4).hex()}"
         try:
             os.rename(ingest, doomed)
         except FileNotFoundError:
