@@ -21,11 +21,12 @@ MODULES = sorted(p.stem for p in WING.glob("*.py") if p.stem != "__init__")
 
 _BELOW = {"options", "taskstate", "runtime"}
 ALLOWED: dict[str, set[str]] = {
-    "service": {"revisions", "tasks", "checkpoint", "logs"} | _BELOW,
+    "service": {"revisions", "tasks", "checkpoint", "logs", "network"} | _BELOW,
     "logs": set(),
     "revisions": _BELOW,
     "tasks": _BELOW,
     "checkpoint": _BELOW,
+    "network": _BELOW,
     "options": {"runtime"},
     "taskstate": {"runtime"},
 }

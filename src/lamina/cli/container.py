@@ -12,6 +12,7 @@ from typing import Any
 from lamina import rootless
 from lamina.cli.app import App
 from lamina.cli.common import parse_labels, print_table
+from lamina.containers.network import with_network
 from lamina.containers.options import make_options
 from lamina.containers.runtime import BindMount, TaskManager, parse_mount_flag
 from lamina.containers.service import ContainerService
@@ -51,8 +52,9 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     userns = parse_userns(args.userns) if getattr(args, "userns", None) else None
-    return make_options(args=cmd or None, env=list(args.env or []), mounts=mounts,
-                        userns=userns)
+    options = make_options(args=cmd or None, env=list(args.env or []), mounts=mounts,
+                           userns=userns)
+    return with_network(options, args.net)
 
 
 def add_create_flags(v: argparse.ArgumentParser) -> None:
@@ -64,6 +66,11 @@ def add_create_flags(v: argparse.ArgumentParser) -> None:
                    help="own user namespace: container IDs 0..SIZE-1 are host HOSTID.. "
                    "(HOSTUID:HOSTGID:SIZE for different uid and gid bases); the image "
                    "is mounted ID-mapped, never chowned")
+    v.add_argument("--net", "--network", dest="net", choices=("none", "host", "bridge"),
+                   default=None,
+                   help="the container's network: none (its own, loopback only; the "
+                   "default), host (the host's), bridge (an address on the lamina0 "
+                   "bridge, 10.88.0.0/16, through the CNI plugins; root only)")
     v.add_argument("image", metavar="IMAGE")
     v.add_argument("id", metavar="ID")
     v.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD",

@@ -37,7 +37,8 @@ from lamina.containers.checkpoint import (
     RestoreResult,
 )
 from lamina.containers.logs import ContainerLogs
-from lamina.containers.options import options_of
+from lamina.containers.network import Networks, apply_network, network_mode
+from lamina.containers.options import bind_mounts, options_of, userns_of
 from lamina.containers.revisions import Revision, Revisions
 from lamina.containers.runtime import TaskInfo, TaskManager, TaskStatus
 from lamina.containers.tasks import ContainerTasks, tasks_dir
@@ -59,6 +60,7 @@ class ContainerService:
         self.images = images or ImageService(root, snapshotter=snapshotter)
         self._revisions = Revisions(root, snapshotter=snapshotter, images=self.images)
         self._logs = ContainerLogs(root.path)
+        self._networks = Networks(root.path)
         self._given_tasks = tasks
 
     @cached_property
@@ -119,6 +121,7 @@ class ContainerService:
         :mod:`lamina.metadata.deletes`), so what only the container kept is freed."""
         self._revisions.get(cid)
         self._tasks.remove(cid, force=force)
+        self._networks.detach(cid)
         removed = self._revisions.remove(cid)
         self._logs.remove(cid)
         if sync:
@@ -157,11 +160,30 @@ class ContainerService:
         self._tasks.clear_stopped(cid)
         spec = self._tasks.generate(container, self._revisions.mounts(container),
                                     terminal=terminal)
-        container = self._revisions.set_spec(container, spec)
-        mounts = self._tasks.run_mounts(container, self._revisions.mounts(container))
-        output = self._logs.prepare(cid) if detach else None
-        return self.tasks.start(cid, mounts, spec, detach=detach,
-                                stdin=stdin, stdout=stdout, stderr=stderr, output=output)
+        try:
+            spec = self._attach(container, spec)
+            container = self._revisions.set_spec(container, spec)
+            mounts = self._tasks.run_mounts(container, self._revisions.mounts(container))
+            output = self._logs.prepare(cid) if detach else None
+            info = self.tasks.start(cid, mounts, spec, detach=detach,
+                                    stdin=stdin, stdout=stdout, stderr=stderr, output=output)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._networks.detach(cid)
+            raise
+        if not detach:
+            self._networks.detach(cid)  # its process has exited
+        return info
+
+    def _attach(self, container: Container, spec: dict[str, Any]) -> dict[str, Any]:
+        """``spec`` on the container's network (see :mod:`lamina.containers.network`),
+        attached now unless it is already."""
+        options = options_of(container)
+        attachment = self._networks.attach(
+            container.id, network_mode(options), hostname=spec.get("hostname") or container.id,
+            userns=userns_of(options) is not None)
+        return apply_network(spec, attachment, user_destinations=frozenset(
+            m.destination for m in bind_mounts(options)))
 
     def logs(self, cid: str, *, follow: bool = False, tail: int | None = None,
              poll: float = 0.2) -> Iterator[bytes]:
@@ -194,8 +216,11 @@ class ContainerService:
         return done
 
     def stop(self, cid: str, *, timeout: float = 10.0) -> TaskInfo | None:
-        """Stop (SIGTERM, then SIGKILL after ``timeout``) and delete the task, if any."""
-        return self._tasks.stop(cid, timeout=timeout)
+        """Stop (SIGTERM, then SIGKILL after ``timeout``) and delete the task, if any;
+        its network goes with it."""
+        info = self._tasks.stop(cid, timeout=timeout)
+        self._networks.detach(cid)
+        return info
 
     @contextlib.contextmanager
     def stopped(self, cid: str, *, timeout: float = 10.0) -> Iterator[bool]:
@@ -247,6 +272,7 @@ class ContainerService:
                     container = self._revisions.create(job.image, cid, labels=job.labels,
                                                        options=job.options)
                 job.fill(self._revisions.mounts(container))
+                job.spec = self._attach(container, job.spec)
                 container = self._revisions.set_spec(container, job.spec)
                 task = job.restore(cid, self._revisions.mounts(container), detach=detach)
         except BaseException:
