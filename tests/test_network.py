@@ -233,13 +233,30 @@ def test_bridge_containers_reach_each_other_and_leave_nothing(net: Net) -> None:
 
 def test_a_failed_start_leaves_no_network(net: Net) -> None:
     _require_cni()
-    net("container", "create", "--net", "bridge", IMAGE, "broken", "/no/such/command")
-    failed = net("task", "start", "-d", "broken", check=False)
-    assert failed.returncode != 0
-    assert failed.stderr.startswith("lamina: "), failed.stderr
+    net("container", "create", "--net", "bridge", IMAGE, "broken", "sleep", "600")
+    # runc fails after the network is attached (as a bad mount or a missing binary
+    # would make it): the start is undone, its network with it
+    failing = ("import sys\n"
+               "from lamina.containers.runtime import TaskManager\n"
+               "from lamina.errors import Internal\n"
+               "def start(self, *args, **kwargs):\n"
+               "    assert (self.state_dir.parent / 'network' / 'broken' / 'netns').exists()\n"
+               "    raise Internal('runc failed (injected)')\n"
+               "TaskManager.start = start\n"
+               "from lamina.cli import main\n"
+               "sys.exit(main())\n")
+    proc = subprocess.run(["nsenter", f"--net={net.netns}", sys.executable, "-c", failing,
+                           "--root", str(net.root), "task", "start", "-d", "broken"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1 and "runc failed (injected)" in proc.stderr, proc.stderr
     assert net.leases() == [] and net.veths() == []
     assert not (net.root / "network" / "broken").exists()
-    net("container", "rm", "broken")  # and detaching again is fine
+    assert not [m for m in mounts_under(net.root) if "network" in m]
+    # and it starts for real afterwards
+    net("task", "start", "-d", "broken")
+    assert len(net.leases()) == 1
+    net("container", "rm", "-f", "broken")
+    assert net.leases() == [] and net.veths() == []
 
 
 def test_host_network_sees_the_hosts_interfaces_and_files(net: Net) -> None:
