@@ -10,10 +10,13 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import imagefactory as f
 import pytest
+from registry_peer import Registry as Peer
+from registry_peer import running_registry, skopeo_push
 from test_progress_tty import in_pty
 
 from lamina.cli.common import human_size
@@ -129,17 +132,18 @@ def _names(root: Path, *filters: str) -> list[str]:
 
 def test_filters(root: Path, image: f.ImageRef) -> None:
     time.sleep(0.01)
-    ok(root, "image", "tag", "demo:1", "later@" + digest_of(root, "demo:1"))
-    ok(root, "image", "tag", "demo:1", "labelled:2")
-    later = "later@" + digest_of(root, "demo:1")
+    later = "docker.io/library/later@" + digest_of(root, "demo:1")
+    labelled = "docker.io/library/labelled:2"  # found as labelled:2 too
+    ok(root, "image", "tag", "demo:1", later)
+    ok(root, "image", "tag", "demo:1", labelled)
     assert _names(root, "reference=demo") == ["demo:1"]  # a repository: every tag
     assert _names(root, "reference=d*:1") == ["demo:1"]
     assert _names(root, "reference=registry.example.com:5000/*") == []  # * keeps to a part
-    assert _names(root, "reference=demo", "reference=labelled") == ["demo:1", "labelled:2"]
+    assert _names(root, "reference=demo", "reference=labelled") == ["demo:1", labelled]
     assert _names(root, "dangling=true") == [later]
     assert later not in _names(root, "dangling=false")
     assert "demo:1" in _names(root, "before=labelled:2")
-    assert _names(root, "since=demo:1", "reference=labelled") == ["labelled:2"]
+    assert _names(root, "since=demo:1", "reference=labelled:*") == [labelled]
     assert _names(root, "label=no.such/label") == []
     assert _names(root, "reference=demo", "label=no.such/label=x") == []
 
@@ -175,3 +179,35 @@ def test_inspect(root: Path, image: f.ImageRef) -> None:
     missing = lamina(root, "image", "inspect", "demo:1", "no/such:image")
     assert missing.returncode == 3 and missing.stderr.count("\n") == 1, missing
     assert missing.stderr.startswith("lamina: NotFound: "), missing.stderr
+
+
+# ------------------------------------------------------------------ pull and unpack
+
+
+@pytest.fixture(scope="module")
+def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Peer, f.ImageRef]]:
+    """``one``: a layer; ``two``: that layer and another."""
+    work = tmp_path_factory.mktemp("pull-summary")
+    base = f.layer_from_entries([f.File("base.bin", os.urandom(50_000))], work / "blobs")
+    top = f.layer_from_entries([f.File("top.bin", os.urandom(50_000))], work / "blobs")
+    one = f.build_oci_layout(work / "oci", [base], ref_name="one")
+    two = f.build_oci_layout(work / "oci", [base, top], ref_name="two")
+    with running_registry(work / "registry") as reg:
+        skopeo_push(one.oci_ref, f"{reg.host}/summary/one:1")
+        skopeo_push(two.oci_ref, f"{reg.host}/summary/two:1")
+        yield reg, two
+
+
+def test_pull_and_unpack_summaries(require_root: None, tmp_root: Path,
+                                   peer: tuple[Peer, f.ImageRef]) -> None:
+    """The result lines count in the singular when they should; a layer that was there
+    already is counted present, and a config this pull fetched is not."""
+    reg, _ = peer
+    first = ok(tmp_root, "image", "pull", "-q", "--no-unpack", f"{reg.host}/summary/one:1")
+    assert "\t(1 blob fetched, 0 present)" in first, first  # the config is a document
+    again = ok(tmp_root, "image", "pull", "-q", "--no-unpack", f"{reg.host}/summary/two:1")
+    assert "\t(1 blob fetched, 1 present)" in again, again
+    unpacked = ok(tmp_root, "image", "unpack", f"{reg.host}/summary/one:1")
+    assert unpacked.rstrip().endswith("(1 layer extracted, 0 reused)"), unpacked
+    unpacked = ok(tmp_root, "image", "unpack", f"{reg.host}/summary/two:1")
+    assert unpacked.rstrip().endswith("(1 layer extracted, 1 reused)"), unpacked

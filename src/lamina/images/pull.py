@@ -97,8 +97,8 @@ def with_source(labels: Mapping[str, str], ref: Reference) -> dict[str, str]:
 class PullResult:
     image: Image
     unpacked: UnpackResult | None = None
-    fetched: int = 0
-    present: int = 0
+    fetched: int = 0  # blobs downloaded after the documents (manifests, indexes, configs)
+    present: int = 0  # blobs and configs stored before this pull
     manifests: list[Descriptor] = field(default_factory=list)
 
 
@@ -154,6 +154,7 @@ class _Puller:
         self.plan = _Plan()
         self.cancel = threading.Event()
         self.transfers: dict[str, Transfer] = {}
+        self.fetched_documents: set[str] = set()  # stored by this pull
         self.space_where: str | None = None  # the content store's directory, when local
         self.space_fd: int | None = None
 
@@ -182,6 +183,7 @@ class _Puller:
         while True:
             try:
                 put_document(self.content, data)
+                self.fetched_documents.add(desc.digest)
                 return data
             except Unavailable:  # another pull is storing it: wait for that one
                 if time.monotonic() > deadline:
@@ -388,7 +390,9 @@ def _transfer(puller: _Puller, target: tuple[Descriptor, Manifest] | None,
     finally:
         pool.shutdown(wait=True)
     fetched = sum(1 for f in futures if f.result())
-    return unpacked, fetched, len(futures) - fetched
+    # a config fetched with the documents was not there before, though its download found it
+    documents = len(puller.fetched_documents & {d.digest for d in order})
+    return unpacked, fetched, len(futures) - fetched - documents
 
 
 def _raise_download_error(futures: Sequence[Future[bool]], *, wait: bool = False) -> None:
