@@ -25,23 +25,22 @@ code  meaning
 from __future__ import annotations
 
 import argparse
-import difflib
 import errno
 import importlib
 import os
 import select
 import sys
-import traceback
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from lamina import __version__, rootless
-from lamina.cli.app import App
-from lamina.cli.common import describe
+from lamina import __version__
 from lamina.errors import LaminaError
-from lamina.metadata.root import default_root
-from lamina.snapshots.namespace import DEFAULT_NAMESPACE, check_namespace
-from lamina.util import config as settings
+
+# What a command needs is imported when it runs (`lamina --version` needs none of
+# it, and every command pays for what this module imports: bench/startup.py).
+if TYPE_CHECKING:
+    from lamina.cli.app import App
+    from lamina.util import config as settings
 
 __all__ = ["EXIT_USAGE", "SUMMARY", "build_parser", "main"]
 
@@ -153,6 +152,8 @@ def _unknown_command(argv: Sequence[str]) -> str | None:
     word = argv[at]
     if word in GROUPS or word in ALIASES:
         return None
+    import difflib
+
     near = list(dict.fromkeys(ALIASES.get(n, n) for n in difflib.get_close_matches(
         word, [*GROUPS, *ALIASES, *NERDCTL_VERBS], n=3, cutoff=0.6)))[:2]
     hint = f" (did you mean {' or '.join(repr(n) for n in near)}?)" if near else ""
@@ -168,6 +169,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                      "7 Unavailable, 8 NotImplemented, 130 interrupted. nerdctl's words work "
                      "too: images, pull, push, rmi, ps [-a] (image ls, image pull, image push, "
                      "image rm, container ls).")
+    from lamina.cli.common import describe
+    from lamina.util import config as settings
+
     parser.add_argument("--version", action="version", version=f"lamina {__version__}")
     parser.add_argument("--root", default=None, metavar="DIR",
                         help="lamina root directory (default: $LAMINA_ROOT, else "
@@ -254,7 +258,17 @@ def _global_value(words: Sequence[str], flag: str) -> str | None:
     return None
 
 
+def _asks_version(words: Sequence[str]) -> bool:
+    """``lamina [OPTIONS] --version``, which argparse would answer before anything else."""
+    at = _command_at(words)
+    before = words if at is None else words[:at]
+    return "--version" in before and not {"-h", "--help"} & set(before)
+
+
 def _load_config(words: Sequence[str]) -> settings.Config:
+    from lamina import rootless
+    from lamina.util import config as settings
+
     path, required = settings.config_path(
         flag=_global_value(words, "--config"),
         unprivileged=os.geteuid() != 0 or rootless.active())
@@ -272,11 +286,19 @@ def _with_config(args: argparse.Namespace, config: settings.Config) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``lamina`` command; returns its exit code (see the module docs)."""
     words = _as_nerdctl_would(list(sys.argv[1:] if argv is None else argv))
+    if _asks_version(words):
+        print(f"lamina {__version__}")
+        return 0
+    from lamina import rootless
+    from lamina.util import config as settings
+
     debug = _debug_wanted(words, settings.Config())
     app: App | None = None
 
     def fail(line: str, code: int) -> int:
         if debug:
+            import traceback
+
             traceback.print_exc()
         print(f"lamina: {_one_line(line)}", file=sys.stderr, flush=True)
         return code
@@ -302,6 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = parser.parse_args(words)
         except SystemExit as exc:  # --help, --version, usage errors
             return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        from lamina.cli.app import App
+        from lamina.metadata.root import default_root
+        from lamina.snapshots.namespace import DEFAULT_NAMESPACE, check_namespace
+
         _with_config(args, config)
         root = args.root or os.environ.get("LAMINA_ROOT") or config.root or default_root()
         app = App(root=root, snapshotter=args.snapshotter or config.snapshotter or "overlay",
