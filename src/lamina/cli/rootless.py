@@ -6,11 +6,15 @@ import argparse
 
 from lamina import rootless
 from lamina.cli.app import App
+from lamina.errors import NotImplementedErr
 
 __all__ = ["register"]
 
 
 def _stop(args: argparse.Namespace, app: App) -> int:
+    if app.address:
+        raise NotImplementedErr(f"{app.command} works on this machine's namespaces, not "
+                                f"through --address {app.address}")
     stopped = rootless.stop()
     if stopped is None:
         print("no namespace holder to stop")
