@@ -67,7 +67,9 @@ def test_a_mistyped_verb_is_suggested(tmp_path: Path) -> None:
 def containers(root: Path) -> Iterator[Path]:
     require_tools("runc")
     try:
-        assert lamina(root, "run", "-d", "demo:1", "up", "sh", "-c", IDLE).returncode == 0
+        assert lamina(root, "container", "create", "demo:1", "up", "sh", "-c", IDLE
+                      ).returncode == 0
+        assert lamina(root, "task", "start", "-d", "up").returncode == 0
         assert lamina(root, "container", "create", "demo:1", "idle").returncode == 0
         yield root
     finally:
