@@ -150,3 +150,11 @@ def test_a_user_other_than_root_reads_xdg_config_home(shared_dir: Path) -> None:
     assert f"{conf}: unknown key 'bogus'" in done.stderr
     # root reads /etc/lamina/lamina.toml, never a user's file
     assert lamina("--root", str(shared_dir / "r0"), "image", "ls", **env).returncode == 0
+
+
+def test_version_answers_before_the_file_is_read(tmp_path: Path) -> None:
+    conf = write(tmp_path / "lamina.toml", "nope = 1\n")
+    done = lamina("--version", config=conf)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.startswith("lamina ")
+    assert lamina("image", "ls", config=conf).returncode == 6
