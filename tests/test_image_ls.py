@@ -20,6 +20,10 @@ from registry_peer import running_registry, skopeo_push
 from test_progress_tty import in_pty
 
 from lamina.cli.common import human_size
+from lamina.images.importer import put_document
+from lamina.metadata.images import Image
+from lamina.metadata.root import Root
+from lamina.oci.types import Descriptor, MediaType
 
 LAMINA = [sys.executable, "-m", "lamina"]
 LONG = "registry.example.com:5000/" + "/".join(["team"] * 12) + "/server:v1.2.3-beta"
@@ -211,3 +215,30 @@ def test_pull_and_unpack_summaries(require_root: None, tmp_root: Path,
     assert unpacked.rstrip().endswith("(1 layer extracted, 0 reused)"), unpacked
     unpacked = ok(tmp_root, "image", "unpack", f"{reg.host}/summary/two:1")
     assert unpacked.rstrip().endswith("(1 layer extracted, 1 reused)"), unpacked
+
+
+def test_push_summary_counts_one_referrer(require_root: None, tmp_root: Path,
+                                         peer: tuple[Peer, f.ImageRef]) -> None:
+    reg, _ = peer
+    ref = f"{reg.host}/summary/one:1"
+    ok(tmp_root, "image", "pull", "-q", "--no-unpack", ref)
+    [pulled] = json.loads(ok(tmp_root, "image", "ls", "--json"))
+    root = Root(tmp_root)
+    try:  # an artifact whose subject is the image: it travels with the push
+        content = root.content()
+        blob = put_document(content, b"{}")
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": MediaType.OCI_MANIFEST,
+            "artifactType": "application/vnd.lamina.test.note",
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": blob,
+                       "size": 2},
+            "layers": [{"mediaType": "application/vnd.oci.empty.v1+json", "digest": blob,
+                        "size": 2}],
+            "subject": pulled["target"]}).encode()
+        target = Descriptor(MediaType.OCI_MANIFEST, put_document(content, manifest),
+                            len(manifest))
+        root.images().put(Image(name="note", target=target))
+    finally:
+        root.close()
+    pushed = ok(tmp_root, "image", "push", "-q", ref, f"{reg.host}/summary/noted:1")
+    assert pushed.rstrip().endswith(", 1 referrer)"), pushed

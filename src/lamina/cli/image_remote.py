@@ -12,6 +12,7 @@ from lamina.cli.common import (
     add_max_layer_size,
     add_progress,
     add_sync,
+    count,
     max_layer_size,
     sync_layers,
 )
@@ -55,10 +56,6 @@ def _progress(args: argparse.Namespace) -> Progress:
     return for_cli(json_lines=args.json_progress, quiet=args.quiet, piped_lines=True)
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
 def _images(app: App, progress: Progress, unpacking: argparse.Namespace | None = None,
             ) -> ImageService:
     """The image service; ``unpacking``: the arguments of a command that unpacks."""
@@ -84,7 +81,7 @@ def _pull(args: argparse.Namespace, app: App) -> int:
     if not args.json_progress:
         unpacked = f", unpacked {result.unpacked.chain_id}" if result.unpacked else ""
         print(f"{result.image.name}\t{result.image.target.digest}\t"
-              f"({_count(result.fetched, 'blob')} fetched, {result.present} present{unpacked})")
+              f"({count(result.fetched, 'blob')} fetched, {result.present} present{unpacked})")
     return 0
 
 
@@ -102,9 +99,9 @@ def _push(args: argparse.Namespace, app: App) -> int:
     finally:
         progress.close()
     if not args.json_progress:
-        print(f"{result.remote}\t{result.digest}\t({_count(result.uploaded, 'blob')} uploaded, "
+        print(f"{result.remote}\t{result.digest}\t({count(result.uploaded, 'blob')} uploaded, "
               f"{result.mounted} mounted, {result.existing} already there, "
-              f"{result.referrers} referrers)")
+              f"{count(result.referrers, 'referrer')})")
     return 0
 
 
