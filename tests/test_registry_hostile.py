@@ -52,9 +52,9 @@ from lamina.images.push import push
 from lamina.metadata.check import check
 from lamina.metadata.images import ImageStore
 from lamina.metadata.root import Root
+from lamina.oci.reference import parse_reference
 from lamina.remotes.auth import Authorizer, Credentials, DockerConfig, Unauthorized
 from lamina.remotes.hosts import Endpoint
-from lamina.remotes.reference import parse_reference
 from lamina.remotes.referrers import list_referrers
 from lamina.remotes.registry import Registry
 from lamina.remotes.session import RetryPolicy, Session

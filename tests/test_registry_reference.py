@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lamina.errors import InvalidArgument
-from lamina.remotes.reference import parse_reference
+from lamina.oci.reference import parse_reference
 
 D = "sha256:" + "ab" * 32
 

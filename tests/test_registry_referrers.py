@@ -21,8 +21,8 @@ from lamina.images.push import push
 from lamina.images.service import ImageService
 from lamina.metadata.images import Image, ImageStore
 from lamina.metadata.root import Root
+from lamina.oci.reference import parse_reference
 from lamina.oci.types import Descriptor, MediaType
-from lamina.remotes.reference import parse_reference
 from lamina.remotes.referrers import list_referrers, referrers_tag
 from lamina.remotes.registry import Registry
 

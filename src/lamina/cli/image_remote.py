@@ -66,7 +66,7 @@ def _images(app: App, progress: Progress, unpacking: argparse.Namespace | None =
 
 
 def _pull(args: argparse.Namespace, app: App) -> int:
-    from lamina.remotes.reference import parse_reference
+    from lamina.oci.reference import parse_reference
 
     domain = parse_reference(args.ref).domain
     progress = _progress(args)
@@ -86,7 +86,7 @@ def _pull(args: argparse.Namespace, app: App) -> int:
 
 
 def _push(args: argparse.Namespace, app: App) -> int:
-    from lamina.remotes.reference import parse_reference
+    from lamina.oci.reference import parse_reference
 
     remote = args.remote or args.ref
     domain = parse_reference(remote).domain
@@ -108,7 +108,7 @@ def _push(args: argparse.Namespace, app: App) -> int:
 def _referrers(args: argparse.Namespace, app: App) -> int:
     del app
     from lamina.cli.common import print_table
-    from lamina.remotes.reference import parse_reference
+    from lamina.oci.reference import parse_reference
     from lamina.remotes.referrers import list_referrers
     from lamina.remotes.resolver import resolve
 

@@ -3,9 +3,11 @@
 Blobs are streamed into the content store, each verified against its digest
 on commit. Documents (index.json, manifest.json) are small and read whole.
 Images are registered under ``io.containerd.image.name`` or
-``org.opencontainers.image.ref.name``; docker tags are normalised as
-containerd does (``busybox`` → ``docker.io/library/busybox:latest``). Blobs
-get containerd's GC reference labels (``containerd.io/gc.ref.content.*``,
+``org.opencontainers.image.ref.name`` as the archive spells them; docker tags
+are normalised as containerd does (``busybox`` →
+``docker.io/library/busybox:latest``; a tag that is no reference is
+InvalidArgument). Any spelling finds the image later (:mod:`lamina.images.names`).
+Blobs get containerd's GC reference labels (``containerd.io/gc.ref.content.*``,
 :func:`lamina.images.graph.label_references`) so everything an image needs
 is reachable from it. Documents are bounded as every walk's are
 (:data:`lamina.oci.limits.MAX_DOCUMENT`).
@@ -29,6 +31,7 @@ from lamina.errors import AlreadyExists, InvalidArgument, NotFound
 from lamina.images.graph import label_references, walk_descriptors
 from lamina.metadata.images import Image, ImageStore
 from lamina.oci.limits import MAX_DOCUMENT
+from lamina.oci.reference import normalize_name
 from lamina.oci.types import (
     Descriptor,
     Index,
@@ -41,24 +44,10 @@ from lamina.util.progress import Progress
 if TYPE_CHECKING:
     from lamina.content import ContentStore
 
-__all__ = ["import_images", "normalize_name", "put_document"]
+__all__ = ["import_images", "put_document"]
 
 _CHUNK = 1 << 20
 _DOCUMENTS = {"index.json", "oci-layout", "manifest.json", "repositories"}
-
-
-def normalize_name(name: str) -> str:
-    """containerd's reading of a docker reference: registry, repository and tag."""
-    if "@" in name:
-        repo, _, digest = name.partition("@")
-        return f"{normalize_name(repo).rsplit(':', 1)[0]}@{digest}"
-    last = name.rsplit("/", 1)[-1]
-    if ":" not in last:
-        name += ":latest"
-    first = name.split("/", 1)[0]
-    if "/" not in name or ("." not in first and ":" not in first and first != "localhost"):
-        name = f"docker.io/{name}" if "/" in name else f"docker.io/library/{name}"
-    return name
 
 
 @dataclass

@@ -1,30 +1,30 @@
-"""Local image names: finding an image by any spelling of its reference, naming it anew."""
+"""Local image names: finding an image by any spelling of its reference, naming it anew.
+
+A name is kept as it was given (as ctr keeps it) and found by any spelling of the
+same reference: the image store reads names through
+:func:`lamina.oci.reference.spellings`, so ``demo:1`` and ``docker.io/library/demo:1``
+are one image for every command (import, tag, pull, push, rm, run, export,
+checkpoint), and writing one of them updates the record the other names.
+"""
 
 from __future__ import annotations
 
-from lamina.errors import NotFound
 from lamina.metadata.images import Image, ImageStore
 from lamina.metadata.root import Root
-from lamina.remotes.reference import parse_reference
+from lamina.oci.reference import normalize_name
 
 __all__ = ["lookup", "tag"]
 
 
 def lookup(images: ImageStore, name: str) -> Image:
-    """Image ``name``, as given or normalised (``app:1`` finds ``docker.io/library/app:1``)."""
-    try:
-        return images.get(name)
-    except NotFound:
-        normalised = str(parse_reference(name))
-        if normalised == name:
-            raise
-        return images.get(normalised)
+    """Image ``name``, by any spelling (``app:1`` finds ``docker.io/library/app:1``)."""
+    return images.get(name)
 
 
 def tag(root: Root, source: str, target: str) -> Image:
-    """Name image ``source`` of ``root`` also as ``target`` (normalised); returns the
-    new image."""
+    """Name image ``source`` of ``root`` also as ``target`` (kept as given, once it
+    reads as a reference); returns the new image."""
+    normalize_name(target)  # InvalidArgument for a name no registry could hold
     images = root.images()
-    src = lookup(images, source)
-    return images.put(Image(name=str(parse_reference(target)), target=src.target,
-                            labels=dict(src.labels)))
+    src = images.get(source)
+    return images.put(Image(name=target, target=src.target, labels=dict(src.labels)))

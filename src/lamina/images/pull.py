@@ -65,6 +65,7 @@ from lamina.metadata.leases import LeasedContent
 from lamina.metadata.root import Root
 from lamina.oci.limits import MAX_DOCUMENT
 from lamina.oci.platforms import matches, parse_platform
+from lamina.oci.reference import Reference, parse_reference
 from lamina.oci.types import (
     CONFIG_TYPES,
     MANIFEST_TYPES,
@@ -74,7 +75,6 @@ from lamina.oci.types import (
     host_platform,
 )
 from lamina.remotes.fetcher import Cancelled, Fetcher
-from lamina.remotes.reference import Reference, parse_reference
 from lamina.remotes.registry import Registry
 from lamina.remotes.resolver import fetch_document, resolve
 from lamina.remotes.session import Session

@@ -34,9 +34,9 @@ from lamina.images.names import lookup
 from lamina.images.pull import with_source
 from lamina.labels import DISTRIBUTION_SOURCE
 from lamina.metadata.root import Root
+from lamina.oci.reference import Reference, parse_reference
 from lamina.oci.types import MANIFEST_TYPES, Descriptor
 from lamina.remotes.pusher import Outcome, Pusher, Source
-from lamina.remotes.reference import Reference, parse_reference
 from lamina.remotes.referrers import subject_of
 from lamina.remotes.registry import Registry
 from lamina.util.progress import Progress

@@ -219,7 +219,7 @@ class ImageService:
                     concurrency=concurrency, chunk_size=chunk_size, referrers=referrers)
 
     def tag(self, source: str, target: str) -> Image:
-        """Name image ``source`` also as ``target`` (normalised); returns the new image."""
+        """Name image ``source`` also as ``target`` (kept as given); returns the new image."""
         return names.tag(self.root, source, target)
 
     def remove(self, name: str) -> None:

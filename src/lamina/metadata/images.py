@@ -1,4 +1,10 @@
-"""The image store: image name → target descriptor, with labels and times."""
+"""The image store: image name → target descriptor, with labels and times.
+
+A name is stored as it was given, and found by any spelling of the same
+reference (:func:`lamina.oci.reference.spellings`): ``demo:1`` and
+``docker.io/library/demo:1`` are one image. Writing an image whose name is
+stored under another spelling updates that record, so a name never has two.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from typing import Any
 from lamina.errors import AlreadyExists, InvalidArgument
 from lamina.labels import update_labels, validate_labels
 from lamina.metadata.records import RecordStore, record_schema, time_from_ns
+from lamina.oci.reference import spellings
 from lamina.oci.types import Descriptor
 
 __all__ = ["Image", "ImageStore"]
@@ -43,6 +50,9 @@ class ImageStore(RecordStore[Image]):
             updated=time_from_ns(updated),
         )
 
+    def _spellings(self, key: str) -> list[str]:
+        return spellings(key)
+
     def __iter__(self) -> Iterator[Image]:
         return iter(self.list())
 
@@ -60,20 +70,20 @@ class ImageStore(RecordStore[Image]):
         now = time.time_ns()
         target = json.dumps(image.target.to_json(), sort_keys=True)
         with self._db.write() as c:
-            exists = self._exists(c, image.name)
-            if exists and create:
-                raise AlreadyExists(f"image {image.name!r} already exists")
-            if exists:
+            stored = self._stored(c, image.name)
+            if stored is not None and create:
+                raise AlreadyExists(f"image {stored!r} already exists")
+            if stored is not None:
                 c.execute(
                     "UPDATE images SET target=?, labels=?, updated_ns=? WHERE name=?",
-                    (target, json.dumps(labels), now, image.name),
+                    (target, json.dumps(labels), now, stored),
                 )
             else:
                 c.execute(
                     "INSERT INTO images VALUES (?,?,?,?,?)",
                     (image.name, target, json.dumps(labels), now, now),
                 )
-        return self.get(image.name)
+        return self.get(stored or image.name)
 
     def update_labels(self, name: str, labels: Mapping[str, str]) -> Image:
         image = self.get(name)

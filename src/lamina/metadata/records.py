@@ -4,13 +4,16 @@ Each store keeps its records in one table of the root's metadata database:
 a text key, the record's own columns, then the labels and the created and
 updated times every record has; a record comes back from its row through the
 store's ``_from_row``. Lookups, the sorted listing and deletion are the same for
-every kind of record, and so is the error that names a missing one.
+every kind of record, and so is the error that names a missing one. A store
+whose keys have several spellings (image names) says which in ``_spellings``:
+a lookup finds the record under any of them.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -55,14 +58,28 @@ class RecordStore(Generic[R]):
     def _missing(self, key: str) -> NotFound:
         return NotFound(f"{self.NOUN} {key!r} does not exist")
 
+    def _spellings(self, key: str) -> Sequence[str]:
+        """The keys that name the same record as ``key``, ``key`` first."""
+        return (key,)
+
+    def _stored(self, c: sqlite3.Connection, key: str) -> str | None:
+        """The key the record ``key`` is stored under (the first of its spellings
+        that is), in the transaction ``c``; None when there is none."""
+        keys = self._spellings(key)
+        marks = ",".join("?" * len(keys))
+        found = {row[0] for row in c.execute(
+            f"SELECT {self.KEY} FROM {self.TABLE} WHERE {self.KEY} IN ({marks})", keys)}
+        return next((k for k in keys if k in found), None)
+
     def _exists(self, c: sqlite3.Connection, key: str) -> bool:
         """Whether a record ``key`` exists, in the transaction ``c``."""
-        row = c.execute(f"SELECT 1 FROM {self.TABLE} WHERE {self.KEY}=?", (key,)).fetchone()
-        return row is not None
+        return self._stored(c, key) is not None
 
     def get(self, key: str) -> R:
         with self._db.read() as c:
-            row = c.execute(f"SELECT * FROM {self.TABLE} WHERE {self.KEY}=?", (key,)).fetchone()
+            stored = self._stored(c, key)
+            row = None if stored is None else c.execute(
+                f"SELECT * FROM {self.TABLE} WHERE {self.KEY}=?", (stored,)).fetchone()
         if row is None:
             raise self._missing(key)
         return self._from_row(row)
@@ -75,8 +92,10 @@ class RecordStore(Generic[R]):
 
     def delete(self, key: str) -> None:
         with self._db.write() as c:
-            if c.execute(f"DELETE FROM {self.TABLE} WHERE {self.KEY}=?", (key,)).rowcount == 0:
+            stored = self._stored(c, key)
+            if stored is None:
                 raise self._missing(key)
+            c.execute(f"DELETE FROM {self.TABLE} WHERE {self.KEY}=?", (stored,))
 
     def close(self) -> None:
         self._db.close()

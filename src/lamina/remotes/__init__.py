@@ -1,8 +1,8 @@
 """Registries: the distribution protocol, and nothing above it.
 
-The layers, from the bottom up (calls go down, never back up):
+The layers, from the bottom up (calls go down, never back up; references
+are read by :mod:`lamina.oci.reference`, below this package):
 
-``reference``   parsing and docker-style normalisation of image references
 ``hosts``       which endpoints serve a registry (``hosts.toml``: mirrors,
                 capabilities, TLS material, plain HTTP)
 ``transport``   HTTP/1.1 over ``http.client`` with TLS contexts per host,

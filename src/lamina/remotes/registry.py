@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from lamina.oci.reference import Reference
 from lamina.remotes.auth import Authorizer, Credentials, DockerConfig
 from lamina.remotes.hosts import LAMINA_HOSTS_DIR, endpoints_for
-from lamina.remotes.reference import Reference
 from lamina.remotes.session import RetryPolicy, Session
 from lamina.remotes.transport import Transport
 from lamina.util.closing import Closing

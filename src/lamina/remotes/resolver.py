@@ -25,8 +25,8 @@ from lamina.errors import (
     Unavailable,
 )
 from lamina.oci.limits import MAX_DOCUMENT
+from lamina.oci.reference import Reference
 from lamina.oci.types import INDEX_TYPES, MANIFEST_TYPES, Descriptor, MediaType, parse_json
-from lamina.remotes.reference import Reference
 from lamina.remotes.session import Session
 from lamina.remotes.transport import Response
 

@@ -15,6 +15,11 @@ The first path component is a domain when it contains ``.`` or ``:`` or is
 ``localhost``; otherwise the domain is ``docker.io`` and a one-component
 repository gets ``library/``. Anything that does not fit the grammar is
 InvalidArgument, with the reason.
+
+Local image names are kept as they were given (as ctr keeps them), and every
+spelling of one reference names the same image: :func:`spellings` lists them
+(``demo:1``, ``docker.io/library/demo:1``, ...), and the image store finds a
+record by any of them, so ``demo:1`` is one image whichever way it is typed.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ from dataclasses import dataclass
 
 from lamina.errors import InvalidArgument
 
-__all__ = ["DOCKER_HUB", "Reference", "parse_reference"]
+__all__ = ["DOCKER_HUB", "Reference", "normalize_name", "parse_reference", "spellings"]
 
 DOCKER_HUB = "docker.io"
 _LEGACY_HUB = "index.docker.io"
+_OFFICIAL = "library/"
+DEFAULT_TAG = "latest"
 MAX_NAME = 255
 
 _DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
@@ -77,7 +84,7 @@ def _split_domain(name: str) -> tuple[str, str]:
     return DOCKER_HUB, name
 
 
-def parse_reference(text: str, *, default_tag: str = "latest") -> Reference:
+def parse_reference(text: str, *, default_tag: str = DEFAULT_TAG) -> Reference:
     """Parse and normalise ``text`` (see the module docs); InvalidArgument when invalid."""
     if not isinstance(text, str) or not text:
         raise InvalidArgument("invalid reference: empty")
@@ -103,7 +110,7 @@ def parse_reference(text: str, *, default_tag: str = "latest") -> Reference:
     if not path:
         raise InvalidArgument(f"invalid reference {text!r}: no repository")
     if domain == DOCKER_HUB and "/" not in path:
-        path = f"library/{path}"
+        path = _OFFICIAL + path
     for part in path.split("/"):
         if not _PATH_PART.fullmatch(part):
             if _PATH_PART.fullmatch(part.lower()):
@@ -115,3 +122,30 @@ def parse_reference(text: str, *, default_tag: str = "latest") -> Reference:
     if not tag and not digest:
         tag = default_tag
     return Reference(domain, path, tag, digest)
+
+
+def normalize_name(name: str) -> str:
+    """The normalised spelling of image name ``name``: ``demo:1`` is
+    ``docker.io/library/demo:1``, ``demo`` is ``docker.io/library/demo:latest``, a
+    digest is kept. InvalidArgument when ``name`` is not a reference."""
+    return str(parse_reference(name))
+
+
+def spellings(name: str) -> list[str]:
+    """Every spelling of image name ``name`` that reads as the same reference,
+    ``name`` first and the normalised one next: the names a record of that image
+    may be stored under. Just ``[name]`` when ``name`` is not a reference."""
+    try:
+        ref = parse_reference(name)
+    except InvalidArgument:
+        return [name]
+    repos = [ref.repository]
+    if ref.domain == DOCKER_HUB:
+        paths = [ref.path]
+        if ref.path.startswith(_OFFICIAL):
+            paths.append(ref.path[len(_OFFICIAL):])
+        repos += [f"{host}{path}" for host in (f"{DOCKER_HUB}/", f"{_LEGACY_HUB}/", "")
+                  for path in paths]
+    suffix = (f":{ref.tag}" if ref.tag else "") + (f"@{ref.digest}" if ref.digest else "")
+    suffixes = [suffix, ""] if ref.tag == DEFAULT_TAG and not ref.digest else [suffix]
+    return list(dict.fromkeys([name, *(r + s for s in suffixes for r in repos)]))
