@@ -9,7 +9,9 @@
    always fetched. The walk is :func:`lamina.images.graph.walk`: each
    descriptor is visited once, however often indexes repeat it, and its work
    is bounded before anything is fetched, by the bounds every walk has
-   (:mod:`lamina.oci.limits`: depth, descriptors, document bytes).
+   (:mod:`lamina.oci.limits`: depth, descriptors, document bytes). A single
+   manifest pulled for named platforms must be for one of them (its config
+   says): one for another platform is NotFound, nothing fetched past its config.
 3. The blobs still missing must fit: their announced sizes (less what
    resumable ingests hold) are compared with the free space of the content
    store's filesystem, keeping :func:`lamina.archive.limits.space_reserve`
@@ -64,7 +66,7 @@ from lamina.metadata.images import Image
 from lamina.metadata.leases import LeasedContent
 from lamina.metadata.root import Root
 from lamina.oci.limits import MAX_DOCUMENT
-from lamina.oci.platforms import matches, parse_platform
+from lamina.oci.platforms import matches, parse_platform, require_config_platform
 from lamina.oci.reference import Reference, parse_reference
 from lamina.oci.types import (
     CONFIG_TYPES,
@@ -332,7 +334,11 @@ def pull(registry: Registry, reference: str, *, root: Root, snapshotter: str = "
             puller.walk(resolved.desc, resolved.data)
             for _, manifest in puller.plan.manifests:
                 if manifest.config.media_type in CONFIG_TYPES:
-                    puller.document(manifest.config, None)
+                    config = puller.document(manifest.config, None)
+                    if platforms and not all_platforms and \
+                            resolved.desc.media_type in MANIFEST_TYPES:
+                        require_config_platform(ImageConfig.parse(config).raw, wanted,
+                                                where=str(ref))
             target = _to_unpack(puller) if unpack else None
             order = _order(puller, target)
             puller.check_space(order)

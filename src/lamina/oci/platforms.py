@@ -11,6 +11,11 @@ about which one is the image, and guessing would fetch (or run) an arbitrary
 one; such an index is NotFound for a platform, and can be pulled with every
 platform or by a child's digest. Children that are not manifests or indexes
 (a checkpoint's blobs) are not a platform's: they are always kept.
+
+A single manifest names its platform in its config (``os``, ``architecture``,
+``variant``); asked for platforms explicitly, :func:`require_config_platform`
+refuses one for another platform with NotFound, as containerd's "no match for
+platform in manifest" does.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 from lamina.errors import InvalidArgument, NotFound
 from lamina.oci.types import INDEX_TYPES, MANIFEST_TYPES, Descriptor
 
-__all__ = ["matches", "parse_platform", "select_children"]
+__all__ = ["matches", "parse_platform", "require_config_platform", "select_children"]
 
 
 def parse_platform(text: str) -> dict[str, str]:
@@ -47,6 +52,20 @@ def matches(platform: Mapping[str, Any] | None, want: Mapping[str, str]) -> bool
 
 def _name(want: Mapping[str, str]) -> str:
     return "/".join(want[k] for k in ("os", "architecture", "variant") if k in want)
+
+
+def require_config_platform(config: Mapping[str, Any], wanted: Sequence[Mapping[str, str]],
+                            *, where: str) -> None:
+    """NotFound unless the image ``config`` (a manifest's) is for one of ``wanted``;
+    a config naming no variant claims none, so any variant of its architecture takes it."""
+    own = {k: v for k in ("os", "architecture", "variant")
+           if isinstance(v := config.get(k), str) and v}
+    if any(matches(own, want if "variant" in own else
+                   {k: v for k, v in want.items() if k != "variant"}) for want in wanted):
+        return
+    plats = ", ".join(_name(w) for w in wanted)
+    raise NotFound(f"{where}: no match for platform in manifest: it is for "
+                   f"{_name(own) or 'no platform'}, not {plats}")
 
 
 def select_children(children: Sequence[Descriptor], wanted: Sequence[Mapping[str, str]],
