@@ -21,7 +21,7 @@ from lamina.archive.limits import DEFAULT_MAX_LAYER_SIZE
 from lamina.errors import NotFound
 from lamina.images import names
 from lamina.images.listing import parse_filters
-from lamina.images.summary import ImageSummary, native_view, summarize
+from lamina.images.summary import ImageSummary, native_view, summarize, summarize_all
 from lamina.labels import GC_REF_SNAPSHOT
 from lamina.metadata.images import Image
 from lamina.metadata.leases import LeasedContent
@@ -87,8 +87,8 @@ class ImageService:
     def summaries(self, filters: Sequence[str] = ()) -> list[ImageSummary]:
         """The images ``filters`` select, resolved and measured (see
         :mod:`lamina.images.summary`)."""
-        return [summarize(i, content=self.content, snapshots=self.snapshots)
-                for i in self.images_list(filters)]
+        return summarize_all(self.images_list(filters), content=self.content,
+                             snapshots=self.snapshots)
 
     def summary(self, name: str) -> ImageSummary:
         """Image ``name`` (any spelling of it) resolved and measured."""

@@ -19,8 +19,8 @@ stored) has neither platform nor size: it is listed still, with blanks.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lamina.content import ContentStore
@@ -39,7 +39,8 @@ from lamina.oci.types import (
 )
 from lamina.snapshots import Snapshotter
 
-__all__ = ["ImageSummary", "docker_view", "native_view", "split_name", "summarize"]
+__all__ = ["ImageSummary", "docker_view", "native_view", "split_name", "summarize",
+           "summarize_all"]
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -128,6 +129,20 @@ def summarize(image: Image, *, content: ContentStore,
     if size is not None:
         return ImageSummary(image, desc, manifest, config, size, unpacked=True)
     return ImageSummary(image, desc, manifest, config, sum(d.size for d in manifest.layers))
+
+
+def summarize_all(images: Iterable[Image], *, content: ContentStore,
+                  snapshots: Snapshotter | None = None) -> list[ImageSummary]:
+    """:func:`summarize` for each of ``images``; names of one target are resolved once."""
+    done: dict[str, ImageSummary] = {}
+    out = []
+    for image in images:
+        known = done.get(image.target.digest)
+        if known is None:
+            known = done[image.target.digest] = summarize(image, content=content,
+                                                           snapshots=snapshots)
+        out.append(replace(known, image=image))
+    return out
 
 
 def docker_view(summary: ImageSummary) -> dict[str, Any]:
