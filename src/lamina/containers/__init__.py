@@ -3,6 +3,8 @@
 Calls in this package go one way, top to bottom; a module uses only those
 on the lines below its own, never one on its own line:
 
+0. :mod:`.autoremove` — removes a container when its detached task ends
+   (``run -d --rm``), through the service.
 1. :mod:`.service` — :class:`~.service.ContainerService`, the one entry point
    (CLI, tests): it composes the services of line 2 and alone sequences
    work across them (start = spec, record, run; remove = task, revisions;
@@ -14,9 +16,10 @@ on the lines below its own, never one on its own line:
    network (none, host, a CNI bridge) and its /etc/hosts and /etc/resolv.conf.
    None of them imports another.
 3. :mod:`.options` — the options record a container keeps (args, env, bind
-   mounts, user namespace); :mod:`.taskstate` — a container's task: there,
-   live, paused; :mod:`.logs` — what detached tasks wrote, bounded, kept
-   until the container is removed.
+   mounts, user namespace, working directory, user); :mod:`.taskstate` — a
+   container's task: there, live, paused, ended, stopped on purpose;
+   :mod:`.logs` — what detached tasks wrote, bounded, kept until the
+   container is removed.
 4. :mod:`.runtime` — OCI runtime specs and runc/CRIU tasks, knowing nothing
    of containers.
 

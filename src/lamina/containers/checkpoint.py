@@ -53,7 +53,7 @@ from lamina.archive.apply import apply_layer
 from lamina.archive.changes import write_diff
 from lamina.containers.options import bind_mounts, options_of
 from lamina.containers.runtime import TaskInfo, TaskManager, TaskStatus
-from lamina.containers.taskstate import resume_paused, task_of
+from lamina.containers.taskstate import keep, resume_paused, task_of
 from lamina.content import ContentStore
 from lamina.differ import apply_diff, create_diff
 from lamina.errors import (
@@ -336,6 +336,8 @@ class Checkpoints:
                     with timer.phase("pause"):
                         tm.pause(cid)
                 try:
+                    if exit:  # the dump ends the task; the container stays for the image
+                        keep(tm, cid)
                     with timer.phase("criu_dump"):
                         tm.checkpoint(cid, images_dir, leave_running=not exit,
                                       work_dir=workdir / "work")

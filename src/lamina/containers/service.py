@@ -42,7 +42,7 @@ from lamina.containers.options import bind_mounts, options_of, userns_of
 from lamina.containers.revisions import Revision, Revisions
 from lamina.containers.runtime import TaskInfo, TaskManager, TaskStatus
 from lamina.containers.tasks import ContainerTasks, tasks_dir
-from lamina.containers.taskstate import is_live, task_of
+from lamina.containers.taskstate import is_live, keep, task_of
 from lamina.images.service import ImageService
 from lamina.metadata.containers import Container
 from lamina.metadata.gc import collect
@@ -232,6 +232,7 @@ class ContainerService:
         """
         was_live = self.is_live(cid)
         if self.task(cid) is not None:
+            keep(self.tasks, cid)  # stopped to run again: not the container's end
             self.stop(cid, timeout=timeout)
         try:
             yield was_live

@@ -1,17 +1,29 @@
-"""A container's task as the container services see it: is there one, is it live, thaw it.
+"""A container's task as the container services see it: is there one, is it live, thaw it,
+wait for its end, was it stopped on purpose.
 
 A container's task has the container's id. Starting and stopping tasks,
 checkpointing them and putting right what an interrupted checkpoint left
 (a paused task) ask the same questions of the :class:`TaskManager`; they ask
 them here rather than of one another.
+
+A task that lamina itself stops to start again (an upgrade, a rollback) or to
+checkpoint is *kept*: a mark in its bundle tells whoever removes the container
+when its task ends (``run -d --rm``, :mod:`lamina.containers.autoremove`)
+that this end is not the container's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
+
 from lamina.containers.runtime import TaskInfo, TaskManager, TaskStatus
 from lamina.errors import NotFound
 
-__all__ = ["is_live", "resume_paused", "task_of"]
+__all__ = ["is_kept", "is_live", "keep", "resume_paused", "task_of", "wait_ended"]
+
+_KEEP = "container-kept"
 
 
 def task_of(tasks: TaskManager, cid: str) -> TaskInfo | None:
@@ -35,3 +47,38 @@ def resume_paused(tasks: TaskManager, cid: str) -> bool:
         return False
     tasks.resume(cid)
     return True
+
+
+def keep(tasks: TaskManager, cid: str) -> None:
+    """Mark the container's task as stopped by lamina on purpose (see the module docs)."""
+    bundle = tasks.bundle(cid)
+    if bundle.is_dir():
+        (bundle / _KEEP).touch()
+
+
+def is_kept(tasks: TaskManager, cid: str) -> bool:
+    """Whether the container's task was marked by :func:`keep`."""
+    return (tasks.bundle(cid) / _KEEP).exists()
+
+
+def wait_ended(tasks: TaskManager, cid: str) -> None:
+    """Block until the container's detached task has ended (its shim has exited).
+
+    A pidfd becomes readable when its process exits, so the wait costs
+    nothing however long the task runs (polling runc's state would start a
+    process every time).
+    """
+    pid = tasks.launcher.shim_pid(tasks.bundle(cid))
+    if pid is None:
+        return
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        # the shim may have exited and another process got its pid before the open
+        if tasks.launcher.shim_pid(tasks.bundle(cid)) == pid:
+            select.select([fd], [], [])
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
