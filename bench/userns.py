@@ -43,7 +43,7 @@ def run(ctx: Ctx) -> list[Row]:
 
     def start(cid: str, env: dict[str, str]) -> float:
         os.sync()
-        dt = time_cmd([*lam, "run", "--userns", f"{HOST}:{SIZE}", img.name, cid, "true"],
+        dt = time_cmd([*lam, "run", "--userns", f"{HOST}:{SIZE}", "--name", cid, img.name, "true"],
                       env=env)
         run_cmd([*lam, "container", "rm", "--force", cid])
         return dt

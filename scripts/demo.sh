@@ -63,7 +63,7 @@ run lamina image import "$WORK/v2.tar"
 run lamina image ls
 
 say "3. containers"
-run lamina run --rm demo:v1 "$ID-hello" /bin/sh -c 'echo "hello from a lamina container"; cat /etc/motd'
+run lamina run --rm --name "$ID-hello" demo:v1 /bin/sh -c 'echo "hello from a lamina container"; cat /etc/motd'
 run lamina container create demo:v1 "$ID-svc" \
     /bin/sh -c 'date >> /state; echo "state has $(cat /state | wc -l) line(s)"; cat /etc/motd'
 run lamina task start "$ID-svc"

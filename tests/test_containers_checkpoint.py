@@ -121,7 +121,7 @@ def restore(cli: Cli, *args: str, root: Path | None = None) -> tuple[int, dict[s
 
 def start_counter(cli: Cli, cid: str, *, above: int = 15, script: str = COUNTER,
                   extra: tuple[str, ...] = ()) -> int:
-    cli("run", "-d", *extra, V1, cid, "sh", "-c", script)
+    cli("run", "-d", *extra, "--name", cid, V1, "sh", "-c", script)
     return int(wait_for(lambda: (n := count_in(cli, cid)) > above and n, what="counting"))
 
 
@@ -415,7 +415,7 @@ def test_failed_checkpoint_resumes_the_task(
     with pytest.raises(AlreadyExists):
         cps.checkpoint("frail", "works:1")
     # restoring onto an existing container id fails and leaves that container alone
-    with pytest.raises(FailedPrecondition):
+    with pytest.raises(AlreadyExists):
         cps.restore("works:1", "frail")
     assert ct.tasks.state("frail").status == TaskStatus.RUNNING
     # an ordinary image is not a checkpoint

@@ -354,7 +354,8 @@ def test_checkpoint_survives_power_loss(work: Path, layout: Path,
         pytest.skip("criu is not installed (or not in $PATH)")
     root = work / "root"
     setup_root(root, lamina(root, "image", "import", str(layout)),
-               lamina(root, "run", "-d", containers.V1, "ctr", "sh", "-c", containers.IDLE))
+               lamina(root, "run", "-d", "--name", "ctr", containers.V1,
+                      "sh", "-c", containers.IDLE))
     try:
         # The container's upper directory changes outside the trace (CRIU, in the
         # container's mount namespace, copies up its /tmp through the overlay

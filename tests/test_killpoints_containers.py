@@ -222,7 +222,7 @@ CKPT = "kill/ckpt:1"
 def _running_app(root: Path, layout: Path) -> None:
     """``root`` with the images and container ``app`` running, /root/mine written."""
     lamina(root, "image", "import", str(layout))
-    lamina(root, "run", "-d", V1, "app", "sh", "-c", IDLE)
+    lamina(root, "run", "-d", "--name", "app", V1, "sh", "-c", IDLE)
     lamina(root, "task", "exec", "app", "sh", "-c", "echo kept > /root/mine")
 
 

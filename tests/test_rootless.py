@@ -281,11 +281,11 @@ def test_readme_main_flow_without_root(user: User, images: dict[str, Path]) -> N
     assert (u.root / "metadata.db").exists()  # the default per-user root
     assert os.stat(u.root / "metadata.db").st_uid == u.uid
     # a container shows the image's owners; its root is the user
-    lines = u.lamina("run", "--rm", V1, "once", "sh", "-c",
+    lines = u.lamina("run", "--rm", "--name", "once", V1, "sh", "-c",
                      "id -u; stat -c '%u:%g %a' /etc/passwd /srv/app/data").stdout.split("\n")
     assert lines[:3] == ["0", "0:0 644", "1000:1001 640"]
     # a detached task: later commands (new processes) see and stop it
-    u.lamina("run", "-d", V1, "app", "sh", "-c", f"echo kept > /kept; {IDLE}")
+    u.lamina("run", "-d", "--name", "app", V1, "sh", "-c", f"echo kept > /kept; {IDLE}")
     tasks = {t["id"]: t for t in json.loads(u.lamina("task", "ls", "--json").stdout)}
     assert tasks["app"]["status"] == "running"
     assert str(tasks["app"]["pid"]) in u.lamina("task", "ps", "app").stdout.split()
@@ -307,8 +307,8 @@ def test_readme_main_flow_without_root(user: User, images: dict[str, Path]) -> N
     check = u.lamina("check")
     assert check.stdout.strip() == "consistent", check.stdout
     # native works as well
-    out = u.lamina("--snapshotter", "native", "run", "--rm", V1, "nat", "stat", "-c", "%u:%g",
-                   "/srv/app/data").stdout
+    out = u.lamina("--snapshotter", "native", "run", "--rm", "--name", "nat", V1,
+                   "stat", "-c", "%u:%g", "/srv/app/data").stdout
     assert out.strip() == "1000:1001"
     assert u.lamina("check").stdout.strip() == "consistent"
 
@@ -455,7 +455,7 @@ def test_pull_rootless(user: User, images: dict[str, Path], tmp_path: Path) -> N
         name = f"{reg.host}/test/rootless:1"
         skopeo_push(f"oci:{user.home / 'images' / 'v1'}:{V1}", name)
         user.lamina("image", "pull", name)
-        out = user.lamina("run", "--rm", name, "pulled", "stat", "-c", "%u:%g",
+        out = user.lamina("run", "--rm", "--name", "pulled", name, "stat", "-c", "%u:%g",
                           "/srv/app/data").stdout
     assert out.strip() == "1000:1001"
     user.lamina("image", "rm", name)
@@ -504,18 +504,18 @@ def test_userns_container_inside_rootless(user: User, images: dict[str, Path]) -
     the host filesystem there (EPERM), so lamina says so and uses the chowned copy."""
     user.lamina("image", "import", str(images["v1"]))
     probe = "id -u; stat -c '%u:%g' /etc/passwd /srv/app/data"
-    out = user.lamina("run", "--rm", "--userns", "1000:2000", V1, "nested", "sh", "-c", probe,
-                      check=False)
+    out = user.lamina("run", "--rm", "--userns", "1000:2000", "--name", "nested", V1,
+                      "sh", "-c", probe, check=False)
     assert out.returncode == 5  # runc, in the container's namespace, must reach the rootfs
     assert f"{user.home} is not searchable by others" in out.stderr
     os.chmod(user.home, 0o711)
     try:
-        out = user.lamina("run", "--rm", "--userns", "1000:2000", V1, "nested", "sh", "-c",
-                          probe)
+        out = user.lamina("run", "--rm", "--userns", "1000:2000", "--name", "nested", V1,
+                          "sh", "-c", probe)
         # the copy is of the merged layers: whiteouts and opaque directories applied
         user.lamina("image", "import", str(images["corpus"]))
-        merged = user.lamina("run", "--rm", "--userns", "1000:2000", CORPUS, "nested2", "sh",
-                             "-c", "ls /corpus/opaque; ls /corpus").stdout.split()
+        merged = user.lamina("run", "--rm", "--userns", "1000:2000", "--name", "nested2",
+                             CORPUS, "sh", "-c", "ls /corpus/opaque; ls /corpus").stdout.split()
     finally:
         os.chmod(user.home, 0o700)
     assert out.stdout.split() == ["0", "0:0", "1000:1001"]
@@ -593,7 +593,7 @@ def test_debootstrap_image_imports_by_default(user: User, debian_layer: Any) -> 
         "lamina: rootless: left out 8 device nodes of a layer ('dev/console', 'dev/full', "
         "'dev/null', 'dev/ptmx', 'dev/random' and 3 more): a user namespace cannot create "
         "them (LAMINA_ROOTLESS_DEVICES=strict refuses such layers)")
-    ran = user.lamina("run", "--rm", "test/debian:1", "deb", "cat", "/etc/debian_version")
+    ran = user.lamina("run", "--rm", "--name", "deb", "test/debian:1", "cat", "/etc/debian_version")
     assert ran.stdout.strip().startswith("12")
     user.lamina("image", "rm", "test/debian:1")
     user.lamina("gc")

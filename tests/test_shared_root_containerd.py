@@ -138,7 +138,7 @@ def shared_root(workdir: Path, snapshotter: str, *, content: bool) -> Iterator[S
 
 def _cli_side(s: Shared, tar: Path) -> None:
     s.cli("image", "import", str(tar))
-    assert s.cli("run", IMG, "keep", *KEEP).stdout == ""  # writes /kept
+    assert s.cli("run", "--name", "keep", IMG, *KEEP).stdout == ""  # writes /kept
 
 
 def _containerd_side(s: Shared, tar: Path) -> None:
@@ -224,7 +224,8 @@ i = 0
 while time.time() < float(until):
     i += 1
     if kind == "cli":
-        run([*LAMINA, "run", "--rm", img, f"cli{n}-{i}", "cat", "/etc/greeting"], "hello\n")
+        run([*LAMINA, "run", "--rm", "--name", f"cli{n}-{i}", img, "cat", "/etc/greeting"],
+            "hello\n")
         if i % 2 == 0:
             run([*LAMINA, "gc"])
         if i % 3 == 0:
@@ -254,7 +255,7 @@ print(f"{kind}{n}: {i} rounds")
 def test_eight_processes_of_both_kinds_for_a_minute(tmp_root: Path, image_tar: Path) -> None:
     with shared_root(tmp_root, "overlay", content=True) as s:
         s.cli("image", "import", str(image_tar))
-        s.cli("run", IMG, "keep", *KEEP)
+        s.cli("run", "--name", "keep", IMG, *KEEP)
         s.ctr("images", "import", "--snapshotter", "lamina", str(image_tar))
         s.ctr("containers", "create", "--snapshotter", "lamina", IMG, "ctr-keep")
         until = time.time() + STRESS_SECONDS

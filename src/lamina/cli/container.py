@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -12,9 +13,15 @@ from typing import Any
 from lamina import rootless
 from lamina.cli.app import App
 from lamina.cli.common import parse_labels, print_table
+from lamina.containers.autoremove import remove_after_exit
 from lamina.containers.network import with_network
 from lamina.containers.options import make_options
-from lamina.containers.runtime import BindMount, TaskManager, parse_mount_flag
+from lamina.containers.runtime import (
+    BindMount,
+    TaskManager,
+    parse_mount_flag,
+    parse_volume_flag,
+)
 from lamina.containers.service import ContainerService
 from lamina.containers.tasks import tasks_dir
 from lamina.errors import InvalidArgument
@@ -46,22 +53,65 @@ def services(app: App) -> Iterator[ContainerService]:
         images.close()
 
 
+def _env_entries(args: argparse.Namespace) -> list[str]:
+    """``--env-file`` lines, then ``-e`` entries; ``KEY`` alone takes this process's
+    value (and is left out when it has none), as docker does."""
+    entries: list[str] = []
+    for path in args.env_file or []:
+        with open(path, encoding="utf-8") as f:
+            entries += [line.strip() for line in f
+                        if line.strip() and not line.lstrip().startswith("#")]
+    entries += list(args.env or [])
+    out = []
+    for item in entries:
+        key, eq, _ = item.partition("=")
+        if eq:
+            out.append(item)
+        elif key in os.environ:
+            out.append(f"{key}={os.environ[key]}")
+    return out
+
+
+def _volumes(values: list[str]) -> list[BindMount]:
+    """``-v`` bind mounts; a host directory that is missing is made, as docker does."""
+    mounts = [parse_volume_flag(v) for v in values]
+    for m in mounts:
+        os.makedirs(m.source, exist_ok=True)
+    return mounts
+
+
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The container options (:func:`make_options`) the flags of :func:`add_create_flags`
+    and the command ask for."""
     mounts: list[BindMount] = [parse_mount_flag(m) for m in args.mount or []]
+    mounts += _volumes(args.volume or [])
     cmd = list(args.cmd or [])
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     userns = parse_userns(args.userns) if getattr(args, "userns", None) else None
-    options = make_options(args=cmd or None, env=list(args.env or []), mounts=mounts,
-                           userns=userns)
+    options = make_options(args=cmd or None, env=_env_entries(args), mounts=mounts,
+                           userns=userns, cwd=args.workdir, user=args.user)
     return with_network(options, args.net)
 
 
 def add_create_flags(v: argparse.ArgumentParser) -> None:
-    v.add_argument("--label", action="append", metavar="K=V", help="container label")
+    """The flags that choose a new container's options (``run`` and ``container create``)."""
+    v.add_argument("-l", "--label", action="append", metavar="K=V", help="container label")
     v.add_argument("--mount", action="append", metavar="SPEC",
                    help="bind mount: type=bind,src=/host,dst=/ctr[,ro]")
-    v.add_argument("--env", action="append", metavar="K=V", help="environment variable")
+    v.add_argument("-v", "--volume", action="append", metavar="/HOST:/CTR[:ro]",
+                   help="bind mount the host path /HOST at /CTR (docker's form; read-only "
+                   "with :ro); a missing host directory is created")
+    v.add_argument("-e", "--env", action="append", metavar="K=V",
+                   help="environment variable; K alone passes on this shell's value of K")
+    v.add_argument("--env-file", action="append", metavar="FILE",
+                   help="read environment variables from FILE, one K=V (or K) a line; "
+                   "# starts a comment")
+    v.add_argument("-w", "--workdir", "--cwd", metavar="DIR",
+                   help="working directory inside the container (replaces the image's)")
+    v.add_argument("-u", "--user", metavar="UID[:GID]",
+                   help="user (and group) the command runs as, numeric or a name from the "
+                   "image's /etc/passwd (replaces the image's)")
     v.add_argument("--userns", metavar="HOSTID:SIZE",
                    help="own user namespace: container IDs 0..SIZE-1 are host HOSTID.. "
                    "(HOSTUID:HOSTGID:SIZE for different uid and gid bases); the image "
@@ -71,10 +121,6 @@ def add_create_flags(v: argparse.ArgumentParser) -> None:
                    help="the container's network: none (its own, loopback only; the "
                    "default), host (the host's), bridge (an address on the lamina0 "
                    "bridge, 10.88.0.0/16, through the CNI plugins; root only)")
-    v.add_argument("image", metavar="IMAGE")
-    v.add_argument("id", metavar="ID")
-    v.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD",
-                   help="command (replaces the image's Cmd)")
 
 
 def _create(args: argparse.Namespace, app: App) -> int:
@@ -132,12 +178,27 @@ def _info(args: argparse.Namespace, app: App) -> int:
 
 
 def _rm(args: argparse.Namespace, app: App) -> int:
+    if args.after_exit:
+        return _rm_after_exit(args, app)
     with services(app) as ct:
         for cid in args.ids:
             ct.get(cid)
         for i, cid in enumerate(args.ids, 1):
             ct.remove(cid, force=args.force, sync=i == len(args.ids))
             print(cid)
+    return 0
+
+
+def _rm_after_exit(args: argparse.Namespace, app: App) -> int:
+    if len(args.ids) != 1:
+        raise InvalidArgument("--after-exit takes one container ID")
+    cid = args.ids[0]
+    tasks = TaskManager(tasks_dir(app.root))
+    try:
+        if remove_after_exit(tasks, cid, lambda: services(app)):
+            print(cid)
+    finally:
+        tasks.close()
     return 0
 
 
@@ -209,8 +270,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("container", aliases=["containers", "c"], help="manage containers")
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    v = verbs.add_parser("create", help="create a container on an image")
+    v = verbs.add_parser("create", help="create a container on an image (ctr's form: "
+                         "IMAGE ID [CMD...]; lamina run takes docker's)")
     add_create_flags(v)
+    v.add_argument("image", metavar="IMAGE")
+    v.add_argument("id", metavar="ID")
+    v.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD",
+                   help="command (replaces the image's Cmd)")
     v.set_defaults(handler=_create)
 
     v = verbs.add_parser("ls", aliases=["list"], help="list containers")
@@ -229,6 +295,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                          help="remove containers (their revisions too), then collect garbage")
     v.add_argument("ids", nargs="+", metavar="ID")
     v.add_argument("-f", "--force", action="store_true", help="kill a running task first")
+    v.add_argument("--after-exit", action="store_true",
+                   help="wait until the container's detached task ends, then remove it "
+                   "(what run -d --rm starts in the background); a task lamina stops to "
+                   "upgrade, roll back or checkpoint the container does not count")
     v.set_defaults(handler=_rm)
 
     v = verbs.add_parser("upgrade", help="move a container to another image, keeping its writes")

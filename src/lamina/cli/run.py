@@ -1,46 +1,108 @@
-"""``lamina run``: create a container and start its task (foreground or detached)."""
+"""``lamina run``: create a container and start its task, in docker's and nerdctl's form.
+
+``lamina run [flags] IMAGE [COMMAND [ARG...]]``: flags come before the image,
+everything after it is the command. The container is named by ``--name`` or
+gets a random 12-hex-digit ID, printed (as nerdctl prints its ID) when the
+task runs detached. ``lamina container create IMAGE ID [CMD...]`` keeps ctr's
+form.
+
+``-t`` sets ``terminal: true`` in the runtime spec and leaves the terminal to
+runc: ``runc run`` in the foreground makes the pseudo-terminal, receives its
+master over a socket pair of its own, copies between it and lamina's
+terminal (set raw, restored at the end) and passes window size changes on.
+A console socket of lamina's would only be needed for a detached task,
+where nobody is there to type: ``-t`` and ``-i`` need the foreground.
+
+``--rm`` with ``-d`` leaves a small process behind that removes the container
+when its task ends (:mod:`lamina.containers.autoremove`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import secrets
+import subprocess
+import sys
+from pathlib import Path
 
 from lamina.cli.app import App
 from lamina.cli.common import parse_labels
 from lamina.cli.container import add_create_flags, options_from_args, services
-from lamina.errors import InvalidArgument, LaminaError
+from lamina.errors import InvalidArgument, LaminaError, NotImplementedErr
 
 __all__ = ["register"]
 
 
+def _check(args: argparse.Namespace) -> None:
+    if args.detach and (args.tty or args.interactive):
+        raise NotImplementedErr("-t and -i need the task in the foreground (lamina has no "
+                                "attach); leave out -d, or -t and -i")
+    if args.tty and not any(f.isatty() for f in (sys.stdin, sys.stdout, sys.stderr)):
+        raise InvalidArgument("-t: lamina's standard input, output and error are not "
+                              "terminals; leave out -t")
+
+
+def _remove_after_exit(app: App, cid: str, log: Path) -> None:
+    """Start the process that removes ``cid`` when its detached task ends (see
+    :mod:`lamina.containers.autoremove`); what goes wrong there is in ``log``."""
+    argv = [sys.executable, "-m", "lamina", "--root", app.root, "--snapshotter",
+            app.snapshotter, "container", "rm", "--after-exit", cid]
+    with open(log, "ab") as out:
+        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=out,
+                         start_new_session=True, close_fds=True)
+
+
 def _run(args: argparse.Namespace, app: App) -> int:
-    if args.rm and args.detach:
-        raise InvalidArgument("--rm and -d do not go together (a detached task outlives run)")
+    _check(args)
+    cid = args.name or secrets.token_hex(6)
     labels = parse_labels(args.label)
+    options = options_from_args(args)
+    # without -i the container reads nothing (and runc copies nothing to a pty)
+    stdin = None if args.interactive else subprocess.DEVNULL
     with services(app) as ct:
-        ct.create(args.image, args.id, labels=labels, options=options_from_args(args))
+        ct.create(args.image, cid, labels=labels, options=options)
         try:
-            info = ct.start(args.id, detach=args.detach)
+            info = ct.start(cid, detach=args.detach, terminal=args.tty, stdin=stdin)
         except BaseException:
             if args.rm:
                 with contextlib.suppress(LaminaError):
-                    ct.remove(args.id, force=True)
+                    ct.remove(cid, force=True)
             raise
         if args.detach:
-            print(info.pid)
+            if args.rm:
+                _remove_after_exit(app, cid, ct.tasks.bundle(cid) / "autoremove.log")
+            print(cid)
             return 0
         code = info.exit_code if info.exit_code is not None else 255
         with contextlib.suppress(LaminaError):
-            ct.tasks.delete(args.id, force=True)
+            ct.tasks.delete(cid, force=True)
         if args.rm:
-            ct.remove(args.id, force=True, sync=True)
+            ct.remove(cid, force=True, sync=True)
     return code
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    v = sub.add_parser("run", help="create a container and run its task")
-    v.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    v = sub.add_parser(
+        "run", help="create a container and run its task (docker's form: "
+        "run [flags] IMAGE [COMMAND [ARG...]])",
+        description="Create a container on IMAGE and run COMMAND (default: the image's) "
+        "in it. Flags go before IMAGE; everything after IMAGE is the command.")
+    v.add_argument("--name", metavar="ID",
+                   help="the container's ID (default: 12 random hex digits)")
+    v.add_argument("--rm", action="store_true",
+                   help="remove the container when its task ends (with -d too: a small "
+                   "background process waits for the end)")
     v.add_argument("-d", "--detach", action="store_true",
-                   help="run in the background; print the pid")
+                   help="run in the background; print the container's ID")
+    v.add_argument("-t", "--tty", action="store_true",
+                   help="give the command a pseudo-terminal joined to this one (raw mode "
+                   "while it runs, window size passed on)")
+    v.add_argument("-i", "--interactive", action="store_true",
+                   help="keep standard input attached (without it the command reads "
+                   "nothing)")
     add_create_flags(v)
+    v.add_argument("image", metavar="IMAGE")
+    v.add_argument("cmd", nargs=argparse.REMAINDER, metavar="COMMAND",
+                   help="command and arguments (replace the image's Cmd)")
     v.set_defaults(handler=_run)
