@@ -142,6 +142,7 @@ def test_filters(root: Path, image: f.ImageRef) -> None:
     ok(root, "image", "tag", "demo:1", labelled)
     assert _names(root, "reference=demo") == ["demo:1"]  # a repository: every tag
     assert _names(root, "reference=d*:1") == ["demo:1"]
+    assert _names(root, "reference=docker.io/library/demo") == ["demo:1"]  # any spelling
     assert _names(root, "reference=registry.example.com:5000/*") == []  # * keeps to a part
     assert _names(root, "reference=demo", "reference=labelled") == ["demo:1", labelled]
     assert _names(root, "dangling=true") == [later]

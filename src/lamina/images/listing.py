@@ -3,8 +3,9 @@
 * ``reference=PATTERN``: the name matches a glob whose ``*``, ``?`` and
   ``[…]`` stay within one ``/``-separated part (docker's ``path.Match``); the
   repository alone matches too, so ``reference=app`` finds every tag of
-  ``app``, and so do the short forms of Docker Hub names
-  (``docker.io/library/alpine:3`` is ``alpine:3``);
+  ``app``, and so does every spelling of the name
+  (:func:`lamina.oci.reference.spellings`: ``docker.io/library/alpine:3`` is
+  ``alpine:3``);
 * ``before=REF`` / ``since=REF``: recorded here before / after image ``REF``;
 * ``label=KEY`` / ``label=KEY=VALUE``: the image record has that label (with
   that value), in containerd's selector semantics (:mod:`lamina.util.filters`);
@@ -24,13 +25,13 @@ from datetime import datetime
 from lamina.errors import InvalidArgument
 from lamina.images.summary import split_name
 from lamina.metadata.images import Image
+from lamina.oci.reference import spellings
 from lamina.util.filters import Selector, make_lookup
 
 __all__ = ["KEYS", "ImageFilter", "parse_filters"]
 
 KEYS = ("before", "dangling", "label", "reference", "since")
 
-_HUB_PREFIXES = ("docker.io/library/", "docker.io/")
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 ImageFilter = Callable[[Image], bool]
@@ -42,14 +43,11 @@ def _glob(pattern: str, name: str) -> bool:
         fnmatch.fnmatchcase(h, w) for w, h in zip(want, have, strict=True))
 
 
-def _spellings(name: str) -> list[str]:
-    """``name``, its repository, and the same without a Docker Hub prefix."""
-    out = [name, split_name(name)[0]]
-    for prefix in _HUB_PREFIXES:
-        if name.startswith(prefix):
-            out += [s.removeprefix(prefix) for s in out[:2]]
-            break
-    return out
+def _candidates(name: str) -> list[str]:
+    """What a reference pattern is matched with: every spelling of ``name`` and the
+    repository of each."""
+    out = spellings(name)
+    return [*out, *(split_name(s)[0] for s in out)]
 
 
 def _created(image: Image) -> datetime:
@@ -78,7 +76,7 @@ def parse_filters(texts: Sequence[str], *, lookup: Callable[[str], Image]) -> Im
             tests.append(_dangling(text, value))
     if references:
         tests.append(lambda i: any(_glob(p, s) for p in references
-                                   for s in _spellings(i.name)))
+                                   for s in _candidates(i.name)))
     return lambda image: all(t(image) for t in tests)
 
 
