@@ -146,6 +146,8 @@ def test_filters(root: Path, image: f.ImageRef) -> None:
     assert _names(root, "reference=registry.example.com:5000/*") == []  # * keeps to a part
     assert _names(root, "reference=demo", "reference=labelled") == ["demo:1", labelled]
     assert _names(root, "dangling=true") == [later]
+    ok(root, "image", "tag", "demo:1", "bare")  # bare:latest, not dangling
+    assert _names(root, "reference=bare:latest", "dangling=false") == ["bare"]
     assert later not in _names(root, "dangling=false")
     assert "demo:1" in _names(root, "before=labelled:2")
     assert _names(root, "since=demo:1", "reference=labelled:*") == [labelled]

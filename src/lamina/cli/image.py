@@ -182,7 +182,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v.add_argument("--filter", "-f", action="append", metavar="KEY=VALUE",
                    help="only the images that match (repeatable): reference=PATTERN "
                    "(a glob on the name), before=REF, since=REF, label=KEY[=VALUE], "
-                   "dangling=true|false (a name without a tag)")
+                   "dangling=true|false (only a digest names it)")
     add_examples(
         v,
         ("the images, as nerdctl images shows them", "lamina image ls"),

@@ -9,8 +9,9 @@
 * ``before=REF`` / ``since=REF``: recorded here before / after image ``REF``;
 * ``label=KEY`` / ``label=KEY=VALUE``: the image record has that label (with
   that value), in containerd's selector semantics (:mod:`lamina.util.filters`);
-* ``dangling=true|false``: the name has (false) or lacks (true) a tag, as
-  nerdctl counts an image that only a digest names.
+* ``dangling=true|false``: only a digest names the image (``app@sha256:…``), or
+  not: lamina keeps no image without a name, so this is the nearest to docker's
+  untagged images.
 
 Several ``reference`` filters match when any does; every other filter must
 match. An unknown key or a malformed value is InvalidArgument.

@@ -44,14 +44,15 @@ __all__ = ["ImageSummary", "docker_view", "native_view", "split_name", "summariz
 
 
 def split_name(name: str) -> tuple[str, str]:
-    """``name`` as docker's REPOSITORY and TAG; the tag is empty when the name has
-    none (``app@sha256:…``, a bare ``app``)."""
-    repository = name.partition("@")[0]
+    """``name`` as docker's REPOSITORY and TAG: a bare ``app`` is ``app:latest`` (as
+    every command reads it); the tag is empty when only a digest names the image
+    (``app@sha256:…``)."""
+    repository, at, _ = name.partition("@")
     slash = repository.rfind("/")
     colon = repository.rfind(":")
     if colon > slash:  # a port (``host:5000/app``) comes before a slash
         return repository[:colon], repository[colon + 1:]
-    return repository, ""
+    return repository, "" if at else "latest"
 
 
 @dataclass(frozen=True)
