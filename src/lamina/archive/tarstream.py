@@ -37,6 +37,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import sys
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -82,6 +83,12 @@ TYPE_FIFO = "6"
 
 _ZERO_BLOCK = bytes(BLOCK)
 _DIGITS = b"0123456789"
+_OCTAL_DIGITS = b"01234567"
+#: numeric header fields already parsed (bytes -> value), bounded
+_SEEN: dict[bytes, int] = {}
+_SEEN_MAX = 4096
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
 # member types whose size field never announces data
 _HEADER_ONLY = frozenset("123456")
 _S_IFMT = 0o170000
@@ -149,9 +156,21 @@ def _octal(fieldb: bytes, what: str) -> int:
     s = fieldb.split(b"\0", 1)[0].strip(b" ")
     if not s:
         return 0
-    if not s.isdigit() or b"8" in s or b"9" in s:
+    if s.translate(None, _OCTAL_DIGITS):
         raise _bad(f"{what} field {fieldb!r} is not an octal number")
     return int(s, 8)
+
+
+def _octal_seen(fieldb: bytes, what: str) -> int:
+    """:func:`_octal` of a field whose values repeat member after member (modes,
+    owners, times): each distinct field is parsed once per process."""
+    value = _SEEN.get(fieldb)
+    if value is None:
+        value = _octal(fieldb, what)
+        if len(_SEEN) >= _SEEN_MAX:
+            _SEEN.clear()
+        _SEEN[fieldb] = value
+    return value
 
 
 def _decimal(value: bytes, what: str) -> int:
@@ -181,7 +200,7 @@ def _cstr(fieldb: bytes) -> bytes:
 def _name(raw: bytes, what: str) -> str:
     if b"\0" in raw:
         raise _bad(f"{what} contains a NUL byte")
-    return os.fsdecode(raw)
+    return raw.decode(_FS_ENCODING, _FS_ERRORS)  # os.fsdecode, without its type checks
 
 
 def parse_pax(data: bytes) -> dict[str, bytes]:
@@ -433,15 +452,15 @@ class TarReader:
         if long_name is not None:
             name_b = long_name
         link_b = long_link if long_link is not None else _cstr(block[157:257])
-        raw_mode = _octal(block[100:108], "mode")
-        mtime_s = _octal(block[136:148], "mtime")
+        raw_mode = _octal_seen(block[100:108], "mode")
+        mtime_s = _octal_seen(block[136:148], "mtime")
         entry = TarEntry(
             name="",
             type=tflag,
             size=size,
             mode=raw_mode & 0o7777,
-            uid=_octal(block[108:116], "uid"),
-            gid=_octal(block[116:124], "gid"),
+            uid=_octal_seen(block[108:116], "uid"),
+            gid=_octal_seen(block[116:124], "gid"),
             mtime_ns=mtime_s * 1_000_000_000,
             is_socket=(raw_mode & _S_IFMT) == _S_IFSOCK,
         )
@@ -489,32 +508,35 @@ class TarReader:
     @staticmethod
     def _check_values(e: TarEntry, raw_mode: int, mtime_s: int) -> None:
         """Numbers and xattrs no Linux filesystem could store (see the module docs)."""
-        who = show_name(e.name)
+
+        def who() -> str:  # only for an error: most members have none
+            return show_name(e.name)
+
         if not (0 <= e.uid <= limits.MAX_ID and 0 <= e.gid <= limits.MAX_ID):
-            raise _bad(f"{who}: owner {e.uid}:{e.gid} out of range (0..{limits.MAX_ID})")
+            raise _bad(f"{who()}: owner {e.uid}:{e.gid} out of range (0..{limits.MAX_ID})")
         if not 0 <= raw_mode <= limits.MAX_MODE:
-            raise _bad(f"{who}: mode {raw_mode:#o} out of range (0..{limits.MAX_MODE:#o})")
+            raise _bad(f"{who()}: mode {raw_mode:#o} out of range (0..{limits.MAX_MODE:#o})")
         if abs(mtime_s) > limits.MAX_TIME_S:
-            raise _bad(f"{who}: mtime {mtime_s} out of range (64-bit seconds)")
+            raise _bad(f"{who()}: mtime {mtime_s} out of range (64-bit seconds)")
         if not (0 <= e.devmajor <= limits.MAX_DEVMAJOR
                 and 0 <= e.devminor <= limits.MAX_DEVMINOR):
-            raise _bad(f"{who}: device number {e.devmajor}:{e.devminor} out of range "
+            raise _bad(f"{who()}: device number {e.devmajor}:{e.devminor} out of range "
                        f"(major 0..{limits.MAX_DEVMAJOR}, minor 0..{limits.MAX_DEVMINOR})")
         if e.xattrs:
             if len(e.xattrs) > limits.MAX_XATTRS:
-                raise _bad(f"{who}: {len(e.xattrs)} xattrs (limit {limits.MAX_XATTRS})")
+                raise _bad(f"{who()}: {len(e.xattrs)} xattrs (limit {limits.MAX_XATTRS})")
             total = 0
             for key, value in e.xattrs.items():
                 klen = len(key.encode("utf-8", "surrogateescape"))
                 if klen > limits.MAX_XATTR_NAME:
-                    raise _bad(f"{who}: xattr name {show_name(key, 40)} is {klen} bytes "
+                    raise _bad(f"{who()}: xattr name {show_name(key, 40)} is {klen} bytes "
                                f"(limit {limits.MAX_XATTR_NAME})")
                 if len(value) > limits.MAX_XATTR_VALUE:
-                    raise _bad(f"{who}: xattr {show_name(key, 40)} value is {len(value)} "
+                    raise _bad(f"{who()}: xattr {show_name(key, 40)} value is {len(value)} "
                                f"bytes (limit {limits.MAX_XATTR_VALUE})")
                 total += klen + len(value)
             if total > limits.MAX_XATTR_TOTAL:
-                raise _bad(f"{who}: xattrs take {total} bytes (limit {limits.MAX_XATTR_TOTAL})")
+                raise _bad(f"{who()}: xattrs take {total} bytes (limit {limits.MAX_XATTR_TOTAL})")
 
     @staticmethod
     def _apply_pax(entry: TarEntry, recs: dict[str, bytes]) -> None:
