@@ -8,10 +8,10 @@ and builds the tree that apply_layer would leave on an empty directory (see
 
 Streaming: a regular file's whole blocks go into the image as they are read
 (blocks of zeros are left as holes of a sparse image file); its last partial
-block goes to an unlinked spool file, and comes back when the metadata is laid
-out, inline after its inode where it fits (FLAT_INLINE). Memory follows the
-number of entries (a small record each), never file sizes. The metadata is
-written after the data (:mod:`lamina.erofs.image`).
+block is kept aside (in memory, up to 32 MiB of them, then in an unlinked
+file), and comes back when the metadata is laid out, inline after its inode
+where it fits (FLAT_INLINE). Memory follows the number of entries (a small
+record each), never file sizes. The metadata is written after the data (:mod:`lamina.erofs.image`).
 
 Failure model: the image is written to a temporary file in the destination's
 directory, fsynced, and renamed into place (then the directory is fsynced);
@@ -22,6 +22,7 @@ in the data area.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import tempfile
@@ -44,6 +45,7 @@ __all__ = ["WrittenImage", "write_image"]
 BLK = F.EROFS_BLKSIZ
 _CHUNK = 1 << 20
 _ZEROS = bytes(_CHUNK)
+_TAILS_IN_MEMORY = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -68,19 +70,62 @@ def _is_zero(chunk: memoryview) -> bool:
     return chunk.tobytes() == (_ZEROS if n == _CHUNK else bytes(n))
 
 
-class _Data:
-    """The data area and the tail spool."""
+class _Tails:
+    """The last partial blocks of regular files, kept aside until the metadata
+    is laid out: in memory up to :data:`_TAILS_IN_MEMORY` bytes (a write and a
+    read per file cost more than the copy), in an unlinked file in
+    ``directory`` beyond."""
 
-    def __init__(self, fd: int, spool: IO[bytes]) -> None:
+    def __init__(self, directory: str) -> None:
+        self._directory = directory
+        self._memory = bytearray()
+        self._file: IO[bytes] | None = None
+        self.size = 0
+
+    def add(self, reader: TarReader) -> int:
+        """Keep the rest of the member ``reader`` is in; where it went."""
+        at = self.size
+        if self._file is None:
+            memory = self._memory
+            while reader.remaining:
+                memory += reader.read_data(BLK)
+            self.size = len(memory)
+            if self.size > _TAILS_IN_MEMORY:
+                self._file = tempfile.TemporaryFile(dir=self._directory)  # noqa: SIM115
+                self._file.write(memory)
+                self._memory = bytearray()
+            return at
+        while reader.remaining:
+            chunk = reader.read_data(BLK)
+            self._file.write(chunk)
+            self.size += len(chunk)
+        return at
+
+    def get(self, at: int, n: int) -> bytes:
+        if self._file is None:
+            return bytes(self._memory[at:at + n])
+        self._file.flush()
+        data = os.pread(self._file.fileno(), n, at)
+        if len(data) != n:  # pragma: no cover - the file is ours
+            raise Internal("EROFS image: spool file came back short")
+        return data
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+class _Data:
+    """The data area and the tails."""
+
+    def __init__(self, fd: int, tails: _Tails) -> None:
         self.fd = fd
-        self.spool = spool
-        self.spool_fd = spool.fileno()
-        self.spool_off = 0
+        self.tails = tails
         self.next_block = 1  # block 0 holds the superblock
 
     def stream(self, node: Inode, reader: TarReader) -> None:
-        """Copy the member's data: whole blocks to the image, the tail to the
-        spool (or, when it cannot fit inline, to the block after them)."""
+        """Copy the member's data: whole blocks to the image, the tail aside
+        (or, when it cannot fit inline, to the block after them)."""
         size = reader.remaining
         node.size = size
         whole = size - size % BLK
@@ -105,18 +150,10 @@ class _Data:
             left -= n
         self.next_block += -(-whole // BLK)
         if size % BLK and not node.tail_in_data:
-            tail = bytearray()
-            while reader.remaining:
-                tail += reader.read_data(BLK)
-            node.tail_at = self.spool_off
-            self.spool.write(tail)
-            self.spool_off += len(tail)
+            node.tail_at = self.tails.add(reader)
 
     def tail(self, node: Inode, n: int) -> bytes:
-        data = os.pread(self.spool_fd, n, node.tail_at)
-        if len(data) != n:  # pragma: no cover - the spool is ours
-            raise Internal("EROFS image: spool file came back short")
-        return data
+        return self.tails.get(node.tail_at, n)
 
 
 def write_image(
@@ -171,9 +208,9 @@ def write_image(
     current: TarEntry | None = None
     try:
         with atomic_file(dest, mode=0o644) as fd, \
-                tempfile.TemporaryFile(dir=directory) as spool, \
+                contextlib.closing(_Tails(directory)) as tails, \
                 open_decompressed(stream, max_size=max_size) as plain:
-            data = _Data(fd, spool)
+            data = _Data(fd, tails)
             reader = TarReader(plain, meter)
             while (e := reader.next()) is not None:
                 current = e
@@ -199,7 +236,6 @@ def write_image(
             if drop_needless_whiteouts:
                 tree.drop_needless_whiteouts(below)
                 tree.prune_implicit()
-            spool.flush()
             layout = write_metadata(fd, tree.root, data_end=data.next_block,
                                     read_tail=data.tail, uuid=meter.digest.digest()[:16])
     except LaminaError:
