@@ -44,7 +44,6 @@ free space             stop when less than         the disk never fills: lamina'
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 from collections.abc import Callable
@@ -199,6 +198,8 @@ class LayerMeter:
     ``progress`` how many bytes were read so far."""
 
     def __init__(self, space: SpaceGuard, progress: Callable[[int], None] | None) -> None:
+        import hashlib  # here: the image commands import this module for its limits
+
         self.digest = hashlib.sha256()
         self.count = 0
         self._space = space

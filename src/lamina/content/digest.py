@@ -7,13 +7,15 @@ Anything else is :class:`~lamina.errors.InvalidArgument`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from lamina.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    import hashlib
 
 __all__ = [
     "SHA256",
@@ -22,6 +24,7 @@ __all__ = [
     "HashingWriter",
     "digest_file",
     "parse_digest",
+    "sha256",
     "sha256_digest",
     "validate_digest",
 ]
@@ -60,14 +63,22 @@ def validate_digest(s: str) -> str:
     return s
 
 
+def sha256(data: bytes = b"") -> hashlib._Hash:
+    """A SHA-256 hasher. hashlib (OpenSSL's) is loaded when something is first hashed:
+    every command imports the content store, and listing one hashes nothing."""
+    import hashlib
+
+    return hashlib.sha256(data)
+
+
 def sha256_digest(data: bytes) -> str:
     """The digest string of ``data``."""
-    return f"{SHA256}:{hashlib.sha256(data).hexdigest()}"
+    return f"{SHA256}:{sha256(data).hexdigest()}"
 
 
 def digest_file(path: str | os.PathLike[str], *, limit: int | None = None) -> tuple[str, int]:
     """Hash a file (or its first ``limit`` bytes) in chunks: ``(digest, size)``."""
-    h = hashlib.sha256()
+    h = sha256()
     size = 0
     with open(path, "rb") as f:
         while limit is None or size < limit:
@@ -85,7 +96,7 @@ class HashingReader:
 
     def __init__(self, raw: IO[bytes] | Any) -> None:
         self._raw = raw
-        self._hash = hashlib.sha256()
+        self._hash = sha256()
         self.size = 0
 
     def read(self, n: int = -1) -> bytes:
@@ -103,7 +114,7 @@ class HashingWriter:
 
     def __init__(self, raw: IO[bytes] | Any) -> None:
         self._raw = raw
-        self._hash = hashlib.sha256()
+        self._hash = sha256()
         self.size = 0
 
     def write(self, data: bytes) -> int:

@@ -60,7 +60,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -81,7 +80,7 @@ from lamina.content import (
     Status,
     validate_labels,
 )
-from lamina.content.digest import SHA256, digest_file, parse_digest, validate_digest
+from lamina.content.digest import SHA256, digest_file, parse_digest, sha256, validate_digest
 from lamina.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -164,7 +163,7 @@ def _write_text(path: Path, text: str) -> None:
 
 def _rehash(fd: int, size: int) -> Any:
     """A sha256 object fed with the first ``size`` bytes of ``fd``."""
-    h = hashlib.sha256()
+    h = sha256()
     pos = 0
     while pos < size:
         chunk = os.pread(fd, min(COPY_CHUNK, size - pos), pos)
@@ -645,7 +644,7 @@ class LocalContentStore(ScopedViews, Closing):
     # ---------------------------------------------------------------- ingests
 
     def _ingest_path(self, ref: str) -> Path:
-        return self.ingest_dir / hashlib.sha256(ref.encode()).hexdigest()
+        return self.ingest_dir / sha256(ref.encode()).hexdigest()
 
     def writer(self, ref: str, *, total: int = 0, expected: str = "") -> LocalWriter:
         _validate_ref(ref)
@@ -752,7 +751,7 @@ class LocalContentStore(ScopedViews, Closing):
             os.close(fd)
             raise
         crash.point("content.ingest.created")
-        return LocalWriter(self, ref, ingest, lock, fd, offset=0, hasher=hashlib.sha256(),
+        return LocalWriter(self, ref, ingest, lock, fd, offset=0, hasher=sha256(),
                            total=total, expected=expected, started_at=started)
 
     def _commit_ingest(

@@ -25,11 +25,11 @@ unpack's choice of manifest, the GC labels of import and checkpoint — runs
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from lamina.content import set_labels
+from lamina.content.digest import sha256_digest
 from lamina.errors import InvalidArgument, NotFound, ResourceExhausted
 from lamina.labels import GC_REF_CONTENT
 from lamina.oci.limits import LIMITS, Limits
@@ -70,7 +70,7 @@ def read_document(content: ContentStore, desc: Descriptor, *,
                               f"than the {limits.document} allowed")
     with content.reader(desc.digest) as r:
         data = r.read(limits.document + 1)
-    if len(data) != desc.size or f"sha256:{hashlib.sha256(data).hexdigest()}" != desc.digest:
+    if len(data) != desc.size or sha256_digest(data) != desc.digest:
         raise InvalidArgument(f"{desc.digest}: content does not match its descriptor")
     return data
 

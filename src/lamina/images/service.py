@@ -12,19 +12,18 @@ fetches and uploads. Every walk over an image's descriptors is
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 from lamina.archive.limits import DEFAULT_MAX_LAYER_SIZE
+from lamina.content.digest import sha256
 from lamina.errors import NotFound
 from lamina.images import names
 from lamina.images.listing import parse_filters
 from lamina.images.summary import ImageSummary, native_view, summarize, summarize_all
 from lamina.labels import GC_REF_SNAPSHOT
 from lamina.metadata.images import Image
-from lamina.metadata.leases import LeasedContent
 from lamina.metadata.root import Root
 from lamina.snapshots import Snapshotter
 from lamina.util.progress import Progress
@@ -33,6 +32,7 @@ if TYPE_CHECKING:
     from lamina.images.pull import PullResult
     from lamina.images.push import PushResult
     from lamina.images.unpack import UnpackResult
+    from lamina.metadata.leases import LeasedContent
     from lamina.oci.types import ImageConfig, Manifest
     from lamina.remotes.registry import Registry
 
@@ -103,6 +103,8 @@ class ImageService:
     def _leased(self, purpose: str) -> Iterator[LeasedContent]:
         """Hold a lease for the block, so a concurrent ``gc`` keeps what it writes
         (and, through the yielded store, the stored blobs it reuses)."""
+        from lamina.metadata.leases import LeasedContent
+
         leases = self.root.leases()
         with leases.held(purpose=purpose) as lease:
             yield LeasedContent(self.content, leases, lease.id)
@@ -153,7 +155,7 @@ class ImageService:
     @staticmethod
     def _mount_key(target: str | os.PathLike[str]) -> str:
         real = os.path.realpath(target)
-        return f"mount-{hashlib.sha256(real.encode()).hexdigest()[:16]} {real}"
+        return f"mount-{sha256(real.encode()).hexdigest()[:16]} {real}"
 
     def mount(self, name: str, target: str | os.PathLike[str], *, rw: bool = False,
               allow_suid: bool = False, allow_dev: bool = False) -> None:

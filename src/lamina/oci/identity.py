@@ -7,7 +7,6 @@ so two images sharing base layers share those snapshots.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 __all__ = ["chain_id", "chain_ids"]
@@ -15,6 +14,8 @@ __all__ = ["chain_id", "chain_ids"]
 
 def chain_ids(diff_ids: Sequence[str]) -> list[str]:
     """The ChainID of every prefix of ``diff_ids`` (same length as the input)."""
+    import hashlib  # here: listing images imports this module and hashes nothing
+
     out: list[str] = []
     for diff_id in diff_ids:
         if not out:
