@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import sys
 from typing import TYPE_CHECKING
 
@@ -47,6 +46,8 @@ def open_registry(args: argparse.Namespace, domain: str = "") -> Registry:
         dirs.append(CONTAINERD_HOSTS_DIR)
     user = None
     if args.user:
+        import getpass  # when a password may be asked for (termios: start-up time)
+
         ask = getpass.getpass if sys.stdin.isatty() else None
         user = parse_user(args.user, ask=ask)
     return Registry(plain_http=args.plain_http, hosts_dirs=dirs, user=user, user_host=domain)
