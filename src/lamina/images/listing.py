@@ -27,7 +27,6 @@ from lamina.errors import InvalidArgument
 from lamina.images.summary import split_name
 from lamina.metadata.images import Image
 from lamina.oci.reference import spellings
-from lamina.util.filters import Selector, make_lookup
 
 __all__ = ["KEYS", "ImageFilter", "parse_filters"]
 
@@ -98,5 +97,7 @@ def _label(text: str, value: str) -> ImageFilter:
     name, eq, wanted = value.partition("=")
     if not name:
         raise InvalidArgument(f"image filter {text!r}: expected label=KEY[=VALUE]")
+    from lamina.util.filters import Selector, make_lookup  # for a label filter only
+
     selector = Selector(("labels", name), "==" if eq else None, wanted)
     return lambda i: selector(make_lookup({}, dict(i.labels)))
