@@ -20,8 +20,7 @@ a typo never silently leaves a default in place.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from lamina.errors import InvalidArgument, NotFound
 
@@ -31,9 +30,9 @@ SYSTEM_CONFIG = "/etc/lamina/lamina.toml"
 CONFIG_ENV = "LAMINA_CONFIG"
 
 
-@dataclass(frozen=True)
-class Config:
-    """What a ``lamina.toml`` sets; None where it is silent. ``path``: the file read."""
+class Config(NamedTuple):
+    """What a ``lamina.toml`` sets; None where it is silent. ``path``: the file read.
+    (A named tuple: every command defines it, and a dataclass costs ~0.4 ms to make.)"""
 
     root: str | None = None
     snapshotter: str | None = None
