@@ -283,3 +283,21 @@ def test_none_network_has_loopback_and_the_files(net: Net) -> None:
     assert "nameserver" in net("task", "exec", "n", "cat", "/etc/resolv.conf").stdout
     net("container", "rm", "-f", "n")
     assert not (net.root / "network" / "n").exists()
+
+
+def test_a_restored_bridge_container_gets_a_network_of_its_own(net: Net) -> None:
+    _require_cni()
+    from lamina.containers.runtime.criu import find_criu
+
+    if find_criu() is None:
+        pytest.skip("criu is not installed (or not in $PATH)")
+    net.run_d("a", "sh", "-c", "while true; do sleep 0.2; done")
+    net("container", "checkpoint", "a", "ckpt/a:1")
+    net("container", "restore", "ckpt/a:1", "a2")
+    a, a2 = net.address("a"), net.address("a2")
+    assert a != a2
+    assert f"inet {a2}/16" in net("task", "exec", "a2", "ip", "-o", "addr").stdout
+    # the restored processes keep their hostname (CRIU restores it); both names resolve
+    assert f"{a2}\ta a2" in net("task", "exec", "a2", "cat", "/etc/hosts").stdout
+    net("container", "rm", "-f", "a", "a2")
+    assert net.leases() == [] and net.veths() == []
