@@ -1,7 +1,8 @@
 """Running runc in a bundle, and finding out what became of it.
 
 A foreground task runs ``runc run`` (or ``runc restore``) as a child of the
-caller with the caller's stdio and returns its exit code. A detached task is
+caller with the caller's stdio and returns its exit code, as ``runc exec`` of a
+process in a running task does. A detached task is
 run by a small monitor process (the shim, ``shim.py``) in a session of its
 own: it survives the lamina process, keeps the container's output in
 ``output.log`` (or the log ``meta.json`` names), bounded, and records the exit
@@ -23,6 +24,7 @@ import signal as _signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -153,6 +155,40 @@ class Launcher:
             if time.monotonic() > deadline:
                 raise Unavailable(f"{what}: runc did not start within {START_TIMEOUT}s")
             time.sleep(0.01)
+
+    def exec(self, task_id: str, bundle: Path, process: dict[str, Any], *,
+             stdin: int | None, stdout: int | None, stderr: int | None,
+             timeout: float | None) -> int:
+        """Run ``process`` (a runtime-spec process) in running task ``task_id`` with
+        the given stdio; its exit code (128+N when killed by signal N). Its files
+        live in ``bundle`` while it runs; past ``timeout`` it is killed."""
+        tag = uuid.uuid4().hex[:12]
+        process_file = bundle / f"exec-{tag}.json"
+        pid_file = bundle / f"exec-{tag}.pid"
+        log_file = bundle / f"exec-{tag}.log"
+        write_json(process_file, process)
+        argv = self.runc.argv("exec", "--process", str(process_file), "--pid-file",
+                              str(pid_file), task_id, log=log_file)
+        try:
+            proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr)
+            try:
+                code = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired as exc:
+                pid = read_pid(pid_file)
+                if pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, _signal.SIGKILL)
+                proc.wait()
+                raise Unavailable(f"exec in {task_id}: timed out after {timeout}s") from exc
+            if code < 0:
+                code = 128 - code
+            if read_pid(pid_file) is None and code != 0:
+                raise runc_log_error(log_file, f"exec in {task_id}", f"runc exec exited {code}")
+            return code
+        finally:
+            for p in (process_file, pid_file, log_file):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
 
     def cleanup_failed(self, task_id: str, bundle: Path) -> None:
         """Undo a start (or restore) that failed: runc's state, the shim, the bundle."""

@@ -18,9 +18,7 @@ import contextlib
 import copy
 import os
 import signal as _signal
-import subprocess
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,11 +40,9 @@ from .bundle import (
     TaskStatus,
     output_log,
     read_json,
-    read_pid,
     validate_id,
-    write_json,
 )
-from .launch import Launcher, runc_log_error
+from .launch import Launcher
 from .runc import Runc, parse_signal
 from .spec import resolve_user
 
@@ -238,40 +234,8 @@ class TaskManager:
             process["cwd"] = cwd
         if user is not None:
             process["user"] = resolve_user(user, bundle / "rootfs").to_spec()
-        tag = uuid.uuid4().hex[:12]
-        process_file = bundle / f"exec-{tag}.json"
-        pid_file = bundle / f"exec-{tag}.pid"
-        log_file = bundle / f"exec-{tag}.log"
-        write_json(process_file, process)
-        argv = self.runc.argv(
-            "exec",
-            "--process",
-            str(process_file),
-            "--pid-file",
-            str(pid_file),
-            task_id,
-            log=log_file,
-        )
-        try:
-            proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr)
-            try:
-                code = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired as exc:
-                pid = read_pid(pid_file)
-                if pid is not None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, _signal.SIGKILL)
-                proc.wait()
-                raise Unavailable(f"exec in {task_id}: timed out after {timeout}s") from exc
-            if code < 0:
-                code = 128 - code
-            if read_pid(pid_file) is None and code != 0:
-                raise runc_log_error(log_file, f"exec in {task_id}", f"runc exec exited {code}")
-            return code
-        finally:
-            for p in (process_file, pid_file, log_file):
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
+        return self.launcher.exec(task_id, bundle, process, stdin=stdin, stdout=stdout,
+                                  stderr=stderr, timeout=timeout)
 
     def delete(self, task_id: str, *, force: bool = False) -> TaskInfo:
         """Remove a stopped task: runc's state, the rootfs mounts, the bundle.
