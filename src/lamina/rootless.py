@@ -490,8 +490,9 @@ def enter() -> bool:
 
 
 class Stopped(NamedTuple):
-    """What :func:`stop` ended: the holder's pid, and the mount points made in its
-    namespace, which went with it."""
+    """What :func:`stop` ended: the holder's pid, and the mount points its namespace
+    had and the host has not (those made in it, and copies of host mounts since
+    gone from the host), which went with it."""
 
     pid: int
     mounts: tuple[str, ...]

@@ -19,8 +19,8 @@ def _stop(args: argparse.Namespace, app: App) -> int:
     if stopped is None:
         print("no namespace holder to stop")
         return 0
-    gone = (f"{len(stopped.mounts)} mount(s) made in it went with it: "
-            + ", ".join(stopped.mounts) if stopped.mounts else "no mounts were made in it")
+    gone = (f"{len(stopped.mounts)} mount(s) only it had went with it: "
+            + ", ".join(stopped.mounts) if stopped.mounts else "it had no mounts of its own")
     print(f"stopped lamina's namespace holder (pid {stopped.pid}); {gone}")
     return 0
 
