@@ -59,6 +59,7 @@ BENCHMARKS: dict[str, str] = {
     "registry": "bench.registry",
     "erofs": "bench.erofs",
     "erofs-import": "bench.erofs_import",
+    "erofs-pull": "bench.erofs_pull",
     "startup": "bench.startup",
 }
 
