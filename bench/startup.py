@@ -4,7 +4,8 @@ Every command a user or a script runs pays lamina's start-up (the interpreter,
 then the modules the command imports) before it does any work. Each command
 runs N times warm (after three unmeasured runs), alternating with its peer:
 ``ctr --version``, and ``ctr images ls`` on a private containerd of its own
-(``python3 -c pass``, the interpreter's floor, when containerd is missing).
+(``python3 -c pass``, the interpreter's floor, when containerd is missing);
+with ``--before-commit REV``, also against REV's lamina (both ``python -m lamina``).
 The floor is measured beside them, and ``python -X importtime`` says which of
 ``image ls``'s imports cost most (the rows ``import: MODULE``, cumulative ms,
 the median of five runs). Target: each lamina command under 80 ms (median).
@@ -19,7 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench.common import Ctx, Row, lamina_cli, paired, time_cmd
+from bench.common import Ctx, Row, Skip, lamina_cli, lamina_variant, paired, time_cmd
 from bench.peer import containerd, require_containerd
 
 NAME = "startup"
@@ -33,11 +34,11 @@ _INTERPRETER = frozenset({"site", "encodings", "runpy", "_frozen_importlib_exter
 _IMPORT_LINE = re.compile(r"^import time:\s+(\d+)\s+\|\s+(\d+)\s+\| ( *)(\S+)$")
 
 
-def _warm(cmd: Sequence[str]) -> Callable[[int], float]:
+def _warm(cmd: Sequence[str], env: dict[str, str] | None = None) -> Callable[[int], float]:
     """A timer of ``cmd``, after a few unmeasured runs (the page cache holds it all)."""
     for _ in range(WARMUP):
-        time_cmd(cmd)
-    return lambda _i: time_cmd(cmd)
+        time_cmd(cmd, env=env)
+    return lambda _i: time_cmd(cmd, env=env)
 
 
 def import_costs(cmd: Sequence[str], runs: int = 5) -> list[tuple[str, float]]:
@@ -66,12 +67,29 @@ def import_costs(cmd: Sequence[str], runs: int = 5) -> list[tuple[str, float]]:
     return sorted(costs, key=lambda c: -c[1])
 
 
-def _row(metric: str, lamina: Sequence[str], peer: Sequence[str], peer_name: str,
-         n: int) -> Row:
-    samples = paired(_warm(lamina), _warm(peer), n)
-    row = samples.row(metric, "s", peer_name, target=f"lamina < {TARGET_S * 1000:.0f} ms")
-    row.ok = statistics.median(samples.lamina) < TARGET_S
+def _row(metric: str, lamina: Callable[[int], float], peer: Callable[[int], float],
+         peer_name: str, n: int, *, target: bool = True) -> Row:
+    samples = paired(lamina, peer, n)
+    row = samples.row(metric, "s", peer_name)
+    if target:
+        row.target = f"lamina < {TARGET_S * 1000:.0f} ms"
+        row.ok = statistics.median(samples.lamina) < TARGET_S
     return row
+
+
+def _before_rows(ctx: Ctx, root: Path, n: int) -> list[Row]:
+    """``--before-commit REV``: this lamina against REV's, both ``python -m lamina``."""
+    assert ctx.before is not None
+    now_cmd, now_env = [sys.executable, "-m", "lamina"], None
+    then_cmd, then_env = lamina_variant(ctx.before)
+    rows = []
+    for metric, words in (("--version", ["--version"]),
+                          ("image ls", ["--root", str(root), "image", "ls"])):
+        rows.append(_row(f"lamina {metric} (python -m, this tree)",
+                         _warm([*now_cmd, *words], now_env),
+                         _warm([*then_cmd, *words], then_env),
+                         f"lamina of {ctx.before_rev}", n, target=False))
+    return rows
 
 
 def run(ctx: Ctx) -> list[Row]:
@@ -84,24 +102,26 @@ def run(ctx: Ctx) -> list[Row]:
         ls = [*lamina, "--root", str(root), "image", "ls"]
         subprocess.run(ls, check=True, capture_output=True)  # the root exists, empty
         ctx.log(f"   {n} runs each, warm")
-        rows.append(_row("lamina --version", [*lamina, "--version"], ["ctr", "--version"],
-                         "ctr --version", n))
+        rows.append(_row("lamina --version", _warm([*lamina, "--version"]),
+                         _warm(["ctr", "--version"]), "ctr --version", n))
         try:
             require_containerd()
-        except Exception as exc:  # Skip: compare with the interpreter alone
+        except Skip as exc:  # compare with the interpreter alone
             ctx.log(f"   no containerd ({exc}): image ls is compared with the floor")
-            rows.append(_row("lamina image ls (empty root)", ls, floor, "python3 -c pass", n))
+            rows.append(_row("lamina image ls (empty root)", _warm(ls), _warm(floor),
+                             "python3 -c pass", n))
         else:
             with containerd(d / "containerd") as c:
-                rows.append(_row("lamina image ls (empty root)", ls, c.ctr("images", "ls"),
+                rows.append(_row("lamina image ls (empty root)", _warm(ls),
+                                 _warm(c.ctr("images", "ls")),
                                  "ctr images ls (own containerd, empty)", n))
-        rows.append(_row("python3 -c pass (the floor)", floor, ["ctr", "--version"],
-                         "ctr --version", n))
-        rows[-1].ok = None
-        rows[-1].target = ""
+        rows.append(_row("python3 -c pass (the floor)", _warm(floor), _warm(["ctr", "--version"]),
+                         "ctr --version", n, target=False))
+        if ctx.before is not None:
+            rows += _before_rows(ctx, root, n)
         costs = import_costs(["-m", "lamina", "--root", str(root), "image", "ls"])
-    total = sum(ms for _, ms in costs)
-    ctx.log(f"   image ls imports {total:.1f} ms at the top level; the costliest:")
+    total = sum(ms for name, ms in costs if "/" not in name)
+    ctx.log(f"   image ls imports {total:.1f} ms; the costliest:")
     for name, ms in costs[:TOP_IMPORTS]:
         ctx.log(f"     {ms:7.1f} ms  {name}")
         rows.append(Row(metric=f"import: {name}", unit="ms", lamina=round(ms, 2),
