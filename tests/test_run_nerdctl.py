@@ -85,9 +85,11 @@ class Terminal:
     def resize(self, rows: int, cols: int) -> None:
         fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
-    def expect(self, pattern: bytes, timeout: float = 60.0) -> bytes:
+    def expect(self, pattern: bytes, timeout: float = 60.0, *, since: int = 0) -> bytes:
+        """What the terminal showed, once ``pattern`` is in it (after its first ``since``
+        bytes)."""
         deadline = time.monotonic() + timeout
-        while not re.search(pattern, self.seen):
+        while not re.search(pattern, self.seen[since:]):
             if time.monotonic() > deadline:
                 raise AssertionError(f"no {pattern!r} in {self.seen!r}")
             ready, _, _ = select.select([self.master], [], [], 0.2)
@@ -123,8 +125,13 @@ def test_it_gives_an_interactive_shell_a_terminal(cli: Cli) -> None:
         # raw mode: the container's terminal echoes, not the user's, so each line shows once
         assert out.count(b"echo hi-") == 1
         term.resize(50, 120)  # the window changes: the container's terminal follows
-        term.send(b"stty size\n")
-        term.expect(rb"50 120\r\n")
+        deadline = time.monotonic() + 30  # runc passes the SIGWINCH on in its own time
+        while b"50 120\r\n" not in term.seen:
+            assert time.monotonic() < deadline, term.seen
+            mark = len(term.seen)
+            term.send(b"stty size\n")
+            term.expect(rb"\d+ \d+\r\n# $", since=mark)
+            time.sleep(0.1)
         term.send(b"exit 3\n")
         assert term.wait() == 3
         # the user's terminal is as it was before
@@ -224,3 +231,15 @@ def test_rm_with_detach_removes_the_container_when_its_task_ends(cli: Cli) -> No
     cli("task", "kill", "killed")
     wait_for(lambda: "killed" not in cli.containers(), what="removal after kill")
     assert cli("container", "rm", "--after-exit", "a", "b", check=False).returncode == 6
+
+
+def test_the_terminal_has_its_size_from_the_start(cli: Cli) -> None:
+    # runc's own resize comes after the process starts; the spec's consoleSize before
+    for _ in range(3):
+        term = Terminal(cli.root, "run", "-t", "--rm", IMG, "stty", "size")
+        try:
+            term.expect(rb"\d+ \d+\r\n")
+            assert re.search(rb"(\d+ \d+)\r\n", term.seen).group(1) == b"40 100"  # type: ignore[union-attr]
+            assert term.wait() == 0
+        finally:
+            term.close()

@@ -9,7 +9,9 @@ form.
 ``-t`` sets ``terminal: true`` in the runtime spec and leaves the terminal to
 runc: ``runc run`` in the foreground makes the pseudo-terminal, receives its
 master over a socket pair of its own, copies between it and lamina's
-terminal (set raw, restored at the end) and passes window size changes on.
+terminal (set raw, restored at the end) and passes window size changes on;
+the first size is in the spec (``process.consoleSize``), so the command sees
+it from its start.
 A console socket of lamina's would only be needed for a detached task,
 where nobody is there to type: ``-t`` and ``-i`` need the foreground.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import secrets
 import subprocess
 import sys
@@ -43,6 +46,15 @@ def _check(args: argparse.Namespace) -> None:
                               "terminals; leave out -t")
 
 
+def _terminal_size() -> tuple[int, int] | None:
+    """Rows and columns of this process's terminal (the first of stdin, stdout, stderr)."""
+    for f in (sys.stdin, sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            size = os.get_terminal_size(f.fileno())
+            return size.lines, size.columns
+    return None
+
+
 def _remove_after_exit(app: App, cid: str, log: Path) -> None:
     """Start the process that removes ``cid`` when its detached task ends (see
     :mod:`lamina.containers.autoremove`); what goes wrong there is in ``log``."""
@@ -63,7 +75,8 @@ def _run(args: argparse.Namespace, app: App) -> int:
     with services(app) as ct:
         ct.create(args.image, cid, labels=labels, options=options)
         try:
-            info = ct.start(cid, detach=args.detach, terminal=args.tty, stdin=stdin)
+            info = ct.start(cid, detach=args.detach, terminal=args.tty,
+                            console_size=_terminal_size() if args.tty else None, stdin=stdin)
         except BaseException:
             if args.rm:
                 with contextlib.suppress(LaminaError):

@@ -143,6 +143,7 @@ class ContainerService:
         *,
         detach: bool,
         terminal: bool = False,
+        console_size: tuple[int, int] | None = None,
         stdin: int | None = None,
         stdout: int | None = None,
         stderr: int | None = None,
@@ -152,14 +153,15 @@ class ContainerService:
         The runtime spec is generated on the current revision and recorded on
         the container before the task runs. Foreground: returns when the
         process exits, with its exit code; with ``terminal`` it gets a
-        pseudo-terminal that runc joins to the caller's (set raw while the task
-        runs, window size changes passed on, restored). Detached: returns once it runs
+        pseudo-terminal (``console_size`` rows and columns) that runc joins to the
+        caller's (set raw while the task runs, window size changes passed on,
+        restored). Detached: returns once it runs
         (its output appended to the container's log: :meth:`logs`).
         """
         container = self._revisions.get(cid)
         self._tasks.clear_stopped(cid)
         spec = self._tasks.generate(container, self._revisions.mounts(container),
-                                    terminal=terminal)
+                                    terminal=terminal, console_size=console_size)
         try:
             spec = self._attach(container, spec)
             container = self._revisions.set_spec(container, spec)

@@ -67,9 +67,11 @@ class ContainerTasks:
         self.tasks = tasks
 
     def generate(self, container: Container, mounts: Sequence[Mount], *,
-                 terminal: bool = False) -> dict[str, Any]:
+                 terminal: bool = False,
+                 console_size: tuple[int, int] | None = None) -> dict[str, Any]:
         """The runtime spec for ``container`` (image config + its options) on ``mounts``,
-        its current revision's; ``terminal``: the process gets a pseudo-terminal.
+        its current revision's; ``terminal``: the process gets a pseudo-terminal, of
+        ``console_size`` (rows, columns) from its start when given.
 
         A command the rootfs does not have is refused here (see
         :mod:`lamina.containers.runtime.command`)."""
@@ -88,6 +90,11 @@ class ContainerTasks:
                 rootfs=rootfs,
             )
             check_command(spec, rootfs)
+        if terminal and console_size is not None:
+            # runc sizes the terminal before the process starts; its own resize
+            # from the caller's terminal comes only after (a race with the process)
+            rows, cols = console_size
+            spec["process"]["consoleSize"] = {"height": rows, "width": cols}
         userns = userns_of(options)
         if userns is not None:
             linux = spec.setdefault("linux", {})
