@@ -12,7 +12,7 @@ from typing import Any
 
 from lamina import rootless
 from lamina.cli.app import App
-from lamina.cli.common import parse_labels, print_table
+from lamina.cli.common import add_examples, parse_labels, print_table
 from lamina.containers.autoremove import remove_after_exit
 from lamina.containers.network import with_network
 from lamina.containers.options import make_options
@@ -270,17 +270,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("container", aliases=["containers", "c"], help="manage containers")
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    v = verbs.add_parser("create", help="create a container on an image (ctr's form: "
-                         "IMAGE ID [CMD...]; lamina run takes docker's)")
+    v = verbs.add_parser("create", help="create a container on an image",
+                         description="Create container ID on IMAGE, in ctr's form (IMAGE ID "
+                         "[CMD...]; lamina run takes docker's); task start runs it.")
     add_create_flags(v)
-    v.add_argument("image", metavar="IMAGE")
-    v.add_argument("id", metavar="ID")
+    v.add_argument("image", metavar="IMAGE", help="the image the container runs")
+    v.add_argument("id", metavar="ID", help="the new container's ID")
     v.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD",
                    help="command (replaces the image's Cmd)")
+    add_examples(
+        v,
+        ("create, then start in the foreground (ctr's form: IMAGE, then ID)",
+         "lamina container create -e A=1 alpine:3 demo sh -c 'echo $A'\n"
+         "lamina task start demo"),
+    )
     v.set_defaults(handler=_create)
 
     v = verbs.add_parser("ls", aliases=["list"], help="list containers")
-    v.add_argument("--json", action="store_true")
+    v.add_argument("--json", action="store_true", help="print the records as JSON")
     v.add_argument("-q", "--quiet", action="store_true", help="ids only")
     v.add_argument("--running", action="store_true",
                    help="only containers whose task runs or is paused (what lamina ps lists; "
@@ -288,12 +295,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v.set_defaults(handler=_ls)
 
     v = verbs.add_parser("info", help="a container's record as JSON")
-    v.add_argument("id", metavar="ID")
+    v.add_argument("id", metavar="ID", help="the container")
     v.set_defaults(handler=_info)
 
     v = verbs.add_parser("rm", aliases=["remove", "delete"],
-                         help="remove containers (their revisions too), then collect garbage")
-    v.add_argument("ids", nargs="+", metavar="ID")
+                         help="remove containers and their revisions",
+                         description="Remove containers (their revisions too), then "
+                         "collect garbage.")
+    v.add_argument("ids", nargs="+", metavar="ID", help="the containers to remove")
     v.add_argument("-f", "--force", action="store_true", help="kill a running task first")
     v.add_argument("--after-exit", action="store_true",
                    help="wait until the container's detached task ends, then remove it "
@@ -302,26 +311,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v.set_defaults(handler=_rm)
 
     v = verbs.add_parser("upgrade", help="move a container to another image, keeping its writes")
-    v.add_argument("id", metavar="ID")
-    v.add_argument("image", metavar="NEW_IMAGE")
+    v.add_argument("id", metavar="ID", help="the container")
+    v.add_argument("image", metavar="NEW_IMAGE", help="the image to move it to")
     v.add_argument("-t", "--timeout", type=float, default=10.0,
                    help="seconds between SIGTERM and SIGKILL when stopping a running task")
     v.set_defaults(handler=_upgrade)
 
     v = verbs.add_parser("rollback", help="go back to the previous revision")
-    v.add_argument("id", metavar="ID")
+    v.add_argument("id", metavar="ID", help="the container")
     v.add_argument("-t", "--timeout", type=float, default=10.0,
                    help="seconds between SIGTERM and SIGKILL when stopping a running task")
     v.set_defaults(handler=_rollback)
 
     v = verbs.add_parser("revisions", help="list a container's revisions (oldest first)")
-    v.add_argument("id", metavar="ID")
-    v.add_argument("--json", action="store_true")
+    v.add_argument("id", metavar="ID", help="the container")
+    v.add_argument("--json", action="store_true", help="print the revisions as JSON")
     v.set_defaults(handler=_revisions)
 
     v = verbs.add_parser("prune-revisions", help="remove all but the newest revisions")
-    v.add_argument("id", metavar="ID")
-    v.add_argument("--keep", type=int, required=True, metavar="N")
+    v.add_argument("id", metavar="ID", help="the container")
+    v.add_argument("--keep", type=int, required=True, metavar="N",
+                   help="how many of the newest revisions to keep")
     v.set_defaults(handler=_prune)
 
     v = verbs.add_parser("checkpoint", help="checkpoint a running container into an image")
@@ -335,7 +345,7 @@ def add_checkpoint_flags(v: argparse.ArgumentParser) -> None:
     v.add_argument("--exit", action="store_true", help="stop the task after the checkpoint")
     v.add_argument("--binds", action="store_true", help="archive bind mount contents too")
     v.add_argument("-v", "--verbose", action="store_true", help="print timings (stderr)")
-    v.add_argument("id", metavar="ID")
+    v.add_argument("id", metavar="ID", help="the container whose task to checkpoint")
     v.add_argument("ref", nargs="?", metavar="REF",
                    help="image name (default checkpoint/<id>:<timestamp>)")
     v.set_defaults(handler=_checkpoint)
@@ -346,6 +356,6 @@ def add_restore_flags(v: argparse.ArgumentParser) -> None:
                    help="put bind mount contents under DIR/<destination> instead of their "
                         "original sources")
     v.add_argument("-v", "--verbose", action="store_true", help="print timings (stderr)")
-    v.add_argument("ref", metavar="REF")
-    v.add_argument("id", metavar="ID")
+    v.add_argument("ref", metavar="REF", help="the checkpoint image")
+    v.add_argument("id", metavar="ID", help="the new container's ID")
     v.set_defaults(handler=_restore)

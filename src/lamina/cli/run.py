@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 from lamina.cli.app import App
-from lamina.cli.common import parse_labels
+from lamina.cli.common import add_examples, parse_labels
 from lamina.cli.container import add_create_flags, options_from_args, services
 from lamina.errors import InvalidArgument, LaminaError, NotImplementedErr
 
@@ -97,10 +97,10 @@ def _run(args: argparse.Namespace, app: App) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v = sub.add_parser(
-        "run", help="create a container and run its task (docker's form: "
-        "run [flags] IMAGE [COMMAND [ARG...]])",
+        "run", help="create a container and run a command in it",
         description="Create a container on IMAGE and run COMMAND (default: the image's) "
-        "in it. Flags go before IMAGE; everything after IMAGE is the command.")
+        "in it, in docker's and nerdctl's form: flags go before IMAGE, everything after "
+        "IMAGE is the command. The container's ID is --name, or 12 random hex digits.")
     v.add_argument("--name", metavar="ID",
                    help="the container's ID (default: 12 random hex digits)")
     v.add_argument("--rm", action="store_true",
@@ -115,7 +115,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="keep standard input attached (without it the command reads "
                    "nothing)")
     add_create_flags(v)
-    v.add_argument("image", metavar="IMAGE")
+    v.add_argument("image", metavar="IMAGE", help="the image the container runs")
     v.add_argument("cmd", nargs=argparse.REMAINDER, metavar="COMMAND",
                    help="command and arguments (replace the image's Cmd)")
+    add_examples(
+        v,
+        ("a shell on a terminal, the container removed at its end",
+         "lamina run -it --rm -e A=1 -v /srv:/srv alpine:3 sh"),
+        ("a named container in the background (prints its ID), then its output",
+         "lamina run -d --name web -w /srv -u 1000:1000 alpine:3 httpd -f\n"
+         "lamina logs web"),
+    )
     v.set_defaults(handler=_run)
