@@ -9,22 +9,26 @@ checkpoint), and writing one of them updates the record the other names.
 
 from __future__ import annotations
 
-from lamina.metadata.images import Image, ImageStore
+from lamina.metadata.images import Image, ImageRecords
 from lamina.metadata.root import Root
 from lamina.oci.reference import normalize_name
 
-__all__ = ["lookup", "tag"]
+__all__ = ["add_name", "lookup", "tag"]
 
 
-def lookup(images: ImageStore, name: str) -> Image:
+def lookup(images: ImageRecords, name: str) -> Image:
     """Image ``name``, by any spelling (``app:1`` finds ``docker.io/library/app:1``)."""
     return images.get(name)
 
 
 def tag(root: Root, source: str, target: str) -> Image:
-    """Name image ``source`` of ``root`` also as ``target`` (kept as given, once it
-    reads as a reference); returns the new image."""
+    """Name image ``source`` of ``root`` also as ``target`` (see :func:`add_name`)."""
+    return add_name(root.images(), source, target)
+
+
+def add_name(images: ImageRecords, source: str, target: str) -> Image:
+    """Name image ``source`` of ``images`` (a root's or a server's) also as ``target``
+    (kept as given, once it reads as a reference); returns the new image."""
     normalize_name(target)  # InvalidArgument for a name no registry could hold
-    images = root.images()
     src = images.get(source)
     return images.put(Image(name=target, target=src.target, labels=dict(src.labels)))

@@ -20,8 +20,8 @@ from lamina.archive.limits import DEFAULT_MAX_LAYER_SIZE
 from lamina.content.digest import sha256
 from lamina.errors import NotFound
 from lamina.images import names
-from lamina.images.listing import parse_filters
-from lamina.images.summary import ImageSummary, native_view, summarize, summarize_all
+from lamina.images.catalog import Catalog
+from lamina.images.summary import ImageSummary
 from lamina.labels import GC_REF_SNAPSHOT
 from lamina.metadata.images import Image
 from lamina.metadata.root import Root
@@ -77,27 +77,27 @@ class ImageService:
     def get(self, name: str) -> Image:
         return self.images.get(name)
 
+    @property
+    def catalog(self) -> Catalog:
+        """This root's images as ``image ls`` and ``image inspect`` read them."""
+        return Catalog(self.images, content=self.content, snapshots=self.snapshots)
+
     def images_list(self, filters: Sequence[str] = ()) -> list[Image]:
         """The images ``filters`` select (see :mod:`lamina.images.listing`)."""
-        if not filters:
-            return self.images.list()
-        wanted = parse_filters(filters, lookup=lambda n: names.lookup(self.images, n))
-        return [i for i in self.images.list() if wanted(i)]
+        return Catalog(self.images, content=self.content).select(filters)
 
     def summaries(self, filters: Sequence[str] = ()) -> list[ImageSummary]:
         """The images ``filters`` select, resolved and measured (see
         :mod:`lamina.images.summary`)."""
-        return summarize_all(self.images_list(filters), content=self.content,
-                             snapshots=self.snapshots)
+        return self.catalog.summaries(filters)
 
     def summary(self, name: str) -> ImageSummary:
         """Image ``name`` (any spelling of it) resolved and measured."""
-        return summarize(names.lookup(self.images, name), content=self.content,
-                         snapshots=self.snapshots)
+        return self.catalog.summary(name)
 
     def native(self, name: str) -> dict[str, Any]:
         """lamina's record of image ``name`` and the documents it resolves to."""
-        return native_view(self.summary(name), content=self.content)
+        return self.catalog.native(name)
 
     @contextlib.contextmanager
     def _leased(self, purpose: str) -> Iterator[LeasedContent]:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from lamina.errors import AlreadyExists, InvalidArgument
 from lamina.labels import update_labels, validate_labels
@@ -21,7 +21,7 @@ from lamina.metadata.records import RecordStore, record_schema, time_from_ns
 from lamina.oci.reference import spellings
 from lamina.oci.types import Descriptor
 
-__all__ = ["Image", "ImageStore"]
+__all__ = ["Image", "ImageRecords", "ImageStore"]
 
 _SCHEMA = record_schema("images", "name", "target TEXT")
 
@@ -33,6 +33,26 @@ class Image:
     labels: Mapping[str, str] = field(default_factory=dict)
     created: datetime | None = None
     updated: datetime | None = None
+
+
+class ImageRecords(Protocol):
+    """What every image store offers, a root's (:class:`ImageStore`) or a server's
+    (:class:`lamina.api.images.RemoteImageStore`): records found by any spelling of
+    their name. Deleting is not here: it may collect (:mod:`lamina.metadata.deletes`)."""
+
+    def get(self, key: str) -> Image: ...
+
+    def list(self) -> list[Image]:
+        """Every record, sorted by name."""
+        ...
+
+    def create(self, image: Image) -> Image:
+        """AlreadyExists when the name (any spelling of it) is taken."""
+        ...
+
+    def put(self, image: Image) -> Image:
+        """Create or replace (the target moves; created time is kept)."""
+        ...
 
 
 class ImageStore(RecordStore[Image]):

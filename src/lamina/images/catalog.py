@@ -1,0 +1,59 @@
+"""What ``image ls``, ``image inspect`` and ``image tag`` read and write, on any
+image store: a root's, or a server's through ``--address``.
+
+A :class:`Catalog` holds image records (:class:`~lamina.metadata.images.ImageRecords`),
+a content store and, for sizes, a snapshotter; the records are selected with
+``image ls``'s filters (:mod:`lamina.images.listing`) and resolved and measured
+by :mod:`lamina.images.summary` on this side of the wire, so a server's images
+read exactly as a local root's do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from lamina.content import ContentStore
+from lamina.images import names
+from lamina.images.listing import parse_filters
+from lamina.images.summary import ImageSummary, native_view, summarize, summarize_all
+from lamina.metadata.images import Image, ImageRecords
+from lamina.snapshots import Snapshotter
+
+__all__ = ["Catalog"]
+
+
+class Catalog:
+    """The images of ``images``, their documents in ``content``, their layers (for
+    the unpacked size) in ``snapshots``."""
+
+    def __init__(self, images: ImageRecords, *, content: ContentStore,
+                 snapshots: Snapshotter | None = None) -> None:
+        self.images = images
+        self.content = content
+        self.snapshots = snapshots
+
+    def select(self, filters: Sequence[str] = ()) -> list[Image]:
+        """The images ``filters`` select (see :mod:`lamina.images.listing`)."""
+        if not filters:
+            return self.images.list()
+        wanted = parse_filters(filters, lookup=lambda n: names.lookup(self.images, n))
+        return [i for i in self.images.list() if wanted(i)]
+
+    def summaries(self, filters: Sequence[str] = ()) -> list[ImageSummary]:
+        """The images ``filters`` select, resolved and measured."""
+        return summarize_all(self.select(filters), content=self.content,
+                             snapshots=self.snapshots)
+
+    def summary(self, name: str) -> ImageSummary:
+        """Image ``name`` (any spelling of it) resolved and measured."""
+        return summarize(names.lookup(self.images, name), content=self.content,
+                         snapshots=self.snapshots)
+
+    def native(self, name: str) -> dict[str, Any]:
+        """lamina's record of image ``name`` and the documents it resolves to."""
+        return native_view(self.summary(name), content=self.content)
+
+    def tag(self, source: str, target: str) -> Image:
+        """Name image ``source`` also as ``target``; returns the new image."""
+        return names.add_name(self.images, source, target)
