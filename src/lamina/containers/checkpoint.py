@@ -261,14 +261,7 @@ class Checkpoints:
         self.images = images
         self.tasks = tasks
         self.content: ContentStore = images.content
-
-    @property
-    def _work(self) -> Path:
-        return root_work_dirs(self.root.path)[0]
-
-    @property
-    def _work_lock(self) -> Path:
-        return root_work_dirs(self.root.path)[1]
+        self._work, self._work_lock = root_work_dirs(root.path)
 
     def _work_dir(self, name: str) -> contextlib.AbstractContextManager[Path]:
         return work_dir(self._work, name, lock=self._work_lock)
