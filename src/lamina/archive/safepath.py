@@ -419,19 +419,14 @@ class DirCache:
 
 class _OnDisk:
     """The :class:`lamina.archive.resolve.Tree` of one :class:`DirCache` handle:
-    children found in the cache, else opened (or made) on disk."""
+    children found in the cache, else opened (or made) on disk. One is made per
+    resolve, so it holds the root and the epoch that resolve starts from."""
 
     def __init__(self, cache: DirCache) -> None:
         self._cache = cache
         self._tree = cache._tree
-
-    @property
-    def root(self) -> _Dir:
-        return self._tree.root
-
-    @property
-    def epoch(self) -> int:
-        return self._tree.epoch
+        self.root = self._tree.root
+        self.epoch = self._tree.epoch
 
     def child(self, node: _Dir, comp: str, create: bool, parts: list[str]) -> _Dir | _Link | None:
         child = node.children.get(comp)

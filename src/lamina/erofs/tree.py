@@ -484,18 +484,13 @@ class LayerTree:
 
 class _InMemory:
     """The :class:`lamina.archive.resolve.Tree` of a :class:`LayerTree`: missing
-    parents made implicitly (or NeedsLowerLayers, overlay form)."""
+    parents made implicitly (or NeedsLowerLayers, overlay form). One is made per
+    resolve, so it holds the root and the epoch that resolve starts from."""
 
     def __init__(self, tree: LayerTree) -> None:
         self._tree = tree
-
-    @property
-    def root(self) -> Inode:
-        return self._tree.root
-
-    @property
-    def epoch(self) -> int:
-        return self._tree.epoch
+        self.root = tree.root
+        self.epoch = tree.epoch
 
     def child(self, node: Inode, comp: str, create: bool, parts: list[str]) -> Inode | None:
         assert node.children is not None
