@@ -20,7 +20,8 @@ LAMINA = [sys.executable, "-m", "lamina"]
 def lamina(*args: str, config: Path | None = None, user: int | None = None,
            **env: str) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items()
-               if k not in ("LAMINA_DEBUG", "LAMINA_ROOT", "LAMINA_CONFIG")}
+               if k not in ("LAMINA_DEBUG", "LAMINA_ROOT", "LAMINA_CONFIG", "LAMINA_NAMESPACE",
+                            "CONTAINERD_NAMESPACE", "XDG_CONFIG_HOME")}
     if config is not None:
         environ["LAMINA_CONFIG"] = str(config)
     environ.update(env)
@@ -158,3 +159,13 @@ def test_version_answers_before_the_file_is_read(tmp_path: Path) -> None:
     assert (done.returncode, done.stderr) == (0, "")
     assert done.stdout.startswith("lamina ")
     assert lamina("image", "ls", config=conf).returncode == 6
+
+
+def test_namespace_comes_from_the_file_and_the_flag_and_environment_win(tmp_path: Path) -> None:
+    conf = write(tmp_path / "lamina.toml",
+                 f'root = "{tmp_path / "r"}"\nnamespace = "k8s.io"\n')
+    done = lamina("image", "ls", config=conf)
+    assert done.returncode == 8, done.stderr
+    assert "in namespace 'k8s.io'" in done.stderr
+    assert lamina("-n", "default", "image", "ls", config=conf).returncode == 0
+    assert lamina("image", "ls", config=conf, LAMINA_NAMESPACE="default").returncode == 0
