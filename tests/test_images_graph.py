@@ -129,3 +129,26 @@ def test_follow_reads_a_growing_ingest(store: LocalContentStore) -> None:
         w.commit(6, sha256_digest(b"abcdef"))
         assert f.read(10) == b"def"  # the same file, now the committed blob
     w.close()
+
+
+
+def test_any_manifest_falls_back_to_a_stored_other_platform(store: LocalContentStore) -> None:
+    """image ls and inspect describe an image pulled for another platform: the host's
+    manifest when the index has one, else the first other platform's that is stored."""
+    config = json.dumps({"architecture": "arm", "os": "plan9",
+                         "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    other = _doc(store, MediaType.OCI_MANIFEST, {
+        "schemaVersion": 2, "mediaType": MediaType.OCI_MANIFEST,
+        "config": {"mediaType": MediaType.OCI_CONFIG, "digest": put_document(store, config),
+                   "size": len(config)},
+        "layers": []})
+    missing = Descriptor(MediaType.OCI_MANIFEST, "sha256:" + "0" * 64, 10,
+                         platform={"os": "plan9", "architecture": "mips"})
+    index = _index(store, [missing, Descriptor(other.media_type, other.digest, other.size,
+                                               platform={"os": "plan9", "architecture": "arm"})])
+    with pytest.raises(NotFound):
+        graph.manifest_for(store, index)
+    desc, _, found = graph.any_manifest(store, index)
+    assert (desc.digest, found.raw["architecture"]) == (other.digest, "arm")
+    with pytest.raises(NotFound):
+        graph.any_manifest(store, _index(store, [missing]))

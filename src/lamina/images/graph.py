@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from lamina.content import ContentStore
 
 __all__ = [
-    "DOCUMENT_TYPES", "Handler", "children", "gc_labels", "label_references",
+    "DOCUMENT_TYPES", "Handler", "any_manifest", "children", "gc_labels", "label_references",
     "manifest_for", "read_document", "select", "stored", "walk", "walk_descriptors",
 ]
 
@@ -232,3 +232,26 @@ def manifest_for(
                               f"{manifest.config.media_type!r} is not an image config")
     config = ImageConfig.parse(read_document(content, manifest.config, limits=limits))
     return desc, manifest, config
+
+
+def any_manifest(
+    content: ContentStore, target: Descriptor, *, limits: Limits = LIMITS,
+) -> tuple[Descriptor, Manifest, ImageConfig]:
+    """The host's manifest of ``target`` (:func:`manifest_for`), else the first
+    stored manifest of another platform the index names: what a listing of the
+    images describes (an image pulled for another platform is listed too)."""
+    try:
+        return manifest_for(content, target, limits=limits)
+    except NotFound:
+        if target.media_type not in INDEX_TYPES:
+            raise
+        index = Index.parse(read_document(content, target, limits=limits))
+        for child in index.manifests:
+            want = {k: v for k, v in (child.platform or {}).items() if isinstance(v, str)}
+            if child.media_type not in MANIFEST_TYPES or not {"os", "architecture"} <= set(want):
+                continue
+            try:
+                return manifest_for(content, target, platform=want, limits=limits)
+            except NotFound:
+                continue
+        raise

@@ -18,22 +18,19 @@ stored) has neither platform nor size: it is listed still, with blanks.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from lamina.content import ContentStore
 from lamina.errors import InvalidArgument, NotFound
-from lamina.images.graph import manifest_for, read_document
+from lamina.images.graph import any_manifest, read_document
 from lamina.metadata.images import Image
 from lamina.oci.identity import chain_ids
 from lamina.oci.types import (
     INDEX_TYPES,
-    MANIFEST_TYPES,
     Descriptor,
     ImageConfig,
-    Index,
     Manifest,
     parse_json,
 )
@@ -89,24 +86,6 @@ class ImageSummary:
         return "/".join(p for p in parts if isinstance(p, str) and p)
 
 
-def _resolve(content: ContentStore, target: Descriptor,
-             ) -> tuple[Descriptor, Manifest, ImageConfig]:
-    """The host's manifest of ``target``, else the first stored one of another platform."""
-    try:
-        return manifest_for(content, target)
-    except NotFound:
-        if target.media_type not in INDEX_TYPES:
-            raise
-        index = Index.parse(read_document(content, target))
-        for child in index.manifests:
-            want = {k: v for k, v in (child.platform or {}).items() if isinstance(v, str)}
-            if child.media_type not in MANIFEST_TYPES or not {"os", "architecture"} <= set(want):
-                continue
-            with contextlib.suppress(NotFound):
-                return manifest_for(content, target, platform=want)
-        raise
-
-
 def _unpacked_size(snapshots: Snapshotter, config: ImageConfig) -> int | None:
     """The disk use of every layer's snapshot; None when one is not unpacked."""
     total = 0
@@ -123,7 +102,7 @@ def summarize(image: Image, *, content: ContentStore,
     """``image`` resolved and measured (module docs); ``snapshots``: where its layers
     may be unpacked (None: the blobs' sizes)."""
     try:
-        desc, manifest, config = _resolve(content, image.target)
+        desc, manifest, config = any_manifest(content, image.target)
     except (NotFound, InvalidArgument):  # no image here: listed all the same
         return ImageSummary(image)
     size = _unpacked_size(snapshots, config) if snapshots is not None else None
