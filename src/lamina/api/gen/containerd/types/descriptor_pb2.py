@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!containerd/types/descriptor.proto\x12\x10\x63ontainerd.types\"\xb6\x01\n\nDescriptor\x12\x12\n\nmedia_type\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x42\n\x0b\x61nnotations\x18\x05 \x03(\x0b\x32-.containerd.types.Descriptor.AnnotationsEntry\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x32Z0github.com/containerd/containerd/api/types;typesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!containerd/types/descriptor.proto\x12\x10\x63ontainerd.types\"\xd5\x01\n\nDescriptor\x12\x12\n\nmedia_type\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x42\n\x0b\x61nnotations\x18\x05 \x03(\x0b\x32-.containerd.types.Descriptor.AnnotationsEntry\x12\x1d\n\x14lamina_platform_json\x18\xe9\x07 \x01(\t\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x32Z0github.com/containerd/containerd/api/types;typesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIPTOR_ANNOTATIONSENTRY']._loaded_options = None
   _globals['_DESCRIPTOR_ANNOTATIONSENTRY']._serialized_options = b'8\001'
   _globals['_DESCRIPTOR']._serialized_start=56
-  _globals['_DESCRIPTOR']._serialized_end=238
-  _globals['_DESCRIPTOR_ANNOTATIONSENTRY']._serialized_start=188
-  _globals['_DESCRIPTOR_ANNOTATIONSENTRY']._serialized_end=238
+  _globals['_DESCRIPTOR']._serialized_end=269
+  _globals['_DESCRIPTOR_ANNOTATIONSENTRY']._serialized_start=219
+  _globals['_DESCRIPTOR_ANNOTATIONSENTRY']._serialized_end=269
 # @@protoc_insertion_point(module_scope)

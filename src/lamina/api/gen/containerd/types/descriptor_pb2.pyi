@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Descriptor(_message.Message):
-    __slots__ = ("media_type", "digest", "size", "annotations")
+    __slots__ = ("media_type", "digest", "size", "annotations", "lamina_platform_json")
     class AnnotationsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -19,8 +19,10 @@ class Descriptor(_message.Message):
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     ANNOTATIONS_FIELD_NUMBER: _ClassVar[int]
+    LAMINA_PLATFORM_JSON_FIELD_NUMBER: _ClassVar[int]
     media_type: str
     digest: str
     size: int
     annotations: _containers.ScalarMap[str, str]
-    def __init__(self, media_type: _Optional[str] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ..., annotations: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    lamina_platform_json: str
+    def __init__(self, media_type: _Optional[str] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ..., annotations: _Optional[_Mapping[str, str]] = ..., lamina_platform_json: _Optional[str] = ...) -> None: ...
