@@ -2,12 +2,14 @@
 
 Snapshot infos, kinds and mounts (``containerd.services.snapshots.v1``,
 ``containerd.types``), content infos and ingest statuses
-(``containerd.services.content.v1``), timestamps, and the batching of the
-items a List call streams.
+(``containerd.services.content.v1``), image records and descriptors
+(``containerd.services.images.v1``, ``containerd.types.Descriptor``),
+timestamps, and the batching of the items a List call streams.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -17,10 +19,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from lamina import content
 from lamina.api.gen.containerd.services.content.v1 import content_pb2 as cpb
+from lamina.api.gen.containerd.services.images.v1 import images_pb2 as impb
 from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as spb
-from lamina.api.gen.containerd.types import mount_pb2
+from lamina.api.gen.containerd.types import descriptor_pb2, mount_pb2
 from lamina.errors import InvalidArgument
+from lamina.metadata.images import Image
 from lamina.mounts.mount import Mount
+from lamina.oci.types import Descriptor
 from lamina.snapshots import Info, Kind
 
 __all__ = [
@@ -28,6 +33,10 @@ __all__ = [
     "batched",
     "content_info_from_pb",
     "content_info_to_pb",
+    "descriptor_from_pb",
+    "descriptor_to_pb",
+    "image_from_pb",
+    "image_to_pb",
     "info_from_pb",
     "info_to_pb",
     "kind_from_pb",
@@ -165,4 +174,45 @@ def status_from_pb(msg: cpb.Status) -> content.Status:
         expected=msg.expected,
         started_at=msg.started_at.ToDatetime(tzinfo=UTC),
         updated_at=msg.updated_at.ToDatetime(tzinfo=UTC),
+    )
+
+
+# -- images -------------------------------------------------------------------
+
+
+def descriptor_to_pb(desc: Descriptor) -> descriptor_pb2.Descriptor:
+    platform = json.dumps(dict(desc.platform), sort_keys=True) if desc.platform else ""
+    return descriptor_pb2.Descriptor(media_type=desc.media_type, digest=desc.digest,
+                                     size=desc.size, annotations=dict(desc.annotations),
+                                     lamina_platform_json=platform)
+
+
+def descriptor_from_pb(msg: descriptor_pb2.Descriptor) -> Descriptor:
+    """The descriptor ``msg``; its platform from lamina's own field (InvalidArgument
+    when that is not a JSON object)."""
+    platform = None
+    if msg.lamina_platform_json:
+        try:
+            platform = json.loads(msg.lamina_platform_json)
+        except ValueError:
+            platform = None
+        if not isinstance(platform, dict):
+            raise InvalidArgument("descriptor platform: expected a JSON object")
+    return Descriptor(media_type=msg.media_type, digest=msg.digest, size=msg.size,
+                      annotations=dict(msg.annotations), platform=platform or None)
+
+
+def image_to_pb(image: Image) -> impb.Image:
+    msg = impb.Image(name=image.name, labels=dict(image.labels),
+                     target=descriptor_to_pb(image.target))
+    return with_times(msg, created_at=image.created, updated_at=image.updated)
+
+
+def image_from_pb(msg: impb.Image) -> Image:
+    return Image(
+        name=msg.name,
+        target=descriptor_from_pb(msg.target),
+        labels=dict(msg.labels),
+        created=timestamp_from_pb(msg.created_at, msg.HasField("created_at")),
+        updated=timestamp_from_pb(msg.updated_at, msg.HasField("updated_at")),
     )

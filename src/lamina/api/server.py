@@ -8,7 +8,8 @@ gracefully: new calls are refused, calls in flight get ``grace`` seconds to
 finish, then the stores are closed and the socket removed.
 
 The services are :mod:`lamina.api.snapshots` (Snapshots, Introspection),
-:mod:`lamina.api.content` (Content) and :mod:`lamina.api.version` (Version).
+:mod:`lamina.api.content` (Content), :mod:`lamina.api.images` (Images) and
+:mod:`lamina.api.version` (Version).
 
 The socket: a live server on the path (one that accepts a connection) makes
 :meth:`Server.start` fail with AlreadyExists; a stale socket file is
@@ -130,6 +131,11 @@ class Server:
         ``stream_limits``: ``max_streams``, ``max_client_streams``,
         ``stream_idle_timeout`` (see :class:`Server`)."""
         from lamina.api.content import add_content_service
+        from lamina.api.images import add_images_service
+
+        def services(server: grpc.Server) -> None:
+            add_content_service(server, root)
+            add_images_service(server, root)
 
         return cls(
             address,
@@ -137,7 +143,7 @@ class Server:
             max_workers=max_workers,
             **stream_limits,
             on_close=root.close,
-            extra_services=lambda server: add_content_service(server, root),
+            extra_services=services,
         )
 
     def start(self) -> None:
