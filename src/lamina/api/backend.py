@@ -4,10 +4,11 @@ A process resolves its backend once (:func:`open_backend`) and every command
 goes through it, so no command can quietly work on the local root when the user
 named a server. :class:`LocalBackend` opens the root with recovery
 (:class:`~lamina.metadata.recover.RecoveredRoot`), lazily: a command that needs
-no store opens none. :class:`ServerBackend` hands out the server's snapshotters
-and content store (:mod:`lamina.api.client`); what only a local root has (image
-and container records, leases, GC, check) it refuses with NotImplemented naming
-the command, before anything is done.
+no store opens none. :class:`ServerBackend` hands out the server's snapshotters,
+content store and image records (:mod:`lamina.api.client`,
+:mod:`lamina.api.images`); what only a local root has (container records,
+leases, GC, check) it refuses with NotImplemented naming the command, before
+anything is done.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from lamina.errors import NotImplementedErr
 
 if TYPE_CHECKING:
+    from lamina.api.images import RemoteImageStore
     from lamina.content import ContentStore
+    from lamina.metadata.images import ImageRecords
     from lamina.metadata.recover import RecoveredRoot
     from lamina.snapshots import Snapshotter
 
@@ -33,6 +36,13 @@ class Backend(Protocol):
     def snapshotter(self, name: str) -> Snapshotter: ...
 
     def content(self) -> ContentStore: ...
+
+    def images(self) -> ImageRecords: ...
+
+    def delete_image(self, name: str, *, sync: bool = False) -> None:
+        """Delete image ``name`` where the images are kept; with ``sync``, collect
+        there what it alone kept (:mod:`lamina.metadata.deletes`)."""
+        ...
 
     def root(self, command: str) -> RecoveredRoot:
         """The local root ``command`` needs; NotImplemented on a server."""
@@ -73,6 +83,14 @@ class LocalBackend:
     def content(self) -> ContentStore:
         return self.root().content()
 
+    def images(self) -> ImageRecords:
+        return self.root().images()
+
+    def delete_image(self, name: str, *, sync: bool = False) -> None:
+        from lamina.metadata.deletes import delete_image
+
+        delete_image(self.root(), name, sync=sync)
+
     @property
     def tmpmounts(self) -> Path | None:
         return self.root().tmpmounts
@@ -90,6 +108,7 @@ class ServerBackend:
         self.address = address
         self._snapshotters: dict[str, Any] = {}
         self._content: Any = None
+        self._images: RemoteImageStore | None = None
         self._lock = threading.Lock()
 
     def root(self, command: str) -> RecoveredRoot:
@@ -116,13 +135,24 @@ class ServerBackend:
             store: ContentStore = self._content
             return store
 
+    def images(self) -> RemoteImageStore:
+        with self._lock:
+            if self._images is None:
+                from lamina.api.images import RemoteImageStore
+
+                self._images = RemoteImageStore(self.address)
+            return self._images
+
+    def delete_image(self, name: str, *, sync: bool = False) -> None:
+        self.images().delete(name, sync=sync)
+
     @property
     def tmpmounts(self) -> Path | None:
         # the server's mounts are mounted here, beside no root of ours
         return None
 
     def close(self) -> None:
-        for remote in (*self._snapshotters.values(), self._content):
+        for remote in (*self._snapshotters.values(), self._content, self._images):
             if remote is not None:
                 remote.close()
 

@@ -13,6 +13,7 @@ from lamina.snapshots.namespace import DEFAULT_NAMESPACE, NamespaceView
 
 if TYPE_CHECKING:
     from lamina.content import ContentStore
+    from lamina.metadata.images import ImageRecords
     from lamina.metadata.recover import RecoveredRoot
     from lamina.snapshots import Snapshotter
 
@@ -82,6 +83,16 @@ class App:
         """The content store: the local root's, or (with --address) a server's."""
         self._own_namespace()
         return self.backend.content()
+
+    def images(self) -> ImageRecords:
+        """The image records: the local root's, or (with --address) a server's."""
+        self._own_namespace()
+        return self.backend.images()
+
+    def delete_image(self, name: str, *, sync: bool = False) -> None:
+        """Delete image ``name`` (with ``sync``, collect) where the images are kept."""
+        self._own_namespace()
+        self.backend.delete_image(name, sync=sync)
 
     @property
     def tmpmounts(self) -> Path | None:

@@ -23,6 +23,7 @@ from lamina.cli.common import (
     terminal_columns,
 )
 from lamina.errors import InvalidArgument
+from lamina.images.catalog import Catalog
 from lamina.images.service import ImageService
 from lamina.images.summary import docker_view
 from lamina.util.progress import for_cli
@@ -55,18 +56,24 @@ def _import(args: argparse.Namespace, app: App) -> int:
     return 0
 
 
+def _catalog(app: App) -> Catalog:
+    """The images of the root, or (with --address) of the server, as ls and inspect
+    read them: resolved and measured on this side, so both read alike."""
+    return Catalog(app.images(), content=app.content(), snapshots=app.snapshots())
+
+
 def _ls(args: argparse.Namespace, app: App) -> int:
-    with _service(args, app) as svc:
-        if args.json:
-            app.print_json([{"name": i.name, "target": i.target.to_json(), "labels": i.labels,
-                             "created": i.created, "updated": i.updated}
-                            for i in svc.images_list(args.filter or ())])
-            return 0
-        if args.quiet:
-            for i in svc.images_list(args.filter or ()):
-                print(i.name if args.names else _short_id(i.target.digest, args.no_trunc))
-            return 0
-        summaries = svc.summaries(args.filter or ())
+    catalog = _catalog(app)
+    if args.json:
+        app.print_json([{"name": i.name, "target": i.target.to_json(), "labels": i.labels,
+                         "created": i.created, "updated": i.updated}
+                        for i in catalog.select(args.filter or ())])
+        return 0
+    if args.quiet:
+        for i in catalog.select(args.filter or ()):
+            print(i.name if args.names else _short_id(i.target.digest, args.no_trunc))
+        return 0
+    summaries = catalog.summaries(args.filter or ())
     names = ["NAME"] if args.names else ["REPOSITORY", "TAG"]
     header = [*names, "IMAGE ID", "CREATED", "PLATFORM", "SIZE"]
     if args.digests:
@@ -89,20 +96,17 @@ def _short_id(digest: str, no_trunc: bool) -> str:
 
 
 def _inspect(args: argparse.Namespace, app: App) -> int:
-    with _service(args, app) as svc:
-        if args.mode == "native":
-            app.print_json([svc.native(ref) for ref in args.refs])
-        else:
-            app.print_json([docker_view(svc.summary(ref)) for ref in args.refs])
+    catalog = _catalog(app)
+    if args.mode == "native":
+        app.print_json([catalog.native(ref) for ref in args.refs])
+    else:
+        app.print_json([docker_view(catalog.summary(ref)) for ref in args.refs])
     return 0
 
 
 def _rm(args: argparse.Namespace, app: App) -> int:
-    from lamina.metadata.deletes import delete_image
-
-    root = app.store_root
     for i, name in enumerate(args.names, 1):
-        delete_image(root, name, sync=args.sync and i == len(args.names))
+        app.delete_image(name, sync=args.sync and i == len(args.names))
         print(name)
     return 0
 

@@ -128,7 +128,9 @@ def _referrers(args: argparse.Namespace, app: App) -> int:
 
 
 def _tag(args: argparse.Namespace, app: App) -> int:
-    image = _images(app, Progress()).tag(args.source, args.target)
+    from lamina.images.names import add_name
+
+    image = add_name(app.images(), args.source, args.target)
     print(f"{image.name}\t{image.target.digest}")
     return 0
 
