@@ -658,9 +658,7 @@ def apply_layer(
     finally:
         applier.close()
         os.close(root_fd)
-    diff_id = meter.diff_id
-    if expected_diff_id is not None and expected_diff_id != diff_id:
-        raise InvalidArgument(f"diff id mismatch: layer has {diff_id}, expected {expected_diff_id}")
+    diff_id = meter.verified(expected_diff_id)
     report_left_out(left_out)
     return AppliedLayer(diff_id=diff_id, size=reader.total, root_listed=applier.root_listed,
                         whiteouts=tuple(sorted(applier.whiteouts)))

@@ -216,3 +216,11 @@ class LayerMeter:
     def diff_id(self) -> str:
         """The DiffID of the bytes read so far."""
         return "sha256:" + self.digest.hexdigest()
+
+    def verified(self, expected: str | None) -> str:
+        """:attr:`diff_id`, the whole layer read; InvalidArgument when ``expected``
+        is given and is another."""
+        diff_id = self.diff_id
+        if expected is not None and expected != diff_id:
+            raise InvalidArgument(f"diff id mismatch: layer has {diff_id}, expected {expected}")
+        return diff_id

@@ -220,10 +220,7 @@ def write_image(
             current = None
             reader.drain()
             tree.finish()
-            diff_id = meter.diff_id
-            if expected_diff_id is not None and expected_diff_id != diff_id:
-                raise InvalidArgument(
-                    f"diff id mismatch: layer has {diff_id}, expected {expected_diff_id}")
+            diff_id = meter.verified(expected_diff_id)
             if callable(root):
                 # the data is on disk while the parent is being made: the final
                 # fsync (after the parent's commit, in order) has only metadata left
