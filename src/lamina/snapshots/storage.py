@@ -65,6 +65,27 @@ class Snapshot:
     parent_ids: tuple[str, ...]  # nearest parent first
 
 
+# A snapshot's ancestors, nearest first (``depth`` orders them; the chain is a path).
+_CHAIN_SQL = """
+WITH RECURSIVE chain(id, parent_id, depth) AS (
+    SELECT id, parent_id, 0 FROM snapshots WHERE id=?
+    UNION ALL
+    SELECT s.id, s.parent_id, chain.depth + 1 FROM snapshots s JOIN chain ON s.id = chain.parent_id
+)
+SELECT id FROM chain ORDER BY depth
+"""
+
+_SEEN: dict[Scope, tuple[str, tuple[str, ...]]] = {}
+
+
+def _seen_sql(scope: Scope) -> tuple[str, tuple[str, ...]]:
+    """``scope.sql()``, built once per scope (every transaction asks)."""
+    seen = _SEEN.get(scope)
+    if seen is None:
+        seen = _SEEN[scope] = scope.sql()
+    return seen
+
+
 def _dt(ns: int) -> datetime:
     return datetime.fromtimestamp(ns / 1e9, tz=UTC)
 
@@ -76,7 +97,7 @@ class Transaction:
                  db: Database | None = None) -> None:
         self._c = conn
         self._scope = scope
-        self._seen, self._seen_args = scope.sql()
+        self._seen, self._seen_args = _seen_sql(scope)
         self._db = db
 
     def sync_before_commit(self, directory: str | os.PathLike[str]) -> None:
@@ -122,13 +143,11 @@ class Transaction:
         )
 
     def _chain(self, parent_id: int | None) -> tuple[str, ...]:
-        ids: list[str] = []
-        while parent_id is not None:
-            ids.append(str(parent_id))
-            (parent_id,) = self._c.execute(
-                "SELECT parent_id FROM snapshots WHERE id=?", (parent_id,)
-            ).fetchone()
-        return tuple(ids)
+        """``parent_id`` and its ancestors, nearest first: one query at any depth (an
+        image's snapshots are tens of layers deep, and each call walks the chain)."""
+        if parent_id is None:
+            return ()
+        return tuple(str(r[0]) for r in self._c.execute(_CHAIN_SQL, (parent_id,)))
 
     def _key_of(self, sid: int | None) -> str:
         if sid is None:
@@ -196,15 +215,19 @@ class Transaction:
         )
         sid = cur.lastrowid
         assert sid is not None
-        self._set_labels(sid, clean)
+        self._add_labels(sid, clean)  # none to clear: the id is new (AUTOINCREMENT)
         return Snapshot(id=str(sid), kind=kind, parent_ids=chain)
 
     def _set_labels(self, sid: int, labels: Mapping[str, str]) -> None:
         self._c.execute("DELETE FROM labels WHERE snapshot_id=?", (sid,))
-        self._c.executemany(
-            "INSERT INTO labels (snapshot_id, key, value) VALUES (?,?,?)",
-            [(sid, k, v) for k, v in labels.items()],
-        )
+        self._add_labels(sid, labels)
+
+    def _add_labels(self, sid: int, labels: Mapping[str, str]) -> None:
+        if labels:
+            self._c.executemany(
+                "INSERT INTO labels (snapshot_id, key, value) VALUES (?,?,?)",
+                [(sid, k, v) for k, v in labels.items()],
+            )
 
     def commit(
         self, name: str, key: str, usage: Usage, labels: Mapping[str, str] | None
