@@ -122,13 +122,12 @@ class Database:
             raise Unavailable(f"database {self.path} is closed")
         return self._conn
 
-    @contextlib.contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
+    def write(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """A write transaction: committed on success, rolled back on error."""
-        if self._group:
-            with self._group_write() as conn:
-                yield conn
-            return
+        return self._group_write() if self._group else self._write_alone()
+
+    @contextlib.contextmanager
+    def _write_alone(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             conn = self.conn
             try:
@@ -212,10 +211,10 @@ class Database:
             if full := self._full(exc):
                 raise full from exc
             raise
-        self._release(closing=batch.members >= MAX_BATCH)
         if leader:
             self._commit(batch)
         else:
+            self._release(closing=batch.members >= MAX_BATCH)
             self._wait(batch)
         if batch.error is not None:
             err = batch.error
@@ -236,14 +235,20 @@ class Database:
                 self._done.wait()
 
     def _commit(self, batch: _Batch) -> None:
-        """The leader: let the writers already waiting run their bodies, then sync
-        and commit for all of them."""
+        """The leader, its body done: let the writers already waiting run their
+        bodies, then sync and commit for all of them. Alone, it commits at once,
+        keeping the connection (nobody to wake, nothing to wait for)."""
         conn = self.conn
         with self._cond:
-            while self._busy or (self._queued and not batch.closing):
-                self._cond.wait()
+            if self._queued:
+                self._busy = False  # the connection passes to the writers waiting
+                if batch.members >= MAX_BATCH:
+                    batch.closing = True
+                self._cond.notify_all()
+                while self._busy or (self._queued and not batch.closing):
+                    self._cond.wait()
+                self._busy = True
             batch.closing = True
-            self._busy = True
         try:
             if batch.error is None:
                 for d in batch.syncs:
