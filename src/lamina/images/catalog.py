@@ -1,5 +1,5 @@
-"""What ``image ls``, ``image inspect`` and ``image tag`` read and write, on any
-image store: a root's, or a server's through ``--address``.
+"""What ``image ls`` and ``image inspect`` read, from any image store: a root's,
+or a server's through ``--address``.
 
 A :class:`Catalog` holds image records (:class:`~lamina.metadata.images.ImageRecords`),
 a content store and, for sizes, a snapshotter; the records are selected with
@@ -53,7 +53,3 @@ class Catalog:
     def native(self, name: str) -> dict[str, Any]:
         """lamina's record of image ``name`` and the documents it resolves to."""
         return native_view(self.summary(name), content=self.content)
-
-    def tag(self, source: str, target: str) -> Image:
-        """Name image ``source`` also as ``target``; returns the new image."""
-        return names.add_name(self.images, source, target)

@@ -14,14 +14,13 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING
 
 from lamina.archive.limits import DEFAULT_MAX_LAYER_SIZE
 from lamina.content.digest import sha256
 from lamina.errors import NotFound
 from lamina.images import names
 from lamina.images.catalog import Catalog
-from lamina.images.summary import ImageSummary
 from lamina.labels import GC_REF_SNAPSHOT
 from lamina.metadata.images import Image
 from lamina.metadata.root import Root
@@ -79,25 +78,9 @@ class ImageService:
 
     @property
     def catalog(self) -> Catalog:
-        """This root's images as ``image ls`` and ``image inspect`` read them."""
+        """This root's images as ``image ls`` and ``image inspect`` read them (the
+        same reading as a server's, through ``--address``)."""
         return Catalog(self.images, content=self.content, snapshots=self.snapshots)
-
-    def images_list(self, filters: Sequence[str] = ()) -> list[Image]:
-        """The images ``filters`` select (see :mod:`lamina.images.listing`)."""
-        return Catalog(self.images, content=self.content).select(filters)
-
-    def summaries(self, filters: Sequence[str] = ()) -> list[ImageSummary]:
-        """The images ``filters`` select, resolved and measured (see
-        :mod:`lamina.images.summary`)."""
-        return self.catalog.summaries(filters)
-
-    def summary(self, name: str) -> ImageSummary:
-        """Image ``name`` (any spelling of it) resolved and measured."""
-        return self.catalog.summary(name)
-
-    def native(self, name: str) -> dict[str, Any]:
-        """lamina's record of image ``name`` and the documents it resolves to."""
-        return self.catalog.native(name)
 
     @contextlib.contextmanager
     def _leased(self, purpose: str) -> Iterator[LeasedContent]:
