@@ -1,4 +1,4 @@
-"""lamina over gRPC: containerd's Snapshots and Content services on a unix socket.
+"""lamina over gRPC: containerd's Snapshots, Content and Images services on a unix socket.
 
 * :mod:`lamina.api.server` serves a :class:`~lamina.metadata.root.Root` (``lamina serve``);
   containerd uses it as a proxy plugin (``lamina config containerd``).
@@ -8,8 +8,10 @@
   gRPC status codes and back, so a remote store raises what a local one does.
 
 The messages are containerd's (package, service, message names and field
-numbers): ``containerd.services.snapshots.v1``, ``containerd.services.content.v1``
-and ``containerd.types.Mount``; lamina adds one service of its own,
+numbers): ``containerd.services.snapshots.v1``, ``containerd.services.content.v1``,
+``containerd.services.images.v1``, ``containerd.types.Mount`` and
+``containerd.types.Descriptor`` (with one field of lamina's own, far above
+containerd's numbers: the target's platform); lamina adds one service of its own,
 ``lamina.services.introspection.v1.Introspection``, for snapshotter capabilities.
 The ``.proto`` files are in the repository's ``protos/`` (the generator's input,
 kept out of the package as containerd keeps its API in its own module); ``scripts/gen-protos.sh``
