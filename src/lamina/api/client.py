@@ -107,8 +107,12 @@ def _masked(request: M, fieldpaths: tuple[str, ...]) -> M:
 
 
 class _Remote(Closing):
-    """What both remote stores hold: the channel (theirs to close unless it was
-    given), lamina's identity on its calls, and the timeout of each call."""
+    """What every remote store holds: the channel (theirs to close unless it was
+    given), lamina's identity on its calls, the timeout of each call, and how its
+    errors say what failed."""
+
+    #: The kind of thing the calls work on, which the errors name ("content"; "": none).
+    _noun = ""
 
     def __init__(
         self, address: str, *, timeout: float | None, channel: grpc.Channel | None
@@ -118,6 +122,17 @@ class _Remote(Closing):
         self._owns_channel = channel is None
         self._channel: grpc.Channel | None = channel if channel is not None else connect(address)
         self._calls = _identified(self._channel)
+
+    @property
+    def _place(self) -> str:
+        """Where the calls go, as the errors name it."""
+        return self.address
+
+    def _what(self, op: str, name: str = "") -> str:
+        """What failed, when call ``op`` (on ``name``) fails: an error's first words."""
+        noun = f"{self._noun} " if self._noun else ""
+        target = f" {name!r}" if name else ""
+        return f"{noun}{op}{target} on {self._place}"
 
     def _listed(
         self, call: Any, request: Any, convert: Callable[[Any], T], what: str
@@ -165,9 +180,9 @@ class RemoteSnapshotter(_Remote):
         self._caps: frozenset[Capability] | None = None
         self._lock = threading.Lock()
 
-    def _what(self, op: str, key: str = "") -> str:
-        target = f" {key!r}" if key else ""
-        return f"{op}{target} on {self.snapshotter}@{self.address}"
+    @property
+    def _place(self) -> str:
+        return f"{self.snapshotter}@{self.address}"
 
     @property
     def capabilities(self) -> frozenset[Capability]:
@@ -272,6 +287,8 @@ class RemoteContentStore(_Remote):
     lock on the server, from :meth:`writer` until it is closed or committed.
     """
 
+    _noun = "content"
+
     def __init__(
         self,
         address: str,
@@ -283,10 +300,6 @@ class RemoteContentStore(_Remote):
         self._stub = cpb_grpc.ContentStub(self._calls)  # type: ignore[no-untyped-call]
         self._writers: set[RemoteWriter] = set()
         self._lock = threading.Lock()
-
-    def _what(self, op: str, name: str = "") -> str:
-        target = f" {name!r}" if name else ""
-        return f"content {op}{target} on {self.address}"
 
     def info(self, digest: str) -> ContentInfo:
         with rpc_errors(self._what("info", digest)):

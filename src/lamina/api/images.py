@@ -203,14 +203,12 @@ class RemoteImageStore(_Remote):
     ``timeout`` (seconds) bounds each call; None waits as long as the call takes.
     """
 
+    _noun = "image"
+
     def __init__(self, address: str, *, timeout: float | None = None,
                  channel: grpc.Channel | None = None) -> None:
         super().__init__(address, timeout=timeout, channel=channel)
         self._stub = impb_grpc.ImagesStub(self._calls)  # type: ignore[no-untyped-call]
-
-    def _what(self, op: str, name: str = "") -> str:
-        target = f" {name!r}" if name else ""
-        return f"image {op}{target} on {self.address}"
 
     def get(self, key: str) -> Image:
         with rpc_errors(self._what("get", key)):
