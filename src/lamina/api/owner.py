@@ -8,7 +8,7 @@ and blobs only.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import grpc
 
@@ -33,7 +33,19 @@ def caller_owner(context: grpc.ServicerContext) -> str:
 def for_caller(store: T, context: grpc.ServicerContext) -> T:
     """``store`` as the caller may use it: the CLI's view (everything, changes to
     the CLI's own) for lamina's client, containerd's scope for anyone else."""
-    if caller_owner(context) == CLI or not isinstance(store, Scoped):
+    if caller_owner(context) == CLI or not _scoped_type(type(store)):
         return store
-    scoped: T = store.scoped(CONTAINERD)
+    scoped: T = cast(Scoped, store).scoped(CONTAINERD)
     return scoped
+
+
+_SCOPED_TYPES: dict[type, bool] = {}
+
+
+def _scoped_type(cls: type) -> bool:
+    """Whether instances of ``cls`` are :class:`Scoped`, asked once per class: the
+    protocol check inspects every member each time, and every call asks."""
+    known = _SCOPED_TYPES.get(cls)
+    if known is None:
+        known = _SCOPED_TYPES[cls] = issubclass(cls, Scoped)
+    return known

@@ -44,12 +44,16 @@ Resolver = Callable[[str], "Snapshotter"]
 def root_resolver(root: Root, default: str = "overlay") -> Resolver:
     """Names in SNAPSHOTTERS map to themselves, any other name to ``default``."""
     lock = threading.Lock()
+    opened: dict[str, Snapshotter] = {}  # what each name resolved to: every call asks
 
     def resolve(name: str) -> Snapshotter:
         if name not in SNAPSHOTTERS:
             name = default
-        with lock:  # Root opens each snapshotter once; do not race the first open
-            return root.snapshotter(name)
+        sn = opened.get(name)
+        if sn is None:
+            with lock:  # Root opens each snapshotter once; do not race the first open
+                sn = opened[name] = root.snapshotter(name)
+        return sn
 
     return resolve
 
