@@ -189,10 +189,11 @@ def _put_json(content: ContentStore, obj: Any, media_type: str,
     return Descriptor(media_type, digest, len(data), {}, host_platform() if platform else None)
 
 
+@dataclass(frozen=True)
 class _Timed:
     """A result that says how long its phases took (``timings``, seconds by phase)."""
 
-    timings: Mapping[str, float]
+    timings: Mapping[str, float] = field(default_factory=dict, kw_only=True)
 
     @property
     def seconds(self) -> float:
@@ -206,14 +207,12 @@ class CheckpointResult(_Timed):
     ref: str
     index: Descriptor
     container: str
-    timings: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class RestoreResult(_Timed):
     container: Container
     task: TaskInfo
-    timings: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
