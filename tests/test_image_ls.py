@@ -111,6 +111,16 @@ def test_fits_the_terminal(root: Path, cols: int) -> None:
     assert any(t.startswith("demo  ") for t in lines), lines  # short names stay whole
 
 
+def test_an_empty_root_opens_no_store_to_list(require_root: None, tmp_root: Path) -> None:
+    """Listing no images opens neither the content store nor the snapshotter (start-up
+    time: bench/startup.py); an unknown snapshotter is refused all the same."""
+    assert ok(tmp_root, "image", "ls").split() == [*HEADER[:2], "IMAGE", "ID", *HEADER[3:]]
+    assert ok(tmp_root, "image", "ls", "--json") == "[]\n"
+    assert not (tmp_root / "content").exists() and not (tmp_root / "snapshots").exists()
+    done = lamina(tmp_root, "--snapshotter", "nosuch", "image", "ls")
+    assert done.returncode == 6 and "unknown snapshotter 'nosuch'" in done.stderr
+
+
 def test_quiet_digests_names(root: Path) -> None:
     ids = ok(root, "image", "ls", "-q").split()
     assert sorted(ids) == sorted(digest_of(root, n).split(":")[1][:12] for n in ("demo:1", LONG))

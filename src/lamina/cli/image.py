@@ -26,6 +26,7 @@ from lamina.errors import InvalidArgument
 from lamina.images.catalog import Catalog
 from lamina.images.service import ImageService
 from lamina.images.summary import docker_view
+from lamina.metadata.root import check_snapshotter
 from lamina.util.progress import for_cli
 
 __all__ = ["register"]
@@ -58,8 +59,12 @@ def _import(args: argparse.Namespace, app: App) -> int:
 
 def _catalog(app: App) -> Catalog:
     """The images of the root, or (with --address) of the server, as ls and inspect
-    read them: resolved and measured on this side, so both read alike."""
-    return Catalog(app.images(), content=app.content(), snapshots=app.snapshots())
+    read them: resolved and measured on this side, so both read alike. The content
+    store and the snapshotter are opened for the first image (an empty root's
+    ls opens neither); a local root's snapshotter name is checked all the same."""
+    if app.address is None:
+        check_snapshotter(app.snapshotter)
+    return Catalog(app.images(), content=app.content, snapshots=app.snapshots)
 
 
 def _ls(args: argparse.Namespace, app: App) -> int:

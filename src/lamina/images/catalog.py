@@ -1,37 +1,57 @@
 """What ``image ls`` and ``image inspect`` read, from any image store: a root's,
 or a server's through ``--address``.
 
-A :class:`Catalog` holds image records (:class:`~lamina.metadata.images.ImageRecords`),
-a content store and, for sizes, a snapshotter; the records are selected with
-``image ls``'s filters (:mod:`lamina.images.listing`) and resolved and measured
-by :mod:`lamina.images.summary` on this side of the wire, so a server's images
-read exactly as a local root's do.
+A :class:`Catalog` holds image records (:class:`~lamina.metadata.images.ImageRecords`)
+and opens a content store and, for sizes, a snapshotter when an image needs them
+(listing no images opens neither: an empty root's ``image ls`` starts fast); the
+records are selected with ``image ls``'s filters (:mod:`lamina.images.listing`)
+and resolved and measured by :mod:`lamina.images.summary` on this side of the
+wire, so a server's images read exactly as a local root's do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from lamina.content import ContentStore
 from lamina.images import names
 from lamina.images.listing import parse_filters
 from lamina.images.summary import ImageSummary, native_view, summarize, summarize_all
 from lamina.metadata.images import Image, ImageRecords
-from lamina.snapshots import Snapshotter
+
+if TYPE_CHECKING:
+    from lamina.content import ContentStore
+    from lamina.snapshots import Snapshotter
 
 __all__ = ["Catalog"]
 
 
 class Catalog:
-    """The images of ``images``, their documents in ``content``, their layers (for
-    the unpacked size) in ``snapshots``."""
+    """The images of ``images``, their documents in the store ``content`` opens, their
+    layers (for the unpacked size) in the snapshotter ``snapshots`` opens; each is
+    opened once, when an image is first resolved."""
 
-    def __init__(self, images: ImageRecords, *, content: ContentStore,
-                 snapshots: Snapshotter | None = None) -> None:
+    def __init__(self, images: ImageRecords, *, content: Callable[[], ContentStore],
+                 snapshots: Callable[[], Snapshotter | None] = lambda: None) -> None:
         self.images = images
-        self.content = content
-        self.snapshots = snapshots
+        self._open_content = content
+        self._open_snapshots = snapshots
+        self._content: ContentStore | None = None
+        self._snapshots: Snapshotter | None = None
+        self._snapshots_opened = False
+
+    @property
+    def content(self) -> ContentStore:
+        if self._content is None:
+            self._content = self._open_content()
+        return self._content
+
+    @property
+    def snapshots(self) -> Snapshotter | None:
+        if not self._snapshots_opened:
+            self._snapshots = self._open_snapshots()
+            self._snapshots_opened = True
+        return self._snapshots
 
     def select(self, filters: Sequence[str] = ()) -> list[Image]:
         """The images ``filters`` select (see :mod:`lamina.images.listing`)."""
@@ -42,8 +62,10 @@ class Catalog:
 
     def summaries(self, filters: Sequence[str] = ()) -> list[ImageSummary]:
         """The images ``filters`` select, resolved and measured."""
-        return summarize_all(self.select(filters), content=self.content,
-                             snapshots=self.snapshots)
+        selected = self.select(filters)
+        if not selected:
+            return []
+        return summarize_all(selected, content=self.content, snapshots=self.snapshots)
 
     def summary(self, name: str) -> ImageSummary:
         """Image ``name`` (any spelling of it) resolved and measured."""

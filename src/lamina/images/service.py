@@ -80,7 +80,8 @@ class ImageService:
     def catalog(self) -> Catalog:
         """This root's images as ``image ls`` and ``image inspect`` read them (the
         same reading as a server's, through ``--address``)."""
-        return Catalog(self.images, content=self.content, snapshots=self.snapshots)
+        return Catalog(self.images, content=lambda: self.content,
+                       snapshots=lambda: self.snapshots)
 
     @contextlib.contextmanager
     def _leased(self, purpose: str) -> Iterator[LeasedContent]:

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lamina.content import ContentStore
 from lamina.errors import InvalidArgument, NotFound
 from lamina.images.graph import any_manifest, read_document
 from lamina.metadata.images import Image
@@ -34,7 +33,10 @@ from lamina.oci.types import (
     Manifest,
     parse_json,
 )
-from lamina.snapshots import Snapshotter
+
+if TYPE_CHECKING:  # image ls on an empty root imports neither (bench/startup.py)
+    from lamina.content import ContentStore
+    from lamina.snapshots import Snapshotter
 
 __all__ = ["ImageSummary", "docker_view", "native_view", "split_name", "summarize",
            "summarize_all"]

@@ -41,7 +41,8 @@ if TYPE_CHECKING:
     from lamina.metadata.leases import LeaseManager
     from lamina.snapshots import Snapshotter
 
-__all__ = ["DEFAULT_ROOT", "SNAPSHOTTERS", "Root", "default_root", "make_root_dir"]
+__all__ = ["DEFAULT_ROOT", "SNAPSHOTTERS", "Root", "check_snapshotter", "default_root",
+           "make_root_dir"]
 
 DEFAULT_ROOT = "/var/lib/lamina"
 
@@ -85,6 +86,14 @@ SNAPSHOTTERS: dict[str, Callable[..., Snapshotter]] = {
     "native": _native,
     "erofs": _erofs,
 }
+
+
+def check_snapshotter(name: str) -> str:
+    """``name`` when lamina has a snapshotter so called; InvalidArgument if not."""
+    if name not in SNAPSHOTTERS:
+        known = ", ".join(sorted(SNAPSHOTTERS))
+        raise InvalidArgument(f"unknown snapshotter {name!r} (known: {known})")
+    return name
 
 
 def make_root_dir(path: Path) -> None:
@@ -143,11 +152,7 @@ class Root:
 
     def snapshotter(self, name: str) -> Snapshotter:
         """The snapshotter ``name`` on this root (opened once)."""
-        try:
-            factory = SNAPSHOTTERS[name]
-        except KeyError:
-            known = ", ".join(sorted(SNAPSHOTTERS))
-            raise InvalidArgument(f"unknown snapshotter {name!r} (known: {known})") from None
+        factory = SNAPSHOTTERS[check_snapshotter(name)]
         return self._once(f"snapshots/{name}", lambda: factory(
             self.snapshots_dir(name), async_remove=self.async_remove))
 
