@@ -31,15 +31,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, Self, runtime_checkable
 
+from lamina.errors import InvalidArgument
+
 __all__ = [
     "CLI",
     "CLI_VIEW",
     "CONTAINERD",
+    "DEFAULT_NAMESPACE",
     "METADATA_KEY",
     "OWNERS",
     "Scope",
     "Scoped",
     "ScopedViews",
+    "check_namespace",
     "describe",
     "describe_all",
     "looks_like_containerd_key",
@@ -56,6 +60,21 @@ METADATA_KEY = "lamina-owner"
 
 # containerd's metadata snapshotter names backend keys <namespace>/<id>/<key>
 _CONTAINERD_KEY = re.compile(r"[^/]+/[0-9]+/.+", re.DOTALL)
+
+#: The namespace of lamina's own images, containers, leases and snapshots; another
+#: one is containerd's (:mod:`lamina.snapshots.namespace` shows its snapshots).
+DEFAULT_NAMESPACE = "default"
+
+# containerd's namespace names (its identifiers package): labels joined by . _ -
+_NAMESPACE = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")
+
+
+def check_namespace(name: str) -> str:
+    """``name`` when containerd would accept it as a namespace; InvalidArgument if not."""
+    if len(name) > 76 or not _NAMESPACE.fullmatch(name):
+        raise InvalidArgument(f"invalid namespace {name!r}: letters, digits and . _ - "
+                              "between them, at most 76 characters")
+    return name
 
 
 @dataclass(frozen=True)

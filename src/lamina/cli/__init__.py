@@ -58,7 +58,7 @@ GROUPS = ("snapshot", "content", "diff", "image", "container", "task", "run",
 ALIASES = {
     "snapshots": "snapshot", "images": "image", "i": "image", "containers": "container",
     "c": "container", "tasks": "task", "t": "task", "checkpoints": "checkpoint",
-    "leases": "lease", "fsck": "check", "logout": "login",
+    "leases": "lease", "fsck": "check", "logout": "login", "exec": "task",
 }
 _GLOBAL_WITH_VALUE = ("--root", "--snapshotter", "--address", "--config", "-n",
                       "--namespace")
@@ -167,8 +167,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                      "Exit codes: 0 ok, 1 internal, 2 usage, 3 NotFound, "
                      "4 AlreadyExists, 5 FailedPrecondition, 6 InvalidArgument, "
                      "7 Unavailable, 8 NotImplemented, 130 interrupted. nerdctl's words work "
-                     "too: images, pull, push, rmi, ps [-a] (image ls, image pull, image push, "
-                     "image rm, container ls).")
+                     "too: images, pull, push, rmi, ps [-a], exec (image ls, image pull, "
+                     "image push, image rm, container ls, task exec).")
     from lamina.cli.common import describe
     from lamina.util import config as settings
 
@@ -326,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         from lamina.cli.app import App
         from lamina.metadata.root import default_root
-        from lamina.snapshots.namespace import DEFAULT_NAMESPACE, check_namespace
+        from lamina.owners import DEFAULT_NAMESPACE, check_namespace
 
         _with_config(args, config)
         root = args.root or os.environ.get("LAMINA_ROOT") or config.root or default_root()

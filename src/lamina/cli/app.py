@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from lamina.api.backend import Backend, open_backend
 from lamina.errors import NotImplementedErr
-from lamina.snapshots.namespace import DEFAULT_NAMESPACE, NamespaceView
+from lamina.owners import DEFAULT_NAMESPACE
 
 if TYPE_CHECKING:
     from lamina.content import ContentStore
@@ -77,7 +77,11 @@ class App:
         """The snapshotter this invocation works on, local or (with --address) remote;
         in a namespace other than lamina's, that namespace's snapshots, read-only."""
         sn = self.backend.snapshotter(self.snapshotter)
-        return sn if self.namespace == DEFAULT_NAMESPACE else NamespaceView(sn, self.namespace)
+        if self.namespace == DEFAULT_NAMESPACE:
+            return sn
+        from lamina.snapshots.namespace import NamespaceView
+
+        return NamespaceView(sn, self.namespace)
 
     def content(self) -> ContentStore:
         """The content store: the local root's, or (with --address) a server's."""

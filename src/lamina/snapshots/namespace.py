@@ -11,29 +11,21 @@ with FailedPrecondition, the class the CLI gives any change to containerd's.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Mapping
 
-from lamina.errors import FailedPrecondition, InvalidArgument, NotFound
+from lamina.errors import FailedPrecondition, NotFound
 from lamina.mounts.mount import Mount
-from lamina.owners import CONTAINERD, looks_like_containerd_key
+from lamina.owners import (
+    CONTAINERD,
+    DEFAULT_NAMESPACE,
+    check_namespace,
+    looks_like_containerd_key,
+)
 from lamina.snapshots import Capability, Info, Snapshotter, Usage
 
+# DEFAULT_NAMESPACE and check_namespace live in lamina.owners (the CLI reads them
+# without importing the snapshots package); they stay importable from here.
 __all__ = ["DEFAULT_NAMESPACE", "NamespaceView", "check_namespace"]
-
-#: The namespace of lamina's own images, containers, leases and snapshots.
-DEFAULT_NAMESPACE = "default"
-
-# containerd's namespace names (its identifiers package): labels joined by . _ -
-_NAME = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")
-
-
-def check_namespace(name: str) -> str:
-    """``name`` when containerd would accept it as a namespace; InvalidArgument if not."""
-    if len(name) > 76 or not _NAME.fullmatch(name):
-        raise InvalidArgument(f"invalid namespace {name!r}: letters, digits and . _ - "
-                              "between them, at most 76 characters")
-    return name
 
 
 class NamespaceView:
