@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import secrets
 import subprocess
 import sys
@@ -32,27 +31,15 @@ from pathlib import Path
 from lamina.cli.app import App
 from lamina.cli.common import add_examples, parse_labels
 from lamina.cli.container import add_create_flags, options_from_args, services
-from lamina.errors import InvalidArgument, LaminaError, NotImplementedErr
+from lamina.cli.terminal import (
+    add_terminal_flags,
+    check_terminal_flags,
+    stdin_of,
+    terminal_size,
+)
+from lamina.errors import LaminaError
 
 __all__ = ["register"]
-
-
-def _check(args: argparse.Namespace) -> None:
-    if args.detach and (args.tty or args.interactive):
-        raise NotImplementedErr("-t and -i need the task in the foreground (lamina has no "
-                                "attach); leave out -d, or -t and -i")
-    if args.tty and not any(f.isatty() for f in (sys.stdin, sys.stdout, sys.stderr)):
-        raise InvalidArgument("-t: lamina's standard input, output and error are not "
-                              "terminals; leave out -t")
-
-
-def _terminal_size() -> tuple[int, int] | None:
-    """Rows and columns of this process's terminal (the first of stdin, stdout, stderr)."""
-    for f in (sys.stdin, sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            size = os.get_terminal_size(f.fileno())
-            return size.lines, size.columns
-    return None
 
 
 def _remove_after_exit(app: App, cid: str, log: Path) -> None:
@@ -66,17 +53,16 @@ def _remove_after_exit(app: App, cid: str, log: Path) -> None:
 
 
 def _run(args: argparse.Namespace, app: App) -> int:
-    _check(args)
+    check_terminal_flags(args)
     cid = args.name or secrets.token_hex(6)
     labels = parse_labels(args.label)
     options = options_from_args(args)
-    # without -i the container reads nothing (and runc copies nothing to a pty)
-    stdin = None if args.interactive else subprocess.DEVNULL
+    stdin = stdin_of(args)
     with services(app) as ct:
         ct.create(args.image, cid, labels=labels, options=options)
         try:
             info = ct.start(cid, detach=args.detach, terminal=args.tty,
-                            console_size=_terminal_size() if args.tty else None, stdin=stdin)
+                            console_size=terminal_size() if args.tty else None, stdin=stdin)
         except BaseException:
             if args.rm:
                 with contextlib.suppress(LaminaError):
@@ -106,14 +92,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v.add_argument("--rm", action="store_true",
                    help="remove the container when its task ends (with -d too: a small "
                    "background process waits for the end)")
-    v.add_argument("-d", "--detach", action="store_true",
-                   help="run in the background; print the container's ID")
-    v.add_argument("-t", "--tty", action="store_true",
-                   help="give the command a pseudo-terminal joined to this one (raw mode "
-                   "while it runs, window size passed on)")
-    v.add_argument("-i", "--interactive", action="store_true",
-                   help="keep standard input attached (without it the command reads "
-                   "nothing)")
+    add_terminal_flags(v, detached="run in the background; print the container's ID")
     add_create_flags(v)
     v.add_argument("image", metavar="IMAGE", help="the image the container runs")
     v.add_argument("cmd", nargs=argparse.REMAINDER, metavar="COMMAND",
