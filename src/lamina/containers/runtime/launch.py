@@ -158,17 +158,19 @@ class Launcher:
 
     def exec(self, task_id: str, bundle: Path, process: dict[str, Any], *,
              stdin: int | None, stdout: int | None, stderr: int | None,
-             timeout: float | None) -> int:
+             timeout: float | None, detach: bool = False) -> int:
         """Run ``process`` (a runtime-spec process) in running task ``task_id`` with
-        the given stdio; its exit code (128+N when killed by signal N). Its files
-        live in ``bundle`` while it runs; past ``timeout`` it is killed."""
+        the given stdio; its exit code (128+N when killed by signal N), or 0 once it
+        runs when ``detach``. Its files live in ``bundle`` while runc runs; past
+        ``timeout`` it is killed."""
         tag = uuid.uuid4().hex[:12]
         process_file = bundle / f"exec-{tag}.json"
         pid_file = bundle / f"exec-{tag}.pid"
         log_file = bundle / f"exec-{tag}.log"
         write_json(process_file, process)
-        argv = self.runc.argv("exec", "--process", str(process_file), "--pid-file",
-                              str(pid_file), task_id, log=log_file)
+        argv = self.runc.argv("exec", *(["--detach"] if detach else []), "--process",
+                              str(process_file), "--pid-file", str(pid_file), task_id,
+                              log=log_file)
         try:
             proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr)
             try:

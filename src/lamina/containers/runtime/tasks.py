@@ -42,6 +42,7 @@ from .bundle import (
     read_json,
     validate_id,
 )
+from .command import check_command
 from .launch import Launcher
 from .runc import Runc, parse_signal
 from .spec import resolve_user
@@ -207,15 +208,21 @@ class TaskManager:
         cwd: str | None = None,
         user: str | None = None,
         terminal: bool = False,
+        console_size: tuple[int, int] | None = None,
+        detach: bool = False,
         stdin: int | None = None,
         stdout: int | None = None,
         stderr: int | None = None,
         timeout: float | None = None,
     ) -> int:
-        """Run ``args`` in the running task; its exit code.
+        """Run ``args`` in the running task; its exit code (0 once it runs, ``detach``).
 
         The process inherits the task's spec process (env, user, cwd,
         capabilities) with ``env`` entries added and ``cwd``/``user`` replaced.
+        ``terminal``: runc gives it a pseudo-terminal joined to the caller's
+        (``console_size`` rows and columns from its start). A command the task's
+        rootfs does not have is refused first, as a start refuses it
+        (:func:`check_command`).
         """
         if not args:
             raise InvalidArgument("exec needs a command")
@@ -234,8 +241,13 @@ class TaskManager:
             process["cwd"] = cwd
         if user is not None:
             process["user"] = resolve_user(user, bundle / "rootfs").to_spec()
-        return self.launcher.exec(task_id, bundle, process, stdin=stdin, stdout=stdout,
-                                  stderr=stderr, timeout=timeout)
+        if terminal and console_size is not None:
+            rows, cols = console_size
+            process["consoleSize"] = {"height": rows, "width": cols}
+        check_command({"process": process, "mounts": config.get("mounts") or []},
+                      bundle / "rootfs")
+        return self.launcher.exec(task_id, bundle, process, detach=detach, stdin=stdin,
+                                  stdout=stdout, stderr=stderr, timeout=timeout)
 
     def delete(self, task_id: str, *, force: bool = False) -> TaskInfo:
         """Remove a stopped task: runc's state, the rootfs mounts, the bundle.
