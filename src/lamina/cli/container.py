@@ -30,7 +30,8 @@ from lamina.mounts.idmap import parse_userns
 from lamina.util.progress import Progress
 
 __all__ = [
-    "add_checkpoint_flags", "add_create_flags", "add_restore_flags", "options_from_args",
+    "add_checkpoint_flags", "add_create_flags", "add_restore_flags", "env_entries",
+    "options_from_args",
     "register", "services",
 ]
 
@@ -53,7 +54,7 @@ def services(app: App) -> Iterator[ContainerService]:
         images.close()
 
 
-def _env_entries(args: argparse.Namespace) -> list[str]:
+def env_entries(args: argparse.Namespace) -> list[str]:
     """``--env-file`` lines, then ``-e`` entries; ``KEY`` alone takes this process's
     value (and is left out when it has none), as docker does."""
     entries: list[str] = []
@@ -89,7 +90,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     userns = parse_userns(args.userns) if getattr(args, "userns", None) else None
-    options = make_options(args=cmd or None, env=_env_entries(args), mounts=mounts,
+    options = make_options(args=cmd or None, env=env_entries(args), mounts=mounts,
                            userns=userns, cwd=args.workdir, user=args.user)
     return with_network(options, args.net)
 

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
 import sys
 
 from lamina.cli.app import App
 from lamina.cli.common import print_table
-from lamina.cli.container import services
+from lamina.cli.container import env_entries, services
+from lamina.cli.terminal import (
+    add_terminal_flags,
+    check_terminal_flags,
+    stdin_of,
+    terminal_size,
+)
 from lamina.errors import InvalidArgument, NotFound
 
 __all__ = ["register"]
@@ -67,14 +74,19 @@ def _ps(args: argparse.Namespace, app: App) -> int:
 
 
 def _exec(args: argparse.Namespace, app: App) -> int:
+    check_terminal_flags(args)
     cmd = list(args.cmd or [])
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
         raise InvalidArgument("exec needs a command")
+    quiet = subprocess.DEVNULL if args.detach else None
     with services(app) as ct:
-        return ct.tasks.exec(args.id, cmd, env=list(args.env or []), cwd=args.cwd,
-                             user=args.user)
+        return ct.tasks.exec(args.id, cmd, env=env_entries(args), cwd=args.cwd,
+                             user=args.user, terminal=args.tty,
+                             console_size=terminal_size() if args.tty else None,
+                             detach=args.detach, stdin=stdin_of(args), stdout=quiet,
+                             stderr=quiet)
 
 
 def _delete(args: argparse.Namespace, app: App) -> int:
@@ -108,6 +120,26 @@ def _logs(args: argparse.Namespace, app: App) -> int:
     return 0
 
 
+def _add_exec_flags(v: argparse.ArgumentParser) -> None:
+    """The arguments of ``task exec`` and of nerdctl's and docker's ``exec``."""
+    add_terminal_flags(v, detached="start the command in the background and return "
+                       "(its output goes nowhere)")
+    v.add_argument("-e", "--env", action="append", metavar="K=V",
+                   help="environment variable for the command (repeatable); K alone "
+                   "passes on this shell's value of K")
+    v.add_argument("--env-file", action="append", metavar="FILE",
+                   help="read environment variables from FILE, one K=V (or K) a line; "
+                   "# starts a comment")
+    v.add_argument("-w", "--cwd", "--workdir", dest="cwd", metavar="DIR",
+                   help="working directory, absolute (default: the task's)")
+    v.add_argument("-u", "--user", metavar="USER[:GROUP]",
+                   help="user to run as, by name or id (default: the task's)")
+    v.add_argument("id", metavar="ID", help="the running task (its container's ID)")
+    v.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD",
+                   help="the command and its arguments")
+    v.set_defaults(handler=_exec)
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("task", aliases=["tasks", "t"], help="manage container tasks")
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -136,17 +168,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         v.add_argument("id", metavar="ID", help="the task (its container's id)")
         v.set_defaults(handler=handler)
 
-    v = verbs.add_parser("exec", help="run a command in a running task")
-    v.add_argument("--env", action="append", metavar="K=V",
-                   help="environment variable for the command (repeatable)")
-    v.add_argument("--cwd", metavar="DIR",
-                   help="working directory, absolute (default: the task's)")
-    v.add_argument("--user", metavar="USER[:GROUP]",
-                   help="user to run as, by name or id (default: the task's)")
-    v.add_argument("id", metavar="ID", help="the running task")
-    v.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD",
-                   help="the command and its arguments")
-    v.set_defaults(handler=_exec)
+    _add_exec_flags(verbs.add_parser("exec", help="run a command in a running task"))
 
     v = verbs.add_parser("delete", aliases=["rm"], help="delete stopped tasks")
     v.add_argument("-f", "--force", action="store_true", help="kill a live task first")
@@ -162,3 +184,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v = verbs.add_parser("logs", help="print a detached task's output")
     v.add_argument("id", metavar="ID", help="the task")
     v.set_defaults(handler=_logs)
+
+    _add_exec_flags(sub.add_parser(
+        "exec", help="run a command in a running container",
+        description="Run CMD in container ID's running task, in docker's and nerdctl's "
+        "form (the same as 'lamina task exec'): flags go before ID; the exit code is the "
+        "command's (127: not found in the container)."))
