@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from lamina.cli.app import App
-from lamina.cli.common import print_table
+from lamina.cli.common import add_examples, print_table
 from lamina.cli.container import env_entries, services
 from lamina.cli.terminal import (
     add_terminal_flags,
@@ -185,8 +185,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v.add_argument("id", metavar="ID", help="the task")
     v.set_defaults(handler=_logs)
 
-    _add_exec_flags(sub.add_parser(
+    v = sub.add_parser(
         "exec", help="run a command in a running container",
         description="Run CMD in container ID's running task, in docker's and nerdctl's "
         "form (the same as 'lamina task exec'): flags go before ID; the exit code is the "
-        "command's (127: not found in the container)."))
+        "command's (127: not found in the container).")
+    _add_exec_flags(v)
+    add_examples(
+        v,
+        ("a shell on a terminal in a container started with run -d",
+         "lamina exec -it web sh"),
+        ("a command as another user, in another directory, with a variable",
+         "lamina exec -u 1000 -w /srv -e DEBUG=1 web ls -l"),
+    )
