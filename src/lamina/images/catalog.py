@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 from lamina.images import names
 from lamina.images.listing import parse_filters
-from lamina.images.summary import ImageSummary, native_view, summarize, summarize_all
 from lamina.metadata.images import Image, ImageRecords
 
+# lamina.images.summary (the documents' walk, the content store) is imported for
+# the first image resolved: an empty root's image ls needs none of it.
 if TYPE_CHECKING:
     from lamina.content import ContentStore
+    from lamina.images.summary import ImageSummary
     from lamina.snapshots import Snapshotter
 
 __all__ = ["Catalog"]
@@ -65,13 +67,19 @@ class Catalog:
         selected = self.select(filters)
         if not selected:
             return []
+        from lamina.images.summary import summarize_all
+
         return summarize_all(selected, content=self.content, snapshots=self.snapshots)
 
     def summary(self, name: str) -> ImageSummary:
         """Image ``name`` (any spelling of it) resolved and measured."""
+        from lamina.images.summary import summarize
+
         return summarize(names.lookup(self.images, name), content=self.content,
                          snapshots=self.snapshots)
 
     def native(self, name: str) -> dict[str, Any]:
         """lamina's record of image ``name`` and the documents it resolves to."""
+        from lamina.images.summary import native_view
+
         return native_view(self.summary(name), content=self.content)

@@ -24,9 +24,8 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from lamina.errors import InvalidArgument
-from lamina.images.summary import split_name
 from lamina.metadata.images import Image
-from lamina.oci.reference import spellings
+from lamina.oci.reference import spellings, split_name
 
 __all__ = ["KEYS", "ImageFilter", "parse_filters"]
 

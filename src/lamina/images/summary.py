@@ -26,6 +26,7 @@ from lamina.errors import InvalidArgument, NotFound
 from lamina.images.graph import any_manifest, read_document
 from lamina.metadata.images import Image
 from lamina.oci.identity import chain_ids
+from lamina.oci.reference import split_name
 from lamina.oci.types import (
     INDEX_TYPES,
     Descriptor,
@@ -40,18 +41,6 @@ if TYPE_CHECKING:  # image ls on an empty root imports neither (bench/startup.py
 
 __all__ = ["ImageSummary", "docker_view", "native_view", "split_name", "summarize",
            "summarize_all"]
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """``name`` as docker's REPOSITORY and TAG: a bare ``app`` is ``app:latest`` (as
-    every command reads it); the tag is empty when only a digest names the image
-    (``app@sha256:…``)."""
-    repository, at, _ = name.partition("@")
-    slash = repository.rfind("/")
-    colon = repository.rfind(":")
-    if colon > slash:  # a port (``host:5000/app``) comes before a slash
-        return repository[:colon], repository[colon + 1:]
-    return repository, "" if at else "latest"
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 from lamina.errors import InvalidArgument
 
-__all__ = ["DOCKER_HUB", "Reference", "normalize_name", "parse_reference", "spellings"]
+__all__ = ["DOCKER_HUB", "Reference", "normalize_name", "parse_reference", "spellings",
+           "split_name"]
 
 DOCKER_HUB = "docker.io"
 _LEGACY_HUB = "index.docker.io"
@@ -149,3 +150,15 @@ def spellings(name: str) -> list[str]:
     suffix = (f":{ref.tag}" if ref.tag else "") + (f"@{ref.digest}" if ref.digest else "")
     suffixes = [suffix, ""] if ref.tag == DEFAULT_TAG and not ref.digest else [suffix]
     return list(dict.fromkeys([name, *(r + s for s in suffixes for r in repos)]))
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``name`` as docker's REPOSITORY and TAG: a bare ``app`` is ``app:latest`` (as
+    every command reads it); the tag is empty when only a digest names the image
+    (``app@sha256:…``)."""
+    repository, at, _ = name.partition("@")
+    slash = repository.rfind("/")
+    colon = repository.rfind(":")
+    if colon > slash:  # a port (``host:5000/app``) comes before a slash
+        return repository[:colon], repository[colon + 1:]
+    return repository, "" if at else "latest"
