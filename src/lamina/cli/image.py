@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from lamina.cli.app import App
 from lamina.cli.common import (
@@ -24,10 +25,11 @@ from lamina.cli.common import (
 )
 from lamina.errors import InvalidArgument
 from lamina.images.catalog import Catalog
-from lamina.images.service import ImageService
-from lamina.images.summary import docker_view
 from lamina.metadata.root import check_snapshotter
-from lamina.util.progress import for_cli
+
+# image ls, the command run most, imports what the other verbs need when they run
+if TYPE_CHECKING:
+    from lamina.images.service import ImageService
 
 __all__ = ["register"]
 
@@ -37,6 +39,9 @@ def _service(args: argparse.Namespace, app: App, *,
              piped_lines: bool = False) -> Iterator[ImageService]:
     """The image service, its progress as the arguments ask; ``piped_lines``: plain progress
     lines when output is piped (unpack leaves them off: scripts read its one line)."""
+    from lamina.images.service import ImageService
+    from lamina.util.progress import for_cli
+
     progress = for_cli(json_lines=getattr(args, "json_progress", False),
                        quiet=getattr(args, "quiet", False), piped_lines=piped_lines)
     svc = ImageService(app.store_root, snapshotter=app.snapshotter,
@@ -101,6 +106,8 @@ def _short_id(digest: str, no_trunc: bool) -> str:
 
 
 def _inspect(args: argparse.Namespace, app: App) -> int:
+    from lamina.images.summary import docker_view
+
     catalog = _catalog(app)
     if args.mode == "native":
         app.print_json([catalog.native(ref) for ref in args.refs])

@@ -15,12 +15,14 @@ from lamina.cli.common import (
     max_layer_size,
     sync_layers,
 )
-from lamina.images.service import ImageService
 from lamina.remotes.hosts import CONTAINERD_HOSTS_DIR, LAMINA_HOSTS_DIR
-from lamina.util.progress import Progress, for_cli
 
+# the image service and progress are imported when a verb runs (image ls registers
+# these verbs too, and needs neither: bench/startup.py)
 if TYPE_CHECKING:
+    from lamina.images.service import ImageService
     from lamina.remotes.registry import Registry
+    from lamina.util.progress import Progress
 
 __all__ = ["add_registry_flags", "open_registry", "register"]
 
@@ -54,12 +56,16 @@ def open_registry(args: argparse.Namespace, domain: str = "") -> Registry:
 
 
 def _progress(args: argparse.Namespace) -> Progress:
+    from lamina.util.progress import for_cli
+
     return for_cli(json_lines=args.json_progress, quiet=args.quiet, piped_lines=True)
 
 
 def _images(app: App, progress: Progress, unpacking: argparse.Namespace | None = None,
             ) -> ImageService:
     """The image service; ``unpacking``: the arguments of a command that unpacks."""
+    from lamina.images.service import ImageService
+
     if unpacking is None:
         return ImageService(app.store_root, snapshotter=app.snapshotter, progress=progress)
     return ImageService(app.store_root, snapshotter=app.snapshotter, progress=progress,
