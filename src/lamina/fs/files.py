@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
+import functools
 import os
-import tempfile
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from lamina.fs.remove import remove_tree_at
+# ctypes, tempfile and fs.remove are imported by the helpers that use them: every
+# command imports this module (the database's fsync_dir), few sync, write or remove.
+if TYPE_CHECKING:
+    import ctypes
 
 __all__ = ["atomic_file", "atomic_write", "fsync_dir", "locked", "remove_tree", "sync_filesystem"]
 
@@ -23,7 +26,11 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def sync_filesystem(path: str | os.PathLike[str]) -> None:
@@ -32,7 +39,9 @@ def sync_filesystem(path: str | os.PathLike[str]) -> None:
     than an fsync per file. It waits for the writeback, as fsync does."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if _libc.syncfs(fd) != 0:
+        if _libc().syncfs(fd) != 0:
+            import ctypes
+
             err = ctypes.get_errno()
             raise OSError(err, f"syncfs {os.fspath(path)}: {os.strerror(err)}")
     finally:
@@ -48,6 +57,8 @@ def atomic_file(path: str | os.PathLike[str], *, mode: int = 0o600) -> Iterator[
     ``mode``, renamed over ``path``, and the directory is fsynced. On an error
     the temporary file is removed and ``path`` is left as it was.
     """
+    import tempfile
+
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
@@ -85,6 +96,8 @@ def remove_tree(path: str | os.PathLike[str]) -> None:
     Read-only directories are made writable on the way; a symlink is removed,
     never followed (see :func:`lamina.fs.remove.remove_tree_at`).
     """
+    from lamina.fs.remove import remove_tree_at
+
     path = os.fspath(path).rstrip("/") or "/"
     parent, name = os.path.split(path)
     try:
