@@ -11,6 +11,7 @@ wire, so a server's images read exactly as a local root's do.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -38,22 +39,14 @@ class Catalog:
         self.images = images
         self._open_content = content
         self._open_snapshots = snapshots
-        self._content: ContentStore | None = None
-        self._snapshots: Snapshotter | None = None
-        self._snapshots_opened = False
 
-    @property
+    @functools.cached_property
     def content(self) -> ContentStore:
-        if self._content is None:
-            self._content = self._open_content()
-        return self._content
+        return self._open_content()
 
-    @property
+    @functools.cached_property
     def snapshots(self) -> Snapshotter | None:
-        if not self._snapshots_opened:
-            self._snapshots = self._open_snapshots()
-            self._snapshots_opened = True
-        return self._snapshots
+        return self._open_snapshots()
 
     def select(self, filters: Sequence[str] = ()) -> list[Image]:
         """The images ``filters`` select (see :mod:`lamina.images.listing`)."""
