@@ -31,7 +31,7 @@ import os
 import select
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from lamina import __version__
 from lamina.errors import LaminaError
@@ -79,10 +79,60 @@ _ERRNO_EXIT = {
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (sub-command parsers inherit this class)."""
+    """argparse, but a usage error is one line (sub-command parsers inherit this class).
+
+    ``verb_only``: the one verb of this group the command line names, the only one whose
+    parser its sub-commands build (see :class:`_Verbs`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.verb_only: str | None = None
+        self.register("action", "parsers", _Verbs)
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        action = super().add_subparsers(**kwargs)
+        if isinstance(action, _Verbs):
+            action.only = self.verb_only
+        return action
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {_one_line(message)} (see --help)\n")
+
+
+class _Unbuilt:
+    """The parser of a verb this command line does not run: it takes what a group's
+    ``register`` gives a verb's parser and builds nothing (argparse builds a parser and
+    each of its options in ~0.05 ms, and a group has dozens: bench/startup.py)."""
+
+    description: str | None = None
+    epilog: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return self._ignore
+
+    def _ignore(self, *args: Any, **kwargs: Any) -> _Unbuilt:
+        return self
+
+
+class _Verbs(argparse._SubParsersAction):  # type: ignore[type-arg]
+    """Sub-commands that build only the verb ``only`` (None: all); ``child_only`` is
+    what the parsers made here pass to their own sub-commands. ``matched``: whether
+    ``only`` was one of them (if not, the caller builds them all)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.only: str | None = None
+        self.child_only: str | None = None
+        self.matched = False
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        if self.only is not None and self.only not in (name, *kwargs.get("aliases", ())):
+            return _Unbuilt()
+        self.matched = True
+        parser = super().add_parser(name, **kwargs)
+        if isinstance(parser, _Parser):
+            parser.verb_only = self.child_only
+        return parser
 
 
 def _requested_group(argv: Sequence[str]) -> str | None:
@@ -160,8 +210,18 @@ def _unknown_command(argv: Sequence[str]) -> str | None:
     return f"unknown command {word!r}{hint}"
 
 
-def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The parser; with ``argv``, only the group it names is imported (fast start-up)."""
+def _requested_verb(argv: Sequence[str]) -> str | None:
+    """The word after the command (its verb), when no option comes between them."""
+    at = _command_at(argv)
+    if at is None or at + 1 >= len(argv) or argv[at + 1].startswith("-"):
+        return None
+    return argv[at + 1]
+
+
+def build_parser(argv: Sequence[str] | None = None, *,
+                 every_verb: bool = False) -> argparse.ArgumentParser:
+    """The parser; with ``argv``, only the group it names is imported and only the
+    verb it names is built (fast start-up), unless ``every_verb``."""
     parser = _Parser(prog="lamina", description=SUMMARY[:1].upper() + SUMMARY[1:] + ".",
                      epilog="Run 'lamina COMMAND --help' for a command's verbs and options. "
                      "Exit codes: 0 ok, 1 internal, 2 usage, 3 NotFound, "
@@ -197,6 +257,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     wanted = _requested_group(argv) if argv is not None else None
     if wanted is None and argv is not None and "--version" in argv:
         return parser  # `lamina --version` needs no command module
+    if wanted is not None and argv is not None and not every_verb:
+        sub.child_only = _requested_verb(argv)
     for name in (wanted,) if wanted else GROUPS:
         try:
             module = importlib.import_module(f"lamina.cli.{name}")
@@ -205,6 +267,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    if sub.child_only is not None and any(
+            isinstance(a, _Verbs) and a.only is not None and not a.matched
+            for group in sub.choices.values() for a in group._actions):
+        # not one of the group's verbs (a typo, say): argparse lists them all
+        return build_parser(argv, every_verb=True)
     describe(parser)
     return parser
 
