@@ -12,8 +12,8 @@ from lamina.cli import build_parser, main
 
 # Commands that are about neither a root nor a server: `serve` makes the server
 # (the global --address is where it listens), `config` prints a snippet, login and
-# logout keep registry credentials.
-NOT_BACKEND = {("serve",), ("config", "containerd"), ("login",), ("logout",)}
+# logout keep registry credentials, completion prints a script.
+NOT_BACKEND = {("serve",), ("config", "containerd"), ("login",), ("logout",), ("completion",)}
 # `snapshot unmount` unmounts a directory: no store, no server, nothing to refuse.
 NO_STORE = {("snapshot", "unmount")}
 UNAVAILABLE, NOT_IMPLEMENTED = 7, 8

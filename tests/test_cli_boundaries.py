@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -34,6 +35,9 @@ def run(*args: str, env: dict[str, str] | None = None, user: int | None = None,
     if user is not None:
         argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
         full_env["PYTHONPATH"] = str(readable_source())  # the checkout may be root's only
+        # the user's own home, as su gives it: lamina reads its config file from there
+        full_env["HOME"] = pwd.getpwuid(user).pw_dir
+        full_env.pop("XDG_CONFIG_HOME", None)
     full_env.update(env or {})
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=full_env,
                           stdin=stdin, check=False)
