@@ -167,12 +167,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     v = verbs.add_parser("import", help="import an OCI layout (dir or tar) or docker save tar")
-    v.add_argument("file")
+    v.add_argument("file", metavar="FILE",
+                   help="an OCI image layout (a directory or a tar), or a docker save tar")
     v.add_argument("--no-unpack", action="store_true", help="do not unpack into snapshots")
-    v.add_argument("--index-name", help="also name the whole index as this image")
+    v.add_argument("--index-name", metavar="NAME",
+                   help="also name the whole index as this image")
     add_progress(v)
     add_max_layer_size(v)
     add_sync(v)
+    add_examples(
+        v,
+        ("import what docker save wrote, and unpack it for this host",
+         "docker save -o alpine.tar alpine:3\nlamina image import alpine.tar"),
+        ("import an OCI layout directory (skopeo's oci:DIR) without unpacking it",
+         "lamina image import --no-unpack ./alpine-oci"),
+    )
     v.set_defaults(handler=_import)
 
     v = verbs.add_parser(
@@ -225,32 +234,32 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v.set_defaults(handler=_inspect)
 
     v = verbs.add_parser("rm", aliases=["remove"], help="remove images")
-    v.add_argument("names", nargs="+", metavar="REF")
+    v.add_argument("names", nargs="+", metavar="REF", help="images to remove")
     v.add_argument("--sync", action="store_true", help="garbage-collect before returning")
     v.set_defaults(handler=_rm)
 
     v = verbs.add_parser("unpack", help="unpack an image into snapshots")
-    v.add_argument("ref")
+    v.add_argument("ref", metavar="REF", help="the image to unpack")
     add_progress(v, quiet=False)
     add_max_layer_size(v)
     add_sync(v)
     v.set_defaults(handler=_unpack)
 
     v = verbs.add_parser("mount", help="mount an image's filesystem on a directory")
-    v.add_argument("ref")
-    v.add_argument("target")
+    v.add_argument("ref", metavar="REF", help="the image to mount")
+    v.add_argument("target", metavar="TARGET", help="directory to mount it on")
     v.add_argument("--rw", action="store_true", help="writable (changes are dropped on unmount)")
     add_mount_flags(v)
     v.set_defaults(handler=_mount)
 
-    v = verbs.add_parser("unmount", help="unmount what `image mount` mounted")
-    v.add_argument("target")
+    v = verbs.add_parser("unmount", help="unmount what 'image mount' mounted")
+    v.add_argument("target", metavar="TARGET", help="the directory 'image mount' was given")
     v.add_argument("--keep", action="store_true", help="keep the snapshot")
     v.set_defaults(handler=_unmount)
 
     v = verbs.add_parser("export", help="export images as an OCI layout tar")
     v.add_argument("file", metavar="FILE", help="where the tar goes (- for standard output)")
-    v.add_argument("refs", nargs="+", metavar="REF")
+    v.add_argument("refs", nargs="+", metavar="REF", help="images to export")
     v.set_defaults(handler=_export)
 
     from lamina.cli import image_remote

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from lamina.cli.app import App
 from lamina.cli.common import (
+    add_examples,
     add_max_layer_size,
     add_progress,
     add_sync,
@@ -143,7 +144,8 @@ def _tag(args: argparse.Namespace, app: App) -> int:
 
 def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v = verbs.add_parser("pull", help="pull an image from a registry and unpack it")
-    v.add_argument("ref", metavar="REF")
+    v.add_argument("ref", metavar="REF",
+                   help="the image, as docker names it (alpine:3 is docker.io/library/alpine:3)")
     v.add_argument("--platform", action="append", metavar="OS/ARCH[/VARIANT]",
                    help="the platform to pull (default: this host's; repeatable)")
     v.add_argument("--all-platforms", action="store_true",
@@ -156,6 +158,14 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_sync(v)
     add_registry_flags(v)
     v.set_defaults(handler=_pull)
+    add_examples(
+        v,
+        ("pull an image for this host's platform and unpack it",
+         "lamina image pull docker.io/library/alpine:3.20"),
+        ("fetch two platforms from a registry on this host, unpacking nothing",
+         "lamina image pull --no-unpack --platform linux/amd64 --platform linux/arm64 \\\n"
+         "    localhost:5000/app:1"),
+    )
 
     v = verbs.add_parser("push", help="push an image (and everything it references)")
     v.add_argument("ref", metavar="REF", help="the local image")
@@ -168,15 +178,22 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_progress(v)
     add_registry_flags(v)
     v.set_defaults(handler=_push)
+    add_examples(
+        v,
+        ("push a local image under its own name",
+         "lamina image push registry.example.com/team/app:1"),
+        ("push it under another name, with credentials (the password is asked for)",
+         "lamina image push -u ci app:1 registry.example.com/team/app:1"),
+    )
 
     v = verbs.add_parser("referrers", help="list the OCI referrers of an image on a registry")
-    v.add_argument("ref", metavar="REF")
+    v.add_argument("ref", metavar="REF", help="the image on the registry, by name or digest")
     v.add_argument("--artifact-type", default="", metavar="TYPE", help="only this artifactType")
-    v.add_argument("--json", action="store_true")
+    v.add_argument("--json", action="store_true", help="print JSON")
     add_registry_flags(v)
     v.set_defaults(handler=_referrers)
 
     v = verbs.add_parser("tag", help="name a local image anew (SRC stays)")
-    v.add_argument("source", metavar="SRC")
-    v.add_argument("target", metavar="DST")
+    v.add_argument("source", metavar="SRC", help="a local image")
+    v.add_argument("target", metavar="DST", help="its new name")
     v.set_defaults(handler=_tag)
