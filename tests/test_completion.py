@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import imagefactory as f
 import pytest
+from conftest import require_root_user
 
 LAMINA = [sys.executable, "-m", "lamina"]
 
@@ -100,3 +102,19 @@ def test_only_bash() -> None:
                           timeout=60, check=False, stdin=subprocess.DEVNULL)
     assert done.returncode == 2
     assert "invalid choice" in done.stderr
+
+
+def test_image_names_come_from_image_ls(script: Path, tmp_root: Path) -> None:
+    require_root_user()
+    work = tmp_root / "w"
+    work.mkdir()
+    f.build_oci_layout(work / "layout", [f.minimal_layer(work)], ref_name="demo:1")
+    root = tmp_root / "root"
+    done = subprocess.run([*LAMINA, "--root", str(root), "image", "import", "-q",
+                           "--no-unpack", str(work / "layout")], capture_output=True,
+                          text=True, timeout=120, check=False, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    for line in ("image rm de", "run --rm -e A=1 de", "container create de"):
+        assert complete(script, f"lamina --root {root} {line}") == ["demo:1"], line
+    # the container's ID is a new name: nothing to offer
+    assert complete(script, f"lamina --root {root} container create demo:1 ") == []
