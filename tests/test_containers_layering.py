@@ -2,7 +2,8 @@
 
 ``service`` composes ``revisions``, ``tasks`` and ``checkpoint``; those three
 never import one another, and use only ``options``, ``taskstate`` and the
-``runtime`` package below them (see ``lamina.containers``' docstring). The
+``runtime`` package below them (see ``lamina.containers``' docstring).
+``autoremove``, the watcher ``run -d --rm`` starts, stands on the service. The
 runtime package's own order is tested in ``test_runtime_layering``.
 """
 
@@ -21,6 +22,7 @@ MODULES = sorted(p.stem for p in WING.glob("*.py") if p.stem != "__init__")
 
 _BELOW = {"options", "taskstate", "runtime"}
 ALLOWED: dict[str, set[str]] = {
+    "autoremove": {"service"} | _BELOW,
     "service": {"revisions", "tasks", "checkpoint", "logs", "network"} | _BELOW,
     "logs": set(),
     "revisions": _BELOW,
