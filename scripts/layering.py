@@ -32,7 +32,8 @@ from pathlib import Path
 LAYERS: list[tuple[str, ...]] = [
     ("lamina",),                 # the version; nothing else lives in __init__
     ("errors",),                 # the one root exception and containerd's classes
-    ("labels", "owners", "problems"),  # vocabulary: label names; who owns an object; what check finds
+    # vocabulary: label names; who owns an object; what check finds
+    ("labels", "owners", "problems"),
     ("fs",),                     # dirfd-relative trees, durable files, permissions, walks
     ("util",),                   # kill points, JSON documents, filters, progress, sqlite
     ("oci",),                    # the image spec: documents, platforms, ChainIDs

@@ -2,8 +2,9 @@
 
 ``tasks`` composes ``criu``, ``launch`` and ``bundle``; ``criu`` uses ``launch``
 and ``bundle``; ``launch`` uses ``bundle`` and ``runc``; ``command`` (is the
-command in the rootfs?) uses ``spec``; ``bundle`` uses none of its siblings. No module imports one above it (not even inside a function or
-for type checking), none imports or touches another's ``_private`` names, and
+command in the rootfs?) uses ``spec``; ``bundle`` uses none of its siblings.
+No module imports one above it (not even inside a function or for type
+checking), none imports or touches another's ``_private`` names, and
 ``criu`` is importable in an interpreter that never loads ``tasks``.
 """
 
