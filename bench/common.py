@@ -344,6 +344,48 @@ def cleanup_tree(root: Path) -> None:
         subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=False)
 
 
+@contextlib.contextmanager
+def scratch_filesystem(ctx: Ctx, kind: str) -> Iterator[Path]:
+    """A fresh filesystem under the work directory for one benchmark's rounds:
+    ``tmpfs`` (3 GiB), or a journaled ext4 on a loop-mounted 4 GiB file
+    (``mkfs.ext4`` defaults: ordered journal). Detached and removed afterwards,
+    with whatever was mounted below it."""
+    where = ctx.work / f"fs-{kind}"
+    where.mkdir()
+    backing = ctx.work / f"fs-{kind}.img"
+    try:
+        if kind == "tmpfs":
+            run_cmd(["mount", "-t", "tmpfs", "-o", "size=3g", "tmpfs", str(where)])
+        else:
+            with open(backing, "wb") as img:
+                img.truncate(4 << 30)
+            run_cmd(["mkfs.ext4", "-q", "-F", str(backing)])
+            run_cmd(["mount", "-o", "loop", str(backing), str(where)])
+        yield where
+    finally:
+        cleanup_tree(where)  # detaches it and what is below (erofs layers, overlays)
+        backing.unlink(missing_ok=True)
+
+
+def lamina_round(base: Path, snapshotter: str, words: Sequence[str], *,
+                 after: Callable[[Path], object] | None = None) -> Callable[[int], float]:
+    """Round ``i``: ``lamina --root base/lamina-<snapshotter>-<i> --snapshotter
+    <snapshotter> <words>`` timed on a synced machine (``after`` looks at the root
+    before it is removed)."""
+    def one(i: int) -> float:
+        root = base / f"lamina-{snapshotter}-{i}"
+        try:
+            os.sync()
+            dt = time_cmd([*lamina_cli(), "--root", str(root), "--snapshotter", snapshotter,
+                           *words])
+            if after is not None:
+                after(root)
+            return dt
+        finally:
+            cleanup_tree(root)
+    return one
+
+
 def fs_type(path: Path) -> str:
     proc = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", str(path)],
                           capture_output=True, text=True, check=False)

@@ -21,19 +21,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import (
     Ctx,
     Row,
-    cleanup_tree,
     ensure_tools,
-    lamina_cli,
+    lamina_round,
     pair,
     rotated,
-    run_cmd,
+    scratch_filesystem,
     time_cmd,
 )
 from bench.images import debian_image
@@ -48,25 +46,6 @@ _COUNT = ("import sys\n"
           "r.close()\n")
 
 
-@contextmanager
-def _filesystem(ctx: Ctx, kind: str) -> Iterator[Path]:
-    where = ctx.work / f"fs-{kind}"
-    where.mkdir()
-    backing = ctx.work / f"fs-{kind}.img"
-    try:
-        if kind == "tmpfs":
-            run_cmd(["mount", "-t", "tmpfs", "-o", "size=3g", "tmpfs", str(where)])
-        else:
-            with open(backing, "wb") as img:
-                img.truncate(4 << 30)
-            run_cmd(["mkfs.ext4", "-q", "-F", str(backing)])
-            run_cmd(["mount", "-o", "loop", str(backing), str(where)])
-        yield where
-    finally:
-        cleanup_tree(where)  # detaches it and what is below (erofs layers, overlays)
-        backing.unlink(missing_ok=True)
-
-
 def _count(root: Path, snapshotter: str) -> int:
     out = subprocess.run([sys.executable, "-c", _COUNT, str(root), snapshotter],
                          capture_output=True, text=True, check=True, timeout=120)
@@ -78,20 +57,12 @@ def _rounds(ctx: Ctx, kind: str, tar: Path, reps: int) -> tuple[dict[str, list[f
     """The three imports, ``reps`` rotated rounds on a fresh filesystem of ``kind``;
     their samples, and the snapshots each one made (checked once)."""
     checked: dict[str, int] = {}
-    with _filesystem(ctx, kind) as base:
+    with scratch_filesystem(ctx, kind) as base:
 
         def lamina(snapshotter: str) -> Callable[[int], float]:
-            def one(i: int) -> float:
-                root = base / f"lamina-{snapshotter}-{i}"
-                try:
-                    os.sync()
-                    dt = time_cmd([*lamina_cli(), "--root", str(root), "--snapshotter",
-                                   snapshotter, "image", "import", str(tar)])
-                    checked.setdefault(snapshotter, _count(root, snapshotter))
-                    return dt
-                finally:
-                    cleanup_tree(root)
-            return one
+            return lamina_round(base, snapshotter, ["image", "import", str(tar)],
+                                after=lambda root: checked.setdefault(
+                                    snapshotter, _count(root, snapshotter)))
 
         def peer(i: int) -> float:
             with containerd(base) as c:

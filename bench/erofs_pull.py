@@ -26,11 +26,19 @@ import os
 import sys
 from collections.abc import Callable
 
-from bench.common import Ctx, Row, cleanup_tree, ensure_tools, lamina_cli, pair, rotated, time_cmd
-from bench.erofs_import import _filesystem
+from bench.common import (
+    Ctx,
+    Row,
+    ensure_tools,
+    lamina_round,
+    pair,
+    rotated,
+    scratch_filesystem,
+    time_cmd,
+)
 from bench.images import debian_image
 from bench.peer import containerd, require_containerd
-from bench.registry import _layout, _registry, _skopeo_push
+from bench.registry import local_registry, oci_layout, skopeo_push
 
 NAME = "erofs-pull"
 
@@ -92,18 +100,10 @@ if errors:
 def _rounds(ctx: Ctx, kind: str, host: str, repo: str, tag: str,
             reps: int) -> dict[str, list[float]]:
     ref = f"{host}/{repo}:{tag}"
-    with _filesystem(ctx, kind) as base:
+    with scratch_filesystem(ctx, kind) as base:
 
         def lamina(snapshotter: str) -> Callable[[int], float]:
-            def one(i: int) -> float:
-                root = base / f"lamina-{snapshotter}-{i}"
-                try:
-                    os.sync()
-                    return time_cmd([*lamina_cli(), "--root", str(root), "--snapshotter",
-                                     snapshotter, "image", "pull", ref])
-                finally:
-                    cleanup_tree(root)
-            return one
+            return lamina_round(base, snapshotter, ["image", "pull", ref])
 
         def peer(i: int) -> float:
             with containerd(base) as c:
@@ -124,12 +124,12 @@ def run(ctx: Ctx) -> list[Row]:
     ensure_tools({"docker-registry": "docker-registry", "skopeo": "skopeo",
                   "mkfs.ext4": "e2fsprogs"})
     img = debian_image(ctx.cache)
-    layout = _layout(img.tar, ctx.cache / "bench-image-layout")
+    layout = oci_layout(img.tar, ctx.cache / "bench-image-layout")
     reps = ctx.pick(5, 2)
     repo, tag = "bench/debian", "1"
     rows: list[Row] = []
-    with ctx.tempdir("erofs-pull-") as work, _registry(work / "reg") as host:
-        _skopeo_push(layout, img.name, f"{host}/{repo}:{tag}")
+    with ctx.tempdir("erofs-pull-") as work, local_registry(work / "reg") as host:
+        skopeo_push(layout, img.name, f"{host}/{repo}:{tag}")
         time_cmd([sys.executable, "-c", _FLOOR, host, repo, tag])  # registry warm
         for kind in ("ext4", "tmpfs"):
             s = _rounds(ctx, kind, host, repo, tag, reps)

@@ -52,7 +52,7 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _registry(base: Path) -> Iterator[str]:
+def local_registry(base: Path) -> Iterator[str]:
     """docker-registry on a free loopback port, its own storage; stopped by PID."""
     port = _free_port()
     base.mkdir(parents=True, exist_ok=True)
@@ -146,7 +146,7 @@ def _received(root: Path) -> int:
     return total
 
 
-def _layout(tar: Path, dest: Path) -> Path:
+def oci_layout(tar: Path, dest: Path) -> Path:
     if not (dest / "index.json").exists():
         dest.mkdir(parents=True, exist_ok=True)
         with tarfile.open(tar) as tf:
@@ -154,7 +154,7 @@ def _layout(tar: Path, dest: Path) -> Path:
     return dest
 
 
-def _skopeo_push(layout: Path, name: str, ref: str) -> float:
+def skopeo_push(layout: Path, name: str, ref: str) -> float:
     _SKOPEO_CACHE.unlink(missing_ok=True)
     return time_cmd(["skopeo", "--insecure-policy", "copy", "--quiet",
                      "--dest-tls-verify=false", f"oci:{layout}:{name}", f"docker://{ref}"])
@@ -164,13 +164,13 @@ def run(ctx: Ctx) -> list[Row]:
     require_containerd()
     ensure_tools({"docker-registry": "docker-registry", "skopeo": "skopeo"})
     img = debian_image(ctx.cache)
-    layout = _layout(img.tar, ctx.cache / "bench-image-layout")
+    layout = oci_layout(img.tar, ctx.cache / "bench-image-layout")
     blob_bytes = sum(p.stat().st_size for p in (layout / "blobs" / "sha256").iterdir())
     reps = ctx.pick(5, 1)
     rows = []
-    with ctx.tempdir("registry-") as work, _registry(work / "reg") as host:
+    with ctx.tempdir("registry-") as work, local_registry(work / "reg") as host:
         ref = f"{host}/bench/debian:1"
-        _skopeo_push(layout, img.name, ref)
+        skopeo_push(layout, img.name, ref)
 
         def lam(i: int) -> float:
             with ctx.tempdir("pull-") as root:
@@ -219,13 +219,13 @@ def run(ctx: Ctx) -> list[Row]:
                  str(img.tar)])
 
         def lam_push(i: int) -> float:
-            with _registry(work / f"l{i}") as h:
+            with local_registry(work / f"l{i}") as h:
                 return time_cmd([*lamina_cli(), "--root", str(src), "image", "push",
                                  img.name, f"{h}/bench/debian:1"])
 
         def peer_push(i: int) -> float:
-            with _registry(work / f"s{i}") as h:
-                return _skopeo_push(layout, img.name, f"{h}/bench/debian:1")
+            with local_registry(work / f"s{i}") as h:
+                return skopeo_push(layout, img.name, f"{h}/bench/debian:1")
 
         p = paired(lam_push, peer_push, reps)
         rows.append(p.row("push to an empty repository", "s",
