@@ -41,8 +41,7 @@ from lamina.labels import update_labels, validate_labels
 from lamina.metadata.deletes import delete_image
 from lamina.metadata.images import Image, ImageStore
 from lamina.metadata.root import Root
-from lamina.owners import CLI
-from lamina.snapshots.namespace import DEFAULT_NAMESPACE
+from lamina.owners import CLI, DEFAULT_NAMESPACE
 from lamina.util import filters
 
 __all__ = ["MAX_NAME", "MAX_PLATFORM", "NAMESPACE_KEY", "ImagesService", "RemoteImageStore",

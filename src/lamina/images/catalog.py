@@ -15,7 +15,6 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from lamina.images import names
 from lamina.images.listing import parse_filters
 from lamina.metadata.images import Image, ImageRecords
 
@@ -52,7 +51,7 @@ class Catalog:
         """The images ``filters`` select (see :mod:`lamina.images.listing`)."""
         if not filters:
             return self.images.list()
-        wanted = parse_filters(filters, lookup=lambda n: names.lookup(self.images, n))
+        wanted = parse_filters(filters, lookup=self.images.get)
         return [i for i in self.images.list() if wanted(i)]
 
     def summaries(self, filters: Sequence[str] = ()) -> list[ImageSummary]:
@@ -68,7 +67,7 @@ class Catalog:
         """Image ``name`` (any spelling of it) resolved and measured."""
         from lamina.images.summary import summarize
 
-        return summarize(names.lookup(self.images, name), content=self.content,
+        return summarize(self.images.get(name), content=self.content,
                          snapshots=self.snapshots)
 
     def native(self, name: str) -> dict[str, Any]:

@@ -13,12 +13,7 @@ from lamina.metadata.images import Image, ImageRecords
 from lamina.metadata.root import Root
 from lamina.oci.reference import normalize_name
 
-__all__ = ["add_name", "lookup", "tag"]
-
-
-def lookup(images: ImageRecords, name: str) -> Image:
-    """Image ``name``, by any spelling (``app:1`` finds ``docker.io/library/app:1``)."""
-    return images.get(name)
+__all__ = ["add_name", "tag"]
 
 
 def tag(root: Root, source: str, target: str) -> Image:

@@ -30,7 +30,6 @@ from typing import IO
 from lamina.content import ContentStore, set_labels
 from lamina.errors import InvalidArgument, NotFound
 from lamina.images import graph
-from lamina.images.names import lookup
 from lamina.images.pull import with_source
 from lamina.labels import DISTRIBUTION_SOURCE
 from lamina.metadata.root import Root
@@ -140,7 +139,7 @@ def push(registry: Registry, local: str, remote: str | None = None, *, root: Roo
     With ``referrers``, local artifacts whose ``subject`` is one of the pushed
     manifests (signatures, SBOMs...) are pushed after it, by digest."""
     progress = progress or Progress()
-    image = lookup(root.images(), local)
+    image = root.images().get(local)
     ref = parse_reference(remote or image.name)
     if ref.digest and ref.digest != image.target.digest:
         raise InvalidArgument(f"{remote}: names {ref.digest}, but {local} is "

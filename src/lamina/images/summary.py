@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # image ls on an empty root imports neither (bench/startup.py
     from lamina.content import ContentStore
     from lamina.snapshots import Snapshotter
 
-__all__ = ["ImageSummary", "docker_view", "native_view", "split_name", "summarize",
+__all__ = ["ImageSummary", "docker_view", "native_view", "summarize",
            "summarize_all"]
 
 

@@ -18,14 +18,11 @@ from lamina.mounts.mount import Mount
 from lamina.owners import (
     CONTAINERD,
     DEFAULT_NAMESPACE,
-    check_namespace,
     looks_like_containerd_key,
 )
 from lamina.snapshots import Capability, Info, Snapshotter, Usage
 
-# DEFAULT_NAMESPACE and check_namespace live in lamina.owners (the CLI reads them
-# without importing the snapshots package); they stay importable from here.
-__all__ = ["DEFAULT_NAMESPACE", "NamespaceView", "check_namespace"]
+__all__ = ["NamespaceView"]
 
 
 class NamespaceView:
