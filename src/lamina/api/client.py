@@ -48,7 +48,10 @@ from lamina.mounts.mount import Mount
 from lamina.snapshots import Capability, Info, Usage
 from lamina.util.closing import Closing
 
-__all__ = ["RemoteContentStore", "RemoteSnapshotter", "RemoteWriter", "connect"]
+__all__ = [
+    "RemoteContentStore", "RemoteSnapshotter", "RemoteStore", "RemoteWriter", "connect",
+    "with_update_mask",
+]
 
 T = TypeVar("T")
 M = TypeVar("M")
@@ -97,7 +100,7 @@ def _identified(channel: grpc.Channel) -> grpc.Channel:
     return grpc.intercept_channel(channel, _Identify())
 
 
-def _masked(request: M, fieldpaths: tuple[str, ...]) -> M:
+def with_update_mask(request: M, fieldpaths: tuple[str, ...]) -> M:
     """``request`` with an update mask of ``fieldpaths``; none (all labels) when empty."""
     if fieldpaths:
         request.update_mask.CopyFrom(  # type: ignore[attr-defined]
@@ -106,7 +109,7 @@ def _masked(request: M, fieldpaths: tuple[str, ...]) -> M:
     return request
 
 
-class _Remote(Closing):
+class RemoteStore(Closing):
     """What every remote store holds: the channel (theirs to close unless it was
     given), lamina's identity on its calls, the timeout of each call, and how its
     errors say what failed."""
@@ -155,7 +158,7 @@ class _Remote(Closing):
 
 
 
-class RemoteSnapshotter(_Remote):
+class RemoteSnapshotter(RemoteStore):
     """The snapshotter ``snapshotter`` of the server on ``address``.
 
     ``timeout`` (seconds) bounds each call; None waits as long as the call takes.
@@ -211,7 +214,7 @@ class RemoteSnapshotter(_Remote):
         return info_from_pb(resp.info)
 
     def update(self, info: Info, *fieldpaths: str) -> Info:
-        req = _masked(
+        req = with_update_mask(
             spb.UpdateSnapshotRequest(snapshotter=self.snapshotter, info=info_to_pb(info)),
             fieldpaths,
         )
@@ -280,7 +283,7 @@ class RemoteSnapshotter(_Remote):
 # -- content ----------------------------------------------------------------------
 
 
-class RemoteContentStore(_Remote):
+class RemoteContentStore(RemoteStore):
     """The content store of the server on ``address`` (see :mod:`lamina.content`).
 
     A :class:`RemoteWriter` holds one Write stream, and with it the ingest's
@@ -307,7 +310,7 @@ class RemoteContentStore(_Remote):
         return content_info_from_pb(resp.info)
 
     def update(self, info: ContentInfo, *fieldpaths: str) -> ContentInfo:
-        req = _masked(
+        req = with_update_mask(
             cpb.UpdateRequest(info=cpb.Info(digest=info.digest, labels=dict(info.labels))),
             fieldpaths,
         )

@@ -29,7 +29,7 @@ from dataclasses import replace
 import grpc
 from google.protobuf import empty_pb2
 
-from lamina.api.client import _masked, _Remote
+from lamina.api.client import RemoteStore, with_update_mask
 from lamina.api.convert import image_from_pb, image_to_pb
 from lamina.api.errors import rpc_errors, servicer_method
 from lamina.api.gen.containerd.services.images.v1 import images_pb2 as impb
@@ -195,7 +195,7 @@ def add_images_service(server: grpc.Server, root: Root) -> None:
     )
 
 
-class RemoteImageStore(_Remote):
+class RemoteImageStore(RemoteStore):
     """The image records of the server on ``address``
     (:class:`~lamina.metadata.images.ImageRecords`), and deleting them there.
 
@@ -231,7 +231,7 @@ class RemoteImageStore(_Remote):
     def update(self, image: Image, *fieldpaths: str) -> Image:
         """Change ``fieldpaths`` (``target``, ``labels``, ``labels.<key>``; none:
         the target and every label) of image ``image.name``."""
-        req = _masked(impb.UpdateImageRequest(image=image_to_pb(image)), fieldpaths)
+        req = with_update_mask(impb.UpdateImageRequest(image=image_to_pb(image)), fieldpaths)
         with rpc_errors(self._what("update", image.name)):
             resp = self._stub.Update(req, timeout=self._timeout)
         return image_from_pb(resp.image)
