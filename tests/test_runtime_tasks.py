@@ -23,7 +23,7 @@ import pytest
 from conftest import mounts_under, require_root_user, require_tools
 from imagefactory import minimal_rootfs
 
-from lamina.containers.runtime import BindMount, TaskManager, TaskStatus, generate_spec
+from lamina.containers.runtime import BindMount, Stdio, TaskManager, TaskStatus, generate_spec
 from lamina.errors import AlreadyExists, FailedPrecondition, LaminaError, NotFound
 from lamina.mounts.mount import Mount, mount_all, temp_mount
 
@@ -100,6 +100,11 @@ def spec_for(cmd: Sequence[str], **kw: object) -> dict[str, object]:
     return generate_spec({"config": {"Cmd": list(cmd), **config}}, **kw)  # type: ignore[arg-type]
 
 
+def to_fd(fd: int) -> Stdio:
+    """No input; output and errors to ``fd``."""
+    return Stdio(stdin=subprocess.DEVNULL, stdout=fd, stderr=fd)
+
+
 def capture(fn: Callable[[int], object]) -> tuple[object, str]:
     """Call ``fn(fd)`` with a temp file's fd as stdout/stderr; its result and what it wrote."""
     with tempfile.TemporaryFile() as f:
@@ -123,7 +128,7 @@ def test_foreground_echo_and_exit_codes(tm: TaskManager, rootfs: Rootfs) -> None
     task, out = capture(
         lambda fd: tm.start(
             "echo", rootfs("echo"), spec_for(["echo", "hello"]), detach=False,
-            stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
+            stdio=to_fd(fd),
         )
     )  # fmt: skip
     assert out == "hello\n"
@@ -142,7 +147,7 @@ def test_foreground_echo_and_exit_codes(tm: TaskManager, rootfs: Rootfs) -> None
     task, out = capture(
         lambda fd: tm.start(
             "fail", rootfs("fail"), spec_for(["sh", "-c", "echo oops >&2; exit 7"]),
-            detach=False, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
+            detach=False, stdio=to_fd(fd),
         )
     )  # fmt: skip
     assert out == "oops\n"
@@ -155,7 +160,7 @@ def test_missing_executable_fails_cleanly(
 ) -> None:
     with pytest.raises(NotFound, match="nope"):
         tm.start("nope", rootfs("nope"), spec_for(["/bin/nope"]), detach=False,
-                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 stdio=to_fd(subprocess.DEVNULL))
     with pytest.raises(NotFound):
         tm.start("nope2", rootfs("nope2"), spec_for(["/bin/nope"]), detach=True)
     assert tm.list() == []
@@ -241,7 +246,7 @@ def test_half_created_bundle_is_replaced(tm: TaskManager, rootfs: Rootfs, tmp_ro
     with pytest.raises(NotFound):
         tm.state("stale")
     tm.start("stale", rootfs("stale"), spec_for(["true"]), detach=False,
-             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+             stdio=Stdio(stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
     assert tm.state("stale").exit_code == 0
     assert (tmp_root / "junk").exists()
 
@@ -263,18 +268,17 @@ def test_exec(tm: TaskManager, rootfs: Rootfs) -> None:
     code, out = capture(
         lambda fd: tm.exec("host", ["sh", "-c", "echo $FROM_IMAGE $EXTRA; pwd; id -u; exit 5"],
                            env=["EXTRA=x"], cwd="/tmp", user="app",
-                           stdin=subprocess.DEVNULL, stdout=fd, stderr=fd)
+                           stdio=to_fd(fd))
     )  # fmt: skip
     assert code == 5
     assert out.split() == ["1", "x", "/tmp", "1000"]
     code, out = capture(
-        lambda fd: tm.exec("host", ["cat", "/proc/1/cmdline"], stdout=fd,
-                           stdin=subprocess.DEVNULL)
+        lambda fd: tm.exec("host", ["cat", "/proc/1/cmdline"],
+                           stdio=Stdio(stdin=subprocess.DEVNULL, stdout=fd))
     )
     assert code == 0 and out.split("\0")[:2] == ["sleep", "300"]
     with pytest.raises(NotFound):
-        tm.exec("host", ["/bin/nothere"], stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        tm.exec("host", ["/bin/nothere"], stdio=to_fd(subprocess.DEVNULL))
     tm.kill("host", "KILL")
     tm.wait("host", timeout=10)
     with pytest.raises(FailedPrecondition):
@@ -298,7 +302,7 @@ def test_image_config_env_cwd_user(tm: TaskManager, rootfs: Rootfs) -> None:
             rootfs=root,
         )  # fmt: skip
     _, out = capture(lambda fd: tm.start("user", mounts, spec, detach=False,
-                                         stdin=subprocess.DEVNULL, stdout=fd, stderr=fd))
+                                         stdio=to_fd(fd)))
     assert out.splitlines() == ["hi there", "/home/app", "1000", "1000", "1000 50", "/home/app"]
     assert tm.state("user").exit_code == 0
 
@@ -313,7 +317,7 @@ def test_isolation_defaults(tm: TaskManager, rootfs: Rootfs) -> None:
     )
     _, out = capture(lambda fd: tm.start(
         "iso", rootfs("iso"), spec_for(["sh", "-c", script], hostname="boxy"), detach=False,
-        stdin=subprocess.DEVNULL, stdout=fd, stderr=fd))  # fmt: skip
+        stdio=to_fd(fd)))  # fmt: skip
     lines = [ln.strip() for ln in out.splitlines()]
     assert lines[0] == "lo"  # a fresh network namespace: loopback only
     assert lines[1] == "boxy"
@@ -336,7 +340,7 @@ def test_bind_mounts(tm: TaskManager, rootfs: Rootfs, tmp_path: Path) -> None:
         mounts=[BindMount(str(rw), "/data"), BindMount(str(ro), "/srv/www", readonly=True)],
     )  # fmt: skip
     _, out = capture(lambda fd: tm.start("binds", rootfs("binds"), spec, detach=False,
-                                         stdin=subprocess.DEVNULL, stdout=fd, stderr=fd))
+                                         stdio=to_fd(fd)))
     assert out.splitlines() == ["<h1>hi</h1>", "ro-ok"]
     assert (rw / "out").read_text() == "written\n"
     assert not (ro / "x").exists()
@@ -354,7 +358,7 @@ def test_rootfs_from_a_real_snapshotter(tm: TaskManager, tmp_root: Path, rootfs_
         mounts = sn.prepare("ctr", "base")
         _, out = capture(lambda fd: tm.start(
             "snap", mounts, spec_for(["sh", "-c", "echo changed > /data/file; ls /bin/sh"]),
-            detach=False, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd))  # fmt: skip
+            detach=False, stdio=to_fd(fd)))  # fmt: skip
         assert out == "/bin/sh\n"
         tm.delete("snap")
         # the change is in the active snapshot, not in its parent

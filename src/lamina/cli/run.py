@@ -34,7 +34,7 @@ from lamina.cli.container import add_create_flags, options_from_args, services
 from lamina.cli.terminal import (
     add_terminal_flags,
     check_terminal_flags,
-    stdin_of,
+    stdio_of,
     terminal_size,
 )
 from lamina.errors import LaminaError
@@ -57,12 +57,12 @@ def _run(args: argparse.Namespace, app: App) -> int:
     cid = args.name or secrets.token_hex(6)
     labels = parse_labels(args.label)
     options = options_from_args(args)
-    stdin = stdin_of(args)
+    stdio = stdio_of(args)
     with services(app) as ct:
         ct.create(args.image, cid, labels=labels, options=options)
         try:
             info = ct.start(cid, detach=args.detach, terminal=args.tty,
-                            console_size=terminal_size() if args.tty else None, stdin=stdin)
+                            console_size=terminal_size() if args.tty else None, stdio=stdio)
         except BaseException:
             if args.rm:
                 with contextlib.suppress(LaminaError):

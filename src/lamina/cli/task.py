@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 
 from lamina.cli.app import App
@@ -13,7 +12,7 @@ from lamina.cli.container import env_entries, services
 from lamina.cli.terminal import (
     add_terminal_flags,
     check_terminal_flags,
-    stdin_of,
+    stdio_of,
     terminal_size,
 )
 from lamina.errors import InvalidArgument, NotFound
@@ -80,13 +79,11 @@ def _exec(args: argparse.Namespace, app: App) -> int:
         cmd = cmd[1:]
     if not cmd:
         raise InvalidArgument("exec needs a command")
-    quiet = subprocess.DEVNULL if args.detach else None
     with services(app) as ct:
         return ct.tasks.exec(args.id, cmd, env=env_entries(args), cwd=args.cwd,
                              user=args.user, terminal=args.tty,
                              console_size=terminal_size() if args.tty else None,
-                             detach=args.detach, stdin=stdin_of(args), stdout=quiet,
-                             stderr=quiet)
+                             detach=args.detach, stdio=stdio_of(args))
 
 
 def _delete(args: argparse.Namespace, app: App) -> int:

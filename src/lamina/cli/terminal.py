@@ -13,9 +13,10 @@ import os
 import subprocess
 import sys
 
+from lamina.containers.runtime import Stdio
 from lamina.errors import InvalidArgument, NotImplementedErr
 
-__all__ = ["add_terminal_flags", "check_terminal_flags", "stdin_of", "terminal_size"]
+__all__ = ["add_terminal_flags", "check_terminal_flags", "stdio_of", "terminal_size"]
 
 
 def add_terminal_flags(v: argparse.ArgumentParser, *, detached: str) -> None:
@@ -39,10 +40,13 @@ def check_terminal_flags(args: argparse.Namespace) -> None:
                               "terminals; leave out -t")
 
 
-def stdin_of(args: argparse.Namespace) -> int | None:
-    """This process's standard input with -i; else nothing (and runc copies nothing
-    to a pty)."""
-    return None if args.interactive else subprocess.DEVNULL
+def stdio_of(args: argparse.Namespace) -> Stdio:
+    """The task's streams: this process's standard input with -i, else nothing (and
+    runc copies nothing to a pty); with -d, nothing for its output either (this
+    process does not stay to show it)."""
+    quiet = subprocess.DEVNULL if args.detach else None
+    return Stdio(stdin=None if args.interactive else subprocess.DEVNULL,
+                 stdout=quiet, stderr=quiet)
 
 
 def terminal_size() -> tuple[int, int] | None:

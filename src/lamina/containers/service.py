@@ -40,7 +40,7 @@ from lamina.containers.logs import ContainerLogs
 from lamina.containers.network import Networks, apply_network, network_mode
 from lamina.containers.options import bind_mounts, options_of, userns_of
 from lamina.containers.revisions import Revision, Revisions
-from lamina.containers.runtime import TaskInfo, TaskManager, TaskStatus
+from lamina.containers.runtime import INHERIT_STDIO, Stdio, TaskInfo, TaskManager, TaskStatus
 from lamina.containers.tasks import ContainerTasks, tasks_dir
 from lamina.containers.taskstate import is_live, keep, task_of
 from lamina.images.service import ImageService
@@ -144,9 +144,7 @@ class ContainerService:
         detach: bool,
         terminal: bool = False,
         console_size: tuple[int, int] | None = None,
-        stdin: int | None = None,
-        stdout: int | None = None,
-        stderr: int | None = None,
+        stdio: Stdio = INHERIT_STDIO,
     ) -> TaskInfo:
         """Start the container's task (a stopped task of it is deleted first).
 
@@ -168,7 +166,7 @@ class ContainerService:
             mounts = self._tasks.run_mounts(container, self._revisions.mounts(container))
             output = self._logs.prepare(cid) if detach else None
             info = self.tasks.start(cid, mounts, spec, detach=detach,
-                                    stdin=stdin, stdout=stdout, stderr=stderr, output=output)
+                                    stdio=stdio, output=output)
         except BaseException:
             with contextlib.suppress(Exception):
                 self._networks.detach(cid)

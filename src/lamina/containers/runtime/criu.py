@@ -50,7 +50,7 @@ from .bundle import (
     validate_id,
     write_json,
 )
-from .launch import Launcher
+from .launch import INHERIT_STDIO, Launcher, Stdio
 
 __all__ = ["CheckpointInfo", "checkpoint", "criu_available", "find_criu", "restore"]
 
@@ -265,9 +265,7 @@ def restore(
     spec: dict[str, Any] | None = None,
     detach: bool = True,
     work_dir: Path | None = None,
-    stdin: int | None = None,
-    stdout: int | None = None,
-    stderr: int | None = None,
+    stdio: Stdio = INHERIT_STDIO,
 ) -> TaskInfo:
     """Restore the checkpoint in ``image_dir`` as task ``task_id``.
 
@@ -368,15 +366,8 @@ def restore(
         try:
             if detach:
                 return launcher.detached(task_id, bundle, args, what=f"restore {task_id}")
-            return launcher.foreground(
-                task_id,
-                bundle,
-                args,
-                stdin=stdin,
-                stdout=stdout,
-                stderr=stderr,
-                what=f"restore {task_id}",
-            )
+            return launcher.foreground(task_id, bundle, args, stdio=stdio,
+                                       what=f"restore {task_id}")
         except LaminaError as exc:
             tail = _criu_log_tail(wd / "restore.log")
             if created_here:

@@ -26,6 +26,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,30 @@ from .bundle import (
 )
 from .runc import Runc, error_from_message
 
-__all__ = ["START_TIMEOUT", "Launcher", "runc_log_error"]
+__all__ = ["INHERIT_STDIO", "START_TIMEOUT", "Launcher", "Stdio", "runc_log_error"]
 
 _SHIM = Path(__file__).with_name("shim.py")
 START_TIMEOUT = 60.0
 """Seconds a detached start (or restore) may take until runc reports the pid."""
+
+
+@dataclass(frozen=True)
+class Stdio:
+    """The standard streams of a process run in the foreground (containerd's
+    ``cio.Streams``): file descriptors or ``subprocess.DEVNULL``; None inherits
+    the caller's own."""
+
+    stdin: int | None = None
+    stdout: int | None = None
+    stderr: int | None = None
+
+    def popen(self, argv: Sequence[str]) -> subprocess.Popen[bytes]:
+        """Start ``argv`` with these streams."""
+        return subprocess.Popen(argv, stdin=self.stdin, stdout=self.stdout, stderr=self.stderr)
+
+
+INHERIT_STDIO = Stdio()
+"""The caller's own standard streams."""
 
 
 def runc_log_error(log: Path, what: str, fallback: str) -> LaminaError:
@@ -85,15 +105,12 @@ class Launcher:
         bundle: Path,
         runc_args: Sequence[str],
         *,
-        stdin: int | None,
-        stdout: int | None,
-        stderr: int | None,
+        stdio: Stdio,
         what: str = "",
     ) -> TaskInfo:
-        """Run ``runc <runc_args>`` with the given stdio until it ends; the final state."""
+        """Run ``runc <runc_args>`` with ``stdio`` until it ends; the final state."""
         what = what or f"start task {task_id}"
-        argv = self.runc.argv(*runc_args, log=bundle / "runc.log")
-        proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr)
+        proc = stdio.popen(self.runc.argv(*runc_args, log=bundle / "runc.log"))
         try:
             code = proc.wait()
         except KeyboardInterrupt:
@@ -157,10 +174,9 @@ class Launcher:
             time.sleep(0.01)
 
     def exec(self, task_id: str, bundle: Path, process: dict[str, Any], *,
-             stdin: int | None, stdout: int | None, stderr: int | None,
-             timeout: float | None, detach: bool = False) -> int:
+             stdio: Stdio, timeout: float | None, detach: bool = False) -> int:
         """Run ``process`` (a runtime-spec process) in running task ``task_id`` with
-        the given stdio; its exit code (128+N when killed by signal N), or 0 once it
+        ``stdio``; its exit code (128+N when killed by signal N), or 0 once it
         runs when ``detach``. Its files live in ``bundle`` while runc runs; past
         ``timeout`` it is killed."""
         tag = uuid.uuid4().hex[:12]
@@ -172,7 +188,7 @@ class Launcher:
                               str(process_file), "--pid-file", str(pid_file), task_id,
                               log=log_file)
         try:
-            proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr)
+            proc = stdio.popen(argv)
             try:
                 code = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired as exc:

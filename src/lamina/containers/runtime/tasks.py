@@ -43,7 +43,7 @@ from .bundle import (
     validate_id,
 )
 from .command import check_command
-from .launch import Launcher
+from .launch import INHERIT_STDIO, Launcher, Stdio
 from .runc import Runc, parse_signal
 from .spec import resolve_user
 
@@ -100,16 +100,13 @@ class TaskManager:
         spec: dict[str, Any],
         *,
         detach: bool,
-        stdin: int | None = None,
-        stdout: int | None = None,
-        stderr: int | None = None,
+        stdio: Stdio = INHERIT_STDIO,
         output: str | os.PathLike[str] | None = None,
     ) -> TaskInfo:
         """Mount ``mounts`` as the rootfs of a new bundle and run ``spec`` in it.
 
-        Foreground (``detach=False``): the process gets ``stdin``/``stdout``/
-        ``stderr`` (file descriptors; None inherits the caller's, or
-        ``subprocess.DEVNULL``), the call returns when it exits and the result
+        Foreground (``detach=False``): the process gets ``stdio`` (by default
+        the caller's streams), the call returns when it exits and the result
         carries its ``exit_code`` (128+N when killed by signal N). Detached: the
         output goes to ``output`` (appended to; its directory must exist), by
         default ``output.log`` in the bundle, rotated once it grows past
@@ -126,9 +123,7 @@ class TaskManager:
             try:
                 if detach:
                     return self.launcher.detached(task_id, bundle, args)
-                return self.launcher.foreground(
-                    task_id, bundle, args, stdin=stdin, stdout=stdout, stderr=stderr
-                )
+                return self.launcher.foreground(task_id, bundle, args, stdio=stdio)
             except LaminaError:
                 self.launcher.cleanup_failed(task_id, bundle)
                 raise
@@ -210,9 +205,7 @@ class TaskManager:
         terminal: bool = False,
         console_size: tuple[int, int] | None = None,
         detach: bool = False,
-        stdin: int | None = None,
-        stdout: int | None = None,
-        stderr: int | None = None,
+        stdio: Stdio = INHERIT_STDIO,
         timeout: float | None = None,
     ) -> int:
         """Run ``args`` in the running task; its exit code (0 once it runs, ``detach``).
@@ -246,8 +239,8 @@ class TaskManager:
             process["consoleSize"] = {"height": rows, "width": cols}
         check_command({"process": process, "mounts": config.get("mounts") or []},
                       bundle / "rootfs")
-        return self.launcher.exec(task_id, bundle, process, detach=detach, stdin=stdin,
-                                  stdout=stdout, stderr=stderr, timeout=timeout)
+        return self.launcher.exec(task_id, bundle, process, detach=detach, stdio=stdio,
+                                  timeout=timeout)
 
     def delete(self, task_id: str, *, force: bool = False) -> TaskInfo:
         """Remove a stopped task: runc's state, the rootfs mounts, the bundle.
@@ -311,9 +304,7 @@ class TaskManager:
         spec: dict[str, Any] | None = None,
         detach: bool = True,
         work_dir: str | os.PathLike[str] | None = None,
-        stdin: int | None = None,
-        stdout: int | None = None,
-        stderr: int | None = None,
+        stdio: Stdio = INHERIT_STDIO,
     ) -> TaskInfo:
         """Restore a checkpoint; see :func:`lamina.containers.runtime.criu.restore`."""
         return criu.restore(
@@ -324,9 +315,7 @@ class TaskManager:
             spec=spec,
             detach=detach,
             work_dir=None if work_dir is None else Path(work_dir),
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
+            stdio=stdio,
         )
 
     def close(self) -> None:
