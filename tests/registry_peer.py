@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import os
 import signal
 import socket
@@ -157,6 +158,9 @@ def http_get(host: str, path: str, accept: str = "application/vnd.oci.image.mani
         conn.close()
 
 
+_hosts = itertools.count()
+
+
 @contextlib.contextmanager
 def second_host() -> Iterator[tuple[str, str, str]]:
     """A network namespace joined to this one by a veth pair: a second "host".
@@ -165,9 +169,10 @@ def second_host() -> Iterator[tuple[str, str, str]]:
     command there with ``ip netns exec <namespace> ...``. Removed afterwards.
     """
     require_tools("ip")
-    tag = f"{os.getpid() % 10000}{int(time.monotonic() * 1000) % 1000}"
+    n = next(_hosts)  # several at once in one process (the CRI bench's two nodes)
+    tag = f"{os.getpid() % 10000}{n % 10}{int(time.monotonic() * 1000) % 1000}"
     ns, here, there = f"lamina-test-{tag}", f"lt{tag}a", f"lt{tag}b"
-    subnet = 10 + os.getpid() % 200
+    subnet = 10 + (os.getpid() + 37 * n) % 200
     host_ip, ns_ip = f"10.{subnet}.77.1", f"10.{subnet}.77.2"
 
     def ip(*args: str) -> None:
