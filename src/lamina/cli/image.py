@@ -1,4 +1,4 @@
-"""``lamina image``: import, list, unpack, mount, export and remove images."""
+"""``lamina image``: import, list, unpack, mount, tag, export and remove images."""
 
 from __future__ import annotations
 
@@ -145,6 +145,14 @@ def _unmount(args: argparse.Namespace, app: App) -> int:
     return 0
 
 
+def _tag(args: argparse.Namespace, app: App) -> int:
+    from lamina.images.names import add_name
+
+    image = add_name(app.images(), args.source, args.target)
+    print(f"{image.name}\t{image.target.digest}")
+    return 0
+
+
 def _export(args: argparse.Namespace, app: App) -> int:
     if args.file != "-":
         with _service(args, app) as svc:
@@ -265,3 +273,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from lamina.cli import image_remote
 
     image_remote.register(verbs)
+
+    v = verbs.add_parser("tag", help="name a local image anew (SRC stays)")
+    v.add_argument("source", metavar="SRC", help="a local image")
+    v.add_argument("target", metavar="DST", help="its new name")
+    v.set_defaults(handler=_tag)

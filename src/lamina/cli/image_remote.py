@@ -1,4 +1,4 @@
-"""``lamina image pull|push|referrers|tag``: images to and from registries."""
+"""``lamina image pull|push|referrers``: images to and from registries."""
 
 from __future__ import annotations
 
@@ -134,14 +134,6 @@ def _referrers(args: argparse.Namespace, app: App) -> int:
     return 0
 
 
-def _tag(args: argparse.Namespace, app: App) -> int:
-    from lamina.images.names import add_name
-
-    image = add_name(app.images(), args.source, args.target)
-    print(f"{image.name}\t{image.target.digest}")
-    return 0
-
-
 def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v = verbs.add_parser("pull", help="pull an image from a registry and unpack it")
     v.add_argument("ref", metavar="REF",
@@ -192,8 +184,3 @@ def register(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     v.add_argument("--json", action="store_true", help="print JSON")
     add_registry_flags(v)
     v.set_defaults(handler=_referrers)
-
-    v = verbs.add_parser("tag", help="name a local image anew (SRC stays)")
-    v.add_argument("source", metavar="SRC", help="a local image")
-    v.add_argument("target", metavar="DST", help="its new name")
-    v.set_defaults(handler=_tag)
