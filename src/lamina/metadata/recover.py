@@ -50,11 +50,11 @@ class RecoveredRoot(Root):
     repair's report, or None when there was nothing to repair."""
 
     def __init__(self, path: str | os.PathLike[str], *, async_remove: bool = False,
-                 recover: bool = True) -> None:
+                 ahead: int = 0, recover: bool = True) -> None:
         where = Path(path)
         make_root_dir(where)  # the format lock lives in it
         found = open_format(where)
-        super().__init__(where, async_remove=async_remove)
+        super().__init__(where, async_remove=async_remove, ahead=ahead)
         self.format_found = found
         self.recovered = recover_after_restart(self) if recover else None
 

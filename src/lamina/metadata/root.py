@@ -61,21 +61,22 @@ def default_root() -> str:
     return os.path.join(data, "lamina")
 
 
-def _overlay(path: Path, *, async_remove: bool = False) -> Snapshotter:
+def _overlay(path: Path, *, async_remove: bool = False, ahead: int = 0) -> Snapshotter:
     from lamina.snapshots.overlay import OverlaySnapshotter
 
-    return OverlaySnapshotter(path, async_remove=async_remove)
+    return OverlaySnapshotter(path, async_remove=async_remove, ahead=ahead)
 
 
-def _native(path: Path, *, async_remove: bool = False) -> Snapshotter:
+def _native(path: Path, *, async_remove: bool = False, ahead: int = 0) -> Snapshotter:
     from lamina.snapshots.native import NativeSnapshotter
 
-    return NativeSnapshotter(path, async_remove=async_remove)
+    return NativeSnapshotter(path, async_remove=async_remove, ahead=ahead)
 
 
-def _erofs(path: Path, *, async_remove: bool = False) -> Snapshotter:
+def _erofs(path: Path, *, async_remove: bool = False, ahead: int = 0) -> Snapshotter:
     from lamina.snapshots.erofs import ErofsSnapshotter
 
+    # none made ahead: a parent's layer is mounted by filling a new directory
     return ErofsSnapshotter(path, async_remove=async_remove)
 
 
@@ -107,14 +108,18 @@ def make_root_dir(path: Path) -> None:
 class Root:
     """Paths of one lamina root, and the stores opened on it (lazily, once)."""
 
-    def __init__(self, path: str | os.PathLike[str], *, async_remove: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, async_remove: bool = False,
+                 ahead: int = 0) -> None:
         """``async_remove``: snapshotters delete removed snapshots' directories in a
         background thread (what a long-running server wants) instead of inline.
+        ``ahead``: how many directories each snapshotter keeps made ahead for
+        prepares (:mod:`lamina.snapshots.ahead`: what a server under churn wants).
 
         A plain open (see the module docs): FailedPrecondition for a root at another
         format than this lamina's; :attr:`format_found` is the format it had."""
         self.path = Path(path)
         self.async_remove = async_remove
+        self.ahead = ahead
         make_root_dir(self.path)
         self._lock = threading.RLock()
         self._stores: dict[str, Any] = {}  # by name, in the order they were opened
@@ -154,7 +159,7 @@ class Root:
         """The snapshotter ``name`` on this root (opened once)."""
         factory = SNAPSHOTTERS[check_snapshotter(name)]
         return self._once(f"snapshots/{name}", lambda: factory(
-            self.snapshots_dir(name), async_remove=self.async_remove))
+            self.snapshots_dir(name), async_remove=self.async_remove, ahead=self.ahead))
 
     def content(self) -> ContentStore:
         """The local content store on this root (opened once)."""

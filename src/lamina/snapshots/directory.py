@@ -6,12 +6,17 @@ overlay adds ``work/``). The filesystem follows the database:
 * **create** (prepare/view): build the directory as ``new-<random>`` (held
   with an exclusive flock so a concurrent ``cleanup`` leaves it alone),
   insert the row inside a write transaction, rename the directory to its id
-  in that same transaction, commit.
+  in that same transaction, fsync the snapshots directory, commit. A server
+  (``ahead``) keeps directories made durable ahead of time under ids
+  reserved for them (:mod:`lamina.snapshots.ahead`): a prepare that one serves
+  (no parent, or a top parent whose root a new directory's matches) only
+  inserts its row with that id.
 * **commit** only changes metadata: the committed snapshot keeps the id.
 * **remove**: delete the row, commit, and only then rename the directory to
   ``rm-<id>`` and delete it (now, or at the next cleanup with async remove).
 * **cleanup**: inside a write transaction, every directory whose name is not
-  a known id (and is not a ``new-`` directory still being built) is found;
+  a known id (and is not flocked: a ``new-`` directory still being built, one
+  made ahead, a removal in progress) is found;
   after the commit they are renamed to ``rm-…`` and deleted, together with
   every removal still waiting for the background reaper (async remove): when
   cleanup returns, the space of everything removed before it is free.
@@ -50,6 +55,7 @@ from lamina.mounts.mount import Mount
 from lamina.owners import ScopedViews
 from lamina.problems import Problem, ProblemType
 from lamina.snapshots import Capability, Info, Kind, Usage
+from lamina.snapshots.ahead import Ahead, AheadDirs
 from lamina.snapshots.storage import MetaStore, Snapshot
 from lamina.snapshots.usage import disk_usage
 from lamina.util import crash
@@ -67,13 +73,21 @@ class DirectorySnapshotter(ScopedViews):
     #: What this kind of snapshotter can do whoever runs it (see :attr:`capabilities`).
     CAPABILITIES: ClassVar[frozenset[Capability]] = frozenset()
 
-    def __init__(self, root: str | os.PathLike[str], *, async_remove: bool = False) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, async_remove: bool = False,
+                 ahead: int = 0) -> None:
+        """``async_remove``: removed snapshots' directories are deleted by a thread
+        (a server). ``ahead``: how many directories to keep made ahead for prepares
+        (:mod:`lamina.snapshots.ahead`; a server under churn wants some, a command
+        that prepares a few none)."""
         self.root = Path(root)
         self._dirs = self.root / "snapshots"
         private_dirs(self._dirs)  # owner-only; an earlier lamina made the root 0755
         tighten(self.root)
         tighten(self._dirs)
         self._meta: MetaStore | None = MetaStore(self.root / "metadata.db")
+        self._ahead = AheadDirs(
+            self._dirs, self._meta, size=ahead, fill=lambda d: self._fill(d, Kind.ACTIVE, ()),
+            settled=lambda: self._new_dirs_settled(scan=False))
         self._async_remove = async_remove
         self._init_views()
         self._deferring = [0]  # shared with the scoped views
@@ -102,6 +116,11 @@ class DirectorySnapshotter(ScopedViews):
 
     def _mounts(self, snap: Snapshot) -> list[Mount]:
         raise NotImplementedError
+
+    def _ahead_fits(self, kind: Kind, parent_ids: Sequence[str], made: Path) -> bool:
+        """Whether ``made``, filled as an active snapshot without parents, is what
+        :meth:`_fill` would make for this one (then a prepare may adopt it)."""
+        return kind is Kind.ACTIVE and not parent_ids
 
     # -- helpers -----------------------------------------------------------
     @property
@@ -179,6 +198,10 @@ class DirectorySnapshotter(ScopedViews):
         with self.meta.read(self._scope) as tx:  # fail fast, before any disk work
             tx.check_new_key(key)
             _, chain = tx.resolve_parent(parent)
+        if staged is None and (ahead := self._ahead.take()) is not None:
+            snap_ahead = self._create_ahead(ahead, kind, key, parent, labels, chain)
+            if snap_ahead is not None:
+                return self._mounts(snap_ahead)
         held = self._new_dir() if staged is None else contextlib.nullcontext(staged)
         with held as new:
             try:
@@ -209,6 +232,36 @@ class DirectorySnapshotter(ScopedViews):
                 raise
         crash.point("create.committed")
         return self._mounts(snap)
+
+    def _create_ahead(self, ahead: Ahead, kind: Kind, key: str, parent: str,
+                      labels: Mapping[str, str] | None,
+                      chain: Sequence[str]) -> Snapshot | None:
+        """Create ``key`` in a directory made ahead: its row alone (the directory is
+        durable already); None, the directory given back, when it does not fit."""
+        if not self._ahead_fits(kind, chain, ahead.path):
+            self._ahead.back(ahead)
+            return None
+        try:
+            with self.meta.write(self._scope) as tx:
+                snap = tx.create(kind, key, parent, labels, sid=ahead.sid)
+                if snap.parent_ids != tuple(chain) and not self._ahead_fits(
+                        kind, snap.parent_ids, ahead.path):  # parent replaced meanwhile
+                    raise _Unfit
+                crash.point("create.ahead-row")
+        except _Unfit:
+            self._ahead.back(ahead)
+            return None
+        except BaseException:
+            self._ahead.back(ahead)  # the row did not commit
+            raise
+        self._ahead.adopted(ahead)
+        crash.point("create.committed")
+        return snap
+
+    def fill_ahead(self, count: int) -> int:
+        """Make ``count`` directories ahead for prepares now (a server's stock refills
+        by itself); how many were made."""
+        return self._ahead.fill(count)
 
     @contextlib.contextmanager
     def _new_dirs_settled(self, *, scan: bool) -> Iterator[None]:
@@ -396,8 +449,8 @@ class DirectorySnapshotter(ScopedViews):
             for entry in os.listdir(self._dirs):
                 if entry in known:
                     continue
-                if entry.startswith(_NEW) and _locked(self._dirs / entry):
-                    continue  # being built by a live prepare
+                if _locked(self._dirs / entry):
+                    continue  # being built, made ahead or removed by a live process
                 orphans.append(entry)
         for name in orphans:
             if not name.startswith(_RM):
@@ -421,14 +474,14 @@ class DirectorySnapshotter(ScopedViews):
                 Problem(ProblemType.SNAPSHOT_ORPHAN_DIRECTORY, str(self._dirs / entry),
                         f"{self._dirs / entry}: directory unknown to the metadata")
                 for entry in sorted(os.listdir(self._dirs))
-                if entry not in known and not (entry.startswith((_NEW, _RM))
-                                               and _locked(self._dirs / entry))
+                if entry not in known and not _locked(self._dirs / entry)
             ]
         return problems
 
     def close(self) -> None:
         if self._view_of is not None:
             return  # a scoped view: its snapshotter closes the shared state
+        self._ahead.close()
         if self._reaper is not None:
             self._stopping.set()
             self._reap_now.set()
@@ -446,11 +499,19 @@ class DirectorySnapshotter(ScopedViews):
             self._meta = None
 
 
+class _Unfit(Exception):
+    """A directory made ahead does not suit the snapshot after all (rolls its row back)."""
+
+
 def _locked(path: Path) -> bool:
+    """Whether another open file holds a flock on directory ``path`` (work in
+    progress: see the module docs)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:
         return True  # gone already: whoever had it renamed it
+    except NotADirectoryError:
+        return False  # nothing lamina makes: an orphan
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

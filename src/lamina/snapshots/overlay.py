@@ -48,8 +48,9 @@ class OverlaySnapshotter(DirectorySnapshotter):
         *,
         async_remove: bool = False,
         mount_options: Sequence[str] = (),
+        ahead: int = 0,
     ) -> None:
-        super().__init__(root, async_remove=async_remove)
+        super().__init__(root, async_remove=async_remove, ahead=ahead)
         self._extra = (*overlay_mount_options(), *mount_options)
         if not (self.root / _CHECKED).exists():
             check_overlay_support(self.root)
@@ -68,9 +69,16 @@ class OverlaySnapshotter(DirectorySnapshotter):
             st = os.stat(top)
             os.chown(fs, st.st_uid, st.st_gid)
             os.chmod(fs, stat.S_IMODE(st.st_mode))
-            for key in os.listxattr(top):  # as a native copy keeps them
-                if not key.startswith(overlay_xattr_prefix()):
-                    os.setxattr(fs, key, os.getxattr(top, key))
+            for key, value in _xattrs(top).items():  # as a native copy keeps them
+                os.setxattr(fs, key, value)
+
+    def _ahead_fits(self, kind: Kind, parent_ids: Sequence[str], made: Path) -> bool:
+        """Also under parents whose top layer's root has what ``made``'s has (owner,
+        mode, xattrs): changing ``made``'s would need a sync of its own."""
+        if kind is not Kind.ACTIVE:
+            return False
+        return not parent_ids or _root_attrs(self.fs_dir(parent_ids[0])) == _root_attrs(
+            made / "fs")
 
     def _mounts(self, snap: Snapshot) -> list[Mount]:
         own = self._dirs / snap.id
@@ -95,6 +103,18 @@ class OverlaySnapshotter(DirectorySnapshotter):
                 ),
             )
         ]
+
+
+def _xattrs(path: Path) -> dict[str, bytes]:
+    """The extended attributes of ``path`` a layer's root passes on (not overlay's own)."""
+    return {key: os.getxattr(path, key) for key in os.listxattr(path)
+            if not key.startswith(overlay_xattr_prefix())}
+
+
+def _root_attrs(path: Path) -> tuple[int, int, int, dict[str, bytes]]:
+    """What a new layer's root takes from the top layer's: owner, mode, xattrs."""
+    st = os.stat(path)
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), _xattrs(path)
 
 
 def _supports_d_type(directory: Path) -> bool:

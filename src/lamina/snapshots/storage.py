@@ -197,11 +197,28 @@ class Transaction:
     def ids(self) -> set[str]:
         return {str(r[0]) for r in self._c.execute("SELECT id FROM snapshots")}
 
+    def reserve_ids(self, count: int) -> list[str]:
+        """Move the id sequence on by ``count`` and return the ids it passed over:
+        no snapshot is given one of them unless :meth:`create` is asked for it, so
+        directories named after them can be made before their rows exist."""
+        row = self._c.execute("SELECT seq FROM sqlite_sequence WHERE name='snapshots'").fetchone()
+        (top,) = self._c.execute("SELECT coalesce(max(id), 0) FROM snapshots").fetchone()
+        first = max(int(top), int(row[0]) if row else 0) + 1
+        last = first + count - 1
+        if row is None:
+            self._c.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('snapshots', ?)",
+                            (last,))
+        else:
+            self._c.execute("UPDATE sqlite_sequence SET seq=? WHERE name='snapshots'", (last,))
+        return [str(i) for i in range(first, last + 1)]
+
     # -- changes -----------------------------------------------------------
     def create(
-        self, kind: Kind, key: str, parent: str, labels: Mapping[str, str] | None
+        self, kind: Kind, key: str, parent: str, labels: Mapping[str, str] | None,
+        *, sid: str | None = None,
     ) -> Snapshot:
-        """Insert an active snapshot or view; validates key, parent and labels."""
+        """Insert an active snapshot or view; validates key, parent and labels.
+        ``sid``: the id to give it, one :meth:`reserve_ids` returned (else a new one)."""
         if kind is Kind.COMMITTED:
             raise InvalidArgument("committed snapshots are made by commit")
         clean = validate_labels(labels)
@@ -209,14 +226,15 @@ class Transaction:
         parent_id, chain = self.resolve_parent(parent)
         now = time.time_ns()
         cur = self._c.execute(
-            "INSERT INTO snapshots (key, kind, parent_id, created_ns, updated_ns, owner)"
-            " VALUES (?,?,?,?,?,?)",
-            (key, kind.value, parent_id, now, now, self._scope.actor),
+            "INSERT INTO snapshots (id, key, kind, parent_id, created_ns, updated_ns, owner)"
+            " VALUES (?,?,?,?,?,?,?)",
+            (None if sid is None else int(sid), key, kind.value, parent_id, now, now,
+             self._scope.actor),
         )
-        sid = cur.lastrowid
-        assert sid is not None
-        self._add_labels(sid, clean)  # none to clear: the id is new (AUTOINCREMENT)
-        return Snapshot(id=str(sid), kind=kind, parent_ids=chain)
+        rowid = cur.lastrowid
+        assert rowid is not None
+        self._add_labels(rowid, clean)  # none to clear: the id is new (AUTOINCREMENT)
+        return Snapshot(id=str(rowid), kind=kind, parent_ids=chain)
 
     def _set_labels(self, sid: int, labels: Mapping[str, str]) -> None:
         self._c.execute("DELETE FROM labels WHERE snapshot_id=?", (sid,))
