@@ -16,10 +16,12 @@ def cmd_serve(args: argparse.Namespace, app: App) -> int:
     from lamina.api import default_address
     from lamina.api.server import Server, serve
     from lamina.metadata.recover import RecoveredRoot
+    from lamina.snapshots.ahead import SERVER_STOCK
     from lamina.util.sdnotify import notify
 
-    # A long-running server deletes removed snapshots' directories in the background.
-    root = RecoveredRoot(app.root, async_remove=not args.sync_remove)
+    # A long-running server deletes removed snapshots' directories in the background,
+    # and keeps new ones made ahead so that a prepare flushes only its row.
+    root = RecoveredRoot(app.root, async_remove=not args.sync_remove, ahead=SERVER_STOCK)
 
     address = args.serve_address or app.address or default_address()
     if not logging.getLogger().handlers:
