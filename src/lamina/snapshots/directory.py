@@ -26,9 +26,10 @@ overlay adds ``work/``). The filesystem follows the database:
 A crash at any point leaves at most a directory the metadata does not know,
 which the next ``cleanup`` removes; the metadata never names a missing
 directory. A ``rm-`` directory is flocked by the process deleting it (as a
-``new-`` one by the process building it), so :meth:`check` in another process
-— the CLI beside a ``lamina serve`` whose reaper is at work — does not take
-a removal in progress for a leftover.
+``new-`` one by the process building it, and one made ahead by the process
+keeping it), so :meth:`check` in another process — the CLI beside a
+``lamina serve`` whose reaper is at work — does not take a removal in progress
+for a leftover.
 
 Subclasses say how a new snapshot's directory is filled and how it mounts.
 Every directory snapshotter implements the optional interfaces
