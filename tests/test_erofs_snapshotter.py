@@ -3,6 +3,7 @@ mounts (file-backed and on a loop device), mounts after a reboot, streamed layer
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
@@ -366,3 +367,43 @@ def test_missing_layer_image_is_one_line(sn: ErofsSnapshotter, tmp_path: Path) -
     with pytest.raises(NotFound, match=r"layer image .* is missing"):
         sn.view("v", "base")
     assert any("layer image" in p.message for p in sn.check())
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 1]))
+
+
+def test_check_deep_sees_a_changed_byte_in_block_0_and_in_the_data(
+        sn: ErofsSnapshotter) -> None:
+    """The digest is hashed while the image is written, block 0 (the superblock's)
+    last: a byte changed there, or in a file's data, is caught all the same."""
+    sn.prepare_stream("s", "", io.BytesIO(_tar([("big", b"x" * 10_000)])))
+    sn.commit("base", "s")
+    image = sn.image_path("base")
+    assert (image.parent / "layer.sha256").read_text().endswith(" block0-last\n")
+    assert sn.verify_layer("base") == ""
+    for offset in (0, 1024 + 8, 4096 + 100):  # block 0, the superblock, the data
+        _flip(image, offset)
+        assert "has sha256:" in sn.verify_layer("base"), offset
+        _flip(image, offset)
+        assert sn.verify_layer("base") == ""
+
+
+def test_check_deep_verifies_records_of_the_file_sha256(sn: ErofsSnapshotter,
+                                                        tmp_path: Path) -> None:
+    """A root written before the block0-last digest recorded the image file's sha256:
+    it is verified as that."""
+    _commit(sn, "base", "", {"f": b"data"}, tmp_path / "work")
+    image = sn.image_path("base")
+    unmount_image(image.parent / "fs")
+    plain = "sha256:" + hashlib.sha256(image.read_bytes()).hexdigest()
+    (image.parent / "layer.sha256").write_text(plain + "\n")
+    assert sn.verify_layer("base") == ""
+    _flip(image, 1024 + 8)
+    assert f"recorded {plain}" in sn.verify_layer("base")
+    (image.parent / "layer.sha256").write_text("md5:0123\n")
+    assert "unknown image digest record 'md5:0123'" in sn.verify_layer("base")

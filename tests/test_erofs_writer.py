@@ -45,6 +45,7 @@ from test_layer_parity import summarize
 from lamina.archive import limits
 from lamina.archive.apply import NeedsLowerLayers, apply_layer
 from lamina.erofs import format as F
+from lamina.erofs.digest import file_digest, parse_record
 from lamina.erofs.inode import RootMeta
 from lamina.erofs.reader import ErofsImage
 from lamina.erofs.writer import write_image
@@ -614,3 +615,18 @@ def test_symlink_storms_same_tree_or_error(name: str, overlay: bool, tmp_path: P
     write_image(io.BytesIO(raw), image, overlay=overlay)
     check_image(image, tmp_path, extract=False)
     assert _image_tree(image) == _fd_tree(target)
+
+
+def test_digest_is_hashed_as_the_image_is_written(tmp_path: Path) -> None:
+    """The digest the writer reports is lamina.erofs.digest's of the image on disk:
+    zero blocks left as holes, a tail moved next to its blocks, padding, block 0."""
+    grown, _ = hardlink("grow-link", "grow")
+    grown.pax_headers = {"SCHILY.xattr.user.grown": "g" * 3500}
+    raw = make_tar([*KINDS, file_("grow", b"G" * 9192), (grown, None),
+                    file_("holes", bytes(3 * 4096) + b"end" + bytes(5000) + b"x")])
+    image = tmp_path / "digest.erofs"
+    result = write_image(io.BytesIO(raw), image, overlay=False)
+    digest, block0_last = parse_record(result.digest)
+    assert block0_last and result.digest.endswith(" block0-last")
+    assert digest == file_digest(image, block0_last=True)
+    assert digest != file_digest(image, block0_last=False)

@@ -34,6 +34,7 @@ from lamina.archive import limits
 from lamina.archive.compression import open_decompressed
 from lamina.archive.tarstream import TarEntry, TarReader, show_name
 from lamina.erofs import format as F
+from lamina.erofs.digest import ImageHasher
 from lamina.erofs.image import inline_room, write_metadata
 from lamina.erofs.inode import Inode, RootMeta
 from lamina.erofs.tree import LayerTree
@@ -52,13 +53,15 @@ _TAILS_IN_MEMORY = 32 << 20
 class WrittenImage:
     """What :func:`write_image` produced: the layer's ``diff_id`` and
     uncompressed ``size`` (as apply_layer reports them), whether the layer
-    listed its root, the number of ``inodes`` and the image's size in bytes."""
+    listed its root, the number of ``inodes``, the image's size in bytes and
+    its ``digest`` (the record :mod:`lamina.erofs.digest` defines)."""
 
     diff_id: str
     size: int
     root_listed: bool
     inodes: int
     image_size: int
+    digest: str
 
 
 def _is_zero(chunk: memoryview) -> bool:
@@ -122,6 +125,7 @@ class _Data:
         self.fd = fd
         self.tails = tails
         self.next_block = 1  # block 0 holds the superblock
+        self.hasher = ImageHasher()  # the data area is hashed as it streams
 
     def stream(self, node: Inode, reader: TarReader) -> None:
         """Copy the member's data: whole blocks to the image, the tail aside
@@ -136,9 +140,11 @@ class _Data:
         at = self.next_block * BLK
         left = whole
         fd = self.fd
+        feed = self.hasher.feed
         while left:
             chunk = reader.read_data(min(_CHUNK, left))
             n = len(chunk)
+            feed(at, chunk)
             if not _is_zero(chunk):
                 view = chunk
                 off = at
@@ -235,6 +241,7 @@ def write_image(
                 tree.prune_implicit()
             layout = write_metadata(fd, tree.root, data_end=data.next_block,
                                     read_tail=data.tail, uuid=meter.digest.digest()[:16])
+            digest = data.hasher.finish(fd, layout.blocks * BLK)
     except LaminaError:
         raise
     except OSError as exc:
@@ -246,4 +253,4 @@ def write_image(
     finally:
         os.close(dir_fd)
     return WrittenImage(diff_id=diff_id, size=reader.total, root_listed=tree.root_listed,
-                        inodes=layout.inodes, image_size=layout.blocks * BLK)
+                        inodes=layout.inodes, image_size=layout.blocks * BLK, digest=digest)

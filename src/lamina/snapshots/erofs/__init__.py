@@ -3,7 +3,11 @@
 ``snapshots/<id>/`` holds, for a committed snapshot, ``layer.erofs`` (the
 layer in overlayfs lower-layer form: whiteouts as 0/0 devices, opaque
 directories marked), ``layer.sha256`` (the image's digest, recorded at
-commit for ``lamina check --deep``) and ``fs/``, where the image is mounted
+commit for ``lamina check --deep``: ``sha256:<hex> block0-last``, the sha256
+of the image's bytes from byte 4096 on, then block 0, as
+:mod:`lamina.erofs.digest` defines it so the writer hashes the image as it
+writes it; a record of the plain form ``sha256:<hex>``, written before, is
+the file's sha256 and still verified as such) and ``fs/``, where the image is mounted
 read-only (``nosuid,nodev``), once, and shared by every snapshot above it.
 Layer mounts are made on demand (whenever a snapshot's mounts are asked
 for), so they come back by themselves after a reboot or a crash.
@@ -33,7 +37,6 @@ otherwise (``backing``, see :mod:`lamina.mounts.erofs`).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -41,10 +44,11 @@ from typing import IO
 
 from lamina import rootless
 from lamina.archive import limits
+from lamina.erofs.digest import file_digest, parse_record
 from lamina.erofs.inode import RootMeta
 from lamina.erofs.reader import ErofsImage
 from lamina.erofs.writer import write_image
-from lamina.errors import FailedPrecondition, NotFound, Unavailable
+from lamina.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from lamina.fs.files import atomic_write, fsync_dir, locked, remove_tree
 from lamina.fs.perms import FILE_MODE
 from lamina.mounts.erofs import BACKINGS, is_mounted, mount_image, unmount_image
@@ -62,16 +66,6 @@ IMAGE = "layer.erofs"
 DIGEST = "layer.sha256"
 _UPPER = "upper"  # a streamed active snapshot's upper directory
 _CHECKED = ".erofs-supported"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(1 << 20)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return "sha256:" + h.hexdigest()
 
 
 def check_erofs_support(root: Path, *, backing: str = "auto") -> None:
@@ -225,8 +219,7 @@ class ErofsSnapshotter(OverlaySnapshotter):
                                   root=settle_root, drop_needless_whiteouts=True,
                                   lower=settle_lower)
             lowers.close()
-            # hashed here, in the caller's thread (unpack writes layers in parallel)
-            atomic_write(new / DIGEST, _sha256(new / IMAGE).encode() + b"\n", mode=FILE_MODE)
+            atomic_write(new / DIGEST, written.digest.encode() + b"\n", mode=FILE_MODE)
             crash.point("erofs.stream-written")
             (new / _UPPER).mkdir(mode=0o755)
             (new / "work").mkdir(mode=0o700)
@@ -253,9 +246,9 @@ class ErofsSnapshotter(OverlaySnapshotter):
                 usage = Usage(size=os.stat(image).st_blocks * 512, inodes=img.inos)
         else:
             usage = self._upper_usage(own / "fs")
-            image_from_upper(own / "fs", image)
+            written = image_from_upper(own / "fs", image)
             crash.point("erofs.image-written")
-            atomic_write(own / DIGEST, _sha256(image).encode() + b"\n", mode=FILE_MODE)
+            atomic_write(own / DIGEST, written.digest.encode() + b"\n", mode=FILE_MODE)
         crash.point("commit.measured")
         with self.meta.write(self._scope) as tx:
             tx.commit(name, key, usage, labels)
@@ -316,16 +309,21 @@ class ErofsSnapshotter(OverlaySnapshotter):
         """What is wrong with committed ``key``'s image ("" if it has the digest
         recorded at commit): for ``lamina check --deep``."""
         sid = self.snapshot(key).id
+        image = self._dirs / sid / IMAGE
         try:
-            recorded = (self._dirs / sid / DIGEST).read_text(encoding="ascii").strip()
+            record = (self._dirs / sid / DIGEST).read_text(encoding="ascii", errors="replace")
         except FileNotFoundError:
-            return f"no digest was recorded for {self._dirs / sid / IMAGE}"
+            return f"no digest was recorded for {image}"
         try:
-            found = _sha256(self._dirs / sid / IMAGE)
+            recorded, block0_last = parse_record(record)
+        except InvalidArgument as exc:
+            return f"{exc.message} in {self._dirs / sid / DIGEST}"
+        try:
+            found = file_digest(image, block0_last=block0_last)
         except FileNotFoundError:
-            return f"its image {self._dirs / sid / IMAGE} is missing"
+            return f"its image {image} is missing"
         if found != recorded:
-            return f"its image {self._dirs / sid / IMAGE} has {found}, recorded {recorded}"
+            return f"its image {image} has {found}, recorded {recorded}"
         return ""
 
 
