@@ -36,6 +36,7 @@ from typing import Any
 import grpc
 
 from lamina.api import CHANNEL_OPTIONS
+from lamina.api.callstats import CallStats
 from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as spb_grpc
 from lamina.api.gen.lamina.services.introspection.v1 import introspection_pb2_grpc as ipb_grpc
 from lamina.api.snapshots import IntrospectionService, Resolver, SnapshotsService, root_resolver
@@ -97,11 +98,13 @@ class Server:
         stream_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         on_close: Callable[[], None] | None = None,
         extra_services: Callable[[grpc.Server], None] | None = None,
+        call_stats: CallStats | None = None,
     ) -> None:
         """``max_workers`` threads serve unary calls; streams are limited to
         ``max_streams`` at once (``max_client_streams`` per client) on threads of
         their own and closed after ``stream_idle_timeout`` seconds without progress
-        from the client (see :mod:`lamina.api.streams`)."""
+        from the client (see :mod:`lamina.api.streams`). ``call_stats`` counts and
+        times every call (:mod:`lamina.api.callstats`)."""
         self.address = os.path.abspath(address)
         self._resolve = resolve
         self._max_workers = max_workers
@@ -109,6 +112,7 @@ class Server:
         self._governor: StreamGovernor | None = None
         self._on_close = on_close
         self._extra = extra_services
+        self._call_stats = call_stats
         self._server: grpc.Server | None = None
         self._executor: futures.ThreadPoolExecutor | None = None
         self._ino: tuple[int, int, int] | None = None
@@ -124,6 +128,7 @@ class Server:
         *,
         snapshotter: str = "overlay",
         max_workers: int = 16,
+        call_stats: CallStats | None = None,
         **stream_limits: Any,
     ) -> Server:
         """A server for ``root``'s stores, closing the root when it stops.
@@ -144,6 +149,7 @@ class Server:
             **stream_limits,
             on_close=root.close,
             extra_services=services,
+            call_stats=call_stats,
         )
 
     def start(self) -> None:
@@ -159,7 +165,9 @@ class Server:
             max_workers=self._max_workers, thread_name_prefix="lamina-rpc"
         )
         # no maximum_concurrent_rpcs: it would count silent streams and refuse unary calls
-        server = grpc.server(self._executor, interceptors=[governor], options=CHANNEL_OPTIONS)
+        # call_stats outermost: a stream's time includes the governor's admission
+        interceptors = [*filter(None, [self._call_stats]), governor]
+        server = grpc.server(self._executor, interceptors=interceptors, options=CHANNEL_OPTIONS)
         self._governor = governor
         spb_grpc.add_SnapshotsServicer_to_server(  # type: ignore[no-untyped-call]
             SnapshotsService(self._resolve), server
@@ -254,16 +262,18 @@ def serve(
     grace: float = 10.0,
     stop: threading.Event | None = None,
     ready: Callable[[Server], None] | None = None,
+    call_stats: CallStats | None = None,
     **stream_limits: Any,
 ) -> None:
     """Serve ``root`` on ``address`` until SIGTERM/SIGINT (main thread) or ``stop`` is set.
 
     The first signal stops gracefully (``grace`` seconds for calls in flight);
     a second one cuts the grace short. The root is closed on return.
-    ``stream_limits`` go to :class:`Server`.
+    ``call_stats`` and ``stream_limits`` go to :class:`Server`.
     """
     server = Server.for_root(
-        root, address, snapshotter=snapshotter, max_workers=max_workers, **stream_limits
+        root, address, snapshotter=snapshotter, max_workers=max_workers,
+        call_stats=call_stats, **stream_limits
     )
     stop = stop or threading.Event()
     force = threading.Event()

@@ -41,6 +41,11 @@ def cmd_serve(args: argparse.Namespace, app: App) -> int:
                 flush=True,
             )
 
+    call_stats = None
+    if args.call_stats:
+        from lamina.api.callstats import CallStats
+
+        call_stats = CallStats()
     mirror = None
     if args.registry_mirror:
         from lamina.api.mirror import mirror_of
@@ -59,10 +64,13 @@ def cmd_serve(args: argparse.Namespace, app: App) -> int:
             max_streams=args.max_streams,
             max_client_streams=args.max_client_streams,
             stream_idle_timeout=args.stream_idle_timeout,
+            call_stats=call_stats,
         )
     finally:
         if mirror is not None:
             mirror.close()
+        if call_stats is not None:
+            call_stats.write(args.call_stats)
     return 0
 
 
@@ -117,6 +125,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    "mirror-key); plain HTTP without")
     p.add_argument("--registry-mirror-key", metavar="PEM", default="",
                    help="the private key of --registry-mirror-cert")
+    p.add_argument("--call-stats", metavar="FILE", default="",
+                   help="when the server stops, write to FILE (JSON) how many calls of each "
+                   "method it answered and how long they took (median, 90th and 99th "
+                   "percentile, longest, total; milliseconds)")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     p.set_defaults(handler=cmd_serve)
     add_examples(
