@@ -30,6 +30,7 @@ teardown no slower.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import statistics
 import time
@@ -84,10 +85,12 @@ def _skips() -> Iterator[None]:
 
 def _node(stack: contextlib.ExitStack, helpers: Any, work: Path, images: dict[str, str],
           snapshotter: str) -> tuple[Any, str]:
-    """A node with the images pulled; its app image reference."""
+    """A node with the images pulled; its app image reference. Its ``lamina serve``
+    writes its calls' figures to ``work/calls.json`` when the node stops."""
     with _skips():
-        node = stack.enter_context(helpers.cri_node(work, snapshotter=snapshotter,
-                                                    stats_period=STATS_PERIOD))
+        node = stack.enter_context(helpers.cri_node(
+            work, snapshotter=snapshotter, stats_period=STATS_PERIOD,
+            serve_options=("--call-stats", str(work / "calls.json"))))
     if node.base != work / "c":
         raise RuntimeError(f"{snapshotter}: containerd's root went to {node.base}, off the "
                            "benchmark's filesystem (path too long for its sockets)")
@@ -199,27 +202,30 @@ def run(ctx: Ctx) -> list[Row]:
     pods = ctx.pick(PODS, 20)
     got: dict[str, dict[str, list[float]]] = {s: {} for s in SIDES}
     loads: list[float] = []
-    with scratch_filesystem(ctx, "ext4") as fs, contextlib.ExitStack() as stack:
-        with _skips():
-            images = helpers.build_images(fs / "images")
-        nodes: dict[str, Any] = {}
-        refs: dict[str, str] = {}
-        for sn in SIDES:
-            nodes[sn], refs[sn] = _node(stack, helpers, fs / sn[:3], images, sn)
-        _alike(nodes)
-        for sn in SIDES:  # warm-up: binaries, libraries and the image's files cached
-            _settle(nodes)
-            _churn(nodes[sn], refs[sn], pods, "warm")
-        for r in range(rounds):
-            for sn in SIDES[r % 2:] + SIDES[:r % 2]:
+    with scratch_filesystem(ctx, "ext4") as fs:
+        with contextlib.ExitStack() as stack:
+            with _skips():
+                images = helpers.build_images(fs / "images")
+            nodes: dict[str, Any] = {}
+            refs: dict[str, str] = {}
+            for sn in SIDES:
+                nodes[sn], refs[sn] = _node(stack, helpers, fs / sn[:3], images, sn)
+            _alike(nodes)
+            for sn in SIDES:  # warm-up: binaries, libraries and the image's files cached
                 _settle(nodes)
-                load = os.getloadavg()[0]
-                loads.append(load)
-                res = _churn(nodes[sn], refs[sn], pods, str(r))
-                ctx.log(f"  cri-churn round {r} {sn} (load {load:.1f}): "
-                        + ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
-                for k, v in res.items():
-                    got[sn].setdefault(k, []).append(v)
+                _churn(nodes[sn], refs[sn], pods, "warm")
+            for r in range(rounds):
+                for sn in SIDES[r % 2:] + SIDES[:r % 2]:
+                    _settle(nodes)
+                    load = os.getloadavg()[0]
+                    loads.append(load)
+                    res = _churn(nodes[sn], refs[sn], pods, str(r))
+                    ctx.log(f"  cri-churn round {r} {sn} (load {load:.1f}): "
+                            + ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
+                    for k, v in res.items():
+                        got[sn].setdefault(k, []).append(v)
+        # written by the lamina node's serve as it stopped
+        calls = json.loads((fs / SIDES[0][:3] / "calls.json").read_text())
     note = (f"{rounds} rounds, order rotated, both nodes up throughout; load (1 min) "
             f"{_spread(loads)}, median {statistics.median(loads):.1f}")
     rows = []
@@ -234,4 +240,17 @@ def run(ctx: Ctx) -> list[Row]:
     rows.append(Row(metric=f"CRI, lamina serve CPU while starting {pods} pods", unit="s",
                     lamina=statistics.median(serve), note=f"rounds {_spread(serve)}",
                     samples={"lamina": serve}))
+    return rows + _call_rows(calls, pods * (rounds + 1))
+
+
+def _call_rows(calls: dict[str, dict[str, float]], pods: int) -> list[Row]:
+    """What containerd asked of ``lamina serve`` (``--call-stats``), all rounds and the
+    warm-up pooled: calls per pod, and each method's p50 and p99 in ms."""
+    rows = []
+    for method, c in sorted(calls.items(), key=lambda kv: -kv[1]["count"]):
+        rows.append(Row(metric=f"CRI, lamina serve {method}: calls per pod, p50", unit="ms",
+                        lamina=c["p50_ms"],
+                        note=f"{c['count'] / pods:.2f} calls a pod ({c['count']:.0f} for "
+                             f"{pods} pods), p99 {c['p99_ms']:.1f} ms, max "
+                             f"{c['max_ms']:.1f} ms"))
     return rows

@@ -69,10 +69,12 @@ class Node:
     """One node: its lamina root and server, its containerd, its CRI client."""
 
     def __init__(self, workdir: Path, base: Path, netns: str, registry: Registry, *,
-                 snapshotter: str = "lamina", stats_period: int = 1) -> None:
+                 snapshotter: str = "lamina", stats_period: int = 1,
+                 serve_options: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.snapshotter = snapshotter  # CRI's; "overlayfs" for containerd's own (bench)
         self.stats_period = stats_period
+        self.serve_options = serve_options  # ``lamina serve``'s own flags
         self.base = base  # short: containerd's sockets live here
         self.netns = netns
         self.registry = registry
@@ -141,7 +143,7 @@ class Node:
     # ------------------------------------------------------------------ lamina serve
 
     def start_serve(self) -> None:
-        self._serve = lamina_serve(self.root, self.sock)
+        self._serve = lamina_serve(self.root, self.sock, serve_options=self.serve_options)
         self.lamina = self._serve.__enter__()
 
     def stop_serve(self) -> None:
@@ -279,12 +281,13 @@ class Node:
 
 
 @contextlib.contextmanager
-def cri_node(workdir: Path, *, snapshotter: str = "lamina",
-             stats_period: int = 1) -> Iterator[Node]:
+def cri_node(workdir: Path, *, snapshotter: str = "lamina", stats_period: int = 1,
+             serve_options: tuple[str, ...] = ()) -> Iterator[Node]:
     """A node on ``workdir``, with ``lamina serve`` and containerd running, CRI's
     snapshotter ``snapshotter`` (the benchmark compares containerd's ``overlayfs``),
     CRI collecting snapshot usage every ``stats_period`` seconds (containerd's
-    default is 10; the benchmark uses it, the tests want fresh figures).
+    default is 10; the benchmark uses it, the tests want fresh figures), ``lamina
+    serve`` given ``serve_options``.
 
     A clean exit removes the pods left, stops containerd and then ``lamina
     serve``, which must exit cleanly; anything else is stopped by PID.
@@ -295,7 +298,7 @@ def cri_node(workdir: Path, *, snapshotter: str = "lamina",
         with second_host() as (netns, host_ip, _), \
                 running_registry(workdir / "registry", addr=host_ip) as registry:
             node = Node(workdir, base, netns, registry, snapshotter=snapshotter,
-                        stats_period=stats_period)
+                        stats_period=stats_period, serve_options=serve_options)
             try:
                 node.write_config()
                 node.start_serve()
