@@ -36,7 +36,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import BinaryIO
@@ -151,13 +151,17 @@ class LeaseManager:
     def add_resource(self, lease_id: str, kind: str, ident: str) -> None:
         """Record that lease ``lease_id`` uses ``ident`` (kind ``content`` or
         ``snapshot:<snapshotter>``): garbage collection keeps it while the lease lives."""
+        self.add_resources(lease_id, kind, [ident])
+
+    def add_resources(self, lease_id: str, kind: str, idents: Iterable[str]) -> None:
+        """:meth:`add_resource` for each of ``idents``, in one transaction."""
         if kind != "content" and not kind.startswith("snapshot:"):
             raise InvalidArgument(f"invalid lease resource kind {kind!r}")
         with self._db.write() as c:
             if not c.execute("SELECT 1 FROM leases WHERE id=?", (lease_id,)).fetchone():
                 raise NotFound(f"lease {lease_id!r} does not exist")
-            c.execute("INSERT OR IGNORE INTO lease_resources VALUES (?,?,?)",
-                      (lease_id, kind, ident))
+            c.executemany("INSERT OR IGNORE INTO lease_resources VALUES (?,?,?)",
+                          [(lease_id, kind, ident) for ident in idents])
 
     def resources(self, lease_id: str) -> builtins.list[tuple[str, str]]:
         with self._db.read() as c:
@@ -218,10 +222,19 @@ class LeasedContent:
         self._store = store
         self._leases = leases
         self._lease_id = lease_id
+        self._held: set[str] = set()  # recorded already: a lease keeps its resources
 
     def _use(self, digest: str) -> None:
-        if digest:
+        if digest and digest not in self._held:
             self._leases.add_resource(self._lease_id, "content", digest)
+            self._held.add(digest)
+
+    def hold(self, digests: Iterable[str]) -> None:
+        """Record blobs that will be used, in one transaction instead of one each."""
+        todo = sorted({d for d in digests if d and d not in self._held})
+        if todo:
+            self._leases.add_resources(self._lease_id, "content", todo)
+            self._held.update(todo)
 
     def info(self, digest: str) -> Info:
         self._use(digest)
