@@ -2,6 +2,12 @@
 
 Blobs are streamed into the content store, each verified against its digest
 on commit. Documents (index.json, manifest.json) are small and read whole.
+An uncompressed archive in a file (or a layout directory) is read in two
+passes: the documents and small blobs, then the large ones (layers) in the
+order the caller's ``ready`` asks, so an unpack can start on the first layer
+while the others are stored (:mod:`lamina.images.early_unpack`); every blob the
+archive names is leased in one transaction first. Other archives are read
+as one stream.
 Images are registered under ``io.containerd.image.name`` or
 ``org.opencontainers.image.ref.name`` as the archive spells them; docker tags
 are normalised as containerd does (``busybox`` →
@@ -22,14 +28,17 @@ import os
 import posixpath
 import secrets
 import tarfile
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from lamina.content import write_blob
-from lamina.errors import AlreadyExists, InvalidArgument, NotFound
+from lamina.errors import AlreadyExists, InvalidArgument, LaminaError, NotFound, Unavailable
 from lamina.images.graph import label_references, walk_descriptors
 from lamina.metadata.images import Image, ImageStore
+from lamina.metadata.leases import LeasedContent
 from lamina.oci.limits import MAX_DOCUMENT
 from lamina.oci.reference import normalize_name
 from lamina.oci.types import (
@@ -44,10 +53,13 @@ from lamina.util.progress import Progress
 if TYPE_CHECKING:
     from lamina.content import ContentStore
 
-__all__ = ["import_images", "put_document"]
+__all__ = ["Arrivals", "import_images", "put_document"]
 
 _CHUNK = 1 << 20
 _DOCUMENTS = {"index.json", "oci-layout", "manifest.json", "repositories"}
+#: Blobs at most this large (every document among them) are stored before the
+#: others, so the layers can be stored in the order an unpack reads them.
+SMALL_BLOB = MAX_DOCUMENT
 
 
 @dataclass
@@ -104,42 +116,122 @@ def _blob_path_digest(path: str) -> str | None:
     return None
 
 
-def _scan_tar(source: IO[bytes], content: ContentStore, progress: Progress) -> _Found:
+class Arrivals:
+    """The blobs an import has stored so far, for work that reads them as they
+    arrive (an unpack started before the whole archive is read)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._stored: set[str] = set()
+        self._ended = False
+
+    def stored(self, digest: str) -> None:
+        with self._cond:
+            self._stored.add(digest)
+            self._cond.notify_all()
+
+    def end(self) -> None:
+        """No more blobs will come (the archive is read, or the import failed)."""
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+
+    def wait(self, digest: str) -> None:
+        """Until blob ``digest`` is stored; Unavailable when the import ended without it."""
+        with self._cond:
+            while digest not in self._stored:
+                if self._ended:
+                    raise Unavailable(f"{digest}: the import ended without storing it")
+                self._cond.wait()
+
+
+#: Called once an archive's documents are stored, before its large blobs; returns
+#: the digests of the blobs it wants first, in that order.
+Early = Callable[["_Found"], Sequence[str]]
+
+
+def _scan_tar(source: IO[bytes], content: ContentStore, progress: Progress,
+              arrivals: Arrivals, early: Early | None) -> _Found:
     try:
-        return _scan_tar_members(source, content, progress)
+        if source.seekable():
+            # an uncompressed archive on a file is read in two passes: its
+            # documents and small blobs, then the rest in the order ``early`` asks
+            start = source.tell()
+            try:
+                tar = tarfile.open(fileobj=source, mode="r:")  # noqa: SIM115 - with below
+            except tarfile.ReadError:  # compressed, or not a tar: read it as a stream
+                source.seek(start)
+            else:
+                with tar:
+                    return _scan_twice(tar, content, progress, arrivals, early)
+        with tarfile.open(fileobj=source, mode="r|*", bufsize=_CHUNK) as tar:
+            found = _Found()
+            for member in tar:
+                _take(tar, member, found, content, progress, arrivals)
+            return found
     except (tarfile.TarError, EOFError) as exc:  # a damaged archive is the caller's error
         raise InvalidArgument(f"not a readable image archive: {exc}") from exc
 
 
-def _scan_tar_members(source: IO[bytes], content: ContentStore, progress: Progress) -> _Found:
+def _scan_twice(tar: tarfile.TarFile, content: ContentStore, progress: Progress,
+                arrivals: Arrivals, early: Early | None) -> _Found:
     found = _Found()
-    with tarfile.open(fileobj=source, mode="r|*") as tar:
-        for member in tar:
-            path = posixpath.normpath(member.name.lstrip("./") or ".")
-            if member.issym() or member.islnk():
-                target = member.linkname
-                if member.issym():
-                    target = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
-                found.links[path] = target
-                continue
-            if not member.isfile():
-                continue
-            f = tar.extractfile(member)
-            assert f is not None
-            if path in _DOCUMENTS:
-                if member.size > MAX_DOCUMENT:
-                    raise InvalidArgument(f"{path}: {member.size} bytes is too large")
-                found.documents[path] = f.read()
-                continue
-            expected = _blob_path_digest(path)
-            digest = _ingest(content, f, size=member.size, expected=expected,
-                             progress=progress, item=path)
-            found.blobs[path] = (digest, member.size)
-            crash.point("import.blob-stored")
+    large: list[tarfile.TarInfo] = []
+    members = tar.getmembers()  # the headers: every blob is named before one is stored
+    _hold(content, (_blob_path_digest(_member_path(m)) for m in members if m.isfile()))
+    for member in members:
+        if member.isfile() and member.size > SMALL_BLOB:
+            large.append(member)
+        else:
+            _take(tar, member, found, content, progress, arrivals)
+    first = {digest: n for n, digest in enumerate(early(found) if early else ())}
+    names = [_blob_path_digest(_member_path(m)) or "" for m in large]
+    order = sorted(range(len(large)), key=lambda n: first.get(names[n], len(first)))
+    for n in order:
+        _take(tar, large[n], found, content, progress, arrivals)
     return found
 
 
-def _scan_dir(root: Path, content: ContentStore, progress: Progress) -> _Found:
+def _hold(content: ContentStore, digests: Iterable[str | None]) -> None:
+    """Lease the blobs an archive names in one transaction (when ``content`` is
+    leased), rather than one as each is stored."""
+    if isinstance(content, LeasedContent):
+        content.hold(d for d in digests if d is not None)
+
+
+def _member_path(member: tarfile.TarInfo) -> str:
+    return posixpath.normpath(member.name.lstrip("./") or ".")
+
+
+def _take(tar: tarfile.TarFile, member: tarfile.TarInfo, found: _Found, content: ContentStore,
+          progress: Progress, arrivals: Arrivals) -> None:
+    """Record or store one member of the archive."""
+    path = _member_path(member)
+    if member.issym() or member.islnk():
+        target = member.linkname
+        if member.issym():
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+        found.links[path] = target
+        return
+    if not member.isfile():
+        return
+    f = tar.extractfile(member)
+    assert f is not None
+    if path in _DOCUMENTS:
+        if member.size > MAX_DOCUMENT:
+            raise InvalidArgument(f"{path}: {member.size} bytes is too large")
+        found.documents[path] = f.read()
+        return
+    expected = _blob_path_digest(path)
+    digest = _ingest(content, f, size=member.size, expected=expected,
+                     progress=progress, item=path)
+    found.blobs[path] = (digest, member.size)
+    arrivals.stored(digest)
+    crash.point("import.blob-stored")
+
+
+def _scan_dir(root: Path, content: ContentStore, progress: Progress, arrivals: Arrivals,
+              early: Early | None) -> _Found:
     found = _Found()
     for name in _DOCUMENTS:
         p = root / name
@@ -148,20 +240,37 @@ def _scan_dir(root: Path, content: ContentStore, progress: Progress) -> _Found:
                 raise InvalidArgument(f"{p}: too large")
             found.documents[name] = p.read_bytes()
     blobs = root / "blobs" / "sha256"
-    if blobs.is_dir():
-        for p in sorted(blobs.iterdir()):
-            if not p.is_file():
-                continue
-            rel = f"blobs/sha256/{p.name}"
-            expected = _blob_path_digest(rel)
-            if expected is None:
-                continue
-            with open(p, "rb") as f:
-                digest = _ingest(content, f, size=p.stat().st_size, expected=expected,
-                                 progress=progress, item=rel)
-            found.blobs[rel] = (digest, p.stat().st_size)
-            crash.point("import.blob-stored")
+    if not blobs.is_dir():
+        return found
+    large: dict[str, Path] = {}
+    names = sorted(blobs.iterdir())
+    _hold(content, (_blob_path_digest(f"blobs/sha256/{p.name}") for p in names))
+    for p in names:
+        expected = _blob_path_digest(f"blobs/sha256/{p.name}")
+        if expected is None or not p.is_file():
+            continue
+        if p.stat().st_size > SMALL_BLOB:
+            large[expected] = p  # after the documents (see _scan_tar)
+        else:
+            _take_file(p, found, content, progress, arrivals)
+    for digest in (early(found) if early else ()):
+        if digest in large:
+            _take_file(large.pop(digest), found, content, progress, arrivals)
+    for p in large.values():
+        _take_file(p, found, content, progress, arrivals)
     return found
+
+
+def _take_file(p: Path, found: _Found, content: ContentStore, progress: Progress,
+               arrivals: Arrivals) -> None:
+    rel = f"blobs/sha256/{p.name}"
+    with open(p, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        digest = _ingest(content, f, size=size, expected=_blob_path_digest(rel),
+                         progress=progress, item=rel)
+    found.blobs[rel] = (digest, size)
+    arrivals.stored(digest)
+    crash.point("import.blob-stored")
 
 
 def _oci_images(found: _Found, content: ContentStore, index_name: str | None) -> list[Image]:
@@ -240,6 +349,20 @@ def _require_complete(content: ContentStore, image: Image) -> None:
                               f"references ({exc.message})") from None
 
 
+def _scan(source: str | os.PathLike[str] | IO[bytes], content: ContentStore,
+          progress: Progress, arrivals: Arrivals, early: Early) -> _Found:
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        return _scan_dir(Path(source), content, progress, arrivals, early)
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            f = open(source, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            raise NotFound(f"{source}: no such file") from None
+        with f:
+            return _scan_tar(f, content, progress, arrivals, early)
+    return _scan_tar(source, content, progress, arrivals, early)
+
+
 def import_images(
     source: str | os.PathLike[str] | IO[bytes],
     *,
@@ -247,20 +370,32 @@ def import_images(
     images: ImageStore,
     index_name: str | None = None,
     progress: Progress | None = None,
+    arrivals: Arrivals | None = None,
+    ready: Callable[[list[Image]], Sequence[str]] | None = None,
 ) -> list[Image]:
-    """Import every image in ``source``; returns the images created or moved."""
+    """Import every image in ``source``; returns the images created or moved.
+
+    ``arrivals`` is told of every blob as it is stored, and ends when the
+    archive is read (or the import fails). ``ready``, when the archive is an
+    OCI layout, is called with the images it names as soon as its documents
+    are stored, before its large blobs (layers); it returns the digests of the
+    blobs it wants stored first, in that order, and must not raise."""
     progress = progress or Progress()
-    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
-        found = _scan_dir(Path(source), content, progress)
-    elif isinstance(source, (str, os.PathLike)):
+    arrivals = arrivals or Arrivals()
+
+    def early(found: _Found) -> Sequence[str]:
+        if ready is None or "index.json" not in found.documents:
+            return ()
         try:
-            f = open(source, "rb")  # noqa: SIM115 - closed below
-        except FileNotFoundError:
-            raise NotFound(f"{source}: no such file") from None
-        with f:
-            found = _scan_tar(f, content, progress)
-    else:
-        found = _scan_tar(source, content, progress)
+            made = _oci_images(found, content, index_name)
+        except LaminaError:
+            return ()  # reported once the whole archive is read
+        return ready(made)
+
+    try:
+        found = _scan(source, content, progress, arrivals, early)
+    finally:
+        arrivals.end()
     crash.point("import.scanned")
     if "index.json" in found.documents:
         if "oci-layout" in found.documents:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, TYPE_CHECKING
 
 from lamina.archive.limits import DEFAULT_MAX_LAYER_SIZE
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from lamina.images.push import PushResult
     from lamina.images.unpack import UnpackResult
     from lamina.metadata.leases import LeasedContent
-    from lamina.oci.types import ImageConfig, Manifest
+    from lamina.oci.types import Descriptor, ImageConfig, Manifest
     from lamina.remotes.registry import Registry
 
 __all__ = ["ImageService"]
@@ -112,24 +112,41 @@ class ImageService:
         from lamina.images.importer import import_images
 
         with self._leased("import") as content:
-            imported = import_images(source, content=content, images=self.images,
+            if not unpack:
+                return import_images(source, content=content, images=self.images,
                                      index_name=index_name, progress=self.progress)
-            if unpack:
-                for image in imported:
-                    with contextlib.suppress(NotFound):  # e.g. an index with no host manifest
-                        self.unpack(image.name)
+            from lamina.images.early_unpack import EarlyUnpack
+
+            early = EarlyUnpack(self.content, self._unpack)
+            try:
+                imported = import_images(source, content=content, images=self.images,
+                                         index_name=index_name, progress=self.progress,
+                                         arrivals=early.arrivals, ready=early.ready)
+            except BaseException:
+                early.abandon()
+                raise
+            unpacked = early.finish()
+            for image in imported:
+                if image.name in unpacked:
+                    continue
+                with contextlib.suppress(NotFound):  # e.g. an index with no host manifest
+                    self.unpack(image.name)
         return imported
 
     def unpack(self, name: str) -> UnpackResult:
+        manifest, config = self.resolve(name)
+        return self._unpack(manifest, config)
+
+    def _unpack(self, manifest: Manifest, config: ImageConfig,
+                open_layer: Callable[[Descriptor], IO[bytes]] | None = None) -> UnpackResult:
         from lamina.images.unpack import unpacker_for
 
-        manifest, config = self.resolve(name)
         leases = self.root.leases()
         with leases.held(purpose="unpack") as lease:
             unpacker = unpacker_for(
                 self.root, self.content, snapshotter=self.snapshotter_name,
                 snapshots=self.snapshots, lease=lease.id, progress=self.progress,
-                max_layer_size=self.max_layer_size, sync=self.sync)
+                max_layer_size=self.max_layer_size, sync=self.sync, open_layer=open_layer)
             return unpacker.unpack(manifest, config)
 
     def chain_id(self, name: str) -> str:
