@@ -237,8 +237,11 @@ class _Puller:
         """One blob; one that stopped at the disk's reserve leaves no ingest behind
         (it would only be resumed into the same full disk)."""
         try:
+            # committed with its source label: label() then finds it there and
+            # writes nothing (a metadata transaction, fsynced, per blob saved)
             return fetch_blob(self.fetcher, desc, self.content, progress=self.progress,
-                              transfer=t, cancel=self.cancel)
+                              transfer=t, cancel=self.cancel,
+                              labels=with_source({}, self.ref))
         except BaseException as exc:
             error = t.translate(exc)
             if isinstance(error, ResourceExhausted):
@@ -342,6 +345,7 @@ def pull(registry: Registry, reference: str, *, root: Root, snapshotter: str = "
             target = _to_unpack(puller) if unpack else None
             order = _order(puller, target)
             puller.check_space(order)
+            content.hold(d.digest for d in order)  # one transaction, not one per blob
 
             def unpacker() -> Unpacker:
                 return unpacker_for(root, content, snapshotter=snapshotter,
