@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -65,7 +65,13 @@ from lamina.metadata.root import Root
 from lamina.mounts.mount import cleanup_temp_mounts
 from lamina.mounts.mountinfo import read_mountinfo
 from lamina.owners import CLI, Scoped
-from lamina.snapshots import DeferredRemoval, Info, LocalDirectories, Snapshotter
+from lamina.snapshots import (
+    BatchRemoval,
+    DeferredRemoval,
+    Info,
+    LocalDirectories,
+    Snapshotter,
+)
 from lamina.util import crash
 
 if TYPE_CHECKING:
@@ -370,6 +376,26 @@ def _sweep_snapshots(root: Root, name: str, infos: Mapping[str, Info], marked: s
                      sizes: Mapping[Node, int], report: Report, *, dry_run: bool) -> None:
     sn = _own_snapshotter(root, name)
     doomed = {k for k in infos if (f"snapshot:{name}", k) not in marked}
+    remove: Callable[[str], bool]
+    if dry_run:
+        remove = _anyway
+    elif isinstance(sn, BatchRemoval):  # one transaction for them all
+        kept = sn.remove_many(list(_leaves_first(infos, doomed, _anyway)))
+        remove = (doomed - kept).__contains__
+    else:
+        remove = _remove_one(sn)
+    for key in _leaves_first(infos, doomed, remove):
+        report.snapshots.append((name, key, sizes.get((f"snapshot:{name}", key), 0)))
+
+
+def _anyway(key: str) -> bool:
+    return True
+
+
+def _leaves_first(infos: Mapping[str, Info], doomed: set[str],
+                  remove: Callable[[str], bool]) -> Iterator[str]:
+    """The ``doomed`` snapshots that ``remove`` removes, each after its children: one
+    it does not remove (a child appeared meanwhile) keeps its parents too."""
     children: dict[str, int] = {k: 0 for k in infos}
     for info in infos.values():
         if info.parent in children:
@@ -377,17 +403,23 @@ def _sweep_snapshots(root: Root, name: str, infos: Mapping[str, Info], marked: s
     ready = sorted((k for k in doomed if children[k] == 0), reverse=True)
     while ready:
         key = ready.pop()
-        size = sizes.get((f"snapshot:{name}", key), 0)
-        if not dry_run:
-            try:
-                sn.remove(key)
-            except NotFound:
-                pass
-            except FailedPrecondition:
-                continue  # a child appeared meanwhile: it keeps this one
-        report.snapshots.append((name, key, size))
+        if not remove(key):
+            continue
+        yield key
         parent = infos[key].parent
         if parent in doomed:
             children[parent] -= 1
             if children[parent] == 0:
                 ready.append(parent)
+
+
+def _remove_one(sn: Snapshotter) -> Callable[[str], bool]:
+    def remove(key: str) -> bool:
+        try:
+            sn.remove(key)
+        except NotFound:
+            pass
+        except FailedPrecondition:
+            return False  # a child appeared meanwhile: it keeps this one
+        return True
+    return remove

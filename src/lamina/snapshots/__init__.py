@@ -73,6 +73,8 @@ checkable protocols), never by concrete class:
 * :class:`DeferredRemoval` — removed snapshots' directories may be deleted
   later (by a reaper thread, or when a caller holding a lock is done);
   :meth:`DeferredRemoval.flush` waits until nothing removed is left on disk;
+* :class:`BatchRemoval` — many snapshots go in one metadata transaction
+  (garbage collection removes an image's layers so: one commit, not one each);
 * :class:`Checker` — metadata and disk can be compared
   (:meth:`Checker.check` returns :class:`lamina.problems.Problem` values; ``cleanup`` repairs
   the ones that are :attr:`Problem.repairable`).
@@ -84,7 +86,7 @@ server, which owns the directories.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -97,6 +99,7 @@ from lamina.problems import Problem
 
 __all__ = [
     "MAX_LABEL_SIZE",
+    "BatchRemoval",
     "Capability",
     "Checker",
     "DeferredRemoval",
@@ -308,6 +311,19 @@ class DeferredRemoval(Protocol):
     def flush(self) -> int:
         """Delete every directory already removed from the metadata, waiting for a
         background reaper; returns how many went. Afterwards the space is free."""
+        ...
+
+
+@runtime_checkable
+class BatchRemoval(Protocol):
+    """Many snapshots can be removed in one metadata transaction."""
+
+    def remove_many(self, keys: Sequence[str]) -> set[str]:
+        """Remove ``keys`` in the order given (children before their parents) in one
+        metadata transaction, then their directories, as :meth:`Snapshotter.remove`
+        does for one. A key that no longer exists is passed over; one that may not
+        be removed (it has children, or another owner) is kept, and so are its
+        parents then: returns the keys kept."""
         ...
 
 

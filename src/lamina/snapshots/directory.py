@@ -34,7 +34,8 @@ for a leftover.
 Subclasses say how a new snapshot's directory is filled and how it mounts.
 Every directory snapshotter implements the optional interfaces
 :class:`~lamina.snapshots.LocalDirectories`, :class:`~lamina.snapshots.Staging`,
-:class:`~lamina.snapshots.DeferredRemoval` and :class:`~lamina.snapshots.Checker`.
+:class:`~lamina.snapshots.DeferredRemoval`, :class:`~lamina.snapshots.BatchRemoval`
+and :class:`~lamina.snapshots.Checker`.
 """
 
 from __future__ import annotations
@@ -337,6 +338,24 @@ class DirectorySnapshotter(ScopedViews):
         crash.point("remove.committed")
         self._discard([snap.id])
 
+    def remove_many(self, keys: Sequence[str]) -> set[str]:
+        """Remove ``keys``, children first, in one transaction (:class:`BatchRemoval`):
+        one commit for an image's layers instead of one each."""
+        kept: set[str] = set()
+        ids: list[str] = []
+        with self.meta.write(self._scope) as tx:
+            for key in keys:
+                try:
+                    ids.append(tx.remove(key).id)  # checks before it changes anything
+                except NotFound:
+                    pass
+                except FailedPrecondition:
+                    kept.add(key)
+            crash.point("remove.deleted-row")
+        crash.point("remove.committed")
+        self._discard(ids)
+        return kept
+
     def _discard(self, names: Sequence[str]) -> None:
         """Rename directories out of the id space, then delete them (unless async)."""
         doomed = []
@@ -355,8 +374,12 @@ class DirectorySnapshotter(ScopedViews):
             self._reap_now.set()
         else:
             for d in doomed:
-                remove_tree(d)
+                self._delete(d)
             self._release_removals()
+
+    def _delete(self, path: Path) -> None:
+        """Delete ``path``, a directory taken out of the id space (``rm-…``)."""
+        remove_tree(path)
 
     def _hold_removal(self, path: Path, dst: Path) -> None:
         """flock directory ``path``, which this process takes out of the id space as
@@ -412,7 +435,7 @@ class DirectorySnapshotter(ScopedViews):
             try:
                 for entry in os.listdir(self._dirs):
                     if entry.startswith(_RM):
-                        remove_tree(self._dirs / entry)
+                        self._delete(self._dirs / entry)
                         count += 1
             finally:
                 self._release_removals()

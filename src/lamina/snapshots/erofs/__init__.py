@@ -268,21 +268,23 @@ class ErofsSnapshotter(OverlaySnapshotter):
 
         return disk_usage(upper)
 
-    def remove(self, key: str) -> None:
-        with self.meta.write(self._scope) as tx:
-            snap = tx.remove(key)
-            crash.point("remove.deleted-row")
-        crash.point("remove.committed")
-        unmount_image(self.fs_dir(snap.id))
-        self._discard([snap.id])
+    def _discard(self, names: Sequence[str]) -> None:
+        for name in names:  # removed snapshots' layers, unmounted before they are renamed
+            unmount_image(self._dirs / name / "fs")
+        super()._discard(names)
 
-    def reap(self) -> int:
+    def _delete(self, path: Path) -> None:
         # a removal or orphan cut short may have left its layer mounted
-        with contextlib.suppress(FileNotFoundError):
-            for entry in os.listdir(self._dirs):
-                if entry.startswith("rm-"):
-                    unmount_image(self._dirs / entry / "fs")
-        return super().reap()
+        unmount_image(path / "fs")
+        # a committed layer is these few entries: deleted by name, with no tree walk
+        try:
+            for name in (IMAGE, DIGEST, ".mount.lock"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path / name)
+            os.rmdir(path / "fs")
+            os.rmdir(path)
+        except OSError:  # an active snapshot's trees, or a crash's leftovers
+            super()._delete(path)
 
     def cleanup(self) -> None:
         with self.meta.read(self._scope) as tx:
