@@ -60,6 +60,7 @@ BENCHMARKS: dict[str, str] = {
     "erofs": "bench.erofs",
     "erofs-import": "bench.erofs_import",
     "erofs-pull": "bench.erofs_pull",
+    "erofs-containers": "bench.erofs_containers",
     "startup": "bench.startup",
 }
 
