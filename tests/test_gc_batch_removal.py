@@ -1,7 +1,8 @@
 """Garbage collection removes an image's snapshots in one metadata transaction
-(:class:`lamina.snapshots.BatchRemoval`), and the erofs snapshotter deletes a
-removed layer's directory by name, with no tree walk (issue 18: ``image rm`` +
-GC on erofs costs a fraction of overlay's)."""
+(:class:`lamina.snapshots.BatchRemoval`) and its blobs in one more, with one
+sync of the blobs directory (:class:`lamina.content.BatchDelete`), and the erofs
+snapshotter deletes a removed layer's directory by name, with no tree walk
+(issue 18: ``image rm`` + GC on erofs costs a fraction of overlay's)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from lamina.content import BatchDelete, write_blob
 from lamina.metadata.gc import collect
 from lamina.metadata.root import Root
 from lamina.mounts.mount import temp_mount
 from lamina.mounts.mountinfo import read_mountinfo
+from lamina.owners import CLI, CONTAINERD
 from lamina.snapshots import BatchRemoval, Snapshotter
 from lamina.snapshots.storage import MetaStore
 
@@ -112,3 +115,48 @@ def test_erofs_deletes_a_removed_layer_without_a_tree_walk(
     assert not list(sn.walk())
     assert os.listdir(root.snapshots_dir("erofs") / "snapshots") == []
     assert not _layer_mounts(tmp_root)
+
+
+def _count_blob_dir_syncs(monkeypatch: pytest.MonkeyPatch, blobs: Path) -> list[int]:
+    import lamina.content.local as local
+
+    calls = [0]
+    sync = local.fsync_dir
+
+    def counted(path: str | os.PathLike[str]) -> None:
+        calls[0] += Path(path) == blobs
+        sync(path)
+
+    monkeypatch.setattr(local, "fsync_dir", counted)
+    return calls
+
+
+def test_delete_many_drops_the_owners_references_with_one_sync(
+        root: Root, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = root.content()
+    assert isinstance(store, BatchDelete)
+    a, b, c, shared = (write_blob(store, n, n.encode()) for n in ("a", "b", "c", "shared"))
+    write_blob(store.scoped(CONTAINERD), "shared", b"shared")  # containerd holds it too
+    cli = store.scoped(CLI)
+    syncs = _count_blob_dir_syncs(monkeypatch, root.content_dir / "blobs" / "sha256")
+
+    cli.delete_many([a, b, shared, "sha256:" + "0" * 64])
+
+    assert syncs[0] == 1
+    assert {i.digest for i in cli.walk()} == {c}
+    assert {i.digest for i in store.scoped(CONTAINERD).walk()} == {shared}
+    assert store.blob_path(shared).exists() and store.blob_path(c).exists()
+    assert not store.blob_path(a).exists() and not store.blob_path(b).exists()
+
+
+def test_gc_deletes_the_blobs_with_one_directory_sync(
+        root: Root, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = root.content()
+    digests = [write_blob(store, n, n.encode()) for n in ("a", "b", "c")]
+    syncs = _count_blob_dir_syncs(monkeypatch, root.content_dir / "blobs" / "sha256")
+
+    report = collect(root)
+
+    assert sorted(d for d, _ in report.content) == sorted(digests)
+    assert syncs[0] == 1  # one each before
+    assert not list(store.walk())

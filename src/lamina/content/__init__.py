@@ -41,14 +41,15 @@ take containerd filters (see :mod:`lamina.util.filters`): blobs have the fields
 Optional powers are small interfaces a store may implement, checked by
 capability (``isinstance``), never by class: :class:`Local` (a store on this
 machine's filesystem: where its bytes land, and a reader that follows an
-ingest as it is written) and :class:`Checker` (metadata against disk, and the
-repair of what crashes leave).
+ingest as it is written), :class:`BatchDelete` (many blobs dropped in one
+transaction: garbage collection's sweep) and :class:`Checker` (metadata
+against disk, and the repair of what crashes leave).
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -67,6 +68,7 @@ from lamina.problems import Problem
 
 __all__ = [
     "MAX_LABEL_SIZE",
+    "BatchDelete",
     "Checker",
     "CleanupReport",
     "ContentStore",
@@ -276,6 +278,17 @@ class Local(Protocol):
         is there (``b""`` at the current end, more may come), and the reader keeps
         reading the same bytes once the ingest is committed. NotFound when there is
         no such ingest. Knowing when the writer is done is the caller's business."""
+        ...
+
+
+@runtime_checkable
+class BatchDelete(Protocol):
+    """Many blobs can be deleted in one transaction."""
+
+    def delete_many(self, digests: Sequence[str]) -> None:
+        """:meth:`ContentStore.delete` of each of ``digests``, in one transaction
+        whose blobs are made gone with one sync of their directory; a digest the
+        acting owner does not hold is passed over."""
         ...
 
 

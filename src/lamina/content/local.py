@@ -67,7 +67,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -525,6 +525,30 @@ class LocalContentStore(ScopedViews, Closing):
             crash.point("content.delete.row-deleted")
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+            crash.point("content.delete.unlinked")
+            fsync_dir(self.blobs_dir)
+        crash.point("content.delete.committed")
+
+    def delete_many(self, digests: Sequence[str]) -> None:
+        """:meth:`delete` of each of ``digests`` in one transaction and one sync of the
+        blobs directory (:class:`BatchDelete`); what the owner does not hold is passed over."""
+        with self._db.write() as conn:
+            gone: list[str] = []
+            for digest in digests:
+                refs = self._refs(conn, digest)
+                if self._scope.actor not in refs:
+                    continue
+                conn.execute("DELETE FROM blob_refs WHERE digest = ? AND owner = ?",
+                             (digest, self._scope.actor))
+                if len(refs) == 1:  # the last reference: the blob goes
+                    conn.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
+                    gone.append(digest)
+            if not gone:
+                return
+            crash.point("content.delete.row-deleted")
+            for digest in gone:
+                with contextlib.suppress(FileNotFoundError):
+                    self.blob_path(digest).unlink()
             crash.point("content.delete.unlinked")
             fsync_dir(self.blobs_dir)
         crash.point("content.delete.committed")

@@ -51,12 +51,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from lamina.content import BatchDelete, ContentStore
 from lamina.errors import FailedPrecondition, NotFound
 from lamina.fs.files import locked
 from lamina.labels import GC_REF_CONTENT, GC_REF_SNAPSHOT, GC_ROOT
@@ -73,9 +74,6 @@ from lamina.snapshots import (
     Snapshotter,
 )
 from lamina.util import crash
-
-if TYPE_CHECKING:
-    from lamina.content import ContentStore
 
 __all__ = ["Report", "collect", "label_edges"]
 
@@ -293,19 +291,27 @@ def collect(root: Root, *, dry_run: bool = False) -> Report:
                         _sweep_snapshots(root, name, infos, marked, sizes, report,
                                          dry_run=dry_run)
                         crash.point("gc.swept-snapshots")
-                    for digest, blob in sorted(candidates.blobs.items()):
-                        if ("content", digest) not in marked:
-                            if len(holders.get(digest, ())) > 1:
-                                report.released.append(digest)
-                            else:
-                                report.content.append((digest, blob.size))
-                            if not dry_run:
-                                with contextlib.suppress(NotFound):
-                                    content.delete(digest)
+                    doomed = [d for d in sorted(candidates.blobs) if ("content", d) not in marked]
+                    for digest in doomed:
+                        if len(holders.get(digest, ())) > 1:
+                            report.released.append(digest)
+                        else:
+                            report.content.append((digest, candidates.blobs[digest].size))
+                    if not dry_run:
+                        _delete_blobs(content, doomed)
                 break
         finally:
             guard.close()
     return report
+
+
+def _delete_blobs(content: ContentStore, digests: Sequence[str]) -> None:
+    if isinstance(content, BatchDelete):  # one transaction, one directory sync
+        content.delete_many(digests)
+        return
+    for digest in digests:
+        with contextlib.suppress(NotFound):
+            content.delete(digest)
 
 
 def _mark(root: Root, candidates: _Objects, current: _Objects, roots: _Roots) -> set[Node]:
