@@ -21,6 +21,7 @@ from conftest import require_root_user
 from lamina.errors import InvalidArgument
 from lamina.images import importer
 from lamina.images.service import ImageService
+from lamina.labels import UNCOMPRESSED
 from lamina.metadata.root import Root
 from lamina.oci.identity import chain_ids
 from lamina.util import crash
@@ -93,6 +94,9 @@ def test_a_wrong_diff_id_fails_the_import_after_the_archive_is_stored(
         svc.import_(f.as_tar(w / "lying", w / "lying.tar"))
     assert [i.name for i in root.images().list()] == ["lie:1"]
     assert [i.name for i in svc.snapshots.walk()] == chain_ids(lie)[:1]
+    # the committed layer was labelled as it was committed, not after the others
+    labels = [root.content().info(lyr.digest).labels for lyr in layers[:2]]
+    assert labels[0][UNCOMPRESSED] == layers[0].diff_id and UNCOMPRESSED not in labels[1]
     root.close()
 
 

@@ -280,7 +280,7 @@ class Unpacker:
             extracted = way(manifest, config, chains, todo)
         else:
             extracted = 0
-        for i in todo:
+        for i in todo:  # each was labelled once committed: this writes nothing
             self._label_layer(manifest, config, i)
         crash.point("unpack.layers-labelled")
         self._label_config(manifest, chains[-1])
@@ -321,6 +321,7 @@ class Unpacker:
                     continue
                 self._extract_mounted(manifest, config, chains, i)
                 extracted += 1
+            self._label_layer(manifest, config, i)
             self.progress.event("unpack", manifest.layers[i].digest, status="done")
         return extracted
 
@@ -388,6 +389,9 @@ class Unpacker:
                         unpacked += 1
                     else:
                         unpacked += finish(i, result)
+                    # labelled now, while the workers write the layers above it: the
+                    # transaction (an fsync) is off the unpack's critical path
+                    self._label_layer(manifest, config, i)
                     self.progress.event("unpack", manifest.layers[i].digest, status="done")
                 finally:
                     stacks.pop(i).close()
