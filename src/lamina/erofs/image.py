@@ -30,6 +30,7 @@ import stat
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import attrgetter, itemgetter
 
 from lamina.erofs import format as F
 from lamina.erofs.inode import Inode
@@ -39,6 +40,18 @@ __all__ = ["ImageLayout", "inline_room", "write_metadata"]
 
 BLK = F.EROFS_BLKSIZ
 _FLUSH = 1 << 20
+_DIR, _REG, _LNK = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
+_DEVICES = (stat.S_IFCHR, stat.S_IFBLK)
+_REG_LNK, _DIR_LNK = (_REG, _LNK), (_DIR, _LNK)
+_DIRENT = F.DIRENT.size
+_ZERO16 = bytes(16)
+#: i_format by (extended, inline)
+_FORMATS = {
+    (extended, inline): F.i_format(
+        F.EROFS_INODE_LAYOUT_EXTENDED if extended else F.EROFS_INODE_LAYOUT_COMPACT,
+        F.EROFS_INODE_FLAT_INLINE if inline else F.EROFS_INODE_FLAT_PLAIN)
+    for extended in (False, True) for inline in (False, True)
+}
 
 
 @dataclass(frozen=True)
@@ -70,10 +83,6 @@ class _Rec:
         self.blkaddr = 0
         self.xattr = b""
         self.dirblocks: list[int] = []  # entries per directory block
-
-
-def _encode(name: str) -> bytes:
-    return name.encode("utf-8", "surrogateescape")
 
 
 def _xattr_entry(key: str, value: bytes) -> bytes:
@@ -148,11 +157,14 @@ def inline_room(node: Inode) -> int:
 
 def _dir_entries(rec: _Rec, parent: Inode) -> list[tuple[bytes, Inode]]:
     node = rec.node
-    assert node.children is not None
-    ents = [(_encode(n), c) for n, c in node.children.items()]
+    children = node.children
+    assert children is not None
+    # one encode for all names (a name holds no NUL): per-name calls cost more
+    names = "\0".join(children).encode("utf-8", "surrogateescape").split(b"\0")
+    ents = list(zip(names, children.values(), strict=True)) if children else []
     ents.append((b".", node))
     ents.append((b"..", parent))
-    ents.sort(key=lambda x: x[0])
+    ents.sort(key=itemgetter(0))
     return ents
 
 
@@ -161,7 +173,7 @@ def _pack_dir(ents: list[tuple[bytes, Inode]]) -> tuple[list[int], int]:
     counts: list[int] = []
     used = count = 0
     for name, _ in ents:
-        need = F.DIRENT.size + len(name)
+        need = _DIRENT + len(name)
         if used + need > BLK:
             counts.append(count)
             used = count = 0
@@ -184,7 +196,12 @@ class _Slots:
     def __init__(self) -> None:
         self.used = [1]  # slots taken in each block
         self.free: list[list[int]] = [[] for _ in range(self.PER_BLOCK + 1)]
-        self.free[self.PER_BLOCK - 1].append(0)
+        self.rooms = 0  # bit r set: free[r] is not empty (found without a scan)
+        self._free(self.PER_BLOCK - 1, 0)
+
+    def _free(self, room: int, block: int) -> None:
+        self.free[room].append(block)
+        self.rooms |= 1 << room
 
     @property
     def blocks(self) -> int:
@@ -194,28 +211,31 @@ class _Slots:
         need = -(-size // F.EROFS_ISLOTSIZE)
         per = self.PER_BLOCK
         if need <= per:
-            for room in range(need, per + 1):
+            while fits := self.rooms >> need:
+                room = need + (fits & -fits).bit_length() - 1  # the least room that fits
                 bucket = self.free[room]
-                while bucket:
-                    b = bucket.pop()
-                    if per - self.used[b] != room:
-                        continue  # stale: the block filled since
-                    nid = b * per + self.used[b]
-                    self.used[b] += need
-                    if room > need:
-                        self.free[room - need].append(b)
-                    return nid
+                b = bucket.pop()
+                if not bucket:
+                    self.rooms &= ~(1 << room)
+                if per - self.used[b] != room:
+                    continue  # stale: the block filled since
+                nid = b * per + self.used[b]
+                self.used[b] += need
+                if room > need:
+                    self._free(room - need, b)
+                return nid
         b = len(self.used)
         whole, last = divmod(need, per)
         self.used.extend([per] * whole)
         if last:
             self.used.append(last)
-            self.free[per - last].append(len(self.used) - 1)
+            self._free(per - last, len(self.used) - 1)
         return b * per
 
 
 def _choose_epoch(nodes: list[Inode]) -> int:
-    times = Counter(n.mtime_ns for n in nodes if n.mtime_ns is not None and n.mtime_ns >= 0)
+    counted: Counter[int | None] = Counter(map(attrgetter("mtime_ns"), nodes))
+    times = {t: c for t, c in counted.items() if t is not None and t >= 0}
     if not times:
         return 0
     best = max(times.values())
@@ -260,8 +280,10 @@ def write_metadata(fd: int, root: Inode, *, data_end: int,
             else:
                 rec.nlink += 1
         index[id(d)].nlink = 2 + subdirs
-    epoch = _choose_epoch([r.node for r in recs])
-    shared = _SharedXattrs([r.node for r in recs])
+    nodes = [r.node for r in recs]
+    epoch = _choose_epoch(nodes)
+    shared = _SharedXattrs(nodes)
+    del nodes
     xattr_blkaddr = data_end if shared.blocks else 0
     meta_blkaddr = data_end + shared.blocks
     if shared.blocks:
@@ -269,21 +291,29 @@ def write_metadata(fd: int, root: Inode, *, data_end: int,
 
     # -- sizes, formats, nids ------------------------------------------------
     slots = _Slots()
+    place, body = slots.place, shared.body
     for rec in recs:
         node = rec.node
         kind = node.kind
-        if kind == stat.S_IFDIR:
-            rec.dirblocks, rec.size = _pack_dir(_dir_entries(rec, parents[id(node)]))
-        elif kind in (stat.S_IFREG, stat.S_IFLNK):
-            rec.size = node.size
-        rec.tail = rec.size % BLK if kind in (stat.S_IFREG, stat.S_IFLNK, stat.S_IFDIR) else 0
-        mtime = node.mtime_ns if node.mtime_ns is not None else epoch
-        rec.extended = (mtime != epoch or node.uid > 0xFFFF or node.gid > 0xFFFF
-                        or rec.nlink > 0xFFFF or rec.size >= 1 << 32)
-        rec.xattr = shared.body(node)
-        head = (64 if rec.extended else 32) + len(rec.xattr)
-        rec.inline = bool(rec.tail) and head + rec.tail <= BLK and not node.tail_in_data
-        rec.nid = slots.place(head + rec.tail if rec.inline else head)
+        if kind == _DIR:
+            rec.dirblocks, size = _pack_dir(_dir_entries(rec, parents[id(node)]))
+        elif kind in _REG_LNK:
+            size = node.size
+        else:
+            size = 0  # devices, FIFOs: no data
+        rec.size = size
+        rec.tail = tail = size % BLK
+        mtime = node.mtime_ns
+        rec.extended = extended = (
+            (mtime is not None and mtime != epoch) or node.uid > 0xFFFF or node.gid > 0xFFFF
+            or rec.nlink > 0xFFFF or size >= 1 << 32)
+        rec.xattr = xattr = body(node) if node.xattrs else b""
+        head = (64 if extended else 32) + len(xattr)
+        if tail and head + tail <= BLK and not node.tail_in_data:
+            rec.inline = True
+            rec.nid = place(head + tail)
+        else:
+            rec.nid = place(head)
     if rroot.nid > 0xFFFF:  # pragma: no cover - the root is laid out first
         raise InvalidArgument("EROFS image: the root inode's nid does not fit 16 bits")
     meta_blocks = slots.blocks
@@ -294,21 +324,20 @@ def write_metadata(fd: int, root: Inode, *, data_end: int,
     for rec in recs:
         node = rec.node
         kind = node.kind
-        whole = rec.size // BLK
-        blocks = whole + (1 if rec.tail and not rec.inline else 0)
-        if kind == stat.S_IFREG:
+        own_tail = rec.tail and not rec.inline  # a block of its own
+        if kind == _REG:
             assert isinstance(node.data, int)
             rec.blkaddr = node.data
-            if rec.tail and not rec.inline and not node.tail_in_data:
+            if own_tail and not node.tail_in_data:
                 copies.append(rec)
                 rec.blkaddr = nextblk
+                nextblk += rec.size // BLK + 1
+        elif kind in _DIR_LNK:
+            blocks = rec.size // BLK + (1 if own_tail else 0)
+            if blocks:
+                rec.blkaddr = nextblk
                 nextblk += blocks
-        elif kind in (stat.S_IFDIR, stat.S_IFLNK) and blocks:
-            rec.blkaddr = nextblk
-            nextblk += blocks
-        layout = F.EROFS_INODE_FLAT_INLINE if rec.inline else F.EROFS_INODE_FLAT_PLAIN
-        rec.fmt = F.i_format(F.EROFS_INODE_LAYOUT_EXTENDED if rec.extended
-                             else F.EROFS_INODE_LAYOUT_COMPACT, layout)
+        rec.fmt = _FORMATS[rec.extended, rec.inline]
         if rec.blkaddr >= 1 << 32:
             raise InvalidArgument("EROFS image: more than 2**32 blocks")
 
@@ -317,38 +346,42 @@ def write_metadata(fd: int, root: Inode, *, data_end: int,
     buf = bytearray()
     buf_at = meta_base
     esecs, ensec = divmod(epoch, 1_000_000_000)
-    for i, rec in sorted(enumerate(recs), key=lambda ir: ir[1].nid):
+    pack_extended, pack_compact = F.INODE_EXTENDED.pack, F.INODE_COMPACT.pack
+    for ino in sorted(range(1, len(recs) + 1), key=lambda n: recs[n - 1].nid):
+        rec = recs[ino - 1]
         node = rec.node
-        at = meta_base + rec.nid * F.EROFS_ISLOTSIZE
-        if at != buf_at + len(buf):
-            buf += bytes(at - buf_at - len(buf))
+        gap = meta_base + rec.nid * F.EROFS_ISLOTSIZE - buf_at - len(buf)
+        if gap:
+            buf += bytes(gap)
         kind = node.kind
-        i_u = node.rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else rec.blkaddr
-        icount = (len(rec.xattr) - 12) // 4 + 1 if rec.xattr else 0
-        mode = kind | node.mode
+        i_u = node.rdev if kind in _DEVICES else rec.blkaddr
+        xattr = rec.xattr
+        icount = (len(xattr) - 12) // 4 + 1 if xattr else 0
         if rec.extended:
-            mtime = node.mtime_ns if node.mtime_ns is not None else epoch
-            secs, nsec = divmod(mtime, 1_000_000_000)
-            buf += F.INODE_EXTENDED.pack(rec.fmt, icount, mode, 0, rec.size, i_u, i + 1,
-                                         node.uid, node.gid, secs & (2**64 - 1), nsec,
-                                         rec.nlink, bytes(16))
+            mtime = node.mtime_ns
+            secs, nsec = divmod(epoch if mtime is None else mtime, 1_000_000_000)
+            buf += pack_extended(rec.fmt, icount, kind | node.mode, 0, rec.size, i_u, ino,
+                                 node.uid, node.gid, secs & (2**64 - 1), nsec,
+                                 rec.nlink, _ZERO16)
         else:
-            buf += F.INODE_COMPACT.pack(rec.fmt, icount, mode, rec.nlink, rec.size, 0, i_u,
-                                        i + 1, node.uid, node.gid, 0)
-        buf += rec.xattr
-        if kind == stat.S_IFDIR:
+            buf += pack_compact(rec.fmt, icount, kind | node.mode, rec.nlink, rec.size, 0,
+                                i_u, ino, node.uid, node.gid, 0)
+        if xattr:
+            buf += xattr
+        if kind == _REG:
+            if rec.inline:
+                buf += read_tail(node, rec.tail)
+        elif kind == _DIR:
             dblocks = _dir_blocks(rec, _dir_entries(rec, parents[id(node)]), index)
             if rec.inline:
                 buf += dblocks.pop()
             if dblocks:
                 os.pwrite(fd, b"".join(dblocks), rec.blkaddr * BLK)
-        elif kind == stat.S_IFLNK:
+        elif kind == _LNK:
             if rec.inline:
                 buf += node.target
             else:
                 os.pwrite(fd, node.target, rec.blkaddr * BLK)
-        elif kind == stat.S_IFREG and rec.inline:
-            buf += read_tail(node, rec.tail)
         if len(buf) >= _FLUSH:
             os.pwrite(fd, buf, buf_at)
             buf_at += len(buf)
@@ -380,16 +413,17 @@ def _dir_blocks(rec: _Rec, ents: list[tuple[bytes, Inode]],
     out: list[bytes] = []
     k = 0
     last = len(rec.dirblocks) - 1
+    pack, types = F.DIRENT.pack, F.EROFS_FT
     for b, count in enumerate(rec.dirblocks):
         chunk = ents[k:k + count]
         k += count
         heads = []
-        nameoff = F.DIRENT.size * count
+        nameoff = _DIRENT * count
         for name, child in chunk:
-            crec = index[id(child)]
-            heads.append(F.DIRENT.pack(crec.nid, nameoff, F.EROFS_FT[child.kind], 0))
+            heads.append(pack(index[id(child)].nid, nameoff, types[child.kind], 0))
             nameoff += len(name)
-        block = b"".join(heads) + b"".join(n for n, _ in chunk)
+        heads.extend([name for name, _ in chunk])
+        block = b"".join(heads)
         if b != last:
             block += bytes(BLK - len(block))
         out.append(block)

@@ -97,17 +97,26 @@ class LayerTree:
         """The directory ``parts``, symlinked components resolved inside the
         root; missing ones made when ``create`` (None otherwise). Sets
         :attr:`last` to it."""
-        self.lookups += 1
         key = tuple(parts)
-        memo = self._memo
-        if memo is not None and memo[0] == key and memo[1] == self.epoch:
-            self.last = memo[2]
-            return memo[2]
+        hit = self._recall(key)
+        if hit is not None:
+            return hit
+        self.lookups += 1
         found = self._lookup(parts, create)
         if found is not None:
             self.last = found
             self._memo = (key, self.epoch, found)
         return found
+
+    def _recall(self, key: tuple[str, ...]) -> Inode | None:
+        """The directory the last lookup found, if it was of ``key`` and nothing
+        left the tree since (counted as a lookup, made :attr:`last`); else None."""
+        memo = self._memo
+        if memo is not None and memo[0] == key and memo[1] == self.epoch:
+            self.lookups += 1
+            self.last = memo[2]
+            return memo[2]
+        return None
 
     def _lookup(self, parts: list[str], create: bool) -> Inode | None:
         return resolve(_InMemory(self), parts, create)
@@ -168,8 +177,10 @@ class LayerTree:
         return False
 
     def _dir(self, dparts: list[str]) -> Inode:
-        with whited_out_parents(dparts, self._through_whiteout if self.overlay else None):
-            node = self.lookup(dparts, create=True)
+        node = self._recall(tuple(dparts))  # most members are in the last one's directory
+        if node is None:
+            with whited_out_parents(dparts, self._through_whiteout if self.overlay else None):
+                node = self.lookup(dparts, create=True)
         assert node is not None
         return node
 
@@ -220,6 +231,8 @@ class LayerTree:
         return node if kind == stat.S_IFREG else None
 
     def _set_xattrs(self, node: Inode, e: TarEntry) -> None:
+        if not e.xattrs:
+            return
         who = repr(e.name)
         for key, value in e.xattrs.items():
             kept = xattr_verdict(node.kind, key, value, who)
