@@ -76,9 +76,10 @@ def classify(e: TarEntry) -> tuple[Member, list[str]]:
         if e.type != TYPE_DIR:
             raise bad_layer(f"{e.name!r}: only a directory can name the root")
         return Member.ROOT, parts
-    for comp in parts[:-1]:
-        if comp.startswith(WHITEOUT_PREFIX):
-            raise bad_layer(f"{e.name!r}: path goes through whiteout {comp!r}")
+    parents = "/" + "/".join(parts[:-1])
+    if "/" + WHITEOUT_PREFIX in parents:  # one search, not one per component
+        comp = next(c for c in parts[:-1] if c.startswith(WHITEOUT_PREFIX))
+        raise bad_layer(f"{e.name!r}: path goes through whiteout {comp!r}")
     if parts[-1].startswith(WHITEOUT_PREFIX):
         return Member.WHITEOUT, parts
     if e.is_socket:

@@ -81,8 +81,16 @@ WORK = Work()
 
 def clean_path(name: str) -> list[str]:
     """Split a member name into clean components inside the root; [] is the root."""
-    parts: list[str] = []
-    for comp in name.split("/"):
+    split = name.split("/")
+    if ".." not in split:  # the usual name: its clean parts found without a loop per part
+        parts = list(filter(None, split))
+        if parts and parts[0] == ".":
+            del parts[0]
+        if "." in parts:
+            parts = [comp for comp in parts if comp != "."]
+        return parts
+    parts = []
+    for comp in split:
         if comp in ("", "."):
             continue
         if comp == "..":
