@@ -9,7 +9,8 @@
 * The writer's own cost: the plain tar (page cache) to an image on tmpfs,
   against ``mkfs.erofs`` (erofs-utils, uncompressed, ``--preserve-mtime``)
   making the image of the extracted tree, tmpfs to tmpfs. mkfs.erofs reads no
-  tar and hashes nothing; lamina also parses and hashes the tar.
+  tar and hashes nothing; lamina also parses and hashes the tar (the DiffID) and
+  hashes the image as it writes it (the digest ``check --deep`` verifies).
 * Rounds rotate the order.
 * Peak RSS writing the 1 GiB layer of ``bench/rss.py`` (GNU time's %M of a
   fresh process). Target: <= 150 MiB.
