@@ -5,16 +5,18 @@ repair, and no directory behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import require_root_user
-from test_killpoints import KEEP, Op, _sweep, snapshot_setup
+from test_killpoints import KEEP, TALLY, Op, _sweep, snapshot_setup
 
 import lamina.util.db
 from lamina.metadata.root import SNAPSHOTTERS, Root
@@ -170,6 +172,18 @@ _CHILD = textwrap.dedent(
 )
 
 
+@contextlib.contextmanager
+def _opened(root: Path, kind: str) -> Iterator[DirectorySnapshotter]:
+    """Snapshotter ``kind`` of the root at ``root``, as a command opens it."""
+    r = Root(root)
+    try:
+        sn = r.snapshotter(kind)
+        assert isinstance(sn, DirectorySnapshotter)
+        yield sn
+    finally:
+        r.close()
+
+
 @pytest.mark.parametrize("kind", ["overlay", "native"])
 @pytest.mark.parametrize("scenario", sorted(AHEAD_SCENARIOS))
 def test_kill_prepare_ahead(kind: str, scenario: str, tmp_root: Path) -> None:
@@ -180,27 +194,22 @@ def test_kill_prepare_ahead(kind: str, scenario: str, tmp_root: Path) -> None:
     code = AHEAD_SCENARIOS[scenario]
 
     def resume(root: Path) -> None:
-        r = Root(root)
-        try:
-            sn = r.snapshotter(kind)
+        with _opened(root, kind) as sn:
             if "child" not in {i.name for i in sn.walk()}:
                 exec(code, {"sn": sn, "R": KEEP})
-        finally:
-            r.close()
 
     def verify(root: Path) -> None:
-        r = Root(root)
-        try:
-            sn = r.snapshotter(kind)
-            assert isinstance(sn, DirectorySnapshotter)
+        with _opened(root, kind) as sn:
             assert {i.name for i in sn.walk()} == {"base", "child"}
             assert (sn.fs_dir(sn.snapshot("base").id) / "kept").read_text() == "base content"
             assert sn.stat("child").labels.items() >= KEEP.items()
             ids = {sn.snapshot(i.name).id for i in sn.walk()}
             assert set(_entries(sn)) == ids  # nothing made ahead is left
-        finally:
-            r.close()
 
     op = Op(f"snapshot-{scenario}-{kind}", snapshot_setup(kind, ""),
             [sys.executable, "-c", _CHILD, kind, "{root}", code], verify, resume=resume)
     _sweep(op, tmp_root)
+    killed = {k.point for k in TALLY.kills if k.op == op.name}
+    adopts = kind == "overlay" or scenario.endswith("no-parent")
+    assert killed >= {"ahead.reserved", "ahead.made", "ahead.durable",
+                      *(["create.ahead-row"] if adopts else [])}, killed
