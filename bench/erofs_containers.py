@@ -14,12 +14,16 @@ rounds (the order of the snapshotters changes every round):
 * **read all files cold**: the image mounted with ``lamina image mount``
   (untimed), caches dropped, then a fresh Python process reads every regular
   file of the mounted tree to the end (1 MiB reads, symlinks not followed).
-  Both sides must read the same count of files and bytes.
+  Both sides must read the same count of files and bytes; the reader's CPU
+  time is noted. On tmpfs "cold" differs: drop_caches cannot drop tmpfs's
+  pages, so overlay's files stay in memory while erofs's own page cache of
+  each layer is dropped and read again from its image.
 * **image rm + GC**: the image removed and collected, with the root re-imported
   (untimed) before each sample. Two ways:
 
   - the CLI as a user types it: ``lamina image rm REF`` then ``lamina gc``, two
-    processes, timed together (Python start-up is in both, twice);
+    processes, timed together (Python start-up is in both, twice), and their
+    CPU time (user+sys, ``RUSAGE_CHILDREN``);
   - lamina's own work, in one process: the stores opened and the snapshots
     listed first (untimed), then :func:`lamina.metadata.deletes.delete_image`
     with ``sync=True`` (the image record deleted, then
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -80,7 +85,7 @@ _READ_ALL = """\
 import json, os, sys, time
 buf = bytearray(1 << 20)
 files = size = 0
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 stack = [sys.argv[1]]
 while stack:
     with os.scandir(stack.pop()) as it:
@@ -95,7 +100,8 @@ while stack:
                 finally:
                     os.close(fd)
                 files += 1
-print(json.dumps({"seconds": time.perf_counter() - t0, "files": files, "bytes": size}))
+print(json.dumps({"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0,
+                  "files": files, "bytes": size}))
 """
 
 _REMOVE = """\
@@ -176,7 +182,8 @@ class _Side:
         _cold()
         return time_cmd([*self.lam, "run", "--rm", self.image, "/bin/true"])
 
-    def read_all(self, target: Path, seen: dict[str, tuple[int, int]]) -> float:
+    def read_all(self, target: Path, seen: dict[str, tuple[int, int]],
+                 cpu: list[float]) -> float:
         run_cmd([*self.lam, "image", "mount", self.image, str(target)])
         try:
             _cold()
@@ -186,6 +193,7 @@ class _Side:
             run_cmd([*self.lam, "image", "unmount", str(target)])
         r = json.loads(out.stdout)
         seen[self.name] = (r["files"], r["bytes"])
+        cpu.append(float(r["cpu"]))
         return float(r["seconds"])
 
     def _removed(self) -> None:
@@ -194,11 +202,14 @@ class _Side:
             raise RuntimeError(f"{self.name}: {left} left in the snapshots directory "
                                "after image rm + gc")
 
-    def remove_cli(self) -> float:
+    def remove_cli(self, cpu: list[float]) -> float:
         self.import_image()
         os.sync()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         dt = time_cmd([*self.lam, "image", "rm", self.image])
         dt += time_cmd([*self.lam, "gc"])
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
         self._removed()
         return dt
 
@@ -235,9 +246,12 @@ def _rounds(ctx: Ctx, kind: str, img_tar: Path, image: str,
 
         ctx.log(f"   {kind}: read all files")
         seen: dict[str, tuple[int, int]] = {}
+        read_cpu: dict[str, list[float]] = {"erofs": [], "overlay": []}
         out["read"] = rotated({
-            name: (lambda i, s=sides[name]: s.read_all(base / f"mnt-{s.name}", seen))
+            name: (lambda i, s=sides[name]: s.read_all(base / f"mnt-{s.name}", seen,
+                                                       read_cpu[s.name]))
             for name in ("erofs", "overlay")}, reps)
+        out["read-cpu"] = read_cpu
         if seen["erofs"] != seen["overlay"]:
             raise RuntimeError(f"erofs and overlay read different trees: {seen}")
         out["read-count"] = {k: [float(v[0]), float(v[1])] for k, v in seen.items()}
@@ -245,8 +259,10 @@ def _rounds(ctx: Ctx, kind: str, img_tar: Path, image: str,
 
         ctx.log(f"   {kind}: image rm + gc")
         loop.layer_mounts()  # its root stays; only the two removal sides run now
-        out["rm-cli"] = rotated({name: (lambda i, s=sides[name]: s.remove_cli())
+        cli_cpu: dict[str, list[float]] = {"erofs": [], "overlay": []}
+        out["rm-cli"] = rotated({name: (lambda i, s=sides[name]: s.remove_cli(cli_cpu[s.name]))
                                  for name in ("erofs", "overlay")}, reps)
+        out["rm-cli-cpu"] = cli_cpu
         parts: dict[str, dict[str, list[float]]] = {"erofs": {}, "overlay": {}}
         out["rm"] = rotated({name: (lambda i, s=sides[name]: s.remove_in_process(parts[s.name]))
                              for name in ("erofs", "overlay")}, reps)
@@ -288,13 +304,22 @@ def run(ctx: Ctx) -> list[Row]:
             f"first start, cold, {what}: erofs on loop devices (backing=loop)", "s", overlay,
             note=note))
         files, size = s["read-count"]["erofs"]
+        cpu = s["read-cpu"]
         rows.append(pair(s["read"], "erofs", "overlay").row(
             f"read every file cold ({files:,.0f} files, {size / 2**20:.0f} MiB) through "
             f"image mount, {what}: erofs", "s", overlay, target="<= 1.2", limit=1.2,
-            note=note))
+            note=note + f"; the reader's CPU (user+sys) "
+                        f"{statistics.median(cpu['erofs']) * 1000:.0f} ms vs "
+                        f"{statistics.median(cpu['overlay']) * 1000:.0f} ms"
+                        + ("; tmpfs keeps overlay's files in memory through drop_caches, "
+                           "erofs reads its image again" if kind == "tmpfs" else "")))
+        cpu = s["rm-cli-cpu"]
         rows.append(pair(s["rm-cli"], "erofs", "overlay").row(
             f"image rm + gc, CLI (two processes), {what}: erofs", "s", overlay,
-            target="<= 0.1", limit=0.1, note=note + "; Python start-up twice on both sides"))
+            target="<= 0.1", limit=0.1,
+            note=note + "; Python start-up twice on both sides; CPU (user+sys) "
+                        f"{statistics.median(cpu['erofs']) * 1000:.0f} ms vs "
+                        f"{statistics.median(cpu['overlay']) * 1000:.0f} ms"))
         cpu = s["rm-cpu"]
         rows.append(pair(s["rm"], "erofs", "overlay").row(
             f"image rm + gc in one process (delete_image sync=True), {what}: erofs", "s",
