@@ -213,3 +213,24 @@ def test_kill_prepare_ahead(kind: str, scenario: str, tmp_root: Path) -> None:
     adopts = kind == "overlay" or scenario.endswith("no-parent")
     assert killed >= {"ahead.reserved", "ahead.made", "ahead.durable",
                       *(["create.ahead-row"] if adopts else [])}, killed
+
+
+def test_a_server_opening_the_root_removes_a_killed_ones_stock(tmp_path: Path) -> None:
+    """``lamina serve`` SIGKILLed and started again: the new server's snapshotter
+    removes the stock the killed one left before it keeps its own, so ``lamina
+    check`` is clean without a repair."""
+    root = tmp_path / "root"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(root)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None
+    assert holder.stdout.readline() == "ready\n"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(60)
+    dirs = root / "snapshots" / "overlay" / "snapshots"
+    assert len(os.listdir(dirs)) == 3
+    r = Root(root, ahead=4)
+    try:
+        assert r.snapshotter("overlay").check() == []  # type: ignore[attr-defined]
+        assert os.listdir(dirs) == []
+    finally:
+        r.close()

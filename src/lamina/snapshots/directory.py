@@ -103,6 +103,9 @@ class DirectorySnapshotter(ScopedViews):
             self._reaper = threading.Thread(target=self._reap_loop, daemon=True,
                                             name=f"reaper {self.root}")
             self._reaper.start()
+        if ahead:  # a server: a killed one's stock is left unknown and unlocked
+            with contextlib.suppress(OSError):
+                self.cleanup()
 
     # -- hooks -------------------------------------------------------------
     @property
