@@ -201,6 +201,7 @@ def run(ctx: Ctx) -> list[Row]:
     rounds = ctx.pick(6, 2)
     pods = ctx.pick(PODS, 20)
     got: dict[str, dict[str, list[float]]] = {s: {} for s in SIDES}
+    before = os.getloadavg()[0]  # the machine's own: during the rounds the pods count too
     loads: list[float] = []
     with scratch_filesystem(ctx, "ext4") as fs:
         with contextlib.ExitStack() as stack:
@@ -227,7 +228,8 @@ def run(ctx: Ctx) -> list[Row]:
         # written by the lamina node's serve as it stopped
         calls = json.loads((fs / SIDES[0][:3] / "calls.json").read_text())
     note = (f"{rounds} rounds, order rotated, both nodes up throughout; load (1 min) "
-            f"{_spread(loads)}, median {statistics.median(loads):.1f}")
+            f"{before:.1f} before the run, {_spread(loads)} before each churn (the "
+            f"previous churn's pods count)")
     rows = []
     for key, what, limit in _ROWS:
         p = Paired(got["lamina"][key], got["overlayfs"][key])
