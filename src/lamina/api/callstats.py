@@ -103,14 +103,8 @@ class CallStats(_Interceptor):
         if handler is None:
             return None
         name = handler_call_details.method.rsplit("/", 1)[-1]
-        if handler.response_streaming:
-            return self._streaming(handler, name)
-        return self._unary(handler, name)
-
-    def _unary(self, handler: Handler, name: str) -> Handler:
-        streaming_request = handler.request_streaming
-        inner = cast("Callable[..., Any]",
-                     handler.stream_unary if streaming_request else handler.unary_unary)
+        make, kind = _KINDS[handler.request_streaming, handler.response_streaming]
+        inner = cast("Callable[..., Any]", getattr(handler, kind))
 
         def timed(arg: Any, context: grpc.ServicerContext) -> Any:
             t0 = time.perf_counter()
@@ -119,24 +113,23 @@ class CallStats(_Interceptor):
             finally:
                 self._record(name, time.perf_counter() - t0)
 
-        make = (grpc.stream_unary_rpc_method_handler if streaming_request
-                else grpc.unary_unary_rpc_method_handler)
-        return make(timed, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
-
-    def _streaming(self, handler: Handler, name: str) -> Handler:
-        streaming_request = handler.request_streaming
-        inner = cast("Callable[..., Any]",
-                     handler.stream_stream if streaming_request else handler.unary_stream)
-
-        def timed(arg: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        def timed_stream(arg: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             t0 = time.perf_counter()
             try:
                 yield from inner(arg, context)
             finally:
                 self._record(name, time.perf_counter() - t0)
 
-        make = (grpc.stream_stream_rpc_method_handler if streaming_request
-                else grpc.unary_stream_rpc_method_handler)
-        return make(timed, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+        wrapped: Handler = make(timed_stream if handler.response_streaming else timed,
+                                request_deserializer=handler.request_deserializer,
+                                response_serializer=handler.response_serializer)
+        return wrapped
+
+
+#: (request streaming, response streaming) -> the handler maker and the behaviour's name
+_KINDS: dict[tuple[bool, bool], tuple[Callable[..., Any], str]] = {
+    (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary"),
+    (True, False): (grpc.stream_unary_rpc_method_handler, "stream_unary"),
+    (False, True): (grpc.unary_stream_rpc_method_handler, "unary_stream"),
+    (True, True): (grpc.stream_stream_rpc_method_handler, "stream_stream"),
+}
