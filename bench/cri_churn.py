@@ -20,7 +20,10 @@ per node is not counted.
 
 Rows: time until every pod runs, RunPodSandbox / CreateContainer /
 StartContainer p50 and p99, teardown; CPU seconds of each node's containerd
-and ``lamina serve`` per round (load moves them little). Each row gives the
+and ``lamina serve`` per round (load moves them little); and what containerd
+asked of ``lamina serve`` (``--call-stats``): calls per pod and each method's
+p50/p99, all rounds pooled. docs/cri-churn.md has the figures and where a
+pod's start goes. Each row gives the
 medians, the median of the per-round ratios and their spread; the load
 average is logged per churn and noted. Targets (issue 19): all running in
 <= 0.8x overlayfs's time, RunPodSandbox and CreateContainer p99 <= 1.0x,
