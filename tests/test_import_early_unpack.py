@@ -25,6 +25,7 @@ from lamina.labels import UNCOMPRESSED
 from lamina.metadata.root import Root
 from lamina.oci.identity import chain_ids
 from lamina.util import crash
+from lamina.util.progress import Progress
 
 
 @pytest.fixture(autouse=True)
@@ -117,4 +118,50 @@ def test_a_truncated_archive_fails_with_the_archive_error(tmp_root: Path) -> Non
     with pytest.raises(InvalidArgument, match="not a readable image archive"):
         svc.import_(tar)
     assert [i.name for i in root.images().list()] == []
+    root.close()
+
+
+class _Seen(Progress):
+    """Remembers which items the unpack has read bytes of."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read: set[str] = set()
+        self.changed = threading.Condition()
+
+    def event(self, phase: str, item: str, *, done: int = 0, total: int = 0,
+              status: str = "") -> None:
+        if phase == "unpack" and done > 0:
+            with self.changed:
+                self.read.add(item)
+                self.changed.notify_all()
+
+
+def test_a_layer_is_read_while_its_blob_is_stored(
+        tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unpack reads the bottom layer before its blob is committed (from the
+    growing ingest), and still commits its snapshot only after the blob."""
+    require_root_user()
+    w = tmp_root / "w"
+    layers = _layers(w)
+    f.build_oci_layout(w / "layout", layers, ref_name="growing:1")
+    seen = _Seen()
+    points: list[str] = []
+    early: list[bool] = []  # whether the unpack read the bottom layer before its commit
+    bottom = layers[0].digest
+
+    def point(name: str) -> None:
+        points.append(name)
+        if name == "content.commit.before-fsync" and points.count(name) == 3:  # the bottom
+            with seen.changed:  # layer's, after the manifest's and the config's
+                early.append(seen.changed.wait_for(lambda: bottom in seen.read, timeout=20))
+
+    monkeypatch.setattr(crash, "point", point)
+    root = Root(tmp_root / "root")
+    svc = ImageService(root, snapshotter="native", progress=seen)
+    svc.import_(f.as_tar(w / "layout", w / "growing.tar"))
+    assert early == [True]
+    stored = [n for n, p in enumerate(points) if p == "import.blob-stored"]
+    assert points.index("unpack.committed") > stored[2], points  # the bottom layer's blob
+    assert len(list(svc.snapshots.walk())) == len(layers)
     root.close()

@@ -4,9 +4,9 @@ An OCI layout's documents (index, manifests, configs) are small; the importer
 stores them first (:func:`lamina.images.importer.import_images`'s ``ready``),
 and from them this picks each image's manifest for the host and starts
 unpacking it in a thread of its own, while the importer goes on storing the
-layers in the order the unpack reads them. Each layer is read once its blob
-is committed (verified and durable), from the content store, as a plain
-unpack would read it: the snapshots are the same, only sooner. An unpack
+layers in the order the unpack reads them. Each layer is read as its ingest
+grows and ends only once its blob is committed (verified and durable), as a
+pull reads a download: the snapshots are the same, only sooner. An unpack
 failure is raised once the import has finished, as it was when the unpack
 came after it; when the import itself fails, that error is the one raised.
 """
@@ -16,16 +16,19 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Sequence
-from typing import IO
+from typing import IO, BinaryIO
 
-from lamina.content import ContentStore
-from lamina.errors import LaminaError, Unavailable
+from lamina.content import ContentStore, Local
+from lamina.errors import LaminaError, NotFound, Unavailable
 from lamina.images.graph import manifest_for
 from lamina.images.importer import Arrivals
 from lamina.metadata.images import Image
 from lamina.oci.types import Descriptor, ImageConfig, Manifest
+from lamina.util.rawio import RawReader
 
 __all__ = ["EarlyUnpack", "Unpack"]
+
+_CHUNK = 1 << 20
 
 #: Unpacks one manifest, reading each layer through the given opener.
 Unpack = Callable[[Manifest, ImageConfig, Callable[[Descriptor], IO[bytes]]], object]
@@ -63,7 +66,14 @@ class EarlyUnpack:
     def _open(self, desc: Descriptor) -> IO[bytes]:
         # a layer the archive lacks may be stored from before (else NotFound)
         with contextlib.suppress(Unavailable):
-            self.arrivals.wait(desc.digest)
+            got = self.arrivals.wait(desc.digest, -1)  # stored, or being stored
+            if got is not None:
+                ref, total, _ = got
+                if isinstance(self.content, Local):
+                    with contextlib.suppress(NotFound):  # else committed just now
+                        return _Growing(self.arrivals, desc.digest,  # type: ignore[return-value]
+                                        total, self.content.follow(ref))
+                self.arrivals.wait(desc.digest)
         return self.content.reader(desc.digest)
 
     def _run(self, todo: list[tuple[Manifest, ImageConfig]]) -> None:
@@ -86,3 +96,37 @@ class EarlyUnpack:
         self.arrivals.end()
         if self._thread is not None:
             self._thread.join()
+
+
+class _Growing(RawReader):
+    """A blob read while the import stores it, from its ingest's data file (whose
+    descriptor stays valid when the commit renames it): a read waits for bytes
+    written past it, and the end comes only once the blob is committed, verified
+    and durable. So what the unpack applies is the stored content, and a layer's
+    snapshot is never committed before its blob; a blob that fails to store
+    fails the read when the import ends."""
+
+    def __init__(self, arrivals: Arrivals, digest: str, total: int, following: BinaryIO) -> None:
+        super().__init__()
+        self._arrivals, self._digest, self._total = arrivals, digest, total
+        self._f: BinaryIO | None = following
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        assert self._f is not None
+        n = n if n is not None and n >= 0 else _CHUNK
+        while True:
+            if self._pos < self._total:
+                data = self._f.read(min(n, self._total - self._pos))
+                if data:
+                    self._pos += len(data)
+                    return data
+            if self._arrivals.wait(self._digest, self._pos) is None and \
+                    self._pos >= self._total:
+                return b""
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        super().close()

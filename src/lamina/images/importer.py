@@ -72,8 +72,9 @@ class _Found:
 
 
 def _ingest(content: ContentStore, stream: IO[bytes], *, size: int, expected: str | None,
-            progress: Progress, item: str) -> str:
-    """Stream one blob into the content store; returns its digest."""
+            progress: Progress, item: str, arrivals: Arrivals | None = None) -> str:
+    """Stream one blob into the content store; returns its digest. ``arrivals`` is
+    told how far the ingest of a blob named by its digest has got."""
     if expected is not None:
         try:
             content.info(expected)
@@ -82,17 +83,22 @@ def _ingest(content: ContentStore, stream: IO[bytes], *, size: int, expected: st
             pass
     ref = f"import-{secrets.token_hex(8)}"
     writer = content.writer(ref, total=size, expected=expected or "")
+    told = arrivals if expected is not None else None
     try:
         done = 0
         while chunk := stream.read(_CHUNK):
             writer.write(chunk)
             done += len(chunk)
+            if told is not None and expected is not None:
+                told.writing(expected, ref, size, done)
             progress.event("import", item, done=done, total=size)
         digest = expected or writer.digest()
         with contextlib.suppress(AlreadyExists):
             writer.commit(size, digest)
         return digest
     except BaseException:
+        if told is not None and expected is not None:
+            told.dropped(expected)
         writer.close()
         content.abort(ref)
         raise
@@ -117,17 +123,32 @@ def _blob_path_digest(path: str) -> str | None:
 
 
 class Arrivals:
-    """The blobs an import has stored so far, for work that reads them as they
-    arrive (an unpack started before the whole archive is read)."""
+    """The blobs an import has stored so far, and those it is storing, for work
+    that reads them as they arrive (an unpack started before the whole archive
+    is read)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._stored: set[str] = set()
+        self._writing: dict[str, tuple[str, int, int]] = {}  # digest -> (ref, total, written)
         self._ended = False
+
+    def writing(self, digest: str, ref: str, total: int, written: int) -> None:
+        """Ingest ``ref`` of blob ``digest`` holds ``written`` of its ``total`` bytes."""
+        with self._cond:
+            self._writing[digest] = (ref, total, written)
+            self._cond.notify_all()
+
+    def dropped(self, digest: str) -> None:
+        """The ingest of ``digest`` failed: it will not be stored (by this import)."""
+        with self._cond:
+            self._writing.pop(digest, None)
+            self._cond.notify_all()
 
     def stored(self, digest: str) -> None:
         with self._cond:
             self._stored.add(digest)
+            self._writing.pop(digest, None)
             self._cond.notify_all()
 
     def end(self) -> None:
@@ -136,13 +157,19 @@ class Arrivals:
             self._ended = True
             self._cond.notify_all()
 
-    def wait(self, digest: str) -> None:
-        """Until blob ``digest`` is stored; Unavailable when the import ended without it."""
+    def wait(self, digest: str, past: int | None = None) -> tuple[str, int, int] | None:
+        """Until blob ``digest`` is stored (None) or, when ``past`` is given, its
+        ingest holds more than ``past`` bytes (its ref, total and bytes written);
+        Unavailable when the import ended without storing it."""
         with self._cond:
             while digest not in self._stored:
+                got = self._writing.get(digest)
+                if past is not None and got is not None and got[2] > past:
+                    return got
                 if self._ended:
                     raise Unavailable(f"{digest}: the import ended without storing it")
                 self._cond.wait()
+            return None
 
 
 #: Called once an archive's documents are stored, before its large blobs; returns
@@ -224,7 +251,7 @@ def _take(tar: tarfile.TarFile, member: tarfile.TarInfo, found: _Found, content:
         return
     expected = _blob_path_digest(path)
     digest = _ingest(content, f, size=member.size, expected=expected,
-                     progress=progress, item=path)
+                     progress=progress, item=path, arrivals=arrivals)
     found.blobs[path] = (digest, member.size)
     arrivals.stored(digest)
     crash.point("import.blob-stored")
@@ -267,7 +294,7 @@ def _take_file(p: Path, found: _Found, content: ContentStore, progress: Progress
     with open(p, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         digest = _ingest(content, f, size=size, expected=_blob_path_digest(rel),
-                         progress=progress, item=rel)
+                         progress=progress, item=rel, arrivals=arrivals)
     found.blobs[rel] = (digest, size)
     arrivals.stored(digest)
     crash.point("import.blob-stored")
