@@ -455,3 +455,31 @@ def test_image_rm_sync_of_a_sole_image(images: Images, tmp_root: Path,
     assert _blob_digests(root) == set() and _blob_files(root) == set()
     assert _keys(root, "native") == set()
     root.close()
+
+
+def test_gc_removes_what_killed_work_left_in_snapshot_directories(
+        loaded: tuple[Root, ImageService, str]) -> None:
+    """The failure model: a directory a killed command was building (``new-``, no
+    row, no flock) goes at the next ``gc``, as containerd's collector has its
+    snapshotters clean up; one a live process holds stays, and so does every
+    snapshot (whoever owns it)."""
+    import fcntl
+
+    root, _, sn = loaded
+    dirs = root.path / "snapshots" / sn / "snapshots"
+    before = set(os.listdir(dirs))
+    left = dirs / "new-killed01"
+    (left / "fs" / "etc").mkdir(parents=True)
+    (left / "fs" / "etc" / "half-written").write_bytes(b"x" * 100)
+    live = dirs / "new-building"
+    (live / "fs").mkdir(parents=True)
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        collect(root)
+        assert set(os.listdir(dirs)) == before | {"new-building"}
+    finally:
+        os.close(fd)
+    collect(root)
+    assert set(os.listdir(dirs)) == before
+    assert check(root).problems == []

@@ -47,6 +47,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import ClassVar
 
@@ -58,7 +59,7 @@ from lamina.owners import ScopedViews
 from lamina.problems import Problem, ProblemType
 from lamina.snapshots import Capability, Info, Kind, Usage
 from lamina.snapshots.ahead import Ahead, AheadDirs
-from lamina.snapshots.storage import MetaStore, Snapshot
+from lamina.snapshots.storage import MetaStore, Snapshot, Transaction
 from lamina.snapshots.usage import disk_usage
 from lamina.util import crash
 
@@ -470,20 +471,25 @@ class DirectorySnapshotter(ScopedViews):
                 yield info
 
     def cleanup(self) -> None:
-        with self.meta.write(self._scope) as tx, self._new_dirs_settled(scan=True):
-            known = tx.ids()
-            orphans = []
-            for entry in os.listdir(self._dirs):
-                if entry in known:
-                    continue
-                if _locked(self._dirs / entry):
-                    continue  # being built, made ahead or removed by a live process
-                orphans.append(entry)
+        if self._orphans(self.meta.read(self._scope)):
+            # found with a read: taken again under the write lock, so no row can
+            # come to name one while it is renamed
+            with self.meta.write(self._scope) as tx:
+                orphans = self._orphans(contextlib.nullcontext(tx))
+        else:
+            orphans = []  # the common case (gc calls this) costs no write transaction
         for name in orphans:
             if not name.startswith(_RM):
                 with contextlib.suppress(FileNotFoundError):
                     os.rename(self._dirs / name, self._dirs / (_RM + name))
         self.reap()  # the orphans, and removals the reaper has not finished
+
+    def _orphans(self, reading: AbstractContextManager[Transaction]) -> list[str]:
+        """Directories no row names and no live process holds (see the module docs)."""
+        with reading as tx, self._new_dirs_settled(scan=True):
+            known = tx.ids()
+            return [entry for entry in os.listdir(self._dirs)
+                    if entry not in known and not _locked(self._dirs / entry)]
 
     def check(self) -> list[Problem]:
         """Where metadata and disk disagree: rows without a directory, directories
