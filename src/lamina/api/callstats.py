@@ -16,21 +16,17 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Iterator
+from typing import Any
 
 import grpc
+
+from lamina.api.handlers import Handler, HandlerInterceptor, behaviour, rebuild
 
 __all__ = ["SAMPLES", "CallStats"]
 
 SAMPLES = 20_000
 """Durations kept per method for the quantiles (a uniform sample beyond that)."""
-
-if TYPE_CHECKING:  # generic in grpc-stubs only
-    Handler = grpc.RpcMethodHandler[Any, Any]
-    _Interceptor = grpc.ServerInterceptor[Any, Any]
-else:
-    _Interceptor = grpc.ServerInterceptor
 
 
 class _Method:
@@ -56,7 +52,7 @@ def _quantile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-class CallStats(_Interceptor):
+class CallStats(HandlerInterceptor):
     """Per-method call counts and durations of one server (see the module docs)."""
 
     def __init__(self) -> None:
@@ -93,18 +89,9 @@ class CallStats(_Interceptor):
             f.write("\n")
         os.replace(tmp, path)
 
-    # -- grpc.ServerInterceptor ----------------------------------------------
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        name = handler_call_details.method.rsplit("/", 1)[-1]
-        make, kind = _KINDS[handler.request_streaming, handler.response_streaming]
-        inner = cast("Callable[..., Any]", getattr(handler, kind))
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        name = method.rsplit("/", 1)[-1]
+        inner = behaviour(handler)
 
         def timed(arg: Any, context: grpc.ServicerContext) -> Any:
             t0 = time.perf_counter()
@@ -120,16 +107,4 @@ class CallStats(_Interceptor):
             finally:
                 self._record(name, time.perf_counter() - t0)
 
-        wrapped: Handler = make(timed_stream if handler.response_streaming else timed,
-                                request_deserializer=handler.request_deserializer,
-                                response_serializer=handler.response_serializer)
-        return wrapped
-
-
-#: (request streaming, response streaming) -> the handler maker and the behaviour's name
-_KINDS: dict[tuple[bool, bool], tuple[Callable[..., Any], str]] = {
-    (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary"),
-    (True, False): (grpc.stream_unary_rpc_method_handler, "stream_unary"),
-    (False, True): (grpc.unary_stream_rpc_method_handler, "unary_stream"),
-    (True, True): (grpc.stream_stream_rpc_method_handler, "stream_stream"),
-}
+        return rebuild(handler, timed_stream if handler.response_streaming else timed)

@@ -166,7 +166,8 @@ class Server:
         )
         # no maximum_concurrent_rpcs: it would count silent streams and refuse unary calls
         # call_stats outermost: a stream's time includes the governor's admission
-        interceptors = [*filter(None, [self._call_stats]), governor]
+        interceptors: list[grpc.ServerInterceptor[Any, Any]] = [
+            *filter(None, [self._call_stats]), governor]
         server = grpc.server(self._executor, interceptors=interceptors, options=CHANNEL_OPTIONS)
         self._governor = governor
         spb_grpc.add_SnapshotsServicer_to_server(  # type: ignore[no-untyped-call]

@@ -39,11 +39,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import grpc
 
 from lamina.api.errors import ERROR_METADATA
+from lamina.api.handlers import Handler, HandlerInterceptor, behaviour, rebuild
 from lamina.errors import InvalidArgument
 
 __all__ = [
@@ -108,14 +109,7 @@ def client_of(context: grpc.ServicerContext) -> str:
     return f"{context.peer()}|{who}"
 
 
-if TYPE_CHECKING:  # generic in grpc-stubs only
-    Handler = grpc.RpcMethodHandler[Any, Any]
-    _Interceptor = grpc.ServerInterceptor[Any, Any]
-else:
-    _Interceptor = grpc.ServerInterceptor
-
-
-class StreamGovernor(_Interceptor):
+class StreamGovernor(HandlerInterceptor):
     """Runs streaming calls on their own bounded pool with idle timeouts (module docs)."""
 
     def __init__(
@@ -145,23 +139,12 @@ class StreamGovernor(_Interceptor):
         self._watchdog.start()
 
     # -- grpc.ServerInterceptor ----------------------------------------------
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = continuation(handler_call_details)
-        if handler is None or not (handler.request_streaming or handler.response_streaming):
-            return handler
-        return self._wrap(handler, handler_call_details.method)
-
-    def _wrap(self, handler: Handler, method: str) -> Handler:
+    def wrap(self, handler: Handler, method: str) -> Handler:
         request_streaming = handler.request_streaming
+        if not (request_streaming or handler.response_streaming):
+            return handler  # unary calls stay on the server's own pool
+        inner = behaviour(handler)
         if handler.response_streaming:
-            inner: Callable[..., Any] = cast(
-                "Callable[..., Any]",
-                handler.stream_stream if request_streaming else handler.unary_stream,
-            )
 
             def streaming(arg: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 stream = self._admit(method, context)
@@ -183,7 +166,6 @@ class StreamGovernor(_Interceptor):
 
             behavior: Callable[..., Any] = streaming
         else:
-            inner = cast("Callable[..., Any]", handler.stream_unary)
 
             def unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
                 stream = self._admit(method, context)
@@ -194,16 +176,7 @@ class StreamGovernor(_Interceptor):
 
             behavior = unary
         behavior.experimental_thread_pool = self.pool  # type: ignore[attr-defined]
-        make: Callable[..., Handler] = {
-            (True, True): grpc.stream_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-        }[(request_streaming, handler.response_streaming)]
-        return make(
-            behavior,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return rebuild(handler, behavior)
 
     # -- admission -------------------------------------------------------------
     def _admit(self, method: str, context: grpc.ServicerContext) -> _Stream:
