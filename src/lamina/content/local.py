@@ -512,46 +512,46 @@ class LocalContentStore(ScopedViews, Closing):
 
     def delete(self, digest: str) -> None:
         """Drop the acting owner's reference; the blob goes with the last one."""
-        path = self.blob_path(digest)
+        self.blob_path(digest)  # a malformed digest is InvalidArgument, not NotFound
         with self._db.write() as conn:
             refs = self._refs(conn, digest)
             if self._scope.actor not in refs:
                 self._not_mine(digest, refs, "delete")
-            conn.execute("DELETE FROM blob_refs WHERE digest = ? AND owner = ?",
-                         (digest, self._scope.actor))
-            if len(refs) > 1:
-                return  # another owner still holds it
-            conn.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
-            crash.point("content.delete.row-deleted")
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            crash.point("content.delete.unlinked")
-            fsync_dir(self.blobs_dir)
-        crash.point("content.delete.committed")
+            gone = self._drop_refs(conn, [(digest, len(refs))])
+        if gone:
+            crash.point("content.delete.committed")
 
     def delete_many(self, digests: Sequence[str]) -> None:
         """:meth:`delete` of each of ``digests`` in one transaction and one sync of the
         blobs directory (:class:`BatchDelete`); what the owner does not hold is passed over."""
         with self._db.write() as conn:
-            gone: list[str] = []
-            for digest in digests:
-                refs = self._refs(conn, digest)
-                if self._scope.actor not in refs:
-                    continue
-                conn.execute("DELETE FROM blob_refs WHERE digest = ? AND owner = ?",
-                             (digest, self._scope.actor))
-                if len(refs) == 1:  # the last reference: the blob goes
-                    conn.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
-                    gone.append(digest)
-            if not gone:
-                return
-            crash.point("content.delete.row-deleted")
-            for digest in gone:
-                with contextlib.suppress(FileNotFoundError):
-                    self.blob_path(digest).unlink()
-            crash.point("content.delete.unlinked")
-            fsync_dir(self.blobs_dir)
-        crash.point("content.delete.committed")
+            held = [(d, len(refs)) for d in digests
+                    if self._scope.actor in (refs := self._refs(conn, d))]
+            gone = self._drop_refs(conn, held)
+        if gone:
+            crash.point("content.delete.committed")
+
+    def _drop_refs(self, conn: sqlite3.Connection,
+                   held: Sequence[tuple[str, int]]) -> bool:
+        """Inside a write transaction, drop the acting owner's reference to each blob
+        of ``held`` (digest, how many owners hold it); a blob whose last reference that was goes,
+        its file unlinked and the blobs directory synced once. Whether any went."""
+        gone: list[str] = []
+        for digest, owners in held:
+            conn.execute("DELETE FROM blob_refs WHERE digest = ? AND owner = ?",
+                         (digest, self._scope.actor))
+            if owners == 1:  # the last reference: the blob goes
+                conn.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
+                gone.append(digest)
+        if not gone:
+            return False  # another owner still holds each of them
+        crash.point("content.delete.row-deleted")
+        for digest in gone:
+            with contextlib.suppress(FileNotFoundError):
+                self.blob_path(digest).unlink()
+        crash.point("content.delete.unlinked")
+        fsync_dir(self.blobs_dir)
+        return True
 
     def reader(self, digest: str) -> BinaryIO:
         path = self.blob_path(digest)
