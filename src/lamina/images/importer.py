@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from lamina.content import write_blob
 from lamina.errors import AlreadyExists, InvalidArgument, LaminaError, NotFound, Unavailable
@@ -60,6 +60,7 @@ _DOCUMENTS = {"index.json", "oci-layout", "manifest.json", "repositories"}
 #: Blobs at most this large (every document among them) are stored before the
 #: others, so the layers can be stored in the order an unpack reads them.
 SMALL_BLOB = MAX_DOCUMENT
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -211,12 +212,20 @@ def _scan_twice(tar: tarfile.TarFile, content: ContentStore, progress: Progress,
             large.append(member)
         else:
             _take(tar, member, found, content, progress, arrivals)
-    first = {digest: n for n, digest in enumerate(early(found) if early else ())}
-    names = [_blob_path_digest(_member_path(m)) or "" for m in large]
-    order = sorted(range(len(large)), key=lambda n: first.get(names[n], len(first)))
-    for n in order:
-        _take(tar, large[n], found, content, progress, arrivals)
+    named = [(_blob_path_digest(_member_path(m)), m) for m in large]
+    for member in _wanted_first(named, early(found) if early else ()):
+        _take(tar, member, found, content, progress, arrivals)
     return found
+
+
+def _wanted_first(items: Sequence[tuple[str | None, _T]], wanted: Sequence[str]) -> list[_T]:
+    """The items (each with its blob digest, if it names one): those whose digest
+    ``wanted`` names in that order, then the others as they came."""
+    rank: dict[str, int] = {}
+    for n, digest in enumerate(wanted):
+        rank.setdefault(digest, n)
+    ordered = sorted(items, key=lambda item: rank.get(item[0] or "", len(rank)))
+    return [item for _, item in ordered]
 
 
 def _hold(content: ContentStore, digests: Iterable[str | None]) -> None:
@@ -269,7 +278,7 @@ def _scan_dir(root: Path, content: ContentStore, progress: Progress, arrivals: A
     blobs = root / "blobs" / "sha256"
     if not blobs.is_dir():
         return found
-    large: dict[str, Path] = {}
+    large: list[tuple[str | None, Path]] = []
     names = sorted(blobs.iterdir())
     _hold(content, (_blob_path_digest(f"blobs/sha256/{p.name}") for p in names))
     for p in names:
@@ -277,13 +286,10 @@ def _scan_dir(root: Path, content: ContentStore, progress: Progress, arrivals: A
         if expected is None or not p.is_file():
             continue
         if p.stat().st_size > SMALL_BLOB:
-            large[expected] = p  # after the documents (see _scan_tar)
+            large.append((expected, p))  # after the documents (see _scan_tar)
         else:
             _take_file(p, found, content, progress, arrivals)
-    for digest in (early(found) if early else ()):
-        if digest in large:
-            _take_file(large.pop(digest), found, content, progress, arrivals)
-    for p in large.values():
+    for p in _wanted_first(large, early(found) if early else ()):
         _take_file(p, found, content, progress, arrivals)
     return found
 
