@@ -40,14 +40,10 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from lamina import rootless
 from lamina.archive import limits
-from lamina.erofs.digest import file_digest, parse_record
-from lamina.erofs.inode import RootMeta
-from lamina.erofs.reader import ErofsImage
-from lamina.erofs.writer import write_image
 from lamina.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from lamina.fs.files import atomic_write, fsync_dir, locked, remove_tree
 from lamina.fs.perms import FILE_MODE
@@ -55,10 +51,15 @@ from lamina.mounts.erofs import BACKINGS, is_mounted, mount_image, unmount_image
 from lamina.mounts.mount import Mount, temp_mount
 from lamina.problems import Problem, ProblemType
 from lamina.snapshots import Kind, Usage
-from lamina.snapshots.erofs.convert import image_from_upper, root_meta
 from lamina.snapshots.overlay import OverlaySnapshotter
 from lamina.snapshots.storage import Snapshot
 from lamina.util import crash
+
+# The image writer, reader, converter and digest are imported by the methods that
+# use them: GC, image rm and the container commands open this snapshotter only to
+# mount or remove layers, and would pay ~12 ms of imports for them (startup).
+if TYPE_CHECKING:
+    from lamina.erofs.inode import RootMeta
 
 __all__ = ["IMAGE", "ErofsSnapshotter", "check_erofs_support"]
 
@@ -73,6 +74,8 @@ def check_erofs_support(root: Path, *, backing: str = "auto") -> None:
     if rootless.active():
         raise Unavailable("EROFS cannot be mounted in a user namespace "
                           "(rootless lamina keeps the overlay snapshotter)")
+    from lamina.erofs.writer import write_image  # once per root (startup)
+
     probe = root / "erofs-check"
     remove_tree(probe)
     probe.mkdir(mode=0o700)
@@ -189,36 +192,63 @@ class ErofsSnapshotter(OverlaySnapshotter):
         max_size: int | None = limits.DEFAULT_MAX_LAYER_SIZE,
         labels: Mapping[str, str] | None = None,
         wait: Callable[[], None] | None = None,
+        parent_root: Callable[[], object | None] | None = None,
+        on_root: Callable[[object], None] | None = None,
     ) -> str:
         """Prepare active ``key`` on ``parent`` whose own layer is the layer read from
         ``stream``, written as an image with nothing extracted; returns its DiffID
         (:class:`~lamina.snapshots.LayerStreams`). The parent is needed only once
         the stream is read (the root's metadata, whiteouts hiding nothing are left
-        out): ``wait`` is called then, before it is looked up."""
+        out): ``wait`` is called then, before it is looked up. What ``parent_root``
+        returns (the parent's :class:`~lamina.erofs.inode.RootMeta`, handed by its
+        ``on_root``) stands for the parent's mounted root: the layer's metadata is
+        then written while the parent is still being committed, and only a layer
+        that must see its lowers' files (whiteouts, directories it implies) waits
+        for the parent before it is written."""
+        from lamina.erofs.inode import RootMeta
+        from lamina.erofs.writer import write_image  # see the imports (startup)
+        from lamina.snapshots.erofs.rootmeta import as_lower_root, root_meta
+
         with self.meta.read(self._scope) as tx:  # fail fast, before reading anything
             tx.check_new_key(key)
             if wait is None:
                 tx.resolve_parent(parent)
         chain: list[str] = []
+        resolved: list[bool] = []
         with self._new_dir() as new, contextlib.ExitStack() as lowers:
             fs = new / "fs"
             fs.mkdir(mode=0o755)
 
+            def committed_parent() -> list[str]:
+                """The parent's chain, once the parent is committed."""
+                if not resolved:
+                    if wait is not None:
+                        wait()
+                    with self.meta.read(self._scope) as tx:
+                        chain.extend(tx.resolve_parent(parent)[1])
+                    resolved.append(True)
+                return chain
+
             def settle_root() -> RootMeta | None:
-                if wait is not None:
-                    wait()
-                with self.meta.read(self._scope) as tx:
-                    chain.extend(tx.resolve_parent(parent)[1])
-                return root_meta(self._mount_layer(chain[0])) if chain else None
+                given = parent_root() if parent_root is not None else None
+                if isinstance(given, RootMeta):
+                    return given
+                below = committed_parent()
+                return root_meta(self._mount_layer(below[0])) if below else None
 
             def settle_lower() -> str | None:
-                return lowers.enter_context(self._lower_tree(chain, fs))
+                return lowers.enter_context(self._lower_tree(committed_parent(), fs))
+
+            def shown_root(meta: RootMeta) -> None:
+                if on_root is not None:
+                    on_root(as_lower_root(meta))
 
             written = write_image(stream, new / IMAGE, overlay=True,
                                   expected_diff_id=expected_diff_id, max_size=max_size,
                                   root=settle_root, drop_needless_whiteouts=True,
-                                  lower=settle_lower)
+                                  lower=settle_lower, on_root=shown_root)
             lowers.close()
+            committed_parent()  # the row below names the parent: it must be committed
             atomic_write(new / DIGEST, written.digest.encode() + b"\n", mode=FILE_MODE)
             crash.point("erofs.stream-written")
             (new / _UPPER).mkdir(mode=0o755)
@@ -242,9 +272,13 @@ class ErofsSnapshotter(OverlaySnapshotter):
                 raise FailedPrecondition(
                     f"snapshot {key!r} was written from a layer stream and changed through "
                     "its mounts since: only its layer as written can be committed")
+            from lamina.erofs.reader import ErofsImage  # see the imports (startup)
+
             with ErofsImage(image) as img:
                 usage = Usage(size=os.stat(image).st_blocks * 512, inodes=img.inos)
         else:
+            from lamina.snapshots.erofs.convert import image_from_upper  # (startup)
+
             usage = self._upper_usage(own / "fs")
             written = image_from_upper(own / "fs", image)
             crash.point("erofs.image-written")
@@ -310,6 +344,8 @@ class ErofsSnapshotter(OverlaySnapshotter):
     def verify_layer(self, key: str) -> str:
         """What is wrong with committed ``key``'s image ("" if it has the digest
         recorded at commit): for ``lamina check --deep``."""
+        from lamina.erofs.digest import file_digest, parse_record  # see the imports (startup)
+
         sid = self.snapshot(key).id
         image = self._dirs / sid / IMAGE
         try:

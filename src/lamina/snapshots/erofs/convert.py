@@ -16,20 +16,10 @@ import threading
 from pathlib import Path
 
 from lamina.archive.changes import write_overlay_diff
-from lamina.erofs.inode import RootMeta
 from lamina.erofs.writer import WrittenImage, write_image
-from lamina.mounts.overlay import overlay_xattr_prefix
+from lamina.snapshots.erofs.rootmeta import root_meta
 
-__all__ = ["image_from_upper", "root_meta"]
-
-
-def root_meta(directory: Path) -> RootMeta:
-    """The metadata of ``directory`` as an image's root (overlay's own xattrs left out)."""
-    st = os.stat(directory)
-    xattrs = tuple((k, os.getxattr(directory, k)) for k in sorted(os.listxattr(directory))
-                   if not k.startswith(overlay_xattr_prefix()))
-    return RootMeta(mode=st.st_mode & 0o7777, uid=st.st_uid, gid=st.st_gid,
-                    mtime_ns=st.st_mtime_ns, xattrs=xattrs)
+__all__ = ["image_from_upper"]
 
 
 class _PipeOut:
