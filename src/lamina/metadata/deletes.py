@@ -10,8 +10,10 @@ images rm --sync`` and ``ctr leases rm --sync`` do), so it is collected once.
 
 from __future__ import annotations
 
-from lamina.metadata.gc import collect
-from lamina.metadata.root import Root
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lamina.metadata.root import Root
 
 __all__ = ["delete_image", "delete_lease"]
 
@@ -20,11 +22,18 @@ def delete_image(root: Root, name: str, *, sync: bool = False) -> None:
     """Delete the image record ``name`` (NotFound if none); with ``sync``, collect."""
     root.images().delete(name)
     if sync:
-        collect(root)
+        _collect(root)
 
 
 def delete_lease(root: Root, lease_id: str, *, sync: bool = False) -> None:
     """Delete the lease ``lease_id`` (NotFound if none); with ``sync``, collect."""
     root.leases().delete(lease_id)
     if sync:
-        collect(root)
+        _collect(root)
+
+
+def _collect(root: Root) -> None:
+    # imported here: a delete without sync (image rm) does not pay GC's imports (startup)
+    from lamina.metadata.gc import collect
+
+    collect(root)
