@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shutil
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -145,3 +148,51 @@ def test_group_commit_fails_every_body_when_the_commit_fails(
     with db.read() as c:
         assert c.execute("SELECT k FROM t").fetchall() == [("b",)]
     db.close()
+
+
+def test_a_new_database_costs_two_syncs(tmp_path: Path) -> None:
+    """A new file is built aside and linked in place: one fsync of the file, one of
+    the directory (switching it to WAL and committing the schema in place took
+    seven), and it is a WAL database with the schema, owner-only, nothing left over."""
+    if not shutil.which("strace"):
+        pytest.skip("strace missing")
+    path = tmp_path / "m.db"
+    code = ("import sys\nfrom lamina.util.db import Database\n"
+            "Database(sys.argv[1], sys.argv[2]).close()\n")  # nothing written: close syncs nothing
+    summary = tmp_path / "summary"
+    subprocess.run(["strace", "-f", "-c", "-e", "trace=fsync,fdatasync", "-o", str(summary),
+                    sys.executable, "-c", code, str(path), _SCHEMA], check=True)
+    calls = {line.split()[-1]: int(line.split()[3]) for line in summary.read_text().splitlines()
+             if line.split() and line.split()[-1] in ("fsync", "fdatasync")}
+    assert sum(calls.values()) == 2, calls
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.db", "summary"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    db = Database(path, "")
+    assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with db.write() as c:
+        c.execute("INSERT INTO t VALUES ('a', 'b')")
+    db.close()
+
+
+def test_a_database_another_process_made_first_is_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two openers of a new file: the one that links second keeps the other's file
+    (and what was written to it) and adds its own schema to it."""
+    path = tmp_path / "m.db"
+    real_link = os.link
+
+    def link_after_another(src: str, dst: str) -> None:
+        monkeypatch.setattr(os, "link", real_link)
+        other = Database(dst, "CREATE TABLE o (k TEXT)")
+        with other.write() as c:
+            c.execute("INSERT INTO o VALUES ('theirs')")
+        other.close()
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", link_after_another)
+    db = Database(path, _SCHEMA)
+    with db.read() as c:
+        assert c.execute("SELECT k FROM o").fetchall() == [("theirs",)]
+        assert c.execute("SELECT count(*) FROM t").fetchone()[0] == 0
+    db.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.db"]

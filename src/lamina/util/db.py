@@ -26,9 +26,10 @@ on disk, and what a body did on disk is durable before the commit that
 records it: the ordering above holds for each body as it did alone. A failed
 commit fails every body of the batch.
 
-The file is created 0600 before SQLite opens it; SQLite gives its ``-wal`` and
-``-shm`` files the database's mode. Files an earlier lamina left 0644 are
-tightened on open.
+A new file is built aside (0600, in WAL mode, with its schema) and linked
+into place whole, for two syncs (see :func:`_create`); SQLite gives its
+``-wal`` and ``-shm`` files the database's mode. Files an earlier lamina left
+0644 are tightened on open.
 """
 
 from __future__ import annotations
@@ -82,12 +83,7 @@ class Database:
         self._batch: _Batch | None = None  # the open group transaction
         self._readers = threading.local()  # each thread's read connection (group commit)
         self._reader_conns: list[sqlite3.Connection] = []
-        # Created 0600 here if missing, with O_EXCL: opening (and closing) an existing
-        # database file would drop every POSIX lock this process holds on it, the
-        # locks another SQLite connection of this process relies on.
-        with contextlib.suppress(FileExistsError):
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                             FILE_MODE))
+        made = not os.path.exists(self.path) and _create(self.path, schema)
         for suffix in ("", "-wal", "-shm", "-journal"):
             tighten(self.path + suffix, FILE_MODE)
         self._conn: sqlite3.Connection | None = sqlite3.connect(
@@ -98,14 +94,17 @@ class Database:
         self._enable_wal()
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
+        if made:  # the schema is in already
+            return
         with self.write() as c:
             for stmt in schema.split(";"):
                 if stmt.strip():
                     c.execute(stmt)
 
     def _enable_wal(self) -> None:
-        """Switch to WAL. Two processes creating the same new file race on this, and
-        SQLite does not apply the busy timeout to it: retry until the timeout."""
+        """Switch to WAL (a file :func:`_create` made is in it already). Two processes
+        switching the same file race on this, and SQLite does not apply the busy
+        timeout to it: retry until the timeout."""
         deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
         while True:
             try:
@@ -313,6 +312,55 @@ class Database:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+def _create(path: str, schema: str) -> bool:
+    """Make the database file ``path``, in WAL mode with ``schema``, unless another
+    process makes it first; True if this call made it.
+
+    It is built under a temporary name with no syncs (nothing refers to it yet),
+    fsynced once and linked into place, and the directory is fsynced once: two
+    syncs, where switching a new file to WAL in place and committing its schema
+    take seven (its rollback journal twice, the file, the WAL twice and the
+    directory for each of the two new journals). A
+    crash leaves either no file or the whole of it, never a half-made one at
+    ``path``. The link never replaces a file another process made meanwhile,
+    and ``path`` itself is never opened here: closing a descriptor of it would
+    drop every POSIX lock this process holds on it, the locks another SQLite
+    connection of this process relies on."""
+    import tempfile
+
+    directory = os.path.dirname(path) or "."
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", dir=directory)  # 0600
+    try:
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            conn.execute("PRAGMA synchronous=OFF")  # made durable as a whole below
+            conn.execute("PRAGMA journal_mode=WAL")  # recorded in the file's header
+            conn.execute("BEGIN IMMEDIATE")
+            for stmt in schema.split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()  # checkpoints the schema into the file and deletes its WAL
+        os.fsync(fd)
+        os.close(fd)  # before the link: no descriptor of the linked file is closed after
+        fd = -1
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        os.fsync(dir_fd)
+        return True
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        os.close(dir_fd)
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp + suffix)
 
 
 @contextlib.contextmanager
