@@ -260,6 +260,73 @@ def test_layer_written_before_its_parent_is_committed(sn: ErofsSnapshotter,
         assert os.listdir(r) == ["g"]
 
 
+def _root_layer(mode: int, uid: int, gid: int, mtime: int, xattrs: dict[str, str]) -> bytes:
+    """A layer that lists only its root, with that metadata."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo(".")
+        info.type, info.mode, info.mtime = tarfile.DIRTYPE, mode, mtime
+        info.uid, info.gid = uid, gid
+        info.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in xattrs.items()}
+        tf.addfile(info)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("listed", [True, False], ids=["parent-lists-root", "default-root"])
+def test_streamed_layer_settles_on_the_root_handed_to_it(sn: ErofsSnapshotter, tmp_path: Path,
+                                                         listed: bool) -> None:
+    """A layer above a layer of the same unpack takes its parent's root as the
+    parent hands it (on_root -> parent_root) and is written whole before the
+    parent is committed; its image is byte for byte the one settled against
+    the committed parent's mount, and only its commit waits for the parent."""
+    import threading
+
+    handed: list[object] = []
+    parent = (_root_layer(0o1751, 70000, 8, 1_234_567, {"user.k": "v"}) if listed
+              else _tar([("base", b"0")]))
+    sn.prepare_stream("s1", "", io.BytesIO(parent), on_root=handed.append)
+    assert len(handed) == 1
+    child = _tar([("g", b"two"), ("d", None), ("d/f", b"three")])
+    parent_done = threading.Event()
+    written = threading.Event()
+    result: list[str | BaseException] = []
+
+    def wait() -> None:
+        assert parent_done.wait(timeout=30)
+
+    def run() -> None:
+        try:
+            result.append(sn.prepare_stream("s2", "l1", io.BytesIO(child), wait=wait,
+                                            parent_root=lambda: handed[0],
+                                            on_root=lambda _: written.set()))
+        except BaseException as exc:
+            result.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        # the child's metadata is written while the parent is not even committed
+        assert written.wait(timeout=30), result
+        assert not result  # and it has not been created: that waits for the parent
+    finally:
+        sn.commit("l1", "s1")
+        parent_done.set()
+        t.join()
+    assert isinstance(result[0], str), result
+    sn.commit("l2", "s2")
+    # the same layer settled the slow way: against the committed parent's mount
+    sn.prepare_stream("s3", "l1", io.BytesIO(child))
+    sn.commit("l3", "s3")
+    assert sn.image_path("l2").read_bytes() == sn.image_path("l3").read_bytes()
+    with temp_mount(sn.view("v", "l2"), base=tmp_path / "work") as r:
+        st = os.stat(r)
+        if listed:
+            assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o1751, 70000, 8)
+            assert st.st_mtime_ns == 1_234_567 * 10**9
+            assert os.getxattr(r, "user.k") == b"v"
+        assert sorted(os.listdir(r)) == (["d", "g"] if listed else ["base", "d", "g"])
+
+
 def test_check_deep_verifies_layer_images(tmp_path: Path) -> None:
     """``lamina check --deep`` compares each image with the sha256 of its commit;
     garbage collection of an unreferenced layer unmounts it and deletes its file."""

@@ -162,6 +162,14 @@ class _Data:
         return self.tails.get(node.tail_at, n)
 
 
+def _shown_root(node: Inode, epoch_ns: int) -> RootMeta:
+    """The root's metadata as a mount shows it: a time the layer did not give
+    is the image's epoch (the compact inodes' time)."""
+    return RootMeta(mode=node.mode & 0o7777, uid=node.uid, gid=node.gid,
+                    mtime_ns=epoch_ns if node.mtime_ns is None else node.mtime_ns,
+                    xattrs=tuple(sorted(node.xattrs.items())))
+
+
 def write_image(
     stream: IO[bytes],
     dest: str | os.PathLike[str],
@@ -173,6 +181,7 @@ def write_image(
     root: RootMeta | Callable[[], RootMeta | None] | None = None,
     drop_needless_whiteouts: bool = False,
     lower: str | os.PathLike[str] | Callable[[], str | None] | None = None,
+    on_root: Callable[[RootMeta], None] | None = None,
 ) -> WrittenImage:
     """Write the layer read from ``stream`` as the EROFS image file ``dest``.
 
@@ -191,8 +200,11 @@ def write_image(
     callables, called once the whole stream has been read (``root`` first,
     always; ``lower`` when whiteouts are dropped): a layer can be written while
     its parent is still being made, and settled against it at the end, as a
-    staged upperdir is (the root's metadata is the parent's unless listed). On
-    any error ``dest`` is left as it was.
+    staged upperdir is (the root's metadata is the parent's unless listed).
+    ``on_root`` is told the root directory's metadata as a mount of the image
+    will show it, as soon as the metadata is written (before the image is made
+    durable): a layer written above this one in parallel can settle against it
+    without waiting for this one's commit. On any error ``dest`` is left as it was.
     """
     if not overlay and (callable(root) or callable(lower)):
         raise ValueError("root and lower are callables only in overlay form")
@@ -233,7 +245,10 @@ def write_image(
                 os.fdatasync(fd)
                 tree.settle_root(root())
             if callable(lower):
-                lower = lower() if drop_needless_whiteouts or tree.implicit else None
+                # asked for only where it decides something: a mount of the lowers
+                # (and, for a streamed layer, the wait for its parent's commit)
+                lower = lower() if (drop_needless_whiteouts and tree.whiteouts) \
+                    or tree.implicit else None
             below = os.fspath(lower) if lower is not None else None
             tree.settle_implicit(below)
             if drop_needless_whiteouts:
@@ -241,6 +256,8 @@ def write_image(
                 tree.prune_implicit()
             layout = write_metadata(fd, tree.root, data_end=data.next_block,
                                     read_tail=data.tail, uuid=meter.digest.digest()[:16])
+            if on_root is not None:
+                on_root(_shown_root(tree.root, layout.epoch_ns))
             digest = data.hasher.finish(fd, layout.blocks * BLK)
     except LaminaError:
         raise

@@ -486,6 +486,7 @@ class Unpacker:
         streams = self.sn
         stacks: dict[int, contextlib.ExitStack] = {}
         committed = {i: threading.Event() for i in todo}
+        roots = {i: _Handoff() for i in todo}  # each layer's root, for the layer above
         stopped = threading.Event()
         retry = object()
 
@@ -497,19 +498,34 @@ class Unpacker:
                     raise InvalidArgument("unpack stopped: a layer below failed")
             return wait
 
+        def parent_root(i: int) -> Callable[[], object | None] | None:
+            if i - 1 not in roots:
+                return None  # the parent was there before: its mount tells
+            def take() -> object | None:
+                value = roots[i - 1].take()
+                if stopped.is_set():
+                    raise InvalidArgument("unpack stopped: a layer below failed")
+                return value
+            return take
+
         def write(i: int) -> str | object | None:
-            stack = self._claim(stacks, i, chains[i])
-            if stack is None:
-                return None
-            key = self._key(chains[i])
-            with self._layer(manifest, i) as reader:
-                try:
-                    streams.prepare_stream(
-                        key, chains[i - 1] if i else "", reader,
-                        expected_diff_id=config.diff_ids[i], max_size=self.max_layer_size,
-                        labels={SNAPSHOT_REF: chains[i]}, wait=parent_committed(i))
-                except NeedsLowerLayers:
-                    return retry
+            try:
+                stack = self._claim(stacks, i, chains[i])
+                if stack is None:
+                    return None
+                key = self._key(chains[i])
+                with self._layer(manifest, i) as reader:
+                    try:
+                        streams.prepare_stream(
+                            key, chains[i - 1] if i else "", reader,
+                            expected_diff_id=config.diff_ids[i],
+                            max_size=self.max_layer_size, labels={SNAPSHOT_REF: chains[i]},
+                            wait=parent_committed(i), parent_root=parent_root(i),
+                            on_root=roots[i].give)
+                    except NeedsLowerLayers:
+                        return retry
+            finally:
+                roots[i].give(None)  # not given (another unpack's, applied on a mount, failed)
             crash.point("unpack.applied")
             return key
 
@@ -528,10 +544,32 @@ class Unpacker:
             stopped.set()
             for event in committed.values():
                 event.set()
+            for handoff in roots.values():
+                handoff.give(None)
 
         return self._in_order(manifest, config, chains, todo, stacks, write, finish,
                               retry=retry,
                               after=lambda i: committed[i].set(), stop=stop)
+
+
+class _Handoff:
+    """What one streamed layer hands the layer above it, once: the first value
+    given is the one taken (None: nothing to hand, the parent's commit tells)."""
+
+    def __init__(self) -> None:
+        self._given = threading.Event()
+        self._value: object | None = None
+        self._lock = threading.Lock()
+
+    def give(self, value: object | None) -> None:
+        with self._lock:
+            if not self._given.is_set():
+                self._value = value
+                self._given.set()
+
+    def take(self) -> object | None:
+        self._given.wait()
+        return self._value
 
 
 def unpacker_for(root: Root, content: ContentStore, *, snapshotter: str, lease: str,

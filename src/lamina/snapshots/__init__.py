@@ -276,6 +276,8 @@ class LayerStreams(Protocol):
         max_size: int | None = ...,
         labels: Mapping[str, str] | None = None,
         wait: Callable[[], None] | None = None,
+        parent_root: Callable[[], object | None] | None = None,
+        on_root: Callable[[object], None] | None = None,
     ) -> str:
         """Prepare active ``key`` on committed ``parent`` whose own layer is the
         layer read from ``stream`` (plain, gzip or zstd), as applying it on a mount
@@ -284,6 +286,11 @@ class LayerStreams(Protocol):
         With ``wait``, ``parent`` need not exist yet: ``wait`` is called once the
         stream is read and returns when it is committed (layers written in
         parallel, committed in order).
+        ``on_root`` is handed, as soon as it is known, what this layer's root
+        directory will be; ``parent_root`` returns what the parent's ``on_root``
+        was handed (None: not known, ask the committed parent). With both, a layer
+        written in parallel settles against the layer below before that one is
+        committed, and waits only to be committed itself.
         Raises :class:`~lamina.archive.apply.NeedsLowerLayers` where the layer
         says something only its parent's files can resolve: apply it on a mount."""
         ...
