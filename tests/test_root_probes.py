@@ -1,0 +1,122 @@
+"""The probes a snapshotter runs on a new root (overlayfs and EROFS mountable under
+it): cheap (no sync of the filesystem, no fsync), once per root, and one line where
+they fail."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+import lamina.mounts.erofs as mounts_erofs
+import lamina.snapshots.erofs as snap_erofs
+import lamina.snapshots.overlay as overlay
+from lamina.errors import Unavailable
+from lamina.mounts.mount import Mount
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+
+
+def _count_syncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    for name in ("fsync", "fdatasync", "sync"):
+        real = getattr(os, name)
+
+        def counted(*args: object, _real: object = real, _name: str = name) -> object:
+            calls.append(_name)
+            return _real(*args)  # type: ignore[operator]
+
+        monkeypatch.setattr(os, name, counted)
+    return calls
+
+
+def test_overlay_probe_is_volatile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unmounting a writable overlay syncs its whole upper filesystem unless it is
+    volatile: the probe's is, so it does not wait for other writers' data."""
+    seen: list[tuple[str, ...]] = []
+    real = overlay.mount_all
+
+    def recording(mounts: Sequence[Mount], target: str | os.PathLike[str]) -> None:
+        seen.append(tuple(mounts[0].options))
+        real(mounts, target)
+
+    monkeypatch.setattr(overlay, "mount_all", recording)
+    overlay.check_overlay_support(tmp_path / "r")
+    assert len(seen) == 1 and "volatile" in seen[0], seen
+    assert list((tmp_path / "r").iterdir()) == []
+
+
+def test_overlay_probe_on_a_kernel_without_volatile(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel before 5.10 refuses ``volatile``: the probe mounts without it; where
+    that fails too, the error is one line with the reason."""
+    real = overlay.mount_all
+    seen: list[tuple[str, ...]] = []
+
+    def old_kernel(mounts: Sequence[Mount], target: str | os.PathLike[str]) -> None:
+        seen.append(tuple(mounts[0].options))
+        if "volatile" in mounts[0].options:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real(mounts, target)
+
+    monkeypatch.setattr(overlay, "mount_all", old_kernel)
+    overlay.check_overlay_support(tmp_path / "r")
+    assert [("volatile" in o) for o in seen] == [True, False]
+
+    def no_overlay(mounts: Sequence[Mount], target: str | os.PathLike[str]) -> None:
+        raise OSError(errno.ENODEV, "No such device")
+
+    monkeypatch.setattr(overlay, "mount_all", no_overlay)
+    with pytest.raises(Unavailable) as err:
+        overlay.check_overlay_support(tmp_path / "r")
+    assert "overlayfs cannot be mounted under" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_erofs_probe_syncs_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe image needs no durability (nothing records it): no fsync of it or
+    of its directory, which would wait for every other writer's data on ext4."""
+    root = tmp_path / "r"
+    root.mkdir()
+    calls = _count_syncs(monkeypatch)
+    snap_erofs.check_erofs_support(root)
+    snap_erofs.check_erofs_support(root, backing="loop")
+    assert calls == []
+    assert list(root.iterdir()) == []
+
+
+def test_erofs_probe_error_is_one_line_where_the_kernel_has_no_erofs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_erofs(source: str, target: str) -> None:
+        raise OSError(errno.ENODEV, "No such device")
+
+    monkeypatch.setattr(mounts_erofs, "_mount", no_erofs)
+    root = tmp_path / "r"
+    root.mkdir()
+    with pytest.raises(Unavailable) as err:
+        snap_erofs.check_erofs_support(root)
+    assert str(err.value).startswith("this kernel has no EROFS")
+    assert "\n" not in str(err.value)
+    assert list(root.iterdir()) == []
+    with pytest.raises(Unavailable, match="this kernel has no EROFS"):
+        snap_erofs.ErofsSnapshotter(tmp_path / "r2")
+
+
+def test_probes_run_once_per_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Their result is kept in a marker file: a second open of the root probes nothing."""
+    runs: list[str] = []
+    for mod, name in ((overlay, "check_overlay_support"), (snap_erofs, "check_erofs_support")):
+        real = getattr(mod, name)
+
+        def counted(*args: object, _real: object = real, _name: str = name,
+                    **kwargs: object) -> None:
+            runs.append(_name)
+            _real(*args, **kwargs)  # type: ignore[operator]
+
+        monkeypatch.setattr(mod, name, counted)
+    for _ in range(2):
+        snap_erofs.ErofsSnapshotter(tmp_path / "r").close()
+    assert runs == ["check_overlay_support", "check_erofs_support"]
