@@ -97,6 +97,27 @@ def test_signed_checksum_accepted() -> None:
     assert len(entries(bytes(raw))) == 1
 
 
+def test_checksum_is_the_exact_byte_sum() -> None:
+    # bytes above 127 in every part of the header; a sum off by a multiple of
+    # 65521 (what a modular checksum would confuse) is refused
+    raw = bytearray(make_tar([file_("f", b"x")]))
+    at = find_header(bytes(raw), b"f")
+    raw[at + 2 : at + 100] = b"\xff" * 98  # after the name's NUL
+    raw[at + 157 : at + 257] = b"\0" + b"\xfe" * 99  # after the link name's NUL
+    raw[at + 257 : at + 263] = b"ustar\0"
+    raw[at + 265 : at + 345] = b"\xfc" * 80  # user and group names
+    raw[at + 345 : at + 500] = b"\xfd" * 154 + b"\0"  # the prefix
+    block = raw[at : at + 512]
+    unsigned = sum(block[:148]) + sum(block[156:]) + 8 * 32
+    for claimed, ok in ((unsigned, True), (unsigned + 65521, False), (unsigned - 65521, False)):
+        raw[at + 148 : at + 156] = b"%06o\0 " % claimed
+        if ok:
+            assert len(entries(bytes(raw))) == 1
+        else:
+            with pytest.raises(InvalidArgument, match="header checksum mismatch"):
+                entries(bytes(raw))
+
+
 def test_writer_roundtrip_through_tarfile() -> None:
     chunks: list[bytes] = []
     w = TarWriter(chunks.append)

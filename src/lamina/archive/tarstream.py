@@ -42,6 +42,7 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
+from zlib import adler32
 
 from lamina.archive import limits
 from lamina.errors import InvalidArgument
@@ -87,6 +88,10 @@ _OCTAL_DIGITS = b"01234567"
 #: numeric header fields already parsed (bytes -> value), bounded
 _SEEN: dict[bytes, int] = {}
 _SEEN_MAX = 4096
+#: the mode, uid and gid fields together (bytes 100..124) -> their values, bounded
+_OWNERS: dict[bytes, tuple[int, int, int]] = {}
+#: a name this short has no component above NAME_MAX, and is below PATH_MAX
+_SHORT_NAME = min(limits.MAX_NAME_COMPONENT, limits.MAX_PATH - 1)
 _FS_ENCODING = sys.getfilesystemencoding()
 _FS_ERRORS = sys.getfilesystemencodeerrors()
 # member types whose size field never announces data
@@ -173,6 +178,22 @@ def _octal_seen(fieldb: bytes, what: str) -> int:
     return value
 
 
+def _owner_mtime(block: bytes) -> tuple[tuple[int, int, int], int]:
+    """The (mode, uid, gid) and mtime fields of a header whose owner fields
+    were not met yet, parsed in the order their errors are reported."""
+    raw_mode = _octal_seen(block[100:108], "mode")
+    mtime_s = _octal_seen(block[136:148], "mtime")
+    owner = (raw_mode, _octal_seen(block[108:116], "uid"), _octal_seen(block[116:124], "gid"))
+    if len(_OWNERS) >= _SEEN_MAX:
+        _OWNERS.clear()
+    _OWNERS[block[100:124]] = owner
+    return owner, mtime_s
+
+
+def _who(e: TarEntry) -> str:
+    return show_name(e.name)
+
+
 def _decimal(value: bytes, what: str) -> int:
     if not value or value.strip(_DIGITS) or len(value) > 20:
         raise _bad(f"PAX {what} record {value[:40]!r} is not a decimal number")
@@ -191,10 +212,6 @@ def _pax_time_ns(value: bytes, what: str) -> int:
         raise _bad(f"PAX {what} record {value[:40]!r} is out of range (64-bit seconds)")
     ns = seconds * 1_000_000_000 + int((frac[:9] or b"0").ljust(9, b"0"))
     return -ns if neg else ns
-
-
-def _cstr(fieldb: bytes) -> bytes:
-    return fieldb.split(b"\0", 1)[0]
 
 
 def _name(raw: bytes, what: str) -> str:
@@ -303,6 +320,10 @@ class TarReader:
         return self._buf[start : start + n]
 
     def _skip(self, n: int, what: str) -> None:
+        if len(self._buf) - self._pos >= n:  # the usual padding: within the buffer
+            self._pos += n
+            self.offset += n
+            return
         while n > 0:
             avail = len(self._buf) - self._pos
             if avail == 0:
@@ -368,28 +389,37 @@ class TarReader:
         """The next real member, or None at the end of the archive."""
         if self._ended:
             return None
-        self._finish_member()
+        if self._remaining or self._padding:
+            self._finish_member()
         pax: dict[str, bytes] = {}
         long_name: bytes | None = None
         long_link: bytes | None = None
         chain = 0
         meta_bytes = 0  # x/L/K bytes in front of this member
         while True:
-            if not self._fill(BLOCK):
-                if len(self._buf) - self._pos == 0:
-                    if chain:
-                        raise _bad("stream ends after a metadata member")
-                    self._ended = True  # no end-of-archive blocks: accepted
-                    return None
-                raise _bad("stream ends inside a header block")
-            block = self._take(BLOCK)
+            pos = self._pos
+            if len(self._buf) - pos < BLOCK:
+                if not self._fill(BLOCK):
+                    if len(self._buf) - self._pos == 0:
+                        if chain:
+                            raise _bad("stream ends after a metadata member")
+                        self._ended = True  # no end-of-archive blocks: accepted
+                        return None
+                    raise _bad("stream ends inside a header block")
+                pos = 0
+            block = self._buf[pos : pos + BLOCK]
+            self._pos = pos + BLOCK
+            self.offset += BLOCK
             if block == _ZERO_BLOCK:
                 if chain:
                     raise _bad("end of archive right after a metadata member")
                 self._ended = True
                 return None
             stored = _octal(block[148:156], "checksum")
-            unsigned = sum(block) - sum(block[148:156]) + 8 * 32
+            # adler32's low half is 1 + the sum of the bytes modulo 65521: exact
+            # for 256 bytes (at most 65280), and a C loop where sum() makes 512 ints
+            unsigned = ((adler32(block[:256]) & 0xFFFF) + (adler32(block[256:]) & 0xFFFF)
+                        - 2 - sum(block[148:156]) + 8 * 32)
             if stored != unsigned:
                 signed = unsigned - sum(256 for b in block if b > 127)
                 signed += sum(256 for b in block[148:156] if b > 127)
@@ -443,27 +473,25 @@ class TarReader:
         long_name: bytes | None,
         long_link: bytes | None,
     ) -> TarEntry | None:
-        magic = block[257:263]
-        name_b = _cstr(block[0:100])
-        if magic == b"ustar\0":
-            prefix = _cstr(block[345:500])
-            if prefix:
-                name_b = prefix + b"/" + name_b
         if long_name is not None:
             name_b = long_name
-        link_b = long_link if long_link is not None else _cstr(block[157:257])
-        raw_mode = _octal_seen(block[100:108], "mode")
-        mtime_s = _octal_seen(block[136:148], "mtime")
-        entry = TarEntry(
-            name="",
-            type=tflag,
-            size=size,
-            mode=raw_mode & 0o7777,
-            uid=_octal_seen(block[108:116], "uid"),
-            gid=_octal_seen(block[116:124], "gid"),
-            mtime_ns=mtime_s * 1_000_000_000,
-            is_socket=(raw_mode & _S_IFMT) == _S_IFSOCK,
-        )
+        else:
+            name_b = block[:100].split(b"\0", 1)[0]
+            if block[257:263] == b"ustar\0":
+                prefix = block[345:500].split(b"\0", 1)[0]
+                if prefix:
+                    name_b = prefix + b"/" + name_b
+        link_b = long_link if long_link is not None else block[157:257].split(b"\0", 1)[0]
+        owner = _OWNERS.get(block[100:124])
+        if owner is None:
+            owner, mtime_s = _owner_mtime(block)
+        else:
+            seen = _SEEN.get(block[136:148])
+            mtime_s = _octal_seen(block[136:148], "mtime") if seen is None else seen
+        raw_mode, uid, gid = owner
+        entry = TarEntry(name="", type=tflag, size=size, mode=raw_mode & 0o7777, uid=uid,
+                         gid=gid, mtime_ns=mtime_s * 1_000_000_000,
+                         is_socket=(raw_mode & _S_IFMT) == _S_IFSOCK)
         if tflag in "34":
             entry.devmajor = _octal(block[329:337], "devmajor")
             entry.devminor = _octal(block[337:345], "devminor")
@@ -479,13 +507,15 @@ class TarReader:
                 if entry.size > MAX_MEMBER_SIZE:
                     raise _bad(f"member size {entry.size} out of range (limit {MAX_MEMBER_SIZE})")
             self._apply_pax(entry, pax)
-        _check_path(name_b, "member name", True)
+        if len(name_b) > _SHORT_NAME:
+            _check_path(name_b, "member name", True)
         entry.name = _name(name_b, "member name")
         if not entry.name:
             raise _bad("member with an empty name")
         if link_b:
-            _check_path(link_b, f"{show_name(entry.name)}: link target", tflag == "1")
-        entry.linkname = _name(link_b, "link name")
+            if len(link_b) > _SHORT_NAME:
+                _check_path(link_b, f"{show_name(entry.name)}: link target", tflag == "1")
+            entry.linkname = _name(link_b, "link name")
         self._check_values(entry, raw_mode, mtime_s)
         if tflag in ("0", "7"):
             entry.type = TYPE_REGULAR
@@ -508,35 +538,31 @@ class TarReader:
     @staticmethod
     def _check_values(e: TarEntry, raw_mode: int, mtime_s: int) -> None:
         """Numbers and xattrs no Linux filesystem could store (see the module docs)."""
-
-        def who() -> str:  # only for an error: most members have none
-            return show_name(e.name)
-
         if not (0 <= e.uid <= limits.MAX_ID and 0 <= e.gid <= limits.MAX_ID):
-            raise _bad(f"{who()}: owner {e.uid}:{e.gid} out of range (0..{limits.MAX_ID})")
+            raise _bad(f"{_who(e)}: owner {e.uid}:{e.gid} out of range (0..{limits.MAX_ID})")
         if not 0 <= raw_mode <= limits.MAX_MODE:
-            raise _bad(f"{who()}: mode {raw_mode:#o} out of range (0..{limits.MAX_MODE:#o})")
+            raise _bad(f"{_who(e)}: mode {raw_mode:#o} out of range (0..{limits.MAX_MODE:#o})")
         if abs(mtime_s) > limits.MAX_TIME_S:
-            raise _bad(f"{who()}: mtime {mtime_s} out of range (64-bit seconds)")
+            raise _bad(f"{_who(e)}: mtime {mtime_s} out of range (64-bit seconds)")
         if not (0 <= e.devmajor <= limits.MAX_DEVMAJOR
                 and 0 <= e.devminor <= limits.MAX_DEVMINOR):
-            raise _bad(f"{who()}: device number {e.devmajor}:{e.devminor} out of range "
+            raise _bad(f"{_who(e)}: device number {e.devmajor}:{e.devminor} out of range "
                        f"(major 0..{limits.MAX_DEVMAJOR}, minor 0..{limits.MAX_DEVMINOR})")
         if e.xattrs:
             if len(e.xattrs) > limits.MAX_XATTRS:
-                raise _bad(f"{who()}: {len(e.xattrs)} xattrs (limit {limits.MAX_XATTRS})")
+                raise _bad(f"{_who(e)}: {len(e.xattrs)} xattrs (limit {limits.MAX_XATTRS})")
             total = 0
             for key, value in e.xattrs.items():
                 klen = len(key.encode("utf-8", "surrogateescape"))
                 if klen > limits.MAX_XATTR_NAME:
-                    raise _bad(f"{who()}: xattr name {show_name(key, 40)} is {klen} bytes "
+                    raise _bad(f"{_who(e)}: xattr name {show_name(key, 40)} is {klen} bytes "
                                f"(limit {limits.MAX_XATTR_NAME})")
                 if len(value) > limits.MAX_XATTR_VALUE:
-                    raise _bad(f"{who()}: xattr {show_name(key, 40)} value is {len(value)} "
+                    raise _bad(f"{_who(e)}: xattr {show_name(key, 40)} value is {len(value)} "
                                f"bytes (limit {limits.MAX_XATTR_VALUE})")
                 total += klen + len(value)
             if total > limits.MAX_XATTR_TOTAL:
-                raise _bad(f"{who()}: xattrs take {total} bytes (limit {limits.MAX_XATTR_TOTAL})")
+                raise _bad(f"{_who(e)}: xattrs take {total} bytes (limit {limits.MAX_XATTR_TOTAL})")
 
     @staticmethod
     def _apply_pax(entry: TarEntry, recs: dict[str, bytes]) -> None:
