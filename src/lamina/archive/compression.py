@@ -23,7 +23,6 @@ import zlib
 from collections.abc import Callable
 from typing import IO, Any, Protocol, cast
 
-import zstandard
 from isal import igzip as _igzip
 from isal import igzip_threaded as _igzip_threaded
 from isal.isal_zlib import IsalError as _IsalError
@@ -33,6 +32,12 @@ from lamina.util.rawio import RawReader
 
 # isal types IsalError as an instance; it is the exception class
 _ISAL_ERROR = cast("type[BaseException]", _IsalError)
+# what a decompressor raises on a corrupt stream (zstd adds its own: ZstdError)
+_STREAM_ERRORS: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error, _ISAL_ERROR)
+
+# zstandard is imported where a zstd stream is read or written: most layers are
+# gzip, and its import (with the platform module it loads) is ~2.5 ms of every
+# command that may read a layer (startup).
 
 __all__ = [
     "MEDIA_TYPE_DOCKER_LAYER_GZIP",
@@ -155,6 +160,8 @@ def size_hint(head: bytes, tail: bytes, size: int) -> int:
     if kind is Compression.GZIP and len(tail) >= 4:
         return max(size, int.from_bytes(tail[-4:], "little"))
     if kind is Compression.ZSTD:
+        import zstandard  # see the imports (startup)
+
         try:
             announced = zstandard.frame_content_size(head)
         except zstandard.ZstdError:
@@ -282,16 +289,19 @@ class Decompressed(RawReader):
     """The uncompressed view of a layer stream (see :func:`open_decompressed`).
 
     ``compression`` tells what was detected; ``total`` counts the bytes
-    produced so far. Reading past the end raises InvalidArgument if the
+    produced so far; ``errors`` are what ``reader`` raises on a corrupt stream
+    besides the gzip and I/O ones. Reading past the end raises InvalidArgument if the
     compressed stream was truncated or corrupt, reading past ``max_size``
     bytes raises ResourceExhausted (:func:`too_large`). Closing releases decompressor resources but
     never closes the source.
     """
 
     def __init__(self, reader: IO[bytes], compression: Compression, finish: Callable[[], None],
-                 max_size: int | None = None):
+                 max_size: int | None = None, *,
+                 errors: tuple[type[BaseException], ...] = ()):
         super().__init__()
         self._reader = reader
+        self._errors = _STREAM_ERRORS + errors
         self.compression = compression
         self._finish = finish
         self._done = False
@@ -303,7 +313,7 @@ class Decompressed(RawReader):
             data = self._reader.read(size if size >= 0 else _CHUNK)
         except InvalidArgument:
             raise
-        except (EOFError, OSError, zlib.error, zstandard.ZstdError, _ISAL_ERROR) as exc:
+        except self._errors as exc:
             raise InvalidArgument(
                 f"corrupt or truncated {self.compression.value} layer stream: {exc}"
             ) from exc
@@ -352,6 +362,8 @@ def open_decompressed(stream: IO[bytes], *, threads: int = 1,
         else:
             reader = cast(IO[bytes], igzip.GzipFile(fileobj=raw, mode="rb"))
         return Decompressed(reader, kind, lambda: None, max_size)
+    import zstandard  # see the imports (startup)
+
     checker = _ZstdFrameChecker()
 
     def check_eof(data: bytes) -> None:
@@ -370,7 +382,8 @@ def open_decompressed(stream: IO[bytes], *, threads: int = 1,
         while raw.read(_CHUNK):
             pass
 
-    return Decompressed(cast(IO[bytes], zreader), kind, finish, max_size)
+    return Decompressed(cast(IO[bytes], zreader), kind, finish, max_size,
+                        errors=(zstandard.ZstdError,))
 
 
 class Sink(Protocol):
@@ -403,6 +416,8 @@ class _Plain:
 
 class _Zstd:
     def __init__(self, out: Sink, level: int) -> None:
+        import zstandard  # see the imports (startup)
+
         self._out = out
         self._w: Any = zstandard.ZstdCompressor(level=level).stream_writer(
             cast(IO[bytes], out), closefd=False, write_return_read=True
