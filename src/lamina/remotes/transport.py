@@ -44,7 +44,6 @@ import ssl
 import threading
 import time
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from email.message import Message
@@ -71,6 +70,8 @@ def proxy_for(scheme: str, netloc: str) -> str:
 
     if is_loopback(netloc):
         return ""
+    import urllib.request  # not for loopback registries: ~2 ms of their pulls (startup)
+
     proxies = urllib.request.getproxies_environment()
     url = proxies.get(scheme, "")
     if not url or _bypassed(netloc, proxies.get("no", "")):
