@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -291,6 +292,8 @@ def collect(root: Root, *, dry_run: bool = False) -> Report:
                         _sweep_snapshots(root, name, infos, marked, sizes, report,
                                          dry_run=dry_run)
                         crash.point("gc.swept-snapshots")
+                    if not dry_run:  # exits before the deferrals: joined, then they reap
+                        deferred.enter_context(_deleting_meanwhile(root, report))
                     doomed = [d for d in sorted(candidates.blobs) if ("content", d) not in marked]
                     for digest in doomed:
                         if len(holders.get(digest, ())) > 1:
@@ -387,6 +390,39 @@ def _deferred_removal(root: Root, name: str) -> Iterator[None]:
         return
     with sn.deferred_removal():
         yield
+
+
+@contextlib.contextmanager
+def _deleting_meanwhile(root: Root, report: Report) -> Iterator[None]:
+    """The swept snapshots' directories deleted by a thread while the block deletes
+    the blobs, joined when it ends. Their rows are committed and the directories
+    out of the id space (``rm-``), so nothing orders their deletion after the
+    blobs': a layer's unlinks (an erofs image: freeing its page cache) then
+    overlap the blobs' unlinks and the syncs of their transaction."""
+    swept = dict.fromkeys(name for name, _, _ in report.snapshots)
+    removals = [sn for sn in (_own_snapshotter(root, n) for n in swept)
+                if isinstance(sn, DeferredRemoval)]
+    if not removals:
+        yield
+        return
+    failed: list[BaseException] = []
+
+    def delete() -> None:
+        try:
+            for sn in removals:
+                with contextlib.suppress(OSError):  # left to the deferral's own pass
+                    sn.flush()
+        except BaseException as exc:  # raised by the caller, after the join
+            failed.append(exc)
+
+    worker = threading.Thread(target=delete, name="gc: removed directories", daemon=True)
+    worker.start()
+    try:
+        yield
+    finally:
+        worker.join()
+    if failed:
+        raise failed[0]
 
 
 def _sweep_snapshots(root: Root, name: str, infos: Mapping[str, Info], marked: set[Node],

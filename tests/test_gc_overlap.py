@@ -1,0 +1,85 @@
+"""A collection deletes the removed snapshots' directories while it deletes the
+blobs, not after: their rows are gone and the directories out of the id space
+before the blobs' transaction starts, so the layers' unlinks (for erofs,
+freeing an image's page cache) overlap the blobs' unlinks and syncs (issue 18:
+``image rm`` + GC)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from lamina.content import write_blob
+from lamina.content.local import LocalContentStore
+from lamina.errors import Internal
+from lamina.metadata import gc
+from lamina.metadata.gc import collect
+from lamina.metadata.root import Root
+
+
+@pytest.fixture
+def root(tmp_root: Path) -> Iterator[Root]:
+    r = Root(tmp_root / "root")
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def _garbage(root: Root) -> Path:
+    """A committed snapshot and a blob nothing keeps; the snapshots' directory."""
+    sn = root.snapshotter("native")
+    sn.prepare("a", "")
+    sn.commit("A", "a")
+    write_blob(root.content(), "x", b"x")
+    return root.snapshots_dir("native") / "snapshots"
+
+
+def test_removed_directories_go_while_the_blobs_are_deleted(
+        root: Root, monkeypatch: pytest.MonkeyPatch) -> None:
+    dirs = _garbage(root)
+    seen: list[list[str]] = []
+    real = LocalContentStore.delete_many
+
+    def delete_many(self: LocalContentStore, digests: Sequence[str]) -> None:
+        deadline = time.monotonic() + 5
+        while os.listdir(dirs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.append(os.listdir(dirs))  # gone meanwhile, by the other thread
+        real(self, digests)
+
+    monkeypatch.setattr(LocalContentStore, "delete_many", delete_many)
+    report = collect(root)
+
+    assert seen == [[]]
+    assert [k for _, k, _ in report.snapshots] == ["A"] and len(report.content) == 1
+    assert os.listdir(dirs) == []
+
+
+def test_a_failed_deletion_is_raised_by_the_collection(
+        root: Root, monkeypatch: pytest.MonkeyPatch) -> None:
+    dirs = _garbage(root)
+    sn = root.snapshotter("native")
+
+    def broken(self: object, path: Path) -> None:
+        raise Internal(f"cannot delete {path}")
+
+    monkeypatch.setattr(type(sn), "_delete", broken)
+    with pytest.raises(Internal, match="cannot delete"):
+        collect(root)
+    monkeypatch.undo()
+    collect(root)  # the next one finishes it
+    assert os.listdir(dirs) == []
+    assert not list(sn.walk()) and not list(root.content().walk())
+
+
+def test_a_dry_run_starts_no_deletion(root: Root, monkeypatch: pytest.MonkeyPatch) -> None:
+    dirs = _garbage(root)
+    monkeypatch.setattr(gc.threading, "Thread", None)  # would fail if used
+    report = collect(root, dry_run=True)
+    assert [k for _, k, _ in report.snapshots] == ["A"]
+    assert len(os.listdir(dirs)) == 1
