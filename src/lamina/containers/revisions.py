@@ -31,7 +31,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from lamina.containers.options import options_spec, with_spec
-from lamina.differ import apply_diff, create_diff
 from lamina.errors import AlreadyExists, FailedPrecondition, NotFound
 from lamina.fs.files import sync_filesystem
 from lamina.images.service import ImageService
@@ -149,6 +148,10 @@ class Revisions:
             return self._upgrade(container, image)
 
     def _upgrade(self, container: Container, image: str) -> Container:
+        # the differ (layer diffs and applies) only for an upgrade: run and exec do not
+        # import it (startup)
+        from lamina.differ import apply_diff, create_diff
+
         new_key = self._prepare_revision(container.id, image, previous=container.snapshot_key)
         try:
             outcome = create_diff(self.sn, self.images.content, container.snapshot_key,

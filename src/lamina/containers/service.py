@@ -28,14 +28,8 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lamina.containers.checkpoint import (
-    Checkpoint,
-    CheckpointResult,
-    Checkpoints,
-    RestoreResult,
-)
 from lamina.containers.logs import ContainerLogs
 from lamina.containers.network import Networks, apply_network, network_mode
 from lamina.containers.options import bind_mounts, options_of, userns_of
@@ -47,6 +41,16 @@ from lamina.images.service import ImageService
 from lamina.metadata.containers import Container
 from lamina.metadata.gc import collect
 from lamina.metadata.root import Root
+
+# Checkpoints (CRIU, layer diffs and applies, image documents: ~20 ms of imports)
+# are imported by the methods that checkpoint or restore; run, exec, rm do not (startup).
+if TYPE_CHECKING:
+    from lamina.containers.checkpoint import (
+        Checkpoint,
+        CheckpointResult,
+        Checkpoints,
+        RestoreResult,
+    )
 
 __all__ = ["ContainerService"]
 
@@ -74,6 +78,8 @@ class ContainerService:
 
     @cached_property
     def _checkpoints(self) -> Checkpoints:
+        from lamina.containers.checkpoint import Checkpoints  # see the imports (startup)
+
         return Checkpoints(self.root, images=self.images, tasks=self.tasks)
 
     def close(self) -> None:
@@ -266,6 +272,8 @@ class ContainerService:
         (and the new container mounts them from there). On failure the new
         container, if made, is removed again.
         """
+        from lamina.containers.checkpoint import RestoreResult  # see the imports (startup)
+
         container: Container | None = None
         try:
             with self._checkpoints.restoring(ref, cid, bind_root=bind_root) as job:
