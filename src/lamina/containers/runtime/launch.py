@@ -24,7 +24,6 @@ import signal as _signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,7 +178,7 @@ class Launcher:
         ``stdio``; its exit code (128+N when killed by signal N), or 0 once it
         runs when ``detach``. Its files live in ``bundle`` while runc runs; past
         ``timeout`` it is killed."""
-        tag = uuid.uuid4().hex[:12]
+        tag = os.urandom(6).hex()  # random as uuid4, without uuid's import of platform
         process_file = bundle / f"exec-{tag}.json"
         pid_file = bundle / f"exec-{tag}.pid"
         log_file = bundle / f"exec-{tag}.log"
