@@ -71,18 +71,20 @@ class _Rec:
     __slots__ = ("blkaddr", "dirblocks", "extended", "fmt", "inline", "nid", "nlink", "node",
                  "size", "tail", "xattr")
 
+    # the other fields are set as the layout goes (write_metadata, phase by phase)
+    nid: int
+    size: int
+    tail: int  # bytes of the last partial block
+    inline: bool
+    extended: bool
+    fmt: int
+    xattr: bytes
+    dirblocks: list[int]  # entries per directory block (directories only)
+
     def __init__(self, node: Inode) -> None:
         self.node = node
         self.nlink = 0
-        self.nid = 0
-        self.size = 0
-        self.tail = 0  # bytes of the last partial block
-        self.inline = False
-        self.extended = False
-        self.fmt = 0
         self.blkaddr = 0
-        self.xattr = b""
-        self.dirblocks: list[int] = []  # entries per directory block
 
 
 def _xattr_entry(key: str, value: bytes) -> bytes:
@@ -105,7 +107,7 @@ class _SharedXattrs:
     block. An inode lists at most 255 (``h_shared_count`` is a byte)."""
 
     def __init__(self, nodes: list[Inode]) -> None:
-        counts = Counter((k, v) for n in nodes for k, v in n.xattrs.items())
+        counts = Counter(pair for n in nodes if n.xattrs for pair in n.xattrs.items())
         self.ids: dict[tuple[str, bytes], int] = {}
         parts: list[bytes] = []
         pos = 0
@@ -155,8 +157,7 @@ def inline_room(node: Inode) -> int:
     return BLK - 64 - xattrs
 
 
-def _dir_entries(rec: _Rec, parent: Inode) -> list[tuple[bytes, Inode]]:
-    node = rec.node
+def _dir_entries(node: Inode, parent: Inode) -> list[tuple[bytes, Inode]]:
     children = node.children
     assert children is not None
     # one encode for all names (a name holds no NUL): per-name calls cost more
@@ -252,34 +253,33 @@ def write_metadata(fd: int, root: Inode, *, data_end: int,
     (those the writer kept out of the data area); a regular file's
     ``node.data`` is the block address of its whole blocks."""
     # -- order, link counts, parents ----------------------------------------
-    recs: list[_Rec] = []
-    index: dict[int, _Rec] = {}
-    parents: dict[int, Inode] = {}
-    queue = [root]
+    # (an Inode hashes by identity: the dicts are keyed by the records themselves)
     rroot = _Rec(root)
-    recs.append(rroot)
-    index[id(root)] = rroot
-    parents[id(root)] = root
-    qi = 0
-    while qi < len(queue):
-        d = queue[qi]
-        qi += 1
+    recs = [rroot]
+    index: dict[Inode, _Rec] = {root: rroot}
+    parents: dict[Inode, Inode] = {root: root}
+    queue = [rroot]
+    for drec in queue:  # grows as directories are met: breadth first
+        d = drec.node
         assert d.children is not None
         subdirs = 0
         for child in d.children.values():
-            rec = index.get(id(child))
+            rec = index.get(child)
+            if child.kind == _DIR:
+                if rec is None:
+                    rec = _Rec(child)
+                    index[child] = rec
+                    recs.append(rec)
+                    parents[child] = d
+                    queue.append(rec)
+                subdirs += 1
+                continue
             if rec is None:
                 rec = _Rec(child)
-                index[id(child)] = rec
+                index[child] = rec
                 recs.append(rec)
-                if child.kind == stat.S_IFDIR:
-                    parents[id(child)] = d
-                    queue.append(child)
-            if child.kind == stat.S_IFDIR:
-                subdirs += 1
-            else:
-                rec.nlink += 1
-        index[id(d)].nlink = 2 + subdirs
+            rec.nlink += 1
+        drec.nlink = 2 + subdirs
     nodes = [r.node for r in recs]
     epoch = _choose_epoch(nodes)
     shared = _SharedXattrs(nodes)
@@ -289,14 +289,19 @@ def write_metadata(fd: int, root: Inode, *, data_end: int,
     if shared.blocks:
         os.pwrite(fd, shared.area, xattr_blkaddr * BLK)
 
-    # -- sizes, formats, nids ------------------------------------------------
+    # -- sizes, formats, nids; block addresses (those in the block area, which
+    # starts after the metadata area, counted from its start until it is known)
     slots = _Slots()
     place, body = slots.place, shared.body
+    nids: list[int] = []
+    moved: list[_Rec] = []  # with a block address in the block area
+    copies: list[_Rec] = []
+    area = 0  # blocks of the block area so far
     for rec in recs:
         node = rec.node
         kind = node.kind
         if kind == _DIR:
-            rec.dirblocks, size = _pack_dir(_dir_entries(rec, parents[id(node)]))
+            rec.dirblocks, size = _pack_dir(_dir_entries(node, parents[node]))
         elif kind in _REG_LNK:
             size = node.size
         else:
@@ -309,37 +314,37 @@ def write_metadata(fd: int, root: Inode, *, data_end: int,
             or rec.nlink > 0xFFFF or size >= 1 << 32)
         rec.xattr = xattr = body(node) if node.xattrs else b""
         head = (64 if extended else 32) + len(xattr)
-        if tail and head + tail <= BLK and not node.tail_in_data:
-            rec.inline = True
-            rec.nid = place(head + tail)
-        else:
-            rec.nid = place(head)
+        rec.inline = inline = bool(tail) and head + tail <= BLK and not node.tail_in_data
+        rec.nid = nid = place(head + tail if inline else head)
+        nids.append(nid)
+        rec.fmt = _FORMATS[extended, inline]
+        own_tail = tail and not inline  # a block of its own
+        if kind == _REG:
+            if own_tail and not node.tail_in_data:
+                copies.append(rec)
+                moved.append(rec)
+                rec.blkaddr = area
+                area += size // BLK + 1
+            else:
+                assert isinstance(node.data, int)
+                rec.blkaddr = node.data
+        elif kind in _DIR_LNK:
+            blocks = size // BLK + (1 if own_tail else 0)
+            if blocks:
+                moved.append(rec)
+                rec.blkaddr = area
+                area += blocks
     if rroot.nid > 0xFFFF:  # pragma: no cover - the root is laid out first
         raise InvalidArgument("EROFS image: the root inode's nid does not fit 16 bits")
     meta_blocks = slots.blocks
-
-    # -- the block area: directory blocks, tails that are not inline --------
-    nextblk = meta_blkaddr + meta_blocks
-    copies: list[_Rec] = []
-    for rec in recs:
-        node = rec.node
-        kind = node.kind
-        own_tail = rec.tail and not rec.inline  # a block of its own
-        if kind == _REG:
-            assert isinstance(node.data, int)
-            rec.blkaddr = node.data
-            if own_tail and not node.tail_in_data:
-                copies.append(rec)
-                rec.blkaddr = nextblk
-                nextblk += rec.size // BLK + 1
-        elif kind in _DIR_LNK:
-            blocks = rec.size // BLK + (1 if own_tail else 0)
-            if blocks:
-                rec.blkaddr = nextblk
-                nextblk += blocks
-        rec.fmt = _FORMATS[rec.extended, rec.inline]
-        if rec.blkaddr >= 1 << 32:
-            raise InvalidArgument("EROFS image: more than 2**32 blocks")
+    area_start = meta_blkaddr + meta_blocks
+    for rec in moved:
+        rec.blkaddr += area_start
+    nextblk = area_start + area
+    # every block address is below the larger of these
+    if (data_end > 1 << 32 or nextblk > 1 << 32) and any(
+            rec.blkaddr >= 1 << 32 for rec in recs):
+        raise InvalidArgument("EROFS image: more than 2**32 blocks")
 
     # -- write ---------------------------------------------------------------
     meta_base = meta_blkaddr * BLK
@@ -347,10 +352,12 @@ def write_metadata(fd: int, root: Inode, *, data_end: int,
     buf_at = meta_base
     esecs, ensec = divmod(epoch, 1_000_000_000)
     pack_extended, pack_compact = F.INODE_EXTENDED.pack, F.INODE_COMPACT.pack
-    for ino in sorted(range(1, len(recs) + 1), key=lambda n: recs[n - 1].nid):
-        rec = recs[ino - 1]
+    for i in sorted(range(len(recs)), key=nids.__getitem__):  # in nid order
+        rec = recs[i]
+        ino = i + 1
+        nid = nids[i]
         node = rec.node
-        gap = meta_base + rec.nid * F.EROFS_ISLOTSIZE - buf_at - len(buf)
+        gap = meta_base + nid * F.EROFS_ISLOTSIZE - buf_at - len(buf)
         if gap:
             buf += bytes(gap)
         kind = node.kind
@@ -372,7 +379,7 @@ def write_metadata(fd: int, root: Inode, *, data_end: int,
             if rec.inline:
                 buf += read_tail(node, rec.tail)
         elif kind == _DIR:
-            dblocks = _dir_blocks(rec, _dir_entries(rec, parents[id(node)]), index)
+            dblocks = _dir_blocks(rec, _dir_entries(node, parents[node]), index)
             if rec.inline:
                 buf += dblocks.pop()
             if dblocks:
@@ -408,7 +415,7 @@ def write_metadata(fd: int, root: Inode, *, data_end: int,
 
 
 def _dir_blocks(rec: _Rec, ents: list[tuple[bytes, Inode]],
-                index: dict[int, _Rec]) -> list[bytes]:
+                index: dict[Inode, _Rec]) -> list[bytes]:
     """The directory's blocks (the last one not padded)."""
     out: list[bytes] = []
     k = 0
@@ -420,7 +427,7 @@ def _dir_blocks(rec: _Rec, ents: list[tuple[bytes, Inode]],
         heads = []
         nameoff = _DIRENT * count
         for name, child in chunk:
-            heads.append(pack(index[id(child)].nid, nameoff, types[child.kind], 0))
+            heads.append(pack(index[child].nid, nameoff, types[child.kind], 0))
             nameoff += len(name)
         heads.extend([name for name, _ in chunk])
         block = b"".join(heads)
