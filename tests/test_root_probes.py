@@ -1,6 +1,6 @@
-"""The probes a snapshotter runs on a new root (overlayfs and EROFS mountable under
-it): cheap (no sync of the filesystem, no fsync), once per root, and one line where
-they fail."""
+"""Opening a new root's snapshotter: its probes (overlayfs and EROFS mountable under
+it) are cheap (no sync of the filesystem, no fsync), run once per root and fail in
+one line; a pull opens it before any download."""
 
 from __future__ import annotations
 
@@ -120,3 +120,34 @@ def test_probes_run_once_per_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     for _ in range(2):
         snap_erofs.ErofsSnapshotter(tmp_path / "r").close()
     assert runs == ["check_overlay_support", "check_erofs_support"]
+
+
+def test_a_pull_opens_the_snapshotter_before_any_download(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a new root opening the snapshotter syncs its database: done while layers
+    download, that sync waits for their data too. The pull gets it opened."""
+    import lamina.images.pull as pull_mod
+    from lamina.images.service import ImageService
+    from lamina.metadata.root import Root
+
+    handed: list[object] = []
+
+    def fake_pull(registry: object, reference: str, **kwargs: object) -> None:
+        handed.append(kwargs["snapshots"])
+
+    monkeypatch.setattr(pull_mod, "pull", fake_pull)
+    root = Root(tmp_path / "r")
+    try:
+        service = ImageService(root, snapshotter="native")
+        service.pull(object(), "example.com/a:1")  # type: ignore[arg-type]
+        assert handed[0] is root.snapshotter("native")
+        service.pull(object(), "example.com/a:1", unpack=False)  # type: ignore[arg-type]
+    finally:
+        root.close()
+    fresh = Root(tmp_path / "r2")
+    try:
+        ImageService(fresh, snapshotter="native").pull(
+            object(), "example.com/a:1", unpack=False)  # type: ignore[arg-type]
+        assert handed[-1] is None and not (tmp_path / "r2" / "snapshots" / "native").exists()
+    finally:
+        fresh.close()

@@ -206,8 +206,12 @@ class ImageService:
         (see :mod:`lamina.images.pull`)."""
         from lamina.images.pull import pull  # the protocol stack, for the commands that use it
 
+        # Opened before any blob is written: on a new root opening it syncs a new
+        # database, and a sync while layers stream to the disk waits for their data
+        # too (ext4 data=ordered): tens of ms on the way to the first layer.
+        snapshots = self.snapshots if unpack else self._snapshots
         return pull(registry, reference, root=self.root, snapshotter=self.snapshotter_name,
-                    snapshots=self._snapshots, platforms=platforms,
+                    snapshots=snapshots, platforms=platforms,
                     all_platforms=all_platforms, unpack=unpack, concurrency=concurrency,
                     progress=self.progress, max_layer_size=self.max_layer_size,
                     sync=self.sync)
