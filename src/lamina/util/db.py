@@ -343,8 +343,13 @@ def _create(path: str, schema: str) -> bool:
                 if stmt.strip():
                     conn.execute(stmt)
             conn.execute("COMMIT")
+            # the schema into the file itself (only the file is linked), not left to
+            # the checkpoint SQLite makes on close unless told otherwise
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if busy:
+                raise Unavailable(f"database {path}: its new file could not be checkpointed")
         finally:
-            conn.close()  # checkpoints the schema into the file and deletes its WAL
+            conn.close()
         os.fsync(fd)
         os.close(fd)  # before the link: no descriptor of the linked file is closed after
         fd = -1
