@@ -52,9 +52,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, TypeVar
 
-from lamina.archive import limits, mtree
-from lamina.archive.apply import AppliedLayer, NeedsLowerLayers, apply_layer
+from lamina.archive import limits
 from lamina.archive.compression import size_hint, too_large
+from lamina.archive.members import NeedsLowerLayers
 from lamina.archive.whiteout import drop_needless_whiteouts
 from lamina.content import set_labels, write_blob
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
@@ -76,7 +76,11 @@ from lamina.util import crash
 from lamina.util.progress import Progress
 from lamina.util.rawio import RawReader
 
+# Extracting a layer into a directory (archive.apply) and its tree manifest
+# (archive.mtree) are imported where they run: an erofs unpack writes images
+# from the streams, and run or exec only check what is unpacked (startup).
 if TYPE_CHECKING:
+    from lamina.archive.apply import AppliedLayer
     from lamina.content import ContentStore
     from lamina.metadata.root import Root
 
@@ -193,6 +197,8 @@ class Unpacker:
     def _apply(self, manifest: Manifest, config: ImageConfig, i: int, target: str | Path,
                *, overlay: bool = False) -> AppliedLayer:
         """Apply layer ``i`` onto ``target``, bounded by ``max_layer_size``."""
+        from lamina.archive.apply import apply_layer  # see the imports (startup)
+
         with self._layer(manifest, i) as reader:
             return apply_layer(reader, target, overlay=overlay, expected_diff_id=config.diff_ids[i],
                         max_size=self.max_layer_size)
@@ -243,6 +249,8 @@ class Unpacker:
 
         Written while the unpack's lease protects new content; from the commit
         on, the snapshot's label (a ``gc.ref.content`` one) keeps it."""
+        from lamina.archive import mtree  # see the imports (startup)
+
         with tempfile.SpooledTemporaryFile(max_size=8 << 20) as spool:
             mtree.encode(mtree.record(layer), spool)
             size = spool.tell()
