@@ -14,6 +14,7 @@ import imagefactory as f
 import pytest
 from conftest import require_root_user, require_tools
 from test_containers_cli import cleanup_tasks
+from test_startup_imports import modules_after
 
 LAMINA = [sys.executable, "-m", "lamina"]
 IDLE = "trap 'exit 0' TERM; while true; do sleep 0.1; done"
@@ -94,11 +95,7 @@ def test_ps_lists_running_containers_and_a_all(containers: Path) -> None:
 def test_a_verb_imports_only_its_command_module(tmp_path: Path, words: tuple[str, ...],
                                                  module: str) -> None:
     others = {"container", "snapshot", "content", "task", "run", "serve", "gc"} - {module}
-    code = ("import sys\nfrom lamina.cli import main\n"
-            f"main(['--root', {str(tmp_path / 'r')!r}, *{list(words)!r}])\n"
-            "print(' '.join(m for m in sys.modules if m.startswith('lamina.cli.')))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, check=False)
-    loaded = {m.removeprefix("lamina.cli.") for m in done.stdout.splitlines()[-1].split()}
-    assert module in loaded, done.stderr
+    loaded = {m.removeprefix("lamina.cli.") for m in modules_after(tmp_path / "r", *words, ok=False)
+              if m.startswith("lamina.cli.")}
+    assert module in loaded
     assert not loaded & others
