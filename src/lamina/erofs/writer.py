@@ -90,6 +90,7 @@ class _Tails:
         at = self.size
         if self._file is None:
             memory = self._memory
+            memory += reader.read_data(BLK)  # a tail is shorter: all of it but at a chunk's end
             while reader.remaining:
                 memory += reader.read_data(BLK)
             self.size = len(memory)
@@ -106,7 +107,7 @@ class _Tails:
 
     def get(self, at: int, n: int) -> bytes:
         if self._file is None:
-            return bytes(self._memory[at:at + n])
+            return bytes(memoryview(self._memory)[at:at + n])  # one copy, not two
         self._file.flush()
         data = os.pread(self._file.fileno(), n, at)
         if len(data) != n:  # pragma: no cover - the file is ours
@@ -132,11 +133,18 @@ class _Data:
         (or, when it cannot fit inline, to the block after them)."""
         size = reader.remaining
         node.size = size
-        whole = size - size % BLK
-        if size % BLK > inline_room(node):
+        tail = size % BLK
+        # without xattrs the room is BLK - 64; xattrs only take from it
+        if tail > BLK - 64 or (node.xattrs and tail > inline_room(node)):
             node.tail_in_data = True
-            whole = size
-        node.data = self.next_block if whole else 0
+            tail = 0
+        if size == tail:  # most files: no whole block
+            node.data = 0
+            if tail:
+                node.tail_at = self.tails.add(reader)
+            return
+        whole = size - tail
+        node.data = self.next_block
         at = self.next_block * BLK
         left = whole
         fd = self.fd
@@ -145,7 +153,7 @@ class _Data:
             chunk = reader.read_data(min(_CHUNK, left))
             n = len(chunk)
             feed(at, chunk)
-            if not _is_zero(chunk):
+            if chunk[0] or chunk[n - 1] or not _is_zero(chunk):  # the ends first: no call
                 view = chunk
                 off = at
                 while view:
@@ -155,7 +163,7 @@ class _Data:
             at += n
             left -= n
         self.next_block += -(-whole // BLK)
-        if size % BLK and not node.tail_in_data:
+        if tail:
             node.tail_at = self.tails.add(reader)
 
     def tail(self, node: Inode, n: int) -> bytes:
