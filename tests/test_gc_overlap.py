@@ -7,9 +7,11 @@ freeing an image's page cache) overlap the blobs' unlinks and syncs (issue 18:
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -19,6 +21,7 @@ from lamina.errors import Internal
 from lamina.metadata import gc
 from lamina.metadata.gc import collect
 from lamina.metadata.root import Root
+from lamina.snapshots.directory import DirectorySnapshotter
 
 
 @pytest.fixture
@@ -79,7 +82,41 @@ def test_a_failed_deletion_is_raised_by_the_collection(
 
 def test_a_dry_run_starts_no_deletion(root: Root, monkeypatch: pytest.MonkeyPatch) -> None:
     dirs = _garbage(root)
-    monkeypatch.setattr(gc.threading, "Thread", None)  # would fail if used
+    monkeypatch.setattr(gc, "threading", SimpleNamespace(Thread=None))  # fails if used
     report = collect(root, dry_run=True)
     assert [k for _, k, _ in report.snapshots] == ["A"]
     assert len(os.listdir(dirs)) == 1
+
+
+def test_threads_share_the_deletion_and_each_returns_with_all_gone(
+        root: Root, monkeypatch: pytest.MonkeyPatch) -> None:
+    sn = root.snapshotter("native")
+    assert isinstance(sn, DirectorySnapshotter)
+    dirs = root.snapshots_dir("native") / "snapshots"
+    for key in ("a", "b"):
+        sn.prepare(key, "")
+    by: dict[str, str] = {}
+    real = type(sn)._delete
+
+    def slow(self: DirectorySnapshotter, path: Path) -> None:
+        by[path.name] = threading.current_thread().name
+        time.sleep(0.3)  # the other thread takes the next directory meanwhile
+        real(sn, path)
+
+    monkeypatch.setattr(type(sn), "_delete", slow)
+    left: dict[str, list[str]] = {}
+
+    def flush() -> None:
+        sn.flush()
+        left[threading.current_thread().name] = os.listdir(dirs)
+
+    with sn.deferred_removal():
+        sn.remove("a")
+        sn.remove("b")
+        workers = [threading.Thread(target=flush, name=n) for n in ("one", "two")]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    assert sorted(by) == ["rm-1", "rm-2"] and sorted(by.values()) == ["one", "two"]
+    assert left == {"one": [], "two": []}

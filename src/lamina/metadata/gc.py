@@ -398,7 +398,8 @@ def _deleting_meanwhile(root: Root, report: Report) -> Iterator[None]:
     the blobs, joined when it ends. Their rows are committed and the directories
     out of the id space (``rm-``), so nothing orders their deletion after the
     blobs': a layer's unlinks (an erofs image: freeing its page cache) then
-    overlap the blobs' unlinks and the syncs of their transaction."""
+    overlap the blobs' unlinks and the syncs of their transaction, and the
+    caller, done with the blobs, takes the directories the thread has not."""
     swept = dict.fromkeys(name for name, _, _ in report.snapshots)
     removals = [sn for sn in (_own_snapshotter(root, n) for n in swept)
                 if isinstance(sn, DeferredRemoval)]
@@ -419,6 +420,7 @@ def _deleting_meanwhile(root: Root, report: Report) -> Iterator[None]:
     worker.start()
     try:
         yield
+        delete()  # then shares what is left with the thread (the snapshotters' reap)
     finally:
         worker.join()
     if failed:

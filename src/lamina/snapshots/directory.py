@@ -98,7 +98,9 @@ class DirectorySnapshotter(ScopedViews):
         self._removing_lock = threading.Lock()
         self._reaper: threading.Thread | None = None
         self._reap_now = threading.Event()
-        self._reap_lock = threading.Lock()  # one deleting pass at a time in this process
+        # rm- directories a thread of this process is deleting (threads share a pass)
+        self._reaping: set[str] = set()
+        self._reaped = threading.Condition()
         self._stopping = threading.Event()
         if async_remove:
             self._reaper = threading.Thread(target=self._reap_loop, daemon=True,
@@ -432,18 +434,49 @@ class DirectorySnapshotter(ScopedViews):
         """Delete directories already taken out of the id space (``rm-…``); returns how many.
 
         Safe at any time and from several processes: those directories belong to
-        no snapshot any more. A pass running in another thread (the reaper) is
-        waited for, so on return nothing taken out before the call is left."""
+        no snapshot any more. Threads of a process share the work: each directory
+        is deleted by the first to take it, and a call returns once the ones
+        others took are gone too (the reaper's, a collection's), so on return
+        nothing taken out before the call is left."""
         count = 0
-        with self._reap_lock:
-            try:
-                for entry in os.listdir(self._dirs):
-                    if entry.startswith(_RM):
-                        self._delete(self._dirs / entry)
-                        count += 1
-            finally:
-                self._release_removals()
+        try:
+            pending = [e for e in os.listdir(self._dirs) if e.startswith(_RM)]
+            while pending:
+                others = []  # taken by other threads: waited for
+                for entry in pending:
+                    if not self._take(entry):
+                        others.append(entry)
+                        continue
+                    try:
+                        if os.path.lexists(self._dirs / entry):  # not gone meanwhile
+                            self._delete(self._dirs / entry)
+                            count += 1
+                    finally:
+                        self._done_with(entry)
+                self._wait_for(others)
+                # what another thread failed to delete is tried again here
+                pending = [e for e in others if os.path.lexists(self._dirs / e)]
+        finally:
+            self._release_removals()
         return count
+
+    def _take(self, entry: str) -> bool:
+        """Whether this thread takes ``entry`` to delete (no other thread has it)."""
+        with self._reaped:
+            if entry in self._reaping:
+                return False
+            self._reaping.add(entry)
+            return True
+
+    def _done_with(self, entry: str) -> None:
+        with self._reaped:
+            self._reaping.discard(entry)
+            self._reaped.notify_all()
+
+    def _wait_for(self, entries: Sequence[str]) -> None:
+        """Until no other thread is deleting any of ``entries``."""
+        with self._reaped:
+            self._reaped.wait_for(lambda: self._reaping.isdisjoint(entries))
 
     def flush(self) -> int:
         """Delete every directory already removed from the metadata, waiting for
