@@ -92,6 +92,9 @@ _SEEN_MAX = 4096
 _OWNERS: dict[bytes, tuple[int, int, int]] = {}
 #: a name this short has no component above NAME_MAX, and is below PATH_MAX
 _SHORT_NAME = min(limits.MAX_NAME_COMPONENT, limits.MAX_PATH - 1)
+_MAX_ID, _MAX_MODE, _MAX_TIME_S = limits.MAX_ID, limits.MAX_MODE, limits.MAX_TIME_S
+#: the type flag byte as the one-character string it is compared with
+_TYPE_FLAGS = tuple(map(chr, range(256)))
 _FS_ENCODING = sys.getfilesystemencoding()
 _FS_ERRORS = sys.getfilesystemencodeerrors()
 # member types whose size field never announces data
@@ -425,7 +428,7 @@ class TarReader:
                 signed += sum(256 for b in block[148:156] if b > 127)
                 if stored != signed:
                     raise _bad(f"header checksum mismatch at offset {self.offset - BLOCK}")
-            tflag = block[156:157].decode("latin-1") or "\0"
+            tflag = _TYPE_FLAGS[block[156]]
             size = _octal(block[124:136], "size")
             if size < 0 or size > MAX_MEMBER_SIZE:
                 raise _bad(f"member size {size} out of range (limit {MAX_MEMBER_SIZE})")
@@ -516,7 +519,10 @@ class TarReader:
             if len(link_b) > _SHORT_NAME:
                 _check_path(link_b, f"{show_name(entry.name)}: link target", tflag == "1")
             entry.linkname = _name(link_b, "link name")
-        self._check_values(entry, raw_mode, mtime_s)
+        if (entry.xattrs or entry.devmajor or entry.devminor
+                or not (0 <= entry.uid <= _MAX_ID and 0 <= entry.gid <= _MAX_ID
+                        and 0 <= raw_mode <= _MAX_MODE and -_MAX_TIME_S <= mtime_s <= _MAX_TIME_S)):
+            self._check_values(entry, raw_mode, mtime_s)  # the whole check, for its message
         if tflag in ("0", "7"):
             entry.type = TYPE_REGULAR
         elif tflag == "\0":
