@@ -594,8 +594,18 @@ def _past_path_max() -> bytes:
          *[file_(f"l39/f{i}", b"") for i in range(100)]])
 
 
+def _replaced_on_the_way() -> bytes:
+    # d/l/back/l/ reaches d through the symlink d/l it replaces: what follows it
+    # resolves through the new directory, not through the directories found before
+    return make_tar([dir_("d"), dir_("d/x"), symlink("d/x/back", "/d"), symlink("d/l", "x"),
+                     file_("d/l/back/x/a", b"0"), dir_("d/l/back/l"), file_("d/l/back/l/f", b"1"),
+                     dir_("d/l/back/l/g"), file_("d/l/back/l/g/h", b"2"),
+                     file_("d/x/back/l/i", b"3")])
+
+
 _STORM_EXTRAS = {"relink-every-member": _relink, "resolved-below-the-cap": _below_the_cap,
-                 "resolved-past-path-max": _past_path_max}
+                 "resolved-past-path-max": _past_path_max,
+                 "dir-replaces-the-symlink-it-was-reached-through": _replaced_on_the_way}
 
 
 @pytest.mark.parametrize("overlay", [True, False], ids=["overlay", "native"])

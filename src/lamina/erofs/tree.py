@@ -69,7 +69,9 @@ class LayerTree:
         self.lookups = 0
         self.work = 0
         self.last = self.root  # the directory the last lookup returned
-        self._memo: tuple[tuple[str, ...], int, Inode] | None = None
+        #: directories found (their clean paths), valid while ``epoch`` is _memo_epoch
+        self._memo: dict[tuple[str, ...], Inode] = {}
+        self._memo_epoch = 0
         self.whiteouts: list[tuple[Inode, str]] = []  # whiteout devices made
 
     # -- path resolution (lamina.archive.safepath's rules, in memory) ------
@@ -105,18 +107,30 @@ class LayerTree:
         found = self._lookup(parts, create)
         if found is not None:
             self.last = found
-            self._memo = (key, self.epoch, found)
+            self._memo[key] = found  # (resolving never bumps the epoch)
         return found
 
     def _recall(self, key: tuple[str, ...]) -> Inode | None:
-        """The directory the last lookup found, if it was of ``key`` and nothing
-        left the tree since (counted as a lookup, made :attr:`last`); else None."""
-        memo = self._memo
-        if memo is not None and memo[0] == key and memo[1] == self.epoch:
+        """The directory a lookup of ``key`` found, if nothing left the tree since
+        (counted as a lookup, made :attr:`last`); else None. Resolving it again
+        would find it at no cost: its symlinks' targets are remembered for the
+        same epoch."""
+        if self._memo_epoch != self.epoch:
+            self._memo.clear()
+            self._memo_epoch = self.epoch
+            return None
+        hit = self._memo.get(key)
+        if hit is not None:
             self.lookups += 1
-            self.last = memo[2]
-            return memo[2]
-        return None
+            self.last = hit
+        return hit
+
+    def _remember(self, parts: list[str], node: Inode) -> None:
+        """``node`` is the directory at ``parts`` (just placed there)."""
+        if self._memo_epoch != self.epoch:
+            self._memo.clear()
+            self._memo_epoch = self.epoch
+        self._memo[tuple(parts)] = node
 
     def _lookup(self, parts: list[str], create: bool) -> Inode | None:
         return resolve(_InMemory(self), parts, create)
@@ -206,7 +220,10 @@ class LayerTree:
                             f"(limit {limits.MAX_DEPTH})")
         t = e.type
         if t == TYPE_DIR:
-            self._directory(pdir, base, e)
+            epoch = self.epoch
+            node = self._directory(pdir, base, e)
+            if self.epoch == epoch:  # pdir is still what its path leads to
+                self._remember(parts, node)
             self.dir_times[self._below(base)] = e.mtime_ns
             return None
         if t == TYPE_HARDLINK:
@@ -253,12 +270,13 @@ class LayerTree:
                            if k.startswith(overlay_xattr_prefix()) or k in e.xattrs}
         self._set_xattrs(node, e)
 
-    def _directory(self, pdir: Inode, name: str, e: TarEntry) -> None:
+    def _directory(self, pdir: Inode, name: str, e: TarEntry) -> Inode:
+        """Make or update the directory ``name`` of ``pdir``; it."""
         assert pdir.children is not None
         old = pdir.children.get(name)
         if old is not None and old.kind == stat.S_IFDIR:
             self._dir_meta(old, e, existed=True)
-            return
+            return old
         node = new_dir(e.mode, e.uid, e.gid, e.mtime_ns)
         if old is not None:
             self._detach(pdir, name)
@@ -267,6 +285,7 @@ class LayerTree:
                 node.xattrs[overlay_opaque_xattr()] = b"y"
         self._attach(pdir, name, node)
         self._dir_meta(node, e, existed=False)
+        return node
 
     def _hardlink(self, pdir: Inode, name: str, e: TarEntry, rel: str) -> None:
         target = link_target(e)
