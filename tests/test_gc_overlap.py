@@ -21,6 +21,8 @@ from lamina.errors import Internal
 from lamina.metadata import gc
 from lamina.metadata.gc import collect
 from lamina.metadata.root import Root
+from lamina.mounts.mount import temp_mount
+from lamina.mounts.mountinfo import read_mountinfo
 from lamina.snapshots.directory import DirectorySnapshotter
 
 
@@ -120,3 +122,27 @@ def test_threads_share_the_deletion_and_each_returns_with_all_gone(
             w.join()
     assert sorted(by) == ["rm-1", "rm-2"] and sorted(by.values()) == ["one", "two"]
     assert left == {"one": [], "two": []}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="EROFS mounts need root")
+def test_an_erofs_layer_is_unmounted_where_its_directory_is_deleted(
+        root: Root, tmp_root: Path) -> None:
+    sn = root.snapshotter("erofs")
+    assert isinstance(sn, DirectorySnapshotter)
+    with temp_mount(sn.prepare("a", ""), base=tmp_root / "work") as tree:
+        Path(tree, "f").write_text("f")
+    sn.commit("A", "a")
+    sn.view("v", "A")  # its mounts: the layer is mounted on demand
+    sn.remove("v")
+    dirs = root.snapshots_dir("erofs") / "snapshots"
+
+    def layers() -> list[str]:
+        return [m.mount_point for m in read_mountinfo()
+                if m.fstype == "erofs" and m.mount_point.startswith(f"{dirs}/")]
+
+    assert len(layers()) == 1
+    with sn.deferred_removal():
+        sn.remove("A")
+        # the rename out of the id space moved the mount: no unmount on the way
+        assert [os.path.relpath(p, dirs) for p in layers()] == ["rm-1/fs"]
+    assert layers() == [] and os.listdir(dirs) == []

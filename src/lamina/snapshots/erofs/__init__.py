@@ -310,13 +310,10 @@ class ErofsSnapshotter(OverlaySnapshotter):
 
         return disk_usage(upper)
 
-    def _discard(self, names: Sequence[str]) -> None:
-        for name in names:  # removed snapshots' layers, unmounted before they are renamed
-            unmount_image(self._dirs / name / "fs")
-        super()._discard(names)
-
     def _delete(self, path: Path) -> None:
-        # a removal or orphan cut short may have left its layer mounted
+        # A removed snapshot's directory is renamed with its layer mounted (as an
+        # orphan is): unmounted here, where a collection deletes it off its path
+        # (a thread, while the blobs go), and where a cut-short removal is finished.
         unmount_image(path / "fs")
         # a committed layer is these few entries: deleted by name, with no tree walk
         try:
