@@ -196,3 +196,23 @@ def test_a_database_another_process_made_first_is_kept(
         assert c.execute("SELECT count(*) FROM t").fetchone()[0] == 0
     db.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.db"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
+def test_a_new_database_on_a_full_disk_is_resource_exhausted(tmp_path: Path) -> None:
+    """Made aside, a new file on a full disk is ResourceExhausted, and nothing of it
+    is left (neither at its path nor under its temporary name)."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], check=True)
+    try:
+        fd = os.open(small / "fill", os.O_WRONLY | os.O_CREAT)
+        with pytest.raises(OSError):
+            while True:
+                os.write(fd, b"x" * 4096)
+        os.close(fd)
+        with pytest.raises(ResourceExhausted, match="the disk is full"):
+            Database(small / "m.db", _SCHEMA)
+        assert sorted(p.name for p in small.iterdir()) == ["fill"]
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

@@ -35,6 +35,7 @@ into place whole, for two syncs (see :func:`_create`); SQLite gives its
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sqlite3
 import threading
@@ -83,7 +84,14 @@ class Database:
         self._batch: _Batch | None = None  # the open group transaction
         self._readers = threading.local()  # each thread's read connection (group commit)
         self._reader_conns: list[sqlite3.Connection] = []
-        made = not os.path.exists(self.path) and _create(self.path, schema)
+        try:
+            made = not os.path.exists(self.path) and _create(self.path, schema)
+        except (OSError, sqlite3.Error) as exc:
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted(f"database {self.path}: the disk is full") from exc
+            if full := self._full(exc):
+                raise full from exc
+            raise
         for suffix in ("", "-wal", "-shm", "-journal"):
             tighten(self.path + suffix, FILE_MODE)
         self._conn: sqlite3.Connection | None = sqlite3.connect(
@@ -332,7 +340,11 @@ def _create(path: str, schema: str) -> bool:
 
     directory = os.path.dirname(path) or "."
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", dir=directory)  # 0600
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", dir=directory)  # 0600
+    except BaseException:
+        os.close(dir_fd)
+        raise
     try:
         conn = sqlite3.connect(tmp, isolation_level=None)
         try:
