@@ -44,6 +44,7 @@ _DIR, _REG, _LNK = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
 _DEVICES = (stat.S_IFCHR, stat.S_IFBLK)
 _REG_LNK, _DIR_LNK = (_REG, _LNK), (_DIR, _LNK)
 _DIRENT = F.DIRENT.size
+_SLOT = F.EROFS_ISLOTSIZE
 _ZERO16 = bytes(16)
 #: i_format by (extended, inline)
 _FORMATS = {
@@ -171,6 +172,9 @@ def _dir_entries(node: Inode, parent: Inode) -> list[tuple[bytes, Inode]]:
 
 def _pack_dir(ents: list[tuple[bytes, Inode]]) -> tuple[list[int], int]:
     """Entries per directory block, and the directory's size in bytes."""
+    size = _DIRENT * len(ents) + sum([len(name) for name, _ in ents])
+    if size <= BLK:  # most directories: one block
+        return [len(ents)], size
     counts: list[int] = []
     used = count = 0
     for name, _ in ents:
@@ -209,22 +213,24 @@ class _Slots:
         return len(self.used)
 
     def place(self, size: int) -> int:
-        need = -(-size // F.EROFS_ISLOTSIZE)
+        need = -(-size // _SLOT)
         per = self.PER_BLOCK
         if need <= per:
+            used, free = self.used, self.free
             while fits := self.rooms >> need:
                 room = need + (fits & -fits).bit_length() - 1  # the least room that fits
-                bucket = self.free[room]
+                bucket = free[room]
                 b = bucket.pop()
                 if not bucket:
                     self.rooms &= ~(1 << room)
-                if per - self.used[b] != room:
+                taken = used[b]
+                if per - taken != room:
                     continue  # stale: the block filled since
-                nid = b * per + self.used[b]
-                self.used[b] += need
-                if room > need:
-                    self._free(room - need, b)
-                return nid
+                used[b] = taken + need
+                if room > need:  # (what _free does)
+                    free[room - need].append(b)
+                    self.rooms |= 1 << (room - need)
+                return b * per + taken
         b = len(self.used)
         whole, last = divmod(need, per)
         self.used.extend([per] * whole)
@@ -314,7 +320,7 @@ def write_metadata(fd: int, root: Inode, *, data_end: int,
             or rec.nlink > 0xFFFF or size >= 1 << 32)
         rec.xattr = xattr = body(node) if node.xattrs else b""
         head = (64 if extended else 32) + len(xattr)
-        rec.inline = inline = bool(tail) and head + tail <= BLK and not node.tail_in_data
+        rec.inline = inline = tail > 0 and head + tail <= BLK and not node.tail_in_data
         rec.nid = nid = place(head + tail if inline else head)
         nids.append(nid)
         rec.fmt = _FORMATS[extended, inline]
@@ -357,7 +363,7 @@ def write_metadata(fd: int, root: Inode, *, data_end: int,
         ino = i + 1
         nid = nids[i]
         node = rec.node
-        gap = meta_base + nid * F.EROFS_ISLOTSIZE - buf_at - len(buf)
+        gap = meta_base + nid * _SLOT - buf_at - len(buf)
         if gap:
             buf += bytes(gap)
         kind = node.kind
