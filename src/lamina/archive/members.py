@@ -76,12 +76,13 @@ def classify(e: TarEntry) -> tuple[Member, list[str]]:
         if e.type != TYPE_DIR:
             raise bad_layer(f"{e.name!r}: only a directory can name the root")
         return Member.ROOT, parts
-    parents = "/" + "/".join(parts[:-1])
-    if "/" + WHITEOUT_PREFIX in parents:  # one search, not one per component
-        comp = next(c for c in parts[:-1] if c.startswith(WHITEOUT_PREFIX))
-        raise bad_layer(f"{e.name!r}: path goes through whiteout {comp!r}")
-    if parts[-1].startswith(WHITEOUT_PREFIX):
-        return Member.WHITEOUT, parts
+    if WHITEOUT_PREFIX in e.name:  # else no component can start with it
+        parents = "/" + "/".join(parts[:-1])
+        if "/" + WHITEOUT_PREFIX in parents:  # one search, not one per component
+            comp = next(c for c in parts[:-1] if c.startswith(WHITEOUT_PREFIX))
+            raise bad_layer(f"{e.name!r}: path goes through whiteout {comp!r}")
+        if parts[-1].startswith(WHITEOUT_PREFIX):
+            return Member.WHITEOUT, parts
     if e.is_socket:
         return Member.SKIP, parts
     if e.type == TYPE_CHAR and e.devmajor == 0 and e.devminor == 0:

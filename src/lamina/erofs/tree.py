@@ -242,9 +242,13 @@ class LayerTree:
         elif kind in (stat.S_IFCHR, stat.S_IFBLK):
             node.rdev = ((e.devminor & 0xFF) | (e.devmajor << 8)  # the kernel's new_encode_dev
                          | ((e.devminor & ~0xFF) << 12))
-        self._set_xattrs(node, e)
-        self._detach(pdir, base)
-        self._attach(pdir, base, node)
+        if e.xattrs:
+            self._set_xattrs(node, e)
+        children = pdir.children
+        assert children is not None
+        if base in children:
+            self._detach(pdir, base)
+        children[base] = node  # (what _attach does for all but a directory)
         return node if kind == stat.S_IFREG else None
 
     def _set_xattrs(self, node: Inode, e: TarEntry) -> None:
