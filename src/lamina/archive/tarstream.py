@@ -354,19 +354,22 @@ class TarReader:
 
         Raises InvalidArgument if the stream ends before the member's data does.
         """
-        n = min(limit, self._remaining)
+        n = self._remaining
+        if limit < n:
+            n = limit
         if n <= 0:
             return memoryview(b"")
-        avail = len(self._buf) - self._pos
+        start = self._pos
+        avail = len(self._buf) - start
         if avail == 0:
             chunk = self._read_src(max(n, _READ_CHUNK) if n < _READ_CHUNK else n)
             if not chunk:
                 raise _bad(f"stream ends inside member data ({self._remaining} bytes missing)")
             self._buf = chunk
-            self._pos = 0
+            start = 0
             avail = len(chunk)
-        n = min(n, avail)
-        start = self._pos
+        if avail < n:
+            n = avail
         self._pos = start + n
         self.offset += n
         self._remaining -= n
@@ -492,8 +495,7 @@ class TarReader:
             seen = _SEEN.get(block[136:148])
             mtime_s = _octal_seen(block[136:148], "mtime") if seen is None else seen
         raw_mode, uid, gid = owner
-        entry = TarEntry(name="", type=tflag, size=size, mode=raw_mode & 0o7777, uid=uid,
-                         gid=gid, mtime_ns=mtime_s * 1_000_000_000,
+        entry = TarEntry("", tflag, size, raw_mode & 0o7777, uid, gid, mtime_s * 1_000_000_000,
                          is_socket=(raw_mode & _S_IFMT) == _S_IFSOCK)
         if tflag in "34":
             entry.devmajor = _octal(block[329:337], "devmajor")
@@ -512,7 +514,9 @@ class TarReader:
             self._apply_pax(entry, pax)
         if len(name_b) > _SHORT_NAME:
             _check_path(name_b, "member name", True)
-        entry.name = _name(name_b, "member name")
+        if b"\0" in name_b:  # (what _name says, without the call)
+            raise _bad("member name contains a NUL byte")
+        entry.name = name_b.decode(_FS_ENCODING, _FS_ERRORS)
         if not entry.name:
             raise _bad("member with an empty name")
         if link_b:
