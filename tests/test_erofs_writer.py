@@ -640,30 +640,3 @@ def test_digest_is_hashed_as_the_image_is_written(tmp_path: Path) -> None:
     assert block0_last and result.digest.endswith(" block0-last")
     assert digest == file_digest(image, block0_last=True)
     assert digest != file_digest(image, block0_last=False)
-
-
-def test_layers_read_at_once_decompress_inline(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """A layer read alone has gzip decompressed by a helper thread; one read while
-    another is (its reader holds the count) decompresses in its own thread; the
-    images are the same."""
-    import gzip
-
-    import lamina.erofs.writer as writer
-
-    threads: list[int] = []
-    real = writer.open_decompressed
-
-    def recording(stream: Any, **kw: Any) -> Any:
-        threads.append(kw["threads"])
-        return real(stream, **kw)
-
-    monkeypatch.setattr(writer, "open_decompressed", recording)
-    raw = gzip.compress(make_tar([*KINDS, file_("big", bytes(5000) + b"x" * 70_000)]))
-    alone = write_image(io.BytesIO(raw), tmp_path / "alone.erofs", overlay=False)
-    with writer._WRITING:  # another layer being read
-        beside = write_image(io.BytesIO(raw), tmp_path / "beside.erofs", overlay=False)
-    after = write_image(io.BytesIO(raw), tmp_path / "after.erofs", overlay=False)
-    assert threads == [1, 0, 1]
-    assert alone.digest == beside.digest == after.digest
-    assert (tmp_path / "alone.erofs").read_bytes() == (tmp_path / "beside.erofs").read_bytes()

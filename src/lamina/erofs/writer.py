@@ -26,7 +26,6 @@ import contextlib
 import errno
 import os
 import tempfile
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
@@ -171,31 +170,6 @@ class _Data:
         return self.tails.get(node.tail_at, n)
 
 
-class _Writing:
-    """How many layers this process is reading at once (entered while a layer's
-    stream is read, gives the count with this one). The first decompresses gzip in a helper thread,
-    which overlaps with its parse on the other core; a layer written alongside
-    others decompresses in its own thread: the cores are busy already, and the
-    helper's handoff costs CPU (3 bench layers written at once: about 0.035 s
-    of 0.6 s)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._count = 0
-
-    def __enter__(self) -> int:
-        with self._lock:
-            self._count += 1
-            return self._count
-
-    def __exit__(self, *exc: object) -> None:
-        with self._lock:
-            self._count -= 1
-
-
-_WRITING = _Writing()
-
-
 def _shown_root(node: Inode, epoch_ns: int) -> RootMeta:
     """The root's metadata as a mount shows it: a time the layer did not give
     is the image's epoch (the compact inodes' time)."""
@@ -260,18 +234,17 @@ def write_image(
     current: TarEntry | None = None
     try:
         with atomic_file(dest, mode=0o644) as fd, \
-                contextlib.closing(_Tails(directory)) as tails:
+                contextlib.closing(_Tails(directory)) as tails, \
+                open_decompressed(stream, max_size=max_size) as plain:
             data = _Data(fd, tails)
-            with _WRITING as writing, open_decompressed(
-                    stream, max_size=max_size, threads=1 if writing == 1 else 0) as plain:
-                reader = TarReader(plain, meter)
-                while (e := reader.next()) is not None:
-                    current = e
-                    node = tree.add(e)
-                    if node is not None:
-                        data.stream(node, reader)
-                current = None
-                reader.drain()
+            reader = TarReader(plain, meter)
+            while (e := reader.next()) is not None:
+                current = e
+                node = tree.add(e)
+                if node is not None:
+                    data.stream(node, reader)
+            current = None
+            reader.drain()
             tree.finish()
             diff_id = meter.verified(expected_diff_id)
             if callable(root):
