@@ -75,6 +75,11 @@ class DirectorySnapshotter(ScopedViews):
 
     #: What this kind of snapshotter can do whoever runs it (see :attr:`capabilities`).
     CAPABILITIES: ClassVar[frozenset[Capability]] = frozenset()
+    #: Whether threads may share a reap pass (see :meth:`reap`): deleting a removed
+    #: snapshot's directory is mostly the kernel's work, a few unlinks of large
+    #: files run without the GIL. A tree walked in Python is deleted by one pass at
+    #: a time: two would only take turns at the GIL, slower than one.
+    SHARED_REAP: ClassVar[bool] = False
 
     def __init__(self, root: str | os.PathLike[str], *, async_remove: bool = False,
                  ahead: int = 0) -> None:
@@ -98,9 +103,11 @@ class DirectorySnapshotter(ScopedViews):
         self._removing_lock = threading.Lock()
         self._reaper: threading.Thread | None = None
         self._reap_now = threading.Event()
-        # rm- directories a thread of this process is deleting (threads share a pass)
+        # rm- directories a thread of this process is deleting (SHARED_REAP), else
+        # one deleting pass at a time in this process
         self._reaping: set[str] = set()
         self._reaped = threading.Condition()
+        self._reap_lock = threading.Lock()
         self._stopping = threading.Event()
         if async_remove:
             self._reaper = threading.Thread(target=self._reap_loop, daemon=True,
@@ -434,30 +441,32 @@ class DirectorySnapshotter(ScopedViews):
         """Delete directories already taken out of the id space (``rm-…``); returns how many.
 
         Safe at any time and from several processes: those directories belong to
-        no snapshot any more. Threads of a process share the work: each directory
-        is deleted by the first to take it, and a call returns once the ones
-        others took are gone too (the reaper's, a collection's), so on return
-        nothing taken out before the call is left."""
+        no snapshot any more. A pass running in another thread (the reaper, a
+        collection's) is waited for, so on return nothing taken out before the
+        call is left; with :attr:`SHARED_REAP` threads share the work instead, each
+        directory deleted by the first to take it."""
         count = 0
-        try:
-            pending = [e for e in os.listdir(self._dirs) if e.startswith(_RM)]
-            while pending:
-                others = []  # taken by other threads: waited for
-                for entry in pending:
-                    if not self._take(entry):
-                        others.append(entry)
-                        continue
-                    try:
-                        if os.path.lexists(self._dirs / entry):  # not gone meanwhile
-                            self._delete(self._dirs / entry)
-                            count += 1
-                    finally:
-                        self._done_with(entry)
-                self._wait_for(others)
-                # what another thread failed to delete is tried again here
-                pending = [e for e in others if os.path.lexists(self._dirs / e)]
-        finally:
-            self._release_removals()
+        alone = contextlib.nullcontext() if self.SHARED_REAP else self._reap_lock
+        with alone:
+            try:
+                pending = [e for e in os.listdir(self._dirs) if e.startswith(_RM)]
+                while pending:
+                    others = []  # taken by other threads: waited for
+                    for entry in pending:
+                        if not self._take(entry):
+                            others.append(entry)
+                            continue
+                        try:
+                            if os.path.lexists(self._dirs / entry):  # not gone meanwhile
+                                self._delete(self._dirs / entry)
+                                count += 1
+                        finally:
+                            self._done_with(entry)
+                    self._wait_for(others)
+                    # what another thread failed to delete is tried again here
+                    pending = [e for e in others if os.path.lexists(self._dirs / e)]
+            finally:
+                self._release_removals()
         return count
 
     def _take(self, entry: str) -> bool:

@@ -100,6 +100,8 @@ def check_erofs_support(root: Path, *, backing: str = "auto") -> None:
 class ErofsSnapshotter(OverlaySnapshotter):
     """Snapshots whose committed layers are EROFS images (see module docs)."""
 
+    SHARED_REAP = True  # a removed layer is an unmount and an image file's unlink
+
     def __init__(
         self,
         root: str | os.PathLike[str],
