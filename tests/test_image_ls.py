@@ -20,7 +20,7 @@ from registry_peer import running_registry, skopeo_push
 from test_progress_tty import in_pty
 
 from lamina.cli.common import human_size
-from lamina.images.importer import put_document
+from lamina.images.graph import put_document
 from lamina.metadata.images import Image
 from lamina.metadata.root import Root
 from lamina.oci.types import Descriptor, MediaType

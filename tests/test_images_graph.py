@@ -18,7 +18,7 @@ from lamina.content import sha256_digest, write_blob
 from lamina.content.local import LocalContentStore
 from lamina.errors import InvalidArgument, NotFound, ResourceExhausted
 from lamina.images import graph
-from lamina.images.importer import put_document
+from lamina.images.graph import put_document
 from lamina.oci.limits import MAX_DEPTH, MAX_DOCUMENT, Limits
 from lamina.oci.types import Descriptor, MediaType
 

@@ -15,8 +15,7 @@ from bad_registry import State, serving
 from registry_peer import Registry as Peer
 from registry_peer import http_get, running_registry
 
-from lamina.images.graph import label_references
-from lamina.images.importer import put_document
+from lamina.images.graph import label_references, put_document
 from lamina.images.push import push
 from lamina.images.service import ImageService
 from lamina.metadata.images import Image, ImageStore

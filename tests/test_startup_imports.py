@@ -1,7 +1,7 @@
 """What a command imports before it does its work (start-up time, bench/startup.py):
 each command, run as ``lamina`` runs it, leaves out the modules only other paths
 need. An erofs pull from a loopback registry imports no proxy lookup, no zstd, no
-directory extraction and no image converter; image rm no GC; gc no layer writer
+directory extraction, no image converter and no archive importer; image rm no GC; gc no layer writer
 or reader; run no checkpointing; none of them gRPC."""
 
 from __future__ import annotations
@@ -78,8 +78,10 @@ def test_erofs_pull_from_loopback_leaves_out_what_it_does_not_use(
     pulled = modules_after(tmp_root / "root", "--snapshotter", "erofs", "image", "pull", "-q",
                            name)
     assert "lamina.erofs.writer" in pulled
-    # urllib.request reads the environment's proxies, which loopback never uses
-    assert _any_of(pulled, SERVER_ONLY, LAYER_EXTRAS, CHECKPOINTS, {"urllib.request"}) == []
+    # urllib.request reads the environment's proxies, which loopback never uses;
+    # the importer (tarfile) reads image archives
+    assert _any_of(pulled, SERVER_ONLY, LAYER_EXTRAS, CHECKPOINTS,
+                   {"urllib.request", "lamina.images.importer", "tarfile"}) == []
 
 
 def test_run_rm_leaves_out_checkpoints_and_the_differ(tmp_root: Path) -> None:

@@ -64,8 +64,7 @@ from lamina.errors import (
     NotFound,
 )
 from lamina.fs.files import remove_tree, sync_filesystem
-from lamina.images.graph import label_references, read_document
-from lamina.images.importer import put_document
+from lamina.images.graph import label_references, put_document, read_document
 from lamina.images.service import ImageService
 from lamina.labels import CHECKPOINT, RESTORED_FROM_ANNOTATION
 from lamina.metadata.containers import Container

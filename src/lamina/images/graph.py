@@ -25,12 +25,13 @@ unpack's choice of manifest, the GC labels of import and checkpoint — runs
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from lamina.content import set_labels
+from lamina.content import set_labels, write_blob
 from lamina.content.digest import sha256_digest
-from lamina.errors import InvalidArgument, NotFound, ResourceExhausted
+from lamina.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from lamina.labels import GC_REF_CONTENT
 from lamina.oci.limits import LIMITS, Limits
 from lamina.oci.platforms import select_children
@@ -50,7 +51,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DOCUMENT_TYPES", "Handler", "any_manifest", "children", "gc_labels", "label_references",
-    "manifest_for", "read_document", "select", "stored", "walk", "walk_descriptors",
+    "manifest_for", "put_document", "read_document", "select", "stored", "walk",
+    "walk_descriptors",
 ]
 
 #: What a walk reads and parses: the rest are leaves (configs are read, not followed).
@@ -73,6 +75,15 @@ def read_document(content: ContentStore, desc: Descriptor, *,
     if len(data) != desc.size or sha256_digest(data) != desc.digest:
         raise InvalidArgument(f"{desc.digest}: content does not match its descriptor")
     return data
+
+
+def put_document(content: ContentStore, data: bytes,
+                 labels: dict[str, str] | None = None) -> str:
+    """Store a small document (manifest, index, config); returns its digest."""
+    digest = sha256_digest(data)
+    with contextlib.suppress(AlreadyExists):
+        write_blob(content, f"document-{digest}", data, expected=digest, labels=labels)
+    return digest
 
 
 def children(desc: Descriptor, data: bytes) -> list[Descriptor]:

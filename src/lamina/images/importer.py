@@ -22,7 +22,6 @@ is reachable from it. Documents are bounded as every walk's are
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import posixpath
@@ -34,9 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
-from lamina.content import write_blob
 from lamina.errors import AlreadyExists, InvalidArgument, LaminaError, NotFound, Unavailable
-from lamina.images.graph import label_references, walk_descriptors
+from lamina.images.graph import label_references, put_document, walk_descriptors
 from lamina.metadata.images import Image, ImageStore
 from lamina.metadata.leases import LeasedContent
 from lamina.oci.limits import MAX_DOCUMENT
@@ -53,7 +51,7 @@ from lamina.util.progress import Progress
 if TYPE_CHECKING:
     from lamina.content import ContentStore
 
-__all__ = ["Arrivals", "import_images", "put_document"]
+__all__ = ["Arrivals", "import_images"]
 
 _CHUNK = 1 << 20
 _DOCUMENTS = {"index.json", "oci-layout", "manifest.json", "repositories"}
@@ -105,15 +103,6 @@ def _ingest(content: ContentStore, stream: IO[bytes], *, size: int, expected: st
         raise
     finally:
         writer.close()
-
-
-def put_document(content: ContentStore, data: bytes,
-                 labels: dict[str, str] | None = None) -> str:
-    """Store a small document (manifest, index, config); returns its digest."""
-    digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
-    with contextlib.suppress(AlreadyExists):
-        write_blob(content, f"document-{digest}", data, expected=digest, labels=labels)
-    return digest
 
 
 def _blob_path_digest(path: str) -> str | None:

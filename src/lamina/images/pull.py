@@ -59,7 +59,6 @@ from lamina.content import ContentStore, Local, set_labels
 from lamina.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from lamina.images import graph
 from lamina.images.fetch import LOCK_WAIT, TailReader, Transfer, fetch_blob, ingest_ref
-from lamina.images.importer import put_document
 from lamina.images.unpack import Unpacker, UnpackResult, unpacker_for
 from lamina.labels import DISTRIBUTION_SOURCE
 from lamina.metadata.images import Image
@@ -184,7 +183,7 @@ class _Puller:
         deadline = time.monotonic() + LOCK_WAIT
         while True:
             try:
-                put_document(self.content, data)
+                graph.put_document(self.content, data)
                 self.fetched_documents.add(desc.digest)
                 return data
             except Unavailable:  # another pull is storing it: wait for that one
