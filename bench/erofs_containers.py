@@ -110,9 +110,12 @@ from lamina.metadata import gc
 from lamina.metadata.deletes import delete_image
 from lamina.metadata.root import Root
 
-# the snapshots' share: the sweep (rows, unmounts) and the deferred directory deletion
+# the snapshots' share: the sweep (rows, unmounts) and the deferred directory deletion;
+# where a thread deletes the directories while the blobs go (_deleting_meanwhile), the
+# wait for what is left of it after the blobs
 spent = []
 sweep, deferred = gc._sweep_snapshots, gc._deferred_removal
+meanwhile = getattr(gc, "_deleting_meanwhile", None)
 
 def timed_sweep(*a, **k):
     t = time.perf_counter()
@@ -135,6 +138,8 @@ class TimedExit:
 
 gc._sweep_snapshots = timed_sweep
 gc._deferred_removal = lambda *a: TimedExit(deferred(*a))
+if meanwhile is not None:
+    gc._deleting_meanwhile = lambda *a: TimedExit(meanwhile(*a))
 root = Root(sys.argv[1])
 for store in (root.images, root.content, root.containers, root.leases):
     store()
