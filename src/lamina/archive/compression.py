@@ -24,11 +24,11 @@ from collections.abc import Callable
 from typing import IO, Any, Protocol, cast
 
 from isal import igzip as _igzip
-from isal import igzip_threaded as _igzip_threaded
 from isal.isal_zlib import IsalError as _IsalError
 
 from lamina.errors import InvalidArgument, ResourceExhausted
 from lamina.util.rawio import RawReader
+from lamina.util.readahead import ReadAhead
 
 # isal types IsalError as an instance; it is the exception class
 _ISAL_ERROR = cast("type[BaseException]", _IsalError)
@@ -71,7 +71,6 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _CHUNK = 1 << 20
 # isal ships partial annotations; use it untyped
 igzip: Any = _igzip
-igzip_threaded: Any = _igzip_threaded
 
 
 def too_large(limit: int, what: str = "layer") -> ResourceExhausted:
@@ -357,10 +356,12 @@ def open_decompressed(stream: IO[bytes], *, threads: int = 1,
     if kind is Compression.GZIP:
         raw = _Prefixed(head, stream, None)
         reader: IO[bytes]
+        gz = igzip.GzipFile(fileobj=raw, mode="rb")
         if threads > 0:
-            reader = cast(IO[bytes], igzip_threaded.open(raw, "rb", threads=threads))
+            reader = cast(IO[bytes], ReadAhead(gz.read, block=_CHUNK, name="gunzip",
+                                               on_close=gz.close))
         else:
-            reader = cast(IO[bytes], igzip.GzipFile(fileobj=raw, mode="rb"))
+            reader = cast(IO[bytes], gz)
         return Decompressed(reader, kind, lambda: None, max_size)
     import zstandard  # see the imports (startup)
 
