@@ -48,7 +48,7 @@ from hypothesis import HealthCheck, assume, given, seed, settings
 from hypothesis import strategies as st
 
 from lamina.archive.apply import apply_layer
-from lamina.errors import FailedPrecondition, InvalidArgument, LaminaError
+from lamina.errors import FailedPrecondition, InvalidArgument, LaminaError, ResourceExhausted
 
 EXAMPLES = int(os.environ.get("LAMINA_FUZZ_EXAMPLES", "200") or 200)
 SEED = int(os.environ.get("LAMINA_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
@@ -67,10 +67,12 @@ _COLLECT = os.environ.get("LAMINA_FUZZ_COLLECT")  # explore: log failures here, 
 # InvalidArgument: a malformed layer, archive or document (NeedsLowerLayers, the
 # overlay-mode refusal, is one); FailedPrecondition: a blob whose bytes do not hash
 # to the digest its descriptor names (the content commit refuses it, as containerd's).
+# an import whose layers announce more than the filesystem can hold is refused
+# before anything is written (lamina.images.unpack): ResourceExhausted
 ACCEPTED: dict[str, tuple[type[LaminaError], ...]] = {
     "apply_layer": (InvalidArgument,),
-    "import-bytes": (InvalidArgument, FailedPrecondition),
-    "import-documents": (InvalidArgument, FailedPrecondition),
+    "import-bytes": (InvalidArgument, FailedPrecondition, ResourceExhausted),
+    "import-documents": (InvalidArgument, FailedPrecondition, ResourceExhausted),
 }
 
 CASES: Counter[str] = Counter()  # test -> examples run
