@@ -27,9 +27,13 @@ import tempfile
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import imagefactory
 import pytest
+
+if TYPE_CHECKING:
+    from lamina.metadata.root import Root
 
 MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -341,6 +345,18 @@ def tmp_root(request: pytest.FixtureRequest) -> Iterator[Path]:
 
             with contextlib.suppress(OSError):
                 remove_tree(root)
+
+
+@pytest.fixture
+def open_root(tmp_root: Path) -> Iterator[Root]:
+    """A lamina Root opened on a fresh ``tmp_root``, closed afterwards."""
+    from lamina.metadata.root import Root
+
+    r = Root(tmp_root / "root")
+    try:
+        yield r
+    finally:
+        r.close()
 
 
 @pytest.fixture(scope="session")

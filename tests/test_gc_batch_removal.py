@@ -7,7 +7,6 @@ snapshotter deletes a removed layer's directory by name, with no tree walk
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,12 +29,8 @@ def _layer_mounts(base: Path) -> list[str]:
 
 
 @pytest.fixture
-def root(tmp_root: Path) -> Iterator[Root]:
-    r = Root(tmp_root / "root")
-    try:
-        yield r
-    finally:
-        r.close()
+def root(open_root: Root) -> Root:
+    return open_root
 
 
 def _chain(sn: Snapshotter, names: list[str], work: Path) -> None:

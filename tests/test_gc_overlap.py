@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,12 +27,8 @@ from lamina.snapshots.directory import DirectorySnapshotter
 
 
 @pytest.fixture
-def root(tmp_root: Path) -> Iterator[Root]:
-    r = Root(tmp_root / "root")
-    try:
-        yield r
-    finally:
-        r.close()
+def root(open_root: Root) -> Root:
+    return open_root
 
 
 def _garbage(root: Root) -> Path:
