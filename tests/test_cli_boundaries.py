@@ -191,9 +191,11 @@ def _blocked_reading_stdin(pid: int) -> bool:
 
 def test_interrupt_is_one_line_and_130(scratch: Path) -> None:
     r, w = os.pipe()
-    proc = subprocess.Popen([*LAMINA, "--root", str(scratch / "root"), "content", "ingest",
-                             "interrupted-ref"], stdin=r, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal's ^C finds it: a suite started in the background by a
+    # shell without job control inherits SIGINT ignored, and so would lamina
+    proc = subprocess.Popen(["env", "--default-signal=INT", *LAMINA, "--root",
+                             str(scratch / "root"), "content", "ingest", "interrupted-ref"],
+                            stdin=r, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     os.close(r)
     try:
         deadline = time.monotonic() + 30
