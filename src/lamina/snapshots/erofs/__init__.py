@@ -223,20 +223,19 @@ class ErofsSnapshotter(OverlaySnapshotter):
             tx.check_new_key(key)
             if wait is None:
                 tx.resolve_parent(parent)
-        chain: list[str] = []
-        resolved: list[bool] = []
+        chain: list[str] | None = None  # the parent's, once it is committed
         with self._new_dir() as new, contextlib.ExitStack() as lowers:
             fs = new / "fs"
             fs.mkdir(mode=0o755)
 
             def committed_parent() -> list[str]:
-                """The parent's chain, once the parent is committed."""
-                if not resolved:
+                """The parent's chain, waiting (once) for the parent's commit."""
+                nonlocal chain
+                if chain is None:
                     if wait is not None:
                         wait()
                     with self.meta.read(self._scope) as tx:
-                        chain.extend(tx.resolve_parent(parent)[1])
-                    resolved.append(True)
+                        chain = list(tx.resolve_parent(parent)[1])
                 return chain
 
             def settle_root() -> RootMeta | None:
