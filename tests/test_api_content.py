@@ -56,9 +56,8 @@ def test_content_conformance_remote(
     case: object, content_server: tuple[Server, LocalContentStore]
 ) -> None:
     server, _ = content_server
-    store = RemoteContentStore(server.address)
-    assert isinstance(store, ContentStore)
-    case(lambda: store)  # type: ignore[operator]
+    assert isinstance(RemoteContentStore(server.address), ContentStore)
+    case(lambda: RemoteContentStore(server.address))  # type: ignore[operator]
 
 
 def test_remote_and_local_see_the_same_blobs(

@@ -305,6 +305,66 @@ def test_cancelled_write_logs_no_traceback(tmp_path: Path, sockdir: Path) -> Non
     assert "Exception" not in text, text
 
 
+class _SlowToClose:
+    """A content store whose writers take ``delay`` seconds to close, noting in
+    ``events`` when each closed and when the store itself closed."""
+
+    def __init__(self, store: Any, events: list[str], delay: float) -> None:
+        self._store, self._events, self._delay = store, events, delay
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def writer(self, ref: str, **kw: Any) -> Any:
+        w = self._store.writer(ref, **kw)
+        events, delay, close = self._events, self._delay, w.close
+
+        def slow_close() -> None:
+            time.sleep(delay)
+            close()
+            events.append(f"writer {ref} closed")
+
+        w.close = slow_close
+        return w
+
+    def close(self) -> None:
+        self._events.append("store closed")
+        self._store.close()
+
+
+def test_stopping_server_closes_its_stores_after_cancelled_streams_clean_up(
+    tmp_path: Path, sockdir: Path,
+) -> None:
+    """A Write stream still open when the server stops is cancelled; its handler closes
+    its writer after gRPC has let the call go. The stores close only after that (the
+    content store closing a writer its handler closes at the same moment closed one
+    descriptor twice: 'OSError: Bad file descriptor' from ``lamina serve``)."""
+    from lamina.api.content import ContentService
+    from lamina.content.local import LocalContentStore
+
+    events: list[str] = []
+    store = _SlowToClose(LocalContentStore(tmp_path / "content"), events, delay=0.5)
+
+    def add(server: grpc.Server) -> None:
+        cpb_grpc.add_ContentServicer_to_server(  # type: ignore[no-untyped-call]
+            ContentService(lambda: store), server)
+
+    server = Server(str(sockdir / "s.sock"), lambda name: None,  # type: ignore[arg-type,return-value]
+                    extra_services=add, on_close=store.close)
+    server.start()
+    channel = connect(server.address)
+    silent = Silent(channel)
+    try:
+        call = silent.open([cpb.WriteContentRequest(action=cpb.STAT, ref="held", total=10)])
+        assert next(call).action == cpb.STAT
+        server.stop(grace=0)
+        assert events == ["writer held closed", "store closed"]
+    finally:
+        silent.close()
+        channel.close()
+        server.stop(grace=0)
+
+
 # -- linear-time regular expressions ---------------------------------------------------------
 
 

@@ -403,6 +403,9 @@ class RemoteWriter:
         self._queue: queue.SimpleQueue[object] | None = None
         self._responses: Iterator[cpb.WriteContentResponse] | None = None
         self._state = "open"  # open, committed, closed
+        # One call at a time: the store closing on another thread waits for a
+        # write in flight instead of ending its stream under it.
+        self._mutex = threading.RLock()
         self._open()
 
     # -- the stream ----------------------------------------------------------
@@ -479,47 +482,52 @@ class RemoteWriter:
         return self._offset
 
     def write(self, data: bytes) -> int:
-        self._check_open()
-        self._ensure_open()
-        self._send(
-            cpb.WriteContentRequest(
-                action=cpb.WRITE, ref=self.ref, offset=self._offset, data=bytes(data)
+        with self._mutex:
+            self._check_open()
+            self._ensure_open()
+            self._send(
+                cpb.WriteContentRequest(
+                    action=cpb.WRITE, ref=self.ref, offset=self._offset, data=bytes(data)
+                )
             )
-        )
         return len(data)
 
     def digest(self) -> str:
-        if self._queue is None and self._state == "open":
-            self._send(cpb.WriteContentRequest(action=cpb.STAT, ref=self.ref))
-        return self._digest
+        with self._mutex:
+            if self._queue is None and self._state == "open":
+                self._send(cpb.WriteContentRequest(action=cpb.STAT, ref=self.ref))
+            return self._digest
 
     def status(self) -> ContentStatus:
         return self._store.status(self.ref)
 
     def commit(self, size: int, expected: str, *, labels: Mapping[str, str] | None = None) -> None:
-        self._check_open()
-        self._send(
-            cpb.WriteContentRequest(
-                action=cpb.COMMIT,
-                ref=self.ref,
-                offset=self._offset,
-                total=size,
-                expected=expected,
-                labels=dict(labels or {}),
+        with self._mutex:
+            self._check_open()
+            self._send(
+                cpb.WriteContentRequest(
+                    action=cpb.COMMIT,
+                    ref=self.ref,
+                    offset=self._offset,
+                    total=size,
+                    expected=expected,
+                    labels=dict(labels or {}),
+                )
             )
-        )
-        self._state = "committed"
-        self._end_stream()
+            self._state = "committed"
+            self._end_stream()
         self._store._forget(self)
 
     def truncate(self, size: int) -> None:
-        self._check_open()
-        self._send(cpb.WriteContentRequest(action=cpb.WRITE, ref=self.ref, offset=size))
+        with self._mutex:
+            self._check_open()
+            self._send(cpb.WriteContentRequest(action=cpb.WRITE, ref=self.ref, offset=size))
 
     def close(self) -> None:
-        if self._state == "open":
-            self._state = "closed"
-        self._end_stream()
+        with self._mutex:
+            if self._state == "open":
+                self._state = "closed"
+            self._end_stream()
         self._store._forget(self)
 
     def __repr__(self) -> str:

@@ -33,6 +33,7 @@ waits inside grpcio before any of this runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -131,6 +132,10 @@ class StreamGovernor(HandlerInterceptor):
         )
         self._lock = threading.Lock()
         self._streams: set[_Stream] = set()
+        # handler bodies still running: a cancelled call's handler may run its
+        # cleanup after gRPC has let the call go (and released its stream)
+        self._running = 0
+        self._idle = threading.Condition(self._lock)
         self._per_client: Counter[str] = Counter()
         self._stopping = threading.Event()
         self._watchdog = threading.Thread(
@@ -147,6 +152,10 @@ class StreamGovernor(HandlerInterceptor):
         if handler.response_streaming:
 
             def streaming(arg: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                with self._handler_running():
+                    yield from run(arg, context)
+
+            def run(arg: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 stream = self._admit(method, context)
                 try:
                     results = inner(_Watched(arg, stream) if request_streaming else arg, context)
@@ -168,15 +177,34 @@ class StreamGovernor(HandlerInterceptor):
         else:
 
             def unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-                stream = self._admit(method, context)
-                try:
-                    return inner(_Watched(requests, stream), context)
-                finally:
-                    self._release(stream)
+                with self._handler_running():
+                    stream = self._admit(method, context)
+                    try:
+                        return inner(_Watched(requests, stream), context)
+                    finally:
+                        self._release(stream)
 
             behavior = unary
         behavior.experimental_thread_pool = self.pool  # type: ignore[attr-defined]
         return rebuild(handler, behavior)
+
+    @contextlib.contextmanager
+    def _handler_running(self) -> Iterator[None]:
+        with self._lock:
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running -= 1
+                if not self._running:
+                    self._idle.notify_all()
+
+    def wait_handlers(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every stream's handler to return
+        (after the gRPC server stopped); whether they all did."""
+        with self._lock:
+            return self._idle.wait_for(lambda: not self._running, timeout)
 
     # -- admission -------------------------------------------------------------
     def _admit(self, method: str, context: grpc.ServicerContext) -> _Stream:

@@ -255,6 +255,9 @@ class LocalWriter(Closing):
         self.expected = expected
         self.started_at = started_at
         self._state = "open"
+        # One operation at a time: a store closing (or an abort) on another thread
+        # waits for a write in flight, and the descriptor is closed exactly once.
+        self._mutex = threading.RLock()
 
     @property
     def offset(self) -> int:
@@ -266,6 +269,10 @@ class LocalWriter(Closing):
         return self._fd
 
     def write(self, data: bytes) -> int:
+        with self._mutex:
+            return self._write(data)
+
+    def _write(self, data: bytes) -> int:
         fd = self._check_open()
         view = memoryview(data).cast("B")
         n = len(view)
@@ -286,12 +293,17 @@ class LocalWriter(Closing):
         return f"{SHA256}:{self._hash.hexdigest()}"
 
     def status(self) -> Status:
-        fd = self._check_open()
-        updated = datetime.fromtimestamp(os.fstat(fd).st_mtime, UTC)
+        with self._mutex:
+            fd = self._check_open()
+            updated = datetime.fromtimestamp(os.fstat(fd).st_mtime, UTC)
         return Status(self.ref, self._offset, self.total, self.expected,
                       self.started_at, max(updated, self.started_at))
 
     def truncate(self, size: int) -> None:
+        with self._mutex:
+            self._truncate(size)
+
+    def _truncate(self, size: int) -> None:
         fd = self._check_open()
         if size < 0 or size > self._offset:
             raise InvalidArgument(
@@ -304,6 +316,10 @@ class LocalWriter(Closing):
     def commit(
         self, size: int, expected: str, *, labels: Mapping[str, str] | None = None
     ) -> None:
+        with self._mutex:
+            self._commit(size, expected, labels)
+
+    def _commit(self, size: int, expected: str, labels: Mapping[str, str] | None) -> None:
         fd = self._check_open()
         if expected:
             validate_digest(expected)
@@ -350,12 +366,19 @@ class LocalWriter(Closing):
         self._store._forget_writer(self)
 
     def close(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                _write_text(self._ingest / "updatedat", _fmt(_now()))
-            self._close_fds("closed")
-        if self._lock is not None:
-            self._release("closed")
+        with self._mutex:
+            if self._fd is not None:
+                with contextlib.suppress(OSError):
+                    _write_text(self._ingest / "updatedat", _fmt(_now()))
+                self._close_fds("closed")
+            if self._lock is not None:
+                self._release("closed")
+
+    def _abort(self) -> None:
+        """The store aborts this ingest: drop the descriptor and the ref."""
+        with self._mutex:
+            self._close_fds("aborted")
+            self._release("aborted")
 
 
     def __del__(self) -> None:
@@ -889,8 +912,7 @@ class LocalContentStore(ScopedViews, Closing):
         with self._lock:
             own = self._writers.get(ref)
         if own is not None:
-            own._close_fds("aborted")
-            own._release("aborted")
+            own._abort()
         lock = _Lock.try_acquire(ingest)
         if lock is None:
             raise Unavailable(_Lock.describe_holder(ingest, ref))

@@ -18,6 +18,8 @@ import contextlib
 import functools
 import hashlib
 import io
+import sys
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -416,3 +418,52 @@ def case_large_streaming_blob(factory: StoreFactory) -> None:
         assert f"sha256:{got.hexdigest()}" == digest
         assert s.info(digest).size == count * mib
         assert peak < 16 * mib, f"peak traced memory {peak} bytes for a 64 MiB blob"
+
+
+def _close_race(s: ContentStore, errors: list[BaseException]) -> None:
+    """Close ``s`` on one thread while others close its writers or write on."""
+    writers = [s.writer(f"race-{i}", total=1 << 20) for i in range(3)]
+    for w in writers:
+        w.write(b"x" * 10)
+    writing = s.writer("race-writing", total=1 << 20)
+    start = threading.Barrier(len(writers) + 2)
+
+    def run(fn: Callable[[], object]) -> None:
+        start.wait()
+        try:
+            fn()
+        except BaseException as exc:
+            errors.append(exc)
+
+    def keep_writing() -> None:
+        with contextlib.suppress(FailedPrecondition):  # the store closed it: refused
+            for _ in range(1000):
+                writing.write(b"y")
+        writing.close()
+
+    threads = [threading.Thread(target=run, args=(w.close,)) for w in writers]
+    threads.append(threading.Thread(target=run, args=(keep_writing,)))
+    threads.append(threading.Thread(target=run, args=(s.close,)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+@case
+def case_store_closes_while_writers_close_on_other_threads(factory: StoreFactory) -> None:
+    """A server stopping closes its store while the calls it cancelled still close
+    (or write to) their writers: every writer ends once, nothing raises but the
+    refusal of a write to a closed writer, and the store's refs are all free again."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, so the race is run, not skipped
+    errors: list[BaseException] = []
+    try:
+        for _ in range(40):
+            _close_race(factory(), errors)
+        assert not errors, f"{len(errors)} errors, the first: {errors[0]!r}"
+        with _store(factory) as s:
+            for i in range(3):
+                s.writer(f"race-{i}").close()  # free: a closed writer released its ref
+    finally:
+        sys.setswitchinterval(previous)
