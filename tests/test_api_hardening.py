@@ -327,6 +327,14 @@ class _SlowToClose:
         w.close = slow_close
         return w
 
+    def info(self, digest: str) -> Any:
+        self._events.append("info called")
+        time.sleep(self._delay)
+        try:
+            return self._store.info(digest)
+        finally:
+            self._events.append("info returned")
+
     def close(self) -> None:
         self._events.append("store closed")
         self._store.close()
@@ -361,6 +369,37 @@ def test_stopping_server_closes_its_stores_after_cancelled_streams_clean_up(
         assert events == ["writer held closed", "store closed"]
     finally:
         silent.close()
+        channel.close()
+        server.stop(grace=0)
+
+
+def test_stopping_server_closes_its_stores_after_cancelled_unary_calls_return(
+    tmp_path: Path, sockdir: Path,
+) -> None:
+    """The same for a unary call the stop cancels while its handler runs."""
+    from lamina.api.content import ContentService
+    from lamina.content.local import LocalContentStore
+
+    events: list[str] = []
+    store = _SlowToClose(LocalContentStore(tmp_path / "content"), events, delay=0.5)
+
+    def add(server: grpc.Server) -> None:
+        cpb_grpc.add_ContentServicer_to_server(  # type: ignore[no-untyped-call]
+            ContentService(lambda: store), server)
+
+    server = Server(str(sockdir / "s.sock"), lambda name: None,  # type: ignore[arg-type,return-value]
+                    extra_services=add, on_close=store.close)
+    server.start()
+    channel = connect(server.address)
+    stub = cpb_grpc.ContentStub(channel)  # type: ignore[no-untyped-call]
+    call = stub.Info.future(cpb.InfoRequest(digest=sha256_digest(b"none")), timeout=30)
+    try:
+        wait_until("the Info handler runs", lambda: "info called" in events)
+        server.stop(grace=0)
+        assert events == ["info called", "info returned", "store closed"]
+        with pytest.raises(grpc.RpcError):
+            call.result()
+    finally:
         channel.close()
         server.stop(grace=0)
 

@@ -55,7 +55,7 @@ __all__ = ["SOCKET_MODE", "Server", "check_address", "serve"]
 log = logging.getLogger("lamina.api")
 
 SOCKET_MODE = 0o660
-HANDLER_EXIT_WAIT = 5.0  # seconds a stopped server waits for stream handlers to return
+HANDLER_EXIT_WAIT = 5.0  # seconds a stopped server waits for call handlers to return
 
 
 def check_address(path: str) -> bool:
@@ -235,10 +235,10 @@ class Server:
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
             if self._governor is not None:
-                # the stores close under no handler: a cancelled stream's cleanup
+                # the stores close under no handler: a cancelled call's cleanup
                 # (closing its writer, say) runs after gRPC let the call go
                 if not self._governor.wait_handlers(HANDLER_EXIT_WAIT):
-                    log.warning("stream handlers still running after %gs; closing anyway",
+                    log.warning("call handlers still running after %gs; closing anyway",
                                 HANDLER_EXIT_WAIT)
                 self._governor.close()
             if self._on_close is not None:

@@ -147,7 +147,13 @@ class StreamGovernor(HandlerInterceptor):
     def wrap(self, handler: Handler, method: str) -> Handler:
         request_streaming = handler.request_streaming
         if not (request_streaming or handler.response_streaming):
-            return handler  # unary calls stay on the server's own pool
+            answer = behaviour(handler)
+
+            def counted(request: Any, context: grpc.ServicerContext) -> Any:
+                with self._handler_running():
+                    return answer(request, context)
+
+            return rebuild(handler, counted)  # unary calls stay on the server's own pool
         inner = behaviour(handler)
         if handler.response_streaming:
 
@@ -201,8 +207,9 @@ class StreamGovernor(HandlerInterceptor):
                     self._idle.notify_all()
 
     def wait_handlers(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for every stream's handler to return
-        (after the gRPC server stopped); whether they all did."""
+        """Wait up to ``timeout`` seconds for every call's handler to return (after
+        the gRPC server stopped: a cancelled call's handler may still be running);
+        whether they all did."""
         with self._lock:
             return self._idle.wait_for(lambda: not self._running, timeout)
 
