@@ -417,3 +417,23 @@ def test_concurrent_managers_use_distinct_cgroups(tmp_root: Path) -> None:
     b = TaskManager(tmp_root / "b")
     assert a.cgroups_path("x") != b.cgroups_path("x")
     assert a.runc.root != b.runc.root
+
+
+def test_shim_log_closed_under_a_stray_writer_drops_its_output(tmp_path: Path) -> None:
+    """The shim closes its log after waiting (bounded) for the copiers; a copier a
+    stray writer keeps alive must not write to the closed descriptor (EBADF, or a
+    file that reused its number) nor close it twice."""
+    from lamina.containers.runtime.shim import _Log
+
+    log = _Log(str(tmp_path / "log"), limit=0)
+    log.write(b"before\n")
+    log.close()
+    reused = os.open(tmp_path / "other", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        log.write(b"after\n")
+        log.close()
+        os.fstat(reused)  # still open: the second close closed nothing
+    finally:
+        os.close(reused)
+    assert (tmp_path / "log").read_bytes() == b"before\n"
+    assert (tmp_path / "other").read_bytes() == b""

@@ -49,6 +49,8 @@ class _Log:
 
     def write(self, chunk: bytes) -> None:
         with self.lock:
+            if self.fd < 0:
+                return  # closed: a stray writer's output after the container exited
             view = memoryview(chunk)
             while view:
                 if self.limit and self.size >= self.limit:
@@ -63,7 +65,10 @@ class _Log:
                 self.size += n
 
     def close(self) -> None:
-        os.close(self.fd)
+        with self.lock:  # a copier still writing finishes its chunk first
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
 
 def _copy(fd: int, log: _Log) -> None:
