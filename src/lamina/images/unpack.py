@@ -275,6 +275,7 @@ class Unpacker:
         chains = chain_ids(config.diff_ids)
         if not chains:
             raise InvalidArgument("image has no layers")
+        self._check_depth(len(chains))
         start = len(chains)
         while start > 0 and not self._exists(chains[start - 1]):
             start -= 1
@@ -294,6 +295,16 @@ class Unpacker:
         self._label_config(manifest, chains[-1])
         return UnpackResult(chain_id=chains[-1], extracted=extracted,
                             reused=len(chains) - extracted)
+
+    def _check_depth(self, layers: int) -> None:
+        """Refuse, before any work, an image a container could not stack."""
+        from lamina.snapshots.directory import DirectorySnapshotter
+
+        limit = self.sn.MAX_DEPTH if isinstance(self.sn, DirectorySnapshotter) else None
+        if limit is not None and layers > limit:
+            raise ResourceExhausted(
+                f"image has {layers} layers: a container on it would stack more than "
+                f"{limit}, the snapshotter's limit")
 
     def _label_layer(self, manifest: Manifest, config: ImageConfig, i: int) -> None:
         set_labels(self.content, manifest.layers[i].digest,

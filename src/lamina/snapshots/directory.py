@@ -75,6 +75,9 @@ class DirectorySnapshotter(ScopedViews):
 
     #: What this kind of snapshotter can do whoever runs it (see :attr:`capabilities`).
     CAPABILITIES: ClassVar[frozenset[Capability]] = frozenset()
+    #: How many ancestors a snapshot may have (None: any number): a snapshot on a
+    #: deeper parent is refused with ResourceExhausted before any disk work.
+    MAX_DEPTH: ClassVar[int | None] = None
     #: Whether threads may share a reap pass (see :meth:`reap`): deleting a removed
     #: snapshot's directory is mostly the kernel's work, a few unlinks of large
     #: files run without the GIL. A tree walked in Python is deleted by one pass at
@@ -212,7 +215,7 @@ class DirectorySnapshotter(ScopedViews):
     ) -> list[Mount]:
         with self.meta.read(self._scope) as tx:  # fail fast, before any disk work
             tx.check_new_key(key)
-            _, chain = tx.resolve_parent(parent)
+            _, chain = tx.resolve_parent(parent, max_depth=self.MAX_DEPTH)
         if staged is None and (ahead := self._ahead.take()) is not None:
             snap_ahead = self._create_ahead(ahead, kind, key, parent, labels, chain)
             if snap_ahead is not None:

@@ -41,6 +41,9 @@ class OverlaySnapshotter(DirectorySnapshotter):
     # Not LINKED_COPY_UP: changing one name of a hard-link group that lives in
     # a lower layer copies only that name up, so the group splits (overlayfs).
     CAPABILITIES = frozenset({Capability.OVERLAY, Capability.HARDLINKS, Capability.DEEP_CHAINS})
+    #: overlayfs stacks at most 500 lower layers (the kernel's OVL_MAX_STACK); a
+    #: deeper mount fails with a bare EINVAL, so the snapshot is refused up front.
+    MAX_DEPTH = 500
 
     def __init__(
         self,

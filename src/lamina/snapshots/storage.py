@@ -26,7 +26,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from lamina.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from lamina.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from lamina.labels import update_labels, validate_labels
 from lamina.owners import CLI_VIEW, Scope, describe
 from lamina.snapshots import Info, Kind, Usage
@@ -66,14 +73,18 @@ class Snapshot:
 
 
 # A snapshot's ancestors, nearest first (``depth`` orders them; the chain is a path).
+# Bounded: rows edited by hand into a loop end the walk instead of running forever.
 _CHAIN_SQL = """
 WITH RECURSIVE chain(id, parent_id, depth) AS (
     SELECT id, parent_id, 0 FROM snapshots WHERE id=?
     UNION ALL
     SELECT s.id, s.parent_id, chain.depth + 1 FROM snapshots s JOIN chain ON s.id = chain.parent_id
+    WHERE chain.depth < ?
 )
 SELECT id FROM chain ORDER BY depth
 """
+_CHAIN_BOUND = 1 << 16
+"""More ancestors than any snapshot can have (its snapshotter limits it far below)."""
 
 _SEEN: dict[Scope, tuple[str, tuple[str, ...]]] = {}
 
@@ -147,7 +158,11 @@ class Transaction:
         image's snapshots are tens of layers deep, and each call walks the chain)."""
         if parent_id is None:
             return ()
-        return tuple(str(r[0]) for r in self._c.execute(_CHAIN_SQL, (parent_id,)))
+        chain = tuple(str(r[0]) for r in self._c.execute(_CHAIN_SQL, (parent_id, _CHAIN_BOUND)))
+        if len(chain) > _CHAIN_BOUND:
+            raise Internal(f"snapshot {chain[0]}'s parents form a loop in the metadata "
+                           f"(more than {_CHAIN_BOUND} ancestors): the metadata is damaged")
+        return chain
 
     def _key_of(self, sid: int | None) -> str:
         if sid is None:
@@ -170,8 +185,11 @@ class Transaction:
         sid, _, kind, parent_id, _, _ = self._row(key)
         return Snapshot(id=str(sid), kind=Kind(kind), parent_ids=self._chain(parent_id))
 
-    def resolve_parent(self, parent: str) -> tuple[int | None, tuple[str, ...]]:
-        """The parent's row id and its chain (itself first); checks it is committed."""
+    def resolve_parent(
+        self, parent: str, *, max_depth: int | None = None,
+    ) -> tuple[int | None, tuple[str, ...]]:
+        """The parent's row id and its chain (itself first); checks it is committed,
+        and, with ``max_depth``, that a snapshot on it has at most that many ancestors."""
         if not parent:
             return None, ()
         try:
@@ -184,7 +202,12 @@ class Transaction:
                 f"snapshots are not shared between owners")
         if kind != Kind.COMMITTED.value:
             raise InvalidArgument(f"parent {parent!r} is not a committed snapshot (it is {kind})")
-        return sid, (str(sid), *self._chain(parent_id))
+        chain = (str(sid), *self._chain(parent_id))
+        if max_depth is not None and len(chain) > max_depth:
+            raise ResourceExhausted(
+                f"parent snapshot {parent!r} is {len(chain)} layers deep: a snapshot on it "
+                f"would stack more than {max_depth} layers, this snapshotter's limit")
+        return sid, chain
 
     def check_new_key(self, key: str) -> None:
         if not key:

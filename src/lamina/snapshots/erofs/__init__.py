@@ -222,7 +222,7 @@ class ErofsSnapshotter(OverlaySnapshotter):
         with self.meta.read(self._scope) as tx:  # fail fast, before reading anything
             tx.check_new_key(key)
             if wait is None:
-                tx.resolve_parent(parent)
+                tx.resolve_parent(parent, max_depth=self.MAX_DEPTH)
         chain: list[str] | None = None  # the parent's, once it is committed
         with self._new_dir() as new, contextlib.ExitStack() as lowers:
             fs = new / "fs"
@@ -235,7 +235,7 @@ class ErofsSnapshotter(OverlaySnapshotter):
                     if wait is not None:
                         wait()
                     with self.meta.read(self._scope) as tx:
-                        chain = list(tx.resolve_parent(parent)[1])
+                        chain = list(tx.resolve_parent(parent, max_depth=self.MAX_DEPTH)[1])
                 return chain
 
             def settle_root() -> RootMeta | None:
