@@ -216,3 +216,38 @@ def test_a_new_database_on_a_full_disk_is_resource_exhausted(tmp_path: Path) -> 
         assert sorted(p.name for p in small.iterdir()) == ["fill"]
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_a_build_killed_before_it_cleaned_up_is_removed_on_the_next_open(
+        tmp_path: Path) -> None:
+    """A process killed while it built a new file leaves its temporary file (and
+    that file's journals) beside the database: the next open removes them, and
+    nothing else (the database's own WAL, another database's files)."""
+    path = tmp_path / "m.db"
+    Database(path, _SCHEMA).close()
+    left = [".m.db-k1ll3d", ".m.db-k1ll3d-wal", ".m.db-k1ll3d-shm", ".m.db-x-journal"]
+    for name in left:
+        (tmp_path / name).write_bytes(b"half")
+    (tmp_path / ".other.db-k1ll3d").write_bytes(b"not ours")
+    db = Database(path, _SCHEMA)
+    with db.write() as c:
+        c.execute("INSERT INTO t VALUES ('a', 'b')")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    db.close()
+    assert not set(left) & set(names), names
+    assert ".other.db-k1ll3d" in names and "m.db" in names and "m.db-wal" in names, names
+
+
+def test_a_build_killed_before_its_link_leaves_nothing_after_the_next_open(
+        tmp_path: Path) -> None:
+    """Killed (SIGKILL) with its file built but not linked: no database, a temporary
+    file; the next open makes the database and removes the leftover."""
+    code = ("import os, signal, sys\nfrom lamina.util.db import Database\n"
+            "os.link = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "Database(sys.argv[1], sys.argv[2])\n")
+    path = tmp_path / "m.db"
+    proc = subprocess.run([sys.executable, "-c", code, str(path), _SCHEMA], check=False)
+    assert proc.returncode == -9
+    assert not path.exists() and [p.name for p in tmp_path.iterdir()], "nothing was left"
+    Database(path, _SCHEMA).close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.db"]

@@ -86,6 +86,7 @@ class Database:
         self._reader_conns: list[sqlite3.Connection] = []
         try:
             made = not os.path.exists(self.path) and _create(self.path, schema)
+            _remove_stale_builds(self.path)
         except (OSError, sqlite3.Error) as exc:
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ResourceExhausted(f"database {self.path}: the disk is full") from exc
@@ -332,10 +333,11 @@ def _create(path: str, schema: str) -> bool:
     take seven (its rollback journal twice, the file, the WAL twice and the
     directory for each of the two new journals). A
     crash leaves either no file or the whole of it, never a half-made one at
-    ``path``. The link never replaces a file another process made meanwhile,
-    and ``path`` itself is never opened here: closing a descriptor of it would
-    drop every POSIX lock this process holds on it, the locks another SQLite
-    connection of this process relies on."""
+    ``path``; the temporary file it may leave is removed when the database is
+    next opened (:func:`_remove_stale_builds`). The link never replaces a file
+    another process made meanwhile, and ``path`` itself is never opened here:
+    closing a descriptor of it would drop every POSIX lock this process holds on
+    it, the locks another SQLite connection of this process relies on."""
     import tempfile
 
     directory = os.path.dirname(path) or "."
@@ -369,6 +371,10 @@ def _create(path: str, schema: str) -> bool:
             os.link(tmp, path)
         except FileExistsError:
             return False
+        except FileNotFoundError:  # removed as stale: once ``path`` exists (below)
+            if os.path.exists(path):
+                return False
+            raise
         os.fsync(dir_fd)
         return True
     finally:
@@ -378,6 +384,18 @@ def _create(path: str, schema: str) -> bool:
         for suffix in ("", "-wal", "-shm", "-journal"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp + suffix)
+
+
+def _remove_stale_builds(path: str) -> None:
+    """Remove what a :func:`_create` killed before it cleaned up left beside ``path``
+    (its temporary file and that file's journals), once ``path`` exists: a build
+    still running then has lost the race to link and removes its own anyway."""
+    directory, base = os.path.split(path)
+    prefix = f".{base}-"
+    for name in os.listdir(directory or "."):
+        if name.startswith(prefix):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, name))
 
 
 @contextlib.contextmanager
