@@ -340,17 +340,11 @@ class _SlowToClose:
         self._store.close()
 
 
-def test_stopping_server_closes_its_stores_after_cancelled_streams_clean_up(
-    tmp_path: Path, sockdir: Path,
-) -> None:
-    """A Write stream still open when the server stops is cancelled; its handler closes
-    its writer after gRPC has let the call go. The stores close only after that (the
-    content store closing a writer its handler closes at the same moment closed one
-    descriptor twice: 'OSError: Bad file descriptor' from ``lamina serve``)."""
+def _serve_slow_store(tmp_path: Path, sockdir: Path, events: list[str]) -> Server:
+    """A started server of a :class:`_SlowToClose` content store alone (0.5 s)."""
     from lamina.api.content import ContentService
     from lamina.content.local import LocalContentStore
 
-    events: list[str] = []
     store = _SlowToClose(LocalContentStore(tmp_path / "content"), events, delay=0.5)
 
     def add(server: grpc.Server) -> None:
@@ -360,6 +354,18 @@ def test_stopping_server_closes_its_stores_after_cancelled_streams_clean_up(
     server = Server(str(sockdir / "s.sock"), lambda name: None,  # type: ignore[arg-type,return-value]
                     extra_services=add, on_close=store.close)
     server.start()
+    return server
+
+
+def test_stopping_server_closes_its_stores_after_cancelled_streams_clean_up(
+    tmp_path: Path, sockdir: Path,
+) -> None:
+    """A Write stream still open when the server stops is cancelled; its handler closes
+    its writer after gRPC has let the call go. The stores close only after that (the
+    content store closing a writer its handler closes at the same moment closed one
+    descriptor twice: 'OSError: Bad file descriptor' from ``lamina serve``)."""
+    events: list[str] = []
+    server = _serve_slow_store(tmp_path, sockdir, events)
     channel = connect(server.address)
     silent = Silent(channel)
     try:
@@ -377,19 +383,8 @@ def test_stopping_server_closes_its_stores_after_cancelled_unary_calls_return(
     tmp_path: Path, sockdir: Path,
 ) -> None:
     """The same for a unary call the stop cancels while its handler runs."""
-    from lamina.api.content import ContentService
-    from lamina.content.local import LocalContentStore
-
     events: list[str] = []
-    store = _SlowToClose(LocalContentStore(tmp_path / "content"), events, delay=0.5)
-
-    def add(server: grpc.Server) -> None:
-        cpb_grpc.add_ContentServicer_to_server(  # type: ignore[no-untyped-call]
-            ContentService(lambda: store), server)
-
-    server = Server(str(sockdir / "s.sock"), lambda name: None,  # type: ignore[arg-type,return-value]
-                    extra_services=add, on_close=store.close)
-    server.start()
+    server = _serve_slow_store(tmp_path, sockdir, events)
     channel = connect(server.address)
     stub = cpb_grpc.ContentStub(channel)  # type: ignore[no-untyped-call]
     call = stub.Info.future(cpb.InfoRequest(digest=sha256_digest(b"none")), timeout=30)
