@@ -340,12 +340,9 @@ class _SlowToClose:
         self._store.close()
 
 
-def _serve_slow_store(tmp_path: Path, sockdir: Path, events: list[str]) -> Server:
-    """A started server of a :class:`_SlowToClose` content store alone (0.5 s)."""
+def _serve_content(sockdir: Path, store: _SlowToClose) -> Server:
+    """A started server of ``store``'s Content service alone, closing it when it stops."""
     from lamina.api.content import ContentService
-    from lamina.content.local import LocalContentStore
-
-    store = _SlowToClose(LocalContentStore(tmp_path / "content"), events, delay=0.5)
 
     def add(server: grpc.Server) -> None:
         cpb_grpc.add_ContentServicer_to_server(  # type: ignore[no-untyped-call]
@@ -355,6 +352,14 @@ def _serve_slow_store(tmp_path: Path, sockdir: Path, events: list[str]) -> Serve
                     extra_services=add, on_close=store.close)
     server.start()
     return server
+
+
+def _serve_slow_store(tmp_path: Path, sockdir: Path, events: list[str]) -> Server:
+    """A started server of a :class:`_SlowToClose` content store (0.5 s)."""
+    from lamina.content.local import LocalContentStore
+
+    return _serve_content(
+        sockdir, _SlowToClose(LocalContentStore(tmp_path / "content"), events, delay=0.5))
 
 
 def test_stopping_server_closes_its_stores_after_cancelled_streams_clean_up(
@@ -396,6 +401,29 @@ def test_stopping_server_closes_its_stores_after_cancelled_unary_calls_return(
             call.result()
     finally:
         channel.close()
+        server.stop(grace=0)
+
+
+class _OutOfDescriptors(_SlowToClose):
+    """A content store whose ``info`` finds no descriptor left."""
+
+    def info(self, digest: str) -> Any:
+        raise OSError(24, "Too many open files", "/some/blob")
+
+
+def test_an_os_error_of_a_class_travels_as_that_class(tmp_path: Path, sockdir: Path) -> None:
+    """Too many open files in a handler: RESOURCE_EXHAUSTED, ResourceExhausted again in
+    the client (it was INTERNAL, logged with a traceback as if lamina had a bug)."""
+    from lamina.content.local import LocalContentStore
+
+    server = _serve_content(
+        sockdir, _OutOfDescriptors(LocalContentStore(tmp_path / "content"), [], delay=0))
+    try:
+        with RemoteContentStore(server.address) as cs, \
+                pytest.raises(ResourceExhausted) as err:
+            cs.info(sha256_digest(b"x"))
+        assert "OSError: /some/blob: Too many open files" in str(err.value)
+    finally:
         server.stop(grace=0)
 
 

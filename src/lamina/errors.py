@@ -9,6 +9,8 @@ status back, so a remote store raises exactly what a local one raises.
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import Any, ClassVar
 
 __all__ = [
@@ -21,7 +23,9 @@ __all__ = [
     "NotImplementedErr",
     "ResourceExhausted",
     "Unavailable",
+    "describe_os_error",
     "from_grpc_code",
+    "from_os_error",
 ]
 
 
@@ -109,3 +113,30 @@ class ResourceExhausted(LaminaError, grpc_code="RESOURCE_EXHAUSTED", exit_code=9
 def from_grpc_code(code_name: str, message: str) -> LaminaError:
     """Rebuild the lamina error that a gRPC status code name stands for."""
     return _BY_CODE.get(code_name, Internal)(message)
+
+
+_BY_ERRNO: dict[int, type[LaminaError]] = {
+    errno.ENOENT: NotFound,
+    errno.EEXIST: AlreadyExists,
+    **dict.fromkeys((errno.EACCES, errno.EPERM, errno.EROFS, errno.EBUSY), FailedPrecondition),
+    **dict.fromkeys((errno.ENOTDIR, errno.EISDIR, errno.EINVAL, errno.ENAMETOOLONG,
+                     errno.ELOOP), InvalidArgument),
+    # the process's descriptors, the system's, the disk, a quota, memory
+    **dict.fromkeys((errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.EDQUOT, errno.ENOMEM),
+                    ResourceExhausted),
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``FileExistsError: /etc/passwd: File exists``: the class, the path(s), the reason."""
+    reason = exc.strerror or str(exc)
+    paths = [os.fsdecode(p) for p in (exc.filename, exc.filename2) if p is not None]
+    where = " -> ".join(paths)
+    return f"{type(exc).__name__}: {where + ': ' if where else ''}{reason}"
+
+
+def from_os_error(exc: OSError) -> LaminaError | None:
+    """The lamina error an operating-system error that escaped stands for (its
+    message :func:`describe_os_error`'s), or None when its errno stands for none."""
+    cls = _BY_ERRNO.get(exc.errno or 0)
+    return None if cls is None else cls(describe_os_error(exc))

@@ -17,7 +17,7 @@ from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 
-from lamina.errors import Internal, LaminaError, Unavailable, from_grpc_code
+from lamina.errors import Internal, LaminaError, Unavailable, from_grpc_code, from_os_error
 
 __all__ = ["abort", "from_rpc_error", "rpc_errors", "servicer_method", "status_code"]
 
@@ -38,7 +38,14 @@ def status_code(exc: LaminaError) -> grpc.StatusCode:
 
 
 def abort(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
-    """End the RPC with the status for ``exc`` (INTERNAL for anything not lamina's)."""
+    """End the RPC with the status for ``exc`` (INTERNAL for anything not lamina's).
+
+    An operating-system error whose errno stands for a class (too many open files,
+    a full disk: ResourceExhausted) travels as that class, logged in one line: the
+    machine's state, not a bug."""
+    if isinstance(exc, OSError) and (known := from_os_error(exc)) is not None:
+        log.warning("RPC failed: %s", known.one_line())
+        exc = known
     if isinstance(exc, LaminaError):
         context.set_trailing_metadata(((ERROR_METADATA, type(exc).__name__),))
         context.abort(status_code(exc), exc.message)

@@ -92,7 +92,14 @@ from lamina.archive.whiteout import (
     is_overlay_whiteout,
     whiteout_target,
 )
-from lamina.errors import Internal, InvalidArgument, LaminaError, NotFound
+from lamina.errors import (
+    Internal,
+    InvalidArgument,
+    LaminaError,
+    NotFound,
+    ResourceExhausted,
+    from_os_error,
+)
 from lamina.fs.remove import remove_tree_at
 from lamina.fs.tree import DIR_FLAGS
 from lamina.mounts.overlay import overlay_opaque_xattr, overlay_xattr_prefix
@@ -618,6 +625,8 @@ def apply_layer(
     except FileNotFoundError:
         raise NotFound(f"apply layer: target directory {root} does not exist") from None
     except OSError as exc:
+        if isinstance(from_os_error(exc), ResourceExhausted):  # no descriptor left, say
+            raise ResourceExhausted(f"apply layer: cannot open target {root}: {exc}") from exc
         raise InvalidArgument(f"apply layer: cannot open target {root}: {exc}") from exc
     try:
         space = limits.SpaceGuard(root_fd, root)
@@ -654,6 +663,8 @@ def apply_layer(
                 where = f" at {name}" if name else ""
                 if exc.errno in _LAYER_ERRNOS:
                     raise bad_layer(f"cannot apply member{where}: {exc}") from exc
+                if isinstance(from_os_error(exc), ResourceExhausted):
+                    raise ResourceExhausted(f"apply layer{where}: {exc}") from exc
                 raise Internal(f"apply layer{where}: {exc}") from exc
     finally:
         applier.close()

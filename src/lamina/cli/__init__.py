@@ -25,7 +25,6 @@ code  meaning
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import os
 import select
@@ -34,7 +33,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from lamina import __version__
-from lamina.errors import LaminaError
+from lamina.errors import LaminaError, describe_os_error, from_os_error
 
 # What a command needs is imported when it runs (`lamina --version` needs none of
 # it, and every command pays for what this module imports: bench/startup.py).
@@ -68,16 +67,6 @@ EXIT_INTERRUPTED = 130
 EXIT_STDOUT_CLOSED = 141
 
 # OS errors whose meaning matches one of lamina's error classes exit with its code
-_ERRNO_EXIT = {
-    errno.ENOENT: 3,
-    errno.EEXIST: 4,
-    **dict.fromkeys((errno.EACCES, errno.EPERM, errno.EROFS, errno.EBUSY), 5),
-    **dict.fromkeys(
-        (errno.ENOTDIR, errno.EISDIR, errno.EINVAL, errno.ENAMETOOLONG, errno.ELOOP), 6
-    ),
-}
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (sub-command parsers inherit this class).
 
@@ -287,12 +276,11 @@ def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
-def _describe_os_error(exc: OSError) -> str:
-    """``FileExistsError: /etc/passwd: File exists``: the class, the path(s), the reason."""
-    reason = exc.strerror or str(exc)
-    paths = [os.fsdecode(p) for p in (exc.filename, exc.filename2) if p is not None]
-    where = " -> ".join(paths)
-    return f"{type(exc).__name__}: {where + ': ' if where else ''}{reason}"
+def _os_error(exc: OSError) -> tuple[str, int]:
+    """The line and exit code for an operating-system error that escaped: the code of
+    the class its errno stands for (:func:`lamina.errors.from_os_error`), else 1."""
+    known = from_os_error(exc)
+    return describe_os_error(exc), (1 if known is None else known.exit_code)
 
 
 def _stdout_closed() -> bool:
@@ -414,9 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(devnull, sys.stdout.fileno())
             os.close(devnull)
             return EXIT_STDOUT_CLOSED
-        return fail(_describe_os_error(exc), _ERRNO_EXIT.get(exc.errno or 0, 1))
+        return fail(*_os_error(exc))
     except OSError as exc:
-        return fail(_describe_os_error(exc), _ERRNO_EXIT.get(exc.errno or 0, 1))
+        return fail(*_os_error(exc))
     except Exception as exc:
         hint = "" if debug else " (--debug shows the traceback)"
         return fail(f"internal error: {type(exc).__name__}: {exc}{hint}", 1)

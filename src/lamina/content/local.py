@@ -190,6 +190,10 @@ class _Lock:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             except FileNotFoundError:
                 continue  # the directory was removed under us: try again
+            except OSError:  # no descriptor left, say: leave no empty ingest behind
+                with contextlib.suppress(OSError):
+                    ingest.rmdir()  # only if empty: another writer's stays
+                raise
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:

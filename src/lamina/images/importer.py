@@ -99,7 +99,10 @@ def _ingest(content: ContentStore, stream: IO[bytes], *, size: int, expected: st
         if told is not None and expected is not None:
             told.dropped(expected)
         writer.close()
-        content.abort(ref)
+        # best effort: the ingest may be gone already (committed, or never made
+        # whole), and what failed is what the caller must hear
+        with contextlib.suppress(LaminaError, OSError):
+            content.abort(ref)
         raise
     finally:
         writer.close()

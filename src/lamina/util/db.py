@@ -50,6 +50,7 @@ __all__ = ["Database"]
 
 BUSY_TIMEOUT_MS = 60_000
 _SQLITE_FULL = 13
+_SQLITE_CANTOPEN = 14
 #: Bodies one group commit takes at most (writers keep arriving under load).
 MAX_BATCH = 64
 
@@ -95,10 +96,15 @@ class Database:
             raise
         for suffix in ("", "-wal", "-shm", "-journal"):
             tighten(self.path + suffix, FILE_MODE)
-        self._conn: sqlite3.Connection | None = sqlite3.connect(
-            self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-            check_same_thread=False,
-        )
+        try:
+            self._conn: sqlite3.Connection | None = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            if full := self._full(exc):
+                raise full from exc
+            raise
         self._conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         self._enable_wal()
         self._conn.execute("PRAGMA synchronous=FULL")
@@ -167,9 +173,13 @@ class Database:
         batch.syncs[os.fspath(directory)] = None
 
     def _full(self, exc: BaseException) -> ResourceExhausted | None:
-        """ResourceExhausted for SQLite's "disk full", else None."""
-        if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL:
+        """ResourceExhausted for SQLite's "disk full", and for a file it could not
+        open because the process has no descriptor left; else None."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code == _SQLITE_FULL:
             return ResourceExhausted(f"database {self.path}: the disk is full")
+        if code == _SQLITE_CANTOPEN and _out_of_descriptors():
+            return ResourceExhausted(f"database {self.path}: too many open files")
         return None
 
     @contextlib.contextmanager
@@ -280,6 +290,16 @@ class Database:
     @contextlib.contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
         """A consistent read snapshot of the database."""
+        try:
+            with self._read() as conn:
+                yield conn
+        except sqlite3.Error as exc:
+            if full := self._full(exc):  # a journal it could not open, say
+                raise full from exc
+            raise
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
         if not self._group:
             with self._lock, _snapshot(self.conn) as conn:
                 yield conn
@@ -384,6 +404,20 @@ def _create(path: str, schema: str) -> bool:
         for suffix in ("", "-wal", "-shm", "-journal"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp + suffix)
+
+
+def _out_of_descriptors(margin: int = 8) -> bool:
+    """Whether this process is within ``margin`` descriptors of its limit: SQLite
+    says only that it could not open a file, and by the time it says so the
+    descriptors of the failed attempt are closed again."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except OSError as exc:
+        return exc.errno in (errno.EMFILE, errno.ENFILE)
+    return soft != resource.RLIM_INFINITY and used + margin >= soft
 
 
 def _remove_stale_builds(path: str) -> None:
