@@ -540,3 +540,55 @@ def _snapshot_dirs(snaps: Path) -> list[str]:
             os.close(fd)
         names.append(p.name)
     return sorted(names)
+
+
+# -- a server that accepts connections but does not answer -------------------------
+
+
+def test_a_command_gives_up_on_a_server_that_does_not_answer(
+        tmp_path: Path, sockdir: Path) -> None:
+    """``lamina serve`` stopped (SIGSTOP): the kernel still accepts connections on its
+    socket, so a command through --address waited for ever. It gives up after
+    CONNECT_TIMEOUT with one line, Unavailable (exit 7), and works once the server
+    runs again."""
+    from lamina.api.backend import CONNECT_TIMEOUT
+
+    sock = sockdir / "s.sock"
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            _lamina("--root", str(tmp_path / "root"), "serve", "--address", str(sock)),
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        def listening() -> bool:
+            assert proc.poll() is None, log.read_text()
+            try:
+                check_address(str(sock))
+            except AlreadyExists:
+                return True
+            return False
+
+        wait_until("lamina serve listens", listening)
+        proc.send_signal(signal.SIGSTOP)  # our own child, by pid
+        started = time.monotonic()
+        stuck = subprocess.run(_lamina("--address", str(sock), "snapshot", "ls"),
+                               capture_output=True, text=True, timeout=CONNECT_TIMEOUT + 50)
+        waited = time.monotonic() - started
+        assert stuck.returncode == 7, stuck.stderr
+        assert stuck.stderr.strip().splitlines() == [
+            f"lamina: Unavailable: {sock}: connected, but the server did not answer "
+            f"within {CONNECT_TIMEOUT:g}s"]
+        assert CONNECT_TIMEOUT <= waited < CONNECT_TIMEOUT + 20, waited
+        proc.send_signal(signal.SIGCONT)
+        ok = subprocess.run(_lamina("--address", str(sock), "snapshot", "ls"),
+                            capture_output=True, text=True, timeout=60)
+        assert ok.returncode == 0, ok.stderr
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

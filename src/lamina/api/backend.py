@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 
 __all__ = ["Backend", "LocalBackend", "ServerBackend", "open_backend"]
 
+CALL_TIMEOUT = 600.0
+"""Seconds a command waits for one call to the server (a Write stream excepted)."""
+CONNECT_TIMEOUT = 10.0
+"""Seconds a command waits for a server that accepted its connection to answer."""
+
 
 class Backend(Protocol):
     """The stores one command works on."""
@@ -101,8 +106,9 @@ class LocalBackend:
 
 
 class ServerBackend:
-    """The server listening on ``address`` (its channels connect on first use; no
-    server there: Unavailable)."""
+    """The server listening on ``address`` (no server there: Unavailable; one that
+    does not answer within :data:`CONNECT_TIMEOUT`: Unavailable; each call bounded by
+    :data:`CALL_TIMEOUT`)."""
 
     def __init__(self, address: str) -> None:
         self.address = address
@@ -122,7 +128,8 @@ class ServerBackend:
             if name not in self._snapshotters:
                 from lamina.api.client import RemoteSnapshotter
 
-                self._snapshotters[name] = RemoteSnapshotter(self.address, name)
+                self._snapshotters[name] = RemoteSnapshotter(
+                    self.address, name, timeout=CALL_TIMEOUT, connect_timeout=CONNECT_TIMEOUT)
             sn: Snapshotter = self._snapshotters[name]
             return sn
 
@@ -131,7 +138,8 @@ class ServerBackend:
             if self._content is None:
                 from lamina.api.client import RemoteContentStore
 
-                self._content = RemoteContentStore(self.address)
+                self._content = RemoteContentStore(
+                    self.address, timeout=CALL_TIMEOUT, connect_timeout=CONNECT_TIMEOUT)
             store: ContentStore = self._content
             return store
 
@@ -140,7 +148,8 @@ class ServerBackend:
             if self._images is None:
                 from lamina.api.images import RemoteImageStore
 
-                self._images = RemoteImageStore(self.address)
+                self._images = RemoteImageStore(
+                    self.address, timeout=CALL_TIMEOUT, connect_timeout=CONNECT_TIMEOUT)
             return self._images
 
     def delete_image(self, name: str, *, sync: bool = False) -> None:

@@ -43,7 +43,7 @@ from lamina.api.owner import CALL_METADATA
 from lamina.api.streams import IDLE_CLOSED
 from lamina.content import Info as ContentInfo
 from lamina.content import Status as ContentStatus
-from lamina.errors import FailedPrecondition, Internal, NotImplementedErr
+from lamina.errors import FailedPrecondition, Internal, NotImplementedErr, Unavailable
 from lamina.mounts.mount import Mount
 from lamina.snapshots import Capability, Info, Usage
 from lamina.util.closing import Closing
@@ -60,6 +60,29 @@ M = TypeVar("M")
 def connect(address: str) -> grpc.Channel:
     """A channel to the unix socket ``address`` (connects lazily)."""
     return grpc.insecure_channel(grpc_target(address), options=CHANNEL_OPTIONS)
+
+
+def wait_answering(channel: grpc.Channel, address: str, timeout: float) -> None:
+    """Return once ``channel`` is connected, or has failed to connect (its calls then
+    fail at once, Unavailable); Unavailable when it still has no answer after
+    ``timeout`` seconds: something accepts connections on ``address`` but does not
+    speak (a stopped server, one whose backlog nobody takes), and every call would
+    wait for it."""
+    settled = threading.Event()
+    done = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+            grpc.ChannelConnectivity.SHUTDOWN)
+
+    def seen(state: grpc.ChannelConnectivity) -> None:
+        if state in done:
+            settled.set()
+
+    channel.subscribe(seen, try_to_connect=True)
+    try:
+        if not settled.wait(timeout):
+            raise Unavailable(f"{address}: connected, but the server did not answer "
+                              f"within {timeout:g}s")
+    finally:
+        channel.unsubscribe(seen)
 
 
 if TYPE_CHECKING:  # generic only in the type stubs
@@ -118,13 +141,20 @@ class RemoteStore(Closing):
     _noun = ""
 
     def __init__(
-        self, address: str, *, timeout: float | None, channel: grpc.Channel | None
+        self, address: str, *, timeout: float | None, channel: grpc.Channel | None,
+        connect_timeout: float | None = None,
     ) -> None:
         self.address = address
         self._timeout = timeout
         self._owns_channel = channel is None
         self._channel: grpc.Channel | None = channel if channel is not None else connect(address)
         self._calls = _identified(self._channel)
+        if connect_timeout is not None:
+            try:
+                wait_answering(self._channel, address, connect_timeout)
+            except BaseException:
+                self.close()
+                raise
 
     @property
     def _place(self) -> str:
@@ -173,8 +203,10 @@ class RemoteSnapshotter(RemoteStore):
         *,
         timeout: float | None = None,
         channel: grpc.Channel | None = None,
+        connect_timeout: float | None = None,
     ) -> None:
-        super().__init__(address, timeout=timeout, channel=channel)
+        super().__init__(address, timeout=timeout, channel=channel,
+                         connect_timeout=connect_timeout)
         self.snapshotter = snapshotter
         self._stub = spb_grpc.SnapshotsStub(self._calls)  # type: ignore[no-untyped-call]
         self._introspection = ipb_grpc.IntrospectionStub(  # type: ignore[no-untyped-call]
@@ -298,8 +330,10 @@ class RemoteContentStore(RemoteStore):
         *,
         timeout: float | None = None,
         channel: grpc.Channel | None = None,
+        connect_timeout: float | None = None,
     ) -> None:
-        super().__init__(address, timeout=timeout, channel=channel)
+        super().__init__(address, timeout=timeout, channel=channel,
+                         connect_timeout=connect_timeout)
         self._stub = cpb_grpc.ContentStub(self._calls)  # type: ignore[no-untyped-call]
         self._writers: set[RemoteWriter] = set()
         self._lock = threading.Lock()

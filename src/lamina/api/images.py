@@ -205,8 +205,10 @@ class RemoteImageStore(RemoteStore):
     _noun = "image"
 
     def __init__(self, address: str, *, timeout: float | None = None,
-                 channel: grpc.Channel | None = None) -> None:
-        super().__init__(address, timeout=timeout, channel=channel)
+                 channel: grpc.Channel | None = None,
+                 connect_timeout: float | None = None) -> None:
+        super().__init__(address, timeout=timeout, channel=channel,
+                         connect_timeout=connect_timeout)
         self._stub = impb_grpc.ImagesStub(self._calls)  # type: ignore[no-untyped-call]
 
     def get(self, key: str) -> Image:
