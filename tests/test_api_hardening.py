@@ -25,6 +25,7 @@ from typing import Any
 
 import grpc
 import pytest
+from containerd_peer import lamina_serve
 from grpc_streams import DEADLINE, Silent, fails_with
 
 from lamina.api.client import RemoteContentStore, RemoteSnapshotter, connect
@@ -32,10 +33,9 @@ from lamina.api.gen.containerd.services.content.v1 import content_pb2 as cpb
 from lamina.api.gen.containerd.services.content.v1 import content_pb2_grpc as cpb_grpc
 from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as spb
 from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as spb_grpc
-from lamina.api.server import Server, check_address
+from lamina.api.server import Server
 from lamina.content import sha256_digest
 from lamina.errors import (
-    AlreadyExists,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -260,22 +260,7 @@ def _resumed(cs: RemoteContentStore, ref: str, *, total: int) -> Any:
 
 def test_cancelled_write_logs_no_traceback(tmp_path: Path, sockdir: Path) -> None:
     sock = sockdir / "s.sock"
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            _lamina("--root", str(tmp_path / "root"), "serve", "--address", str(sock)),
-            stdout=out, stderr=subprocess.STDOUT,
-        )
-    try:
-        def listening() -> bool:
-            assert proc.poll() is None, log.read_text()
-            try:
-                check_address(str(sock))
-            except AlreadyExists:
-                return True
-            return False
-
-        wait_until("lamina serve listens", listening)
+    with lamina_serve(tmp_path / "root", sock) as served:
         channel = connect(str(sock))
         silent = Silent(channel)
         for i in range(3):
@@ -293,13 +278,7 @@ def test_cancelled_write_logs_no_traceback(tmp_path: Path, sockdir: Path) -> Non
                 w.close()
         silent.close()
         channel.close()
-        proc.send_signal(signal.SIGTERM)  # our own child, by pid
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    text = log.read_text()
+    text = served.log.read_text()  # it stopped on SIGTERM with status 0
     assert "Traceback" not in text, text
     assert "internal error" not in text.lower(), text
     assert "Exception" not in text, text
@@ -554,22 +533,8 @@ def test_a_command_gives_up_on_a_server_that_does_not_answer(
     from lamina.api.backend import CONNECT_TIMEOUT
 
     sock = sockdir / "s.sock"
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            _lamina("--root", str(tmp_path / "root"), "serve", "--address", str(sock)),
-            stdout=out, stderr=subprocess.STDOUT)
-    try:
-        def listening() -> bool:
-            assert proc.poll() is None, log.read_text()
-            try:
-                check_address(str(sock))
-            except AlreadyExists:
-                return True
-            return False
-
-        wait_until("lamina serve listens", listening)
-        proc.send_signal(signal.SIGSTOP)  # our own child, by pid
+    with lamina_serve(tmp_path / "root", sock) as served:
+        served.proc.send_signal(signal.SIGSTOP)  # our own child, by pid
         started = time.monotonic()
         stuck = subprocess.run(_lamina("--address", str(sock), "snapshot", "ls"),
                                capture_output=True, text=True, timeout=CONNECT_TIMEOUT + 50)
@@ -579,16 +544,7 @@ def test_a_command_gives_up_on_a_server_that_does_not_answer(
             f"lamina: Unavailable: {sock}: connected, but the server did not answer "
             f"within {CONNECT_TIMEOUT:g}s"]
         assert CONNECT_TIMEOUT <= waited < CONNECT_TIMEOUT + 20, waited
-        proc.send_signal(signal.SIGCONT)
+        served.proc.send_signal(signal.SIGCONT)
         ok = subprocess.run(_lamina("--address", str(sock), "snapshot", "ls"),
                             capture_output=True, text=True, timeout=60)
         assert ok.returncode == 0, ok.stderr
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
