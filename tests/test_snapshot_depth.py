@@ -44,10 +44,13 @@ def opened(cls: type[DirectorySnapshotter], path: Path) -> Iterator[DirectorySna
 
 
 def _chain(sn: DirectorySnapshotter, depth: int) -> str:
-    """``depth`` committed snapshots, each on the one before; the top one's name."""
+    """``depth`` committed snapshots, each on the one before, the first holding the
+    file ``bottom``; the top one's name."""
     parent = ""
     for i in range(depth):
         sn.prepare(f"a{i}", parent)
+        if not parent:
+            (sn.layer_dir("a0") / "bottom").write_text("layer 0")
         sn.commit(f"c{i}", f"a{i}")
         parent = f"c{i}"
     return parent
@@ -78,9 +81,14 @@ def test_a_snapshot_deeper_than_the_limit_is_refused_before_any_work(
 
 
 def test_native_copies_its_parent_and_has_no_limit(tmp_root: Path) -> None:
+    """A native snapshot with 501 ancestors (one more than overlay allows) is made and
+    mounts: it holds a copy of its parent, no stack of lowers."""
     require_root_user()
-    assert NativeSnapshotter.MAX_DEPTH is None
-    assert OverlaySnapshotter.MAX_DEPTH == ErofsSnapshotter.MAX_DEPTH == 500
+    with opened(NativeSnapshotter, tmp_root / "sn") as sn:
+        top = _chain(sn, 501)
+        mounts = sn.prepare("top", top)
+        with temp_mount(mounts) as where:
+            assert (Path(where) / "bottom").read_text() == "layer 0"
 
 
 def test_overlay_mounts_the_deepest_stack_it_allows(tmp_root: Path) -> None:
@@ -88,14 +96,7 @@ def test_overlay_mounts_the_deepest_stack_it_allows(tmp_root: Path) -> None:
     bottom layer's file; one more is refused."""
     require_root_user()
     with opened(OverlaySnapshotter, tmp_root / "sn") as sn:
-        sn.prepare("a0", "")
-        (sn.layer_dir("a0") / "bottom").write_text("layer 0")
-        sn.commit("c0", "a0")
-        parent = "c0"
-        for i in range(1, 500):
-            sn.prepare(f"a{i}", parent)
-            sn.commit(f"c{i}", f"a{i}")
-            parent = f"c{i}"
+        parent = _chain(sn, 500)
         mounts = sn.prepare("top", parent)
         with temp_mount(mounts) as where:
             assert (Path(where) / "bottom").read_text() == "layer 0"

@@ -66,7 +66,7 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_STDOUT_CLOSED = 141
 
-# OS errors whose meaning matches one of lamina's error classes exit with its code
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (sub-command parsers inherit this class).
 
