@@ -343,6 +343,10 @@ class Database:
                 self._conn = None
 
 
+_JOURNALS = ("", "-wal", "-shm", "-journal")  # a SQLite file and the files beside it
+_CLAIM_TRIES = 8
+
+
 def _create(path: str, schema: str) -> bool:
     """Make the database file ``path``, in WAL mode with ``schema``, unless another
     process makes it first; True if this call made it.
@@ -358,32 +362,20 @@ def _create(path: str, schema: str) -> bool:
     another process made meanwhile, and ``path`` itself is never opened here:
     closing a descriptor of it would drop every POSIX lock this process holds on
     it, the locks another SQLite connection of this process relies on."""
-    import tempfile
-
     directory = os.path.dirname(path) or "."
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", dir=directory)  # 0600
+        fd, tmp = _claimed_temp(path)
     except BaseException:
         os.close(dir_fd)
         raise
     try:
-        conn = sqlite3.connect(tmp, isolation_level=None)
         try:
-            conn.execute("PRAGMA synchronous=OFF")  # made durable as a whole below
-            conn.execute("PRAGMA journal_mode=WAL")  # recorded in the file's header
-            conn.execute("BEGIN IMMEDIATE")
-            for stmt in schema.split(";"):
-                if stmt.strip():
-                    conn.execute(stmt)
-            conn.execute("COMMIT")
-            # the schema into the file itself (only the file is linked), not left to
-            # the checkpoint SQLite makes on close unless told otherwise
-            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-            if busy:
-                raise Unavailable(f"database {path}: its new file could not be checkpointed")
-        finally:
-            conn.close()
+            _build(tmp, path, schema)
+        except (OSError, sqlite3.Error):
+            if os.path.exists(path):  # another process made it meanwhile
+                return False
+            raise
         os.fsync(fd)
         os.close(fd)  # before the link: no descriptor of the linked file is closed after
         fd = -1
@@ -401,9 +393,58 @@ def _create(path: str, schema: str) -> bool:
         if fd >= 0:
             os.close(fd)
         os.close(dir_fd)
-        for suffix in ("", "-wal", "-shm", "-journal"):
+        for suffix in _JOURNALS:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp + suffix)
+
+
+def _claimed_temp(path: str) -> tuple[int, str]:
+    """A new empty file beside ``path`` (mode 0600) and its name, flocked for as long
+    as the descriptor is open: :func:`_remove_stale_builds` leaves a file whose
+    build is still running alone. The name is checked to still be the locked file
+    (a remover may have taken it between its creation and the lock)."""
+    import fcntl
+    import tempfile
+
+    directory = os.path.dirname(path) or "."
+    for _ in range(_CLAIM_TRIES):
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", dir=directory)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            st = os.fstat(fd)
+            try:
+                named = os.stat(tmp)
+            except FileNotFoundError:
+                named = None
+            if named is not None and (named.st_dev, named.st_ino) == (st.st_dev, st.st_ino):
+                return fd, tmp
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise Unavailable(f"database {path}: its new file was removed {_CLAIM_TRIES} times "
+                      "while being made")
+
+
+def _build(tmp: str, path: str, schema: str) -> None:
+    """Write ``schema`` into the empty file ``tmp`` in WAL mode, checkpointed into
+    the file itself, without syncs."""
+    conn = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        conn.execute("PRAGMA synchronous=OFF")  # made durable as a whole by the caller
+        conn.execute("PRAGMA journal_mode=WAL")  # recorded in the file's header
+        conn.execute("BEGIN IMMEDIATE")
+        for stmt in schema.split(";"):
+            if stmt.strip():
+                conn.execute(stmt)
+        conn.execute("COMMIT")
+        # the schema into the file itself (only the file is linked), not left to
+        # the checkpoint SQLite makes on close unless told otherwise
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            raise Unavailable(f"database {path}: its new file could not be checkpointed")
+    finally:
+        conn.close()
 
 
 def _out_of_descriptors(margin: int = 8) -> bool:
@@ -422,14 +463,38 @@ def _out_of_descriptors(margin: int = 8) -> bool:
 
 def _remove_stale_builds(path: str) -> None:
     """Remove what a :func:`_create` killed before it cleaned up left beside ``path``
-    (its temporary file and that file's journals), once ``path`` exists: a build
-    still running then has lost the race to link and removes its own anyway."""
+    (its temporary file and that file's journals), once ``path`` exists. A build
+    still running holds its file's flock (:func:`_claimed_temp`) and is left alone:
+    it has lost the race to link and removes its own files when it ends."""
+    import fcntl
+
     directory, base = os.path.split(path)
     prefix = f".{base}-"
-    for name in os.listdir(directory or "."):
-        if name.startswith(prefix):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(directory, name))
+    names = set(os.listdir(directory or "."))
+    for name in sorted(names):
+        if not name.startswith(prefix) or name.endswith(_JOURNALS[1:]):
+            continue
+        full = os.path.join(directory, name)
+        try:
+            fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a build in progress
+            for suffix in _JOURNALS:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(full + suffix)
+        finally:
+            os.close(fd)
+    for name in names:  # journals whose file is gone already
+        if name.startswith(prefix) and name.endswith(_JOURNALS[1:]):
+            stem = name[:name.rindex("-")]
+            if not os.path.exists(os.path.join(directory, stem)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, name))
 
 
 @contextlib.contextmanager
