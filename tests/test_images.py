@@ -23,7 +23,7 @@ import treesum
 from conftest import require_root_user, require_tools
 from containerd_peer import private_containerd
 
-from lamina.errors import InvalidArgument
+from lamina.errors import InvalidArgument, NotFound
 from lamina.images.service import ImageService
 from lamina.metadata.root import Root
 from lamina.oci.identity import chain_id, chain_ids
@@ -203,6 +203,37 @@ def test_concurrent_unpacks_extract_each_layer_once(rich: tuple[Path, list[str]]
     assert [p.returncode for p in procs] == [0, 0], outs
     extracted = [int(o.split("(")[1].split()[0]) for o, _ in outs]
     assert sum(extracted) == len(diff_ids)
+
+
+def test_an_import_whose_blob_another_import_stores_meanwhile_succeeds(
+        tmp_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two imports of one image at once: a blob the other import commits between
+    this one's look-up and its writer is there, not an AlreadyExists failure (three
+    CLIs importing one image on a fresh root failed so, about one round in 15)."""
+    layer = f.layer_from_entries([f.Dir("d"), f.File("d/f", b"x" * 4096)], tmp_path / "l")
+    f.build_oci_layout(tmp_path / "layout", [layer], ref_name="twice:latest")
+    tar = f.as_tar(tmp_path / "layout", tmp_path / "image.tar")
+    first = ImageService(Root(tmp_root / "root"))
+    first.import_(tar, unpack=False)
+    first.close()
+    svc = ImageService(Root(tmp_root / "root"))
+    real_info = svc.content.info
+    looked: list[str] = []
+
+    def not_yet(digest: str) -> object:  # the first look-up: before the other's commit
+        if digest in looked:
+            return real_info(digest)
+        looked.append(digest)
+        raise NotFound(f"content {digest} not found")
+
+    monkeypatch.setattr(svc.content, "info", not_yet)
+    try:
+        svc.import_(tar, unpack=False)
+    finally:
+        monkeypatch.setattr(svc.content, "info", real_info)
+    assert layer.digest in looked
+    assert svc.images.get("twice:latest").target.digest
+    svc.close()
 
 
 def _put(layout: Path, data: bytes) -> dict[str, object]:

@@ -81,7 +81,12 @@ def _ingest(content: ContentStore, stream: IO[bytes], *, size: int, expected: st
         except NotFound:
             pass
     ref = f"import-{secrets.token_hex(8)}"
-    writer = content.writer(ref, total=size, expected=expected or "")
+    try:
+        writer = content.writer(ref, total=size, expected=expected or "")
+    except AlreadyExists:  # committed since ``info`` (another import of it)
+        if expected is None:
+            raise
+        return expected
     told = arrivals if expected is not None else None
     try:
         done = 0
