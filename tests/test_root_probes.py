@@ -151,3 +151,36 @@ def test_a_pull_opens_the_snapshotter_before_any_download(
         assert handed[-1] is None and not (tmp_path / "r2" / "snapshots" / "native").exists()
     finally:
         fresh.close()
+
+
+def _probe_at_once(root: str, barrier: object, out: object) -> None:
+    try:
+        barrier.wait(30)  # type: ignore[attr-defined]
+        snap_erofs.check_erofs_support(Path(root))
+        out.put("ok")  # type: ignore[attr-defined]
+    except Exception as exc:  # reported to the test, not swallowed
+        out.put(f"{type(exc).__name__}: {exc}")  # type: ignore[attr-defined]
+
+
+def test_processes_probing_one_fresh_root_together_all_succeed(tmp_path: Path) -> None:
+    """CLIs started together on a new root each probe EROFS before the marker
+    exists: the probe was one fixed directory, which they took from one another
+    (File exists, No such file or directory, a failed mount)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    failures: list[str] = []
+    for i in range(10):
+        root = tmp_path / f"r{i}"
+        root.mkdir()
+        barrier = ctx.Barrier(4)
+        out = ctx.Queue()
+        procs = [ctx.Process(target=_probe_at_once, args=(str(root), barrier, out))
+                 for _ in range(4)]
+        for p in procs:
+            p.start()
+        failures += [r for r in (out.get(timeout=60) for _ in procs) if r != "ok"]
+        for p in procs:
+            p.join()
+        assert list(root.iterdir()) == []
+    assert not failures, failures

@@ -74,12 +74,13 @@ def check_erofs_support(root: Path, *, backing: str = "auto") -> None:
     if rootless.active():
         raise Unavailable("EROFS cannot be mounted in a user namespace "
                           "(rootless lamina keeps the overlay snapshotter)")
+    import tempfile
+
     from lamina.erofs.image import write_metadata  # once per root (startup)
     from lamina.erofs.inode import new_dir
 
-    probe = root / "erofs-check"
-    remove_tree(probe)
-    probe.mkdir(mode=0o700)
+    # a name of its own: processes opening a fresh root together probe at once
+    probe = Path(tempfile.mkdtemp(prefix="erofs-check-", dir=root))  # 0700
     try:
         # an empty image, never synced: nothing records it and it is deleted below
         # (a layer's writer would fsync it and its directory, slow while layers download)
