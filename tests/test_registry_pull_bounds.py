@@ -298,7 +298,7 @@ def test_disk_filling_while_downloading(require_root: None, state: State, host: 
         return False
 
     state.hooks[f"/v2/{REPO}/blobs/{digest}"] = fill_then_serve
-    with pytest.raises(ResourceExhausted, match=rf"^fetch blob {digest}: \d+ bytes left on the "
+    with pytest.raises(ResourceExhausted, match=rf"^store blob {digest}: \d+ bytes left on the "
                                                 r"filesystem of .* \(lamina keeps 2097152 "
                                                 r"free\)$"):
         do_pull(host, small_root, "fill", unpack=False)

@@ -73,6 +73,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
+from lamina.archive import limits
 from lamina.content import (
     COPY_CHUNK,
     CleanupReport,
@@ -262,6 +263,7 @@ class LocalWriter(Closing):
         # One operation at a time: a store closing (or an abort) on another thread
         # waits for a write in flight, and the descriptor is closed exactly once.
         self._mutex = threading.RLock()
+        self._space: limits.SpaceGuard | None = None  # made by the first write
 
     @property
     def offset(self) -> int:
@@ -285,13 +287,31 @@ class LocalWriter(Closing):
                 f"ref {self.ref!r}: writing {n} bytes at offset {self._offset} "
                 f"goes beyond the declared total of {self.total} bytes"
             )
+        space = self._space_guard(fd)
+        space.seen(self._offset + n)
         done = 0
-        while done < n:
-            done += os.pwrite(fd, view[done:], self._offset + done)
+        try:
+            while done < n:
+                done += os.pwrite(fd, view[done:], self._offset + done)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise space.explain(exc, f"offset {self._offset + done}", False) from exc
+            raise
         self._hash.update(view)
         self._offset += n
         crash.point("content.write")
         return n
+
+    def _space_guard(self, fd: int) -> limits.SpaceGuard:
+        """What keeps this ingest from filling the store's filesystem: its writes
+        stop at :func:`lamina.archive.limits.space_reserve` (checked every few MiB),
+        and an ENOSPC/EDQUOT met between two checks is the same ResourceExhausted."""
+        if self._space is None:
+            what = self.expected or f"of ingest {self.ref!r}"
+            self._space = limits.SpaceGuard(fd, str(self._store.path),
+                                            action=f"store blob {what}")
+            self._space.seen(self._offset)
+        return self._space
 
     def digest(self) -> str:
         return f"{SHA256}:{self._hash.hexdigest()}"

@@ -18,10 +18,11 @@
    free (ResourceExhausted before any byte is fetched). Then every config
    and layer is downloaded, ``concurrency`` at a time, through the content
    store's resumable ingests (:mod:`lamina.images.fetch`, reading the
-   verified streams of :mod:`lamina.remotes.fetcher`); each download stops at the
-   same reserve (or an ENOSPC/EDQUOT), with ResourceExhausted, and its
-   ingest is deleted — resuming it would only fill the same disk. (Network
-   failures keep theirs, to be resumed.) A store that is not local
+   verified streams of :mod:`lamina.remotes.fetcher`); each download stops at
+   the same reserve (the store's writer keeps it, and turns an ENOSPC/EDQUOT
+   into the same error), with ResourceExhausted, and its ingest is deleted —
+   resuming it would only fill the same disk. (Network failures keep theirs,
+   to be resumed.) A store that is not local
    (:class:`~lamina.content.Local`) is not checked for space.
 4. Meanwhile the manifest to unpack (the first of the wanted platforms) is
    unpacked (:func:`lamina.images.unpack.unpacker_for`), each layer read from
@@ -43,8 +44,6 @@ downloads, and the unpack's own bound (:data:`lamina.images.unpack.RUN_AHEAD`).
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -113,32 +112,6 @@ class _Plan:
     blobs: dict[str, Descriptor] = field(default_factory=dict)
 
 
-class _GuardedTransfer(Transfer):
-    """A download that stops at the free-space reserve of the content store's
-    filesystem (``fd`` a directory on it), checked as its bytes arrive; a write
-    that still meets ENOSPC/EDQUOT is the same one-line ResourceExhausted."""
-
-    def __init__(self, desc: Descriptor, fd: int | None, where: str | None) -> None:
-        super().__init__(desc)
-        self._guard = None if fd is None or where is None else limits.SpaceGuard(
-            fd, where, action=f"fetch blob {desc.digest}")
-
-    def advance(self, offset: int) -> None:
-        if self._guard is not None:
-            self._guard.seen(offset)
-        super().advance(offset)
-
-    def translate(self, exc: BaseException) -> BaseException:
-        """``exc`` as the pull reports it."""
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) \
-                and self._guard is not None:
-            return self._guard.explain(exc, "its ingest", False)
-        return exc
-
-    def finish(self, error: BaseException | None = None) -> None:
-        super().finish(None if error is None else self.translate(error))
-
-
 class _Puller:
     def __init__(self, session: Session, ref: Reference, content: ContentStore,
                  store: ContentStore, progress: Progress, *, platforms: list[dict[str, str]],
@@ -156,20 +129,8 @@ class _Puller:
         self.cancel = threading.Event()
         self.transfers: dict[str, Transfer] = {}
         self.fetched_documents: set[str] = set()  # stored by this pull
-        self.space_where: str | None = None  # the content store's directory, when local
-        self.space_fd: int | None = None
-
-    def __enter__(self) -> _Puller:
-        if self.local is not None:
-            self.space_where = str(self.local.path)
-            self.space_fd = os.open(self.local.path,
-                                    os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.space_fd is not None:
-            os.close(self.space_fd)
-            self.space_fd = None
+        # the content store's directory, when local
+        self.space_where = str(self.local.path) if self.local is not None else None
 
     # -- documents -------------------------------------------------------
     def document(self, desc: Descriptor, prefetched: bytes | None) -> bytes:
@@ -226,13 +187,12 @@ class _Puller:
         for desc in order:
             if desc.digest in self.transfers:
                 continue
-            t = self.transfers[desc.digest] = _GuardedTransfer(desc, self.space_fd,
-                                                               self.space_where)
+            t = self.transfers[desc.digest] = Transfer(desc)
             self.progress.waiting("fetch", desc.digest, total=desc.size)
             futures.append(pool.submit(self._fetch, desc, t))
         return futures
 
-    def _fetch(self, desc: Descriptor, t: _GuardedTransfer) -> bool:
+    def _fetch(self, desc: Descriptor, t: Transfer) -> bool:
         """One blob; one that stopped at the disk's reserve leaves no ingest behind
         (it would only be resumed into the same full disk)."""
         try:
@@ -241,14 +201,10 @@ class _Puller:
             return fetch_blob(self.fetcher, desc, self.content, progress=self.progress,
                               transfer=t, cancel=self.cancel,
                               labels=with_source({}, self.ref))
-        except BaseException as exc:
-            error = t.translate(exc)
-            if isinstance(error, ResourceExhausted):
-                with contextlib.suppress(NotFound, Unavailable):
-                    self.content.abort(ingest_ref(desc.digest))
-            if error is exc:
-                raise
-            raise error from None
+        except ResourceExhausted:  # the store's writer stopped at the reserve
+            with contextlib.suppress(NotFound, Unavailable):
+                self.content.abort(ingest_ref(desc.digest))
+            raise
 
     def check_space(self, order: Sequence[Descriptor]) -> None:
         """ResourceExhausted before fetching when the blobs ``order`` still needs (their
@@ -331,30 +287,30 @@ def pull(registry: Registry, reference: str, *, root: Root, snapshotter: str = "
     with leases.held(purpose=f"pull {ref}", expire=timedelta(hours=24)) as lease:
         store = root.content()
         content = LeasedContent(store, leases, lease.id)
-        with _Puller(session, ref, content, store, progress, platforms=wanted,
-                     all_platforms=all_platforms, concurrency=concurrency) as puller:
-            puller.walk(resolved.desc, resolved.data)
-            for _, manifest in puller.plan.manifests:
-                if manifest.config.media_type in CONFIG_TYPES:
-                    config = puller.document(manifest.config, None)
-                    if platforms and not all_platforms and \
-                            resolved.desc.media_type in MANIFEST_TYPES:
-                        require_config_platform(ImageConfig.parse(config).raw, wanted,
-                                                where=str(ref))
-            target = _to_unpack(puller) if unpack else None
-            order = _order(puller, target)
-            puller.check_space(order)
-            content.hold(d.digest for d in order)  # one transaction, not one per blob
+        puller = _Puller(session, ref, content, store, progress, platforms=wanted,
+                         all_platforms=all_platforms, concurrency=concurrency)
+        puller.walk(resolved.desc, resolved.data)
+        for _, manifest in puller.plan.manifests:
+            if manifest.config.media_type in CONFIG_TYPES:
+                config = puller.document(manifest.config, None)
+                if platforms and not all_platforms and \
+                        resolved.desc.media_type in MANIFEST_TYPES:
+                    require_config_platform(ImageConfig.parse(config).raw, wanted,
+                                            where=str(ref))
+        target = _to_unpack(puller) if unpack else None
+        order = _order(puller, target)
+        puller.check_space(order)
+        content.hold(d.digest for d in order)  # one transaction, not one per blob
 
-            def unpacker() -> Unpacker:
-                return unpacker_for(root, content, snapshotter=snapshotter,
-                                    snapshots=snapshots, lease=lease.id, progress=progress,
-                                    parallel=max(puller.concurrency, 2),
-                                    open_layer=puller.open_layer,
-                                    max_layer_size=max_layer_size, sync=sync)
+        def unpacker() -> Unpacker:
+            return unpacker_for(root, content, snapshotter=snapshotter,
+                                snapshots=snapshots, lease=lease.id, progress=progress,
+                                parallel=max(puller.concurrency, 2),
+                                open_layer=puller.open_layer,
+                                max_layer_size=max_layer_size, sync=sync)
 
-            unpacked, fetched, present = _transfer(puller, target, order, unpacker)
-            puller.label()
+        unpacked, fetched, present = _transfer(puller, target, order, unpacker)
+        puller.label()
         image = images.put(Image(name=str(ref), target=resolved.desc))
         return PullResult(image=image, unpacked=unpacked, fetched=fetched,
                           present=present,
