@@ -292,3 +292,34 @@ def test_writer_context_manager(store: LocalContentStore) -> None:
         w.write(b"1")
     with store.writer("cm") as w:
         assert w.offset == 1
+
+
+def test_a_commit_whose_transaction_fails_leaves_no_blob_file(
+        store: LocalContentStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record's COMMIT fails after the data was renamed into blobs/ (a full
+    disk: the WAL cannot grow). The file stayed, named by no record, and ``check``
+    reported it until ``--repair``; now it goes with the failed commit."""
+    import contextlib
+    import sqlite3
+
+    real = store._db.write
+
+    @contextlib.contextmanager
+    def full_at_commit() -> Iterator[object]:
+        with real() as conn:
+            yield conn
+            raise sqlite3.OperationalError("database or disk is full")
+
+    data = b"lost at commit"
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    w = store.writer("full", total=len(data), expected=digest)
+    w.write(data)
+    monkeypatch.setattr(store._db, "write", full_at_commit)
+    with pytest.raises(sqlite3.OperationalError):
+        w.commit(len(data), digest)
+    monkeypatch.undo()
+    w.close()
+    assert not store.blob_path(digest).exists()
+    assert store.check() == []
+    with pytest.raises(NotFound):
+        store.info(digest)

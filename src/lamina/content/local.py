@@ -834,17 +834,19 @@ class LocalContentStore(ScopedViews, Closing):
         target = self.blob_path(digest)
         data = ingest / "data"
         now = _fmt(_now())
-        with self._db.write() as conn:
-            if conn.execute("SELECT 1 FROM blobs WHERE digest = ?", (digest,)).fetchone():
-                if self._scope.actor in self._refs(conn, digest):
-                    raise AlreadyExists(f"content {digest} already exists")
-                self._add_ref(conn, digest, labels, now)
-                return
-            os.chmod(data, BLOB_MODE)
-            crash.point("content.commit.before-rename")
-            os.replace(data, target)  # replaces a crash-orphaned copy, if any
-            crash.point("content.commit.renamed")
-            try:
+        renamed = False
+        try:
+            with self._db.write() as conn:
+                if conn.execute("SELECT 1 FROM blobs WHERE digest = ?", (digest,)).fetchone():
+                    if self._scope.actor in self._refs(conn, digest):
+                        raise AlreadyExists(f"content {digest} already exists")
+                    self._add_ref(conn, digest, labels, now)
+                    return
+                os.chmod(data, BLOB_MODE)
+                crash.point("content.commit.before-rename")
+                os.replace(data, target)  # replaces a crash-orphaned copy, if any
+                renamed = True
+                crash.point("content.commit.renamed")
                 fsync_dir(self.blobs_dir)
                 conn.execute(
                     "INSERT INTO blobs (digest, size, created, updated) VALUES (?, ?, ?, ?)",
@@ -852,10 +854,13 @@ class LocalContentStore(ScopedViews, Closing):
                 )
                 self._add_ref(conn, digest, labels, now)
                 crash.point("content.commit.inserted")
-            except BaseException:
+        except BaseException:
+            # the body or the transaction's COMMIT failed (a full disk: the WAL
+            # cannot grow): no record names the file, which must not stay
+            if renamed:
                 with contextlib.suppress(OSError):
                     target.unlink()
-                raise
+            raise
         crash.point("content.commit.committed")
 
     def _remove_ingest_dir(self, ingest: Path) -> None:
