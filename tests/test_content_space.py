@@ -73,12 +73,13 @@ def test_an_import_stops_at_the_reserve_and_leaves_nothing(small: Path,
     tar = f.as_tar(tmp_path / "layout", tmp_path / "image.tar")
     root = small / "root"
     lamina = [sys.executable, "-m", "lamina", "--root", str(root), "--snapshotter", "native"]
-    proc = subprocess.run([*lamina, "image", "import", str(tar)],
+    # not unpacked: the unpack would race the import for the same disk
+    proc = subprocess.run([*lamina, "image", "import", "--no-unpack", str(tar)],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 9, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"lamina: ResourceExhausted: store blob {layer.digest}: "), last
-    assert "bytes left on the filesystem of" in last
+    assert last.startswith(f"lamina: ResourceExhausted: store blob {layer.digest}"), last
+    assert "left on the filesystem of" in last
     assert _free(small) > 512 << 10
     check = subprocess.run([*lamina, "check"], capture_output=True, text=True, check=False)
     assert check.returncode == 0, check.stdout + check.stderr
