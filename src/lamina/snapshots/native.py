@@ -8,11 +8,12 @@ mounts, read-only for views.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from lamina.errors import FailedPrecondition, Internal
+from lamina.errors import FailedPrecondition, Internal, ResourceExhausted
 from lamina.mounts.mount import Mount
 from lamina.snapshots import Capability, Kind
 from lamina.snapshots.directory import DirectorySnapshotter
@@ -32,9 +33,20 @@ def copy_tree(src: Path, dst: Path) -> None:
         capture_output=True,
         text=True,
         check=False,
+        env={**os.environ, "LC_ALL": "C"},
     )
     if proc.returncode != 0:
-        raise Internal(f"copying {src} to {dst} failed: {proc.stderr.strip()}")
+        lines = proc.stderr.strip().splitlines() or ["cp failed"]
+        first = lines[0] + (f" (and {len(lines) - 1} more)" if len(lines) > 1 else "")
+        if any(text in proc.stderr for text in _EXHAUSTED):
+            # cp says so per file: the copy needs what is not there, lamina is fine
+            raise ResourceExhausted(f"copying {src} to {dst}: {first}")
+        raise Internal(f"copying {src} to {dst} failed: {first}")
+
+
+# cp's words (C locale, set below) for the errnos lamina.errors counts as exhausted
+_EXHAUSTED = ("No space left on device", "Disk quota exceeded", "Too many open files",
+              "Cannot allocate memory")
 
 
 class NativeSnapshotter(DirectorySnapshotter):
