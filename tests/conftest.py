@@ -178,6 +178,19 @@ def unmount_all_under(root: Path | str) -> list[str]:
     return seen
 
 
+@contextlib.contextmanager
+def small_tmpfs(mnt: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (``"64m"``) mounted at new directory ``mnt`` for the block
+    (a filesystem to fill), detached afterwards."""
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mnt)],
+                   check=True)
+    try:
+        yield mnt
+    finally:
+        ctypes.CDLL(None, use_errno=True).umount2(os.fsencode(str(mnt)), 2)  # MNT_DETACH
+
+
 def _fs_type(path: Path) -> str:
     """Filesystem type of the mount that holds ``path``."""
     real = os.path.realpath(path)

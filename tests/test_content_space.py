@@ -6,7 +6,6 @@ the disk to zero and failed with ``lamina: OSError: No space left on device``.""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import imagefactory as f
 import pytest
+from conftest import small_tmpfs
 
 from lamina.content.digest import sha256_digest
 from lamina.errors import ResourceExhausted
@@ -22,21 +22,11 @@ from lamina.metadata.root import Root
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
 
-_libc = ctypes.CDLL(None, use_errno=True)
-MNT_DETACH = 2
-
-
 @pytest.fixture
 def small(tmp_path: Path) -> Iterator[Path]:
     """A 32 MiB tmpfs (the reserve: 1 MiB), unmounted afterwards."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m,mode=0700", "tmpfs", str(mnt)],
-                   check=True)
-    try:
+    with small_tmpfs(tmp_path / "small", "32m") as mnt:
         yield mnt
-    finally:
-        _libc.umount2(os.fsencode(str(mnt)), MNT_DETACH)
 
 
 def _free(path: Path) -> int:

@@ -9,7 +9,6 @@ line of error, in bounded time, with ``lamina check`` consistent afterwards.
 
 from __future__ import annotations
 
-import ctypes
 import gzip
 import io
 import json
@@ -24,6 +23,7 @@ from pathlib import Path
 import imagefactory
 import pytest
 from bad_registry import MT_CONFIG, MT_INDEX, MT_MANIFEST, Handler, State, serving, sha
+from conftest import small_tmpfs
 
 from lamina.errors import NotFound, ResourceExhausted
 from lamina.images.fetch import ingest_ref
@@ -222,21 +222,11 @@ def test_repeated_children_keep_their_first_place(require_root: None, state: Sta
 
 # --------------------------------------------------------------------------- disk
 
-MNT_DETACH = 2
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 @pytest.fixture
 def small_root(tmp_path: Path) -> Iterator[Path]:
     """A lamina root on a 64 MiB tmpfs (reserve: 2 MiB), unmounted afterwards."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(mnt)],
-                   check=True)
-    try:
+    with small_tmpfs(tmp_path / "small", "64m") as mnt:
         yield mnt / "root"
-    finally:
-        _libc.umount2(os.fsencode(str(mnt)), MNT_DETACH)
 
 
 def endless(h: Handler) -> bool:

@@ -22,15 +22,11 @@ def test_a_copy_that_does_not_fit_is_resource_exhausted(tmp_path: Path) -> None:
     """A child's copy of a parent on a disk too small for it is ResourceExhausted in
     one line (cp's first complaint), not Internal: lamina is fine, the disk is full;
     the child is not made."""
-    import ctypes
-    import subprocess
+    from conftest import small_tmpfs
 
     from lamina.errors import ResourceExhausted
 
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "small", "24m") as mnt:
         sn = NativeSnapshotter(mnt / "sn")
         try:
             sn.prepare("p-active", None)
@@ -45,5 +41,3 @@ def test_a_copy_that_does_not_fit_is_resource_exhausted(tmp_path: Path) -> None:
             assert [i.name for i in sn.walk()] == ["parent"]
         finally:
             sn.close()
-    finally:
-        ctypes.CDLL(None).umount2(os.fsencode(str(mnt)), 2)
