@@ -90,7 +90,7 @@ from lamina.errors import (
     NotFound,
     Unavailable,
 )
-from lamina.fs.files import atomic_write, fsync_dir, remove_tree
+from lamina.fs.files import WRITEBACK_EVERY, atomic_write, fsync_dir, remove_tree, start_writeback
 from lamina.fs.perms import BLOB_MODE, FILE_MODE, private_dirs, tighten, tighten_tree
 from lamina.labels import update_labels
 from lamina.owners import CLI, ScopedViews, describe_all
@@ -264,6 +264,7 @@ class LocalWriter(Closing):
         # waits for a write in flight, and the descriptor is closed exactly once.
         self._mutex = threading.RLock()
         self._space: limits.SpaceGuard | None = None  # made by the first write
+        self._written_back = offset  # where the writeback started last (commit's fsync)
 
     @property
     def offset(self) -> int:
@@ -299,6 +300,9 @@ class LocalWriter(Closing):
             raise
         self._hash.update(view)
         self._offset += n
+        if self._offset - self._written_back >= WRITEBACK_EVERY:
+            start_writeback(fd, self._written_back, self._offset - self._written_back)
+            self._written_back = self._offset
         crash.point("content.write")
         return n
 

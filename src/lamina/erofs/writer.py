@@ -39,7 +39,7 @@ from lamina.erofs.image import inline_room, write_metadata
 from lamina.erofs.inode import Inode, RootMeta
 from lamina.erofs.tree import LayerTree
 from lamina.errors import Internal, InvalidArgument, LaminaError
-from lamina.fs.files import atomic_file
+from lamina.fs.files import WRITEBACK_EVERY, atomic_file, start_writeback
 
 __all__ = ["WrittenImage", "write_image"]
 
@@ -127,6 +127,7 @@ class _Data:
         self.tails = tails
         self.next_block = 1  # block 0 holds the superblock
         self.hasher = ImageHasher()  # the data area is hashed as it streams
+        self.written_back = 0  # the data area's writeback is started up to here
 
     def stream(self, node: Inode, reader: TarReader) -> None:
         """Copy the member's data: whole blocks to the image, the tail aside
@@ -163,6 +164,9 @@ class _Data:
             at += n
             left -= n
         self.next_block += -(-whole // BLK)
+        if at - self.written_back >= WRITEBACK_EVERY:  # the image's fsync waits for less
+            start_writeback(fd, self.written_back, at - self.written_back)
+            self.written_back = at
         if tail:
             node.tail_at = self.tails.add(reader)
 

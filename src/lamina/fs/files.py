@@ -6,7 +6,7 @@ import contextlib
 import fcntl
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 # ctypes, tempfile and fs.remove are imported by the helpers that use them: every
@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import ctypes
 
-__all__ = ["atomic_file", "atomic_write", "fsync_dir", "locked", "remove_tree", "sync_filesystem"]
+__all__ = ["WRITEBACK_EVERY", "atomic_file", "atomic_write", "fsync_dir", "locked",
+           "remove_tree", "start_writeback", "sync_filesystem"]
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -46,6 +47,37 @@ def sync_filesystem(path: str | os.PathLike[str]) -> None:
             raise OSError(err, f"syncfs {os.fspath(path)}: {os.strerror(err)}")
     finally:
         os.close(fd)
+
+
+#: sync_file_range(2)'s flag: start writing the range back, do not wait for it
+_SYNC_FILE_RANGE_WRITE = 2
+#: how many bytes a writer of a large file that it fsyncs at the end (a blob, an
+#: EROFS layer) writes before it starts their writeback: the fsync then waits
+#: for at most about this much, not for the whole file
+WRITEBACK_EVERY = 4 << 20
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    import ctypes
+
+    try:
+        f = _libc().sync_file_range
+    except AttributeError:  # not Linux's libc
+        return None
+    f.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    f.restype = ctypes.c_int
+    return f
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Have the kernel start writing ``length`` bytes of ``fd`` at ``offset`` to
+    disk now, without waiting: the fsync that makes a large file durable then
+    finds most of it written, instead of writing all of it while its caller
+    waits. A hint: where the filesystem or libc has no such call it does nothing."""
+    f = _sync_file_range()
+    if f is not None:
+        f(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 @contextlib.contextmanager
