@@ -80,3 +80,18 @@ def test_start_writeback_is_only_a_hint() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_a_truncated_ingest_starts_writeback_again_from_where_it_was_cut(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ranges = _spy(monkeypatch, content_local)
+    store = LocalContentStore(tmp_path / "content")
+    try:
+        w = store.writer("cut", total=0)
+        w.write(os.urandom(WRITEBACK_EVERY))
+        w.truncate(0)  # a resumed download that must start over
+        w.write(os.urandom(WRITEBACK_EVERY))
+        assert ranges == [(0, WRITEBACK_EVERY), (0, WRITEBACK_EVERY)]
+        w.close()
+    finally:
+        store.close()

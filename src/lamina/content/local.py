@@ -340,6 +340,7 @@ class LocalWriter(Closing):
         os.ftruncate(fd, size)
         self._hash = _rehash(fd, size)
         self._offset = size
+        self._written_back = min(self._written_back, size)
 
     def commit(
         self, size: int, expected: str, *, labels: Mapping[str, str] | None = None
