@@ -60,6 +60,12 @@ def _dirs(sn: DirectorySnapshotter) -> list[str]:
     return sorted(p.name for p in (sn.root / "snapshots").iterdir())
 
 
+def _assert_top_sees_the_bottom(sn: DirectorySnapshotter, parent: str) -> None:
+    """Prepare ``top`` on ``parent``; its mount shows the first layer's file."""
+    with temp_mount(sn.prepare("top", parent)) as where:
+        assert (Path(where) / "bottom").read_text() == "layer 0"
+
+
 @pytest.mark.parametrize("cls", LIMITED, ids=lambda c: c.__name__)
 def test_a_snapshot_deeper_than_the_limit_is_refused_before_any_work(
         cls: type[DirectorySnapshotter], tmp_root: Path,
@@ -85,10 +91,7 @@ def test_native_copies_its_parent_and_has_no_limit(tmp_root: Path) -> None:
     mounts: it holds a copy of its parent, no stack of lowers."""
     require_root_user()
     with opened(NativeSnapshotter, tmp_root / "sn") as sn:
-        top = _chain(sn, 501)
-        mounts = sn.prepare("top", top)
-        with temp_mount(mounts) as where:
-            assert (Path(where) / "bottom").read_text() == "layer 0"
+        _assert_top_sees_the_bottom(sn, _chain(sn, 501))
 
 
 def test_overlay_mounts_the_deepest_stack_it_allows(tmp_root: Path) -> None:
@@ -96,10 +99,7 @@ def test_overlay_mounts_the_deepest_stack_it_allows(tmp_root: Path) -> None:
     bottom layer's file; one more is refused."""
     require_root_user()
     with opened(OverlaySnapshotter, tmp_root / "sn") as sn:
-        parent = _chain(sn, 500)
-        mounts = sn.prepare("top", parent)
-        with temp_mount(mounts) as where:
-            assert (Path(where) / "bottom").read_text() == "layer 0"
+        _assert_top_sees_the_bottom(sn, _chain(sn, 500))
         sn.commit("c500", "top")
         with pytest.raises(ResourceExhausted, match="more than 500 layers"):
             sn.prepare("beyond", "c500")

@@ -127,6 +127,12 @@ _BY_ERRNO: dict[int, type[LaminaError]] = {
 }
 
 
+def reasons_of(cls: type[LaminaError]) -> tuple[str, ...]:
+    """The reasons (strerror, as tools print them in the C locale) of the errnos
+    that stand for ``cls``: how to read a tool's complaint that has no errno."""
+    return tuple(os.strerror(err) for err, c in _BY_ERRNO.items() if c is cls)
+
+
 def describe_os_error(exc: OSError) -> str:
     """``FileExistsError: /etc/passwd: File exists``: the class, the path(s), the reason."""
     reason = exc.strerror or str(exc)

@@ -13,7 +13,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from lamina.errors import FailedPrecondition, Internal, ResourceExhausted
+from lamina.errors import FailedPrecondition, Internal, ResourceExhausted, reasons_of
 from lamina.mounts.mount import Mount
 from lamina.snapshots import Capability, Kind
 from lamina.snapshots.directory import DirectorySnapshotter
@@ -33,20 +33,15 @@ def copy_tree(src: Path, dst: Path) -> None:
         capture_output=True,
         text=True,
         check=False,
-        env={**os.environ, "LC_ALL": "C"},
+        env={**os.environ, "LC_ALL": "C"},  # its complaints as reasons_of has them
     )
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or ["cp failed"]
         first = lines[0] + (f" (and {len(lines) - 1} more)" if len(lines) > 1 else "")
-        if any(text in proc.stderr for text in _EXHAUSTED):
+        if any(text in proc.stderr for text in reasons_of(ResourceExhausted)):
             # cp says so per file: the copy needs what is not there, lamina is fine
             raise ResourceExhausted(f"copying {src} to {dst}: {first}")
         raise Internal(f"copying {src} to {dst} failed: {first}")
-
-
-# cp's words (C locale, set below) for the errnos lamina.errors counts as exhausted
-_EXHAUSTED = ("No space left on device", "Disk quota exceeded", "Too many open files",
-              "Cannot allocate memory")
 
 
 class NativeSnapshotter(DirectorySnapshotter):
