@@ -166,6 +166,9 @@ def test_run_rm_removes_container_and_snapshots(cli: Cli) -> None:
     assert cli.task("gone") is None
     snaps = cli("snapshot", "ls").stdout
     assert "lamina.revision.gone." not in snaps
+    # nor a lock file of its task or network: there is no end of container names
+    root = cli.roots[0]
+    assert not [p for p in root.rglob(".locks/*") if "gone" in p.name]
 
 
 def test_run_detached_logs_and_task_verbs(cli: Cli) -> None:

@@ -203,6 +203,8 @@ def test_concurrent_unpacks_extract_each_layer_once(rich: tuple[Path, list[str]]
     assert [p.returncode for p in procs] == [0, 0], outs
     extracted = [int(o.split("(")[1].split()[0]) for o, _ in outs]
     assert sum(extracted) == len(diff_ids)
+    # the per-chain unpack locks go with their unpacks: no file a chain, for ever
+    assert not list((root_dir / "locks").glob("unpack-*"))
 
 
 def test_an_import_whose_blob_another_import_stores_meanwhile_succeeds(

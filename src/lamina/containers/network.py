@@ -207,7 +207,7 @@ class Networks:
 
     def _lock(self, cid: str) -> contextlib.AbstractContextManager[None]:
         (self.base / ".locks").mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        return locked(self.base / ".locks" / f"{cid}.lock")
+        return locked(self.base / ".locks" / f"{cid}.lock", transient=True)
 
     def attachment(self, cid: str) -> Attachment | None:
         """``cid``'s whole attachment, if it has one."""

@@ -9,13 +9,15 @@ import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+from lamina.errors import Unavailable
+
 # ctypes, tempfile and fs.remove are imported by the helpers that use them: every
 # command imports this module (the database's fsync_dir), few sync, write or remove.
 if TYPE_CHECKING:
     import ctypes
 
 __all__ = ["WRITEBACK_EVERY", "atomic_file", "atomic_write", "fsync_dir", "locked",
-           "remove_tree", "start_writeback", "sync_filesystem"]
+           "names_open_file", "remove_tree", "start_writeback", "sync_filesystem"]
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -142,17 +144,49 @@ def remove_tree(path: str | os.PathLike[str]) -> None:
         os.close(parent_fd)
 
 
+#: how often a transient lock is taken again because its file was removed while
+#: this process waited (each time, another holder had it and let it go)
+RELOCK_TRIES = 1000
+
+
+def names_open_file(fd: int, path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` still names the file open at ``fd`` (it was not removed or
+    replaced since it was opened)."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    st = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (st.st_dev, st.st_ino)
+
+
 @contextlib.contextmanager
-def locked(path: str | os.PathLike[str]) -> Iterator[None]:
+def locked(path: str | os.PathLike[str], *, transient: bool = False) -> Iterator[None]:
     """Hold an exclusive flock on ``path`` (created if missing) for the block.
 
     flock locks belong to the open file, so two threads of one process exclude
     each other just like two processes do.
+
+    ``transient``: the holder removes the file as it lets the lock go, so locks
+    named after things without number (a chain ID, a container) leave no file
+    behind. A process that waited on a file removed meanwhile takes the lock
+    again on the file the name now has.
     """
     os.makedirs(os.path.dirname(os.fspath(path)), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    for _ in range(RELOCK_TRIES):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if transient and not names_open_file(fd, path):
+                continue  # its holder removed it: the lock lives on under a new file
+            try:
+                yield
+            finally:
+                if transient:  # while it is still held: a waiter sees it gone
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+            return
+        finally:
+            os.close(fd)
+    raise Unavailable(f"lock {os.fspath(path)}: removed {RELOCK_TRIES} times while "
+                      "this process waited for it")

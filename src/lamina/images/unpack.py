@@ -173,7 +173,7 @@ class Unpacker:
 
     @contextlib.contextmanager
     def _lock(self, chain: str) -> Iterator[None]:
-        with locked(self.locks / f"unpack-{chain.replace(':', '-')}"):
+        with locked(self.locks / f"unpack-{chain.replace(':', '-')}", transient=True):
             yield
 
     def _reader(self, manifest: Manifest, i: int) -> IO[bytes]:

@@ -43,7 +43,7 @@ import time
 from collections.abc import Iterator
 
 from lamina.errors import ResourceExhausted, Unavailable
-from lamina.fs.files import fsync_dir
+from lamina.fs.files import fsync_dir, names_open_file
 from lamina.fs.perms import FILE_MODE, tighten
 
 __all__ = ["Database"]
@@ -411,12 +411,7 @@ def _claimed_temp(path: str) -> tuple[int, str]:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", dir=directory)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            st = os.fstat(fd)
-            try:
-                named = os.stat(tmp)
-            except FileNotFoundError:
-                named = None
-            if named is not None and (named.st_dev, named.st_ino) == (st.st_dev, st.st_ino):
+            if names_open_file(fd, tmp):
                 return fd, tmp
         except BaseException:
             os.close(fd)

@@ -205,7 +205,7 @@ class Bundles:
 
     def lock(self, task_id: str) -> contextlib.AbstractContextManager[None]:
         """Serialise start, restore and delete of ``task_id`` (across processes)."""
-        return locked(self.state_dir / ".locks" / f"{task_id}.lock")
+        return locked(self.state_dir / ".locks" / f"{task_id}.lock", transient=True)
 
     def exists(self, task_id: str) -> bool:
         """Whether ``task_id`` has a complete bundle (one with ``meta.json``)."""
