@@ -53,9 +53,9 @@ def test_a_lock_whose_file_keeps_being_removed_gives_up_with_unavailable(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(files, "RELOCK_TRIES", 3)
     monkeypatch.setattr(files, "names_open_file", lambda fd, path: False)
-    with pytest.raises(Unavailable, match=r"lock .*/l: removed 3 times"):
-        with locked(tmp_path / "l", transient=True):
-            pytest.fail("the lock was taken on a file no longer named")
+    with (pytest.raises(Unavailable, match=r"lock .*/l: removed 3 times"),
+          locked(tmp_path / "l", transient=True)):
+        pytest.fail("the lock was taken on a file no longer named")
 
 
 def test_names_open_file(tmp_path: Path) -> None:

@@ -153,11 +153,13 @@ class DirectorySnapshotter(ScopedViews):
 
     def snapshot_dir(self, key: str) -> Path:
         """Everything snapshot ``key`` owns on disk (:class:`LocalDirectories`)."""
-        return self._dirs / self.snapshot(key).id
+        with self.meta.read(self._scope) as tx:
+            return self._dirs / tx.sid(key)
 
     def layer_dir(self, key: str) -> Path:
         """The snapshot's own files (:class:`LocalDirectories`)."""
-        return self.fs_dir(self.snapshot(key).id)
+        with self.meta.read(self._scope) as tx:
+            return self.fs_dir(tx.sid(key))
 
     def snapshot(self, key: str) -> Snapshot:
         """Internal view of ``key``: id, kind and parent ids (used by fast paths)."""
@@ -182,10 +184,10 @@ class DirectorySnapshotter(ScopedViews):
     def usage(self, key: str) -> Usage:
         with self.meta.read(self._scope) as tx:
             stored = tx.stored_usage(key)
-            snap = tx.snapshot(key)
+            sid = tx.sid(key)
         if stored is not None:
             return stored
-        return disk_usage(self.fs_dir(snap.id))
+        return disk_usage(self.fs_dir(sid))
 
     def mounts(self, key: str) -> list[Mount]:
         with self.meta.read(self._scope) as tx:
@@ -349,10 +351,10 @@ class DirectorySnapshotter(ScopedViews):
 
     def remove(self, key: str) -> None:
         with self.meta.write(self._scope) as tx:
-            snap = tx.remove(key)
+            sid = tx.remove(key)
             crash.point("remove.deleted-row")
         crash.point("remove.committed")
-        self._discard([snap.id])
+        self._discard([sid])
 
     def remove_many(self, keys: Sequence[str]) -> set[str]:
         """Remove ``keys``, children first, in one transaction (:class:`BatchRemoval`):
@@ -362,7 +364,7 @@ class DirectorySnapshotter(ScopedViews):
         with self.meta.write(self._scope) as tx:
             for key in keys:
                 try:
-                    ids.append(tx.remove(key).id)  # checks before it changes anything
+                    ids.append(tx.remove(key))  # checks before it changes anything
                 except NotFound:
                     pass
                 except FailedPrecondition:
@@ -541,7 +543,15 @@ class DirectorySnapshotter(ScopedViews):
         without a row (``cleanup`` removes those). Empty when consistent."""
         with self.meta.read(self._scope) as tx:
             known = tx.ids()
+            loops = tx.loops()
         problems = [
+            Problem(ProblemType.SNAPSHOT_PARENT_LOOP, ", ".join(keys),
+                    f"snapshots {', '.join(repr(k) for k in keys)}: their parents form a "
+                    "loop in the metadata (damaged; not repaired: what they hold cannot "
+                    "be told apart)")
+            for keys in loops
+        ]
+        problems += [
             Problem(ProblemType.SNAPSHOT_MISSING_DIRECTORY, f"snapshot id {sid}",
                     f"snapshot id {sid}: metadata names it but {self.fs_dir(sid)} is missing")
             for sid in sorted(known, key=int)

@@ -181,6 +181,31 @@ class Transaction:
             updated=_dt(updated),
         )
 
+    def sid(self, key: str) -> str:
+        """``key``'s row id (its directory's name), its ancestors not read."""
+        return str(self._row(key)[0])
+
+    def loops(self) -> list[list[str]]:
+        """The keys of every set of snapshots whose parents form a loop (damaged
+        metadata: nothing lamina writes makes one), each set in loop order."""
+        rows = self._c.execute("SELECT id, key, parent_id FROM snapshots").fetchall()
+        parent = {sid: pid for sid, _, pid in rows}
+        keys = {sid: str(key) for sid, key, _ in rows}
+        state: dict[int, int] = {}  # 1: on the path being walked, 2: done
+        found: list[list[str]] = []
+        for start in parent:
+            path: list[int] = []
+            node: int | None = start
+            while node is not None and node in parent and node not in state:
+                state[node] = 1
+                path.append(node)
+                node = parent[node]
+            if node is not None and state.get(node) == 1:  # back on this walk's path
+                found.append([keys[n] for n in path[path.index(node):]])
+            for n in path:
+                state[n] = 2
+        return found
+
     def snapshot(self, key: str) -> Snapshot:
         sid, _, kind, parent_id, _, _ = self._row(key)
         return Snapshot(id=str(sid), kind=Kind(kind), parent_ids=self._chain(parent_id))
@@ -288,9 +313,11 @@ class Transaction:
         self._set_labels(sid, clean)
         return Snapshot(id=str(sid), kind=Kind.COMMITTED, parent_ids=self._chain(parent_id))
 
-    def remove(self, key: str) -> Snapshot:
-        """Delete ``key``'s row; FailedPrecondition while it has children."""
-        sid, _, kind, parent_id, _, _ = self._mine(key, "remove")
+    def remove(self, key: str) -> str:
+        """Delete ``key``'s row and return its id; FailedPrecondition while it has
+        children. Its ancestors are not read: a row whose parents were damaged into
+        a loop can still go."""
+        sid, *_ = self._mine(key, "remove")
         child = self._c.execute(
             "SELECT key FROM snapshots WHERE parent_id=? LIMIT 1", (sid,)
         ).fetchone()
@@ -298,9 +325,8 @@ class Transaction:
             raise FailedPrecondition(
                 f"cannot remove snapshot {key!r}: it has children (e.g. {child[0]!r})"
             )
-        chain = self._chain(parent_id)
         self._c.execute("DELETE FROM snapshots WHERE id=?", (sid,))
-        return Snapshot(id=str(sid), kind=Kind(kind), parent_ids=chain)
+        return str(sid)
 
     def update(self, info: Info, fieldpaths: Sequence[str]) -> Info:
         sid, *_ = self._mine(info.name, "update")
