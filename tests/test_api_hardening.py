@@ -548,3 +548,49 @@ def test_a_command_gives_up_on_a_server_that_does_not_answer(
         ok = subprocess.run(_lamina("--address", str(sock), "snapshot", "ls"),
                             capture_output=True, text=True, timeout=60)
         assert ok.returncode == 0, ok.stderr
+
+
+class _HangingWrites:
+    """A content store whose writers' writes block until ``release`` is set."""
+
+    def __init__(self, store: Any, release: threading.Event) -> None:
+        self._store, self._release = store, release
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def writer(self, ref: str, **kw: Any) -> Any:
+        w = self._store.writer(ref, **kw)
+        write, release = w.write, self._release
+
+        def hanging_write(data: bytes) -> int:
+            release.wait(120)
+            return int(write(data))
+
+        w.write = hanging_write
+        return w
+
+
+def test_a_write_stream_gives_up_on_a_server_that_stops_answering(
+        tmp_path: Path, sockdir: Path) -> None:
+    """A Write stream has no deadline of its own (a blob takes as long as it takes):
+    a server that stopped answering mid-ingest held the writer for ever. Each
+    answer now comes within the client's call timeout, or Unavailable."""
+    from lamina.content.local import LocalContentStore
+
+    release = threading.Event()
+    store = _HangingWrites(LocalContentStore(tmp_path / "content"), release)
+    server = _serve_content(sockdir, store)  # type: ignore[arg-type]
+    try:
+        with RemoteContentStore(server.address, timeout=1.5) as cs:
+            w = cs.writer("hung", total=4)  # its STAT is answered
+            started = time.monotonic()
+            with pytest.raises(Unavailable, match=r"^content write 'hung' on .*: no answer "
+                                                  r"within 1.5s$"):
+                w.write(b"data")
+            assert 1.5 <= time.monotonic() - started < 15
+            release.set()
+            w.close()
+    finally:
+        release.set()
+        server.stop()

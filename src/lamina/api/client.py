@@ -47,6 +47,7 @@ from lamina.errors import FailedPrecondition, Internal, NotImplementedErr, Unava
 from lamina.mounts.mount import Mount
 from lamina.snapshots import Capability, Info, Usage
 from lamina.util.closing import Closing
+from lamina.util.deadlines import Deadlines
 
 __all__ = [
     "RemoteContentStore", "RemoteSnapshotter", "RemoteStore", "RemoteWriter", "connect",
@@ -416,6 +417,11 @@ class RemoteContentStore(RemoteStore):
 
 _END = object()
 
+#: each answer on a Write stream comes within the client's call timeout, or the
+#: stream is cancelled (a stream has no deadline of its own: a blob takes as
+#: long as it takes, one message does not)
+_DEADLINES = Deadlines(name="lamina-api-deadlines")
+
 
 class RemoteWriter:
     """An ingest over one Write stream (see :class:`lamina.content.Writer`).
@@ -475,20 +481,31 @@ class RemoteWriter:
             self._ensure_open()
             assert self._queue is not None and self._responses is not None
             self._queue.put(req)
+            timeout = self._store._timeout
+            responses = self._responses
+            token = (None if timeout is None
+                     else _DEADLINES.arm(responses.cancel,  # type: ignore[attr-defined]
+                                         timeout))
             try:
-                resp = next(self._responses)
+                resp = next(responses)
                 break
             except StopIteration:
                 self._end_stream()
                 raise Internal(f"write stream for {self.ref!r} ended early") from None
             except grpc.RpcError as err:
                 self._end_stream()
+                what = self._store._what("write", self.ref)
+                if token is not None and _DEADLINES.disarm(token):
+                    raise Unavailable(f"{what}: no answer within {timeout:g}s") from None
                 if resume and _closed_idle(err):
                     continue  # it never saw ``req``: send it again on a new stream
-                raise from_rpc_error(err, self._store._what("write", self.ref)) from None
+                raise from_rpc_error(err, what) from None
             except BaseException:
                 self._end_stream()
                 raise
+            finally:
+                if token is not None:
+                    _DEADLINES.disarm(token)
         self._offset = resp.offset
         if resp.total:
             self._total = resp.total

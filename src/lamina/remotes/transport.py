@@ -36,9 +36,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import heapq
+import functools
 import http.client
-import itertools
 import socket
 import ssl
 import threading
@@ -51,6 +50,7 @@ from typing import IO
 
 from lamina.errors import InvalidArgument, Unavailable
 from lamina.util.closing import Closing
+from lamina.util.deadlines import Deadlines
 
 __all__ = ["Response", "TLSConfig", "Transport", "TransportError", "printable", "proxy_for",
            "split_url"]
@@ -149,70 +149,14 @@ def _content_length(text: str) -> int | None:
     return int(text) if len(text) <= 4000 else _ABSURD
 
 
-class _Deadlines:
-    """One thread that shuts a connection's socket down when its deadline passes."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._heap: list[tuple[float, int]] = []
-        self._armed: dict[int, http.client.HTTPConnection] = {}
-        self._fired: set[int] = set()
-        self._ids = itertools.count()
-        self._thread: threading.Thread | None = None
-
-    def arm(self, conn: http.client.HTTPConnection, seconds: float) -> int:
-        with self._cond:
-            token = next(self._ids)
-            self._armed[token] = conn
-            if len(self._heap) > 4 * len(self._armed) + 256:  # drop the disarmed ones
-                self._heap = [e for e in self._heap if e[1] in self._armed]
-                heapq.heapify(self._heap)
-            when = time.monotonic() + seconds
-            earliest = not self._heap or when < self._heap[0][0]
-            heapq.heappush(self._heap, (when, token))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, daemon=True,
-                                                name="lamina-deadlines")
-                self._thread.start()
-            if earliest:  # the thread sleeps until the earliest deadline: wake it
-                self._cond.notify()
-        return token
-
-    def disarm(self, token: int) -> bool:
-        """Forget ``token``; whether its deadline passed (and the socket was shut)."""
-        with self._cond:
-            self._armed.pop(token, None)
-            if token in self._fired:
-                self._fired.discard(token)
-                return True
-        return False
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while self._heap and self._heap[0][1] not in self._armed:
-                    heapq.heappop(self._heap)
-                if not self._heap:  # nothing armed: end (the next arm starts another)
-                    self._thread = None
-                    return
-                when, token = self._heap[0]
-                now = time.monotonic()
-                if when > now:
-                    self._cond.wait(when - now)
-                    continue
-                heapq.heappop(self._heap)
-                conn = self._armed.pop(token)
-                self._fired.add(token)
-            sock = conn.sock
-            if sock is not None:  # the base class's shutdown: an SSL socket's keeps its state
-                with contextlib.suppress(OSError):
-                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+class _Deadlines(Deadlines):
+    """The transport's deadlines: one that passes shuts its connection's socket down."""
 
     @contextlib.contextmanager
     def limit(self, conn: http.client.HTTPConnection, seconds: float,
               message: str) -> Iterator[None]:
         """Run the body within ``seconds``; a TransportError(``message``) when it could not."""
-        token = self.arm(conn, seconds)
+        token = self.arm(functools.partial(_shut, conn), seconds)
         try:
             yield
         except (OSError, http.client.HTTPException, ValueError) as exc:
@@ -224,6 +168,13 @@ class _Deadlines:
             raise
         if self.disarm(token):
             raise TransportError(message)
+
+
+def _shut(conn: http.client.HTTPConnection) -> None:
+    sock = conn.sock
+    if sock is not None:  # the base class's shutdown: an SSL socket's keeps its state
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 @dataclass(frozen=True)
