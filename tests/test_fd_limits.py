@@ -1,5 +1,6 @@
 """A command that runs out of file descriptors says so in one line, exit 9
-(ResourceExhausted), and leaves what a killed one would: `gc` removes it.
+(ResourceExhausted), and leaves what a killed one would (no half-made snapshot
+directory: those it removes, or leaves to be reaped as it exits): `gc` removes it.
 
 The import of a 30-layer image is run under every descriptor limit from where
 Python barely starts to where it succeeds, on each snapshotter: the process runs
@@ -68,6 +69,11 @@ def test_import_under_every_descriptor_limit(
             assert "too many open files" in lines[0].lower(), (n, lines)
             outcomes[n] = "refused"
         assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+        # no half-made snapshot directory outlives the command, even where its
+        # removal itself ran out of descriptors (other layers' threads held them)
+        dirs = root / "snapshots" / snapshotter / "snapshots"
+        left = sorted(p.name for p in dirs.glob("*") if p.name.startswith(("new-", "rm-")))
+        assert not left, (n, left)
         gc = _lamina(root, "gc")
         assert gc.returncode == 0, gc.stderr
         check = _lamina(root, "check")

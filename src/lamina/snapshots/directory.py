@@ -105,6 +105,7 @@ class DirectorySnapshotter(ScopedViews):
         self._removing: dict[str, int] = {}  # rm- directories this process holds
         self._removing_lock = threading.Lock()
         self._reaper: threading.Thread | None = None
+        self._left_for_reap = False  # a staging directory this process could not remove
         self._reap_now = threading.Event()
         # rm- directories a thread of this process is deleting (SHARED_REAP), else
         # one deleting pass at a time in this process
@@ -303,14 +304,31 @@ class DirectorySnapshotter(ScopedViews):
         """A fresh ``new-…`` directory, flocked while in use; removed unless renamed."""
         with self._new_dirs_settled(scan=False):
             new = Path(tempfile.mkdtemp(prefix=_NEW, dir=self._dirs))
-            fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
+            except BaseException:  # out of descriptors: an rmdir needs none
+                os.rmdir(new)
+                raise
             fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield new
         finally:
-            if os.path.lexists(new):  # not adopted by a snapshot
-                remove_tree(new)
-            os.close(fd)
+            try:
+                if os.path.lexists(new):  # not adopted by a snapshot
+                    self._remove_new(new)
+            finally:
+                os.close(fd)
+
+    def _remove_new(self, new: Path) -> None:
+        """Remove the unadopted ``new``; where that fails (the process is out of
+        descriptors while other threads hold theirs) take it out of the id space
+        instead, for the next reap (this snapshotter's close at the latest), and
+        let the error that ended its use be the one told."""
+        try:
+            remove_tree(new)
+        except OSError:
+            os.rename(new, self._dirs / (_RM + new.name))
+            self._left_for_reap = True
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
@@ -392,7 +410,10 @@ class DirectorySnapshotter(ScopedViews):
             self._reap_now.set()
         else:
             for d in doomed:
-                self._delete(d)
+                try:
+                    self._delete(d)
+                except OSError:  # removed all the same: reaped as this snapshotter closes
+                    self._left_for_reap = True
             self._release_removals()
 
     def _delete(self, path: Path) -> None:
@@ -575,6 +596,9 @@ class DirectorySnapshotter(ScopedViews):
             self._reap_now.set()
             self._reaper.join()
             self._reaper = None
+            with contextlib.suppress(OSError):
+                self.reap()
+        elif self._left_for_reap:
             with contextlib.suppress(OSError):
                 self.reap()
         with self._removing_lock:

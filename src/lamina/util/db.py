@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from lamina.errors import ResourceExhausted, Unavailable
+from lamina.errors import ResourceExhausted, Unavailable, from_os_error
 from lamina.fs.files import fsync_dir, names_open_file
 from lamina.fs.perms import FILE_MODE, tighten
 
@@ -173,13 +173,18 @@ class Database:
         batch.syncs[os.fspath(directory)] = None
 
     def _full(self, exc: BaseException) -> ResourceExhausted | None:
-        """ResourceExhausted for SQLite's "disk full", and for a file it could not
-        open because the process has no descriptor left; else None."""
+        """ResourceExhausted for SQLite's "disk full", for a file it could not open
+        because the process has no descriptor left, and for an OS error of that
+        class on the way to a commit; else None."""
         code = getattr(exc, "sqlite_errorcode", None)
         if code == _SQLITE_FULL:
             return ResourceExhausted(f"database {self.path}: the disk is full")
         if code == _SQLITE_CANTOPEN and _out_of_descriptors():
             return ResourceExhausted(f"database {self.path}: too many open files")
+        if isinstance(exc, OSError):  # a directory's fsync before the commit, say
+            known = from_os_error(exc)
+            if isinstance(known, ResourceExhausted):
+                return ResourceExhausted(f"database {self.path}: {known.message}")
         return None
 
     @contextlib.contextmanager
