@@ -16,8 +16,8 @@ from lamina.errors import Unavailable
 if TYPE_CHECKING:
     import ctypes
 
-__all__ = ["WRITEBACK_EVERY", "atomic_file", "atomic_write", "fsync_dir", "locked",
-           "names_open_file", "remove_tree", "start_writeback", "sync_filesystem"]
+__all__ = ["WRITEBACK_EVERY", "atomic_file", "atomic_write", "filesystem_type", "fsync_dir",
+           "locked", "names_open_file", "remove_tree", "start_writeback", "sync_filesystem"]
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -158,6 +158,18 @@ def names_open_file(fd: int, path: str | os.PathLike[str]) -> bool:
         return False
     st = os.fstat(fd)
     return (named.st_dev, named.st_ino) == (st.st_dev, st.st_ino)
+
+
+def filesystem_type(path: str | os.PathLike[str]) -> int:
+    """The ``f_type`` magic of the filesystem holding ``path`` (statfs(2))."""
+    import ctypes
+
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes; f_type first
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.statfs(os.fsencode(path), buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fspath(path))
+    return int(ctypes.c_long.from_buffer(buf).value) & 0xFFFFFFFF
 
 
 @contextlib.contextmanager

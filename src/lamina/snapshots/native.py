@@ -13,13 +13,18 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+from lamina.archive.limits import check_fits
 from lamina.errors import FailedPrecondition, Internal, ResourceExhausted, reasons_of
+from lamina.fs.files import filesystem_type
 from lamina.mounts.mount import Mount
 from lamina.snapshots import Capability, Kind
 from lamina.snapshots.directory import DirectorySnapshotter
 from lamina.snapshots.storage import Snapshot
 
 __all__ = ["NativeSnapshotter", "copy_tree"]
+
+#: statfs magics of filesystems whose copies share blocks (btrfs, xfs)
+_REFLINKS = frozenset({0x9123683E, 0x58465342})
 
 
 def copy_tree(src: Path, dst: Path) -> None:
@@ -58,7 +63,19 @@ class NativeSnapshotter(DirectorySnapshotter):
             raise FailedPrecondition("the native snapshotter cannot adopt a staged layer")
         fs.mkdir(mode=0o755)
         if parent_ids:
+            self._room_for_copy(parent_ids[0], fs)
             copy_tree(self.fs_dir(parent_ids[0]), fs)
+
+    def _room_for_copy(self, parent: str, dst: Path) -> None:
+        """ResourceExhausted now, with the disk's reserve kept, unless the parent's
+        files (their size recorded at commit) fit beside it: the copy would run
+        the filesystem to zero before failing. Where copies share blocks
+        (``cp --reflink``: btrfs, xfs) they take next to nothing: not asked."""
+        with self.meta.read(self._scope) as tx:
+            key, usage = tx.recorded(parent)
+        if usage is None or filesystem_type(dst) in _REFLINKS:
+            return
+        check_fits(dst, usage.size, f"the files of parent snapshot {key!r}")
 
     def _mounts(self, snap: Snapshot) -> list[Mount]:
         mode = "ro" if snap.kind is Kind.VIEW else "rw"

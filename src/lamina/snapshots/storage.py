@@ -347,6 +347,16 @@ class Transaction:
             return None
         return Usage(size=int(row[0]), inodes=int(row[1]))
 
+    def recorded(self, sid: str) -> tuple[str, Usage | None]:
+        """Snapshot ``sid``'s key and the usage recorded when it was committed
+        (None before it was, or if it never was measured)."""
+        row = self._c.execute("SELECT key, size, inodes FROM snapshots WHERE id=?",
+                              (int(sid),)).fetchone()
+        if row is None:
+            raise NotFound(f"snapshot id {sid} does not exist")
+        key, size, inodes = row
+        return str(key), (None if size is None else Usage(size=int(size), inodes=int(inodes)))
+
     def all_infos(self) -> list[Info]:
         """Every snapshot, in two queries (walk over many snapshots stays cheap)."""
         keys = dict(self._c.execute("SELECT id, key FROM snapshots"))
