@@ -22,6 +22,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import require_root_user
+from conftest import require_root_user, tmp_base, unmount_all_under
 from containerd_peer import Lamina, lamina_serve
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
@@ -40,6 +41,7 @@ from lamina.api.gen.containerd.services.content.v1 import content_pb2_grpc as cp
 from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as spb
 from lamina.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as spb_grpc
 from lamina.api.owner import CALL_METADATA
+from lamina.fs.files import remove_tree
 
 EXAMPLES = int(os.environ.get("LAMINA_FUZZ_EXAMPLES", "200") or 200)
 SEED = int(os.environ.get("LAMINA_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
@@ -204,12 +206,16 @@ def _code(call: Callable[[_Client], Any], client: _Client) -> grpc.StatusCode:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lamina]:
+def served() -> Iterator[Lamina]:
     require_root_user()
-    base = tmp_path_factory.mktemp("fuzz-grpc")
+    base = Path(tempfile.mkdtemp(prefix="fuzz-grpc-", dir=tmp_base()))
     sock = Path(f"/tmp/lamina-fuzz-{os.getpid()}.sock")
-    with lamina_serve(base / "root", sock) as server:
-        yield server
+    try:
+        with lamina_serve(base / "root", sock) as server:
+            yield server
+    finally:  # erofs layers stay mounted when serve stops, as after a restart
+        unmount_all_under(base)
+        remove_tree(base)
 
 
 def test_fuzz_grpc_services(served: Lamina, capsys: pytest.CaptureFixture[str]) -> None:

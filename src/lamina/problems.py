@@ -28,8 +28,9 @@ class ProblemType(enum.StrEnum):
     SNAPSHOT_MISSING_DIRECTORY = "snapshot.missing-directory"
     #: a directory that no snapshot owns (left by a crash); a snapshotter's cleanup removes it
     SNAPSHOT_ORPHAN_DIRECTORY = "snapshot.orphan-directory"
-    #: snapshots whose parents form a loop in the metadata (damaged; not repaired)
-    SNAPSHOT_PARENT_LOOP = "snapshot.parent-loop"
+    #: a snapshot's metadata row no snapshotter wrote: an unknown kind, a parent that
+    #: is not there or not committed, parents in a loop (not repaired)
+    SNAPSHOT_DAMAGED = "snapshot.damaged"
     #: a committed layer's files differ from what was recorded when it was made
     LAYER_CHANGED = "snapshot.layer-changed"
     #: an image record names content or snapshots that are not there

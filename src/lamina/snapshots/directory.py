@@ -564,13 +564,12 @@ class DirectorySnapshotter(ScopedViews):
         without a row (``cleanup`` removes those). Empty when consistent."""
         with self.meta.read(self._scope) as tx:
             known = tx.ids()
-            loops = tx.loops()
+            damage = tx.damage()
         problems = [
-            Problem(ProblemType.SNAPSHOT_PARENT_LOOP, ", ".join(keys),
-                    f"snapshots {', '.join(repr(k) for k in keys)}: their parents form a "
-                    "loop in the metadata (damaged; not repaired: what they hold cannot "
-                    "be told apart)")
-            for keys in loops
+            Problem(ProblemType.SNAPSHOT_DAMAGED, subject,
+                    f"snapshot {subject}: {what} (its metadata row is damaged; not "
+                    "repaired: what it holds cannot be told)")
+            for subject, what in damage
         ]
         problems += [
             Problem(ProblemType.SNAPSHOT_MISSING_DIRECTORY, f"snapshot id {sid}",

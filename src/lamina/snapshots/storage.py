@@ -83,6 +83,8 @@ WITH RECURSIVE chain(id, parent_id, depth) AS (
 )
 SELECT id FROM chain ORDER BY depth
 """
+_KINDS = frozenset(k.value for k in Kind)
+
 _CHAIN_BOUND = 1 << 16
 """More ancestors than any snapshot can have (its snapshotter limits it far below)."""
 
@@ -173,7 +175,7 @@ class Transaction:
     def info(self, key: str) -> Info:
         sid, k, kind, parent_id, created, updated = self._row(key)
         return Info(
-            kind=Kind(kind),
+            kind=_kind(kind, k),
             name=k,
             parent=self._key_of(parent_id),
             labels=self._labels(sid),
@@ -185,14 +187,23 @@ class Transaction:
         """``key``'s row id (its directory's name), its ancestors not read."""
         return str(self._row(key)[0])
 
-    def loops(self) -> list[list[str]]:
-        """The keys of every set of snapshots whose parents form a loop (damaged
-        metadata: nothing lamina writes makes one), each set in loop order."""
-        rows = self._c.execute("SELECT id, key, parent_id FROM snapshots").fetchall()
-        parent = {sid: pid for sid, _, pid in rows}
-        keys = {sid: str(key) for sid, key, _ in rows}
+    def damage(self) -> list[tuple[str, str]]:
+        """Rows no snapshotter wrote, as (subject, what is wrong): an unknown kind, a
+        parent that is not there or not committed, parents that form a loop. A
+        bounded pass over every row (nothing lamina writes is damaged)."""
+        rows = self._c.execute("SELECT id, key, kind, parent_id FROM snapshots").fetchall()
+        parent = {sid: pid for sid, _, _, pid in rows}
+        keys = {sid: str(key) for sid, key, _, _ in rows}
+        kinds = {sid: kind for sid, _, kind, _ in rows}
+        found: list[tuple[str, str]] = []
+        for sid, key, kind, pid in rows:
+            if kind not in _KINDS:
+                found.append((str(key), f"its kind {kind!r} is unknown"))
+            if pid is not None and pid not in parent:
+                found.append((str(key), f"its parent (id {pid}) does not exist"))
+            elif pid is not None and kinds[pid] != Kind.COMMITTED.value:
+                found.append((str(key), f"its parent {keys[pid]!r} is not committed"))
         state: dict[int, int] = {}  # 1: on the path being walked, 2: done
-        found: list[list[str]] = []
         for start in parent:
             path: list[int] = []
             node: int | None = start
@@ -201,14 +212,15 @@ class Transaction:
                 path.append(node)
                 node = parent[node]
             if node is not None and state.get(node) == 1:  # back on this walk's path
-                found.append([keys[n] for n in path[path.index(node):]])
+                loop = [keys[n] for n in path[path.index(node):]]
+                found.append((", ".join(loop), "their parents form a loop"))
             for n in path:
                 state[n] = 2
         return found
 
     def snapshot(self, key: str) -> Snapshot:
         sid, _, kind, parent_id, _, _ = self._row(key)
-        return Snapshot(id=str(sid), kind=Kind(kind), parent_ids=self._chain(parent_id))
+        return Snapshot(id=str(sid), kind=_kind(kind, key), parent_ids=self._chain(parent_id))
 
     def resolve_parent(
         self, parent: str, *, max_depth: int | None = None,
@@ -377,7 +389,15 @@ class Transaction:
                 updated=_dt(updated),
             )
             for sid, key, kind, parent_id, created, updated in rows
+            if kind in _KINDS  # a damaged row is left out: check reports it
         ]
+
+
+def _kind(value: str, key: str) -> Kind:
+    if value not in _KINDS:
+        raise Internal(f"snapshot {key!r}: its kind {value!r} in the metadata is unknown: "
+                       "the metadata is damaged")
+    return Kind(value)
 
 
 class MetaStore:
