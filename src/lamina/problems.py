@@ -20,6 +20,8 @@ class ProblemType(enum.StrEnum):
     CONTENT_CORRUPT = "content.corrupt"
     #: the metadata names a blob whose bytes are gone
     CONTENT_MISSING = "content.missing"
+    #: a blob's metadata row no store wrote (its labels, size or times); not repaired
+    CONTENT_DAMAGED = "content.damaged"
     #: a file where blobs live that no metadata names (left by a crash)
     CONTENT_ORPHAN = "content.orphan"
     #: a blob no owner holds a reference to

@@ -136,6 +136,10 @@ def _fmt(t: datetime) -> str:
     return t.isoformat()
 
 
+class _Damaged(Internal):
+    """A metadata row no content store wrote (edited or corrupted by hand)."""
+
+
 def _parse_time(s: str) -> datetime:
     t = datetime.fromisoformat(s.strip())
     return t if t.tzinfo else t.replace(tzinfo=UTC)
@@ -490,9 +494,18 @@ class LocalContentStore(ScopedViews, Closing):
 
     @staticmethod
     def _row_info(row: tuple[str, int, str, str, str]) -> Info:
+        """The row as an Info; :class:`_Damaged` for a row no store wrote."""
         digest, size, created, updated, labels = row
-        return Info(digest, size, _parse_time(created), _parse_time(updated),
-                    json.loads(labels))
+        try:
+            parsed = json.loads(labels)
+            if not isinstance(parsed, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()):
+                raise ValueError(f"its labels {labels[:60]!r} are not an object of strings")
+            if not isinstance(size, int) or size < 0:
+                raise ValueError(f"its size {size!r} is not a size")
+            return Info(digest, size, _parse_time(created), _parse_time(updated), parsed)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise _Damaged(f"content {digest}: its metadata row is damaged: {exc}") from None
 
     def _visible_rows(self, conn: sqlite3.Connection,
                       digest: str | None = None) -> list[tuple[str, int, str, str, str]]:
@@ -555,7 +568,10 @@ class LocalContentStore(ScopedViews, Closing):
         with self._db.read() as conn:
             rows = self._visible_rows(conn)
         for row in rows:
-            info = self._row_info(row)
+            try:
+                info = self._row_info(row)
+            except _Damaged:
+                continue  # check reports it; gc, seeing nothing, removes nothing
             lookup = filters.make_lookup(
                 {"digest": info.digest, "size": str(info.size)}, info.labels
             )
@@ -648,11 +664,28 @@ class LocalContentStore(ScopedViews, Closing):
             )
         return info
 
+    def _damaged(self) -> list[tuple[str, str]]:
+        """Every owner's rows that no store wrote: (digest, what is wrong)."""
+        with self._db.read() as conn:
+            rows = conn.execute(
+                "SELECT b.digest, b.size, b.created, r.updated, r.labels FROM blobs b"
+                " JOIN blob_refs r ON r.digest = b.digest ORDER BY b.digest").fetchall()
+        found: dict[str, str] = {}
+        for row in rows:
+            try:
+                self._row_info(row)
+            except _Damaged as exc:
+                found.setdefault(str(row[0]), exc.message)
+        return sorted(found.items())
+
     def check(self, *, rehash: bool = True) -> list[Problem]:
         """Every blob against its row (re-hashed with ``rehash``, else only found), the
         rows no owner holds, and the files in ``blobs/`` that no row names."""
         problems: list[Problem] = []
         rows = set()
+        for digest, message in self._damaged():
+            rows.add(digest)  # its file is no orphan: which blob it is cannot be told
+            problems.append(Problem(ProblemType.CONTENT_DAMAGED, digest, message))
         for info in self.walk():
             rows.add(info.digest)
             try:

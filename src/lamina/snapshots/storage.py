@@ -196,7 +196,7 @@ class Transaction:
         keys = {sid: str(key) for sid, key, _, _ in rows}
         kinds = {sid: kind for sid, _, kind, _ in rows}
         found: list[tuple[str, str]] = []
-        for sid, key, kind, pid in rows:
+        for _, key, kind, pid in rows:
             if kind not in _KINDS:
                 found.append((str(key), f"its kind {kind!r} is unknown"))
             if pid is not None and pid not in parent:
