@@ -263,6 +263,48 @@ def test_a_damaged_content_row_is_reported_and_its_blob_kept(
     assert blob.is_file()  # kept: whose it is cannot be told
 
 
+@pytest.mark.parametrize("sql, subject", [
+    ("UPDATE images SET target='{bad' WHERE name='c:1'", "image 'c:1'"),
+    ("UPDATE images SET created_ns='x' WHERE name='c:1'", "image 'c:1'"),
+    ("UPDATE containers SET spec='[' WHERE id='box'", "container 'box'"),
+    ("INSERT INTO leases VALUES ('L', 'zz', NULL, '{}')", "lease 'L'"),
+], ids=["image-target", "image-time", "container-spec", "lease-time"])
+def test_a_damaged_record_is_reported_and_gc_stops_rather_than_guess(
+        sql: str, subject: str, root_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # check, image ls, lease ls and gc stopped with "internal error: JSONDecodeError"
+    # or TypeError. A record that cannot be read may hold anything: gc refuses in
+    # one line (collecting what it might reference would lose it) until the record
+    # is removed; check reports it and lists the rest.
+    import sqlite3
+
+    root = Root(root_dir)
+    store = ContainerStore(root.metadata_path)
+    store.create(Container(id="box", image="c:1", snapshotter="overlay",
+                           snapshot_key="box-snap"))
+    store.close()
+    root.snapshotter("overlay").prepare("box-snap", "")
+    root.close()
+    db = sqlite3.connect(root_dir / "metadata.db")
+    with db:
+        db.execute(sql)
+    db.close()
+    code, out = _cli(capsys, root_dir, "check")
+    assert code == FAILED and f"[record.damaged] {subject}: its record is damaged (" in out, out
+    capsys.readouterr()
+    code = main(["--root", str(root_dir), "gc"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith(f"lamina: Internal: {subject}: its record is "
+                                        "damaged (") and err.count("\n") == 1, err
+    kind, name = subject.split(" ", 1)
+    rm = {"image": ("image", "rm"), "container": ("container", "rm"),
+          "lease": ("lease", "rm")}[kind]
+    code, out = _cli(capsys, root_dir, *rm, name.strip("'"))
+    assert code == 0, out
+    assert _cli(capsys, root_dir, "gc")[0] == 0
+    code, out = _cli(capsys, root_dir, "check")
+    assert code == 0, out
+
+
 def test_container_without_its_snapshot(root_dir: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     root = Root(root_dir)

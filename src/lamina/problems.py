@@ -37,6 +37,8 @@ class ProblemType(enum.StrEnum):
     LAYER_CHANGED = "snapshot.layer-changed"
     #: an image record names content or snapshots that are not there
     IMAGE = "image"
+    #: an image or container record no lamina wrote (not repaired: remove it)
+    RECORD_DAMAGED = "record.damaged"
     #: a container record names a snapshot or image that is not there
     CONTAINER = "container"
     #: a checkpoint was interrupted and left its work directory behind

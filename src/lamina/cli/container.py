@@ -183,7 +183,7 @@ def _rm(args: argparse.Namespace, app: App) -> int:
         return _rm_after_exit(args, app)
     with services(app) as ct:
         for cid in args.ids:
-            ct.get(cid)
+            ct.require(cid)
         for i, cid in enumerate(args.ids, 1):
             ct.remove(cid, force=args.force, sync=i == len(args.ids))
             print(cid)

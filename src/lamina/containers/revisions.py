@@ -41,6 +41,7 @@ from lamina.labels import (
     REVISION_PREVIOUS,
 )
 from lamina.metadata.containers import Container
+from lamina.metadata.records import DamagedRecord
 from lamina.metadata.root import Root
 from lamina.mounts.mount import Mount
 from lamina.snapshots import Snapshotter
@@ -134,7 +135,10 @@ class Revisions:
     # -- revisions -----------------------------------------------------------
     def revisions(self, cid: str) -> builtins.list[Revision]:
         """Every revision of ``cid``, oldest first."""
-        current = self.store.get(cid).snapshot_key
+        return self._labeled(cid, self.store.get(cid).snapshot_key)
+
+    def _labeled(self, cid: str, current: str) -> builtins.list[Revision]:
+        """The snapshots labelled as revisions of ``cid``, oldest first."""
         infos = self.sn.walk(f'labels."{REVISION_CONTAINER}"=={cid}')
         revs = [Revision(key=i.name, image=i.labels.get(REVISION_IMAGE, ""),
                          previous=i.labels.get(REVISION_PREVIOUS, ""), created=i.created,
@@ -207,8 +211,12 @@ class Revisions:
         return removed
 
     def remove(self, cid: str) -> builtins.list[str]:
-        """Remove the record and every revision snapshot; returns the removed keys."""
-        revs = self.revisions(cid)
+        """Remove the record and every revision snapshot; returns the removed keys.
+        A damaged record goes too: its revisions are found by their labels."""
+        try:
+            revs = self.revisions(cid)
+        except DamagedRecord:
+            revs = self._labeled(cid, "")
         self.store.delete(cid)
         removed = []
         for rev in reversed(revs):

@@ -40,6 +40,7 @@ from lamina.containers.taskstate import is_live, keep, task_of
 from lamina.images.service import ImageService
 from lamina.metadata.containers import Container
 from lamina.metadata.gc import collect
+from lamina.metadata.records import DamagedRecord
 from lamina.metadata.root import Root
 
 # Checkpoints (CRIU, layer diffs and applies, image documents: ~20 ms of imports)
@@ -120,12 +121,19 @@ class ContainerService:
         """Remove all but the ``keep`` newest revisions (never the current one)."""
         return self._revisions.prune_revisions(cid, keep=keep)
 
+    def require(self, cid: str) -> None:
+        """NotFound unless container ``cid`` has a record (a damaged one counts)."""
+        with contextlib.suppress(DamagedRecord):
+            self._revisions.get(cid)
+
     def remove(self, cid: str, *, force: bool = False, sync: bool = False) -> builtins.list[str]:
         """Remove the container: its task (live ones only with ``force``), revisions,
         record; returns the removed revision keys. With ``sync``, collect garbage
         before returning (containerd's SynchronousDelete: see
-        :mod:`lamina.metadata.deletes`), so what only the container kept is freed."""
-        self._revisions.get(cid)
+        :mod:`lamina.metadata.deletes`), so what only the container kept is freed.
+        A damaged record is removed too (the way out ``check`` names): nothing of
+        it needs reading."""
+        self.require(cid)
         self._tasks.remove(cid, force=force)
         self._networks.detach(cid)
         removed = self._revisions.remove(cid)

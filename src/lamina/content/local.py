@@ -136,7 +136,7 @@ def _fmt(t: datetime) -> str:
     return t.isoformat()
 
 
-class _Damaged(Internal):
+class _Damaged(Internal, shown_as_base=True):
     """A metadata row no content store wrote (edited or corrupted by hand)."""
 
 

@@ -155,7 +155,7 @@ def _compare_layer(sn: Snapshotter, key: str, recorded: Any) -> str:
 def _image_problems(root: Root, lost: set[str]) -> dict[str, list[Problem]]:
     """Per image name, the content it needs but the store lacks (``lost``: blobs
     recorded whose bytes are gone)."""
-    listed = root.images().list()
+    listed = root.images().list(skip_damaged=True)  # reported by _check_records
     present = {info.digest: info for info in root.content().walk()}
     out: dict[str, list[Problem]] = {}
     for image in listed:
@@ -184,8 +184,14 @@ def _image_problems(root: Root, lost: set[str]) -> dict[str, list[Problem]]:
     return out
 
 
+def _check_records(root: Root) -> list[Problem]:
+    damaged = [*root.images().damaged(), *root.containers().damaged(),
+               *root.leases().damaged()]
+    return [Problem(ProblemType.RECORD_DAMAGED, key, message) for key, message in damaged]
+
+
 def _check_containers(root: Root) -> list[Problem]:
-    containers = root.containers().list()
+    containers = root.containers().list(skip_damaged=True)  # see _check_records
     problems: list[Problem] = []
     for c in containers:
         for key in c.snapshot_keys():
@@ -206,6 +212,7 @@ def _scan(root: Root, *, deep: bool,
     store = _content_checker(root)
     problems = _check_content(store, rehash=rehash)
     lost = {p.subject for p in problems if p.kind is ProblemType.CONTENT_MISSING}
+    problems += _check_records(root)
     problems += _check_snapshots(root)
     if deep:
         problems += _check_layers(root)

@@ -62,10 +62,13 @@ class ImageStore(RecordStore[Image]):
 
     def _from_row(self, row: tuple[Any, ...]) -> Image:
         name, target, labels, created, updated = row
+        parsed = json.loads(labels)
+        if not isinstance(parsed, dict):
+            raise ValueError(f"its labels {labels[:60]!r} are not an object")
         return Image(
             name=name,
             target=Descriptor.from_json(json.loads(target)),
-            labels=json.loads(labels),
+            labels=parsed,
             created=time_from_ns(created),
             updated=time_from_ns(updated),
         )

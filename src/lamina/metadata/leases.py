@@ -38,11 +38,12 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from lamina.content import ContentStore, Info, Status, Writer
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
 from lamina.labels import PURPOSE, validate_labels
+from lamina.metadata.records import DamagedRecord
 from lamina.util.db import Database
 
 __all__ = ["DEFAULT_EXPIRY", "Lease", "LeaseManager", "LeasedContent", "parse_duration"]
@@ -92,6 +93,21 @@ def _dt(ns: int) -> datetime:
     return datetime.fromtimestamp(ns / 1e9, tz=UTC)
 
 
+def _lease(row: tuple[Any, ...]) -> Lease:
+    """The lease of a row; DamagedRecord for one no lamina wrote (gc, which keeps
+    what leases hold, then stops rather than guess)."""
+    lease_id, created, expires, labels = row
+    try:
+        parsed = json.loads(labels)
+        if not isinstance(parsed, dict):
+            raise ValueError(f"its labels {labels[:60]!r} are not an object")
+        return Lease(lease_id, _dt(created), _dt(expires) if expires is not None else None,
+                     parsed)
+    except (ValueError, TypeError, OverflowError, OSError) as exc:
+        raise DamagedRecord(f"lease {lease_id!r}: its record is damaged ({exc}); remove it "
+                            "('lamina lease rm')") from None
+
+
 class LeaseManager:
     """Leases of one root."""
 
@@ -127,16 +143,26 @@ class LeaseManager:
     def list(self) -> list[Lease]:
         with self._db.read() as c:
             rows = c.execute("SELECT * FROM leases ORDER BY created_ns").fetchall()
-        return [Lease(i, _dt(cr), _dt(ex) if ex is not None else None, json.loads(lb))
-                for i, cr, ex, lb in rows]
+        return [_lease(row) for row in rows]
+
+    def damaged(self) -> builtins.list[tuple[str, str]]:
+        """(id, message) of every lease whose record no lamina wrote."""
+        with self._db.read() as c:
+            rows = c.execute("SELECT * FROM leases ORDER BY id").fetchall()
+        found: builtins.list[tuple[str, str]] = []
+        for row in rows:
+            try:
+                _lease(row)
+            except DamagedRecord as exc:
+                found.append((str(row[0]), exc.message))
+        return found
 
     def get(self, lease_id: str) -> Lease:
         with self._db.read() as c:
             row = c.execute("SELECT * FROM leases WHERE id=?", (lease_id,)).fetchone()
         if row is None:
             raise NotFound(f"lease {lease_id!r} does not exist")
-        i, cr, ex, lb = row
-        return Lease(i, _dt(cr), _dt(ex) if ex is not None else None, json.loads(lb))
+        return _lease(row)
 
     def active(self) -> builtins.list[Lease]:
         """The unexpired leases, oldest first."""

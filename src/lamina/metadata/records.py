@@ -11,13 +11,14 @@ a lookup finds the record under any of them.
 
 from __future__ import annotations
 
+import builtins
 import os
 import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, TypeVar
 
-from lamina.errors import NotFound
+from lamina.errors import Internal, InvalidArgument, LaminaError, NotFound
 from lamina.util.db import Database
 
 __all__ = ["RecordStore", "record_schema", "time_from_ns"]
@@ -38,6 +39,10 @@ def record_schema(table: str, key: str, *columns: str) -> str:
 def time_from_ns(ns: int) -> datetime:
     """A stored time (nanoseconds since the epoch) as an aware UTC datetime."""
     return datetime.fromtimestamp(ns / 1e9, tz=UTC)
+
+
+class DamagedRecord(Internal, shown_as_base=True):
+    """A record no lamina wrote (its row edited or corrupted by hand)."""
 
 
 class RecordStore(Generic[R]):
@@ -75,6 +80,19 @@ class RecordStore(Generic[R]):
         """Whether a record ``key`` exists, in the transaction ``c``."""
         return self._stored(c, key) is not None
 
+    def _parsed(self, row: tuple[Any, ...]) -> R:
+        """The record of ``row``; :class:`DamagedRecord` for a row no lamina wrote:
+        what it holds cannot be told, so nothing may act as if it were not there
+        (gc would collect what it references)."""
+        try:
+            return self._from_row(row)
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError, OSError,
+                InvalidArgument) as exc:
+            why = exc.message if isinstance(exc, LaminaError) else str(exc)
+            raise DamagedRecord(
+                f"{self.NOUN} {row[0]!r}: its record is damaged ({why}); remove it "
+                f"('lamina {self.NOUN} rm') or import it again") from None
+
     def get(self, key: str) -> R:
         with self._db.read() as c:
             stored = self._stored(c, key)
@@ -82,13 +100,33 @@ class RecordStore(Generic[R]):
                 f"SELECT * FROM {self.TABLE} WHERE {self.KEY}=?", (stored,)).fetchone()
         if row is None:
             raise self._missing(key)
-        return self._from_row(row)
+        return self._parsed(row)
 
-    def list(self) -> list[R]:
-        """Every record, sorted by key."""
+    def list(self, *, skip_damaged: bool = False) -> list[R]:
+        """Every record, sorted by key; a damaged one is :class:`DamagedRecord`
+        unless ``skip_damaged`` (what ``check`` lists, having reported it)."""
         with self._db.read() as c:
             rows = c.execute(f"SELECT * FROM {self.TABLE} ORDER BY {self.KEY}").fetchall()
-        return [self._from_row(r) for r in rows]
+        out: list[R] = []
+        for r in rows:
+            try:
+                out.append(self._parsed(r))
+            except DamagedRecord:
+                if not skip_damaged:
+                    raise
+        return out
+
+    def damaged(self) -> builtins.list[tuple[str, str]]:
+        """(key, message) of every damaged record."""
+        with self._db.read() as c:
+            rows = c.execute(f"SELECT * FROM {self.TABLE} ORDER BY {self.KEY}").fetchall()
+        found: builtins.list[tuple[str, str]] = []
+        for r in rows:
+            try:
+                self._parsed(r)
+            except DamagedRecord as exc:
+                found.append((str(r[0]), exc.message))
+        return found
 
     def delete(self, key: str) -> None:
         with self._db.write() as c:
