@@ -180,7 +180,8 @@ def test_missing_layer_directory_with_children_remains(
 
 # Rows edited (or corrupted) into what no snapshotter writes: check said
 # "consistent" for all of them; gc, snapshot ls, snapshot rm and check --repair
-# stopped with an internal error on a loop and on an unknown kind.
+# stopped with an internal error on a loop, an unknown kind, a time or a usage
+# that is not one.
 _DAMAGE = {
     # the image's base layer names its top layer as its parent
     "loop": ("UPDATE snapshots SET parent_id=(SELECT id FROM snapshots WHERE key=:top)"
@@ -189,6 +190,10 @@ _DAMAGE = {
                        "its parent (id 9999) does not exist", set()),
     "unknown kind": ("UPDATE snapshots SET kind='bogus' WHERE key=:top",
                      "its kind 'bogus' is unknown", {"base", "top"}),
+    "bad time": ("UPDATE snapshots SET created_ns='x' WHERE key=:top",
+                 "its creation time 'x' is not a time", {"base", "top"}),
+    "bad usage": ("UPDATE snapshots SET size='x' WHERE key=:top",
+                  "its recorded usage 'x'", set()),
     "active parent": ("UPDATE snapshots SET parent_id=(SELECT id FROM snapshots WHERE "
                       "key='other') WHERE key=:top", "its parent 'other' is not committed",
                       set()),

@@ -175,7 +175,7 @@ class Transaction:
     def info(self, key: str) -> Info:
         sid, k, kind, parent_id, created, updated = self._row(key)
         return Info(
-            kind=_kind(kind, k),
+            kind=_kind(kind, k, created, updated),
             name=k,
             parent=self._key_of(parent_id),
             labels=self._labels(sid),
@@ -191,14 +191,17 @@ class Transaction:
         """Rows no snapshotter wrote, as (subject, what is wrong): an unknown kind, a
         parent that is not there or not committed, parents that form a loop. A
         bounded pass over every row (nothing lamina writes is damaged)."""
-        rows = self._c.execute("SELECT id, key, kind, parent_id FROM snapshots").fetchall()
-        parent = {sid: pid for sid, _, _, pid in rows}
-        keys = {sid: str(key) for sid, key, _, _ in rows}
-        kinds = {sid: kind for sid, _, kind, _ in rows}
+        rows = self._c.execute("SELECT id, key, kind, parent_id, created_ns, updated_ns, "
+                               "size, inodes FROM snapshots").fetchall()
+        parent = {r[0]: r[3] for r in rows}
+        keys = {r[0]: str(r[1]) for r in rows}
+        kinds = {r[0]: r[2] for r in rows}
         found: list[tuple[str, str]] = []
-        for _, key, kind, pid in rows:
-            if kind not in _KINDS:
-                found.append((str(key), f"its kind {kind!r} is unknown"))
+        for _, key, kind, pid, created, updated, size, inodes in rows:
+            if (flaw := _flaw(kind, created, updated)) is not None:
+                found.append((str(key), flaw))
+            if size is not None and not _counts(size, inodes):
+                found.append((str(key), f"its recorded usage {size!r}, {inodes!r} is not one"))
             if pid is not None and pid not in parent:
                 found.append((str(key), f"its parent (id {pid}) does not exist"))
             elif pid is not None and kinds[pid] != Kind.COMMITTED.value:
@@ -219,8 +222,9 @@ class Transaction:
         return found
 
     def snapshot(self, key: str) -> Snapshot:
-        sid, _, kind, parent_id, _, _ = self._row(key)
-        return Snapshot(id=str(sid), kind=_kind(kind, key), parent_ids=self._chain(parent_id))
+        sid, _, kind, parent_id, created, updated = self._row(key)
+        return Snapshot(id=str(sid), kind=_kind(kind, key, created, updated),
+                        parent_ids=self._chain(parent_id))
 
     def resolve_parent(
         self, parent: str, *, max_depth: int | None = None,
@@ -355,8 +359,8 @@ class Transaction:
         ).fetchone()
         if row is None:
             raise NotFound(f"snapshot {key!r} does not exist")
-        if row[0] is None:
-            return None
+        if row[0] is None or not _counts(row[0], row[1]):
+            return None  # not recorded, or damaged (check reports it): measured instead
         return Usage(size=int(row[0]), inodes=int(row[1]))
 
     def recorded(self, sid: str) -> tuple[str, Usage | None]:
@@ -367,7 +371,9 @@ class Transaction:
         if row is None:
             raise NotFound(f"snapshot id {sid} does not exist")
         key, size, inodes = row
-        return str(key), (None if size is None else Usage(size=int(size), inodes=int(inodes)))
+        if size is None or not _counts(size, inodes):
+            return str(key), None  # unrecorded, or damaged (check reports it)
+        return str(key), Usage(size=int(size), inodes=int(inodes))
 
     def all_infos(self) -> list[Info]:
         """Every snapshot, in two queries (walk over many snapshots stays cheap)."""
@@ -389,14 +395,29 @@ class Transaction:
                 updated=_dt(updated),
             )
             for sid, key, kind, parent_id, created, updated in rows
-            if kind in _KINDS  # a damaged row is left out: check reports it
+            if _flaw(kind, created, updated) is None  # a damaged row is left out: check
         ]
 
 
-def _kind(value: str, key: str) -> Kind:
-    if value not in _KINDS:
-        raise Internal(f"snapshot {key!r}: its kind {value!r} in the metadata is unknown: "
-                       "the metadata is damaged")
+def _flaw(kind: object, created: object, updated: object) -> str | None:
+    """What is wrong with a row's own fields (None when nothing)."""
+    if kind not in _KINDS:
+        return f"its kind {kind!r} is unknown"
+    for what, ns in (("creation", created), ("update", updated)):
+        if not _counts(ns):
+            return f"its {what} time {ns!r} is not a time"
+    return None
+
+
+def _counts(*values: object) -> bool:
+    return all(isinstance(v, int) and 0 <= v < 1 << 63 for v in values)
+
+
+def _kind(value: str, key: str, created: object, updated: object) -> Kind:
+    """The kind of a row whose fields are sound; Internal for a damaged one."""
+    flaw = _flaw(value, created, updated)
+    if flaw is not None:
+        raise Internal(f"snapshot {key!r}: {flaw} in the metadata: the metadata is damaged")
     return Kind(value)
 
 
