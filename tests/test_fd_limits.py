@@ -16,6 +16,7 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import imagefactory as f
 import pytest
@@ -102,3 +103,33 @@ def test_os_errors_stand_for_their_class(err: OSError, cls: type, code: int) -> 
 
 def test_an_os_error_of_no_class_stays_unclassified() -> None:
     assert from_os_error(OSError(5, "Input/output error")) is None
+
+
+def test_an_os_error_met_while_doing_something_is_exhaustion_or_internal() -> None:
+    from lamina.errors import Internal, while_doing
+
+    out = while_doing("write EROFS image", OSError(24, "Too many open files", "/x/.tmp"))
+    assert type(out) is ResourceExhausted and out.message == \
+        "write EROFS image: [Errno 24] Too many open files: '/x/.tmp'"
+    assert type(while_doing("w", OSError(5, "Input/output error"))) is Internal
+    assert type(while_doing("w", OSError(2, "No such file or directory"))) is Internal
+
+
+def test_an_erofs_image_out_of_descriptors_is_resource_exhausted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI once saw `Internal: write EROFS image: [Errno 24] Too many open files` (exit 1)
+    at a limit of 20: the image's temporary file could not be made."""
+    import contextlib
+    import io
+
+    from lamina.erofs import writer
+
+    @contextlib.contextmanager
+    def no_descriptors(path: Any, **kw: Any) -> Any:
+        raise OSError(24, "Too many open files", str(path))
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(writer, "atomic_file", no_descriptors)
+    layer = f.layer_from_entries([f.File("a", b"x")], tmp_path / "l")
+    with pytest.raises(ResourceExhausted, match=r"^write EROFS image: \[Errno 24\] Too many"):
+        writer.write_image(io.BytesIO(layer.blob.read_bytes()), tmp_path / "img")

@@ -141,6 +141,15 @@ def describe_os_error(exc: OSError) -> str:
     return f"{type(exc).__name__}: {where + ': ' if where else ''}{reason}"
 
 
+def while_doing(what: str, exc: OSError) -> LaminaError:
+    """The error an OS error met while doing ``what`` stands for: ResourceExhausted
+    when the process or the system ran out (descriptors, memory, disk), which is
+    no fault of lamina's; else Internal."""
+    cls = ResourceExhausted if _BY_ERRNO.get(exc.errno or 0) is ResourceExhausted \
+        else Internal
+    return cls(f"{what}: {exc}")
+
+
 def from_os_error(exc: OSError) -> LaminaError | None:
     """The lamina error an operating-system error that escaped stands for (its
     message :func:`describe_os_error`'s), or None when its errno stands for none."""

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from lamina.archive.compression import Compression, Sink
 from lamina.archive.layerwriter import Change, DiffResult, Member, Whiteout, write_layer
 from lamina.archive.whiteout import OPAQUE_MARKER, is_overlay_whiteout, whiteout_name
-from lamina.errors import Internal, InvalidArgument, LaminaError, NotFound
+from lamina.errors import InvalidArgument, LaminaError, NotFound, while_doing
 from lamina.fs.tree import DIR_FLAGS, proc_path
 from lamina.fs.walk import PairedWalk, Walk, enter_present
 from lamina.mounts.overlay import overlay_opaque_xattr, overlay_xattr_prefix
@@ -272,7 +272,7 @@ def _errors(what: str) -> Iterator[None]:
     except LaminaError:
         raise
     except OSError as exc:
-        raise Internal(f"{what}: {exc}") from exc
+        raise while_doing(what, exc) from exc
 
 
 def write_diff(

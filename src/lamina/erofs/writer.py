@@ -38,7 +38,7 @@ from lamina.erofs.digest import ImageHasher
 from lamina.erofs.image import inline_room, write_metadata
 from lamina.erofs.inode import Inode, RootMeta
 from lamina.erofs.tree import LayerTree
-from lamina.errors import Internal, InvalidArgument, LaminaError
+from lamina.errors import Internal, InvalidArgument, LaminaError, while_doing
 from lamina.fs.files import WRITEBACK_EVERY, atomic_file, start_writeback
 
 __all__ = ["WrittenImage", "write_image"]
@@ -278,7 +278,7 @@ def write_image(
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise space.explain(exc, name or dest, False) from exc
         where = f" at {name}" if name else ""
-        raise Internal(f"write EROFS image{where}: {exc}") from exc
+        raise while_doing(f"write EROFS image{where}", exc) from exc
     finally:
         os.close(dir_fd)
     return WrittenImage(diff_id=diff_id, size=reader.total, root_listed=tree.root_listed,
