@@ -82,6 +82,12 @@ class Internal(LaminaError, grpc_code="INTERNAL", exit_code=1):
     """Something lamina did not expect; a bug or an environment failure."""
 
 
+class Damaged(Internal, shown_as_base=True):
+    """Metadata no lamina wrote: a row edited or corrupted by hand. ``check``
+    reports it; nothing acts as if it were not there (what it holds cannot be
+    told). Shown as ``Internal``."""
+
+
 class NotFound(LaminaError, grpc_code="NOT_FOUND", exit_code=3):
     """The named object (snapshot, blob, image, container...) does not exist."""
 

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from lamina.containers.options import options_spec, with_spec
-from lamina.errors import AlreadyExists, FailedPrecondition, NotFound
+from lamina.errors import AlreadyExists, Damaged, FailedPrecondition, NotFound
 from lamina.fs.files import sync_filesystem
 from lamina.images.service import ImageService
 from lamina.labels import (
@@ -41,7 +41,6 @@ from lamina.labels import (
     REVISION_PREVIOUS,
 )
 from lamina.metadata.containers import Container
-from lamina.metadata.records import DamagedRecord
 from lamina.metadata.root import Root
 from lamina.mounts.mount import Mount
 from lamina.snapshots import Snapshotter
@@ -215,7 +214,7 @@ class Revisions:
         A damaged record goes too: its revisions are found by their labels."""
         try:
             revs = self.revisions(cid)
-        except DamagedRecord:
+        except Damaged:
             revs = self._labeled(cid, "")
         self.store.delete(cid)
         removed = []

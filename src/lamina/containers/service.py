@@ -37,10 +37,10 @@ from lamina.containers.revisions import Revision, Revisions
 from lamina.containers.runtime import INHERIT_STDIO, Stdio, TaskInfo, TaskManager, TaskStatus
 from lamina.containers.tasks import ContainerTasks, tasks_dir
 from lamina.containers.taskstate import is_live, keep, task_of
+from lamina.errors import Damaged
 from lamina.images.service import ImageService
 from lamina.metadata.containers import Container
 from lamina.metadata.gc import collect
-from lamina.metadata.records import DamagedRecord
 from lamina.metadata.root import Root
 
 # Checkpoints (CRIU, layer diffs and applies, image documents: ~20 ms of imports)
@@ -123,7 +123,7 @@ class ContainerService:
 
     def require(self, cid: str) -> None:
         """NotFound unless container ``cid`` has a record (a damaged one counts)."""
-        with contextlib.suppress(DamagedRecord):
+        with contextlib.suppress(Damaged):
             self._revisions.get(cid)
 
     def remove(self, cid: str, *, force: bool = False, sync: bool = False) -> builtins.list[str]:

@@ -84,6 +84,7 @@ from lamina.content import (
 from lamina.content.digest import SHA256, digest_file, parse_digest, sha256, validate_digest
 from lamina.errors import (
     AlreadyExists,
+    Damaged,
     FailedPrecondition,
     Internal,
     InvalidArgument,
@@ -134,10 +135,6 @@ def _now() -> datetime:
 
 def _fmt(t: datetime) -> str:
     return t.isoformat()
-
-
-class _Damaged(Internal, shown_as_base=True):
-    """A metadata row no content store wrote (edited or corrupted by hand)."""
 
 
 def _parse_time(s: str) -> datetime:
@@ -494,7 +491,7 @@ class LocalContentStore(ScopedViews, Closing):
 
     @staticmethod
     def _row_info(row: tuple[str, int, str, str, str]) -> Info:
-        """The row as an Info; :class:`_Damaged` for a row no store wrote."""
+        """The row as an Info; :class:`Damaged` for a row no store wrote."""
         digest, size, created, updated, labels = row
         try:
             parsed = json.loads(labels)
@@ -505,7 +502,7 @@ class LocalContentStore(ScopedViews, Closing):
                 raise ValueError(f"its size {size!r} is not a size")
             return Info(digest, size, _parse_time(created), _parse_time(updated), parsed)
         except (ValueError, TypeError, AttributeError) as exc:
-            raise _Damaged(f"content {digest}: its metadata row is damaged: {exc}") from None
+            raise Damaged(f"content {digest}: its metadata row is damaged: {exc}") from None
 
     def _visible_rows(self, conn: sqlite3.Connection,
                       digest: str | None = None) -> list[tuple[str, int, str, str, str]]:
@@ -570,7 +567,7 @@ class LocalContentStore(ScopedViews, Closing):
         for row in rows:
             try:
                 info = self._row_info(row)
-            except _Damaged:
+            except Damaged:
                 continue  # check reports it; gc, seeing nothing, removes nothing
             lookup = filters.make_lookup(
                 {"digest": info.digest, "size": str(info.size)}, info.labels
@@ -674,7 +671,7 @@ class LocalContentStore(ScopedViews, Closing):
         for row in rows:
             try:
                 self._row_info(row)
-            except _Damaged as exc:
+            except Damaged as exc:
                 found.setdefault(str(row[0]), exc.message)
         return sorted(found.items())
 

@@ -41,9 +41,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO
 
 from lamina.content import ContentStore, Info, Status, Writer
-from lamina.errors import AlreadyExists, InvalidArgument, NotFound
+from lamina.errors import AlreadyExists, Damaged, InvalidArgument, NotFound
 from lamina.labels import PURPOSE, validate_labels
-from lamina.metadata.records import DamagedRecord
 from lamina.util.db import Database
 
 __all__ = ["DEFAULT_EXPIRY", "Lease", "LeaseManager", "LeasedContent", "parse_duration"]
@@ -94,7 +93,7 @@ def _dt(ns: int) -> datetime:
 
 
 def _lease(row: tuple[Any, ...]) -> Lease:
-    """The lease of a row; DamagedRecord for one no lamina wrote (gc, which keeps
+    """The lease of a row; Damaged for one no lamina wrote (gc, which keeps
     what leases hold, then stops rather than guess)."""
     lease_id, created, expires, labels = row
     try:
@@ -104,7 +103,7 @@ def _lease(row: tuple[Any, ...]) -> Lease:
         return Lease(lease_id, _dt(created), _dt(expires) if expires is not None else None,
                      parsed)
     except (ValueError, TypeError, OverflowError, OSError) as exc:
-        raise DamagedRecord(f"lease {lease_id!r}: its record is damaged ({exc}); remove it "
+        raise Damaged(f"lease {lease_id!r}: its record is damaged ({exc}); remove it "
                             "('lamina lease rm')") from None
 
 
@@ -153,7 +152,7 @@ class LeaseManager:
         for row in rows:
             try:
                 _lease(row)
-            except DamagedRecord as exc:
+            except Damaged as exc:
                 found.append((str(row[0]), exc.message))
         return found
 

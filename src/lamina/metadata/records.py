@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, TypeVar
 
-from lamina.errors import Internal, InvalidArgument, LaminaError, NotFound
+from lamina.errors import Damaged, InvalidArgument, LaminaError, NotFound
 from lamina.util.db import Database
 
 __all__ = ["RecordStore", "record_schema", "time_from_ns"]
@@ -39,10 +39,6 @@ def record_schema(table: str, key: str, *columns: str) -> str:
 def time_from_ns(ns: int) -> datetime:
     """A stored time (nanoseconds since the epoch) as an aware UTC datetime."""
     return datetime.fromtimestamp(ns / 1e9, tz=UTC)
-
-
-class DamagedRecord(Internal, shown_as_base=True):
-    """A record no lamina wrote (its row edited or corrupted by hand)."""
 
 
 class RecordStore(Generic[R]):
@@ -81,7 +77,7 @@ class RecordStore(Generic[R]):
         return self._stored(c, key) is not None
 
     def _parsed(self, row: tuple[Any, ...]) -> R:
-        """The record of ``row``; :class:`DamagedRecord` for a row no lamina wrote:
+        """The record of ``row``; :class:`Damaged` for a row no lamina wrote:
         what it holds cannot be told, so nothing may act as if it were not there
         (gc would collect what it references)."""
         try:
@@ -89,7 +85,7 @@ class RecordStore(Generic[R]):
         except (ValueError, TypeError, KeyError, AttributeError, OverflowError, OSError,
                 InvalidArgument) as exc:
             why = exc.message if isinstance(exc, LaminaError) else str(exc)
-            raise DamagedRecord(
+            raise Damaged(
                 f"{self.NOUN} {row[0]!r}: its record is damaged ({why}); remove it "
                 f"('lamina {self.NOUN} rm') or import it again") from None
 
@@ -103,7 +99,7 @@ class RecordStore(Generic[R]):
         return self._parsed(row)
 
     def list(self, *, skip_damaged: bool = False) -> list[R]:
-        """Every record, sorted by key; a damaged one is :class:`DamagedRecord`
+        """Every record, sorted by key; a damaged one is :class:`Damaged`
         unless ``skip_damaged`` (what ``check`` lists, having reported it)."""
         with self._db.read() as c:
             rows = c.execute(f"SELECT * FROM {self.TABLE} ORDER BY {self.KEY}").fetchall()
@@ -111,7 +107,7 @@ class RecordStore(Generic[R]):
         for r in rows:
             try:
                 out.append(self._parsed(r))
-            except DamagedRecord:
+            except Damaged:
                 if not skip_damaged:
                     raise
         return out
@@ -124,7 +120,7 @@ class RecordStore(Generic[R]):
         for r in rows:
             try:
                 self._parsed(r)
-            except DamagedRecord as exc:
+            except Damaged as exc:
                 found.append((str(r[0]), exc.message))
         return found
 

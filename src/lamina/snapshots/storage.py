@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 
 from lamina.errors import (
     AlreadyExists,
+    Damaged,
     FailedPrecondition,
     Internal,
     InvalidArgument,
@@ -189,8 +190,8 @@ class Transaction:
 
     def damage(self) -> list[tuple[str, str]]:
         """Rows no snapshotter wrote, as (subject, what is wrong): an unknown kind, a
-        parent that is not there or not committed, parents that form a loop. A
-        bounded pass over every row (nothing lamina writes is damaged)."""
+        time or a recorded usage that is not one, a parent that is not there or not
+        committed, parents that form a loop. One bounded pass over every row."""
         rows = self._c.execute("SELECT id, key, kind, parent_id, created_ns, updated_ns, "
                                "size, inodes FROM snapshots").fetchall()
         parent = {r[0]: r[3] for r in rows}
@@ -417,7 +418,7 @@ def _kind(value: str, key: str, created: object, updated: object) -> Kind:
     """The kind of a row whose fields are sound; Internal for a damaged one."""
     flaw = _flaw(value, created, updated)
     if flaw is not None:
-        raise Internal(f"snapshot {key!r}: {flaw} in the metadata: the metadata is damaged")
+        raise Damaged(f"snapshot {key!r}: {flaw} in the metadata: the metadata is damaged")
     return Kind(value)
 
 
