@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 __all__ = [
@@ -86,6 +87,19 @@ class Damaged(Internal, shown_as_base=True):
     """Metadata no lamina wrote: a row edited or corrupted by hand. ``check``
     reports it; nothing acts as if it were not there (what it holds cannot be
     told). Shown as ``Internal``."""
+
+    @staticmethod
+    def among(rows: Iterable[Sequence[Any]],
+              parse: Callable[[Any], object]) -> list[tuple[str, str]]:
+        """(key, message) of the ``rows`` that ``parse`` finds damaged, keyed by
+        their first column (the first message of a key)."""
+        found: dict[str, str] = {}
+        for row in rows:
+            try:
+                parse(row)
+            except Damaged as exc:
+                found.setdefault(str(row[0]), exc.message)
+        return sorted(found.items())
 
 
 class NotFound(LaminaError, grpc_code="NOT_FOUND", exit_code=3):

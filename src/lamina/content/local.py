@@ -667,13 +667,7 @@ class LocalContentStore(ScopedViews, Closing):
             rows = conn.execute(
                 "SELECT b.digest, b.size, b.created, r.updated, r.labels FROM blobs b"
                 " JOIN blob_refs r ON r.digest = b.digest ORDER BY b.digest").fetchall()
-        found: dict[str, str] = {}
-        for row in rows:
-            try:
-                self._row_info(row)
-            except Damaged as exc:
-                found.setdefault(str(row[0]), exc.message)
-        return sorted(found.items())
+        return Damaged.among(rows, self._row_info)
 
     def check(self, *, rehash: bool = True) -> list[Problem]:
         """Every blob against its row (re-hashed with ``rehash``, else only found), the

@@ -165,8 +165,7 @@ def filesystem_type(path: str | os.PathLike[str]) -> int:
     import ctypes
 
     buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes; f_type first
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.statfs(os.fsencode(path), buf) != 0:
+    if _libc().statfs(os.fsencode(path), buf) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), os.fspath(path))
     return int(ctypes.c_long.from_buffer(buf).value) & 0xFFFFFFFF

@@ -147,14 +147,7 @@ class LeaseManager:
     def damaged(self) -> builtins.list[tuple[str, str]]:
         """(id, message) of every lease whose record no lamina wrote."""
         with self._db.read() as c:
-            rows = c.execute("SELECT * FROM leases ORDER BY id").fetchall()
-        found: builtins.list[tuple[str, str]] = []
-        for row in rows:
-            try:
-                _lease(row)
-            except Damaged as exc:
-                found.append((str(row[0]), exc.message))
-        return found
+            return Damaged.among(c.execute("SELECT * FROM leases").fetchall(), _lease)
 
     def get(self, lease_id: str) -> Lease:
         with self._db.read() as c:

@@ -115,14 +115,8 @@ class RecordStore(Generic[R]):
     def damaged(self) -> builtins.list[tuple[str, str]]:
         """(key, message) of every damaged record."""
         with self._db.read() as c:
-            rows = c.execute(f"SELECT * FROM {self.TABLE} ORDER BY {self.KEY}").fetchall()
-        found: builtins.list[tuple[str, str]] = []
-        for r in rows:
-            try:
-                self._parsed(r)
-            except Damaged as exc:
-                found.append((str(r[0]), exc.message))
-        return found
+            rows = c.execute(f"SELECT * FROM {self.TABLE}").fetchall()
+        return Damaged.among(rows, self._parsed)
 
     def delete(self, key: str) -> None:
         with self._db.write() as c:

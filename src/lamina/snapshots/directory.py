@@ -105,7 +105,9 @@ class DirectorySnapshotter(ScopedViews):
         self._removing: dict[str, int] = {}  # rm- directories this process holds
         self._removing_lock = threading.Lock()
         self._reaper: threading.Thread | None = None
-        self._left_for_reap = False  # a staging directory this process could not remove
+        # a directory taken out of the id space that this process could not delete
+        # (out of descriptors): reaped as the snapshotter closes
+        self._left_for_reap = False
         self._reap_now = threading.Event()
         # rm- directories a thread of this process is deleting (SHARED_REAP), else
         # one deleting pass at a time in this process
