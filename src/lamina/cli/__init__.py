@@ -384,6 +384,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lamina.owners import DEFAULT_NAMESPACE, check_namespace
 
         _with_config(args, config)
+        if args.command != "serve":  # a command ends with its work (lamina.util.allocator)
+            from lamina.util.allocator import keep_freed_blocks
+
+            keep_freed_blocks()
         root = args.root or os.environ.get("LAMINA_ROOT") or config.root or default_root()
         app = App(root=root, snapshotter=args.snapshotter or config.snapshotter or "overlay",
                   address=args.address or config.address, command=_command_name(args),
