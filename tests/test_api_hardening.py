@@ -406,6 +406,38 @@ def test_an_os_error_of_a_class_travels_as_that_class(tmp_path: Path, sockdir: P
         server.stop(grace=0)
 
 
+def test_an_error_echoing_a_huge_input_keeps_its_class_over_grpc(
+        tmp_path: Path, sockdir: Path) -> None:
+    """A status message travels in a header clients cap at 8 KiB (non-ASCII bytes sent
+    as three): an error quoting a 100 KB digest, or 3,000 euro signs of a key, came
+    back as RESOURCE_EXHAUSTED ("received metadata size exceeds ...") instead of
+    its own class. Now the message is shortened to fit and the class arrives."""
+    server = _serve(Root(tmp_path / "root"), sockdir / "s.sock")
+    try:
+        channel = grpc.insecure_channel(f"unix://{server.address}")
+        meta = (("containerd-namespace", "default"),)
+        content = cpb_grpc.ContentStub(channel)
+        snaps = spb_grpc.SnapshotsStub(channel)
+        calls = [
+            (grpc.StatusCode.INVALID_ARGUMENT, lambda: content.Info(
+                cpb.InfoRequest(digest="sha256:" + "f" * 100_000), metadata=meta, timeout=30)),
+            (grpc.StatusCode.NOT_FOUND, lambda: snaps.Stat(
+                spb.StatSnapshotRequest(snapshotter="overlay", key="€" * 3000),
+                metadata=meta, timeout=30)),
+            (grpc.StatusCode.NOT_FOUND, lambda: snaps.Stat(
+                spb.StatSnapshotRequest(snapshotter="overlay", key="k" * 1_000_000),
+                metadata=meta, timeout=30)),
+        ]
+        for code, call in calls:
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() is code, (code, err.value.code(), err.value.details()[:200])
+            assert "characters left out" in err.value.details()
+        channel.close()
+    finally:
+        server.stop(grace=0)
+
+
 # -- linear-time regular expressions ---------------------------------------------------------
 
 

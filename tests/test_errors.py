@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import grpc
 import pytest
 
 from lamina.errors import (
+    MAX_MESSAGE,
     AlreadyExists,
     FailedPrecondition,
     Internal,
@@ -16,6 +19,7 @@ from lamina.errors import (
     ResourceExhausted,
     Unavailable,
     from_grpc_code,
+    shortened,
 )
 
 TABLE: list[tuple[type[LaminaError], grpc.StatusCode, int]] = [
@@ -70,3 +74,19 @@ def test_a_cause_of_a_class_is_shown_as_that_class() -> None:
     assert Refused("m").one_line() == "Unavailable: m"
     assert Narrow("m").one_line() == "Narrow: m"
     assert Refused.exit_code == 7
+
+
+def test_a_message_echoing_a_huge_input_keeps_its_start_and_end() -> None:
+    """An error that quotes a megabyte of input (a key, a reference) is a line a person
+    can read: its start, its end, and how much was left out between them."""
+    original = f"snapshot {'k' * (1 << 20)!r} does not exist"
+    err = NotFound(original)
+    assert len(err.message) <= MAX_MESSAGE
+    assert err.message.startswith("snapshot 'kkk") and err.message.endswith("' does not exist")
+    gap = re.search(r"…\[(\d+) characters left out\]…", err.message)
+    assert gap is not None, err.message
+    assert int(gap.group(1)) + len(err.message) - len(gap.group(0)) == len(original)
+    assert str(err) == err.message and err.one_line() == f"NotFound: {err.message}"
+    short = "a message of an ordinary length"
+    assert NotFound(short).message == short and shortened(short) == short
+    assert shortened("x" * (MAX_MESSAGE + 1)) != "x" * (MAX_MESSAGE + 1)

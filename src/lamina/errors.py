@@ -27,10 +27,28 @@ __all__ = [
     "describe_os_error",
     "from_grpc_code",
     "from_os_error",
+    "shortened",
 ]
 
 
 _BY_CODE: dict[str, type[LaminaError]] = {}
+
+#: The longest message an error keeps, in characters. One that echoes a huge
+#: input (a snapshot key, a reference, a path) keeps its start and its end and
+#: says how much it left out: a line a person can read, and a gRPC status that
+#: fits the header clients accept (8 KiB in grpcio and grpc-go).
+MAX_MESSAGE = 4096
+
+
+def shortened(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` if it has at most ``limit`` characters, else its first three
+    quarters and its last part with what was left out named between them."""
+    if len(text) <= limit:
+        return text
+    tail = max(limit // 4 - 40, 0)
+    head = limit - tail - 40
+    left_out = len(text) - head - tail
+    return f"{text[:head]}…[{left_out} characters left out]…{text[len(text) - tail:]}"
 
 
 class LaminaError(Exception):
@@ -69,6 +87,7 @@ class LaminaError(Exception):
             cls.exit_code = exit_code
 
     def __init__(self, message: str) -> None:
+        message = shortened(message)  # bounded, however large what it echoes
         super().__init__(message)
         self.message = message
 

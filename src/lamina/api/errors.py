@@ -17,9 +17,17 @@ from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 
-from lamina.errors import Internal, LaminaError, Unavailable, from_grpc_code, from_os_error
+from lamina.errors import (
+    Internal,
+    LaminaError,
+    Unavailable,
+    from_grpc_code,
+    from_os_error,
+    shortened,
+)
 
-__all__ = ["abort", "from_rpc_error", "rpc_errors", "servicer_method", "status_code"]
+__all__ = ["MAX_DETAILS", "abort", "fitting", "from_rpc_error", "rpc_errors",
+           "servicer_method", "status_code"]
 
 log = logging.getLogger("lamina.api")
 
@@ -27,6 +35,25 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 ERROR_METADATA = "lamina-error"
 """Trailing metadata key naming the LaminaError class a server raised."""
+
+MAX_DETAILS = 6144
+"""The most bytes a status message may take in its header, ``grpc-message``,
+where every byte outside printable ASCII (and ``%``) is sent as three: clients
+refuse a header past 8 KiB (then report RESOURCE_EXHAUSTED, not the error)."""
+
+
+def _header_size(text: str) -> int:
+    return sum(1 if 0x20 <= b < 0x7F and b != 0x25 else 3 for b in text.encode())
+
+
+def fitting(details: str) -> str:
+    """``details`` shortened (:func:`lamina.errors.shortened`) until its
+    ``grpc-message`` header takes at most :data:`MAX_DETAILS` bytes."""
+    limit = len(details)
+    while limit > 64 and _header_size(details) > MAX_DETAILS:
+        limit = limit * 2 // 3
+        details = shortened(details, limit)
+    return details
 
 
 def status_code(exc: LaminaError) -> grpc.StatusCode:
@@ -48,9 +75,9 @@ def abort(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
         exc = known
     if isinstance(exc, LaminaError):
         context.set_trailing_metadata(((ERROR_METADATA, type(exc).__name__),))
-        context.abort(status_code(exc), exc.message)
+        context.abort(status_code(exc), fitting(exc.message))
     log.error("internal error in RPC", exc_info=exc)
-    context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+    context.abort(grpc.StatusCode.INTERNAL, fitting(f"{type(exc).__name__}: {exc}"))
 
 
 def servicer_method(fn: F) -> F:

@@ -98,6 +98,7 @@ from lamina.mounts.mount import Mount
 from lamina.problems import Problem
 
 __all__ = [
+    "MAX_KEY_SIZE",
     "MAX_LABEL_SIZE",
     "BatchRemoval",
     "Capability",
@@ -113,6 +114,11 @@ __all__ = [
     "Usage",
 ]
 
+#: The longest snapshot key (and name of a commit), in bytes (UTF-8), as for a
+#: label's key and value: keys containerd makes (``extract-<time>-<nonce>
+#: sha256:<ChainID>``, CRI's container IDs) are a hundred bytes or so, and its
+#: bolt database refuses any past 32 KiB. A longer one is InvalidArgument.
+MAX_KEY_SIZE = 4096
 
 
 class Kind(enum.Enum):

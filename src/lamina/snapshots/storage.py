@@ -37,7 +37,7 @@ from lamina.errors import (
 )
 from lamina.labels import update_labels, validate_labels
 from lamina.owners import CLI_VIEW, Scope, describe
-from lamina.snapshots import Info, Kind, Usage
+from lamina.snapshots import MAX_KEY_SIZE, Info, Kind, Usage
 from lamina.util.db import Database
 
 __all__ = ["MetaStore", "Snapshot", "Transaction", "add_owner_column", "validate_labels"]
@@ -254,6 +254,9 @@ class Transaction:
     def check_new_key(self, key: str) -> None:
         if not key:
             raise InvalidArgument("snapshot key must not be empty")
+        if (size := len(key.encode("utf-8", "surrogatepass"))) > MAX_KEY_SIZE:
+            raise InvalidArgument(f"snapshot key {key[:64]!r}… is {size} bytes, more than "
+                                  f"the limit of {MAX_KEY_SIZE}")
         row = self._c.execute("SELECT owner FROM snapshots WHERE key=?", (key,)).fetchone()
         if row is not None:
             whose = "" if row[0] == self._scope.actor else f" (it belongs to {describe(row[0])})"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lamina.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from lamina.labels import GC_ROOT
-from lamina.snapshots import MAX_LABEL_SIZE, Info, Kind, Snapshotter
+from lamina.snapshots import MAX_KEY_SIZE, MAX_LABEL_SIZE, Info, Kind, Snapshotter
 from lamina.snapshots.testsuite.fstest import (
     CreateDir,
     CreateFile,
@@ -269,6 +269,27 @@ def label_limits(sn: Snapshotter, work: Path) -> None:
         check_info(sn.stat("ok"), name="ok", kind=Kind.ACTIVE, parent="", labels=at_limit)
     sn.commit("done", "ok", labels=at_limit)
     assert dict(sn.stat("done").labels) == at_limit
+
+
+@case("KeyLimits")
+def key_limits(sn: Snapshotter, work: Path) -> None:
+    """A key (or a commit's name) may be MAX_KEY_SIZE bytes (UTF-8), not one more; one
+    past the limit is refused with nothing made, and its error line stays short."""
+    at_limit = "k" * MAX_KEY_SIZE
+    sn.prepare(at_limit, "")
+    check_info(sn.stat(at_limit), name=at_limit, kind=Kind.ACTIVE, parent="")
+    before = sorted(i.name for i in sn.walk())
+    for bad in ("k" * (MAX_KEY_SIZE + 1), "é" * (MAX_KEY_SIZE // 2 + 1), "x" * (1 << 20)):
+        for fn, args in ((sn.prepare, (bad, "")), (sn.view, (bad, "")),
+                         (sn.commit, (bad, at_limit))):
+            refused = expect_error(InvalidArgument, fn, *args)
+            assert len(refused.message) < 512, len(refused.message)
+        found = expect_error(NotFound, sn.stat, bad)
+        assert len(str(found)) <= 8192, len(str(found))  # echoes at most a part of it
+    assert sorted(i.name for i in sn.walk()) == before
+    sn.commit("c" * MAX_KEY_SIZE, at_limit)
+    check_info(sn.stat("c" * MAX_KEY_SIZE), name="c" * MAX_KEY_SIZE, kind=Kind.COMMITTED,
+               parent="")
 
 
 @case("Remove")
