@@ -595,3 +595,39 @@ def test_cli_diff_apply_bomb(snapshotter: str, tmp_path: Path,
                   snapshotter=snapshotter)
     assert proc.returncode == 2 and "not a positive size" in proc.stderr
 
+
+
+@pytest.mark.parametrize("writer", ["apply_layer", "write_image"])
+def test_a_layer_past_the_member_limit_is_resource_exhausted(
+        writer: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What an unpack keeps grows with a layer's members (an EROFS layer's whole tree
+    is built in memory: about 650 bytes a member), so a layer of a hundred million
+    empty files — a few hundred MB of gzip from a hostile registry — would have run
+    the machine out of memory. One past the limit is ResourceExhausted, one line,
+    before the next member is kept; at the limit the layer is taken. (The limit is
+    lowered here: a layer of 2,097,153 members takes minutes to build in Python.)"""
+    from lamina.erofs.writer import write_image
+
+    monkeypatch.setattr(limits, "MAX_MEMBERS", 100)
+
+    def members(n: int) -> bytes:
+        return tar(header("d/", "5", mode=0o755),
+                   *(header(f"d/f{i}", size=0) for i in range(n - 1)))
+
+    def unpack(layer: bytes, where: Path) -> None:
+        if writer == "apply_layer":
+            where.mkdir()
+            apply_layer(io.BytesIO(layer), where)
+        else:
+            write_image(io.BytesIO(layer), where)
+
+    unpack(members(100), tmp_path / "at-limit")
+    with pytest.raises(ResourceExhausted) as info:
+        unpack(members(101), tmp_path / "past-limit")
+    assert info.value.message == ("layer has more than 100 members, the limit "
+                                  "(what an unpack keeps grows with them)")
+    if writer == "write_image":  # no half-written image
+        assert not (tmp_path / "past-limit").exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["at-limit"]
+    monkeypatch.undo()  # the default: ten times a full distribution's files
+    assert limits.MAX_MEMBERS >= 2_000_000

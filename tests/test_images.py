@@ -23,7 +23,7 @@ import treesum
 from conftest import require_root_user, require_tools
 from containerd_peer import private_containerd
 
-from lamina.errors import InvalidArgument, NotFound
+from lamina.errors import InvalidArgument, NotFound, ResourceExhausted
 from lamina.images.service import ImageService
 from lamina.metadata.root import Root
 from lamina.oci.identity import chain_id, chain_ids
@@ -299,6 +299,42 @@ def test_wrong_diff_id_is_refused(tmp_root: Path) -> None:
     assert list(root.snapshotter("overlay").walk()) == []
     assert os.listdir(tmp_root / "root" / "snapshots" / "overlay" / "snapshots") == []
     svc.close()
+
+
+@pytest.mark.parametrize("form", ["tar", "stream", "dir"])
+def test_an_archive_past_the_member_limit_is_refused_and_records_nothing(
+        form: str, tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The importer keeps a record of each member of an archive (tarfile's own, then
+    lamina's), so an archive of millions of empty files would have run it out of
+    memory. Past MAX_ARCHIVE_MEMBERS (lowered here) it is ResourceExhausted, whether
+    read from a file, as a stream or from a layout directory, with no image recorded;
+    at the limit it imports."""
+    from lamina.images import importer
+
+    w = tmp_root / "w"
+    w.mkdir()
+    image = f.build_oci_layout(w / "layout", [f.minimal_layer(w)], ref_name="many:1")
+    with tarfile.open(f.as_tar(image.layout, w / "count.tar")) as counted:
+        members = len(counted.getmembers())
+    blobs = len(os.listdir(image.layout / "blobs" / "sha256"))
+    limit = members if form != "dir" else blobs
+    root = Root(tmp_root / "root")
+    svc = ImageService(root)
+
+    def source() -> Any:
+        tar = f.as_tar(image.layout, w / "image.tar")
+        if form == "dir":
+            return image.layout
+        return tar if form == "tar" else io.BytesIO(tar.read_bytes())
+
+    monkeypatch.setattr(importer, "MAX_ARCHIVE_MEMBERS", limit - 1)
+    with pytest.raises(ResourceExhausted, match=f"more than {limit - 1} members"):
+        svc.import_(source(), unpack=False)
+    assert [i.name for i in root.images().list()] == []
+    monkeypatch.setattr(importer, "MAX_ARCHIVE_MEMBERS", limit)
+    assert [i.name for i in svc.import_(source(), unpack=False)] == ["many:1"]
+    svc.close()
+    root.close()
 
 
 def test_an_archive_lacking_a_layer_blob_is_refused_and_records_nothing(

@@ -30,6 +30,10 @@ xattrs per member      128, each value <= 64 KiB,  XATTR_SIZE_MAX / XATTR_NAME_M
                        1 MiB names+values in all   per value: 128 is far above use
 metadata per member    1 MiB (PAX headers, GNU     bounds memory per member
                        long names, in total)
+members per layer      2,097,152                   memory grows with them (an EROFS
+                                                   layer's tree is built in memory:
+                                                   about 650 bytes each); ten times a
+                                                   full distribution's files
 layer size             64 GiB uncompressed by      stops decompression bombs early;
                        default (``max_size``,      raise it for huge layers
                        ``--max-layer-size``,
@@ -56,6 +60,7 @@ __all__ = [
     "MAX_DEVMAJOR",
     "MAX_DEVMINOR",
     "MAX_ID",
+    "MAX_MEMBERS",
     "MAX_MODE",
     "MAX_NAME_COMPONENT",
     "MAX_PATH",
@@ -85,6 +90,8 @@ MAX_XATTRS = 128
 MAX_XATTR_NAME = 255
 MAX_XATTR_VALUE = 64 << 10
 MAX_XATTR_TOTAL = 1 << 20
+#: members of one layer (ResourceExhausted past it: a budget, see the table)
+MAX_MEMBERS = 1 << 21
 
 DEFAULT_MAX_LAYER_SIZE = 64 << 30
 #: Uncompressed bytes between two free-space checks while applying a layer.

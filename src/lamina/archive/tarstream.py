@@ -45,7 +45,7 @@ from typing import Protocol
 from zlib import adler32
 
 from lamina.archive import limits
-from lamina.errors import InvalidArgument
+from lamina.errors import InvalidArgument, ResourceExhausted
 
 __all__ = [
     "BLOCK",
@@ -284,6 +284,7 @@ class TarReader:
         self._global_bytes = 0
         self.offset = 0  # stream offset of the next unread byte
         self.total = 0  # bytes taken from the source so far
+        self.members = 0  # members returned so far (at most limits.MAX_MEMBERS)
 
     # -- raw input -------------------------------------------------------
     def _read_src(self, n: int) -> bytes:
@@ -468,6 +469,11 @@ class TarReader:
                 self._finish_member()
                 pax, long_name, long_link, chain, meta_bytes = {}, None, None, 0, 0
                 continue
+            self.members += 1
+            if self.members > limits.MAX_MEMBERS:
+                raise ResourceExhausted(
+                    f"layer has more than {limits.MAX_MEMBERS} members, the limit "
+                    f"(what an unpack keeps grows with them)")
             return entry
 
     def _entry(

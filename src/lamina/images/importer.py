@@ -28,12 +28,19 @@ import posixpath
 import secrets
 import tarfile
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
-from lamina.errors import AlreadyExists, InvalidArgument, LaminaError, NotFound, Unavailable
+from lamina.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    LaminaError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from lamina.images.graph import label_references, put_document, walk_descriptors
 from lamina.metadata.images import Image, ImageStore
 from lamina.metadata.leases import LeasedContent
@@ -58,6 +65,9 @@ _DOCUMENTS = {"index.json", "oci-layout", "manifest.json", "repositories"}
 #: Blobs at most this large (every document among them) are stored before the
 #: others, so the layers can be stored in the order an unpack reads them.
 SMALL_BLOB = MAX_DOCUMENT
+#: Members of an archive (files of a layout directory's blobs/sha256) at most: the
+#: importer keeps a record of each, and a layout holds a few per image layer.
+MAX_ARCHIVE_MEMBERS = 1 << 16
 _T = TypeVar("_T")
 
 
@@ -191,7 +201,7 @@ def _scan_tar(source: IO[bytes], content: ContentStore, progress: Progress,
                     return _scan_twice(tar, content, progress, arrivals, early)
         with tarfile.open(fileobj=source, mode="r|*", bufsize=_CHUNK) as tar:
             found = _Found()
-            for member in tar:
+            for member in _bounded(tar):
                 _take(tar, member, found, content, progress, arrivals)
             return found
     except (tarfile.TarError, EOFError) as exc:  # a damaged archive is the caller's error
@@ -202,7 +212,7 @@ def _scan_twice(tar: tarfile.TarFile, content: ContentStore, progress: Progress,
                 arrivals: Arrivals, early: Early | None) -> _Found:
     found = _Found()
     large: list[tarfile.TarInfo] = []
-    members = tar.getmembers()  # the headers: every blob is named before one is stored
+    members = list(_bounded(tar))  # the headers: every blob is named before one is stored
     _hold(content, (_blob_path_digest(_member_path(m)) for m in members if m.isfile()))
     for member in members:
         if member.isfile() and member.size > SMALL_BLOB:
@@ -213,6 +223,16 @@ def _scan_twice(tar: tarfile.TarFile, content: ContentStore, progress: Progress,
     for member in _wanted_first(named, early(found) if early else ()):
         _take(tar, member, found, content, progress, arrivals)
     return found
+
+
+def _bounded(items: Iterable[_T]) -> Iterator[_T]:
+    """``items`` (an archive's members, a directory's files), ResourceExhausted past
+    :data:`MAX_ARCHIVE_MEMBERS` of them."""
+    for n, item in enumerate(items, 1):
+        if n > MAX_ARCHIVE_MEMBERS:
+            raise ResourceExhausted(f"the archive has more than {MAX_ARCHIVE_MEMBERS} "
+                                    f"members, the limit for an image archive")
+        yield item
 
 
 def _wanted_first(items: Sequence[tuple[str | None, _T]], wanted: Sequence[str]) -> list[_T]:
@@ -276,7 +296,7 @@ def _scan_dir(root: Path, content: ContentStore, progress: Progress, arrivals: A
     if not blobs.is_dir():
         return found
     large: list[tuple[str | None, Path]] = []
-    names = sorted(blobs.iterdir())
+    names = sorted(_bounded(blobs.iterdir()))
     _hold(content, (_blob_path_digest(f"blobs/sha256/{p.name}") for p in names))
     for p in names:
         expected = _blob_path_digest(f"blobs/sha256/{p.name}")
