@@ -188,6 +188,27 @@ def test_truncated_gzip(sandbox: tuple[Path, Path]) -> None:
     _reject(sandbox, bytes(bad), "corrupt or truncated gzip")
 
 
+@pytest.mark.parametrize("field", ["name", "comment", "extra"])
+def test_a_gzip_header_too_large_to_hold(field: str, sandbox: tuple[Path, Path]) -> None:
+    """A gzip header with a file name, comment or extra field larger than ISA-L's
+    header buffer (a hostile registry's layer) made the decompressor raise
+    OverflowError, which reached the user as ``internal error: OverflowError``,
+    exit 1. It is a layer lamina cannot read: InvalidArgument, nothing written."""
+    raw = make_tar([file_("f", b"data")])
+    body = gzip.compress(raw)[10:]  # the deflate stream and trailer after a plain header
+    flag, extra = {"name": (0x08, b"n" * (1 << 20) + b"\0"),
+                   "comment": (0x10, b"c" * (1 << 20) + b"\0"),
+                   "extra": (0x04, (0xFFFF).to_bytes(2, "little") + b"e" * 0xFFFF)}[field]
+    header = b"\x1f\x8b\x08" + bytes([flag]) + b"\0\0\0\0\0\xff"
+    layer = header + extra + body
+    if field == "extra":  # 64 KiB, the most a gzip extra field holds, is readable
+        root, _ = sandbox
+        apply_bytes(layer, root)
+        assert (root / "f").read_bytes() == b"data"
+        return
+    _reject(sandbox, layer, "corrupt or truncated gzip layer stream: .*header")
+
+
 def test_truncated_zstd(sandbox: tuple[Path, Path]) -> None:
     raw = make_tar([file_("f", os.urandom(200_000))])
     z = zstandard.ZstdCompressor(write_checksum=True).compress(raw)

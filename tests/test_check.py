@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -407,5 +408,9 @@ def test_mtree_records_and_compares_any_tree(tmp_path: Path) -> None:
         assert diffs == {"a: mode changed", "l: target, mtime_ns changed"}
         with pytest.raises(InvalidArgument):
             list(mtree.decode(io.BytesIO(b"not a manifest")))
+        # a blob of one endless line (no newline) is read only to the line limit
+        endless = gzip.compress(b"x" * (17 << 20), compresslevel=1)
+        with pytest.raises(InvalidArgument, match="a line longer than"):
+            list(mtree.decode(io.BytesIO(endless)))
     finally:  # pytest cannot remove a tree this deep
         remove_tree(top)

@@ -362,7 +362,8 @@ def open_decompressed(stream: IO[bytes], *, threads: int = 1,
                                                on_close=gz.close))
         else:
             reader = cast(IO[bytes], gz)
-        return Decompressed(reader, kind, lambda: None, max_size)
+        # ISA-L raises OverflowError for a header (name, comment) past its buffer
+        return Decompressed(reader, kind, lambda: None, max_size, errors=(OverflowError,))
     import zstandard  # see the imports (startup)
 
     checker = _ZstdFrameChecker()

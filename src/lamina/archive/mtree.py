@@ -174,11 +174,19 @@ def encode(entries: Iterable[Entry], out: IO[bytes]) -> int:
     return count
 
 
+#: the longest line :func:`decode` reads: an entry's path has no length limit in a
+#: tree made through directory descriptors (2,048 levels of 255-byte names are
+#: 0.5 MB), so this only bounds what a blob that is no manifest costs in memory
+_MAX_LINE = 16 << 20
+
+
 def decode(stream: IO[bytes]) -> Iterator[Entry]:
     """The entries :func:`encode` wrote; InvalidArgument on anything else."""
     try:
         with gzip.GzipFile(fileobj=stream, mode="rb") as gz:
-            for line in gz:
+            while line := gz.readline(_MAX_LINE + 1):  # a line is read whole: bounded
+                if len(line) > _MAX_LINE:
+                    raise ValueError(f"a line longer than {_MAX_LINE} bytes")
                 obj = json.loads(line)
                 if not isinstance(obj, dict):
                     raise ValueError("not an object")
