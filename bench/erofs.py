@@ -47,7 +47,7 @@ _WORKER = """\
 import json, sys, time
 from lamina.erofs.writer import write_image
 from lamina.util.allocator import keep_freed_blocks
-keep_freed_blocks()  # as every command but serve has it
+keep_freed_blocks()  # as the image, content and diff commands have it
 t0 = time.perf_counter()
 with open(sys.argv[1], "rb") as f:
     r = write_image(f, sys.argv[2])

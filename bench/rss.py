@@ -4,7 +4,7 @@ The layer is generated once, streaming (never held in memory), and cached:
 three 256 MiB files of random data plus 32,768 files of 8 KiB, gzip (isal).
 Each apply runs in a fresh subprocess onto an empty directory under GNU
 ``time`` (its %M, the kernel's ru_maxrss of that process), with the C
-allocator's thresholds every lamina command but ``serve`` sets
+allocator's thresholds the image, content and diff commands set
 (:mod:`lamina.util.allocator`). GNU ``tar
 -xzf`` applying the same layer is measured alongside as a reference.
 Target: lamina's peak RSS <= 150 MiB.
@@ -35,7 +35,7 @@ _WORKER = """\
 import json, resource, sys, time
 from lamina.archive.apply import apply_layer
 from lamina.util.allocator import keep_freed_blocks
-keep_freed_blocks()  # as every command but serve has it
+keep_freed_blocks()  # as the image, content and diff commands have it
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 with open(sys.argv[1], "rb") as f:

@@ -207,6 +207,12 @@ def _requested_verb(argv: Sequence[str]) -> str | None:
     return argv[at + 1]
 
 
+#: Commands that stream layers and end with their work: they keep the blocks they free
+#: for the next (lamina.util.allocator). Not ``serve``, ``run`` and the others that may
+#: live for hours, where the memory kept would stay unused.
+_STREAMING = frozenset({"image", "content", "diff"})
+
+
 def build_parser(argv: Sequence[str] | None = None, *,
                  every_verb: bool = False) -> argparse.ArgumentParser:
     """The parser; with ``argv``, only the group it names is imported and only the
@@ -384,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lamina.owners import DEFAULT_NAMESPACE, check_namespace
 
         _with_config(args, config)
-        if args.command != "serve":  # a command ends with its work (lamina.util.allocator)
+        if ALIASES.get(args.command, args.command) in _STREAMING:  # (lamina.util.allocator)
             from lamina.util.allocator import keep_freed_blocks
 
             keep_freed_blocks()

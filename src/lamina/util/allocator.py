@@ -12,9 +12,11 @@ every 4 KiB page of it is faulted in and zeroed by the kernel. An import of the
 :func:`keep_freed_blocks` has malloc serve blocks up to :data:`MMAP_FROM` from
 its heaps and keep up to :data:`TRIM_FROM` of freed memory: a block freed is the
 next one's memory, with no fault. The cost is memory a process keeps while it
-lives (at most :data:`TRIM_FROM` beyond what it uses), which a command that ends
-with its work can spend and a long-running server (``lamina serve``) does not
-ask for. Where the C library has no ``mallopt`` (not glibc) it does nothing.
+lives (at most :data:`TRIM_FROM` beyond what it uses), which a command that
+streams layers and ends with its work can spend (the CLI's ``image``,
+``content`` and ``diff``), and a process that may live for hours (``lamina
+serve``, an attached ``lamina run``) does not ask for. Where the C library has
+no ``mallopt`` (not glibc) it does nothing.
 """
 
 from __future__ import annotations
