@@ -15,6 +15,7 @@ import json
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +62,20 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again() -> None:
     # kept: each thread's heap is faulted in once, then its blocks are reused
     assert kept * 3 < default, (kept, default)
 
+
+
+@pytest.mark.parametrize(("words", "keeps"), [
+    (["image", "ls"], True), (["images"], True), (["i", "ls"], True),
+    (["content", "ls"], True), (["container", "ls"], False), (["snapshot", "ls"], False),
+])
+def test_only_commands_that_stream_layers_keep_freed_blocks(
+        words: list[str], keeps: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Image, content and diff commands are short and move layers; a server or an
+    attached container's command may live for hours with the memory kept unused."""
+    from lamina import cli
+    from lamina.util import allocator
+
+    called: list[bool] = []
+    monkeypatch.setattr(allocator, "keep_freed_blocks", lambda: called.append(True) or True)
+    assert cli.main(["--root", str(tmp_path / "root"), *words]) == 0
+    assert called == ([True] if keeps else [])
