@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import ctypes
 
 __all__ = ["WRITEBACK_EVERY", "atomic_file", "atomic_write", "filesystem_type", "fsync_dir",
-           "locked", "names_open_file", "remove_tree", "start_writeback", "sync_filesystem"]
+           "libc", "locked", "names_open_file", "remove_tree", "start_writeback", "sync_filesystem"]
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -30,7 +30,8 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 
 @functools.cache
-def _libc() -> ctypes.CDLL:
+def libc() -> ctypes.CDLL:
+    """The C library, loaded once for the process (ctypes, with errno kept)."""
     import ctypes
 
     return ctypes.CDLL(None, use_errno=True)
@@ -42,7 +43,7 @@ def sync_filesystem(path: str | os.PathLike[str]) -> None:
     than an fsync per file. It waits for the writeback, as fsync does."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if _libc().syncfs(fd) != 0:
+        if libc().syncfs(fd) != 0:
             import ctypes
 
             err = ctypes.get_errno()
@@ -64,7 +65,7 @@ def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
     import ctypes
 
     try:
-        f = _libc().sync_file_range
+        f = libc().sync_file_range
     except AttributeError:  # not Linux's libc
         return None
     f.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
@@ -165,7 +166,7 @@ def filesystem_type(path: str | os.PathLike[str]) -> int:
     import ctypes
 
     buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes; f_type first
-    if _libc().statfs(os.fsencode(path), buf) != 0:
+    if libc().statfs(os.fsencode(path), buf) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), os.fspath(path))
     return int(ctypes.c_long.from_buffer(buf).value) & 0xFFFFFFFF

@@ -21,6 +21,8 @@ no ``mallopt`` (not glibc) it does nothing.
 
 from __future__ import annotations
 
+from lamina.fs.files import libc
+
 __all__ = ["MMAP_FROM", "TRIM_FROM", "keep_freed_blocks"]
 
 #: blocks smaller than this come from malloc's heaps, not from mmap
@@ -37,7 +39,7 @@ def keep_freed_blocks() -> bool:
     import ctypes
 
     try:
-        mallopt = ctypes.CDLL(None).mallopt
+        mallopt = libc().mallopt
     except (OSError, AttributeError):  # no C library handle, or no mallopt in it
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
