@@ -151,10 +151,16 @@ class Transaction:
         return dict(self._c.execute(
             f"SELECT key, owner FROM snapshots WHERE {self._seen}", self._seen_args))
 
-    def _labels(self, sid: int) -> dict[str, str]:
-        return dict(
-            self._c.execute("SELECT key, value FROM labels WHERE snapshot_id=?", (sid,))
-        )
+    def _labels(self, sid: int, key: str) -> dict[str, str]:
+        """Snapshot ``key``'s labels; :class:`Damaged` for a label row no snapshotter
+        wrote (a name or value that is not text: what it meant cannot be told)."""
+        rows = self._c.execute("SELECT key, value FROM labels WHERE snapshot_id=?",
+                               (sid,)).fetchall()
+        for name, value in rows:
+            if (flaw := _label_flaw(name, value)) is not None:
+                raise Damaged(f"snapshot {key!r}: {flaw} in the metadata: the metadata "
+                              "is damaged")
+        return dict(rows)
 
     def _chain(self, parent_id: int | None) -> tuple[str, ...]:
         """``parent_id`` and its ancestors, nearest first: one query at any depth (an
@@ -167,19 +173,24 @@ class Transaction:
                            f"(more than {_CHAIN_BOUND} ancestors): the metadata is damaged")
         return chain
 
-    def _key_of(self, sid: int | None) -> str:
+    def _parent_key(self, sid: int | None, child: str) -> str:
+        """The key of ``child``'s parent, row ``sid`` ("" for none); :class:`Damaged`
+        when no row has that id."""
         if sid is None:
             return ""
-        (key,) = self._c.execute("SELECT key FROM snapshots WHERE id=?", (sid,)).fetchone()
-        return str(key)
+        row = self._c.execute("SELECT key FROM snapshots WHERE id=?", (sid,)).fetchone()
+        if row is None:
+            raise Damaged(f"snapshot {child!r}: its parent (id {sid}) does not exist in the "
+                          "metadata: the metadata is damaged")
+        return str(row[0])
 
     def info(self, key: str) -> Info:
         sid, k, kind, parent_id, created, updated = self._row(key)
         return Info(
             kind=_kind(kind, k, created, updated),
             name=k,
-            parent=self._key_of(parent_id),
-            labels=self._labels(sid),
+            parent=self._parent_key(parent_id, k),
+            labels=self._labels(sid, k),
             created=_dt(created),
             updated=_dt(updated),
         )
@@ -207,6 +218,13 @@ class Transaction:
                 found.append((str(key), f"its parent (id {pid}) does not exist"))
             elif pid is not None and kinds[pid] != Kind.COMMITTED.value:
                 found.append((str(key), f"its parent {keys[pid]!r} is not committed"))
+        for sid, name, value in self._c.execute(
+                "SELECT snapshot_id, key, value FROM labels"):
+            if sid not in keys:
+                found.append((f"id {sid}", f"a label row ({name!r}) names a snapshot that "
+                              "does not exist (a new snapshot given this id would take it)"))
+            elif (flaw := _label_flaw(name, value)) is not None:
+                found.append((keys[sid], flaw))
         state: dict[int, int] = {}  # 1: on the path being walked, 2: done
         for start in parent:
             path: list[int] = []
@@ -301,7 +319,9 @@ class Transaction:
         )
         rowid = cur.lastrowid
         assert rowid is not None
-        self._add_labels(rowid, clean)  # none to clear: the id is new (AUTOINCREMENT)
+        # the id is new (AUTOINCREMENT), but a label row left by a hand-edited database
+        # (with foreign keys off) may name it: it is no label of this snapshot's
+        self._set_labels(rowid, clean)
         return Snapshot(id=str(rowid), kind=kind, parent_ids=chain)
 
     def _set_labels(self, sid: int, labels: Mapping[str, str]) -> None:
@@ -350,7 +370,8 @@ class Transaction:
 
     def update(self, info: Info, fieldpaths: Sequence[str]) -> Info:
         sid, *_ = self._mine(info.name, "update")
-        labels = update_labels(self._labels(sid), validate_labels(info.labels), fieldpaths,
+        labels = update_labels(self._labels(sid, info.name), validate_labels(info.labels),
+                               fieldpaths,
                                what=f"snapshot {info.name!r}")
         self._set_labels(sid, labels)
         self._c.execute("UPDATE snapshots SET updated_ns=? WHERE id=?", (time.time_ns(), sid))
@@ -387,8 +408,12 @@ class Transaction:
             f" WHERE {self._seen} ORDER BY id", self._seen_args,
         ).fetchall()
         labels: dict[int, dict[str, str]] = {}
+        damaged: set[int] = set()
         for sid, k, v in self._c.execute("SELECT snapshot_id, key, value FROM labels"):
-            labels.setdefault(sid, {})[k] = v
+            if _label_flaw(k, v) is None:
+                labels.setdefault(sid, {})[k] = v
+            else:
+                damaged.add(sid)
         return [
             Info(
                 kind=Kind(kind),
@@ -399,7 +424,9 @@ class Transaction:
                 updated=_dt(updated),
             )
             for sid, key, kind, parent_id, created, updated in rows
-            if _flaw(kind, created, updated) is None  # a damaged row is left out: check
+            # a damaged row is left out (check reports it), as is one with a damaged
+            # label: read without it, it would be collected where the label may keep it
+            if _flaw(kind, created, updated) is None and sid not in damaged
         ]
 
 
@@ -410,6 +437,15 @@ def _flaw(kind: object, created: object, updated: object) -> str | None:
     for what, ns in (("creation", created), ("update", updated)):
         if not _counts(ns):
             return f"its {what} time {ns!r} is not a time"
+    return None
+
+
+def _label_flaw(name: object, value: object) -> str | None:
+    """What is wrong with a label row (None when nothing): both are text."""
+    if not isinstance(name, str):
+        return f"its label name {name!r} is not text"
+    if not isinstance(value, str):
+        return f"its label {name!r} has a value that is not text ({value!r})"
     return None
 
 
