@@ -354,6 +354,41 @@ def test_a_damaged_record_is_reported_and_gc_stops_rather_than_guess(
     assert code == 0, out
 
 
+@pytest.mark.parametrize("kind", ["image", "container", "lease"])
+def test_a_listing_shows_what_reads_and_tells_of_a_damaged_record(
+        kind: str, root_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # image ls, container ls and lease ls stopped at the first damaged record:
+    # one bad row hid every other (and `image rm $(image ls -q)` removed nothing)
+    import sqlite3
+
+    if kind == "image":
+        assert _cli(capsys, root_dir, "image", "tag", "c:1", "c:2")[0] == 0
+        sql, good, bad = "UPDATE images SET target='{bad' WHERE name='c:2'", "c:1", "c:2"
+    elif kind == "container":
+        store = ContainerStore(Root(root_dir).metadata_path)
+        for cid in ("box", "crate"):
+            store.create(Container(id=cid, image="c:1", snapshotter="overlay",
+                                   snapshot_key=f"{cid}-snap"))
+        store.close()
+        sql, good, bad = "UPDATE containers SET spec='[' WHERE id='crate'", "box", "crate"
+    else:
+        assert _cli(capsys, root_dir, "lease", "create", "--id", "good")[0] == 0
+        sql, good, bad = "INSERT INTO leases VALUES ('L', 'zz', NULL, '{}')", "good", "L"
+    db = sqlite3.connect(root_dir / "metadata.db")
+    with db:
+        db.execute(sql)
+    db.close()
+    names = ("--names",) if kind == "image" else ()  # else repository and tag, or the id
+    for flags in (names, ("-q", *names), ("--json",)):
+        capsys.readouterr()
+        code = main(["--root", str(root_dir), kind, "ls", *flags])
+        out, err = capsys.readouterr()
+        assert code == 1, (flags, out, err)
+        assert good in out and f"{bad!r}" not in out and f'"{bad}"' not in out, (flags, out)
+        assert err.startswith(f"lamina: Internal: {kind} {bad!r}: its record is damaged (") \
+            and err.count("\n") == 1, (flags, err)
+
+
 def test_container_without_its_snapshot(root_dir: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     root = Root(root_dir)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
+
+_T = TypeVar("_T")
 
 __all__ = [
     "AlreadyExists",
@@ -119,6 +121,21 @@ class Damaged(Internal, shown_as_base=True):
             except Damaged as exc:
                 found.setdefault(str(row[0]), exc.message)
         return sorted(found.items())
+
+    @staticmethod
+    def sort_out(rows: Iterable[Sequence[Any]],
+                 parse: Callable[[Any], _T]) -> tuple[list[_T], list[Damaged]]:
+        """What ``parse`` makes of each of ``rows``, in their order, and the error of
+        each row it finds damaged: what a listing shows, and tells, rather than stop
+        at the first damaged row."""
+        good: list[_T] = []
+        bad: list[Damaged] = []
+        for row in rows:
+            try:
+                good.append(parse(row))
+            except Damaged as exc:
+                bad.append(exc)
+        return good, bad
 
 
 class NotFound(LaminaError, grpc_code="NOT_FOUND", exit_code=3):

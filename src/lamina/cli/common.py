@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 import textwrap
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 
-from lamina.errors import InvalidArgument
+from lamina.errors import InvalidArgument, LaminaError
 
 __all__ = [
     "add_examples",
@@ -93,6 +94,15 @@ def _cut(text: str, width: int, mark: str) -> str:
         return text
     tail = (width - 1) // 2
     return text[:width - 1 - tail] + mark + text[len(text) - tail:]
+
+
+def told_damaged(damaged: Sequence[LaminaError]) -> int:
+    """After a listing that left damaged records out: a line on standard error for
+    each, as its error would be told, and the exit code to end with (0: none)."""
+    sys.stdout.flush()  # the listing first, where both go to one terminal
+    for exc in damaged:
+        print(f"lamina: {exc.one_line()}", file=sys.stderr)
+    return damaged[0].exit_code if damaged else 0
 
 
 def terminal_columns() -> int | None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from lamina import rootless
 from lamina.cli.app import App
-from lamina.cli.common import add_examples, parse_labels, print_table
+from lamina.cli.common import add_examples, parse_labels, print_table, told_damaged
 from lamina.containers.autoremove import remove_after_exit
 from lamina.containers.network import with_network
 from lamina.containers.options import make_options
@@ -154,22 +154,23 @@ def _record(ct: ContainerService, cid: str) -> dict[str, Any]:
 
 def _ls(args: argparse.Namespace, app: App) -> int:
     with services(app) as ct:
-        records = [_record(ct, c.id) for c in ct.list()]
+        found, damaged = ct.readable()  # a damaged one is told after the others
+        records = [_record(ct, c.id) for c in found]
     if args.running:
         records = [r for r in records
                    if r["task"] and r["task"]["status"] in ("running", "paused")]
     if args.json:
         app.print_json(records)
-        return 0
+        return told_damaged(damaged)
     if args.quiet:
         for r in records:
             print(r["id"])
-        return 0
+        return told_damaged(damaged)
     print_table(("CONTAINER", "IMAGE", "TASK", "REVISION"),
                 ([r["id"], r["image"], r["task"]["status"] if r["task"] else "-",
                   r["snapshot_key"]] for r in records),
                 widths=(24, 48, 8))
-    return 0
+    return told_damaged(damaged)
 
 
 def _info(args: argparse.Namespace, app: App) -> int:

@@ -22,6 +22,7 @@ from lamina.cli.common import (
     print_table,
     sync_layers,
     terminal_columns,
+    told_damaged,
 )
 from lamina.errors import InvalidArgument
 from lamina.images.catalog import Catalog
@@ -74,16 +75,17 @@ def _catalog(app: App) -> Catalog:
 
 def _ls(args: argparse.Namespace, app: App) -> int:
     catalog = _catalog(app)
+    # a damaged record is told after the listing of the others, and ends it with its code
+    images, damaged = catalog.listing(args.filter or ())
     if args.json:
         app.print_json([{"name": i.name, "target": i.target.to_json(), "labels": i.labels,
-                         "created": i.created, "updated": i.updated}
-                        for i in catalog.select(args.filter or ())])
-        return 0
+                         "created": i.created, "updated": i.updated} for i in images])
+        return told_damaged(damaged)
     if args.quiet:
-        for i in catalog.select(args.filter or ()):
+        for i in images:
             print(i.name if args.names else _short_id(i.target.digest, args.no_trunc))
-        return 0
-    summaries = catalog.summaries(args.filter or ())
+        return told_damaged(damaged)
+    summaries = catalog.summarize(images)
     names = ["NAME"] if args.names else ["REPOSITORY", "TAG"]
     header = [*names, "IMAGE ID", "CREATED", "PLATFORM", "SIZE"]
     if args.digests:
@@ -98,7 +100,7 @@ def _ls(args: argparse.Namespace, app: App) -> int:
         rows.append(row)
     print_table(header, rows, fit=None if args.no_trunc else terminal_columns(),
                 shrink=range(len(names)))
-    return 0
+    return told_damaged(damaged)
 
 
 def _short_id(digest: str, no_trunc: bool) -> str:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from lamina.cli.app import App
-from lamina.cli.common import parse_labels, print_table
+from lamina.cli.common import parse_labels, print_table, told_damaged
 from lamina.errors import LaminaError
 from lamina.metadata.leases import DEFAULT_EXPIRY, Lease, LeaseManager, parse_duration
 
@@ -40,15 +40,15 @@ def _create(args: argparse.Namespace, app: App) -> int:
 
 def _ls(args: argparse.Namespace, app: App) -> int:
     with _manager(app) as leases:
-        found = leases.list()
+        found, damaged = leases.readable()  # a damaged one is told after the others
     now = datetime.now(UTC)
     if args.json:
         app.print_json([_record(lease, now) for lease in found])
-        return 0
+        return told_damaged(damaged)
     if args.quiet:
         for lease in found:
             print(lease.id)
-        return 0
+        return told_damaged(damaged)
     rows = []
     for lease in found:
         expires = lease.expires.isoformat(timespec="seconds") if lease.expires else "never"
@@ -57,7 +57,7 @@ def _ls(args: argparse.Namespace, app: App) -> int:
         labels = ",".join(f"{k}={v}" for k, v in sorted(lease.labels.items()))
         rows.append([lease.id, lease.created.isoformat(timespec="seconds"), expires, labels])
     print_table(("ID", "CREATED", "EXPIRES", "LABELS"), rows, widths=(40, 26, 26))
-    return 0
+    return told_damaged(damaged)
 
 
 def _rm(args: argparse.Namespace, app: App) -> int:

@@ -86,6 +86,10 @@ class Revisions:
     def list(self) -> list[Container]:
         return self.store.list()
 
+    def readable(self) -> tuple[builtins.list[Container], builtins.list[Damaged]]:
+        """The records that read, and the error of each damaged one."""
+        return self.store.readable()
+
     def _prepare_revision(self, cid: str, image: str, previous: str = "") -> str:
         top = self.images.chain_id(image)
         key = _new_key(cid)

@@ -96,6 +96,10 @@ class ContainerService:
     def list(self) -> builtins.list[Container]:
         return self._revisions.list()
 
+    def readable(self) -> tuple[builtins.list[Container], builtins.list[Damaged]]:
+        """The containers whose records read, and the error of each damaged one."""
+        return self._revisions.readable()
+
     def options(self, container: Container) -> dict[str, Any]:
         """The options ``container`` was created with (see :mod:`lamina.containers.options`)."""
         return options_of(container)

@@ -15,8 +15,10 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from lamina.errors import Damaged
 from lamina.images.listing import parse_filters
 from lamina.metadata.images import Image, ImageRecords
+from lamina.metadata.records import RecordStore
 
 # lamina.images.summary (the documents' walk, the content store) is imported for
 # the first image resolved: an empty root's image ls needs none of it.
@@ -48,20 +50,37 @@ class Catalog:
         return self._open_snapshots()
 
     def select(self, filters: Sequence[str] = ()) -> list[Image]:
-        """The images ``filters`` select (see :mod:`lamina.images.listing`)."""
-        if not filters:
-            return self.images.list()
-        wanted = parse_filters(filters, lookup=self.images.get)
-        return [i for i in self.images.list() if wanted(i)]
+        """The images ``filters`` select (see :mod:`lamina.images.listing`); a damaged
+        record is :class:`~lamina.errors.Damaged`."""
+        images, damaged = self.listing(filters)
+        if damaged:
+            raise damaged[0]
+        return images
+
+    def listing(self, filters: Sequence[str] = ()) -> tuple[list[Image], list[Damaged]]:
+        """The images ``filters`` select that read, and the error of each damaged
+        record (of a root's store: a server's answers for its own), so that a listing
+        shows the others and tells of those."""
+        wanted = parse_filters(filters, lookup=self.images.get) if filters else None
+        if isinstance(self.images, RecordStore):
+            images, damaged = self.images.readable()
+        else:
+            images, damaged = self.images.list(), []
+        if wanted is not None:
+            images = [i for i in images if wanted(i)]
+        return images, damaged
 
     def summaries(self, filters: Sequence[str] = ()) -> list[ImageSummary]:
         """The images ``filters`` select, resolved and measured."""
-        selected = self.select(filters)
-        if not selected:
+        return self.summarize(self.select(filters))
+
+    def summarize(self, images: Sequence[Image]) -> list[ImageSummary]:
+        """``images`` resolved and measured."""
+        if not images:
             return []
         from lamina.images.summary import summarize_all
 
-        return summarize_all(selected, content=self.content, snapshots=self.snapshots)
+        return summarize_all(list(images), content=self.content, snapshots=self.snapshots)
 
     def summary(self, name: str) -> ImageSummary:
         """Image ``name`` (any spelling of it) resolved and measured."""

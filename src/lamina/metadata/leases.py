@@ -140,9 +140,16 @@ class LeaseManager:
         return Lease(lease_id, _dt(now), _dt(expires) if expires else None, clean)
 
     def list(self) -> list[Lease]:
+        leases, damaged = self.readable()
+        if damaged:
+            raise damaged[0]
+        return leases
+
+    def readable(self) -> tuple[builtins.list[Lease], builtins.list[Damaged]]:
+        """Every lease that reads, oldest first, and the error of each damaged one."""
         with self._db.read() as c:
             rows = c.execute("SELECT * FROM leases ORDER BY created_ns").fetchall()
-        return [_lease(row) for row in rows]
+        return Damaged.sort_out(rows, _lease)
 
     def damaged(self) -> builtins.list[tuple[str, str]]:
         """(id, message) of every lease whose record no lamina wrote."""

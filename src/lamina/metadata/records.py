@@ -101,16 +101,16 @@ class RecordStore(Generic[R]):
     def list(self, *, skip_damaged: bool = False) -> list[R]:
         """Every record, sorted by key; a damaged one is :class:`Damaged`
         unless ``skip_damaged`` (what ``check`` lists, having reported it)."""
+        records, damaged = self.readable()
+        if damaged and not skip_damaged:
+            raise damaged[0]
+        return records
+
+    def readable(self) -> tuple[builtins.list[R], builtins.list[Damaged]]:
+        """Every record that reads, sorted by key, and the error of each damaged one."""
         with self._db.read() as c:
             rows = c.execute(f"SELECT * FROM {self.TABLE} ORDER BY {self.KEY}").fetchall()
-        out: list[R] = []
-        for r in rows:
-            try:
-                out.append(self._parsed(r))
-            except Damaged:
-                if not skip_damaged:
-                    raise
-        return out
+        return Damaged.sort_out(rows, self._parsed)
 
     def damaged(self) -> builtins.list[tuple[str, str]]:
         """(key, message) of every damaged record."""
