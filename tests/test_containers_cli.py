@@ -159,6 +159,24 @@ def test_run_foreground_streams_output_and_exit_code(cli: Cli) -> None:
     assert proc.returncode != 0 and "does-not-exist" in proc.stderr
 
 
+def test_an_image_cannot_write_to_the_terminal_through_an_error(
+        cli: Cli, tmp_path: Path) -> None:
+    # A hostile image's entrypoint names a program of terminal control sequences
+    # (set the window title, clear the screen); runc's "not found" quotes it,
+    # escaped, and lamina unescaped it into its error line: the terminal obeyed.
+    rootfs = minimal_rootfs(tmp_path / "rootfs", ("sh",))
+    hostile = "/bin/\x1b]0;owned\x07\x1b[2J\x9b31m\u202eevil"
+    build_oci_layout(tmp_path / "oci", [layer_from_dir(rootfs, tmp_path / "blobs")],
+                     ref_name="test/hostile:1", config=ImageConfig(entrypoint=[hostile]))
+    cli("image", "import", str(tmp_path / "oci"))
+    proc = cli("run", "--rm", "--name", "hostile", "test/hostile:1", check=False)
+    assert proc.returncode != 0
+    line = proc.stderr.strip()
+    assert line.startswith("lamina: ") and "\n" not in line, proc.stderr
+    assert line.isprintable(), repr(line)  # no control character reaches the terminal
+    assert "owned" in line and "evil" in line, line  # the name is still told, escaped
+
+
 def test_run_rm_removes_container_and_snapshots(cli: Cli) -> None:
     proc = cli("run", "--rm", "--name", "gone", V1, "sh", "-c", "echo bye; exit 3", check=False)
     assert proc.returncode == 3 and proc.stdout.strip() == "bye"

@@ -90,3 +90,18 @@ def test_a_message_echoing_a_huge_input_keeps_its_start_and_end() -> None:
     short = "a message of an ordinary length"
     assert NotFound(short).message == short and shortened(short) == short
     assert shortened("x" * (MAX_MESSAGE + 1)) != "x" * (MAX_MESSAGE + 1)
+
+
+def test_a_message_shown_on_a_terminal_cannot_drive_it() -> None:
+    # what an image, a layer or a registry sent is quoted in messages; shown raw, its
+    # control sequences set the window title, cleared the screen, reversed the text
+    from lamina.errors import printable
+
+    hostile = "exec: \"/bin/\x1b]0;owned\x07\x1b[2J\x9b31m\u202eevil\u200b\t\""
+    shown = printable(hostile)
+    assert shown.isprintable()
+    assert shown == ('exec: "/bin/\\x1b]0;owned\\x07\\x1b[2J\\x9b31m\\u202eevil'
+                     '\\u200b\\t"')
+    kept = "image 'c:1' – 3 € in «naïve» 日本語 keys"
+    assert printable(kept) is kept  # printable text (not only ASCII) as it is
+    assert NotFound(hostile).one_line() == f"NotFound: {shown}"

@@ -29,6 +29,7 @@ __all__ = [
     "describe_os_error",
     "from_grpc_code",
     "from_os_error",
+    "printable",
     "shortened",
 ]
 
@@ -51,6 +52,18 @@ def shortened(text: str, limit: int = MAX_MESSAGE) -> str:
     head = limit - tail - 40
     left_out = len(text) - head - tail
     return f"{text[:head]}…[{left_out} characters left out]…{text[len(text) - tail:]}"
+
+
+def printable(text: str) -> str:
+    """``text`` with each character a terminal would act on rather than show
+    (control characters such as ESC and BEL, format characters such as a bidi
+    override) written as its escape (``\\x1b``), the rest as it is: a message
+    quoting what an image, a layer or a registry sent cannot drive the terminal
+    it is shown on."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
 
 
 class LaminaError(Exception):
@@ -97,7 +110,7 @@ class LaminaError(Exception):
         """``Class: message``, as the CLI prints it (``NotImplementedErr`` is
         ``NotImplemented``: the suffix only keeps clear of Python's builtin)."""
         shown = type(self).shown_as or type(self)
-        return f"{shown.__name__.removesuffix('Err')}: {self.message}"
+        return f"{shown.__name__.removesuffix('Err')}: {printable(self.message)}"
 
 
 class Internal(LaminaError, grpc_code="INTERNAL", exit_code=1):

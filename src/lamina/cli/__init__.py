@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from lamina import __version__
-from lamina.errors import LaminaError, describe_os_error, from_os_error
+from lamina.errors import LaminaError, describe_os_error, from_os_error, printable
 
 # What a command needs is imported when it runs (`lamina --version` needs none of
 # it, and every command pays for what this module imports: bench/startup.py).
@@ -279,7 +279,8 @@ def _command_name(args: argparse.Namespace) -> str:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+    """``text`` as one line a terminal shows as it is (:func:`lamina.errors.printable`)."""
+    return printable(" ".join(part.strip() for part in text.splitlines() if part.strip()))
 
 
 def _os_error(exc: OSError) -> tuple[str, int]:

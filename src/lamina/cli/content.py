@@ -125,7 +125,7 @@ def _rm(args: argparse.Namespace, app: App) -> int:
         try:
             store.delete(digest)
         except NotFound as exc:
-            print(f"lamina: NotFound: {exc.message}", file=sys.stderr)
+            print(f"lamina: {exc.one_line()}", file=sys.stderr)
             code = NotFound.exit_code
             continue
         print(digest)

@@ -49,6 +49,7 @@ from email.message import Message
 from typing import IO
 
 from lamina.errors import InvalidArgument, Unavailable
+from lamina.errors import printable as _printable
 from lamina.util.closing import Closing
 from lamina.util.deadlines import Deadlines
 
@@ -117,7 +118,7 @@ class ConnectionRefused(TransportError, shown_as_base=True):
 
 def printable(text: str, limit: int = 200) -> str:
     """``text`` as one line for an error message: control characters escaped, cut short."""
-    out = text if text.isprintable() else repr(text)[1:-1]
+    out = _printable(text)
     return out if len(out) <= limit else out[:limit] + "…"
 
 
