@@ -102,6 +102,6 @@ def test_a_message_shown_on_a_terminal_cannot_drive_it() -> None:
     assert shown.isprintable()
     assert shown == ('exec: "/bin/\\x1b]0;owned\\x07\\x1b[2J\\x9b31m\\u202eevil'
                      '\\u200b\\t"')
-    kept = "image 'c:1' – 3 € in «naïve» 日本語 keys"
+    kept = "image 'c:1': 3 € in «naïve» 日本語 keys"
     assert printable(kept) is kept  # printable text (not only ASCII) as it is
     assert NotFound(hostile).one_line() == f"NotFound: {shown}"

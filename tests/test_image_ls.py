@@ -255,3 +255,16 @@ def test_push_summary_counts_one_referrer(require_root: None, tmp_root: Path,
         root.close()
     pushed = ok(tmp_root, "image", "push", "-q", ref, f"{reg.host}/summary/noted:1")
     assert pushed.rstrip().endswith(", 1 referrer)"), pushed
+
+
+def test_a_hostile_config_cannot_drive_the_terminal_through_the_listing(
+        require_root: None, tmp_root: Path, tmp_path: Path) -> None:
+    # the PLATFORM column is the config's os/architecture/variant, any string an
+    # image's author wrote: image ls printed its control sequences to the terminal
+    layer = f.layer_from_entries([f.File("x", b"x\n")], tmp_path / "blobs")
+    f.build_oci_layout(tmp_path / "oci", [layer], ref_name="test/plat:1",
+                       config=f.ImageConfig(architecture="amd64\x1b]0;owned\x07\x1b[2J"))
+    ok(tmp_root, "image", "import", "-q", str(tmp_path / "oci"))
+    shown = ok(tmp_root, "image", "ls")
+    assert shown.replace("\n", "").isprintable(), repr(shown)
+    assert "linux/amd64\\x1b]0;owned\\x07\\x1b[2J" in shown, shown  # told, escaped

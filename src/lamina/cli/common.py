@@ -9,7 +9,7 @@ import textwrap
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 
-from lamina.errors import InvalidArgument, LaminaError
+from lamina.errors import InvalidArgument, LaminaError, printable
 
 __all__ = [
     "add_examples",
@@ -51,12 +51,14 @@ def print_table(
     ``fit`` (a terminal's columns): when the lines would be wider, the columns numbered in
     ``shrink`` give way, the widest first, down to their header's width, and their longer
     cells lose their middle to an ellipsis; the other columns keep their width."""
+    # every cell as a terminal shows it: what an image or a peer wrote into a platform,
+    # a label or a key cannot drive the terminal (lamina.errors.printable)
     if widths is not None:
         for r in itertools.chain([header], rows):
-            cells = [c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)]
-            print(" ".join([*cells, r[-1]]))
+            cells = [printable(c).ljust(w) for c, w in zip(r[:-1], widths, strict=True)]
+            print(" ".join([*cells, printable(r[-1])]))
         return
-    lines = [list(header), *(list(r) for r in rows)]
+    lines = [list(header), *([printable(c) for c in r] for r in rows)]
     widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
     if fit is not None:
         _shrink(widths, header, shrink, room=fit - 1)  # a full line wraps on some terminals
