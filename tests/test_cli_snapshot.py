@@ -167,3 +167,18 @@ def test_tree_lines() -> None:
         "   \\_ top (active)",
         " \\_ view (view)",
     ]
+
+
+def test_keys_and_labels_are_shown_escaped(cli: CLI) -> None:
+    # keys and labels are any text a client (containerd, through serve) chose: shown
+    # raw, control sequences in them drove the terminal of whoever listed them
+    key, label = "k\x1b]0;owned\x07", "v\x1b[2J"
+    cli("snapshot", "prepare", key, "")
+    cli("snapshot", "label", key, f"x={label}")
+    escaped = "k\\x1b]0;owned\\x07"
+    for args, told in ((("snapshot", "ls"), escaped), (("snapshot", "ls", "-q"), escaped),
+                       (("snapshot", "tree"), escaped), (("snapshot", "label", key),
+                                                         "x=v\\x1b[2J")):
+        out = cli(*args)
+        assert out.replace("\n", "").isprintable() and told in out, (args, out)
+    cli("snapshot", "rm", key)

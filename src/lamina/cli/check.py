@@ -6,7 +6,7 @@ import argparse
 
 from lamina.cli.app import App
 from lamina.cli.common import add_examples
-from lamina.errors import FailedPrecondition
+from lamina.errors import FailedPrecondition, printable
 from lamina.metadata.check import CheckReport, check
 from lamina.problems import Problem, ProblemType
 
@@ -37,12 +37,12 @@ def _check(args: argparse.Namespace, app: App) -> int:
         app.print_json(report.to_json())
         return code
     for p in report.problems:
-        print(f"problem: [{p.kind}] {p.message}")
+        print(f"problem: [{p.kind}] {printable(p.message)}")
     for line in report.repaired:
-        print(f"repaired: {line}")
+        print(f"repaired: {printable(line)}")
     if report.repair:
         for p in report.remaining:
-            print(f"remaining: [{p.kind}] {p.message}")
+            print(f"remaining: [{p.kind}] {printable(p.message)}")
         for name in report.broken_images:
             print(f"broken image: {name} (import it again)")
     if report.ok:

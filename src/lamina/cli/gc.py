@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lamina.cli.app import App
+from lamina.errors import printable
 from lamina.metadata.gc import collect
 
 __all__ = ["register"]
@@ -22,7 +23,7 @@ def _gc(args: argparse.Namespace, app: App) -> int:
     for digest in report.released:
         print(f"{released} content {digest}\t(containerd still holds it)")
     for name, key, size in report.snapshots:
-        print(f"{verb} snapshot {name}/{key}\t{size}")
+        print(f"{verb} snapshot {name}/{printable(key)}\t{size}")
     freed = "would free" if report.dry_run else "freed"
     print(f"{len(report.content)} blobs, {len(report.snapshots)} snapshots; "
           f"{freed} {report.bytes_freed} bytes")

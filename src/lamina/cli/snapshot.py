@@ -17,6 +17,7 @@ from lamina.cli.common import (
     parse_labels,
     print_table,
 )
+from lamina.errors import printable
 from lamina.mounts.mount import Mount, mount_all, unmount_all
 from lamina.owners import short
 from lamina.snapshots import Info, Kind, Snapshotter, Usage
@@ -126,7 +127,7 @@ def cmd_ls(args: argparse.Namespace, app: App) -> int:
         app.print_json([_with_owner(i, owners) for i in infos])
     elif args.quiet:
         for i in infos:
-            print(i.name)
+            print(printable(i.name))
     elif owners is None:
         print_table(["KEY", "PARENT", "KIND"], ([i.name, i.parent, i.kind.value] for i in infos))
     else:
@@ -167,7 +168,7 @@ def cmd_label(args: argparse.Namespace, app: App) -> int:
         app.print_json(dict(sorted(info.labels.items())))
     else:
         for k, v in sorted(info.labels.items()):
-            print(f"{k}={v}")
+            print(printable(f"{k}={v}"))
     return 0
 
 
@@ -198,7 +199,7 @@ def tree_lines(infos: Iterable[Info]) -> list[str]:
 
 def cmd_tree(args: argparse.Namespace, app: App) -> int:
     for line in tree_lines(app.snapshots().walk()):
-        print(line)
+        print(printable(line))
     return 0
 
 
