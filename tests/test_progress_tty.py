@@ -391,3 +391,24 @@ def test_pull_json_lines_unchanged(require_root: None, tmp_root: Path, peer: Pee
     unpacked = [e for e in events if e["phase"] == "unpack"]
     assert unpacked[-1]["item"] == base.digest and unpacked[-1]["status"] == "done"
     assert "done" not in unpacked[-1] and "total" not in unpacked[-1]
+
+
+def test_an_archive_cannot_drive_the_terminal_through_progress(
+        require_root: None, tmp_root: Path, tmp_path: Path,
+        images: dict[str, imagefactory.ImageRef]) -> None:
+    # a file of the archive that names no blob is shown by its name in full: a name of
+    # control sequences went to the terminal as they were
+    import tarfile
+
+    archive = tmp_path / "hostile.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(images["two"].layout, arcname=".")
+        junk = tarfile.TarInfo("x\x1b]0;owned\x07\x1b[2J")
+        junk.size = 3
+        tar.addfile(junk, io.BytesIO(b"abc"))
+    proc = subprocess.run([*LAMINA, "--root", str(tmp_root), "image", "import",
+                           str(archive)], capture_output=True, text=True, timeout=300,
+                          check=False)
+    shown = proc.stdout + proc.stderr
+    assert "\x1b" not in shown and "\x07" not in shown, repr(shown)
+    assert "x\\x1b]0;owned\\x07\\x1b[2J" in shown, shown  # told, escaped

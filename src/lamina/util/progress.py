@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from lamina.errors import printable
+
 __all__ = ["JsonProgress", "LinesProgress", "Progress", "TerminalProgress", "for_cli"]
 
 
@@ -135,8 +137,8 @@ def _key_label(item: str) -> tuple[str, str]:
     """The row an item belongs to and its label: a blob keeps one row whether named by
     digest or by its path in an OCI layout, and reads as docker's 12-digit short ID."""
     m = _HEX.match(item.removeprefix("sha256:").removeprefix("blobs/sha256/"))
-    if m is None:  # a reference, a file: named in full
-        return item, item
+    if m is None:  # a reference, a file (named by an archive): in full, as a terminal shows it
+        return item, printable(item)
     if item.startswith(("sha256:", "blobs/sha256/")):
         return f"sha256:{m.group()}", m.group()[:12]
     return item, m.group()[:12]  # a docker save archive's <id>/layer.tar
