@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import http.client
 import json
+import logging
 import os
 import resource
 import socket
@@ -227,6 +228,25 @@ def test_bad_names_and_traversal(mirror: RegistryMirror) -> None:
         assert resp.status in (400, 404), ref
     resp, data = request(mirror, "GET", "/v2/app/blobs/sha256:..%2f..%2fetc%2fpasswd")
     assert resp.status in (400, 404) and b"root:" not in data
+
+
+def test_a_request_line_with_a_control_character_is_malformed(
+        mirror: RegistryMirror, caplog: pytest.LogCaptureFixture) -> None:
+    # HTTP has no control characters in a request line; a peer's went on to the
+    # router, and to the log (debug, or with a failure) as it was, escape sequences
+    # and all
+    caplog.set_level(logging.DEBUG, logger="lamina")
+    d = sha(LAYER)
+    for line in (f"GET /v2/app/blobs/{d}\x1b]0;owned\x07 HTTP/1.1",
+                 f"GET\x1b[2J /v2/app/blobs/{d} HTTP/1.1", "GET /v2/\x7f HTTP/1.1"):
+        with raw(mirror) as s:
+            s.sendall(line.encode() + b"\r\nHost: x\r\n\r\n")
+            answer = b""
+            while chunk := s.recv(4096):  # the answer closes the connection
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 ") and b"UNSUPPORTED" in answer, (line, answer)
+    assert not any("\x1b" in r.getMessage() or "\x7f" in r.getMessage()
+                   for r in caplog.records)
 
 
 def raw(m: RegistryMirror) -> socket.socket:

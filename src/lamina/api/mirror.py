@@ -114,6 +114,8 @@ def _parse_head(head: bytes) -> _Request | None:
     except UnicodeDecodeError:
         return None
     lines = text.split("\r\n")
+    if not lines[0].isprintable():  # a control character has no place in a request line
+        return None  # (and would reach the log as it is)
     parts = lines[0].split(" ")
     if len(parts) != 3 or parts[2] not in ("HTTP/1.0", "HTTP/1.1"):
         return None
