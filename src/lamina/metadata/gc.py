@@ -69,6 +69,7 @@ from lamina.mounts.mountinfo import read_mountinfo
 from lamina.owners import CLI, Scoped
 from lamina.snapshots import (
     BatchRemoval,
+    DamagedRows,
     DeferredRemoval,
     Info,
     LocalDirectories,
@@ -274,7 +275,8 @@ def collect(root: Root, *, dry_run: bool = False) -> Report:
                     # candidates, then the roots, then the references (see the module docs)
                     candidates = _Objects.read(root)
                     roots = reader.read()
-                    marked = _mark(root, candidates, _Objects.read(root), roots)
+                    current = _Objects.read(root)
+                    marked = _mark(root, candidates, current, roots)
                     holders = _holders(root)
                     sizes = _doomed_sizes(root, candidates, marked)
                     # Removal happens while leases, images and containers cannot
@@ -294,6 +296,10 @@ def collect(root: Root, *, dry_run: bool = False) -> Report:
                         crash.point("gc.swept-snapshots")
                     if not dry_run:  # exits before the deferrals: joined, then they reap
                         deferred.enter_context(_deleting_meanwhile(root, report))
+                    # what the sweep leaves (a snapshot it could not remove, a damaged
+                    # one it never saw) keeps what its labels name, though no root does
+                    marked |= _reach(candidates, current,
+                                     _left_after_sweep(root, candidates, report))
                     doomed = [d for d in sorted(candidates.blobs) if ("content", d) not in marked]
                     for digest in doomed:
                         if len(holders.get(digest, ())) > 1:
@@ -346,9 +352,42 @@ def _mark(root: Root, candidates: _Objects, current: _Objects, roots: _Roots) ->
         start += [(f"snapshot:{name}", k) for k, i in infos.items()
                   if GC_ROOT in i.labels or fresh(i.created)]
         start += _mounted_snapshots(root, name, infos)
+    start += _held_by_damaged(root, snaps)
+    return _reach(candidates, current, start)
 
+
+def _left_after_sweep(root: Root, candidates: _Objects, report: Report) -> list[Node]:
+    """The snapshots the sweep leaves (or, in a dry run, would) and what damaged ones
+    point at."""
+    gone = {(name, key) for name, key, _ in report.snapshots}
+    left: list[Node] = [(f"snapshot:{name}", key) for name, infos in candidates.snaps.items()
+                        for key in infos if (name, key) not in gone]
+    return left + _held_by_damaged(root, candidates.snaps)
+
+
+def _held_by_damaged(root: Root, names: Iterable[str]) -> list[Node]:
+    """What the damaged snapshots of snapshotters ``names``, which no walk lists, point
+    at as far as they read (their labels that are text, their parents): kept, as
+    what they hold cannot be told."""
+    held: list[Node] = []
+    for name in names:
+        sn = _own_snapshotter(root, name)
+        if isinstance(sn, DamagedRows):
+            for _, parent, labels in sn.damaged_holds():
+                held += label_edges(labels)
+                if parent:
+                    held.append((f"snapshot:{name}", parent))
+    return held
+
+
+def _reach(candidates: _Objects, current: _Objects, start: Iterable[Node]) -> set[Node]:
+    """Every node ``start`` reaches through labels and parents; edges are taken from
+    ``current`` where it has the object, else from ``candidates``."""
+    blobs = {**candidates.blobs, **current.blobs}
+    snaps = {name: {**candidates.snaps.get(name, {}), **current.snaps.get(name, {})}
+             for name in {*candidates.snaps, *current.snaps}}
     marked: set[Node] = set()
-    stack = start
+    stack = list(start)
     while stack:
         node = stack.pop()
         if node in marked:

@@ -103,6 +103,7 @@ __all__ = [
     "BatchRemoval",
     "Capability",
     "Checker",
+    "DamagedRows",
     "DeferredRemoval",
     "Info",
     "Kind",
@@ -337,6 +338,18 @@ class BatchRemoval(Protocol):
         does for one. A key that no longer exists is passed over; one that may not
         be removed (it has children, or another owner) is kept, and so are its
         parents then: returns the keys kept."""
+        ...
+
+
+@runtime_checkable
+class DamagedRows(Protocol):
+    """Snapshots whose metadata no snapshotter wrote are left out of walks (``check``
+    reports them); what they still hold can be asked."""
+
+    def damaged_holds(self) -> list[tuple[str, str, dict[str, str]]]:
+        """Each snapshot left out of walks for its damage, as far as it reads: its
+        key, its parent's key ("" for none, or none that exists) and the labels that
+        are text. A collector keeps all it points at: it may still be in use."""
         ...
 
 

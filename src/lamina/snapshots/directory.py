@@ -561,6 +561,11 @@ class DirectorySnapshotter(ScopedViews):
             return [entry for entry in os.listdir(self._dirs)
                     if entry not in known and not _locked(self._dirs / entry)]
 
+    def damaged_holds(self) -> list[tuple[str, str, dict[str, str]]]:
+        """What the snapshots left out of walks for their damage hold (:class:`DamagedRows`)."""
+        with self.meta.read(self._scope) as tx:
+            return tx.damaged_holds()
+
     def check(self) -> list[Problem]:
         """Where metadata and disk disagree: rows without a directory, directories
         without a row (``cleanup`` removes those). Empty when consistent."""

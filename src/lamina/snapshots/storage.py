@@ -400,6 +400,31 @@ class Transaction:
             return str(key), None  # unrecorded, or damaged (check reports it)
         return str(key), Usage(size=int(size), inodes=int(inodes))
 
+    def damaged_holds(self) -> list[tuple[str, str, dict[str, str]]]:
+        """The rows :meth:`all_infos` leaves out for their damage, as far as they read
+        (see :class:`lamina.snapshots.DamagedRows`). The database picks the rows that
+        may be damaged (one pass in SQLite: a collection asks every time), each then
+        judged as :meth:`all_infos` judges it."""
+        kinds = tuple(k.value for k in Kind)
+        rows = self._c.execute(
+            "SELECT id, key, kind, parent_id, created_ns, updated_ns FROM snapshots"
+            f" WHERE {self._seen} AND (kind NOT IN ({', '.join('?' * len(kinds))})"
+            " OR typeof(created_ns) != 'integer' OR typeof(updated_ns) != 'integer'"
+            " OR created_ns < 0 OR updated_ns < 0 OR id IN (SELECT snapshot_id FROM labels"
+            " WHERE typeof(key) != 'text' OR typeof(value) != 'text')) ORDER BY id",
+            (*self._seen_args, *kinds)).fetchall()
+        held: list[tuple[str, str, dict[str, str]]] = []
+        for sid, key, kind, parent_id, created, updated in rows:
+            labels = self._c.execute("SELECT key, value FROM labels WHERE snapshot_id=?",
+                                     (sid,)).fetchall()
+            text = {k: v for k, v in labels if _label_flaw(k, v) is None}
+            if _flaw(kind, created, updated) is None and len(text) == len(labels):
+                continue  # picked, but sound
+            parent = self._c.execute("SELECT key FROM snapshots WHERE id=?",
+                                     (parent_id,)).fetchone() if parent_id is not None else None
+            held.append((str(key), str(parent[0]) if parent else "", text))
+        return held
+
     def all_infos(self) -> list[Info]:
         """Every snapshot, in two queries (walk over many snapshots stays cheap)."""
         keys = dict(self._c.execute("SELECT id, key FROM snapshots"))
