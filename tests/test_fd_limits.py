@@ -133,3 +133,25 @@ def test_an_erofs_image_out_of_descriptors_is_resource_exhausted(
     layer = f.layer_from_entries([f.File("a", b"x")], tmp_path / "l")
     with pytest.raises(ResourceExhausted, match=r"^write EROFS image: \[Errno 24\] Too many"):
         writer.write_image(io.BytesIO(layer.blob.read_bytes()), tmp_path / "img")
+
+
+def test_telling_descriptors_ran_out_needs_none() -> None:
+    # CI, once in a while: "internal error: ImportError: .../resource.cpython-311...so:
+    # cannot open shared object file: Too many open files": the check that tells
+    # SQLite's "unable to open" apart as running out of descriptors loaded a module,
+    # which takes a descriptor, at the moment none was left
+    code = """if True:
+        import errno, os
+        from lamina.util import db
+        held = []
+        try:
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError as exc:
+            assert exc.errno == errno.EMFILE
+        print(db._out_of_descriptors())
+    """
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False, preexec_fn=lambda: resource.setrlimit(
+                              resource.RLIMIT_NOFILE, (64, 64)))
+    assert (proc.returncode, proc.stdout.strip()) == (0, "True"), proc.stderr

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import resource  # here, not where it is needed: there no descriptor is left to load it
 import sqlite3
 import threading
 import time
@@ -451,8 +452,6 @@ def _out_of_descriptors(margin: int = 8) -> bool:
     """Whether this process is within ``margin`` descriptors of its limit: SQLite
     says only that it could not open a file, and by the time it says so the
     descriptors of the failed attempt are closed again."""
-    import resource
-
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         used = len(os.listdir("/proc/self/fd"))
