@@ -276,7 +276,8 @@ def collect(root: Root, *, dry_run: bool = False) -> Report:
                     candidates = _Objects.read(root)
                     roots = reader.read()
                     current = _Objects.read(root)
-                    marked = _mark(root, candidates, current, roots)
+                    damaged = _held_by_damaged(root, candidates.snaps)
+                    marked = _mark(root, candidates, current, roots, damaged)
                     holders = _holders(root)
                     sizes = _doomed_sizes(root, candidates, marked)
                     # Removal happens while leases, images and containers cannot
@@ -299,7 +300,7 @@ def collect(root: Root, *, dry_run: bool = False) -> Report:
                     # what the sweep leaves (a snapshot it could not remove, a damaged
                     # one it never saw) keeps what its labels name, though no root does
                     marked |= _reach(candidates, current,
-                                     _left_after_sweep(root, candidates, report))
+                                     [*_left_after_sweep(candidates, report), *damaged])
                     doomed = [d for d in sorted(candidates.blobs) if ("content", d) not in marked]
                     for digest in doomed:
                         if len(holders.get(digest, ())) > 1:
@@ -334,9 +335,11 @@ def _delete_blobs(content: ContentStore, digests: Sequence[str]) -> None:
             content.delete(digest)
 
 
-def _mark(root: Root, candidates: _Objects, current: _Objects, roots: _Roots) -> set[Node]:
-    """What the roots reach. Edges are taken from ``current`` (read after the
-    roots) where it has the object, else from ``candidates``."""
+def _mark(root: Root, candidates: _Objects, current: _Objects, roots: _Roots,
+          damaged: Iterable[Node]) -> set[Node]:
+    """What the roots, and ``damaged`` (:func:`_held_by_damaged`), reach. Edges are
+    taken from ``current`` (read after the roots) where it has the object, else from
+    ``candidates``."""
     since = roots.since
 
     def fresh(created: datetime | None) -> bool:
@@ -352,17 +355,15 @@ def _mark(root: Root, candidates: _Objects, current: _Objects, roots: _Roots) ->
         start += [(f"snapshot:{name}", k) for k, i in infos.items()
                   if GC_ROOT in i.labels or fresh(i.created)]
         start += _mounted_snapshots(root, name, infos)
-    start += _held_by_damaged(root, snaps)
+    start += damaged
     return _reach(candidates, current, start)
 
 
-def _left_after_sweep(root: Root, candidates: _Objects, report: Report) -> list[Node]:
-    """The snapshots the sweep leaves (or, in a dry run, would) and what damaged ones
-    point at."""
+def _left_after_sweep(candidates: _Objects, report: Report) -> list[Node]:
+    """The snapshots the sweep leaves (or, in a dry run, would)."""
     gone = {(name, key) for name, key, _ in report.snapshots}
-    left: list[Node] = [(f"snapshot:{name}", key) for name, infos in candidates.snaps.items()
-                        for key in infos if (name, key) not in gone]
-    return left + _held_by_damaged(root, candidates.snaps)
+    return [(f"snapshot:{name}", key) for name, infos in candidates.snaps.items()
+            for key in infos if (name, key) not in gone]
 
 
 def _held_by_damaged(root: Root, names: Iterable[str]) -> list[Node]:
