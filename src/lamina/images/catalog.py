@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 from lamina.errors import Damaged
 from lamina.images.listing import parse_filters
 from lamina.metadata.images import Image, ImageRecords
-from lamina.metadata.records import RecordStore
 
 # lamina.images.summary (the documents' walk, the content store) is imported for
 # the first image resolved: an empty root's image ls needs none of it.
@@ -59,13 +58,9 @@ class Catalog:
 
     def listing(self, filters: Sequence[str] = ()) -> tuple[list[Image], list[Damaged]]:
         """The images ``filters`` select that read, and the error of each damaged
-        record (of a root's store: a server's answers for its own), so that a listing
-        shows the others and tells of those."""
+        record, so that a listing shows the others and tells of those."""
         wanted = parse_filters(filters, lookup=self.images.get) if filters else None
-        if isinstance(self.images, RecordStore):
-            images, damaged = self.images.readable()
-        else:
-            images, damaged = self.images.list(), []
+        images, damaged = self.images.readable()
         if wanted is not None:
             images = [i for i in images if wanted(i)]
         return images, damaged

@@ -8,6 +8,7 @@ stored under another spelling updates that record, so a name never has two.
 
 from __future__ import annotations
 
+import builtins
 import json
 import time
 from collections.abc import Iterator, Mapping
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Protocol
 
-from lamina.errors import AlreadyExists, InvalidArgument
+from lamina.errors import AlreadyExists, Damaged, InvalidArgument
 from lamina.labels import update_labels, validate_labels
 from lamina.metadata.records import RecordStore, record_schema, time_from_ns
 from lamina.oci.reference import spellings
@@ -44,6 +45,11 @@ class ImageRecords(Protocol):
 
     def list(self) -> list[Image]:
         """Every record, sorted by name."""
+        ...
+
+    def readable(self) -> tuple[builtins.list[Image], builtins.list[Damaged]]:
+        """The records that read, sorted by name, and the error of each damaged one
+        (a listing shows the others, then tells of those)."""
         ...
 
     def create(self, image: Image) -> Image:

@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from lamina.errors import (
     AlreadyExists,
@@ -400,33 +401,11 @@ class Transaction:
             return str(key), None  # unrecorded, or damaged (check reports it)
         return str(key), Usage(size=int(size), inodes=int(inodes))
 
-    def damaged_holds(self) -> list[tuple[str, str, dict[str, str]]]:
-        """The rows :meth:`all_infos` leaves out for their damage, as far as they read
-        (see :class:`lamina.snapshots.DamagedRows`). The database picks the rows that
-        may be damaged (one pass in SQLite: a collection asks every time), each then
-        judged as :meth:`all_infos` judges it."""
-        kinds = tuple(k.value for k in Kind)
-        rows = self._c.execute(
-            "SELECT id, key, kind, parent_id, created_ns, updated_ns FROM snapshots"
-            f" WHERE {self._seen} AND (kind NOT IN ({', '.join('?' * len(kinds))})"
-            " OR typeof(created_ns) != 'integer' OR typeof(updated_ns) != 'integer'"
-            " OR created_ns < 0 OR updated_ns < 0 OR id IN (SELECT snapshot_id FROM labels"
-            " WHERE typeof(key) != 'text' OR typeof(value) != 'text')) ORDER BY id",
-            (*self._seen_args, *kinds)).fetchall()
-        held: list[tuple[str, str, dict[str, str]]] = []
-        for sid, key, kind, parent_id, created, updated in rows:
-            labels = self._c.execute("SELECT key, value FROM labels WHERE snapshot_id=?",
-                                     (sid,)).fetchall()
-            text = {k: v for k, v in labels if _label_flaw(k, v) is None}
-            if _flaw(kind, created, updated) is None and len(text) == len(labels):
-                continue  # picked, but sound
-            parent = self._c.execute("SELECT key FROM snapshots WHERE id=?",
-                                     (parent_id,)).fetchone() if parent_id is not None else None
-            held.append((str(key), str(parent[0]) if parent else "", text))
-        return held
-
-    def all_infos(self) -> list[Info]:
-        """Every snapshot, in two queries (walk over many snapshots stays cheap)."""
+    def _rows_and_labels(self) -> tuple[list[tuple[Any, ...]], dict[int, str],
+                                        dict[int, dict[str, str]], set[int]]:
+        """One read of what walks are made of: the rows in scope (id, key, kind,
+        parent id, times), every row's key by id, the labels that are text by row,
+        and the rows with a label that is not."""
         keys = dict(self._c.execute("SELECT id, key FROM snapshots"))
         rows = self._c.execute(
             "SELECT id, key, kind, parent_id, created_ns, updated_ns FROM snapshots"
@@ -439,6 +418,13 @@ class Transaction:
                 labels.setdefault(sid, {})[k] = v
             else:
                 damaged.add(sid)
+        return rows, keys, labels, damaged
+
+    def all_infos(self) -> list[Info]:
+        """Every snapshot, in three queries (walk over many snapshots stays cheap).
+        A damaged row is left out (check reports it), as is one with a damaged label:
+        read without it, it would be collected where the label may keep it."""
+        rows, keys, labels, damaged = self._rows_and_labels()
         return [
             Info(
                 kind=Kind(kind),
@@ -449,9 +435,18 @@ class Transaction:
                 updated=_dt(updated),
             )
             for sid, key, kind, parent_id, created, updated in rows
-            # a damaged row is left out (check reports it), as is one with a damaged
-            # label: read without it, it would be collected where the label may keep it
             if _flaw(kind, created, updated) is None and sid not in damaged
+        ]
+
+    def damaged_holds(self) -> list[tuple[str, str, dict[str, str]]]:
+        """The rows :meth:`all_infos` leaves out, as far as they read (see
+        :class:`lamina.snapshots.DamagedRows`)."""
+        rows, keys, labels, damaged = self._rows_and_labels()
+        return [
+            (str(key), keys.get(parent_id, "") if parent_id is not None else "",
+             labels.get(sid, {}))
+            for sid, key, kind, parent_id, created, updated in rows
+            if _flaw(kind, created, updated) is not None or sid in damaged
         ]
 
 
