@@ -95,8 +95,18 @@ class Relay:
 
 
 def _partial_ingest(root: Path) -> int:
-    """The largest ingest's byte count under ``root`` (0 when none)."""
-    sizes = [p.stat().st_size for p in root.rglob("ingest/*/data")] if root.exists() else []
+    """The largest ingest's byte count in the content store of ``root`` (0 when none).
+
+    Only the ingest directory is looked at: the pull makes and removes other
+    directories (a snapshotter's feature probes) while this polls. An ingest
+    committed between listing and stat counts as none.
+    """
+    sizes = []
+    for data in (root / "content" / "ingest").glob("*/data"):
+        try:
+            sizes.append(data.stat().st_size)
+        except FileNotFoundError:
+            continue
     return max(sizes, default=0)
 
 
