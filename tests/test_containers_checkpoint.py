@@ -25,6 +25,7 @@ from conftest import require_root_user, require_tools
 
 from lamina.containers.checkpoint import (
     ANNOTATION_BIND_DESTINATION,
+    ANNOTATION_BIND_SOURCE,
     ANNOTATION_RUNTIME,
     ANNOTATION_SNAPSHOTTER,
     RUNTIME,
@@ -32,12 +33,15 @@ from lamina.containers.checkpoint import (
 from lamina.containers.options import make_options
 from lamina.containers.runtime import TaskStatus
 from lamina.containers.runtime.criu import find_criu
+from lamina.containers.runtime.spec import BindMount
 from lamina.containers.service import ContainerService
 from lamina.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound
+from lamina.images.graph import put_document, read_document
 from lamina.images.service import ImageService
 from lamina.metadata.gc import collect
+from lamina.metadata.images import Image
 from lamina.metadata.root import Root
-from lamina.oci.types import MediaType, host_platform
+from lamina.oci.types import Descriptor, MediaType, host_platform
 
 layout = shared.layout
 Cli = shared.Cli
@@ -339,10 +343,18 @@ def test_checkpoint_binds_restore_to_sources_and_bind_root(cli: Cli, tmp_path: P
     assert sorted(d["annotations"][ANNOTATION_BIND_DESTINATION] for d in binds) == [
         "/data", "/note.txt"]
 
-    # back into the original sources (which lost their contents meanwhile)
+    # back into the original sources (which lost their contents meanwhile) only when
+    # asked: the checkpoint names those host paths, and may have come from a registry
     shutil.rmtree(data)
     note.unlink()
-    restore(cli, "binds/binder:1", "binder2")
+    refused = cli("container", "restore", "binds/binder:1", "binder2", check=False)
+    assert refused.returncode == 5, refused.stderr  # FailedPrecondition
+    line = refused.stderr.strip()
+    assert "\n" not in line and "--binds" in line and "--bind-root" in line, line
+    assert str(data) in line and str(note) in line, line
+    assert not data.exists() and not note.exists()
+    assert "binder2" not in cli.containers()
+    restore(cli, "--binds", "binds/binder:1", "binder2")
     assert (data / "marker").read_text() == "bind contents\n"
     assert (data / "sub" / "deep.txt").read_text() == "deep\n"
     assert note.read_text() == "a single file\n"
@@ -435,3 +447,80 @@ def test_failed_checkpoint_resumes_the_task(
     assert "frail2" in Path(f"/proc/{restored.task.pid}/cgroup").read_text()
     ct.remove("frail", force=True)
     ct.remove("frail2", force=True)
+
+
+def test_restore_writes_bind_contents_only_where_asked_and_below_the_bind_root(
+    services: tuple[ContainerService, ContainerService], tmp_path: Path
+) -> None:
+    """A checkpoint may come from a registry: the host paths its bind archives name
+    are written only with ``binds``, and with a bind root nothing lands outside it —
+    whatever destinations, sources or mounts the checkpoint was made to carry."""
+    ct, cps = services
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "marker").write_text("bind contents\n")
+    ct.create(V1, "binder", options=make_options(args=["sh", "-c", COUNTER],
+                                                 mounts=[BindMount(str(data), "/data")]))
+    ct.start("binder", detach=True)
+    cps.checkpoint("binder", "binds:1", exit=True, binds=True)
+    content = ct.root.content()
+    index = json.loads(read_document(content, ct.images.get("binds:1").target))
+
+    def tampered(name: str, bind: dict[str, str] | None = None,
+                 config: dict[str, Any] | None = None) -> str:
+        """A copy of the checkpoint with the bind archive's annotations and the
+        config's entries replaced."""
+        doc = json.loads(json.dumps(index))
+        for d in doc["manifests"]:
+            if d["mediaType"] == MediaType.CHECKPOINT_BINDS and bind:
+                d["annotations"].update(bind)
+            if d["mediaType"] == MediaType.CHECKPOINT_CONFIG and config:
+                cfg = json.loads(read_document(content, Descriptor.from_json(d, "config")))
+                cfg.update(config)
+                raw = json.dumps(cfg).encode()
+                d["digest"], d["size"] = put_document(content, raw), len(raw)
+        raw = json.dumps(doc).encode()
+        ct.images.images.put(Image(name=name, target=Descriptor(
+            MediaType.OCI_INDEX, put_document(content, raw), len(raw))))
+        return name
+
+    bind_root = tmp_path / "bind-root"
+    outside = tmp_path / "outside"
+    escaped = tmp_path / "escaped"
+    climb = "/" + "../" * 40 + str(escaped).lstrip("/")
+    config_desc = next(d for d in index["manifests"]
+                       if d["mediaType"] == MediaType.CHECKPOINT_CONFIG)
+    options = json.loads(read_document(content, Descriptor.from_json(config_desc, "config"))
+                         )["options"]
+    cases: list[tuple[str, type[Exception], str, dict[str, Any]]] = [
+        # neither --binds nor --bind-root: the recorded source is not written
+        (tampered("plain:1"), FailedPrecondition, "--binds", {}),
+        # an archive for a destination no mount has fell back to its recorded source
+        (tampered("stray:1", bind={ANNOTATION_BIND_DESTINATION: "/elsewhere",
+                                   ANNOTATION_BIND_SOURCE: str(outside)}),
+         InvalidArgument, "no mount of the checkpoint has", {"bind_root": bind_root}),
+        # a destination that climbs out of the bind root
+        (tampered("climb:1", bind={ANNOTATION_BIND_DESTINATION: climb},
+                  config={"options": {**options, "mounts": [
+                      {**options["mounts"][0], "destination": climb}]}}),
+         InvalidArgument, "would not stay under --bind-root", {"bind_root": bind_root}),
+        # mounts that are not a list of objects (was an internal TypeError)
+        (tampered("mangled:1", config={"options": {**options, "mounts": "/data"}}),
+         InvalidArgument, "not a list of objects", {"bind_root": bind_root}),
+        (tampered("both:1"), InvalidArgument, "not both",
+         {"bind_root": bind_root, "binds": True}),
+    ]
+    shutil.rmtree(data)
+    for i, (ref, error, words, kwargs) in enumerate(cases):
+        with pytest.raises(error, match=words):
+            cps.restore(ref, f"r{i}", **kwargs)
+        with pytest.raises(NotFound):
+            ct.get(f"r{i}")
+        assert not data.exists() and not outside.exists() and not escaped.exists(), ref
+        assert not bind_root.exists() or not any(bind_root.rglob("marker")), ref
+
+    restored = cps.restore("binds:1", "binder2", binds=True)  # asked: back to the source
+    assert restored.task.status == TaskStatus.RUNNING
+    assert (data / "marker").read_text() == "bind contents\n"
+    ct.remove("binder2", force=True)
+    ct.remove("binder", force=True)

@@ -261,7 +261,7 @@ def _checkpoint(args: argparse.Namespace, app: App) -> int:
 def _restore(args: argparse.Namespace, app: App) -> int:
     rootless.refuse("container restore", rootless.CRIU_ROOTLESS)
     with services(app) as ct:
-        result = ct.restore(args.ref, args.id, bind_root=args.bind_root)
+        result = ct.restore(args.ref, args.id, bind_root=args.bind_root, binds=args.binds)
     print(f"{result.container.id}\t{result.task.pid}")
     if args.verbose:
         print(json.dumps(dict(result.timings), sort_keys=True), file=sys.stderr)
@@ -354,9 +354,13 @@ def add_checkpoint_flags(v: argparse.ArgumentParser) -> None:
 
 
 def add_restore_flags(v: argparse.ArgumentParser) -> None:
-    v.add_argument("--bind-root", metavar="DIR",
-                   help="put bind mount contents under DIR/<destination> instead of their "
-                        "original sources")
+    where = v.add_mutually_exclusive_group()
+    where.add_argument("--binds", action="store_true",
+                       help="write the bind mount contents the checkpoint carries back to "
+                            "the host paths it records")
+    where.add_argument("--bind-root", metavar="DIR",
+                       help="write them under DIR/<destination> instead (and mount them "
+                            "from there)")
     v.add_argument("-v", "--verbose", action="store_true", help="print timings (stderr)")
     v.add_argument("ref", metavar="REF", help="the checkpoint image")
     v.add_argument("id", metavar="ID", help="the new container's ID")

@@ -24,7 +24,8 @@ A restore (:meth:`Checkpoints.restoring`) registers the checkpoint's image
 from the index if this root does not know it (e.g. after ``image import`` of
 an exported checkpoint); the container service makes a new container on it,
 and the restore then applies the rw layer onto its revision, puts bind mount
-contents back (at their original sources or under a ``bind_root``), unpacks
+contents back (at their original sources, or under a ``bind_root``: only
+where the caller asks, since the checkpoint names those paths), unpacks
 the CRIU images into a temporary directory and has runc/CRIU restore the
 process tree there.
 
@@ -62,6 +63,7 @@ from lamina.errors import (
     InvalidArgument,
     LaminaError,
     NotFound,
+    printable,
 )
 from lamina.fs.files import remove_tree, sync_filesystem
 from lamina.images.graph import label_references, put_document, read_document
@@ -476,14 +478,18 @@ class Checkpoints:
 
     @contextlib.contextmanager
     def restoring(self, ref: str, cid: str, *,
-                  bind_root: str | os.PathLike[str] | None = None) -> Iterator[RestoreJob]:
+                  bind_root: str | os.PathLike[str] | None = None,
+                  binds: bool = False) -> Iterator[RestoreJob]:
         """Checkpoint ``ref`` read and checked, its image registered, a lease and a
         work directory held for the block: the :class:`RestoreJob` that restores it
         as container ``cid``, once the caller has made that container.
 
-        Bind mount contents go back to their original sources, or with
-        ``bind_root`` to ``<bind_root>/<destination>`` (and the job's options
-        and spec mount them from there).
+        Bind mount contents archived with the checkpoint are written only where
+        the caller says: with ``binds`` back to the host paths the checkpoint
+        records, with ``bind_root`` under ``<bind_root>/<destination>`` (and the
+        job's options and spec mount them from there). A checkpoint that carries
+        bind contents is refused without either: those paths come from the
+        checkpoint, which may have come from a registry.
         """
         timer = _Timer()
         ckpt = self.read(ref)
@@ -494,31 +500,84 @@ class Checkpoints:
         spec: dict[str, Any] = json.loads(json.dumps(ckpt.config.get("spec") or {}))
         if not spec:
             raise InvalidArgument(f"{ref}: checkpoint has no runtime spec")
-        moved: dict[str, str] = {}  # destination -> new source
-        if bind_root is not None:
-            base = Path(bind_root).absolute()
-            for m in options.get("mounts") or []:
-                new = str(base / str(m["destination"]).lstrip("/"))
-                moved[str(m["destination"])] = new
-                m["source"] = new
-            for m in spec.get("mounts") or []:
-                if m.get("type") == "bind" and m.get("destination") in moved:
-                    m["source"] = moved[m["destination"]]
+        targets = _bind_targets(ckpt, options, spec, bind_root=bind_root, binds=binds)
         spec.setdefault("annotations", {})[RESTORED_FROM_ANNOTATION] = ref
         name = f"restore-{cid}-{time.time_ns()}-{secrets.token_hex(3)}"
         with self.root.leases().held(purpose="restore"), self._work_dir(name) as workdir:
             yield RestoreJob(self, ckpt, image=self._ensure_image(ckpt),
                              labels={**ckpt.config.get("labels", {}), CHECKPOINT: ref},
-                             options=options, spec=spec, moved=moved, workdir=workdir,
+                             options=options, spec=spec, binds=targets, workdir=workdir,
                              timer=timer)
 
 
-def _restore_bind(content: ContentStore, desc: Descriptor, moved: Mapping[str, str]) -> None:
-    dest = desc.annotations.get(ANNOTATION_BIND_DESTINATION, "")
-    source = moved.get(dest) or desc.annotations.get(ANNOTATION_BIND_SOURCE, "")
-    if not source or not os.path.isabs(source):
-        raise InvalidArgument(f"bind archive {desc.digest} names no usable source path")
-    target = Path(source)
+def _mount_list(ref: str, where: str, mounts: object) -> list[dict[str, Any]]:
+    """The mounts a checkpoint's options or spec list (InvalidArgument unless a list
+    of objects)."""
+    if mounts is None:
+        return []
+    if not isinstance(mounts, list) or not all(isinstance(m, dict) for m in mounts):
+        raise InvalidArgument(f"{ref}: the checkpoint's {where} mounts are not a list "
+                              "of objects")
+    return mounts
+
+
+def _beneath(base: Path, destination: object, ref: str) -> Path:
+    """``base/<destination>``: InvalidArgument unless the destination is an absolute
+    path that stays below ``base`` (no ``..``, not the root itself)."""
+    if not isinstance(destination, str) or not destination.startswith("/") \
+            or "\0" in destination:
+        raise InvalidArgument(f"{ref}: a bind mount destination {destination!r} is not "
+                              "an absolute path")
+    parts = [p for p in destination.split("/") if p not in ("", ".")]
+    if ".." in parts or not parts:
+        raise InvalidArgument(f"{ref}: bind mount destination {destination!r} would not "
+                              "stay under --bind-root")
+    return base.joinpath(*parts)
+
+
+def _bind_targets(ckpt: Checkpoint, options: dict[str, Any], spec: dict[str, Any], *,
+                  bind_root: str | os.PathLike[str] | None,
+                  binds: bool) -> list[tuple[Descriptor, Path]]:
+    """Where each bind archive of ``ckpt`` is written back, checked before anything
+    is made; with ``bind_root`` the mounts of ``options`` and ``spec`` are moved there."""
+    ref = ckpt.ref
+    if bind_root is not None and binds:
+        raise InvalidArgument("bind mount contents go either back to their sources "
+                              "(binds) or under a bind root, not both")
+    if bind_root is not None:
+        base = Path(bind_root).absolute()
+        moved: dict[str, str] = {}  # destination -> new source
+        for m in _mount_list(ref, "container", options.get("mounts")):
+            new = str(_beneath(base, m.get("destination"), ref))
+            moved[str(m["destination"])] = new
+            m["source"] = new
+        for m in _mount_list(ref, "runtime spec", spec.get("mounts")):
+            dest = m.get("destination")
+            if m.get("type") == "bind" and isinstance(dest, str) and dest in moved:
+                m["source"] = moved[dest]
+        placed = []
+        for desc in ckpt.binds:
+            wanted = desc.annotations.get(ANNOTATION_BIND_DESTINATION, "")
+            if wanted not in moved:
+                raise InvalidArgument(
+                    f"{ref}: bind archive {desc.digest} is for {printable(wanted)!r}, "
+                    "which no mount of the checkpoint has")
+            placed.append((desc, Path(moved[wanted])))
+        return placed
+    sources = [desc.annotations.get(ANNOTATION_BIND_SOURCE, "") for desc in ckpt.binds]
+    for desc, source in zip(ckpt.binds, sources, strict=True):
+        if not source or not os.path.isabs(source) or "\0" in source:
+            raise InvalidArgument(f"bind archive {desc.digest} names no usable source path")
+    if sources and not binds:
+        shown = ", ".join(printable(s) for s in sources)
+        raise FailedPrecondition(
+            f"{ref}: the checkpoint carries the contents of bind mounts ({shown}); "
+            "restore with --binds to write them back to those host paths, or with "
+            "--bind-root DIR to put them under DIR")
+    return [(desc, Path(source)) for desc, source in zip(ckpt.binds, sources, strict=True)]
+
+
+def _restore_bind(content: ContentStore, desc: Descriptor, target: Path) -> None:
     if desc.annotations.get(ANNOTATION_BIND_KIND, "dir") == "file":
         target.parent.mkdir(parents=True, exist_ok=True)
         with content.reader(desc.digest) as r, \
@@ -540,15 +599,15 @@ class RestoreJob:
 
     def __init__(self, checkpoints: Checkpoints, ckpt: Checkpoint, *, image: str,
                  labels: Mapping[str, str], options: Mapping[str, Any],
-                 spec: dict[str, Any], moved: Mapping[str, str], workdir: Path,
-                 timer: _Timer) -> None:
+                 spec: dict[str, Any], binds: Sequence[tuple[Descriptor, Path]],
+                 workdir: Path, timer: _Timer) -> None:
         self._cps = checkpoints
         self._ckpt = ckpt
         self.image = image
         self.labels = dict(labels)
         self.options = dict(options)
         self.spec = spec
-        self._moved = moved
+        self._binds = list(binds)
         self._images_dir = workdir / "criu"
         self._work = workdir / "work"
         self._timer = timer
@@ -567,8 +626,8 @@ class RestoreJob:
                            diff_id=ckpt.rw.annotations.get(ANNOTATION_DIFF_ID),
                            tmpmounts=cps.root.tmpmounts)
         with self.phase("binds"):
-            for desc in ckpt.binds:
-                _restore_bind(cps.content, desc, self._moved)
+            for desc, target in self._binds:
+                _restore_bind(cps.content, desc, target)
         # what the checkpoint's rw layer wrote into the new revision reaches the
         # disk before the task runs on it (as an upgrade's copied writes do)
         sync_filesystem(cps.root.path)

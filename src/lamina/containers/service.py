@@ -276,19 +276,21 @@ class ContainerService:
         return self._checkpoints.list()
 
     def restore(self, ref: str, cid: str, *, bind_root: str | os.PathLike[str] | None = None,
-                detach: bool = True) -> RestoreResult:
+                binds: bool = False, detach: bool = True) -> RestoreResult:
         """Restore checkpoint ``ref`` as a new container ``cid`` with a running task.
 
         Bind mount contents archived with the checkpoint go back to their
-        original sources, or with ``bind_root`` to ``<bind_root>/<destination>``
-        (and the new container mounts them from there). On failure the new
-        container, if made, is removed again.
+        original sources with ``binds``, or with ``bind_root`` to
+        ``<bind_root>/<destination>`` (and the new container mounts them from
+        there); a checkpoint carrying them is refused with neither. On failure
+        the new container, if made, is removed again.
         """
         from lamina.containers.checkpoint import RestoreResult  # see the imports (startup)
 
         container: Container | None = None
         try:
-            with self._checkpoints.restoring(ref, cid, bind_root=bind_root) as job:
+            with self._checkpoints.restoring(ref, cid, bind_root=bind_root,
+                                             binds=binds) as job:
                 with job.phase("create"):
                     container = self._revisions.create(job.image, cid, labels=job.labels,
                                                        options=job.options)
