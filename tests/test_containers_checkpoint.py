@@ -524,3 +524,56 @@ def test_restore_writes_bind_contents_only_where_asked_and_below_the_bind_root(
     assert (data / "marker").read_text() == "bind contents\n"
     ct.remove("binder2", force=True)
     ct.remove("binder", force=True)
+
+
+def test_a_checkpoint_config_of_the_wrong_shape_is_invalid_argument(
+    services: tuple[ContainerService, ContainerService],
+) -> None:
+    """A checkpoint may come from a registry: each part of its config a restore reads
+    is checked first — one InvalidArgument, no container made (were TypeError,
+    ValueError and AttributeError: internal errors)."""
+    ct, _ = services
+    content = ct.root.content()
+    image = ct.images.get(V1)
+
+    def put(obj: object) -> tuple[str, int]:
+        raw = json.dumps(obj).encode()
+        return put_document(content, raw), len(raw)
+
+    criu, criu_size = put("not read: the config is refused first")
+    good = {"version": 1, "id": "c", "image": V1, "image_target": image.target.to_json(),
+            "snapshotter": "overlay", "runtime": {"name": RUNTIME}, "labels": {},
+            "options": {"args": ["sh"]}, "spec": {"process": {"args": ["sh"]}}}
+    wrong: dict[str, tuple[dict[str, Any], str]] = {
+        "labels-list": ({"labels": ["a"]}, "labels are not an object of strings"),
+        "labels-number": ({"labels": {"a": 1}}, "labels are not an object of strings"),
+        "options-list": ({"options": [["args", "sh"]]}, "options are not an object"),
+        "options-text": ({"options": "sh"}, "options are not an object"),
+        "spec-list": ({"spec": [1]}, "runtime spec is not an object"),
+        "annotations-list": ({"spec": {"annotations": [1]}}, "runtime spec is not an object"),
+        "image-number": ({"image": 5}, "'image' is not a string"),
+        "args-number": ({"options": {"args": 5}}, "'args' is not a list of strings"),
+        "env-text": ({"options": {"env": "A=1"}}, "'env' is not a list of strings"),
+        "mount-source": ({"options": {"mounts": [{"source": 1, "destination": "/d"}]}},
+                         "a bind mount of its options"),
+        "mount-relative": ({"options": {"mounts": [{"source": "d", "destination": "/d"}]}},
+                           "must be absolute"),
+        "userns-text": ({"options": {"userns": "0:1000:1"}}, "bad userns option"),
+        "cwd-number": ({"options": {"cwd": 5}}, "'cwd' is not a string"),
+    }
+    for name, (change, words) in wrong.items():
+        config_digest, config_size = put({**good, **change})
+        index_digest, index_size = put({
+            "schemaVersion": 2, "mediaType": MediaType.OCI_INDEX,
+            "annotations": {ANNOTATION_RUNTIME: RUNTIME},
+            "manifests": [
+                image.target.to_json(),
+                {"mediaType": MediaType.CHECKPOINT_CRIU, "digest": criu, "size": criu_size},
+                {"mediaType": MediaType.CHECKPOINT_CONFIG, "digest": config_digest,
+                 "size": config_size}]})
+        ct.images.images.put(Image(name=f"bad/{name}:1", target=Descriptor(
+            MediaType.OCI_INDEX, index_digest, index_size)))
+        with pytest.raises(InvalidArgument, match=words):
+            ct.restore(f"bad/{name}:1", f"r-{name}")
+        with pytest.raises(NotFound):
+            ct.get(f"r-{name}")

@@ -52,7 +52,7 @@ from typing import IO, Any, BinaryIO, cast
 
 from lamina.archive.apply import apply_layer
 from lamina.archive.changes import write_diff
-from lamina.containers.options import bind_mounts, options_of
+from lamina.containers.options import bind_mounts, options_of, parse_options
 from lamina.containers.runtime import TaskInfo, TaskManager, TaskStatus
 from lamina.containers.taskstate import keep, resume_paused, task_of
 from lamina.content import ContentStore
@@ -436,6 +436,7 @@ class Checkpoints:
         config = json.loads(read_document(self.content, cfg[0]))
         if not isinstance(config, dict):
             raise InvalidArgument(f"{ref}: checkpoint config is not an object")
+        _check_config(ref, config)
         rw = by_type.get(MediaType.CHECKPOINT_RW, [])
         image_target: Descriptor | None = None
         if isinstance(config.get("image_target"), dict):
@@ -505,9 +506,29 @@ class Checkpoints:
         name = f"restore-{cid}-{time.time_ns()}-{secrets.token_hex(3)}"
         with self.root.leases().held(purpose="restore"), self._work_dir(name) as workdir:
             yield RestoreJob(self, ckpt, image=self._ensure_image(ckpt),
-                             labels={**ckpt.config.get("labels", {}), CHECKPOINT: ref},
+                             labels={**(ckpt.config.get("labels") or {}), CHECKPOINT: ref},
                              options=options, spec=spec, binds=targets, workdir=workdir,
                              timer=timer)
+
+
+def _check_config(ref: str, config: dict[str, Any]) -> None:
+    """Check the parts of a checkpoint config a restore reads (it may come from a
+    registry): InvalidArgument unless they have the shapes a checkpoint writes.
+    The options are made again (:func:`parse_options`)."""
+    what = f"{ref}: checkpoint config"
+    config["options"] = parse_options(config.get("options"), what)
+    labels = config.get("labels")
+    if labels is not None and not (isinstance(labels, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items())):
+        raise InvalidArgument(f"{what}: its labels are not an object of strings")
+    spec = config.get("spec")
+    if spec is not None and not (isinstance(spec, dict)
+                                 and isinstance(spec.get("annotations") or {}, dict)):
+        raise InvalidArgument(f"{what}: its runtime spec is not an object with an object "
+                              "of annotations")
+    for key in ("image", "snapshotter"):
+        if not isinstance(config.get(key) or "", str):
+            raise InvalidArgument(f"{what}: its {key!r} is not a string")
 
 
 def _mount_list(ref: str, where: str, mounts: object) -> list[dict[str, Any]]:

@@ -37,7 +37,8 @@ from lamina.metadata.containers import Container
 from lamina.mounts.idmap import UserNamespace
 
 __all__ = [
-    "bind_mounts", "make_options", "options_of", "options_spec", "userns_of", "with_spec",
+    "bind_mounts", "make_options", "options_of", "options_spec", "parse_options", "userns_of",
+    "with_spec",
 ]
 
 
@@ -76,6 +77,49 @@ def make_options(
     }
 
 
+def parse_options(obj: object, what: str) -> dict[str, Any]:
+    """An options record read from outside this root (a checkpoint's config),
+    checked and made again with :func:`make_options`: InvalidArgument naming
+    ``what`` unless it has the shape above."""
+    if obj is None:
+        return make_options()
+    if not isinstance(obj, Mapping):
+        raise InvalidArgument(f"{what}: its options are not an object")
+
+    def strings(key: str) -> list[str]:
+        value = obj.get(key) or []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InvalidArgument(f"{what}: its option {key!r} is not a list of strings")
+        return value
+
+    def text(key: str) -> str | None:
+        value = obj.get(key)
+        if value is not None and not isinstance(value, str):
+            raise InvalidArgument(f"{what}: its option {key!r} is not a string")
+        return value
+
+    raw_mounts = obj.get("mounts") or []
+    if not isinstance(raw_mounts, list) or not all(isinstance(m, Mapping) for m in raw_mounts):
+        raise InvalidArgument(f"{what}: its option 'mounts' is not a list of objects")
+    mounts = []
+    for m in raw_mounts:
+        source, destination = m.get("source"), m.get("destination")
+        readonly = m.get("readonly", False)
+        if not isinstance(source, str) or not isinstance(destination, str) \
+                or not isinstance(readonly, bool):
+            raise InvalidArgument(f"{what}: a bind mount of its options is not "
+                                  "{source, destination, readonly}")
+        mounts.append(BindMount(source=source, destination=destination, readonly=readonly))
+    args = obj.get("args")
+    options = make_options(args=None if args is None else strings("args"), env=strings("env"),
+                           mounts=mounts, userns=userns_of(obj), cwd=text("cwd"),
+                           user=text("user"))
+    network = text("network")  # its values are the network module's to judge, when used
+    if network is not None:
+        options["network"] = network
+    return options
+
+
 def options_spec(options: Mapping[str, Any] | None) -> dict[str, Any]:
     """The spec a new container's record starts with: its options, no runtime spec yet."""
     return {"annotations": {OPTIONS_ANNOTATION: dict(options or {})}}
@@ -102,7 +146,7 @@ def userns_of(options: Mapping[str, Any]) -> UserNamespace | None:
         return None
     try:
         return UserNamespace.from_json(obj)
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, AttributeError) as exc:
         raise InvalidArgument(f"bad userns option {obj!r}") from exc
 
 
