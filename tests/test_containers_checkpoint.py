@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -526,6 +527,33 @@ def test_restore_writes_bind_contents_only_where_asked_and_below_the_bind_root(
     ct.remove("binder", force=True)
 
 
+def _crafted(ct: ContainerService, name: str, change: dict[str, Any] | None = None,
+             criu: bytes = b"not read") -> str:
+    """Checkpoint image ``name`` made by hand, as a registry could serve it: V1's
+    image, a CRIU blob of ``criu``'s bytes, a config with ``change`` applied."""
+    content = ct.root.content()
+    image = ct.images.get(V1)
+
+    def put(raw: bytes) -> dict[str, Any]:
+        return {"digest": put_document(content, raw), "size": len(raw)}
+
+    config = {"version": 1, "id": "c", "image": V1, "image_target": image.target.to_json(),
+              "snapshotter": "overlay", "runtime": {"name": RUNTIME}, "labels": {},
+              "options": {"args": ["sh"]}, "spec": {"process": {"args": ["sh"]}},
+              **(change or {})}
+    index = json.dumps({
+        "schemaVersion": 2, "mediaType": MediaType.OCI_INDEX,
+        "annotations": {ANNOTATION_RUNTIME: RUNTIME},
+        "manifests": [
+            image.target.to_json(),
+            {"mediaType": MediaType.CHECKPOINT_CRIU, **put(criu)},
+            {"mediaType": MediaType.CHECKPOINT_CONFIG, **put(json.dumps(config).encode())},
+        ]}).encode()
+    ct.images.images.put(Image(name=name, target=Descriptor(
+        MediaType.OCI_INDEX, put_document(content, index), len(index))))
+    return name
+
+
 def test_a_checkpoint_config_of_the_wrong_shape_is_invalid_argument(
     services: tuple[ContainerService, ContainerService],
 ) -> None:
@@ -533,17 +561,6 @@ def test_a_checkpoint_config_of_the_wrong_shape_is_invalid_argument(
     is checked first — one InvalidArgument, no container made (were TypeError,
     ValueError and AttributeError: internal errors)."""
     ct, _ = services
-    content = ct.root.content()
-    image = ct.images.get(V1)
-
-    def put(obj: object) -> tuple[str, int]:
-        raw = json.dumps(obj).encode()
-        return put_document(content, raw), len(raw)
-
-    criu, criu_size = put("not read: the config is refused first")
-    good = {"version": 1, "id": "c", "image": V1, "image_target": image.target.to_json(),
-            "snapshotter": "overlay", "runtime": {"name": RUNTIME}, "labels": {},
-            "options": {"args": ["sh"]}, "spec": {"process": {"args": ["sh"]}}}
     wrong: dict[str, tuple[dict[str, Any], str]] = {
         "labels-list": ({"labels": ["a"]}, "labels are not an object of strings"),
         "labels-number": ({"labels": {"a": 1}}, "labels are not an object of strings"),
@@ -562,18 +579,51 @@ def test_a_checkpoint_config_of_the_wrong_shape_is_invalid_argument(
         "cwd-number": ({"options": {"cwd": 5}}, "'cwd' is not a string"),
     }
     for name, (change, words) in wrong.items():
-        config_digest, config_size = put({**good, **change})
-        index_digest, index_size = put({
-            "schemaVersion": 2, "mediaType": MediaType.OCI_INDEX,
-            "annotations": {ANNOTATION_RUNTIME: RUNTIME},
-            "manifests": [
-                image.target.to_json(),
-                {"mediaType": MediaType.CHECKPOINT_CRIU, "digest": criu, "size": criu_size},
-                {"mediaType": MediaType.CHECKPOINT_CONFIG, "digest": config_digest,
-                 "size": config_size}]})
-        ct.images.images.put(Image(name=f"bad/{name}:1", target=Descriptor(
-            MediaType.OCI_INDEX, index_digest, index_size)))
         with pytest.raises(InvalidArgument, match=words):
-            ct.restore(f"bad/{name}:1", f"r-{name}")
+            ct.restore(_crafted(ct, f"bad/{name}:1", change), f"r-{name}")
         with pytest.raises(NotFound):
             ct.get(f"r-{name}")
+
+
+def _criu_tar(metadata: tarfile.TarInfo, data: bytes = b"") -> bytes:
+    """A CRIU image directory as a checkpoint carries it: an inventory and the
+    metadata member given."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(tarfile.TarInfo("inventory.img"), io.BytesIO(b""))
+        tar.addfile(metadata, io.BytesIO(data) if metadata.isfile() else None)
+    return out.getvalue()
+
+
+def test_checkpoint_metadata_cannot_steer_runc_or_hang_the_restore(
+    services: tuple[ContainerService, ContainerService], tmp_path: Path,
+) -> None:
+    """The CRIU images' metadata record names the runc restore flags: only those a
+    dump records are honoured (a ``--pid-file`` had runc write a host path), and
+    a record that is a FIFO is refused, not waited on."""
+    ct, _ = services
+    victim = tmp_path / "victim"
+    record = json.dumps({"options": ["--tcp-established", "--pid-file", str(victim)]}).encode()
+    info = tarfile.TarInfo("lamina-checkpoint.json")
+    info.size = len(record)
+    fifo = tarfile.TarInfo("lamina-checkpoint.json")
+    fifo.type = tarfile.FIFOTYPE
+    cases = [(_crafted(ct, "steer:1", criu=_criu_tar(info, record)), "only --tcp-established"),
+             (_crafted(ct, "fifo:1", criu=_criu_tar(fifo)), "not a regular file")]
+    for ref, words in cases:
+        failed: list[BaseException] = []
+
+        def restore(ref: str = ref, failed: list[BaseException] = failed) -> None:
+            try:
+                ct.restore(ref, "steered")
+            except BaseException as exc:  # told to the test below
+                failed.append(exc)
+
+        worker = threading.Thread(target=restore, daemon=True)
+        worker.start()
+        worker.join(60)
+        assert failed, f"{ref}: the restore is still running (or succeeded) after 60 s"
+        assert isinstance(failed[0], InvalidArgument) and words in str(failed[0]), failed
+        with pytest.raises(NotFound):
+            ct.get("steered")
+        assert not victim.exists()

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 from pathlib import Path
 
 import pytest
+from conftest import require_root_user
 
 from lamina.containers.runtime.runc import _last_error, error_from_message, parse_signal
 from lamina.containers.runtime.spec import (
     DEFAULT_CAPABILITIES,
     DEFAULT_PATH,
+    MAX_USER_DB,
     BindMount,
     generate_spec,
     parse_mount_flag,
@@ -214,6 +218,45 @@ def test_passwd_symlinks_stay_inside_the_rootfs(tmp_path: Path) -> None:
     assert resolve_user("good", root).uid == 7
     assert resolve_in_root(root, "/etc/passwd") == root / "data" / "pw"
     assert resolve_in_root(root, "/../../etc/x") == root / "etc" / "x"
+
+
+def test_a_passwd_that_is_no_regular_file_or_too_large_is_refused(tmp_path: Path) -> None:
+    """An image's /etc/passwd or /etc/group is read only if it is a regular file of
+    at most MAX_USER_DB bytes: a FIFO hung the container's start for ever, a
+    device (read through a mount without nodev) could act when opened or never
+    end, a huge file was read whole into memory."""
+    require_root_user()  # mknod
+    (tmp_path / "etc").mkdir()
+    passwd = tmp_path / "etc" / "passwd"
+
+    def outcome() -> str:
+        found: list[str] = []
+
+        def look() -> None:
+            try:
+                resolve_user("nobody", tmp_path)
+                found.append("resolved")
+            except (InvalidArgument, NotFound) as exc:
+                found.append(f"{type(exc).__name__}: {exc}")
+
+        worker = threading.Thread(target=look, daemon=True)
+        worker.start()
+        worker.join(10)
+        return found[0] if found else "still reading after 10 s"
+
+    os.mkfifo(passwd)
+    assert outcome() == "InvalidArgument: the image's /etc/passwd is not a regular file"
+    passwd.unlink()
+    os.mknod(passwd, 0o644 | 0o020000, os.makedev(1, 5))  # /dev/zero's numbers
+    assert outcome() == "InvalidArgument: the image's /etc/passwd is not a regular file"
+    passwd.unlink()
+    with open(passwd, "wb") as f:
+        f.truncate(MAX_USER_DB + 1)  # sparse
+    assert outcome().startswith("InvalidArgument: the image's /etc/passwd is larger than")
+    passwd.unlink()
+    passwd.write_text("nobody:x:65534:65534::/nonexistent:/bin/sh\n")
+    (tmp_path / "etc" / "group").mkdir()  # a directory reads as absent, as before
+    assert outcome() == "resolved"
 
 
 # --------------------------------------------------------------------------- parsers

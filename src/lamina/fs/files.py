@@ -6,10 +6,11 @@ import contextlib
 import fcntl
 import functools
 import os
+import stat
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from lamina.errors import Unavailable
+from lamina.errors import InvalidArgument, Unavailable
 
 # ctypes, tempfile and fs.remove are imported by the helpers that use them: every
 # command imports this module (the database's fsync_dir), few sync, write or remove.
@@ -17,7 +18,8 @@ if TYPE_CHECKING:
     import ctypes
 
 __all__ = ["WRITEBACK_EVERY", "atomic_file", "atomic_write", "filesystem_type", "fsync_dir",
-           "libc", "locked", "names_open_file", "remove_tree", "start_writeback", "sync_filesystem"]
+           "libc", "locked", "names_open_file", "read_regular_file", "remove_tree",
+           "start_writeback", "sync_filesystem"]
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -123,6 +125,41 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
+
+
+def read_regular_file(path: str | os.PathLike[str], *, limit: int, what: str) -> bytes | None:
+    """The bytes of the regular file at ``path``, None when nothing is there.
+
+    For files someone else made (an image's, a checkpoint's): nothing but a
+    regular file is opened — a FIFO would block, a device could act on open —
+    the last component is not followed, and a file of more than ``limit`` bytes
+    is not read. Each of those is InvalidArgument naming ``what``.
+    """
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidArgument(f"{what} is not a regular file")
+    if st.st_size > limit:
+        raise InvalidArgument(f"{what} is larger than {limit:,} bytes")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                     | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InvalidArgument(f"{what} cannot be read: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since the lstat
+            raise InvalidArgument(f"{what} is not a regular file")
+        chunks, size = [], 0
+        while size <= limit and (chunk := os.read(fd, min(1 << 20, limit + 1 - size))):
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise InvalidArgument(f"{what} is larger than {limit:,} bytes")
+    return b"".join(chunks)
 
 
 def remove_tree(path: str | os.PathLike[str]) -> None:

@@ -38,7 +38,9 @@ from lamina.errors import (
     LaminaError,
     NotFound,
     Unavailable,
+    printable,
 )
+from lamina.fs.files import read_regular_file
 from lamina.mounts.mount import Mount, is_mountpoint
 
 from .bundle import (
@@ -175,6 +177,35 @@ def _options(*, tcp_established: bool, ext_unix_sk: bool, file_locks: bool) -> t
     return tuple(opts)
 
 
+#: the runc restore flags a checkpoint's metadata may ask for: those a dump records
+_RESTORE_FLAGS = _options(tcp_established=True, ext_unix_sk=True, file_locks=True)
+
+
+def _saved(image_dir: Path) -> dict[str, Any]:
+    """The record written with the dump in ``image_dir`` ({} when there is none).
+    The images may come from a registry: it is read only if it is a small regular
+    file, and the runc restore flags it names are checked (:func:`_restore_flags`)."""
+    raw = read_regular_file(image_dir / METADATA, limit=16 << 20,
+                            what=f"checkpoint metadata {METADATA}")
+    try:
+        saved = json.loads(raw) if raw is not None else {}
+    except ValueError:
+        saved = {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def _restore_flags(saved: dict[str, Any]) -> list[str]:
+    """The runc restore flags the dump recorded (all of :data:`_RESTORE_FLAGS` when
+    none are): one lamina does not record (``--pid-file`` or ``--work-path`` would
+    have runc write host paths) is InvalidArgument."""
+    options = saved.get("options", list(_RESTORE_FLAGS))
+    if not isinstance(options, list) or not all(o in _RESTORE_FLAGS for o in options):
+        raise InvalidArgument(f"checkpoint metadata asks runc restore for options "
+                              f"{printable(repr(options))[:200]}; only "
+                              f"{', '.join(_RESTORE_FLAGS)} are honoured")
+    return [str(o) for o in options]
+
+
 def checkpoint(
     launcher: Launcher,
     task_id: str,
@@ -282,15 +313,8 @@ def restore(
     image_dir = image_dir.absolute()
     if not (image_dir / "inventory.img").exists():
         raise NotFound(f"no checkpoint in {image_dir}")
-    saved: dict[str, Any] = {}
-    with contextlib.suppress(FileNotFoundError, ValueError):
-        saved = json.loads((image_dir / METADATA).read_text())
-    opts = [
-        str(o)
-        for o in saved.get(
-            "options", _options(tcp_established=True, ext_unix_sk=True, file_locks=True)
-        )
-    ]
+    saved = _saved(image_dir)
+    opts = _restore_flags(saved)
     _require_criu()
 
     bundles = launcher.bundles

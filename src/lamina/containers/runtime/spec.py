@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lamina.errors import InvalidArgument, NotFound
+from lamina.fs.files import read_regular_file
 
 __all__ = [
     "DEFAULT_CAPABILITIES",
@@ -39,6 +40,8 @@ __all__ = [
 OCI_VERSION = "1.0.2"
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: the most of an image's /etc/passwd or /etc/group that is read (real ones are KiB)
+MAX_USER_DB = 16 << 20
 
 #: docker's default capability set
 DEFAULT_CAPABILITIES: tuple[str, ...] = (
@@ -244,10 +247,12 @@ def _read_db(rootfs: str | os.PathLike[str] | None, name: str) -> list[list[str]
     if rootfs is None:
         return []
     path = resolve_in_root(rootfs, name)
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+    if path.is_dir():
+        return []  # as if absent: a numeric user needs no entry
+    data = read_regular_file(path, limit=MAX_USER_DB, what=f"the image's {name}")
+    if data is None:
         return []
+    text = data.decode("utf-8", errors="replace")
     rows = []
     for line in text.splitlines():
         if not line.strip() or line.lstrip().startswith("#"):
