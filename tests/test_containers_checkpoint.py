@@ -559,15 +559,26 @@ def test_a_checkpoint_config_of_the_wrong_shape_is_invalid_argument(
 ) -> None:
     """A checkpoint may come from a registry: each part of its config a restore reads
     is checked first — one InvalidArgument, no container made (were TypeError,
-    ValueError and AttributeError: internal errors)."""
+    ValueError and AttributeError: internal errors, or runc's unmarshal error). The
+    CRIU blob is a real image directory's tar, so a restore would get as far as
+    the network attachment and runc."""
     ct, _ = services
+    criu = _criu_tar(tarfile.TarInfo("dump.log"))
     wrong: dict[str, tuple[dict[str, Any], str]] = {
         "labels-list": ({"labels": ["a"]}, "labels are not an object of strings"),
         "labels-number": ({"labels": {"a": 1}}, "labels are not an object of strings"),
         "options-list": ({"options": [["args", "sh"]]}, "options are not an object"),
         "options-text": ({"options": "sh"}, "options are not an object"),
         "spec-list": ({"spec": [1]}, "runtime spec is not an object"),
-        "annotations-list": ({"spec": {"annotations": [1]}}, "runtime spec is not an object"),
+        "annotations-list": ({"spec": {"annotations": [1]}}, "spec's annotations is not an"),
+        # the parts the network attachment and runc read
+        "linux-list": ({"spec": {"linux": [1]}}, "spec's linux is not an object"),
+        "namespaces-text": ({"spec": {"linux": {"namespaces": "net"}}},
+                            "spec's linux.namespaces is not a list of objects"),
+        "spec-mounts": ({"spec": {"mounts": [1]}}, "spec's mounts is not a list of objects"),
+        "hostname-number": ({"spec": {"hostname": 5}}, "spec's hostname is not a string"),
+        "process-args": ({"spec": {"process": {"args": 5}}},
+                         "spec's process.args is not a list of strings"),
         "image-number": ({"image": 5}, "'image' is not a string"),
         "args-number": ({"options": {"args": 5}}, "'args' is not a list of strings"),
         "env-text": ({"options": {"env": "A=1"}}, "'env' is not a list of strings"),
@@ -580,7 +591,7 @@ def test_a_checkpoint_config_of_the_wrong_shape_is_invalid_argument(
     }
     for name, (change, words) in wrong.items():
         with pytest.raises(InvalidArgument, match=words):
-            ct.restore(_crafted(ct, f"bad/{name}:1", change), f"r-{name}")
+            ct.restore(_crafted(ct, f"bad/{name}:1", change, criu), f"r-{name}")
         with pytest.raises(NotFound):
             ct.get(f"r-{name}")
 

@@ -522,13 +522,41 @@ def _check_config(ref: str, config: dict[str, Any]) -> None:
             isinstance(k, str) and isinstance(v, str) for k, v in labels.items())):
         raise InvalidArgument(f"{what}: its labels are not an object of strings")
     spec = config.get("spec")
-    if spec is not None and not (isinstance(spec, dict)
-                                 and isinstance(spec.get("annotations") or {}, dict)):
-        raise InvalidArgument(f"{what}: its runtime spec is not an object with an object "
-                              "of annotations")
+    if spec is not None:
+        _check_spec(what, spec)
     for key in ("image", "snapshotter"):
         if not isinstance(config.get(key) or "", str):
             raise InvalidArgument(f"{what}: its {key!r} is not a string")
+
+
+#: the parts of a runtime spec lamina reads or runc unmarshals strictly, by path:
+#: what each must be when present ("[str]": a list of strings, "[obj]": of objects)
+_SPEC_SHAPE: dict[tuple[str, ...], str] = {
+    (): "obj", ("annotations",): "obj", ("hostname",): "str", ("root",): "obj",
+    ("process",): "obj", ("process", "args"): "[str]", ("process", "env"): "[str]",
+    ("process", "cwd"): "str", ("process", "user"): "obj", ("mounts",): "[obj]",
+    ("linux",): "obj", ("linux", "namespaces"): "[obj]",
+}
+
+
+def _check_spec(what: str, spec: object) -> None:
+    """InvalidArgument unless each part of ``spec`` in :data:`_SPEC_SHAPE` that is
+    there has its shape (a checkpoint's spec is read by the network attachment
+    and by runc before any process runs)."""
+    fits = {"obj": lambda v: isinstance(v, dict), "str": lambda v: isinstance(v, str),
+            "[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+            "[obj]": lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v)}
+    for path, shape in _SPEC_SHAPE.items():
+        value: Any = spec
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None and not fits[shape](value):
+            where = f"runtime spec's {'.'.join(path)}" if path else "runtime spec"
+            raise InvalidArgument(f"{what}: its {where} is not {_SHAPE_WORDS[shape]}")
+
+
+_SHAPE_WORDS = {"obj": "an object", "str": "a string", "[str]": "a list of strings",
+                "[obj]": "a list of objects"}
 
 
 def _mount_list(ref: str, where: str, mounts: object) -> list[dict[str, Any]]:
