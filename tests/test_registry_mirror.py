@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import imagefactory
@@ -38,6 +38,7 @@ from lamina.api.mirror import MirrorLimits, RegistryMirror, mirror_of, parse_lis
 from lamina.content import write_blob
 from lamina.content.local import LocalContentStore
 from lamina.errors import AlreadyExists, InvalidArgument, Unavailable
+from lamina.labels import DISTRIBUTION_SOURCE
 from lamina.oci.types import MediaType
 
 __all__ = ["certs"]  # a fixture used here
@@ -63,13 +64,16 @@ BARE_INDEX = json.dumps({"schemaVersion": 2, "manifests": [
      "size": len(OCI_MANIFEST)}]}).encode()
 THEIRS = b"a blob only containerd holds"
 INGESTING = b"half of a blob still being written"
+#: what a pull labels the blobs it fetched with: the mirror serves only those
+PULLED = {DISTRIBUTION_SOURCE + "registry.example": "app"}
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[LocalContentStore]:
     s = LocalContentStore(tmp_path / "content")
     for i, data in enumerate([LAYER, CONFIG, OCI_MANIFEST, DOCKER_MANIFEST, BARE_INDEX]):
-        write_blob(s, f"ref-{i}", data, expected=sha(data))
+        write_blob(s, f"ref-{i}", data, expected=sha(data), labels=PULLED)
+    # containerd keeps its labels in its own metadata: its blobs come with none
     write_blob(s.scoped("containerd"), "theirs", THEIRS, expected=sha(THEIRS))
     w = s.writer("ingest", total=len(INGESTING), expected=sha(INGESTING))
     w.write(INGESTING[:10])
@@ -187,6 +191,32 @@ def test_unknown_and_ingests_are_not_served(mirror: RegistryMirror) -> None:
         assert (resp.status, error_code(body)) == (404, "BLOB_UNKNOWN")
     resp, body = request(mirror, "GET", "/v2/app/blobs/sha512:" + "ab" * 64)
     assert resp.status == 404
+
+
+def test_only_what_the_cli_pulled_is_served_of_its_own(store: LocalContentStore,
+                                                       mirror: RegistryMirror) -> None:
+    """A blob the CLI made or imported on the node (a checkpoint's memory dump, a rw
+    layer, an ingest) has no distribution source label: a peer that knows its digest
+    gets the 404 of an absent blob, for a blob and for a manifest."""
+    dump = b"a checkpoint's memory: keys and all"
+    local_manifest = json.dumps({"schemaVersion": 2, "mediaType": MediaType.OCI_MANIFEST,
+                                 "config": {"mediaType": MediaType.OCI_CONFIG,
+                                            "digest": sha(dump), "size": len(dump)},
+                                 "layers": []}).encode()
+    write_blob(store, "dump", dump, expected=sha(dump))
+    write_blob(store, "local", local_manifest, expected=sha(local_manifest),
+               labels={"containerd.io/gc.root": "x"})
+    for kind, data, code in (("blobs", dump, "BLOB_UNKNOWN"),
+                             ("manifests", local_manifest, "MANIFEST_UNKNOWN")):
+        for method in ("GET", "HEAD"):
+            resp, body = request(mirror, method, f"/v2/app/{kind}/{sha(data)}")
+            assert resp.status == 404, (kind, method, resp.status)
+            if method == "GET":
+                assert error_code(body) == code
+    # once a pull labels it (the same bytes fetched from a registry), it is served
+    store.update(replace(store.info(sha(dump)), labels=PULLED), "labels")
+    resp, body = request(mirror, "GET", f"/v2/app/blobs/{sha(dump)}")
+    assert (resp.status, body) == (200, dump)
 
 
 def test_containerd_blobs_served_without_a_reference(store: LocalContentStore,
@@ -326,7 +356,7 @@ def test_streams_with_flat_memory(tmp_path: Path) -> None:
             w.write(chunk)
             h.update(chunk)
         digest = f"sha256:{h.hexdigest()}"
-        w.commit(big_size, digest)
+        w.commit(big_size, digest, labels=PULLED)
         with RegistryMirror(store, "127.0.0.1", 0) as m:
             before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             conn = http.client.HTTPConnection(*m.address, timeout=30)

@@ -11,9 +11,16 @@ containerd or lamina) ahead of the registry::
 and pull what it holds from it; a 404 (or an unreachable mirror) sends them on
 to the next host. What is answered is :mod:`lamina.api.distribution`'s:
 committed blobs and manifests by digest, never an ingest, never a tag or a
-listing, no writes. Every committed blob of the store is served, whoever
-holds it (the CLI or containerd): content is addressed by its digest and the
-puller verifies it. Looking a blob up never writes to the store.
+listing, no writes. Content is addressed by its digest and the puller
+verifies it. Looking a blob up never writes to the store.
+
+A mirror mirrors registries. Of the CLI's blobs only those a pull fetched are
+served (labelled ``containerd.io/distribution.source.<registry>``): what the
+CLI made or imported on this node — a checkpoint's memory dump and rw layer,
+an imported archive, an ingest — is as unknown as an absent blob, whoever asks
+for its digest. containerd's blobs are all served: containerd keeps their
+labels in its own metadata (a content proxy is told none), and on a node its
+content is what CRI pulled.
 
 Bounds, so that no peer can hold the node: at most ``max_connections``
 connections at once (the next one is answered 503 with ``Retry-After`` and
@@ -44,7 +51,8 @@ from typing import TYPE_CHECKING, BinaryIO, Self
 
 from lamina.api.distribution import API_VERSION, Answer, answer, error_answer
 from lamina.errors import AlreadyExists, InvalidArgument, NotFound
-from lamina.owners import OWNERS
+from lamina.labels import DISTRIBUTION_SOURCE
+from lamina.owners import CLI, OWNERS
 
 if TYPE_CHECKING:
     from lamina.content.local import LocalContentStore
@@ -136,7 +144,7 @@ class RegistryMirror:
     def __init__(self, store: LocalContentStore, host: str, port: int, *,
                  tls: ssl.SSLContext | None = None, limits: MirrorLimits | None = None,
                  owns_store: bool = False) -> None:
-        self._views = [store.scoped(owner) for owner in OWNERS]
+        self._views = [(store.scoped(owner), owner == CLI) for owner in OWNERS]
         self._store = store
         self._owns_store = owns_store
         self._host, self._port = host, port
@@ -216,12 +224,14 @@ class RegistryMirror:
     def _open_blob(self, digest: str) -> BinaryIO:
         # each owner's own view: the CLI's would take a reference to what only
         # containerd holds (a write), an owner's view only reads
-        for view in self._views:
+        for view, pulled_only in self._views:
             try:
-                return view.reader(digest)
+                if not pulled_only or any(key.startswith(DISTRIBUTION_SOURCE)
+                                          for key in view.info(digest).labels):
+                    return view.reader(digest)
             except NotFound:
                 continue
-        raise NotFound(f"content {digest} not found")
+        raise NotFound(f"content {digest} not found")  # or the CLI's own: not pulled
 
     def _answer(self, req: _Request) -> Answer:
         try:
