@@ -70,8 +70,9 @@ class Node:
 
     def __init__(self, workdir: Path, base: Path, netns: str, registry: Registry, *,
                  snapshotter: str = "lamina", stats_period: int = 1,
-                 serve_options: tuple[str, ...] = ()) -> None:
+                 serve_options: tuple[str, ...] = (), content: bool = False) -> None:
         self.workdir = workdir
+        self.content = content  # containerd's content store is lamina's too
         self.snapshotter = snapshotter  # CRI's; "overlayfs" for containerd's own (bench)
         self.stats_period = stats_period
         self.serve_options = serve_options  # ``lamina serve``'s own flags
@@ -101,6 +102,7 @@ class Node:
         """What ``lamina config containerd --cri`` prints for this node."""
         out = self.cli("config", "containerd", "--cri", "--address", str(self.sock),
                        "--sandbox-image", self.sandbox_image,
+                       *(["--content"] if self.content else []),
                        "--cni-bin-dir", CNI_BIN_DIR, "--cni-conf-dir", str(self.base / "net.d"))
         return out.stdout
 
@@ -118,6 +120,9 @@ class Node:
             f"  stats_collect_period = {self.stats_period}",
             "  netns_mounts_under_state_dir = true", ""]))
         self.config_path.write_text("\n".join([
+            # as the --content snippet's comment says: containerd uses one content store
+            *(['disabled_plugins = ["io.containerd.content.v1.content"]'] if self.content
+              else []),
             f'root = "{b / "root"}"',
             f'state = "{b / "state"}"',
             cri,
@@ -282,12 +287,13 @@ class Node:
 
 @contextlib.contextmanager
 def cri_node(workdir: Path, *, snapshotter: str = "lamina", stats_period: int = 1,
-             serve_options: tuple[str, ...] = ()) -> Iterator[Node]:
+             serve_options: tuple[str, ...] = (), content: bool = False) -> Iterator[Node]:
     """A node on ``workdir``, with ``lamina serve`` and containerd running, CRI's
     snapshotter ``snapshotter`` (the benchmark compares containerd's ``overlayfs``),
     CRI collecting snapshot usage every ``stats_period`` seconds (containerd's
     default is 10; the benchmark uses it, the tests want fresh figures), ``lamina
-    serve`` given ``serve_options``.
+    serve`` given ``serve_options``, and with ``content`` containerd's content
+    store lamina's too (``--content``).
 
     A clean exit removes the pods left, stops containerd and then ``lamina
     serve``, which must exit cleanly; anything else is stopped by PID.
@@ -298,7 +304,8 @@ def cri_node(workdir: Path, *, snapshotter: str = "lamina", stats_period: int = 
         with second_host() as (netns, host_ip, _), \
                 running_registry(workdir / "registry", addr=host_ip) as registry:
             node = Node(workdir, base, netns, registry, snapshotter=snapshotter,
-                        stats_period=stats_period, serve_options=serve_options)
+                        stats_period=stats_period, serve_options=serve_options,
+                        content=content)
             try:
                 node.write_config()
                 node.start_serve()

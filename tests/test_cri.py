@@ -8,6 +8,8 @@ under running pods, are in ``test_cri_churn.py``.
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import ipaddress
 import re
 import subprocess
@@ -21,7 +23,11 @@ import pytest
 from cri_node import NAMESPACE, POD_SUBNET, Node, build_images, cri_node, wait_for
 
 from lamina.api import DEFAULT_ADDRESS
+from lamina.api.mirror import RegistryMirror
 from lamina.cli.config import DEFAULT_CNI_BIN_DIR, DEFAULT_CNI_CONF_DIR, cri_snippet
+from lamina.content import write_blob
+from lamina.content.local import LocalContentStore
+from lamina.owners import CONTAINERD
 
 REPO = Path(__file__).resolve().parent.parent
 CRI_TOML = REPO / "contrib/containerd/cri.toml"
@@ -113,6 +119,36 @@ def _wait_image_fs_is_laminas(node: Node) -> int:
 
     wait_for(f"ImageFsInfo reports lamina's usage ({seen})", agree)
     return _image_fs(node)[0]
+
+
+def test_a_node_serves_its_peers_what_cri_pulled(tmp_root: Path,
+                                                 images: dict[str, str]) -> None:
+    """With containerd's content store lamina's (``--content``), what CRI pulls lands in
+    the lamina root, held by containerd and with no labels there (containerd keeps
+    them in its own metadata); the node's registry mirror serves every such blob to
+    peers by digest, and still not the CLI's own content."""
+    with cri_node(tmp_root, content=True) as node:
+        node.cri.pull(node.push(images["app-a"], "app-a:1"))
+        with LocalContentStore(node.root / "content") as store:
+            pulled = {i.digest: i.labels for i in store.scoped(CONTAINERD).walk()}
+            assert len(pulled) == 4, pulled  # manifest, config, two layers
+            own = b"made by the CLI on this node"
+            own_digest = "sha256:" + hashlib.sha256(own).hexdigest()
+            write_blob(store, "own", own, expected=own_digest)
+            with RegistryMirror(store, "127.0.0.1", 0) as mirror:
+                conn = http.client.HTTPConnection(*mirror.address, timeout=30)
+                try:
+                    for digest in [*pulled, own_digest]:
+                        conn.request("GET", f"/v2/lamina/app-a/blobs/{digest}")
+                        resp = conn.getresponse()
+                        body = resp.read()
+                        if digest == own_digest:
+                            assert resp.status == 404
+                        else:
+                            assert resp.status == 200, (digest, resp.status, body[:200])
+                            assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
+                finally:
+                    conn.close()
 
 
 def test_images(tmp_root: Path, images: dict[str, str]) -> None:
