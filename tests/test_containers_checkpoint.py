@@ -579,6 +579,10 @@ def test_a_checkpoint_config_of_the_wrong_shape_is_invalid_argument(
         "hostname-number": ({"spec": {"hostname": 5}}, "spec's hostname is not a string"),
         "process-args": ({"spec": {"process": {"args": 5}}},
                          "spec's process.args is not a list of strings"),
+        # hooks run on the host, outside any container (were passed on to runc)
+        "hooks": ({"spec": {"process": {"args": ["sh"]}, "hooks": {"createRuntime": [
+            {"path": "/bin/sh", "args": ["sh", "-c", "touch /tmp/hooked"]}]}}},
+                  "runtime spec has hooks"),
         "image-number": ({"image": 5}, "'image' is not a string"),
         "args-number": ({"options": {"args": 5}}, "'args' is not a list of strings"),
         "env-text": ({"options": {"env": "A=1"}}, "'env' is not a list of strings"),

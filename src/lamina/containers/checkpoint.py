@@ -542,7 +542,11 @@ _SPEC_SHAPE: dict[tuple[str, ...], str] = {
 def _check_spec(what: str, spec: object) -> None:
     """InvalidArgument unless each part of ``spec`` in :data:`_SPEC_SHAPE` that is
     there has its shape (a checkpoint's spec is read by the network attachment
-    and by runc before any process runs)."""
+    and by runc before any process runs), and unless it has no hooks: commands
+    runc would run on the host, outside any container, which lamina never writes."""
+    if isinstance(spec, dict) and spec.get("hooks"):
+        raise InvalidArgument(f"{what}: its runtime spec has hooks (commands runc runs on "
+                              "the host); lamina writes none and restores none")
     fits = {"obj": lambda v: isinstance(v, dict), "str": lambda v: isinstance(v, str),
             "[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
             "[obj]": lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v)}
