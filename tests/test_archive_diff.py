@@ -271,3 +271,43 @@ def test_overlay_apply_matches_plain_apply(tmp_path: Path) -> None:
         got = without_root(tree_state(m))
     assert got == expected
     assert res.diff_id.startswith("sha256:")
+
+
+def test_a_file_that_changes_under_the_writer_is_failed_precondition(tmp_path: Path) -> None:
+    """What the walk listed as a regular file may be something else, or shorter, by
+    the time its data is read (a running container's tree): the layer writer is
+    given the listing's stat and the entry as it is now. A FIFO there blocked the
+    writer for ever (``open`` waited for a writer end); a file that shrank was an
+    Internal error. Both are FailedPrecondition now, naming the entry."""
+    import threading
+
+    from lamina.archive.layerwriter import Member, write_layer
+    from lamina.errors import FailedPrecondition
+
+    listed = tmp_path / "listed"
+    listed.write_bytes(b"x" * 4096)
+    st = os.lstat(listed)
+    os.mkfifo(tmp_path / "swapped")
+    (tmp_path / "shrunk").write_bytes(b"x" * 100)
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name, words in (("swapped", "changed while the layer was being written"),
+                            ("shrunk", "shrank while the layer was being written")):
+            outcome: list[BaseException | None] = []
+
+            def write(name: str = name, outcome: list[BaseException | None] = outcome) -> None:
+                try:
+                    write_layer([Member(f"etc/{name}", st, (dir_fd, name), {})], io.BytesIO(),
+                                compression="none")
+                    outcome.append(None)
+                except BaseException as exc:  # told to the test below
+                    outcome.append(exc)
+
+            worker = threading.Thread(target=write, daemon=True)
+            worker.start()
+            worker.join(10)
+            assert outcome, f"{name}: the writer is still blocked after 10 s"
+            assert isinstance(outcome[0], FailedPrecondition), outcome
+            assert words in str(outcome[0]) and f"etc/{name}" in str(outcome[0])
+    finally:
+        os.close(dir_fd)

@@ -40,7 +40,9 @@ from lamina.mounts.overlay import overlay_opaque_xattr, overlay_xattr_prefix
 
 __all__ = ["DiffResult", "overlay_changes", "tree_changes", "write_diff", "write_overlay_diff"]
 
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
+# not blocking: an entry listed as a file may be a FIFO by the time it is opened
+_READ_FLAGS = (os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+               | getattr(os, "O_NOATIME", 0))
 _CMP_CHUNK = 1 << 20
 
 _At = tuple[int, str]  # an entry: its directory's fd and its name

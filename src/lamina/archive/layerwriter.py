@@ -25,10 +25,12 @@ from typing import NamedTuple
 
 from lamina.archive.compression import Compression, Sink, compressor
 from lamina.archive.tarwriter import TarWriter
+from lamina.errors import FailedPrecondition
 
 __all__ = ["Change", "DiffResult", "Member", "Whiteout", "write_layer"]
 
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
+_READ_FLAGS = (os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+               | getattr(os, "O_NOATIME", 0))
 
 
 class Member(NamedTuple):
@@ -139,7 +141,12 @@ class _Layer:
         fd: int | None = None
         if size:
             assert at is not None
+            # not blocking: what was listed as a file may be a FIFO by now
             fd = os.open(at[1], _READ_FLAGS, dir_fd=at[0])
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise FailedPrecondition(f"layer: {m.path!r} changed while the layer was "
+                                         "being written (is a container running on it?)")
         try:
             self.tar.add(m.path, typeflag, mode=stat.S_IMODE(mode), uid=st.st_uid,
                          gid=st.st_gid, mtime_ns=st.st_mtime_ns, size=size, linkname=linkname,

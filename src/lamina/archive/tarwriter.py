@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from lamina.errors import Internal
+from lamina.errors import FailedPrecondition, Internal
 
 __all__ = ["TarWriter"]
 
@@ -84,8 +84,9 @@ class TarWriter:
     ) -> None:
         """Write one member; regular-file data (``size`` bytes) is read from ``data_fd``.
 
-        Directory names get a trailing ``/``. Raises Internal if ``data_fd``
-        yields fewer than ``size`` bytes (the file shrank while being read).
+        Directory names get a trailing ``/``. Raises FailedPrecondition if
+        ``data_fd`` yields fewer than ``size`` bytes (the file shrank while being
+        read).
         """
         if typeflag == "5" and not name.endswith("/"):
             name += "/"
@@ -137,7 +138,8 @@ class TarWriter:
         while left:
             chunk = os.read(fd, min(left, _READ))
             if not chunk:
-                raise Internal(f"tar writer: {name!r} shrank while being archived")
+                raise FailedPrecondition(f"layer: {name!r} shrank while the layer was being "
+                                         "written (is a container running on it?)")
             left -= len(chunk)
             if len(chunk) >= _FLUSH_AT:
                 self.flush()
