@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import socket
 import stat
@@ -311,3 +312,21 @@ def test_a_file_that_changes_under_the_writer_is_failed_precondition(tmp_path: P
             assert words in str(outcome[0]) and f"etc/{name}" in str(outcome[0])
     finally:
         os.close(dir_fd)
+
+
+def test_a_file_named_like_a_whiteout_cannot_go_into_a_layer(tmp_path: Path) -> None:
+    """A file a container made named ``.wh.keep`` (or the opaque marker's name) means
+    "delete keep" (or "hide the lower directory") once in a layer: written as it was,
+    it deleted its sibling wherever the layer was applied. A diff that meets one
+    is FailedPrecondition naming it, whichever walk found it."""
+    from lamina.errors import FailedPrecondition
+
+    for name in (".wh.keep", ".wh..wh..opq"):
+        tree = tmp_path / name.replace(".", "_") / "upper"
+        (tree / "data").mkdir(parents=True)
+        (tree / "data" / "keep").write_text("kept\n")
+        (tree / "data" / name).write_text("a file, not a whiteout\n")
+        for diff in (lambda out, t=tree: write_diff(None, t, out, compression="none"),
+                     lambda out, t=tree: write_overlay_diff(t, out, compression="none")):
+            with pytest.raises(FailedPrecondition, match=f"data/{re.escape(name)}"):
+                diff(io.BytesIO())

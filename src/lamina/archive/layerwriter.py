@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 from lamina.archive.compression import Compression, Sink, compressor
 from lamina.archive.tarwriter import TarWriter
+from lamina.archive.whiteout import WHITEOUT_PREFIX
 from lamina.errors import FailedPrecondition
 
 __all__ = ["Change", "DiffResult", "Member", "Whiteout", "write_layer"]
@@ -117,6 +118,12 @@ class _Layer:
         self.tar.add(w.path, "0", mode=0, uid=0, gid=0, mtime_ns=w.mtime_ns)
 
     def member(self, m: Member) -> None:
+        if m.path.rpartition("/")[2].startswith(WHITEOUT_PREFIX):
+            # in a layer the name says "delete": written, the file would turn into a
+            # whiteout of its sibling (the OCI layer format cannot carry it)
+            raise FailedPrecondition(
+                f"layer: {m.path!r} cannot go into a layer: a name beginning "
+                f"{WHITEOUT_PREFIX!r} means a whiteout there")
         st, at = m.stat, m.at
         mode = st.st_mode
         size = 0
