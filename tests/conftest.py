@@ -24,7 +24,8 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Generator, Iterator
+import threading
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,6 +48,26 @@ def require_tools(*names: str) -> None:
     missing = [n for n in names if shutil.which(n) is None]
     if missing:
         pytest.skip(f"required tool(s) not installed: {', '.join(missing)}")
+
+
+def ended_within(seconds: float, call: Callable[[], object], what: str) -> BaseException | None:
+    """Run ``call`` in a thread: what it raised, None when it returned. Still running
+    after ``seconds`` fails the test (the hang such a test looks for); the thread,
+    a daemon, is left where it blocks."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:  # handed to the test
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert outcome, f"{what}: still running after {seconds:g} s"
+    return outcome[0]
 
 
 def require_root_user() -> None:

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import ended_within
 from test_archive_support import (
     CAP_NET_BIND,
     apply_bytes,
@@ -280,8 +281,6 @@ def test_a_file_that_changes_under_the_writer_is_failed_precondition(tmp_path: P
     given the listing's stat and the entry as it is now. A FIFO there blocked the
     writer for ever (``open`` waited for a writer end); a file that shrank was an
     Internal error. Both are FailedPrecondition now, naming the entry."""
-    import threading
-
     from lamina.archive.layerwriter import Member, write_layer
     from lamina.errors import FailedPrecondition
 
@@ -294,22 +293,12 @@ def test_a_file_that_changes_under_the_writer_is_failed_precondition(tmp_path: P
     try:
         for name, words in (("swapped", "changed while the layer was being written"),
                             ("shrunk", "shrank while the layer was being written")):
-            outcome: list[BaseException | None] = []
-
-            def write(name: str = name, outcome: list[BaseException | None] = outcome) -> None:
-                try:
-                    write_layer([Member(f"etc/{name}", st, (dir_fd, name), {})], io.BytesIO(),
-                                compression="none")
-                    outcome.append(None)
-                except BaseException as exc:  # told to the test below
-                    outcome.append(exc)
-
-            worker = threading.Thread(target=write, daemon=True)
-            worker.start()
-            worker.join(10)
-            assert outcome, f"{name}: the writer is still blocked after 10 s"
-            assert isinstance(outcome[0], FailedPrecondition), outcome
-            assert words in str(outcome[0]) and f"etc/{name}" in str(outcome[0])
+            member = Member(f"etc/{name}", st, (dir_fd, name), {})
+            raised = ended_within(
+                10, lambda m=member: write_layer([m], io.BytesIO(), compression="none"),
+                f"writing {name}")
+            assert isinstance(raised, FailedPrecondition), raised
+            assert words in str(raised) and f"etc/{name}" in str(raised)
     finally:
         os.close(dir_fd)
 

@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import tarfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 import test_containers_cli as shared
-from conftest import require_root_user, require_tools
+from conftest import ended_within, require_root_user, require_tools
 
 from lamina.containers.checkpoint import (
     ANNOTATION_BIND_DESTINATION,
@@ -628,19 +627,8 @@ def test_checkpoint_metadata_cannot_steer_runc_or_hang_the_restore(
     cases = [(_crafted(ct, "steer:1", criu=_criu_tar(info, record)), "only --tcp-established"),
              (_crafted(ct, "fifo:1", criu=_criu_tar(fifo)), "not a regular file")]
     for ref, words in cases:
-        failed: list[BaseException] = []
-
-        def restore(ref: str = ref, failed: list[BaseException] = failed) -> None:
-            try:
-                ct.restore(ref, "steered")
-            except BaseException as exc:  # told to the test below
-                failed.append(exc)
-
-        worker = threading.Thread(target=restore, daemon=True)
-        worker.start()
-        worker.join(60)
-        assert failed, f"{ref}: the restore is still running (or succeeded) after 60 s"
-        assert isinstance(failed[0], InvalidArgument) and words in str(failed[0]), failed
+        raised = ended_within(60, lambda ref=ref: ct.restore(ref, "steered"), f"restore {ref}")
+        assert isinstance(raised, InvalidArgument) and words in str(raised), raised
         with pytest.raises(NotFound):
             ct.get("steered")
         assert not victim.exists()

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from pathlib import Path
 
 import pytest
-from conftest import require_root_user
+from conftest import ended_within, require_root_user
 
 from lamina.containers.runtime.runc import _last_error, error_from_message, parse_signal
 from lamina.containers.runtime.spec import (
@@ -230,19 +229,8 @@ def test_a_passwd_that_is_no_regular_file_or_too_large_is_refused(tmp_path: Path
     passwd = tmp_path / "etc" / "passwd"
 
     def outcome() -> str:
-        found: list[str] = []
-
-        def look() -> None:
-            try:
-                resolve_user("nobody", tmp_path)
-                found.append("resolved")
-            except (InvalidArgument, NotFound) as exc:
-                found.append(f"{type(exc).__name__}: {exc}")
-
-        worker = threading.Thread(target=look, daemon=True)
-        worker.start()
-        worker.join(10)
-        return found[0] if found else "still reading after 10 s"
+        raised = ended_within(10, lambda: resolve_user("nobody", tmp_path), "the user lookup")
+        return "resolved" if raised is None else f"{type(raised).__name__}: {raised}"
 
     os.mkfifo(passwd)
     assert outcome() == "InvalidArgument: the image's /etc/passwd is not a regular file"
