@@ -132,6 +132,7 @@ def test_a_node_serves_its_peers_what_cri_pulled(tmp_root: Path,
         with LocalContentStore(node.root / "content") as store:
             pulled = {i.digest: i.labels for i in store.scoped(CONTAINERD).walk()}
             assert len(pulled) == 4, pulled  # manifest, config, two layers
+            assert not any(pulled.values()), pulled  # served though nothing says "pulled"
             own = b"made by the CLI on this node"
             own_digest = "sha256:" + hashlib.sha256(own).hexdigest()
             write_blob(store, "own", own, expected=own_digest)

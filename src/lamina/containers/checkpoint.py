@@ -44,7 +44,7 @@ import shutil
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -535,8 +535,18 @@ def _check_config(ref: str, config: dict[str, Any]) -> None:
             raise InvalidArgument(f"{what}: its {key!r} is not a string")
 
 
-#: the parts of a runtime spec lamina reads or runc unmarshals strictly, by path:
-#: what each must be when present ("[str]": a list of strings, "[obj]": of objects)
+#: each shape a spec part may need to have: how it is told, how it is said
+_SHAPES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "obj": (lambda v: isinstance(v, dict), "an object"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+              "a list of strings"),
+    "[obj]": (lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v),
+              "a list of objects"),
+}
+
+#: the parts of a runtime spec lamina reads or runc unmarshals strictly, by path,
+#: and the shape (of :data:`_SHAPES`) each must have when present
 _SPEC_SHAPE: dict[tuple[str, ...], str] = {
     (): "obj", ("annotations",): "obj", ("hostname",): "str", ("root",): "obj",
     ("process",): "obj", ("process", "args"): "[str]", ("process", "env"): "[str]",
@@ -553,40 +563,19 @@ def _check_spec(what: str, spec: object) -> None:
     if isinstance(spec, dict) and spec.get("hooks"):
         raise InvalidArgument(f"{what}: its runtime spec has hooks (commands runc runs on "
                               "the host); lamina writes none and restores none")
-    fits = {"obj": lambda v: isinstance(v, dict), "str": lambda v: isinstance(v, str),
-            "[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-            "[obj]": lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v)}
     for path, shape in _SPEC_SHAPE.items():
         value: Any = spec
         for key in path:
             value = value.get(key) if isinstance(value, dict) else None
-        if value is not None and not fits[shape](value):
+        fits, said = _SHAPES[shape]
+        if value is not None and not fits(value):
             where = f"runtime spec's {'.'.join(path)}" if path else "runtime spec"
-            raise InvalidArgument(f"{what}: its {where} is not {_SHAPE_WORDS[shape]}")
+            raise InvalidArgument(f"{what}: its {where} is not {said}")
 
 
-_SHAPE_WORDS = {"obj": "an object", "str": "a string", "[str]": "a list of strings",
-                "[obj]": "a list of objects"}
-
-
-def _mount_list(ref: str, where: str, mounts: object) -> list[dict[str, Any]]:
-    """The mounts a checkpoint's options or spec list (InvalidArgument unless a list
-    of objects)."""
-    if mounts is None:
-        return []
-    if not isinstance(mounts, list) or not all(isinstance(m, dict) for m in mounts):
-        raise InvalidArgument(f"{ref}: the checkpoint's {where} mounts are not a list "
-                              "of objects")
-    return mounts
-
-
-def _beneath(base: Path, destination: object, ref: str) -> Path:
-    """``base/<destination>``: InvalidArgument unless the destination is an absolute
-    path that stays below ``base`` (no ``..``, not the root itself)."""
-    if not isinstance(destination, str) or not destination.startswith("/") \
-            or "\0" in destination:
-        raise InvalidArgument(f"{ref}: a bind mount destination {destination!r} is not "
-                              "an absolute path")
+def _beneath(base: Path, destination: str, ref: str) -> Path:
+    """``base/<destination>`` for an absolute ``destination`` (as options hold):
+    InvalidArgument unless it stays below ``base`` (no ``..``, not the root itself)."""
     parts = [p for p in destination.split("/") if p not in ("", ".")]
     if ".." in parts or not parts:
         raise InvalidArgument(f"{ref}: bind mount destination {destination!r} would not "
@@ -606,11 +595,12 @@ def _bind_targets(ckpt: Checkpoint, options: dict[str, Any], spec: dict[str, Any
     if bind_root is not None:
         base = Path(bind_root).absolute()
         moved: dict[str, str] = {}  # destination -> new source
-        for m in _mount_list(ref, "container", options.get("mounts")):
-            new = str(_beneath(base, m.get("destination"), ref))
-            moved[str(m["destination"])] = new
+        # both lists were checked as the config was read (parse_options, _check_spec)
+        for m in options.get("mounts") or []:
+            new = str(_beneath(base, m["destination"], ref))
+            moved[m["destination"]] = new
             m["source"] = new
-        for m in _mount_list(ref, "runtime spec", spec.get("mounts")):
+        for m in spec.get("mounts") or []:
             dest = m.get("destination")
             if m.get("type") == "bind" and isinstance(dest, str) and dest in moved:
                 m["source"] = moved[dest]

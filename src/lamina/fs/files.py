@@ -141,8 +141,6 @@ def read_regular_file(path: str | os.PathLike[str], *, limit: int, what: str) ->
         return None
     if not stat.S_ISREG(st.st_mode):
         raise InvalidArgument(f"{what} is not a regular file")
-    if st.st_size > limit:
-        raise InvalidArgument(f"{what} is larger than {limit:,} bytes")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
                      | os.O_CLOEXEC)
