@@ -295,11 +295,9 @@ class Checkpoints:
                    binds: bool = False) -> CheckpointResult:
         """Checkpoint the running task of ``container`` into image ``ref``.
 
-        The task is paused while its rw layer, (with ``binds``) its bind mounts
-        and then its memory are saved, and resumed afterwards — also on failure.
-        With ``exit`` the dump stops it; what can fail on the way (a full disk,
-        a file that cannot go into a layer) is saved before the dump, so a
-        failed checkpoint leaves the task running either way.
+        The task is paused while its memory, rw layer and (with ``binds``)
+        bind mounts are saved, and resumed afterwards — also on failure.
+        With ``exit`` it is not paused; the dump stops it.
         """
         timer = _Timer()
         cid = container.id
@@ -322,9 +320,8 @@ class Checkpoints:
         name = f"{cid}-{time.time_ns()}-{secrets.token_hex(3)}"
         with self.root.leases().held(purpose="checkpoint"), self._work_dir(name) as workdir:
             images_dir = workdir / "criu"
-            pause = info.status == TaskStatus.RUNNING
+            pause = not exit and info.status == TaskStatus.RUNNING
             bind_descs: list[Descriptor] = []
-            dumped = False
             # a crash between pause and resume leaves a mark that `lamina check
             # --repair` finds (recover_interrupted): the task is resumed then
             with paused(workdir, cid) if pause else contextlib.nullcontext():
@@ -332,8 +329,11 @@ class Checkpoints:
                     with timer.phase("pause"):
                         tm.pause(cid)
                 try:
-                    # the files first: a failure here leaves the task as it was, which
-                    # after an exiting dump it could not be
+                    if exit:  # the dump ends the task; the container stays for the image
+                        keep(tm, cid)
+                    with timer.phase("criu_dump"):
+                        tm.checkpoint(cid, images_dir, leave_running=not exit,
+                                      work_dir=workdir / "work")
                     if binds:
                         with timer.phase("binds"):
                             bind_descs = self._checkpoint_binds(options)
@@ -341,14 +341,8 @@ class Checkpoints:
                         rw = create_diff(self.images.snapshots, self.content,
                                          container.snapshot_key,
                                          tmpmounts=str(self.root.tmpmounts))
-                    if exit:  # the dump ends the task; the container stays for the image
-                        keep(tm, cid)
-                    with timer.phase("criu_dump"):
-                        tm.checkpoint(cid, images_dir, leave_running=not exit,
-                                      work_dir=workdir / "work")
-                    dumped = True
                 finally:
-                    if pause and not (exit and dumped):
+                    if pause:
                         with timer.phase("resume"):
                             tm.resume(cid)
             with timer.phase("criu_tar"):
