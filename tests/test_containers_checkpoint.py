@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import test_containers_cli as shared
 from conftest import ended_within, require_root_user, require_tools
+from test_runtime_criu import SEIZE_LOG
 
 from lamina.containers.checkpoint import (
     ANNOTATION_BIND_DESTINATION,
@@ -447,6 +448,51 @@ def test_failed_checkpoint_resumes_the_task(
     assert "frail2" in Path(f"/proc/{restored.task.pid}/cgroup").read_text()
     ct.remove("frail", force=True)
     ct.remove("frail2", force=True)
+
+
+def test_a_failed_seize_is_retried_with_the_task_running_between(
+    services: tuple[ContainerService, ContainerService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leave-running checkpoint holds its task paused; when CRIU could not seize it
+    (a task in state D for CRIU's 10 s, seen in CI four attempts in a row while the
+    task stayed in the freezer), the task runs before the next attempt, which is
+    made paused again."""
+    ct, cps = services
+    ct.create(V1, "seized", options=make_options(args=["sh", "-c", COUNTER]))
+    ct.start("seized", detach=True)
+    runc = ct.tasks.runc
+    events: list[str] = []
+    counts: list[int] = []
+
+    def count() -> int:
+        pid = ct.tasks.state("seized").pid
+        return int(wait_for(lambda: last_count(Path(f"/proc/{pid}/root/tmp/count").read_text()),
+                            what="a count"))
+
+    def logged(name: str, call: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            events.append(f"{name} ({ct.tasks.state('seized').status})")
+            if name == "checkpoint":
+                counts.append(count())
+                if len(counts) == 1:  # CRIU could not seize the task: nothing dumped
+                    (Path(kwargs["work_path"]) / "dump.log").write_text(SEIZE_LOG)
+                    raise Internal("runc checkpoint seized: criu failed: type NOTIFY errno 0")
+            return call(*args, **kwargs)
+        return run
+
+    count()
+    for name in ("pause", "resume", "checkpoint"):
+        monkeypatch.setattr(runc, name, logged(name, getattr(runc, name)))
+    cps.checkpoint("seized", "seized:1")
+    assert events == ["pause (running)", "checkpoint (paused)", "resume (paused)",
+                      "pause (running)", "checkpoint (paused)", "resume (paused)"]
+    assert counts[1] > counts[0]  # it ran between the attempts
+    assert ct.tasks.state("seized").status == TaskStatus.RUNNING
+    monkeypatch.undo()
+    restored = cps.restore("seized:1", "seized2")
+    assert restored.task.status == TaskStatus.RUNNING
+    ct.remove("seized", force=True)
+    ct.remove("seized2", force=True)
 
 
 def test_restore_writes_bind_contents_only_where_asked_and_below_the_bind_root(

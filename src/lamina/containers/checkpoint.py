@@ -54,7 +54,7 @@ from lamina.archive.apply import apply_layer
 from lamina.archive.changes import write_diff
 from lamina.containers.options import bind_mounts, options_of, parse_options
 from lamina.containers.runtime import TaskInfo, TaskManager, TaskStatus
-from lamina.containers.taskstate import keep, resume_paused, task_of
+from lamina.containers.taskstate import Hold, keep, resume_paused, task_of
 from lamina.content import ContentStore
 from lamina.differ import apply_diff, create_diff
 from lamina.errors import (
@@ -325,15 +325,16 @@ class Checkpoints:
             # a crash between pause and resume leaves a mark that `lamina check
             # --repair` finds (recover_interrupted): the task is resumed then
             with paused(workdir, cid) if pause else contextlib.nullcontext():
+                hold = Hold(tm, cid)
                 if pause:
                     with timer.phase("pause"):
-                        tm.pause(cid)
+                        hold.pause()
                 try:
                     if exit:  # the dump ends the task; the container stays for the image
                         keep(tm, cid)
                     with timer.phase("criu_dump"):
                         tm.checkpoint(cid, images_dir, leave_running=not exit,
-                                      work_dir=workdir / "work")
+                                      work_dir=workdir / "work", settle=hold.settle)
                     if binds:
                         with timer.phase("binds"):
                             bind_descs = self._checkpoint_binds(options)
@@ -342,9 +343,9 @@ class Checkpoints:
                                          container.snapshot_key,
                                          tmpmounts=str(self.root.tmpmounts))
                 finally:
-                    if pause:
+                    if hold.paused:
                         with timer.phase("resume"):
-                            tm.resume(cid)
+                            hold.resume()
             with timer.phase("criu_tar"):
                 criu_desc = _tar_tree(self.content, images_dir, MediaType.CHECKPOINT_CRIU,
                                       "criu")

@@ -17,11 +17,12 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import time
 
 from lamina.containers.runtime import TaskInfo, TaskManager, TaskStatus
 from lamina.errors import NotFound
 
-__all__ = ["is_kept", "is_live", "keep", "resume_paused", "task_of", "wait_ended"]
+__all__ = ["Hold", "is_kept", "is_live", "keep", "resume_paused", "task_of", "wait_ended"]
 
 _KEEP = "container-kept"
 
@@ -47,6 +48,32 @@ def resume_paused(tasks: TaskManager, cid: str) -> bool:
         return False
     tasks.resume(cid)
     return True
+
+
+class Hold:
+    """A task lamina pauses while it saves it, and knows whether it holds it paused."""
+
+    def __init__(self, tasks: TaskManager, cid: str) -> None:
+        self.tasks, self.cid = tasks, cid
+        self.paused = False
+
+    def pause(self) -> None:
+        self.tasks.pause(self.cid)
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        self.tasks.resume(self.cid)
+
+    def settle(self, seconds: float) -> None:
+        """Wait ``seconds`` before another try at what failed on the task: a held
+        task runs meanwhile and is paused again after."""
+        held, self.paused = self.paused, False
+        if held:  # CRIU may have left it thawed after a failed try
+            resume_paused(self.tasks, self.cid)
+        time.sleep(seconds)
+        if held:
+            self.pause()
 
 
 def keep(tasks: TaskManager, cid: str) -> None:

@@ -25,7 +25,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,6 +216,7 @@ def checkpoint(
     tcp_established: bool = True,
     ext_unix_sk: bool = True,
     file_locks: bool = True,
+    settle: Callable[[float], None] = time.sleep,
 ) -> CheckpointInfo:
     """Dump the running (or paused) task into ``image_dir``.
 
@@ -224,6 +225,11 @@ def checkpoint(
     ``work_dir`` receives CRIU's logs (default: ``image_dir``). TCP
     connections, external unix sockets and file locks are dumped when the
     matching flags are on; restore uses the same options.
+
+    A dump that failed while stopping the tasks is tried again after
+    ``settle(seconds)``, which waits for the task to leave the state CRIU could
+    not seize. A caller that holds the task paused passes one that lets it run
+    meanwhile: kept in the freezer between attempts, such a task failed all four.
     """
     rootless.refuse("CRIU checkpoint", rootless.CRIU_ROOTLESS)
     live = (TaskStatus.RUNNING, TaskStatus.PAUSED)
@@ -258,7 +264,7 @@ def checkpoint(
         for leftover in image_dir.iterdir():
             if leftover.is_file() and not leftover.name.startswith("dump."):
                 leftover.unlink()
-        time.sleep(0.5 * attempt)  # let the task leave the state CRIU could not seize
+        settle(0.5 * attempt)
     seconds = time.monotonic() - started
 
     config = json.loads((bundle / "config.json").read_text())

@@ -19,7 +19,7 @@ import copy
 import os
 import signal as _signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -282,6 +282,7 @@ class TaskManager:
         tcp_established: bool = True,
         ext_unix_sk: bool = True,
         file_locks: bool = True,
+        settle: Callable[[float], None] = time.sleep,
     ) -> criu.CheckpointInfo:
         """Checkpoint the task with CRIU; see :func:`lamina.containers.runtime.criu.checkpoint`."""
         return criu.checkpoint(
@@ -293,6 +294,7 @@ class TaskManager:
             tcp_established=tcp_established,
             ext_unix_sk=ext_unix_sk,
             file_locks=file_locks,
+            settle=settle,
         )
 
     def restore(
