@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import tarfile
@@ -202,7 +203,8 @@ def blob_of(root: Path, index: dict[str, Any], media_type: str) -> bytes:
 def test_checkpoint_exit_and_restore_resumes_count(cli: Cli) -> None:
     start_counter(cli, "ctr", above=20)
     digest, timings = checkpoint(cli, "--exit", "ctr", "ckpt/ctr:one")
-    assert "pause" not in timings  # --exit: no pause, the dump stops the task
+    # --exit: paused while its files are saved, then the dump stops it (no resume)
+    assert "pause" in timings and "resume" not in timings, timings
     assert cli.task("ctr")["status"] == "stopped"  # type: ignore[index]
     dumped = dumped_count(cli, "ctr")
     assert dumped > 20
@@ -483,10 +485,17 @@ def test_a_failed_seize_is_retried_with_the_task_running_between(
     count()
     for name in ("pause", "resume", "checkpoint"):
         monkeypatch.setattr(runc, name, logged(name, getattr(runc, name)))
-    cps.checkpoint("seized", "seized:1")
+    result = cps.checkpoint("seized", "seized:1")
     assert events == ["pause (running)", "checkpoint (paused)", "resume (paused)",
                       "pause (running)", "checkpoint (paused)", "resume (paused)"]
     assert counts[1] > counts[0]  # it ran between the attempts
+    # and its rw layer was saved again: as it was when its memory was dumped
+    index = validate_index(ct.root.path, result.index.digest)
+    rw = blob_of(ct.root.path, index, MediaType.CHECKPOINT_RW)
+    with tarfile.open(fileobj=io.BytesIO(rw), mode="r:gz") as tar:
+        member = tar.extractfile("tmp/count")
+        assert member is not None
+        assert last_count(member.read().decode()) == counts[1]
     assert ct.tasks.state("seized").status == TaskStatus.RUNNING
     monkeypatch.undo()
     restored = cps.restore("seized:1", "seized2")
@@ -676,3 +685,32 @@ def test_checkpoint_metadata_cannot_steer_runc_or_hang_the_restore(
         with pytest.raises(NotFound):
             ct.get("steered")
         assert not victim.exists()
+
+
+def test_a_failed_exiting_checkpoint_leaves_the_task_running(
+    services: tuple[ContainerService, ContainerService], tmp_path: Path
+) -> None:
+    """``--exit``: the dump stops the task, so whatever can fail is saved before it.
+    Here the bind mount's source is no directory any more when the checkpoint
+    archives it, and then a file the layer format cannot carry is in the rw layer:
+    FailedPrecondition both times, and the task still runs (it was dumped and
+    stopped first, and the checkpoint then lost)."""
+    ct, cps = services
+    data = tmp_path / "data"
+    data.mkdir()
+    ct.create(V1, "keeper", options=make_options(args=["sh", "-c", COUNTER],
+                                                 mounts=[BindMount(str(data), "/data")]))
+    ct.start("keeper", detach=True)
+    data.rename(tmp_path / "moved")
+    os.mkfifo(data)
+    with pytest.raises(FailedPrecondition, match="neither a directory nor a regular file"):
+        cps.checkpoint("keeper", "keeper:1", exit=True, binds=True)
+    assert ct.tasks.state("keeper").status == TaskStatus.RUNNING
+    pid = ct.tasks.state("keeper").pid
+    Path(f"/proc/{pid}/root/root/.wh.note").write_text("a user's file\n")
+    with pytest.raises(FailedPrecondition, match=r"\.wh\.note"):
+        cps.checkpoint("keeper", "keeper:1", exit=True)
+    assert ct.tasks.state("keeper").status == TaskStatus.RUNNING
+    with pytest.raises(NotFound):
+        ct.images.get("keeper:1")
+    ct.remove("keeper", force=True)

@@ -56,7 +56,7 @@ from lamina.containers.options import bind_mounts, options_of, parse_options
 from lamina.containers.runtime import TaskInfo, TaskManager, TaskStatus
 from lamina.containers.taskstate import Hold, keep, resume_paused, task_of
 from lamina.content import ContentStore
-from lamina.differ import apply_diff, create_diff
+from lamina.differ import DiffOutcome, apply_diff, create_diff
 from lamina.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -295,9 +295,13 @@ class Checkpoints:
                    binds: bool = False) -> CheckpointResult:
         """Checkpoint the running task of ``container`` into image ``ref``.
 
-        The task is paused while its memory, rw layer and (with ``binds``)
-        bind mounts are saved, and resumed afterwards — also on failure.
-        With ``exit`` it is not paused; the dump stops it.
+        The task is paused while its rw layer, (with ``binds``) its bind mounts
+        and then its memory are saved, and resumed afterwards — also on failure.
+        With ``exit`` the dump stops it; what can fail on the way (a full disk,
+        a file that cannot go into a layer) is saved before the dump, so a
+        failed checkpoint leaves the task running either way. A dump CRIU
+        could not start is tried again after the task ran a moment, its files
+        saved again.
         """
         timer = _Timer()
         cid = container.id
@@ -320,8 +324,26 @@ class Checkpoints:
         name = f"{cid}-{time.time_ns()}-{secrets.token_hex(3)}"
         with self.root.leases().held(purpose="checkpoint"), self._work_dir(name) as workdir:
             images_dir = workdir / "criu"
-            pause = not exit and info.status == TaskStatus.RUNNING
+            pause = info.status == TaskStatus.RUNNING
             bind_descs: list[Descriptor] = []
+            rw: DiffOutcome | None = None
+
+            def save_files() -> None:
+                nonlocal bind_descs, rw
+                if binds:
+                    with timer.phase("binds"):
+                        bind_descs = self._checkpoint_binds(options)
+                with timer.phase("rw_diff"):
+                    rw = create_diff(self.images.snapshots, self.content,
+                                     container.snapshot_key,
+                                     tmpmounts=str(self.root.tmpmounts))
+
+            def settle(seconds: float) -> None:
+                held = hold.paused
+                hold.settle(seconds)
+                if held:  # it ran meanwhile: its files as they are now
+                    save_files()
+
             # a crash between pause and resume leaves a mark that `lamina check
             # --repair` finds (recover_interrupted): the task is resumed then
             with paused(workdir, cid) if pause else contextlib.nullcontext():
@@ -330,22 +352,21 @@ class Checkpoints:
                     with timer.phase("pause"):
                         hold.pause()
                 try:
+                    # the files first: a failure there leaves the task as it was,
+                    # which after an exiting dump it could not be
+                    save_files()
                     if exit:  # the dump ends the task; the container stays for the image
                         keep(tm, cid)
                     with timer.phase("criu_dump"):
                         tm.checkpoint(cid, images_dir, leave_running=not exit,
-                                      work_dir=workdir / "work", settle=hold.settle)
-                    if binds:
-                        with timer.phase("binds"):
-                            bind_descs = self._checkpoint_binds(options)
-                    with timer.phase("rw_diff"):
-                        rw = create_diff(self.images.snapshots, self.content,
-                                         container.snapshot_key,
-                                         tmpmounts=str(self.root.tmpmounts))
+                                      work_dir=workdir / "work", settle=settle)
+                    if exit:
+                        hold.ended()
                 finally:
                     if hold.paused:
                         with timer.phase("resume"):
                             hold.resume()
+            assert rw is not None
             with timer.phase("criu_tar"):
                 criu_desc = _tar_tree(self.content, images_dir, MediaType.CHECKPOINT_CRIU,
                                       "criu")

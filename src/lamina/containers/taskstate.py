@@ -65,6 +65,10 @@ class Hold:
         self.paused = False
         self.tasks.resume(self.cid)
 
+    def ended(self) -> None:
+        """The task is held no more: it ended (an exiting dump stops it)."""
+        self.paused = False
+
     def settle(self, seconds: float) -> None:
         """Wait ``seconds`` before another try at what failed on the task: a held
         task runs meanwhile and is paused again after."""
