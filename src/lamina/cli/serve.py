@@ -81,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=(
             "Serve containerd's Snapshots API for the lamina root on a unix socket (mode "
             "0660), until SIGTERM or SIGINT. Requests naming a lamina snapshotter "
-            "(overlay, native) use it; any other name (such as containerd's proxy plugin "
+            "(overlay, native, erofs) use it; any other name (such as containerd's proxy plugin "
             "name) uses --snapshotter. Refuses to start while another server listens on "
             "the socket; a stale socket file is replaced. containerd uses it as a proxy "
             "plugin (see 'lamina config containerd'); lamina commands use it with --address."
