@@ -25,6 +25,7 @@ import test_containers_cli as shared
 from conftest import ended_within, require_root_user, require_tools
 from test_runtime_criu import SEIZE_LOG
 
+import lamina.containers.checkpoint as checkpoint_module
 from lamina.containers.checkpoint import (
     ANNOTATION_BIND_DESTINATION,
     ANNOTATION_BIND_SOURCE,
@@ -37,7 +38,15 @@ from lamina.containers.runtime import TaskStatus
 from lamina.containers.runtime.criu import find_criu
 from lamina.containers.runtime.spec import BindMount
 from lamina.containers.service import ContainerService
-from lamina.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound
+from lamina.containers.taskstate import is_kept
+from lamina.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from lamina.images.graph import put_document, read_document
 from lamina.images.service import ImageService
 from lamina.metadata.gc import collect
@@ -714,3 +723,41 @@ def test_a_failed_exiting_checkpoint_leaves_the_task_running(
     with pytest.raises(NotFound):
         ct.images.get("keeper:1")
     ct.remove("keeper", force=True)
+
+
+def test_an_exiting_checkpoint_that_fails_after_its_dump_restores_the_task(
+    services: tuple[ContainerService, ContainerService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--exit``: once the dump has stopped the task, storing the checkpoint can
+    still fail (its CRIU images on a full disk); the task is then restored from
+    that dump where it stopped — its count goes on, not from 1 — and the error
+    says so."""
+    ct, cps = services
+    ct.create(V1, "phoenix", options=make_options(args=["sh", "-c", COUNTER]))
+    ct.start("phoenix", detach=True)
+    pid = ct.tasks.state("phoenix").pid
+    wait_for(lambda: (n := last_count(Path(f"/proc/{pid}/root/tmp/count").read_text())) and n > 5,
+             what="counting")
+
+    def full(content: Any, src: Path, media_type: str, what: str) -> Descriptor:
+        raise ResourceExhausted("no space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "_tar_tree", full)
+    with pytest.raises(ResourceExhausted,
+                       match=r"no space left on device \(the task was restored from its dump"):
+        cps.checkpoint("phoenix", "phoenix:1", exit=True)
+    monkeypatch.undo()
+    with pytest.raises(NotFound):
+        ct.images.get("phoenix:1")
+    info = ct.tasks.state("phoenix")
+    assert info.status == TaskStatus.RUNNING
+    count = Path(f"/proc/{info.pid}/root/tmp/count")
+    dumped = len(count.read_text().splitlines())
+    wait_for(lambda: len(count.read_text().splitlines()) > dumped + 5, what="counting on")
+    counts = [int(n) for n in count.read_text().split()]
+    assert counts == list(range(1, len(counts) + 1))  # one run, never started again
+    assert not is_kept(ct.tasks, "phoenix")
+    assert list((ct.root.path / "checkpoints").iterdir()) == []
+    # and it can still be checkpointed
+    cps.checkpoint("phoenix", "phoenix:2", exit=True)
+    ct.remove("phoenix", force=True)

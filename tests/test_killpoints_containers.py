@@ -236,15 +236,17 @@ def _end_tasks(root: Path) -> None:
         lamina(root, "task", "delete", "--force", cid, check=False)
 
 
-def _checkpoint_at(layout: Path, work: Path, tag: str, crash: dict[str, str]) -> str | None:
-    """Kill ``container checkpoint app`` where ``crash`` says; recover as a user; the task
-    must still run with what it wrote, and checkpointing again must work. The point
-    it died at, or None when it completed."""
+def _checkpoint_at(layout: Path, work: Path, tag: str, crash: dict[str, str],
+                   flags: tuple[str, ...]) -> str | None:
+    """Kill ``container checkpoint [--exit] app`` where ``crash`` says; recover as a
+    user; the task must still run with what it wrote — or, once an exiting
+    checkpoint is stored, the checkpoint must hold it — and checkpointing again
+    must work. The point it died at, or None when it completed."""
     root = work / f"c-{tag}"
     try:
         _running_app(root, layout)
         log = work / f"c-{tag}.log"
-        proc = lamina(root, "container", "checkpoint", "app", CKPT, check=False,
+        proc = lamina(root, "container", "checkpoint", *flags, "app", CKPT, check=False,
                       env={**crash, "LAMINA_CRASH_LOG": str(log)})
         if proc.returncode == 0:
             assert not log.exists()
@@ -257,11 +259,18 @@ def _checkpoint_at(layout: Path, work: Path, tag: str, crash: dict[str, str]) ->
             tag, point, seen.stdout)
         recover(root)
         task = _task(root)
-        assert task is not None and task["status"] == "running", (tag, point, task)
-        mine = lamina(root, "task", "exec", "app", "cat", "/root/mine").stdout
-        assert mine == "kept\n", (tag, point)
-        if CKPT not in lamina(root, "images", "--names").stdout:  # not done: the user runs it again
-            lamina(root, "container", "checkpoint", "app", CKPT)
+        if CKPT in lamina(root, "images", "--names").stdout and "--exit" in flags:
+            # done wholly: the dump stopped the task, the checkpoint holds it
+            assert task is not None and task["status"] == "stopped", (tag, point, task)
+            lamina(root, "container", "restore", CKPT, "back")
+            mine = lamina(root, "task", "exec", "back", "cat", "/root/mine").stdout
+            assert mine == "kept\n", (tag, point)
+        else:
+            assert task is not None and task["status"] == "running", (tag, point, task)
+            mine = lamina(root, "task", "exec", "app", "cat", "/root/mine").stdout
+            assert mine == "kept\n", (tag, point)
+        if CKPT not in lamina(root, "images", "--names").stdout:  # not done: run it again
+            lamina(root, "container", "checkpoint", *flags, "app", CKPT)
         assert json.loads(lamina(root, "checkpoint", "inspect", CKPT).stdout), (tag, point)
         out = lamina(root, "check", "--deep", check=False)
         assert out.stdout.strip() == "consistent", (tag, point, out.stdout)
@@ -271,13 +280,14 @@ def _checkpoint_at(layout: Path, work: Path, tag: str, crash: dict[str, str]) ->
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _checkpoint_points(layout: Path, work: Path) -> list[tuple[int, str]]:
+def _checkpoint_points(layout: Path, work: Path,
+                       flags: tuple[str, ...]) -> list[tuple[int, str]]:
     """The crash points one checkpoint passes, in order (a traced run that completes)."""
     root = work / "traced"
     trace = work / "trace"
     try:
         _running_app(root, layout)
-        lamina(root, "container", "checkpoint", "app", CKPT,
+        lamina(root, "container", "checkpoint", *flags, "app", CKPT,
                env={"LAMINA_CRASH_TRACE": str(trace)})
     finally:
         _end_tasks(root)
@@ -286,22 +296,31 @@ def _checkpoint_points(layout: Path, work: Path) -> list[tuple[int, str]]:
     return [(int(n), name) for n, name in rows]
 
 
-def test_kill_checkpoint(templates: dict[str, Path], tmp_root: Path) -> None:
-    """A checkpoint (CRIU dump of a running task, paused meanwhile) killed at the first
-    pass of each of its crash points (``LAMINA_KILL_FULL=1``: at every pass)."""
+@pytest.mark.parametrize("flags", [(), ("--exit",)], ids=["leave-running", "exit"])
+def test_kill_checkpoint(templates: dict[str, Path], tmp_root: Path,
+                         flags: tuple[str, ...]) -> None:
+    """A checkpoint (CRIU dump of a running task, paused meanwhile; with ``--exit``
+    the dump stops it) killed at the first pass of each of its crash points
+    (``LAMINA_KILL_FULL=1``: at every pass)."""
     require_tools("criu")
-    passed = _checkpoint_points(templates["layout"], tmp_root)
+    passed = _checkpoint_points(templates["layout"], tmp_root, flags)
     names = list(dict.fromkeys(name for _, name in passed))
     if os.environ.get("LAMINA_KILL_FULL"):
         runs = {f"n{n}": {"LAMINA_CRASH_AFTER": str(n)} for n, _ in passed}
     else:
-        runs = {name: {"LAMINA_CRASH_AT": name} for name in names}
+        # the first pass of each point before the dump and after it: the same
+        # content points store the rw layer before and CRIU's images after
+        dumped = next(n for n, name in passed if name == "checkpoint.dumped")
+        firsts: dict[str, int] = {}
+        for n, name in passed:
+            firsts.setdefault(f"{name}{'@dumped' if n > dumped else ''}", n)
+        runs = {tag: {"LAMINA_CRASH_AFTER": str(n)} for tag, n in firsts.items()}
     with ThreadPoolExecutor(WORKERS) as pool:
         died = dict(zip(runs, pool.map(
-            lambda tag: _checkpoint_at(templates["layout"], tmp_root, tag, runs[tag]), runs),
-            strict=True))
-    print(f"\ncheckpoint: {len(passed)} crash points passed ({len(names)} distinct); "
-          f"killed at {len(died)}")
+            lambda tag: _checkpoint_at(templates["layout"], tmp_root, tag, runs[tag], flags),
+            runs), strict=True))
+    print(f"\ncheckpoint {' '.join(flags)}: {len(passed)} crash points passed "
+          f"({len(names)} distinct); killed at {len(died)}")
     assert all(point is not None for point in died.values()), died
     assert {p for p in died.values() if p} == set(names)
     assert len(names) >= 8 and any(n.startswith("content.") for n in names)

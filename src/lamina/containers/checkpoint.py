@@ -54,7 +54,7 @@ from lamina.archive.apply import apply_layer
 from lamina.archive.changes import write_diff
 from lamina.containers.options import bind_mounts, options_of, parse_options
 from lamina.containers.runtime import TaskInfo, TaskManager, TaskStatus
-from lamina.containers.taskstate import Hold, keep, resume_paused, task_of
+from lamina.containers.taskstate import Hold, keep, resume_paused, task_of, unkeep
 from lamina.content import ContentStore
 from lamina.differ import DiffOutcome, apply_diff, create_diff
 from lamina.errors import (
@@ -72,9 +72,17 @@ from lamina.labels import CHECKPOINT, RESTORED_FROM_ANNOTATION
 from lamina.metadata.containers import Container
 from lamina.metadata.images import Image
 from lamina.metadata.root import Root
-from lamina.metadata.workdirs import interrupted, paused, root_work_dirs, work_dir
+from lamina.metadata.workdirs import (
+    interrupted,
+    mark_stopped,
+    paused,
+    root_work_dirs,
+    unmark_stopped,
+    work_dir,
+)
 from lamina.mounts.mount import Mount
 from lamina.oci.types import Descriptor, Index, MediaType, host_platform
+from lamina.util import crash
 
 __all__ = [
     "ANNOTATION_BIND_DESTINATION",
@@ -103,6 +111,8 @@ ANNOTATION_BIND_KIND = "lamina.io/checkpoint.bind.kind"
 ANNOTATION_DIFF_ID = "lamina.io/checkpoint.rw.diff-id"
 
 _CONFIG_VERSION = 1
+#: where a checkpoint or restore keeps CRIU's images in its work directory
+_DUMP = "criu"
 _CHUNK = 1 << 20
 
 
@@ -275,16 +285,52 @@ class Checkpoints:
             if left.paused and resume_paused(self.tasks, left.paused):
                 done.append(f"resumed the task of container {left.paused}, paused by "
                             "an interrupted checkpoint")
+            info = task_of(self.tasks, left.stopped) if left.stopped else None
+            if info is not None and info.status == TaskStatus.STOPPED:
+                try:
+                    self._restore_in_place(left.stopped, left.path)
+                    done.append(f"restored the task of container {left.stopped} from the "
+                                "dump of an interrupted checkpoint --exit")
+                except LaminaError as exc:  # a dump cut short: nothing to restore
+                    done.append(f"could not restore the task of container {left.stopped} "
+                                f"from the dump of an interrupted checkpoint --exit: "
+                                f"{exc.message}")
             remove_tree(left.path)
             done.append(f"removed the work directory {left.path} of an interrupted "
                         "checkpoint or restore")
         return done
 
+    @contextlib.contextmanager
+    def _restored_on_failure(self, cid: str, workdir: Path) -> Iterator[None]:
+        """After an exiting dump: a failure storing the checkpoint (its images on
+        a full disk) would lose the task, so it is restored from that dump, in
+        place, and the error says so — or that the restore failed too."""
+        try:
+            yield
+        except Exception as exc:
+            try:
+                self._restore_in_place(cid, workdir)
+                outcome = "the task was restored from its dump and runs on"
+            except Exception as again:
+                why = again.message if isinstance(again, LaminaError) else repr(again)
+                outcome = f"restoring the task from its dump failed too: {why}"
+            if isinstance(exc, LaminaError):
+                raise type(exc)(f"{exc.message} ({outcome})") from exc
+            raise
+        unmark_stopped(workdir)
+
+    def _restore_in_place(self, cid: str, workdir: Path) -> None:
+        """Restore the task an exiting dump in ``workdir`` stopped, as it was."""
+        self.tasks.restore(cid, workdir / _DUMP, detach=True, work_dir=workdir / "undo")
+        unkeep(self.tasks, cid)
+
     def interrupted(self) -> list[str]:
         """What :meth:`recover_interrupted` would put right, in sentences."""
         out = []
         for left in interrupted(self._work, lock=self._work_lock):
-            paused = f" (it paused container {left.paused}'s task)" if left.paused else ""
+            paused = (f" (it paused container {left.paused}'s task)" if left.paused else
+                      f" (its dump stopped container {left.stopped}'s task)" if left.stopped
+                      else "")
             out.append(f"{left.path}: work directory of an interrupted checkpoint or "
                        f"restore{paused}")
         return out
@@ -323,7 +369,7 @@ class Checkpoints:
         image = self.images.get(container.image)
         name = f"{cid}-{time.time_ns()}-{secrets.token_hex(3)}"
         with self.root.leases().held(purpose="checkpoint"), self._work_dir(name) as workdir:
-            images_dir = workdir / "criu"
+            images_dir = workdir / _DUMP
             pause = info.status == TaskStatus.RUNNING
             bind_descs: list[Descriptor] = []
             rw: DiffOutcome | None = None
@@ -357,9 +403,13 @@ class Checkpoints:
                     save_files()
                     if exit:  # the dump ends the task; the container stays for the image
                         keep(tm, cid)
+                        # killed from here until the checkpoint is stored, `check
+                        # --repair` restores the task from the dump
+                        mark_stopped(workdir, cid)
                     with timer.phase("criu_dump"):
                         tm.checkpoint(cid, images_dir, leave_running=not exit,
                                       work_dir=workdir / "work", settle=settle)
+                    crash.point("checkpoint.dumped")
                     if exit:
                         hold.ended()
                 finally:
@@ -367,57 +417,72 @@ class Checkpoints:
                         with timer.phase("resume"):
                             hold.resume()
             assert rw is not None
-            with timer.phase("criu_tar"):
-                criu_desc = _tar_tree(self.content, images_dir, MediaType.CHECKPOINT_CRIU,
-                                      "criu")
-            rw_desc = Descriptor(MediaType.CHECKPOINT_RW, rw.descriptor.digest,
-                                 rw.descriptor.size, {ANNOTATION_DIFF_ID: rw.diff_id},
-                                 host_platform())
-            runc_version = _runc_version(tm.runc.binary)
-            config = {
-                "version": _CONFIG_VERSION,
-                "id": cid,
-                "image": container.image,
-                "image_target": image.target.to_json(),
-                "snapshotter": container.snapshotter,
-                "runtime": {"name": RUNTIME, "runc_version": runc_version},
-                "options": options,
-                "labels": dict(container.labels),
-                "spec": spec,
-                "exited": exit,
-                "created": datetime.now(UTC).isoformat(),
-            }
-            with timer.phase("index"):
-                config_desc = _put_json(self.content, config, MediaType.CHECKPOINT_CONFIG)
-                # the image first: tools that pick "the" manifest of an index by
-                # platform alone (skopeo) find the image's, not a checkpoint blob
-                target = image.target
-                annotations = {k: v for k, v in target.annotations.items()
-                               if k != "org.opencontainers.image.ref.name"}
-                annotations["io.containerd.image.name"] = container.image
-                image_desc = Descriptor(target.media_type, target.digest, target.size,
-                                        annotations, target.platform or host_platform())
-                manifests = [image_desc, criu_desc, *bind_descs, rw_desc, config_desc]
-                index = {
-                    "schemaVersion": 2,
-                    "mediaType": MediaType.OCI_INDEX,
-                    "manifests": [d.to_json() for d in manifests],
-                    "annotations": {
-                        ANNOTATION_RUNTIME: RUNTIME,
-                        ANNOTATION_RUNC_VERSION: runc_version,
-                        ANNOTATION_SNAPSHOTTER: container.snapshotter,
-                        ANNOTATION_IMAGE: container.image,
-                        ANNOTATION_CONTAINER: cid,
-                        ANNOTATION_CREATED: config["created"],
-                    },
-                }
-                index_desc = _put_json(self.content, index, MediaType.OCI_INDEX,
-                                       platform=False)
-                label_references(self.content, index_desc)
-                self.images.images.put(Image(
-                    name=ref, target=index_desc,
-                    labels={CHECKPOINT: cid}))
+            # an exiting dump stopped the task: if what follows fails, it is
+            # restored from that dump (see _restored_on_failure)
+            with (self._restored_on_failure(cid, workdir) if exit
+                  else contextlib.nullcontext()):
+                index_desc = self._store(ref, container, image, spec, options, exited=exit,
+                                         images_dir=images_dir, rw=rw, binds=bind_descs,
+                                         timer=timer)
         return CheckpointResult(ref=ref, index=index_desc, container=cid, timings=timer.done())
+
+    def _store(self, ref: str, container: Container, image: Image, spec: dict[str, Any],
+               options: dict[str, Any], *, exited: bool, images_dir: Path, rw: DiffOutcome,
+               binds: list[Descriptor], timer: _Timer) -> Descriptor:
+        """Store a dumped checkpoint: its CRIU images, config and index, and image
+        ``ref`` naming it. The index's descriptor."""
+        cid = container.id
+        with timer.phase("criu_tar"):
+            criu_desc = _tar_tree(self.content, images_dir, MediaType.CHECKPOINT_CRIU,
+                                  "criu")
+        rw_desc = Descriptor(MediaType.CHECKPOINT_RW, rw.descriptor.digest,
+                             rw.descriptor.size, {ANNOTATION_DIFF_ID: rw.diff_id},
+                             host_platform())
+        runc_version = _runc_version(self.tasks.runc.binary)
+        config = {
+            "version": _CONFIG_VERSION,
+            "id": cid,
+            "image": container.image,
+            "image_target": image.target.to_json(),
+            "snapshotter": container.snapshotter,
+            "runtime": {"name": RUNTIME, "runc_version": runc_version},
+            "options": options,
+            "labels": dict(container.labels),
+            "spec": spec,
+            "exited": exited,
+            "created": datetime.now(UTC).isoformat(),
+        }
+        with timer.phase("index"):
+            config_desc = _put_json(self.content, config, MediaType.CHECKPOINT_CONFIG)
+            # the image first: tools that pick "the" manifest of an index by
+            # platform alone (skopeo) find the image's, not a checkpoint blob
+            target = image.target
+            annotations = {k: v for k, v in target.annotations.items()
+                           if k != "org.opencontainers.image.ref.name"}
+            annotations["io.containerd.image.name"] = container.image
+            image_desc = Descriptor(target.media_type, target.digest, target.size,
+                                    annotations, target.platform or host_platform())
+            manifests = [image_desc, criu_desc, *binds, rw_desc, config_desc]
+            index = {
+                "schemaVersion": 2,
+                "mediaType": MediaType.OCI_INDEX,
+                "manifests": [d.to_json() for d in manifests],
+                "annotations": {
+                    ANNOTATION_RUNTIME: RUNTIME,
+                    ANNOTATION_RUNC_VERSION: runc_version,
+                    ANNOTATION_SNAPSHOTTER: container.snapshotter,
+                    ANNOTATION_IMAGE: container.image,
+                    ANNOTATION_CONTAINER: cid,
+                    ANNOTATION_CREATED: config["created"],
+                },
+            }
+            index_desc = _put_json(self.content, index, MediaType.OCI_INDEX,
+                                   platform=False)
+            label_references(self.content, index_desc)
+            self.images.images.put(Image(
+                name=ref, target=index_desc,
+                labels={CHECKPOINT: cid}))
+        return index_desc
 
     def _checkpoint_binds(self, options: Mapping[str, Any]) -> list[Descriptor]:
         out = []
@@ -673,7 +738,7 @@ class RestoreJob:
         self.options = dict(options)
         self.spec = spec
         self._binds = list(binds)
-        self._images_dir = workdir / "criu"
+        self._images_dir = workdir / _DUMP
         self._work = workdir / "work"
         self._timer = timer
 

@@ -22,7 +22,8 @@ import time
 from lamina.containers.runtime import TaskInfo, TaskManager, TaskStatus
 from lamina.errors import NotFound
 
-__all__ = ["Hold", "is_kept", "is_live", "keep", "resume_paused", "task_of", "wait_ended"]
+__all__ = ["Hold", "is_kept", "is_live", "keep", "resume_paused", "task_of", "unkeep",
+           "wait_ended"]
 
 _KEEP = "container-kept"
 
@@ -85,6 +86,11 @@ def keep(tasks: TaskManager, cid: str) -> None:
     bundle = tasks.bundle(cid)
     if bundle.is_dir():
         (bundle / _KEEP).touch()
+
+
+def unkeep(tasks: TaskManager, cid: str) -> None:
+    """Take back :func:`keep`: the task runs again (restored where it stopped)."""
+    (tasks.bundle(cid) / _KEEP).unlink(missing_ok=True)
 
 
 def is_kept(tasks: TaskManager, cid: str) -> bool:

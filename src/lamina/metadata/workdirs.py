@@ -5,7 +5,9 @@ and may pause the container's task meanwhile. The process that does so holds a
 flock on the directory until it has removed it; a directory nobody holds was
 left by a process that died (SIGKILL, OOM, power loss). Such a directory says
 what the dead process left behind: its files, and — when a ``paused`` marker
-names a container — a task it paused and never resumed.
+names a container — a task it paused and never resumed, or — when a ``stopped``
+marker does — a task its exiting dump stopped before the checkpoint was stored
+(the dump is still there to restore it from).
 
 Creating and locking happen under one more lock (a file the caller names,
 outside the directory scanned), and so does :func:`interrupted`'s scan, so a
@@ -23,9 +25,11 @@ from pathlib import Path
 
 from lamina.fs.files import fsync_dir, locked, remove_tree
 
-__all__ = ["Interrupted", "interrupted", "paused", "root_work_dirs", "work_dir"]
+__all__ = ["Interrupted", "interrupted", "mark_stopped", "paused", "root_work_dirs",
+           "unmark_stopped", "work_dir"]
 
 _PAUSED = "paused"
+_STOPPED = "stopped"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -38,10 +42,12 @@ def root_work_dirs(root: Path) -> tuple[Path, Path]:
 @dataclass(frozen=True)
 class Interrupted:
     """A work directory no live process holds; ``paused`` is the container whose task
-    it paused and did not resume ("" when none)."""
+    it paused and did not resume, ``stopped`` the one whose task its dump stopped
+    ("" when none)."""
 
     path: Path
     paused: str
+    stopped: str = ""
 
 
 @contextlib.contextmanager
@@ -75,6 +81,24 @@ def paused(path: Path, cid: str) -> Iterator[None]:
     marker.unlink()
 
 
+def mark_stopped(path: Path, cid: str) -> None:
+    """Mark ``path`` as holding the dump that stopped ``cid``'s task, until
+    :func:`unmark_stopped` (the checkpoint is stored): a crash in between leaves the
+    mark for recovery."""
+    (path / _STOPPED).write_text(cid, encoding="utf-8")
+
+
+def unmark_stopped(path: Path) -> None:
+    (path / _STOPPED).unlink()
+
+
+def _marker(entry: Path, name: str) -> str:
+    try:
+        return (entry / name).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return ""
+
+
 def interrupted(base: Path, *, lock: Path) -> list[Interrupted]:
     """The work directories under ``base`` that no live process holds."""
     if not base.is_dir():
@@ -90,11 +114,8 @@ def interrupted(base: Path, *, lock: Path) -> list[Interrupted]:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # a live checkpoint or restore
-                try:
-                    cid = (entry / _PAUSED).read_text(encoding="utf-8")
-                except FileNotFoundError:
-                    cid = ""
-                found.append(Interrupted(entry, cid))
+                found.append(Interrupted(entry, _marker(entry, _PAUSED),
+                                         _marker(entry, _STOPPED)))
             finally:
                 os.close(fd)
     return found
