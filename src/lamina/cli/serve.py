@@ -8,8 +8,18 @@ import sys
 
 from lamina.cli.app import App
 from lamina.cli.common import add_examples
+from lamina.errors import printable
 
-__all__ = ["register"]
+__all__ = ["LogLines", "register"]
+
+
+class LogLines(logging.Formatter):
+    """``lamina serve: MESSAGE`` lines that what a message quotes (a client's key,
+    an exception's text) cannot forge or drive the terminal with: a line break
+    inside a record continues it, indented, and control characters are escaped."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n    ".join(printable(line) for line in super().format(record).split("\n"))
 
 
 def cmd_serve(args: argparse.Namespace, app: App) -> int:
@@ -25,11 +35,10 @@ def cmd_serve(args: argparse.Namespace, app: App) -> int:
 
     address = args.serve_address or app.address or default_address()
     if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.WARNING if args.quiet else logging.INFO,
-            format="lamina serve: %(message)s",
-            stream=sys.stderr,
-        )
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(LogLines("lamina serve: %(message)s"))
+        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                            handlers=[handler])
 
     def ready(server: Server) -> None:
         notify("READY=1", f"STATUS=serving {root.path} on {server.address}")  # systemd
