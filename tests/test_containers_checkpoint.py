@@ -17,6 +17,7 @@ import subprocess
 import tarfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +240,30 @@ def test_checkpoint_exit_and_restore_resumes_count(cli: Cli) -> None:
     cli("container", "rm", "ctr", "ctr2")
     # the checkpoint keeps its blobs (and the image) through garbage collection
     validate_index(cli.root, digest)
+
+
+def test_checkpoints_of_one_container_take_turns(cli: Cli) -> None:
+    """Three checkpoints of one container at once: each takes its turn (before, two
+    CRIU dumps of one task failed on each other's seizing or hung, and left the
+    task paused); with ``--exit`` the first stops the task and the others say so."""
+    start_counter(cli, "busy")
+
+    def at_once(*flags: str) -> list[subprocess.CompletedProcess[str]]:
+        with ThreadPoolExecutor(3) as pool:
+            return list(pool.map(lambda i: cli("container", "checkpoint", *flags, "busy",
+                                               f"turns/busy:{i}{''.join(flags)}",
+                                               check=False, timeout=100), range(3)))
+
+    procs = at_once()
+    assert [p.returncode for p in procs] == [0, 0, 0], [p.stderr for p in procs]
+    assert cli.task("busy")["status"] == "running"  # type: ignore[index]
+    assert cli("check").stdout.strip() == "consistent"
+    procs = at_once("--exit")
+    assert sorted(p.returncode for p in procs) == [0, 5, 5], [p.stderr for p in procs]
+    assert all("a stopped task; nothing to checkpoint" in p.stderr
+               for p in procs if p.returncode), [p.stderr for p in procs]
+    assert cli.task("busy")["status"] == "stopped"  # type: ignore[index]
+    assert cli("check").stdout.strip() == "consistent"
 
 
 def test_checkpoint_leave_running_index_valid_and_gc_safe(cli: Cli, tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -38,6 +39,7 @@ from lamina.containers.runtime import INHERIT_STDIO, Stdio, TaskInfo, TaskManage
 from lamina.containers.tasks import ContainerTasks, tasks_dir
 from lamina.containers.taskstate import is_live, keep, task_of
 from lamina.errors import Damaged
+from lamina.fs.files import locked
 from lamina.images.service import ImageService
 from lamina.metadata.containers import Container
 from lamina.metadata.gc import collect
@@ -125,6 +127,14 @@ class ContainerService:
         """Remove all but the ``keep`` newest revisions (never the current one)."""
         return self._revisions.prune_revisions(cid, keep=keep)
 
+    def _turn(self, cid: str) -> contextlib.AbstractContextManager[None]:
+        """Held by what takes ``cid``'s task through states another such operation
+        would meet half-way — checkpoint, upgrade and rollback (around the stop and
+        start), remove — so they take turns: two CRIU dumps of one task failed on
+        each other's seizing or hung, and left the task paused."""
+        name = hashlib.sha256(cid.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        return locked(self.root.path / "locks" / "containers" / name, transient=True)
+
     def require(self, cid: str) -> None:
         """NotFound unless container ``cid`` has a record (a damaged one counts)."""
         with contextlib.suppress(Damaged):
@@ -138,10 +148,11 @@ class ContainerService:
         A damaged record is removed too (the way out ``check`` names): nothing of
         it needs reading."""
         self.require(cid)
-        self._tasks.remove(cid, force=force)
-        self._networks.detach(cid)
-        removed = self._revisions.remove(cid)
-        self._logs.remove(cid)
+        with self._turn(cid):
+            self._tasks.remove(cid, force=force)
+            self._networks.detach(cid)
+            removed = self._revisions.remove(cid)
+            self._logs.remove(cid)
         if sync:
             collect(self.root)
         return removed
@@ -248,15 +259,16 @@ class ContainerService:
         restarted even when the block fails, on whatever revision the
         container then points at.
         """
-        was_live = self.is_live(cid)
-        if self.task(cid) is not None:
-            keep(self.tasks, cid)  # stopped to run again: not the container's end
-            self.stop(cid, timeout=timeout)
-        try:
-            yield was_live
-        finally:
-            if was_live:
-                self.start(cid, detach=True)
+        with self._turn(cid):
+            was_live = self.is_live(cid)
+            if self.task(cid) is not None:
+                keep(self.tasks, cid)  # stopped to run again: not the container's end
+                self.stop(cid, timeout=timeout)
+            try:
+                yield was_live
+            finally:
+                if was_live:
+                    self.start(cid, detach=True)
 
     # -- checkpoints ---------------------------------------------------------------
 
@@ -264,8 +276,9 @@ class ContainerService:
                    binds: bool = False) -> CheckpointResult:
         """Checkpoint the running task of ``cid`` into image ``ref`` (see
         :meth:`Checkpoints.checkpoint`)."""
-        return self._checkpoints.checkpoint(self._revisions.get(cid), ref, exit=exit,
-                                            binds=binds)
+        with self._turn(cid):
+            return self._checkpoints.checkpoint(self._revisions.get(cid), ref, exit=exit,
+                                                binds=binds)
 
     def read_checkpoint(self, ref: str) -> Checkpoint:
         """The checkpoint registered as image ``ref``."""

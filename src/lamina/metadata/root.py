@@ -6,7 +6,7 @@ Layout under the root directory::
     content/                   the content store (blobs/sha256/<hex>, ingest/, metadata.db)
     metadata.db                images, containers, leases
     tmpmounts/                 temporary mount points
-    locks/                     lock files (unpack, gc)
+    locks/                     lock files (unpack, gc, checkpoints, containers)
     tasks/                     running tasks' bundles (see lamina.containers.runtime.bundle)
 
 Everything in it is owner-only (see :mod:`lamina.fs.perms`): the root is 0700, as
