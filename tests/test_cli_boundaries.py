@@ -213,6 +213,44 @@ def test_interrupt_is_one_line_and_130(scratch: Path) -> None:
     assert err.splitlines() == ["lamina: interrupted"]
 
 
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_terminate_and_hangup_end_a_command_as_interrupt_does(
+        scratch: Path, sig: signal.Signals, code: int) -> None:
+    """SIGTERM and SIGHUP end a command through its cleanups, in one line, with
+    128 + the signal (Python's default killed it on the spot: exit -15, -1); a
+    SIGHUP the command inherited ignored (``nohup``) stays ignored."""
+    r, w = os.pipe()
+    proc = subprocess.Popen(["env", "--ignore-signal=HUP", *LAMINA, "--root",
+                             str(scratch / "root"), "content", "ingest", f"ref-{sig.name}"],
+                            stdin=r, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    plain = subprocess.Popen([*LAMINA, "--root", str(scratch / "root"), "content", "ingest",
+                              f"plain-{sig.name}"],
+                             stdin=r, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.close(r)
+    try:
+        deadline = time.monotonic() + 30
+        while not (_blocked_reading_stdin(proc.pid) and _blocked_reading_stdin(plain.pid)):
+            assert proc.poll() is None, proc.communicate()
+            assert plain.poll() is None, plain.communicate()
+            assert time.monotonic() < deadline, "lamina never read its stdin"
+            time.sleep(0.05)
+        plain.send_signal(sig)
+        _, err = plain.communicate(timeout=30)
+        assert plain.returncode == code, (plain.returncode, err)
+        assert err.splitlines() == [f"lamina: terminated ({sig.name})"]
+        proc.send_signal(signal.SIGHUP)  # ignored, as nohup asked
+        time.sleep(0.5)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 143 and err.splitlines() == ["lamina: terminated (SIGTERM)"]
+    finally:
+        os.close(w)
+        for p in (proc, plain):
+            if p.poll() is None:
+                p.kill()
+
 def test_closed_stdout_is_quiet(scratch: Path) -> None:
     r, w = os.pipe()
     os.close(r)  # nobody will read what lamina writes

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -157,6 +158,31 @@ def test_run_foreground_streams_output_and_exit_code(cli: Cli) -> None:
     # an unknown command: an error from lamina, not a hang
     proc = cli("run", "--name", "nocmd", V1, "/bin/does-not-exist", check=False)
     assert proc.returncode != 0 and "does-not-exist" in proc.stderr
+
+
+def test_a_terminated_run_passes_the_signal_on_and_ends_its_task(cli: Cli) -> None:
+    """SIGTERM (as ``kill`` or ``timeout`` send it) to a foreground ``lamina run``:
+    the container gets it, lamina waits for its end and exits 143 — where Python's
+    default killed lamina at once and left runc and the container running."""
+    argv = [sys.executable, "-c", "import sys; from lamina.cli import main; sys.exit(main())",
+            "--root", str(cli.root), "run", "--name", "fg-term", V1, "sh", "-c",
+            "trap 'echo got-term; exit 3' TERM; echo started; while :; do sleep 0.1; done"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True)
+    try:
+        wait_for(lambda: (t := cli.task("fg-term")) and t["status"] == "running",
+                 what="the foreground task to run")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, (proc.returncode, err)
+    assert err.strip().splitlines()[-1] == "lamina: terminated (SIGTERM)", err
+    assert out.split() == ["started", "got-term"], out
+    task = cli.task("fg-term")
+    assert task is None or task["status"] == "stopped", task
 
 
 def test_an_image_cannot_write_to_the_terminal_through_an_error(

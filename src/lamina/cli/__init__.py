@@ -18,6 +18,8 @@ code  meaning
 7     Unavailable (no server on --address)
 8     NotImplemented
 130   interrupted (SIGINT)
+129   terminated by SIGHUP (as SIGINT: through the command's cleanups)
+143   terminated by SIGTERM (as SIGINT: through the command's cleanups)
 141   standard output closed (``lamina ... | head``); nothing is printed
 ====  ==========================================================================
 """
@@ -34,6 +36,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from lamina import __version__
 from lamina.errors import LaminaError, describe_os_error, from_os_error, printable
+from lamina.util.signals import Terminated, as_exception
 
 # What a command needs is imported when it runs (`lamina --version` needs none of
 # it, and every command pays for what this module imports: bench/startup.py).
@@ -221,7 +224,8 @@ def build_parser(argv: Sequence[str] | None = None, *,
                      epilog="Run 'lamina COMMAND --help' for a command's verbs and options. "
                      "Exit codes: 0 ok, 1 internal, 2 usage, 3 NotFound, "
                      "4 AlreadyExists, 5 FailedPrecondition, 6 InvalidArgument, "
-                     "7 Unavailable, 8 NotImplemented, 130 interrupted. nerdctl's words work "
+                     "7 Unavailable, 8 NotImplemented, 130 interrupted, 143 terminated. "
+                     "nerdctl's words work "
                      "too: images, pull, push, rmi, ps [-a], exec (image ls, image pull, "
                      "image push, image rm, container ls, task exec).")
     from lamina.cli.common import describe
@@ -399,13 +403,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         app = App(root=root, snapshotter=args.snapshotter or config.snapshotter or "overlay",
                   address=args.address or config.address, command=_command_name(args),
                   namespace=check_namespace(args.namespace or DEFAULT_NAMESPACE))
-        code: int = args.handler(args, app)
+        with as_exception():  # SIGTERM and SIGHUP run the cleanups, as Ctrl-C does
+            code: int = args.handler(args, app)
         sys.stdout.flush()
         return code
     except LaminaError as exc:
         return fail(exc.one_line(), exc.exit_code)
     except KeyboardInterrupt:
         return fail("interrupted", EXIT_INTERRUPTED)
+    except Terminated as exc:
+        return fail(f"terminated ({exc})", 128 + exc.signum)
     except BrokenPipeError as exc:
         if _stdout_closed():
             # Let the interpreter's final flush go nowhere instead of failing again.

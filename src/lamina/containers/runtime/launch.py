@@ -24,13 +24,14 @@ import signal as _signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lamina.errors import LaminaError, NotFound, Unavailable
 from lamina.fs.files import atomic_write
+from lamina.util.signals import Terminated
 
 from .bundle import (
     OUTPUT_MAX,
@@ -88,6 +89,31 @@ def runc_log_error(log: Path, what: str, fallback: str) -> LaminaError:
     return error_from_message(message or fallback, what)
 
 
+def _stop_after(proc: subprocess.Popen[bytes], exc: BaseException,
+                kill: Callable[[], None]) -> None:
+    """The command was interrupted while runc ran in the foreground: the terminal
+    signalled runc too, and runc passes it on; a SIGTERM or SIGHUP sent to lamina
+    alone is passed on to runc here. The process gets a moment to end, then
+    ``kill`` makes sure it has."""
+    if isinstance(exc, Terminated):
+        with contextlib.suppress(OSError):
+            proc.send_signal(exc.signum)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(LaminaError):
+            kill()
+        proc.wait()
+
+
+def _kill_pid(pid_file: Path) -> None:
+    """SIGKILL the process whose pid ``pid_file`` holds, if any."""
+    pid = read_pid(pid_file)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, _signal.SIGKILL)
+
+
 class Launcher:
     """Starts runc in the bundles of ``bundles`` and reports on the tasks."""
 
@@ -112,15 +138,9 @@ class Launcher:
         proc = stdio.popen(self.runc.argv(*runc_args, log=bundle / "runc.log"))
         try:
             code = proc.wait()
-        except KeyboardInterrupt:
-            # The terminal signalled runc too, and runc passes it on; give the
-            # container a moment, then make sure it is gone.
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(LaminaError):
-                    self.runc.kill(task_id, _signal.SIGKILL, all_processes=True)
-                proc.wait()
+        except (KeyboardInterrupt, Terminated) as exc:
+            _stop_after(proc, exc, lambda: self.runc.kill(task_id, _signal.SIGKILL,
+                                                          all_processes=True))
             raise
         if code < 0:
             code = 128 - code
@@ -191,12 +211,12 @@ class Launcher:
             try:
                 code = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired as exc:
-                pid = read_pid(pid_file)
-                if pid is not None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, _signal.SIGKILL)
+                _kill_pid(pid_file)
                 proc.wait()
                 raise Unavailable(f"exec in {task_id}: timed out after {timeout}s") from exc
+            except (KeyboardInterrupt, Terminated) as exc:
+                _stop_after(proc, exc, lambda: _kill_pid(pid_file))
+                raise
             if code < 0:
                 code = 128 - code
             if read_pid(pid_file) is None and code != 0:
