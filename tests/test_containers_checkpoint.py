@@ -13,7 +13,9 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -263,6 +265,52 @@ def test_checkpoints_of_one_container_take_turns(cli: Cli) -> None:
     assert all("a stopped task; nothing to checkpoint" in p.stderr
                for p in procs if p.returncode), [p.stderr for p in procs]
     assert cli.task("busy")["status"] == "stopped"  # type: ignore[index]
+    assert cli("check").stdout.strip() == "consistent"
+
+
+@pytest.mark.parametrize("flags", [(), ("--exit",)], ids=["leave-running", "exit"])
+def test_a_terminated_checkpoint_leaves_the_task_running(
+        cli: Cli, flags: tuple[str, ...]) -> None:
+    """SIGTERM to ``container checkpoint`` while it holds the task paused (saving
+    its files, dumping it): the command ends with 143 and the task runs on —
+    thawed, or restored from the dump ``--exit`` took — or, when the checkpoint
+    was stored first, the checkpoint holds it. Before, Python died on the spot
+    (the task stayed paused; runc killed half-way left CRIU to freeze it again)."""
+    start_counter(cli, "term")
+    pid = cli.task("term")["pid"]  # type: ignore[index]
+    # the task's freezer (cgroup v1): read directly, to catch the pause as it happens
+    group = next(line.split(":", 2)[2] for line in
+                 Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+                 if line.split(":", 2)[1] == "freezer")
+    freezer = Path("/sys/fs/cgroup/freezer") / group.lstrip("/") / "freezer.state"
+    argv = [sys.executable, "-c", "import sys; from lamina.cli import main; sys.exit(main())",
+            "--root", str(cli.root), "container", "checkpoint", *flags, "term", "term/ck:1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and freezer.read_text().strip() != "FROZEN":
+            assert time.monotonic() < deadline, "the checkpoint never paused the task"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stored = "term/ck:1" in cli("images", "--names").stdout
+    task = cli.task("term")
+    assert task is not None
+    TIMINGS.append(f"SIGTERM to checkpoint {' '.join(flags)}: exit {proc.returncode}, "
+                   f"stored {stored}, task {task['status']}")
+    if proc.returncode == 143:
+        assert err.strip().splitlines()[-1] == "lamina: terminated (SIGTERM)", err
+    else:
+        assert proc.returncode == 0 and stored, (proc.returncode, err)
+    if stored and flags:
+        assert task["status"] == "stopped", task
+    else:
+        assert task["status"] == "running", (task, err)
+        before = count_in(cli, "term")
+        wait_for(lambda: count_in(cli, "term") > before, what="counting on")
     assert cli("check").stdout.strip() == "consistent"
 
 

@@ -83,6 +83,7 @@ from lamina.metadata.workdirs import (
 from lamina.mounts.mount import Mount
 from lamina.oci.types import Descriptor, Index, MediaType, host_platform
 from lamina.util import crash
+from lamina.util.signals import deferred
 
 __all__ = [
     "ANNOTATION_BIND_DESTINATION",
@@ -302,14 +303,20 @@ class Checkpoints:
 
     @contextlib.contextmanager
     def _restored_on_failure(self, cid: str, workdir: Path) -> Iterator[None]:
-        """After an exiting dump: a failure storing the checkpoint (its images on
-        a full disk) would lose the task, so it is restored from that dump, in
-        place, and the error says so — or that the restore failed too."""
+        """Around an exiting checkpoint: once its dump has stopped the task, a
+        failure storing the checkpoint (its images on a full disk) or an
+        interruption (SIGTERM) would lose the task, so it is restored from that
+        dump, in place, and the error says so — or that the restore failed too."""
         try:
             yield
-        except Exception as exc:
+        except BaseException as exc:
+            info = task_of(self.tasks, cid)
+            if (info is None or info.status != TaskStatus.STOPPED
+                    or not (workdir / _DUMP / "inventory.img").exists()):
+                raise  # not dumped: the task is as it was
             try:
-                self._restore_in_place(cid, workdir)
+                with deferred():  # a second SIGTERM must not cut the restore short
+                    self._restore_in_place(cid, workdir)
                 outcome = "the task was restored from its dump and runs on"
             except Exception as again:
                 why = again.message if isinstance(again, LaminaError) else repr(again)
@@ -390,37 +397,38 @@ class Checkpoints:
                 if held:  # it ran meanwhile: its files as they are now
                     save_files()
 
-            # a crash between pause and resume leaves a mark that `lamina check
-            # --repair` finds (recover_interrupted): the task is resumed then
-            with paused(workdir, cid) if pause else contextlib.nullcontext():
-                hold = Hold(tm, cid)
-                if pause:
-                    with timer.phase("pause"):
-                        hold.pause()
-                try:
-                    # the files first: a failure there leaves the task as it was,
-                    # which after an exiting dump it could not be
-                    save_files()
-                    if exit:  # the dump ends the task; the container stays for the image
-                        keep(tm, cid)
-                        # killed from here until the checkpoint is stored, `check
-                        # --repair` restores the task from the dump
-                        mark_stopped(workdir, cid)
-                    with timer.phase("criu_dump"):
-                        tm.checkpoint(cid, images_dir, leave_running=not exit,
-                                      work_dir=workdir / "work", settle=settle)
-                    crash.point("checkpoint.dumped")
-                    if exit:
-                        hold.ended()
-                finally:
-                    if hold.paused:
-                        with timer.phase("resume"):
-                            hold.resume()
-            assert rw is not None
-            # an exiting dump stopped the task: if what follows fails, it is
-            # restored from that dump (see _restored_on_failure)
+            # once an exiting dump has stopped the task, a failure or an
+            # interruption before the checkpoint is stored restores it from that
+            # dump (see _restored_on_failure)
             with (self._restored_on_failure(cid, workdir) if exit
                   else contextlib.nullcontext()):
+                # a crash between pause and resume leaves a mark that `lamina check
+                # --repair` finds (recover_interrupted): the task is resumed then
+                with paused(workdir, cid) if pause else contextlib.nullcontext():
+                    hold = Hold(tm, cid)
+                    try:
+                        if pause:
+                            with timer.phase("pause"):
+                                hold.pause()
+                        # the files first: a failure there leaves the task as it was,
+                        # which after an exiting dump it could not be
+                        save_files()
+                        if exit:  # the dump ends the task; the container stays for the image
+                            keep(tm, cid)
+                            # killed from here until the checkpoint is stored, `check
+                            # --repair` restores the task from the dump
+                            mark_stopped(workdir, cid)
+                        with timer.phase("criu_dump"):
+                            tm.checkpoint(cid, images_dir, leave_running=not exit,
+                                          work_dir=workdir / "work", settle=settle)
+                        crash.point("checkpoint.dumped")
+                        if exit:
+                            hold.ended()
+                    finally:
+                        if hold.paused:
+                            with timer.phase("resume"):
+                                hold.resume()
+                assert rw is not None
                 index_desc = self._store(ref, container, image, spec, options, exited=exit,
                                          images_dir=images_dir, rw=rw, binds=bind_descs,
                                          timer=timer)

@@ -21,6 +21,7 @@ import time
 
 from lamina.containers.runtime import TaskInfo, TaskManager, TaskStatus
 from lamina.errors import NotFound
+from lamina.util.signals import deferred
 
 __all__ = ["Hold", "is_kept", "is_live", "keep", "resume_paused", "task_of", "unkeep",
            "wait_ended"]
@@ -59,12 +60,15 @@ class Hold:
         self.paused = False
 
     def pause(self) -> None:
+        self.paused = True  # first: interrupted in the pause, it is let go all the same
         self.tasks.pause(self.cid)
-        self.paused = True
 
     def resume(self) -> None:
+        """Let the task go: thawed if it is still paused (a dump may have stopped
+        it), whatever signal comes meanwhile."""
         self.paused = False
-        self.tasks.resume(self.cid)
+        with deferred():
+            resume_paused(self.tasks, self.cid)
 
     def ended(self) -> None:
         """The task is held no more: it ended (an exiting dump stops it)."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lamina.fs.files import fsync_dir, locked, remove_tree
+from lamina.util.signals import deferred
 
 __all__ = ["Interrupted", "interrupted", "mark_stopped", "paused", "root_work_dirs",
            "unmark_stopped", "work_dir"]
@@ -63,12 +64,13 @@ def work_dir(base: Path, name: str, *, lock: Path) -> Iterator[Path]:
     try:
         yield path
     finally:
-        with contextlib.suppress(OSError):
-            remove_tree(path)
-            # durable before the caller returns: else a power cut right after an
-            # acknowledged checkpoint brings the directory back as interrupted
-            fsync_dir(base)
-        os.close(fd)
+        with deferred():  # not cut short by a SIGTERM
+            with contextlib.suppress(OSError):
+                remove_tree(path)
+                # durable before the caller returns: else a power cut right after an
+                # acknowledged checkpoint brings the directory back as interrupted
+                fsync_dir(base)
+            os.close(fd)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator
 from types import FrameType
 
-__all__ = ["Terminated", "as_exception"]
+__all__ = ["Terminated", "as_exception", "deferred"]
 
 _SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
@@ -28,8 +28,32 @@ class Terminated(BaseException):
         self.signum = signum
 
 
+_held: list[int] = []  # signals that came while a deferred() block ran
+_deferring = 0
+
+
 def _raise(signum: int, _frame: FrameType | None) -> None:
+    if _deferring:
+        _held.append(signum)
+        return
     raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """A block that must not be cut short by SIGTERM or SIGHUP — a cleanup, such as
+    thawing a task lamina paused: one that comes meanwhile is raised after it."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        came = _held[-1:] if not _deferring else []
+        if not _deferring:
+            _held.clear()
+    if came:
+        raise Terminated(came[0])
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ from lamina.errors import (
     NotFound,
     Unavailable,
 )
+from lamina.util.signals import deferred
 
 __all__ = ["Runc", "error_from_message", "find_runc", "parse_signal"]
 
@@ -131,16 +132,21 @@ class Runc:
     def _run(
         self, what: str, *args: str, timeout: float | None = 120.0
     ) -> subprocess.CompletedProcess[str]:
+        """Run ``runc <args>`` to its end. A SIGTERM or SIGHUP while it runs is
+        raised after that end (within ``timeout``): runc killed half-way leaves
+        what it began half-done — a CRIU dump runs on without it and freezes the
+        task again after lamina has thawed it."""
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
-            proc = subprocess.run(
-                self.argv(*args),
-                capture_output=True,
-                text=True,
-                stdin=subprocess.DEVNULL,
-                timeout=timeout,
-                check=False,
-            )
+            with deferred():
+                proc = subprocess.run(
+                    self.argv(*args),
+                    capture_output=True,
+                    text=True,
+                    stdin=subprocess.DEVNULL,
+                    timeout=timeout,
+                    check=False,
+                )
         except subprocess.TimeoutExpired as exc:
             raise Unavailable(f"{what}: runc timed out after {timeout}s") from exc
         if proc.returncode != 0:
