@@ -42,8 +42,12 @@ def _raise(signum: int, _frame: FrameType | None) -> None:
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
     """A block that must not be cut short by SIGTERM or SIGHUP — a cleanup, such as
-    thawing a task lamina paused: one that comes meanwhile is raised after it."""
+    thawing a task lamina paused: one that comes meanwhile is raised after it.
+    Signals are handled in the main thread; elsewhere the block is plain."""
     global _deferring
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _deferring += 1
     try:
         yield
