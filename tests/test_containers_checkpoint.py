@@ -13,9 +13,7 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -283,19 +281,9 @@ def test_a_terminated_checkpoint_leaves_the_task_running(
                  Path(f"/proc/{pid}/cgroup").read_text().splitlines()
                  if line.split(":", 2)[1] == "freezer")
     freezer = Path("/sys/fs/cgroup/freezer") / group.lstrip("/") / "freezer.state"
-    argv = [sys.executable, "-c", "import sys; from lamina.cli import main; sys.exit(main())",
-            "--root", str(cli.root), "container", "checkpoint", *flags, "term", "term/ck:1"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and freezer.read_text().strip() != "FROZEN":
-            assert time.monotonic() < deadline, "the checkpoint never paused the task"
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc = cli.terminated_when("container", "checkpoint", *flags, "term", "term/ck:1",
+                               ready=lambda: freezer.read_text().strip() == "FROZEN")
+    err = proc.stderr
     stored = "term/ck:1" in cli("images", "--names").stdout
     task = cli.task("term")
     assert task is not None

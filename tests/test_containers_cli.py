@@ -85,6 +85,26 @@ class Cli:
                                  f"stdout: {proc.stdout}\nstderr: {proc.stderr}")
         return proc
 
+    def terminated_when(self, *args: str, ready: Callable[[], Any],
+                        timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """``lamina ARGS`` started in the background and sent SIGTERM as soon as
+        ``ready()`` (polled without a pause) is true — or once it has ended."""
+        argv = [sys.executable, "-c", "import sys; from lamina.cli import main; sys.exit(main())",
+                "--root", str(self.root), *args]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and not ready():
+                assert time.monotonic() < deadline, f"lamina {' '.join(args)}: never ready"
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
     def json(self, *args: str, root: Path | None = None) -> Any:
         return json.loads(self(*args, root=root).stdout)
 
@@ -164,23 +184,13 @@ def test_a_terminated_run_passes_the_signal_on_and_ends_its_task(cli: Cli) -> No
     """SIGTERM (as ``kill`` or ``timeout`` send it) to a foreground ``lamina run``:
     the container gets it, lamina waits for its end and exits 143 — where Python's
     default killed lamina at once and left runc and the container running."""
-    argv = [sys.executable, "-c", "import sys; from lamina.cli import main; sys.exit(main())",
-            "--root", str(cli.root), "run", "--name", "fg-term", V1, "sh", "-c",
-            "trap 'echo got-term; exit 3' TERM; echo started; while :; do sleep 0.1; done"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, text=True)
-    try:
-        wait_for(lambda: (t := cli.task("fg-term")) and t["status"] == "running",
-                 what="the foreground task to run")
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 143, (proc.returncode, err)
-    assert err.strip().splitlines()[-1] == "lamina: terminated (SIGTERM)", err
-    assert out.split() == ["started", "got-term"], out
+    proc = cli.terminated_when(
+        "run", "--name", "fg-term", V1, "sh", "-c",
+        "trap 'echo got-term; exit 3' TERM; echo started; while :; do sleep 0.1; done",
+        ready=lambda: (t := cli.task("fg-term")) and t["status"] == "running", timeout=30)
+    assert proc.returncode == 143, (proc.returncode, proc.stderr)
+    assert proc.stderr.strip().splitlines()[-1] == "lamina: terminated (SIGTERM)", proc.stderr
+    assert proc.stdout.split() == ["started", "got-term"], proc.stdout
     task = cli.task("fg-term")
     assert task is None or task["status"] == "stopped", task
 
