@@ -375,64 +375,72 @@ class Checkpoints:
         options = options_of(container)
         image = self.images.get(container.image)
         name = f"{cid}-{time.time_ns()}-{secrets.token_hex(3)}"
-        with self.root.leases().held(purpose="checkpoint"), self._work_dir(name) as workdir:
-            images_dir = workdir / _DUMP
-            pause = info.status == TaskStatus.RUNNING
-            bind_descs: list[Descriptor] = []
-            rw: DiffOutcome | None = None
-
-            def save_files() -> None:
-                nonlocal bind_descs, rw
-                if binds:
-                    with timer.phase("binds"):
-                        bind_descs = self._checkpoint_binds(options)
-                with timer.phase("rw_diff"):
-                    rw = create_diff(self.images.snapshots, self.content,
-                                     container.snapshot_key,
-                                     tmpmounts=str(self.root.tmpmounts))
-
-            def settle(seconds: float) -> None:
-                held = hold.paused
-                hold.settle(seconds)
-                if held:  # it ran meanwhile: its files as they are now
-                    save_files()
-
-            # once an exiting dump has stopped the task, a failure or an
-            # interruption before the checkpoint is stored restores it from that
-            # dump (see _restored_on_failure)
-            with (self._restored_on_failure(cid, workdir) if exit
-                  else contextlib.nullcontext()):
-                # a crash between pause and resume leaves a mark that `lamina check
-                # --repair` finds (recover_interrupted): the task is resumed then
-                with paused(workdir, cid) if pause else contextlib.nullcontext():
-                    hold = Hold(tm, cid)
-                    try:
-                        if pause:
-                            with timer.phase("pause"):
-                                hold.pause()
-                        # the files first: a failure there leaves the task as it was,
-                        # which after an exiting dump it could not be
-                        save_files()
-                        if exit:  # the dump ends the task; the container stays for the image
-                            keep(tm, cid)
-                            # killed from here until the checkpoint is stored, `check
-                            # --repair` restores the task from the dump
-                            mark_stopped(workdir, cid)
-                        with timer.phase("criu_dump"):
-                            tm.checkpoint(cid, images_dir, leave_running=not exit,
-                                          work_dir=workdir / "work", settle=settle)
-                        crash.point("checkpoint.dumped")
-                        if exit:
-                            hold.ended()
-                    finally:
-                        if hold.paused:
-                            with timer.phase("resume"):
-                                hold.resume()
-                assert rw is not None
-                index_desc = self._store(ref, container, image, spec, options, exited=exit,
-                                         images_dir=images_dir, rw=rw, binds=bind_descs,
-                                         timer=timer)
+        # once an exiting dump has stopped the task, a failure or an interruption
+        # before the checkpoint is stored restores it from that dump
+        # (_restored_on_failure)
+        with self.root.leases().held(purpose="checkpoint"), \
+                self._work_dir(name) as workdir, \
+                (self._restored_on_failure(cid, workdir) if exit else contextlib.nullcontext()):
+            rw, bind_descs = self._dump(container, options, workdir=workdir,
+                                        pause=info.status == TaskStatus.RUNNING,
+                                        exit=exit, binds=binds, timer=timer)
+            index_desc = self._store(ref, container, image, spec, options, exited=exit,
+                                     images_dir=workdir / _DUMP, rw=rw, binds=bind_descs,
+                                     timer=timer)
         return CheckpointResult(ref=ref, index=index_desc, container=cid, timings=timer.done())
+
+    def _dump(self, container: Container, options: Mapping[str, Any], *, workdir: Path,
+              pause: bool, exit: bool, binds: bool,
+              timer: _Timer) -> tuple[DiffOutcome, list[Descriptor]]:
+        """Save the task's files — its rw layer, with ``binds`` its bind mounts —
+        then dump it into ``workdir``, the task paused (when ``pause``) and let go
+        after, also on failure. The files first: a failure there leaves the task
+        as it was, which after an exiting dump it could not be. What the files
+        were saved as (again after a dump CRIU retried: the task ran meanwhile)."""
+        cid, tm = container.id, self.tasks
+        saved: list[tuple[DiffOutcome, list[Descriptor]]] = []
+
+        def save_files() -> None:
+            bind_descs: list[Descriptor] = []
+            if binds:
+                with timer.phase("binds"):
+                    bind_descs = self._checkpoint_binds(options)
+            with timer.phase("rw_diff"):
+                saved.append((create_diff(self.images.snapshots, self.content,
+                                          container.snapshot_key,
+                                          tmpmounts=str(self.root.tmpmounts)), bind_descs))
+
+        def settle(seconds: float) -> None:
+            held = hold.paused
+            hold.settle(seconds)
+            if held:  # it ran meanwhile: its files as they are now
+                save_files()
+
+        hold = Hold(tm, cid)
+        # a crash between pause and resume leaves a mark that `lamina check
+        # --repair` finds (recover_interrupted): the task is resumed then
+        with paused(workdir, cid) if pause else contextlib.nullcontext():
+            try:
+                if pause:
+                    with timer.phase("pause"):
+                        hold.pause()
+                save_files()
+                if exit:  # the dump ends the task; the container stays for the image
+                    keep(tm, cid)
+                    # killed from here until the checkpoint is stored, `check
+                    # --repair` restores the task from the dump
+                    mark_stopped(workdir, cid)
+                with timer.phase("criu_dump"):
+                    tm.checkpoint(cid, workdir / _DUMP, leave_running=not exit,
+                                  work_dir=workdir / "work", settle=settle)
+                crash.point("checkpoint.dumped")
+                if exit:
+                    hold.ended()
+            finally:
+                if hold.paused:
+                    with timer.phase("resume"):
+                        hold.resume()
+        return saved[-1]
 
     def _store(self, ref: str, container: Container, image: Image, spec: dict[str, Any],
                options: dict[str, Any], *, exited: bool, images_dir: Path, rw: DiffOutcome,
